@@ -1,0 +1,203 @@
+"""Spatial functions: 4x4 transforms, index<->normalised grids, reslicing, affine and dense warps.
+
+Conventions (../shared/DESIGN.md "Geometry conventions"):
+
+- World is RAS millimetres. A matrix named ``a_to_b`` maps points in frame a to frame b; composition
+  reads right to left: ``image_to_mri = reference_to_mri @ image_to_reference``.
+- Index coordinates are listed fastest axis first, as grid_sample wants them: (i, j[, k]) = (column,
+  row[, slice]). A volume tensor is (B, C, D, H, W) with W indexed by i, H by j and D by k, so a
+  nibabel array ``data[i, j, k]`` becomes a tensor with ``data.transpose(2, 1, 0)``.
+- grid_sample runs with ``align_corners=False``: normalised -1 and +1 are the outer *edges* of the
+  first and last voxel. :func:`index_to_normalised` is the one place that converts index matrices to
+  normalised grids; nothing else in regseg does that arithmetic.
+- A dense displacement ``ddf`` is in voxels (pixels), channels in array-axis order: (dy, dx) in 2-D,
+  (dz, dy, dx) in 3-D, as in voxelmorph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compose(*matrices: np.ndarray) -> np.ndarray:
+    """Product of 4x4 (or 3x3) matrices, right to left: ``compose(b_to_c, a_to_b) = a_to_c``."""
+    out = np.eye(matrices[0].shape[0])
+    for m in matrices:
+        out = out @ np.asarray(m, dtype=np.float64)
+    return out
+
+
+def invert(a_to_b: np.ndarray) -> np.ndarray:
+    """Inverse of an affine matrix, ``b_to_a``."""
+    return np.linalg.inv(np.asarray(a_to_b, dtype=np.float64))
+
+
+def apply(a_to_b: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Map points (N, n) through an (n+1, n+1) affine matrix; returns (N, n)."""
+    points = np.asarray(points, dtype=np.float64)
+    n = a_to_b.shape[0] - 1
+    return points @ a_to_b[:n, :n].T + a_to_b[:n, n]
+
+
+def lift_2d(a3: np.ndarray) -> np.ndarray:
+    """Embed a 3x3 pixel affine of (i, j) into a 4x4 acting on (i, j, k), leaving k alone."""
+    out = np.eye(4)
+    out[:2, :2] = a3[:2, :2]
+    out[:2, 3] = a3[:2, 2]
+    return out
+
+
+def index_to_normalised(size: Sequence[int]) -> np.ndarray:
+    """Matrix from index coordinates to grid_sample's normalised coordinates (align_corners=False).
+
+    Args:
+        size: spatial size fastest axis first, (W, H) or (W, H, D).
+    Returns:
+        (n+1, n+1) matrix ``m`` with ``m @ [i, j(, k), 1] = [x, y(, z), 1]``, ``x = (2 i + 1) / W - 1``.
+    """
+    n = len(size)
+    m = np.eye(n + 1)
+    for axis, s in enumerate(size):
+        m[axis, axis] = 2.0 / s
+        m[axis, n] = 1.0 / s - 1.0
+    return m
+
+
+@lru_cache(maxsize=16)
+def _pixel_grid(height: int, width: int, device: str, dtype: torch.dtype) -> Tensor:
+    """Homogeneous pixel coordinates (H*W, 4) = (i, j, 0, 1), built once per size and device."""
+    j, i = torch.meshgrid(
+        torch.arange(height, dtype=dtype), torch.arange(width, dtype=dtype), indexing="ij"
+    )
+    grid = torch.stack([i, j, torch.zeros_like(i), torch.ones_like(i)], dim=-1).reshape(-1, 4)
+    return grid.to(device)
+
+
+def plane_grid(
+    volume_size: Sequence[int],
+    world_to_voxel: np.ndarray,
+    image_to_world: np.ndarray,
+    out_hw: tuple[int, int],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Normalised sampling grid of a 2-D image plane inside a 3-D volume.
+
+    Args:
+        volume_size: (W, H, D) of the volume tensor, i.e. the nibabel shape (I, J, K).
+        world_to_voxel: (4, 4) world mm -> volume index (i, j, k).
+        image_to_world: (4, 4) plane pixel (i, j, 0) -> world mm.
+        out_hw: (H, W) of the plane image.
+    Returns:
+        (1, 1, H, W, 3) grid for a 3-D ``grid_sample``.
+    """
+    image_to_norm = index_to_normalised(volume_size) @ world_to_voxel @ image_to_world
+    m = torch.as_tensor(image_to_norm[:3].T, dtype=dtype, device=device)  # (4, 3)
+    pixels = _pixel_grid(out_hw[0], out_hw[1], str(torch.device(device)), dtype)
+    return (pixels @ m).reshape(1, 1, out_hw[0], out_hw[1], 3)
+
+
+def reslice(
+    volume: Tensor,
+    world_to_voxel: np.ndarray,
+    image_to_world: np.ndarray,
+    out_hw: tuple[int, int],
+    *,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """Sample a 3-D volume on a 2-D image plane.
+
+    Args:
+        volume: (B, C, D, H, W), see the module conventions for the axis order.
+        world_to_voxel: (4, 4) world mm -> volume index (i, j, k).
+        image_to_world: (4, 4) plane pixel (i, j, 0) -> world mm.
+        out_hw: (H, W) of the plane image.
+        mode: ``bilinear`` (trilinear in 3-D) for images, ``nearest`` for labels.
+    Returns:
+        (B, C, H, W) on the volume's device and dtype.
+    """
+    if volume.ndim != 5:
+        raise ValueError(f"reslice needs a (B, C, D, H, W) volume; got shape {tuple(volume.shape)}")
+    size = (volume.shape[4], volume.shape[3], volume.shape[2])
+    grid = plane_grid(size, world_to_voxel, image_to_world, out_hw, device=volume.device,
+                      dtype=volume.dtype if volume.is_floating_point() else torch.float32)
+    grid = grid.expand(volume.shape[0], -1, -1, -1, -1)
+    src = volume if volume.is_floating_point() else volume.float()
+    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+    out = out[:, :, 0]
+    return out if volume.is_floating_point() else out.to(volume.dtype)
+
+
+def theta_to_pixel(theta: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Convert an ``affine_grid`` theta (2, 3) to the 3x3 pixel map it applies.
+
+    ``warp_affine(image, theta)`` samples output pixel ``p`` from input pixel ``theta_to_pixel @ p``.
+    Normalised coordinates do not depend on resolution, so the same theta warps any image of the
+    same field of view; ``hw`` only sets the pixel units.
+    """
+    n = index_to_normalised((hw[1], hw[0]))
+    t = np.eye(3)
+    t[:2] = np.asarray(theta, dtype=np.float64)
+    return np.linalg.inv(n) @ t @ n
+
+
+def pixel_to_theta(a3: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`theta_to_pixel`: the (2, 3) theta that samples pixel ``a3 @ p``."""
+    n = index_to_normalised((hw[1], hw[0]))
+    return (n @ np.asarray(a3, dtype=np.float64) @ np.linalg.inv(n))[:2]
+
+
+def warp_affine(image: Tensor, theta: Tensor, *, mode: str = "bilinear",
+                padding_mode: str = "zeros") -> Tensor:
+    """Warp a batch of 2-D images by normalised affines.
+
+    Args:
+        image: (B, C, H, W).
+        theta: (B, 2, 3), as for ``F.affine_grid`` with align_corners=False.
+    """
+    if theta.shape[0] != image.shape[0] or theta.shape[1:] != (2, 3):
+        raise ValueError(f"theta must be (B, 2, 3) with B = {image.shape[0]}; "
+                         f"got {tuple(theta.shape)}")
+    grid = F.affine_grid(theta.to(image.dtype), list(image.shape), align_corners=False)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+
+
+def identity_grid(spatial: Sequence[int], *, device=None, dtype=torch.float32) -> Tensor:
+    """Index coordinates of every voxel, (ndim, *spatial), channels in array-axis order."""
+    axes = [torch.arange(s, device=device, dtype=dtype) for s in spatial]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def warp(image: Tensor, ddf: Tensor, *, mode: str = "bilinear",
+         padding_mode: str = "border") -> Tensor:
+    """Resample ``image`` at grid points displaced by ``ddf``.
+
+    Args:
+        image: (B, C, H, W) or (B, C, D, H, W).
+        ddf: displacement in voxels, (B, ndim, *spatial), channels in array-axis order, same
+            spatial size as ``image``.
+    Raises:
+        ValueError: if ``ddf`` does not match ``image`` in batch or spatial size.
+    """
+    spatial = tuple(image.shape[2:])
+    ndim = len(spatial)
+    if ddf.shape[0] != image.shape[0] or ddf.shape[1] != ndim or tuple(ddf.shape[2:]) != spatial:
+        raise ValueError(f"ddf {tuple(ddf.shape)} does not fit image {tuple(image.shape)}: "
+                         f"expected ({image.shape[0]}, {ndim}, *{spatial})")
+    coords = identity_grid(spatial, device=ddf.device, dtype=ddf.dtype) + ddf  # array order
+    # array order (.., y, x) -> grid_sample order (x, y, ..), then to normalised coordinates
+    coords = coords.flip(1)
+    sizes = torch.tensor(spatial[::-1], device=ddf.device, dtype=ddf.dtype)
+    shape = (1, ndim) + (1,) * ndim
+    grid = (2.0 * coords + 1.0) / sizes.reshape(shape) - 1.0
+    grid = grid.movedim(1, -1)
+    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,
+                         align_corners=False)

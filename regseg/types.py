@@ -1,0 +1,56 @@
+"""The plain data that flows through the live path: Frame in, Result out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Label values everywhere in regseg (MRI labels, predictions, ground truth).
+BACKGROUND, PROSTATE, LESION = 0, 1, 2
+LABEL_NAMES = {PROSTATE: "prostate", LESION: "lesion"}
+
+
+@dataclass(frozen=True, slots=True)
+class GroundTruth:
+    """What a simulated source knows about a frame and a real scanner never tells."""
+
+    image_to_mri: np.ndarray  # (4, 4) true map from image pixels (i, j, 0) to MRI world mm (RAS)
+    labels: np.ndarray  # (H, W) uint8, true labels on the frame (0 bg, 1 prostate, 2 lesion)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One ultrasound image and what places it in space and time.
+
+    ``image_to_reference`` maps pixel index coordinates (i = column, j = row, k = 0, 1) to the
+    tracker's reference frame in mm (PLUS "ImageToReference": the Image frame is in pixels).
+    """
+
+    seq: int  # per-source counter; a gap is a dropped frame
+    acquired_ns: int  # clock.now_ns() at receipt
+    pixels: np.ndarray  # (H, W) uint8 B-mode, as received
+    spacing_mm: tuple[float, float]  # (row, col)
+    image_to_reference: np.ndarray | None  # (4, 4); None when the probe is not tracked
+    source_ts: float = 0.0  # the sender's timestamp, seconds since 1970, kept apart from ours
+    device_name: str = "Image_Reference"
+    truth: GroundTruth | None = None  # only simulated sources know it
+
+
+@dataclass(slots=True)
+class Result:
+    """What the pipeline made of one frame.
+
+    ``mri_to_image`` maps MRI world mm (RAS) to the frame's pixel index coordinates (i, j, k):
+    the refined registration. Label maps use the values of :data:`LABEL_NAMES`.
+    """
+
+    frame: Frame
+    mri_to_image: np.ndarray  # (4, 4)
+    warped_labels: np.ndarray  # (H, W) uint8: MRI labels through the registration
+    labels: np.ndarray  # (H, W) uint8: predicted labels on the frame
+    overlay: np.ndarray  # (H, W, 3) uint8 RGB
+    quality: float  # 0..1 registration confidence; below the pipeline threshold means flagged
+    flagged: bool  # True when the registration looks wrong: not to be published as truth
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, plus "total"
+    ddf: np.ndarray | None = None  # (2, H, W) displacement in pixels, when a deformable stage ran
