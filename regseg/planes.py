@@ -77,3 +77,8 @@ def mri_inputs(
     mri_plane = spatial.reslice(mri, world_to_voxel, plane, size)
     lab_plane = spatial.reslice(labels, world_to_voxel, plane, size, mode="nearest")
     return mri_plane, labels_onehot(lab_plane)
+
+
+def volume_tensor(data: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+    """A nibabel-ordered array ``data[i, j, k]`` as a (1, 1, D=K, H=J, W=I) tensor, as reslice wants."""
+    return torch.from_numpy(np.ascontiguousarray(data.transpose(2, 1, 0)))[None, None].to(device)

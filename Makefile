@@ -1,0 +1,33 @@
+# Set-up and everyday commands. Each target creates .venv and installs what it needs on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTHON ?= python3
+
+.PHONY: demo test lint bench train phantom clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned through constraints.txt (2.13.0, the CPU wheel here); elsewhere any recent torch works
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/regseg-stream --demo --max-frames 200 --stats-json out/demo_stats.json
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/latency.py --json out/bench_latency.json
+
+train: $(STAMP)
+	$(VENV)/bin/regseg train alignsegnet --out runs/alignsegnet
+
+phantom: $(STAMP)
+	$(VENV)/bin/regseg phantom --out out/phantom --seed 0
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache
