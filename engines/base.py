@@ -46,8 +46,8 @@ class EagerEngine:
             return self.model(**{k: inputs[k] for k in self.input_shapes})
 
 
-def make_engine(model: nn.Module, input_shapes: dict[str, tuple[int, ...]], *, backend: str = "eager",
-                device: torch.device | str = "cpu") -> Engine:
+def make_engine(model: nn.Module, input_shapes: dict[str, tuple[int, ...]], *,
+                backend: str = "eager", device: torch.device | str = "cpu") -> Engine:
     """Build an engine of the named backend; an unknown or unavailable backend is an error."""
     if backend not in BACKENDS:
         raise EngineError(f"backend {backend!r} is not available; choose one of {list(BACKENDS)}")

@@ -4,7 +4,7 @@ import time
 
 
 def now_ns() -> int:
-    """Monotonic time in nanoseconds (``time.monotonic_ns``): for every latency and receipt stamp."""
+    """Monotonic time in nanoseconds (``time.monotonic_ns``): latency and receipt stamps."""
     return time.monotonic_ns()
 
 

@@ -16,7 +16,7 @@ ALLOWED_LABELS = frozenset({0, *LABEL_NAMES})
 
 @dataclass(frozen=True, slots=True)
 class Volume:
-    """A 3-D image on a RAS grid: ``data[i, j, k]`` with ``voxel_to_world`` mapping (i, j, k) to mm."""
+    """A 3-D image on a RAS grid: ``data[i, j, k]``, ``voxel_to_world`` maps (i, j, k) to mm."""
 
     data: np.ndarray  # (I, J, K)
     voxel_to_world: np.ndarray  # (4, 4)
@@ -62,8 +62,8 @@ def load_mri(path: str | Path) -> Volume:
     data = _as_3d(path, np.asarray(img.get_fdata(dtype=np.float32)), "MRI")
     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     if bad:
-        raise InputError(f"{path}: MRI has {bad} non-finite voxels (NaN or inf); finite intensities "
-                         "are expected. Replace them (e.g. with 0) before loading.")
+        raise InputError(f"{path}: MRI has {bad} non-finite voxels (NaN or inf); finite "
+                         "intensities are expected. Replace them (e.g. with 0) before loading.")
     return Volume(data=np.ascontiguousarray(data), voxel_to_world=img.affine.astype(np.float64),
                   path=str(path))
 
@@ -79,8 +79,8 @@ def load_labels(path: str | Path, like: Volume | None = None) -> Volume:
     img = _read(path, "label")
     data = _as_3d(path, np.asarray(img.get_fdata(dtype=np.float32)), "label volume")
     if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-        raise InputError(f"{path}: label volume has non-integer or non-finite values; integer labels "
-                         f"{sorted(ALLOWED_LABELS)} are expected.")
+        raise InputError(f"{path}: label volume has non-integer or non-finite values; "
+                         f"integer labels {sorted(ALLOWED_LABELS)} are expected.")
     values = set(np.unique(data).astype(int).tolist())
     extra = values - ALLOWED_LABELS
     if extra:
@@ -115,7 +115,8 @@ def save_volume(volume: Volume, path: str | Path) -> None:
     nib.save(img, str(path))
 
 
-def normalise_intensity(data: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.0) -> np.ndarray:
+def normalise_intensity(data: np.ndarray, low_pct: float = 1.0,
+                        high_pct: float = 99.0) -> np.ndarray:
     """Map the [low_pct, high_pct] percentile range to [0, 1], clipped: float32."""
     lo, hi = np.percentile(data, [low_pct, high_pct])
     scale = 1.0 / max(float(hi - lo), 1e-6)

@@ -1,4 +1,4 @@
-"""Model inputs for one frame: the TRUS image and the MRI resliced at its plane, at model resolution.
+"""Model inputs for one frame: the TRUS image and the MRI resliced at its plane, model-sized.
 
 The live pipeline and training both build their inputs here, so a model never sees at run time
 anything prepared differently from what it was trained on.
@@ -43,7 +43,7 @@ def trus_input(pixels: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def labels_onehot(labels: Tensor) -> Tensor:
-    """(B, 1, H, W) integer labels to (B, 2, H, W) float: channel 0 prostate (incl. lesion), 1 lesion.
+    """(B, 1, H, W) integer labels to (B, 2, H, W) float: ch 0 prostate (incl. lesion), 1 lesion.
 
     Prostate includes the lesion because a lesion lies inside the gland: the registration aligns
     the whole gland.
@@ -70,7 +70,7 @@ def mri_inputs(
         frame_hw: the frame's (H, W).
         size: the model's (h, w).
     Returns:
-        mri plane (1, 1, h, w) float and label planes (1, 2, h, w) float (see :func:`labels_onehot`),
+        mri plane (1, 1, h, w) float and label planes (1, 2, h, w) float (:func:`labels_onehot`),
         the labels sampled nearest then one-hot, so they stay exact.
     """
     plane = image_to_mri @ model_to_frame(frame_hw, size)
@@ -80,5 +80,5 @@ def mri_inputs(
 
 
 def volume_tensor(data: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
-    """A nibabel-ordered array ``data[i, j, k]`` as a (1, 1, D=K, H=J, W=I) tensor, as reslice wants."""
+    """A nibabel-ordered array ``data[i, j, k]`` as a (1, 1, D=K, H=J, W=I) tensor for reslice."""
     return torch.from_numpy(np.ascontiguousarray(data.transpose(2, 1, 0)))[None, None].to(device)

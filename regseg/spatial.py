@@ -59,7 +59,7 @@ def index_to_normalised(size: Sequence[int]) -> np.ndarray:
     Args:
         size: spatial size fastest axis first, (W, H) or (W, H, D).
     Returns:
-        (n+1, n+1) matrix ``m`` with ``m @ [i, j(, k), 1] = [x, y(, z), 1]``, ``x = (2 i + 1) / W - 1``.
+        (n+1, n+1) matrix ``m``, ``m @ [i, j(, k), 1] = [x, y(, z), 1]``, ``x = (2i + 1) / W - 1``.
     """
     n = len(size)
     m = np.eye(n + 1)
@@ -139,7 +139,7 @@ def reslice(
 def theta_to_pixel(theta: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Convert an ``affine_grid`` theta (2, 3) to the 3x3 pixel map it applies.
 
-    ``warp_affine(image, theta)`` samples output pixel ``p`` from input pixel ``theta_to_pixel @ p``.
+    ``warp_affine(image, theta)`` samples output pixel ``p`` at input pixel ``theta_to_pixel @ p``.
     Normalised coordinates do not depend on resolution, so the same theta warps any image of the
     same field of view; ``hw`` only sets the pixel units.
     """

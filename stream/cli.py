@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="simulated scanner on a generated phantom case; no files needed")
     p.add_argument("--mri", help="patient MRI, 3-D NIfTI (T2)")
-    p.add_argument("--mri-labels", help="MRI labels, 3-D NIfTI on the MRI grid: 1 prostate, 2 lesion")
+    p.add_argument("--mri-labels", help="labels: 3-D NIfTI on the MRI grid: 1 prostate, 2 lesion")
     p.add_argument("--source", default=None,
                    help="igtl://HOST:PORT (PLUS or scanner OpenIGTLink server) or sim://[SEED] "
                    "(simulated scanner); default sim:// with --demo")
@@ -65,9 +65,9 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise InputError(f"--device {name!r}: not a device name; use auto, cpu or cuda[:N]") from exc
+        raise InputError(f"--device {name!r}: not a device; use auto, cpu or cuda[:N]") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise InputError(f"--device {name}: CUDA is not available here; use --device cpu")
     return device
 
 
@@ -102,8 +102,8 @@ def _sim_seed(source: str, default: int) -> int:
     return int(rest)
 
 
-def _build(args, device):
-    """Context, source, sinks for the parsed arguments (imports kept here: start-up stays quick)."""
+def _context_and_source(args, device):
+    """MRI context and frame source for the parsed arguments (imports here keep start-up quick)."""
     from regseg.stream.context import build_context, load_context
     from regseg.stream.slot import LatestSlot
 
@@ -124,19 +124,23 @@ def _build(args, device):
         context = build_context(phantom.mri, phantom.labels, device)
         source = SimSource(SimulatedScanner(phantom, seed=seed), LatestSlot(), fps=args.fps)
     elif source_url.startswith("igtl://"):
-        from regseg.stream.igtl_source import IgtlSource
-
         if not (args.mri and args.mri_labels):
             raise InputError("--source igtl:// needs the patient case: --mri case.nii.gz "
                              "--mri-labels case_labels.nii.gz")
         context = load_context(args.mri, args.mri_labels, device)
+        from regseg.stream.igtl_source import IgtlSource
+
         host, port = _host_port(source_url, "igtl", "--source")
         source = IgtlSource(host, port, LatestSlot(), image_device=args.image_device)
     else:
         raise InputError(f"--source {source_url!r}: unknown scheme; expected igtl://HOST:PORT or "
                          "sim://[SEED]")
+    return context, source, source_url
 
-    sinks = []
+
+def _sinks(args) -> tuple[list, list[str]]:
+    """The sinks the arguments ask for, opened (servers bound); returns them and their URLs."""
+    sinks, urls = [], []
     serve = args.serve if args.serve is not None else (["igtl://127.0.0.1:18945"] if args.demo
                                                        else [])
     for url in serve:
@@ -147,26 +151,29 @@ def _build(args, device):
 
         host, port = _host_port(url, "igtl", "--serve")
         sinks.append(IgtlSink(IgtlServer(host, port)))
+        urls.append(url)
     zmq_url = args.zmq if args.zmq is not None else ("tcp://127.0.0.1:5556" if args.demo else None)
     if zmq_url and zmq_url != "none":
         from regseg.stream.zmq_sink import ZmqSink
 
         sinks.append(ZmqSink(zmq_url))
-    return context, source, sinks, source_url, serve, zmq_url
+        urls.append(zmq_url)
+    return sinks, urls
 
 
 def run(args) -> dict:
     """Run the stream for parsed arguments; returns the summary dict."""
-    from regseg.engines.fusion import FusionEngine
-    from regseg.stream.pipeline import Pipeline
-    from regseg.stream.runner import run_stream
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
     reference_to_mri = _reference_to_mri(args.reference_to_mri)
+    context, source, source_url = _context_and_source(args, device)
+    from regseg.engines.fusion import FusionEngine
+    from regseg.stream.pipeline import Pipeline
+    from regseg.stream.runner import run_stream
+
     engine = FusionEngine(args.weights, backend=args.backend, device=device)
-    context, source, sinks, source_url, serve, zmq_url = _build(args, device)
+    sinks, sink_urls = _sinks(args)
     pipeline = Pipeline(context, engine, reference_to_mri=reference_to_mri)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -177,7 +184,7 @@ def run(args) -> dict:
         signal.signal(signal.SIGINT, previous)
     extra = {"engine": f"alignsegnet/{engine.backend}", "device": str(device),
              "source": source_url,
-             "sinks": [u for u in serve if u != "none"] + ([zmq_url] if zmq_url else []),
+             "sinks": sink_urls,
              "source_stats": source.stats()}
     summary = stats.summary(skipped=skipped, extra=extra)
     if args.stats_json:

@@ -17,7 +17,7 @@ from regseg.types import LESION, PROSTATE
 
 @dataclass(frozen=True)
 class MriContext:
-    """MRI (intensities in [0, 1]) and labels as (1, 1, D, H, W) device tensors, with their geometry."""
+    """MRI (intensities in [0, 1]) and labels as (1, 1, D, H, W) device tensors, and geometry."""
 
     mri: torch.Tensor
     labels: torch.Tensor

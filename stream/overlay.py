@@ -14,7 +14,8 @@ LESION_ALPHA = 0.35
 
 
 def _outline(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], width: int) -> None:
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
     if contours:
         cv2.drawContours(rgb, contours, -1, colour, width, lineType=cv2.LINE_AA)
 

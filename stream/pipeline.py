@@ -1,4 +1,4 @@
-"""The per-frame pipeline: reslice the MRI at the frame's plane, register, warp labels, segment, overlay."""
+"""Per frame: reslice the MRI at the frame's plane, register, warp labels, segment, overlay."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from regseg import planes, spatial
 from regseg.clock import now_ns
 from regseg.engines.fusion import FusionEngine
-from regseg.types import Frame, Result
 from regseg.stream.context import MriContext
 from regseg.stream.overlay import compose_overlay
+from regseg.types import Frame, Result
 
 
 def untracked_plane(context: MriContext, frame_hw: tuple[int, int],
@@ -93,6 +93,7 @@ class Pipeline:
             labels=labels,
             overlay=overlay,
             quality=quality,
-            flagged=bool(quality < self.quality_threshold),  # NaN (gland out of view) is not flagged
+            # NaN (no gland in view) compares False: not flagged
+            flagged=bool(quality < self.quality_threshold),
             timings_ms=timings,
         )

@@ -1,4 +1,4 @@
-"""The stream loop: newest frame from the source, through the pipeline, out to every sink, measured."""
+"""The stream loop: newest frame from the source, through the pipeline, out to every sink."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from regseg.clock import now_ns
 from regseg.stream.pipeline import Pipeline
 from regseg.stream.source import Source
 from regseg.stream.stats import StreamStats
-from regseg.types import LESION, Result
+from regseg.types import LESION, PROSTATE, Result
 
 TRE_POINTS = 2000  # prostate pixels sampled per frame for TRE: plenty for a mean in mm
 
@@ -31,8 +31,7 @@ def frame_accuracy(pipeline: Pipeline, result: Result) -> tuple[dict[str, float]
     """Dice per label and TRE (tracked vs registered) for a frame whose ground truth is known."""
     truth = result.frame.truth
     dice = {
-        "prostate": metrics.dice((result.labels > 0).astype(np.uint8),
-                                 (truth.labels > 0).astype(np.uint8), 1),
+        "prostate": metrics.dice(result.labels, truth.labels, PROSTATE),
         "lesion": metrics.dice(result.labels, truth.labels, LESION),
     }
     ji = np.argwhere(truth.labels > 0)

@@ -9,7 +9,7 @@ T = TypeVar("T")
 
 
 class LatestSlot(Generic[T]):
-    """Holds only the newest item: put() never blocks, get() waits on a condition, skipped items are counted.
+    """Holds only the newest item: put() never blocks, get() waits on a condition, skips counted.
 
     Guidance needs the newest frame, not every frame: a producer that outruns the consumer
     overwrites the waiting item and ``skipped`` counts each overwrite.
@@ -24,7 +24,7 @@ class LatestSlot(Generic[T]):
         self.skipped = 0
 
     def put(self, item: T) -> None:
-        """Store ``item``, replacing (and counting) any item not yet taken. Never blocks for long."""
+        """Store ``item``, replacing (and counting) any item not yet taken."""
         with self._cond:
             if self._has_item:
                 self.skipped += 1
@@ -33,7 +33,7 @@ class LatestSlot(Generic[T]):
             self._cond.notify()
 
     def get(self, timeout: float | None = None) -> T | None:
-        """Take the newest item, waiting up to ``timeout`` seconds; None on timeout or when closed and empty."""
+        """Take the newest item, waiting up to ``timeout`` s; None on timeout or closed + empty."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._has_item or self._closed, timeout=timeout):
                 return None

@@ -1,4 +1,4 @@
-"""Per-frame timings and quality, summarised as percentiles: the live status line and the exit summary."""
+"""Per-frame timings and quality as percentiles: the live status line and the exit summary."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 class StreamStats:
-    """Collects what every frame measured: stage times, end-to-end latency, Dice when truth is known.
+    """Collects what every frame measured: stage times, latency, Dice when truth is known.
 
     Latency is receipt (``Frame.acquired_ns``) to result ready, on the monotonic clock.
     """
@@ -50,7 +50,7 @@ class StreamStats:
         self.last_ns = done_ns
 
     def add_accuracy(self, dice: dict[str, float], tre_mm: dict[str, float]) -> None:
-        """Record Dice per label name and TRE per variant for a frame with ground truth; NaNs skipped."""
+        """Record Dice per label and TRE per variant for a frame with ground truth; NaNs skipped."""
         for name, value in dice.items():
             if not math.isnan(value):
                 self.dice[name].append(value)
@@ -94,8 +94,8 @@ class StreamStats:
 
 def format_summary(summary: dict) -> str:
     """The exit summary as a small table."""
-    lines = [f"frames {summary['frames']}  skipped {summary['skipped']}  flagged {summary['flagged']}"
-             f"  fps {summary['fps']}"]
+    lines = [f"frames {summary['frames']}  skipped {summary['skipped']}  "
+             f"flagged {summary['flagged']}  fps {summary['fps']}"]
     lat = summary["latency_ms"]
     lines.append(f"{'stage':<16}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     for name, p in list(summary["stages_ms"].items()) + [("end-to-end", lat)]:

@@ -1,4 +1,4 @@
-"""NIfTI loading: every kind of bad input is refused with the file, the value and what was expected."""
+"""NIfTI loading: bad input is refused with the file, the value and what was expected."""
 
 import nibabel as nib
 import numpy as np
@@ -59,7 +59,8 @@ def test_nan_refused(tmp_path):
 def test_labels_outside_set_refused(tmp_path):
     data = np.zeros((4, 4, 4), np.float32)
     data[0, 0, 0] = 7
-    with pytest.raises(InputError, match=r"label values \[7\] are not allowed; expected only \[0, 1, 2\]"):
+    with pytest.raises(InputError,
+                       match=r"label values \[7\] are not allowed; expected only \[0, 1, 2\]"):
         load_labels(_write(tmp_path / "lab.nii.gz", data))
 
 

@@ -1,0 +1,161 @@
+"""The OpenIGTLink sink: overlay, predicted labels and registration, to every client of a server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from regseg.clock import ms_between, now_ns, wall_s
+from regseg.stream.igtl_server import IgtlServer
+from regseg.stream.igtl_wire import (
+    RateLimitedLog,
+    check_device_name,
+    pack_image,
+    pack_transform,
+)
+from regseg.stream.slot import LatestSlot
+from regseg.types import Frame, Result
+
+log = logging.getLogger(__name__)
+
+
+def output_to_reference(frame: Frame, out_hw: tuple[int, int]) -> np.ndarray:
+    """(4, 4) map from pixel (i, j, k) of an output image of size ``out_hw`` = (h, w) to mm.
+
+    The frame's ``image_to_reference`` when tracked, else its spacing alone (diag(col mm, row mm,
+    1 mm), the image at the origin). An output at another resolution than the frame covers the
+    same area: pixel centres map as i_frame = (i_out + 0.5) * W / w - 0.5 (the same for j).
+    """
+    if frame.image_to_reference is not None:
+        base = np.asarray(frame.image_to_reference, dtype=np.float64)
+    else:
+        base = np.diag([frame.spacing_mm[1], frame.spacing_mm[0], 1.0, 1.0])
+    rows, cols = frame.pixels.shape[:2]
+    h, w = out_hw
+    if (h, w) == (rows, cols):
+        return base
+    sx, sy = cols / w, rows / h
+    out_to_frame = np.array([[sx, 0, 0, (sx - 1) / 2], [0, sy, 0, (sy - 1) / 2],
+                             [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float64)
+    return base @ out_to_frame
+
+
+def pack_result(
+    result: Result,
+    *,
+    overlay_device: str = "Overlay",
+    labels_device: str = "Labels",
+    transform_device: str = "MRIToImage",
+    header_version: int = 2,
+    send_flagged_transform: bool = False,
+) -> list[bytes]:
+    """The messages for one Result: overlay (RGB IMAGE), labels (uint8 IMAGE), mri_to_image.
+
+    Every message carries the frame's ``source_ts`` (wall clock now if the source gave none), so a
+    receiver can match it to the frame it sent and measure latency. With header v2 each carries
+    metadata Seq, Quality and Flagged; the TRANSFORM also PLUS's TransformStatus (OK / INVALID).
+    A flagged registration's TRANSFORM is left out unless ``send_flagged_transform``: Slicer would
+    apply it as if it were right, and the last good one is better than a wrong one.
+
+    Raises:
+        InputError: an overlay or labels array of the wrong shape or dtype (from pack_image).
+    """
+    frame = result.frame
+    timestamp = frame.source_ts if frame.source_ts > 0 else wall_s()
+    meta = {"Seq": str(frame.seq), "Quality": f"{result.quality:.4f}",
+            "Flagged": "true" if result.flagged else "false"}
+    messages = [
+        pack_image(result.overlay, output_to_reference(frame, result.overlay.shape[:2]),
+                   overlay_device, timestamp, header_version=header_version, metadata=meta),
+        pack_image(result.labels, output_to_reference(frame, result.labels.shape[:2]),
+                   labels_device, timestamp, header_version=header_version, metadata=meta),
+    ]
+    if send_flagged_transform or not result.flagged:
+        status = {"TransformStatus": "INVALID" if result.flagged else "OK",
+                  "TransformValid": "false" if result.flagged else "true"}
+        messages.append(pack_transform(result.mri_to_image, transform_device, timestamp,
+                                       header_version=header_version, metadata=meta | status))
+    return messages
+
+
+class IgtlSink:
+    """Publishes each Result through an :class:`IgtlServer`, packed once for all its clients.
+
+    ``submit`` only hands the Result to this sink's thread through a LatestSlot (a backlog is
+    dropped and counted as ``skipped``); packing (CRC included) happens on that thread. The thread
+    starts here, because a sink has no start() in the Sink protocol; ``close()`` ends it. The
+    server is not ours: close it separately.
+
+    Args:
+        server: where the packed messages are broadcast.
+        overlay_device, labels_device, transform_device: device names (<= 20 ASCII chars).
+        header_version: 2 (Slicer's default, needed for metadata) or 1 for v1-only receivers.
+        send_flagged_transform: also send the TRANSFORM of flagged results (see pack_result).
+    """
+
+    def __init__(
+        self,
+        server: IgtlServer,
+        *,
+        overlay_device: str = "Overlay",
+        labels_device: str = "Labels",
+        transform_device: str = "MRIToImage",
+        header_version: int = 2,
+        send_flagged_transform: bool = False,
+    ) -> None:
+        for name in (overlay_device, labels_device, transform_device):
+            check_device_name(name)
+        self.server = server
+        self._pack_args = dict(overlay_device=overlay_device, labels_device=labels_device,
+                               transform_device=transform_device, header_version=header_version,
+                               send_flagged_transform=send_flagged_transform)
+        self._slot: LatestSlot[Result] = LatestSlot()
+        self.submitted = 0
+        self.published = 0
+        self.pack_errors = 0
+        self.withheld_transforms = 0
+        self.pack_ms = 0.0  # last result's packing time
+        self._log = RateLimitedLog(log)
+        self._thread = threading.Thread(target=self._run, name="igtl-sink", daemon=True)
+        self._thread.start()
+
+    def submit(self, result: Result) -> None:
+        """Hand ``result`` over; never blocks. Its arrays must not change after this call."""
+        self.submitted += 1
+        self._slot.put(result)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Publish what is pending, then end the thread (within ``timeout`` s)."""
+        self._slot.close()
+        self._thread.join(timeout)
+
+    def stats(self) -> dict:
+        return {
+            "kind": "igtl",
+            "port": self.server.port,
+            "submitted": self.submitted,
+            "published": self.published,
+            "skipped": self._slot.skipped,
+            "pack_errors": self.pack_errors,
+            "withheld_transforms": self.withheld_transforms,
+            "pack_ms": round(self.pack_ms, 3),
+            "server": self.server.stats(),
+        }
+
+    def _run(self) -> None:
+        while (result := self._slot.get()) is not None:
+            start = now_ns()
+            try:
+                messages = pack_result(result, **self._pack_args)
+            except Exception as exc:  # InputError, or anything odd in a Result: never fatal
+                self.pack_errors += 1
+                self._log.warning("pack", f"IGTL sink: result for frame {result.frame.seq} "
+                                  f"not sent: {exc}")
+                continue
+            self.pack_ms = ms_between(start, now_ns())
+            if len(messages) < 3:
+                self.withheld_transforms += 1
+            self.server.broadcast(messages)
+            self.published += 1

@@ -1,0 +1,197 @@
+"""The ZeroMQ sink: each Result as a JSON header plus the raw overlay and label buffers (no pickle).
+
+Message, multipart: ``[topic, header_json, overlay_bytes, labels_bytes]``. The header says each
+buffer's shape and dtype (C order), so any language can rebuild the arrays; see :func:`decode`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+
+import numpy as np
+import zmq
+
+from regseg.clock import wall_s
+from regseg.errors import InputError, StreamError
+from regseg.stream.igtl_wire import RateLimitedLog
+from regseg.stream.slot import LatestSlot
+from regseg.types import Result
+
+log = logging.getLogger(__name__)
+
+TOPIC = b"regseg"
+FORMAT_VERSION = 1
+_ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "uint32", "float32", "float64"}
+
+
+def _number(value: float) -> float | None:
+    """JSON has no NaN or infinity: send null instead (strict parsers reject NaN)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _matrix(matrix: np.ndarray | None) -> list[list[float]] | None:
+    return None if matrix is None else np.asarray(matrix, dtype=np.float64).tolist()
+
+
+def result_header(result: Result) -> dict:
+    """The JSON-able description of a Result: ids, times, geometry, quality and both buffers."""
+    frame = result.frame
+    return {
+        "v": FORMAT_VERSION,
+        "seq": frame.seq,
+        "source_ts": frame.source_ts,  # sender's wall clock, s since 1970
+        "acquired_ns": frame.acquired_ns,  # our monotonic clock at receipt, ns
+        "sent_ts": wall_s(),  # our wall clock when published, s since 1970
+        "device_name": frame.device_name,
+        "overlay": {"shape": list(result.overlay.shape), "dtype": str(result.overlay.dtype)},
+        "labels": {"shape": list(result.labels.shape), "dtype": str(result.labels.dtype)},
+        "spacing_mm": [float(s) for s in frame.spacing_mm],  # (row, col)
+        "mri_to_image": _matrix(result.mri_to_image),  # MRI RAS mm -> frame pixel (i, j, k)
+        "image_to_reference": _matrix(frame.image_to_reference),  # null when untracked
+        "quality": _number(result.quality),
+        "flagged": bool(result.flagged),
+        "timings_ms": {k: _number(v) for k, v in result.timings_ms.items()},
+    }
+
+
+def encode(result: Result, topic: bytes = TOPIC) -> list:
+    """The multipart message for ``result``; the array parts are zero-copy views when contiguous."""
+    header = json.dumps(result_header(result), allow_nan=False).encode("utf-8")
+    overlay = np.ascontiguousarray(result.overlay)
+    labels = np.ascontiguousarray(result.labels)
+    return [topic, header, memoryview(overlay).cast("B"), memoryview(labels).cast("B")]
+
+
+def _array(part, spec: dict, what: str) -> np.ndarray:
+    try:
+        dtype, shape = str(spec["dtype"]), tuple(int(n) for n in spec["shape"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{what}: header entry {spec!r}; {{'shape': [...], 'dtype': ...}} "
+                         "expected") from exc
+    if dtype not in _ALLOWED_DTYPES:
+        raise InputError(f"{what}: dtype {dtype!r}; one of {sorted(_ALLOWED_DTYPES)} expected")
+    buffer = memoryview(part).cast("B")
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(buffer) != expected:
+        raise InputError(f"{what}: {len(buffer)} bytes for shape {shape} {dtype}; "
+                         f"{expected} expected")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def decode(parts: list) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Rebuild (header, overlay, labels) from a received multipart message.
+
+    ``parts`` may be bytes or zmq.Frame objects (``recv_multipart(copy=False)``); the arrays are
+    read-only views of them, not copies.
+
+    Raises:
+        InputError: not 4 parts, a header that is not JSON, or a buffer that does not match its
+            declared shape and dtype.
+    """
+    if len(parts) != 4:
+        raise InputError(f"regseg ZMQ message has {len(parts)} parts; 4 expected "
+                         "(topic, header, overlay, labels)")
+    try:
+        header = json.loads(bytes(memoryview(parts[1])))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"regseg ZMQ header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise InputError(f"regseg ZMQ header is a JSON {type(header).__name__}; an object expected")
+    if header.get("v") != FORMAT_VERSION:
+        raise InputError(f"regseg ZMQ header version {header.get('v')!r}; "
+                         f"{FORMAT_VERSION} expected")
+    overlay = _array(parts[2], header.get("overlay", {}), "overlay")
+    labels = _array(parts[3], header.get("labels", {}), "labels")
+    return header, overlay, labels
+
+
+class ZmqSink:
+    """Publishes each Result on a ZeroMQ PUB socket, from its own thread.
+
+    ``submit`` never blocks: Results pass through a LatestSlot (backlog dropped, ``skipped``);
+    sends use NOBLOCK (``drops`` counts refusals). A PUB socket never blocks and drops silently
+    per subscriber at its SNDHWM, so a slow subscriber loses messages inside libzmq, uncounted.
+    The thread starts here (the Sink protocol has no start()); ``close()`` ends it.
+
+    Args:
+        endpoint: where to bind, e.g. ``tcp://127.0.0.1:5556``; ``tcp://127.0.0.1:*`` picks a
+            free port (the bound one is in ``.endpoint``).
+        sndhwm: messages queued per subscriber before libzmq drops: small, latest matters.
+        topic: first frame of every message (subscribers filter on its prefix).
+        context: a zmq.Context; the process-wide instance by default.
+    Raises:
+        StreamError: the endpoint cannot be bound (in use, bad address).
+    """
+
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5556",
+        *,
+        sndhwm: int = 2,
+        topic: bytes = TOPIC,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.topic = topic
+        self._socket = (context or zmq.Context.instance()).socket(zmq.PUB)
+        self._socket.setsockopt(zmq.SNDHWM, sndhwm)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        try:
+            self._socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._socket.close()
+            raise StreamError(f"ZMQ sink cannot bind {endpoint}: {exc}") from exc
+        self.endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._slot: LatestSlot[Result] = LatestSlot()
+        self.submitted = 0
+        self.published = 0
+        self.drops = 0
+        self.encode_errors = 0
+        self._log = RateLimitedLog(log)
+        # The socket is used only by this thread from here on (ZMQ sockets are not thread-safe;
+        # Thread.start() is the memory barrier that hands it over), and closed after it ends.
+        self._thread = threading.Thread(target=self._run, name="zmq-sink", daemon=True)
+        self._thread.start()
+
+    def submit(self, result: Result) -> None:
+        """Hand ``result`` over; never blocks. Its arrays must not change after this call."""
+        self.submitted += 1
+        self._slot.put(result)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Publish what is pending, end the thread (within ``timeout`` s), close the socket."""
+        self._slot.close()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._socket.close(linger=0)
+
+    def stats(self) -> dict:
+        return {
+            "kind": "zmq",
+            "endpoint": self.endpoint,
+            "submitted": self.submitted,
+            "published": self.published,
+            "skipped": self._slot.skipped,
+            "drops": self.drops,
+            "encode_errors": self.encode_errors,
+        }
+
+    def _run(self) -> None:
+        while (result := self._slot.get()) is not None:
+            try:
+                parts = encode(result, self.topic)
+            except Exception as exc:  # a Result that cannot be described must not end the sink
+                self.encode_errors += 1
+                self._log.warning("encode", f"ZMQ sink: frame {result.frame.seq} not sent: {exc}")
+                continue
+            try:
+                self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                self.published += 1
+            except zmq.Again:
+                self.drops += 1
+            except zmq.ZMQError as exc:
+                self.drops += 1
+                self._log.warning("send", f"ZMQ sink: send failed: {exc}")

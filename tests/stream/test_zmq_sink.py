@@ -1,0 +1,108 @@
+"""ZmqSink: JSON header + raw buffers to a SUB socket, decode(), and its error paths."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from regseg.errors import InputError, StreamError
+from regseg.stream.zmq_sink import ZmqSink, decode, encode
+from regseg.types import Frame, Result
+
+WAIT_S = 5.0
+
+
+def make_result(seq=3, quality=0.8) -> Result:
+    rng = np.random.default_rng(seq)
+    frame = Frame(seq=seq, acquired_ns=123_456_789, pixels=np.zeros((24, 40), np.uint8),
+                  spacing_mm=(0.3, 0.2), image_to_reference=np.diag([0.2, 0.3, 1.0, 1.0]),
+                  source_ts=1_700_000_000.5)
+    return Result(frame=frame, mri_to_image=np.eye(4) * 2,
+                  warped_labels=np.zeros((24, 40), np.uint8),
+                  labels=rng.integers(0, 3, (24, 40), dtype=np.uint8),
+                  overlay=rng.integers(0, 256, (24, 40, 3), dtype=np.uint8),
+                  quality=quality, flagged=False, timings_ms={"affine": 1.5, "total": 4.0})
+
+
+@pytest.fixture
+def sink():
+    s = ZmqSink("tcp://127.0.0.1:*")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def subscriber(sink):
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"regseg")
+    sub.connect(sink.endpoint)
+    yield sub
+    sub.close()
+
+
+def receive(sink, subscriber, result):
+    """Submit until one arrives: a PUB drops what it sends before the SUB has joined."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        sink.submit(result)
+        if subscriber.poll(100):
+            return subscriber.recv_multipart(copy=False)
+    raise AssertionError("nothing received from the ZMQ sink")
+
+
+def test_round_trip_through_a_sub_socket(sink, subscriber):
+    result = make_result()
+    header, overlay, labels = decode(receive(sink, subscriber, result))
+    np.testing.assert_array_equal(overlay, result.overlay)
+    np.testing.assert_array_equal(labels, result.labels)
+    assert header["seq"] == 3 and header["source_ts"] == 1_700_000_000.5
+    assert header["acquired_ns"] == 123_456_789
+    assert header["overlay"] == {"shape": [24, 40, 3], "dtype": "uint8"}
+    assert header["labels"] == {"shape": [24, 40], "dtype": "uint8"}
+    assert header["spacing_mm"] == [0.3, 0.2]
+    assert header["mri_to_image"] == (np.eye(4) * 2).tolist()
+    assert header["image_to_reference"] == np.diag([0.2, 0.3, 1.0, 1.0]).tolist()
+    assert header["quality"] == 0.8 and header["flagged"] is False
+    assert header["timings_ms"] == {"affine": 1.5, "total": 4.0}
+    assert sink.stats()["published"] >= 1
+
+
+def test_header_is_strict_json_without_nan():
+    parts = encode(make_result(quality=float("nan")))
+    header = json.loads(parts[1], parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert header["quality"] is None
+
+
+def test_submit_never_blocks_without_subscribers(sink):
+    results = [make_result(seq=seq % 7) for seq in range(500)]
+    start = time.perf_counter()
+    for result in results:
+        sink.submit(result)
+    assert time.perf_counter() - start < 2.0  # a blocking submit would show as seconds
+    sink.close()
+    stats = sink.stats()
+    assert stats["published"] + stats["skipped"] + stats["drops"] == stats["submitted"] == 500
+
+
+def test_bind_conflict_is_a_stream_error(sink):
+    with pytest.raises(StreamError, match="cannot bind"):
+        ZmqSink(sink.endpoint)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda p: p[:3], "3 parts"),
+        (lambda p: [p[0], b"{not json", p[2], p[3]], "not JSON"),
+        (lambda p: [p[0], p[1], bytes(p[2])[:-1], p[3]], "bytes for shape"),
+        (lambda p: [p[0], p[1].replace(b'"uint8"', b'"object"', 1), p[2], p[3]], "dtype 'object'"),
+        (lambda p: [p[0], b"[1]", p[2], p[3]], "JSON list"),
+    ],
+)
+def test_decode_refuses_what_does_not_match_its_header(mutate, match):
+    parts = [bytes(p) for p in encode(make_result())]
+    with pytest.raises(InputError, match=match):
+        decode(mutate(parts))
