@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned through constraints.txt (2.13.0, the CPU wheel here); elsewhere any recent torch works
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx,bench,registration]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,6 +22,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/latency.py --json out/bench_latency.json
+	$(PY) bench/engines.py --json out/bench_engines.json
+	$(PY) bench/classical.py --json out/bench_classical.json
 
 train: $(STAMP)
 	$(VENV)/bin/regseg train alignsegnet --out runs/alignsegnet

@@ -32,6 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     al = models.add_parser("alignsegnet", help="the live affine registration + segmentation model")
     train_alignsegnet.add_arguments(al)
     al.set_defaults(func=train_alignsegnet.run)
+
+    # Deformable registration (issue 4): training recipes, register, eval, the MNI152 set.
+    from regseg import register_cli
+    from regseg.train import plcreg as train_plcreg
+
+    for dim in (2, 3):
+        what = "live 2-D refinement" if dim == 2 else "offline 3-D, MNI152 pairs"
+        pl = models.add_parser(f"plcreg{dim}d", help=f"PLCReg deformable registration ({what})")
+        train_plcreg.add_arguments(pl, dim)
+        pl.set_defaults(func=train_plcreg.run)
+    register_cli.add_register_arguments(sub.add_parser(
+        "register", help="affine + deformable registration of 3-D NIfTI pairs"))
+    register_cli.add_eval_arguments(sub.add_parser(
+        "eval", help="Dice, HD95, folding and TRE of a registered pair, as a table"))
+    register_cli.add_mni_arguments(sub.add_parser(
+        "mni", help="write the MNI152 registration evaluation set (needs nilearn)"))
     return p
 
 

@@ -19,6 +19,8 @@ EPILOG = """examples:
   regseg-stream --demo --max-frames 200
   regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz \\
       --source igtl://plus-host:18944 --serve igtl://127.0.0.1:18945 --zmq tcp://127.0.0.1:5556
+  regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz \\
+      --source file://session.igs.mha --replay-rate recorded --record out/run.igs.mha
 """
 
 
@@ -32,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mri", help="patient MRI, 3-D NIfTI (T2)")
     p.add_argument("--mri-labels", help="labels: 3-D NIfTI on the MRI grid: 1 prostate, 2 lesion")
     p.add_argument("--source", default=None,
-                   help="igtl://HOST:PORT (PLUS or scanner OpenIGTLink server) or sim://[SEED] "
-                   "(simulated scanner); default sim:// with --demo")
+                   help="igtl://HOST:PORT (PLUS or scanner OpenIGTLink server), sim://[SEED] "
+                   "(simulated scanner), file://PATH (PLUS sequence file .igs.mha/.seq.nrrd ...), "
+                   "grabber://N (capture device N) or a video file path; default sim:// with "
+                   "--demo")
     p.add_argument("--image-device", default=None,
                    help="IMAGE device to use (default: the first seen, e.g. Image_Reference)")
     p.add_argument("--serve", action="append", default=None,
@@ -50,12 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulated scanner frame rate (0 = flat out)")
     p.add_argument("--seed", type=int, default=0, help="phantom and scanner seed for sim://")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--backend", default="eager", choices=["eager"],
-                   help="engine backend (more arrive with the engine layer)")
+    p.add_argument("--backend", default="auto",
+                   choices=["auto", "eager", "compiled", "onnxrt", "tensorrt"],
+                   help="engine backend; auto (default) builds the candidates for the device, "
+                   "checks each against eager and takes the fastest (the choice is printed)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="engine precision (fp16/bf16: matmuls and convolutions low, norms fp32)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA: capture the whole per-frame chain as one CUDA graph")
     p.add_argument("--weights", default=None, help="AlignSegNet checkpoint (default: shipped)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--stats-json", default=None, help="write the exit summary here as JSON")
     p.add_argument("--quiet", action="store_true", help="no live status line")
+    io = p.add_argument_group("interoperability and recording")
+    io.add_argument("--replay-rate", choices=["recorded", "max"], default="recorded",
+                    help="file:// and video replay: at the recorded rate, or flat out (the "
+                    "pipeline then takes the newest frame; skips are counted)")
+    io.add_argument("--record", default=None, metavar="PATH",
+                    help="record every incoming frame with its pose and time as a PLUS sequence "
+                    "file (.igs.mha, .seq.mha, .igs.nrrd, .seq.nrrd)")
+    io.add_argument("--record-outputs", action="store_true",
+                    help="with --record, also record labels and overlays (PATH_Labels.*, "
+                    "PATH_Overlay.*) with MRIToImage per frame")
+    io.add_argument("--grabber-crop", default=None, metavar="X,Y,W,H",
+                    help="grabber/video: the ultrasound image inside the captured frame, pixels")
+    io.add_argument("--grabber-spacing-mm", default="0.2,0.2", metavar="ROW,COL",
+                    help="grabber/video: pixel size of the cropped image in mm (default 0.2,0.2)")
+    io.add_argument("--pose-source", default=None, metavar="igtl://HOST:PORT",
+                    help="grabber/video: take ImageToReference TRANSFORMs from this OpenIGTLink "
+                    "server (untracked without it)")
+    io.add_argument("--igtl-header-version", type=int, choices=[1, 2], default=2,
+                    help="OpenIGTLink header version we send: 2 (Slicer, PLUS; metadata) or 1 "
+                    "(OpenIGTLink <= 2.x receivers such as Debian's 1.11 library)")
+    io.add_argument("--no-contours", action="store_true",
+                    help="do not send the ProstateContour/LesionContour POLYDATA outlines")
     return p
 
 
@@ -102,10 +134,45 @@ def _sim_seed(source: str, default: int) -> int:
     return int(rest)
 
 
-def _context_and_source(args, device):
+def _spacing(text: str) -> tuple[float, float]:
+    try:
+        row, col = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise InputError(f"--grabber-spacing-mm {text!r}: ROW,COL in mm expected, e.g. 0.2,0.2"
+                         ) from exc
+    return row, col
+
+
+def _file_or_grabber_source(args, source_url: str, slot):
+    """FileSource for file:// sequence files; GrabberSource for grabber://N and video files."""
+    from regseg.stream.grabber_source import VIDEO_EXTENSIONS, GrabberSource, parse_crop
+
+    path = source_url[len("file://"):] if source_url.startswith("file://") else source_url
+    if source_url.startswith("grabber://") or path.lower().endswith(VIDEO_EXTENSIONS):
+        device = source_url[len("grabber://"):] if source_url.startswith("grabber://") else path
+        if device.isdigit():
+            device = int(device)
+        pose_source = None
+        if args.pose_source:
+            from regseg.stream.igtl_source import IgtlSource
+
+            host, port = _host_port(args.pose_source, "igtl", "--pose-source")
+            pose_source = IgtlSource(host, port)
+        crop = parse_crop(args.grabber_crop) if args.grabber_crop else None
+        return GrabberSource(device, slot, crop=crop, spacing_mm=_spacing(args.grabber_spacing_mm),
+                             pose_source=pose_source,
+                             fps=0.0 if args.replay_rate == "max" else None)
+    from regseg.stream.file_source import FileSource
+
+    return FileSource(path, slot, rate=args.replay_rate)
+
+
+def _context_and_source(args, device, slot=None):
     """MRI context and frame source for the parsed arguments (imports here keep start-up quick)."""
     from regseg.stream.context import build_context, load_context
     from regseg.stream.slot import LatestSlot
+
+    slot = slot if slot is not None else LatestSlot()
 
     source_url = args.source or ("sim://" if args.demo else None)
     if source_url is None:
@@ -122,7 +189,7 @@ def _context_and_source(args, device):
         seed = _sim_seed(source_url, args.seed)
         phantom = make_phantom(seed)
         context = build_context(phantom.mri, phantom.labels, device)
-        source = SimSource(SimulatedScanner(phantom, seed=seed), LatestSlot(), fps=args.fps)
+        source = SimSource(SimulatedScanner(phantom, seed=seed), slot, fps=args.fps)
     elif source_url.startswith("igtl://"):
         if not (args.mri and args.mri_labels):
             raise InputError("--source igtl:// needs the patient case: --mri case.nii.gz "
@@ -131,16 +198,26 @@ def _context_and_source(args, device):
         from regseg.stream.igtl_source import IgtlSource
 
         host, port = _host_port(source_url, "igtl", "--source")
-        source = IgtlSource(host, port, LatestSlot(), image_device=args.image_device)
+        source = IgtlSource(host, port, slot, image_device=args.image_device)
+    elif source_url.startswith(("file://", "grabber://")) or "://" not in source_url:
+        if not (args.mri and args.mri_labels):
+            raise InputError(f"--source {source_url}: needs the patient case: --mri case.nii.gz "
+                             "--mri-labels case_labels.nii.gz")
+        source = _file_or_grabber_source(args, source_url, slot)
+        context = load_context(args.mri, args.mri_labels, device)
     else:
-        raise InputError(f"--source {source_url!r}: unknown scheme; expected igtl://HOST:PORT or "
-                         "sim://[SEED]")
+        raise InputError(f"--source {source_url!r}: unknown scheme; expected igtl://HOST:PORT, "
+                         "sim://[SEED], file://PATH.igs.mha, grabber://N or a video file")
     return context, source, source_url
 
 
-def _sinks(args) -> tuple[list, list[str]]:
-    """The sinks the arguments ask for, opened (servers bound); returns them and their URLs."""
+def _sinks(args, on_message=None) -> tuple[list, list[str]]:
+    """The sinks the arguments ask for, opened (servers bound); returns them and their URLs.
+
+    ``on_message`` receives what Slicer sends to our OpenIGTLink servers (MRIToReference).
+    """
     sinks, urls = [], []
+    contours = None if args.no_contours else ("ProstateContour", "LesionContour")
     serve = args.serve if args.serve is not None else (["igtl://127.0.0.1:18945"] if args.demo
                                                        else [])
     for url in serve:
@@ -150,7 +227,8 @@ def _sinks(args) -> tuple[list, list[str]]:
         from regseg.stream.igtl_sink import IgtlSink
 
         host, port = _host_port(url, "igtl", "--serve")
-        sinks.append(IgtlSink(IgtlServer(host, port)))
+        sinks.append(IgtlSink(IgtlServer(host, port, on_message=on_message),
+                              header_version=args.igtl_header_version, contour_devices=contours))
         urls.append(url)
     zmq_url = args.zmq if args.zmq is not None else ("tcp://127.0.0.1:5556" if args.demo else None)
     if zmq_url and zmq_url != "none":
@@ -167,14 +245,35 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
     reference_to_mri = _reference_to_mri(args.reference_to_mri)
-    context, source, source_url = _context_and_source(args, device)
+    recorder = slot = None
+    if args.record:
+        from regseg.stream.recorder import Recorder, RecordingSlot
+
+        recorder = Recorder(args.record, outputs=args.record_outputs)
+        slot = RecordingSlot(recorder)
+    elif args.record_outputs:
+        raise InputError("--record-outputs needs --record PATH.igs.mha")
+    try:
+        context, source, source_url = _context_and_source(args, device, slot)
+    except BaseException:
+        if recorder is not None:
+            recorder.close()
+        raise
     from regseg.engines.fusion import FusionEngine
+    from regseg.stream.igtl_sink import RegistrationListener
     from regseg.stream.pipeline import Pipeline
     from regseg.stream.runner import run_stream
 
-    engine = FusionEngine(args.weights, backend=args.backend, device=device)
-    sinks, sink_urls = _sinks(args)
-    pipeline = Pipeline(context, engine, reference_to_mri=reference_to_mri)
+    engine = FusionEngine(args.weights, backend=args.backend, device=device,
+                          precision=args.precision, threads=args.threads)
+    registration = RegistrationListener()  # Slicer's MRIToReference, from the next frame on
+    sinks, sink_urls = _sinks(args, on_message=registration)
+    if recorder is not None:
+        sinks.append(recorder)
+        sink_urls.append(f"record:{args.record}")
+    pipeline = Pipeline(context, engine, reference_to_mri=reference_to_mri,
+                        cuda_graph=args.cuda_graph)
+    registration.bind(pipeline.set_reference_to_mri)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
@@ -183,9 +282,13 @@ def run(args) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous)
     extra = {"engine": f"alignsegnet/{engine.backend}", "device": str(device),
+             "engine_info": engine.info,
              "source": source_url,
              "sinks": sink_urls,
-             "source_stats": source.stats()}
+             "source_stats": source.stats(),
+             "registration_from_slicer": registration.stats()}
+    if recorder is not None:
+        extra["recorder"] = recorder.stats()
     summary = stats.summary(skipped=skipped, extra=extra)
     if args.stats_json:
         write_json(summary, args.stats_json)

@@ -2,7 +2,9 @@
 
 Each client gets a writer thread with a small outbox that keeps only the newest broadcasts (3D
 Slicer keeps only the latest message per device anyway), and a reader thread that hands what the
-client sends us (e.g. Slicer's MRIToReference) to a callback.
+client sends us (e.g. Slicer's MRIToReference) to a callback. A client whose socket accepts nothing
+for ``send_timeout_s`` (a hung viewer, a half-open connection) is dropped, so its thread and
+buffers do not stay with us for ever; it can connect again.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ class _Client:
                     self.sock.sendall(data)
                     self.sent += 1
         except OSError as exc:
-            self.server._log.warning("send", f"OpenIGTLink client {self.peer}: send failed: {exc}")
+            if not self.closed:
+                self.server._count_send_failure(isinstance(exc, TimeoutError))
+                self.server._log.warning("send", f"OpenIGTLink client {self.peer}: send failed "
+                                         f"({exc!r}); dropping the client")
         finally:
             self.shutdown()
 
@@ -110,6 +115,11 @@ class IgtlServer:
         outbox_size: broadcasts kept per client while it is behind; older ones are dropped.
         on_message: called with (message, "host:port") for each message a client sends us.
         max_body_bytes: body-size limit for messages clients send us.
+        send_timeout_s: a client that takes longer than this to accept one broadcast message is
+            dropped (None: never). Also bounds each blocking receive, which only loops again.
+        send_buffer_bytes: SO_SNDBUF per client (None: the OS default, auto-tuned to megabytes
+            on Linux). What a slow client has not read yet waits there, older than anything in
+            its outbox: a small buffer keeps what it sees recent (see tests/interop).
     """
 
     def __init__(
@@ -120,12 +130,18 @@ class IgtlServer:
         outbox_size: int = 2,
         on_message: OnMessage | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        send_timeout_s: float | None = 10.0,
+        send_buffer_bytes: int | None = None,
     ) -> None:
         if outbox_size < 1:
             raise ValueError(f"outbox_size {outbox_size}; at least 1 expected")
         self.outbox_size = outbox_size
         self.on_message = on_message
         self.max_body_bytes = max_body_bytes
+        self.send_timeout_s = send_timeout_s
+        self.send_buffer_bytes = send_buffer_bytes
+        self.send_failures = 0  # clients dropped because a send failed (timeouts included)
+        self.send_timeouts = 0  # ... because a send did not finish within send_timeout_s
         self._lock = threading.Condition()
         self._clients: list[_Client] = []
         self._closing = False
@@ -188,6 +204,8 @@ class IgtlServer:
                 "clients_accepted": self._accepted,
                 "messages_sent": sent,
                 "drops": self.drops,
+                "send_failures": self.send_failures,
+                "send_timeouts": self.send_timeouts,
                 "received": wire.as_dict(),
             }
 
@@ -223,6 +241,9 @@ class IgtlServer:
             # Small messages (TRANSFORM) must not wait for Nagle's algorithm to fill a segment.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.settimeout(self.send_timeout_s)
+            if self.send_buffer_bytes:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
             client = _Client(self, sock, f"{address[0]}:{address[1]}")
             with self._lock:
                 if self._closing:
@@ -235,6 +256,11 @@ class IgtlServer:
                 client.reader.start()
                 self._lock.notify_all()
             log.info("OpenIGTLink client %s connected", client.peer)
+
+    def _count_send_failure(self, timed_out: bool) -> None:
+        with self._lock:
+            self.send_failures += 1
+            self.send_timeouts += int(timed_out)
 
     def _remove(self, client: _Client) -> None:
         with self._lock:

@@ -1,22 +1,30 @@
-"""The OpenIGTLink sink: overlay, predicted labels and registration, to every client of a server."""
+"""The OpenIGTLink sink: overlay, predicted labels and registration, to every client of a server.
+
+Also what Slicer sends back: an ``MRIToReference`` TRANSFORM (the user's initial registration,
+:class:`RegistrationListener`), applied from the next frame on.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import numpy as np
+from pyigtl.messages import MessageBase, TransformMessage
 
 from regseg.clock import ms_between, now_ns, wall_s
-from regseg.stream.igtl_server import IgtlServer
-from regseg.stream.igtl_wire import (
-    RateLimitedLog,
+from regseg.stream.igtl_codec import (
     check_device_name,
+    check_header_version,
     pack_image,
     pack_transform,
 )
+from regseg.stream.igtl_polydata import pack_outline
+from regseg.stream.igtl_server import IgtlServer
+from regseg.stream.igtl_wire import RateLimitedLog
 from regseg.stream.slot import LatestSlot
-from regseg.types import Frame, Result
+from regseg.types import LESION, Frame, Result
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +58,14 @@ def pack_result(
     transform_device: str = "MRIToImage",
     header_version: int = 2,
     send_flagged_transform: bool = False,
+    contour_devices: tuple[str, str] | None = None,
 ) -> list[bytes]:
-    """The messages for one Result: overlay (RGB IMAGE), labels (uint8 IMAGE), mri_to_image.
+    """The messages for one Result: overlay (RGB IMAGE), labels (uint8 IMAGE), [outlines as
+    POLYDATA,] mri_to_image (TRANSFORM, last).
+
+    With ``contour_devices`` = (gland, lesion) device names, the outlines of the predicted gland
+    (labels > 0: the lesion lies inside it) and lesion (labels == 2) follow the images, in mm on
+    the image plane (:func:`~regseg.stream.igtl_polydata.label_outlines`).
 
     Every message carries the frame's ``source_ts`` (wall clock now if the source gave none), so a
     receiver can match it to the frame it sent and measure latency. With header v2 each carries
@@ -72,6 +86,12 @@ def pack_result(
         pack_image(result.labels, output_to_reference(frame, result.labels.shape[:2]),
                    labels_device, timestamp, header_version=header_version, metadata=meta),
     ]
+    if contour_devices is not None:
+        labels_to_reference = output_to_reference(frame, result.labels.shape[:2])
+        for device, mask in zip(contour_devices, (result.labels > 0, result.labels == LESION),
+                                strict=True):
+            messages.append(pack_outline(mask, labels_to_reference, device, timestamp,
+                                         header_version=header_version, metadata=meta))
     if send_flagged_transform or not result.flagged:
         status = {"TransformStatus": "INVALID" if result.flagged else "OK",
                   "TransformValid": "false" if result.flagged else "true"}
@@ -91,8 +111,11 @@ class IgtlSink:
     Args:
         server: where the packed messages are broadcast.
         overlay_device, labels_device, transform_device: device names (<= 20 ASCII chars).
-        header_version: 2 (Slicer's default, needed for metadata) or 1 for v1-only receivers.
+        header_version: 2 (Slicer's default, needed for metadata) or 1 for v1-only receivers
+            (OpenIGTLink 1.x, e.g. Debian's 1.11, cannot parse a v2 header and loses step).
         send_flagged_transform: also send the TRANSFORM of flagged results (see pack_result).
+        contour_devices: (gland, lesion) POLYDATA device names, e.g. ("ProstateContour",
+            "LesionContour"); None sends no outlines.
     """
 
     def __init__(
@@ -104,13 +127,17 @@ class IgtlSink:
         transform_device: str = "MRIToImage",
         header_version: int = 2,
         send_flagged_transform: bool = False,
+        contour_devices: tuple[str, str] | None = None,
     ) -> None:
-        for name in (overlay_device, labels_device, transform_device):
+        for name in (overlay_device, labels_device, transform_device, *(contour_devices or ())):
             check_device_name(name)
+        check_header_version(header_version)
         self.server = server
+        self._send_flagged_transform = send_flagged_transform
         self._pack_args = dict(overlay_device=overlay_device, labels_device=labels_device,
                                transform_device=transform_device, header_version=header_version,
-                               send_flagged_transform=send_flagged_transform)
+                               send_flagged_transform=send_flagged_transform,
+                               contour_devices=contour_devices)
         self._slot: LatestSlot[Result] = LatestSlot()
         self.submitted = 0
         self.published = 0
@@ -155,7 +182,68 @@ class IgtlSink:
                                   f"not sent: {exc}")
                 continue
             self.pack_ms = ms_between(start, now_ns())
-            if len(messages) < 3:
+            if result.flagged and not self._send_flagged_transform:
                 self.withheld_transforms += 1
             self.server.broadcast(messages)
             self.published += 1
+
+
+#: TRANSFORM device names Slicer may send with the initial registration, and whether the matrix
+#: must be inverted to give ReferenceToMRI (the pipeline's ``reference_to_mri``).
+REGISTRATION_DEVICES = {"MRIToReference": True, "ReferenceToMRI": False}
+
+
+class RegistrationListener:
+    """Takes the user's initial registration from Slicer: an ``MRIToReference`` TRANSFORM.
+
+    Use as an :class:`IgtlServer` ``on_message`` callback (it runs on the client's reader thread).
+    ``MRIToReference`` maps MRI RAS mm to the tracker's Reference frame (Slicer's convention for a
+    transform node named A-To-B); its inverse is handed to ``apply`` (e.g.
+    ``Pipeline.set_reference_to_mri``). ``ReferenceToMRI`` is taken as is. A matrix that is not a
+    finite, invertible affine is refused and counted; other messages are ignored.
+    Until :meth:`bind` gives ``apply``, the latest good matrix is kept and handed over then.
+    """
+
+    def __init__(self, apply: Callable[[np.ndarray], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._apply = apply
+        self._pending: np.ndarray | None = None
+        self.applied = 0
+        self.refused = 0
+        self.last_peer = ""
+        self._log = RateLimitedLog(log)
+
+    def bind(self, apply: Callable[[np.ndarray], None]) -> None:
+        """Set where matrices go; a matrix received before this call is handed over now."""
+        with self._lock:
+            self._apply, pending, self._pending = apply, self._pending, None
+        if pending is not None:
+            apply(pending)
+
+    def __call__(self, message: MessageBase, peer: str) -> None:
+        invert = REGISTRATION_DEVICES.get(message.device_name)
+        if invert is None or not isinstance(message, TransformMessage):
+            return
+        matrix = np.array(message.matrix, dtype=np.float64)
+        ok = (matrix.shape == (4, 4) and np.isfinite(matrix).all()
+              and np.allclose(matrix[3], [0, 0, 0, 1])
+              and abs(np.linalg.det(matrix[:3, :3])) > 1e-9)
+        if not ok:
+            self.refused += 1
+            self._log.warning("refused", f"OpenIGTLink {peer}: {message.device_name} refused: "
+                              f"{matrix.tolist()} is not a finite invertible affine")
+            return
+        reference_to_mri = np.linalg.inv(matrix) if invert else matrix
+        with self._lock:
+            apply = self._apply
+            if apply is None:
+                self._pending = reference_to_mri
+        if apply is not None:
+            apply(reference_to_mri)
+        self.applied += 1
+        self.last_peer = peer
+        log.info("OpenIGTLink %s: %s received; used from the next frame", peer,
+                 message.device_name)
+
+    def stats(self) -> dict:
+        return {"applied": self.applied, "refused": self.refused, "last_peer": self.last_peer}

@@ -5,19 +5,16 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from dataclasses import replace
 
 import numpy as np
 from pyigtl.messages import ImageMessage, MessageBase, TransformMessage
 
 from regseg.clock import now_ns
-from regseg.errors import InputError
-from regseg.stream.igtl_wire import (
-    DEFAULT_MAX_BODY_BYTES,
-    MessageReader,
-    RateLimitedLog,
-    WireStats,
-    frame_from_image,
-)
+from regseg.errors import InputError, StreamError
+from regseg.stream.igtl_codec import frame_from_image
+from regseg.stream.igtl_wire import DEFAULT_MAX_BODY_BYTES, MessageReader, RateLimitedLog, WireStats
+from regseg.stream.pairing import Paired, Pose, TimestampPairer, pose_is_valid
 from regseg.stream.slot import LatestSlot
 from regseg.types import Frame
 
@@ -25,20 +22,28 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 2.0
+#: PLUS sends a STATUS keep-alive every 0.25 s (vtkPlusOpenIGTLinkServer KeepAliveIntervalSec), so
+#: seconds of silence mean a stalled sender or a half-open connection: drop it and reconnect.
+STALL_TIMEOUT_S = 5.0
+MAX_TRANSFORM_DEVICES = 64  # latest pose kept per TRANSFORM device name, for this many names
 
 
 class IgtlSource:
     """Connects to an OpenIGTLink server and puts each IMAGE, as a Frame, into ``slot``.
 
-    The pose (``image_to_reference``) is the latest TRANSFORM named ``transform_device`` once one
-    has arrived, else the IMAGE's own matrix (PLUS embeds ImageToReference in ``Image_Reference``).
-    A TRANSFORM applies to the IMAGEs that follow it: a sender should send the pose first (PLUS
-    sends in its client-info order); ``transform_ts_mismatch`` counts IMAGEs whose pose carried a
-    different timestamp.
+    The pose (``image_to_reference``) is the TRANSFORM named ``transform_device`` whose timestamp
+    matches the IMAGE's (:class:`~regseg.stream.pairing.TimestampPairer`: PLUS stamps both with the
+    tracked frame's time and may send either first). With no such TRANSFORM the IMAGE's own matrix
+    is used: PLUS embeds ImageToReference in ``Image_Reference``. A pose flagged invalid (PLUS
+    metadata ``TransformStatus`` INVALID / ``TransformValid`` false, or the IMAGE's
+    ``<transform_device>TransformStatus``) makes the frame untracked (``image_to_reference`` None).
+    ``transform_ts_mismatch`` counts IMAGEs that found no pose of their instant although poses
+    arrive. Other TRANSFORMs (e.g. ``ProbeToTracker``) are kept, latest per name: :meth:`pose`.
 
     Only one image device is used: ``image_device``, or the first IMAGE device seen.
-    A dropped connection is counted and retried (backoff 0.1 s doubling to 2 s) while
-    ``reconnect``; otherwise, or after ``stop()``, the thread ends and closes ``slot``.
+    A dropped or stalled connection (no byte for ``stall_timeout_s``) is counted and retried
+    (backoff ``backoff_s`` doubling to ``backoff_max_s``) while ``reconnect``; otherwise, or after
+    ``stop()``, the thread ends and closes ``slot``.
 
     Args:
         host, port: the server (PLUS: 18944).
@@ -49,6 +54,9 @@ class IgtlSource:
         poll_s: socket timeout in s: only bounds how long stop() can take if shutdown() is missed.
         connect_timeout_s: TCP connect timeout in s.
         max_body_bytes, verify_crc: see :class:`~regseg.stream.igtl_wire.MessageReader`.
+        stall_timeout_s: seconds without a byte after which the connection is dropped (None: never).
+        backoff_s, backoff_max_s: first and longest wait between connection attempts, s.
+        pairer: the image/pose pairing (default: :class:`TimestampPairer` with its defaults).
     """
 
     knows_truth = False
@@ -66,6 +74,10 @@ class IgtlSource:
         connect_timeout_s: float = 2.0,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         verify_crc: bool = True,
+        stall_timeout_s: float | None = STALL_TIMEOUT_S,
+        backoff_s: float = BACKOFF_FIRST_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+        pairer: TimestampPairer[ImageMessage] | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.slot: LatestSlot[Frame] = slot if slot is not None else LatestSlot()
@@ -76,6 +88,9 @@ class IgtlSource:
         self.connect_timeout_s = connect_timeout_s
         self.max_body_bytes = max_body_bytes
         self.verify_crc = verify_crc
+        self.stall_timeout_ns = None if not stall_timeout_s else int(stall_timeout_s * 1e9)
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self.pairer: TimestampPairer[ImageMessage] = pairer or TimestampPairer()
         self.wire = WireStats()
         self.frames = 0
         self.connects = 0
@@ -85,12 +100,15 @@ class IgtlSource:
         self.bad_frames = 0  # IMAGEs frame_from_image refused (InputError)
         self.other_devices = 0  # IMAGEs from a device other than the one in use
         self.transform_ts_mismatch = 0
+        self.invalid_poses = 0  # frames made untracked because the sender flagged their pose
+        self.stalls = 0  # connections dropped after stall_timeout_s without a byte
+        self.transforms = 0  # TRANSFORM messages received, every device
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._sock_lock = threading.Lock()
-        self._pose: np.ndarray | None = None
-        self._pose_ts = 0.0
+        self._poses: dict[str, Pose] = {}
+        self._poses_of_device = 0  # poses received from transform_device
         self._device: str | None = image_device
         self._log = RateLimitedLog(log)
         self._thread = threading.Thread(target=self._run, name=f"igtl-source-{host}:{port}",
@@ -122,6 +140,10 @@ class IgtlSource:
         """The IMAGE device in use (None until the first IMAGE when none was named)."""
         return self._device
 
+    def pose(self, device: str | None = None) -> Pose | None:
+        """The latest pose from TRANSFORM ``device`` (default: ``transform_device``), any thread."""
+        return self._poses.get(device or self.transform_device or "")
+
     def stats(self) -> dict:
         return {
             "kind": "igtl",
@@ -135,11 +157,15 @@ class IgtlSource:
             "bad_frames": self.bad_frames,
             "other_devices": self.other_devices,
             "transform_ts_mismatch": self.transform_ts_mismatch,
+            "invalid_poses": self.invalid_poses,
+            "stalls": self.stalls,
+            "transforms": self.transforms,
+            "pairing": self.pairer.stats(),
             "wire": self.wire.as_dict(),
         }
 
     def _run(self) -> None:
-        delay = BACKOFF_FIRST_S
+        delay = self.backoff_s
         try:
             while not self._stop.is_set():
                 received = self._session()
@@ -148,10 +174,10 @@ class IgtlSource:
                 # A server that delivered messages resets the backoff; one that keeps refusing
                 # or dropping us at once is retried ever more slowly, up to 2 s.
                 if received:
-                    delay = BACKOFF_FIRST_S
+                    delay = self.backoff_s
                 if self._stop.wait(delay):
                     break
-                delay = min(delay * 2, BACKOFF_MAX_S)
+                delay = min(delay * 2, self.backoff_max_s)
                 self.reconnects += 1
         finally:
             self.slot.close()
@@ -172,16 +198,12 @@ class IgtlSource:
             self._sock = sock
         self.connects += 1
         self.connected.set()
-        sock.settimeout(self.poll_s)
         reader = MessageReader(sock, stats=self.wire, max_body_bytes=self.max_body_bytes,
                                verify_crc=self.verify_crc, accept=("IMAGE", "TRANSFORM"))
         before = self.wire.messages
         try:
-            while not self._stop.is_set():
-                message = reader.read()
-                if message is not None:
-                    self._take(message, now_ns())
-        except OSError as exc:  # StreamError (peer closed, out of step) or a socket error
+            self._receive(sock, reader)
+        except OSError as exc:  # StreamError (peer closed, out of step, stalled) or socket error
             if not self._stop.is_set():
                 self.disconnects += 1
                 self._log.warning("drop", f"OpenIGTLink {self.host}:{self.port}: {exc}")
@@ -190,13 +212,43 @@ class IgtlSource:
             with self._sock_lock:
                 self._sock = None
             sock.close()
+            self._emit(self.pairer.flush())
         return self.wire.messages > before
 
-    def _take(self, message: MessageBase, acquired_ns: int) -> None:
+    def _receive(self, sock: socket.socket, reader: MessageReader) -> None:
+        """Read until stop() or an error; raises StreamError when the sender stalls."""
+        while not self._stop.is_set():
+            # Wake for a held image's deadline or the stall deadline, else every poll_s
+            # (a timeout keeps partial data: the next read continues the message).
+            now = now_ns()
+            wake_ns = [int(self.poll_s * 1e9)]
+            if (deadline := self.pairer.deadline_ns) is not None:
+                wake_ns.append(deadline - now)
+            if self.stall_timeout_ns is not None:
+                wake_ns.append(reader.last_recv_ns + self.stall_timeout_ns - now + 1_000_000)
+            sock.settimeout(max(min(wake_ns), 0) / 1e9)
+            message = reader.read()
+            now = now_ns()
+            if message is not None:
+                self._take(message, now)
+            self._emit(self.pairer.expire(now))
+            silent_ns = now - reader.last_recv_ns
+            if self.stall_timeout_ns is not None and silent_ns > self.stall_timeout_ns:
+                self.stalls += 1
+                raise StreamError(f"no data for {silent_ns / 1e9:.1f} s: the sender stalled "
+                                  "(dropping the connection to reconnect)")
+
+    def _take(self, message: MessageBase, received_ns: int) -> None:
         if isinstance(message, TransformMessage):
-            if message.device_name == self.transform_device:
-                self._pose = np.array(message.matrix, dtype=np.float64)
-                self._pose_ts = message.timestamp
+            self.transforms += 1
+            pose = Pose(np.array(message.matrix, dtype=np.float64), float(message.timestamp),
+                        pose_is_valid(message.metadata), received_ns)
+            name = message.device_name
+            if name in self._poses or len(self._poses) < MAX_TRANSFORM_DEVICES:
+                self._poses[name] = pose
+            if name == self.transform_device:
+                self._poses_of_device += 1
+                self._emit(self.pairer.add_pose(pose))
             return
         if not isinstance(message, ImageMessage):
             return
@@ -207,13 +259,30 @@ class IgtlSource:
         if message.device_name != self._device:
             self.other_devices += 1
             return
-        if self._pose is not None and self._pose_ts != message.timestamp:
-            self.transform_ts_mismatch += 1
-        try:
-            frame = frame_from_image(message, self.frames, acquired_ns, self._pose)
-        except InputError as exc:
-            self.bad_frames += 1
-            self._log.warning("frame", f"OpenIGTLink {self.host}:{self.port}: {exc}")
-            return
-        self.slot.put(frame)
-        self.frames += 1
+        self._emit(self.pairer.add_image(message, float(message.timestamp), received_ns))
+
+    def _emit(self, released: list[Paired[ImageMessage]]) -> None:
+        """Turn released images into Frames with their pose (see the class docstring)."""
+        for paired in released:
+            message, pose = paired.item, paired.pose
+            tracked = True
+            if pose is None:
+                if self._poses_of_device:
+                    self.transform_ts_mismatch += 1
+                # PLUS also sends the embedded pose's status as IMAGE metadata (a frame field).
+                status = message.metadata.get(f"{self.transform_device}TransformStatus")
+                tracked = pose_is_valid({"TransformStatus": status} if status else None)
+            elif not pose.valid:
+                tracked = False
+            try:
+                frame = frame_from_image(message, self.frames, paired.received_ns,
+                                         pose.matrix if pose is not None and tracked else None)
+            except InputError as exc:
+                self.bad_frames += 1
+                self._log.warning("frame", f"OpenIGTLink {self.host}:{self.port}: {exc}")
+                continue
+            if not tracked:
+                self.invalid_poses += 1
+                frame = replace(frame, image_to_reference=None)
+            self.slot.put(frame)
+            self.frames += 1

@@ -1,12 +1,20 @@
-"""Per frame: reslice the MRI at the frame's plane, register, warp labels, segment, overlay."""
+"""Per frame: reslice the MRI at the frame's plane, register, warp labels, segment, overlay.
+
+The tensor work of a frame is :class:`FrameChain`: the same functions on CPU and GPU, fed a
+uint8 frame and two 3x3 plane matrices, so it runs in order on the CPU and overlapped in a
+:class:`~regseg.stream.device_ring.DeviceRing` (optionally one CUDA graph) on the GPU. The host
+does only what needs numpy or OpenCV: the plane matrices before, the overlay and quality after.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from regseg import planes, spatial
 from regseg.clock import now_ns
@@ -14,6 +22,9 @@ from regseg.engines.fusion import FusionEngine
 from regseg.stream.context import MriContext
 from regseg.stream.overlay import compose_overlay
 from regseg.types import Frame, Result
+
+#: Stage names, in order, as they appear in ``Result.timings_ms`` (plus ``total``).
+STAGES = ("prepare", "model", "warp_labels", "segment", "overlay")
 
 
 def untracked_plane(context: MriContext, frame_hw: tuple[int, int],
@@ -32,8 +43,95 @@ def untracked_plane(context: MriContext, frame_hw: tuple[int, int],
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two gland masks; NaN when both are empty (nothing to judge)."""
-    total = int(a.sum()) + int(b.sum())
-    return math.nan if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return math.nan if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
+
+
+def plane_matrices(context: MriContext, image_to_mri: np.ndarray, frame_hw: tuple[int, int],
+                   size: tuple[int, int]) -> np.ndarray:
+    """(2, 3, 3) float32: frame pixel (i, j, 1), then model pixel (u, v, 1), to volume grid coords.
+
+    A plane pixel has k = 0, so of the 4x4 map only the columns of i, j and the translation count:
+    ``grid = [i, j, 1] @ m.T`` gives grid_sample's (x, y, z) in the MRI volume.
+    """
+    frame_to_norm = context.world_to_normalised @ image_to_mri
+    model_to_norm = frame_to_norm @ planes.model_to_frame(frame_hw, size)
+    cols = [0, 1, 3]
+    return np.stack([frame_to_norm[:3, cols], model_to_norm[:3, cols]]).astype(np.float32)
+
+
+def _pixel_grid(h: int, w: int, device: torch.device) -> Tensor:
+    """(H*W, 3) float32 rows (i, j, 1) in row-major pixel order."""
+    j, i = torch.meshgrid(torch.arange(h, dtype=torch.float32),
+                          torch.arange(w, dtype=torch.float32), indexing="ij")
+    return torch.stack([i, j, torch.ones_like(i)], -1).reshape(-1, 3).to(device)
+
+
+class FrameChain:
+    """The tensor stages of one frame for one frame size; buffers and grids made once.
+
+    Inputs: ``pixels`` (H, W) uint8 and ``mats`` (2, 3, 3) float32 from :func:`plane_matrices`,
+    both on the context's device. Every method is device-side only (no host sync), so the whole
+    chain can be captured as one CUDA graph.
+    """
+
+    def __init__(self, context: MriContext, engine: FusionEngine,
+                 frame_hw: tuple[int, int]) -> None:
+        self.context, self.engine = context, engine
+        self.frame_hw = (int(frame_hw[0]), int(frame_hw[1]))
+        self.size = tuple(engine.size)
+        device = context.mri.device
+        self.device = device
+        self.frame_grid = _pixel_grid(*self.frame_hw, device)
+        self.model_grid = _pixel_grid(*self.size, device)
+        # theta (normalised) -> frame pixels: inv(N) @ T @ N (spatial.theta_to_pixel), on device.
+        n = spatial.index_to_normalised((self.frame_hw[1], self.frame_hw[0]))
+        self.norm = torch.as_tensor(n, dtype=torch.float32, device=device)
+        self.norm_inv = torch.as_tensor(np.linalg.inv(n), dtype=torch.float32, device=device)
+        self.bottom = torch.tensor([[[0.0, 0.0, 1.0]]], device=device)
+
+    def _sample(self, volume: Tensor, m: Tensor, grid_rows: Tensor, hw: tuple[int, int],
+                mode: str) -> Tensor:
+        grid = (grid_rows @ m.T).reshape(1, 1, hw[0], hw[1], 3)
+        return F.grid_sample(volume, grid, mode=mode, padding_mode="zeros",
+                             align_corners=False)[:, :, 0]
+
+    def prepare(self, pixels: Tensor, mats: Tensor,
+                trus: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Model inputs: trus (1, 1, h, w), MRI plane (1, 1, h, w), label planes (1, 2, h, w).
+
+        Equal to :func:`regseg.planes.trus_input` and :func:`regseg.planes.mri_inputs` (tested).
+        ``trus`` given (e.g. made by CuPy) is used as is.
+        """
+        if trus is None:
+            trus = planes.trus_input(pixels, self.size)
+        mri = self._sample(self.context.mri, mats[1], self.model_grid, self.size, "bilinear")
+        lab = self._sample(self.context.labels_float, mats[1], self.model_grid, self.size,
+                           "nearest")
+        return trus, mri, planes.labels_onehot(lab)
+
+    def model(self, trus: Tensor, mri: Tensor, mri_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """theta (1, 2, 3) and logits (1, 3, h, w) (may be the engine's reused buffers)."""
+        out = self.engine(trus, mri, mri_labels)
+        return out["theta"], out["logits"]
+
+    def warp_labels(self, theta: Tensor, mats: Tensor) -> Tensor:
+        """MRI labels through the refined plane, (H, W) uint8, nearest (labels stay exact)."""
+        t = torch.cat([theta.reshape(1, 2, 3).float(), self.bottom], dim=1)[0]
+        theta_px = self.norm_inv @ t @ self.norm  # output pixel -> tracked-plane pixel
+        warped = self._sample(self.context.labels_float, mats[0] @ theta_px, self.frame_grid,
+                              self.frame_hw, "nearest")
+        return warped[0, 0].to(torch.uint8)
+
+    def segment(self, logits: Tensor) -> Tensor:
+        """Labels at frame size, (H, W) uint8: bilinear logits, then argmax."""
+        up = F.interpolate(logits, size=self.frame_hw, mode="bilinear", align_corners=False)
+        return up[0].argmax(dim=0).to(torch.uint8)
+
+    def run(self, pixels: Tensor, mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """All tensor stages: (theta (1, 2, 3), labels (H, W) uint8, warped labels (H, W) uint8)."""
+        theta, logits = self.model(*self.prepare(pixels, mats))
+        return theta, self.segment(logits), self.warp_labels(theta, mats)
 
 
 class Pipeline:
@@ -43,16 +141,43 @@ class Pipeline:
     labels and the gland the segmentation finds on the frame: the two come from different
     evidence (MRI context vs TRUS appearance), so a registration that went wrong disagrees with the
     segmentation. Below ``quality_threshold`` the result is flagged, not published as truth.
+
+    On a CUDA device the tensor stages run in a :class:`DeviceRing` of ``ring_slots`` slots
+    (``cuda_graph``: the chain captured as one graph; ``preprocess="cupy"``: CuPy converts the
+    frame). :meth:`submit` keeps up to ``ring_slots`` frames in flight; ``__call__`` waits for its
+    own frame. On the CPU the stages run in order.
     """
 
     def __init__(self, context: MriContext, engine: FusionEngine, *,
                  reference_to_mri: np.ndarray | None = None,
-                 quality_threshold: float = 0.5) -> None:
+                 quality_threshold: float = 0.5, ring_slots: int = 3,
+                 cuda_graph: bool = False, preprocess: str = "torch",
+                 deformable: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+                 | None = None) -> None:
         self.context = context
         self.engine = engine
         self.device = engine.device
         self.reference_to_mri = np.eye(4) if reference_to_mri is None else reference_to_mri
         self.quality_threshold = quality_threshold
+        self._ring_options = {"slots": ring_slots, "cuda_graph": cuda_graph,
+                              "preprocess": preprocess}
+        self._chains: dict[tuple[int, int], FrameChain] = {}
+        self._rings: dict[tuple[int, int], object] = {}
+        # Optional live deformable stage (regseg.stream.deformable.DeformableStage, issue 4):
+        # (pixels, affinely registered image_to_mri) -> (warped labels, ddf); runs on the host
+        # side after the affine chain, timed as "deformable".
+        self.deformable = deformable
+
+    def set_reference_to_mri(self, reference_to_mri: np.ndarray) -> None:
+        """Use ``reference_to_mri`` ((4, 4), Reference mm -> MRI RAS mm) from the next frame on.
+
+        Safe from any thread (e.g. an OpenIGTLink reader with Slicer's MRIToReference): a copy is
+        swapped in with one attribute assignment, so a frame in flight keeps the matrix it read.
+        """
+        matrix = np.array(reference_to_mri, dtype=np.float64)
+        if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+            raise ValueError(f"reference_to_mri: shape {matrix.shape}, finite (4, 4) expected")
+        self.reference_to_mri = matrix
 
     def plane(self, frame: Frame) -> np.ndarray:
         """The frame's tracked plane in MRI world (pixel (i, j, 0) -> mm)."""
@@ -60,32 +185,82 @@ class Pipeline:
             return untracked_plane(self.context, frame.pixels.shape, frame.spacing_mm)
         return self.reference_to_mri @ frame.image_to_reference
 
+    def chain(self, frame_hw: tuple[int, int]) -> FrameChain:
+        """The FrameChain for a frame size (made on first use)."""
+        key = (int(frame_hw[0]), int(frame_hw[1]))
+        if key not in self._chains:
+            self._chains[key] = FrameChain(self.context, self.engine, key)
+        return self._chains[key]
+
+    def _ring(self, frame_hw: tuple[int, int]):
+        key = (int(frame_hw[0]), int(frame_hw[1]))
+        if key not in self._rings:
+            from regseg.stream.device_ring import DeviceRing
+
+            self._rings[key] = DeviceRing(self.chain(key), **self._ring_options)
+        return self._rings[key]
+
     def __call__(self, frame: Frame) -> Result:
-        ctx, size = self.context, self.engine.size
-        hw = frame.pixels.shape
-        t = [now_ns()]
-        pixels = torch.from_numpy(frame.pixels).to(self.device, non_blocking=True)
-        trus = planes.trus_input(pixels, size)
+        """The Result of ``frame``, waited for (do not mix with :meth:`submit` on a GPU)."""
+        if self.device.type != "cuda":
+            return self._run_cpu(frame)
+        return (self.submit(frame) + self.flush())[-1]
+
+    def submit(self, frame: Frame) -> list[Result]:
+        """Start ``frame``; returns the Results that completed (oldest first, maybe none).
+
+        On the CPU the frame is processed at once and its Result returned.
+        """
+        if self.device.type != "cuda":
+            return [self._run_cpu(frame)]
         tracked = self.plane(frame)
-        mri, mri_labels = planes.mri_inputs(ctx.mri, ctx.labels, ctx.world_to_voxel, tracked, hw,
-                                            size)
-        t.append(now_ns())
-        out = self.engine(trus, mri, mri_labels)
-        t.append(now_ns())
-        theta = out["theta"][0].double().cpu().numpy()
-        image_to_mri = tracked @ spatial.lift_2d(spatial.theta_to_pixel(theta, hw))
-        warped = spatial.reslice(ctx.labels, ctx.world_to_voxel, image_to_mri, hw, mode="nearest")
-        warped_labels = warped[0, 0].cpu().numpy()
-        t.append(now_ns())
-        logits = F.interpolate(out["logits"], size=hw, mode="bilinear", align_corners=False)
-        labels = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
-        t.append(now_ns())
+        done = self._ring(frame.pixels.shape).push(frame, tracked, self._mats(frame, tracked))
+        return [self._finish(*item) for item in done]
+
+    def flush(self) -> list[Result]:
+        """Wait for every frame in flight; their Results, oldest first."""
+        return [self._finish(*item) for ring in self._rings.values() for item in ring.flush()]
+
+    def _mats(self, frame: Frame, tracked: np.ndarray) -> np.ndarray:
+        return plane_matrices(self.context, tracked, frame.pixels.shape, self.engine.size)
+
+    def _run_cpu(self, frame: Frame) -> Result:
+        chain = self.chain(frame.pixels.shape)
+        t = [now_ns()]
+        tracked = self.plane(frame)
+        mats = torch.from_numpy(self._mats(frame, tracked))
+        with torch.inference_mode():
+            inputs = chain.prepare(torch.from_numpy(frame.pixels), mats)
+            t.append(now_ns())
+            theta, logits = chain.model(*inputs)
+            theta = theta.clone()
+            t.append(now_ns())
+            warped = chain.warp_labels(theta, mats).numpy()
+            t.append(now_ns())
+            labels = chain.segment(logits).numpy()
+            t.append(now_ns())
+        timings = {n: (t[i + 1] - t[i]) / 1e6 for i, n in enumerate(STAGES[:-1])}
+        return self._finish(frame, tracked, theta.numpy(), labels, warped, timings, t[0])
+
+    def _finish(self, frame: Frame, tracked: np.ndarray, theta: np.ndarray, labels: np.ndarray,
+                warped_labels: np.ndarray, timings: dict[str, float], start_ns: int) -> Result:
+        """Host side: overlay, quality and the refined transform, from the chain's outputs."""
+        ddf = None
+        if self.deformable is not None:
+            t_def = now_ns()
+            theta_px = spatial.theta_to_pixel(np.asarray(theta, np.float64).reshape(2, 3),
+                                              frame.pixels.shape)
+            warped_labels, ddf = self.deformable(frame.pixels,
+                                                 tracked @ spatial.lift_2d(theta_px))
+            timings = {**timings, "deformable": (now_ns() - t_def) / 1e6}
+        t0 = now_ns()
         overlay = compose_overlay(frame.pixels, labels, warped_labels)
-        t.append(now_ns())
         quality = agreement(warped_labels > 0, labels > 0)
-        names = ("prepare", "model", "warp_labels", "segment", "overlay")
-        timings = {n: (t[i + 1] - t[i]) / 1e6 for i, n in enumerate(names)}
-        timings["total"] = (t[-1] - t[0]) / 1e6
+        hw = frame.pixels.shape
+        theta_px = spatial.theta_to_pixel(np.asarray(theta, np.float64).reshape(2, 3), hw)
+        image_to_mri = tracked @ spatial.lift_2d(theta_px)
+        end = now_ns()
+        timings = {**timings, "overlay": (end - t0) / 1e6, "total": (end - start_ns) / 1e6}
         return Result(
             frame=frame,
             mri_to_image=spatial.invert(image_to_mri),
@@ -96,4 +271,5 @@ class Pipeline:
             # NaN (no gland in view) compares False: not flagged
             flagged=bool(quality < self.quality_threshold),
             timings_ms=timings,
+            ddf=ddf,
         )

@@ -8,8 +8,8 @@ import threading
 import numpy as np
 
 from regseg.clock import now_ns, wall_s
+from regseg.stream.igtl_codec import pack_image, pack_transform, wire_timestamp
 from regseg.stream.igtl_server import IgtlServer
-from regseg.stream.igtl_wire import pack_image, pack_transform, wire_timestamp
 from regseg.types import Frame
 
 log = logging.getLogger(__name__)

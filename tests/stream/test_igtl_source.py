@@ -8,8 +8,8 @@ import numpy as np
 import pyigtl
 import pytest
 
+from regseg.stream.igtl_codec import pack_image
 from regseg.stream.igtl_source import IgtlSource
-from regseg.stream.igtl_wire import pack_image
 from regseg.stream.sim_server import SimIgtlServer
 from regseg.stream.slot import LatestSlot
 from regseg.types import Frame

@@ -9,15 +9,15 @@ import pytest
 from pyigtl.messages import ImageMessage, MessageBase, StringMessage, TransformMessage
 
 from regseg.errors import InputError, StreamError
-from regseg.stream.igtl_wire import (
+from regseg.stream.igtl_codec import (
     HEADER_SIZE,
-    MessageReader,
     crc64,
     frame_from_image,
     pack_image,
     pack_transform,
     wire_timestamp,
 )
+from regseg.stream.igtl_wire import MessageReader
 
 TS = 1_700_000_000.25
 

@@ -1,0 +1,181 @@
+"""End-to-end latency over loopback OpenIGTLink: sender -> pipeline -> receiver, regseg vs naive.
+
+The sender is a simulated scanner behind an OpenIGTLink server (as PLUS would be). Each pipeline
+runs as its own process exactly as a user starts it: ``regseg-stream`` with the chosen engine
+backend, and the naive baseline of bench/naive.py (pyigtl client + MONAI GlobalNet + LocalNet +
+UNet, eager, sequential, 256 x 256). The receiver is a separate client on the pipeline's
+OpenIGTLink server (as 3D Slicer would be). Latency is the receiver's wall clock at receipt of the
+``Overlay`` IMAGE minus the timestamp the sender put on the frame (both pipelines pass it
+through), so it covers both network hops, decoding, the pipeline and encoding.
+
+Frames are rendered before the run so the sender costs almost nothing while a pipeline is
+measured (this machine has two cores). Prints a table, writes JSON and a histogram PNG.
+
+    python bench/latency.py [--quick] [--json out/bench_latency.json] [--device cuda --fps 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import add_ratios, device_name, print_table, summarise, write_histogram, write_json
+
+from regseg.phantom import make_phantom, write_phantom
+from regseg.scanner import SimulatedScanner
+from regseg.stream.igtl_wire import MessageReader
+from regseg.stream.sim_server import SimIgtlServer
+
+WARMUP = 10  # first results include lazy allocations: not what a session sees
+NAIVE = Path(__file__).with_name("naive.py")
+
+
+class PrerenderedScanner:
+    """Cycles through frames rendered up front, with the scanner's API (frame(i), config)."""
+
+    def __init__(self, scanner: SimulatedScanner, count: int) -> None:
+        self.config = scanner.config
+        self.frames = [scanner.frame(i) for i in range(count)]
+
+    def frame(self, index: int):
+        return self.frames[index % len(self.frames)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def receive(port: int, frames: int, timeout_s: float, proc: subprocess.Popen) -> list[float]:
+    """Latencies (ms) of the Overlay images received from the pipeline's server."""
+    deadline = time.monotonic() + timeout_s
+    sock = None
+    while sock is None and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=0.5)
+        except OSError:
+            time.sleep(0.1)  # the server is not up yet; start-up takes a few seconds
+    if sock is None:
+        raise RuntimeError("the pipeline did not open its OpenIGTLink server")
+    sock.settimeout(0.5)
+    reader = MessageReader(sock)
+    latencies: list[float] = []
+    with sock:
+        while len(latencies) < frames and time.monotonic() < deadline and proc.poll() is None:
+            msg = reader.read()
+            if msg is not None and msg.message_type == "IMAGE" and msg.device_name == "Overlay":
+                latencies.append((time.time() - msg.timestamp) * 1e3)
+    return latencies
+
+
+def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
+                     serve_port: int, frames: int, stats_path: Path) -> list[str]:
+    """The command line of one pipeline process."""
+    if kind == "naive":
+        return [sys.executable, str(NAIVE), "--mri", str(case[0]), "--mri-labels", str(case[1]),
+                "--source-port", str(source_port), "--serve-port", str(serve_port),
+                "--max-frames", str(frames), "--threads", str(args.threads),
+                "--stats-json", str(stats_path)]
+    return [sys.executable, "-m", "regseg.stream.cli", "--mri", str(case[0]), "--mri-labels",
+            str(case[1]), "--source", f"igtl://127.0.0.1:{source_port}", "--serve",
+            f"igtl://127.0.0.1:{serve_port}", "--max-frames", str(frames), "--quiet",
+            "--device", args.device, "--threads", str(args.threads), "--backend", args.backend,
+            "--precision", args.precision, "--stats-json", str(stats_path)]
+
+
+def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], scanner,
+                args) -> tuple[dict, list[float]]:
+    """Run one pipeline against the sender at ``fps`` (0: flat out); its row and latencies."""
+    serve_port = free_port()
+    stats_path = Path(tempfile.mkdtemp()) / "stats.json"
+    total = frames + WARMUP
+    with SimIgtlServer(scanner, port=0, fps=fps) as sender:
+        cmd = pipeline_command(kind, args, case, sender.port, serve_port, total, stats_path)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        t0 = time.monotonic()
+        try:
+            latencies = receive(serve_port, total, 120 + frames, proc)
+            elapsed = time.monotonic() - t0
+        finally:
+            out, err = proc.communicate(timeout=120)
+        sent = sender.frames_sent
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} pipeline failed ({proc.returncode}):\n{err[-3000:]}")
+    stats = json.loads(stats_path.read_text())
+    measured = latencies[WARMUP:]
+    name = f"{kind} @{fps:g}fps" if fps > 0 else f"{kind} flat-out"
+    row = summarise(name, measured, offered_fps=fps if fps > 0 else "max",
+                    frames_sent=sent, frames_received=len(latencies),
+                    # dropped: sent but never came back as an overlay (skipped by a latest-wins
+                    # hand-off, or processed and lost)
+                    dropped=max(sent - len(latencies), 0),
+                    receive_span_fps=round(len(latencies) / max(elapsed, 1e-9), 2),
+                    device=device_name(args.device if kind == "regseg" else "cpu"),
+                    threads=args.threads)
+    if kind == "regseg":
+        row["fps"] = stats.get("fps")
+        row["engine"] = stats.get("engine")
+        row["engine_info"] = stats.get("engine_info")
+        row["processing_p50_ms"] = stats["stages_ms"].get("total", {}).get("p50")
+        row["stages_p50_ms"] = {k: v["p50"] for k, v in stats["stages_ms"].items()}
+        row["regseg_skipped"] = stats["skipped"]
+    else:
+        proc_ms = stats["processing_ms"][WARMUP:]
+        row["fps"] = round(1000.0 / (sum(proc_ms) / len(proc_ms)), 2) if proc_ms else None
+        row["processing_p50_ms"] = summarise("", proc_ms)["p50_ms"]
+        row["engine"] = "monai globalnet+localnet+unet/eager (random weights)"
+    return row, measured
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer frames (under 3 minutes)")
+    ap.add_argument("--frames", type=int, default=None, help="measured frames per variant")
+    ap.add_argument("--fps", type=float, default=30.0, help="offered rate of the paced runs")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="regseg's device: cpu or cuda")
+    ap.add_argument("--backend", default="auto", help="regseg's engine backend")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--no-naive", action="store_true", help="regseg only (no ratio)")
+    ap.add_argument("--json", default="out/bench_latency.json")
+    ap.add_argument("--png", default=None, help="histogram (default: JSON path with .png)")
+    args = ap.parse_args(argv)
+    frames = args.frames or (60 if args.quick else 300)
+
+    workdir = Path(tempfile.mkdtemp(prefix="regseg-bench-"))
+    phantom = make_phantom(0)
+    case = write_phantom(phantom, workdir)
+    scanner = PrerenderedScanner(SimulatedScanner(phantom, seed=0), min(frames + 20, 200))
+    kinds = ["regseg"] if args.no_naive else ["regseg", "naive"]
+    rows, series = [], {}
+    for fps in (args.fps, 0.0):
+        for kind in kinds:
+            # the naive chain needs ~10x regseg's time per frame: fewer frames keep --quick short
+            n = frames if kind == "regseg" else max(20, frames // 3)
+            row, measured = run_variant(kind, fps, n, case, scanner, args)
+            rows.append(row)
+            series[row["name"]] = measured
+        naive_name = None if args.no_naive else rows[-1]["name"]
+        add_ratios(rows[-len(kinds):], naive=naive_name)
+    print_table(rows, [("name", "pipeline", ""), ("offered_fps", "offered", ""),
+                       ("p50_ms", "p50 ms", ".1f"), ("p95_ms", "p95 ms", ".1f"),
+                       ("p99_ms", "p99 ms", ".1f"), ("max_ms", "max ms", ".1f"),
+                       ("fps", "fps", ".1f"), ("frames_sent", "sent", "d"),
+                       ("frames_received", "recv", "d"), ("dropped", "drop", "d"),
+                       ("ratio_p50_vs_naive", "x naive", ".1f")])
+    write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP,
+               command=" ".join(["python", "bench/latency.py", *(argv or sys.argv[1:])]))
+    write_histogram(args.png or Path(args.json).with_suffix(".png"), series,
+                    f"end-to-end latency over loopback OpenIGTLink ({device_name(args.device)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

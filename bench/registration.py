@@ -1,0 +1,293 @@
+"""Side by side: regseg (affine + PLCReg) vs SimpleITK (affine + B-spline, Mattes MI).
+
+Two data sets, one run, one table:
+
+- MNI152 pairs (``regseg.mni``, eval seeds): Dice (grey, white), HD95, TRE on landmarks, % folding,
+  seconds per pair; rows for no registration, regseg affine only, regseg, SimpleITK.
+- Held-out phantom frames (simulated TRUS, phantoms 1000.., a scanner seed no training used): the
+  live pipeline with ``deformable`` off and on, and SimpleITK 2-D (MRI plane at the tracked pose to
+  the frame): prostate Dice of the registered MRI labels, TRE over the true prostate (mm, including
+  tissue deformation), % folding, milliseconds per frame.
+
+``python bench/registration.py [--quick] [--json PATH]``; ``--quick`` stays under 5 minutes on a
+2-core CPU. Run heavy benches alone (``flock /tmp/regseg-cpu.lock ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from regseg import metrics, mni, spatial
+from regseg.imageio import Volume
+from regseg.register_cli import score
+from regseg.registration_metrics import jacobian_stats, nanmean
+from regseg.types import PROSTATE
+
+KEYS = ("dice", "hd95_mm", "tre_mm", "folding_pct", "seconds_per_pair")
+
+
+# ------------------------------------------------------------------------------ SimpleITK
+def sitk_register(fixed: np.ndarray, moving: np.ndarray, spacing: float, origin: np.ndarray,
+                  *, mesh: int, iterations: int, moments: bool, seed: int = 0) -> Any:
+    """Affine then B-spline registration with Mattes MI; returns the composite transform.
+
+    Arrays are nibabel-ordered (I, J, K) or (I, J) and share one axis-aligned grid; physical
+    coordinates are our RAS mm (both images in one frame, so ITK's LPS convention does not enter).
+    ``moments``: start from the centres of mass (volumes), else from the identity (frames, whose
+    tracked pose is the start).
+    """
+    import SimpleITK as sitk
+
+    def image(a: np.ndarray) -> Any:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(a.T.astype(np.float32)))
+        img.SetSpacing([spacing] * a.ndim)
+        img.SetOrigin([float(o) for o in origin[: a.ndim]])
+        return img
+
+    f, m = image(fixed), image(moving)
+    dim = fixed.ndim
+
+    def method() -> Any:
+        r = sitk.ImageRegistrationMethod()
+        r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+        r.SetMetricSamplingStrategy(r.RANDOM)
+        r.SetMetricSamplingPercentage(0.25, seed)
+        r.SetInterpolator(sitk.sitkLinear)
+        r.SetShrinkFactorsPerLevel([2, 1])
+        r.SetSmoothingSigmasPerLevel([1, 0])
+        return r
+
+    r = method()
+    how = sitk.CenteredTransformInitializerFilter
+    init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(dim),
+                                             how.MOMENTS if moments else how.GEOMETRY)
+    r.SetInitialTransform(init, inPlace=False)
+    r.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, iterations)
+    r.SetOptimizerScalesFromPhysicalShift()
+    affine = r.Execute(f, m)
+    r = method()
+    bspline = sitk.BSplineTransformInitializer(f, [mesh] * dim)
+    r.SetMovingInitialTransform(affine)
+    r.SetInitialTransform(bspline, inPlace=True)
+    r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=iterations,
+                           maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=1000,
+                           costFunctionConvergenceFactor=1e7)
+    r.Execute(f, m)
+    return sitk.CompositeTransform([affine, bspline]), f
+
+
+def sitk_outputs(transform: Any, reference: Any, labels: np.ndarray) -> tuple[np.ndarray, Any]:
+    """Moving labels resampled (nearest) through ``transform`` and the displacement in mm."""
+    import SimpleITK as sitk
+
+    lab = sitk.GetImageFromArray(np.ascontiguousarray(labels.T.astype(np.uint8)))
+    lab.CopyInformation(reference)
+    moved = sitk.GetArrayFromImage(sitk.Resample(lab, reference, transform,
+                                                 sitk.sitkNearestNeighbor, 0)).T
+    field = sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(),
+        reference.GetSpacing(), reference.GetDirection())
+    ddf_mm = np.moveaxis(sitk.GetArrayFromImage(field), -1, 0)  # (dim, *reversed axes), x first
+    # 3-D: (3, K, J, I) -> (I, J, K, 3) like ddf_mm of regseg; 2-D: (2, H, W) as (dx, dy)
+    return moved, ddf_mm.T if labels.ndim == 3 else ddf_mm
+
+
+# ------------------------------------------------------------------------------ MNI152
+def bench_mni(n_pairs: int, device: str) -> dict[str, dict[str, float]]:
+    """Every method on ``n_pairs`` MNI152 eval pairs; means per method."""
+    from regseg.engines.registration import RegistrationEngine
+
+    base = mni.load_base()
+    engine = RegistrationEngine("plcreg3d", device=device)
+    rows: dict[str, list[dict[str, float]]] = {
+        k: [] for k in ("initial", "regseg_affine", "regseg", "simpleitk")}
+    for n, seed in enumerate(mni.pair_seeds("eval", n_pairs)):
+        pair = mni.make_pair(base, seed, other_modality=bool(n % 2))
+        v2w = pair.voxel_to_world
+        fixed, moving = Volume(pair.fixed, v2w), Volume(pair.moving, v2w)
+        fixed_labels, moving_labels = Volume(pair.fixed_labels, v2w), Volume(pair.moving_labels,
+                                                                               v2w)
+        lm = (pair.landmarks_fixed_mm, pair.landmarks_moving_mm)
+        zero = np.zeros((*pair.fixed.shape, 3), np.float32)
+        rows["initial"].append({**score(fixed_labels, moving_labels, zero, v2w, lm),
+                                "seconds": 0.0})
+        for name, deformable in (("regseg_affine", False), ("regseg", True)):
+            t0 = time.perf_counter()
+            res = engine.register(fixed, moving, moving_labels, deformable=deformable)
+            seconds = time.perf_counter() - t0
+            rows[name].append({**score(fixed_labels, res.moved_labels, res.ddf_mm, v2w, lm),
+                               "seconds": seconds})
+        t0 = time.perf_counter()
+        tx, ref = sitk_register(pair.fixed, pair.moving, mni.MniConfig().spacing_mm, v2w[:3, 3],
+                                mesh=5, iterations=100, moments=True)
+        moved, ddf_mm = sitk_outputs(tx, ref, pair.moving_labels)
+        seconds = time.perf_counter() - t0
+        rows["simpleitk"].append({**score(fixed_labels, Volume(moved, v2w), ddf_mm, v2w, lm),
+                                  "seconds": seconds})
+        print(f"  mni pair {n}: " + ", ".join(
+            f"{k} dice {r[-1]['dice_mean']:.3f} {r[-1]['seconds']:.1f}s" for k, r in rows.items()),
+            flush=True)
+    return {k: {"dice": nanmean(r["dice_mean"] for r in v),
+                "hd95_mm": nanmean(r["hd95_mean_mm"] for r in v),
+                "tre_mm": nanmean(r["tre_mm"] for r in v),
+                "folding_pct": nanmean(r["folding_pct"] for r in v),
+                "sdlogj": nanmean(r["sdlogj"] for r in v),
+                "seconds_per_pair": nanmean(r["seconds"] for r in v), "pairs": len(v)}
+            for k, v in rows.items()}
+
+
+# ------------------------------------------------------------------------------ phantom
+def phantom_frames(phantoms: int, per_phantom: int, seed: int = 77):
+    """Held-out frames with their true tissue displacement: (phantom, [(frame, disp)])."""
+    from regseg.train.data import open_simulated_scanner
+    from regseg.train.plcreg import VAL_SEED0, true_displacement
+
+    for ps in range(VAL_SEED0, VAL_SEED0 + phantoms):
+        phantom, scanner = open_simulated_scanner(ps, seed * 100_003 + ps)
+        rng = np.random.default_rng([seed, ps, 9])
+        frames = []
+        for _ in range(per_phantom):
+            pose = scanner.path.random_pose(rng)
+            frame = scanner.render(pose, 0, noise_seed=int(rng.integers(2**62)))
+            frames.append((frame, true_displacement(scanner, pose).numpy()))
+        yield phantom, scanner.sector_mask, frames
+
+
+def frame_errors(frame: Any, disp: np.ndarray, image_to_mri: np.ndarray, ddf: np.ndarray | None,
+                 warped_labels: np.ndarray) -> tuple[float, float]:
+    """Prostate Dice of the warped labels, and TRE (mm) over every 2nd true prostate pixel.
+
+    Registered: pixel p -> ``image_to_mri (p + ddf(p))``; truth: ``true (p + d(p))``.
+    """
+    truth = frame.truth.labels
+    dice = metrics.dice(warped_labels, truth, PROSTATE)
+    jj, ii = np.nonzero(truth >= PROSTATE)
+    jj, ii = jj[::2], ii[::2]
+    if len(ii) == 0:
+        return dice, float("nan")
+    p = np.stack([ii, jj], 1).astype(np.float64)
+    pred = p + (0 if ddf is None else ddf[::-1, jj, ii].T)
+    true = p + disp[jj, ii]
+    zeros = np.zeros((len(p), 1))
+    a = spatial.apply(image_to_mri, np.concatenate([pred, zeros], 1))
+    b = spatial.apply(frame.truth.image_to_mri, np.concatenate([true, zeros], 1))
+    return dice, float(np.linalg.norm(a - b, axis=1).mean())
+
+
+def bench_phantom(phantoms: int, per_phantom: int, device: str) -> tuple[dict, dict]:
+    """Live pipeline deformable off/on and SimpleITK 2-D on held-out frames."""
+    from regseg.engines.fusion import FusionEngine
+    from regseg.stream.context import build_context
+    from regseg.stream.deformable import DeformableStage
+    from regseg.stream.pipeline import Pipeline
+
+    engine = FusionEngine(device=device)
+    rows: dict[str, list[dict[str, float]]] = {"affine_tracked": [], "regseg_deformable_off": [],
+                                               "regseg_deformable_on": [], "simpleitk": []}
+    stage_ms = []
+    for phantom, fan, frames in phantom_frames(phantoms, per_phantom):
+        context = build_context(phantom.mri, phantom.labels, device)
+        off = Pipeline(context, engine)
+        on = Pipeline(context, engine, deformable=DeformableStage(context))
+        for frame, disp in frames:
+            tracked = frame.image_to_reference
+            lab0 = spatial.reslice(context.labels, context.world_to_voxel, tracked,
+                                   frame.pixels.shape, mode="nearest")[0, 0].numpy()
+            d, t = frame_errors(frame, disp, tracked, None, lab0)
+            rows["affine_tracked"].append({"dice": d, "tre_mm": t, "seconds": 0.0})
+            for name, pipe in (("regseg_deformable_off", off), ("regseg_deformable_on", on)):
+                res = pipe(frame)
+                d, t = frame_errors(frame, disp, spatial.invert(res.mri_to_image), res.ddf,
+                                    res.warped_labels)
+                fold = (jacobian_stats(res.ddf, fan)["folding_pct"] if res.ddf is not None
+                        else 0.0)
+                rows[name].append({"dice": d, "tre_mm": t, "folding_pct": fold,
+                                   "seconds": res.timings_ms["total"] / 1e3})
+                if "deformable" in res.timings_ms:
+                    stage_ms.append(res.timings_ms["deformable"])
+            t0 = time.perf_counter()
+            mri_plane = spatial.reslice(context.mri, context.world_to_voxel, tracked,
+                                        frame.pixels.shape)[0, 0].numpy()
+            tx, ref = sitk_register(frame.pixels.astype(np.float32).T / 255.0, mri_plane.T,
+                                    1.0, np.zeros(3), mesh=4, iterations=60,
+                                    moments=False)
+            moved, ddf_xy = sitk_outputs(tx, ref, lab0.T)
+            seconds = time.perf_counter() - t0
+            ddf = ddf_xy[::-1]  # (dx, dy) -> (dy, dx), frame pixels
+            d, t = frame_errors(frame, disp, tracked, ddf, moved.T)
+            rows["simpleitk"].append({"dice": d, "tre_mm": t, "seconds": seconds,
+                                      "folding_pct": jacobian_stats(ddf, fan)["folding_pct"]})
+        print(f"  phantom {phantom.seed}: " + ", ".join(
+            f"{k} dice {nanmean(r['dice'] for r in v[-len(frames):]):.3f}"
+            for k, v in rows.items()), flush=True)
+    out = {k: {"dice": nanmean(r["dice"] for r in v), "hd95_mm": float("nan"),
+               "tre_mm": nanmean(r["tre_mm"] for r in v),
+               "folding_pct": nanmean(r.get("folding_pct", 0.0) for r in v),
+               "seconds_per_pair": nanmean(r["seconds"] for r in v), "frames": len(v)}
+           for k, v in rows.items()}
+    latency = {"deformable_stage_ms_p50": float(np.median(stage_ms)) if stage_ms else None,
+               "total_ms_off_p50": 1e3 * float(np.median(
+                   [r["seconds"] for r in rows["regseg_deformable_off"]])),
+               "total_ms_on_p50": 1e3 * float(np.median(
+                   [r["seconds"] for r in rows["regseg_deformable_on"]]))}
+    return out, latency
+
+
+def print_table(title: str, methods: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title}")
+    print(f"{'method':<24}" + "".join(f"{k:>18}" for k in (*KEYS, "speedup_vs_simpleitk")))
+    for name, m in methods.items():
+        cells = [f"{m.get(k, float('nan')):18.4f}" for k in (*KEYS, "speedup_vs_simpleitk")]
+        print(f"{name:<24}" + "".join(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer pairs/frames: < 5 min on CPU")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch and ITK threads (default 2)")
+    p.add_argument("--pairs", type=int, default=None, help="MNI152 pairs (quick 3, full 8)")
+    p.add_argument("--phantoms", type=int, default=None, help="phantoms (quick 2, full 4)")
+    p.add_argument("--frames", type=int, default=None, help="frames per phantom (5 / 20)")
+    args = p.parse_args(argv)
+    import SimpleITK as sitk
+
+    torch.set_num_threads(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    n_pairs = args.pairs or (3 if args.quick else 8)
+    phantoms = args.phantoms or (2 if args.quick else 4)
+    frames = args.frames or (5 if args.quick else 20)
+    t0 = time.perf_counter()
+    mni_methods = bench_mni(n_pairs, args.device)
+    phantom_methods, latency = bench_phantom(phantoms, frames, args.device)
+    for methods, names in ((mni_methods, ("regseg", "regseg_affine")),
+                           (phantom_methods, ("regseg_deformable_off", "regseg_deformable_on"))):
+        for name in names:
+            methods[name]["speedup_vs_simpleitk"] = (methods["simpleitk"]["seconds_per_pair"]
+                                                     / methods[name]["seconds_per_pair"])
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    result = {"device": device, "threads": args.threads, "quick": args.quick,
+              "torch": torch.__version__, "simpleitk": sitk.Version_VersionString(),
+              "mni152": mni_methods, "phantom": phantom_methods, "live_latency": latency,
+              "wall_s": time.perf_counter() - t0}
+    print_table(f"MNI152 ({n_pairs} pairs, {mni.MniConfig().shape} voxels of "
+                f"{mni.MniConfig().spacing_mm} mm, {device})", mni_methods)
+    print_table(f"phantom frames ({phantoms} x {frames} held-out; seconds per frame)",
+                phantom_methods)
+    print(f"\nlive latency: {latency}\nwall {result['wall_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""On-disk cache of built engine artifacts (ONNX files, TensorRT programs), keyed by content.
+
+The key covers everything that changes what a backend builds (../shared/notes/engines.md §6-7:
+Holoscan's key misses the model content and MONAI's uses file mtimes, both of which serve stale
+engines): a hash of the weights *and* the architecture's config, the input shapes, precision,
+backend, device (name and compute capability for CUDA) and the versions of every library that
+takes part in the build. One entry is a folder ``<root>/<backend>/<key[:20]>/`` holding the
+artifact and a ``manifest.json`` with the key's fields, so a person can see why two entries differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Distributions whose versions enter the key (absent ones are recorded as None).
+KEY_LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "torch-tensorrt", "tensorrt")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/regseg/engines`` (``~/.cache/regseg/engines`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "regseg" / "engines"
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 of a model's class, config and every state-dict tensor (name, dtype, shape, bytes).
+
+    Buffers count (BatchNorm running statistics change the outputs). Tensors are hashed on the CPU
+    in float32-or-native bytes, so the same weights give the same hash on any device.
+    """
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    h.update(repr(getattr(model, "config", None)).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of :data:`KEY_LIBRARIES`, plus Python's and CUDA's (None if absent)."""
+    out: dict[str, str | None] = {}
+    for dist in KEY_LIBRARIES:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    out["python"] = platform.python_version()
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def device_description(device: torch.device) -> str:
+    """What a built engine is tied to: CPU architecture, or GPU name and compute capability.
+
+    TensorRT plans are specific to the GPU model (notes/engines.md §1.10), hence the name and
+    capability; ONNX files are portable, but a per-device key costs nothing and keeps it simple.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"cuda:{torch.cuda.get_device_name(index)}:sm{major}{minor}"
+    return f"{device.type}:{platform.machine()}"
+
+
+def cache_key(model_hash: str, input_shapes: dict[str, tuple[int, ...]], *, precision: str,
+              backend: str, device: torch.device, extra: dict[str, Any] | None = None
+              ) -> tuple[str, dict[str, Any]]:
+    """The key (hex SHA-256) and the fields it was made from (stored as the manifest).
+
+    Args:
+        model_hash: :func:`weights_hash` of the model.
+        input_shapes: name -> shape, in the engine's input order.
+        precision: ``fp32``, ``fp16`` or ``bf16``.
+        backend: the backend name.
+        device: where the engine runs.
+        extra: backend build options that change the artifact (opset, outputs kept, ...).
+    """
+    fields = {
+        "model": model_hash,
+        "inputs": {k: list(v) for k, v in input_shapes.items()},
+        "precision": precision,
+        "backend": backend,
+        "device": device_description(device),
+        "versions": library_versions(),
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "extra": extra or {},
+    }
+    text = json.dumps(fields, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest(), fields
+
+
+class ArtifactCache:
+    """Folders of built artifacts under ``root``; counts hits and misses.
+
+    ``fetch(backend, key, fields, filename, build)`` returns the artifact's path: the cached one on
+    a hit, else ``build(tmp_path)`` writes it into a private temporary folder that is renamed into
+    place, so a crash mid-build or two processes building at once never leave a half-written
+    artifact under the key.
+    """
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.hits = 0
+        self.misses = 0
+
+    def entry(self, backend: str, key: str) -> Path:
+        """The folder of one entry (it may not exist)."""
+        return self.root / backend / key[:20]
+
+    def fetch(self, backend: str, key: str, fields: dict[str, Any], filename: str,
+              build: Callable[[Path], None]) -> tuple[Path, bool]:
+        """Path of the artifact ``filename`` for ``key``, building it on a miss.
+
+        Returns:
+            (path, hit): ``hit`` is True when the artifact came from the cache.
+        """
+        folder = self.entry(backend, key)
+        path = folder / filename
+        manifest = folder / "manifest.json"
+        if path.is_file() and manifest.is_file():
+            try:
+                stored = json.loads(manifest.read_text()).get("key")
+            except (OSError, ValueError):
+                stored = None
+            if stored == key:  # a 20-character prefix collision is not a hit
+                self.hits += 1
+                return path, True
+        self.misses += 1
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:20]}.", dir=folder.parent))
+        build(tmp / filename)
+        (tmp / "manifest.json").write_text(json.dumps({"key": key, **fields}, indent=2,
+                                                      sort_keys=True) + "\n")
+        if folder.exists():  # a stale or foreign entry: replace it whole
+            _remove_tree(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process renamed its build in first: use theirs, drop ours
+            _remove_tree(tmp)
+        return path, False
+
+
+def _remove_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    folder.rmdir()

@@ -1,0 +1,64 @@
+"""The eager backend: plain torch in inference mode, the reference every other backend matches."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from regseg.engines.base import DTYPES, check_inputs, example_inputs, output_names_of
+from regseg.errors import EngineError
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for fp16/bf16, a no-op for fp32.
+
+    Autocast runs convolutions, matmuls and linear layers in the low type and keeps layer/group
+    norm, softmax and grid_sample in fp32 (torch's autocast op lists): the "norms in fp32" rule of
+    notes/engines.md §0.3 without editing the model.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+class EagerEngine:
+    """Plain torch: ``model(**inputs)`` under inference mode (and autocast below fp32).
+
+    Args: see :func:`regseg.engines.base.make_engine`; ``cache_dir`` and ``threads`` are unused
+    (eager builds nothing and uses torch's own thread pool).
+    """
+
+    backend = "eager"
+
+    def __init__(self, model: nn.Module, input_shapes: dict[str, tuple[int, ...]], *,
+                 device: torch.device, precision: str = "fp32",
+                 outputs: Sequence[str] | None = None, cache_dir: Any = None,
+                 threads: int | None = None, warmup: int = 3) -> None:
+        start = time.perf_counter()
+        self.device = torch.device(device)
+        self.precision = precision
+        if self.device.type == "cpu" and precision == "fp16":
+            # CPU autocast accepts fp16, but most CPU kernels have no fp16 path and run
+            # many times slower through conversions; refuse rather than mislead.
+            raise EngineError("eager fp16 on CPU is not supported here (no fast CPU fp16 "
+                              "kernels); use precision='fp32' or 'bf16' on CPU, fp16 on CUDA")
+        self.model = model.eval().to(self.device)
+        self.input_shapes = {k: tuple(v) for k, v in input_shapes.items()}
+        example = example_inputs(self.input_shapes, self.device)
+        self.output_names = output_names_of(self.model, example, outputs)
+        for _ in range(warmup):  # first calls allocate and choose kernels: keep that out of frame 1
+            self(example)
+        self.info: dict[str, Any] = {"backend": self.backend, "precision": precision,
+                                     "device": str(self.device),
+                                     "build_s": round(time.perf_counter() - start, 3)}
+
+    def __call__(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        check_inputs(self.input_shapes, inputs)
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
+            out = self.model(**{k: inputs[k] for k in self.input_shapes})
+        return {k: out[k].float() for k in self.output_names}

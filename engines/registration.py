@@ -1,0 +1,298 @@
+"""RegistrationEngine: affine then deformable (PLCReg) registration, and warping images and labels.
+
+Offline (3-D volumes) and live (2-D planes) call the same class: :meth:`RegistrationEngine.predict`
+runs the deformable model on working-grid tensors; :meth:`RegistrationEngine.register` takes two
+volumes on any grids, resamples the moving image onto the fixed image's grid (world mm, RAS),
+aligns it affinely (instance optimisation), refines it with the network, and resamples the moving
+image and labels once through the composed map.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from regseg import spatial
+from regseg.engines.base import Engine, make_engine
+from regseg.errors import InputError
+from regseg.imageio import Volume, normalise_intensity
+from regseg.models.integrate import invert_ddf, invert_velocity, resize_ddf
+from regseg.models.reg_losses import mind_loss
+from regseg.models.registry import WEIGHTS_DIR, load_model
+
+#: Registered names of shipped PLCReg weights (``models/weights/<name>.pt``).
+SHIPPED = ("plcreg2d", "plcreg3d")
+#: Below this fraction of the fixed grid covered by the moving image, the pair is refused.
+MIN_OVERLAP = 0.05
+
+
+@dataclass
+class RegistrationResult:
+    """A registered pair on the fixed image's grid.
+
+    ``ddf`` maps fixed voxels to the moving image: fixed voxel x (array order k, j, i)
+    corresponds to the world point ``fixed.voxel_to_world @ (x + ddf(x))`` of the moving image
+    (the fixed and moving world frames are taken to coincide before registration).
+    """
+
+    moved: Volume  # moving image on the fixed grid, float32
+    moved_labels: Volume | None  # moving labels on the fixed grid (nearest), uint8
+    ddf: np.ndarray  # (3, K, J, I) fixed-grid voxels, array order: affine + deformable
+    ddf_mm: np.ndarray  # (I, J, K, 3) the same displacement in world mm (RAS x, y, z)
+    affine: np.ndarray  # (4, 4) fixed-grid voxel (i, j, k) -> moving point, same grid
+    timings_s: dict[str, float] = field(default_factory=dict)
+    inverse_ddf: np.ndarray | None = None  # (3, K, J, I), when asked for
+
+
+def shipped_weights(weights: str | Path) -> str | Path:
+    """A shipped weights name (:data:`SHIPPED`) -> its file; anything else is passed through."""
+    if str(weights) in SHIPPED:
+        return WEIGHTS_DIR / f"{weights}.pt"
+    return weights
+
+
+def resample_to_grid(volume: Volume, shape_ijk: tuple[int, ...], voxel_to_world: np.ndarray,
+                     *, mode: str = "bilinear") -> tuple[np.ndarray, float]:
+    """Sample a volume on another grid through world mm (identity world transform).
+
+    Args:
+        volume: source, nibabel order (I, J, K).
+        shape_ijk, voxel_to_world: the target grid.
+        mode: ``bilinear`` (trilinear) for images, ``nearest`` for labels.
+    Returns:
+        the resampled (I, J, K) array (zero outside the source) and the fraction of target
+        voxels that fall inside the source's field of view.
+    """
+    src = torch.from_numpy(np.ascontiguousarray(volume.data.transpose(2, 1, 0))).float()
+    to_norm = (spatial.index_to_normalised(volume.data.shape)
+               @ spatial.invert(volume.voxel_to_world) @ np.asarray(voxel_to_world))
+    grid = _index_grid(shape_ijk) @ torch.as_tensor(to_norm[:3].T, dtype=torch.float32)
+    out = F.grid_sample(src[None, None], grid[None], mode=mode, padding_mode="zeros",
+                        align_corners=False)[0, 0]
+    inside = float((grid.abs() <= 1).all(-1).float().mean())
+    return np.ascontiguousarray(out.numpy().transpose(2, 1, 0)), inside
+
+
+def _index_grid(shape_ijk: tuple[int, ...]) -> Tensor:
+    """Homogeneous voxel coordinates (K, J, I, 4) = (i, j, k, 1) of a grid."""
+    k, j, i = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape_ijk[::-1]],
+                             indexing="ij")
+    return torch.stack([i, j, k, torch.ones_like(i)], -1)
+
+
+def _to_tensor(data: np.ndarray, device: torch.device) -> Tensor:
+    """(I, J, K) array -> (1, 1, K, J, I) float tensor."""
+    return torch.from_numpy(np.ascontiguousarray(data.transpose(2, 1, 0))).float()[None, None].to(
+        device)
+
+
+def affine_register(fixed: Tensor, moving: Tensor, *, iterations: int = 120,
+                    lr: float = 0.01, downsample: int = 2) -> np.ndarray:
+    """Affine instance optimisation: 12 parameters, MIND similarity, centre-of-mass start.
+
+    Our choice for the offline affine stage: no learned 3-D affine model exists in the project,
+    and a short optimisation of a modality-independent loss on a coarse grid takes about a
+    second on CPU and handles the "other modality" pairs that NCC cannot.
+
+    Args:
+        fixed, moving: (1, 1, D, H, W) on one grid, intensities in [0, 1].
+        downsample: optimise on a grid this many times coarser (average pooled).
+    Returns:
+        (4, 4) matrix in array-order voxels of the input grid, fixed (k, j, i, 1) -> moving.
+
+    References:
+        Heinrich et al., MIND, MedIA 2012 (the similarity).
+    """
+    f = F.avg_pool3d(fixed, downsample) if downsample > 1 else fixed
+    m = F.avg_pool3d(moving, downsample) if downsample > 1 else moving
+    spatial_size = f.shape[2:]
+
+    def centre(img: Tensor) -> Tensor:  # normalised (x, y, z) centre of the bright voxels
+        w = (img[0, 0] > 0.1).float() * img[0, 0]
+        coords = [torch.linspace(-1, 1, s) * (s - 1) / s for s in spatial_size]
+        grids = torch.meshgrid(*coords, indexing="ij")
+        c = torch.stack([(g * w).sum() / w.sum().clamp_min(1e-6) for g in grids])
+        return c.flip(0)
+
+    linear = torch.zeros(3, 3, requires_grad=True)
+    shift = (centre(m) - centre(f)).clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([linear, shift], lr=lr)
+    with torch.enable_grad():
+        for _ in range(iterations):
+            theta = torch.cat([torch.eye(3) + linear, shift[:, None]], 1)[None]
+            grid = F.affine_grid(theta, list(f.shape), align_corners=False)
+            warped = F.grid_sample(m, grid, padding_mode="zeros", align_corners=False)
+            loss = mind_loss(f, warped)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    theta4 = np.eye(4)
+    theta4[:3, :3] = np.eye(3) + linear.detach().double().numpy()
+    theta4[:3, 3] = shift.detach().double().numpy()
+    size_xyz = tuple(fixed.shape[2:][::-1])
+    norm = spatial.index_to_normalised(size_xyz)
+    xyz = np.linalg.inv(norm) @ theta4 @ norm  # voxel (i, j, k) -> voxel (i, j, k)
+    flip = np.eye(4)[[2, 1, 0, 3]]
+    return flip @ xyz @ flip  # array order (k, j, i)
+
+
+def affine_ddf(matrix: np.ndarray, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """(4, 4) array-order voxel map -> its displacement (1, 3, *shape) in voxels."""
+    grid = spatial.identity_grid(shape, device=device, dtype=torch.float32)
+    m = torch.as_tensor(matrix, dtype=torch.float32, device=device)
+    moved = torch.einsum("ab,b...->a...", m[:3, :3], grid) + m[:3, 3].reshape(3, 1, 1, 1)
+    return (moved - grid)[None]
+
+
+class RegistrationEngine:
+    """Deformable registration with a PLCReg model behind the Engine seam.
+
+    Args:
+        weights: checkpoint path or a registered name (``plcreg3d``, ``plcreg2d``).
+        backend, device: passed to :func:`regseg.engines.base.make_engine`.
+        affine_iterations: steps of the affine stage in :meth:`register` (0: no affine stage).
+    """
+
+    def __init__(self, weights: str | Path = "plcreg3d", *, backend: str = "eager",
+                 device: torch.device | str = "cpu", affine_iterations: int = 120) -> None:
+        model = load_model(shipped_weights(weights))
+        self.config = model.config
+        self.size = tuple(self.config.size)
+        self.weights = str(weights)
+        self.affine_iterations = affine_iterations
+        shapes = {"moving": (1, self.config.moving_channels, *self.size),
+                  "fixed": (1, self.config.fixed_channels, *self.size)}
+        self.engine: Engine = make_engine(model, shapes, backend=backend, device=device)
+        self.backend = self.engine.backend
+        self.device = self.engine.device
+
+    def predict(self, moving: Tensor, fixed: Tensor) -> dict[str, Tensor]:
+        """Run the network on working-grid tensors (see :class:`regseg.models.plcreg.PLCReg`).
+
+        Returns copies of ``ddf`` and ``field`` (B, ndim, *size), voxels of the working grid.
+        """
+        out = self.engine({"moving": moving, "fixed": fixed})
+        return {"ddf": out["ddf"].clone(), "field": out["field"].clone()}
+
+    def inverse(self, field_: Tensor) -> Tensor:
+        """Inverse displacement of a predicted field (exact exp(-v) when diffeomorphic)."""
+        if self.config.diffeomorphic:
+            return invert_velocity(field_, self.config.int_steps)
+        return invert_ddf(field_)
+
+    def register(self, fixed: Volume, moving: Volume, moving_labels: Volume | None = None, *,
+                 inverse: bool = False, deformable: bool = True) -> RegistrationResult:
+        """Affine then deformable registration of two 3-D volumes on any grids.
+
+        ``deformable=False`` stops after the affine stage (for ablations and benchmarks).
+
+        Raises:
+            InputError: a 2-D model asked to register volumes, or volumes whose fields of view
+                do not overlap (after the identity world transform) by :data:`MIN_OVERLAP`.
+        """
+        if self.config.ndim != 3:
+            raise InputError(f"{self.weights}: a {self.config.ndim}-D model cannot register "
+                             "3-D volumes; use the 3-D weights (plcreg3d).")
+        t0 = time.perf_counter()
+        shape = fixed.data.shape
+        moving_on_fixed, overlap = resample_to_grid(moving, shape, fixed.voxel_to_world)
+        if overlap < MIN_OVERLAP:
+            raise InputError(
+                f"{moving.path or 'moving'}: only {100 * overlap:.1f}% of the fixed image "
+                f"{fixed.path or ''} lies inside the moving image's field of view (world mm, "
+                f"RAS); at least {100 * MIN_OVERLAP:.0f}% is needed. Check that both images are "
+                "in the same world space (e.g. both in scanner or both in MNI coordinates).")
+        dev = self.device
+        f_full = _to_tensor(normalise_intensity(fixed.data), dev)
+        m_full = _to_tensor(normalise_intensity(moving_on_fixed), dev)
+        f_work = _resize(f_full, self.size)
+        m_work = _resize(m_full, self.size)
+        t1 = time.perf_counter()
+        affine = np.eye(4)
+        if self.affine_iterations > 0:
+            affine = affine_register(f_work.cpu(), m_work.cpu(),
+                                     iterations=self.affine_iterations)
+        aff = affine_ddf(affine, self.size, dev)
+        m_aff = spatial.warp(m_work, aff, padding_mode="zeros")
+        t2 = time.perf_counter()
+        if deformable:
+            out = self.predict(m_aff, f_work)
+        else:
+            zero = torch.zeros(1, 3, *self.size, device=dev)
+            out = {"ddf": zero, "field": zero}
+        deform = out["ddf"]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t3 = time.perf_counter()
+        # Total working-grid map x -> A (x + def(x)): exact for the affine part.
+        total = affine_ddf(affine, self.size, dev)  # A x - x
+        total = _apply_affine(affine, deform, dev) + total
+        ddf_full = resize_ddf(total, tuple(f_full.shape[2:]))
+        moved, moved_labels = self._resample_moving(moving, moving_labels, fixed, ddf_full)
+        ddf = ddf_full[0].cpu().numpy()
+        linear = fixed.voxel_to_world[:3, :3] @ np.eye(3)[[2, 1, 0]]  # (k, j, i) -> mm
+        ddf_mm = np.einsum("ab,bkji->ijka", linear, ddf).astype(np.float32)
+        inv = None
+        if inverse:
+            inv = self._inverse_full(out["field"], affine, tuple(f_full.shape[2:]))
+        t4 = time.perf_counter()
+        timings = {"prepare_s": t1 - t0, "affine_s": t2 - t1, "deformable_s": t3 - t2,
+                   "warp_s": t4 - t3, "total_s": t4 - t0}
+        # Working-grid voxels -> fixed-grid voxels, both align_corners=False over one extent.
+        work_to_full = np.eye(4)
+        for a, (n, w) in enumerate(zip(ddf_full.shape[2:], self.size, strict=True)):
+            work_to_full[a, a], work_to_full[a, 3] = n / w, 0.5 * n / w - 0.5
+        return RegistrationResult(
+            moved=moved, moved_labels=moved_labels, ddf=ddf, ddf_mm=ddf_mm,
+            affine=work_to_full @ affine @ np.linalg.inv(work_to_full), timings_s=timings,
+            inverse_ddf=inv)
+
+    def _resample_moving(self, moving: Volume, labels: Volume | None, fixed: Volume,
+                         ddf: Tensor) -> tuple[Volume, Volume | None]:
+        """Sample the original moving image (and labels) once through fixed -> moving voxels."""
+        shape = fixed.data.shape
+        grid_ijk = _index_grid(shape).to(ddf.device)[..., :3] + ddf[0].flip(0).permute(1, 2, 3, 0)
+        homogeneous = torch.cat([grid_ijk, torch.ones_like(grid_ijk[..., :1])], -1)
+        outs = []
+        for vol, mode in ((moving, "bilinear"), (labels, "nearest")):
+            if vol is None:
+                outs.append(None)
+                continue
+            to_norm = (spatial.index_to_normalised(vol.data.shape)
+                       @ spatial.invert(vol.voxel_to_world) @ fixed.voxel_to_world)
+            grid = homogeneous @ torch.as_tensor(to_norm[:3].T, dtype=torch.float32,
+                                                 device=ddf.device)
+            src = _to_tensor(vol.data.astype(np.float32), ddf.device)
+            out = F.grid_sample(src, grid[None], mode=mode, padding_mode="zeros",
+                                align_corners=False)[0, 0].cpu().numpy().transpose(2, 1, 0)
+            data = out.astype(np.uint8 if mode == "nearest" else np.float32)
+            outs.append(Volume(data=np.ascontiguousarray(data),
+                               voxel_to_world=fixed.voxel_to_world, path=""))
+        return outs[0], outs[1]
+
+    def _inverse_full(self, field_: Tensor, affine: np.ndarray, shape: tuple[int, ...]
+                      ) -> np.ndarray:
+        """Inverse of x -> A(x + def(x)) on the fixed grid: z -> def^-1(A^-1 z)."""
+        inv_def = self.inverse(field_)  # working grid
+        inv_affine = np.linalg.inv(affine)
+        pre = affine_ddf(inv_affine, self.size, self.device)  # A^-1 z - z
+        total = pre + spatial.warp(inv_def, pre, padding_mode="border")
+        return resize_ddf(total, shape)[0].cpu().numpy()
+
+
+def _resize(x: Tensor, size: tuple[int, ...]) -> Tensor:
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+
+
+def _apply_affine(matrix: np.ndarray, ddf: Tensor, device: torch.device) -> Tensor:
+    """The linear part of an array-order affine applied to a displacement field."""
+    m = torch.as_tensor(matrix[:3, :3], dtype=ddf.dtype, device=device)
+    return torch.einsum("ab,nb...->na...", m, ddf)

@@ -1,0 +1,147 @@
+"""Registration losses as plain functions, 2-D and 3-D: LNCC, MIND, smoothness, label Dice, EPE.
+
+Each takes (B, C, *spatial) tensors (spatial = (H, W) or (D, H, W)) and returns a scalar tensor;
+none moves data between devices. Lower is better for every function here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _box_mean(x: Tensor, window: int) -> Tensor:
+    """Local mean over a ``window``^ndim box, same size out (replicate padding at the edges)."""
+    ndim = x.ndim - 2
+    pad = window // 2
+    x = F.pad(x, [pad] * (2 * ndim), mode="replicate")
+    pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
+    return pool(x, window, stride=1)
+
+
+def lncc_loss(fixed: Tensor, moved: Tensor, *, window: int = 9, eps: float = 1e-5) -> Tensor:
+    """Negative mean squared local normalised cross-correlation (mono-modal similarity).
+
+    ``cc = cov(I, J)^2 / (var(I) var(J) + eps)`` over a ``window``^ndim box at every voxel, as in
+    VoxelMorph and PLCReg (ARCHITECTURES §4.3: window 9, squared correlation).
+
+    Args:
+        fixed, moved: (B, 1, *spatial) intensities (any scale; the correlation is invariant).
+        window: odd box width in voxels.
+    Returns:
+        scalar in [-1, 0].
+
+    References:
+        Avants et al., "Symmetric diffeomorphic image registration with cross-correlation",
+        MedIA 2008; Balakrishnan et al., "VoxelMorph", IEEE TMI 2019.
+    """
+    i, j = fixed, moved
+    mi, mj = _box_mean(i, window), _box_mean(j, window)
+    cov = _box_mean(i * j, window) - mi * mj
+    var_i = (_box_mean(i * i, window) - mi * mi).clamp_min(0.0)
+    var_j = (_box_mean(j * j, window) - mj * mj).clamp_min(0.0)
+    return -(cov * cov / (var_i * var_j + eps)).mean()
+
+
+def _shift(x: Tensor, axis: int, step: int) -> Tensor:
+    """``x`` displaced by ``step`` voxels along spatial ``axis`` (replicate at the edge)."""
+    ndim = x.ndim - 2
+    pad = [0] * (2 * ndim)
+    # F.pad lists the last axis first
+    k = 2 * (ndim - 1 - axis)
+    pad[k], pad[k + 1] = max(-step, 0), max(step, 0)
+    padded = F.pad(x, pad, mode="replicate")
+    start = max(step, 0)
+    return padded.narrow(2 + axis, start, x.shape[2 + axis])
+
+
+def mind_descriptor(image: Tensor, *, radius: int = 1, dilation: int = 2,
+                    eps: float = 1e-6) -> Tensor:
+    """MIND: modality-independent neighbourhood descriptor on the 2*ndim axis neighbours.
+
+    ``D(x, r) = exp(-Dp(x, x + r) / V(x))`` with ``Dp`` the patch (box of 2*radius+1) mean squared
+    difference between the image and itself shifted by ``r`` (``dilation`` voxels along one
+    axis), and ``V(x)`` the mean of ``Dp`` over the neighbourhood. Each descriptor is divided by
+    its maximum over ``r`` (as in the paper), so it lies in (0, 1].
+
+    Args:
+        image: (B, 1, *spatial).
+    Returns:
+        (B, 2 * ndim, *spatial) descriptor.
+
+    References:
+        Heinrich et al., "MIND: Modality independent neighbourhood descriptor for multi-modal
+        deformable registration", MedIA 16(7), 2012. The six-neighbourhood (four in 2-D) is the
+        paper's; the dilation of 2 is our choice for speckled ultrasound and coarse brain grids.
+    """
+    ndim = image.ndim - 2
+    window = 2 * radius + 1
+    dists = [
+        _box_mean((image - _shift(image, axis, sign * dilation)) ** 2, window)
+        for axis in range(ndim) for sign in (-1, 1)
+    ]
+    dist = torch.cat(dists, dim=1)
+    var = dist.mean(dim=1, keepdim=True).clamp_min(eps)
+    desc = torch.exp(-dist / var)
+    return desc / desc.amax(dim=1, keepdim=True).clamp_min(eps)
+
+
+def mind_loss(fixed: Tensor, moved: Tensor, *, radius: int = 1, dilation: int = 2) -> Tensor:
+    """Mean squared difference of MIND descriptors: a cross-modal similarity.
+
+    Args:
+        fixed, moved: (B, 1, *spatial), each in its own intensity scale.
+    Returns:
+        scalar >= 0.
+    """
+    d_f = mind_descriptor(fixed, radius=radius, dilation=dilation)
+    d_m = mind_descriptor(moved, radius=radius, dilation=dilation)
+    return (d_f - d_m).square().mean()
+
+
+def gradient_loss(ddf: Tensor) -> Tensor:
+    """Diffusion regulariser: mean squared forward difference of the field, averaged over axes.
+
+    ARCHITECTURES §4.3 "Grad" (L2): ``(mean (d_x u)^2 + mean (d_y u)^2 [+ mean (d_z u)^2]) / ndim``.
+
+    Args:
+        ddf: (B, ndim, *spatial) displacement or velocity in voxels.
+    Returns:
+        scalar, voxels^2 per voxel^2.
+    """
+    ndim = ddf.ndim - 2
+    total = ddf.new_zeros(())
+    for axis in range(ndim):
+        total = total + torch.diff(ddf, dim=2 + axis).square().mean()
+    return total / ndim
+
+
+def dice_loss(pred: Tensor, truth: Tensor, *, smooth: float = 1e-5) -> Tensor:
+    """1 - soft Dice per channel, sums pooled over batch and space, averaged over channels.
+
+    Args:
+        pred: (B, C, *spatial) soft maps in [0, 1] (e.g. label maps warped bilinearly).
+        truth: (B, C, *spatial) binary maps.
+    Returns:
+        scalar in [0, 1].
+    """
+    dims = (0, *range(2, pred.ndim))
+    inter = (pred * truth).sum(dims)
+    denom = pred.sum(dims) + truth.sum(dims)
+    return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
+
+
+def endpoint_error(ddf: Tensor, true_ddf: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean Euclidean distance between two displacement fields (voxels), optionally masked.
+
+    Args:
+        ddf, true_ddf: (B, ndim, *spatial) in voxels.
+        mask: (B, 1, *spatial) weights (e.g. the field of view), or None for all voxels.
+    Returns:
+        scalar, voxels.
+    """
+    err = (ddf - true_ddf).square().sum(dim=1, keepdim=True).add(1e-9).sqrt()
+    if mask is None:
+        return err.mean()
+    return (err * mask).sum() / mask.sum().clamp_min(1.0)

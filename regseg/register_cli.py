@@ -1,0 +1,331 @@
+"""``regseg register``, ``eval`` and ``mni``: volume registration from the command line.
+
+``register`` runs the RegistrationEngine (affine instance optimisation, then PLCReg) on one pair or
+a batch (a CSV of pairs or a folder), writes the moved image, moved labels (nearest), the
+displacement field (NIfTI, mm, on the fixed grid) and a JSON report per pair. ``eval`` scores any
+moved/fixed pair and prints a table. ``mni`` writes the MNI152 evaluation set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from regseg import spatial
+from regseg.errors import InputError
+from regseg.imageio import Volume, load_mri, save_volume
+from regseg.registration_metrics import (
+    dice_per_label,
+    hd95_mm,
+    jacobian_stats,
+    labels_present,
+    nanmean,
+    sample_field,
+    tre_mm,
+)
+
+PAIR_COLUMNS = ("fixed", "moving")
+OPTIONAL_COLUMNS = ("moving_labels", "fixed_labels", "landmarks", "name")
+
+
+def load_label_map(path: str | Path, like: Volume | None = None, what: str = "label") -> Volume:
+    """A 3-D integer label volume (any non-negative values up to 255), RAS.
+
+    Raises:
+        InputError: missing/unreadable, not 3-D, non-finite, non-integer, negative or > 255
+            values, or (with ``like``) a grid other than ``like``'s.
+    """
+    try:
+        vol = load_mri(path)
+    except InputError as exc:
+        raise InputError(str(exc).replace("MRI", what)) from None
+    data = vol.data
+    if not np.array_equal(data, np.round(data)) or data.min() < 0 or data.max() > 255:
+        raise InputError(f"{path}: {what} volume must hold integer labels 0..255; found values "
+                         f"in [{data.min():g}, {data.max():g}]"
+                         + ("" if np.array_equal(data, np.round(data)) else ", not integers")
+                         + ". Save the label map with integer values (e.g. uint8).")
+    if like is not None and (data.shape != like.data.shape
+                             or not np.allclose(vol.voxel_to_world, like.voxel_to_world,
+                                                atol=1e-3)):
+        raise InputError(f"{path}: {what} grid {data.shape} (voxel_to_world\n"
+                         f"{vol.voxel_to_world}) does not match its image {like.path} "
+                         f"{like.data.shape}\n{like.voxel_to_world}; labels must be on the grid "
+                         "of the image they label.")
+    return Volume(data=data.astype(np.uint8), voxel_to_world=vol.voxel_to_world, path=str(path))
+
+
+def load_landmarks(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Landmark CSV with columns fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z (world mm)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: landmark file not found")
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    cols = [f"{s}_{a}" for s in ("fixed", "moving") for a in "xyz"]
+    if not rows or any(c not in rows[0] for c in cols):
+        raise InputError(f"{path}: a landmark CSV needs a header with {cols} (world mm, RAS) "
+                         "and at least one row")
+    pts = np.array([[float(r[c]) for c in cols] for r in rows])
+    return pts[:, :3], pts[:, 3:]
+
+
+def save_ddf_mm(ddf_mm: np.ndarray, voxel_to_world: np.ndarray, path: str | Path) -> None:
+    """Write an (I, J, K, 3) mm displacement as a NIfTI vector field (I, J, K, 1, 3)."""
+    img = nib.Nifti1Image(ddf_mm[:, :, :, None, :].astype(np.float32), voxel_to_world)
+    img.header.set_intent("vector", name="ddf_mm RAS")
+    img.set_qform(voxel_to_world, code=1)
+    img.set_sform(voxel_to_world, code=1)
+    nib.save(img, str(path))
+
+
+def load_ddf_mm(path: str | Path, like: Volume) -> np.ndarray:
+    """Read a displacement written by :func:`save_ddf_mm`; (I, J, K, 3) mm on ``like``'s grid."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: displacement file not found")
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 5 and data.shape[3] == 1:
+        data = data[:, :, :, 0]
+    if data.ndim != 4 or data.shape[3] != 3 or data.shape[:3] != like.data.shape:
+        raise InputError(f"{path}: displacement shape {data.shape}; (I, J, K, 1, 3) or "
+                         f"(I, J, K, 3) on the fixed grid {like.data.shape} is expected")
+    return data
+
+
+def score(fixed_labels: Volume | None, moved_labels: Volume | None,
+          ddf_mm: np.ndarray | None, voxel_to_world: np.ndarray,
+          landmarks: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+    """Dice and HD95 per label, Jacobian statistics and TRE, whichever the inputs allow."""
+    out: dict[str, Any] = {}
+    if fixed_labels is not None and moved_labels is not None:
+        labels = labels_present(fixed_labels.data)
+        dice = dice_per_label(moved_labels.data, fixed_labels.data, labels)
+        spacing = np.linalg.norm(voxel_to_world[:3, :3], axis=0)
+        hd = hd95_mm(moved_labels.data, fixed_labels.data, labels, spacing)
+        out["dice"] = {str(k): v for k, v in dice.items()}
+        out["dice_mean"] = nanmean(dice.values())
+        out["hd95_mm"] = {str(k): v for k, v in hd.items()}
+        out["hd95_mean_mm"] = nanmean(hd.values())
+    if ddf_mm is not None:
+        # mm -> voxels of the fixed grid, channel c along array axis c (I, J, K)
+        to_vox = np.linalg.inv(voxel_to_world[:3, :3])
+        ddf_vox = np.einsum("ab,ijkb->aijk", to_vox, ddf_mm)
+        out.update(jacobian_stats(ddf_vox))
+    if landmarks is not None and ddf_mm is not None:
+        fixed_mm, moving_mm = landmarks
+        ijk = spatial.apply(spatial.invert(voxel_to_world), fixed_mm)
+        moved = fixed_mm + sample_field(np.moveaxis(ddf_mm, -1, 0), ijk)
+        out.update(tre_mm(moved, moving_mm))
+        out["tre_before_mm"] = tre_mm(fixed_mm, moving_mm)["tre_mm"]
+    return out
+
+
+def register_pair(engine: Any, pair: dict[str, str], out_dir: Path, *,
+                  inverse: bool = False) -> dict[str, Any]:
+    """Register one pair (paths in ``pair``), write its files and report; returns the report."""
+    fixed = load_mri(pair["fixed"])
+    moving = load_mri(pair["moving"])
+    moving_labels = (load_label_map(pair["moving_labels"], moving, "moving label")
+                     if pair.get("moving_labels") else None)
+    fixed_labels = (load_label_map(pair["fixed_labels"], fixed, "fixed label")
+                    if pair.get("fixed_labels") else None)
+    landmarks = load_landmarks(pair["landmarks"]) if pair.get("landmarks") else None
+    t0 = time.perf_counter()
+    result = engine.register(fixed, moving, moving_labels, inverse=inverse)
+    seconds = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_volume(result.moved, out_dir / "moved.nii.gz")
+    if result.moved_labels is not None:
+        save_volume(result.moved_labels, out_dir / "moved_labels.nii.gz")
+    save_ddf_mm(result.ddf_mm, fixed.voxel_to_world, out_dir / "ddf_mm.nii.gz")
+    if result.inverse_ddf is not None:
+        np.save(out_dir / "inverse_ddf_voxels.npy", result.inverse_ddf)
+    report: dict[str, Any] = {
+        "fixed": pair["fixed"], "moving": pair["moving"], "weights": engine.weights,
+        "backend": engine.backend, "device": str(engine.device), "seconds": seconds,
+        "timings_s": result.timings_s,
+    }
+    if fixed_labels is not None and moving_labels is not None:
+        before = Volume(*_on_fixed(moving_labels, fixed))
+        report["dice_before_mean"] = score(fixed_labels, before, None, fixed.voxel_to_world,
+                                           None)["dice_mean"]
+    report.update(score(fixed_labels, result.moved_labels, result.ddf_mm, fixed.voxel_to_world,
+                        landmarks))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _on_fixed(labels: Volume, fixed: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Labels resampled (nearest, identity world transform) onto the fixed grid."""
+    from regseg.engines.registration import resample_to_grid
+
+    data, _ = resample_to_grid(labels, fixed.data.shape, fixed.voxel_to_world, mode="nearest")
+    return data.astype(np.uint8), fixed.voxel_to_world
+
+
+def read_pairs(source: str | Path) -> list[dict[str, str]]:
+    """Pairs from a CSV (columns fixed, moving [, moving_labels, fixed_labels, landmarks, name])
+    or a folder: its ``pairs.csv``, else every sub-folder holding fixed.nii.gz and moving.nii.gz.
+    Relative paths in a CSV are relative to the CSV's folder.
+    """
+    source = Path(source)
+    if source.is_dir():
+        if (source / "pairs.csv").is_file():
+            return read_pairs(source / "pairs.csv")
+        pairs = []
+        for sub in sorted(p for p in source.iterdir() if p.is_dir()):
+            if (sub / "fixed.nii.gz").is_file() and (sub / "moving.nii.gz").is_file():
+                pair = {"name": sub.name}
+                for key in (*PAIR_COLUMNS, *OPTIONAL_COLUMNS[:2]):
+                    if (sub / f"{key}.nii.gz").is_file():
+                        pair[key] = str(sub / f"{key}.nii.gz")
+                if (sub / "landmarks.csv").is_file():
+                    pair["landmarks"] = str(sub / "landmarks.csv")
+                pairs.append(pair)
+        if not pairs:
+            raise InputError(f"{source}: no pairs.csv and no sub-folder with fixed.nii.gz and "
+                             "moving.nii.gz; nothing to register.")
+        return pairs
+    if not source.is_file():
+        raise InputError(f"{source}: pairs file or folder not found")
+    with source.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows or any(c not in rows[0] for c in PAIR_COLUMNS):
+        raise InputError(f"{source}: a pairs CSV needs a header with columns {list(PAIR_COLUMNS)} "
+                         f"(optional {list(OPTIONAL_COLUMNS)}) and at least one row")
+    pairs = []
+    for n, row in enumerate(rows):
+        pair = {"name": row.get("name") or f"pair{n:03d}"}
+        for key in (*PAIR_COLUMNS, *OPTIONAL_COLUMNS[:3]):
+            if row.get(key):
+                path = Path(row[key])
+                pair[key] = str(path if path.is_absolute() else source.parent / path)
+        pairs.append(pair)
+    return pairs
+
+
+def run_register(args: argparse.Namespace) -> int:
+    """``regseg register``: one pair (--fixed/--moving) or a batch (--pairs)."""
+    import torch
+    from tqdm import tqdm
+
+    from regseg.engines.registration import RegistrationEngine
+
+    if bool(args.pairs) == bool(args.fixed or args.moving):
+        raise InputError("give either --fixed and --moving (one pair) or --pairs (a CSV or a "
+                         "folder of pairs), not both and not neither")
+    if args.pairs is None and not (args.fixed and args.moving):
+        raise InputError("one pair needs both --fixed and --moving")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pairs = read_pairs(args.pairs) if args.pairs else [{
+        "name": "", "fixed": args.fixed, "moving": args.moving,
+        "moving_labels": args.moving_labels or "", "fixed_labels": args.fixed_labels or "",
+        "landmarks": args.landmarks or ""}]
+    engine = RegistrationEngine(args.weights, backend=args.backend, device=device,
+                                affine_iterations=0 if args.no_affine else args.affine_iterations)
+    reports = []
+    for pair in tqdm(pairs, desc="register", unit="pair", disable=len(pairs) == 1):
+        reports.append(register_pair(engine, pair, out / pair["name"], inverse=args.inverse))
+    keys = ("dice_before_mean", "dice_mean", "hd95_mean_mm", "folding_pct", "sdlogj",
+            "tre_before_mm", "tre_mm", "seconds")
+    summary = {k: nanmean(r.get(k, float("nan")) for r in reports) for k in keys}
+    summary["pairs"] = len(reports)
+    if len(reports) > 1:
+        (out / "summary.json").write_text(json.dumps(
+            {"summary": summary, "pairs": reports}, indent=2) + "\n")
+    print_table([{"name": p["name"] or Path(p["fixed"]).name, **r}
+                 for p, r in zip(pairs, reports, strict=True)], keys)
+    print(f"wrote {out}")
+    return 0
+
+
+def print_table(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
+    """A plain text table of the numeric ``keys`` per row, and their mean."""
+    shown = [k for k in keys if any(k in r for r in rows)]
+    print("  ".join(["pair".ljust(12)] + [k.rjust(16) for k in shown]))
+    for r in rows + ([{"name": "mean", **{k: nanmean(x.get(k, float("nan")) for x in rows)
+                                          for k in shown}}] if len(rows) > 1 else []):
+        cells = [f"{r.get(k, float('nan')):16.4f}" for k in shown]
+        print("  ".join([str(r["name"])[:12].ljust(12)] + cells))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``regseg eval``: metrics of a moved/fixed pair, printed as a table (and JSON)."""
+    fixed_labels = load_label_map(args.fixed_labels, what="fixed label")
+    moved_labels = load_label_map(args.moved_labels, fixed_labels, "moved label")
+    ddf = load_ddf_mm(args.ddf, fixed_labels) if args.ddf else None
+    landmarks = load_landmarks(args.landmarks) if args.landmarks else None
+    if landmarks is not None and ddf is None:
+        raise InputError("--landmarks needs --ddf (the fixed landmarks are mapped through it)")
+    result = score(fixed_labels, moved_labels, ddf, fixed_labels.voxel_to_world, landmarks)
+    print(f"{'label':>8} {'dice':>8} {'hd95_mm':>9}")
+    for k, d in result["dice"].items():
+        print(f"{k:>8} {d:8.4f} {result['hd95_mm'][k]:9.3f}")
+    print(f"{'mean':>8} {result['dice_mean']:8.4f} {result['hd95_mean_mm']:9.3f}")
+    for k in ("folding_pct", "sdlogj", "det_min", "tre_before_mm", "tre_mm", "tre_max_mm"):
+        if k in result:
+            print(f"{k:>14}: {result[k]:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def run_mni(args: argparse.Namespace) -> int:
+    """``regseg mni``: write the MNI152 evaluation (or training) set."""
+    from regseg.mni import build_mni_set
+
+    csv_path = build_mni_set(args.out, args.pairs, split=args.split)
+    print(f"wrote {csv_path}")
+    return 0
+
+
+def add_register_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fixed", help="fixed image, 3-D NIfTI")
+    p.add_argument("--moving", help="moving image, 3-D NIfTI (any grid; resampled to the fixed)")
+    p.add_argument("--moving-labels", help="labels on the moving grid, warped with nearest")
+    p.add_argument("--fixed-labels", help="labels on the fixed grid: adds Dice and HD95")
+    p.add_argument("--landmarks", help="CSV fixed_x..moving_z (world mm): adds TRE")
+    p.add_argument("--pairs", help="batch: a CSV of pairs or a folder (see `regseg mni`)")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per pair)")
+    p.add_argument("--weights", default="plcreg3d", help="PLCReg 3-D checkpoint (default shipped)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--backend", default="eager", help="engine backend (default eager)")
+    p.add_argument("--affine-iterations", type=int, default=120,
+                   help="steps of the affine stage (default 120)")
+    p.add_argument("--no-affine", action="store_true", help="skip the affine stage")
+    p.add_argument("--inverse", action="store_true",
+                   help="also write the inverse displacement (voxels, .npy)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=run_register)
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fixed-labels", required=True, help="reference labels, 3-D NIfTI")
+    p.add_argument("--moved-labels", required=True, help="registered labels on the same grid")
+    p.add_argument("--ddf", help="displacement (ddf_mm.nii.gz from `regseg register`)")
+    p.add_argument("--landmarks", help="CSV fixed_x..moving_z in world mm (needs --ddf)")
+    p.add_argument("--json", help="also write the metrics here")
+    p.set_defaults(func=run_eval)
+
+
+def add_mni_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--pairs", type=int, default=8, help="number of pairs (default 8)")
+    p.add_argument("--split", default="eval", choices=["eval", "train"])
+    p.set_defaults(func=run_mni)

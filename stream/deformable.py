@@ -1,0 +1,76 @@
+"""The live deformable stage: a 2-D PLCReg refines the MRI-to-frame registration after the affine.
+
+Per frame, given the affinely registered plane (frame pixel -> MRI mm): reslice the MRI and its
+label maps on that plane at the model grid, predict an in-plane displacement against the TRUS
+frame, bring it to frame size, and sample the MRI labels once through plane + displacement
+(nearest, so the labels stay exact). ``regseg-stream --deformable on|off`` switches it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from regseg import planes, spatial
+from regseg.engines.registration import RegistrationEngine
+from regseg.errors import EngineError
+from regseg.models.integrate import resize_ddf
+from regseg.stream.context import MriContext
+
+
+class DeformableStage:
+    """Refines the affine registration of each frame with a 2-D PLCReg.
+
+    Args:
+        context: the case's MRI and labels on the device.
+        weights: a 2-D PLCReg checkpoint (default the shipped ``plcreg2d``), trained with the MRI
+            plane and its two label maps as the moving image and the TRUS frame as the fixed one.
+        backend: engine backend (``regseg.engines.base.make_engine``).
+
+    ``stage(pixels, image_to_mri)`` with ``pixels`` (H, W) uint8 and ``image_to_mri`` (4, 4) the
+    affinely registered frame pixel (i, j, 0) -> MRI world mm returns ``(warped_labels, ddf)``:
+    (H, W) uint8 MRI labels through the refined map and (2, H, W) float32 the displacement in
+    frame pixels, (dy, dx): frame pixel p shows the MRI at ``image_to_mri (p + ddf(p))``.
+    """
+
+    def __init__(self, context: MriContext, weights: str | Path = "plcreg2d", *,
+                 backend: str = "eager") -> None:
+        self.context = context
+        self.engine = RegistrationEngine(weights, backend=backend, device=context.mri.device,
+                                         affine_iterations=0)
+        cfg = self.engine.config
+        if cfg.ndim != 2 or cfg.moving_channels != 3 or cfg.fixed_channels != 1:
+            raise EngineError(
+                f"{weights}: the live deformable stage needs a 2-D PLCReg with 3 moving channels "
+                f"(MRI + prostate + lesion maps) and 1 fixed (TRUS); got ndim={cfg.ndim}, "
+                f"moving_channels={cfg.moving_channels}, fixed_channels={cfg.fixed_channels}.")
+        self.size = (int(cfg.size[0]), int(cfg.size[1]))
+        self.weights = self.engine.weights
+        self._labels = context.labels.float()  # grid_sample needs float; made once
+        self._volume_size = tuple(int(s) for s in context.shape_ijk)
+
+    def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        ctx, dev = self.context, self.engine.device
+        hw = (int(pixels.shape[0]), int(pixels.shape[1]))
+        with torch.inference_mode():
+            trus = planes.trus_input(torch.from_numpy(np.ascontiguousarray(pixels)).to(dev),
+                                     self.size)
+            mri, label_maps = planes.mri_inputs(ctx.mri, ctx.labels, ctx.world_to_voxel,
+                                                image_to_mri, hw, self.size)
+            ddf = self.engine.predict(torch.cat([mri, label_maps], dim=1), trus)["ddf"]
+            ddf = resize_ddf(ddf, hw)  # model pixels -> frame pixels, (1, 2, H, W) as (dy, dx)
+            # One nearest lookup in the volume at plane(p + ddf(p)).
+            grid = spatial.plane_grid(self._volume_size, ctx.world_to_voxel, image_to_mri, hw,
+                                      device=dev)
+            to_norm = spatial.index_to_normalised(self._volume_size) @ ctx.world_to_voxel
+            linear = torch.as_tensor((to_norm @ image_to_mri)[:3, :2], dtype=torch.float32,
+                                     device=dev)  # (3, 2): (di, dj) pixels -> normalised
+            shift = ddf[0].flip(0).permute(1, 2, 0) @ linear.T  # (H, W, 3)
+            labels = F.grid_sample(self._labels, grid + shift[None, None], mode="nearest",
+                                   padding_mode="zeros", align_corners=False)[0, 0, 0]
+            return (labels.to(torch.uint8).cpu().numpy(),
+                    ddf[0].float().cpu().numpy())

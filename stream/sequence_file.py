@@ -1,0 +1,352 @@
+"""PLUS sequence files (.igs.mha, .seq.mha, .igs.nrrd, .seq.nrrd): tracked frames, read and written.
+
+A sequence file is one MetaIO or NRRD image whose last axis is time, plus per-frame text fields
+in the header: ``Seq_Frame0000_Timestamp``, ``Seq_Frame0000_ImageToReferenceTransform`` (16
+numbers, row-major), ``Seq_Frame0000_ImageToReferenceTransformStatus`` (OK / INVALID) ...
+Formats: https://plustoolkit.github.io/legacy/plus/FileSequenceFile (PLUS docs,
+FileSequenceFile.md) and IGSIO ``vtkIGSIOMetaImageSequenceIO`` / ``vtkIGSIONrrdSequenceIO``.
+
+Numbers we write use Python's shortest round-trip ``repr``, so a file read back gives the very
+same float64 matrices and timestamps: recording is bit-exact for pixels, poses and times.
+Writing streams: pixels go to a temporary file (zlib-compressed on the fly) as frames arrive and
+the header, which must list every frame's fields before the pixels, is written at ``close()``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from regseg.errors import InputError
+
+SEQUENCE_EXTENSIONS = (".igs.mha", ".seq.mha", ".igs.mhd", ".seq.mhd", ".igs.nrrd", ".seq.nrrd",
+                       ".igs.nhdr", ".seq.nhdr", ".mha", ".mhd", ".nrrd", ".nhdr")
+_FRAME_FIELD = re.compile(r"^Seq_Frame(\d+)_(.+)$")
+_MET_TYPES = {"MET_UCHAR": "u1", "MET_CHAR": "i1", "MET_USHORT": "u2", "MET_SHORT": "i2",
+              "MET_UINT": "u4", "MET_INT": "i4", "MET_FLOAT": "f4", "MET_DOUBLE": "f8"}
+_NRRD_TYPES = {"uchar": "u1", "unsigned char": "u1", "uint8": "u1", "uint8_t": "u1",
+               "signed char": "i1", "int8": "i1", "int8_t": "i1", "short": "i2", "int16": "i2",
+               "ushort": "u2", "unsigned short": "u2", "uint16": "u2", "int": "i4", "int32": "i4",
+               "uint": "u4", "unsigned int": "u4", "uint32": "u4", "float": "f4", "double": "f8"}
+# MetaIO fields that describe the pixel block; everything else in the header is kept as is.
+# (The geometry fields are unused by PLUS: it places frames by their per-frame transforms.)
+_META_FORMAT = {"ObjectType", "NDims", "BinaryData", "BinaryDataByteOrderMSB", "CompressedData",
+                "CompressedDataSize", "DimSize", "ElementNumberOfChannels", "ElementType",
+                "ElementDataFile", "ElementByteOrderMSB", "ElementSpacing", "AnatomicalOrientation",
+                "CenterOfRotation", "Offset", "TransformMatrix"}
+_NRRD_FORMAT = {"type", "dimension", "sizes", "kinds", "endian", "encoding", "data file",
+                "datafile", "space dimension", "space directions", "space origin", "spacings",
+                "space"}
+_CHUNK = 4 << 20
+
+
+@dataclass(slots=True)
+class SequenceFrame:
+    """One frame: pixels and its per-frame fields (names without ``Seq_FrameNNNN_``)."""
+
+    pixels: np.ndarray  # (H, W) or (H, W, C), the file's dtype
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def timestamp_s(self) -> float | None:
+        """``Timestamp`` (PLUS's filtered time, s), else ``UnfilteredTimestamp``, else None."""
+        value = self.fields.get("Timestamp", self.fields.get("UnfilteredTimestamp"))
+        return None if value is None else float(value)
+
+    def transform(self, name: str) -> np.ndarray | None:
+        """The (4, 4) ``<name>Transform`` if present and its status is OK (or absent), else None.
+
+        Args:
+            name: the transform name without the suffix, e.g. ``ImageToReference``.
+        Raises:
+            InputError: a value that is not 16 finite numbers.
+        """
+        value = self.fields.get(f"{name}Transform")
+        status = self.fields.get(f"{name}TransformStatus", "OK")
+        if value is None or status.strip().upper() != "OK":
+            return None
+        return parse_matrix(value, f"{name}Transform")
+
+
+@dataclass(slots=True)
+class Sequence:
+    """A whole sequence: frames of one shape and dtype, and the file's other header fields."""
+
+    frames: list[SequenceFrame]
+    fields: dict[str, str] = field(default_factory=dict)  # e.g. UltrasoundImageOrientation
+    element_spacing_mm: tuple[float, float] = (1.0, 1.0)  # (x = column, y = row), as in the file
+
+
+def format_matrix(matrix: np.ndarray) -> str:
+    """16 numbers, row-major, each the shortest text that reads back as the same float64."""
+    return " ".join(repr(float(v)) for v in np.asarray(matrix, dtype=np.float64).reshape(16))
+
+
+def parse_matrix(text: str, what: str = "transform") -> np.ndarray:
+    """A (4, 4) float64 matrix from 16 whitespace-separated numbers (row-major)."""
+    try:
+        values = np.array([float(v) for v in text.split()], dtype=np.float64)
+    except ValueError as exc:
+        raise InputError(f"{what} {text!r}: 16 numbers expected") from exc
+    if values.size != 16 or not np.isfinite(values).all():
+        raise InputError(f"{what} {text!r}: 16 finite numbers expected, got {values.size}")
+    return values.reshape(4, 4)
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    if not name.endswith(SEQUENCE_EXTENSIONS):
+        raise InputError(f"{path}: not a sequence file name; one of "
+                         f"{', '.join(SEQUENCE_EXTENSIONS)} expected (e.g. session.igs.mha)")
+    return "nrrd" if name.endswith((".nrrd", ".nhdr")) else "mha"
+
+
+def _read_header(path: Path, kind: str) -> tuple[dict[str, str], dict[int, dict[str, str]], int]:
+    """(file fields, per-frame fields by index, byte offset of the pixel data)."""
+    fields: dict[str, str] = {}
+    frames: dict[int, dict[str, str]] = {}
+    with open(path, "rb") as f:
+        first = True
+        while line := f.readline():
+            text = line.decode("latin-1").rstrip("\r\n")
+            if kind == "nrrd":
+                if first and not text.startswith("NRRD"):
+                    raise InputError(f"{path}: does not start with a NRRD magic line")
+                first = False
+                if text == "":  # the blank line ends a NRRD header
+                    break
+                if text.startswith(("#", "NRRD")):
+                    continue
+                key, sep, value = text.partition(":")
+                value = value[1:] if value.startswith("=") else value  # "key:=value" pairs
+            else:
+                key, sep, value = text.partition("=")
+            if not sep:
+                raise InputError(f"{path}: header line {text[:80]!r} is not 'key = value' "
+                                 "(MetaIO) or 'key: value' (NRRD); is this a PLUS sequence file?")
+            key, value = key.strip(), value.strip()
+            if match := _FRAME_FIELD.match(key):
+                frames.setdefault(int(match.group(1)), {})[match.group(2)] = value
+            else:
+                fields[key] = value
+            if kind == "mha" and key == "ElementDataFile":  # MetaIO: always the last field
+                break
+        else:
+            if kind == "mha":
+                raise InputError(f"{path}: no ElementDataFile line ends the MetaIO header")
+        return fields, frames, f.tell()
+
+
+def _layout(path: Path, kind: str, fields: dict[str, str]) -> tuple[tuple[int, ...], np.dtype,
+                                                                    bool, str]:
+    """(sizes as (frames, H, W, C), dtype, compressed, data file or LOCAL) from the header."""
+    try:
+        if kind == "mha":
+            dims = [int(v) for v in fields["DimSize"].split()]
+            channels = int(fields.get("ElementNumberOfChannels", "1"))
+            code = _MET_TYPES.get(fields["ElementType"])
+            if code is None:
+                raise InputError(f"{path}: ElementType {fields['ElementType']!r}; one of "
+                                 f"{', '.join(_MET_TYPES)} expected")
+            big = fields.get("BinaryDataByteOrderMSB", fields.get("ElementByteOrderMSB", "False"))
+            big = big.strip().lower() == "true"
+            compressed = fields.get("CompressedData", "False").strip().lower() == "true"
+            data_file = fields["ElementDataFile"]
+            if len(dims) == 4 and dims[2] == 1:  # IGSIO writes 2-D frames as W H 1 N too
+                dims = [dims[0], dims[1], dims[3]]
+            if len(dims) != 3:
+                raise InputError(f"{path}: DimSize {fields['DimSize']!r}; W H N (2-D frames) "
+                                 "expected")
+            width, height, count = dims
+        else:
+            sizes = [int(v) for v in fields["sizes"].split()]
+            kinds = fields.get("kinds", "").lower().split()
+            code = _NRRD_TYPES.get(fields["type"].strip().lower())
+            if code is None:
+                raise InputError(f"{path}: NRRD type {fields['type']!r}; one of "
+                                 f"{', '.join(sorted(set(_NRRD_TYPES)))} expected")
+            big = fields.get("endian", "little").strip().lower() == "big"
+            encoding = fields.get("encoding", "raw").strip().lower()
+            if encoding not in ("raw", "gz", "gzip"):
+                raise InputError(f"{path}: NRRD encoding {encoding!r}; raw or gzip expected")
+            compressed = encoding != "raw"
+            data_file = fields.get("data file", fields.get("datafile", "LOCAL"))
+            vector = bool(kinds) and kinds[0] in ("vector", "rgb-color", "rgba-color")
+            channels = sizes[0] if vector else 1
+            spatial = sizes[1:] if vector else sizes
+            if len(spatial) == 4 and spatial[2] == 1:
+                spatial = [spatial[0], spatial[1], spatial[3]]
+            if len(spatial) != 3:
+                raise InputError(f"{path}: NRRD sizes {fields['sizes']!r} kinds {kinds}; 2-D "
+                                 "frames over time expected")
+            width, height, count = spatial
+    except KeyError as exc:
+        raise InputError(f"{path}: header field {exc} is missing") from exc
+    except ValueError as exc:
+        raise InputError(f"{path}: unreadable size in the header: {exc}") from exc
+    dtype = np.dtype(code).newbyteorder(">" if big else "<")
+    return (count, height, width, channels), dtype, compressed, data_file
+
+
+def read_sequence(path: str | os.PathLike) -> Sequence:
+    """Read a PLUS sequence file (MetaIO .mha/.mhd or NRRD .nrrd/.nhdr, raw or compressed).
+
+    Raises:
+        InputError: an unknown extension, a malformed header, or pixel data whose size does not
+            match the header (the message names the file and both sizes).
+    """
+    path = Path(path)
+    kind = _kind(path)
+    try:
+        fields, frame_fields, offset = _read_header(path, kind)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from exc
+    (count, height, width, channels), dtype, compressed, data_file = _layout(path, kind, fields)
+    source = path if data_file.upper() == "LOCAL" else path.parent / data_file
+    start = offset if data_file.upper() == "LOCAL" else 0
+    with open(source, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    if compressed:
+        try:
+            data = gzip.decompress(data) if kind == "nrrd" else zlib.decompress(data)
+        except (OSError, zlib.error, EOFError) as exc:
+            raise InputError(f"{path}: compressed pixel data does not decompress: {exc}") from exc
+    expected = count * height * width * channels * dtype.itemsize
+    if len(data) != expected:
+        raise InputError(f"{path}: {len(data)} bytes of pixels; the header's {count} frames of "
+                         f"{width}x{height}x{channels} {dtype} need {expected}")
+    shape = (count, height, width, channels) if channels > 1 else (count, height, width)
+    pixels = np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    frames = [SequenceFrame(pixels[i], frame_fields.get(i, {})) for i in range(count)]
+    fmt = _META_FORMAT if kind == "mha" else _NRRD_FORMAT
+    return Sequence(frames, {k: v for k, v in fields.items() if k not in fmt},
+                    _element_spacing(fields.get("ElementSpacing", fields.get("spacings", ""))))
+
+
+def _element_spacing(text: str) -> tuple[float, float]:
+    """(x, y) mm from ElementSpacing or NRRD spacings (a leading nan is a vector axis)."""
+    values = [v for v in text.split() if v.lower() != "nan"]
+    try:
+        x, y = float(values[0]), float(values[1])
+    except (IndexError, ValueError):
+        return (1.0, 1.0)
+    return (x, y) if x > 0 and y > 0 else (1.0, 1.0)
+
+
+class SequenceWriter:
+    """Writes frames to a sequence file as they come; the file is complete after ``close()``.
+
+    Args:
+        path: ``.igs.mha``/``.seq.mha`` (MetaIO) or ``.igs.nrrd``/``.seq.nrrd`` (NRRD).
+        fields: file-level header fields, e.g. ``{"UltrasoundImageOrientation": "MF"}``.
+        compress: zlib (MetaIO CompressedData) or gzip (NRRD encoding) the pixels.
+        level: zlib level, 1 (fast: live recording) .. 9 (small).
+        spacing_mm: ElementSpacing / NRRD spacings (x = column, y = row) in mm; PLUS leaves these
+            at 1 and takes the pixel size from the per-frame ImageToReference transform.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fields: dict[str, str] | None = None,
+                 compress: bool = True, spacing_mm: tuple[float, float] = (1.0, 1.0),
+                 level: int = 6) -> None:
+        self.path = Path(path)
+        self.kind = _kind(self.path)
+        self.fields = dict(fields or {})
+        self.compress = compress
+        self.spacing_mm = (float(spacing_mm[0]), float(spacing_mm[1]))
+        self.count = 0
+        self._shape: tuple[int, ...] | None = None
+        self._dtype: np.dtype | None = None
+        self._frame_fields: list[dict[str, str]] = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.NamedTemporaryFile(prefix=f".{self.path.name}.", suffix=".pixels",
+                                                dir=self.path.parent, delete=False)
+        # NRRD "gzip" is a gzip stream (16 + MAX_WBITS), MetaIO CompressedData a zlib one.
+        wbits = 16 + zlib.MAX_WBITS if self.kind == "nrrd" else zlib.MAX_WBITS
+        self._zip = zlib.compressobj(level, zlib.DEFLATED, wbits) if compress else None
+
+    def add(self, pixels: np.ndarray, fields: dict[str, str]) -> None:
+        """Append one frame: (H, W) or (H, W, C), the same shape and dtype as the first."""
+        pixels = np.ascontiguousarray(pixels)
+        if self._shape is None:
+            if pixels.ndim not in (2, 3) or pixels.dtype.str[1:] not in _MET_TYPES.values():
+                raise InputError(f"{self.path}: frame of shape {pixels.shape} {pixels.dtype}; "
+                                 "(H, W) or (H, W, C) of an integer or float type expected")
+            self._shape, self._dtype = pixels.shape, pixels.dtype
+        elif pixels.shape != self._shape or pixels.dtype != self._dtype:
+            raise InputError(f"{self.path}: frame {self.count} is {pixels.shape} {pixels.dtype}; "
+                             f"every frame must be {self._shape} {self._dtype} like the first")
+        data = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
+        self._tmp.write(self._zip.compress(data) if self._zip is not None else data)
+        self._frame_fields.append(dict(fields))
+        self.count += 1
+
+    def close(self) -> Path:
+        """Write the header, then the pixels; remove the temporary file. Returns the path."""
+        if self._tmp.closed:
+            return self.path
+        if self._zip is not None:
+            self._tmp.write(self._zip.flush())
+        self._tmp.close()
+        size = os.path.getsize(self._tmp.name)
+        try:
+            with open(self.path, "wb") as out:
+                out.write(self._header(size).encode("latin-1"))
+                with open(self._tmp.name, "rb") as pixels:
+                    shutil.copyfileobj(pixels, out, _CHUNK)
+        finally:
+            os.unlink(self._tmp.name)
+        return self.path
+
+    def _frame_lines(self, sep: str) -> list[str]:
+        return [f"Seq_Frame{i:04d}_{key}{sep}{value}"
+                for i, fields in enumerate(self._frame_fields) for key, value in fields.items()]
+
+    def _header(self, data_size: int) -> str:
+        height, width = self._shape[:2] if self._shape else (0, 0)
+        channels = self._shape[2] if self._shape and len(self._shape) == 3 else 1
+        dtype = self._dtype if self._dtype is not None else np.dtype(np.uint8)
+        col_mm, row_mm = self.spacing_mm
+        if self.kind == "mha":
+            met = {v: k for k, v in _MET_TYPES.items()}[dtype.str[1:]]
+            lines = ["ObjectType = Image", "NDims = 3", "AnatomicalOrientation = RAI",
+                     "BinaryData = True", "BinaryDataByteOrderMSB = False",
+                     "CenterOfRotation = 0 0 0", f"CompressedData = {self.compress}"]
+            if self.compress:
+                lines.append(f"CompressedDataSize = {data_size}")
+            lines += [f"DimSize = {width} {height} {self.count}",
+                      f"ElementNumberOfChannels = {channels}",
+                      f"ElementSpacing = {col_mm!r} {row_mm!r} 1", f"ElementType = {met}",
+                      "Offset = 0 0 0", "TransformMatrix = 1 0 0 0 1 0 0 0 1"]
+            lines += [f"{k} = {v}" for k, v in self.fields.items()]
+            lines += self._frame_lines(" = ") + ["ElementDataFile = LOCAL"]
+            return "\n".join(lines) + "\n"
+        nrrd = {"u1": "uint8", "i1": "int8", "u2": "uint16", "i2": "int16", "u4": "uint32",
+                "i4": "int32", "f4": "float", "f8": "double"}[dtype.str[1:]]
+        vector = channels > 1
+        lines = ["NRRD0004", "# Complete NRRD file format specification at:",
+                 "# http://teem.sourceforge.net/nrrd/format.html", f"type: {nrrd}",
+                 f"dimension: {4 if vector else 3}",
+                 f"sizes: {f'{channels} ' if vector else ''}{width} {height} {self.count}",
+                 f"kinds: {'vector ' if vector else ''}domain domain list",
+                 "endian: little", f"encoding: {'gzip' if self.compress else 'raw'}",
+                 f"spacings: {'nan ' if vector else ''}{col_mm!r} {row_mm!r} nan"]
+        lines += [f"{k}:={v}" for k, v in self.fields.items()]
+        return "\n".join(lines + self._frame_lines(":=")) + "\n\n"
+
+
+def write_sequence(path: str | os.PathLike, sequence: Sequence, *, compress: bool = True) -> Path:
+    """Write ``sequence`` to ``path`` (format from the extension); see :class:`SequenceWriter`."""
+    writer = SequenceWriter(path, fields=sequence.fields, compress=compress,
+                            spacing_mm=sequence.element_spacing_mm)
+    for frame in sequence.frames:
+        writer.add(frame.pixels, frame.fields)
+    return writer.close()

@@ -1,0 +1,148 @@
+"""Every installed backend against eager, within the stated tolerance; errors that say why."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from regseg.engines.base import TOLERANCES, make_engine, parity_error
+from regseg.engines.fusion import FusionEngine
+from regseg.errors import EngineError
+from regseg.models.registry import build_model
+
+SIZE = 64  # AlignSegNet at 64 x 64 (patch 8 still divides 32): same graph, a quarter the cost
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    # Random weights: equivalence is a property of the backend, not of training. BatchNorm
+    # statistics are randomised too, so eval-mode folding is exercised on non-trivial values.
+    net = build_model("alignsegnet", size=SIZE)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+        # The affine head starts at exactly identity; move it off, so the exported AffineGrid and
+        # GridSample are checked on a real rotation/scale/shift, not on the identity.
+        head = net.affine.mlp[-1]
+        head.weight.normal_(0.0, 0.02)
+        head.bias.copy_(torch.tensor([0.05, -0.08, 0.1, 0.07, 0.03, -0.06]))
+    return net.eval()
+
+
+def _inputs(seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"trus": torch.rand(1, 1, SIZE, SIZE, generator=g),
+            "mri": torch.rand(1, 1, SIZE, SIZE, generator=g),
+            "mri_labels": (torch.rand(1, 2, SIZE, SIZE, generator=g) > 0.5).float()}
+
+
+SHAPES = {"trus": (1, 1, SIZE, SIZE), "mri": (1, 1, SIZE, SIZE), "mri_labels": (1, 2, SIZE, SIZE)}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                    reason="onnxruntime not installed (pip install 'regseg[onnx]')")
+def test_onnxrt_matches_eager(model, tmp_path):
+    eager = make_engine(model, SHAPES, backend="eager")
+    ort = make_engine(model, SHAPES, backend="onnxrt", cache_dir=tmp_path, threads=1)
+    assert ort.output_names == eager.output_names
+    x = _inputs()
+    ref = {k: v.clone() for k, v in eager(x).items()}
+    got = ort(x)
+    assert set(got) == set(ref)
+    assert all(v.dtype == torch.float32 for v in got.values())
+    err = parity_error(ref, got)
+    assert max(err.values()) < TOLERANCES["fp32"], err
+    assert (ref["theta"] - torch.eye(2, 3)).abs().max() > 0.03  # a real warp was compared
+    # Outputs are bound buffers: the same tensors next call, now holding the new frame's values.
+    again = ort(_inputs(seed=4))
+    assert again["theta"].data_ptr() == got["theta"].data_ptr()
+    assert max(parity_error(eager(_inputs(seed=4)), again).values()) < TOLERANCES["fp32"]
+
+
+def test_onnxrt_keeps_only_asked_outputs(model, tmp_path):
+    ort = make_engine(model, SHAPES, backend="onnxrt", cache_dir=tmp_path,
+                      outputs=("theta", "logits"))
+    assert set(ort(_inputs())) == {"theta", "logits"}
+    assert ort.info["threads"] >= 1 and ort.info["precision"] == "fp32"
+
+
+def test_eager_bf16_within_tolerance(model):
+    eager = make_engine(model, SHAPES, backend="eager")
+    low = make_engine(model, SHAPES, backend="eager", precision="bf16", warmup=1)
+    err = parity_error(eager(_inputs()), low(_inputs()))
+    assert max(err.values()) < TOLERANCES["bf16"], err
+
+
+def test_fusion_engine_with_model(model, tmp_path):
+    engine = FusionEngine(model=model, backend="onnxrt", cache_dir=tmp_path)
+    out = engine(*_inputs().values())
+    assert tuple(out["theta"].shape) == (1, 2, 3)
+    assert tuple(out["logits"].shape) == (1, 3, SIZE, SIZE)
+    assert engine.info["backend"] == "onnxrt" and engine.size == (SIZE, SIZE)
+
+
+def test_wrong_input_shape_is_an_error(model):
+    eager = make_engine(model, SHAPES)
+    bad = _inputs() | {"trus": torch.zeros(1, 1, 32, 32)}
+    with pytest.raises(EngineError, match=r"'trus': expected shape \(1, 1, 64, 64\)"):
+        eager(bad)
+
+
+def test_unknown_backend_and_precision(model):
+    with pytest.raises(EngineError, match="backend 'tflite' is not known"):
+        make_engine(model, SHAPES, backend="tflite")
+    with pytest.raises(EngineError, match="precision 'int4'"):
+        make_engine(model, SHAPES, precision="int4")
+
+
+@pytest.mark.parametrize("backend, precision, message", [
+    ("tensorrt", "fp32", "needs a CUDA device"),
+    ("onnxrt", "fp16", "fp32 only"),
+    ("eager", "fp16", "eager fp16 on CPU"),
+])
+def test_backends_refuse_what_they_cannot_do(model, backend, precision, message, tmp_path):
+    with pytest.raises(EngineError, match=message):
+        make_engine(model, SHAPES, backend=backend, precision=precision, cache_dir=tmp_path)
+
+
+def test_named_fallback_is_reported_not_silent(model, caplog):
+    engine = make_engine(model, SHAPES, backend="tensorrt", fallback="eager", warmup=1)
+    assert engine.backend == "eager"
+    assert engine.info["fallback"]["from"] == "tensorrt"
+    assert "CUDA" in engine.info["fallback"]["reason"]
+    assert "named fallback eager" in caplog.text
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": torch.relu(self.conv(image)).mean(dim=1, keepdim=True)}
+
+
+def test_compiled_matches_eager_tiny():
+    """Cheap check of the compiled path (Inductor on a one-layer net compiles in seconds)."""
+    torch.manual_seed(0)
+    net = _Tiny().eval()
+    shapes = {"image": (1, 1, 16, 16)}
+    x = {"image": torch.rand(1, 1, 16, 16)}
+    compiled = make_engine(net, shapes, backend="compiled", warmup=1)
+    ref = make_engine(net, shapes)(x)
+    assert max(parity_error(ref, compiled(x)).values()) < TOLERANCES["fp32"]
+    assert compiled.info["cuda_graphs"] is False
+
+
+@pytest.mark.slow
+def test_compiled_matches_eager_alignsegnet(model):
+    compiled = make_engine(model, SHAPES, backend="compiled", warmup=1)
+    ref = make_engine(model, SHAPES)(_inputs())
+    err = parity_error(ref, compiled(_inputs()))
+    assert max(err.values()) < TOLERANCES["fp32"], err

@@ -1,0 +1,87 @@
+"""MNI152 set: bundled files only (no download), determinism, and the truth it ships."""
+
+from __future__ import annotations
+
+import socket
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nibabel")
+if __import__("importlib").util.find_spec("nilearn") is None:
+    pytest.skip("nilearn (the registration extra) is not installed", allow_module_level=True)
+
+from regseg import mni, spatial  # noqa: E402
+from regseg.registration_metrics import dice_per_label, sample_field  # noqa: E402
+
+SMALL = mni.MniConfig(shape=(24, 28, 24), spacing_mm=6.5, landmarks=40)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return mni.load_base(SMALL)
+
+
+def test_files_come_from_the_installed_package():
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    for path in mni.mni_paths().values():
+        assert path.is_file() and site in path.resolve().parents
+
+
+def test_building_a_pair_touches_no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    pair = mni.make_pair(mni.load_base(SMALL), 10_000, other_modality=True)
+    assert pair.fixed.shape == SMALL.shape
+
+
+def test_base_is_normalised(base):
+    assert base.t1.shape == (1, 1, 24, 28, 24)
+    assert float(base.t1.min()) >= 0 and float(base.t1.max()) == pytest.approx(1.0)
+    assert torch.allclose(base.probs.sum(1), torch.ones(1, 24, 28, 24), atol=1e-4)
+
+
+def test_pairs_are_deterministic_and_seeds_differ(base):
+    a = mni.make_pair(base, 10_001, other_modality=False)
+    b = mni.make_pair(base, 10_001, other_modality=False)
+    c = mni.make_pair(base, 10_002, other_modality=False)
+    assert np.array_equal(a.fixed, b.fixed) and np.array_equal(a.landmarks_moving_mm,
+                                                               b.landmarks_moving_mm)
+    assert not np.array_equal(a.fixed, c.fixed)
+    assert set(mni.pair_seeds("eval", 5)).isdisjoint(mni.pair_seeds("train", 5000))
+
+
+def test_true_field_aligns_labels_and_matches_landmarks(base):
+    pair = mni.make_pair(base, 10_003, other_modality=False)
+    before = dice_per_label(pair.moving_labels, pair.fixed_labels, [1, 2])
+    labels = torch.from_numpy(pair.moving_labels.transpose(2, 1, 0).copy())[None, None].float()
+    moved = spatial.warp(labels, torch.from_numpy(pair.true_ddf)[None], mode="nearest")
+    after = dice_per_label(moved[0, 0].numpy().transpose(2, 1, 0), pair.fixed_labels, [1, 2])
+    assert np.mean(list(after.values())) > np.mean(list(before.values())) + 0.1
+    # the landmarks are the dense truth sampled at the fixed points
+    points = spatial.apply(np.linalg.inv(pair.voxel_to_world), pair.landmarks_fixed_mm)[:, ::-1]
+    moved_points = points + sample_field(pair.true_ddf, points)
+    mm = spatial.apply(pair.voxel_to_world, moved_points[:, ::-1])
+    assert np.abs(mm - pair.landmarks_moving_mm).max() < 0.5
+
+
+def test_other_modality_map_is_not_monotonic():
+    ramp = torch.linspace(0, 1, 200).reshape(1, 1, 1, 1, 200)
+    cfg = mni.MniConfig(bias=0.0, noise=0.0)
+    out = mni.intensity_change(ramp, np.random.default_rng(0), cfg, other_modality=True)
+    diffs = torch.diff(out.reshape(-1))
+    assert (diffs > 1e-4).any() and (diffs < -1e-4).any()
+
+
+def test_build_set_writes_pairs_csv(tmp_path):
+    csv_path = mni.build_mni_set(tmp_path, 2, config=SMALL)
+    text = csv_path.read_text().splitlines()
+    assert text[0].startswith("name,fixed,moving,fixed_labels,moving_labels,landmarks")
+    assert len(text) == 3
+    assert (tmp_path / "pair001" / "landmarks.csv").is_file()

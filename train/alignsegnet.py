@@ -1,0 +1,374 @@
+"""Train AlignSegNet on simulated TRUS frames within a wall-time budget; writes the shipped files.
+
+``regseg train alignsegnet --out DIR`` (or ``python -m regseg.train.alignsegnet --out DIR``)
+writes ``DIR/alignsegnet.pt`` (checkpoint with its config), ``DIR/alignsegnet.json`` (validation
+metrics and the exact command) and ``DIR/alignsegnet_training.png`` (loss and Dice curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from regseg import metrics, planes
+from regseg.errors import InputError
+from regseg.models import losses
+from regseg.models.alignsegnet import AlignSegNet, AlignSegNetConfig
+from regseg.models.checkpoint import save_checkpoint
+from regseg.train.data import (
+    OpenScanner,
+    SampleSet,
+    cached_samples,
+    open_simulated_scanner,
+)
+from regseg.types import LESION, PROSTATE
+
+NAME = "alignsegnet"
+DEMO_SEED = 0  # the phantom `regseg-stream --demo` shows: never trained on, reported apart
+VAL_SEED0 = 1000  # held-out validation phantoms are 1000, 1001, ...
+DEFAULT_CACHE = Path.home() / ".cache" / "regseg" / "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Weights of the joint loss ``seg + reg * dice_reg + transform * mse_points + kl * kl``."""
+
+    lesion: float = 3.0  # lesion class weight inside the segmentation loss
+    reg: float = 1.0
+    transform: float = 30.0  # our addition; its units are small: 0.1 (5 % of the view) -> 0.01
+    kl: float = 0.1
+
+
+def augment_trus(trus: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-frame random gamma (0.7-1.4) and gain (0.8-1.25) on (B, 1, H, W) TRUS in [0, 1].
+
+    Scanner presets differ mostly in gain and dynamic range; geometry is left alone because the
+    true transform and labels would have to follow it.
+    """
+    b = trus.shape[0]
+    gamma = torch.exp(torch.empty(b, 1, 1, 1).uniform_(math.log(0.7), math.log(1.4),
+                                                       generator=generator))
+    gain = torch.exp(torch.empty(b, 1, 1, 1).uniform_(math.log(0.8), math.log(1.25),
+                                                      generator=generator))
+    return (trus.clamp_min(1e-4) ** gamma * gain).clamp(0.0, 1.0)
+
+
+def joint_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+               weights: LossWeights) -> dict[str, torch.Tensor]:
+    """The AlignSegNet training loss and its parts (each a scalar tensor; ``total`` is the sum)."""
+    parts = {
+        "seg": losses.segmentation_loss(out["logits"], batch["labels"],
+                                        lesion_weight=weights.lesion),
+        "reg": losses.registration_dice_loss(out["warped_labels"], batch["label_maps"]),
+        "transform": losses.transform_loss(out["theta"], batch["theta"]),
+        "kl": losses.kl_alignment_loss(out["trus_latent"], out["mri_latent"]),
+    }
+    parts["total"] = (parts["seg"] + weights.reg * parts["reg"]
+                      + weights.transform * parts["transform"] + weights.kl * parts["kl"])
+    return parts
+
+
+@torch.inference_mode()
+def evaluate(model: AlignSegNet, samples: SampleSet, *, batch_size: int = 64) -> dict[str, float]:
+    """Validation metrics, means over frames (frames where a structure is absent are skipped).
+
+    Returns:
+        ``prostate_dice``, ``lesion_dice`` (segmentation); ``reg_dice_before`` / ``reg_dice_after``
+        (MRI prostate at the tracked plane / through the predicted affine vs the true gland);
+        ``tre_mm_before`` / ``tre_mm_after`` / ``tre_mm_oracle`` (mean over the true prostate
+        pixels, tracked / registered / through the true in-plane theta: the oracle is the floor
+        an in-plane affine can reach, what is left being out-of-plane error and deformation).
+    """
+    model.eval()
+    size = (samples.labels.shape[1], samples.labels.shape[2])
+    frame_hw = samples.frame_hw
+    to_frame = planes.model_to_frame(frame_hw, size)
+    rows: dict[str, list[float]] = {k: [] for k in (
+        "prostate_dice", "lesion_dice", "reg_dice_before", "reg_dice_after",
+        "tre_mm_before", "tre_mm_after", "tre_mm_oracle")}
+    for start in range(0, len(samples), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(samples)))
+        batch = samples.batch(index)
+        out = model(batch["trus"], batch["mri"], batch["mri_labels"])
+        pred = out["logits"].argmax(1).numpy()
+        warped = (out["warped_labels"] > 0.5).numpy()
+        warped_labels = warped[:, 0] * PROSTATE + warped[:, 1] * (LESION - PROSTATE)
+        before_labels = (batch["mri_labels"][:, 0] + batch["mri_labels"][:, 1]).numpy()
+        truth = batch["labels"].numpy()
+        theta = out["theta"].numpy()
+        for n, i in enumerate(index.tolist()):
+            rows["prostate_dice"].append(metrics.dice(pred[n], truth[n], PROSTATE))
+            rows["lesion_dice"].append(metrics.dice(pred[n], truth[n], LESION))
+            rows["reg_dice_before"].append(metrics.dice(before_labels[n], truth[n], PROSTATE))
+            rows["reg_dice_after"].append(metrics.dice(warped_labels[n], truth[n], PROSTATE))
+            v, u = np.nonzero(truth[n] >= PROSTATE)
+            points = np.stack([u, v, np.zeros_like(u)], 1).astype(np.float64)
+            points_ij = (points @ to_frame[:3, :3].T + to_frame[:3, 3])[:, :2]
+            tracked = samples.tracked_image_to_mri[i].numpy()
+            true = samples.true_image_to_mri[i].numpy()
+            registered = metrics.registered_image_to_mri(theta[n], tracked, frame_hw)
+            oracle = metrics.registered_image_to_mri(samples.theta[i].numpy(), tracked, frame_hw)
+            rows["tre_mm_before"].append(metrics.tre_mm(tracked, true, points_ij))
+            rows["tre_mm_after"].append(metrics.tre_mm(registered, true, points_ij))
+            rows["tre_mm_oracle"].append(metrics.tre_mm(oracle, true, points_ij))
+    out_metrics = {}
+    for key, values in rows.items():
+        arr = np.asarray(values, dtype=np.float64)
+        out_metrics[key] = float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+    out_metrics["frames"] = len(samples)
+    return out_metrics
+
+
+def lr_factor(step: int, done: float, *, warmup_steps: int) -> float:
+    """Linear warm-up over the first steps, then cosine decay to 0 as ``done`` goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / warmup_steps)
+    return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, done))))
+
+
+def _validate(model: AlignSegNet, val_set: SampleSet, step: int,
+              history: list[dict[str, float]]) -> dict[str, float]:
+    """:func:`evaluate` at ``step``, printed with the mean training losses since the last call."""
+    v = {"step": step, **evaluate(model, val_set)}
+    recent = history[-50:]
+    parts = " ".join(f"{k} {np.mean([h[k] for h in recent]):.4f}" for k in recent[0]) \
+        if recent else "-"
+    print(f"step {step}: loss [{parts}] | prostate {v['prostate_dice']:.3f} lesion "
+          f"{v['lesion_dice']:.3f} reg-dice {v['reg_dice_before']:.3f}->{v['reg_dice_after']:.3f}"
+          f" TRE {v['tre_mm_before']:.2f}->{v['tre_mm_after']:.2f} mm "
+          f"(oracle {v['tre_mm_oracle']:.2f})", flush=True)
+    return v
+
+
+def save_plot(path: Path, history: list[dict[str, float]], val: list[dict[str, float]]) -> None:
+    """Loss curves (smoothed) and validation Dice / TRE against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    steps = np.arange(len(history))
+    window = max(1, len(history) // 50)
+    kernel = np.ones(window) / window
+    for key in ("total", "seg", "reg", "transform", "kl"):
+        values = np.array([h[key] for h in history])
+        if len(values) >= window:
+            axes[0].plot(steps[window - 1:], np.convolve(values, kernel, "valid"), label=key)
+    axes[0].set(yscale="log", xlabel="step", title="training loss (moving mean)")
+    axes[0].legend()
+    vsteps = [v["step"] for v in val]
+    for key in ("prostate_dice", "lesion_dice", "reg_dice_before", "reg_dice_after"):
+        axes[1].plot(vsteps, [v[key] for v in val], marker="o", label=key)
+    axes[1].set(ylim=(0, 1), xlabel="step", title="held-out validation Dice")
+    axes[1].legend()
+    for key in ("tre_mm_before", "tre_mm_after", "tre_mm_oracle"):
+        axes[2].plot(vsteps, [v[key] for v in val], marker="o", label=key)
+    axes[2].set(xlabel="step", ylabel="mm", title="held-out TRE over the prostate")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def train_alignsegnet(
+    out_dir: str | Path,
+    *,
+    minutes: float = 25.0,
+    seed: int = 0,
+    samples: int = 6000,
+    train_phantoms: int = 16,
+    val_phantoms: int = 4,
+    val_frames: int = 100,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    steps: int | None = None,
+    validate_every_s: float = 120.0,
+    threads: int = 2,
+    config: dict[str, Any] | None = None,
+    weights: LossWeights | None = None,
+    cache_dir: str | Path | None = DEFAULT_CACHE,
+    open_scanner: OpenScanner = open_simulated_scanner,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Generate (or load cached) simulated frames, train, validate, save; within ``minutes``.
+
+    Args:
+        out_dir: where the checkpoint, the metrics JSON and the plot go.
+        minutes: wall-time budget for everything, data generation included.
+        seed: seeds data generation, initialisation, batch order and augmentation.
+        samples: training frames, spread over phantom seeds 1..``train_phantoms`` (seed 0, the
+            demo case, is never trained on).
+        val_phantoms, val_frames: held-out phantoms 1000.. and frames per phantom; the demo
+            phantom (seed 0) gets ``val_frames`` frames too and is reported apart.
+        steps: a fixed number of optimisation steps (reproducible, still cut at the deadline);
+            by default training fills the budget and the schedule follows elapsed time.
+        config: :class:`AlignSegNetConfig` overrides.
+        weights: loss weights (default :class:`LossWeights`).
+        threads: torch CPU threads for training (frame rendering always uses one).
+        open_scanner: frame source (the simulated scanner; a stand-in in tests).
+    Returns:
+        the summary written to ``alignsegnet.json``.
+    """
+    t_start = time.monotonic()
+    deadline = t_start + 60.0 * minutes
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)  # default 2: the target machine class is a 2-core CPU
+    torch.manual_seed(seed)
+    cfg = AlignSegNetConfig(**(config or {}))
+    weights = weights or LossWeights()
+    size = (cfg.size, cfg.size)
+
+    train_seeds = list(range(1, train_phantoms + 1))
+    val_seeds = list(range(VAL_SEED0, VAL_SEED0 + val_phantoms))
+    per_phantom = math.ceil(samples / train_phantoms)
+    data_args = dict(size=size, seed=seed, open_scanner=open_scanner, progress=progress)
+    train_set = cached_samples(cache_dir, train_seeds, per_phantom, desc="train frames",
+                               **data_args)
+    val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="val frames", **data_args)
+    demo_set = cached_samples(cache_dir, [DEMO_SEED], val_frames, desc="demo frames",
+                              **data_args)
+    data_s = time.monotonic() - t_start
+    print(f"data: {len(train_set)} train / {len(val_set)} val / {len(demo_set)} demo frames "
+          f"in {data_s:.0f} s", flush=True)
+
+    model = AlignSegNet(cfg)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    history: list[dict[str, float]] = []
+    val_history = [_validate(model, val_set, 0, history)]  # the untrained baseline, timed
+    # Reserve the final validation (val + demo frames) and saving; the rest is training time.
+    val_s = time.monotonic() - t_start - data_s
+    reserve_s = val_s * (1.0 + len(demo_set) / len(val_set)) + 15.0
+    t_train = time.monotonic()
+    train_end = deadline - reserve_s
+    if steps is None and train_end <= t_train:
+        raise InputError(f"--minutes {minutes}: data generation took {data_s:.0f} s and leaves no "
+                         "time to train; raise --minutes or lower --samples.")
+    t_last_val, compute_s = t_train, 0.0
+    order, cursor, step = torch.randperm(len(train_set), generator=generator), 0, 0
+    bar = tqdm(desc="train", unit="step", disable=not progress, leave=False)
+    while True:
+        # Progress drives the cosine schedule: by step with --steps (reproducible), else by wall
+        # time, which stays right when the machine's speed changes mid-run (shared CPUs).
+        now = time.monotonic()
+        done = step / steps if steps is not None else (now - t_train) / (train_end - t_train)
+        if done >= 1.0 or now >= train_end:
+            break
+        if cursor + batch_size > len(order):
+            order, cursor = torch.randperm(len(train_set), generator=generator), 0
+        batch = train_set.batch(order[cursor : cursor + batch_size])
+        cursor += batch_size
+        batch["trus"] = augment_trus(batch["trus"], generator)
+        for group in optimiser.param_groups:
+            group["lr"] = lr * lr_factor(step, done, warmup_steps=20)
+        model.train()
+        out = model(batch["trus"], batch["mri"], batch["mri_labels"])
+        parts = joint_loss(out, batch, weights)
+        optimiser.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        optimiser.step()
+        history.append({k: float(v.detach()) for k, v in parts.items()})
+        step += 1
+        compute_s += time.monotonic() - now
+        bar.update()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean([h['total'] for h in history[-10:]]):.3f}")
+        if time.monotonic() - t_last_val > validate_every_s:
+            val_history.append(_validate(model, val_set, step, history))
+            t_last_val = time.monotonic()
+    bar.close()
+    train_s = time.monotonic() - t_train
+    samples_per_s = step * batch_size / max(compute_s, 1e-9)
+    print(f"trained {step} steps in {train_s:.0f} s: {samples_per_s:.1f} samples/s "
+          "(optimisation only)", flush=True)
+
+    val_history.append(_validate(model, val_set, step, history))
+    held_out = {k: v for k, v in val_history[-1].items() if k != "step"}
+    demo = evaluate(model, demo_set)
+    summary = {
+        "model": NAME,
+        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": dataclasses.asdict(cfg),
+        "loss_weights": dataclasses.asdict(weights),
+        "seed": seed, "batch_size": batch_size, "lr": lr, "steps": step, "threads": threads,
+        "train_frames": len(train_set), "train_phantom_seeds": train_seeds,
+        "val_phantom_seeds": val_seeds, "demo_phantom_seed": DEMO_SEED,
+        "data_s": round(data_s, 1), "train_s": round(train_s, 1),
+        "samples_per_s": round(samples_per_s, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "validation": held_out, "demo": demo,
+        "torch": torch.__version__,
+    }
+    save_checkpoint(out_dir / f"{NAME}.pt", NAME, model, cfg,
+                    meta={"validation": held_out, "demo": demo, "command": summary["command"],
+                          "steps": step, "seed": seed})
+    save_plot(out_dir / f"{NAME}_training.png", history, val_history)
+    summary["wall_s"] = round(time.monotonic() - t_start, 1)
+    (out_dir / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``regseg train alignsegnet``."""
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--minutes", type=float, default=25.0,
+                        help="wall-time budget including data generation (default 25)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=6000, help="training frames")
+    parser.add_argument("--train-phantoms", type=int, default=16,
+                        help="training phantom seeds 1..N (seed 0 is the demo case)")
+    parser.add_argument("--val-phantoms", type=int, default=4)
+    parser.add_argument("--val-frames", type=int, default=100, help="frames per val phantom")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fixed step count (default: fit to the budget)")
+    parser.add_argument("--validate-every", type=float, default=120.0,
+                        help="seconds between validations (default 120)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help=f"simulated-frame cache (default {DEFAULT_CACHE})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace, *, command: str | None = None) -> int:
+    """Run ``regseg train alignsegnet`` from parsed arguments; prints the held-out metrics.
+
+    ``command`` is recorded in the JSON; by default the process's own command line.
+    """
+    summary = train_alignsegnet(
+        args.out, minutes=args.minutes, seed=args.seed, samples=args.samples,
+        train_phantoms=args.train_phantoms, val_phantoms=args.val_phantoms,
+        val_frames=args.val_frames, batch_size=args.batch_size, lr=args.lr, steps=args.steps,
+        validate_every_s=args.validate_every, threads=args.threads, cache_dir=args.cache_dir,
+        progress=not args.no_progress, command=command)
+    for name in ("validation", "demo"):
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[name].items()))
+    print(f"wrote {args.out / (NAME + '.pt')} ({summary['wall_s']:.0f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m regseg.train.alignsegnet",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    return run(parser.parse_args(argv),
+               command=shlex.join(["python", "-m", "regseg.train.alignsegnet", *argv]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
