@@ -74,14 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="20 frames (about a minute)")
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="regseg's torch and engine threads (as regseg-stream's default)")
+    ap.add_argument("--sitk-threads", type=int, default=2,
+                    help="SimpleITK's threads (its default: every core)")
     ap.add_argument("--json", default="out/bench_classical.json")
     ap.add_argument("--png", default=None)
     args = ap.parse_args(argv)
     import SimpleITK as sitk
 
     torch.set_num_threads(args.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.sitk_threads)
     n = args.frames or (20 if args.quick else 100)
     phantom = make_phantom(0)
     context = build_context(phantom.mri, phantom.labels)
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("tre_mm_mean", "TRE mm mean", ".2f"),
                        ("ratio_vs_simpleitk", "x simpleitk", ".1f")])
     write_json(args.json, "classical", rows, frames=n, threads=args.threads,
+               sitk_threads=args.sitk_threads,
                engine_info=engine.info,
                command=" ".join(["python", "bench/classical.py", *(argv or sys.argv[1:])]))
     write_histogram(args.png or Path(args.json).with_suffix(".png"),

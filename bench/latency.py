@@ -27,6 +27,7 @@ from pathlib import Path
 
 from common import add_ratios, device_name, print_table, summarise, write_histogram, write_json
 
+from regseg.errors import StreamError
 from regseg.phantom import make_phantom, write_phantom
 from regseg.scanner import SimulatedScanner
 from regseg.stream.igtl_wire import MessageReader
@@ -69,9 +70,19 @@ def receive(port: int, frames: int, timeout_s: float, proc: subprocess.Popen) ->
     latencies: list[float] = []
     with sock:
         while len(latencies) < frames and time.monotonic() < deadline and proc.poll() is None:
-            msg = reader.read()
+            try:
+                msg = reader.read()
+            except StreamError:  # the pipeline closed: its exit status tells why
+                break
             if msg is not None and msg.message_type == "IMAGE" and msg.device_name == "Overlay":
                 latencies.append((time.time() - msg.timestamp) * 1e3)
+        # Stay connected and drain until the pipeline exits: pyigtl's send_message(wait=True),
+        # as the naive pipeline calls it, never returns once its only client has gone.
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                reader.read()
+            except StreamError:
+                break
     return latencies
 
 
@@ -81,13 +92,15 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
     if kind == "naive":
         return [sys.executable, str(NAIVE), "--mri", str(case[0]), "--mri-labels", str(case[1]),
                 "--source-port", str(source_port), "--serve-port", str(serve_port),
-                "--max-frames", str(frames), "--threads", str(args.threads),
+                "--max-frames", str(frames), "--threads", str(args.naive_threads),
                 "--stats-json", str(stats_path)]
     return [sys.executable, "-m", "regseg.stream.cli", "--mri", str(case[0]), "--mri-labels",
             str(case[1]), "--source", f"igtl://127.0.0.1:{source_port}", "--serve",
             f"igtl://127.0.0.1:{serve_port}", "--max-frames", str(frames), "--quiet",
-            "--device", args.device, "--threads", str(args.threads), "--backend", args.backend,
-            "--precision", args.precision, "--stats-json", str(stats_path)]
+            "--device", args.device, "--threads", str(args.threads), "--engine-threads",
+            str(args.engine_threads or args.threads), "--backend", args.backend,
+            "--precision", args.precision, "--stats-json", str(stats_path),
+            "--deformable", "on" if kind == "regseg+deformable" else "off"]
 
 
 def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], scanner,
@@ -97,14 +110,20 @@ def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], sca
     stats_path = Path(tempfile.mkdtemp()) / "stats.json"
     total = frames + WARMUP
     with SimIgtlServer(scanner, port=0, fps=fps) as sender:
-        cmd = pipeline_command(kind, args, case, sender.port, serve_port, total, stats_path)
+        # a few frames more than received: the last results are still in flight at its exit
+        cmd = pipeline_command(kind, args, case, sender.port, serve_port, total + 5, stats_path)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         t0 = time.monotonic()
         try:
             latencies = receive(serve_port, total, 120 + frames, proc)
             elapsed = time.monotonic() - t0
         finally:
-            out, err = proc.communicate(timeout=120)
+            try:
+                out, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # never leave a pipeline process behind
+                out, err = proc.communicate()
+                raise RuntimeError(f"{kind} pipeline did not exit:\n{err[-3000:]}") from None
         sent = sender.frames_sent
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} pipeline failed ({proc.returncode}):\n{err[-3000:]}")
@@ -117,9 +136,9 @@ def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], sca
                     # hand-off, or processed and lost)
                     dropped=max(sent - len(latencies), 0),
                     receive_span_fps=round(len(latencies) / max(elapsed, 1e-9), 2),
-                    device=device_name(args.device if kind == "regseg" else "cpu"),
-                    threads=args.threads)
-    if kind == "regseg":
+                    device=device_name("cpu" if kind == "naive" else args.device),
+                    threads=args.naive_threads if kind == "naive" else args.threads)
+    if kind != "naive":
         row["fps"] = stats.get("fps")
         row["engine"] = stats.get("engine")
         row["engine_info"] = stats.get("engine_info")
@@ -139,11 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer frames (under 3 minutes)")
     ap.add_argument("--frames", type=int, default=None, help="measured frames per variant")
     ap.add_argument("--fps", type=float, default=30.0, help="offered rate of the paced runs")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="regseg's torch threads")
+    ap.add_argument("--engine-threads", type=int, default=None,
+                    help="regseg's engine pool (onnxrt); default --threads")
+    ap.add_argument("--naive-threads", type=int, default=2,
+                    help="the naive pipeline's torch threads (torch's default: all cores)")
     ap.add_argument("--device", default="cpu", help="regseg's device: cpu or cuda")
     ap.add_argument("--backend", default="auto", help="regseg's engine backend")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--no-naive", action="store_true", help="regseg only (no ratio)")
+    ap.add_argument("--deformable", action="store_true",
+                    help="also run regseg with the live deformable stage (--deformable on)")
     ap.add_argument("--json", default="out/bench_latency.json")
     ap.add_argument("--png", default=None, help="histogram (default: JSON path with .png)")
     args = ap.parse_args(argv)
@@ -153,12 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     phantom = make_phantom(0)
     case = write_phantom(phantom, workdir)
     scanner = PrerenderedScanner(SimulatedScanner(phantom, seed=0), min(frames + 20, 200))
-    kinds = ["regseg"] if args.no_naive else ["regseg", "naive"]
     rows, series = [], {}
     for fps in (args.fps, 0.0):
+        # regseg's live chain as issue 3 specifies it (affine AlignSegNet); with issue 4's
+        # deformable stage on top at the paced rate only; the naive baseline last.
+        kinds = ["regseg"] + (["regseg+deformable"] if fps > 0 and args.deformable else [])
+        kinds += [] if args.no_naive else ["naive"]
         for kind in kinds:
             # the naive chain needs ~10x regseg's time per frame: fewer frames keep --quick short
-            n = frames if kind == "regseg" else max(20, frames // 3)
+            n = max(20, frames // 3) if kind == "naive" else frames
             row, measured = run_variant(kind, fps, n, case, scanner, args)
             rows.append(row)
             series[row["name"]] = measured

@@ -241,10 +241,10 @@ def bench_phantom(phantoms: int, per_phantom: int, device: str) -> tuple[dict, d
 
 def print_table(title: str, methods: dict[str, dict[str, float]]) -> None:
     print(f"\n{title}")
-    print(f"{'method':<24}" + "".join(f"{k:>18}" for k in (*KEYS, "speedup_vs_simpleitk")))
+    cols = (*KEYS, "speedup_vs_simpleitk")
+    print(f"{'method':<24}" + "".join(f"{k:>{len(k) + 2}}" for k in cols))
     for name, m in methods.items():
-        cells = [f"{m.get(k, float('nan')):18.4f}" for k in (*KEYS, "speedup_vs_simpleitk")]
-        print(f"{name:<24}" + "".join(cells))
+        print(f"{name:<24}" + "".join(f"{m.get(k, float('nan')):{len(k) + 2}.4f}" for k in cols))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,17 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch and ITK threads (default 2)")
-    p.add_argument("--pairs", type=int, default=None, help="MNI152 pairs (quick 3, full 8)")
+    p.add_argument("--pairs", type=int, default=None, help="MNI152 pairs (quick 2, full 8)")
     p.add_argument("--phantoms", type=int, default=None, help="phantoms (quick 2, full 4)")
-    p.add_argument("--frames", type=int, default=None, help="frames per phantom (5 / 20)")
+    p.add_argument("--frames", type=int, default=None, help="frames per phantom (4 / 20)")
     args = p.parse_args(argv)
     import SimpleITK as sitk
 
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    n_pairs = args.pairs or (3 if args.quick else 8)
+    n_pairs = args.pairs or (2 if args.quick else 8)
     phantoms = args.phantoms or (2 if args.quick else 4)
-    frames = args.frames or (5 if args.quick else 20)
+    frames = args.frames or (4 if args.quick else 20)
     t0 = time.perf_counter()
     mni_methods = bench_mni(n_pairs, args.device)
     phantom_methods, latency = bench_phantom(phantoms, frames, args.device)

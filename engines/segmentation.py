@@ -12,6 +12,22 @@ from torch import Tensor, nn
 from regseg.engines.base import Engine, make_engine
 
 
+def argmax_labels(logits: Tensor) -> Tensor:
+    """Argmax over the class axis as uint8: (B, K, *spatial) -> (B, *spatial).
+
+    The same answer as ``logits.argmax(dim=1)`` (ties go to the lower class), by K - 1
+    elementwise comparisons: torch's CPU argmax over a short outer axis is a strided reduction
+    that took 12 ms for 3 x 256 x 256 on one core here, the comparisons 0.25 ms.
+    """
+    best = logits[:, 0]
+    labels = torch.zeros(best.shape, dtype=torch.uint8, device=logits.device)
+    for k in range(1, logits.shape[1]):
+        channel = logits[:, k]
+        labels.masked_fill_(channel > best, k)
+        best = torch.maximum(best, channel)
+    return labels
+
+
 class LogitsOutput(nn.Module):
     """Gives a network that returns a bare tensor the engines' dict interface.
 
@@ -71,4 +87,4 @@ class SegmentationEngine:
         if out_size is not None and tuple(out_size) != tuple(logits.shape[2:]):
             mode = "bilinear" if logits.ndim == 4 else "trilinear"
             logits = F.interpolate(logits, size=tuple(out_size), mode=mode, align_corners=False)
-        return logits.argmax(dim=1).to(torch.uint8)
+        return argmax_labels(logits)

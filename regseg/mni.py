@@ -14,6 +14,10 @@ to the moving image. Labels (1 grey matter, 2 white matter) are the warped proba
 argmax. The true correspondence of a fixed point x is the moving point z with
 ``z + u_m(z) = x + u_f(x)`` (solved by fixed-point iteration), given as landmarks and as a dense
 field.
+
+References:
+    Fonov et al., "Unbiased average age-appropriate atlases for pediatric studies", NeuroImage
+    54(1), 2011 (the ICBM 2009a nonlinear symmetric template); nilearn ``datasets`` data files.
 """
 
 from __future__ import annotations

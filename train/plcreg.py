@@ -22,14 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regseg import metrics, mni, planes
+from regseg import metrics, mni, planes, spatial
 from regseg.errors import InputError
 from regseg.models import reg_losses
 from regseg.models.checkpoint import save_checkpoint
 from regseg.models.plcreg import PLCReg, PLCRegConfig, count_parameters
 from regseg.models.registry import default_weights_path, load_model
-from regseg.registration_metrics import jacobian_stats, nanmean
-from regseg.spatial import warp
+from regseg.registration_metrics import jacobian_stats, nanmean, sample_field
+from regseg.spatial import identity_grid, warp
 from regseg.train.data import frame_sample, mri_tensors, open_simulated_scanner
 
 VAL_SEED0 = 1000  # held-out phantoms, as for AlignSegNet
@@ -45,7 +45,8 @@ CONFIG_3D = PLCRegConfig(ndim=3, size=(48, 64, 48), channels=(8, 16, 32, 32), he
 
 @dataclasses.dataclass(frozen=True)
 class Weights:
-    """Loss weights. 2-D: Dice + epe * EPE + smooth * Grad; 3-D: MIND + dice * Dice + smooth."""
+    """Loss weights. 2-D: Dice + epe * EPE + smooth * Grad; 3-D: MIND + dice * Dice + smooth
+    (+ epe * EPE to the true field when asked)."""
 
     dice: float = 1.0
     epe: float = 0.05  # per voxel of end-point error (the simulator knows the true field)
@@ -257,26 +258,49 @@ def train_2d(out_dir: Path, *, minutes: float, seed: int, frames: int, phantoms:
 
 
 # ---------------------------------------------------------------------------------------- 3-D
-def mni_pool(base: mni.MniBase, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mni_pool(base: mni.MniBase, n: int, seed: int, affine_scale: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` deformed, intensity-changed templates (half "other modality") and their tissue maps.
 
+    Args:
+        affine_scale: multiplies the config's rotation, scale and shift bounds: the network
+            works after the affine stage, so it mostly needs to learn what an affine leaves.
     Returns:
-        images (n, 1, K, J, I) float16 in [0, 1], maps (n, 2, K, J, I) float16 (grey, white).
+        images (n, 1, K, J, I) float16 in [0, 1], maps (n, 2, K, J, I) float16 (grey, white),
+        and the template displacements u (n, 3, K, J, I) float32: image(x) = T(x + u(x)).
     """
-    images, maps = [], []
+    c = base.config
+    cfg = dataclasses.replace(c, rotation_deg=c.rotation_deg * affine_scale,
+                              scale=c.scale * affine_scale, shift_mm=c.shift_mm * affine_scale)
+    images, maps, fields = [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i, 3])
-        u = mni.random_displacement(rng, base.config)
+        u = mni.random_displacement(rng, cfg)
         img = warp(base.t1, u, padding_mode="zeros")
-        images.append(mni.intensity_change(img, rng, base.config, other_modality=bool(i % 2)))
+        images.append(mni.intensity_change(img, rng, cfg, other_modality=bool(i % 2)))
         maps.append(warp(base.probs[:, 1:], u, padding_mode="border"))
-    return torch.cat(images).half(), torch.cat(maps).half()
+        fields.append(u)
+    return torch.cat(images).half(), torch.cat(maps).half(), torch.cat(fields)
+
+
+def true_pair_ddf(u_moving: torch.Tensor, u_fixed: torch.Tensor) -> torch.Tensor:
+    """The displacement that aligns pool image ``moving`` to ``fixed``, (1, 3, K, J, I) voxels.
+
+    Fixed voxel x shows template point x + u_f(x); the moving image shows it at z with
+    z + u_m(z) = x + u_f(x) (fixed-point solve, ``regseg.mni.invert_points``).
+    """
+    shape = tuple(u_fixed.shape[2:])
+    grid = identity_grid(shape)
+    targets = (grid + u_fixed[0]).reshape(3, -1).T
+    z = mni.invert_points(u_moving, targets, iterations=15).T.reshape(3, *shape)
+    return (z - grid)[None]
 
 
 @torch.inference_mode()
 def evaluate_3d(model: PLCReg, base: mni.MniBase, seeds: list[int]) -> dict[str, float]:
     """Dice (grey, white mean) before/after and folding on pairs of ``seeds`` (no affine stage)."""
-    rows: dict[str, list[float]] = {"dice_before": [], "dice_after": [], "folding_pct": []}
+    rows: dict[str, list[float]] = {"dice_before": [], "dice_after": [], "folding_pct": [],
+                                    "tre_mm": []}
     for n, s in enumerate(seeds):
         pair = mni.make_pair(base, s, other_modality=bool(n % 2))
         fixed = torch.from_numpy(pair.fixed.transpose(2, 1, 0).copy())[None, None]
@@ -292,16 +316,21 @@ def evaluate_3d(model: PLCReg, base: mni.MniBase, seeds: list[int]) -> dict[str,
                  for k in (1, 2)]
             rows[key].append(float(np.mean(d)))
         rows["folding_pct"].append(jacobian_stats(ddf[0].numpy())["folding_pct"])
+        ijk = spatial.apply(np.linalg.inv(pair.voxel_to_world), pair.landmarks_fixed_mm)
+        kji = ijk[:, ::-1] + sample_field(ddf[0].numpy(), ijk[:, ::-1])
+        moved_mm = spatial.apply(pair.voxel_to_world, kji[:, ::-1])
+        rows["tre_mm"].append(float(np.linalg.norm(moved_mm - pair.landmarks_moving_mm,
+                                                   axis=1).mean()))
     return {k: nanmean(v) for k, v in rows.items()}
 
 
 def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: int, lr: float,
-             weights: Weights, progress: bool) -> dict[str, Any]:
+             weights: Weights, progress: bool, affine_scale: float = 1.0) -> dict[str, Any]:
     """Train the offline model on MNI152-derived pairs; returns the summary."""
     t0 = time.monotonic()
     cfg = CONFIG_3D
     base = mni.load_base(mni.MniConfig(shape=tuple(cfg.size[::-1])))
-    images, maps = mni_pool(base, pool, seed)
+    images, maps, fields = mni_pool(base, pool, seed, affine_scale)
     data_s = time.monotonic() - t0
     model = PLCReg(cfg)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
@@ -322,6 +351,11 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
         }
         loss = (weights.mind * parts["mind"] + weights.dice * parts["dice"]
                 + weights.smooth * parts["smooth"])
+        if weights.epe > 0:  # the simulated pairs know their true field: supervise it too
+            brain = (maps[j : j + 1].float().sum(1, keepdim=True) > 0.5).float()
+            true = true_pair_ddf(fields[i : i + 1], fields[j : j + 1])
+            parts["epe"] = reg_losses.endpoint_error(out["ddf"], true, brain)
+            loss = loss + weights.epe * parts["epe"]
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -335,6 +369,7 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
     summary = {"validation": evaluate_3d(model, base, val_seeds), "pool": pool, "steps": step,
                "data_s": round(data_s, 1), "train_s": round(train_s, 1),
                "val_seeds": val_seeds, "mni_config": dataclasses.asdict(base.config),
+               "pool_affine_scale": affine_scale,
                "final_losses": {k: float(np.mean([h[k] for h in history[-25:]]))
                                 for k in history[-1]} if history else {}}
     return _save(out_dir, "plcreg3d", model, cfg, summary, weights, seed, lr)
@@ -373,6 +408,11 @@ def add_arguments(parser: argparse.ArgumentParser, dim: int) -> None:
     else:
         parser.add_argument("--pool", type=int, default=96, help="deformed templates to pair")
         parser.add_argument("--val-pairs", type=int, default=4)
+        parser.add_argument("--epe", type=float, default=0.1,
+                            help="weight of the end-point error to the true field (default 0.1)")
+        parser.add_argument("--smooth", type=float, default=0.05, help="smoothness weight")
+        parser.add_argument("--affine-scale", type=float, default=0.4,
+                            help="scales the random affine of the training pairs (default 0.4)")
     parser.set_defaults(dim=dim)
 
 
@@ -390,8 +430,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary = train_3d(args.out, minutes=args.minutes, seed=args.seed, pool=args.pool,
                            val_pairs=args.val_pairs, lr=args.lr,
-                           weights=Weights(dice=0.5, smooth=0.05),
-                           progress=not args.no_progress)
+                           weights=Weights(dice=0.5, smooth=args.smooth, epe=args.epe),
+                           progress=not args.no_progress, affine_scale=args.affine_scale)
         print("validation:", summary["validation"])
     print(f"wrote {args.out / (summary['model'] + '.pt')} after {summary['steps']} steps")
     return 0

@@ -47,3 +47,11 @@ def test_dict_output_network_uses_key():
     engine = SegmentationEngine(DictNet(), (1, 1, 4, 4), key="seg")
     x = torch.zeros(1, 1, 4, 4)
     assert int(engine(x).max()) == 1  # channel 1 (= 1 - 0) wins everywhere
+
+
+def test_argmax_labels_equals_argmax_with_ties():
+    from regseg.engines.segmentation import argmax_labels
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (2, 4, 16, 16), generator=g).float()  # many exact ties
+    assert torch.equal(argmax_labels(logits), logits.argmax(dim=1).to(torch.uint8))
