@@ -54,8 +54,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def receive(port: int, frames: int, timeout_s: float, proc: subprocess.Popen) -> list[float]:
-    """Latencies (ms) of the Overlay images received from the pipeline's server."""
+def receive(port: int, frames: int, timeout_s: float,
+            proc: subprocess.Popen) -> list[tuple[float, float]]:
+    """(latency ms, sender timestamp s) of each Overlay image received from the pipeline."""
     deadline = time.monotonic() + timeout_s
     sock = None
     while sock is None and time.monotonic() < deadline and proc.poll() is None:
@@ -67,7 +68,7 @@ def receive(port: int, frames: int, timeout_s: float, proc: subprocess.Popen) ->
         raise RuntimeError("the pipeline did not open its OpenIGTLink server")
     sock.settimeout(0.5)
     reader = MessageReader(sock)
-    latencies: list[float] = []
+    latencies: list[tuple[float, float]] = []
     with sock:
         while len(latencies) < frames and time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -75,7 +76,7 @@ def receive(port: int, frames: int, timeout_s: float, proc: subprocess.Popen) ->
             except StreamError:  # the pipeline closed: its exit status tells why
                 break
             if msg is not None and msg.message_type == "IMAGE" and msg.device_name == "Overlay":
-                latencies.append((time.time() - msg.timestamp) * 1e3)
+                latencies.append(((time.time() - msg.timestamp) * 1e3, msg.timestamp))
         # Stay connected and drain until the pipeline exits: pyigtl's send_message(wait=True),
         # as the naive pipeline calls it, never returns once its only client has gone.
         while time.monotonic() < deadline and proc.poll() is None:
@@ -93,7 +94,7 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
         return [sys.executable, str(NAIVE), "--mri", str(case[0]), "--mri-labels", str(case[1]),
                 "--source-port", str(source_port), "--serve-port", str(serve_port),
                 "--max-frames", str(frames), "--threads", str(args.naive_threads),
-                "--stats-json", str(stats_path)]
+                "--device", args.device, "--stats-json", str(stats_path)]
     return [sys.executable, "-m", "regseg.stream.cli", "--mri", str(case[0]), "--mri-labels",
             str(case[1]), "--source", f"igtl://127.0.0.1:{source_port}", "--serve",
             f"igtl://127.0.0.1:{serve_port}", "--max-frames", str(frames), "--quiet",
@@ -125,18 +126,21 @@ def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], sca
                 out, err = proc.communicate()
                 raise RuntimeError(f"{kind} pipeline did not exit:\n{err[-3000:]}") from None
         sent = sender.frames_sent
+        sent_stamps = sorted(sender.sent)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} pipeline failed ({proc.returncode}):\n{err[-3000:]}")
     stats = json.loads(stats_path.read_text())
-    measured = latencies[WARMUP:]
+    measured = [ms for ms, _ in latencies[WARMUP:]]
+    stamps = [ts for _, ts in latencies[WARMUP:]]
+    # dropped: frames the sender sent between the first and the last measured overlay that
+    # never came back (skipped by a latest-wins hand-off, or processed and lost)
+    in_window = sum(1 for ts in sent_stamps if stamps and stamps[0] <= ts <= stamps[-1])
     name = f"{kind} @{fps:g}fps" if fps > 0 else f"{kind} flat-out"
     row = summarise(name, measured, offered_fps=fps if fps > 0 else "max",
-                    frames_sent=sent, frames_received=len(latencies),
-                    # dropped: sent but never came back as an overlay (skipped by a latest-wins
-                    # hand-off, or processed and lost)
-                    dropped=max(sent - len(latencies), 0),
+                    frames_sent=in_window, frames_received=len(measured),
+                    frames_sent_total=sent, dropped=max(in_window - len(measured), 0),
                     receive_span_fps=round(len(latencies) / max(elapsed, 1e-9), 2),
-                    device=device_name("cpu" if kind == "naive" else args.device),
+                    device=device_name(args.device),
                     threads=args.naive_threads if kind == "naive" else args.threads)
     if kind != "naive":
         row["fps"] = stats.get("fps")

@@ -52,7 +52,7 @@ def process(nets: dict[str, nn.Module], pixels: np.ndarray, pose: np.ndarray, mr
 
     hw = pixels.shape
     with torch.no_grad():
-        trus = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None, None]
+        trus = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None, None].to(mri.device)
         mri_plane = spatial.reslice(mri, world_to_voxel, pose, hw)
         label_plane = spatial.reslice(labels, world_to_voxel, pose, hw, mode="nearest").float()
         ddf = nets["globalnet"](torch.cat([mri_plane, trus], dim=1))
@@ -62,11 +62,11 @@ def process(nets: dict[str, nn.Module], pixels: np.ndarray, pose: np.ndarray, mr
         moved = nets["warp"](moved, ddf2)
         moved_labels = nets["warp_nearest"](moved_labels, ddf2)
         logits = nets["unet"](torch.cat([trus, moved], dim=1))
-        seg = logits.argmax(dim=1)[0].numpy().astype(np.uint8)
+        seg = logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
     overlay = np.stack([pixels] * 3, axis=-1)
     overlay[seg == 1] = (0.6 * overlay[seg == 1] + [0, 100, 0]).astype(np.uint8)
     overlay[seg == 2] = (0.6 * overlay[seg == 2] + [100, 0, 0]).astype(np.uint8)
-    overlay[moved_labels[0, 0].numpy() > 0, 2] = 255
+    overlay[moved_labels[0, 0].cpu().numpy() > 0, 2] = 255
     return seg, overlay
 
 
@@ -83,15 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve-port", type=int, required=True)
     ap.add_argument("--max-frames", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: the naive chain on the same GPU")
     ap.add_argument("--stats-json", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     mri_vol = load_mri(args.mri)
-    mri = volume_tensor(normalise_intensity(mri_vol.data))
-    labels = volume_tensor(load_labels(args.mri_labels, like=mri_vol).data.astype(np.uint8))
+    mri = volume_tensor(normalise_intensity(mri_vol.data), args.device)
+    labels = volume_tensor(load_labels(args.mri_labels, like=mri_vol).data.astype(np.uint8),
+                           args.device)
     world_to_voxel = np.linalg.inv(mri_vol.voxel_to_world)
-    nets = build_naive_nets(256)
+    nets = {k: v.to(args.device) for k, v in build_naive_nets(256).items()}
     server = pyigtl.OpenIGTLinkServer(port=args.serve_port, local_server=True)
     client = pyigtl.OpenIGTLinkClient(host="127.0.0.1", port=args.source_port)
     processing_ms: list[float] = []

@@ -247,6 +247,15 @@ def print_table(title: str, methods: dict[str, dict[str, float]]) -> None:
         print(f"{name:<24}" + "".join(f"{m.get(k, float('nan')):{len(k) + 2}.4f}" for k in cols))
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, recursively."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer pairs/frames: < 5 min on CPU")
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nlive latency: {latency}\nwall {result['wall_s']:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(_finite(result), f, indent=2)  # NaN (not measured) -> null: strict JSON
             f.write("\n")
     return 0
 

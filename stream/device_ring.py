@@ -53,7 +53,7 @@ class DeviceRing:
 
     Args:
         chain: the frame chain; its context and engine live on the CUDA device.
-        slots: 2 or 3 (more only adds latency).
+        slots: 2 or 3.
         cuda_graph: capture the whole chain (prepare, model, warp, segment) as one CUDA graph and
             replay it per frame: one launch instead of ~100. The engine must be capturable (eager
             or tensorrt; ``compiled`` already records its own graphs).
@@ -68,8 +68,8 @@ class DeviceRing:
                  preprocess: str = "torch") -> None:
         if not torch.cuda.is_available() or chain.device.type != "cuda":
             raise EngineError(f"DeviceRing needs a CUDA device; the chain is on {chain.device}")
-        if not 2 <= slots <= 4:
-            raise EngineError(f"DeviceRing: {slots} slots; use 2 or 3")
+        if not 2 <= slots <= 3:
+            raise EngineError(f"DeviceRing: {slots} slots; use 2 or 3 (more only adds latency)")
         if preprocess not in ("torch", "cupy"):
             raise EngineError(f"preprocess {preprocess!r}: use 'torch' or 'cupy'")
         if cuda_graph and preprocess == "cupy":

@@ -73,8 +73,12 @@ def test_onnxrt_keeps_only_asked_outputs(model, tmp_path):
 
 
 def test_eager_bf16_within_tolerance(model):
-    eager = make_engine(model, SHAPES, backend="eager")
-    low = make_engine(model, SHAPES, backend="eager", precision="bf16", warmup=1)
+    """The live outputs hold in bf16. (The bilinear warps of the MRI and its label maps do not:
+    CPU autocast runs grid_sample in bf16, whose 8-bit grid coordinates move label edges by up to
+    a quarter pixel; the live path warps labels itself, in fp32.)"""
+    live = ("theta", "logits")
+    eager = make_engine(model, SHAPES, backend="eager", outputs=live)
+    low = make_engine(model, SHAPES, backend="eager", precision="bf16", outputs=live, warmup=1)
     err = parity_error(eager(_inputs()), low(_inputs()))
     assert max(err.values()) < TOLERANCES["bf16"], err
 
