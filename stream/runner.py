@@ -33,6 +33,8 @@ def frame_accuracy(pipeline: Pipeline, result: Result) -> tuple[dict[str, float]
     dice = {
         "prostate": metrics.dice(result.labels, truth.labels, PROSTATE),
         "lesion": metrics.dice(result.labels, truth.labels, LESION),
+        # the MRI labels through the registration: what the registration alone achieves
+        "registered_prostate": metrics.dice(result.warped_labels, truth.labels, PROSTATE),
     }
     ji = np.argwhere(truth.labels > 0)
     if len(ji) == 0:

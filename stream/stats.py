@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from regseg.types import LABEL_NAMES
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -75,8 +74,8 @@ class StreamStats:
             "stages_ms": {name: percentiles(v) for name, v in self.stages.items()},
         }
         if self.dice:
-            out["dice"] = {name: round(float(np.mean(self.dice[name])), 4)
-                           for name in LABEL_NAMES.values() if self.dice.get(name)}
+            out["dice"] = {name: round(float(np.mean(values)), 4)
+                           for name, values in self.dice.items() if values}
             out["dice_frames"] = {name: len(v) for name, v in self.dice.items()}
         if self.tre_mm:
             out["tre_mm"] = {name: round(float(np.median(v)), 3) for name, v in self.tre_mm.items()}

@@ -17,11 +17,12 @@ def test_summary_json_shape(tmp_path):
     stats = StreamStats()
     for i in range(10):
         stats.add({"model": 5.0 + i, "overlay": 1.0}, 10.0 + i, done_ns=i * 100_000_000)
-        stats.add_accuracy({"prostate": 0.8, "lesion": math.nan}, {"registered": 1.5})
+        stats.add_accuracy({"prostate": 0.8, "lesion": math.nan, "registered_prostate": 0.9},
+                           {"registered": 1.5})
     summary = stats.summary(skipped=3)
     assert summary["frames"] == 10 and summary["skipped"] == 3
     assert abs(summary["fps"] - 10.0) < 1e-6
-    assert summary["dice"] == {"prostate": 0.8}
+    assert summary["dice"] == {"prostate": 0.8, "registered_prostate": 0.9}
     assert set(summary["stages_ms"]) == {"model", "overlay"}
     assert summary["latency_ms"]["max"] == 19.0
     path = tmp_path / "s.json"
