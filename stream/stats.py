@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 def percentiles(values: list[float]) -> dict[str, float]:
     """p50/p95/p99/max of a list (NaN when empty), rounded to 0.01."""
     if not values:
