@@ -146,7 +146,7 @@ def bench_mni(n_pairs: int, device: str) -> dict[str, dict[str, float]]:
 def phantom_frames(phantoms: int, per_phantom: int, seed: int = 77):
     """Held-out frames with their true tissue displacement: (phantom, [(frame, disp)])."""
     from regseg.train.data import open_simulated_scanner
-    from regseg.train.plcreg import VAL_SEED0, true_displacement
+    from regseg.train.plcreg_live import VAL_SEED0, true_displacement
 
     for ps in range(VAL_SEED0, VAL_SEED0 + phantoms):
         phantom, scanner = open_simulated_scanner(ps, seed * 100_003 + ps)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from regseg import spatial
 from regseg.errors import InputError
 from regseg.stream.igtl_codec import pack_message
 
@@ -134,9 +135,9 @@ def label_outlines(mask: np.ndarray, image_to_world: np.ndarray) -> PolyData:
     if not pixels:
         return PolyData(points=np.zeros((0, 3), np.float32))
     ij = np.concatenate(pixels).astype(np.float64)
-    homogeneous = np.column_stack([ij, np.zeros(len(ij)), np.ones(len(ij))])
-    world = homogeneous @ np.asarray(image_to_world, dtype=np.float64).T
-    return PolyData(points=world[:, :3].astype(np.float32), lines=tuple(lines))
+    world = spatial.apply(np.asarray(image_to_world, dtype=np.float64),
+                          np.column_stack([ij, np.zeros(len(ij))]))
+    return PolyData(points=world.astype(np.float32), lines=tuple(lines))
 
 
 def pack_outline(

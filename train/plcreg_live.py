@@ -1,0 +1,229 @@
+"""PLCReg 2-D live recipe: simulated frames after the affine stage, refined by a deformable field.
+
+``regseg train plcreg2d --out DIR`` (see :mod:`regseg.train.plcreg`) writes ``DIR/plcreg2d.pt``
+and ``DIR/plcreg2d.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from regseg import metrics, planes
+from regseg.errors import InputError
+from regseg.models import reg_losses
+from regseg.models.plcreg import PLCReg, PLCRegConfig
+from regseg.models.registry import default_weights_path, load_model
+from regseg.registration_metrics import jacobian_stats, nanmean
+from regseg.spatial import warp
+from regseg.train.data import frame_sample, mri_tensors, open_simulated_scanner
+from regseg.train.plcreg_recipe import Weights, recent_losses, save_run, take_step
+
+VAL_SEED0 = 1000  # held-out phantoms, as for AlignSegNet
+LIVE_DATA_VERSION = 1
+
+#: The 2-D live model: MRI plane + its two label maps (moving) against the TRUS frame (fixed).
+CONFIG_2D = PLCRegConfig(ndim=2, size=(128, 128), moving_channels=3, fixed_channels=1,
+                         channels=(8, 16, 32, 64), shared_encoder=False, heads=4, window=(8, 8))
+
+
+@dataclasses.dataclass
+class LiveSet:
+    """Simulated frames after the affine stage, on the model grid (N frames of (h, w)).
+
+    ``moving`` is the MRI and its label maps resliced at the AlignSegNet-registered plane R,
+    ``fixed`` the TRUS frame; ``target_ddf`` the in-plane displacement that maps each model pixel
+    u to where the simulator truly took it from (``R F (u + ddf*) ~ true (F u + d(F u))``, F the
+    model-to-frame map, d the tissue displacement); ``pixel_to_mm`` the (3, 2) linear part of
+    R F and ``residual_mm`` what no in-plane field can reach (out-of-plane error), both for TRE.
+    """
+
+    fixed: torch.Tensor  # (N, 1, h, w) float16
+    moving: torch.Tensor  # (N, 3, h, w) float16: MRI, prostate map, lesion map
+    label_maps: torch.Tensor  # (N, 2, h, w) uint8 truth (prostate incl. lesion, lesion)
+    target_ddf: torch.Tensor  # (N, 2, h, w) float16, pixels, (dy, dx)
+    pixel_to_mm: torch.Tensor  # (N, 3, 2) float32
+    residual_mm: torch.Tensor | None  # (N, 3, h, w) float16, kept for evaluation sets only
+    fan_mask: torch.Tensor  # (h, w) bool, inside the ultrasound sector
+
+    def __len__(self) -> int:
+        return self.fixed.shape[0]
+
+    def batch(self, index: Any) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(list(index), dtype=torch.long)
+        residual = (torch.zeros(len(index), 3, *self.fixed.shape[2:])
+                    if self.residual_mm is None else self.residual_mm[index].float())
+        return {"fixed": self.fixed[index].float(), "moving": self.moving[index].float(),
+                "label_maps": self.label_maps[index].float(),
+                "target_ddf": self.target_ddf[index].float(),
+                "pixel_to_mm": self.pixel_to_mm[index], "residual_mm": residual}
+
+
+def true_displacement(scanner: Any, pose: Any) -> torch.Tensor:
+    """The simulator's tissue displacement of a pose at every frame pixel, (H, W, 2) (di, dj).
+
+    Reads the scanner's private displacement model (regseg.scanner has no public accessor yet):
+    the label at frame pixel p comes from the MRI at ``image_to_mri (p + d(p))``.
+    """
+    geo = scanner.geometry
+    return scanner._displacement(pose, scanner._modes_pixel, geo.pixel_radial_ij,
+                                 geo.pixel_depth_mm)
+
+
+@torch.inference_mode()
+def live_frames(phantom_seeds: list[int], per_phantom: int, *, seed: int,
+                size: tuple[int, int], keep_residual: bool, progress: bool) -> LiveSet:
+    """Render frames, run the shipped AlignSegNet on them, and build :class:`LiveSet`."""
+    affine = load_model("alignsegnet")
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in (
+        "fixed", "moving", "label_maps", "target_ddf", "pixel_to_mm", "residual_mm")}
+    fan = None
+    for ps in phantom_seeds:
+        phantom, scanner = open_simulated_scanner(ps, seed * 100_003 + ps)
+        mri, labels, world_to_voxel = mri_tensors(phantom)
+        rng = np.random.default_rng([seed, ps, 4])
+        for _ in range(per_phantom):
+            pose = scanner.path.random_pose(rng)  # as SimulatedScanner.random_frame draws
+            frame = scanner.render(pose, 0, noise_seed=int(rng.integers(2**62)))
+            hw = tuple(frame.pixels.shape)
+            s = frame_sample(frame, mri, labels, world_to_voxel, size)
+            onehot = planes.labels_onehot(s["mri_labels"])
+            theta = affine(s["trus"].float(), s["mri"].float(), onehot)["theta"][0].double()
+            plane = metrics.registered_image_to_mri(theta.numpy(), frame.image_to_reference, hw)
+            mri_r, lab_r = planes.mri_inputs(mri, labels, world_to_voxel, plane, hw, size)
+            to_frame = planes.model_to_frame(hw, size)
+            disp = true_displacement(scanner, pose).permute(2, 0, 1)[None].float()
+            disp = F.interpolate(disp, size=size, mode="bilinear", align_corners=False)[0]
+            v, u = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+            uv = torch.stack([u, v]).double().reshape(2, -1)
+            p = torch.as_tensor(to_frame[:2, :2]) @ uv + torch.as_tensor(to_frame[:2, 3])[:, None]
+            p = p + disp.double().reshape(2, -1)
+            true = torch.as_tensor(frame.truth.image_to_mri)
+            x_true = true[:3, :2] @ p + true[:3, 3:]
+            r_f = torch.as_tensor(plane @ to_frame)
+            offset = x_true - (r_f[:3, :2] @ uv + r_f[:3, 3:])
+            lin = r_f[:3, :2]
+            target = torch.linalg.pinv(lin) @ offset  # (dx, dy)
+            rows["fixed"].append(s["trus"])
+            rows["moving"].append(torch.cat([mri_r, lab_r], 1).half())
+            rows["label_maps"].append(planes.labels_onehot(s["labels"][:, None]).to(torch.uint8))
+            rows["target_ddf"].append(target.flip(0).reshape(1, 2, *size).half())
+            rows["pixel_to_mm"].append(lin.float()[None])
+            if keep_residual:
+                rows["residual_mm"].append((offset - lin @ target).reshape(1, 3, *size).half())
+            if fan is None:
+                mask = torch.from_numpy(scanner.sector_mask)[None, None].float()
+                fan = F.interpolate(mask, size=size, mode="nearest-exact")[0, 0] > 0.5
+        if progress:
+            print(f"  live frames: phantom {ps} done", flush=True)
+    if fan is None:
+        raise InputError("live_frames: no frames requested")
+    cat = {k: torch.cat(v) if v else None for k, v in rows.items()}
+    return LiveSet(**cat, fan_mask=fan)
+
+
+def cached_live_set(cache_dir: Path | None, phantom_seeds: list[int], per_phantom: int, *,
+                    seed: int, size: tuple[int, int], keep_residual: bool = True,
+                    progress: bool = True) -> LiveSet:
+    """:func:`live_frames`, cached on disk by its arguments and the AlignSegNet weights' hash."""
+    weights = default_weights_path("alignsegnet")
+    if not weights.is_file():
+        raise InputError(f"{weights}: the 2-D recipe refines the shipped AlignSegNet; train it "
+                         "first (`regseg train alignsegnet --out models/weights`).")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    key = json.dumps({"v": LIVE_DATA_VERSION, "seeds": phantom_seeds, "n": per_phantom,
+                      "seed": seed, "size": list(size), "affine": digest,
+                      "residual": keep_residual})
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"live-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        if path.is_file():
+            return LiveSet(**torch.load(path, weights_only=True))
+    data = live_frames(phantom_seeds, per_phantom, seed=seed, size=size,
+                       keep_residual=keep_residual, progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dataclasses.asdict(data), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return data
+
+
+@torch.inference_mode()
+def evaluate_2d(model: PLCReg | None, data: LiveSet, batch_size: int = 32) -> dict[str, float]:
+    """Held-out frames: prostate Dice and TRE (mm) of the MRI labels, affine-only vs refined.
+
+    ``model=None`` gives the affine-only numbers. TRE is over the true prostate pixels of the
+    model grid, between where the registration and the truth put each pixel in the MRI.
+    """
+    rows: dict[str, list[float]] = {"dice": [], "tre_mm": [], "folding_pct": []}
+    for start in range(0, len(data), batch_size):
+        b = data.batch(range(start, min(start + batch_size, len(data))))
+        if model is None:
+            ddf = torch.zeros_like(b["target_ddf"])
+        else:
+            ddf = model.eval()(b["moving"], b["fixed"])["ddf"]
+        moved = warp(b["moving"][:, 1:2], ddf, mode="nearest", padding_mode="zeros")[:, 0] > 0.5
+        truth = b["label_maps"][:, 0] > 0.5
+        for n in range(ddf.shape[0]):
+            p, t = moved[n], truth[n]
+            total = int(p.sum() + t.sum())
+            rows["dice"].append(float("nan") if total == 0 else 2 * float((p & t).sum()) / total)
+            # error vector in mm: L (ddf - ddf*) with L the plane's (3, 2) pixel -> mm map
+            diff = (ddf[n] - b["target_ddf"][n]).flip(0).reshape(2, -1)  # (dx, dy)
+            err = b["pixel_to_mm"][n] @ diff - b["residual_mm"][n].reshape(3, -1)
+            sel = t.reshape(-1)
+            rows["tre_mm"].append(float(err[:, sel].norm(dim=0).mean()) if sel.any()
+                                  else float("nan"))
+            if model is not None:
+                rows["folding_pct"].append(jacobian_stats(ddf[n].numpy(),
+                                                          data.fan_mask.numpy())["folding_pct"])
+    return {k: nanmean(v) for k, v in rows.items() if v}
+
+
+def train_2d(out_dir: Path, *, minutes: float, seed: int, frames: int, phantoms: int,
+             val_frames: int, batch_size: int, lr: float, weights: Weights,
+             cache_dir: Path | None, progress: bool) -> dict[str, Any]:
+    """Train the live model; returns the summary (written to ``plcreg2d.json``)."""
+    t0 = time.monotonic()
+    cfg = CONFIG_2D
+    train_set = cached_live_set(cache_dir, list(range(1, phantoms + 1)), -(-frames // phantoms),
+                                seed=seed + 7, size=cfg.size, keep_residual=False,
+                                progress=progress)
+    val_set = cached_live_set(cache_dir, list(range(VAL_SEED0, VAL_SEED0 + 4)), val_frames,
+                              seed=seed, size=cfg.size, progress=progress)
+    data_s = time.monotonic() - t0
+    model = PLCReg(cfg)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
+    gen = torch.Generator().manual_seed(seed)
+    mask = train_set.fan_mask[None, None].float()
+    deadline = t0 + 60 * minutes - 30  # keep half a minute for validation and saving
+    history: list[dict[str, float]] = []
+    step = 0
+    while time.monotonic() < deadline:
+        idx = torch.randint(len(train_set), (batch_size,), generator=gen)
+        b = train_set.batch(idx)
+        model.train()
+        out = model(b["moving"], b["fixed"])
+        parts = {
+            "dice": reg_losses.dice_loss(out["moved"][:, 1:], b["label_maps"]),
+            "epe": reg_losses.endpoint_error(out["ddf"], b["target_ddf"],
+                                             mask.expand(len(idx), -1, -1, -1)),
+            "smooth": reg_losses.gradient_loss(out["field"]),
+        }
+        loss = (weights.dice * parts["dice"] + weights.epe * parts["epe"]
+                + weights.smooth * parts["smooth"])
+        step = take_step(optimiser, loss, parts, history, report_every=50 if progress else 0)
+    train_s = time.monotonic() - t0 - data_s
+    summary = {"affine_only": evaluate_2d(None, val_set), "refined": evaluate_2d(model, val_set)}
+    summary.update(frames=len(train_set), val_frames=len(val_set), steps=step,
+                   data_s=round(data_s, 1), train_s=round(train_s, 1), batch_size=batch_size,
+                   final_losses=recent_losses(history, 50))
+    return save_run(out_dir, "plcreg2d", model, cfg, summary, weights, seed, lr)

@@ -1,0 +1,135 @@
+"""PLCReg 3-D offline recipe: pairs of MNI152 templates deformed by known smooth fields.
+
+``regseg train plcreg3d --out DIR`` (see :mod:`regseg.train.plcreg`) writes ``DIR/plcreg3d.pt``
+and ``DIR/plcreg3d.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from regseg import mni, spatial
+from regseg.models import reg_losses
+from regseg.models.plcreg import PLCReg, PLCRegConfig
+from regseg.registration_metrics import jacobian_stats, nanmean, sample_field
+from regseg.spatial import identity_grid, warp
+from regseg.train.plcreg_recipe import Weights, recent_losses, save_run, take_step
+
+#: The 3-D offline model at the reduced MNI grid (48 x 64 x 48 voxels of 3.25 mm).
+CONFIG_3D = PLCRegConfig(ndim=3, size=(48, 64, 48), channels=(8, 16, 32, 32), heads=4,
+                         window=(3, 4, 3))
+
+
+def mni_pool(base: mni.MniBase, n: int, seed: int, affine_scale: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` deformed, intensity-changed templates (half "other modality") and their tissue maps.
+
+    Args:
+        affine_scale: multiplies the config's rotation, scale and shift bounds: the network
+            works after the affine stage, so it mostly needs to learn what an affine leaves.
+    Returns:
+        images (n, 1, K, J, I) float16 in [0, 1], maps (n, 2, K, J, I) float16 (grey, white),
+        and the template displacements u (n, 3, K, J, I) float32: image(x) = T(x + u(x)).
+    """
+    c = base.config
+    cfg = dataclasses.replace(c, rotation_deg=c.rotation_deg * affine_scale,
+                              scale=c.scale * affine_scale, shift_mm=c.shift_mm * affine_scale)
+    images, maps, fields = [], [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, 3])
+        u = mni.random_displacement(rng, cfg)
+        img = warp(base.t1, u, padding_mode="zeros")
+        images.append(mni.intensity_change(img, rng, cfg, other_modality=bool(i % 2)))
+        maps.append(warp(base.probs[:, 1:], u, padding_mode="border"))
+        fields.append(u)
+    return torch.cat(images).half(), torch.cat(maps).half(), torch.cat(fields)
+
+
+def true_pair_ddf(u_moving: torch.Tensor, u_fixed: torch.Tensor) -> torch.Tensor:
+    """The displacement that aligns pool image ``moving`` to ``fixed``, (1, 3, K, J, I) voxels.
+
+    Fixed voxel x shows template point x + u_f(x); the moving image shows it at z with
+    z + u_m(z) = x + u_f(x) (fixed-point solve, ``regseg.mni.invert_points``).
+    """
+    shape = tuple(u_fixed.shape[2:])
+    grid = identity_grid(shape)
+    targets = (grid + u_fixed[0]).reshape(3, -1).T
+    z = mni.invert_points(u_moving, targets, iterations=15).T.reshape(3, *shape)
+    return (z - grid)[None]
+
+
+@torch.inference_mode()
+def evaluate_3d(model: PLCReg, base: mni.MniBase, seeds: list[int]) -> dict[str, float]:
+    """Dice (grey, white mean) before/after and folding on pairs of ``seeds`` (no affine stage)."""
+    rows: dict[str, list[float]] = {"dice_before": [], "dice_after": [], "folding_pct": [],
+                                    "tre_mm": []}
+    for n, s in enumerate(seeds):
+        pair = mni.make_pair(base, s, other_modality=bool(n % 2))
+        fixed = torch.from_numpy(pair.fixed.transpose(2, 1, 0).copy())[None, None]
+        moving = torch.from_numpy(pair.moving.transpose(2, 1, 0).copy())[None, None]
+        lab_m = torch.from_numpy(pair.moving_labels.transpose(2, 1, 0).copy())[None, None]
+        ddf = model.eval()(moving, fixed)["ddf"]
+        moved = warp(lab_m.float(), ddf, mode="nearest", padding_mode="zeros")[0, 0].numpy()
+        truth = pair.fixed_labels.transpose(2, 1, 0)
+        before = pair.moving_labels.transpose(2, 1, 0)
+        for key, pred in (("dice_before", before), ("dice_after", moved)):
+            d = [2 * np.sum((pred == k) & (truth == k)) / max(1, np.sum(pred == k)
+                                                              + np.sum(truth == k))
+                 for k in (1, 2)]
+            rows[key].append(float(np.mean(d)))
+        rows["folding_pct"].append(jacobian_stats(ddf[0].numpy())["folding_pct"])
+        ijk = spatial.apply(np.linalg.inv(pair.voxel_to_world), pair.landmarks_fixed_mm)
+        kji = ijk[:, ::-1] + sample_field(ddf[0].numpy(), ijk[:, ::-1])
+        moved_mm = spatial.apply(pair.voxel_to_world, kji[:, ::-1])
+        rows["tre_mm"].append(float(np.linalg.norm(moved_mm - pair.landmarks_moving_mm,
+                                                   axis=1).mean()))
+    return {k: nanmean(v) for k, v in rows.items()}
+
+
+def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: int, lr: float,
+             weights: Weights, progress: bool, affine_scale: float = 1.0) -> dict[str, Any]:
+    """Train the offline model on MNI152-derived pairs; returns the summary."""
+    t0 = time.monotonic()
+    cfg = CONFIG_3D
+    base = mni.load_base(mni.MniConfig(shape=tuple(cfg.size[::-1])))
+    images, maps, fields = mni_pool(base, pool, seed, affine_scale)
+    data_s = time.monotonic() - t0
+    model = PLCReg(cfg)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
+    gen = torch.Generator().manual_seed(seed)
+    val_seeds = list(range(20_000, 20_000 + val_pairs))  # apart from the eval set (10000..)
+    deadline = t0 + 60 * minutes - 20 * val_pairs - 10
+    history: list[dict[str, float]] = []
+    step = 0
+    while time.monotonic() < deadline:
+        i, j = torch.randperm(pool, generator=gen)[:2].tolist()
+        moving, fixed = images[i : i + 1].float(), images[j : j + 1].float()
+        model.train()
+        out = model(moving, fixed)
+        moved_maps = warp(maps[i : i + 1].float(), out["ddf"])
+        parts = {
+            "mind": reg_losses.mind_loss(fixed, out["moved"]),
+            "dice": reg_losses.dice_loss(moved_maps, maps[j : j + 1].float()),
+            "smooth": reg_losses.gradient_loss(out["field"]),
+        }
+        loss = (weights.mind * parts["mind"] + weights.dice * parts["dice"]
+                + weights.smooth * parts["smooth"])
+        if weights.epe > 0:  # the simulated pairs know their true field: supervise it too
+            brain = (maps[j : j + 1].float().sum(1, keepdim=True) > 0.5).float()
+            true = true_pair_ddf(fields[i : i + 1], fields[j : j + 1])
+            parts["epe"] = reg_losses.endpoint_error(out["ddf"], true, brain)
+            loss = loss + weights.epe * parts["epe"]
+        step = take_step(optimiser, loss, parts, history, report_every=25 if progress else 0)
+    train_s = time.monotonic() - t0 - data_s
+    summary = {"validation": evaluate_3d(model, base, val_seeds), "pool": pool, "steps": step,
+               "data_s": round(data_s, 1), "train_s": round(train_s, 1),
+               "val_seeds": val_seeds, "mni_config": dataclasses.asdict(base.config),
+               "pool_affine_scale": affine_scale,
+               "final_losses": recent_losses(history, 25)}
+    return save_run(out_dir, "plcreg3d", model, cfg, summary, weights, seed, lr)
