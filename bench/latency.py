@@ -146,6 +146,8 @@ def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], sca
         row["fps"] = stats.get("fps")
         row["engine"] = stats.get("engine")
         row["engine_info"] = stats.get("engine_info")
+        row["deformable"] = stats.get("deformable")
+        row["deformable_engine_info"] = stats.get("deformable_engine_info")
         row["processing_p50_ms"] = stats["stages_ms"].get("total", {}).get("p50")
         row["stages_p50_ms"] = {k: v["p50"] for k, v in stats["stages_ms"].items()}
         row["regseg_skipped"] = stats["skipped"]

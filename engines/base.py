@@ -67,6 +67,16 @@ def example_inputs(input_shapes: dict[str, tuple[int, ...]], device: torch.devic
     return {k: torch.rand(s, generator=g).to(device) for k, s in input_shapes.items()}
 
 
+def prepare_model(model: nn.Module, input_shapes: dict[str, tuple[int, ...]],
+                  device: torch.device, outputs: Sequence[str] | None
+                  ) -> tuple[nn.Module, dict[str, Tensor], tuple[str, ...]]:
+    """Where every backend starts: ``model`` in eval mode on ``device``, seeded example inputs
+    (:func:`example_inputs`) and the output names to keep (:func:`output_names_of`)."""
+    model = model.eval().to(device)
+    example = example_inputs(input_shapes, device)
+    return model, example, output_names_of(model, example, outputs)
+
+
 def output_names_of(model: nn.Module, inputs: dict[str, Tensor],
                     outputs: Sequence[str] | None) -> tuple[str, ...]:
     """The names a model's dict output has (all of them, or the ``outputs`` asked for, checked)."""

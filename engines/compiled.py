@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regseg.engines.base import check_inputs, example_inputs, output_names_of
-from regseg.engines.eager import autocast_context
+from regseg.engines.base import prepare_model
+from regseg.engines.eager import check_torch_precision, run_module
 from regseg.errors import EngineError
 
 
@@ -41,14 +41,10 @@ class CompiledEngine:
                  threads: int | None = None, warmup: int = 3) -> None:
         start = time.perf_counter()
         self.device = torch.device(device)
-        if self.device.type == "cpu" and precision == "fp16":
-            raise EngineError("compiled fp16 on CPU is not supported here (no fast CPU fp16 "
-                              "kernels); use 'fp32' or 'bf16' on CPU")
-        self.precision = precision
+        self.precision = check_torch_precision(self.backend, self.device, precision)
         self.input_shapes = {k: tuple(v) for k, v in input_shapes.items()}
-        self.model = model.eval().to(self.device)
-        example = example_inputs(self.input_shapes, self.device)
-        self.output_names = output_names_of(self.model, example, outputs)
+        self.model, example, self.output_names = prepare_model(model, self.input_shapes,
+                                                               self.device, outputs)
         self.cuda_graphs = self.device.type == "cuda"
         mode = "reduce-overhead" if self.cuda_graphs else None
         self._compiled = torch.compile(self.model, fullgraph=True, dynamic=False, mode=mode)
@@ -66,11 +62,8 @@ class CompiledEngine:
         }
 
     def __call__(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        check_inputs(self.input_shapes, inputs)
         if self.cuda_graphs:
             # Tells cudagraph trees that the previous call's outputs are no longer read, so the
             # next replay may reuse their memory.
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.inference_mode(), autocast_context(self.device, self.precision):
-            out = self._compiled(**{k: inputs[k] for k in self.input_shapes})
-        return {k: out[k].float() for k in self.output_names}
+        return run_module(self._compiled, self, inputs)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from regseg.engines.base import DTYPES, check_inputs, example_inputs, output_names_of
+from regseg.engines.base import DTYPES, Engine, check_inputs, prepare_model
 from regseg.errors import EngineError
 
 
@@ -24,6 +24,28 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def check_torch_precision(backend: str, device: torch.device, precision: str) -> str:
+    """Return ``precision`` unless it is fp16 on CPU, which the torch backends refuse.
+
+    CPU autocast accepts fp16, but most CPU kernels have no fp16 path and run many times slower
+    through conversions: refuse rather than mislead.
+    """
+    if device.type == "cpu" and precision == "fp16":
+        raise EngineError(f"{backend} fp16 on CPU is not supported here (no fast CPU fp16 "
+                          "kernels); use precision='fp32' or 'bf16' on CPU, fp16 on CUDA")
+    return precision
+
+
+def run_module(module: Callable[..., dict[str, Tensor]], engine: Engine,
+               inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``module(**inputs)`` as the torch backends run it: inputs checked against ``engine``, in
+    inference mode and autocast below fp32; the ``engine.output_names`` come back as float32."""
+    check_inputs(engine.input_shapes, inputs)
+    with torch.inference_mode(), autocast_context(engine.device, engine.precision):
+        out = module(**{k: inputs[k] for k in engine.input_shapes})
+    return {k: out[k].float() for k in engine.output_names}
 
 
 class EagerEngine:
@@ -41,16 +63,10 @@ class EagerEngine:
                  threads: int | None = None, warmup: int = 3) -> None:
         start = time.perf_counter()
         self.device = torch.device(device)
-        self.precision = precision
-        if self.device.type == "cpu" and precision == "fp16":
-            # CPU autocast accepts fp16, but most CPU kernels have no fp16 path and run
-            # many times slower through conversions; refuse rather than mislead.
-            raise EngineError("eager fp16 on CPU is not supported here (no fast CPU fp16 "
-                              "kernels); use precision='fp32' or 'bf16' on CPU, fp16 on CUDA")
-        self.model = model.eval().to(self.device)
+        self.precision = check_torch_precision(self.backend, self.device, precision)
         self.input_shapes = {k: tuple(v) for k, v in input_shapes.items()}
-        example = example_inputs(self.input_shapes, self.device)
-        self.output_names = output_names_of(self.model, example, outputs)
+        self.model, example, self.output_names = prepare_model(model, self.input_shapes,
+                                                               self.device, outputs)
         for _ in range(warmup):  # first calls allocate and choose kernels: keep that out of frame 1
             self(example)
         self.info: dict[str, Any] = {"backend": self.backend, "precision": precision,
@@ -58,7 +74,4 @@ class EagerEngine:
                                      "build_s": round(time.perf_counter() - start, 3)}
 
     def __call__(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        check_inputs(self.input_shapes, inputs)
-        with torch.inference_mode(), autocast_context(self.device, self.precision):
-            out = self.model(**{k: inputs[k] for k in self.input_shapes})
-        return {k: out[k].float() for k in self.output_names}
+        return run_module(self.model, self, inputs)

@@ -155,12 +155,18 @@ class RegistrationEngine:
 
     Args:
         weights: checkpoint path or a registered name (``plcreg3d``, ``plcreg2d``).
-        backend, device: passed to :func:`regseg.engines.base.make_engine`.
+        backend, device, precision, threads, cache_dir: passed to
+            :func:`regseg.engines.base.make_engine` (``backend="auto"`` picks and reports).
         affine_iterations: steps of the affine stage in :meth:`register` (0: no affine stage).
+        outputs: model outputs to compute (:meth:`predict` needs ``ddf`` and ``field``; a graph
+            backend then drops the rest).
     """
 
     def __init__(self, weights: str | Path = "plcreg3d", *, backend: str = "eager",
-                 device: torch.device | str = "cpu", affine_iterations: int = 120) -> None:
+                 device: torch.device | str = "cpu", affine_iterations: int = 120,
+                 precision: str = "fp32", threads: int | None = None,
+                 cache_dir: str | Path | None = None,
+                 outputs: tuple[str, ...] | None = None) -> None:
         model = load_model(shipped_weights(weights))
         self.config = model.config
         self.size = tuple(self.config.size)
@@ -168,7 +174,9 @@ class RegistrationEngine:
         self.affine_iterations = affine_iterations
         shapes = {"moving": (1, self.config.moving_channels, *self.size),
                   "fixed": (1, self.config.fixed_channels, *self.size)}
-        self.engine: Engine = make_engine(model, shapes, backend=backend, device=device)
+        self.engine: Engine = make_engine(model, shapes, backend=backend, device=device,
+                                          precision=precision, threads=threads,
+                                          cache_dir=cache_dir, outputs=outputs)
         self.backend = self.engine.backend
         self.device = self.engine.device
 

@@ -25,8 +25,9 @@ EPILOG = """examples:
 
 
 #: Live deformable refinement by default: on, because on 80 held-out phantom frames it raised the
-#: registered prostate Dice 0.957 -> 0.979 and lowered TRE 0.85 -> 0.72 mm, for +36 ms per frame
-#: on 2 CPU threads (bench/registration.py; README "Registration (offline and deformable live)").
+#: registered prostate Dice 0.957 -> 0.981 and lowered TRE 0.85 -> 0.58 mm, for ~11 ms per frame
+#: on the 2-core CPU with ONNX Runtime (bench/registration.py; README "Registration (offline and
+#: deformable live)"); the whole chain then keeps a 30 fps source (bench/latency.py).
 DEFORMABLE_DEFAULT = "on"
 
 
@@ -291,7 +292,9 @@ def run(args) -> dict:
     if args.deformable == "on":
         from regseg.stream.deformable import DeformableStage
 
-        deformable = DeformableStage(context, args.deformable_weights)
+        deformable = DeformableStage(context, args.deformable_weights, backend=args.backend,
+                                     precision=args.precision,
+                                     threads=args.engine_threads or threads)
     pipeline = Pipeline(context, engine, reference_to_mri=reference_to_mri,
                         cuda_graph=args.cuda_graph, deformable=deformable)
     registration.bind(pipeline.set_reference_to_mri)
@@ -303,8 +306,11 @@ def run(args) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous)
     extra = {"engine": f"alignsegnet/{engine.backend}", "device": str(device),
-             "deformable": deformable.weights if deformable is not None else "off",
+             "deformable": (f"{deformable.weights}/{deformable.engine.backend}"
+                            if deformable is not None else "off"),
              "engine_info": engine.info,
+             "deformable_engine_info": (deformable.engine.engine.info
+                                        if deformable is not None else None),
              "source": source_url,
              "sinks": sink_urls,
              "source_stats": source.stats(),

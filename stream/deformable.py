@@ -28,7 +28,8 @@ class DeformableStage:
         context: the case's MRI and labels on the device.
         weights: a 2-D PLCReg checkpoint (default the shipped ``plcreg2d``), trained with the MRI
             plane and its two label maps as the moving image and the TRUS frame as the fixed one.
-        backend: engine backend (``regseg.engines.base.make_engine``).
+        backend, precision, threads: engine options (``regseg.engines.base.make_engine``;
+            ``auto`` picks the fastest backend that matches eager here, e.g. ONNX Runtime on CPU).
 
     ``stage(pixels, image_to_mri)`` with ``pixels`` (H, W) uint8 and ``image_to_mri`` (4, 4) the
     affinely registered frame pixel (i, j, 0) -> MRI world mm returns ``(warped_labels, ddf)``:
@@ -37,10 +38,12 @@ class DeformableStage:
     """
 
     def __init__(self, context: MriContext, weights: str | Path = "plcreg2d", *,
-                 backend: str = "eager") -> None:
+                 backend: str = "eager", precision: str = "fp32",
+                 threads: int | None = None) -> None:
         self.context = context
         self.engine = RegistrationEngine(weights, backend=backend, device=context.mri.device,
-                                         affine_iterations=0)
+                                         affine_iterations=0, precision=precision,
+                                         threads=threads, outputs=("ddf", "field"))
         cfg = self.engine.config
         if cfg.ndim != 2 or cfg.moving_channels != 3 or cfg.fixed_channels != 1:
             raise EngineError(
@@ -49,8 +52,25 @@ class DeformableStage:
                 f"moving_channels={cfg.moving_channels}, fixed_channels={cfg.fixed_channels}.")
         self.size = (int(cfg.size[0]), int(cfg.size[1]))
         self.weights = self.engine.weights
-        self._labels = context.labels.float()  # grid_sample needs float; made once
+        self._labels = context.labels_float  # grid_sample needs float; made once at load
         self._volume_size = tuple(int(s) for s in context.shape_ijk)
+        self._axes_hw: tuple[int, int] | None = None
+
+    def _plane_to_normalised(self, image_to_mri: np.ndarray) -> torch.Tensor:
+        """(3, 3) float32 rows: what pixel i, pixel j and 1 add to the normalised grid point."""
+        to_norm = (spatial.index_to_normalised(self._volume_size) @ self.context.world_to_voxel
+                   @ image_to_mri)
+        return torch.as_tensor(to_norm[:3, [0, 1, 3]].T, dtype=torch.float32,
+                               device=self.engine.device)
+
+    def _frame_axes(self, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel coordinates i (1, W, 1) and j (H, 1, 1) of a frame size, made once per size."""
+        if self._axes_hw != hw:
+            dev = self.engine.device
+            self._axes = (torch.arange(hw[1], dtype=torch.float32, device=dev)[None, :, None],
+                          torch.arange(hw[0], dtype=torch.float32, device=dev)[:, None, None])
+            self._axes_hw = hw
+        return self._axes
 
     def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -63,14 +83,15 @@ class DeformableStage:
                                                 image_to_mri, hw, self.size)
             ddf = self.engine.predict(torch.cat([mri, label_maps], dim=1), trus)["ddf"]
             ddf = resize_ddf(ddf, hw)  # model pixels -> frame pixels, (1, 2, H, W) as (dy, dx)
-            # One nearest lookup in the volume at plane(p + ddf(p)).
-            grid = spatial.plane_grid(self._volume_size, ctx.world_to_voxel, image_to_mri, hw,
-                                      device=dev)
-            to_norm = spatial.index_to_normalised(self._volume_size) @ ctx.world_to_voxel
-            linear = torch.as_tensor((to_norm @ image_to_mri)[:3, :2], dtype=torch.float32,
-                                     device=dev)  # (3, 2): (di, dj) pixels -> normalised
-            shift = ddf[0].flip(0).permute(1, 2, 0) @ linear.T  # (H, W, 3)
-            labels = F.grid_sample(self._labels, grid + shift[None, None], mode="nearest",
+            # One nearest lookup in the volume at plane(p + ddf(p)): with m the (3, 3) map of
+            # (i, j, 1) to grid_sample's normalised (x, y, z), the grid is (i + dx) m0 +
+            # (j + dy) m1 + m2, built elementwise (an (H*W, 3) matmul is slower on the CPU).
+            m = self._plane_to_normalised(image_to_mri)
+            axes = self._frame_axes(hw)
+            i = axes[0] + ddf[0, 1, :, :, None]  # (H, W, 1)
+            j = axes[1] + ddf[0, 0, :, :, None]
+            grid = i * m[0] + (j * m[1] + m[2])  # (H, W, 3)
+            labels = F.grid_sample(self._labels, grid[None, None], mode="nearest",
                                    padding_mode="zeros", align_corners=False)[0, 0, 0]
             return (labels.to(torch.uint8).cpu().numpy(),
                     ddf[0].float().cpu().numpy())

@@ -227,6 +227,18 @@ class DeviceRing:
         return (frame, tracked, slot.h_theta.numpy().copy(), slot.h_labels.numpy().copy(),
                 slot.h_warped.numpy().copy(), timings, start)
 
+    @property
+    def in_flight(self) -> int:
+        """Frames pushed and not yet collected."""
+        return len(self._in_flight)
+
+    def poll(self) -> list[tuple]:
+        """Collect, without waiting, the frames whose download has finished (oldest first)."""
+        done = []
+        while self._in_flight and self.slots[self._in_flight[0]].events[8].query():
+            done.append(self._collect(self._in_flight.popleft()))
+        return done
+
     def flush(self) -> list[tuple]:
         """Wait for every frame in flight: (frame, tracked, theta (1, 2, 3), labels (H, W),
         warped labels (H, W), device timings ms, start_ns) per frame, oldest first."""

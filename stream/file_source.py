@@ -12,6 +12,7 @@ from regseg.clock import now_ns
 from regseg.errors import InputError
 from regseg.stream.sequence_file import Sequence, SequenceFrame, read_sequence
 from regseg.stream.slot import LatestSlot
+from regseg.stream.source import SourceThread
 from regseg.types import Frame
 
 log = logging.getLogger(__name__)
@@ -128,21 +129,18 @@ class FileSource:
         self.bad_frames = 0
         self.late = 0  # frames put more than 10 ms after their recorded time
         self.done = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="file-source", daemon=True)
+        self._thread = SourceThread(self._run, "file-source")
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._thread.stop(timeout)
         self.slot.close()
 
     @property
     def finished(self) -> bool:
-        return self._thread.ident is not None and not self._thread.is_alive()
+        return self._thread.finished
 
     def stats(self) -> dict:
         return {"kind": "file", "path": self.path, "rate": self.rate,
@@ -151,7 +149,7 @@ class FileSource:
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._thread.stopping.is_set():
                 self._replay_once()
                 if not self.loop:
                     break
@@ -166,13 +164,12 @@ class FileSource:
         for index, (frame, offset) in enumerate(zip(self.sequence.frames, self._offsets,
                                                      strict=True)):
             if self.rate == "recorded":
-                due = t0 + int(offset / self.speed)
-                wait_ns = due - now_ns()
-                if wait_ns > 0 and self._stop.wait(wait_ns / 1e9):
+                late_ns = self._thread.wait_until(t0 + int(offset / self.speed))
+                if late_ns is None:
                     return
-                if wait_ns < -10_000_000:
+                if late_ns > 10_000_000:
                     self.late += 1
-            elif self._stop.is_set():
+            elif self._thread.stopping.is_set():
                 return
             try:
                 out = frame_from_sequence(frame, index, now_ns(),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pyigtl.messages import MessageBase, TransformMessage
@@ -23,7 +25,7 @@ from regseg.stream.igtl_codec import (
 from regseg.stream.igtl_polydata import pack_outline
 from regseg.stream.igtl_server import IgtlServer
 from regseg.stream.igtl_wire import RateLimitedLog
-from regseg.stream.slot import LatestSlot
+from regseg.stream.sink_thread import SinkThread
 from regseg.types import LESION, Frame, Result
 
 log = logging.getLogger(__name__)
@@ -50,142 +52,141 @@ def output_to_reference(frame: Frame, out_hw: tuple[int, int]) -> np.ndarray:
     return base @ out_to_frame
 
 
-def pack_result(
-    result: Result,
-    *,
-    overlay_device: str = "Overlay",
-    labels_device: str = "Labels",
-    transform_device: str = "MRIToImage",
-    header_version: int = 2,
-    send_flagged_transform: bool = False,
-    contour_devices: tuple[str, str] | None = None,
-) -> list[bytes]:
-    """The messages for one Result: overlay (RGB IMAGE), labels (uint8 IMAGE), [outlines as
-    POLYDATA,] mri_to_image (TRANSFORM, last).
+@dataclass(frozen=True, slots=True)
+class IgtlOutputs:
+    """What goes out for each Result, under which device names; checked when made.
 
-    With ``contour_devices`` = (gland, lesion) device names, the outlines of the predicted gland
-    (labels > 0: the lesion lies inside it) and lesion (labels == 2) follow the images, in mm on
-    the image plane (:func:`~regseg.stream.igtl_polydata.label_outlines`).
+    Fields:
+        overlay_device, labels_device, transform_device: device names (<= 20 ASCII chars).
+        header_version: 2 (Slicer's default, needed for metadata) or 1 for v1-only receivers
+            (OpenIGTLink 1.x, e.g. Debian's 1.11, cannot parse a v2 header and loses step).
+        send_flagged_transform: also send the TRANSFORM of flagged results (see :meth:`pack`).
+        contour_devices: (gland, lesion) POLYDATA device names, e.g. ("ProstateContour",
+            "LesionContour"); None sends no outlines.
+    Raises:
+        InputError: a device name that is not <= 20 ASCII characters, or a header version
+            other than 1 or 2.
+    """
 
-    Every message carries the frame's ``source_ts`` (wall clock now if the source gave none), so a
-    receiver can match it to the frame it sent and measure latency. With header v2 each carries
-    metadata Seq, Quality and Flagged; the TRANSFORM also PLUS's TransformStatus (OK / INVALID).
-    A flagged registration's TRANSFORM is left out unless ``send_flagged_transform``: Slicer would
-    apply it as if it were right, and the last good one is better than a wrong one.
+    overlay_device: str = "Overlay"
+    labels_device: str = "Labels"
+    transform_device: str = "MRIToImage"
+    header_version: int = 2
+    send_flagged_transform: bool = False
+    contour_devices: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in (self.overlay_device, self.labels_device, self.transform_device,
+                     *(self.contour_devices or ())):
+            check_device_name(name)
+        check_header_version(self.header_version)
+
+    def pack(self, result: Result) -> list[bytes]:
+        """The messages for one Result: overlay (RGB IMAGE), labels (uint8 IMAGE), [outlines as
+        POLYDATA,] mri_to_image (TRANSFORM, last).
+
+        With ``contour_devices`` = (gland, lesion) device names, the outlines of the predicted
+        gland (labels > 0: the lesion lies inside it) and lesion (labels == 2) follow the images,
+        in mm on the image plane (:func:`~regseg.stream.igtl_polydata.label_outlines`).
+
+        Every message carries the frame's ``source_ts`` (wall clock now if the source gave none),
+        so a receiver can match it to the frame it sent and measure latency. With header v2 each
+        carries metadata Seq, Quality and Flagged; the TRANSFORM also PLUS's TransformStatus
+        (OK / INVALID). A flagged registration's TRANSFORM is left out unless
+        ``send_flagged_transform``: Slicer would apply it as if it were right, and the last good
+        one is better than a wrong one.
+
+        Raises:
+            InputError: an overlay or labels array of the wrong shape or dtype (from pack_image).
+        """
+        frame = result.frame
+        timestamp = frame.source_ts if frame.source_ts > 0 else wall_s()
+        version = self.header_version
+        meta = {"Seq": str(frame.seq), "Quality": f"{result.quality:.4f}",
+                "Flagged": "true" if result.flagged else "false"}
+        messages = [
+            pack_image(result.overlay, output_to_reference(frame, result.overlay.shape[:2]),
+                       self.overlay_device, timestamp, header_version=version, metadata=meta),
+            pack_image(result.labels, output_to_reference(frame, result.labels.shape[:2]),
+                       self.labels_device, timestamp, header_version=version, metadata=meta),
+        ]
+        if self.contour_devices is not None:
+            labels_to_reference = output_to_reference(frame, result.labels.shape[:2])
+            for device, mask in zip(self.contour_devices,
+                                    (result.labels > 0, result.labels == LESION), strict=True):
+                messages.append(pack_outline(mask, labels_to_reference, device, timestamp,
+                                             header_version=version, metadata=meta))
+        if self.send_flagged_transform or not result.flagged:
+            status = {"TransformStatus": "INVALID" if result.flagged else "OK",
+                      "TransformValid": "false" if result.flagged else "true"}
+            messages.append(pack_transform(result.mri_to_image, self.transform_device, timestamp,
+                                           header_version=version, metadata=meta | status))
+        return messages
+
+
+def pack_result(result: Result, **options: Any) -> list[bytes]:
+    """The messages for one Result (:meth:`IgtlOutputs.pack`); ``options`` are the fields of
+    :class:`IgtlOutputs` (device names, header_version, send_flagged_transform, contour_devices).
 
     Raises:
-        InputError: an overlay or labels array of the wrong shape or dtype (from pack_image).
+        InputError: a bad option, or an overlay or labels array of the wrong shape or dtype.
     """
-    frame = result.frame
-    timestamp = frame.source_ts if frame.source_ts > 0 else wall_s()
-    meta = {"Seq": str(frame.seq), "Quality": f"{result.quality:.4f}",
-            "Flagged": "true" if result.flagged else "false"}
-    messages = [
-        pack_image(result.overlay, output_to_reference(frame, result.overlay.shape[:2]),
-                   overlay_device, timestamp, header_version=header_version, metadata=meta),
-        pack_image(result.labels, output_to_reference(frame, result.labels.shape[:2]),
-                   labels_device, timestamp, header_version=header_version, metadata=meta),
-    ]
-    if contour_devices is not None:
-        labels_to_reference = output_to_reference(frame, result.labels.shape[:2])
-        for device, mask in zip(contour_devices, (result.labels > 0, result.labels == LESION),
-                                strict=True):
-            messages.append(pack_outline(mask, labels_to_reference, device, timestamp,
-                                         header_version=header_version, metadata=meta))
-    if send_flagged_transform or not result.flagged:
-        status = {"TransformStatus": "INVALID" if result.flagged else "OK",
-                  "TransformValid": "false" if result.flagged else "true"}
-        messages.append(pack_transform(result.mri_to_image, transform_device, timestamp,
-                                       header_version=header_version, metadata=meta | status))
-    return messages
+    return IgtlOutputs(**options).pack(result)
 
 
 class IgtlSink:
     """Publishes each Result through an :class:`IgtlServer`, packed once for all its clients.
 
-    ``submit`` only hands the Result to this sink's thread through a LatestSlot (a backlog is
-    dropped and counted as ``skipped``); packing (CRC included) happens on that thread. The thread
-    starts here, because a sink has no start() in the Sink protocol; ``close()`` ends it. The
+    ``submit`` only hands the Result to this sink's :class:`SinkThread` (never blocks; a backlog
+    is dropped and counted as ``skipped``); packing (CRC included) happens on that thread. The
     server is not ours: close it separately.
 
     Args:
         server: where the packed messages are broadcast.
-        overlay_device, labels_device, transform_device: device names (<= 20 ASCII chars).
-        header_version: 2 (Slicer's default, needed for metadata) or 1 for v1-only receivers
-            (OpenIGTLink 1.x, e.g. Debian's 1.11, cannot parse a v2 header and loses step).
-        send_flagged_transform: also send the TRANSFORM of flagged results (see pack_result).
-        contour_devices: (gland, lesion) POLYDATA device names, e.g. ("ProstateContour",
-            "LesionContour"); None sends no outlines.
+        options: the fields of :class:`IgtlOutputs` (device names, header_version,
+            send_flagged_transform, contour_devices), checked here.
     """
 
-    def __init__(
-        self,
-        server: IgtlServer,
-        *,
-        overlay_device: str = "Overlay",
-        labels_device: str = "Labels",
-        transform_device: str = "MRIToImage",
-        header_version: int = 2,
-        send_flagged_transform: bool = False,
-        contour_devices: tuple[str, str] | None = None,
-    ) -> None:
-        for name in (overlay_device, labels_device, transform_device, *(contour_devices or ())):
-            check_device_name(name)
-        check_header_version(header_version)
+    def __init__(self, server: IgtlServer, **options: Any) -> None:
+        self.outputs = IgtlOutputs(**options)
         self.server = server
-        self._send_flagged_transform = send_flagged_transform
-        self._pack_args = dict(overlay_device=overlay_device, labels_device=labels_device,
-                               transform_device=transform_device, header_version=header_version,
-                               send_flagged_transform=send_flagged_transform,
-                               contour_devices=contour_devices)
-        self._slot: LatestSlot[Result] = LatestSlot()
-        self.submitted = 0
         self.published = 0
-        self.pack_errors = 0
         self.withheld_transforms = 0
         self.pack_ms = 0.0  # last result's packing time
-        self._log = RateLimitedLog(log)
-        self._thread = threading.Thread(target=self._run, name="igtl-sink", daemon=True)
-        self._thread.start()
+        self._thread = SinkThread(self._pack, self._broadcast, name="igtl-sink", logger=log)
 
     def submit(self, result: Result) -> None:
         """Hand ``result`` over; never blocks. Its arrays must not change after this call."""
-        self.submitted += 1
-        self._slot.put(result)
+        self._thread.submit(result)
 
     def close(self, timeout: float = 2.0) -> None:
         """Publish what is pending, then end the thread (within ``timeout`` s)."""
-        self._slot.close()
-        self._thread.join(timeout)
+        self._thread.close(timeout)
 
     def stats(self) -> dict:
         return {
             "kind": "igtl",
             "port": self.server.port,
-            "submitted": self.submitted,
+            "submitted": self._thread.submitted,
             "published": self.published,
-            "skipped": self._slot.skipped,
-            "pack_errors": self.pack_errors,
+            "skipped": self._thread.skipped,
+            "pack_errors": self._thread.encode_errors,
             "withheld_transforms": self.withheld_transforms,
             "pack_ms": round(self.pack_ms, 3),
             "server": self.server.stats(),
         }
 
-    def _run(self) -> None:
-        while (result := self._slot.get()) is not None:
-            start = now_ns()
-            try:
-                messages = pack_result(result, **self._pack_args)
-            except Exception as exc:  # InputError, or anything odd in a Result: never fatal
-                self.pack_errors += 1
-                self._log.warning("pack", f"IGTL sink: result for frame {result.frame.seq} "
-                                  f"not sent: {exc}")
-                continue
-            self.pack_ms = ms_between(start, now_ns())
-            if result.flagged and not self._send_flagged_transform:
-                self.withheld_transforms += 1
-            self.server.broadcast(messages)
-            self.published += 1
+    def _pack(self, result: Result) -> list[bytes]:
+        start = now_ns()
+        messages = self.outputs.pack(result)
+        self.pack_ms = ms_between(start, now_ns())
+        return messages
+
+    def _broadcast(self, result: Result, messages: list[bytes]) -> None:
+        if result.flagged and not self.outputs.send_flagged_transform:
+            self.withheld_transforms += 1
+        self.server.broadcast(messages)
+        self.published += 1
 
 
 #: TRANSFORM device names Slicer may send with the initial registration, and whether the matrix

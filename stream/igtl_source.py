@@ -16,6 +16,7 @@ from regseg.stream.igtl_codec import frame_from_image
 from regseg.stream.igtl_wire import DEFAULT_MAX_BODY_BYTES, MessageReader, RateLimitedLog, WireStats
 from regseg.stream.pairing import Paired, Pose, TimestampPairer, pose_is_valid
 from regseg.stream.slot import LatestSlot
+from regseg.stream.source import SourceThread
 from regseg.types import Frame
 
 log = logging.getLogger(__name__)
@@ -104,36 +105,26 @@ class IgtlSource:
         self.stalls = 0  # connections dropped after stall_timeout_s without a byte
         self.transforms = 0  # TRANSFORM messages received, every device
         self.connected = threading.Event()
-        self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._sock_lock = threading.Lock()
         self._poses: dict[str, Pose] = {}
         self._poses_of_device = 0  # poses received from transform_device
         self._device: str | None = image_device
         self._log = RateLimitedLog(log)
-        self._thread = threading.Thread(target=self._run, name=f"igtl-source-{host}:{port}",
-                                        daemon=True)
+        self._thread = SourceThread(self._run, f"igtl-source-{host}:{port}")
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the thread within ``timeout`` s (shutdown() wakes a blocked read) and close slot."""
-        self._stop.set()
-        with self._sock_lock:
-            if self._sock is not None:
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._thread.stop(timeout, wake=self._shutdown_socket)
         self.slot.close()
 
     @property
     def finished(self) -> bool:
         """True once the thread has ended (stopped, or the connection lost without reconnect)."""
-        return self._thread.ident is not None and not self._thread.is_alive()
+        return self._thread.finished
 
     @property
     def device(self) -> str | None:
@@ -164,18 +155,26 @@ class IgtlSource:
             "wire": self.wire.as_dict(),
         }
 
+    def _shutdown_socket(self) -> None:
+        with self._sock_lock:
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
     def _run(self) -> None:
         delay = self.backoff_s
         try:
-            while not self._stop.is_set():
+            while not self._thread.stopping.is_set():
                 received = self._session()
-                if not self.reconnect or self._stop.is_set():
+                if not self.reconnect or self._thread.stopping.is_set():
                     break
                 # A server that delivered messages resets the backoff; one that keeps refusing
                 # or dropping us at once is retried ever more slowly, up to 2 s.
                 if received:
                     delay = self.backoff_s
-                if self._stop.wait(delay):
+                if self._thread.stopping.wait(delay):
                     break
                 delay = min(delay * 2, self.backoff_max_s)
                 self.reconnects += 1
@@ -192,7 +191,7 @@ class IgtlSource:
                               f"{exc}")
             return False
         with self._sock_lock:
-            if self._stop.is_set():
+            if self._thread.stopping.is_set():
                 sock.close()
                 return False
             self._sock = sock
@@ -204,7 +203,7 @@ class IgtlSource:
         try:
             self._receive(sock, reader)
         except OSError as exc:  # StreamError (peer closed, out of step, stalled) or socket error
-            if not self._stop.is_set():
+            if not self._thread.stopping.is_set():
                 self.disconnects += 1
                 self._log.warning("drop", f"OpenIGTLink {self.host}:{self.port}: {exc}")
         finally:
@@ -217,7 +216,7 @@ class IgtlSource:
 
     def _receive(self, sock: socket.socket, reader: MessageReader) -> None:
         """Read until stop() or an error; raises StreamError when the sender stalls."""
-        while not self._stop.is_set():
+        while not self._thread.stopping.is_set():
             # Wake for a held image's deadline or the stall deadline, else every poll_s
             # (a timeout keeps partial data: the next read continues the message).
             now = now_ns()

@@ -150,8 +150,9 @@ class Pipeline:
 
     On a CUDA device the tensor stages run in a :class:`DeviceRing` of ``ring_slots`` slots
     (``cuda_graph``: the chain captured as one graph; ``preprocess="cupy"``: CuPy converts the
-    frame). :meth:`submit` keeps up to ``ring_slots`` frames in flight; ``__call__`` waits for its
-    own frame. On the CPU the stages run in order.
+    frame). :meth:`submit` keeps up to ``ring_slots`` frames in flight, :meth:`poll` returns the
+    finished ones without waiting, :meth:`flush` waits for all; ``__call__`` waits for its own
+    frame. On the CPU the stages run in order and :meth:`submit` returns the frame's Result.
     """
 
     def __init__(self, context: MriContext, engine: FusionEngine, *,
@@ -223,9 +224,18 @@ class Pipeline:
         done = self._ring(frame.pixels.shape).push(frame, tracked, self._mats(frame, tracked))
         return [self._finish(*item) for item in done]
 
+    def poll(self) -> list[Result]:
+        """The Results of frames in flight that have finished, without waiting (oldest first)."""
+        return [self._finish(*item) for ring in self._rings.values() for item in ring.poll()]
+
     def flush(self) -> list[Result]:
         """Wait for every frame in flight; their Results, oldest first."""
         return [self._finish(*item) for ring in self._rings.values() for item in ring.flush()]
+
+    @property
+    def in_flight(self) -> int:
+        """Frames submitted whose Results have not been returned yet (always 0 on the CPU)."""
+        return sum(ring.in_flight for ring in self._rings.values())
 
     def _mats(self, frame: Frame, tracked: np.ndarray) -> np.ndarray:
         return plane_matrices(self.context, tracked, frame.pixels.shape, self.engine.size)
@@ -241,15 +251,18 @@ class Pipeline:
             theta, logits = chain.model(*inputs)
             theta = theta.clone()
             t.append(now_ns())
-            warped = chain.warp_labels(theta, mats).numpy()
+            # With the deformable stage the affine label warp would be thrown away: skip it.
+            warped = None if self.deformable else chain.warp_labels(theta, mats).numpy()
             t.append(now_ns())
             labels = chain.segment(logits).numpy()
             t.append(now_ns())
-        timings = {n: (t[i + 1] - t[i]) / 1e6 for i, n in enumerate(STAGES[:-1])}
+        timings = {n: (t[i + 1] - t[i]) / 1e6 for i, n in enumerate(STAGES[:-1])
+                   if n != "warp_labels" or warped is not None}
         return self._finish(frame, tracked, theta.numpy(), labels, warped, timings, t[0])
 
     def _finish(self, frame: Frame, tracked: np.ndarray, theta: np.ndarray, labels: np.ndarray,
-                warped_labels: np.ndarray, timings: dict[str, float], start_ns: int) -> Result:
+                warped_labels: np.ndarray | None, timings: dict[str, float],
+                start_ns: int) -> Result:
         """Host side: overlay, quality and the refined transform, from the chain's outputs."""
         ddf = None
         if self.deformable is not None:

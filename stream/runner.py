@@ -17,6 +17,9 @@ from regseg.stream.stats import StreamStats
 from regseg.types import LESION, PROSTATE, Result
 
 TRE_POINTS = 2000  # prostate pixels sampled per frame for TRE: plenty for a mean in mm
+#: While frames are in flight (GPU ring), how long to wait for a new frame before checking for
+#: finished ones: the most a finished Result waits. 0.25 ms against a frame period of >= 2 ms.
+POLL_S = 0.00025
 
 
 class Sink(Protocol):
@@ -62,27 +65,29 @@ def run_stream(
 ) -> tuple[StreamStats, int]:
     """Run until ``max_frames`` results, the source finishing, or ``stop`` being set.
 
+    Frames go through ``pipeline.submit``; on a GPU several may be in flight, so frame N+1
+    uploads while N computes. Overlap must not cost latency (a ring only hands a frame back when
+    its slot is needed again): while frames are in flight the loop waits for the next frame in
+    steps of :data:`POLL_S` and collects finished ones between steps (``poll``), so a Result is
+    published at most ``POLL_S`` after its download ends, whether or not another frame comes.
+    On the CPU ``submit`` returns the frame's own Result and nothing is ever in flight.
+
     Returns the collected stats and the number of frames the hand-off skipped.
     """
     stats = StreamStats()
     stop = stop or threading.Event()
     tty = hasattr(status_stream, "isatty") and status_stream.isatty()
     next_status = now_ns() + int(status_every_s * 1e9)
-    source.start()
-    try:
-        while not stop.is_set() and (max_frames is None or stats.frames < max_frames):
-            frame = source.slot.get(timeout=0.25)
-            if frame is None:
-                if source.slot.closed or source.finished:
-                    break
-                continue
-            result = pipeline(frame)
+
+    def publish(results: Sequence[Result]) -> None:
+        nonlocal next_status
+        for result in results:
             for sink in sinks:
                 sink.submit(result)
             done = now_ns()
-            stats.add(result.timings_ms, (done - frame.acquired_ns) / 1e6, done,
+            stats.add(result.timings_ms, (done - result.frame.acquired_ns) / 1e6, done,
                       flagged=result.flagged)
-            if frame.truth is not None:
+            if result.frame.truth is not None:
                 stats.add_accuracy(*frame_accuracy(pipeline, result))
             if on_result is not None:
                 on_result(result)
@@ -91,6 +96,24 @@ def run_stream(
                 status_stream.write(("\r" + line) if tty else (line + "\n"))
                 status_stream.flush()
                 next_status = done + int(status_every_s * 1e9)
+
+    def wanted() -> bool:
+        in_flight = pipeline.in_flight
+        return max_frames is None or stats.frames + in_flight < max_frames
+
+    source.start()
+    try:
+        while not stop.is_set() and wanted():
+            busy = pipeline.in_flight > 0
+            frame = source.slot.get(timeout=POLL_S if busy else 0.25)
+            if frame is None:
+                if busy:
+                    publish(pipeline.poll())
+                if source.slot.closed or source.finished:
+                    break
+                continue
+            publish(pipeline.submit(frame) + pipeline.poll())
+        publish(pipeline.flush())
     finally:
         source.stop()
         for sink in sinks:

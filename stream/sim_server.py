@@ -10,6 +10,7 @@ import numpy as np
 from regseg.clock import now_ns, wall_s
 from regseg.stream.igtl_codec import pack_image, pack_transform, wire_timestamp
 from regseg.stream.igtl_server import IgtlServer
+from regseg.stream.source import SourceThread
 from regseg.types import Frame
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,7 @@ class SimIgtlServer:
         self.frames_sent = 0
         self.late = 0  # frames sent more than one period after they were due
         self.done = threading.Event()  # set when the last frame has been sent or on stop()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"sim-igtl-{self.port}",
-                                        daemon=True)
+        self._thread = SourceThread(self._run, f"sim-igtl-{self.port}")
 
     def __enter__(self) -> SimIgtlServer:
         self.start()
@@ -91,10 +90,8 @@ class SimIgtlServer:
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop sending, disconnect every client, join the thread (within ``timeout`` s)."""
-        self._stop.set()
-        self.server.close(timeout)  # also wakes a wait for the first client
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        # Closing the server also wakes a wait for the first client.
+        self._thread.stop(timeout, wake=lambda: self.server.close(timeout))
         self.done.set()
 
     def index_for(self, timestamp: float, tolerance_s: float = 1e-6) -> int | None:
@@ -138,15 +135,9 @@ class SimIgtlServer:
     def _send_all(self) -> None:
         period_ns = int(1e9 / self.fps) if self.fps > 0 else 0
         t0 = self.t0 if self.t0 is not None else now_ns()
-        n = 0
-        while not self._stop.is_set() and (self.max_frames is None or n < self.max_frames):
-            if period_ns:
-                # Waits on the Event (stop() wakes it) for the frame's own deadline: no drift.
-                wait_ns = t0 + n * period_ns - now_ns()
-                if wait_ns > 0 and self._stop.wait(wait_ns / 1e9):
-                    return
-                if -wait_ns > period_ns:
-                    self.late += 1
+        for n, late_ns in self._thread.paced(period_ns, t0, self.max_frames):
+            if late_ns > period_ns:
+                self.late += 1
             index = self.start_index + n
             frame = self.scanner.frame(index)
             messages = self.pack_frame(frame, index, wall_s())
@@ -155,4 +146,3 @@ class SimIgtlServer:
             self.sent[wire_timestamp(messages[-1])] = index
             self.server.broadcast(messages)
             self.frames_sent += 1
-            n += 1

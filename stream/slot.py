@@ -42,6 +42,12 @@ class LatestSlot(Generic[T]):
             item, self._item, self._has_item = self._item, None, False
             return item
 
+    @property
+    def ready(self) -> bool:
+        """Whether an item is waiting (a get() now would not block)."""
+        with self._cond:
+            return self._has_item
+
     def close(self) -> None:
         """Wake every waiter; later get() calls return what is left, then None."""
         with self._cond:

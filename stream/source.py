@@ -1,8 +1,9 @@
-"""The Source protocol, and the simulated-scanner source for ``--demo`` and ``sim://``."""
+"""The Source protocol, the thread every source runs on, and the simulated source (``--demo``)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Protocol
 
@@ -27,6 +28,54 @@ class Source(Protocol):
     def stats(self) -> dict: ...
 
 
+class SourceThread:
+    """A daemon thread and the Event that asks it to end, for sources and simulated senders.
+
+    The thread's loop checks ``stopping`` and waits on it (:meth:`wait_until`, :meth:`paced`), so
+    stop() cuts every wait short: no sleep polling, no drift (each wait runs to its own deadline).
+    """
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float, wake: Callable[[], None] | None = None) -> None:
+        """Set ``stopping``, call ``wake`` (to unblock a read or an accept), join within
+        ``timeout`` s."""
+        self.stopping.set()
+        if wake is not None:
+            wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def finished(self) -> bool:
+        """True once the thread has run and ended."""
+        return self._thread.ident is not None and not self._thread.is_alive()
+
+    def wait_until(self, due_ns: int) -> int | None:
+        """Wait until ``due_ns`` (``regseg.clock.now_ns()``); None if stop() came first, else
+        how late the call came, ns (0 when early enough to wait)."""
+        wait_ns = due_ns - now_ns()
+        if wait_ns > 0 and self.stopping.wait(wait_ns / 1e9):
+            return None
+        return max(-wait_ns, 0)
+
+    def paced(self, period_ns: int, t0_ns: int, count: int | None) -> Iterator[tuple[int, int]]:
+        """(n, late_ns) for n = 0, 1, ..., each at t0_ns + n * period_ns (``period_ns`` 0: flat
+        out, late_ns 0), until ``count`` (None: no end) or stop()."""
+        n = 0
+        while not self.stopping.is_set() and (count is None or n < count):
+            late_ns = self.wait_until(t0_ns + n * period_ns) if period_ns else 0
+            if late_ns is None:
+                return
+            yield n, late_ns
+            n += 1
+
+
 class SimSource:
     """Frames of a simulated scanner session, paced at ``fps`` (flat out when ``fps <= 0``).
 
@@ -44,20 +93,18 @@ class SimSource:
         self.max_frames = max_frames
         self.start_index = start_index
         self.frames = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sim-source", daemon=True)
+        self._thread = SourceThread(self._run, "sim-source")
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def stop(self, timeout: float = 5.0) -> None:
+        self._thread.stop(timeout)
         self.slot.close()
 
     @property
     def finished(self) -> bool:
-        return not self._thread.is_alive()
+        return self._thread.finished
 
     def stats(self) -> dict:
         return {"kind": "sim", "frames": self.frames}
@@ -65,15 +112,8 @@ class SimSource:
     def _run(self) -> None:
         t0 = now_ns()
         period_ns = int(1e9 / self.fps) if self.fps > 0 else 0
-        n = 0
-        while not self._stop.is_set() and (self.max_frames is None or n < self.max_frames):
-            if period_ns:
-                wait_ns = t0 + n * period_ns - now_ns()
-                if wait_ns > 0 and self._stop.wait(wait_ns / 1e9):
-                    break
+        for n, _ in self._thread.paced(period_ns, t0, self.max_frames):
             frame = self.scanner.frame(self.start_index + n)
             self.slot.put(replace(frame, acquired_ns=now_ns()))
             self.frames += 1
-            n += 1
         self.slot.close()
-

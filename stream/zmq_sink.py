@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 
 import numpy as np
 import zmq
@@ -17,7 +16,7 @@ import zmq
 from regseg.clock import wall_s
 from regseg.errors import InputError, StreamError
 from regseg.stream.igtl_wire import RateLimitedLog
-from regseg.stream.slot import LatestSlot
+from regseg.stream.sink_thread import SinkThread
 from regseg.types import Result
 
 log = logging.getLogger(__name__)
@@ -112,10 +111,10 @@ def decode(parts: list) -> tuple[dict, np.ndarray, np.ndarray]:
 class ZmqSink:
     """Publishes each Result on a ZeroMQ PUB socket, from its own thread.
 
-    ``submit`` never blocks: Results pass through a LatestSlot (backlog dropped, ``skipped``);
-    sends use NOBLOCK (``drops`` counts refusals). A PUB socket never blocks and drops silently
-    per subscriber at its SNDHWM, so a slow subscriber loses messages inside libzmq, uncounted.
-    The thread starts here (the Sink protocol has no start()); ``close()`` ends it.
+    ``submit`` never blocks: Results pass to a :class:`SinkThread` (backlog dropped,
+    ``skipped``); sends use NOBLOCK (``drops`` counts refusals). A PUB socket never blocks and
+    drops silently per subscriber at its SNDHWM, so a slow subscriber loses messages inside
+    libzmq, uncounted.
 
     Args:
         endpoint: where to bind, e.g. ``tcp://127.0.0.1:5556``; ``tcp://127.0.0.1:*`` picks a
@@ -145,53 +144,41 @@ class ZmqSink:
             self._socket.close()
             raise StreamError(f"ZMQ sink cannot bind {endpoint}: {exc}") from exc
         self.endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._slot: LatestSlot[Result] = LatestSlot()
-        self.submitted = 0
         self.published = 0
         self.drops = 0
-        self.encode_errors = 0
         self._log = RateLimitedLog(log)
-        # The socket is used only by this thread from here on (ZMQ sockets are not thread-safe;
-        # Thread.start() is the memory barrier that hands it over), and closed after it ends.
-        self._thread = threading.Thread(target=self._run, name="zmq-sink", daemon=True)
-        self._thread.start()
+        # The socket is used only by the sink thread from here on (ZMQ sockets are not
+        # thread-safe; Thread.start() is the memory barrier that hands it over), and closed after
+        # it ends.
+        self._thread = SinkThread(lambda result: encode(result, self.topic), self._send,
+                                  name="zmq-sink", logger=log)
 
     def submit(self, result: Result) -> None:
         """Hand ``result`` over; never blocks. Its arrays must not change after this call."""
-        self.submitted += 1
-        self._slot.put(result)
+        self._thread.submit(result)
 
     def close(self, timeout: float = 2.0) -> None:
         """Publish what is pending, end the thread (within ``timeout`` s), close the socket."""
-        self._slot.close()
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
+        if self._thread.close(timeout):
             self._socket.close(linger=0)
 
     def stats(self) -> dict:
         return {
             "kind": "zmq",
             "endpoint": self.endpoint,
-            "submitted": self.submitted,
+            "submitted": self._thread.submitted,
             "published": self.published,
-            "skipped": self._slot.skipped,
+            "skipped": self._thread.skipped,
             "drops": self.drops,
-            "encode_errors": self.encode_errors,
+            "encode_errors": self._thread.encode_errors,
         }
 
-    def _run(self) -> None:
-        while (result := self._slot.get()) is not None:
-            try:
-                parts = encode(result, self.topic)
-            except Exception as exc:  # a Result that cannot be described must not end the sink
-                self.encode_errors += 1
-                self._log.warning("encode", f"ZMQ sink: frame {result.frame.seq} not sent: {exc}")
-                continue
-            try:
-                self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-                self.published += 1
-            except zmq.Again:
-                self.drops += 1
-            except zmq.ZMQError as exc:
-                self.drops += 1
-                self._log.warning("send", f"ZMQ sink: send failed: {exc}")
+    def _send(self, result: Result, parts: list) -> None:
+        try:
+            self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            self.published += 1
+        except zmq.Again:
+            self.drops += 1
+        except zmq.ZMQError as exc:
+            self.drops += 1
+            self._log.warning("send", f"ZMQ sink: send failed: {exc}")

@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser, dim: int) -> None:
         parser.add_argument("--phantoms", type=int, default=16, help="training phantoms 1..N")
         parser.add_argument("--val-frames", type=int, default=40, help="per held-out phantom")
         parser.add_argument("--batch-size", type=int, default=8)
+        parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                            help="working grid (default 64 64)")
+        parser.add_argument("--epe", type=float, default=0.1,
+                            help="weight of the end-point error to the true field, in working-"
+                                 "grid pixels (default 0.1; 0.05 was used at 128x128)")
         parser.add_argument("--cache-dir", type=Path,
                             default=Path.home() / ".cache" / "regseg" / "train")
     else:
@@ -54,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dim == 2:
         summary = train_2d(args.out, minutes=args.minutes, seed=args.seed, frames=args.frames,
                            phantoms=args.phantoms, val_frames=args.val_frames,
-                           batch_size=args.batch_size, lr=args.lr, weights=Weights(),
-                           cache_dir=args.cache_dir, progress=not args.no_progress)
+                           batch_size=args.batch_size, lr=args.lr,
+                           weights=Weights(epe=args.epe),
+                           cache_dir=args.cache_dir, progress=not args.no_progress,
+                           size=args.size)
         print("affine only:", summary["affine_only"], "\nrefined:", summary["refined"])
     else:
         summary = train_3d(args.out, minutes=args.minutes, seed=args.seed, pool=args.pool,

@@ -31,7 +31,10 @@ VAL_SEED0 = 1000  # held-out phantoms, as for AlignSegNet
 LIVE_DATA_VERSION = 1
 
 #: The 2-D live model: MRI plane + its two label maps (moving) against the TRUS frame (fixed).
-CONFIG_2D = PLCRegConfig(ndim=2, size=(128, 128), moving_channels=3, fixed_channels=1,
+#: Working grid 64x64 (a 256x256 frame's field at 4 frame pixels per model pixel): tissue
+#: deformation under the probe is smooth, and the finest level at 128x128 cost 3x the time
+#: (CPU, 1 thread: 26 vs 8 ms per frame, ONNX Runtime; bench/engines.py) for the live budget.
+CONFIG_2D = PLCRegConfig(ndim=2, size=(64, 64), moving_channels=3, fixed_channels=1,
                          channels=(8, 16, 32, 64), shared_encoder=False, heads=4, window=(8, 8))
 
 
@@ -83,6 +86,7 @@ def live_frames(phantom_seeds: list[int], per_phantom: int, *, seed: int,
                 size: tuple[int, int], keep_residual: bool, progress: bool) -> LiveSet:
     """Render frames, run the shipped AlignSegNet on them, and build :class:`LiveSet`."""
     affine = load_model("alignsegnet")
+    affine_size = (affine.config.size, affine.config.size)
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in (
         "fixed", "moving", "label_maps", "target_ddf", "pixel_to_mm", "residual_mm")}
     fan = None
@@ -94,9 +98,12 @@ def live_frames(phantom_seeds: list[int], per_phantom: int, *, seed: int,
             pose = scanner.path.random_pose(rng)  # as SimulatedScanner.random_frame draws
             frame = scanner.render(pose, 0, noise_seed=int(rng.integers(2**62)))
             hw = tuple(frame.pixels.shape)
-            s = frame_sample(frame, mri, labels, world_to_voxel, size)
+            # AlignSegNet sees its own grid; the PLCReg grid ``size`` may differ
+            s = frame_sample(frame, mri, labels, world_to_voxel, affine_size)
             onehot = planes.labels_onehot(s["mri_labels"])
             theta = affine(s["trus"].float(), s["mri"].float(), onehot)["theta"][0].double()
+            if affine_size != size:
+                s = frame_sample(frame, mri, labels, world_to_voxel, size)
             plane = metrics.registered_image_to_mri(theta.numpy(), frame.image_to_reference, hw)
             mri_r, lab_r = planes.mri_inputs(mri, labels, world_to_voxel, plane, hw, size)
             to_frame = planes.model_to_frame(hw, size)
@@ -190,10 +197,14 @@ def evaluate_2d(model: PLCReg | None, data: LiveSet, batch_size: int = 32) -> di
 
 def train_2d(out_dir: Path, *, minutes: float, seed: int, frames: int, phantoms: int,
              val_frames: int, batch_size: int, lr: float, weights: Weights,
-             cache_dir: Path | None, progress: bool) -> dict[str, Any]:
-    """Train the live model; returns the summary (written to ``plcreg2d.json``)."""
+             cache_dir: Path | None, progress: bool,
+             size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Train the live model; returns the summary (written to ``plcreg2d.json``).
+
+    ``size`` overrides the working grid of :data:`CONFIG_2D` (e.g. (128, 128)).
+    """
     t0 = time.monotonic()
-    cfg = CONFIG_2D
+    cfg = CONFIG_2D if size is None else dataclasses.replace(CONFIG_2D, size=tuple(size))
     train_set = cached_live_set(cache_dir, list(range(1, phantoms + 1)), -(-frames // phantoms),
                                 seed=seed + 7, size=cfg.size, keep_residual=False,
                                 progress=progress)

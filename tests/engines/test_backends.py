@@ -109,6 +109,7 @@ def test_unknown_backend_and_precision(model):
     ("tensorrt", "fp32", "needs a CUDA device"),
     ("onnxrt", "fp16", "fp32 only"),
     ("eager", "fp16", "eager fp16 on CPU"),
+    ("compiled", "fp16", "compiled fp16 on CPU"),
 ])
 def test_backends_refuse_what_they_cannot_do(model, backend, precision, message, tmp_path):
     with pytest.raises(EngineError, match=message):

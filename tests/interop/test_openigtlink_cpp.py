@@ -29,12 +29,6 @@ TS = 1_700_000_000.25
 CONTOURS = ("ProstateContour", "LesionContour")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def connect_when_listening(port: int, timeout_s: float = WAIT_S) -> socket.socket:
     """Connect to a reference program's server as soon as it listens (a child process has no
     other readiness signal than its port; retried every 20 ms, bounded by timeout_s)."""
@@ -67,7 +61,7 @@ def device_names(text: str) -> list[str]:
     return re.findall(r"Device Name\s*:\s*(\S+)", text)
 
 
-def test_imager_server_feeds_regseg_pixel_exact(igtl_examples, run_program):
+def test_imager_server_feeds_regseg_pixel_exact(igtl_examples, run_program, free_port):
     port = free_port()
     raw = [np.fromfile(igtl_examples / "img" / f"igtlTestImage{k}.raw", np.uint8)
            .reshape(256, 256) for k in range(1, 6)]
@@ -94,7 +88,7 @@ def test_imager_server_feeds_regseg_pixel_exact(igtl_examples, run_program):
 
 
 def test_imager_server_feeds_regseg_stream_and_receive_client_parses_its_output(
-        igtl_examples, run_program, tmp_path, monkeypatch):
+        igtl_examples, run_program, tmp_path, monkeypatch, free_port):
     """The whole chain with the reference programs at both ends:
     ImagerServer -> regseg-stream (--igtl-header-version 1) -> ReceiveClient."""
     from regseg.models.checkpoint import save_checkpoint
@@ -148,8 +142,9 @@ def test_imager_server_feeds_regseg_stream_and_receive_client_parses_its_output(
         client = started["client"]
         try:
             assert servers[0].stats()["clients_connected"] == 1, client.output()
-            assert client.wait_for_output(lambda t: device_names(t).count("Labels") >= 3,
-                                          WAIT_S)
+            # The last result's outlines follow its Labels: wait for them before closing.
+            assert client.wait_for_output(lambda t: device_names(t).count("Labels") >= 3
+                                          and t.count("Receiving : POLYDATA") >= 6, WAIT_S)
         finally:
             for server in servers:
                 server.close()
@@ -209,7 +204,7 @@ def test_a_v2_header_is_lost_on_the_1_11_library_so_we_send_v1_to_it(igtl_exampl
     assert device_names(err) == [] and "Receiving : \n" in err
 
 
-def test_receive_server_accepts_what_regseg_sends(igtl_examples, run_program):
+def test_receive_server_accepts_what_regseg_sends(igtl_examples, run_program, free_port):
     port = free_port()
     messages = [m for seq in range(2)
                 for m in pack_result(make_result(seq), header_version=1, contour_devices=CONTOURS)]

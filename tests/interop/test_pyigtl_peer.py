@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import socket
 import threading
 from types import SimpleNamespace
 
@@ -20,23 +18,6 @@ from regseg.types import Frame, Result
 
 WAIT_S = 5.0
 TS = 1_700_000_000.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def pyigtl_server():
-    """pyigtl's server (PLUS stand-in); its SIGINT/SIGTERM handlers are put back afterwards."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = pyigtl.OpenIGTLinkServer(port=free_port())
-    yield server
-    server.stop()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 class KeepAllSlot(LatestSlot):

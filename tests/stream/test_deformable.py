@@ -68,3 +68,22 @@ def test_wrong_weights_refused(setup):
     context, _, _, weights3 = setup
     with pytest.raises(EngineError, match="2-D PLCReg"):
         DeformableStage(context, weights3)
+
+
+def test_onnxrt_stage_matches_eager(setup, tmp_path):
+    # the live CLI builds the stage with --backend (auto picks ONNX Runtime on CPU)
+    context, stage, plane, _ = setup
+    trained = PLCReg(stage.engine.config)
+    torch.manual_seed(3)
+    with torch.no_grad():  # a non-zero field: the flow heads start at zero
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    weights = save_checkpoint(tmp_path / "perturbed.pt", "plcreg", trained, trained.config)
+    eager = DeformableStage(context, weights)
+    ort = DeformableStage(context, weights, backend="onnxrt", threads=1)
+    assert ort.engine.backend == "onnxrt"
+    pixels = np.random.default_rng(2).integers(0, 255, FRAME_HW, dtype=np.uint8)
+    (la, da), (lb, db) = eager(pixels, plane), ort(pixels, plane)
+    assert np.abs(da).max() > 0.05  # the comparison is about a real displacement
+    assert np.abs(da - db).max() < 1e-3 * max(1.0, np.abs(da).max())
+    assert (la == lb).mean() > 0.999

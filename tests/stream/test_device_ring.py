@@ -69,6 +69,16 @@ def test_ring_overlapped_keeps_order(case):
     assert {"upload", "prepare", "model", "download", "overlay"} <= set(results[-1].timings_ms)
 
 
+def test_ring_poll_returns_finished_frames_without_waiting(case):
+    pipeline = _gpu_pipeline(case, ring_slots=3)
+    assert pipeline.submit(case[1][0]) == [] and pipeline.in_flight == 1
+    torch.cuda.synchronize()  # the frame's download is done: poll must hand it back now
+    results = pipeline.poll()
+    assert pipeline.in_flight == 0
+    _assert_close(results, case[3][:1])
+    assert pipeline.poll() == []
+
+
 def test_ring_cuda_graph_matches_cpu(case):
     pipeline = _gpu_pipeline(case, cuda_graph=True)
     results = [pipeline(f) for f in case[1]]

@@ -9,6 +9,7 @@ import numpy as np
 import pyigtl
 import pytest
 
+from regseg.errors import InputError
 from regseg.stream.igtl_codec import HEADER_SIZE, pack_image, pack_transform
 from regseg.stream.igtl_server import IgtlServer
 from regseg.stream.igtl_sink import IgtlSink, output_to_reference, pack_result
@@ -189,3 +190,10 @@ def test_sink_never_blocks_and_accounts_for_every_result(server):
     assert stats["published"] + stats["skipped"] == stats["submitted"] == 200
     assert stats["pack_errors"] == 0
     stalled.close()
+
+
+def test_bad_outputs_fail_when_the_sink_is_made(server):
+    with pytest.raises(InputError, match="'ProstateContourOfTheGland'"):
+        IgtlSink(server, contour_devices=("ProstateContourOfTheGland", "LesionContour"))
+    with pytest.raises(InputError, match="header_version 3"):
+        IgtlSink(server, header_version=3)  # no sink thread is left: the fixture checks

@@ -1,6 +1,5 @@
 """IgtlSource against pyigtl's server and against a raw socket that misbehaves."""
 
-import signal
 import socket
 import time
 
@@ -18,28 +17,11 @@ TS = 1_700_000_000.5
 WAIT_S = 5.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def image_to_reference() -> np.ndarray:
     m = np.eye(4)
     m[:3, :3] = [[0, -0.2, 0], [0.2, 0, 0], [0, 0, 1]]
     m[:3, 3] = [5.0, -7.0, 30.0]
     return m
-
-
-@pytest.fixture
-def pyigtl_server():
-    """pyigtl's server on a free port; its SIGINT/SIGTERM handlers are put back afterwards."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = pyigtl.OpenIGTLinkServer(port=free_port())
-    yield server
-    server.stop()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 @pytest.fixture
@@ -156,7 +138,7 @@ def test_no_reconnect_ends_the_source_and_closes_the_slot(listener):
     assert source.finished and source.stats()["disconnects"] == 1
 
 
-def test_stop_is_prompt_while_connected_or_backing_off(listener):
+def test_stop_is_prompt_while_connected_or_backing_off(listener, free_port):
     connected = started(IgtlSource("127.0.0.1", listener.getsockname()[1], poll_s=30.0))
     conn, _ = listener.accept()
     assert connected.connected.wait(WAIT_S)

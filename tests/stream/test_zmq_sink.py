@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -67,7 +68,16 @@ def test_round_trip_through_a_sub_socket(sink, subscriber):
     assert header["image_to_reference"] == np.diag([0.2, 0.3, 1.0, 1.0]).tolist()
     assert header["quality"] == 0.8 and header["flagged"] is False
     assert header["timings_ms"] == {"affine": 1.5, "total": 4.0}
+    sink.close()  # the count follows the send, which can return after the subscriber has it
     assert sink.stats()["published"] >= 1
+
+
+def test_a_result_that_cannot_be_encoded_is_counted_not_fatal(sink):
+    bad = replace(make_result(), timings_ms={"total": "slow"})  # not a number: no JSON header
+    sink.submit(bad)
+    sink.close()  # the thread takes what is pending before it ends
+    stats = sink.stats()
+    assert stats["encode_errors"] == 1 and stats["submitted"] == 1 and stats["published"] == 0
 
 
 def test_header_is_strict_json_without_nan():
