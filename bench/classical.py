@@ -148,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("ratio_vs_simpleitk", "x simpleitk", ".1f")])
     write_json(args.json, "classical", rows, frames=n, threads=args.threads,
                sitk_threads=args.sitk_threads,
-               engine_info=engine.info,
-               command=" ".join(["python", "bench/classical.py", *(argv or sys.argv[1:])]))
+               engine_info=engine.info, argv=argv)
     write_histogram(args.png or Path(args.json).with_suffix(".png"),
                     {"regseg": times["regseg"], "simpleitk": times["simpleitk"]},
                     f"per-frame registration time ({dev})")

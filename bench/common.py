@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,13 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, st
         print("  ".join(cells))
 
 
-def write_json(path: str | Path, bench: str, rows: list[dict[str, Any]], **meta: Any) -> None:
-    """``{"bench", "results": rows, **meta}`` with NaN written as null."""
+def write_json(path: str | Path, bench: str, rows: list[dict[str, Any]],
+               argv: list[str] | None = None, **meta: Any) -> None:
+    """``{"bench", "command", "results": rows, **meta}`` with NaN written as null.
+
+    ``command`` is the bench's command line (``python bench/<bench>.py`` and ``argv``, default
+    the process's arguments), so a JSON says how to reproduce it.
+    """
     def clean(v: Any) -> Any:
         if isinstance(v, float) and math.isnan(v):
             return None
@@ -85,8 +91,9 @@ def write_json(path: str | Path, bench: str, rows: list[dict[str, Any]], **meta:
             return [clean(x) for x in v]
         return v
 
-    out = {"bench": bench, "python": platform.python_version(), "torch": torch.__version__,
-           **meta, "results": rows}
+    command = " ".join(["python", f"bench/{bench}.py", *(argv or sys.argv[1:])])
+    out = {"bench": bench, "command": command, "python": platform.python_version(),
+           "torch": torch.__version__, **meta, "results": rows}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(clean(out), indent=2) + "\n")
     print(f"wrote {path}")

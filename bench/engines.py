@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                accuracy_rule={"min_dice_agreement": MIN_DICE_AGREEMENT,
                               "max_registration_diff_mm": MAX_REGISTRATION_DIFF_MM,
                               "phantom_seed": PHANTOM_SEED, "scanner_seed": SCANNER_SEED},
-               command=" ".join(["python", "bench/engines.py", *(argv or sys.argv[1:])]))
+               argv=argv)
     write_histogram(args.png or Path(args.json).with_suffix(".png"), series,
                     f"per-call latency by engine ({device_name(device)})")
     return 0

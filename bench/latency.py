@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("fps", "fps", ".1f"), ("frames_sent", "sent", "d"),
                        ("frames_received", "recv", "d"), ("dropped", "drop", "d"),
                        ("ratio_p50_vs_naive", "x naive", ".1f")])
-    write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP,
-               command=" ".join(["python", "bench/latency.py", *(argv or sys.argv[1:])]))
+    write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP, argv=argv)
     write_histogram(args.png or Path(args.json).with_suffix(".png"), series,
                     f"end-to-end latency over loopback OpenIGTLink ({device_name(args.device)})")
     return 0

@@ -79,6 +79,28 @@ def _pixel_grid(height: int, width: int, device: str, dtype: torch.dtype) -> Ten
     return grid.to(device)
 
 
+def pixel_axes(height: int, width: int, *, device: torch.device | str | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """Pixel coordinates along a plane's axes, float32: i (1, W, 1) and j (H, 1, 1).
+
+    With :func:`axes_grid` they build a plane's sampling grid as an outer sum, which is several
+    times faster on the CPU than an (H*W, 3) @ (3, 3) matmul for so small an inner size.
+    """
+    i = torch.arange(width, dtype=torch.float32, device=device).reshape(1, width, 1)
+    j = torch.arange(height, dtype=torch.float32, device=device).reshape(height, 1, 1)
+    return i, j
+
+
+def axes_grid(m: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """Grid points ``[i, j, 1] @ m.T`` of plane pixels, (H, W, 3) for a 3-D ``grid_sample``.
+
+    ``m`` (3, 3): its columns are what pixel i, pixel j and 1 add to the normalised (x, y, z)
+    point (columns 0, 1 and 3 of the 4x4 plane-pixel -> normalised map). ``i`` and ``j``
+    broadcast to (H, W, 1): :func:`pixel_axes`, or those plus a displacement.
+    """
+    return i * m[:, 0] + (j * m[:, 1] + m[:, 2])
+
+
 def plane_grid(
     volume_size: Sequence[int],
     world_to_voxel: np.ndarray,

@@ -52,25 +52,7 @@ class DeformableStage:
                 f"moving_channels={cfg.moving_channels}, fixed_channels={cfg.fixed_channels}.")
         self.size = (int(cfg.size[0]), int(cfg.size[1]))
         self.weights = self.engine.weights
-        self._labels = context.labels_float  # grid_sample needs float; made once at load
-        self._volume_size = tuple(int(s) for s in context.shape_ijk)
-        self._axes_hw: tuple[int, int] | None = None
-
-    def _plane_to_normalised(self, image_to_mri: np.ndarray) -> torch.Tensor:
-        """(3, 3) float32 rows: what pixel i, pixel j and 1 add to the normalised grid point."""
-        to_norm = (spatial.index_to_normalised(self._volume_size) @ self.context.world_to_voxel
-                   @ image_to_mri)
-        return torch.as_tensor(to_norm[:3, [0, 1, 3]].T, dtype=torch.float32,
-                               device=self.engine.device)
-
-    def _frame_axes(self, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel coordinates i (1, W, 1) and j (H, 1, 1) of a frame size, made once per size."""
-        if self._axes_hw != hw:
-            dev = self.engine.device
-            self._axes = (torch.arange(hw[1], dtype=torch.float32, device=dev)[None, :, None],
-                          torch.arange(hw[0], dtype=torch.float32, device=dev)[:, None, None])
-            self._axes_hw = hw
-        return self._axes
+        self._axes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -83,15 +65,15 @@ class DeformableStage:
                                                 image_to_mri, hw, self.size)
             ddf = self.engine.predict(torch.cat([mri, label_maps], dim=1), trus)["ddf"]
             ddf = resize_ddf(ddf, hw)  # model pixels -> frame pixels, (1, 2, H, W) as (dy, dx)
-            # One nearest lookup in the volume at plane(p + ddf(p)): with m the (3, 3) map of
-            # (i, j, 1) to grid_sample's normalised (x, y, z), the grid is (i + dx) m0 +
-            # (j + dy) m1 + m2, built elementwise (an (H*W, 3) matmul is slower on the CPU).
-            m = self._plane_to_normalised(image_to_mri)
-            axes = self._frame_axes(hw)
-            i = axes[0] + ddf[0, 1, :, :, None]  # (H, W, 1)
-            j = axes[1] + ddf[0, 0, :, :, None]
-            grid = i * m[0] + (j * m[1] + m[2])  # (H, W, 3)
-            labels = F.grid_sample(self._labels, grid[None, None], mode="nearest",
+            # One nearest lookup in the volume at plane(p + ddf(p)): the plane's grid with the
+            # pixel axes shifted by the field.
+            if hw not in self._axes:
+                self._axes[hw] = spatial.pixel_axes(*hw, device=dev)
+            i, j = self._axes[hw]
+            m = torch.as_tensor((ctx.world_to_normalised @ image_to_mri)[:3, [0, 1, 3]],
+                                dtype=torch.float32, device=dev)
+            grid = spatial.axes_grid(m, i + ddf[0, 1, :, :, None], j + ddf[0, 0, :, :, None])
+            labels = F.grid_sample(ctx.labels_float, grid[None, None], mode="nearest",
                                    padding_mode="zeros", align_corners=False)[0, 0, 0]
             return (labels.to(torch.uint8).cpu().numpy(),
                     ddf[0].float().cpu().numpy())

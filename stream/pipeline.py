@@ -61,13 +61,6 @@ def plane_matrices(context: MriContext, image_to_mri: np.ndarray, frame_hw: tupl
     return np.stack([frame_to_norm[:3, cols], model_to_norm[:3, cols]]).astype(np.float32)
 
 
-def _pixel_axes(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Pixel coordinates along a plane's axes: i (1, W, 1) and j (H, 1, 1), float32."""
-    i = torch.arange(w, dtype=torch.float32, device=device).reshape(1, w, 1)
-    j = torch.arange(h, dtype=torch.float32, device=device).reshape(h, 1, 1)
-    return i, j
-
-
 class FrameChain:
     """The tensor stages of one frame for one frame size; buffers and grids made once.
 
@@ -83,8 +76,8 @@ class FrameChain:
         self.size = tuple(engine.size)
         device = context.mri.device
         self.device = device
-        self.frame_axes = _pixel_axes(*self.frame_hw, device)
-        self.model_axes = _pixel_axes(*self.size, device)
+        self.frame_axes = spatial.pixel_axes(*self.frame_hw, device=device)
+        self.model_axes = spatial.pixel_axes(*self.size, device=device)
         # theta (normalised) -> frame pixels: inv(N) @ T @ N (spatial.theta_to_pixel), on device.
         n = spatial.index_to_normalised((self.frame_hw[1], self.frame_hw[0]))
         self.norm = torch.as_tensor(n, dtype=torch.float32, device=device)
@@ -93,13 +86,8 @@ class FrameChain:
 
     def _sample(self, volume: Tensor, m: Tensor, axes: tuple[Tensor, Tensor],
                 mode: str) -> Tensor:
-        """Sample ``volume`` (1, C, D, H, W) on the plane grid ``[i, j, 1] @ m.T``: (1, C, h, w).
-
-        Built as an outer sum of the two axes rather than an (h*w, 3) @ (3, 3) matmul, which is
-        several times slower on the CPU for so small an inner size.
-        """
-        i, j = axes
-        grid = i * m[:, 0] + (j * m[:, 1] + m[:, 2])  # (h, w, 3): grid_sample's (x, y, z)
+        """Sample ``volume`` (1, C, D, H, W) on the plane grid ``[i, j, 1] @ m.T``: (1, C, h, w)."""
+        grid = spatial.axes_grid(m, *axes)  # (h, w, 3): grid_sample's (x, y, z)
         return F.grid_sample(volume, grid[None, None], mode=mode, padding_mode="zeros",
                              align_corners=False)[:, :, 0]
 

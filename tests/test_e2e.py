@@ -30,12 +30,6 @@ MIN_MEAN_PROSTATE_DICE = 0.9
 MAX_MEDIAN_TRE_MM = 1.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _connect(port: int, proc: subprocess.Popen, timeout_s: float) -> socket.socket:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -48,11 +42,11 @@ def _connect(port: int, proc: subprocess.Popen, timeout_s: float) -> socket.sock
 
 
 @pytest.mark.slow
-def test_stream_end_to_end_over_openigtlink(tmp_path):
+def test_stream_end_to_end_over_openigtlink(tmp_path, free_port):
     phantom = make_phantom(0)
     mri_path, labels_path = write_phantom(phantom, tmp_path)
     scanner = SimulatedScanner(phantom, seed=0)
-    serve_port = _free_port()
+    serve_port = free_port()
     stats_path = tmp_path / "stats.json"
     received: dict[str, list] = {"Overlay": [], "Labels": [], "MRIToImage": []}
 

@@ -109,3 +109,18 @@ def test_lift_2d_leaves_k_alone():
     a3 = np.array([[0.0, -1.0, 3.0], [1.0, 0.0, 2.0], [0, 0, 1]])
     m = spatial.lift_2d(a3)
     assert np.allclose(spatial.apply(m, np.array([[1.0, 2.0, 7.0]])), [[1.0, 3.0, 7.0]])
+
+
+def test_axes_grid_equals_plane_grid():
+    # the outer-sum grid the live path builds is the same grid as spatial.plane_grid's matmul
+    volume_size = (40, 30, 20)
+    world_to_voxel = np.diag([0.5, 0.5, 0.25, 1.0])
+    world_to_voxel[:3, 3] = [3.0, -2.0, 1.5]
+    image_to_world = spatial.lift_2d(np.array([[0.9, -0.3, 4.0], [0.2, 1.1, 6.0], [0, 0, 1]]))
+    image_to_world[2, 3] = 30.0
+    expected = spatial.plane_grid(volume_size, world_to_voxel, image_to_world, (7, 9))[0, 0]
+    to_norm = spatial.index_to_normalised(volume_size) @ world_to_voxel @ image_to_world
+    m = torch.as_tensor(to_norm[:3, [0, 1, 3]], dtype=torch.float32)
+    got = spatial.axes_grid(m, *spatial.pixel_axes(7, 9))
+    assert got.shape == (7, 9, 3)
+    assert torch.allclose(got, expected, atol=1e-5)
