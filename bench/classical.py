@@ -26,8 +26,8 @@ from regseg import metrics, spatial
 from regseg.engines.fusion import FusionEngine
 from regseg.errors import EngineError
 from regseg.models.registry import build_model
-from regseg.phantom import make_phantom
-from regseg.scanner import SimulatedScanner
+from regseg.sim.phantom import make_phantom
+from regseg.sim.scanner import SimulatedScanner
 from regseg.stream.context import build_context
 from regseg.stream.pipeline import Pipeline, plane_matrices
 

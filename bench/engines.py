@@ -44,8 +44,8 @@ from regseg.engines.segmentation import argmax_labels
 from regseg.engines.select import time_engine
 from regseg.errors import EngineError
 from regseg.models.registry import build_model, load_model
-from regseg.phantom import Phantom, make_phantom
-from regseg.scanner import SimulatedScanner
+from regseg.sim.phantom import Phantom, make_phantom
+from regseg.sim.scanner import SimulatedScanner
 from regseg.stream.context import MriContext, build_context
 from regseg.types import LESION, PROSTATE, Frame
 

@@ -28,10 +28,10 @@ from pathlib import Path
 from common import add_ratios, device_name, print_table, summarise, write_histogram, write_json
 
 from regseg.errors import StreamError
-from regseg.phantom import make_phantom, write_phantom
-from regseg.scanner import SimulatedScanner
-from regseg.stream.igtl_wire import MessageReader
-from regseg.stream.sim_server import SimIgtlServer
+from regseg.sim.phantom import make_phantom, write_phantom
+from regseg.sim.scanner import SimulatedScanner
+from regseg.stream.igtl.sim_server import SimIgtlServer
+from regseg.stream.igtl.wire import MessageReader
 
 WARMUP = 10  # first results include lazy allocations: not what a session sees
 NAIVE = Path(__file__).with_name("naive.py")

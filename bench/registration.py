@@ -2,8 +2,8 @@
 
 Two data sets, one run, one table:
 
-- MNI152 pairs (``regseg.mni``, eval seeds): Dice (grey, white), HD95, TRE on landmarks, % folding,
-  seconds per pair; rows for no registration, regseg affine only, regseg, SimpleITK.
+- MNI152 pairs (``regseg.sim.mni``, eval seeds): Dice (grey, white), HD95, TRE on landmarks,
+  % folding, seconds per pair; rows for no registration, regseg affine only, regseg, SimpleITK.
 - Held-out phantom frames (simulated TRUS, phantoms 1000.., a scanner seed no training used): the
   live pipeline with ``deformable`` off and on, and SimpleITK 2-D (MRI plane at the tracked pose to
   the frame): prostate Dice of the registered MRI labels, TRE over the true prostate (mm, including
@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from regseg import metrics, mni, spatial
+from regseg import metrics, spatial
 from regseg.imageio import Volume
 from regseg.register_cli import score
 from regseg.registration_metrics import jacobian_stats, nanmean
+from regseg.sim import mni
 from regseg.types import PROSTATE
 
 KEYS = ("dice", "hd95_mm", "tre_mm", "folding_pct", "seconds_per_pair")

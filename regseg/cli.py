@@ -9,7 +9,7 @@ from regseg.errors import InputError, RegsegError
 
 
 def _phantom(args) -> int:
-    from regseg.phantom import make_phantom, write_phantom
+    from regseg.sim.phantom import make_phantom, write_phantom
 
     image, labels = write_phantom(make_phantom(args.seed), args.out)
     print(f"wrote {image}\nwrote {labels}")

@@ -288,7 +288,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_mni(args: argparse.Namespace) -> int:
     """``regseg mni``: write the MNI152 evaluation (or training) set."""
-    from regseg.mni import build_mni_set
+    from regseg.sim.mni import build_mni_set
 
     csv_path = build_mni_set(args.out, args.pairs, split=args.split)
     print(f"wrote {csv_path}")

@@ -170,7 +170,7 @@ def _file_or_grabber_source(args, source_url: str, slot):
             device = int(device)
         pose_source = None
         if args.pose_source:
-            from regseg.stream.igtl_source import IgtlSource
+            from regseg.stream.igtl.source import IgtlSource
 
             host, port = _host_port(args.pose_source, "igtl", "--pose-source")
             pose_source = IgtlSource(host, port)
@@ -195,8 +195,8 @@ def _context_and_source(args, device, slot=None):
         raise InputError("no --source given: use --source igtl://HOST:PORT for a scanner or PLUS "
                          "server, or --demo for the simulated scanner")
     if source_url.startswith("sim://"):
-        from regseg.phantom import make_phantom
-        from regseg.scanner import SimulatedScanner
+        from regseg.sim.phantom import make_phantom
+        from regseg.sim.scanner import SimulatedScanner
         from regseg.stream.source import SimSource
 
         if args.mri or args.mri_labels:
@@ -211,7 +211,7 @@ def _context_and_source(args, device, slot=None):
             raise InputError("--source igtl:// needs the patient case: --mri case.nii.gz "
                              "--mri-labels case_labels.nii.gz")
         context = load_context(args.mri, args.mri_labels, device)
-        from regseg.stream.igtl_source import IgtlSource
+        from regseg.stream.igtl.source import IgtlSource
 
         host, port = _host_port(source_url, "igtl", "--source")
         source = IgtlSource(host, port, slot, image_device=args.image_device)
@@ -239,8 +239,8 @@ def _sinks(args, on_message=None) -> tuple[list, list[str]]:
     for url in serve:
         if url == "none":
             continue
-        from regseg.stream.igtl_server import IgtlServer
-        from regseg.stream.igtl_sink import IgtlSink
+        from regseg.stream.igtl.server import IgtlServer
+        from regseg.stream.igtl.sink import IgtlSink
 
         host, port = _host_port(url, "igtl", "--serve")
         sinks.append(IgtlSink(IgtlServer(host, port, on_message=on_message),
@@ -277,7 +277,7 @@ def run(args) -> dict:
             recorder.close()
         raise
     from regseg.engines.fusion import FusionEngine
-    from regseg.stream.igtl_sink import RegistrationListener
+    from regseg.stream.igtl.sink import RegistrationListener
     from regseg.stream.pipeline import Pipeline
     from regseg.stream.runner import run_stream
 

@@ -4,7 +4,7 @@ Scanners without a research interface are often captured from their video output
 into a USB grabber such as an Epiphan, PLUS's ``Epiphan`` / ``MmfVideo`` devices). The frame then
 holds the whole screen: ``crop`` cuts out the B-mode image, whose pixel size comes from the
 configuration (the grabber does not know it). Frames are untracked unless a pose source (e.g. an
-:class:`~regseg.stream.igtl_source.IgtlSource` receiving a tracker's ``ImageToReference``) is
+:class:`~regseg.stream.igtl.source.IgtlSource` receiving a tracker's ``ImageToReference``) is
 given; its latest valid pose is then used, if recent enough: pairing by arrival, because a
 grabber has no timestamp of its own to match (temporal calibration is not applied here).
 """
@@ -21,7 +21,7 @@ import numpy as np
 
 from regseg.clock import now_ns, wall_s
 from regseg.errors import InputError
-from regseg.stream.pairing import Pose
+from regseg.stream.igtl.pairing import Pose
 from regseg.stream.slot import LatestSlot
 from regseg.types import Frame
 

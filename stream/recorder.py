@@ -18,7 +18,7 @@ import numpy as np
 
 from regseg.errors import InputError
 from regseg.stream.file_source import DEFAULT_DEVICE, SPACING_FIELD
-from regseg.stream.igtl_wire import RateLimitedLog
+from regseg.stream.igtl.wire import RateLimitedLog
 from regseg.stream.sequence_file import SEQUENCE_EXTENSIONS, SequenceWriter, format_matrix
 from regseg.stream.slot import LatestSlot
 from regseg.types import Frame, Result

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from regseg.stream.igtl_wire import RateLimitedLog
+from regseg.stream.igtl.wire import RateLimitedLog
 from regseg.stream.slot import LatestSlot
 from regseg.types import Result
 

@@ -15,7 +15,7 @@ import zmq
 
 from regseg.clock import wall_s
 from regseg.errors import InputError, StreamError
-from regseg.stream.igtl_wire import RateLimitedLog
+from regseg.stream.igtl.wire import RateLimitedLog
 from regseg.stream.sink_thread import SinkThread
 from regseg.types import Result
 

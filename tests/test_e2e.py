@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from regseg import metrics, spatial
-from regseg.phantom import make_phantom, write_phantom
-from regseg.scanner import SimulatedScanner
-from regseg.stream.igtl_wire import MessageReader
-from regseg.stream.sim_server import SimIgtlServer
+from regseg.sim.phantom import make_phantom, write_phantom
+from regseg.sim.scanner import SimulatedScanner
+from regseg.stream.igtl.sim_server import SimIgtlServer
+from regseg.stream.igtl.wire import MessageReader
 from regseg.types import PROSTATE
 
 FRAMES = 30

@@ -14,8 +14,9 @@ pytest.importorskip("nibabel")
 if __import__("importlib").util.find_spec("nilearn") is None:
     pytest.skip("nilearn (the registration extra) is not installed", allow_module_level=True)
 
-from regseg import mni, spatial  # noqa: E402
+from regseg import spatial  # noqa: E402
 from regseg.registration_metrics import dice_per_label, sample_field  # noqa: E402
+from regseg.sim import mni  # noqa: E402
 
 SMALL = mni.MniConfig(shape=(24, 28, 24), spacing_mm=6.5, landmarks=40)
 

@@ -1,10 +1,10 @@
-"""Tests of regseg.phantom: determinism, label and grid consistency, anatomy, NIfTI round trip."""
+"""Tests of regseg.sim.phantom: determinism, labels and grid, anatomy, NIfTI round trip."""
 
 import numpy as np
 import pytest
 
-from regseg import phantom as ph
 from regseg.imageio import load_labels, load_mri
+from regseg.sim import phantom as ph
 from regseg.types import BACKGROUND, LESION, PROSTATE
 
 

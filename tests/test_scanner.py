@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from regseg import spatial
-from regseg.bmode import convolve_along, psf_kernels
-from regseg.phantom import make_phantom
-from regseg.probe_path import SAGITTAL, TRANSVERSE, probe_plane, tracking_error
-from regseg.scanner import ScannerConfig, SimulatedScanner
+from regseg.sim.bmode import convolve_along, psf_kernels
+from regseg.sim.phantom import make_phantom
+from regseg.sim.probe_path import SAGITTAL, TRANSVERSE, probe_plane, tracking_error
+from regseg.sim.scanner import ScannerConfig, SimulatedScanner
+from regseg.sim.volume_atlas import build_atlas, sample_atlas
 from regseg.types import LESION, PROSTATE
-from regseg.volume_atlas import build_atlas, sample_atlas
 
 EXACT = ScannerConfig(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
                       out_of_plane_mm=0.0, deform_mm=0.0, pressure_mm=0.0)

@@ -36,8 +36,8 @@ OpenScanner = Callable[[int, int], tuple[Any, Any]]
 def open_simulated_scanner(phantom_seed: int, scanner_seed: int) -> tuple[Any, Any]:
     """The built-in phantom case ``phantom_seed`` and a simulated scanner looking at it."""
     # Imported here: the scanner is the heaviest module of regseg and only data generation needs it.
-    from regseg.phantom import make_phantom
-    from regseg.scanner import ScannerConfig, SimulatedScanner
+    from regseg.sim.phantom import make_phantom
+    from regseg.sim.scanner import ScannerConfig, SimulatedScanner
 
     phantom = make_phantom(phantom_seed)
     return phantom, SimulatedScanner(phantom, ScannerConfig(), seed=scanner_seed)

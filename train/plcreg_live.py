@@ -73,7 +73,7 @@ class LiveSet:
 def true_displacement(scanner: Any, pose: Any) -> torch.Tensor:
     """The simulator's tissue displacement of a pose at every frame pixel, (H, W, 2) (di, dj).
 
-    Reads the scanner's private displacement model (regseg.scanner has no public accessor yet):
+    Reads the scanner's private displacement model (regseg.sim.scanner has no public accessor yet):
     the label at frame pixel p comes from the MRI at ``image_to_mri (p + d(p))``.
     """
     geo = scanner.geometry

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from regseg import mni, spatial
+from regseg import spatial
 from regseg.models import reg_losses
 from regseg.models.plcreg import PLCReg, PLCRegConfig
 from regseg.registration_metrics import jacobian_stats, nanmean, sample_field
+from regseg.sim import mni
 from regseg.spatial import identity_grid, warp
 from regseg.train.plcreg_recipe import Weights, recent_losses, save_run, take_step
 
@@ -55,7 +56,7 @@ def true_pair_ddf(u_moving: torch.Tensor, u_fixed: torch.Tensor) -> torch.Tensor
     """The displacement that aligns pool image ``moving`` to ``fixed``, (1, 3, K, J, I) voxels.
 
     Fixed voxel x shows template point x + u_f(x); the moving image shows it at z with
-    z + u_m(z) = x + u_f(x) (fixed-point solve, ``regseg.mni.invert_points``).
+    z + u_m(z) = x + u_f(x) (fixed-point solve, ``regseg.sim.mni.invert_points``).
     """
     shape = tuple(u_fixed.shape[2:])
     grid = identity_grid(shape)

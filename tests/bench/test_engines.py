@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from regseg.engines.base import make_engine
 from regseg.models.registry import build_model, load_model
-from regseg.phantom import make_phantom
+from regseg.sim.phantom import make_phantom
 from regseg.stream.context import build_context
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"

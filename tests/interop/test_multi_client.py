@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import zmq
 
-from regseg.stream.igtl_server import IgtlServer
-from regseg.stream.igtl_sink import IgtlSink
-from regseg.stream.igtl_wire import MessageReader
+from regseg.stream.igtl.server import IgtlServer
+from regseg.stream.igtl.sink import IgtlSink
+from regseg.stream.igtl.wire import MessageReader
 from regseg.stream.zmq_sink import ZmqSink, decode
 from regseg.types import Frame, Result
 

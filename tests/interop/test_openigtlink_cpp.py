@@ -17,11 +17,11 @@ import time
 import numpy as np
 import pytest
 
-from regseg.stream import igtl_server
-from regseg.stream.igtl_polydata import label_outlines
-from regseg.stream.igtl_server import IgtlServer
-from regseg.stream.igtl_sink import IgtlSink, pack_result
-from regseg.stream.igtl_source import IgtlSource
+from regseg.stream.igtl import server as igtl_server
+from regseg.stream.igtl.polydata import label_outlines
+from regseg.stream.igtl.server import IgtlServer
+from regseg.stream.igtl.sink import IgtlSink, pack_result
+from regseg.stream.igtl.source import IgtlSource
 from regseg.types import Frame, Result
 
 WAIT_S = 10.0
@@ -93,7 +93,7 @@ def test_imager_server_feeds_regseg_stream_and_receive_client_parses_its_output(
     ImagerServer -> regseg-stream (--igtl-header-version 1) -> ReceiveClient."""
     from regseg.models.checkpoint import save_checkpoint
     from regseg.models.registry import build_config, build_model, default_weights_path
-    from regseg.phantom import make_phantom, write_phantom
+    from regseg.sim.phantom import make_phantom, write_phantom
     from regseg.stream.cli import main
 
     weights = default_weights_path("alignsegnet")

@@ -9,9 +9,9 @@ import numpy as np
 import pyigtl
 import pytest
 
-from regseg.stream.igtl_server import IgtlServer
-from regseg.stream.igtl_sink import IgtlSink, RegistrationListener
-from regseg.stream.igtl_source import IgtlSource
+from regseg.stream.igtl.server import IgtlServer
+from regseg.stream.igtl.sink import IgtlSink, RegistrationListener
+from regseg.stream.igtl.source import IgtlSource
 from regseg.stream.pipeline import Pipeline
 from regseg.stream.slot import LatestSlot
 from regseg.types import Frame, Result

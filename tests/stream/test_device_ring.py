@@ -11,8 +11,8 @@ import torch
 from regseg.engines.base import TOLERANCES, make_engine, parity_error
 from regseg.engines.fusion import FusionEngine
 from regseg.models.registry import build_model
-from regseg.phantom import make_phantom
-from regseg.scanner import SimulatedScanner
+from regseg.sim.phantom import make_phantom
+from regseg.sim.scanner import SimulatedScanner
 from regseg.stream.context import build_context
 from regseg.stream.pipeline import Pipeline
 

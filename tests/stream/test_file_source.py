@@ -132,8 +132,8 @@ def test_cli_replays_a_file_through_the_full_pipeline_and_records_it_again(tmp_p
     """--source file:// drives the real pipeline; --record of that replay is the same file."""
     from regseg.models.checkpoint import save_checkpoint
     from regseg.models.registry import build_config, build_model, default_weights_path
-    from regseg.phantom import make_phantom, write_phantom
-    from regseg.scanner import SimulatedScanner
+    from regseg.sim.phantom import make_phantom, write_phantom
+    from regseg.sim.scanner import SimulatedScanner
     from regseg.stream.cli import main
 
     # This test is about the plumbing, not accuracy: untrained weights do when none are shipped.

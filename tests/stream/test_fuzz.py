@@ -17,8 +17,8 @@ import numpy as np
 import pyigtl
 import pytest
 
-from regseg.stream.igtl_codec import HEADER, crc64, pack_image, pack_transform
-from regseg.stream.igtl_source import IgtlSource
+from regseg.stream.igtl.codec import HEADER, crc64, pack_image, pack_transform
+from regseg.stream.igtl.source import IgtlSource
 
 WAIT_S = 10.0
 TS0 = 1_700_000_000.0

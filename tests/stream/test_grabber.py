@@ -9,7 +9,7 @@ import pytest
 from regseg.clock import now_ns
 from regseg.errors import InputError
 from regseg.stream.grabber_source import GrabberSource, crop_grey, parse_crop
-from regseg.stream.pairing import Pose
+from regseg.stream.igtl.pairing import Pose
 
 WAIT_S = 5.0
 FPS = 25.0

@@ -10,10 +10,10 @@ import pyigtl
 import pytest
 
 from regseg.errors import InputError
-from regseg.stream.igtl_codec import HEADER_SIZE, pack_image, pack_transform
-from regseg.stream.igtl_server import IgtlServer
-from regseg.stream.igtl_sink import IgtlSink, output_to_reference, pack_result
-from regseg.stream.igtl_wire import MessageReader
+from regseg.stream.igtl.codec import HEADER_SIZE, pack_image, pack_transform
+from regseg.stream.igtl.server import IgtlServer
+from regseg.stream.igtl.sink import IgtlSink, output_to_reference, pack_result
+from regseg.stream.igtl.wire import MessageReader
 from regseg.types import Frame, Result
 
 TS = 1_700_000_000.75

@@ -7,9 +7,9 @@ import numpy as np
 import pyigtl
 import pytest
 
-from regseg.stream.igtl_codec import pack_image
-from regseg.stream.igtl_source import IgtlSource
-from regseg.stream.sim_server import SimIgtlServer
+from regseg.stream.igtl.codec import pack_image
+from regseg.stream.igtl.sim_server import SimIgtlServer
+from regseg.stream.igtl.source import IgtlSource
 from regseg.stream.slot import LatestSlot
 from regseg.types import Frame
 

@@ -9,7 +9,7 @@ import pytest
 from pyigtl.messages import ImageMessage, MessageBase, StringMessage, TransformMessage
 
 from regseg.errors import InputError, StreamError
-from regseg.stream.igtl_codec import (
+from regseg.stream.igtl.codec import (
     HEADER_SIZE,
     crc64,
     frame_from_image,
@@ -17,7 +17,7 @@ from regseg.stream.igtl_codec import (
     pack_transform,
     wire_timestamp,
 )
-from regseg.stream.igtl_wire import MessageReader
+from regseg.stream.igtl.wire import MessageReader
 
 TS = 1_700_000_000.25
 

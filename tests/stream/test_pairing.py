@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from regseg.stream.pairing import Pose, TimestampPairer, pose_is_valid
+from regseg.stream.igtl.pairing import Pose, TimestampPairer, pose_is_valid
 
 MS = 1_000_000
 

@@ -13,8 +13,8 @@ from regseg import planes, spatial
 from regseg.engines.fusion import FusionEngine
 from regseg.errors import EngineError
 from regseg.models.registry import build_model
-from regseg.phantom import make_phantom
-from regseg.scanner import SimulatedScanner
+from regseg.sim.phantom import make_phantom
+from regseg.sim.scanner import SimulatedScanner
 from regseg.stream.context import build_context
 from regseg.stream.pipeline import STAGES, Pipeline, plane_matrices
 

@@ -7,15 +7,15 @@ import pyigtl
 import pytest
 
 from regseg.errors import InputError
-from regseg.stream.igtl_codec import HEADER_SIZE, crc64
-from regseg.stream.igtl_polydata import (
+from regseg.stream.igtl.codec import HEADER_SIZE, crc64
+from regseg.stream.igtl.polydata import (
     PolyData,
     label_outlines,
     pack_outline,
     pack_polydata_content,
     unpack_polydata_content,
 )
-from regseg.stream.igtl_sink import pack_result
+from regseg.stream.igtl.sink import pack_result
 from regseg.types import Frame, Result
 
 TS = 1_700_000_000.5

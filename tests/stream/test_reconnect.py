@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 
-from regseg.stream.igtl_codec import pack_image, pack_transform
-from regseg.stream.igtl_server import IgtlServer
-from regseg.stream.igtl_source import BACKOFF_FIRST_S, IgtlSource
+from regseg.stream.igtl.codec import pack_image, pack_transform
+from regseg.stream.igtl.server import IgtlServer
+from regseg.stream.igtl.source import BACKOFF_FIRST_S, IgtlSource
 
 WAIT_S = 5.0
 TS0 = 1_700_000_000.0

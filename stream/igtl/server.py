@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from pyigtl.messages import MessageBase
 
-from regseg.stream.igtl_wire import DEFAULT_MAX_BODY_BYTES, MessageReader, RateLimitedLog, WireStats
+from regseg.stream.igtl.wire import DEFAULT_MAX_BODY_BYTES, MessageReader, RateLimitedLog, WireStats
 
 log = logging.getLogger(__name__)
 

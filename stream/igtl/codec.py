@@ -1,6 +1,6 @@
 """OpenIGTLink messages as bytes: header v1/v2 packing, CRC64, IMAGE and TRANSFORM <-> our types.
 
-No sockets and no threads here (framing off a socket is :mod:`regseg.stream.igtl_wire`). Message
+No sockets and no threads here (framing off a socket is :mod:`regseg.stream.igtl.wire`). Message
 classes, header parsing and the CRC function are pyigtl's; packing is ours so that the CRC runs in
 steps and header v1 or v2 (extended header + metadata) is chosen per call.
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from regseg import spatial
 from regseg.errors import InputError
-from regseg.stream.igtl_codec import pack_message
+from regseg.stream.igtl.codec import pack_message
 
 _POLY_HEADER = struct.Struct(">10I")
 CELL_KINDS = ("vertices", "lines", "polygons", "triangle_strips")

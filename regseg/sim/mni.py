@@ -37,7 +37,7 @@ from torch import Tensor
 from regseg import spatial
 from regseg.errors import InputError
 from regseg.imageio import Volume, save_volume
-from regseg.phantom import random_rotation, smooth_noise
+from regseg.sim.phantom import random_rotation, smooth_noise
 
 MNI_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from regseg import phantom as ph
+from regseg.sim import phantom as ph
 from regseg.spatial import index_to_normalised
 
 # Echogenicity in dB re. the capsule; per-tissue heterogeneity (dB, std) and attenuation in dB per
@@ -48,7 +48,7 @@ def tissue_properties(tissue: np.ndarray, rng: np.random.Generator,
     """Acoustic property volumes of a tissue map.
 
     Args:
-        tissue: (I, J, K) uint8 tissue classes of :mod:`regseg.phantom`.
+        tissue: (I, J, K) uint8 tissue classes of :mod:`regseg.sim.phantom`.
         shadow_scale: multiplies the calcifications' attenuation (0 = no shadows).
     Returns:
         (2, I, J, K) float32: linear echo amplitude (with smooth per-tissue texture) and

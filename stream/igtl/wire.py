@@ -1,7 +1,7 @@
 """OpenIGTLink framing: whole messages off a socket, every anomaly dropped, counted and survived.
 
 No threads here. Message bytes (packing, CRC64, IMAGE and TRANSFORM conversion) live in
-:mod:`regseg.stream.igtl_codec`.
+:mod:`regseg.stream.igtl.codec`.
 The socket handling is ours, because pyigtl's loops poll with 10 ms sleeps, concatenate ``bytes``
 and never verify the CRC.
 
@@ -21,7 +21,7 @@ from pyigtl.messages import MessageBase, message_type_to_class_constructor
 
 from regseg.clock import now_ns
 from regseg.errors import StreamError
-from regseg.stream.igtl_codec import HEADER, HEADER_SIZE, HEADER_VERSIONS, check_image_body, crc64
+from regseg.stream.igtl.codec import HEADER, HEADER_SIZE, HEADER_VERSIONS, check_image_body, crc64
 
 log = logging.getLogger(__name__)
 

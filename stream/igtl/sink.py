@@ -16,15 +16,15 @@ import numpy as np
 from pyigtl.messages import MessageBase, TransformMessage
 
 from regseg.clock import ms_between, now_ns, wall_s
-from regseg.stream.igtl_codec import (
+from regseg.stream.igtl.codec import (
     check_device_name,
     check_header_version,
     pack_image,
     pack_transform,
 )
-from regseg.stream.igtl_polydata import pack_outline
-from regseg.stream.igtl_server import IgtlServer
-from regseg.stream.igtl_wire import RateLimitedLog
+from regseg.stream.igtl.polydata import pack_outline
+from regseg.stream.igtl.server import IgtlServer
+from regseg.stream.igtl.wire import RateLimitedLog
 from regseg.stream.sink_thread import SinkThread
 from regseg.types import LESION, Frame, Result
 
@@ -87,7 +87,7 @@ class IgtlOutputs:
 
         With ``contour_devices`` = (gland, lesion) device names, the outlines of the predicted
         gland (labels > 0: the lesion lies inside it) and lesion (labels == 2) follow the images,
-        in mm on the image plane (:func:`~regseg.stream.igtl_polydata.label_outlines`).
+        in mm on the image plane (:func:`~regseg.stream.igtl.polydata.label_outlines`).
 
         Every message carries the frame's ``source_ts`` (wall clock now if the source gave none),
         so a receiver can match it to the frame it sent and measure latency. With header v2 each

@@ -2,7 +2,7 @@
 and for training.
 
 Each frame images the phantom on the true plane of a biopsy-like session (see
-:mod:`regseg.probe_path`), through a smooth in-plane tissue displacement and probe-pressure
+:mod:`regseg.sim.probe_path`), through a smooth in-plane tissue displacement and probe-pressure
 compression, and reports a tracked plane that carries a bounded tracking error. The simulator's
 reference frame is the MRI world: ``reference_to_mri`` is the identity.
 """
@@ -16,17 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from regseg import bmode, clock, spatial
-from regseg.phantom import Phantom, random_rotation
-from regseg.probe_path import (
+from regseg import clock, spatial
+from regseg.sim import bmode
+from regseg.sim.phantom import Phantom, random_rotation
+from regseg.sim.probe_path import (
     ProbePose,
     SessionPath,
     find_probe_axis,
     probe_plane,
     tracking_error,
 )
+from regseg.sim.volume_atlas import build_atlas, sample_atlas
 from regseg.types import Frame, GroundTruth
-from regseg.volume_atlas import build_atlas, sample_atlas
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class SimulatedScanner:
 
     Attributes:
         sector_mask: (H, W) bool numpy array, True inside the fan (pixels outside are always 0).
-        axis: the fitted probe axis (:class:`regseg.probe_path.ProbeAxis`).
+        axis: the fitted probe axis (:class:`regseg.sim.probe_path.ProbeAxis`).
     """
 
     def __init__(self, phantom: Phantom, config: ScannerConfig = ScannerConfig(), seed: int = 0,

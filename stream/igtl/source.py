@@ -12,9 +12,9 @@ from pyigtl.messages import ImageMessage, MessageBase, TransformMessage
 
 from regseg.clock import now_ns
 from regseg.errors import InputError, StreamError
-from regseg.stream.igtl_codec import frame_from_image
-from regseg.stream.igtl_wire import DEFAULT_MAX_BODY_BYTES, MessageReader, RateLimitedLog, WireStats
-from regseg.stream.pairing import Paired, Pose, TimestampPairer, pose_is_valid
+from regseg.stream.igtl.codec import frame_from_image
+from regseg.stream.igtl.pairing import Paired, Pose, TimestampPairer, pose_is_valid
+from regseg.stream.igtl.wire import DEFAULT_MAX_BODY_BYTES, MessageReader, RateLimitedLog, WireStats
 from regseg.stream.slot import LatestSlot
 from regseg.stream.source import SourceThread
 from regseg.types import Frame
@@ -33,10 +33,10 @@ class IgtlSource:
     """Connects to an OpenIGTLink server and puts each IMAGE, as a Frame, into ``slot``.
 
     The pose (``image_to_reference``) is the TRANSFORM named ``transform_device`` whose timestamp
-    matches the IMAGE's (:class:`~regseg.stream.pairing.TimestampPairer`: PLUS stamps both with the
-    tracked frame's time and may send either first). With no such TRANSFORM the IMAGE's own matrix
-    is used: PLUS embeds ImageToReference in ``Image_Reference``. A pose flagged invalid (PLUS
-    metadata ``TransformStatus`` INVALID / ``TransformValid`` false, or the IMAGE's
+    matches the IMAGE's (:class:`~regseg.stream.igtl.pairing.TimestampPairer`: PLUS stamps both
+    with the tracked frame's time and may send either first). With no such TRANSFORM the IMAGE's
+    own matrix is used: PLUS embeds ImageToReference in ``Image_Reference``. A pose flagged invalid
+    (PLUS metadata ``TransformStatus`` INVALID / ``TransformValid`` false, or the IMAGE's
     ``<transform_device>TransformStatus``) makes the frame untracked (``image_to_reference`` None).
     ``transform_ts_mismatch`` counts IMAGEs that found no pose of their instant although poses
     arrive. Other TRANSFORMs (e.g. ``ProbeToTracker``) are kept, latest per name: :meth:`pose`.
@@ -54,7 +54,7 @@ class IgtlSource:
         reconnect: reconnect after a failed or dropped connection.
         poll_s: socket timeout in s: only bounds how long stop() can take if shutdown() is missed.
         connect_timeout_s: TCP connect timeout in s.
-        max_body_bytes, verify_crc: see :class:`~regseg.stream.igtl_wire.MessageReader`.
+        max_body_bytes, verify_crc: see :class:`~regseg.stream.igtl.wire.MessageReader`.
         stall_timeout_s: seconds without a byte after which the connection is dropped (None: never).
         backoff_s, backoff_max_s: first and longest wait between connection attempts, s.
         pairer: the image/pose pairing (default: :class:`TimestampPairer` with its defaults).

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from regseg.phantom import RECTAL_LUMEN, Phantom
+from regseg.sim.phantom import RECTAL_LUMEN, Phantom
 from regseg.types import BACKGROUND
 
 SAGITTAL, TRANSVERSE = "sagittal", "transverse"

@@ -8,8 +8,8 @@ import threading
 import numpy as np
 
 from regseg.clock import now_ns, wall_s
-from regseg.stream.igtl_codec import pack_image, pack_transform, wire_timestamp
-from regseg.stream.igtl_server import IgtlServer
+from regseg.stream.igtl.codec import pack_image, pack_transform, wire_timestamp
+from regseg.stream.igtl.server import IgtlServer
 from regseg.stream.source import SourceThread
 from regseg.types import Frame
 
@@ -31,7 +31,8 @@ class SimIgtlServer:
     carries metadata ``FrameIndex``.
 
     Args:
-        scanner: has ``frame(index) -> Frame`` and ``config.fps`` (regseg.scanner.SimulatedScanner).
+        scanner: has ``frame(index) -> Frame`` and ``config.fps``
+            (regseg.sim.scanner.SimulatedScanner).
         host, port: where to listen; port 0 picks a free one (``.port``).
         fps: send rate; None for ``scanner.config.fps``; <= 0 sends flat out.
         max_frames: stop after this many frames (None: until stop()).
