@@ -19,7 +19,8 @@ import numpy as np
 from regseg.errors import InputError
 from regseg.stream.file_source import DEFAULT_DEVICE, SPACING_FIELD
 from regseg.stream.igtl.wire import RateLimitedLog
-from regseg.stream.sequence_file import SEQUENCE_EXTENSIONS, SequenceWriter, format_matrix
+from regseg.stream.sequence_file import SEQUENCE_EXTENSIONS, format_matrix
+from regseg.stream.sequence_writer import SequenceWriter, has_partial, recover_recording
 from regseg.stream.slot import LatestSlot
 from regseg.types import Frame, Result
 
@@ -70,12 +71,27 @@ def output_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path.with_name(f"{stem}_Labels{ext}"), path.with_name(f"{stem}_Overlay{ext}")
 
 
+def recovered_path(path: str | os.PathLike) -> Path:
+    """The first free ``NAME_recoveredN.EXT`` beside ``path``: where the recorder completes an
+    unfinished recording it finds at start, before it records over the name again."""
+    path = Path(path)
+    ext = next((e for e in SEQUENCE_EXTENSIONS if path.name.lower().endswith(e)), "")
+    stem = path.name[: len(path.name) - len(ext)]
+    n = 1
+    while path.with_name(f"{stem}_recovered{n}{ext}").exists():
+        n += 1
+    return path.with_name(f"{stem}_recovered{n}{ext}")
+
+
 class Recorder:
     """Writes Frames (``add_frame``) and, with ``outputs``, Results (``submit``) to sequence files.
 
     The session goes to ``path``; outputs to ``*_Labels`` (uint8 labels, with per-frame
     ``MRIToImageTransform``, ``Quality`` and ``Flagged``) and ``*_Overlay`` (RGB) beside it.
-    Every file is complete after ``close()``, which drains the queue first.
+    Every file is complete after ``close()``, which drains the queue first. Each frame reaches
+    the OS as it is written, so a process killed mid-session leaves a recording that
+    ``regseg recover PATH`` completes; a Recorder started on a name with such leftovers first
+    completes them into ``NAME_recoveredN.EXT`` (logged).
 
     Args:
         path: the session file, ``.igs.mha`` / ``.seq.mha`` / ``.igs.nrrd`` / ``.seq.nrrd``.
@@ -93,6 +109,9 @@ class Recorder:
         self._compress = compress
         self._status_field = "Status" if self.path.name.lower().endswith(
             (".nrrd", ".nhdr")) else "ImageStatus"  # what IGSIO's NRRD / MetaIO writers use
+        for path in (self.path, *output_paths(self.path)):
+            if has_partial(path):  # a session that died before closing: keep it, complete
+                recover_recording(path, out=recovered_path(path))
         SequenceWriter(self.path, compress=False).close()  # fail early: bad name or folder
         self._frames: SequenceWriter | None = None
         self._labels: SequenceWriter | None = None

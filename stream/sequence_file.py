@@ -8,8 +8,7 @@ FileSequenceFile.md) and IGSIO ``vtkIGSIOMetaImageSequenceIO`` / ``vtkIGSIONrrdS
 
 Numbers we write use Python's shortest round-trip ``repr``, so a file read back gives the very
 same float64 matrices and timestamps: recording is bit-exact for pixels, poses and times.
-Writing streams: pixels go to a temporary file (zlib-compressed on the fly) as frames arrive and
-the header, which must list every frame's fields before the pixels, is written at ``close()``.
+Writing is :mod:`regseg.stream.sequence_writer` (streaming, crash-safe, recoverable).
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +27,7 @@ from regseg.errors import InputError
 SEQUENCE_EXTENSIONS = (".igs.mha", ".seq.mha", ".igs.mhd", ".seq.mhd", ".igs.nrrd", ".seq.nrrd",
                        ".igs.nhdr", ".seq.nhdr", ".mha", ".mhd", ".nrrd", ".nhdr")
 _FRAME_FIELD = re.compile(r"^Seq_Frame(\d+)_(.+)$")
-_MET_TYPES = {"MET_UCHAR": "u1", "MET_CHAR": "i1", "MET_USHORT": "u2", "MET_SHORT": "i2",
+MET_TYPES = {"MET_UCHAR": "u1", "MET_CHAR": "i1", "MET_USHORT": "u2", "MET_SHORT": "i2",
               "MET_UINT": "u4", "MET_INT": "i4", "MET_FLOAT": "f4", "MET_DOUBLE": "f8"}
 _NRRD_TYPES = {"uchar": "u1", "unsigned char": "u1", "uint8": "u1", "uint8_t": "u1",
                "signed char": "i1", "int8": "i1", "int8_t": "i1", "short": "i2", "int16": "i2",
@@ -101,7 +98,8 @@ def parse_matrix(text: str, what: str = "transform") -> np.ndarray:
     return values.reshape(4, 4)
 
 
-def _kind(path: Path) -> str:
+def sequence_kind(path: Path) -> str:
+    """"mha" (MetaIO) or "nrrd", from the file name; InputError for another name."""
     name = path.name.lower()
     if not name.endswith(SEQUENCE_EXTENSIONS):
         raise InputError(f"{path}: not a sequence file name; one of "
@@ -152,10 +150,10 @@ def _layout(path: Path, kind: str, fields: dict[str, str]) -> tuple[tuple[int, .
         if kind == "mha":
             dims = [int(v) for v in fields["DimSize"].split()]
             channels = int(fields.get("ElementNumberOfChannels", "1"))
-            code = _MET_TYPES.get(fields["ElementType"])
+            code = MET_TYPES.get(fields["ElementType"])
             if code is None:
                 raise InputError(f"{path}: ElementType {fields['ElementType']!r}; one of "
-                                 f"{', '.join(_MET_TYPES)} expected")
+                                 f"{', '.join(MET_TYPES)} expected")
             big = fields.get("BinaryDataByteOrderMSB", fields.get("ElementByteOrderMSB", "False"))
             big = big.strip().lower() == "true"
             compressed = fields.get("CompressedData", "False").strip().lower() == "true"
@@ -204,7 +202,7 @@ def read_sequence(path: str | os.PathLike) -> Sequence:
             match the header (the message names the file and both sizes).
     """
     path = Path(path)
-    kind = _kind(path)
+    kind = sequence_kind(path)
     try:
         fields, frame_fields, offset = _read_header(path, kind)
     except OSError as exc:
@@ -240,113 +238,3 @@ def _element_spacing(text: str) -> tuple[float, float]:
     except (IndexError, ValueError):
         return (1.0, 1.0)
     return (x, y) if x > 0 and y > 0 else (1.0, 1.0)
-
-
-class SequenceWriter:
-    """Writes frames to a sequence file as they come; the file is complete after ``close()``.
-
-    Args:
-        path: ``.igs.mha``/``.seq.mha`` (MetaIO) or ``.igs.nrrd``/``.seq.nrrd`` (NRRD).
-        fields: file-level header fields, e.g. ``{"UltrasoundImageOrientation": "MF"}``.
-        compress: zlib (MetaIO CompressedData) or gzip (NRRD encoding) the pixels.
-        level: zlib level, 1 (fast: live recording) .. 9 (small).
-        spacing_mm: ElementSpacing / NRRD spacings (x = column, y = row) in mm; PLUS leaves these
-            at 1 and takes the pixel size from the per-frame ImageToReference transform.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, fields: dict[str, str] | None = None,
-                 compress: bool = True, spacing_mm: tuple[float, float] = (1.0, 1.0),
-                 level: int = 6) -> None:
-        self.path = Path(path)
-        self.kind = _kind(self.path)
-        self.fields = dict(fields or {})
-        self.compress = compress
-        self.spacing_mm = (float(spacing_mm[0]), float(spacing_mm[1]))
-        self.count = 0
-        self._shape: tuple[int, ...] | None = None
-        self._dtype: np.dtype | None = None
-        self._frame_fields: list[dict[str, str]] = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = tempfile.NamedTemporaryFile(prefix=f".{self.path.name}.", suffix=".pixels",
-                                                dir=self.path.parent, delete=False)
-        # NRRD "gzip" is a gzip stream (16 + MAX_WBITS), MetaIO CompressedData a zlib one.
-        wbits = 16 + zlib.MAX_WBITS if self.kind == "nrrd" else zlib.MAX_WBITS
-        self._zip = zlib.compressobj(level, zlib.DEFLATED, wbits) if compress else None
-
-    def add(self, pixels: np.ndarray, fields: dict[str, str]) -> None:
-        """Append one frame: (H, W) or (H, W, C), the same shape and dtype as the first."""
-        pixels = np.ascontiguousarray(pixels)
-        if self._shape is None:
-            if pixels.ndim not in (2, 3) or pixels.dtype.str[1:] not in _MET_TYPES.values():
-                raise InputError(f"{self.path}: frame of shape {pixels.shape} {pixels.dtype}; "
-                                 "(H, W) or (H, W, C) of an integer or float type expected")
-            self._shape, self._dtype = pixels.shape, pixels.dtype
-        elif pixels.shape != self._shape or pixels.dtype != self._dtype:
-            raise InputError(f"{self.path}: frame {self.count} is {pixels.shape} {pixels.dtype}; "
-                             f"every frame must be {self._shape} {self._dtype} like the first")
-        data = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()
-        self._tmp.write(self._zip.compress(data) if self._zip is not None else data)
-        self._frame_fields.append(dict(fields))
-        self.count += 1
-
-    def close(self) -> Path:
-        """Write the header, then the pixels; remove the temporary file. Returns the path."""
-        if self._tmp.closed:
-            return self.path
-        if self._zip is not None:
-            self._tmp.write(self._zip.flush())
-        self._tmp.close()
-        size = os.path.getsize(self._tmp.name)
-        try:
-            with open(self.path, "wb") as out:
-                out.write(self._header(size).encode("latin-1"))
-                with open(self._tmp.name, "rb") as pixels:
-                    shutil.copyfileobj(pixels, out, _CHUNK)
-        finally:
-            os.unlink(self._tmp.name)
-        return self.path
-
-    def _frame_lines(self, sep: str) -> list[str]:
-        return [f"Seq_Frame{i:04d}_{key}{sep}{value}"
-                for i, fields in enumerate(self._frame_fields) for key, value in fields.items()]
-
-    def _header(self, data_size: int) -> str:
-        height, width = self._shape[:2] if self._shape else (0, 0)
-        channels = self._shape[2] if self._shape and len(self._shape) == 3 else 1
-        dtype = self._dtype if self._dtype is not None else np.dtype(np.uint8)
-        col_mm, row_mm = self.spacing_mm
-        if self.kind == "mha":
-            met = {v: k for k, v in _MET_TYPES.items()}[dtype.str[1:]]
-            lines = ["ObjectType = Image", "NDims = 3", "AnatomicalOrientation = RAI",
-                     "BinaryData = True", "BinaryDataByteOrderMSB = False",
-                     "CenterOfRotation = 0 0 0", f"CompressedData = {self.compress}"]
-            if self.compress:
-                lines.append(f"CompressedDataSize = {data_size}")
-            lines += [f"DimSize = {width} {height} {self.count}",
-                      f"ElementNumberOfChannels = {channels}",
-                      f"ElementSpacing = {col_mm!r} {row_mm!r} 1", f"ElementType = {met}",
-                      "Offset = 0 0 0", "TransformMatrix = 1 0 0 0 1 0 0 0 1"]
-            lines += [f"{k} = {v}" for k, v in self.fields.items()]
-            lines += self._frame_lines(" = ") + ["ElementDataFile = LOCAL"]
-            return "\n".join(lines) + "\n"
-        nrrd = {"u1": "uint8", "i1": "int8", "u2": "uint16", "i2": "int16", "u4": "uint32",
-                "i4": "int32", "f4": "float", "f8": "double"}[dtype.str[1:]]
-        vector = channels > 1
-        lines = ["NRRD0004", "# Complete NRRD file format specification at:",
-                 "# http://teem.sourceforge.net/nrrd/format.html", f"type: {nrrd}",
-                 f"dimension: {4 if vector else 3}",
-                 f"sizes: {f'{channels} ' if vector else ''}{width} {height} {self.count}",
-                 f"kinds: {'vector ' if vector else ''}domain domain list",
-                 "endian: little", f"encoding: {'gzip' if self.compress else 'raw'}",
-                 f"spacings: {'nan ' if vector else ''}{col_mm!r} {row_mm!r} nan"]
-        lines += [f"{k}:={v}" for k, v in self.fields.items()]
-        return "\n".join(lines + self._frame_lines(":=")) + "\n\n"
-
-
-def write_sequence(path: str | os.PathLike, sequence: Sequence, *, compress: bool = True) -> Path:
-    """Write ``sequence`` to ``path`` (format from the extension); see :class:`SequenceWriter`."""
-    writer = SequenceWriter(path, fields=sequence.fields, compress=compress,
-                            spacing_mm=sequence.element_spacing_mm)
-    for frame in sequence.frames:
-        writer.add(frame.pixels, frame.fields)
-    return writer.close()

@@ -9,12 +9,11 @@ from regseg.errors import InputError
 from regseg.stream.sequence_file import (
     Sequence,
     SequenceFrame,
-    SequenceWriter,
     format_matrix,
     parse_matrix,
     read_sequence,
-    write_sequence,
 )
+from regseg.stream.sequence_writer import SequenceWriter, write_sequence
 
 EXTENSIONS = [".igs.mha", ".seq.mha", ".igs.nrrd", ".seq.nrrd"]
 
