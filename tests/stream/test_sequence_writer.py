@@ -127,3 +127,17 @@ def test_a_killed_recording_process_is_completed_by_the_next_recorder(tmp_path):
     assert len(read_sequence(path).frames) == 0  # the new, empty session
     assert not has_partial(path)
     assert recovered_path(path).name == "session_recovered2.igs.mha"  # never overwritten
+
+
+def test_regseg_recover_completes_the_file_and_refuses_what_is_not_there(tmp_path, capsys):
+    from regseg.cli import main
+
+    path = tmp_path / "s.igs.mha"
+    writer = SequenceWriter(path)
+    for i, pixels in enumerate(frames(2)):
+        writer.add(pixels, fields(i))
+    assert main(["recover", str(path)]) == 0
+    assert "recovered 2 frames" in capsys.readouterr().out
+    assert len(read_sequence(path).frames) == 2
+    assert main(["recover", str(path)]) == 2
+    assert "no unfinished recording" in capsys.readouterr().err
