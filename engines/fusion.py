@@ -32,13 +32,14 @@ class FusionEngine:
         backend, device, precision, cache_dir, threads, fallback: as
             :func:`regseg.engines.base.make_engine` (``backend="auto"`` picks and reports).
         outputs: output names to compute.
+        batch: frames (planes) per call; inputs and outputs then have this leading size.
     """
 
     def __init__(self, weights: str | Path | None = None, *, backend: str = "eager",
                  device: torch.device | str = "cpu", precision: str = "fp32",
                  cache_dir: str | Path | None = None, threads: int | None = None,
                  fallback: str | None = None, model: nn.Module | None = None,
-                 outputs: Sequence[str] = LIVE_OUTPUTS) -> None:
+                 outputs: Sequence[str] = LIVE_OUTPUTS, batch: int = 1) -> None:
         if model is None:
             model = load_model(weights or "alignsegnet")
             self.weights = str(weights or "alignsegnet (shipped)")
@@ -46,8 +47,9 @@ class FusionEngine:
             self.weights = f"{type(model).__name__} (in memory)"
         size = int(model.config.size)
         self.size = (size, size)
-        shapes = {"trus": (1, 1, size, size), "mri": (1, 1, size, size),
-                  "mri_labels": (1, 2, size, size)}
+        self.batch = int(batch)  # > 1: several planes per call (multi-start, stream/capture.py)
+        shapes = {"trus": (batch, 1, size, size), "mri": (batch, 1, size, size),
+                  "mri_labels": (batch, 2, size, size)}
         self.engine: Engine = make_engine(model, shapes, backend=backend, device=device,
                                           precision=precision, outputs=outputs,
                                           cache_dir=cache_dir, threads=threads,

@@ -54,3 +54,6 @@ class Result:
     flagged: bool  # True when the registration looks wrong: not to be published as truth
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, plus "total"
     ddf: np.ndarray | None = None  # (2, H, W) displacement in pixels, when a deformable stage ran
+    # mm between this frame's registration and the temporally filtered one (stream/capture.py);
+    # NaN without the filter or with no history (first frame, after a reset)
+    jump_mm: float = float("nan")

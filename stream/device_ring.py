@@ -134,7 +134,7 @@ class DeviceRing:
         inputs = chain.prepare(pixels, mats, trus=trus)
         if events:
             events[3].record(self.compute)
-        theta, logits = chain.model(*inputs)
+        theta, logits = chain.model(*inputs, mats)
         if events:
             events[4].record(self.compute)
         warped = chain.warp_labels(theta, mats)

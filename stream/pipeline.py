@@ -20,6 +20,7 @@ from regseg import planes, spatial
 from regseg.clock import now_ns
 from regseg.engines.fusion import FusionEngine
 from regseg.engines.segmentation import argmax_labels
+from regseg.stream.capture import Capture, MultiStart, Refinement, warp_labels
 from regseg.stream.context import MriContext
 from regseg.stream.overlay import compose_overlay
 from regseg.types import Frame, Result
@@ -70,7 +71,8 @@ class FrameChain:
     """
 
     def __init__(self, context: MriContext, engine: FusionEngine,
-                 frame_hw: tuple[int, int]) -> None:
+                 frame_hw: tuple[int, int], *, refine_iterations: int = 1,
+                 multi_start: MultiStart | None = None) -> None:
         self.context, self.engine = context, engine
         self.frame_hw = (int(frame_hw[0]), int(frame_hw[1]))
         self.size = tuple(engine.size)
@@ -83,6 +85,9 @@ class FrameChain:
         self.norm = torch.as_tensor(n, dtype=torch.float32, device=device)
         self.norm_inv = torch.as_tensor(np.linalg.inv(n), dtype=torch.float32, device=device)
         self.bottom = torch.tensor([[[0.0, 0.0, 1.0]]], device=device)
+        # Iterative refinement (regseg.stream.capture): K engine calls per frame, each on the MRI
+        # resliced at the estimate so far; theta stays normalised, the same on either grid.
+        self.refine = Refinement(self, refine_iterations, multi_start)
 
     def _sample(self, volume: Tensor, m: Tensor, axes: tuple[Tensor, Tensor],
                 mode: str) -> Tensor:
@@ -104,8 +109,16 @@ class FrameChain:
         lab = self._sample(self.context.labels_float, mats[1], self.model_axes, "nearest")
         return trus, mri, planes.labels_onehot(lab)
 
-    def model(self, trus: Tensor, mri: Tensor, mri_labels: Tensor) -> tuple[Tensor, Tensor]:
-        """theta (1, 2, 3) and logits (1, 3, h, w) (may be the engine's reused buffers)."""
+    def model(self, trus: Tensor, mri: Tensor, mri_labels: Tensor,
+              mats: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """theta (1, 2, 3) and logits (1, 3, h, w) (may be the engine's reused buffers).
+
+        With ``mats``, the chain's refinement runs (multi-start, then re-slice and register
+        again, :class:`regseg.stream.capture.Refinement`); theta is then the composed
+        correction of the tracked plane. Without, one engine call.
+        """
+        if mats is not None:
+            return self.refine(trus, mri, mri_labels, mats)
         out = self.engine(trus, mri, mri_labels)
         return out["theta"], out["logits"]
 
@@ -124,7 +137,7 @@ class FrameChain:
 
     def run(self, pixels: Tensor, mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """All tensor stages: (theta (1, 2, 3), labels (H, W) uint8, warped labels (H, W) uint8)."""
-        theta, logits = self.model(*self.prepare(pixels, mats))
+        theta, logits = self.model(*self.prepare(pixels, mats), mats)
         return theta, self.segment(logits), self.warp_labels(theta, mats)
 
 
@@ -148,7 +161,7 @@ class Pipeline:
                  quality_threshold: float = 0.5, ring_slots: int = 3,
                  cuda_graph: bool = False, preprocess: str = "torch",
                  deformable: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-                 | None = None) -> None:
+                 | None = None, capture: Capture | None = None) -> None:
         self.context = context
         self.engine = engine
         self.device = engine.device
@@ -162,6 +175,9 @@ class Pipeline:
         # (pixels, affinely registered image_to_mri) -> (warped labels, ddf); runs on the host
         # side after the affine chain, timed as "deformable".
         self.deformable = deformable
+        # Capture range (regseg.stream.capture): refinement iterations and multi-start inside
+        # the FrameChain; the temporal filter's warm start (start) and filtering (finish) here.
+        self.capture = capture if capture is not None else Capture()
 
     def set_reference_to_mri(self, reference_to_mri: np.ndarray) -> None:
         """Use ``reference_to_mri`` ((4, 4), Reference mm -> MRI RAS mm) from the next frame on.
@@ -184,7 +200,8 @@ class Pipeline:
         """The FrameChain for a frame size (made on first use)."""
         key = (int(frame_hw[0]), int(frame_hw[1]))
         if key not in self._chains:
-            self._chains[key] = FrameChain(self.context, self.engine, key)
+            self._chains[key] = FrameChain(self.context, self.engine, key,
+                                           **self.capture.chain_options())
         return self._chains[key]
 
     def _ring(self, frame_hw: tuple[int, int]):
@@ -208,8 +225,8 @@ class Pipeline:
         """
         if self.device.type != "cuda":
             return [self._run_cpu(frame)]
-        tracked = self.plane(frame)
-        done = self._ring(frame.pixels.shape).push(frame, tracked, self._mats(frame, tracked))
+        start = self._start(frame)
+        done = self._ring(frame.pixels.shape).push(frame, start, self._mats(frame, start))
         return [self._finish(*item) for item in done]
 
     def poll(self) -> list[Result]:
@@ -225,18 +242,23 @@ class Pipeline:
         """Frames submitted whose Results have not been returned yet (always 0 on the CPU)."""
         return sum(ring.in_flight for ring in self._rings.values())
 
+    def _start(self, frame: Frame) -> np.ndarray:
+        """The plane the chain registers from: tracked, moved by the temporal filter's prior."""
+        tracked = self.plane(frame)
+        return tracked @ spatial.lift_2d(self.capture.start(frame, tracked))
+
     def _mats(self, frame: Frame, tracked: np.ndarray) -> np.ndarray:
         return plane_matrices(self.context, tracked, frame.pixels.shape, self.engine.size)
 
     def _run_cpu(self, frame: Frame) -> Result:
         chain = self.chain(frame.pixels.shape)
         t = [now_ns()]
-        tracked = self.plane(frame)
+        tracked = self._start(frame)
         mats = torch.from_numpy(self._mats(frame, tracked))
         with torch.inference_mode():
             inputs = chain.prepare(torch.from_numpy(frame.pixels), mats)
             t.append(now_ns())
-            theta, logits = chain.model(*inputs)
+            theta, logits = chain.model(*inputs, mats)
             theta = theta.clone()
             t.append(now_ns())
             # With the deformable stage the affine label warp would be thrown away: skip it.
@@ -251,21 +273,29 @@ class Pipeline:
     def _finish(self, frame: Frame, tracked: np.ndarray, theta: np.ndarray, labels: np.ndarray,
                 warped_labels: np.ndarray | None, timings: dict[str, float],
                 start_ns: int) -> Result:
-        """Host side: overlay, quality and the refined transform, from the chain's outputs."""
+        """Host side: overlay, quality and the refined transform, from the chain's outputs.
+
+        ``tracked`` is the plane the chain started from (:meth:`_start`).
+        """
+        hw = frame.pixels.shape
+        theta_px = spatial.theta_to_pixel(np.asarray(theta, np.float64).reshape(2, 3), hw)
+        image_to_mri = tracked @ spatial.lift_2d(theta_px)
+        if self.capture.temporal is not None:
+            t_cap = now_ns()
+            image_to_mri, jump_mm = self.capture.finish(frame, self.plane(frame), image_to_mri)
+            if self.deformable is None:  # the chain warped through the unfiltered plane
+                warped_labels = warp_labels(self.context, image_to_mri, hw)
+            timings = {**timings, "temporal": (now_ns() - t_cap) / 1e6}
+        else:
+            jump_mm = math.nan
         ddf = None
         if self.deformable is not None:
             t_def = now_ns()
-            theta_px = spatial.theta_to_pixel(np.asarray(theta, np.float64).reshape(2, 3),
-                                              frame.pixels.shape)
-            warped_labels, ddf = self.deformable(frame.pixels,
-                                                 tracked @ spatial.lift_2d(theta_px))
+            warped_labels, ddf = self.deformable(frame.pixels, image_to_mri)
             timings = {**timings, "deformable": (now_ns() - t_def) / 1e6}
         t0 = now_ns()
         overlay = compose_overlay(frame.pixels, labels, warped_labels)
         quality = agreement(warped_labels > 0, labels > 0)
-        hw = frame.pixels.shape
-        theta_px = spatial.theta_to_pixel(np.asarray(theta, np.float64).reshape(2, 3), hw)
-        image_to_mri = tracked @ spatial.lift_2d(theta_px)
         end = now_ns()
         timings = {**timings, "overlay": (end - t0) / 1e6, "total": (end - start_ns) / 1e6}
         return Result(
@@ -279,4 +309,5 @@ class Pipeline:
             flagged=bool(quality < self.quality_threshold),
             timings_ms=timings,
             ddf=ddf,
+            jump_mm=jump_mm,
         )

@@ -1,0 +1,333 @@
+"""Capture range of the live registration: iterative refinement, multi-start, temporal coherence.
+
+AlignSegNet predicts a residual 2x3 affine ``theta`` (normalised grid_sample coordinates) from the
+MRI resliced at a plane to the TRUS frame. It was trained on bounded tracking errors, so from a
+large error one call corrects only part of it. Three things widen what it captures:
+
+- :class:`Refinement` (inside :class:`~regseg.stream.pipeline.FrameChain`, device-side, no host
+  sync): re-slice the MRI at the current estimate and register again, K calls per frame. Thetas
+  compose as 3x3 matrices right-multiplied: output pixel p of call 2 shows call 1's plane at
+  ``T2 p``, which shows the tracked plane at ``T1 T2 p``; so the correction is ``T1 @ T2 @ ...``.
+- :class:`MultiStart`: B start hypotheses (in-plane shifts and rotations of the tracked plane,
+  the first the identity) registered in ONE batched engine call; kept is the one whose registered
+  MRI gland best matches the gland the network segments on the frame.
+- :class:`TemporalFilter` (host side, in the Pipeline): the patient does not jump between frames,
+  so the correction relative to the tracked pose is filtered over time (robust exponential), the
+  filtered correction starts the next frame (a warm start: frames refine one another), and each
+  frame reports ``jump_mm``, how far its own correction lies from the filtered one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from regseg import planes, spatial
+from regseg.errors import InputError
+
+#: Default K: see the README (measured accuracy vs ms on this CPU, bench/capture.py).
+REFINE_ITERATIONS = 2
+
+
+def _homogeneous(theta: Tensor) -> Tensor:
+    """(..., 2, 3) theta -> (..., 3, 3) with a bottom row [0, 0, 1] (float32, a new tensor)."""
+    theta = theta.float()
+    bottom = torch.zeros((*theta.shape[:-2], 1, 3), dtype=theta.dtype, device=theta.device)
+    bottom[..., 0, 2] = 1.0
+    return torch.cat([theta, bottom], dim=-2)
+
+
+def compose_thetas(*thetas: np.ndarray) -> np.ndarray:
+    """The (2, 3) theta of registering with ``thetas[0]``, then at that plane ``thetas[1]``, ...
+
+    Host-side twin of what :class:`Refinement` does on the device (``T1 @ T2 @ ...``).
+    """
+    out = np.eye(3)
+    for t in thetas:
+        m = np.eye(3)
+        m[:2] = np.asarray(t, np.float64).reshape(2, 3)
+        out = out @ m
+    return out[:2]
+
+
+def start_thetas(shift: float = 0.25, rotation_deg: float = 8.0) -> np.ndarray:
+    """Default multi-start hypotheses, (B, 2, 3): identity, 4 shifts and 2 rotations.
+
+    ``shift`` is in normalised units (1.0 = half the field of view; 0.25 on the default 51 mm
+    frame is 6.4 mm); rotations turn about the frame centre, as a tracking error does.
+    """
+    out = [np.eye(3)[:2]]
+    for dx, dy in ((shift, 0.0), (-shift, 0.0), (0.0, shift), (0.0, -shift)):
+        out.append(np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]]))
+    for deg in (rotation_deg, -rotation_deg):
+        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+        out.append(np.array([[c, -s, 0.0], [s, c, 0.0]]))
+    return np.stack(out)
+
+
+class MultiStart:
+    """Start hypotheses registered in one batched engine call; the best-scoring one is kept.
+
+    Args:
+        engine: a FusionEngine built for batch B (``FusionEngine(..., batch=B)``).
+        starts: (B, 2, 3) normalised start thetas applied to the tracked plane; the first must be
+            the identity (the plain start; ties go to it).
+
+    Score of hypothesis h: soft Dice between the gland the network segments on the frame
+    (probability of not-background, averaged over all hypotheses so that no single MRI context
+    decides it) and the MRI gland resliced through that hypothesis's registered plane.
+    """
+
+    def __init__(self, engine: Any, starts: np.ndarray | None = None) -> None:
+        starts = start_thetas() if starts is None else np.asarray(starts, np.float64)
+        if starts.ndim != 3 or starts.shape[1:] != (2, 3):
+            raise InputError(f"multi-start: starts shape {starts.shape}, expected (B, 2, 3)")
+        if not np.allclose(starts[0], np.eye(3)[:2]):
+            raise InputError("multi-start: the first start must be the identity (the plain start)")
+        batch = int(getattr(engine, "batch", starts.shape[0]))
+        if batch != starts.shape[0]:
+            raise InputError(f"multi-start: engine batch {batch} != {starts.shape[0]} starts")
+        self.engine = engine
+        self.starts_np = starts
+        self._starts: dict[str, Tensor] = {}
+
+    @property
+    def size(self) -> int:
+        return int(self.starts_np.shape[0])
+
+    def starts(self, device: torch.device) -> Tensor:
+        """(B, 3, 3) start matrices on ``device`` (made once per device)."""
+        key = str(device)
+        if key not in self._starts:
+            s = torch.as_tensor(self.starts_np, dtype=torch.float32, device=device)
+            self._starts[key] = _homogeneous(s)
+        return self._starts[key]
+
+    def pick(self, refine: Refinement, trus: Tensor, mri: Tensor, mri_labels: Tensor,
+             mats: Tensor) -> tuple[Tensor, Tensor]:
+        """(3, 3) composed correction of the best hypothesis and its logits (1, 3, h, w)."""
+        starts = self.starts(trus.device)
+        b = starts.shape[0]
+        mri_b, lab_b = refine.sample_planes(refine.planes(mats, starts[1:]))
+        out = self.engine(trus.expand(b, -1, -1, -1).contiguous(),
+                          torch.cat([mri, mri_b]), torch.cat([mri_labels, lab_b]))
+        totals = starts @ _homogeneous(out["theta"].reshape(b, 2, 3))
+        logits = out["logits"]
+        _, lab = refine.sample_planes(refine.planes(mats, totals), image=False)
+        gland = lab[:, 0]  # (B, h, w) MRI gland through each registered plane
+        prob = (1.0 - torch.softmax(logits.float(), dim=1)[:, 0]).mean(0, keepdim=True)
+        score = 2 * (prob * gland).sum((1, 2)) / (prob.sum((1, 2)) + gland.sum((1, 2)) + 1.0)
+        best = torch.argmax(score).reshape(1)  # first maximum: ties go to the identity
+        return totals.index_select(0, best)[0], logits.index_select(0, best)
+
+
+class Refinement:
+    """K registrations per frame, each on the MRI resliced at the estimate so far; device-side.
+
+    ``refine(trus, mri, mri_labels, mats)`` returns theta (1, 2, 3), the composed correction of
+    the plane that ``mats`` describes, and the logits of the last call. With a
+    :class:`MultiStart` the first call is the batched one over its hypotheses.
+    """
+
+    def __init__(self, chain: Any, iterations: int = 1,
+                 multi_start: MultiStart | None = None) -> None:
+        if int(iterations) != iterations or iterations < 1:
+            raise InputError(f"refine_iterations {iterations!r}: a whole number >= 1 expected")
+        self.chain = chain
+        self.iterations = int(iterations)
+        self.multi_start = multi_start
+        size = chain.size
+        n = spatial.index_to_normalised((size[1], size[0]))
+        device = chain.device
+        self.norm = torch.as_tensor(n, dtype=torch.float32, device=device)
+        self.norm_inv = torch.as_tensor(np.linalg.inv(n), dtype=torch.float32, device=device)
+
+    def planes(self, mats: Tensor, totals: Tensor) -> Tensor:
+        """Model pixel -> volume matrices, (..., 3, 3), of the tracked plane moved by ``totals``
+        ((..., 3, 3) normalised corrections)."""
+        return mats[1] @ (self.norm_inv @ totals @ self.norm)
+
+    def sample_planes(self, m: Tensor, image: bool = True) -> tuple[Tensor | None, Tensor]:
+        """MRI (B, 1, h, w) (None unless ``image``) and one-hot labels (B, 2, h, w) on B planes.
+
+        One grid_sample per volume: the B planes are the depth axis of a single 3-D grid.
+        """
+        chain, ctx = self.chain, self.chain.context
+        i, j = chain.model_axes  # (1, w, 1), (h, 1, 1)
+        m = m.reshape(-1, 3, 3)
+        cols = m.transpose(1, 2)[:, :, None, None, :]  # (B, 3, 1, 1, 3): column c of each m
+        grid = i * cols[:, 0] + (j * cols[:, 1] + cols[:, 2])  # (B, h, w, 3)
+
+        def sample(volume: Tensor, mode: str) -> Tensor:
+            out = F.grid_sample(volume, grid[None], mode=mode, padding_mode="zeros",
+                                align_corners=False)  # (1, C, B, h, w)
+            return out[0].transpose(0, 1)
+
+        mri = sample(ctx.mri, "bilinear") if image else None
+        return mri, planes.labels_onehot(sample(ctx.labels_float, "nearest"))
+
+    def __call__(self, trus: Tensor, mri: Tensor, mri_labels: Tensor,
+                 mats: Tensor) -> tuple[Tensor, Tensor]:
+        engine = self.chain.engine
+        if self.multi_start is not None:
+            total, logits = self.multi_start.pick(self, trus, mri, mri_labels, mats)
+        else:
+            out = engine(trus, mri, mri_labels)
+            if self.iterations == 1:
+                return out["theta"], out["logits"]
+            total, logits = _homogeneous(out["theta"].reshape(2, 3)), out["logits"]
+        for _ in range(self.iterations - 1):
+            mri_k, lab_k = self.sample_planes(self.planes(mats, total))
+            out = engine(trus, mri_k, lab_k)
+            total = total @ _homogeneous(out["theta"].reshape(2, 3))
+            logits = out["logits"]
+        return total[:2][None], logits
+
+
+# ----------------------------------------------------------------------------- temporal filter
+@dataclass
+class _State:
+    filtered: np.ndarray  # (3, 3) frame-pixel correction
+    tracked: np.ndarray  # (4, 4) the last frame's tracked plane
+    t_s: float
+    hw: tuple[int, int]
+
+
+class TemporalFilter:
+    """Filters the in-plane correction over frames; scores each frame's jump from it in mm.
+
+    The correction ``C`` is the (3, 3) frame-pixel affine with ``registered = tracked @
+    lift_2d(C)``. Per frame, ``jump_mm`` is the mean distance (mm, over a 5 x 5 grid of points
+    spanning the frame) between the frame's own ``C`` and the filtered one before this frame;
+    then the filter moves toward ``C`` by ``alpha``, scaled down by ``gate_mm / jump_mm`` when
+    the jump exceeds ``gate_mm`` (a Huber weight: one wrong frame moves it little, a real change
+    still pulls it over a few frames).
+
+    Reset rule (state dropped; the next frame's own correction is taken as is, ``jump_mm`` NaN):
+    the frame has no pose; or the tracked plane itself moved more than ``reset_mm`` (mean over the
+    same points, in 3-D) since the last frame, or more than ``reset_s`` seconds passed (the probe
+    was moved or tracking was lost, so the old correction no longer describes this view); or the
+    frame size changed.
+    """
+
+    def __init__(self, alpha: float = 0.3, gate_mm: float = 1.5, reset_mm: float = 5.0,
+                 reset_s: float = 1.0) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise InputError(f"temporal filter alpha {alpha}: expected 0 < alpha <= 1")
+        if gate_mm <= 0 or reset_mm <= 0 or reset_s <= 0:
+            raise InputError(f"temporal filter gate_mm {gate_mm}, reset_mm {reset_mm}, reset_s "
+                             f"{reset_s}: all must be > 0")
+        self.alpha, self.gate_mm = alpha, gate_mm
+        self.reset_mm, self.reset_s = reset_mm, reset_s
+        self._state: _State | None = None
+        self.resets = 0
+
+    def reset(self) -> None:
+        self._state = None
+
+    @staticmethod
+    def _points(hw: tuple[int, int]) -> np.ndarray:
+        """(25, 3) homogeneous frame pixels (i, j, 1) on a 5 x 5 grid spanning the frame."""
+        jj, ii = np.meshgrid(np.linspace(0, hw[0] - 1, 5), np.linspace(0, hw[1] - 1, 5),
+                             indexing="ij")
+        return np.stack([ii.ravel(), jj.ravel(), np.ones(ii.size)], 1)
+
+    def _moved_mm(self, a: np.ndarray, b: np.ndarray, hw: tuple[int, int]) -> float:
+        """Mean distance (mm) between the frame points mapped through two (4, 4) planes."""
+        p = self._points(hw)
+        p4 = np.stack([p[:, 0], p[:, 1], np.zeros(len(p))], 1)
+        return float(np.linalg.norm(spatial.apply(a, p4) - spatial.apply(b, p4), axis=1).mean())
+
+    def _jump_mm(self, c: np.ndarray, f: np.ndarray, hw: tuple[int, int],
+                 spacing_mm: tuple[float, float]) -> float:
+        p = self._points(hw)
+        d = (p @ (c - f).T)[:, :2] * np.array([spacing_mm[1], spacing_mm[0]])
+        return float(np.linalg.norm(d, axis=1).mean())
+
+    def prior(self, tracked: np.ndarray | None, hw: tuple[int, int], t_s: float) -> np.ndarray:
+        """(3, 3) correction to start this frame from: the filtered one, or the identity (no
+        state, or the reset rule applies; the state is then dropped)."""
+        s = self._state
+        if s is None:
+            return np.eye(3)
+        if (tracked is None or s.hw != tuple(hw) or abs(t_s - s.t_s) > self.reset_s
+                or self._moved_mm(tracked, s.tracked, hw) > self.reset_mm):
+            self._state = None
+            self.resets += 1
+            return np.eye(3)
+        return s.filtered.copy()
+
+    def update(self, tracked: np.ndarray | None, correction: np.ndarray, hw: tuple[int, int],
+               spacing_mm: tuple[float, float], t_s: float) -> tuple[np.ndarray, float]:
+        """Add this frame's correction; returns (filtered correction (3, 3), jump_mm).
+
+        Call :meth:`prior` for the same frame first (it applies the reset rule).
+        """
+        c = np.asarray(correction, np.float64)
+        if tracked is None:  # no pose: nothing to be coherent with
+            self._state = None
+            return c, math.nan
+        s = self._state
+        if s is None:
+            self._state = _State(c.copy(), np.array(tracked, np.float64), t_s, tuple(hw))
+            return c, math.nan
+        jump = self._jump_mm(c, s.filtered, hw, spacing_mm)
+        w = self.alpha * min(1.0, self.gate_mm / jump) if jump > 0 else self.alpha
+        s.filtered = s.filtered + w * (c - s.filtered)
+        s.tracked, s.t_s = np.array(tracked, np.float64), t_s
+        return s.filtered.copy(), jump
+
+
+@dataclass
+class Capture:
+    """What the Pipeline needs for capture: chain options and the (optional) temporal filter."""
+
+    refine_iterations: int = 1
+    multi_start: MultiStart | None = None
+    temporal: TemporalFilter | None = None
+
+    def chain_options(self) -> dict[str, Any]:
+        return {"refine_iterations": self.refine_iterations, "multi_start": self.multi_start}
+
+    def start(self, frame: Any, tracked: np.ndarray) -> np.ndarray:
+        """(3, 3) frame-pixel start correction for ``frame`` (identity without the filter)."""
+        if self.temporal is None:
+            return np.eye(3)
+        pose = frame.image_to_reference
+        return self.temporal.prior(None if pose is None else tracked, frame.pixels.shape,
+                                   _time_s(frame))
+
+    def finish(self, frame: Any, tracked: np.ndarray, registered: np.ndarray
+               ) -> tuple[np.ndarray, float]:
+        """(registered image_to_mri to publish (4, 4), jump_mm) from this frame's own result."""
+        if self.temporal is None:
+            return registered, math.nan
+        correction = spatial.invert(tracked) @ registered
+        c3 = np.eye(3)
+        c3[:2, :2], c3[:2, 2] = correction[:2, :2], correction[:2, 3]
+        pose = None if frame.image_to_reference is None else tracked
+        filtered, jump = self.temporal.update(pose, c3, frame.pixels.shape, frame.spacing_mm,
+                                              _time_s(frame))
+        return tracked @ spatial.lift_2d(filtered), jump
+
+
+def _time_s(frame: Any) -> float:
+    """The frame's receipt time in seconds (our clock; a sender's timestamp may be absent)."""
+    return frame.acquired_ns / 1e9
+
+
+def warp_labels(context: Any, image_to_mri: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 MRI labels on the frame through ``image_to_mri`` (nearest)."""
+    with torch.inference_mode():
+        m = torch.as_tensor((context.world_to_normalised @ image_to_mri)[:3, [0, 1, 3]],
+                            dtype=torch.float32, device=context.mri.device)
+        grid = spatial.axes_grid(m, *spatial.pixel_axes(*hw, device=context.mri.device))
+        out = F.grid_sample(context.labels_float, grid[None, None], mode="nearest",
+                            padding_mode="zeros", align_corners=False)[0, 0, 0]
+        return out.to(torch.uint8).cpu().numpy()
