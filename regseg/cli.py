@@ -16,14 +16,6 @@ def _phantom(args) -> int:
     return 0
 
 
-def _recover(args) -> int:
-    from regseg.stream.sequence_writer import recover_recording
-
-    path, count = recover_recording(args.path, out=args.out)
-    print(f"recovered {count} frames into {path}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regseg", description="regseg offline tasks")
     sub = p.add_subparsers(dest="task", required=True)
@@ -32,12 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--out", required=True, help="output folder (case.nii.gz, case_labels.nii.gz)")
     ph.add_argument("--seed", type=int, default=0, help="anatomy seed (same seed, same case)")
     ph.set_defaults(func=_phantom)
-
-    rc = sub.add_parser("recover", help="complete a recording that did not close (crash, kill)")
-    rc.add_argument("path", help="the sequence file the recording was going to, e.g. "
-                    "session.igs.mha (its .session.igs.mha.journal is beside it)")
-    rc.add_argument("--out", default=None, help="write the completed file here (default: PATH)")
-    rc.set_defaults(func=_recover)
 
     tr = sub.add_parser("train", help="train a model on simulated data")
     models = tr.add_subparsers(dest="model", required=True)

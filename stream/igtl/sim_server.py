@@ -43,6 +43,9 @@ class SimIgtlServer:
         wait_for_client: hold the first frame until a client is connected (nothing is lost to
             an empty room); stop() ends the wait.
         header_version: OpenIGTLink header version of what we send (2, or 1 for old receivers).
+        untracked_as_invalid: send an untracked frame as PLUS does when the tracker loses the
+            probe: the TRANSFORM with ``TransformStatus`` INVALID and the IMAGE with
+            ``ImageToReferenceTransformStatus`` INVALID (header v2), instead of no TRANSFORM.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class SimIgtlServer:
         header_version: int = 2,
         image_device: str = "Image_Reference",
         transform_device: str = "ImageToReference",
+        untracked_as_invalid: bool = False,
     ) -> None:
         self.scanner = scanner
         self.fps = float(scanner.config.fps if fps is None else fps)
@@ -71,6 +75,7 @@ class SimIgtlServer:
         self.header_version = header_version
         self.image_device = image_device
         self.transform_device = transform_device
+        self.untracked_as_invalid = untracked_as_invalid
         self.server = IgtlServer(host, port)
         self.host, self.port = self.server.host, self.server.port
         self.sent: dict[float, int] = {}  # wire timestamp (s since 1970) -> scanner frame index
@@ -115,12 +120,17 @@ class SimIgtlServer:
         else:
             matrix = np.diag([frame.spacing_mm[1], frame.spacing_mm[0], 1.0, 1.0])
         messages = []
+        metadata = {"FrameIndex": str(index)}
         if self.send_transform and frame.image_to_reference is not None:
             messages.append(pack_transform(matrix, self.transform_device, timestamp,
                                            header_version=self.header_version))
+        elif self.send_transform and self.untracked_as_invalid:
+            messages.append(pack_transform(matrix, self.transform_device, timestamp,
+                                           header_version=self.header_version,
+                                           metadata={"TransformStatus": "INVALID"}))
+            metadata[f"{self.transform_device}TransformStatus"] = "INVALID"
         messages.append(pack_image(frame.pixels, matrix, self.image_device, timestamp,
-                                   header_version=self.header_version,
-                                   metadata={"FrameIndex": str(index)}))
+                                   header_version=self.header_version, metadata=metadata))
         return messages
 
     def _run(self) -> None:

@@ -130,7 +130,7 @@ def test_a_killed_recording_process_is_completed_by_the_next_recorder(tmp_path):
 
 
 def test_regseg_recover_completes_the_file_and_refuses_what_is_not_there(tmp_path, capsys):
-    from regseg.cli import main
+    from regseg.stream.tools_cli import main
 
     path = tmp_path / "s.igs.mha"
     writer = SequenceWriter(path)
