@@ -1,15 +1,22 @@
-"""An OpenIGTLink TCP server for our outputs: any number of clients, none able to slow the others.
+"""An OpenIGTLink TCP server for our outputs: a few clients, none able to slow or starve the rest.
 
-Each client gets a writer thread with a small outbox that keeps only the newest broadcasts (3D
-Slicer keeps only the latest message per device anyway), and a reader thread that hands what the
-client sends us (e.g. Slicer's MRIToReference) to a callback. A client whose socket accepts nothing
-for ``send_timeout_s`` (a hung viewer, a half-open connection) is dropped, so its thread and
-buffers do not stay with us for ever; it can connect again.
+One I/O thread serves every client through a selector (no thread per client: 1,000 idle
+connections once made ~1,600 threads and halved the pipeline's fps, issue 9). Per client:
+- an outbox that keeps only the newest broadcasts (Slicer keeps only the latest message per
+  device anyway), bounded in count and bytes; older ones are dropped and counted;
+- a send timeout: a client that takes no byte for ``send_timeout_s`` while we have data for it (a
+  hung viewer, a half-open connection) is disconnected, so its buffers do not stay with us;
+- what it may send us: only the ``accept`` types, decoded (TRANSFORM: a registration from
+  Slicer), and the ``ignore`` types (STATUS, STT_/STP_/GET_ queries) skipped unread; every body
+  above ``max_body_bytes`` and every other type is read and discarded by its size, never
+  buffered, and counted; a receive rate limit keeps a client flooding us from taking a core.
+At most ``max_clients`` at once: a further connection gets a STATUS saying why and is closed.
 """
 
 from __future__ import annotations
 
 import logging
+import selectors
 import socket
 import threading
 from collections import deque
@@ -17,93 +24,76 @@ from collections.abc import Callable, Sequence
 
 from pyigtl.messages import MessageBase
 
-from regseg.stream.igtl.wire import DEFAULT_MAX_BODY_BYTES, MessageReader, RateLimitedLog, WireStats
+from regseg.clock import now_ns
+from regseg.stream.igtl.status import STATUS_RESOURCE_ERROR, pack_status
+from regseg.stream.igtl.wire import MessageReader, RateLimitedLog, WireStats
 
 log = logging.getLogger(__name__)
 
-#: Called from a client's reader thread with each message the client sent and its "host:port".
+#: Called on the server's I/O thread with each accepted message a client sent and its "host:port".
+#: It must be quick: every client waits while it runs.
 OnMessage = Callable[[MessageBase, str], None]
+
+#: Three Slicer instances (navigation, a second display, a recording one) plus tools (a monitor,
+#: pyigtl scripts), with room to spare; each costs up to ~2 outboxes of our output (~3 MB at
+#: 640x480), so 8 bounds our memory for clients at a few tens of MB.
+DEFAULT_MAX_CLIENTS = 8
+#: A TRANSFORM body is 48 bytes (+ ~100 of v2 metadata), a STT_/GET_ body at most 8 bytes.
+DEFAULT_CLIENT_BODY_BYTES = 64 << 10
+#: Decoded from clients: registrations from Slicer. Everything else is skipped by size.
+CLIENT_ACCEPT = ("TRANSFORM",)
+#: Expected from clients, not used: keep-alives and stream queries for the types we send.
+CLIENT_IGNORE = ("STATUS", "GET_STATUS", "GET_CAPABIL", *(
+    f"{verb}_{kind}" for verb in ("STT", "STP", "GET") for kind in ("IMAGE", "TRANSFORM",
+                                                                     "POLYDATA")))
+#: Receive rate per client (burst and sustained): Slicer sends a few hundred bytes per edit; a
+#: client pushing more is throttled (TCP backpressure) rather than served at our CPU's cost.
+DEFAULT_RECV_BYTES_PER_S = 1 << 20
+#: Bytes read from one client per turn of the I/O loop before the others get theirs.
+_READ_TURN_BYTES = 256 << 10
+_SEND_TURN_BYTES = 4 << 20
 
 
 class _Client:
-    """One connection: a writer thread draining a bounded outbox, a reader feeding on_message.
+    """One connection's state; touched only by the I/O thread, except ``enqueue`` (under the
+    server lock)."""
 
-    The reader thread owns the socket: when it ends (peer closed, error, or shutdown) it stops the
-    writer, closes the socket and removes the client from the server.
-    """
-
-    def __init__(self, server: IgtlServer, sock: socket.socket, peer: str) -> None:
-        self.server = server
+    def __init__(self, sock: socket.socket, peer: str, body_limit: int,
+                 recv_bytes_per_s: float) -> None:
         self.sock = sock
         self.peer = peer
-        self.outbox: deque[tuple[bytes, ...]] = deque()
-        self.cond = threading.Condition()
-        self.closed = False
-        self.sent = 0
         self.wire = WireStats()
-        self.writer = threading.Thread(target=self._write, name=f"igtl-send-{peer}", daemon=True)
-        self.reader = threading.Thread(target=self._read, name=f"igtl-recv-{peer}", daemon=True)
+        self.reader = MessageReader(sock, stats=self.wire, max_body_bytes=body_limit,
+                                    accept=CLIENT_ACCEPT, ignore=CLIENT_IGNORE,
+                                    initial_capacity=body_limit)
+        self.outbox: deque[tuple[bytes, ...]] = deque()  # whole broadcasts not started yet
+        self.outbox_bytes = 0
+        self.sending: deque[memoryview] = deque()  # the broadcast being sent, message by message
+        self.progress_ns = now_ns()  # last time a send moved on (or data became due)
+        self.sent = 0  # whole messages sent
+        self.recv_tokens = float(recv_bytes_per_s)
+        self.recv_refill_ns = now_ns()
+        self.paused_until_ns = 0  # throttled: no reading before this
+        self.events = 0  # what the selector watches for
 
-    def enqueue(self, group: tuple[bytes, ...], limit: int) -> int:
-        """Queue one broadcast; returns how many older messages were dropped to keep ``limit``."""
+    def enqueue(self, group: tuple[bytes, ...], size: int, max_groups: int,
+                max_bytes: int) -> int:
+        """Queue one broadcast; returns how many messages of older ones were dropped."""
         dropped = 0
-        with self.cond:
-            if self.closed:
-                return 0
-            while len(self.outbox) >= limit:
-                dropped += len(self.outbox.popleft())
-            self.outbox.append(group)
-            self.cond.notify()
+        if not self.sending and not self.outbox:
+            self.progress_ns = now_ns()  # the send timeout counts from when data is due
+        self.outbox.append(group)
+        self.outbox_bytes += size
+        while len(self.outbox) > max_groups or (len(self.outbox) > 1
+                                                and self.outbox_bytes > max_bytes):
+            old = self.outbox.popleft()
+            self.outbox_bytes -= sum(len(m) for m in old)
+            dropped += len(old)
         return dropped
 
-    def shutdown(self) -> None:
-        """Stop both threads: shutdown() wakes a blocked sendall() and recv_into() at once."""
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already disconnected
-
-    def _write(self) -> None:
-        try:
-            while True:
-                with self.cond:
-                    self.cond.wait_for(lambda: self.outbox or self.closed)
-                    if self.closed:
-                        return
-                    group = self.outbox.popleft()
-                for data in group:
-                    self.sock.sendall(data)
-                    self.sent += 1
-        except OSError as exc:
-            if not self.closed:
-                self.server._count_send_failure(isinstance(exc, TimeoutError))
-                self.server._log.warning("send", f"OpenIGTLink client {self.peer}: send failed "
-                                         f"({exc!r}); dropping the client")
-        finally:
-            self.shutdown()
-
-    def _read(self) -> None:
-        reader = MessageReader(self.sock, stats=self.wire,
-                               max_body_bytes=self.server.max_body_bytes)
-        try:
-            while not self.closed:
-                message = reader.read()
-                if message is not None and self.server.on_message is not None:
-                    try:
-                        self.server.on_message(message, self.peer)
-                    except Exception as exc:  # a faulty callback must not drop the client
-                        self.server._log.warning("callback", f"on_message raised: {exc!r}")
-        except OSError as exc:  # StreamError included: peer closed or out of step
-            if not self.closed:
-                log.info("OpenIGTLink client %s disconnected: %s", self.peer, exc)
-        finally:
-            self.shutdown()
-            self.writer.join()
-            self.sock.close()
-            self.server._remove(self)
+    @property
+    def pending(self) -> bool:
+        return bool(self.sending or self.outbox)
 
 
 class IgtlServer:
@@ -112,14 +102,19 @@ class IgtlServer:
     Args:
         host: interface to bind; 127.0.0.1 unless the server must be reachable from elsewhere.
         port: TCP port (18944 is OpenIGTLink's usual one); 0 lets the OS choose, see ``.port``.
+        max_clients: clients served at once; more are refused (STATUS, then closed) and counted.
         outbox_size: broadcasts kept per client while it is behind; older ones are dropped.
-        on_message: called with (message, "host:port") for each message a client sends us.
-        max_body_bytes: body-size limit for messages clients send us.
-        send_timeout_s: a client that takes longer than this to accept one broadcast message is
-            dropped (None: never). Also bounds each blocking receive, which only loops again.
+        max_outbox_bytes: bytes kept per client while it is behind (the newest broadcast always).
+        on_message: called with (message, "host:port") for each TRANSFORM a client sends us.
+        max_body_bytes: body-size limit for what clients send us (larger: skipped by size).
+        send_timeout_s: a client with data due that takes no byte of it for this long is
+            disconnected (None: never).
         send_buffer_bytes: SO_SNDBUF per client (None: the OS default, auto-tuned to megabytes
             on Linux). What a slow client has not read yet waits there, older than anything in
             its outbox: a small buffer keeps what it sees recent (see tests/interop).
+        recv_bytes_per_s: what one client may send us per second (burst: the same amount).
+    Raises:
+        OSError: the address cannot be bound (in use, not local).
     """
 
     def __init__(
@@ -127,35 +122,55 @@ class IgtlServer:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
         outbox_size: int = 2,
+        max_outbox_bytes: int = 32 << 20,
         on_message: OnMessage | None = None,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes: int = DEFAULT_CLIENT_BODY_BYTES,
         send_timeout_s: float | None = 10.0,
         send_buffer_bytes: int | None = None,
+        recv_bytes_per_s: float = DEFAULT_RECV_BYTES_PER_S,
     ) -> None:
-        if outbox_size < 1:
-            raise ValueError(f"outbox_size {outbox_size}; at least 1 expected")
+        if outbox_size < 1 or max_clients < 1:
+            raise ValueError(f"outbox_size {outbox_size}, max_clients {max_clients}; at least 1 "
+                             "expected")
+        self.max_clients = max_clients
         self.outbox_size = outbox_size
+        self.max_outbox_bytes = max_outbox_bytes
         self.on_message = on_message
         self.max_body_bytes = max_body_bytes
         self.send_timeout_s = send_timeout_s
+        self.send_timeout_ns = None if not send_timeout_s else int(send_timeout_s * 1e9)
         self.send_buffer_bytes = send_buffer_bytes
+        self.recv_bytes_per_s = float(recv_bytes_per_s)
+        self.drops = 0  # messages dropped from outboxes of clients that were behind
         self.send_failures = 0  # clients dropped because a send failed (timeouts included)
-        self.send_timeouts = 0  # ... because a send did not finish within send_timeout_s
+        self.send_timeouts = 0  # ... because no byte went out for send_timeout_s
+        self.clients_refused = 0  # connections closed at once: max_clients reached
+        self.throttled = 0  # times a client was paused for sending faster than recv_bytes_per_s
+        self.callback_errors = 0
         self._lock = threading.Condition()
-        self._clients: list[_Client] = []
+        self._clients: dict[socket.socket, _Client] = {}
         self._closing = False
         self._accepted = 0
-        self._sent_closed = 0  # messages sent by clients already gone
+        self._sent_closed = 0  # messages sent to clients already gone
         self._wire_closed = WireStats()
-        self.drops = 0
         self._log = RateLimitedLog(log)
         self._listener = socket.create_server((host, port), reuse_port=False)
+        self._listener.setblocking(False)
         self.host, self.port = self._listener.getsockname()[:2]
-        self._acceptor = threading.Thread(target=self._accept, name=f"igtl-accept-{self.port}",
-                                          daemon=True)
-        self._acceptor.start()
-        log.info("OpenIGTLink server listening on %s:%d", self.host, self.port)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False  # a wake byte is in flight (at most one: never fills the pair)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread = threading.Thread(target=self._run, name=f"igtl-server-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+        log.info("OpenIGTLink server listening on %s:%d (at most %d clients)", self.host,
+                 self.port, max_clients)
 
     def __enter__(self) -> IgtlServer:
         return self
@@ -170,12 +185,12 @@ class IgtlServer:
         (counted in ``drops``, per message), so it never receives half of one.
         """
         group = tuple(messages)
+        size = sum(len(m) for m in group)
         with self._lock:
-            clients = list(self._clients)
-        dropped = sum(client.enqueue(group, self.outbox_size) for client in clients)
-        if dropped:
-            with self._lock:
-                self.drops += dropped
+            clients = list(self._clients.values())
+            for client in clients:
+                self.drops += client.enqueue(group, size, self.outbox_size, self.max_outbox_bytes)
+            self._wake()
         return len(clients)
 
     @property
@@ -190,10 +205,11 @@ class IgtlServer:
             ) and not self._closing
 
     def stats(self) -> dict:
-        """Counters: clients_connected, clients_accepted, messages_sent, drops, and wire counters
-        of what clients sent us."""
+        """Counters: clients (connected, accepted, refused), messages_sent, drops, send failures
+        and timeouts, throttling, and ``received``: what clients sent us, by fate (messages
+        decoded; refused as oversize, unknown_type, bad_crc, malformed; ignored keep-alives)."""
         with self._lock:
-            clients = list(self._clients)
+            clients = list(self._clients.values())
             sent = self._sent_closed + sum(c.sent for c in clients)
             wire = WireStats()
             wire.add(self._wire_closed)
@@ -202,70 +218,234 @@ class IgtlServer:
             return {
                 "clients_connected": len(clients),
                 "clients_accepted": self._accepted,
+                "clients_refused": self.clients_refused,
+                "max_clients": self.max_clients,
                 "messages_sent": sent,
                 "drops": self.drops,
                 "send_failures": self.send_failures,
                 "send_timeouts": self.send_timeouts,
+                "throttled": self.throttled,
+                "callback_errors": self.callback_errors,
                 "received": wire.as_dict(),
             }
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop accepting, disconnect every client, join every thread (``timeout`` s each)."""
+        """Stop accepting, disconnect every client, end the I/O thread (within ``timeout`` s)."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
             self._lock.notify_all()
-            clients = list(self._clients)
+            self._wake()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("OpenIGTLink server thread did not stop in %.1f s", timeout)
+
+    # ---- the I/O thread ------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Interrupt the select (call under the lock)."""
+        if not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+
+    def _run(self) -> None:
         try:
-            # Wakes the blocked accept() (Linux returns EINVAL); close() alone would not.
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        self._acceptor.join(timeout)
-        for client in clients:
-            client.shutdown()
-        for client in clients:
-            client.reader.join(timeout)
-            if client.reader.is_alive():
-                log.warning("OpenIGTLink client %s thread did not stop in %.1f s",
-                            client.peer, timeout)
+            while not self._closing:
+                for key, mask in self._selector.select(self._next_timeout_s()):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    else:
+                        client = key.data
+                        if mask & selectors.EVENT_READ and client.sock in self._clients:
+                            self._receive(client)
+                        if mask & selectors.EVENT_WRITE and client.sock in self._clients:
+                            self._send(client)
+                self._service()
+        except Exception:  # a bug here must not pass silently: every client would hang
+            log.exception("OpenIGTLink server %d: I/O thread failed", self.port)
+        finally:
+            for client in list(self._clients.values()):
+                self._drop(client)
+            self._selector.close()
+            self._listener.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _next_timeout_s(self) -> float | None:
+        """Until the next send-timeout deadline or the end of a throttle pause."""
+        now = now_ns()
+        deadlines = []
+        for client in self._clients.values():
+            if client.pending and self.send_timeout_ns is not None:
+                deadlines.append(client.progress_ns + self.send_timeout_ns)
+            if client.paused_until_ns:
+                deadlines.append(client.paused_until_ns)
+        if not deadlines:
+            return None
+        return max(min(deadlines) - now, 0) / 1e9 + 0.001
+
+    def _drain_wake(self) -> None:
+        with self._lock:
+            self._woken = False
+            try:
+                while self._wake_r.recv(64):
+                    pass
+            except OSError:
+                pass
+
+    def _service(self) -> None:
+        """After each select: start sends for new data, enforce send timeouts, end pauses, and
+        watch for what each client needs next."""
+        now = now_ns()
+        for client in list(self._clients.values()):
+            if client.paused_until_ns and now >= client.paused_until_ns:
+                client.paused_until_ns = 0
+            if client.pending:
+                if not client.events & selectors.EVENT_WRITE:
+                    self._send(client)  # most sends complete at once: no extra select turn
+                if (client.sock in self._clients and client.pending
+                        and self.send_timeout_ns is not None
+                        and now - client.progress_ns > self.send_timeout_ns):
+                    self.send_timeouts += 1
+                    self.send_failures += 1
+                    self._log.warning("send", f"OpenIGTLink client {client.peer}: took no data "
+                                      f"for {self.send_timeout_ns / 1e9:.1f} s; disconnected")
+                    self._drop(client)
+            if client.sock in self._clients:
+                self._watch(client)
+
+    def _watch(self, client: _Client) -> None:
+        events = (0 if client.paused_until_ns else selectors.EVENT_READ) | (
+            selectors.EVENT_WRITE if client.pending else 0)
+        if events == client.events:
+            return
+        if client.events == 0:
+            self._selector.register(client.sock, events, client)
+        elif events == 0:
+            self._selector.unregister(client.sock)
+        else:
+            self._selector.modify(client.sock, events, client)
+        client.events = events
 
     def _accept(self) -> None:
         while True:
             try:
                 sock, address = self._listener.accept()
-            except OSError:
-                return  # listener shut down by close()
-            # Small messages (TRANSFORM) must not wait for Nagle's algorithm to fill a segment.
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: say so, keep serving who we have
+                self._log.warning("accept", f"OpenIGTLink server {self.port}: accept failed: "
+                                  f"{exc}")
+                return
+            peer = f"{address[0]}:{address[1]}"
+            sock.setblocking(False)
+            if len(self._clients) >= self.max_clients:
+                self.clients_refused += 1
+                self._log.warning("refused", f"OpenIGTLink client {peer} refused: "
+                                  f"{self.max_clients} clients already connected (--max-clients)")
+                try:  # best effort: tell the client why before closing
+                    sock.send(pack_status(STATUS_RESOURCE_ERROR, self.max_clients, "server full",
+                                          f"refused: {self.max_clients} clients already "
+                                          "connected"))
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            # Small messages (TRANSFORM, STATUS) must not wait for Nagle's algorithm.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            sock.settimeout(self.send_timeout_s)
             if self.send_buffer_bytes:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
-            client = _Client(self, sock, f"{address[0]}:{address[1]}")
+            client = _Client(sock, peer, self.max_body_bytes, self.recv_bytes_per_s)
             with self._lock:
-                if self._closing:
-                    sock.close()
-                    return
-                self._clients.append(client)
+                self._clients[sock] = client
                 self._accepted += 1
-                # Started under the lock, so close() never joins a thread that has not started.
-                client.writer.start()
-                client.reader.start()
                 self._lock.notify_all()
-            log.info("OpenIGTLink client %s connected", client.peer)
+            self._watch(client)
+            log.info("OpenIGTLink client %s connected", peer)
 
-    def _count_send_failure(self, timed_out: bool) -> None:
-        with self._lock:
+    def _receive(self, client: _Client) -> None:
+        """Read what the client sent, within its rate; hand accepted messages to on_message."""
+        now = now_ns()
+        rate = self.recv_bytes_per_s
+        client.recv_tokens = min(rate, client.recv_tokens
+                                 + rate * (now - client.recv_refill_ns) / 1e9)
+        client.recv_refill_ns = now
+        before = client.wire.bytes
+        try:
+            while client.recv_tokens >= 1:
+                budget = int(min(client.recv_tokens, _READ_TURN_BYTES))
+                message = client.reader.read(budget)
+                client.recv_tokens -= client.wire.bytes - before
+                before = client.wire.bytes
+                if message is None:
+                    break
+                self._deliver(message, client.peer)
+        except OSError as exc:  # StreamError included: peer closed or out of step
+            log.info("OpenIGTLink client %s disconnected: %s", client.peer, exc)
+            self._drop(client)
+            return
+        if client.recv_tokens < 1:  # pause until 64 KiB of allowance has built up again
+            self.throttled += 1
+            client.paused_until_ns = now + int((min(rate, 64 << 10) - client.recv_tokens)
+                                               / rate * 1e9)
+
+    def _deliver(self, message: MessageBase, peer: str) -> None:
+        if self.on_message is None:
+            return
+        try:
+            self.on_message(message, peer)
+        except Exception as exc:  # a faulty callback must not drop the client or the server
+            self.callback_errors += 1
+            self._log.warning("callback", f"on_message raised: {exc!r}")
+
+    def _send(self, client: _Client) -> None:
+        """Send what the socket takes now, without blocking; whole broadcasts in order."""
+        sent_bytes = 0
+        try:
+            while sent_bytes < _SEND_TURN_BYTES:
+                if not client.sending:
+                    with self._lock:
+                        if not client.outbox:
+                            return
+                        group = client.outbox.popleft()
+                        client.outbox_bytes -= sum(len(m) for m in group)
+                    client.sending.extend(memoryview(m) for m in group)
+                view = client.sending[0]
+                n = client.sock.send(view)
+                if n == 0:
+                    return
+                sent_bytes += n
+                client.progress_ns = now_ns()
+                if n == len(view):
+                    client.sending.popleft()
+                    client.sent += 1
+                else:
+                    client.sending[0] = view[n:]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
             self.send_failures += 1
-            self.send_timeouts += int(timed_out)
+            self._log.warning("send", f"OpenIGTLink client {client.peer}: send failed ({exc!r}); "
+                              "disconnected")
+            self._drop(client)
 
-    def _remove(self, client: _Client) -> None:
+    def _drop(self, client: _Client) -> None:
+        if client.events:
+            self._selector.unregister(client.sock)
+            client.events = 0
+        try:
+            client.sock.close()
+        except OSError:
+            pass
         with self._lock:
-            if client in self._clients:
-                self._clients.remove(client)
+            if self._clients.pop(client.sock, None) is not None:
                 self._sent_closed += client.sent
                 self._wire_closed.add(client.wire)
             self._lock.notify_all()

@@ -14,19 +14,30 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 
 from pyigtl.messages import MessageBase, message_type_to_class_constructor
 
 from regseg.clock import now_ns
 from regseg.errors import StreamError
-from regseg.stream.igtl.codec import HEADER, HEADER_SIZE, HEADER_VERSIONS, check_image_body, crc64
+from regseg.stream.igtl.codec import (
+    HEADER,
+    HEADER_SIZE,
+    HEADER_VERSIONS,
+    IMAGE_HEADER_SIZE,
+    check_image_body,
+    crc64,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 << 20  # bodies above this are skipped unread (counted as oversize)
 DEFAULT_DISCARD_CAP_BYTES = 1 << 30  # above this a BODY_SIZE is taken as a corrupt stream: close
+#: Room for the v2 extended header and metadata around an IMAGE's content (PLUS sends ~200 B).
+IMAGE_METADATA_ALLOWANCE = 64 << 10
+#: Bytes per pixel of the largest IMAGE we can use: RGBA uint8 (frame_from_image takes uint8 only).
+MAX_BYTES_PER_PIXEL = 4
 _DISCARD_CHUNK = 256 << 10
 _MAX_TYPES_NAMED = 64
 
@@ -39,8 +50,9 @@ class WireStats:
     bytes: int = 0  # every byte received, headers included
     bad_crc: int = 0  # body CRC64 did not match the header: message dropped
     unknown_type: int = 0  # type pyigtl cannot decode, or not in the reader's ``accept``: skipped
-    oversize: int = 0  # BODY_SIZE above max_body_bytes: skipped unread
+    oversize: int = 0  # BODY_SIZE above the type's body limit: skipped unread
     malformed: int = 0  # header or body that does not parse: message dropped
+    ignored: int = 0  # types in the reader's ``ignore`` (STATUS keep-alives ...): skipped unread
     last_error: str = ""
 
     def as_dict(self) -> dict:
@@ -48,7 +60,8 @@ class WireStats:
 
     def add(self, other: WireStats) -> None:
         """Accumulate ``other``'s counters into this one (for totals over connections)."""
-        for name in ("messages", "bytes", "bad_crc", "unknown_type", "oversize", "malformed"):
+        for name in ("messages", "bytes", "bad_crc", "unknown_type", "oversize", "malformed",
+                     "ignored"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.last_error = other.last_error or self.last_error
 
@@ -72,6 +85,15 @@ class RateLimitedLog:
         self._logger.warning("%s%s", message, f" ({held} more like it not logged)" if held else "")
 
 
+def image_body_limit(max_pixels: int) -> int:
+    """The largest IMAGE body worth reading for frames of at most ``max_pixels`` pixels: RGBA uint8
+    pixels, the 72-byte image header and room for the v2 extended header and metadata. A bigger
+    BODY_SIZE is refused from the header, before a byte of the body is buffered."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels {max_pixels}; at least 1 expected")
+    return IMAGE_HEADER_SIZE + max_pixels * MAX_BYTES_PER_PIXEL + IMAGE_METADATA_ALLOWANCE
+
+
 _HEADER_PHASE, _BODY_PHASE, _DISCARD_PHASE = 0, 1, 2
 
 
@@ -81,15 +103,20 @@ class MessageReader:
     Bytes go straight into a preallocated buffer with ``recv_into``; a socket timeout in the middle
     of a message keeps what has arrived, and the next ``read()`` continues where this one stopped.
     Bad CRCs, unknown types, oversize and malformed messages are dropped and counted; the stream
-    stays in step because BODY_SIZE always says where the next header starts.
+    stays in step because BODY_SIZE always says where the next header starts. Works on blocking
+    sockets with a timeout and on non-blocking ones (a would-block read returns None).
 
     Args:
         sock: a connected stream socket; its timeout (if any) bounds how long ``read()`` blocks.
         stats: counters to update (a new WireStats by default), see :class:`WireStats`.
         max_body_bytes: larger bodies are read and discarded in chunks, counted as ``oversize``.
+        body_limits: per-type body limits that replace ``max_body_bytes`` for those types, e.g.
+            ``{"IMAGE": image_body_limit(max_pixels), "TRANSFORM": 64 << 10}``.
         discard_cap_bytes: a BODY_SIZE above this means the stream is corrupt: StreamError.
         verify_crc: check each body's CRC64 (ECMA-182; ~3 ms per MB with crcmod's C extension).
         accept: message types to decode (default: every type pyigtl knows); others are skipped.
+        ignore: types that are expected but not needed (STATUS keep-alives, STT_/GET_ queries):
+            skipped by size and counted as ``ignored``, not as ``unknown_type``.
         initial_capacity: starting buffer size in bytes; it grows (never past max_body_bytes).
     """
 
@@ -99,19 +126,24 @@ class MessageReader:
         *,
         stats: WireStats | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_limits: Mapping[str, int] | None = None,
         discard_cap_bytes: int = DEFAULT_DISCARD_CAP_BYTES,
         verify_crc: bool = True,
         accept: Collection[str] | None = None,
+        ignore: Collection[str] = (),
         initial_capacity: int = 1 << 20,
     ) -> None:
         self.sock = sock
         self.stats = stats if stats is not None else WireStats()
         self.max_body_bytes = max_body_bytes
-        self.discard_cap_bytes = max(discard_cap_bytes, max_body_bytes)
+        self.body_limits = dict(body_limits or {})
+        largest = max([max_body_bytes, *self.body_limits.values()])
+        self.discard_cap_bytes = max(discard_cap_bytes, largest)
         self.verify_crc = verify_crc
         self.accept = frozenset(accept) if accept is not None else None
+        self.ignore = frozenset(ignore)
         self._header = bytearray(HEADER_SIZE)
-        self._buf = bytearray(max(min(initial_capacity, max_body_bytes), _DISCARD_CHUNK))
+        self._buf = bytearray(max(min(initial_capacity, largest), _DISCARD_CHUNK))
         self._phase = _HEADER_PHASE
         self._have = 0  # bytes of the current phase's target already received
         self._need = HEADER_SIZE
@@ -120,15 +152,25 @@ class MessageReader:
         self._log = RateLimitedLog(log)
         self._unknown_seen: set[str] = set()
         self.last_recv_ns = now_ns()  # when bytes last arrived (creation time until then)
+        # when the last whole message ended, good or skipped (creation time until then): a peer
+        # trickling bytes keeps last_recv_ns fresh but never this one
+        self.last_message_ns = self.last_recv_ns
+        self.last_type = ""  # TYPE of the last whole message
+        self._budget = 0  # bytes this read() may still take (budget_bytes); < 0: no budget
 
-    def read(self) -> MessageBase | None:
+    def read(self, budget_bytes: int | None = None) -> MessageBase | None:
         """Return the next good message, or None when the socket timed out before one was complete.
+
+        Args:
+            budget_bytes: return None (progress kept) once this call has received at least this
+                many bytes, so one peer cannot keep a thread serving several busy for long.
 
         Raises:
             StreamError: the peer closed the connection, or the stream cannot be resynchronised
                 (unknown header version, BODY_SIZE above ``discard_cap_bytes``).
             OSError: any other socket error.
         """
+        self._budget = -1 if budget_bytes is None else max(budget_bytes, 1)
         while True:
             if self._phase == _HEADER_PHASE:
                 if not self._fill(memoryview(self._header)):
@@ -136,6 +178,8 @@ class MessageReader:
                 self._start_body()
             elif self._phase == _DISCARD_PHASE:
                 while self._need > 0:
+                    if self._budget == 0:
+                        return None
                     chunk = memoryview(self._buf)[: min(self._need, _DISCARD_CHUNK)]
                     self._have = 0
                     if not self._fill(chunk, partial_ok=True):
@@ -157,7 +201,7 @@ class MessageReader:
         while self._have < len(view):
             try:
                 n = self.sock.recv_into(view[self._have :])
-            except (TimeoutError, BlockingIOError):
+            except (TimeoutError, BlockingIOError, InterruptedError):
                 return False
             if n == 0:
                 between = self._phase == _HEADER_PHASE and self._have == 0
@@ -166,12 +210,19 @@ class MessageReader:
             self._have += n
             self.stats.bytes += n
             self.last_recv_ns = now_ns()
+            if self._budget > 0:
+                self._budget = max(self._budget - n, 0)
             if partial_ok:
                 return True
+            if self._budget == 0 and self._have < len(view):
+                return False
         return True
 
     def _next_header(self) -> None:
+        """After a whole message (decoded, dropped or skipped): wait for the next header."""
         self._phase, self._have, self._need = _HEADER_PHASE, 0, HEADER_SIZE
+        self.last_message_ns = self.last_recv_ns
+        self.last_type = self._fields.get("message_type", "")
 
     def _start_body(self) -> None:
         version, raw_type, _, _, _, body_size, self._crc = HEADER.unpack(self._header)
@@ -184,15 +235,20 @@ class MessageReader:
             raise StreamError(f"OpenIGTLink BODY_SIZE {body_size} bytes is above the "
                               f"{self.discard_cap_bytes}-byte cap: the stream is corrupt")
         self._have, self._need = 0, body_size
+        self._fields = {}
         try:
             self._fields = MessageBase.parse_header(bytes(self._header))
         except UnicodeDecodeError as exc:
             self._skip("malformed", f"undecodable TYPE/DEVICE_NAME {raw_type!r}: {exc}")
             return
         kind = self._fields["message_type"]
-        if body_size > self.max_body_bytes:
+        limit = self.body_limits.get(kind, self.max_body_bytes)
+        if body_size > limit:
             self._skip("oversize", f"{kind} '{self._fields['device_name']}' body of {body_size} "
-                       f"bytes is above the {self.max_body_bytes}-byte limit")
+                       f"bytes is above the {limit}-byte limit for {kind}")
+        elif kind in self.ignore:
+            self.stats.ignored += 1
+            self._phase = _DISCARD_PHASE
         elif kind not in message_type_to_class_constructor or (
             self.accept is not None and kind not in self.accept
         ):
@@ -207,7 +263,7 @@ class MessageReader:
             self._phase = _DISCARD_PHASE
         else:
             if body_size > len(self._buf):
-                self._buf = bytearray(min(max(body_size, 2 * len(self._buf)), self.max_body_bytes))
+                self._buf = bytearray(min(max(body_size, 2 * len(self._buf)), limit))
             self._phase = _BODY_PHASE
 
     def _skip(self, counter: str, why: str) -> None:
