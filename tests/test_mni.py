@@ -86,3 +86,17 @@ def test_build_set_writes_pairs_csv(tmp_path):
     assert text[0].startswith("name,fixed,moving,fixed_labels,moving_labels,landmarks")
     assert len(text) == 3
     assert (tmp_path / "pair001" / "landmarks.csv").is_file()
+
+
+def test_set_written_with_a_relative_path_is_read_from_anywhere(tmp_path, monkeypatch):
+    """README: `regseg mni --out out/mni` then `regseg register --pairs out/mni` (the CSV's paths
+    used to be relative to the working directory and were read relative to the CSV's folder)."""
+    from regseg.register_cli import read_pairs
+
+    monkeypatch.chdir(tmp_path)
+    mni.build_mni_set("out/mni", 1, config=SMALL)
+    for cwd in (tmp_path, tmp_path / "out"):
+        monkeypatch.chdir(cwd)
+        pairs = read_pairs(tmp_path / "out" / "mni" if cwd != tmp_path else "out/mni")
+        for key in mni.FILE_COLUMNS:
+            assert Path(pairs[0][key]).is_file(), (cwd, key, pairs[0][key])

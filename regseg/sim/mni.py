@@ -312,13 +312,17 @@ def write_pair(pair: MniPair, folder: str | Path) -> dict[str, str]:
     return row
 
 
+#: Columns of ``pairs.csv`` that hold file paths (relative to the CSV's folder).
+FILE_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "landmarks")
+
+
 def build_mni_set(out_dir: str | Path, n_pairs: int = 8, *, split: str = "eval",
                   config: MniConfig = MniConfig()) -> Path:
     """Write ``n_pairs`` pairs (every second one "other modality") and ``pairs.csv``.
 
     Returns:
         the path of ``pairs.csv`` (columns name, fixed, moving, fixed_labels, moving_labels,
-        landmarks), the input of ``regseg register --pairs``.
+        landmarks, paths relative to the CSV's folder), the input of ``regseg register --pairs``.
     """
     out_dir = Path(out_dir)
     base = load_base(config)
@@ -326,6 +330,10 @@ def build_mni_set(out_dir: str | Path, n_pairs: int = 8, *, split: str = "eval",
     for n, seed in enumerate(pair_seeds(split, n_pairs)):
         pair = make_pair(base, seed, other_modality=bool(n % 2))
         row = write_pair(pair, out_dir / f"pair{n:03d}")
+        # A manifest's paths are relative to its own folder (what `regseg register` reads), so the
+        # set works from any working directory and can be moved as a whole.
+        row = {k: str(Path(v).relative_to(out_dir)) if k in FILE_COLUMNS else v
+               for k, v in row.items()}
         row["other_modality"] = str(pair.other_modality).lower()
         rows.append(row)
     csv_path = out_dir / "pairs.csv"
