@@ -113,6 +113,6 @@ def select_engine(model: nn.Module, input_shapes: dict[str, tuple[int, ...]], *,
     if report is not None:
         parts = [f"{k} {v['p50_ms']:.2f} ms" if v["status"] == "ok" else f"{k} {v['status']}"
                  for k, v in outcome.items()]
-        print(f"engine auto on {device} ({precision}): chose {chosen} [{', '.join(parts)}]",
-              file=report)
+        print(f"engine auto for {type(model).__name__} on {device} ({precision}): chose {chosen} "
+              f"[{', '.join(parts)}]", file=report)
     return engine
