@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regseg.engines.base import prepare_model
+from regseg.engines.base import check_inputs, prepare_model
 from regseg.engines.eager import check_torch_precision, run_module
 from regseg.errors import EngineError
 
@@ -48,6 +48,12 @@ class CompiledEngine:
         self.cuda_graphs = self.device.type == "cuda"
         mode = "reduce-overhead" if self.cuda_graphs else None
         self._compiled = torch.compile(self.model, fullgraph=True, dynamic=False, mode=mode)
+        # Dynamo guards on each input's strides and on whether it is an inference tensor: live
+        # inputs (views made inside inference mode) failed the guards of the warm-up example and
+        # recompiled on the first frame (seconds). Every call therefore copies its inputs into
+        # these buffers, made once, so warm-up and live calls present the very same tensors.
+        with torch.inference_mode():
+            self._inputs = {k: v.clone().contiguous() for k, v in example.items()}
         try:
             for _ in range(max(warmup, 3 if self.cuda_graphs else 1)):  # graphs record on call 3
                 self(example)
@@ -66,4 +72,8 @@ class CompiledEngine:
             # Tells cudagraph trees that the previous call's outputs are no longer read, so the
             # next replay may reuse their memory.
             torch.compiler.cudagraph_mark_step_begin()
-        return run_module(self._compiled, self, inputs)
+        check_inputs(self.input_shapes, inputs)
+        with torch.inference_mode():
+            for name, buffer in self._inputs.items():
+                buffer.copy_(inputs[name])
+        return run_module(self._compiled, self, self._inputs)

@@ -151,3 +151,22 @@ def test_compiled_matches_eager_alignsegnet(model):
     ref = make_engine(model, SHAPES)(_inputs())
     err = parity_error(ref, compiled(_inputs()))
     assert max(err.values()) < TOLERANCES["fp32"], err
+
+
+def test_compiled_does_not_recompile_on_live_inputs():
+    """Issue 17: `--backend compiled` stalled 5-9 s on the first live frame: the live chain's
+    inputs (made inside inference mode, views with other strides) failed Dynamo's guards and
+    recompiled. Warm-up and live calls must hit the same graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    net = _Tiny().eval()
+    compiled = make_engine(net, {"image": (1, 1, 16, 16)}, backend="compiled", warmup=1)
+    before = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        wide = torch.rand(1, 1, 16, 32)
+        live = wide[:, :, :, ::2]  # a strided view, as grid_sample(...)[:, :, 0] gives
+        out = compiled({"image": live})
+    assert counters["stats"]["unique_graphs"] == before, "recompiled on a live-shaped call"
+    ref = make_engine(net, {"image": (1, 1, 16, 16)})({"image": live.contiguous()})
+    assert max(parity_error(ref, out).values()) < TOLERANCES["fp32"]
