@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 2.0
 #: PLUS sends a STATUS keep-alive every 0.25 s (vtkPlusOpenIGTLinkServer KeepAliveIntervalSec), so
-#: seconds of silence mean a stalled sender or a half-open connection: drop it and reconnect.
+#: 5 s without one whole message (20 keep-alives missed; bytes alone do not count: a peer trickling
+#: a byte every few seconds is as stalled as a silent one) mean a stalled sender or a half-open
+#: connection: drop it and reconnect.
 STALL_TIMEOUT_S = 5.0
+#: Bodies of what a tracker or PLUS sends besides images: a TRANSFORM is 48 bytes (+ metadata).
+SMALL_BODY_BYTES = 64 << 10
 MAX_TRANSFORM_DEVICES = 64  # latest pose kept per TRANSFORM device name, for this many names
 
 
@@ -42,9 +46,12 @@ class IgtlSource:
     arrive. Other TRANSFORMs (e.g. ``ProbeToTracker``) are kept, latest per name: :meth:`pose`.
 
     Only one image device is used: ``image_device``, or the first IMAGE device seen.
-    A dropped or stalled connection (no byte for ``stall_timeout_s``) is counted and retried
-    (backoff ``backoff_s`` doubling to ``backoff_max_s``) while ``reconnect``; otherwise, or after
-    ``stop()``, the thread ends and closes ``slot``.
+    A dropped or stalled connection (no whole message for ``stall_timeout_s``) is counted and
+    retried (backoff ``backoff_s`` doubling to ``backoff_max_s``) while ``reconnect``; otherwise, or
+    after ``stop()``, the thread ends and closes ``slot``. A sender that keeps the connection
+    alive (STATUS keep-alives, TRANSFORMs) but sends no IMAGE for ``stall_timeout_s`` is not
+    stalled: each such spell is counted in ``keepalive_only`` and logged (the sinks tell Slicer
+    the overlay is stale).
 
     Args:
         host, port: the server (PLUS: 18944).
@@ -54,8 +61,13 @@ class IgtlSource:
         reconnect: reconnect after a failed or dropped connection.
         poll_s: socket timeout in s: only bounds how long stop() can take if shutdown() is missed.
         connect_timeout_s: TCP connect timeout in s.
-        max_body_bytes, verify_crc: see :class:`~regseg.stream.igtl.wire.MessageReader`.
-        stall_timeout_s: seconds without a byte after which the connection is dropped (None: never).
+        max_image_bytes: IMAGE bodies above this are refused from their header, never buffered
+            (:func:`~regseg.stream.igtl.wire.image_body_limit` of the largest frame accepted).
+        max_body_bytes: the same for types other than IMAGE, TRANSFORM and STATUS (which have
+            :data:`SMALL_BODY_BYTES`); they are skipped anyway.
+        verify_crc: see :class:`~regseg.stream.igtl.wire.MessageReader`.
+        stall_timeout_s: seconds without a whole message after which the connection is dropped
+            (None: never).
         backoff_s, backoff_max_s: first and longest wait between connection attempts, s.
         pairer: the image/pose pairing (default: :class:`TimestampPairer` with its defaults).
     """
@@ -73,7 +85,8 @@ class IgtlSource:
         *,
         poll_s: float = 0.5,
         connect_timeout_s: float = 2.0,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_image_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes: int = SMALL_BODY_BYTES,
         verify_crc: bool = True,
         stall_timeout_s: float | None = STALL_TIMEOUT_S,
         backoff_s: float = BACKOFF_FIRST_S,
@@ -88,6 +101,8 @@ class IgtlSource:
         self.poll_s = poll_s
         self.connect_timeout_s = connect_timeout_s
         self.max_body_bytes = max_body_bytes
+        self.body_limits = {"IMAGE": max_image_bytes, "TRANSFORM": SMALL_BODY_BYTES,
+                            "STATUS": SMALL_BODY_BYTES}
         self.verify_crc = verify_crc
         self.stall_timeout_ns = None if not stall_timeout_s else int(stall_timeout_s * 1e9)
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
@@ -102,7 +117,9 @@ class IgtlSource:
         self.other_devices = 0  # IMAGEs from a device other than the one in use
         self.transform_ts_mismatch = 0
         self.invalid_poses = 0  # frames made untracked because the sender flagged their pose
-        self.stalls = 0  # connections dropped after stall_timeout_s without a byte
+        self.stalls = 0  # connections dropped after stall_timeout_s without a whole message
+        self.keepalive_only = 0  # spells of stall_timeout_s with messages but no IMAGE
+        self.last_image_ns = 0  # when the last IMAGE arrived (0: none yet)
         self.transforms = 0  # TRANSFORM messages received, every device
         self.connected = threading.Event()
         self._sock: socket.socket | None = None
@@ -150,6 +167,7 @@ class IgtlSource:
             "transform_ts_mismatch": self.transform_ts_mismatch,
             "invalid_poses": self.invalid_poses,
             "stalls": self.stalls,
+            "keepalive_only": self.keepalive_only,
             "transforms": self.transforms,
             "pairing": self.pairer.stats(),
             "wire": self.wire.as_dict(),
@@ -198,7 +216,8 @@ class IgtlSource:
         self.connects += 1
         self.connected.set()
         reader = MessageReader(sock, stats=self.wire, max_body_bytes=self.max_body_bytes,
-                               verify_crc=self.verify_crc, accept=("IMAGE", "TRANSFORM"))
+                               body_limits=self.body_limits, verify_crc=self.verify_crc,
+                               accept=("IMAGE", "TRANSFORM"), ignore=("STATUS",))
         before = self.wire.messages
         try:
             self._receive(sock, reader)
@@ -216,6 +235,8 @@ class IgtlSource:
 
     def _receive(self, sock: socket.socket, reader: MessageReader) -> None:
         """Read until stop() or an error; raises StreamError when the sender stalls."""
+        connected_ns = now_ns()
+        counted_spell_ns = -1  # start of the keep-alive-only spell already counted
         while not self._thread.stopping.is_set():
             # Wake for a held image's deadline or the stall deadline, else every poll_s
             # (a timeout keeps partial data: the next read continues the message).
@@ -224,18 +245,30 @@ class IgtlSource:
             if (deadline := self.pairer.deadline_ns) is not None:
                 wake_ns.append(deadline - now)
             if self.stall_timeout_ns is not None:
-                wake_ns.append(reader.last_recv_ns + self.stall_timeout_ns - now + 1_000_000)
-            sock.settimeout(max(min(wake_ns), 0) / 1e9)
-            message = reader.read()
+                wake_ns.append(reader.last_message_ns + self.stall_timeout_ns - now + 1_000_000)
+            wait_ns = max(min(wake_ns), 0)
+            sock.settimeout(wait_ns / 1e9)
+            message = reader.read(deadline_ns=now + wait_ns)
             now = now_ns()
             if message is not None:
                 self._take(message, now)
             self._emit(self.pairer.expire(now))
-            silent_ns = now - reader.last_recv_ns
-            if self.stall_timeout_ns is not None and silent_ns > self.stall_timeout_ns:
+            if self.stall_timeout_ns is None:
+                continue
+            silent_ns = now - reader.last_message_ns
+            if silent_ns > self.stall_timeout_ns:
                 self.stalls += 1
-                raise StreamError(f"no data for {silent_ns / 1e9:.1f} s: the sender stalled "
-                                  "(dropping the connection to reconnect)")
+                raise StreamError(f"no whole message for {silent_ns / 1e9:.1f} s (last byte "
+                                  f"{(now - reader.last_recv_ns) / 1e9:.1f} s ago): the sender "
+                                  "stalled (dropping the connection to reconnect)")
+            spell_ns = max(connected_ns, self.last_image_ns)  # waiting for an IMAGE since
+            if now - spell_ns > self.stall_timeout_ns and spell_ns != counted_spell_ns:
+                counted_spell_ns = spell_ns
+                self.keepalive_only += 1
+                self._log.warning("keepalive", f"OpenIGTLink {self.host}:{self.port}: messages "
+                                  f"({reader.last_type or 'keep-alives'}) but no IMAGE for "
+                                  f"{(now - spell_ns) / 1e9:.1f} s: the sender is alive but not "
+                                  "imaging")
 
     def _take(self, message: MessageBase, received_ns: int) -> None:
         if isinstance(message, TransformMessage):
@@ -251,6 +284,7 @@ class IgtlSource:
             return
         if not isinstance(message, ImageMessage):
             return
+        self.last_image_ns = received_ns
         if self._device is None:
             self._device = message.device_name
             log.info("OpenIGTLink %s:%d: using IMAGE device '%s'", self.host, self.port,

@@ -157,13 +157,18 @@ class MessageReader:
         self.last_message_ns = self.last_recv_ns
         self.last_type = ""  # TYPE of the last whole message
         self._budget = 0  # bytes this read() may still take (budget_bytes); < 0: no budget
+        self._deadline_ns = 0  # this read() returns by then (0: no deadline)
 
-    def read(self, budget_bytes: int | None = None) -> MessageBase | None:
+    def read(self, budget_bytes: int | None = None,
+             deadline_ns: int | None = None) -> MessageBase | None:
         """Return the next good message, or None when the socket timed out before one was complete.
 
         Args:
             budget_bytes: return None (progress kept) once this call has received at least this
                 many bytes, so one peer cannot keep a thread serving several busy for long.
+            deadline_ns: return None (progress kept) once ``now_ns()`` passes this, although
+                bytes still arrive: the socket timeout bounds each receive, not the call, and a
+                peer trickling bytes would otherwise hold it for ever.
 
         Raises:
             StreamError: the peer closed the connection, or the stream cannot be resynchronised
@@ -171,6 +176,7 @@ class MessageReader:
             OSError: any other socket error.
         """
         self._budget = -1 if budget_bytes is None else max(budget_bytes, 1)
+        self._deadline_ns = deadline_ns or 0
         while True:
             if self._phase == _HEADER_PHASE:
                 if not self._fill(memoryview(self._header)):
@@ -178,7 +184,7 @@ class MessageReader:
                 self._start_body()
             elif self._phase == _DISCARD_PHASE:
                 while self._need > 0:
-                    if self._budget == 0:
+                    if self._budget == 0 or self._past_deadline():
                         return None
                     chunk = memoryview(self._buf)[: min(self._need, _DISCARD_CHUNK)]
                     self._have = 0
@@ -214,9 +220,12 @@ class MessageReader:
                 self._budget = max(self._budget - n, 0)
             if partial_ok:
                 return True
-            if self._budget == 0 and self._have < len(view):
+            if (self._budget == 0 or self._past_deadline()) and self._have < len(view):
                 return False
         return True
+
+    def _past_deadline(self) -> bool:
+        return self._deadline_ns > 0 and self.last_recv_ns >= self._deadline_ns
 
     def _next_header(self) -> None:
         """After a whole message (decoded, dropped or skipped): wait for the next header."""

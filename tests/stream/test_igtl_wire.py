@@ -17,7 +17,7 @@ from regseg.stream.igtl.codec import (
     pack_transform,
     wire_timestamp,
 )
-from regseg.stream.igtl.wire import MessageReader
+from regseg.stream.igtl.wire import MessageReader, image_body_limit
 
 TS = 1_700_000_000.25
 
@@ -275,3 +275,23 @@ def test_frame_from_image_rgb_to_grey():
 def test_frame_from_image_refuses_what_is_not_a_bmode_frame(pixels, matrix, match):
     with pytest.raises(InputError, match=match):
         frame_from_image(image_message(pixels, matrix), 0, 0)
+
+
+def test_an_image_above_its_type_limit_is_refused_from_its_header(pair):
+    """An 8000x8000 IMAGE with a 2000x2000 frame limit: counted as oversize when its header
+    arrives, its body never buffered (issue 9: one such frame took RSS from 0.5 to 3.6 GB)."""
+    a, b = pair
+    limit = image_body_limit(2000 * 2000)
+    header = pack_image(np.zeros((1, 1), np.uint8), np.eye(4), "Image_Reference", TS)[:HEADER_SIZE]
+    claim = bytearray(header)
+    struct.pack_into(">Q", claim, 42, 72 + 8000 * 8000)  # BODY_SIZE of an 8000x8000 frame
+    a.sendall(bytes(claim) + b"\0" * 1000)  # the start of the body, then nothing
+    b.settimeout(0.2)
+    reader = MessageReader(b, body_limits={"IMAGE": limit}, max_body_bytes=64 << 10)
+    assert reader.read() is None  # timed out in the middle of the discarded body
+    assert reader.stats.oversize == 1 and f"{limit}-byte limit for IMAGE" in reader.stats.last_error
+    assert len(reader._buf) <= 1 << 20  # nothing of the claimed 64 MB was allocated
+    assert 4 * 2000 * 2000 < limit < 4 * 2000 * 2000 + (128 << 10)
+    a.close()  # the rest of the 64 MB never comes
+    with pytest.raises(StreamError, match="in the middle of a message"):
+        reader.read()
