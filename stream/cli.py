@@ -104,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "(OpenIGTLink <= 2.x receivers such as Debian's 1.11 library)")
     io.add_argument("--no-contours", action="store_true",
                     help="do not send the ProstateContour/LesionContour POLYDATA outlines")
+    net = p.add_argument_group("network safeguards (OpenIGTLink server)")
+    net.add_argument("--max-clients", type=int, default=8,
+                     help="clients each --serve server takes at once; more are refused and "
+                     "counted (default 8)")
+    net.add_argument("--accept-registration-from", default=None, metavar="HOST[,HOST]",
+                     help="hosts whose MRIToReference/ReferenceToMRI TRANSFORM may change the "
+                     "registration (default: none; every such TRANSFORM is refused and logged)")
+    net.add_argument("--registration-max-jump-mm", type=float, default=10.0,
+                     help="refuse a registration change moving the prostate centre further "
+                     "(default 10 mm)")
+    net.add_argument("--registration-max-jump-deg", type=float, default=10.0,
+                     help="refuse a registration change turning more (default 10 degrees)")
+    net.add_argument("--allow-registration-jump", action="store_true",
+                     help="take registration changes above both limits (still logged)")
     return p
 
 
@@ -243,7 +257,8 @@ def _sinks(args, on_message=None) -> tuple[list, list[str]]:
         from regseg.stream.igtl.sink import IgtlSink
 
         host, port = _host_port(url, "igtl", "--serve")
-        sinks.append(IgtlSink(IgtlServer(host, port, on_message=on_message),
+        sinks.append(IgtlSink(IgtlServer(host, port, on_message=on_message,
+                                         max_clients=args.max_clients),
                               header_version=args.igtl_header_version, contour_devices=contours))
         urls.append(url)
     zmq_url = args.zmq if args.zmq is not None else ("tcp://127.0.0.1:5556" if args.demo else None)
@@ -262,6 +277,15 @@ def run(args) -> dict:
     if threads:
         torch.set_num_threads(threads)
     reference_to_mri = _reference_to_mri(args.reference_to_mri)
+    from regseg.stream.igtl.registration import RegistrationListener, parse_hosts
+
+    registration_hosts = parse_hosts(args.accept_registration_from)
+    if args.max_clients < 1:
+        raise InputError(f"--max-clients {args.max_clients}: at least 1 expected")
+    for flag, value in (("--registration-max-jump-mm", args.registration_max_jump_mm),
+                        ("--registration-max-jump-deg", args.registration_max_jump_deg)):
+        if not value > 0:
+            raise InputError(f"{flag} {value}: a positive number expected")
     recorder = slot = None
     if args.record:
         from regseg.stream.recorder import Recorder, RecordingSlot
@@ -277,13 +301,17 @@ def run(args) -> dict:
             recorder.close()
         raise
     from regseg.engines.fusion import FusionEngine
-    from regseg.stream.igtl.sink import RegistrationListener
     from regseg.stream.pipeline import Pipeline
     from regseg.stream.runner import run_stream
 
     engine = FusionEngine(args.weights, backend=args.backend, device=device,
                           precision=args.precision, threads=args.engine_threads or threads)
-    registration = RegistrationListener()  # Slicer's MRIToReference, from the next frame on
+    # Slicer's MRIToReference, from the next frame on, from allowed hosts only (issue 9)
+    registration = RegistrationListener(
+        allowed_hosts=registration_hosts,
+        reference_to_mri=reference_to_mri, pivot_mri=context.prostate_centre_mm(),
+        max_jump_mm=args.registration_max_jump_mm, max_jump_deg=args.registration_max_jump_deg,
+        allow_jump=args.allow_registration_jump)
     sinks, sink_urls = _sinks(args, on_message=registration)
     if recorder is not None:
         sinks.append(recorder)

@@ -9,8 +9,9 @@ import numpy as np
 import pyigtl
 import pytest
 
+from regseg.stream.igtl.registration import RegistrationListener
 from regseg.stream.igtl.server import IgtlServer
-from regseg.stream.igtl.sink import IgtlSink, RegistrationListener
+from regseg.stream.igtl.sink import IgtlSink
 from regseg.stream.igtl.source import IgtlSource
 from regseg.stream.pipeline import Pipeline
 from regseg.stream.slot import LatestSlot
@@ -121,7 +122,7 @@ class _StubEngine:
                                                       (2, "ReferenceToMRI")])
 def test_slicer_sends_the_initial_registration_and_the_next_frame_uses_it(header_version, name):
     pipeline = Pipeline(SimpleNamespace(), _StubEngine())  # plane() needs neither
-    listener = RegistrationListener()
+    listener = RegistrationListener(allowed_hosts={"127.0.0.1"})
     listener.bind(pipeline.set_reference_to_mri)
     applied = threading.Event()
     server = IgtlServer(on_message=lambda msg, peer: (listener(msg, peer), applied.set()))
@@ -148,18 +149,20 @@ def test_slicer_sends_the_initial_registration_and_the_next_frame_uses_it(header
 
 def test_a_registration_that_is_not_an_affine_is_refused():
     received = []
-    listener = RegistrationListener(received.append)
+    listener = RegistrationListener(received.append, allowed_hosts={"10.0.0.2"})
     singular = pyigtl.TransformMessage(np.diag([0.0, 1.0, 1.0, 1.0]), TS, "MRIToReference")
-    listener(singular, "slicer:1")
-    listener(pyigtl.TransformMessage(np.eye(4), TS, "SomethingElse"), "slicer:1")
-    assert received == [] and listener.stats()["refused"] == 1
-    listener(pyigtl.TransformMessage(np.eye(4), TS, "ReferenceToMRI"), "slicer:1")
+    listener(singular, "10.0.0.2:1")
+    listener(pyigtl.TransformMessage(np.eye(4), TS, "SomethingElse"), "10.0.0.2:1")
+    assert received == [] and listener.stats()["refused_by_reason"]["bad_matrix"] == 1
+    listener(pyigtl.TransformMessage(np.eye(4), TS, "ReferenceToMRI"), "10.0.0.2:1")
     assert len(received) == 1
 
 
 def test_a_registration_before_the_pipeline_exists_is_kept_until_bound():
-    listener = RegistrationListener()
-    listener(pyigtl.TransformMessage(pose(7.0), TS, "ReferenceToMRI"), "slicer:1")
+    listener = RegistrationListener(allowed_hosts={"10.0.0.2"})
+    shift = np.eye(4)
+    shift[:3, 3] = [7.0, 2.0, 3.0]
+    listener(pyigtl.TransformMessage(shift, TS, "ReferenceToMRI"), "10.0.0.2:1")
     received = []
     listener.bind(received.append)
-    np.testing.assert_allclose(received[0], pose(7.0), atol=1e-6)
+    np.testing.assert_allclose(received[0], shift, atol=1e-6)
