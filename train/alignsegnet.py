@@ -30,6 +30,7 @@ from regseg.train.data import (
     OpenScanner,
     SampleSet,
     cached_samples,
+    open_randomised_scanner,
     open_simulated_scanner,
 )
 from regseg.types import LESION, PROSTATE
@@ -92,8 +93,6 @@ def evaluate(model: AlignSegNet, samples: SampleSet, *, batch_size: int = 64) ->
     """
     model.eval()
     size = (samples.labels.shape[1], samples.labels.shape[2])
-    frame_hw = samples.frame_hw
-    to_frame = planes.model_to_frame(frame_hw, size)
     rows: dict[str, list[float]] = {k: [] for k in (
         "prostate_dice", "lesion_dice", "reg_dice_before", "reg_dice_after",
         "tre_mm_before", "tre_mm_after", "tre_mm_oracle")}
@@ -108,6 +107,8 @@ def evaluate(model: AlignSegNet, samples: SampleSet, *, batch_size: int = 64) ->
         truth = batch["labels"].numpy()
         theta = out["theta"].numpy()
         for n, i in enumerate(index.tolist()):
+            frame_hw = samples.sample_hw(i)
+            to_frame = planes.model_to_frame(frame_hw, size)
             rows["prostate_dice"].append(metrics.dice(pred[n], truth[n], PROSTATE))
             rows["lesion_dice"].append(metrics.dice(pred[n], truth[n], LESION))
             rows["reg_dice_before"].append(metrics.dice(before_labels[n], truth[n], PROSTATE))
@@ -126,6 +127,10 @@ def evaluate(model: AlignSegNet, samples: SampleSet, *, batch_size: int = 64) ->
     for key, values in rows.items():
         arr = np.asarray(values, dtype=np.float64)
         out_metrics[key] = float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+    for key in ("tre_mm_before", "tre_mm_after"):
+        arr = np.asarray(rows[key], dtype=np.float64)
+        out_metrics[key + "_median"] = (float(np.nanmedian(arr)) if np.isfinite(arr).any()
+                                        else float("nan"))
     out_metrics["frames"] = len(samples)
     return out_metrics
 
@@ -199,6 +204,9 @@ def train_alignsegnet(
     weights: LossWeights | None = None,
     cache_dir: str | Path | None = DEFAULT_CACHE,
     open_scanner: OpenScanner = open_simulated_scanner,
+    randomise: bool = False,
+    plain_fraction: float = 0.2,
+    init: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -218,6 +226,11 @@ def train_alignsegnet(
         weights: loss weights (default :class:`LossWeights`).
         threads: torch CPU threads for training (frame rendering always uses one).
         open_scanner: frame source (the simulated scanner; a stand-in in tests).
+        randomise: train on domain-randomised cases (``regseg.sim.randomise``) instead, with
+            ``plain_fraction`` of the frames from the plain scanner; validation then reports
+            the held-out phantoms both plain (``validation``) and randomised
+            (``validation_randomised``, the one the curves follow).
+        init: start from this checkpoint's weights (fine-tuning) instead of a random init.
     Returns:
         the summary written to ``alignsegnet.json``.
     """
@@ -233,25 +246,48 @@ def train_alignsegnet(
 
     train_seeds = list(range(1, train_phantoms + 1))
     val_seeds = list(range(VAL_SEED0, VAL_SEED0 + val_phantoms))
-    per_phantom = math.ceil(samples / train_phantoms)
-    data_args = dict(size=size, seed=seed, open_scanner=open_scanner, progress=progress)
-    train_set = cached_samples(cache_dir, train_seeds, per_phantom, desc="train frames",
-                               **data_args)
-    val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="val frames", **data_args)
+    data_args = dict(size=size, seed=seed, progress=progress)
+    plain_val_set = None
+    if randomise:
+        n_plain = int(round(samples * plain_fraction))
+        plain_seeds = train_seeds[:max(1, min(len(train_seeds), 16))] if n_plain else []
+        parts = [cached_samples(cache_dir, train_seeds,
+                                math.ceil((samples - n_plain) / train_phantoms),
+                                desc="randomised train frames",
+                                open_scanner=open_randomised_scanner, **data_args)]
+        if plain_seeds:
+            parts.append(cached_samples(cache_dir, plain_seeds,
+                                        math.ceil(n_plain / len(plain_seeds)),
+                                        desc="plain train frames", open_scanner=open_scanner,
+                                        **data_args))
+        train_set = SampleSet.concat(parts)
+        val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="randomised val frames",
+                                 open_scanner=open_randomised_scanner, **data_args)
+        plain_val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="val frames",
+                                       open_scanner=open_scanner, **data_args)
+    else:
+        train_set = cached_samples(cache_dir, train_seeds, math.ceil(samples / train_phantoms),
+                                   desc="train frames", open_scanner=open_scanner, **data_args)
+        val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="val frames",
+                                 open_scanner=open_scanner, **data_args)
     demo_set = cached_samples(cache_dir, [DEMO_SEED], val_frames, desc="demo frames",
-                              **data_args)
+                              open_scanner=open_scanner, **data_args)
     data_s = time.monotonic() - t_start
     print(f"data: {len(train_set)} train / {len(val_set)} val / {len(demo_set)} demo frames "
           f"in {data_s:.0f} s", flush=True)
 
     model = AlignSegNet(cfg)
+    init_meta = None
+    if init is not None:
+        model, init_meta = _load_init(init, cfg)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     val_history = [_validate(model, val_set, 0, history)]  # the untrained baseline, timed
     # Reserve the final validation (val + demo frames) and saving; the rest is training time.
     val_s = time.monotonic() - t_start - data_s
-    reserve_s = val_s * (1.0 + len(demo_set) / len(val_set)) + 15.0
+    extra = len(demo_set) + (len(plain_val_set) if plain_val_set is not None else 0)
+    reserve_s = val_s * (1.0 + extra / len(val_set)) + 15.0
     t_train = time.monotonic()
     train_end = deadline - reserve_s
     if steps is None and train_end <= t_train:
@@ -297,6 +333,9 @@ def train_alignsegnet(
 
     val_history.append(_validate(model, val_set, step, history))
     held_out = {k: v for k, v in val_history[-1].items() if k != "step"}
+    held_out_randomised = None
+    if plain_val_set is not None:  # report the plain held-out set as "validation", as before
+        held_out_randomised, held_out = held_out, evaluate(model, plain_val_set)
     demo = evaluate(model, demo_set)
     summary = {
         "model": NAME,
@@ -312,6 +351,11 @@ def train_alignsegnet(
         "validation": held_out, "demo": demo,
         "torch": torch.__version__,
     }
+    if randomise:
+        summary.update(randomise=True, plain_fraction=plain_fraction,
+                       validation_randomised=held_out_randomised)
+    if init_meta is not None:
+        summary["init"] = init_meta
     save_checkpoint(out_dir / f"{NAME}.pt", NAME, model, cfg,
                     meta={"validation": held_out, "demo": demo, "command": summary["command"],
                           "steps": step, "seed": seed})
@@ -319,6 +363,28 @@ def train_alignsegnet(
     summary["wall_s"] = round(time.monotonic() - t_start, 1)
     (out_dir / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _load_init(path: str | Path, cfg: AlignSegNetConfig) -> tuple[AlignSegNet, dict[str, Any]]:
+    """A model built from ``cfg`` with the weights of checkpoint ``path`` (its config must match).
+
+    Returns:
+        the model and what identifies the start point (path, sha256, its recorded command).
+    """
+    import hashlib
+
+    from regseg.models.checkpoint import load_state, read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    if checkpoint["model"] != NAME or checkpoint["config"] != dataclasses.asdict(cfg):
+        raise InputError(f"--init {path}: model {checkpoint['model']!r} with config "
+                         f"{checkpoint['config']}, expected {NAME!r} with "
+                         f"{dataclasses.asdict(cfg)}")
+    model = AlignSegNet(cfg)
+    load_state(model, checkpoint["state_dict"], path)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return model, {"path": str(path), "sha256": digest,
+                   "command": checkpoint["meta"].get("command")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -341,6 +407,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                         help=f"simulated-frame cache (default {DEFAULT_CACHE})")
+    parser.add_argument("--randomise", action="store_true",
+                        help="train on domain-randomised cases (regseg.sim.randomise)")
+    parser.add_argument("--plain-fraction", type=float, default=0.2,
+                        help="with --randomise: share of plain-scanner frames (default 0.2)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this checkpoint (fine-tune) instead of random weights")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -354,8 +426,11 @@ def run(args: argparse.Namespace, *, command: str | None = None) -> int:
         train_phantoms=args.train_phantoms, val_phantoms=args.val_phantoms,
         val_frames=args.val_frames, batch_size=args.batch_size, lr=args.lr, steps=args.steps,
         validate_every_s=args.validate_every, threads=args.threads, cache_dir=args.cache_dir,
+        randomise=args.randomise, plain_fraction=args.plain_fraction, init=args.init,
         progress=not args.no_progress, command=command)
-    for name in ("validation", "demo"):
+    for name in ("validation", "validation_randomised", "demo"):
+        if summary.get(name) is None:
+            continue
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[name].items()))
     print(f"wrote {args.out / (NAME + '.pt')} ({summary['wall_s']:.0f} s)")
     return 0

@@ -43,6 +43,26 @@ def open_simulated_scanner(phantom_seed: int, scanner_seed: int) -> tuple[Any, A
     return phantom, SimulatedScanner(phantom, ScannerConfig(), seed=scanner_seed)
 
 
+def open_randomised_scanner(phantom_seed: int, scanner_seed: int) -> tuple[Any, Any]:
+    """Phantom case ``phantom_seed`` with randomised anatomy, seen by a randomised scanner.
+
+    The draw (:func:`regseg.sim.randomise.randomise`) is seeded by both seeds, so the same
+    pair gives the same case and scanner.
+    """
+    from regseg.sim.phantom import make_phantom
+    from regseg.sim.randomise import randomise
+    from regseg.sim.scanner import SimulatedScanner
+
+    case = randomise(np.random.default_rng([int(phantom_seed), int(scanner_seed), 0x5A]))
+    phantom = make_phantom(phantom_seed, options=case.phantom)
+    return phantom, SimulatedScanner(phantom, case.scanner, seed=scanner_seed)
+
+
+#: Frame sources whose sample sets may be cached on disk, by the name in the cache key.
+CACHEABLE_SCANNERS: dict[str, OpenScanner] = {
+    "plain": open_simulated_scanner, "randomised": open_randomised_scanner}
+
+
 @dataclass
 class SampleSet:
     """N samples on an (h, w) model grid, stored compactly; :meth:`batch` makes model inputs."""
@@ -55,7 +75,17 @@ class SampleSet:
     tracked_image_to_mri: Tensor  # (N, 4, 4) float64
     true_image_to_mri: Tensor  # (N, 4, 4) float64
     phantom_seed: Tensor  # (N,) int64
-    frame_hw: tuple[int, int]
+    frame_hw: tuple[int, int]  # the first sample's; frame_hws holds each sample's
+    frame_hws: Tensor | None = None  # (N, 2) int64 (H, W) per sample; None: all frame_hw
+
+    def __post_init__(self) -> None:
+        if self.frame_hws is None:
+            self.frame_hws = torch.tensor([list(self.frame_hw)] * len(self.trus),
+                                          dtype=torch.long).reshape(-1, 2)
+
+    def sample_hw(self, i: int) -> tuple[int, int]:
+        """Frame (H, W) of sample ``i`` (frames may differ in size under randomisation)."""
+        return int(self.frame_hws[i, 0]), int(self.frame_hws[i, 1])
 
     def __len__(self) -> int:
         return self.trus.shape[0]
@@ -95,8 +125,8 @@ class SampleSet:
 
     @classmethod
     def concat(cls, sets: Sequence[SampleSet]) -> SampleSet:
-        if len({s.frame_hw for s in sets}) != 1:
-            raise InputError(f"sample sets have different frame sizes {[s.frame_hw for s in sets]}")
+        if not sets:
+            raise InputError("SampleSet.concat: no sample sets to concatenate")
         merged = {f.name: torch.cat([getattr(s, f.name) for s in sets])
                   for f in fields(cls) if f.name != "frame_hw"}
         return cls(**merged, frame_hw=sets[0].frame_hw)
@@ -136,6 +166,7 @@ def frame_sample(frame: Any, mri: Tensor, labels: Tensor, world_to_voxel: np.nda
                                                             np.float64))[None],
         "true_image_to_mri": torch.from_numpy(np.asarray(frame.truth.image_to_mri,
                                                          np.float64))[None],
+        "frame_hws": torch.tensor([list(frame_hw)], dtype=torch.long),
     }
 
 
@@ -169,7 +200,7 @@ def generate_samples(phantom_seeds: Sequence[int], frames_per_phantom: int, *,
             rng = np.random.default_rng([int(seed), int(phantom_seed)])
             for _ in range(frames_per_phantom):
                 frame = scanner.random_frame(rng)
-                frame_hw = tuple(frame.pixels.shape)
+                frame_hw = frame_hw or tuple(frame.pixels.shape)
                 row = frame_sample(frame, mri, labels, world_to_voxel, size)
                 row["phantom_seed"] = torch.tensor([int(phantom_seed)])
                 rows.append(row)
@@ -193,10 +224,14 @@ def cached_samples(cache_dir: str | Path | None, phantom_seeds: Sequence[int],
     The cache key covers every argument that changes the samples plus :data:`DATA_VERSION`;
     a custom ``open_scanner`` (a test stand-in) is never cached. ``cache_dir=None`` disables it.
     """
-    cacheable = cache_dir is not None and open_scanner is open_simulated_scanner
+    names = [k for k, v in CACHEABLE_SCANNERS.items() if v is open_scanner]
+    cacheable = cache_dir is not None and bool(names)
     if cacheable:
-        key = json.dumps({"v": DATA_VERSION, "seeds": [int(s) for s in phantom_seeds],
-                          "n": frames_per_phantom, "size": list(size), "seed": seed})
+        fields_ = {"v": DATA_VERSION, "seeds": [int(s) for s in phantom_seeds],
+                   "n": frames_per_phantom, "size": list(size), "seed": seed}
+        if names[0] != "plain":  # plain keys stay as they were, so old caches still load
+            fields_["scanner"] = names[0]
+        key = json.dumps(fields_)
         path = Path(cache_dir) / f"samples-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if path.is_file():
             return SampleSet.load(path)

@@ -44,19 +44,27 @@ NOMINAL_ATTENUATION_DB_PER_MM = 0.7  # what the time-gain compensation assumes
 
 
 def tissue_properties(tissue: np.ndarray, rng: np.random.Generator,
-                      shadow_scale: float = 1.0) -> np.ndarray:
+                      shadow_scale: float = 1.0,
+                      echo_offsets_db: Sequence[tuple[int, float]] = (),
+                      texture_scale: float = 1.0) -> np.ndarray:
     """Acoustic property volumes of a tissue map.
 
     Args:
         tissue: (I, J, K) uint8 tissue classes of :mod:`regseg.sim.phantom`.
         shadow_scale: multiplies the calcifications' attenuation (0 = no shadows).
+        echo_offsets_db: (tissue class, dB) pairs added to :data:`ECHO_DB` (e.g. an iso-echoic
+            lesion, a brighter transition zone).
+        texture_scale: multiplies the per-tissue heterogeneity of :data:`TEXTURE_DB`.
     Returns:
         (2, I, J, K) float32: linear echo amplitude (with smooth per-tissue texture) and
         attenuation in dB/mm.
     """
     n = len(ph.TISSUE_NAMES)
     echo_db = np.array([ECHO_DB[t] for t in range(n)], dtype=np.float32)
+    for cls, offset in echo_offsets_db:
+        echo_db[int(cls)] += float(offset)
     texture = np.array([TEXTURE_DB.get(t, 0.0) for t in range(n)], dtype=np.float32)
+    texture *= np.float32(texture_scale)
     atten = np.array([ATTENUATION_DB_PER_MM[t] for t in range(n)], dtype=np.float32)
     atten[ph.CALCIFICATION] *= shadow_scale
     level = echo_db[tissue] + texture[tissue] * ph.smooth_noise(rng, tissue.shape, 20)
@@ -127,6 +135,43 @@ def sector_geometry(frame_hw: tuple[int, int], pixel_mm: float, apex_mm: float,
         sample_mm=float(step_r))
 
 
+def linear_geometry(frame_hw: tuple[int, int], pixel_mm: float, width_mm: float,
+                    face_row_mm: float, n_depth: int, n_beams: int,
+                    device: torch.device | str = "cpu") -> SectorGeometry:
+    """Beam geometry of a linear array: parallel beams down from a flat face.
+
+    The face is ``width_mm`` wide (clipped to the frame), centred on the centre column, at depth
+    ``face_row_mm`` below the top row; beams run straight down to the bottom row.
+    """
+    h, w = frame_hw
+    ci, face_j = 0.5 * (w - 1), face_row_mm / pixel_mm
+    half_w = min(0.5 * width_mm, 0.5 * w * pixel_mm)
+    jj, ii = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
+                         indexing="ij")
+    x_mm, depth = (ii - ci) * pixel_mm, (jj - face_j) * pixel_mm
+    d_max = (h - 0.5 - face_j) * pixel_mm
+    mask = (np.abs(x_mm) <= half_w) & (depth >= 0)
+    step_r, step_x = d_max / n_depth, 2 * half_w / n_beams
+    r_s = (np.arange(n_depth) + 0.5) * step_r
+    x_s = -half_w + (np.arange(n_beams) + 0.5) * step_x
+    beam_ij = np.stack(np.broadcast_arrays(ci + x_s[None, :] / pixel_mm,
+                                           face_j + r_s[:, None] / pixel_mm), -1)
+    radial = np.zeros((n_depth, n_beams, 2))
+    radial[..., 1] = 1.0
+    idx = np.stack([(x_mm + half_w) / step_x - 0.5, depth / step_r - 0.5, np.ones_like(x_mm)], -1)
+    grid = idx @ index_to_normalised((n_beams, n_depth))[:2].T
+    pixel_radial = np.zeros((h, w, 2))
+    pixel_radial[..., 1] = 1.0
+
+    def t(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)
+
+    return SectorGeometry(
+        beam_ij=t(beam_ij), radial_ij=t(radial), depth_mm=t(r_s), scan_grid=t(grid)[None],
+        mask=torch.as_tensor(mask, device=device), pixel_depth_mm=t(np.maximum(depth, 0.0)),
+        pixel_radial_ij=t(pixel_radial), sample_mm=float(step_r))
+
+
 def psf_kernels(axial_sigma: float, lateral_sigma: float) -> tuple[tuple[float, ...], ...]:
     """Separable Gaussian point-spread function.
 
@@ -164,7 +209,8 @@ def convolve_along(x: Tensor, kernel: Sequence[float], dim: int) -> Tensor:
 def render_bmode(echo: Tensor, attenuation: Tensor, scatterers: Tensor, noise: Tensor,
                  geometry: SectorGeometry, psf: tuple[Sequence[float], Sequence[float]], *,
                  gain_db: float = 0.0, dynamic_range_db: float = 50.0,
-                 noise_db: float = -47.0) -> Tensor:
+                 noise_db: float = -47.0, tgc_slope_db_per_mm: float = 0.0,
+                 reverb: tuple[float, int] = (0.0, 0)) -> Tensor:
     """B-mode frame from echo, attenuation and scatterers sampled along the beams.
 
     Args:
@@ -177,6 +223,11 @@ def render_bmode(echo: Tensor, attenuation: Tensor, scatterers: Tensor, noise: T
         gain_db: overall gain; 0 dB puts the capsule near the top of the grey scale.
         dynamic_range_db: dB span of the grey scale.
         noise_db: electronic noise level re. the top of the grey scale (after gain).
+        tgc_slope_db_per_mm: time-gain compensation error: extra gain per mm of depth (a
+            darker or brighter far field).
+        reverb: (amplitude, period in depth samples): the near field's echoes repeat at
+            multiples of the period with amplitude**k (reverberation between the face and the
+            rectal wall); amplitude 0 turns it off.
     Returns:
         (H, W) uint8, zero outside the fan.
     """
@@ -184,9 +235,18 @@ def render_bmode(echo: Tensor, attenuation: Tensor, scatterers: Tensor, noise: T
     # Attenuation accumulated above each sample (shadows, enhancement) against the nominal loss
     # the time-gain compensation assumes; half a step of the sample's own tissue counts.
     lost = torch.cumsum(attenuation, 0) - 0.5 * attenuation
-    gain = torch.pow(10.0, (gain_db + NOMINAL_ATTENUATION_DB_PER_MM * depth
-                            - lost * geometry.sample_mm) / 20.0)
+    gain = torch.pow(10.0, (gain_db + (NOMINAL_ATTENUATION_DB_PER_MM + tgc_slope_db_per_mm)
+                            * depth - lost * geometry.sample_mm) / 20.0)
     iq = scatterers * (echo * gain)
+    amp, period = reverb
+    if amp > 0 and 0 < period < iq.shape[1]:
+        near = iq[:, :period].clone()
+        for k in range(1, 4):
+            start = k * period
+            if start >= iq.shape[1]:
+                break
+            n = min(period, iq.shape[1] - start)
+            iq[:, start:start + n].add_(near[:, :n], alpha=amp ** k)
     iq = convolve_along(convolve_along(iq, psf[0], 1), psf[1], 2)
     iq.add_(noise, alpha=10.0 ** (noise_db / 20.0))
     envelope_db = 10.0 * torch.log10(iq.square().sum(0) + 1e-12)

@@ -54,6 +54,26 @@ _MRI_LEVEL = {
 
 
 @dataclass(frozen=True)
+class PhantomOptions:
+    """Anatomy and MRI-appearance settings (regseg.sim.randomise draws them; defaults: the demo).
+
+    With the defaults a seed gives the same case as ever: the options scale the random draws,
+    they never add any.
+    """
+
+    gland_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # R-L, A-P, S-I size factors
+    tz_scale: float = 1.0  # transition-zone size factor (BPH: larger)
+    lesion_count: tuple[int, int] = (1, 3)  # lesions drawn from [low, high)
+    lesion_mm: tuple[float, float] = (2.5, 7.0)  # range of each lesion semi-axis
+    calcifications: tuple[int, int] = (2, 7)  # count drawn from [low, high)
+    mri_gain: tuple[tuple[int, float], ...] = ()  # (tissue class, factor) on the T2 levels
+    mri_blur_vox: float = 0.6  # in-plane partial-volume blur (voxels)
+    mri_slice_blur_vox: float = 0.6  # blur along S-I: thick slices blur more
+    mri_noise: float = 15.0  # Rician noise sigma
+    mri_bias: float = 0.1  # receive-coil bias field strength (log scale)
+
+
+@dataclass(frozen=True)
 class Phantom:
     """One synthetic case; the three volumes share one RAS grid."""
 
@@ -97,14 +117,18 @@ def _signed_distance(f: np.ndarray, spacing_mm: float) -> np.ndarray:
     return ((f - 1.0) / np.maximum(norm, 1e-3)).astype(np.float32)
 
 
-def _blur(data: np.ndarray, sigma_vox: float) -> np.ndarray:
-    """Separable Gaussian blur of a 3-D array (partial-volume smoothing of the MRI)."""
-    radius = max(1, int(np.ceil(3 * sigma_vox)))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma_vox) ** 2)
-    k = k / k.sum()
+def _blur(data: np.ndarray, sigma_vox: float, sigma_z_vox: float | None = None) -> np.ndarray:
+    """Separable Gaussian blur of a 3-D array (partial-volume smoothing of the MRI).
+
+    ``sigma_z_vox`` (default ``sigma_vox``) is the blur along the third axis (S-I).
+    """
     x = torch.from_numpy(np.ascontiguousarray(data))[None, None]
     for axis in range(3):
+        sigma = sigma_vox if axis < 2 or sigma_z_vox is None else sigma_z_vox
+        radius = max(1, int(np.ceil(3 * sigma)))
+        t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        k = torch.exp(-0.5 * (t / max(sigma, 1e-3)) ** 2)
+        k = k / k.sum()
         shape = [1, 1, 1, 1, 1]
         shape[2 + axis] = k.numel()
         pad = [0, 0, 0, 0, 0, 0]
@@ -122,9 +146,10 @@ def _grid(shape: tuple[int, int, int], spacing_mm: float) -> tuple[np.ndarray, .
     return voxel_to_world, axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
 
 
-def _gland(rng, x, y, z, spacing_mm, shape):
+def _gland(rng, x, y, z, spacing_mm, shape, scale=(1.0, 1.0, 1.0)):
     """Gland implicit function pieces: signed distance, gland-frame coordinates and sizes."""
     half = np.array([rng.uniform(17.5, 23.5), rng.uniform(13.0, 17.0), rng.uniform(15.0, 22.0)])
+    half = half * np.asarray(scale, dtype=np.float64)
     posterior = rng.uniform(0.78, 0.92)  # the posterior face is flatter (it lies on the rectum)
     power = rng.uniform(2.2, 3.0)
     taper = rng.uniform(0.3, 0.5)  # how much narrower the apex (inferior) is than the base
@@ -156,22 +181,25 @@ def _ellipsoid_in_box(centre_vox, axes_mm, rotation, spacing_mm, shape, noise=No
 
 
 def make_phantom(seed: int = 0, *, spacing_mm: float = 0.7,
-                 size_mm: tuple[float, float, float] = (90.0, 90.0, 80.0)) -> Phantom:
+                 size_mm: tuple[float, float, float] = (90.0, 90.0, 80.0),
+                 options: PhantomOptions | None = None) -> Phantom:
     """Generate a synthetic prostate case.
 
     Args:
         seed: the case; the same seed gives identical arrays, another seed another anatomy.
         spacing_mm: isotropic voxel size in mm.
         size_mm: field of view (R-L, A-P, S-I) in mm, centred on world (0, 0, 0) near the gland.
+        options: anatomy and MRI appearance (default :class:`PhantomOptions`).
     Returns:
         A :class:`Phantom`; ``labels`` equals ``TISSUE_TO_LABEL[tissue]`` voxelwise.
     """
+    opts = options or PhantomOptions()
     rng = np.random.default_rng(seed)
     shape = tuple(int(round(s / spacing_mm)) for s in size_mm)
     voxel_to_world, x, y, z = _grid(shape, spacing_mm)
     tissue = np.full(shape, SOFT_TISSUE, dtype=np.uint8)
 
-    gland_sd, (gx, gy, gz), half = _gland(rng, x, y, z, spacing_mm, shape)
+    gland_sd, (gx, gy, gz), half = _gland(rng, x, y, z, spacing_mm, shape, opts.gland_scale)
     gland = gland_sd < 0
 
     # Fat lobules scattered through the soft tissue, painted first so organs cover them.
@@ -208,7 +236,7 @@ def make_phantom(seed: int = 0, *, spacing_mm: float = 0.7,
 
     # Zones: the TZ is an anterior-central ellipsoid (size varies, as with BPH); PZ the rest.
     tissue[gland] = PERIPHERAL_ZONE
-    tz_half = half * np.array([0.7, 0.68, 0.75]) * rng.uniform(0.85, 1.15)
+    tz_half = half * np.array([0.7, 0.68, 0.75]) * rng.uniform(0.85, 1.15) * opts.tz_scale
     tz_f = np.sqrt((gx / tz_half[0]) ** 2 + ((gy - 0.3 * half[1]) / tz_half[1]) ** 2
                    + ((gz - 0.15 * half[2]) / tz_half[2]) ** 2)
     tz_f = tz_f / (1.0 + 0.08 * smooth_noise(rng, shape, 5))
@@ -220,11 +248,11 @@ def make_phantom(seed: int = 0, *, spacing_mm: float = 0.7,
 
     noise = smooth_noise(rng, shape, 12)
     lesion = np.zeros(shape, dtype=bool)
-    for _ in range(int(rng.integers(1, 3))):
+    for _ in range(int(rng.integers(*opts.lesion_count))):
         zone = (tissue == PERIPHERAL_ZONE) if rng.random() < 0.8 else tz
         candidates = np.flatnonzero(zone & (gland_sd < -2.5))
         centre = np.unravel_index(candidates[rng.integers(candidates.size)], shape)
-        box, blob = _ellipsoid_in_box(centre, rng.uniform(2.5, 7.0, 3), random_rotation(rng),
+        box, blob = _ellipsoid_in_box(centre, rng.uniform(*opts.lesion_mm, 3), random_rotation(rng),
                                       spacing_mm, shape, noise)
         lesion[box] |= blob
     lesion &= gland
@@ -232,7 +260,8 @@ def make_phantom(seed: int = 0, *, spacing_mm: float = 0.7,
 
     # Calcifications: small spheres in the TZ, mostly along its border (the "surgical capsule").
     calc_sites = np.flatnonzero(tz & ~lesion & (tz_f > 0.7))
-    for flat in calc_sites[rng.integers(calc_sites.size, size=int(rng.integers(2, 7)))]:
+    n_calc = int(rng.integers(*opts.calcifications))
+    for flat in calc_sites[rng.integers(calc_sites.size, size=n_calc)]:
         centre = np.unravel_index(flat, shape)
         box, blob = _ellipsoid_in_box(centre, np.full(3, rng.uniform(0.6, 1.3)), np.eye(3),
                                       spacing_mm, shape)
@@ -240,22 +269,25 @@ def make_phantom(seed: int = 0, *, spacing_mm: float = 0.7,
         region[blob & (region == TRANSITION_ZONE)] = CALCIFICATION
 
     labels = TISSUE_TO_LABEL[tissue]
-    mri = _render_mri(rng, tissue, shape)
+    mri = _render_mri(rng, tissue, shape, opts)
     return Phantom(mri=Volume(mri, voxel_to_world), labels=Volume(labels, voxel_to_world.copy()),
                    tissue=Volume(tissue, voxel_to_world.copy()), seed=seed)
 
 
-def _render_mri(rng: np.random.Generator, tissue: np.ndarray, shape) -> np.ndarray:
+def _render_mri(rng: np.random.Generator, tissue: np.ndarray, shape,
+                opts: PhantomOptions) -> np.ndarray:
     """T2-like image of a tissue map: levels, textures, partial volume, bias field, Rician noise."""
     levels = np.array([_MRI_LEVEL[t] for t in range(len(TISSUE_NAMES))], dtype=np.float32)
+    for cls, factor in opts.mri_gain:
+        levels[int(cls)] *= np.float32(factor)
     image = levels[tissue]
     # Texture: the TZ is nodular (BPH), the PZ and fat nearly homogeneous.
     texture = np.array([0.06] * len(TISSUE_NAMES), dtype=np.float32)
     texture[TRANSITION_ZONE], texture[PERIPHERAL_ZONE], texture[TUMOUR] = 0.22, 0.07, 0.1
     image *= 1.0 + texture[tissue] * smooth_noise(rng, shape, 18)
-    image = _blur(image, 0.6)
-    image *= np.exp(0.1 * smooth_noise(rng, shape, 2))  # receive-coil bias field
-    sigma = 15.0
+    image = _blur(image, opts.mri_blur_vox, opts.mri_slice_blur_vox)
+    image *= np.exp(opts.mri_bias * smooth_noise(rng, shape, 2))  # receive-coil bias field
+    sigma = opts.mri_noise
     n1 = rng.standard_normal(shape, dtype=np.float32)
     n2 = rng.standard_normal(shape, dtype=np.float32)
     return np.sqrt((image + sigma * n1) ** 2 + (sigma * n2) ** 2).astype(np.float32)

@@ -16,7 +16,10 @@ import numpy as np
 from regseg.sim.phantom import RECTAL_LUMEN, Phantom
 from regseg.types import BACKGROUND
 
-SAGITTAL, TRANSVERSE = "sagittal", "transverse"
+SAGITTAL, TRANSVERSE, ENDFIRE = "sagittal", "transverse", "endfire"
+#: Probe arrays a session can use: a side-fire biplane probe (sagittal and transverse arrays) or
+#: an end-fire probe (one array at the tip, its fan tilted forward from the probe axis).
+ARRAYS = ("biplane", "endfire")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class ProbeAxis:
     lateral: np.ndarray  # (3,) unit, anterior x direction: towards the patient's right (+x)
     apex_mm: float  # gland extent along direction, measured from origin
     base_mm: float
+    gland_anterior_mm: float = 25.0  # distance from the axis to the gland's centre
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class ProbePose:
     error_normal_mm: float  # out-of-plane translation
     deform: tuple[float, ...]  # coefficients in [-1, 1] of the scanner's displacement modes
     pressure: float  # fraction in [0, 1] of the configured probe pressure
+    beam_tilt_deg: float = 0.0  # ENDFIRE only: angle between the probe axis and the fan centre
 
 
 def _rotate_about(axis: np.ndarray, angle_rad: float) -> np.ndarray:
@@ -77,7 +82,8 @@ def find_probe_axis(phantom: Phantom) -> ProbeAxis:
     offset = float((origin - centre) @ direction)
     apex_mm, base_mm = (float(v) - offset for v in np.percentile(along, [0.5, 99.5]))
     return ProbeAxis(origin=origin, direction=direction, anterior=anterior,
-                     lateral=np.cross(anterior, direction), apex_mm=apex_mm, base_mm=base_mm)
+                     lateral=np.cross(anterior, direction), apex_mm=apex_mm, base_mm=base_mm,
+                     gland_anterior_mm=float((gland_centre - origin) @ anterior))
 
 
 def probe_plane(axis: ProbeAxis, pose: ProbePose, *, frame_hw: tuple[int, int], pixel_mm: float,
@@ -87,6 +93,8 @@ def probe_plane(axis: ProbeAxis, pose: ProbePose, *, frame_hw: tuple[int, int], 
     The fan apex sits on the probe axis, ``apex_to_top_mm`` above the top-centre pixel; rows go
     away from the transducer. Sagittal columns run along the probe axis (towards the base),
     transverse columns across it (towards the patient's left, as radiological displays show).
+    An end-fire fan has its apex on the axis at ``slide_mm`` (the probe tip) and its centre beam
+    tilted ``beam_tilt_deg`` from the axis towards the (rotated) anterior direction.
     The third column is the plane normal times ``pixel_mm``, so k counts pixel-sized steps.
 
     Args:
@@ -100,7 +108,11 @@ def probe_plane(axis: ProbeAxis, pose: ProbePose, *, frame_hw: tuple[int, int], 
     point = axis.origin + pivot_s * axis.direction + (pose.slide_mm - pivot_s) * d
     theta = np.deg2rad(pose.angle_deg)
     v = np.cos(theta) * a + np.sin(theta) * lat
-    u = d if pose.mode == SAGITTAL else -(np.cos(theta) * lat - np.sin(theta) * a)
+    if pose.mode == ENDFIRE:
+        beta = np.deg2rad(pose.beam_tilt_deg)
+        v, u = np.cos(beta) * d + np.sin(beta) * v, np.sin(beta) * d - np.cos(beta) * v
+    else:
+        u = d if pose.mode == SAGITTAL else -(np.cos(theta) * lat - np.sin(theta) * a)
     n = np.cross(u, v)
     centre_i = 0.5 * (frame_hw[1] - 1)
     out = np.eye(4)
@@ -136,10 +148,17 @@ class SessionPath:
         sweep_angle_deg: largest sagittal rotation either side of anterior.
         errors: scales (rot_deg, shift_mm, scale, normal_mm) bounding the tracking error.
         n_modes: number of tissue-displacement modes whose coefficients the poses carry.
+        array: one of :data:`ARRAYS`; an end-fire session rotates its one array about the axis.
+        endfire_tilt_deg: (low, high) range of the end-fire fan's tilt from the probe axis.
     """
 
     def __init__(self, axis: ProbeAxis, seed: int, *, sweep_frames: int, sweep_angle_deg: float,
-                 errors: tuple[float, float, float, float], n_modes: int) -> None:
+                 errors: tuple[float, float, float, float], n_modes: int,
+                 array: str = "biplane",
+                 endfire_tilt_deg: tuple[float, float] = (50.0, 65.0)) -> None:
+        if array not in ARRAYS:
+            raise ValueError(f"SessionPath: array {array!r}, expected one of {ARRAYS}")
+        self.array, self.endfire_tilt_deg = array, endfire_tilt_deg
         self.axis, self.seed = axis, seed
         self.sweep_frames, self.sweep_angle_deg = sweep_frames, sweep_angle_deg
         self.errors, self.n_modes = errors, n_modes
@@ -188,15 +207,31 @@ class SessionPath:
         unit = 0.5 * self._err_offset + 0.5 * drift.sum(1)
         deform = np.sin(2 * np.pi * t / self._mode_period + self._mode_phase)
         pressure = 0.8 + 0.2 * np.sin(2 * np.pi * t / self._pressure_period + self._pressure_phase)
+        beta = 0.0
+        if self.array == "endfire":  # one array: rotate it through the sweep, tilt it slowly
+            lo_b, hi_b = self.endfire_tilt_deg
+            beta = lo_b + (hi_b - lo_b) * 0.5 * (1 + np.sin(2 * np.pi * t / 173 + ph[4]))
+            mode, slide = ENDFIRE, self._endfire_slide(beta) + 2.0 * np.sin(2 * np.pi * t / 211)
+            angle = amp * np.sin(2 * np.pi * step / (2 * self.sweep_frames))
         return ProbePose(mode=mode, angle_deg=float(angle), slide_mm=float(slide),
+                         beam_tilt_deg=float(beta),
                          tilt_deg=(float(tilt[0]), float(tilt[1])),
                          deform=tuple(float(c) for c in deform), pressure=float(pressure),
                          **self._error_scaled(unit))
 
+    def _endfire_slide(self, beta_deg: float) -> float:
+        """Tip position along the axis whose centre beam, tilted ``beta_deg``, hits the gland."""
+        return -self.axis.gland_anterior_mm / np.tan(np.deg2rad(beta_deg))
+
     def random_pose(self, rng: np.random.Generator) -> ProbePose:
         """A pose drawn from the whole session's range, with independent random errors."""
         lo, hi = self._sweep_range()
-        if rng.random() < 0.5:
+        beta = 0.0
+        if self.array == "endfire":
+            mode, beta = ENDFIRE, rng.uniform(*self.endfire_tilt_deg)
+            angle = rng.uniform(-self.sweep_angle_deg, self.sweep_angle_deg)
+            slide = self._endfire_slide(beta) + rng.uniform(-4.0, 4.0)
+        elif rng.random() < 0.5:
             mode = SAGITTAL
             angle = rng.uniform(-self.sweep_angle_deg, self.sweep_angle_deg)
             slide = 0.5 * (lo + hi) + rng.uniform(-4.0, 4.0)
@@ -204,6 +239,7 @@ class SessionPath:
             mode, angle, slide = TRANSVERSE, rng.uniform(-4.0, 4.0), rng.uniform(lo, hi)
         tilt = rng.uniform(-1.0, 1.0, 2)
         return ProbePose(mode=mode, angle_deg=float(angle), slide_mm=float(slide),
+                         beam_tilt_deg=float(beta),
                          tilt_deg=(float(tilt[0]), float(tilt[1])),
                          deform=tuple(float(c) for c in rng.uniform(-1, 1, self.n_modes)),
                          pressure=float(rng.uniform(0.6, 1.0)),

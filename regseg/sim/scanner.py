@@ -65,6 +65,17 @@ class ScannerConfig:
     # costliest step of a frame on CPU.
     scatterer_voxels: int = 64
     noise_frames: int = 8  # precomputed electronic-noise fields, cycled through
+    # Domain randomisation (regseg.sim.randomise draws these; the defaults are the demo scanner).
+    array: str = "biplane"  # or "endfire" (regseg.sim.probe_path.ARRAYS)
+    endfire_tilt_deg: tuple[float, float] = (50.0, 65.0)  # end-fire fan tilt from the probe axis
+    linear_width_mm: float = 0.0  # > 0: a linear array of that width instead of a convex sector
+    tgc_slope_db_per_mm: float = 0.0  # time-gain compensation error (far field darker/brighter)
+    echo_offsets_db: tuple[tuple[int, float], ...] = ()  # (tissue class, dB) echogenicity shifts
+    texture_scale: float = 1.0  # multiplies the per-tissue echo heterogeneity
+    speckle_shape: float = 0.0  # 0: dense scatterers (Rayleigh); > 0: gamma density, K-speckle
+    reverb_amplitude: float = 0.0  # near-field reverberation echo amplitude (0 = none)
+    reverb_period_mm: float = 4.0  # spacing of the reverberation echoes
+    needle_prob: float = 0.0  # chance that a frame shows a biopsy needle (bright line + shadow)
 
 
 class SimulatedScanner:
@@ -90,10 +101,16 @@ class SimulatedScanner:
         self.path = SessionPath(
             self.axis, seed, sweep_frames=cfg.sweep_frames, sweep_angle_deg=cfg.sweep_angle_deg,
             errors=(cfg.tracking_rot_deg, cfg.tracking_shift_mm, cfg.tracking_scale,
-                    cfg.out_of_plane_mm), n_modes=cfg.deform_modes)
-        self.geometry = bmode.sector_geometry(
-            cfg.frame_hw, cfg.pixel_mm, cfg.probe_radius_mm, cfg.face_row_mm,
-            cfg.sector_half_angle_deg, cfg.n_depth, cfg.n_beams, self.device)
+                    cfg.out_of_plane_mm), n_modes=cfg.deform_modes, array=cfg.array,
+            endfire_tilt_deg=cfg.endfire_tilt_deg)
+        if cfg.linear_width_mm > 0:
+            self.geometry = bmode.linear_geometry(
+                cfg.frame_hw, cfg.pixel_mm, cfg.linear_width_mm, cfg.face_row_mm, cfg.n_depth,
+                cfg.n_beams, self.device)
+        else:
+            self.geometry = bmode.sector_geometry(
+                cfg.frame_hw, cfg.pixel_mm, cfg.probe_radius_mm, cfg.face_row_mm,
+                cfg.sector_half_angle_deg, cfg.n_depth, cfg.n_beams, self.device)
         self.sector_mask = self.geometry.mask.cpu().numpy()
         self.psf = bmode.psf_kernels(cfg.axial_psf_mm / self.geometry.sample_mm,
                                      cfg.lateral_psf_beams)
@@ -104,12 +121,16 @@ class SimulatedScanner:
         self._world_to_voxel = spatial.invert(tissue.voxel_to_world)
         self._volume_size = tissue.data.shape  # (I, J, K) = (W, H, D) of the tensors
         props = bmode.tissue_properties(tissue.data, np.random.default_rng([phantom.seed, 7]),
-                                        cfg.shadow_scale)
+                                        cfg.shadow_scale, cfg.echo_offsets_db, cfg.texture_scale)
         self._props = build_atlas(self._to_tensor(props)[0])
         self._labels = self._to_tensor(phantom.labels.data[None].astype(np.float32))
         rng = np.random.default_rng([seed, 3])
         n = cfg.scatterer_voxels
         scatterers = torch.from_numpy(rng.standard_normal((2, n, n, n), dtype=np.float32))
+        if cfg.speckle_shape > 0:  # sparse scatterers: gamma-distributed local density
+            density = np.random.default_rng([seed, 5]).gamma(
+                cfg.speckle_shape, 1.0 / cfg.speckle_shape, (n, n, n)).astype(np.float32)
+            scatterers *= torch.from_numpy(np.sqrt(density))
         self._scatterers = build_atlas(scatterers.to(self.device), wrap=True)
         texture_to_world = np.eye(4)
         texture_to_world[:3, :3] = random_rotation(rng) * cfg.scatterer_mm
@@ -193,9 +214,14 @@ class SimulatedScanner:
                             self._map_points(self._world_to_texture @ image_to_mri, points))
         noise = self._noise[noise_seed % cfg.noise_frames].roll(noise_seed // cfg.noise_frames
                                                                 % cfg.n_beams, dims=-1)
-        pixels = bmode.render_bmode(props[0], props[1], scat, noise, geo, self.psf,
+        echo, atten = props[0], props[1]
+        if cfg.needle_prob > 0:
+            echo, atten = self._needle(echo, atten, np.random.default_rng([noise_seed, 9]))
+        reverb = (cfg.reverb_amplitude, int(round(cfg.reverb_period_mm / geo.sample_mm)))
+        pixels = bmode.render_bmode(echo, atten, scat, noise, geo, self.psf,
                                     gain_db=cfg.gain_db, dynamic_range_db=cfg.dynamic_range_db,
-                                    noise_db=cfg.noise_db)
+                                    noise_db=cfg.noise_db,
+                                    tgc_slope_db_per_mm=cfg.tgc_slope_db_per_mm, reverb=reverb)
 
         # True labels on the frame pixels, through the same displacement.
         grid = spatial.plane_grid(self._volume_size, self._world_to_voxel, image_to_mri,
@@ -212,6 +238,30 @@ class SimulatedScanner:
             source_ts=index / cfg.fps,
             truth=GroundTruth(image_to_mri=image_to_mri,
                               labels=labels.to(torch.uint8).cpu().numpy()))
+
+    def _needle(self, echo: Tensor, atten: Tensor,
+                rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        """With chance ``needle_prob``, a biopsy needle: a bright, shadowing straight segment.
+
+        It leaves the transducer face near the centre at up to 60 degrees from the beam axis;
+        18 G (1.2 mm) wide, 15-60 mm long, echo +6..+14 dB re. the capsule.
+        """
+        cfg = self.config
+        if rng.random() >= cfg.needle_prob:
+            return echo, atten
+        w = cfg.frame_hw[1]
+        start = torch.tensor([0.5 * (w - 1) + rng.uniform(-0.3, 0.3) * w,
+                              cfg.face_row_mm / cfg.pixel_mm], dtype=torch.float32,
+                             device=self.device)
+        phi = np.deg2rad(rng.uniform(-60.0, 60.0))
+        direction = torch.tensor([np.sin(phi), np.cos(phi)], dtype=torch.float32,
+                                 device=self.device)
+        rel = (self.geometry.beam_ij - start) * cfg.pixel_mm  # mm
+        along = rel @ direction
+        across = (rel[..., 0] * direction[1] - rel[..., 1] * direction[0]).abs()
+        hit = (across < 0.6) & (along >= 0) & (along <= rng.uniform(15.0, 60.0))
+        bright = float(10.0 ** (rng.uniform(6.0, 14.0) / 20.0))
+        return torch.where(hit, bright, echo), torch.where(hit, atten + 15.0, atten)
 
     def pose(self, index: int) -> ProbePose:
         """The session's pose at frame ``index``."""
