@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from regseg.clock import now_ns
 from regseg.stream.igtl.wire import RateLimitedLog
 from regseg.stream.slot import LatestSlot
 from regseg.types import Result
@@ -24,17 +25,29 @@ class SinkThread(Generic[T]):
     handles its own errors. The thread starts here, because a sink has no start() in the Sink
     protocol; ``close()`` ends it.
 
+    Staleness (issue 9): with ``on_stale``, when no Result has been sent for ``stale_after_s``,
+    ``on_stale(seconds_since_last)`` runs on this thread, again every ``stale_after_s`` while it
+    lasts, and ``on_fresh()`` after the next Result is sent. The check lives in the wait for the
+    next Result (a timeout), so it costs nothing per frame.
+
     Args:
         encode: Result -> what ``send`` takes (bytes, multipart parts ...).
         send: publishes one encoded Result.
         name: the thread's name, also the prefix of its log lines (e.g. ``igtl-sink``).
         logger: where refused Results are logged.
+        stale_after_s, on_stale, on_fresh: see above (None: no staleness reports).
     """
 
     def __init__(self, encode: Callable[[Result], T], send: Callable[[Result, T], None], *,
-                 name: str, logger: logging.Logger) -> None:
+                 name: str, logger: logging.Logger, stale_after_s: float | None = None,
+                 on_stale: Callable[[float], None] | None = None,
+                 on_fresh: Callable[[], None] | None = None) -> None:
         self.name = name
         self.encode_errors = 0
+        self.stale_reports = 0  # on_stale calls
+        self._stale_after_ns = (int(stale_after_s * 1e9) if stale_after_s and on_stale
+                                else None)
+        self._on_stale, self._on_fresh = on_stale, on_fresh
         self._encode, self._send = encode, send
         self._slot: LatestSlot[Result] = LatestSlot()
         self._log = RateLimitedLog(logger)
@@ -61,7 +74,24 @@ class SinkThread(Generic[T]):
         return not self._thread.is_alive()
 
     def _run(self) -> None:
-        while (result := self._slot.get()) is not None:
+        last_ns = report_ns = now_ns()  # last Result sent (start: none yet), next stale report
+        stale = False
+        while True:
+            timeout = None
+            if self._stale_after_ns is not None:
+                report_ns = max(report_ns, last_ns + self._stale_after_ns)
+                timeout = max(report_ns - now_ns(), 0) / 1e9
+            result = self._slot.get(timeout)
+            if result is None:
+                if self._slot.closed:
+                    return
+                now = now_ns()
+                if now >= report_ns:  # a timeout: only with staleness reports on
+                    stale = True
+                    self.stale_reports += 1
+                    report_ns = now + self._stale_after_ns
+                    self._notify(self._on_stale, (now - last_ns) / 1e9)
+                continue
             try:
                 encoded = self._encode(result)
             except Exception as exc:  # never fatal: the next Result may be fine
@@ -70,3 +100,15 @@ class SinkThread(Generic[T]):
                                   f"not sent: {exc}")
                 continue
             self._send(result, encoded)
+            last_ns = now_ns()
+            if stale:
+                stale = False
+                self._notify(self._on_fresh)
+
+    def _notify(self, callback: Callable[..., None] | None, *args: float) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception as exc:  # a status that cannot go out must not end the stream
+            self._log.warning("status", f"{self.name}: status not sent: {exc!r}")

@@ -24,6 +24,7 @@ from regseg.stream.igtl.codec import (
 )
 from regseg.stream.igtl.polydata import pack_outline
 from regseg.stream.igtl.server import IgtlServer
+from regseg.stream.igtl.status import STATUS_OK, STATUS_TIME_OUT, pack_status
 from regseg.stream.igtl.wire import RateLimitedLog
 from regseg.stream.sink_thread import SinkThread
 from regseg.types import LESION, Frame, Result
@@ -139,21 +140,28 @@ class IgtlSink:
 
     ``submit`` only hands the Result to this sink's :class:`SinkThread` (never blocks; a backlog
     is dropped and counted as ``skipped``); packing (CRC included) happens on that thread. The
-    server is not ours: close it separately.
+    server is not ours: close it separately. When no Result has gone out for ``stale_after_s``
+    (and every ``stale_after_s`` while that lasts), a STATUS ``regsegStatus`` goes out: code 7
+    (time-out), subcode the whole seconds, text "stale: no frame for N s"; the next Result is
+    followed by a STATUS code 1 "ok: live". Slicer shows the latest one: the overlay is old.
 
     Args:
         server: where the packed messages are broadcast.
+        stale_after_s: seconds without a Result before the stale STATUS (None: never).
         options: the fields of :class:`IgtlOutputs` (device names, header_version,
             send_flagged_transform, contour_devices), checked here.
     """
 
-    def __init__(self, server: IgtlServer, **options: Any) -> None:
+    def __init__(self, server: IgtlServer, *, stale_after_s: float | None = 1.0,
+                 **options: Any) -> None:
         self.outputs = IgtlOutputs(**options)
         self.server = server
         self.published = 0
         self.withheld_transforms = 0
         self.pack_ms = 0.0  # last result's packing time
-        self._thread = SinkThread(self._pack, self._broadcast, name="igtl-sink", logger=log)
+        self._thread = SinkThread(self._pack, self._broadcast, name="igtl-sink", logger=log,
+                                  stale_after_s=stale_after_s, on_stale=self._send_stale,
+                                  on_fresh=self._send_fresh)
 
     def submit(self, result: Result) -> None:
         """Hand ``result`` over; never blocks. Its arrays must not change after this call."""
@@ -173,8 +181,18 @@ class IgtlSink:
             "pack_errors": self._thread.encode_errors,
             "withheld_transforms": self.withheld_transforms,
             "pack_ms": round(self.pack_ms, 3),
+            "stale_reports": self._thread.stale_reports,
             "server": self.server.stats(),
         }
+
+    def _send_stale(self, idle_s: float) -> None:
+        self.server.broadcast([pack_status(STATUS_TIME_OUT, int(idle_s), "stale",
+                                           f"stale: no frame for {idle_s:.0f} s",
+                                           header_version=self.outputs.header_version)])
+
+    def _send_fresh(self) -> None:
+        self.server.broadcast([pack_status(STATUS_OK, 0, "", "ok: live",
+                                           header_version=self.outputs.header_version)])
 
     def _pack(self, result: Result) -> list[bytes]:
         start = now_ns()
