@@ -331,3 +331,29 @@ def warp_labels(context: Any, image_to_mri: np.ndarray, hw: tuple[int, int]) -> 
         out = F.grid_sample(context.labels_float, grid[None, None], mode="nearest",
                             padding_mode="zeros", align_corners=False)[0, 0, 0]
         return out.to(torch.uint8).cpu().numpy()
+
+
+#: Defaults of ``regseg-stream --multi-start`` and ``--temporal-filter`` (README "Capture range":
+#: measured with bench/capture.py).
+MULTI_START_DEFAULT = "off"
+TEMPORAL_FILTER_DEFAULT = "off"
+
+
+def build_capture(refine_iterations: int = REFINE_ITERATIONS, multi_start: bool = False,
+                  temporal_filter: bool = False, **engine_options: Any) -> Capture:
+    """The Capture of ``regseg-stream``'s flags; ``engine_options`` build the batched engine of
+    the multi-start (``FusionEngine`` arguments: weights, backend, device, precision, threads).
+
+    Raises:
+        InputError: ``refine_iterations`` < 1.
+    """
+    if int(refine_iterations) != refine_iterations or refine_iterations < 1:
+        raise InputError(f"--refine-iterations {refine_iterations!r}: expected a whole number "
+                         ">= 1 (1 = one registration per frame)")
+    ms = None
+    if multi_start:
+        from regseg.engines.fusion import FusionEngine
+
+        starts = start_thetas()
+        ms = MultiStart(FusionEngine(batch=len(starts), **engine_options), starts)
+    return Capture(int(refine_iterations), ms, TemporalFilter() if temporal_filter else None)

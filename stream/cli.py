@@ -13,6 +13,12 @@ import numpy as np
 import torch
 
 from regseg.errors import InputError, RegsegError
+from regseg.stream.capture import (
+    MULTI_START_DEFAULT,
+    REFINE_ITERATIONS,
+    TEMPORAL_FILTER_DEFAULT,
+    build_capture,
+)
 from regseg.stream.stats import format_summary, write_json
 
 EPILOG = """examples:
@@ -75,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFORMABLE_DEFAULT}, see README 'Registration')")
     p.add_argument("--deformable-weights", default="plcreg2d",
                    help="2-D PLCReg checkpoint for --deformable on (default: shipped)")
+    p.add_argument("--refine-iterations", type=int, default=REFINE_ITERATIONS, metavar="K",
+                   help="registrations per frame, each on the MRI resliced at the estimate so far "
+                   f"(default {REFINE_ITERATIONS}; README 'Capture range')")
+    p.add_argument("--multi-start", choices=["on", "off"], default=MULTI_START_DEFAULT,
+                   help="register 7 start hypotheses (shifts, rotations) in one batched call and "
+                   f"keep the best (default {MULTI_START_DEFAULT})")
+    p.add_argument("--temporal-filter", choices=["on", "off"], default=TEMPORAL_FILTER_DEFAULT,
+                   help="filter the correction over frames, start each frame from it, report "
+                   f"jump_mm (default {TEMPORAL_FILTER_DEFAULT})")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default on CPU: 1; the per-frame glue ops are too "
                    "small to gain from more, and two busy thread pools thrash on 2 cores)")
@@ -323,8 +338,12 @@ def run(args) -> dict:
         deformable = DeformableStage(context, args.deformable_weights, backend=args.backend,
                                      precision=args.precision,
                                      threads=args.engine_threads or threads)
+    capture = build_capture(args.refine_iterations, args.multi_start == "on",
+                            args.temporal_filter == "on", weights=args.weights,
+                            backend=args.backend, device=device, precision=args.precision,
+                            threads=args.engine_threads or threads)
     pipeline = Pipeline(context, engine, reference_to_mri=reference_to_mri,
-                        cuda_graph=args.cuda_graph, deformable=deformable)
+                        cuda_graph=args.cuda_graph, deformable=deformable, capture=capture)
     registration.bind(pipeline.set_reference_to_mri)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -337,6 +356,8 @@ def run(args) -> dict:
              "deformable": (f"{deformable.weights}/{deformable.engine.backend}"
                             if deformable is not None else "off"),
              "engine_info": engine.info,
+             "capture": {"refine_iterations": capture.refine_iterations,
+                         "multi_start": args.multi_start, "temporal_filter": args.temporal_filter},
              "deformable_engine_info": (deformable.engine.engine.info
                                         if deformable is not None else None),
              "source": source_url,

@@ -298,3 +298,13 @@ class _OnDevice:
         t = trus[:, 0]
         return {"theta": theta,
                 "logits": torch.stack([1 - 2 * t, 2 * t - 1, torch.zeros_like(t)], 1)}
+
+
+def test_build_capture_checks_iterations():
+    from regseg.errors import InputError
+    from regseg.stream.capture import build_capture
+
+    with pytest.raises(InputError, match="--refine-iterations 0"):
+        build_capture(0)
+    cap = build_capture(3, temporal_filter=True)
+    assert cap.refine_iterations == 3 and cap.temporal is not None and cap.multi_start is None
