@@ -116,12 +116,20 @@ class ZmqSink:
     drops silently per subscriber at its SNDHWM, so a slow subscriber loses messages inside
     libzmq, uncounted.
 
+    Staleness (issue 9): when no Result has gone out for ``stale_after_s`` (and every
+    ``stale_after_s`` while that lasts), a status message goes out on topic ``status.<topic>``
+    (default ``status.regseg``: subscribers of the Results' topic do not get it unless they
+    subscribe to it too): ``[b"status.regseg", header_json]`` with ``{"v": 1, "stale": true,
+    "no_frame_for_s": ..., "last_seq": ..., "sent_ts": ...}``; the next Result is followed by one
+    with ``"stale": false``. See :func:`status_parts`.
+
     Args:
         endpoint: where to bind, e.g. ``tcp://127.0.0.1:5556``; ``tcp://127.0.0.1:*`` picks a
             free port (the bound one is in ``.endpoint``).
         sndhwm: messages queued per subscriber before libzmq drops: small, latest matters.
         topic: first frame of every message (subscribers filter on its prefix).
         context: a zmq.Context; the process-wide instance by default.
+        stale_after_s: seconds without a Result before the stale status (None: never).
     Raises:
         StreamError: the endpoint cannot be bound (in use, bad address).
     """
@@ -133,8 +141,10 @@ class ZmqSink:
         sndhwm: int = 2,
         topic: bytes = TOPIC,
         context: zmq.Context | None = None,
+        stale_after_s: float | None = 1.0,
     ) -> None:
         self.topic = topic
+        self.last_seq = -1  # of the last Result published (-1: none yet)
         self._socket = (context or zmq.Context.instance()).socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -151,7 +161,9 @@ class ZmqSink:
         # thread-safe; Thread.start() is the memory barrier that hands it over), and closed after
         # it ends.
         self._thread = SinkThread(lambda result: encode(result, self.topic), self._send,
-                                  name="zmq-sink", logger=log)
+                                  name="zmq-sink", logger=log, stale_after_s=stale_after_s,
+                                  on_stale=lambda idle_s: self._send_status(True, idle_s),
+                                  on_fresh=lambda: self._send_status(False, 0.0))
 
     def submit(self, result: Result) -> None:
         """Hand ``result`` over; never blocks. Its arrays must not change after this call."""
@@ -171,14 +183,31 @@ class ZmqSink:
             "skipped": self._thread.skipped,
             "drops": self.drops,
             "encode_errors": self._thread.encode_errors,
+            "stale_reports": self._thread.stale_reports,
         }
+
+    def _send_status(self, stale: bool, no_frame_for_s: float) -> None:
+        try:
+            self._socket.send_multipart(status_parts(stale, no_frame_for_s, self.last_seq,
+                                                     self.topic), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.drops += 1
 
     def _send(self, result: Result, parts: list) -> None:
         try:
             self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
             self.published += 1
+            self.last_seq = result.frame.seq
         except zmq.Again:
             self.drops += 1
         except zmq.ZMQError as exc:
             self.drops += 1
             self._log.warning("send", f"ZMQ sink: send failed: {exc}")
+
+
+def status_parts(stale: bool, no_frame_for_s: float, last_seq: int,
+                 topic: bytes = TOPIC) -> list[bytes]:
+    """The status message ``[b"status." + topic, header_json]`` (see :class:`ZmqSink`)."""
+    header = {"v": 1, "stale": bool(stale), "no_frame_for_s": round(float(no_frame_for_s), 3),
+              "last_seq": int(last_seq), "sent_ts": wall_s()}
+    return [b"status." + topic, json.dumps(header).encode("utf-8")]

@@ -1,9 +1,11 @@
 """Staleness is visible: with no new Result for a while, Slicer gets a STATUS saying so (issue 9),
 and one saying OK once Results flow again. No sleeps: the client waits on the messages."""
 
+import json
 import socket
 
 import numpy as np
+import zmq
 
 from regseg.stream.igtl.codec import HEADER, HEADER_SIZE
 from regseg.stream.igtl.server import IgtlServer
@@ -14,6 +16,7 @@ from regseg.stream.igtl.status import (
     pack_status,
     unpack_status,
 )
+from regseg.stream.zmq_sink import ZmqSink
 from regseg.types import Frame, Result
 
 WAIT_S = 5.0
@@ -88,3 +91,26 @@ def test_no_status_while_results_keep_coming():
         finally:
             sink.close()
         assert sink.stats()["stale_reports"] == 0 and sink.stats()["published"] == 20
+
+
+def test_zmq_subscribers_of_the_status_topic_hear_stale_and_live():
+    context = zmq.Context.instance()
+    sink = ZmqSink("tcp://127.0.0.1:*", stale_after_s=0.2, context=context)
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"status.regseg")
+    sub.setsockopt(zmq.RCVTIMEO, int(WAIT_S * 1000))
+    sub.connect(sink.endpoint)
+    try:
+        # Slow joiner: statuses repeat every 0.2 s while stale, so one arrives once connected.
+        topic, header = sub.recv_multipart()
+        status = json.loads(header)
+        assert topic == b"status.regseg" and status["stale"] is True
+        assert status["no_frame_for_s"] >= 0.2 and status["last_seq"] == -1
+        sink.submit(make_result(7))
+        while (status := json.loads(sub.recv_multipart()[1]))["stale"]:
+            pass  # a stale report may have been in flight before the Result
+        assert status["last_seq"] == 7 and status["no_frame_for_s"] == 0.0
+    finally:
+        sub.close(linger=0)
+        sink.close()
+    assert sink.stats()["stale_reports"] >= 1
