@@ -89,15 +89,18 @@ class Registrar:
         return registered, ddf, jump, (time.perf_counter() - t0) * 1e3
 
 
-def pipelines(context: Any, engine: Any, ms_engine: Any, deformable: Any,
+def pipelines(context: Any, engines: tuple[Any, Any, Any], deformable: Any,
               rows: list[tuple[str, int, bool, bool]]) -> dict[str, Registrar]:
+    """``engines``: (full, theta-only, batched multi-start)."""
     from regseg.stream.capture import Capture, MultiStart, TemporalFilter
 
+    engine, theta_engine, ms_engine = engines
     out = {}
     for name, k, ms, temporal in rows:
         cap = Capture(refine_iterations=k,
                       multi_start=MultiStart(ms_engine) if ms else None,
-                      temporal=TemporalFilter() if temporal else None)
+                      temporal=TemporalFilter() if temporal else None,
+                      theta_engine=theta_engine)
         out[name] = Registrar(context, engine, cap, deformable)
     return out
 
@@ -114,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = FusionEngine(backend=args.backend)
     ms_engine = (FusionEngine(backend=args.backend, batch=len(start_thetas()))
                  if args.multi_start_iterations else None)
+    engines = (engine, FusionEngine(backend=args.backend, outputs=("theta",)), ms_engine)
     rows_cfg = configs(args)
     tre: dict[str, dict[float, list[float]]] = {n: {e: [] for e in args.levels}
                                                 for n in ["tracked", *(r[0] for r in rows_cfg)]}
@@ -124,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         phantom, scanner = open_simulated_scanner(ps, args.seed * 100_003 + ps)
         context = build_context(phantom.mri, phantom.labels)
         deformable = DeformableStage(context, backend=args.backend) if args.deformable else None
-        pipes = pipelines(context, engine, ms_engine, deformable, rows_cfg)
+        pipes = pipelines(context, engines, deformable, rows_cfg)
         rng = np.random.default_rng([args.seed, ps, 11])
         for level in args.levels:
             for _ in range(args.frames):
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     tre[name][level].append(t)
                     ms_time[name].append(ms)
             if args.sequence:
-                sequence(args, scanner, context, engine, deformable, level, rng, seq, jumps)
+                sequence(args, scanner, context, engines, deformable, level, rng, seq, jumps)
         print(f"  phantom {ps}: done", flush=True)
 
     def med(v: list[float]) -> float:
@@ -165,14 +169,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"curve": curve, "sequence": seq_rows, "jumps": jump_rows}
 
 
-def sequence(args: argparse.Namespace, scanner: Any, context: Any, engine: Any, deformable: Any,
+def sequence(args: argparse.Namespace, scanner: Any, context: Any, engines: Any, deformable: Any,
              level: float, rng: np.random.Generator, seq: dict, jumps: dict) -> None:
     """``args.sequence`` consecutive frames with a static error of ``level``; filter off/on."""
     from regseg.train.plcreg_live import true_displacement
 
     k = args.sequence_k
     rows = [(f"seq_K{k}", k, False, False), (f"seq_K{k}_temporal", k, False, True)]
-    pipes = pipelines(context, engine, None, deformable, rows)
+    pipes = pipelines(context, engines, deformable, rows)
     start = int(rng.integers(0, 2 * scanner.config.sweep_frames))
     err_rng = np.random.default_rng(int(rng.integers(2**32)))
     base = with_error(scanner.path.pose(start), level, err_rng)

@@ -136,12 +136,15 @@ class Refinement:
     """
 
     def __init__(self, chain: Any, iterations: int = 1,
-                 multi_start: MultiStart | None = None) -> None:
+                 multi_start: MultiStart | None = None, theta_engine: Any = None) -> None:
         if int(iterations) != iterations or iterations < 1:
             raise InputError(f"refine_iterations {iterations!r}: a whole number >= 1 expected")
         self.chain = chain
         self.iterations = int(iterations)
         self.multi_start = multi_start
+        # Calls before the last need only theta: an engine built with outputs=("theta",) skips
+        # the segmentation U-Net (theta does not depend on it), several times cheaper.
+        self.theta_engine = theta_engine
         size = chain.size
         n = spatial.index_to_normalised((size[1], size[0]))
         device = chain.device
@@ -174,18 +177,22 @@ class Refinement:
 
     def __call__(self, trus: Tensor, mri: Tensor, mri_labels: Tensor,
                  mats: Tensor) -> tuple[Tensor, Tensor]:
-        engine = self.chain.engine
+        full = self.chain.engine
+        fast = self.theta_engine if self.theta_engine is not None else full
         if self.multi_start is not None:
             total, logits = self.multi_start.pick(self, trus, mri, mri_labels, mats)
+        elif self.iterations == 1:
+            out = full(trus, mri, mri_labels)
+            return out["theta"], out["logits"]
         else:
-            out = engine(trus, mri, mri_labels)
-            if self.iterations == 1:
-                return out["theta"], out["logits"]
-            total, logits = _homogeneous(out["theta"].reshape(2, 3)), out["logits"]
-        for _ in range(self.iterations - 1):
+            total = _homogeneous(fast(trus, mri, mri_labels)["theta"].reshape(2, 3))
+        calls = self.iterations - 1
+        for n in range(calls):
+            engine = full if n == calls - 1 else fast
             mri_k, lab_k = self.sample_planes(self.planes(mats, total))
             out = engine(trus, mri_k, lab_k)
             total = total @ _homogeneous(out["theta"].reshape(2, 3))
+        if calls:
             logits = out["logits"]
         return total[:2][None], logits
 
@@ -291,9 +298,11 @@ class Capture:
     refine_iterations: int = 1
     multi_start: MultiStart | None = None
     temporal: TemporalFilter | None = None
+    theta_engine: Any = None  # FusionEngine(outputs=("theta",)) for the calls before the last
 
     def chain_options(self) -> dict[str, Any]:
-        return {"refine_iterations": self.refine_iterations, "multi_start": self.multi_start}
+        return {"refine_iterations": self.refine_iterations, "multi_start": self.multi_start,
+                "theta_engine": self.theta_engine}
 
     def start(self, frame: Any, tracked: np.ndarray) -> np.ndarray:
         """(3, 3) frame-pixel start correction for ``frame`` (identity without the filter)."""
@@ -350,10 +359,14 @@ def build_capture(refine_iterations: int = REFINE_ITERATIONS, multi_start: bool 
     if int(refine_iterations) != refine_iterations or refine_iterations < 1:
         raise InputError(f"--refine-iterations {refine_iterations!r}: expected a whole number "
                          ">= 1 (1 = one registration per frame)")
+    from regseg.engines.fusion import FusionEngine
+
     ms = None
     if multi_start:
-        from regseg.engines.fusion import FusionEngine
-
         starts = start_thetas()
         ms = MultiStart(FusionEngine(batch=len(starts), **engine_options), starts)
-    return Capture(int(refine_iterations), ms, TemporalFilter() if temporal_filter else None)
+    theta_engine = None
+    if refine_iterations > 1:
+        theta_engine = FusionEngine(outputs=("theta",), **engine_options)
+    return Capture(int(refine_iterations), ms, TemporalFilter() if temporal_filter else None,
+                   theta_engine)

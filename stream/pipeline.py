@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,10 +24,13 @@ from regseg.engines.segmentation import argmax_labels
 from regseg.stream.capture import Capture, MultiStart, Refinement, warp_labels
 from regseg.stream.context import MriContext
 from regseg.stream.overlay import compose_overlay
+from regseg.stream.quality import QualityCheck, lesion_target, seg_confidence
 from regseg.types import Frame, Result
 
 #: Stage names, in order, as they appear in ``Result.timings_ms`` (plus ``total``).
 STAGES = ("prepare", "model", "warp_labels", "segment", "overlay")
+#: Host stages after the chain (``quality``: regseg.stream.quality; the overlay follows it).
+HOST_STAGES = ("quality",)
 
 
 def untracked_plane(context: MriContext, frame_hw: tuple[int, int],
@@ -72,7 +76,7 @@ class FrameChain:
 
     def __init__(self, context: MriContext, engine: FusionEngine,
                  frame_hw: tuple[int, int], *, refine_iterations: int = 1,
-                 multi_start: MultiStart | None = None) -> None:
+                 multi_start: MultiStart | None = None, theta_engine: Any = None) -> None:
         self.context, self.engine = context, engine
         self.frame_hw = (int(frame_hw[0]), int(frame_hw[1]))
         self.size = tuple(engine.size)
@@ -87,7 +91,7 @@ class FrameChain:
         self.bottom = torch.tensor([[[0.0, 0.0, 1.0]]], device=device)
         # Iterative refinement (regseg.stream.capture): K engine calls per frame, each on the MRI
         # resliced at the estimate so far; theta stays normalised, the same on either grid.
-        self.refine = Refinement(self, refine_iterations, multi_start)
+        self.refine = Refinement(self, refine_iterations, multi_start, theta_engine)
 
     def _sample(self, volume: Tensor, m: Tensor, axes: tuple[Tensor, Tensor],
                 mode: str) -> Tensor:
@@ -144,10 +148,13 @@ class FrameChain:
 class Pipeline:
     """Turns a Frame into a Result. One instance per stream; holds no per-frame state.
 
-    The registration's quality is the agreement (Dice) between the gland of the registered MRI
-    labels and the gland the segmentation finds on the frame: the two come from different
-    evidence (MRI context vs TRUS appearance), so a registration that went wrong disagrees with the
-    segmentation. Below ``quality_threshold`` the result is flagged, not published as truth.
+    Every Result is assessed by ``quality`` (:class:`regseg.stream.quality.QualityCheck`): an
+    estimate of the registration error in mm (QualityNet on the registered pair), the
+    segmentation's confidence, and flag reasons (untracked, no_content, no_gland, error_estimate,
+    jump; and disagreement: ``quality``, the Dice of the registered MRI gland vs the segmented
+    gland, below ``quality_threshold``: a weak cue, the segmentation sees the MRI labels). A
+    flagged Result is not published as truth (no MRIToImage, no MRI labels, overlay marked
+    UNVERIFIED); without image, gland or pose its predicted labels are emptied too.
 
     On a CUDA device the tensor stages run in a :class:`DeviceRing` of ``ring_slots`` slots
     (``cuda_graph``: the chain captured as one graph; ``preprocess="cupy"``: CuPy converts the
@@ -161,7 +168,8 @@ class Pipeline:
                  quality_threshold: float = 0.5, ring_slots: int = 3,
                  cuda_graph: bool = False, preprocess: str = "torch",
                  deformable: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-                 | None = None, capture: Capture | None = None) -> None:
+                 | None = None, capture: Capture | None = None,
+                 quality: QualityCheck | None = None) -> None:
         self.context = context
         self.engine = engine
         self.device = engine.device
@@ -178,6 +186,8 @@ class Pipeline:
         # Capture range (regseg.stream.capture): refinement iterations and multi-start inside
         # the FrameChain; the temporal filter's warm start (start) and filtering (finish) here.
         self.capture = capture if capture is not None else Capture()
+        # Trust (regseg.stream.quality): error estimate, segmentation confidence, flags.
+        self.quality = quality if quality is not None else QualityCheck(context)
 
     def set_reference_to_mri(self, reference_to_mri: np.ndarray) -> None:
         """Use ``reference_to_mri`` ((4, 4), Reference mm -> MRI RAS mm) from the next frame on.
@@ -266,13 +276,16 @@ class Pipeline:
             t.append(now_ns())
             labels = chain.segment(logits).numpy()
             t.append(now_ns())
+            seg_conf = seg_confidence(logits)
         timings = {n: (t[i + 1] - t[i]) / 1e6 for i, n in enumerate(STAGES[:-1])
                    if n != "warp_labels" or warped is not None}
-        return self._finish(frame, tracked, theta.numpy(), labels, warped, timings, t[0])
+        timings["quality"] = (now_ns() - t[-1]) / 1e6
+        return self._finish(frame, tracked, theta.numpy(), labels, warped, timings, t[0],
+                            seg_conf=seg_conf)
 
     def _finish(self, frame: Frame, tracked: np.ndarray, theta: np.ndarray, labels: np.ndarray,
                 warped_labels: np.ndarray | None, timings: dict[str, float],
-                start_ns: int) -> Result:
+                start_ns: int, *, seg_conf: float = math.nan) -> Result:
         """Host side: overlay, quality and the refined transform, from the chain's outputs.
 
         ``tracked`` is the plane the chain started from (:meth:`_start`).
@@ -293,9 +306,21 @@ class Pipeline:
             t_def = now_ns()
             warped_labels, ddf = self.deformable(frame.pixels, image_to_mri)
             timings = {**timings, "deformable": (now_ns() - t_def) / 1e6}
-        t0 = now_ns()
-        overlay = compose_overlay(frame.pixels, labels, warped_labels)
+        t_q = now_ns()
+        check = self.quality.assess(frame.pixels, frame.spacing_mm,
+                                    frame.image_to_reference is not None, labels, warped_labels,
+                                    image_to_mri, seg_conf, jump_mm)
         quality = agreement(warped_labels > 0, labels > 0)
+        # NaN (no gland in either) compares False
+        flags = check.flags + (("disagreement",) if quality < self.quality_threshold else ())
+        if not check.publish_labels:  # no image, no gland or no pose: no labels go out
+            labels = np.zeros_like(labels)
+        target = lesion_target(warped_labels)
+        margin_px = check.margin_mm / float(np.mean(frame.spacing_mm))
+        t0 = now_ns()
+        timings = {**timings, "quality": timings.get("quality", 0.0) + (t0 - t_q) / 1e6}
+        overlay = compose_overlay(frame.pixels, labels, warped_labels, flags=flags,
+                                  target_ij=target, margin_px=margin_px, error_mm=check.error_mm)
         end = now_ns()
         timings = {**timings, "overlay": (end - t0) / 1e6, "total": (end - start_ns) / 1e6}
         return Result(
@@ -305,9 +330,13 @@ class Pipeline:
             labels=labels,
             overlay=overlay,
             quality=quality,
-            # NaN (no gland in view) compares False: not flagged
-            flagged=bool(quality < self.quality_threshold),
+            flagged=bool(flags),
             timings_ms=timings,
             ddf=ddf,
+            error_mm=check.error_mm,
+            seg_confidence=check.seg_confidence,
+            flags=flags,
+            target_ij=target,
+            target_margin_mm=check.margin_mm,
             jump_mm=jump_mm,
         )

@@ -142,6 +142,19 @@ def test_refinement_converges_with_iterations(case):
     assert errors[-1] < 1.5 < start / 8
 
 
+def test_calls_before_the_last_use_the_theta_engine(case):
+    context, true, pixels = case
+    tracked = shifted(true, 15.0, 10.0)
+    full, fast = CentroidEngine(gain=0.5), CentroidEngine(gain=0.5)
+    chain = FrameChain(context, full, HW, refine_iterations=3, theta_engine=fast)
+    mats = torch.from_numpy(plane_matrices(context, tracked, HW, full.size))
+    with torch.inference_mode():
+        theta, _ = chain.model(*chain.prepare(torch.from_numpy(pixels), mats), mats)
+    assert (fast.calls, full.calls) == (2, 1)
+    _, ref = register(context, CentroidEngine(gain=0.5), pixels, tracked, 3)
+    assert np.allclose(theta.numpy().reshape(2, 3), ref, atol=1e-6)
+
+
 def test_multi_start_recovers_beyond_reach(case):
     context, true, pixels = case
     # the tracked plane is 20 px (8 mm) off; the engine sees only offsets < 0.15 (4.8 px)
