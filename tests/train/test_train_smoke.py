@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from regseg import planes, spatial
+from regseg.errors import InputError
 from regseg.imageio import Volume
 from regseg.models.registry import load_model
-from regseg.train.alignsegnet import train_alignsegnet
-from regseg.train.data import generate_samples
+from regseg.train import data as data_mod
+from regseg.train.alignsegnet import evaluate, train_alignsegnet
+from regseg.train.data import SampleSet, generate_samples
 from regseg.types import Frame, GroundTruth
 
 FRAME_HW = (48, 48)
@@ -92,3 +94,117 @@ def test_one_training_step_writes_checkpoint_plot_and_metrics(tmp_path):
     assert (tmp_path / "alignsegnet_training.png").stat().st_size > 0
     model = load_model(tmp_path / "alignsegnet.pt")
     assert model.config.size == 32
+
+
+# Training on randomised cases: frames of mixed sizes, fine-tuning, --randomise.
+class SizedScanner(StandInScanner):
+    """The stand-in scanner with another frame size (same 0.8 mm pixels)."""
+
+    def __init__(self, phantom, seed, hw):
+        super().__init__(phantom, seed)
+        self.hw = hw
+
+    def random_frame(self, rng):
+        true = np.diag([0.8, 0.8, 0.8, 1.0])
+        true[:3, 3] = [-19.2, -19.2, rng.uniform(-4, 4)]
+        error = spatial.lift_2d(np.array([[1, 0, rng.uniform(-3, 3)], [0, 1, rng.uniform(-3, 3)],
+                                          [0, 0, 1]]))
+        labels = spatial.reslice(self.labels, self.world_to_voxel, true, self.hw,
+                                 mode="nearest")[0, 0].numpy()
+        pixels = (40 + 60 * labels + rng.uniform(0, 30, self.hw)).astype(np.uint8)
+        return Frame(seq=0, acquired_ns=0, pixels=pixels, spacing_mm=(0.8, 0.8),
+                     image_to_reference=true @ error,
+                     truth=GroundTruth(image_to_mri=true, labels=labels))
+
+
+def _sized(hw):
+    def open_scanner(phantom_seed, scanner_seed):
+        phantom = StandInPhantom(phantom_seed)
+        return phantom, SizedScanner(phantom, scanner_seed, hw)
+    return open_scanner
+
+
+def test_sample_sets_of_different_frame_sizes_concatenate_and_evaluate_per_frame():
+    a = generate_samples([3], 3, size=(32, 32), open_scanner=_sized((48, 48)), progress=False)
+    b = generate_samples([4], 3, size=(32, 32), open_scanner=_sized((40, 56)), progress=False)
+    both = SampleSet.concat([a, b])
+    assert len(both) == 6 and both.sample_hw(0) == (48, 48) and both.sample_hw(5) == (40, 56)
+    model = _tiny_model()
+    metrics = evaluate(model, both)
+    # The oracle (true theta) is exact only if each frame's own size maps theta to pixels.
+    assert metrics["tre_mm_oracle"] == pytest.approx(0.0, abs=1e-6)
+    assert np.isfinite(metrics["tre_mm_after_median"])
+
+
+def _tiny_model():
+    from regseg.models.alignsegnet import AlignSegNet, AlignSegNetConfig
+
+    torch.manual_seed(0)
+    return AlignSegNet(AlignSegNetConfig(**TINY))
+
+
+def test_old_sample_files_without_per_frame_sizes_still_load(tmp_path):
+    s = generate_samples([3], 2, size=(32, 32), open_scanner=open_stand_in, progress=False)
+    s.save(tmp_path / "s.pt")
+    raw = torch.load(tmp_path / "s.pt", weights_only=True)
+    del raw["frame_hws"]
+    torch.save(raw, tmp_path / "old.pt")
+    old = SampleSet.load(tmp_path / "old.pt")
+    assert old.sample_hw(1) == s.frame_hw
+
+
+def test_fine_tuning_starts_from_the_checkpoint_and_records_it(tmp_path):
+    common = dict(minutes=2, steps=1, samples=4, train_phantoms=1, val_phantoms=1, val_frames=2,
+                  batch_size=2, config=TINY, cache_dir=None, open_scanner=open_stand_in,
+                  progress=False, command="test")
+    train_alignsegnet(tmp_path / "a", **common)
+    start = tmp_path / "a" / "alignsegnet.pt"
+    summary = train_alignsegnet(tmp_path / "b", init=start, lr=0.0, **common)
+    assert summary["init"]["path"] == str(start) and len(summary["init"]["sha256"]) == 64
+    a, b = load_model(start), load_model(tmp_path / "b" / "alignsegnet.pt")
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name  # lr 0: the weights are the checkpoint's (BN stats move)
+    with pytest.raises(InputError, match="--init"):
+        train_alignsegnet(tmp_path / "c", init=start, **{**common, "config": {**TINY, "depth": 2}})
+
+
+def test_randomised_training_reports_plain_and_randomised_held_out_sets(tmp_path, monkeypatch):
+    opened = []
+
+    def fake_randomised(phantom_seed, scanner_seed):  # the real draw, on a small fast stand-in
+        opened.append(phantom_seed)
+        return open_stand_in(phantom_seed, scanner_seed)
+
+    monkeypatch.setattr("regseg.train.alignsegnet.open_randomised_scanner", fake_randomised)
+    summary = train_alignsegnet(tmp_path, minutes=2, steps=1, samples=8, train_phantoms=2,
+                                val_phantoms=1, val_frames=2, batch_size=2, config=TINY,
+                                cache_dir=None, open_scanner=open_stand_in, randomise=True,
+                                plain_fraction=0.5, progress=False, command="test")
+    assert summary["randomise"] is True and summary["train_frames"] == 8
+    assert opened == [1, 2, 1000]  # randomised: the training cases and the held-out one
+    for name in ("validation", "validation_randomised", "demo"):
+        assert summary[name]["frames"] == 2
+    assert json.loads((tmp_path / "alignsegnet.json").read_text())["plain_fraction"] == 0.5
+
+
+def test_randomised_scanner_is_seeded_and_cached_under_its_own_key(tmp_path):
+    calls = []
+
+    def spy(phantom_seed, scanner_seed):
+        calls.append(phantom_seed)
+        return open_stand_in(phantom_seed, scanner_seed)
+
+    original = data_mod.CACHEABLE_SCANNERS["randomised"]
+    try:
+        data_mod.CACHEABLE_SCANNERS["randomised"] = spy
+        a = data_mod.cached_samples(tmp_path, [3], 2, size=(32, 32), open_scanner=spy,
+                                    progress=False)
+        b = data_mod.cached_samples(tmp_path, [3], 2, size=(32, 32), open_scanner=spy,
+                                    progress=False)
+        c = data_mod.cached_samples(tmp_path, [3], 2, size=(32, 32), open_scanner=open_stand_in,
+                                    progress=False)
+    finally:
+        data_mod.CACHEABLE_SCANNERS["randomised"] = original
+    assert calls == [3]  # the second call loaded the cache
+    assert torch.equal(a.trus, b.trus) and len(c) == 2
+    assert len(list(tmp_path.glob("samples-*.pt"))) == 1  # a stand-in is never cached
