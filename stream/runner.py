@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -11,10 +12,14 @@ import numpy as np
 
 from regseg import metrics, spatial
 from regseg.clock import now_ns
+from regseg.stream.gate import FrameGate
+from regseg.stream.igtl.wire import RateLimitedLog
 from regseg.stream.pipeline import Pipeline
 from regseg.stream.source import Source
 from regseg.stream.stats import StreamStats
-from regseg.types import LESION, PROSTATE, Result
+from regseg.types import LESION, PROSTATE, Frame, Result
+
+log = logging.getLogger(__name__)
 
 TRE_POINTS = 2000  # prostate pixels sampled per frame for TRE: plenty for a mean in mm
 #: While frames are in flight (GPU ring), how long to wait for a new frame before checking for
@@ -62,6 +67,7 @@ def run_stream(
     stop: threading.Event | None = None,
     on_result: Callable[[Result], None] | None = None,
     status_stream=sys.stderr,
+    gate: Callable[[Frame], Frame | None] | None = None,
 ) -> tuple[StreamStats, int]:
     """Run until ``max_frames`` results, the source finishing, or ``stop`` being set.
 
@@ -72,9 +78,29 @@ def run_stream(
     published at most ``POLL_S`` after its download ends, whether or not another frame comes.
     On the CPU ``submit`` returns the frame's own Result and nothing is ever in flight.
 
+    Every frame passes ``gate`` first (default: a :class:`~regseg.stream.gate.FrameGate` with the
+    default limits): it returns the frame to process or None to drop it. A frame on which the
+    pipeline (or the accuracy check) still raises costs that frame only: it is counted in
+    ``stats.failed``, logged (at most once every 5 s) and the loop goes on. A sink that raises is
+    counted the same way (``stats.sink_errors``); the other sinks still get the result.
+
     Returns the collected stats and the number of frames the hand-off skipped.
     """
+    gate = gate if gate is not None else FrameGate()
     stats = StreamStats()
+    errors = RateLimitedLog(log)
+
+    def failed(where: str, exc: Exception) -> None:
+        stats.failed += 1
+        errors.warning(where, f"frame lost: {where} raised {type(exc).__name__}: {exc} "
+                       f"({stats.failed} frames lost so far); the stream goes on")
+
+    def guarded(step: Callable[[], list[Result]], where: str) -> list[Result]:
+        try:
+            return step()
+        except Exception as exc:  # noqa: BLE001 - one bad frame must not end the session
+            failed(where, exc)
+            return []
     stop = stop or threading.Event()
     tty = hasattr(status_stream, "isatty") and status_stream.isatty()
     next_status = now_ns() + int(status_every_s * 1e9)
@@ -83,12 +109,22 @@ def run_stream(
         nonlocal next_status
         for result in results:
             for sink in sinks:
-                sink.submit(result)
+                try:
+                    sink.submit(result)
+                except Exception as exc:  # noqa: BLE001 - the other sinks still get it
+                    stats.sink_errors += 1
+                    errors.warning(f"sink {type(sink).__name__}",
+                                   f"{type(sink).__name__}.submit raised "
+                                   f"{type(exc).__name__}: {exc}; result not sent there")
             done = now_ns()
             stats.add(result.timings_ms, (done - result.frame.acquired_ns) / 1e6, done,
                       flagged=result.flagged)
             if result.frame.truth is not None:
-                stats.add_accuracy(*frame_accuracy(pipeline, result))
+                try:
+                    stats.add_accuracy(*frame_accuracy(pipeline, result))
+                except Exception as exc:  # noqa: BLE001
+                    errors.warning("accuracy", f"accuracy of frame {result.frame.seq} not "
+                                   f"measured: {type(exc).__name__}: {exc}")
             if on_result is not None:
                 on_result(result)
             if status_every_s > 0 and done >= next_status:
@@ -108,12 +144,15 @@ def run_stream(
             frame = source.slot.get(timeout=POLL_S if busy else 0.25)
             if frame is None:
                 if busy:
-                    publish(pipeline.poll())
+                    publish(guarded(pipeline.poll, "pipeline.poll"))
                 if source.slot.closed or source.finished:
                     break
                 continue
-            publish(pipeline.submit(frame) + pipeline.poll())
-        publish(pipeline.flush())
+            frame = gate(frame)
+            if frame is not None:
+                publish(guarded(lambda f=frame: pipeline.submit(f), "pipeline"))
+            publish(guarded(pipeline.poll, "pipeline.poll"))
+        publish(guarded(pipeline.flush, "pipeline.flush"))
     finally:
         source.stop()
         for sink in sinks:

@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 from regseg.stream.stats import StreamStats, format_summary, percentiles, write_json
 
 
@@ -30,3 +32,48 @@ def test_summary_json_shape(tmp_path):
     loaded = json.loads(path.read_text())
     assert loaded["latency_ms"]["p50"] == 14.5
     assert "prostate 0.800" in format_summary(summary)
+
+
+def test_series_is_exact_until_the_reservoir_fills():
+    from regseg.stream.stats import Series
+
+    s = Series(size=1000)
+    values = np.random.default_rng(1).gamma(2.0, 5.0, size=1000)
+    for v in values:
+        s.add(float(v))
+    exact = percentiles(values)
+    assert s.percentiles() == exact
+    assert abs(s.mean() - values.mean()) < 1e-9
+
+
+def test_memory_bounded_and_percentiles_close_over_a_million_frames():
+    """1e6 adds (a 9-hour case at 30 fps): the kept sample stays at the reservoir size, counts,
+    mean and max stay exact and p50/p95/p99 stay within 0.5 percentile ranks of the exact ones."""
+    from regseg.stream.stats import RESERVOIR_SIZE, Series
+
+    rng = np.random.default_rng(0)
+    n = 1_000_000
+    latency = rng.lognormal(mean=3.0, sigma=0.4, size=n)  # skewed, like real latencies
+    series = Series()
+    for v in latency.tolist():
+        series.add(v)
+    assert series.sample.size == RESERVOIR_SIZE and series.count == n
+    assert series.sample.nbytes == RESERVOIR_SIZE * 8  # the same 80 kB after 1e6 values
+    assert abs(series.mean() - latency.mean()) < 1e-6 * latency.mean()
+    p = series.percentiles()
+    assert p["max"] == round(latency.max(), 3)
+    for q, key in ((50, "p50"), (95, "p95"), (99, "p99")):
+        rank = (latency < p[key]).mean() * 100  # where the estimate sits in the exact distribution
+        assert abs(rank - q) < 0.5, (key, p[key], rank)
+    stats = StreamStats()  # the status line keeps the last 100 latencies, no more
+    for i in range(1000):
+        stats.add({"model": 1.0}, float(i), done_ns=i)
+    assert list(stats.recent_latency_ms) == [float(i) for i in range(900, 1000)]
+
+
+def test_failed_frames_in_summary_and_status():
+    stats = StreamStats()
+    stats.add({"model": 1.0}, 2.0, done_ns=0)
+    stats.failed = 2
+    assert stats.summary()["failed_frames"] == 2
+    assert "failed 2" in stats.status_line() and "failed 2" in format_summary(stats.summary())
