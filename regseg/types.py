@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,10 +51,18 @@ class Result:
     warped_labels: np.ndarray  # (H, W) uint8: MRI labels through the registration
     labels: np.ndarray  # (H, W) uint8: predicted labels on the frame
     overlay: np.ndarray  # (H, W, 3) uint8 RGB
-    quality: float  # 0..1 registration confidence; below the pipeline threshold means flagged
+    quality: float  # 0..1 Dice of registered MRI gland vs segmented gland (a consistency cue)
     flagged: bool  # True when the registration looks wrong: not to be published as truth
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, plus "total"
     ddf: np.ndarray | None = None  # (2, H, W) displacement in pixels, when a deformable stage ran
+    # Trust (regseg.stream.quality): NaN / empty when no quality check ran.
+    error_mm: float = math.nan  # estimated registration error (mean over the gland), mm
+    seg_confidence: float = math.nan  # 0..1, 1 - mean softmax entropy where the gland may be
+    flags: tuple[str, ...] = ()  # why the frame is flagged (regseg.stream.quality.FLAG_REASONS)
+    # The MRI lesion (the biopsy target) through the registration: its centroid as frame pixel
+    # (i, j), None when not in view; and its margin, a calibrated 90 % bound of the error, mm.
+    target_ij: tuple[float, float] | None = None
+    target_margin_mm: float = math.nan
     # mm between this frame's registration and the temporally filtered one (stream/capture.py);
     # NaN without the filter or with no history (first frame, after a reset)
     jump_mm: float = float("nan")

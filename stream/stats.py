@@ -92,6 +92,8 @@ class StreamStats:
         self.dice: dict[str, Series] = defaultdict(Series)
         self.tre_mm: dict[str, Series] = defaultdict(Series)
         self.flagged = 0
+        self.error_mm = Series()  # estimated registration error (regseg.stream.quality)
+        self.flag_reasons: dict[str, int] = defaultdict(int)
         self.frames = 0
         self.failed = 0  # frames the pipeline raised on (the runner counts them and goes on)
         self.sink_errors = 0  # results a sink raised on (the other sinks still got them)
@@ -119,6 +121,13 @@ class StreamStats:
             if not math.isnan(value):
                 self.tre_mm[name].add(value)
 
+    def add_trust(self, error_mm: float, flags: tuple[str, ...] = ()) -> None:
+        """Record a frame's estimated registration error (NaN skipped) and its flag reasons."""
+        if not math.isnan(error_mm):
+            self.error_mm.add(error_mm)
+        for reason in flags:
+            self.flag_reasons[reason] += 1
+
     def fps(self) -> float:
         """Processed frames per second between the first and the last result."""
         if self.frames < 2 or self.last_ns == self.first_ns:
@@ -142,6 +151,10 @@ class StreamStats:
             out["dice_frames"] = {name: len(v) for name, v in self.dice.items()}
         if self.tre_mm:
             out["tre_mm"] = {name: round(v.median(), 3) for name, v in self.tre_mm.items()}
+        if self.error_mm.count:
+            out["error_estimate_mm"] = self.error_mm.percentiles()
+        if self.flag_reasons:
+            out["flag_reasons"] = dict(self.flag_reasons)
         if extra:
             out.update(extra)
         return out
@@ -170,6 +183,11 @@ def format_summary(summary: dict) -> str:
     if "tre_mm" in summary:
         tre = "  ".join(f"{k} {v:.2f}" for k, v in summary["tre_mm"].items())
         lines.append(f"TRE mm (median over frames, prostate pixels): {tre}")
+    if "error_estimate_mm" in summary:
+        e = summary["error_estimate_mm"]
+        reasons = ", ".join(f"{k} {v}" for k, v in summary.get("flag_reasons", {}).items())
+        lines.append(f"estimated registration error mm: p50 {e['p50']:.2f}  p95 {e['p95']:.2f}"
+                     f"  | flag reasons: {reasons or 'none'}")
     for key in ("engine", "device", "source", "sinks"):
         if key in summary:
             lines.append(f"{key}: {summary[key]}")

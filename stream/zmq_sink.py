@@ -1,7 +1,12 @@
 """The ZeroMQ sink: each Result as a JSON header plus the raw overlay and label buffers (no pickle).
 
-Message, multipart: ``[topic, header_json, overlay_bytes, labels_bytes]``. The header says each
-buffer's shape and dtype (C order), so any language can rebuild the arrays; see :func:`decode`.
+Message, multipart: ``[topic, header_json, overlay_bytes, labels_bytes, mri_labels_bytes]``. The
+header says each buffer's shape and dtype (C order), so any language can rebuild the arrays; see
+:func:`decode_parts`. ``mri_labels`` are the MRI labels through the full registration (affine +
+deformable), all zero on a flagged frame (never sent as truth). The header carries the trust
+fields: ``flagged``, ``flags``, ``error_mm``, ``seg_confidence``, and the biopsy target
+``target_mm`` (MRI lesion centroid, Reference frame mm; null when not in view or flagged) with
+``target_margin_mm``. Format version 2 (version 1 had no mri_labels part and no trust fields).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import zmq
 
 from regseg.clock import wall_s
 from regseg.errors import InputError, StreamError
+from regseg.stream.igtl.sink import target_mm
 from regseg.stream.igtl.wire import RateLimitedLog
 from regseg.stream.sink_thread import SinkThread
 from regseg.types import Result
@@ -22,7 +28,8 @@ from regseg.types import Result
 log = logging.getLogger(__name__)
 
 TOPIC = b"regseg"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+BUFFERS = ("overlay", "labels", "mri_labels")
 _ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "uint32", "float32", "float64"}
 
 
@@ -39,6 +46,7 @@ def _matrix(matrix: np.ndarray | None) -> list[list[float]] | None:
 def result_header(result: Result) -> dict:
     """The JSON-able description of a Result: ids, times, geometry, quality and both buffers."""
     frame = result.frame
+    target = target_mm(result)
     return {
         "v": FORMAT_VERSION,
         "seq": frame.seq,
@@ -53,6 +61,16 @@ def result_header(result: Result) -> dict:
         "image_to_reference": _matrix(frame.image_to_reference),  # null when untracked
         "quality": _number(result.quality),
         "flagged": bool(result.flagged),
+        "flags": list(result.flags),
+        "error_mm": _number(result.error_mm),  # estimated registration error
+        "seg_confidence": _number(result.seg_confidence),
+        "jump_mm": _number(result.jump_mm),
+        "mri_labels": {"shape": list(result.warped_labels.shape),
+                       "dtype": str(result.warped_labels.dtype)},
+        "target_mm": None if target is None else [float(v) for v in target],
+        "target_ij": None if result.target_ij is None or result.flagged
+        else [float(v) for v in result.target_ij],
+        "target_margin_mm": _number(result.target_margin_mm),
         "timings_ms": {k: _number(v) for k, v in result.timings_ms.items()},
     }
 
@@ -62,7 +80,10 @@ def encode(result: Result, topic: bytes = TOPIC) -> list:
     header = json.dumps(result_header(result), allow_nan=False).encode("utf-8")
     overlay = np.ascontiguousarray(result.overlay)
     labels = np.ascontiguousarray(result.labels)
-    return [topic, header, memoryview(overlay).cast("B"), memoryview(labels).cast("B")]
+    mri_labels = (np.zeros_like(result.warped_labels) if result.flagged
+                  else np.ascontiguousarray(result.warped_labels))
+    return [topic, header, memoryview(overlay).cast("B"), memoryview(labels).cast("B"),
+            memoryview(mri_labels).cast("B")]
 
 
 def _array(part, spec: dict, what: str) -> np.ndarray:
@@ -82,18 +103,25 @@ def _array(part, spec: dict, what: str) -> np.ndarray:
 
 
 def decode(parts: list) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Rebuild (header, overlay, labels) from a received multipart message.
+    """Rebuild (header, overlay, labels) from a received multipart message (see
+    :func:`decode_parts` for all buffers, the MRI labels included)."""
+    header, arrays = decode_parts(parts)
+    return header, arrays["overlay"], arrays["labels"]
+
+
+def decode_parts(parts: list) -> tuple[dict, dict[str, np.ndarray]]:
+    """Rebuild (header, {"overlay", "labels", "mri_labels"}) from a received multipart message.
 
     ``parts`` may be bytes or zmq.Frame objects (``recv_multipart(copy=False)``); the arrays are
     read-only views of them, not copies.
 
     Raises:
-        InputError: not 4 parts, a header that is not JSON, or a buffer that does not match its
+        InputError: not 5 parts, a header that is not JSON, or a buffer that does not match its
             declared shape and dtype.
     """
-    if len(parts) != 4:
-        raise InputError(f"regseg ZMQ message has {len(parts)} parts; 4 expected "
-                         "(topic, header, overlay, labels)")
+    if len(parts) != 2 + len(BUFFERS):
+        raise InputError(f"regseg ZMQ message has {len(parts)} parts; {2 + len(BUFFERS)} "
+                         "expected (topic, header, overlay, labels, mri_labels)")
     try:
         header = json.loads(bytes(memoryview(parts[1])))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -103,9 +131,9 @@ def decode(parts: list) -> tuple[dict, np.ndarray, np.ndarray]:
     if header.get("v") != FORMAT_VERSION:
         raise InputError(f"regseg ZMQ header version {header.get('v')!r}; "
                          f"{FORMAT_VERSION} expected")
-    overlay = _array(parts[2], header.get("overlay", {}), "overlay")
-    labels = _array(parts[3], header.get("labels", {}), "labels")
-    return header, overlay, labels
+    arrays = {name: _array(part, header.get(name, {}), name)
+              for name, part in zip(BUFFERS, parts[2:], strict=True)}
+    return header, arrays
 
 
 class ZmqSink:

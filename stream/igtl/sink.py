@@ -12,14 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
-from pyigtl.messages import MessageBase, TransformMessage
+from pyigtl.messages import ImageMessage, MessageBase, TransformMessage
 
 from regseg.clock import ms_between, now_ns, wall_s
 from regseg.stream.igtl.codec import (
     check_device_name,
     check_header_version,
     pack_image,
+    pack_message,
     pack_transform,
 )
 from regseg.stream.igtl.polydata import pack_outline
@@ -53,6 +55,39 @@ def output_to_reference(frame: Frame, out_hw: tuple[int, int]) -> np.ndarray:
     return base @ out_to_frame
 
 
+def target_mm(result: Result) -> np.ndarray | None:
+    """The MRI lesion centroid (the biopsy target) in the Reference frame, mm; None when not in
+    view or not to be trusted (flagged frame)."""
+    if result.flagged or result.target_ij is None:
+        return None
+    to_ref = output_to_reference(result.frame, result.frame.pixels.shape[:2])
+    i, j = result.target_ij
+    return (to_ref @ np.array([i, j, 0.0, 1.0]))[:3]
+
+
+def displacement_mm(result: Result, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """The deformable part as an image: ((h, w, 3) float32 Reference-frame mm, image_to_reference).
+
+    ``ddf`` (dy, dx) in frame pixels says frame pixel p shows the MRI at
+    ``image_to_mri (p + ddf(p))``; here each pixel's (dx, dy, 0) is mapped through the linear part
+    of the frame's ImageToReference (spacing and orientation), area-averaged by ``step``.
+    """
+    ddf = np.asarray(result.ddf, np.float32)
+    h, w = ddf.shape[1:]
+    out_hw = (max(1, h // step), max(1, w // step))
+    small = [cv2.resize(c, out_hw[::-1], interpolation=cv2.INTER_AREA) for c in (ddf[1], ddf[0])]
+    linear = output_to_reference(result.frame, (h, w))[:3, :2].astype(np.float32)
+    vectors = np.stack(small, axis=-1) @ linear.T  # (h, w, 3) mm
+    return np.ascontiguousarray(vectors, np.float32), output_to_reference(result.frame, out_hw)
+
+
+def trust_metadata(result: Result) -> dict[str, str]:
+    """Seq, Quality, Flagged, Flags (comma-separated reasons, "" none), ErrorMm, SegConfidence."""
+    return {"Seq": str(result.frame.seq), "Quality": f"{result.quality:.4f}",
+            "Flagged": "true" if result.flagged else "false", "Flags": ",".join(result.flags),
+            "ErrorMm": f"{result.error_mm:.3f}", "SegConfidence": f"{result.seg_confidence:.4f}"}
+
+
 @dataclass(frozen=True, slots=True)
 class IgtlOutputs:
     """What goes out for each Result, under which device names; checked when made.
@@ -64,6 +99,12 @@ class IgtlOutputs:
         send_flagged_transform: also send the TRANSFORM of flagged results (see :meth:`pack`).
         contour_devices: (gland, lesion) POLYDATA device names, e.g. ("ProstateContour",
             "LesionContour"); None sends no outlines.
+        mri_labels_device: the MRI labels through the full registration (affine + deformable),
+            uint8 IMAGE; None sends none.
+        target_device: the MRI lesion's outline (the biopsy target), POLYDATA, with metadata
+            TargetMm (centroid "x y z" in the Reference frame) and TargetMarginMm; None: none.
+        displacement_device: the deformable part, a 3-component float32 IMAGE of Reference-frame
+            mm at 1/``displacement_step`` resolution, when the deformable stage ran; None: none.
     Raises:
         InputError: a device name that is not <= 20 ASCII characters, or a header version
             other than 1 or 2.
@@ -75,16 +116,23 @@ class IgtlOutputs:
     header_version: int = 2
     send_flagged_transform: bool = False
     contour_devices: tuple[str, str] | None = None
+    mri_labels_device: str | None = "MRILabels"
+    target_device: str | None = "TargetContour"
+    displacement_device: str | None = "MRIToImageDeformable"
+    displacement_step: int = 4
 
     def __post_init__(self) -> None:
         for name in (self.overlay_device, self.labels_device, self.transform_device,
-                     *(self.contour_devices or ())):
-            check_device_name(name)
+                     *(self.contour_devices or ()), self.mri_labels_device, self.target_device,
+                     self.displacement_device):
+            if name is not None:
+                check_device_name(name)
         check_header_version(self.header_version)
 
     def pack(self, result: Result) -> list[bytes]:
-        """The messages for one Result: overlay (RGB IMAGE), labels (uint8 IMAGE), [outlines as
-        POLYDATA,] mri_to_image (TRANSFORM, last).
+        """The messages for one Result: overlay (RGB IMAGE), labels (uint8 IMAGE), [MRI labels
+        (uint8 IMAGE), outlines and target as POLYDATA, displacement (float IMAGE),]
+        mri_to_image (TRANSFORM, last).
 
         With ``contour_devices`` = (gland, lesion) device names, the outlines of the predicted
         gland (labels > 0: the lesion lies inside it) and lesion (labels == 2) follow the images,
@@ -92,10 +140,12 @@ class IgtlOutputs:
 
         Every message carries the frame's ``source_ts`` (wall clock now if the source gave none),
         so a receiver can match it to the frame it sent and measure latency. With header v2 each
-        carries metadata Seq, Quality and Flagged; the TRANSFORM also PLUS's TransformStatus
-        (OK / INVALID). A flagged registration's TRANSFORM is left out unless
-        ``send_flagged_transform``: Slicer would apply it as if it were right, and the last good
-        one is better than a wrong one.
+        carries metadata Seq, Quality, Flagged, Flags, ErrorMm and SegConfidence; the TRANSFORM
+        also PLUS's TransformStatus (OK / INVALID). A flagged registration's TRANSFORM is left out
+        unless ``send_flagged_transform``: Slicer would apply it as if it were right, and the last
+        good one is better than a wrong one. A flagged Result's MRI labels go out empty and its
+        target outline empty (clearing what Slicer shows) and no displacement is sent: nothing
+        from a doubtful registration is sent as truth.
 
         Raises:
             InputError: an overlay or labels array of the wrong shape or dtype (from pack_image).
@@ -103,20 +153,44 @@ class IgtlOutputs:
         frame = result.frame
         timestamp = frame.source_ts if frame.source_ts > 0 else wall_s()
         version = self.header_version
-        meta = {"Seq": str(frame.seq), "Quality": f"{result.quality:.4f}",
-                "Flagged": "true" if result.flagged else "false"}
+        meta = trust_metadata(result)
+        labels_to_reference = output_to_reference(frame, result.labels.shape[:2])
         messages = [
             pack_image(result.overlay, output_to_reference(frame, result.overlay.shape[:2]),
                        self.overlay_device, timestamp, header_version=version, metadata=meta),
-            pack_image(result.labels, output_to_reference(frame, result.labels.shape[:2]),
+            pack_image(result.labels, labels_to_reference,
                        self.labels_device, timestamp, header_version=version, metadata=meta),
         ]
+        mri_labels = (np.zeros_like(result.warped_labels) if result.flagged
+                      else result.warped_labels)
+        if self.mri_labels_device is not None:
+            messages.append(pack_image(mri_labels, output_to_reference(frame, mri_labels.shape),
+                                       self.mri_labels_device, timestamp, header_version=version,
+                                       metadata=meta))
         if self.contour_devices is not None:
-            labels_to_reference = output_to_reference(frame, result.labels.shape[:2])
             for device, mask in zip(self.contour_devices,
                                     (result.labels > 0, result.labels == LESION), strict=True):
                 messages.append(pack_outline(mask, labels_to_reference, device, timestamp,
                                              header_version=version, metadata=meta))
+        if self.target_device is not None:
+            target = target_mm(result)
+            target_meta = dict(meta)
+            if target is not None:
+                target_meta["TargetMm"] = " ".join(f"{v:.3f}" for v in target)
+                target_meta["TargetMarginMm"] = f"{result.target_margin_mm:.3f}"
+            messages.append(pack_outline(mri_labels == LESION,
+                                         output_to_reference(frame, mri_labels.shape),
+                                         self.target_device, timestamp, header_version=version,
+                                         metadata=target_meta))
+        if (self.displacement_device is not None and result.ddf is not None
+                and not result.flagged):
+            vectors, to_reference = displacement_mm(result, self.displacement_step)
+            msg = ImageMessage(vectors[np.newaxis], ijk_to_world_matrix=to_reference,
+                               world_coordinate_system="ras", timestamp=timestamp,
+                               device_name=self.displacement_device)
+            messages.append(pack_message("IMAGE", self.displacement_device, timestamp,
+                                         msg._pack_content(), header_version=version,
+                                         metadata=meta))
         if self.send_flagged_transform or not result.flagged:
             status = {"TransformStatus": "INVALID" if result.flagged else "OK",
                       "TransformValid": "false" if result.flagged else "true"}
@@ -127,7 +201,8 @@ class IgtlOutputs:
 
 def pack_result(result: Result, **options: Any) -> list[bytes]:
     """The messages for one Result (:meth:`IgtlOutputs.pack`); ``options`` are the fields of
-    :class:`IgtlOutputs` (device names, header_version, send_flagged_transform, contour_devices).
+    :class:`IgtlOutputs` (device names, header_version, send_flagged_transform, contour_devices,
+    mri_labels_device, target_device, displacement_device, displacement_step).
 
     Raises:
         InputError: a bad option, or an overlay or labels array of the wrong shape or dtype.

@@ -74,11 +74,13 @@ def test_pyigtl_client_receives_overlay_labels_and_transform(server, pyigtl_clie
         assert image.world_coordinate_system == "ras" and image.timestamp == TS
         np.testing.assert_allclose(image.ijk_to_world_matrix, result.frame.image_to_reference,
                                    atol=1e-6)
-        assert image.metadata == {"Seq": "5", "Quality": "0.9000", "Flagged": "false"}
+        assert image.metadata == {"Seq": "5", "Quality": "0.9000", "Flagged": "false",
+                                  "Flags": "", "ErrorMm": "nan", "SegConfidence": "nan"}
     np.testing.assert_allclose(transform.matrix, result.mri_to_image, atol=1e-6)
     assert transform.timestamp == TS and transform.metadata["TransformStatus"] == "OK"
     stats = sink.stats()
-    assert stats["published"] == 1 and stats["server"]["messages_sent"] == 3
+    # Overlay, Labels, MRILabels, TargetContour, MRIToImage
+    assert stats["published"] == 1 and stats["server"]["messages_sent"] == 5
 
 
 def test_untracked_frame_is_placed_by_its_spacing():
@@ -98,7 +100,8 @@ def test_half_resolution_output_covers_the_same_area():
 
 def test_flagged_registration_is_not_published_as_a_transform():
     messages = pack_result(make_result(flagged=True))
-    assert [m[2:14].rstrip(b"\0") for m in messages] == [b"IMAGE", b"IMAGE"]
+    assert [m[14:34].rstrip(b"\0") for m in messages] == [b"Overlay", b"Labels", b"MRILabels",
+                                                           b"TargetContour"]
     messages = pack_result(make_result(flagged=True), send_flagged_transform=True)
     assert messages[-1][2:14].rstrip(b"\0") == b"TRANSFORM"
     assert b"INVALID" in messages[-1]

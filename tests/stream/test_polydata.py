@@ -94,10 +94,10 @@ def test_sink_sends_gland_and_lesion_outlines_before_the_transform():
                     overlay=np.zeros((10, 12, 3), np.uint8), quality=0.9, flagged=False)
     messages = pack_result(result, contour_devices=("ProstateContour", "LesionContour"))
     kinds = [(m[2:14].rstrip(b"\0"), m[14:34].rstrip(b"\0")) for m in messages]
-    assert kinds == [(b"IMAGE", b"Overlay"), (b"IMAGE", b"Labels"),
+    assert kinds == [(b"IMAGE", b"Overlay"), (b"IMAGE", b"Labels"), (b"IMAGE", b"MRILabels"),
                      (b"POLYDATA", b"ProstateContour"), (b"POLYDATA", b"LesionContour"),
-                     (b"TRANSFORM", b"MRIToImage")]
-    lesion = messages[3]
+                     (b"POLYDATA", b"TargetContour"), (b"TRANSFORM", b"MRIToImage")]
+    lesion = messages[4]
     fields = pyigtl.MessageBase.parse_header(lesion[:HEADER_SIZE])
     assert fields["header_version"] == 2
     # Header v2: skip the 12-byte extended header; metadata follows the content.

@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from regseg.errors import InputError, StreamError
-from regseg.stream.zmq_sink import ZmqSink, decode, encode
+from regseg.stream.zmq_sink import ZmqSink, decode, decode_parts, encode
 from regseg.types import Frame, Result
 
 WAIT_S = 5.0
@@ -72,6 +72,34 @@ def test_round_trip_through_a_sub_socket(sink, subscriber):
     assert sink.stats()["published"] >= 1
 
 
+def trusted_result(flagged: bool) -> Result:
+    warped = np.zeros((24, 40), np.uint8)
+    warped[5:15, 10:30] = 1
+    warped[8:12, 14:18] = 2
+    return replace(make_result(), warped_labels=warped, flagged=flagged,
+                   flags=("error_estimate",) if flagged else (), error_mm=1.25,
+                   seg_confidence=0.9, target_ij=(15.5, 9.5), target_margin_mm=2.5)
+
+
+def test_trust_fields_and_mri_labels_in_the_message():
+    result = trusted_result(flagged=False)
+    header, arrays = decode_parts([bytes(p) for p in encode(result)])
+    np.testing.assert_array_equal(arrays["mri_labels"], result.warped_labels)
+    assert header["v"] == 2 and header["flags"] == [] and header["error_mm"] == 1.25
+    assert header["seg_confidence"] == 0.9 and header["target_margin_mm"] == 2.5
+    assert header["target_ij"] == [15.5, 9.5]
+    # the frame's ImageToReference is diag(0.2, 0.3, 1): column i -> x, row j -> y
+    assert header["target_mm"] == pytest.approx([15.5 * 0.2, 9.5 * 0.3, 0.0])
+    assert header["jump_mm"] is None  # NaN: no temporal filter
+
+
+def test_flagged_message_carries_no_mri_labels_or_target():
+    header, arrays = decode_parts([bytes(p) for p in encode(trusted_result(flagged=True))])
+    assert header["flagged"] is True and header["flags"] == ["error_estimate"]
+    assert not arrays["mri_labels"].any()
+    assert header["target_mm"] is None and header["target_ij"] is None
+
+
 def test_a_result_that_cannot_be_encoded_is_counted_not_fatal(sink):
     bad = replace(make_result(), timings_ms={"total": "slow"})  # not a number: no JSON header
     sink.submit(bad)
@@ -106,10 +134,11 @@ def test_bind_conflict_is_a_stream_error(sink):
     "mutate, match",
     [
         (lambda p: p[:3], "3 parts"),
-        (lambda p: [p[0], b"{not json", p[2], p[3]], "not JSON"),
-        (lambda p: [p[0], p[1], bytes(p[2])[:-1], p[3]], "bytes for shape"),
-        (lambda p: [p[0], p[1].replace(b'"uint8"', b'"object"', 1), p[2], p[3]], "dtype 'object'"),
-        (lambda p: [p[0], b"[1]", p[2], p[3]], "JSON list"),
+        (lambda p: [p[0], b"{not json", *p[2:]], "not JSON"),
+        (lambda p: [p[0], p[1], bytes(p[2])[:-1], *p[3:]], "bytes for shape"),
+        (lambda p: [p[0], p[1].replace(b'"uint8"', b'"object"', 1), *p[2:]], "dtype 'object'"),
+        (lambda p: [p[0], b"[1]", *p[2:]], "JSON list"),
+        (lambda p: [p[0], p[1], p[2], p[3], bytes(p[4])[:-1]], "mri_labels: .* bytes for shape"),
     ],
 )
 def test_decode_refuses_what_does_not_match_its_header(mutate, match):

@@ -1,0 +1,167 @@
+"""Does the flag catch the frames the registration gets wrong? Detection and false alarms, measured.
+
+``python bench/trust.py --out /tmp/trust.json`` runs the live Pipeline (shipped AlignSegNet, the
+deformable stage as the CLI's default, the shipped QualityNet and its calibrated threshold) on
+held-out family-A phantoms (1000-1003; never trained on by AlignSegNet or QualityNet) with a
+constant ``reference_to_mri`` error of each level (a shift of that many mm in a random direction
+per phantom and level, on top of the simulator's own tracking error), and reports, per level and
+pooled: the published registration's true TRE (prostate pixels), the share of frames with
+TRE > 5 mm that are flagged (detection), the share of frames with TRE <= 2 mm (and <= 5 mm) that
+are flagged (false alarms), the error estimate's ROC AUC, and its median absolute error. Plus:
+frames of pure noise (uniform, Gaussian, speckle) on tracked poses — flagged? labels published? —
+and frames with no pose (PLUS INVALID) — flagged "untracked"?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import torch
+
+from regseg import metrics, spatial
+from regseg.engines.fusion import FusionEngine
+from regseg.sim.phantom import make_phantom
+from regseg.sim.scanner import SimulatedScanner
+from regseg.stream.context import build_context
+from regseg.stream.deformable import DeformableStage
+from regseg.stream.pipeline import Pipeline
+
+LEVELS_MM = (0.0, 3.0, 5.0, 7.5, 10.0, 15.0, 25.0)
+BAD_MM, GOOD_MM = 5.0, 2.0
+
+
+def shift(direction: np.ndarray, mm: float) -> np.ndarray:
+    out = np.eye(4)
+    out[:3, 3] = mm * direction
+    return out
+
+
+def tre_of(result) -> float:
+    truth = result.frame.truth
+    ji = np.argwhere(truth.labels > 0)
+    if len(ji) < 50:
+        return float("nan")
+    ji = ji[np.linspace(0, len(ji) - 1, min(1000, len(ji))).astype(int)]
+    return metrics.tre_mm(spatial.invert(result.mri_to_image), truth.image_to_mri, ji[:, ::-1])
+
+
+def noise_frame(kind: str, rng: np.random.Generator, like) -> np.ndarray:
+    hw = like.pixels.shape
+    if kind == "uniform":
+        return rng.integers(0, 256, hw, dtype=np.uint8)
+    if kind == "gaussian":
+        return np.clip(rng.normal(rng.uniform(60, 160), 40, hw), 0, 255).astype(np.uint8)
+    speckle = np.sqrt(-2 * np.log(rng.random(hw) + 1e-9)).astype(np.float32)
+    speckle = cv2.GaussianBlur(speckle, (0, 0), rng.uniform(0.7, 2.5))
+    speckle = np.clip(speckle / speckle.mean() * rng.uniform(50, 120), 0, 255)
+    return (speckle * (like.pixels > 0)).astype(np.uint8) if kind == "speckle_fan" else \
+        speckle.astype(np.uint8)
+
+
+def rates(rows: list[dict]) -> dict:
+    tre = np.array([r["tre_mm"] for r in rows])
+    est = np.array([r["error_mm"] for r in rows])
+    flagged = np.array([r["flagged"] for r in rows])
+    by_estimate = np.array(["error_estimate" in r["flags"] for r in rows])
+    ok = np.isfinite(tre)
+    tre, est, flagged, by_estimate = tre[ok], est[ok], flagged[ok], by_estimate[ok]
+    bad, good, fine = tre > BAD_MM, tre <= GOOD_MM, tre <= BAD_MM
+
+    def share(mask, of):
+        return round(float(mask[of].mean()), 4) if of.any() else None
+
+    auc = None
+    if bad.any() and good.any():  # P(estimate of a bad frame > that of a good frame)
+        b, g = est[bad][:, None], est[good][None, :]
+        auc = round(float((b > g).mean() + 0.5 * (b == g).mean()), 4)
+    return {
+        "frames": int(ok.sum()), "tre_median_mm": round(float(np.median(tre)), 3),
+        "tre_p90_mm": round(float(np.quantile(tre, 0.9)), 3),
+        "bad_frames": int(bad.sum()), "good_frames": int(good.sum()),
+        "detection": share(flagged, bad), "false_alarm_tre_le_2mm": share(flagged, good),
+        "false_alarm_tre_le_5mm": share(flagged, fine),
+        "detection_by_estimate": share(by_estimate, bad),
+        "false_alarm_by_estimate_le_2mm": share(by_estimate, good),
+        "auc_estimate_bad_vs_good": auc,
+        "estimate_median_abs_error_mm": round(float(np.median(np.abs(est - tre))), 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="/tmp/trust.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002, 1003])
+    parser.add_argument("--frames", type=int, default=30, help="frames per phantom and level")
+    parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS_MM))
+    parser.add_argument("--deformable", choices=["on", "off"], default="on")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.monotonic()
+    engine = FusionEngine("alignsegnet", backend="eager")
+    rows, noise_rows, untracked_rows = [], [], []
+    for seed in args.seeds:
+        phantom = make_phantom(seed)
+        scanner = SimulatedScanner(phantom, seed=seed)
+        context = build_context(phantom.mri, phantom.labels)
+        deformable = (DeformableStage(context, backend="eager") if args.deformable == "on"
+                      else None)
+        pipeline = Pipeline(context, engine, deformable=deformable)
+        rng = np.random.default_rng([seed, 99])
+        step = scanner.config.sweep_frames * 2 // args.frames
+        frames = [scanner.frame(k * step) for k in range(args.frames)]
+        for level in args.levels:
+            d = rng.standard_normal(3)
+            pipeline.set_reference_to_mri(shift(d / np.linalg.norm(d), level))
+            for frame in frames:
+                result = pipeline(frame)
+                rows.append({"seed": seed, "level_mm": level, "tre_mm": tre_of(result),
+                             "error_mm": result.error_mm, "flags": list(result.flags),
+                             "flagged": result.flagged})
+        pipeline.set_reference_to_mri(np.eye(4))
+        for k, frame in enumerate(frames[:12]):
+            kind = ("uniform", "gaussian", "speckle", "speckle_fan")[k % 4]
+            noisy = replace(frame, pixels=noise_frame(kind, rng, frame), truth=None)
+            result = pipeline(noisy)
+            noise_rows.append({"kind": kind, "flagged": result.flagged, "flags": list(result.flags),
+                               "labels_px": int(np.count_nonzero(result.labels)),
+                               "error_mm": result.error_mm})
+            result = pipeline(replace(frame, image_to_reference=None))
+            untracked_rows.append({"flagged": result.flagged, "flags": list(result.flags)})
+        print(f"phantom {seed} done ({time.monotonic() - t0:.0f} s)", flush=True)
+    summary = {
+        "command": shlex.join(["python", "bench/trust.py", *(argv or sys.argv[1:])]),
+        "seeds": args.seeds, "deformable": args.deformable,
+        "threshold_mm": pipeline.quality.threshold_mm,
+        "per_level": {str(level): rates([r for r in rows if r["level_mm"] == level])
+                      for level in args.levels},
+        "pooled": rates(rows),
+        "noise": {"frames": len(noise_rows),
+                  "flagged": float(np.mean([r["flagged"] for r in noise_rows])),
+                  "labels_published": float(np.mean([r["labels_px"] > 0 for r in noise_rows])),
+                  "reasons": {f: int(sum(f in r["flags"] for r in noise_rows))
+                              for f in ("no_content", "no_gland", "error_estimate")}},
+        "untracked": {"frames": len(untracked_rows),
+                      "flagged_untracked": float(np.mean(["untracked" in r["flags"]
+                                                          for r in untracked_rows]))},
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    with open(args.out, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: summary[k] for k in ("pooled", "noise", "untracked")}, indent=2))
+    for level, r in summary["per_level"].items():
+        print(f"{level:>5} mm: TRE med {r['tre_median_mm']:.2f} bad {r['bad_frames']:3d} "
+              f"good {r['good_frames']:3d} det {r['detection']} FA<=2 {r['false_alarm_tre_le_2mm']}"
+              f" FA<=5 {r['false_alarm_tre_le_5mm']} AUC {r['auc_estimate_bad_vs_good']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
