@@ -131,6 +131,9 @@ def evaluate(model: AlignSegNet, samples: SampleSet, *, batch_size: int = 64) ->
         arr = np.asarray(rows[key], dtype=np.float64)
         out_metrics[key + "_median"] = (float(np.nanmedian(arr)) if np.isfinite(arr).any()
                                         else float("nan"))
+    after = np.asarray(rows["tre_mm_after"], dtype=np.float64)
+    out_metrics["tre_mm_after_p90"] = (float(np.nanpercentile(after, 90))
+                                       if np.isfinite(after).any() else float("nan"))
     out_metrics["frames"] = len(samples)
     return out_metrics
 
