@@ -128,7 +128,7 @@ class BmodeRenderer:
         sigma = settings.cycles * period / 2.355
         zk = torch.arange(-int(3 * sigma / dz), int(3 * sigma / dz) + 1, device=dev) * dz
         pulse = torch.exp(-0.5 * (zk / sigma) ** 2) * torch.cos(2 * np.pi * zk / period)
-        self._pulse = (pulse / pulse.norm()).reshape(1, 1, -1)
+        pulse = pulse / pulse.norm()
         # Lateral PSF per depth, in beams: sigma grows away from the focus.
         sig_mm = settings.lateral_sigma_mm + settings.lateral_growth * (
             depth - settings.lateral_focus_mm).abs()
@@ -143,12 +143,17 @@ class BmodeRenderer:
                             settings.tgc_sliders_db)
         self._tgc = 10.0 ** ((nominal + t(sliders) + settings.gain_db) / 20.0)
         n = depth.numel()
-        self._nfft = 1 << int(np.ceil(np.log2(n)))
+        # Axial pulse and analytic-signal (Hilbert) filter as one spectrum: the RF and its
+        # envelope come from one FFT pair per frame (zero-padded: no wrap-around).
+        self._nfft = 1 << int(np.ceil(np.log2(n + pulse.numel())))
         hfilt = torch.zeros(self._nfft, device=dev)
         hfilt[0] = 1.0
         hfilt[1:self._nfft // 2] = 2.0
         hfilt[self._nfft // 2] = 1.0
-        self._hilbert = hfilt[:, None]
+        centred = torch.zeros(self._nfft, device=dev)
+        taps = torch.arange(pulse.numel(), device=dev) - pulse.numel() // 2
+        centred[taps % self._nfft] = pulse
+        self._axial = (torch.fft.fft(centred) * hfilt)[:, None]
         self._noise_amp = 10.0 ** (settings.noise_db / 20.0)
 
     def _lookup(self, volume: Tensor, w2n: np.ndarray, world: Tensor, mode: str) -> Tensor:
@@ -192,18 +197,16 @@ class BmodeRenderer:
         # Two-way attenuation accumulated down the beam (shadows behind strong attenuators).
         rf = refl * 10.0 ** (-_upsample_rows(loss_c, step, rows) / 20.0)
 
-        # PSF: axial pulse, then depth-dependent lateral Gaussian; electronic noise.
-        rf = F.conv1d(rf.T[:, None], self._pulse, padding=self._pulse.shape[-1] // 2)[:, 0].T
+        # PSF: depth-dependent lateral Gaussian and electronic noise (band-limited by the pulse
+        # like the receiver's filter), then the axial pulse and the analytic signal's magnitude.
         half = (self._lateral.shape[1] - 1) // 2
         padded = F.pad(rf[None], (half, half), mode="replicate")[0]
         rf = (padded.unfold(1, 2 * half + 1, 1) * self._lateral[:, None, :]).sum(-1)
         gen = torch.Generator(device=self.device).manual_seed(int(noise_seed) & (2**63 - 1))
-        noise = torch.randn(rf.shape, generator=gen, device=self.device)
-        rf = rf + self._noise_amp * noise
-
-        # Envelope of the analytic signal; reverberation of the near-field (probe-wall) echo.
-        spec = torch.fft.fft(rf, n=self._nfft, dim=0) * self._hilbert
+        rf = rf + self._noise_amp * torch.randn(rf.shape, generator=gen, device=self.device)
+        spec = torch.fft.fft(rf, n=self._nfft, dim=0) * self._axial
         env = torch.fft.ifft(spec, dim=0)[: rf.shape[0]].abs()
+        # Reverberation of the near-field (probe-wall) echo.
         near = int(8.0 / b.dz_mm)
         wall = int(env[:near].mean(1).argmax()) + 1
         echo = env[: 2 * wall].clone()
