@@ -204,6 +204,13 @@ class IgtlServer:
                 lambda: len(self._clients) >= count or self._closing, timeout=timeout
             ) and not self._closing
 
+    def wait_until(self, predicate: Callable[[dict], bool], timeout: float | None = None) -> bool:
+        """Wait until ``predicate(self.stats())`` holds (checked after each turn of the I/O
+        loop); False on timeout or close. For tests and tools that must not sleep."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._closing or predicate(self.stats()),
+                                       timeout=timeout) and not self._closing
+
     def stats(self) -> dict:
         """Counters: clients (connected, accepted, refused), messages_sent, drops, send failures
         and timeouts, throttling, and ``received``: what clients sent us, by fate (messages
@@ -267,6 +274,8 @@ class IgtlServer:
                         if mask & selectors.EVENT_WRITE and client.sock in self._clients:
                             self._send(client)
                 self._service()
+                with self._lock:
+                    self._lock.notify_all()  # wait_until() and wait_for_clients()
         except Exception:  # a bug here must not pass silently: every client would hang
             log.exception("OpenIGTLink server %d: I/O thread failed", self.port)
         finally:

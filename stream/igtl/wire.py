@@ -186,7 +186,10 @@ class MessageReader:
                 while self._need > 0:
                     if self._budget == 0 or self._past_deadline():
                         return None
-                    chunk = memoryview(self._buf)[: min(self._need, _DISCARD_CHUNK)]
+                    size = min(self._need, _DISCARD_CHUNK)
+                    if self._budget > 0:
+                        size = min(size, self._budget)
+                    chunk = memoryview(self._buf)[:size]
                     self._have = 0
                     if not self._fill(chunk, partial_ok=True):
                         return None
