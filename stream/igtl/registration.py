@@ -25,6 +25,7 @@ import numpy as np
 from pyigtl.messages import MessageBase, TransformMessage
 
 from regseg.errors import InputError
+from regseg.geometry import check_affine
 from regseg.stream.igtl.wire import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -84,19 +85,15 @@ def peer_host(peer: str) -> str:
 
 
 def registration_problem(matrix: np.ndarray) -> str | None:
-    """Why ``matrix`` is not a usable ReferenceToMRI (None if it is): finite (4, 4) affine with
-    last row 0 0 0 1, no reflection, scales within :data:`SCALE_RANGE`."""
-    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
-        return f"shape {matrix.shape} or non-finite values; a finite 4x4 matrix expected"
-    if not np.allclose(matrix[3], [0, 0, 0, 1]):
-        return f"last row {matrix[3].tolist()}; 0 0 0 1 expected (an affine)"
-    scales = np.linalg.svd(matrix[:3, :3], compute_uv=False)
+    """Why ``matrix`` is not a usable ReferenceToMRI (None if it is): a finite, invertible affine
+    (:func:`regseg.geometry.check_affine`) with scales within :data:`SCALE_RANGE` (MRI and tracker
+    are both in mm: a registration is near-rigid) and no reflection."""
+    try:
+        check_affine(matrix, what="matrix", scale_range=SCALE_RANGE)
+    except InputError as exc:
+        return str(exc)
     if np.linalg.det(matrix[:3, :3]) <= 0:
-        return "determinant <= 0 (singular or a reflection); a rotation expected"
-    low, high = SCALE_RANGE
-    if scales.min() < low or scales.max() > high:
-        return (f"scales {np.round(scales, 3).tolist()}; within {low}..{high} expected (MRI and "
-                "tracker are both in mm: a registration is near-rigid)")
+        return "a reflection (determinant < 0); a rotation expected"
     return None
 
 
