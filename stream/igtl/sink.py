@@ -1,20 +1,18 @@
 """The OpenIGTLink sink: overlay, predicted labels and registration, to every client of a server.
 
-Also what Slicer sends back: an ``MRIToReference`` TRANSFORM (the user's initial registration,
-:class:`RegistrationListener`), applied from the next frame on.
+What Slicer sends back (an ``MRIToReference`` TRANSFORM) is taken, under the network safeguards,
+by :class:`regseg.stream.igtl.registration.RegistrationListener`.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
-from pyigtl.messages import ImageMessage, MessageBase, TransformMessage
+from pyigtl.messages import ImageMessage
 
 from regseg.clock import ms_between, now_ns, wall_s
 from regseg.stream.igtl.codec import (
@@ -27,7 +25,6 @@ from regseg.stream.igtl.codec import (
 from regseg.stream.igtl.polydata import pack_outline
 from regseg.stream.igtl.server import IgtlServer
 from regseg.stream.igtl.status import STATUS_OK, STATUS_TIME_OUT, pack_status
-from regseg.stream.igtl.wire import RateLimitedLog
 from regseg.stream.sink_thread import SinkThread
 from regseg.types import LESION, Frame, Result
 
@@ -280,64 +277,3 @@ class IgtlSink:
             self.withheld_transforms += 1
         self.server.broadcast(messages)
         self.published += 1
-
-
-#: TRANSFORM device names Slicer may send with the initial registration, and whether the matrix
-#: must be inverted to give ReferenceToMRI (the pipeline's ``reference_to_mri``).
-REGISTRATION_DEVICES = {"MRIToReference": True, "ReferenceToMRI": False}
-
-
-class RegistrationListener:
-    """Takes the user's initial registration from Slicer: an ``MRIToReference`` TRANSFORM.
-
-    Use as an :class:`IgtlServer` ``on_message`` callback (it runs on the client's reader thread).
-    ``MRIToReference`` maps MRI RAS mm to the tracker's Reference frame (Slicer's convention for a
-    transform node named A-To-B); its inverse is handed to ``apply`` (e.g.
-    ``Pipeline.set_reference_to_mri``). ``ReferenceToMRI`` is taken as is. A matrix that is not a
-    finite, invertible affine is refused and counted; other messages are ignored.
-    Until :meth:`bind` gives ``apply``, the latest good matrix is kept and handed over then.
-    """
-
-    def __init__(self, apply: Callable[[np.ndarray], None] | None = None) -> None:
-        self._lock = threading.Lock()
-        self._apply = apply
-        self._pending: np.ndarray | None = None
-        self.applied = 0
-        self.refused = 0
-        self.last_peer = ""
-        self._log = RateLimitedLog(log)
-
-    def bind(self, apply: Callable[[np.ndarray], None]) -> None:
-        """Set where matrices go; a matrix received before this call is handed over now."""
-        with self._lock:
-            self._apply, pending, self._pending = apply, self._pending, None
-        if pending is not None:
-            apply(pending)
-
-    def __call__(self, message: MessageBase, peer: str) -> None:
-        invert = REGISTRATION_DEVICES.get(message.device_name)
-        if invert is None or not isinstance(message, TransformMessage):
-            return
-        matrix = np.array(message.matrix, dtype=np.float64)
-        ok = (matrix.shape == (4, 4) and np.isfinite(matrix).all()
-              and np.allclose(matrix[3], [0, 0, 0, 1])
-              and abs(np.linalg.det(matrix[:3, :3])) > 1e-9)
-        if not ok:
-            self.refused += 1
-            self._log.warning("refused", f"OpenIGTLink {peer}: {message.device_name} refused: "
-                              f"{matrix.tolist()} is not a finite invertible affine")
-            return
-        reference_to_mri = np.linalg.inv(matrix) if invert else matrix
-        with self._lock:
-            apply = self._apply
-            if apply is None:
-                self._pending = reference_to_mri
-        if apply is not None:
-            apply(reference_to_mri)
-        self.applied += 1
-        self.last_peer = peer
-        log.info("OpenIGTLink %s: %s received; used from the next frame", peer,
-                 message.device_name)
-
-    def stats(self) -> dict:
-        return {"applied": self.applied, "refused": self.refused, "last_peer": self.last_peer}
