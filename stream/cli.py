@@ -6,20 +6,25 @@ import argparse
 import signal
 import sys
 import threading
-from pathlib import Path
-from urllib.parse import urlparse
 
-import numpy as np
-import torch
-
-from regseg.errors import InputError, RegsegError
-from regseg.stream.capture import (
-    MULTI_START_DEFAULT,
-    REFINE_ITERATIONS,
-    TEMPORAL_FILTER_DEFAULT,
-    build_capture,
+# Only the standard library and regseg's light modules at import time: Ctrl-C must find main()'s
+# handler installed as early as possible, so numpy, torch and the rest are imported in functions.
+from regseg.cli_checks import (
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    Once,
+    Parser,
+    check_checkpoint,
+    check_port_free,
+    check_readable_file,
+    check_writable,
+    check_zmq_endpoint,
+    float_at_least,
+    host_port,
+    int_at_least,
+    memory_message,
 )
-from regseg.stream.stats import format_summary, write_json
+from regseg.errors import InputError, RegsegError
 
 EPILOG = """examples:
   regseg-stream --demo --max-frames 200
@@ -38,105 +43,131 @@ DEFORMABLE_DEFAULT = "on"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="regseg-stream", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Live MRI-TRUS fusion: register the MRI to every "
-                                "ultrasound frame, segment prostate and lesion, publish overlays.")
+    from regseg.geometry import MAX_FRAME_PIXELS
+    from regseg.stream.capture import (
+        MULTI_START_DEFAULT,
+        REFINE_ITERATIONS,
+        TEMPORAL_FILTER_DEFAULT,
+    )
+
+    p = Parser(prog="regseg-stream", epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Live MRI-TRUS fusion: register the MRI to every ultrasound frame, "
+               "segment prostate and lesion, publish overlays.")
     p.add_argument("--demo", action="store_true",
                    help="simulated scanner on a generated phantom case; no files needed")
-    p.add_argument("--mri", help="patient MRI, 3-D NIfTI (T2)")
-    p.add_argument("--mri-labels", help="labels: 3-D NIfTI on the MRI grid: 1 prostate, 2 lesion")
-    p.add_argument("--source", default=None,
+    p.add_argument("--mri", action=Once, help="patient MRI, 3-D NIfTI (T2)")
+    p.add_argument("--mri-labels", action=Once,
+                   help="labels: 3-D NIfTI on the MRI grid: 1 prostate, 2 lesion")
+    p.add_argument("--source", action=Once, default=None,
                    help="igtl://HOST:PORT (PLUS or scanner OpenIGTLink server), sim://[SEED] "
                    "(simulated scanner), file://PATH (PLUS sequence file .igs.mha/.seq.nrrd ...), "
                    "grabber://N (capture device N) or a video file path; default sim:// with "
                    "--demo")
-    p.add_argument("--image-device", default=None,
+    p.add_argument("--image-device", action=Once, default=None,
                    help="IMAGE device to use (default: the first seen, e.g. Image_Reference)")
     p.add_argument("--serve", action="append", default=None,
                    help="OpenIGTLink server for 3D Slicer, igtl://HOST:PORT (repeatable; 'none' "
                    "for no server; default igtl://127.0.0.1:18945 with --demo)")
-    p.add_argument("--zmq", default=None,
+    p.add_argument("--zmq", action=Once, default=None,
                    help="ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556 ('none' for none; default "
                    "tcp://127.0.0.1:5556 with --demo)")
-    p.add_argument("--reference-to-mri", default=None,
+    p.add_argument("--reference-to-mri", action=Once, default=None,
                    help="text file with the 4x4 ReferenceToMRI matrix (initial registration); "
                    "default identity")
-    p.add_argument("--max-frames", type=int, default=None, help="stop after this many results")
-    p.add_argument("--fps", type=float, default=30.0,
+    p.add_argument("--max-frames", action=Once, type=int_at_least(1), default=None,
+                   help="stop after this many results")
+    p.add_argument("--fps", action=Once, type=float_at_least(0.0, 1000.0), default=30.0,
                    help="simulated scanner frame rate (0 = flat out)")
-    p.add_argument("--seed", type=int, default=0, help="phantom and scanner seed for sim://")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--backend", default="auto",
+    p.add_argument("--seed", action=Once, type=int_at_least(0), default=0,
+                   help="phantom and scanner seed for sim://")
+    p.add_argument("--device", action=Once, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--backend", action=Once, default="auto",
                    choices=["auto", "eager", "compiled", "onnxrt", "tensorrt"],
                    help="engine backend; auto (default) builds the candidates for the device, "
                    "checks each against eager and takes the fastest (the choice is printed)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--precision", action=Once, default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="engine precision (fp16/bf16: matmuls and convolutions low, norms fp32)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="CUDA: capture the whole per-frame chain as one CUDA graph")
-    p.add_argument("--weights", default=None, help="AlignSegNet checkpoint (default: shipped)")
-    p.add_argument("--deformable", choices=["on", "off"], default=DEFORMABLE_DEFAULT,
+    p.add_argument("--weights", action=Once, default=None,
+                   help="AlignSegNet checkpoint (default: shipped)")
+    p.add_argument("--deformable", action=Once, choices=["on", "off"], default=DEFORMABLE_DEFAULT,
                    help="refine the affine registration with the 2-D PLCReg (issue 4; default "
                    f"{DEFORMABLE_DEFAULT}, see README 'Registration')")
-    p.add_argument("--deformable-weights", default="plcreg2d",
+    p.add_argument("--deformable-weights", action=Once, default="plcreg2d",
                    help="2-D PLCReg checkpoint for --deformable on (default: shipped)")
-    p.add_argument("--refine-iterations", type=int, default=REFINE_ITERATIONS, metavar="K",
+    p.add_argument("--refine-iterations", action=Once, type=int_at_least(1),
+                   default=REFINE_ITERATIONS, metavar="K",
                    help="registrations per frame, each on the MRI resliced at the estimate so far "
                    f"(default {REFINE_ITERATIONS}; README 'Capture range')")
-    p.add_argument("--multi-start", choices=["on", "off"], default=MULTI_START_DEFAULT,
+    p.add_argument("--multi-start", action=Once, choices=["on", "off"],
+                   default=MULTI_START_DEFAULT,
                    help="register 7 start hypotheses (shifts, rotations) in one batched call and "
                    f"keep the best (default {MULTI_START_DEFAULT})")
-    p.add_argument("--temporal-filter", choices=["on", "off"], default=TEMPORAL_FILTER_DEFAULT,
+    p.add_argument("--temporal-filter", action=Once, choices=["on", "off"],
+                   default=TEMPORAL_FILTER_DEFAULT,
                    help="filter the correction over frames, start each frame from it, report "
                    f"jump_mm (default {TEMPORAL_FILTER_DEFAULT})")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", action=Once, type=int_at_least(1), default=None,
                    help="CPU threads for torch (default on CPU: 1; the per-frame glue ops are too "
                    "small to gain from more, and two busy thread pools thrash on 2 cores)")
-    p.add_argument("--engine-threads", type=int, default=None,
+    p.add_argument("--engine-threads", action=Once, type=int_at_least(1), default=None,
                    help="threads of the engine's own pool (onnxrt); default: --threads")
-    p.add_argument("--stats-json", default=None, help="write the exit summary here as JSON")
+    p.add_argument("--max-frame-pixels", action=Once, type=int_at_least(64 * 64),
+                   default=MAX_FRAME_PIXELS,
+                   help="frames with more pixels are refused and counted (refused_frames."
+                   f"too_large); default {MAX_FRAME_PIXELS} = 2048x2048, 4x the largest TRUS "
+                   "frames PLUS streams; OpenIGTLink IMAGE bodies above the matching size are "
+                   "skipped unread")
+    p.add_argument("--stats-json", action=Once, default=None,
+                   help="write the exit summary here as JSON (checked writable at start)")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     io = p.add_argument_group("interoperability and recording")
-    io.add_argument("--replay-rate", choices=["recorded", "max"], default="recorded",
+    io.add_argument("--replay-rate", action=Once, choices=["recorded", "max"], default="recorded",
                     help="file:// and video replay: at the recorded rate, or flat out (the "
                     "pipeline then takes the newest frame; skips are counted)")
-    io.add_argument("--record", default=None, metavar="PATH",
+    io.add_argument("--record", action=Once, default=None, metavar="PATH",
                     help="record every incoming frame with its pose and time as a PLUS sequence "
                     "file (.igs.mha, .seq.mha, .igs.nrrd, .seq.nrrd)")
     io.add_argument("--record-outputs", action="store_true",
                     help="with --record, also record labels and overlays (PATH_Labels.*, "
                     "PATH_Overlay.*) with MRIToImage per frame")
-    io.add_argument("--grabber-crop", default=None, metavar="X,Y,W,H",
+    io.add_argument("--grabber-crop", action=Once, default=None, metavar="X,Y,W,H",
                     help="grabber/video: the ultrasound image inside the captured frame, pixels")
-    io.add_argument("--grabber-spacing-mm", default="0.2,0.2", metavar="ROW,COL",
+    io.add_argument("--grabber-spacing-mm", action=Once, default="0.2,0.2", metavar="ROW,COL",
                     help="grabber/video: pixel size of the cropped image in mm (default 0.2,0.2)")
-    io.add_argument("--pose-source", default=None, metavar="igtl://HOST:PORT",
+    io.add_argument("--pose-source", action=Once, default=None, metavar="igtl://HOST:PORT",
                     help="grabber/video: take ImageToReference TRANSFORMs from this OpenIGTLink "
                     "server (untracked without it)")
-    io.add_argument("--igtl-header-version", type=int, choices=[1, 2], default=2,
+    io.add_argument("--igtl-header-version", action=Once, type=int, choices=[1, 2], default=2,
                     help="OpenIGTLink header version we send: 2 (Slicer, PLUS; metadata) or 1 "
                     "(OpenIGTLink <= 2.x receivers such as Debian's 1.11 library)")
     io.add_argument("--no-contours", action="store_true",
                     help="do not send the ProstateContour/LesionContour POLYDATA outlines")
     net = p.add_argument_group("network safeguards (OpenIGTLink server)")
-    net.add_argument("--max-clients", type=int, default=8,
+    net.add_argument("--max-clients", action=Once, type=int_at_least(1), default=8,
                      help="clients each --serve server takes at once; more are refused and "
                      "counted (default 8)")
-    net.add_argument("--accept-registration-from", default=None, metavar="HOST[,HOST]",
+    net.add_argument("--accept-registration-from", action=Once, default=None,
+                     metavar="HOST[,HOST]",
                      help="hosts whose MRIToReference/ReferenceToMRI TRANSFORM may change the "
                      "registration (default: none; every such TRANSFORM is refused and logged)")
-    net.add_argument("--registration-max-jump-mm", type=float, default=10.0,
+    net.add_argument("--registration-max-jump-mm", action=Once,
+                     type=float_at_least(1e-3, 1e3), default=10.0,
                      help="refuse a registration change moving the prostate centre further "
                      "(default 10 mm)")
-    net.add_argument("--registration-max-jump-deg", type=float, default=10.0,
+    net.add_argument("--registration-max-jump-deg", action=Once,
+                     type=float_at_least(1e-3, 180.0), default=10.0,
                      help="refuse a registration change turning more (default 10 degrees)")
     net.add_argument("--allow-registration-jump", action="store_true",
                      help="take registration changes above both limits (still logged)")
     return p
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str):
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -148,26 +179,21 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _host_port(url: str, scheme: str, flag: str) -> tuple[str, int]:
-    parsed = urlparse(url)
-    if parsed.scheme != scheme or not parsed.hostname or parsed.port is None:
-        raise InputError(f"{flag} {url!r}: expected {scheme}://HOST:PORT, e.g. "
-                         f"{scheme}://127.0.0.1:18944")
-    return parsed.hostname, parsed.port
+def _reference_to_mri(path: str | None):
+    """The --reference-to-mri matrix, (4, 4) float64, checked by regseg.geometry.check_affine."""
+    import numpy as np
 
+    from regseg.geometry import check_affine
 
-def _reference_to_mri(path: str | None) -> np.ndarray | None:
     if path is None:
         return None
+    check_readable_file(path, "--reference-to-mri")
     try:
-        m = np.loadtxt(path, dtype=np.float64)
+        m = np.loadtxt(path, dtype=np.float64, ndmin=2)
     except (OSError, ValueError) as exc:
         raise InputError(f"--reference-to-mri {path}: cannot read a matrix ({exc}); a text file "
-                         "with 4 rows of 4 numbers is expected") from exc
-    if m.shape != (4, 4) or not np.allclose(m[3], [0, 0, 0, 1]):
-        raise InputError(f"--reference-to-mri {path}: got shape {m.shape}; a 4x4 affine matrix "
-                         "with last row 0 0 0 1 is expected")
-    return m
+                         "with 4 rows of 4 numbers is expected") from None
+    return check_affine(m, what=f"--reference-to-mri {path}")
 
 
 def _sim_seed(source: str, default: int) -> int:
@@ -180,179 +206,304 @@ def _sim_seed(source: str, default: int) -> int:
 
 
 def _spacing(text: str) -> tuple[float, float]:
+    from regseg.geometry import SPACING_RANGE_MM
+
+    lo, hi = SPACING_RANGE_MM
     try:
         row, col = (float(v) for v in text.split(","))
-    except ValueError as exc:
+    except ValueError:
         raise InputError(f"--grabber-spacing-mm {text!r}: ROW,COL in mm expected, e.g. 0.2,0.2"
-                         ) from exc
+                         ) from None
+    if not (lo <= row <= hi and lo <= col <= hi):
+        raise InputError(f"--grabber-spacing-mm {text!r}: each between {lo} and {hi} mm expected")
     return row, col
 
 
-def _file_or_grabber_source(args, source_url: str, slot):
-    """FileSource for file:// sequence files; GrabberSource for grabber://N and video files."""
-    from regseg.stream.grabber_source import VIDEO_EXTENSIONS, GrabberSource, parse_crop
-
-    path = source_url[len("file://"):] if source_url.startswith("file://") else source_url
-    if source_url.startswith("grabber://") or path.lower().endswith(VIDEO_EXTENSIONS):
-        device = source_url[len("grabber://"):] if source_url.startswith("grabber://") else path
-        if device.isdigit():
-            device = int(device)
-        pose_source = None
-        if args.pose_source:
-            from regseg.stream.igtl.source import IgtlSource
-
-            host, port = _host_port(args.pose_source, "igtl", "--pose-source")
-            pose_source = IgtlSource(host, port)
-        crop = parse_crop(args.grabber_crop) if args.grabber_crop else None
-        return GrabberSource(device, slot, crop=crop, spacing_mm=_spacing(args.grabber_spacing_mm),
-                             pose_source=pose_source,
-                             fps=0.0 if args.replay_rate == "max" else None)
-    from regseg.stream.file_source import FileSource
-
-    return FileSource(path, slot, rate=args.replay_rate)
+def _source_kind(url: str) -> str:
+    for scheme in ("sim", "igtl", "file", "grabber"):
+        if url.startswith(f"{scheme}://"):
+            return scheme
+    if "://" in url:
+        raise InputError(f"--source {url!r}: unknown scheme; expected igtl://HOST:PORT, "
+                         "sim://[SEED], file://PATH.igs.mha, grabber://N or a video file")
+    return "video"
 
 
-def _context_and_source(args, device, slot=None):
-    """MRI context and frame source for the parsed arguments (imports here keep start-up quick)."""
-    from regseg.stream.context import build_context, load_context
-    from regseg.stream.slot import LatestSlot
+def check_args(args) -> argparse.Namespace:
+    """Validate every input of ``regseg-stream`` before any work starts; the resolved plan.
 
-    slot = slot if slot is not None else LatestSlot()
+    Nothing is loaded, built, bound or written here: files are checked readable, outputs
+    writable (a temporary file, removed), ports free (bound and released), URLs well formed,
+    checkpoints of the right model, the initial registration a sane affine. Flag values that
+    argparse can check (numbers, choices, repeated flags) were checked while parsing.
 
-    source_url = args.source or ("sim://" if args.demo else None)
-    if source_url is None:
+    Raises:
+        InputError: the first bad input, naming the flag, the value and what is expected.
+    """
+    from regseg.engines.registration import SHIPPED
+    from regseg.geometry import FrameLimits
+    from regseg.models.registry import WEIGHTS_DIR
+    from regseg.stream.grabber_source import parse_crop
+    from regseg.stream.igtl.registration import parse_hosts
+    from regseg.stream.sequence_file import SEQUENCE_EXTENSIONS
+
+    plan = argparse.Namespace()
+    plan.device = _device(args.device)
+    url = args.source or ("sim://" if args.demo else None)
+    if url is None:
         raise InputError("no --source given: use --source igtl://HOST:PORT for a scanner or PLUS "
                          "server, or --demo for the simulated scanner")
-    if source_url.startswith("sim://"):
+    plan.source_url, plan.kind = url, _source_kind(url)
+    if plan.kind == "sim":
+        if args.mri or args.mri_labels:
+            raise InputError("--mri/--mri-labels cannot be used with the simulated scanner: it "
+                             "images its own phantom case (write it with `regseg phantom`)")
+        plan.seed = _sim_seed(url, args.seed)
+    else:
+        if not (args.mri and args.mri_labels):
+            raise InputError(f"--source {url}: needs the patient case: --mri case.nii.gz "
+                             "--mri-labels case_labels.nii.gz")
+    if plan.kind == "igtl":
+        plan.source_host, plan.source_port = host_port(url, "igtl", "--source")
+    elif plan.kind == "file":
+        path = url[len("file://"):]
+        if not path.lower().endswith(SEQUENCE_EXTENSIONS):
+            raise InputError(f"--source {url}: not a sequence file name; expected a PLUS "
+                             f"sequence file ({', '.join(SEQUENCE_EXTENSIONS[:6])})")
+    elif plan.kind == "grabber":
+        if not url[len("grabber://"):].isdigit():
+            raise InputError(f"--source {url!r}: expected grabber://N with a device number N")
+    elif plan.kind == "video" and not url.lower().endswith(_video_extensions()):
+        raise InputError(f"--source {url!r}: not a URL and not a video file ("
+                         f"{', '.join(_video_extensions())}); expected igtl://HOST:PORT, sim://, "
+                         "file://PATH.igs.mha or grabber://N")
+    grabbing = plan.kind in ("grabber", "video")
+    for flag, value in (("--pose-source", args.pose_source), ("--grabber-crop", args.grabber_crop)):
+        if value is not None and not grabbing:
+            raise InputError(f"{flag} {value}: only for grabber://N or a video --source")
+    plan.pose_source = host_port(args.pose_source, "igtl", "--pose-source") \
+        if args.pose_source else None
+    plan.crop = parse_crop(args.grabber_crop) if args.grabber_crop else None
+    plan.spacing_mm = _spacing(args.grabber_spacing_mm)
+    plan.reference_to_mri = _reference_to_mri(args.reference_to_mri)
+    plan.registration_hosts = parse_hosts(args.accept_registration_from)
+    if args.record_outputs and not args.record:
+        raise InputError("--record-outputs needs --record PATH.igs.mha")
+    if args.record:
+        if not args.record.lower().endswith(SEQUENCE_EXTENSIONS):
+            raise InputError(f"--record {args.record}: not a sequence file name; expected one of "
+                             f"{', '.join(SEQUENCE_EXTENSIONS[:6])}")
+        check_writable(args.record, "--record")
+    if args.stats_json:
+        check_writable(args.stats_json, "--stats-json")
+    if args.weights is not None:
+        check_checkpoint(args.weights, "--weights", "alignsegnet",
+                         shipped={"alignsegnet": WEIGHTS_DIR / "alignsegnet.pt"})
+    if args.deformable == "on":
+        check_checkpoint(args.deformable_weights, "--deformable-weights", "plcreg", ndim=2,
+                         shipped={name: WEIGHTS_DIR / f"{name}.pt" for name in SHIPPED})
+    plan.serve = []
+    serve = args.serve if args.serve is not None else (["igtl://127.0.0.1:18945"] if args.demo
+                                                       else [])
+    bound: dict[tuple[str, int], str] = {}
+    for value in serve:
+        if value == "none":
+            continue
+        host, port = host_port(value, "igtl", "--serve")
+        _claim(bound, host, port, f"--serve {value}")
+        check_port_free(host, port, f"--serve {value}")
+        plan.serve.append((value, host, port))
+    zmq = args.zmq if args.zmq is not None else ("tcp://127.0.0.1:5556" if args.demo else None)
+    plan.zmq = zmq if zmq and zmq != "none" else None
+    if plan.zmq:
+        if plan.zmq.startswith("tcp://"):
+            _claim(bound, *host_port(plan.zmq, "tcp", "--zmq"), f"--zmq {plan.zmq}")
+        check_zmq_endpoint(plan.zmq)
+    plan.limits = FrameLimits(max_pixels=args.max_frame_pixels)
+    # Files last, so every flag is checked even when a path is wrong; their content is read
+    # (and checked) when the source opens and the case loads.
+    if plan.kind in ("file", "video"):
+        check_readable_file(url[len("file://"):] if plan.kind == "file" else url, "--source")
+    if plan.kind != "sim":
+        check_readable_file(args.mri, "--mri")
+        check_readable_file(args.mri_labels, "--mri-labels")
+    return plan
+
+
+def _video_extensions() -> tuple[str, ...]:
+    from regseg.stream.grabber_source import VIDEO_EXTENSIONS as extensions
+
+    return extensions
+
+
+def _claim(bound: dict, host: str, port: int, flag: str) -> None:
+    if port in {p for _, p in bound}:
+        other = next(v for (_, p), v in bound.items() if p == port)
+        raise InputError(f"{flag}: port {port} is also used by {other}; one port per server")
+    bound[(host, port)] = flag
+
+
+def _file_or_grabber_source(args, plan, slot):
+    """FileSource for file:// sequence files; GrabberSource for grabber://N and video files."""
+    if plan.kind == "file":
+        from regseg.stream.file_source import FileSource
+
+        return FileSource(plan.source_url[len("file://"):], slot, rate=args.replay_rate)
+    from regseg.stream.grabber_source import GrabberSource
+
+    device = plan.source_url
+    if plan.kind == "grabber":
+        device = int(plan.source_url[len("grabber://"):])
+    pose_source = None
+    if plan.pose_source:
+        from regseg.stream.igtl.source import IgtlSource
+
+        pose_source = IgtlSource(*plan.pose_source)
+    return GrabberSource(device, slot, crop=plan.crop, spacing_mm=plan.spacing_mm,
+                         pose_source=pose_source,
+                         fps=0.0 if args.replay_rate == "max" else None)
+
+
+def _context_and_source(args, plan, slot):
+    """MRI context and frame source for the checked plan (imports here keep start-up quick)."""
+    from regseg.stream.context import build_context, load_context
+
+    if plan.kind == "sim":
         from regseg.sim.phantom import make_phantom
         from regseg.sim.scanner import SimulatedScanner
         from regseg.stream.source import SimSource
 
-        if args.mri or args.mri_labels:
-            raise InputError("--mri/--mri-labels cannot be used with the simulated scanner: it "
-                             "images its own phantom case (write it with `regseg phantom`)")
-        seed = _sim_seed(source_url, args.seed)
-        phantom = make_phantom(seed)
-        context = build_context(phantom.mri, phantom.labels, device)
-        source = SimSource(SimulatedScanner(phantom, seed=seed), slot, fps=args.fps)
-    elif source_url.startswith("igtl://"):
-        if not (args.mri and args.mri_labels):
-            raise InputError("--source igtl:// needs the patient case: --mri case.nii.gz "
-                             "--mri-labels case_labels.nii.gz")
-        context = load_context(args.mri, args.mri_labels, device)
+        phantom = make_phantom(plan.seed)
+        context = build_context(phantom.mri, phantom.labels, plan.device)
+        return context, SimSource(SimulatedScanner(phantom, seed=plan.seed), slot, fps=args.fps)
+    if plan.kind == "igtl":
         from regseg.stream.igtl.source import IgtlSource
+        from regseg.stream.igtl.wire import image_body_limit
 
-        host, port = _host_port(source_url, "igtl", "--source")
-        source = IgtlSource(host, port, slot, image_device=args.image_device)
-    elif source_url.startswith(("file://", "grabber://")) or "://" not in source_url:
-        if not (args.mri and args.mri_labels):
-            raise InputError(f"--source {source_url}: needs the patient case: --mri case.nii.gz "
-                             "--mri-labels case_labels.nii.gz")
-        source = _file_or_grabber_source(args, source_url, slot)
-        context = load_context(args.mri, args.mri_labels, device)
-    else:
-        raise InputError(f"--source {source_url!r}: unknown scheme; expected igtl://HOST:PORT, "
-                         "sim://[SEED], file://PATH.igs.mha, grabber://N or a video file")
-    return context, source, source_url
+        source = IgtlSource(plan.source_host, plan.source_port, slot,
+                            image_device=args.image_device,
+                            max_image_bytes=image_body_limit(plan.limits.max_pixels))
+    else:  # opened first: a missing device or unreadable file fails before the MRI loads
+        source = _file_or_grabber_source(args, plan, slot)
+    try:
+        return load_context(args.mri, args.mri_labels, plan.device), source
+    except BaseException:
+        source.stop()
+        raise
 
 
-def _sinks(args, on_message=None) -> tuple[list, list[str]]:
-    """The sinks the arguments ask for, opened (servers bound); returns them and their URLs.
+def _sinks(args, plan, on_message=None) -> tuple[list, list[str]]:
+    """The sinks the plan asks for, opened (servers bound); returns them and their URLs.
 
     ``on_message`` receives what Slicer sends to our OpenIGTLink servers (MRIToReference).
     """
     sinks, urls = [], []
     contours = None if args.no_contours else ("ProstateContour", "LesionContour")
-    serve = args.serve if args.serve is not None else (["igtl://127.0.0.1:18945"] if args.demo
-                                                       else [])
-    for url in serve:
-        if url == "none":
-            continue
-        from regseg.stream.igtl.server import IgtlServer
-        from regseg.stream.igtl.sink import IgtlSink
+    try:
+        for url, host, port in plan.serve:
+            from regseg.stream.igtl.server import IgtlServer
+            from regseg.stream.igtl.sink import IgtlSink
 
-        host, port = _host_port(url, "igtl", "--serve")
-        sinks.append(IgtlSink(IgtlServer(host, port, on_message=on_message,
-                                         max_clients=args.max_clients),
-                              header_version=args.igtl_header_version, contour_devices=contours))
-        urls.append(url)
-    zmq_url = args.zmq if args.zmq is not None else ("tcp://127.0.0.1:5556" if args.demo else None)
-    if zmq_url and zmq_url != "none":
-        from regseg.stream.zmq_sink import ZmqSink
+            sinks.append(IgtlSink(IgtlServer(host, port, on_message=on_message,
+                                             max_clients=args.max_clients),
+                                  header_version=args.igtl_header_version,
+                                  contour_devices=contours))
+            urls.append(url)
+        if plan.zmq:
+            from regseg.stream.zmq_sink import ZmqSink
 
-        sinks.append(ZmqSink(zmq_url))
-        urls.append(zmq_url)
+            sinks.append(ZmqSink(plan.zmq))
+            urls.append(plan.zmq)
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
     return sinks, urls
 
 
-def run(args) -> dict:
-    """Run the stream for parsed arguments; returns the summary dict."""
-    device = _device(args.device)
-    threads = args.threads or (1 if device.type == "cpu" else None)
+def _stats_of(thing) -> dict | None:
+    stats = getattr(thing, "stats", None)
+    return stats() if callable(stats) else None
+
+
+def run(args, stop: threading.Event | None = None,
+        running: threading.Event | None = None) -> dict:
+    """Run the stream for parsed arguments; returns the summary dict.
+
+    Every input is checked (:func:`check_args`) before anything loads; everything opened is
+    closed again on any error. ``running`` is set while the stream loop runs (``stop`` then
+    ends it cleanly).
+    """
+    plan = check_args(args)
+    import torch
+
+    threads = args.threads or (1 if plan.device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    reference_to_mri = _reference_to_mri(args.reference_to_mri)
-    from regseg.stream.igtl.registration import RegistrationListener, parse_hosts
-
-    registration_hosts = parse_hosts(args.accept_registration_from)
-    if args.max_clients < 1:
-        raise InputError(f"--max-clients {args.max_clients}: at least 1 expected")
-    for flag, value in (("--registration-max-jump-mm", args.registration_max_jump_mm),
-                        ("--registration-max-jump-deg", args.registration_max_jump_deg)):
-        if not value > 0:
-            raise InputError(f"{flag} {value}: a positive number expected")
-    recorder = slot = None
-    if args.record:
-        from regseg.stream.recorder import Recorder, RecordingSlot
-
-        recorder = Recorder(args.record, outputs=args.record_outputs)
-        slot = RecordingSlot(recorder)
-    elif args.record_outputs:
-        raise InputError("--record-outputs needs --record PATH.igs.mha")
-    try:
-        context, source, source_url = _context_and_source(args, device, slot)
-    except BaseException:
-        if recorder is not None:
-            recorder.close()
-        raise
     from regseg.engines.fusion import FusionEngine
+    from regseg.stream.capture import build_capture
+    from regseg.stream.gate import FrameGate
+    from regseg.stream.igtl.registration import RegistrationListener
     from regseg.stream.pipeline import Pipeline
     from regseg.stream.runner import run_stream
+    from regseg.stream.slot import LatestSlot
+    from regseg.stream.stats import write_json
 
-    engine = FusionEngine(args.weights, backend=args.backend, device=device,
-                          precision=args.precision, threads=args.engine_threads or threads)
-    # Slicer's MRIToReference, from the next frame on, from allowed hosts only (issue 9)
-    registration = RegistrationListener(
-        allowed_hosts=registration_hosts,
-        reference_to_mri=reference_to_mri, pivot_mri=context.prostate_centre_mm(),
-        max_jump_mm=args.registration_max_jump_mm, max_jump_deg=args.registration_max_jump_deg,
-        allow_jump=args.allow_registration_jump)
-    sinks, sink_urls = _sinks(args, on_message=registration)
-    if recorder is not None:
-        sinks.append(recorder)
-        sink_urls.append(f"record:{args.record}")
-    deformable = None
-    if args.deformable == "on":
-        from regseg.stream.deformable import DeformableStage
-
-        deformable = DeformableStage(context, args.deformable_weights, backend=args.backend,
-                                     precision=args.precision,
-                                     threads=args.engine_threads or threads)
-    capture = build_capture(args.refine_iterations, args.multi_start == "on",
-                            args.temporal_filter == "on", weights=args.weights,
-                            backend=args.backend, device=device, precision=args.precision,
-                            threads=args.engine_threads or threads)
-    pipeline = Pipeline(context, engine, reference_to_mri=reference_to_mri,
-                        cuda_graph=args.cuda_graph, deformable=deformable, capture=capture)
-    registration.bind(pipeline.set_reference_to_mri)
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    recorder = None
+    sinks: list = []
     try:
-        stats, skipped = run_stream(source, pipeline, sinks, max_frames=args.max_frames, stop=stop,
-                                    status_every_s=0 if args.quiet else 1.0)
+        if args.record:
+            from regseg.stream.recorder import Recorder, RecordingSlot
+
+            recorder = Recorder(args.record, outputs=args.record_outputs)
+            slot = RecordingSlot(recorder)
+        else:
+            slot = LatestSlot()
+        context, source = _context_and_source(args, plan, slot)
+        engine = FusionEngine(args.weights, backend=args.backend, device=plan.device,
+                              precision=args.precision, threads=args.engine_threads or threads)
+        # Slicer's MRIToReference, from the next frame on, from allowed hosts only (issue 9)
+        registration = RegistrationListener(
+            allowed_hosts=plan.registration_hosts,
+            reference_to_mri=plan.reference_to_mri, pivot_mri=context.prostate_centre_mm(),
+            max_jump_mm=args.registration_max_jump_mm,
+            max_jump_deg=args.registration_max_jump_deg,
+            allow_jump=args.allow_registration_jump)
+        sinks, sink_urls = _sinks(args, plan, on_message=registration)
+        if recorder is not None:
+            sinks.append(recorder)
+            sink_urls.append(f"record:{args.record}")
+        deformable = None
+        if args.deformable == "on":
+            from regseg.stream.deformable import DeformableStage
+
+            deformable = DeformableStage(context, args.deformable_weights, backend=args.backend,
+                                         precision=args.precision,
+                                         threads=args.engine_threads or threads)
+        capture = build_capture(args.refine_iterations, args.multi_start == "on",
+                                args.temporal_filter == "on", weights=args.weights,
+                                backend=args.backend, device=plan.device,
+                                precision=args.precision, threads=args.engine_threads or threads)
+        pipeline = Pipeline(context, engine, reference_to_mri=plan.reference_to_mri,
+                            cuda_graph=args.cuda_graph, deformable=deformable, capture=capture)
+        registration.bind(pipeline.set_reference_to_mri)
+        gate = FrameGate(plan.limits)
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        if recorder is not None and recorder not in sinks:
+            recorder.close()
+        raise
+    if running is not None:
+        running.set()
+    try:
+        stats, skipped = run_stream(source, pipeline, sinks, max_frames=args.max_frames,
+                                    stop=stop, status_every_s=0 if args.quiet else 1.0,
+                                    gate=gate)
     finally:
-        signal.signal(signal.SIGINT, previous)
-    extra = {"engine": f"alignsegnet/{engine.backend}", "device": str(device),
+        if running is not None:
+            running.clear()
+    extra = {"engine": f"alignsegnet/{engine.backend}", "device": str(plan.device),
              "deformable": (f"{deformable.weights}/{deformable.engine.backend}"
                             if deformable is not None else "off"),
              "engine_info": engine.info,
@@ -360,9 +511,12 @@ def run(args) -> dict:
                          "multi_start": args.multi_start, "temporal_filter": args.temporal_filter},
              "deformable_engine_info": (deformable.engine.engine.info
                                         if deformable is not None else None),
-             "source": source_url,
+             "source": plan.source_url,
              "sinks": sink_urls,
              "source_stats": source.stats(),
+             "gate": gate.stats(),
+             "sink_stats": {url: _stats_of(sink) for url, sink in zip(sink_urls, sinks,
+                                                                      strict=True)},
              "registration_from_slicer": registration.stats()}
     if recorder is not None:
         extra["recorder"] = recorder.stats()
@@ -372,20 +526,59 @@ def run(args) -> dict:
     return summary
 
 
+class _Terminated(Exception):
+    """SIGTERM before the stream runs: leave quietly."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``regseg-stream``: 0 done, 2 bad input (one paragraph, nothing written), 1 a failure at
+    run time, 130 interrupted by Ctrl-C (during the stream: after its summary).
+
+    Ctrl-C or SIGTERM while the stream runs ends it cleanly: sinks closed, summary printed and
+    written. Before that (checks, loading, building engines) they end the process at once,
+    quietly; a second Ctrl-C during the clean end does too.
+    """
+    stop, running = threading.Event(), threading.Event()
+    stopped_by: list[int] = []
+
+    def on_signal(signum, _frame):
+        if running.is_set() and not stop.is_set():
+            stopped_by.append(signum)
+            stop.set()
+        elif signum == signal.SIGTERM and not running.is_set():
+            raise _Terminated
+        else:
+            raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if in_main else {})
+    for sig in previous:
+        signal.signal(sig, on_signal)
     try:
-        if args.stats_json:
-            Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
-        summary = run(args)
+        summary = run(build_parser().parse_args(argv), stop=stop, running=running)
+    except KeyboardInterrupt:
+        print("regseg-stream: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        print("regseg-stream: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except InputError as exc:
         print(f"regseg-stream: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except MemoryError as exc:
+        print(f"regseg-stream: error: {memory_message(exc)}", file=sys.stderr)
+        return EXIT_INPUT
     except RegsegError as exc:
         print(f"regseg-stream: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    from regseg.stream.stats import format_summary
+
     print(format_summary(summary))
-    return 0
+    return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
 
 
 if __name__ == "__main__":

@@ -188,6 +188,11 @@ def format_summary(summary: dict) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in summary.get("flag_reasons", {}).items())
         lines.append(f"estimated registration error mm: p50 {e['p50']:.2f}  p95 {e['p95']:.2f}"
                      f"  | flag reasons: {reasons or 'none'}")
+    gate = summary.get("gate")
+    if gate and (any(gate["refused_frames"].values()) or gate["poses_refused"]):
+        refused = "  ".join(f"{k} {v}" for k, v in gate["refused_frames"].items() if v)
+        lines.append(f"refused frames: {refused or 'none'}  poses refused (frames processed "
+                     f"untracked): {gate['poses_refused']}")
     for key in ("engine", "device", "source", "sinks"):
         if key in summary:
             lines.append(f"{key}: {summary[key]}")

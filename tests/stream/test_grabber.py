@@ -142,7 +142,8 @@ def test_colour_and_alpha_captures_become_grey():
 def test_cli_refuses_bad_grabber_arguments(video, capsys, argv, fragments):
     from regseg.stream.cli import main
 
-    args = ["--mri", "case.nii.gz", "--mri-labels", "labels.nii.gz", "--device", "cpu"]
+    # Any readable files for the case: the source is opened (and refused) before the MRI is read.
+    args = ["--mri", str(video), "--mri-labels", str(video), "--device", "cpu"]
     assert main(args + [str(video) if a == "VIDEO" else a for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("regseg-stream: error: ")
