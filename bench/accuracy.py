@@ -1,0 +1,382 @@
+"""Accuracy of the live chain on both simulator families, across tracking errors 0-15 mm / 15 deg.
+
+Family A (``regseg.sim``: what the models were trained on) on its held-out phantoms 1000..; family
+B (``regseg.sim.family_b``: written separately, never trained on) on its evaluation seeds 5000...
+For every phantom and tracking-error level (an in-plane rigid error of exactly L mm and L deg,
+plus 0.5 mm / 0.5 deg out of plane, the same model for both families) a fresh live chain, built
+as ``regseg-stream`` builds it (``regseg.stream.build``), runs on a stretch of the session. Per
+frame: prostate and lesion Dice of the predicted labels, prostate Dice of the registered MRI
+labels, TRE (mm, tracked and registered plane vs the true one, over the true prostate pixels:
+``regseg.stream.runner.frame_accuracy``), the flag, and the per-frame error estimate
+(``Result.error_mm`` where the Result has it, else ``1 - quality``).
+
+Reported per family and level: Dice means, TRE median and p90, the capture curve (final TRE vs
+initial error), the flag's detection rate (frames with true registered TRE > 5 mm that are
+flagged) and false-alarm rate (frames with TRE <= 2 mm that are flagged), and per family the ROC
+of the error estimate for the same two classes. One JSON, one table, one PNG.
+
+``python bench/accuracy.py [--quick] [--json F] [--plot F.png]``; ``--quick`` (2 phantoms per
+family, levels 0/3/10, 10 frames each) stays under ~5 minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, print_table, write_json  # noqa: E402
+
+from regseg.stream.runner import frame_accuracy  # noqa: E402
+from regseg.types import Frame  # noqa: E402
+
+FAMILY_A_SEEDS = range(1000, 1100)  # held out from training (train/alignsegnet.py VAL_SEED0)
+BAD_MM, GOOD_MM = 5.0, 2.0  # a frame is "bad" above BAD_MM registered TRE, "good" at or below
+STRIDE = 4  # session frames between evaluated frames (a smooth, real-time-like stretch)
+
+
+# ------------------------------------------------------------------------------ frames
+def family_a_frames(seed: int, level: float, n: int):
+    """(mri, labels, frames) of family-A phantom ``seed`` with tracking error ``level``."""
+    from regseg.sim.family_b.session import tracking_error_matrix
+    from regseg.sim.phantom import make_phantom
+    from regseg.sim.scanner import ScannerConfig, SimulatedScanner
+
+    phantom = make_phantom(seed)
+    cfg = ScannerConfig(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
+                        out_of_plane_mm=0.0)
+    scanner = SimulatedScanner(phantom, cfg, seed=99_000 + seed)
+    rng = np.random.default_rng([seed, int(level * 10), 0xA])
+    start = int(rng.integers(0, 2 * cfg.sweep_frames))
+    direction, sign = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
+    h, w = cfg.frame_hw
+    centre = np.array([w, h]) * (0.5 + rng.uniform(-0.15, 0.15, 2))
+
+    def frames():
+        for k in range(n):
+            index = start + k * STRIDE
+            f = scanner.frame(index)
+            t = float(index)
+            err = tracking_error_matrix(
+                level, sign * level, direction_rad=direction + 0.3 * np.sin(t / 64),
+                centre_ij=centre, pixel_mm=cfg.pixel_mm, normal_mm=0.5 * np.sin(t / 80),
+                tilt_deg=0.5 * np.sin(t / 56))
+            yield dataclasses.replace(f, seq=k, image_to_reference=f.truth.image_to_mri @ err)
+
+    return phantom.mri, phantom.labels, frames()
+
+
+def family_b_frames(seed: int, level: float, n: int, case=None):
+    """(mri, labels, frames) of family-B case ``seed`` with tracking error ``level``."""
+    from regseg.sim.family_b.anatomy import make_case
+    from regseg.sim.family_b.session import Session, SessionConfig
+
+    case = case if case is not None else make_case(seed)
+    session = Session(case, SessionConfig(tracking_shift_mm=level, tracking_rot_deg=level),
+                      seed=seed * 7 + 1)
+    start = int(np.random.default_rng([seed, int(level * 10), 0xB]).integers(0, 300))
+
+    def frames():
+        for k in range(n):
+            yield dataclasses.replace(session.frame(start + k * STRIDE), seq=k)
+
+    return case.mri, case.labels, frames()
+
+
+# ------------------------------------------------------------------------------ scoring
+def estimate_of(result: Any) -> float:
+    """The per-frame registration-error estimate: ``error_mm`` if present, else 1 - quality."""
+    err = getattr(result, "error_mm", None)
+    if err is not None:
+        return float(err)
+    q = float(result.quality)
+    return 1.0 - q if math.isfinite(q) else math.nan
+
+
+def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
+    dice, tre = frame_accuracy(pipeline, result)
+    frame: Frame = result.frame
+    return {"dice_prostate": dice["prostate"], "dice_lesion": dice["lesion"],
+            "dice_registered": dice["registered_prostate"],
+            "tre_tracked_mm": tre.get("tracked", math.nan),
+            "tre_registered_mm": tre.get("registered", math.nan),
+            "flagged": bool(result.flagged), "estimate": estimate_of(result),
+            "lesion_in_truth": bool((frame.truth.labels == 2).any()),
+            "total_ms": float(result.timings_ms.get("total", math.nan))}
+
+
+def _nan(values) -> np.ndarray:
+    return np.asarray([v for v in values], dtype=np.float64)
+
+
+def flag_rates(frames: list[dict]) -> dict[str, float]:
+    """Detection (bad frames flagged) and false-alarm (good frames flagged) rates."""
+    tre = _nan(f["tre_registered_mm"] for f in frames)
+    flagged = np.asarray([f["flagged"] for f in frames], dtype=bool)
+    bad, good = tre > BAD_MM, tre <= GOOD_MM
+    return {"n_bad": int(bad.sum()), "n_good": int(good.sum()),
+            "detection": float(flagged[bad].mean()) if bad.any() else math.nan,
+            "false_alarm": float(flagged[good].mean()) if good.any() else math.nan,
+            "flagged_pct": 100.0 * float(flagged.mean()) if len(frames) else math.nan}
+
+
+def roc(frames: list[dict]) -> dict[str, Any]:
+    """ROC of the estimate separating bad (TRE > 5 mm) from good (<= 2 mm) frames; NaN estimates
+    (no gland in view) count as the lowest score (never flagged)."""
+    tre = _nan(f["tre_registered_mm"] for f in frames)
+    est = _nan(f["estimate"] for f in frames)
+    est = np.where(np.isfinite(est), est, -np.inf)
+    bad, good = tre > BAD_MM, tre <= GOOD_MM
+    if not bad.any() or not good.any():
+        return {"fpr": [], "tpr": [], "auc": math.nan, "n_bad": int(bad.sum()),
+                "n_good": int(good.sum())}
+    thresholds = np.unique(est[bad | good])[::-1]
+    tpr = [0.0] + [float((est[bad] >= t).mean()) for t in thresholds] + [1.0]
+    fpr = [0.0] + [float((est[good] >= t).mean()) for t in thresholds] + [1.0]
+    auc = float(np.trapezoid(tpr, fpr))
+    return {"fpr": fpr, "tpr": tpr, "auc": auc, "n_bad": int(bad.sum()), "n_good": int(good.sum())}
+
+
+def summarise(family: str, level: float, frames: list[dict]) -> dict[str, Any]:
+    """One table row: means of Dice, medians/p90 of TRE, flag rates."""
+    def col(key):
+        return _nan(f[key] for f in frames)
+
+    def stat(fn, key):
+        v = col(key)
+        v = v[np.isfinite(v)]
+        return float(fn(v)) if v.size else math.nan
+
+    return {"name": f"{family} {level:g}mm/{level:g}deg", "family": family, "error_level": level,
+            "frames": len(frames),
+            "dice_prostate": stat(np.mean, "dice_prostate"),
+            "dice_prostate_median": stat(np.median, "dice_prostate"),
+            "dice_lesion": stat(np.mean, "dice_lesion"),
+            "lesion_frames": int(np.isfinite(col("dice_lesion")).sum()),
+            "dice_registered": stat(np.mean, "dice_registered"),
+            "tre_tracked_median_mm": stat(np.median, "tre_tracked_mm"),
+            "tre_median_mm": stat(np.median, "tre_registered_mm"),
+            "tre_p90_mm": stat(lambda v: np.percentile(v, 90), "tre_registered_mm"),
+            "total_ms_p50": stat(np.median, "total_ms"),
+            **flag_rates(frames)}
+
+
+# ------------------------------------------------------------------------------ run
+def run(families: list[str], phantoms: int, levels: list[float], frames_per_run: int, *,
+        deformable: bool, backend: str, device: str, threads: int | None,
+        progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Every (family, phantom, level) run; returns (rows, per-frame records)."""
+    from regseg.stream.build import build_deformable, build_engine, build_pipeline
+    from regseg.stream.context import build_context
+
+    engine = build_engine(backend=backend, device=device, threads=threads)
+    capture = _capture_factory(backend=backend, device=device, threads=threads)
+    records: list[dict] = []
+    for family in families:
+        seeds = list(FAMILY_A_SEEDS if family == "A" else _family_b_seeds())[:phantoms]
+        for seed in seeds:
+            case = None
+            if family == "B":
+                from regseg.sim.family_b.anatomy import make_case
+                case = make_case(seed)
+            context = stage = None
+            for level in levels:
+                mri, labels, frames = (family_a_frames(seed, level, frames_per_run)
+                                       if family == "A" else
+                                       family_b_frames(seed, level, frames_per_run, case))
+                if context is None:
+                    context = build_context(mri, labels, device)
+                    stage = (build_deformable(context, backend=backend, threads=threads)
+                             if deformable else None)
+                pipeline = build_pipeline(context, engine, deformable=stage, capture=capture())
+                t0 = time.perf_counter()
+                for frame in frames:
+                    for result in pipeline.submit(frame) + pipeline.flush():
+                        records.append({"family": family, "phantom": seed, "error_level": level,
+                                        "seq": result.frame.seq,
+                                        **score_frame(pipeline, result)})
+                if progress:
+                    mine = [r for r in records if r["family"] == family and r["phantom"] == seed
+                            and r["error_level"] == level]
+                    s = summarise(family, level, mine)
+                    print(f"  {family} phantom {seed} error {level:g}: dice "
+                          f"{s['dice_prostate']:.3f} lesion {s['dice_lesion']:.3f} reg "
+                          f"{s['dice_registered']:.3f} TRE "
+                          f"{s['tre_tracked_median_mm']:.2f} -> {s['tre_median_mm']:.2f} mm "
+                          f"flagged {s['flagged_pct']:.0f}% ({time.perf_counter() - t0:.1f} s)",
+                          flush=True)
+    rows = [summarise(fam, lv, [r for r in records
+                                if r["family"] == fam and r["error_level"] == lv])
+            for fam in families for lv in levels]
+    return rows, records
+
+
+def _capture_factory(**engine_options):
+    """A maker of the CLI's default capture stage (one per run: it keeps temporal state), or of
+    None on a tree that predates ``regseg.stream.capture`` (the baseline)."""
+    try:
+        import regseg.stream.capture  # noqa: F401
+        from regseg.stream.build import build_default_capture
+    except ImportError:
+        return lambda: None
+    return lambda: build_default_capture(**engine_options)
+
+
+def chain_description() -> dict[str, Any]:
+    """What chain ran: capture defaults if the tree has them, and the git commit."""
+    import subprocess
+
+    out: dict[str, Any] = {}
+    try:
+        from regseg.stream import capture
+
+        out["capture"] = {"refine_iterations": capture.REFINE_ITERATIONS,
+                          "multi_start": capture.MULTI_START_DEFAULT,
+                          "temporal_filter": capture.TEMPORAL_FILTER_DEFAULT}
+    except ImportError:
+        out["capture"] = None
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                       text=True, cwd=Path(__file__).parent,
+                                       check=False).stdout.strip() or None
+    except OSError:
+        out["commit"] = None
+    return out
+
+
+def _family_b_seeds():
+    from regseg.sim.family_b import EVAL_SEEDS
+
+    return EVAL_SEEDS
+
+
+def plot(path: str | Path, rows: list[dict], rocs: dict[str, dict], records: list[dict]) -> None:
+    """Capture curve, Dice vs error, ROC of the estimate: one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5), dpi=100)
+    colours = {"A": "tab:blue", "B": "tab:red"}
+    for fam in colours:
+        mine = [r for r in rows if r["family"] == fam and r["error_level"] is not None]
+        if not mine:
+            continue
+        lv = [r["error_level"] for r in mine]
+        pts = [(r["tre_tracked_mm"], r["tre_registered_mm"]) for r in records
+               if r["family"] == fam]
+        if pts:
+            x, y = np.asarray(pts, dtype=float).T
+            ax[0].scatter(x, y, s=4, alpha=0.25, color=colours[fam])
+        initial = [r["tre_tracked_median_mm"] for r in mine]
+        ax[0].plot(initial, [r["tre_median_mm"] for r in mine], "-o", color=colours[fam],
+                   label=f"{fam} registered median")
+        ax[0].plot(initial, [r["tre_p90_mm"] for r in mine], ":", color=colours[fam],
+                   label=f"{fam} registered p90")
+        ax[1].plot(lv, [r["dice_prostate"] for r in mine], "-o", color=colours[fam],
+                   label=f"{fam} prostate")
+        ax[1].plot(lv, [r["dice_lesion"] for r in mine], "--s", color=colours[fam],
+                   label=f"{fam} lesion")
+        ax[1].plot(lv, [r["dice_registered"] for r in mine], ":^", color=colours[fam],
+                   label=f"{fam} registered")
+        r = rocs.get(fam)
+        if r and r["fpr"]:
+            ax[2].plot(r["fpr"], r["tpr"], color=colours[fam], label=f"{fam} AUC {r['auc']:.2f}")
+    top = max([1.0] + [float(r["tre_tracked_mm"]) for r in records
+                       if math.isfinite(r["tre_tracked_mm"])])
+    ax[0].plot([0, top], [0, top], color="grey", lw=0.5, label="no correction")
+    ax[0].set(xlabel="initial TRE, tracked plane (mm)", ylabel="final TRE, registered (mm)",
+              title="capture curve (dots: frames; lines: medians per level)")
+    ax[1].set(xlabel="tracking error (mm and deg)", ylabel="Dice", title="segmentation",
+              ylim=(0, 1))
+    ax[2].plot([0, 1], [0, 1], color="grey", lw=0.5)
+    ax[2].set(xlabel=f"false alarm (TRE <= {GOOD_MM:g} mm flagged)",
+              ylabel=f"detection (TRE > {BAD_MM:g} mm flagged)", title="error estimate ROC")
+    for a in ax:
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice_prostate", "dice", ".3f"),
+           ("dice_lesion", "lesion", ".3f"), ("dice_registered", "reg_dice", ".3f"),
+           ("tre_tracked_median_mm", "TRE_in", ".2f"), ("tre_median_mm", "TRE_med", ".2f"),
+           ("tre_p90_mm", "TRE_p90", ".2f"), ("detection", "detect", ".2f"),
+           ("n_bad", "n_bad", "d"), ("false_alarm", "false_al", ".2f"), ("n_good", "n_good", "d"),
+           ("flagged_pct", "flag%", ".0f"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 phantoms per family, levels 0,3,10, "
+                   "10 frames each: < ~5 min on a 2-core CPU")
+    p.add_argument("--families", default="A,B", help="A, B or A,B (default both)")
+    p.add_argument("--phantoms", type=int, default=None, help="per family (quick 2, full 4)")
+    p.add_argument("--levels", default=None,
+                   help="tracking-error levels, mm = deg (quick 0,3,10; full 0,3,6,10,15)")
+    p.add_argument("--frames", type=int, default=None, help="frames per run (quick 10, full 20)")
+    p.add_argument("--deformable", choices=["on", "off"], default="on",
+                   help="live deformable stage, as regseg-stream --deformable (default on)")
+    p.add_argument("--backend", default="auto", help="engine backend (default auto, as the CLI)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (CLI default on CPU: 1)")
+    p.add_argument("--json", default=None, help="write rows, ROC and per-frame records here")
+    p.add_argument("--plot", default=None, help="PNG (default: next to --json)")
+    p.add_argument("--label", default=None,
+                   help="free text stored in the JSON to name the chain, e.g. 'baseline a1b0414'")
+    args = p.parse_args(argv)
+    families = [f.strip().upper() for f in args.families.split(",") if f.strip()]
+    if not families or any(f not in ("A", "B") for f in families):
+        p.error(f"--families {args.families!r}: A, B or A,B expected")
+    levels = ([float(v) for v in args.levels.split(",")] if args.levels else
+              [0.0, 3.0, 10.0] if args.quick else [0.0, 3.0, 6.0, 10.0, 15.0])
+    phantoms = args.phantoms or (2 if args.quick else 4)
+    frames = args.frames or (10 if args.quick else 20)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rows, records = run(families, phantoms, levels, frames, deformable=args.deformable == "on",
+                        backend=args.backend, device=args.device, threads=args.threads)
+    rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
+    for fam in families:
+        rates = flag_rates([r for r in records if r["family"] == fam])
+        rows.append({"name": f"{fam} all levels", "family": fam, "error_level": None,
+                     "frames": sum(r["family"] == fam for r in records), **rates,
+                     "estimate_auc": rocs[fam]["auc"]})
+    wall = time.perf_counter() - t0
+    print(f"\naccuracy: live chain (deformable {args.deformable}), {phantoms} phantoms per "
+          f"family x {frames} frames, {device_name(args.device)}; bad = TRE > {BAD_MM:g} mm, "
+          f"good = TRE <= {GOOD_MM:g} mm")
+    print_table(rows, COLUMNS)
+    print("estimate ROC AUC: " + ", ".join(f"{f} {rocs[f]['auc']:.3f}" for f in families)
+          + f"; wall {wall:.0f} s")
+    if args.json:
+        write_json(args.json, "accuracy", rows, argv, device=device_name(args.device),
+                   quick=args.quick, deformable=args.deformable, backend=args.backend,
+                   phantoms_per_family=phantoms, frames_per_run=frames, levels=levels,
+                   family_a_seeds=list(FAMILY_A_SEEDS)[:phantoms],
+                   family_b_seeds=list(_family_b_seeds())[:phantoms], bad_mm=BAD_MM,
+                   good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
+                   chain=chain_description(),
+                   frames_detail=records)
+    plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot_path:
+        plot(plot_path, rows, rocs, records)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""The live chain as ``regseg-stream`` builds it: FusionEngine, DeformableStage, Capture, Pipeline.
+
+One place for that composition, so that benches and tests measure what the command line runs.
+Defaults are the command line's defaults (``--backend auto``, ``--precision fp32``,
+``--deformable on`` with the shipped ``plcreg2d``, the capture flags' defaults).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from regseg.engines.fusion import FusionEngine
+from regseg.stream.context import MriContext
+from regseg.stream.pipeline import Pipeline
+
+
+def build_engine(weights: str | Path | None = None, *, backend: str = "auto",
+                 device: torch.device | str = "cpu", precision: str = "fp32",
+                 threads: int | None = None) -> FusionEngine:
+    """The AlignSegNet engine (case independent: one per process is enough)."""
+    return FusionEngine(weights, backend=backend, device=device, precision=precision,
+                        threads=threads)
+
+
+def build_deformable(context: MriContext, weights: str | Path = "plcreg2d", *,
+                     backend: str = "auto", precision: str = "fp32", threads: int | None = None):
+    """The live deformable stage for a case (:class:`regseg.stream.deformable.DeformableStage`)."""
+    from regseg.stream.deformable import DeformableStage
+
+    return DeformableStage(context, weights, backend=backend, precision=precision,
+                           threads=threads)
+
+
+def build_default_capture(**engine_options):
+    """The capture stage with ``regseg-stream``'s default flags (``--refine-iterations``,
+    ``--multi-start``, ``--temporal-filter``); it keeps per-stream state, so one per Pipeline.
+    ``engine_options``: FusionEngine arguments (backend, device, precision, threads)."""
+    from regseg.stream.capture import (
+        MULTI_START_DEFAULT,
+        REFINE_ITERATIONS,
+        TEMPORAL_FILTER_DEFAULT,
+        build_capture,
+    )
+
+    return build_capture(REFINE_ITERATIONS, MULTI_START_DEFAULT == "on",
+                         TEMPORAL_FILTER_DEFAULT == "on", **engine_options)
+
+
+def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None, capture=None,
+                   reference_to_mri: np.ndarray | None = None,
+                   cuda_graph: bool = False) -> Pipeline:
+    """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
+    ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own)."""
+    extra = {} if capture is None else {"capture": capture}
+    return Pipeline(context, engine, reference_to_mri=reference_to_mri, cuda_graph=cuda_graph,
+                    deformable=deformable, **extra)
