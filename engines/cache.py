@@ -6,6 +6,12 @@ engines): a hash of the weights *and* the architecture's config, the input shape
 backend, device (name and compute capability for CUDA) and the versions of every library that
 takes part in the build. One entry is a folder ``<root>/<backend>/<key[:20]>/`` holding the
 artifact and a ``manifest.json`` with the key's fields, so a person can see why two entries differ.
+
+Integrity: the manifest also records the SHA-256 of every file of the entry, taken when it was
+built; a hit re-hashes them (an ONNX file of a few MB hashes in milliseconds). A file changed,
+truncated, added or removed since (disk fault, a stray copy, tampering) makes the entry a miss that
+is rebuilt, logged once and reported in the engine's info (``cache: "rebuilt: ..."``): a wrong
+artifact is never run. An entry written before digests existed is rebuilt the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -22,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 #: Distributions whose versions enter the key (absent ones are recorded as None).
 KEY_LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "torch-tensorrt", "tensorrt")
@@ -102,6 +111,21 @@ def cache_key(model_hash: str, input_shapes: dict[str, tuple[int, ...]], *, prec
     return hashlib.sha256(text.encode()).hexdigest(), fields
 
 
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file in ``folder`` (recursively) but the manifest, by relative path."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name == "manifest.json":
+            continue
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[name] = h.hexdigest()
+    return out
+
+
 class ArtifactCache:
     """Folders of built artifacts under ``root``; counts hits and misses.
 
@@ -115,6 +139,9 @@ class ArtifactCache:
         self.root = Path(root) if root is not None else default_cache_dir()
         self.hits = 0
         self.misses = 0
+        self.rebuilt = 0  # entries whose files no longer matched their recorded digests
+        #: How the last fetch went: "hit", "miss" or "rebuilt: <why>" (for engine info).
+        self.last = ""
 
     def entry(self, backend: str, key: str) -> Path:
         """The folder of one entry (it may not exist)."""
@@ -130,20 +157,27 @@ class ArtifactCache:
         folder = self.entry(backend, key)
         path = folder / filename
         manifest = folder / "manifest.json"
+        why = None
         if path.is_file() and manifest.is_file():
             try:
-                stored = json.loads(manifest.read_text()).get("key")
+                stored = json.loads(manifest.read_text())
             except (OSError, ValueError):
-                stored = None
-            if stored == key:  # a 20-character prefix collision is not a hit
-                self.hits += 1
-                return path, True
+                stored = {}
+            if stored.get("key") == key:  # a 20-character prefix collision is not a hit
+                why = _digest_mismatch(folder, stored.get("sha256"))
+                if why is None:
+                    self.hits += 1
+                    self.last = "hit"
+                    return path, True
+                self.rebuilt += 1
+                log.warning("engine cache: %s: %s; rebuilding it", folder, why)
         self.misses += 1
+        self.last = f"rebuilt: {why}" if why else "miss"
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:20]}.", dir=folder.parent))
         build(tmp / filename)
-        (tmp / "manifest.json").write_text(json.dumps({"key": key, **fields}, indent=2,
-                                                      sort_keys=True) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(
+            {"key": key, **fields, "sha256": file_digests(tmp)}, indent=2, sort_keys=True) + "\n")
         if folder.exists():  # a stale or foreign entry: replace it whole
             _remove_tree(folder)
         try:
@@ -151,6 +185,22 @@ class ArtifactCache:
         except OSError:  # another process renamed its build in first: use theirs, drop ours
             _remove_tree(tmp)
         return path, False
+
+
+def _digest_mismatch(folder: Path, recorded: dict[str, str] | None) -> str | None:
+    """Why ``folder``'s files differ from the ``recorded`` digests; None when they all match."""
+    if not recorded:
+        return "no digest recorded (an entry from before digests)"
+    found = file_digests(folder)
+    for name in sorted(set(recorded) | set(found)):
+        if name not in found:
+            return f"{name} is missing"
+        if name not in recorded:
+            return f"{name} was added after the build"
+        if found[name] != recorded[name]:
+            return (f"{name} changed since it was built (sha256 {found[name][:12]}..., "
+                    f"recorded {recorded[name][:12]}...)")
+    return None
 
 
 def _remove_tree(folder: Path) -> None:

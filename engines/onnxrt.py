@@ -131,7 +131,7 @@ class OnnxRuntimeEngine:
             self(example)
         self.info: dict[str, Any] = {
             "backend": self.backend, "precision": precision, "device": str(self.device),
-            "threads": self.threads, "artifact": str(path), "cache": "hit" if hit else "miss",
+            "threads": self.threads, "artifact": str(path), "cache": cache.last,
             "build_s": round(time.perf_counter() - start, 3), "onnxruntime": ort.__version__,
         }
 

@@ -95,7 +95,7 @@ class TensorRTEngine:
         torch.cuda.synchronize(self.device)
         self.info: dict[str, Any] = {
             "backend": self.backend, "precision": precision, "device": str(self.device),
-            "artifact": str(path), "cache": "hit" if hit else "miss",
+            "artifact": str(path), "cache": cache.last,
             "torch_tensorrt": torch_tensorrt.__version__,
             "build_s": round(time.perf_counter() - start, 3),
         }

@@ -106,3 +106,55 @@ def test_onnxrt_engine_miss_then_hit_then_miss_on_new_weights(tmp_path):
     third = make_engine(_net(1), shapes, backend="onnxrt", cache_dir=tmp_path, warmup=1)
     assert [e.info["cache"] for e in (first, second, third)] == ["miss", "hit", "miss"]
     assert first.info["artifact"] == second.info["artifact"] != third.info["artifact"]
+
+
+def _fetch(cache, content=b"artifact"):
+    key, fields = cache_key("abc", {"x": (1,)}, precision="fp32", backend="onnxrt",
+                            device=torch.device("cpu"))
+    return cache.fetch("onnxrt", key, fields, "model.onnx", lambda p: p.write_bytes(content))
+
+
+@pytest.mark.parametrize("tamper", ["changed", "truncated", "removed_extra", "added",
+                                    "no_digest"])
+def test_entry_whose_files_changed_is_rebuilt_and_says_so(tmp_path, caplog, tamper):
+    cache = ArtifactCache(tmp_path)
+    path, hit = _fetch(cache)
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert set(manifest["sha256"]) == {"model.onnx"}
+    if tamper == "changed":
+        path.write_bytes(b"artifacT")  # same size, one byte different
+    elif tamper == "truncated":
+        path.write_bytes(b"arti")
+    elif tamper == "removed_extra":  # an entry that had a second file, now gone
+        manifest["sha256"]["model.onnx.data"] = "0" * 64
+        manifest_path.write_text(json.dumps(manifest))
+    elif tamper == "added":
+        (path.parent / "model.onnx.data").write_bytes(b"stray")
+    else:
+        del manifest["sha256"]
+        manifest_path.write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        again, hit = _fetch(cache)
+    assert not hit and again.read_bytes() == b"artifact"
+    assert cache.last.startswith("rebuilt: ") and cache.rebuilt == 1
+    assert "rebuilding it" in caplog.text and caplog.text.count("rebuilding") == 1
+    _, hit = _fetch(cache)  # the rebuilt entry is whole again
+    assert hit and cache.last == "hit"
+
+
+def test_tampered_onnx_file_is_rebuilt_not_run(tmp_path):
+    """Before: an ONNX file swapped in the cache was run silently (Dice 0.985 -> 0). Here the
+    cached file is replaced by another network's export: the engine rebuilds and matches eager."""
+    shapes = {"image": (1, 1, 8, 8)}
+    first = make_engine(_net(0), shapes, backend="onnxrt", cache_dir=tmp_path, warmup=1)
+    other = make_engine(_net(1), shapes, backend="onnxrt", cache_dir=tmp_path, warmup=1)
+    artifact = first.info["artifact"]
+    with open(other.info["artifact"], "rb") as src, open(artifact, "wb") as dst:
+        dst.write(src.read())
+    again = make_engine(_net(0), shapes, backend="onnxrt", cache_dir=tmp_path, warmup=1)
+    assert again.info["cache"].startswith("rebuilt: model.onnx changed")
+    image = torch.randn(shapes["image"])
+    with torch.no_grad():
+        expected = _net(0)(image)["logits"]
+    assert torch.allclose(again({"image": image})["logits"], expected, atol=1e-4)
