@@ -74,3 +74,39 @@ def test_labels_grid_mismatch_refused(tmp_path):
     lab2 = _write(tmp_path / "lab2.nii.gz", np.zeros((4, 4, 4), np.float32), shifted)
     with pytest.raises(InputError, match="voxel-to-world matrix"):
         load_labels(lab2, like=mri)
+
+
+def test_absurd_size_refused_from_the_header_before_decompressing(tmp_path):
+    """A .nii.gz of 512^3 zeros is ~130 KB on disk and 512 MiB decompressed: refused with the
+    number and the limit, before the data is read (peak memory stays far below its size)."""
+    import gzip
+    import resource
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((512, 512, 512))
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.eye(4), code=1)
+    path = tmp_path / "zeros.nii.gz"
+    zeros = gzip.compress(b"\0" * (1 << 22), compresslevel=9)  # one 4 MiB member, ~4 KB
+    with path.open("wb") as f:  # gzip members concatenate: 128 of them are the 512 MiB of data
+        f.write(gzip.compress(header.binaryblock + b"\0" * 4))  # vox_offset 352
+        for _ in range(512 * 512 * 512 * 4 // (1 << 22)):
+            f.write(zeros)
+    assert path.stat().st_size < 1_000_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match=r"zeros\.nii\.gz: MRI header declares 512x512x512 = "
+                       r"134,217,728 voxels \(0\.5 GiB as float32\); the limit is 67,108,864"):
+        load_mri(path)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 100, grown_mib
+
+
+@pytest.mark.parametrize("affine", [np.zeros((4, 4)), np.diag([1.0, 1.0, 0.0, 1.0])])
+def test_singular_voxel_to_world_refused(tmp_path, affine):
+    path = tmp_path / "flat.nii.gz"
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), None)
+    img.set_sform(affine, code=1)
+    img.set_qform(None, code=0)
+    nib.save(img, str(path))
+    with pytest.raises(InputError, match=r"flat\.nii\.gz: MRI voxel-to-world matrix"):
+        load_mri(path)
