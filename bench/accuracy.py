@@ -40,6 +40,7 @@ from regseg.types import Frame  # noqa: E402
 
 FAMILY_A_SEEDS = range(1000, 1100)  # held out from training (train/alignsegnet.py VAL_SEED0)
 BAD_MM, GOOD_MM = 5.0, 2.0  # a frame is "bad" above BAD_MM registered TRE, "good" at or below
+NOISE_GLAND_MM2 = 100.0  # a noise frame "has a gland" when the labels cover more than 1 cm^2
 STRIDE = 4  # session frames between evaluated frames (a smooth, real-time-like stretch)
 
 
@@ -170,16 +171,46 @@ def summarise(family: str, level: float, frames: list[dict]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ run
+def noise_twin(frame: Frame, rng: np.random.Generator) -> Frame:
+    """The frame with its image replaced by pure speckle noise (log-compressed Rayleigh, mid-grey)
+    inside its non-zero area: same pose, same size. Nothing in it is a gland."""
+    db = 20.0 * np.log10(rng.rayleigh(1.0, frame.pixels.shape) + 1e-6)
+    grey = np.clip((db + 25.0) / 50.0, 0.0, 1.0) * 255.0
+    pixels = np.where(frame.pixels > 0, grey, 0.0).round().astype(np.uint8)
+    truth = dataclasses.replace(frame.truth, labels=np.zeros_like(frame.truth.labels))
+    return dataclasses.replace(frame, pixels=pixels, truth=truth)
+
+
+def score_noise(result: Any) -> dict[str, Any]:
+    """A noise frame: predicted gland area (mm^2), labelled (> 1 cm^2), flagged."""
+    sy, sx = result.frame.spacing_mm
+    area = float((result.labels > 0).sum()) * sy * sx
+    return {"gland_mm2": area, "labelled": area > NOISE_GLAND_MM2, "flagged": bool(result.flagged),
+            "estimate": estimate_of(result)}
+
+
+def noise_row(family: str, noise: list[dict]) -> dict[str, Any]:
+    labelled = np.asarray([r["labelled"] for r in noise], dtype=bool)
+    flagged = np.asarray([r["flagged"] for r in noise], dtype=bool)
+    n = len(noise)
+    return {"name": f"{family} noise frames", "family": family, "error_level": None, "frames": n,
+            "noise_labelled_pct": 100.0 * float(labelled.mean()) if n else math.nan,
+            "flagged_pct": 100.0 * float(flagged.mean()) if n else math.nan,
+            "noise_published_pct": 100.0 * float((labelled & ~flagged).mean()) if n else math.nan}
+
+
 def run(families: list[str], phantoms: int, levels: list[float], frames_per_run: int, *,
         deformable: bool, backend: str, device: str, threads: int | None,
-        progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Every (family, phantom, level) run; returns (rows, per-frame records)."""
+        progress: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
+    """Every (family, phantom, level) run, and a noise twin of every frame of the first level
+    (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records)."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
 
     engine = build_engine(backend=backend, device=device, threads=threads)
     capture = _capture_factory(backend=backend, device=device, threads=threads)
     records: list[dict] = []
+    noise_records: list[dict] = []
     for family in families:
         seeds = list(FAMILY_A_SEEDS if family == "A" else _family_b_seeds())[:phantoms]
         for seed in seeds:
@@ -188,6 +219,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
                 from regseg.sim.family_b.anatomy import make_case
                 case = make_case(seed)
             context = stage = None
+            twins: list[Frame] = []
+            rng = np.random.default_rng([seed, 0xE0])
             for level in levels:
                 mri, labels, frames = (family_a_frames(seed, level, frames_per_run)
                                        if family == "A" else
@@ -199,6 +232,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
                 pipeline = build_pipeline(context, engine, deformable=stage, capture=capture())
                 t0 = time.perf_counter()
                 for frame in frames:
+                    if level == levels[0]:
+                        twins.append(noise_twin(frame, rng))
                     for result in pipeline.submit(frame) + pipeline.flush():
                         records.append({"family": family, "phantom": seed, "error_level": level,
                                         "seq": result.frame.seq,
@@ -213,10 +248,16 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
                           f"{s['tre_tracked_median_mm']:.2f} -> {s['tre_median_mm']:.2f} mm "
                           f"flagged {s['flagged_pct']:.0f}% ({time.perf_counter() - t0:.1f} s)",
                           flush=True)
+            pipeline = build_pipeline(context, engine, deformable=stage, capture=capture())
+            for frame in twins:
+                for result in pipeline.submit(frame) + pipeline.flush():
+                    noise_records.append({"family": family, "phantom": seed,
+                                          **score_noise(result)})
     rows = [summarise(fam, lv, [r for r in records
                                 if r["family"] == fam and r["error_level"] == lv])
             for fam in families for lv in levels]
-    return rows, records
+    rows += [noise_row(fam, [r for r in noise_records if r["family"] == fam]) for fam in families]
+    return rows, records, noise_records
 
 
 def _capture_factory(**engine_options):
@@ -317,7 +358,8 @@ COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice_prostate", "di
            ("tre_tracked_median_mm", "TRE_in", ".2f"), ("tre_median_mm", "TRE_med", ".2f"),
            ("tre_p90_mm", "TRE_p90", ".2f"), ("detection", "detect", ".2f"),
            ("n_bad", "n_bad", "d"), ("false_alarm", "false_al", ".2f"), ("n_good", "n_good", "d"),
-           ("flagged_pct", "flag%", ".0f"))
+           ("flagged_pct", "flag%", ".0f"), ("noise_labelled_pct", "noise_lab%", ".0f"),
+           ("noise_published_pct", "noise_pub%", ".0f"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     frames = args.frames or (10 if args.quick else 20)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    rows, records = run(families, phantoms, levels, frames, deformable=args.deformable == "on",
-                        backend=args.backend, device=args.device, threads=args.threads)
+    rows, records, noise = run(families, phantoms, levels, frames,
+                               deformable=args.deformable == "on",
+                               backend=args.backend, device=args.device,
+                               threads=args.threads)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     for fam in families:
         rates = flag_rates([r for r in records if r["family"] == fam])
@@ -370,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                    family_a_seeds=list(FAMILY_A_SEEDS)[:phantoms],
                    family_b_seeds=list(_family_b_seeds())[:phantoms], bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
-                   chain=chain_description(),
-                   frames_detail=records)
+                   chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
+                   frames_detail=records, noise_detail=noise)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if plot_path:
         plot(plot_path, rows, rocs, records)

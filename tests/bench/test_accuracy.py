@@ -46,6 +46,21 @@ def test_flag_rates_and_roc_count_what_they_say():
     assert math.isnan(bench.roc(frames[2:4])["auc"])  # no bad frame: no ROC
 
 
+def test_noise_twin_keeps_the_pose_and_has_no_gland():
+    from regseg.types import Frame, GroundTruth
+
+    pixels = np.zeros((40, 50), np.uint8)
+    pixels[5:35, 5:45] = 90
+    labels = np.zeros((40, 50), np.uint8)
+    labels[10:20, 10:20] = 1
+    frame = Frame(seq=3, acquired_ns=0, pixels=pixels, spacing_mm=(0.2, 0.2),
+                  image_to_reference=np.eye(4) * 2, truth=GroundTruth(np.eye(4), labels))
+    twin = bench.noise_twin(frame, np.random.default_rng(0))
+    assert twin.image_to_reference is frame.image_to_reference and twin.seq == 3
+    assert (twin.pixels[pixels == 0] == 0).all() and twin.pixels[pixels > 0].std() > 20
+    assert not twin.truth.labels.any()
+
+
 def test_estimate_prefers_error_mm_over_quality():
     class WithError:
         error_mm, quality = 3.5, 0.9
@@ -69,7 +84,7 @@ def test_bench_writes_one_json_table_and_plot(tmp_path, capsys):
     assert data["bench"] == "accuracy" and "bench/accuracy.py" in data["command"]
     assert data["family_b_seeds"] == [5000] and data["levels"] == [0.0, 6.0]
     rows = {r["name"]: r for r in data["results"]}
-    assert set(rows) == {"B 0mm/0deg", "B 6mm/6deg", "B all levels"}
+    assert set(rows) == {"B 0mm/0deg", "B 6mm/6deg", "B all levels", "B noise frames"}
     for key in ("dice_prostate", "dice_registered", "tre_median_mm", "tre_p90_mm",
                 "tre_tracked_median_mm", "detection", "false_alarm", "frames"):
         assert key in rows["B 0mm/0deg"]
@@ -79,6 +94,8 @@ def test_bench_writes_one_json_table_and_plot(tmp_path, capsys):
     assert 4.0 < rows["B 6mm/6deg"]["tre_tracked_median_mm"] < 8.0
     assert set(data["roc"]["B"]) >= {"fpr", "tpr", "auc"}
     assert len(data["frames_detail"]) == 4
+    assert rows["B noise frames"]["frames"] == 2 and len(data["noise_detail"]) == 2
+    assert 0 <= rows["B noise frames"]["noise_labelled_pct"] <= 100
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "B 6mm/6deg" in capsys.readouterr().out
 
