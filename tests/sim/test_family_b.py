@@ -18,6 +18,7 @@ from regseg.sim.family_b.session import Session, SessionConfig
 from regseg.types import LESION, PROSTATE
 
 FAMILY_B = Path(__file__).resolve().parents[2] / "regseg" / "sim" / "family_b"
+pytestmark = pytest.mark.slow  # a case takes ~4 s, a frame ~0.1-0.2 s on the 2-core CPU
 STILL = dict(pressure_mm=0.0, bulge_mm=0.0, out_of_plane_mm=0.0, tilt_deg=0.0)
 
 
