@@ -5,24 +5,30 @@ from __future__ import annotations
 import argparse
 import sys
 
+from regseg.cli_checks import EXIT_INPUT, EXIT_INTERRUPTED, Parser, int_at_least, memory_message
 from regseg.errors import InputError, RegsegError
 
 
 def _phantom(args) -> int:
+    from pathlib import Path
+
+    from regseg.cli_checks import check_writable
     from regseg.sim.phantom import make_phantom, write_phantom
 
+    check_writable(Path(args.out) / "case.nii.gz", "--out")
     image, labels = write_phantom(make_phantom(args.seed), args.out)
     print(f"wrote {image}\nwrote {labels}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="regseg", description="regseg offline tasks")
+    p = Parser(prog="regseg", description="regseg offline tasks")
     sub = p.add_subparsers(dest="task", required=True)
 
     ph = sub.add_parser("phantom", help="write a synthetic prostate MRI case and its labels")
     ph.add_argument("--out", required=True, help="output folder (case.nii.gz, case_labels.nii.gz)")
-    ph.add_argument("--seed", type=int, default=0, help="anatomy seed (same seed, same case)")
+    ph.add_argument("--seed", type=int_at_least(0), default=0,
+                    help="anatomy seed (same seed, same case)")
     ph.set_defaults(func=_phantom)
 
     tr = sub.add_parser("train", help="train a model on simulated data")
@@ -52,14 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``regseg``: 0 done, 2 bad input (one paragraph ``regseg TASK: error: ...``, checked before
+    any work), 1 a failure at run time, 130 interrupted by Ctrl-C (quietly, at any point)."""
+    task = "regseg"
     try:
+        args = build_parser().parse_args(argv)
+        task = f"regseg {args.task}"
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{task}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except InputError as exc:
-        print(f"regseg {args.task}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{task}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except MemoryError as exc:
+        print(f"{task}: error: {memory_message(exc)}", file=sys.stderr)
+        return EXIT_INPUT
     except RegsegError as exc:
-        print(f"regseg {args.task}: error: {exc}", file=sys.stderr)
+        print(f"{task}: error: {exc}", file=sys.stderr)
         return 1
 
 

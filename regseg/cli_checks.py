@@ -182,8 +182,8 @@ def check_checkpoint(value: str | Path, flag: str, model: str, *, ndim: int | No
     if found != model or (ndim is not None and found_ndim != ndim):
         what = f"{found}" + (f" {found_ndim}-D" if found_ndim is not None else "")
         want = model + (f" {ndim}-D" if ndim is not None else "")
-        raise InputError(f"{flag} {value}: a {what} checkpoint; this flag takes a {want} "
-                         "checkpoint (did you swap --weights and --deformable-weights?)")
+        raise InputError(f"{flag} {value}: a checkpoint of model {what}; {flag} takes a "
+                         f"checkpoint of model {want}")
 
 
 def memory_message(exc: MemoryError) -> str:

@@ -34,8 +34,14 @@ class Volume:
         return tuple(float(s) for s in np.linalg.norm(self.voxel_to_world[:3, :3], axis=0))
 
 
-def _read(path: str | Path, what: str, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Image:
-    """Read a NIfTI: header first (size and voxel-to-world checked), then the data."""
+def read_header(path: str | Path, what: str, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Image:
+    """Open a NIfTI and check its header, without reading (decompressing) the data.
+
+    Raises:
+        InputError: missing or unreadable file, an empty or absurdly large declared size (more
+            than ``max_voxels``: the message gives the number and the limit), or a singular or
+            implausible voxel-to-world matrix.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: {what} file not found. Check the path (it is read as given, "
@@ -56,6 +62,13 @@ def _read(path: str | Path, what: str, max_voxels: int = MAX_VOXELS) -> nib.Nift
                          f"is {max_voxels:,} voxels (512x512x256). Nothing was decompressed. "
                          "Crop or resample the volume.")
     check_affine(affine, what=f"{path}: {what} voxel-to-world matrix (sform/qform)")
+    return img
+
+
+def _read(path: str | Path, what: str, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Image:
+    """Read a NIfTI: header first (:func:`read_header`), then the data, reoriented to RAS."""
+    img = read_header(path, what, max_voxels)
+    voxels = int(np.prod(img.shape))
     try:
         img = nib.as_closest_canonical(img)
         img.get_fdata(dtype=np.float32)  # force the read here so corruption shows now

@@ -19,8 +19,9 @@ import nibabel as nib
 import numpy as np
 
 from regseg import spatial
+from regseg.cli_checks import check_checkpoint, check_writable, int_at_least
 from regseg.errors import InputError
-from regseg.imageio import Volume, load_mri, save_volume
+from regseg.imageio import Volume, load_mri, read_header, save_volume
 from regseg.registration_metrics import (
     dice_per_label,
     hd95_mm,
@@ -204,6 +205,14 @@ def read_pairs(source: str | Path) -> list[dict[str, str]]:
                          f"(optional {list(OPTIONAL_COLUMNS)}) and at least one row")
     pairs = []
     for n, row in enumerate(rows):
+        line = n + 2  # the header is line 1
+        if None in row:  # DictReader puts the fields beyond the header under None
+            raise InputError(f"{source} line {line}: {len(row) - 1 + len(row[None])} fields, more "
+                             f"than the header's {len(row) - 1}; one value per column expected")
+        missing = [c for c in PAIR_COLUMNS if not (row.get(c) or "").strip()]
+        if missing:
+            raise InputError(f"{source} line {line}: no value for {missing} (row {row}); every "
+                             f"row needs {list(PAIR_COLUMNS)}. Nothing was registered.")
         pair = {"name": row.get("name") or f"pair{n:03d}"}
         for key in (*PAIR_COLUMNS, *OPTIONAL_COLUMNS[:3]):
             if row.get(key):
@@ -211,6 +220,49 @@ def read_pairs(source: str | Path) -> list[dict[str, str]]:
                 pair[key] = str(path if path.is_absolute() else source.parent / path)
         pairs.append(pair)
     return pairs
+
+
+def check_pairs(pairs: list[dict[str, str]]) -> None:
+    """Every pair complete and every file it names readable (NIfTI headers checked, landmark
+    CSVs parsed) before the first pair is registered, so a bad row never leaves a batch half
+    done. Pair names must differ (each names its output folder).
+
+    Raises:
+        InputError: the first bad pair, naming its name, the field and the file.
+    """
+    names: set[str] = set()
+    for pair in pairs:
+        name = pair.get("name", "")
+        if name in names:
+            raise InputError(f"pair name {name!r} is used twice; pair names name the output "
+                             "folders and must differ")
+        names.add(name)
+        for key in PAIR_COLUMNS:
+            if not pair.get(key):
+                raise InputError(f"pair {name!r}: no {key} image given")
+        for key in (*PAIR_COLUMNS, "moving_labels", "fixed_labels"):
+            if pair.get(key):
+                try:
+                    read_header(pair[key], key.replace("_", " "))
+                except InputError as exc:
+                    raise InputError(f"pair {name!r}: {exc}") from None
+        if pair.get("landmarks"):
+            load_landmarks(pair["landmarks"])
+
+
+def _device_name(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (CUDA must be there when asked for)."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise InputError(f"--device {text!r}: not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {text}: CUDA is not available here; use --device cpu")
+    return text
 
 
 def run_register(args: argparse.Namespace) -> int:
@@ -228,15 +280,20 @@ def run_register(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_writable(out / "report.json", "--out")
+    from regseg.engines.registration import SHIPPED
+    from regseg.models.registry import WEIGHTS_DIR
+
+    check_checkpoint(args.weights, "--weights", "plcreg", ndim=3,
+                     shipped={name: WEIGHTS_DIR / f"{name}.pt" for name in SHIPPED})
+    device = _device_name(args.device)
     pairs = read_pairs(args.pairs) if args.pairs else [{
         "name": "", "fixed": args.fixed, "moving": args.moving,
         "moving_labels": args.moving_labels or "", "fixed_labels": args.fixed_labels or "",
         "landmarks": args.landmarks or ""}]
+    check_pairs(pairs)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     engine = RegistrationEngine(args.weights, backend=args.backend, device=device,
                                 affine_iterations=0 if args.no_affine else args.affine_iterations)
     reports = []
@@ -267,6 +324,8 @@ def print_table(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """``regseg eval``: metrics of a moved/fixed pair, printed as a table (and JSON)."""
+    if args.json:
+        check_writable(args.json, "--json")
     fixed_labels = load_label_map(args.fixed_labels, what="fixed label")
     moved_labels = load_label_map(args.moved_labels, fixed_labels, "moved label")
     ddf = load_ddf_mm(args.ddf, fixed_labels) if args.ddf else None
@@ -288,6 +347,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_mni(args: argparse.Namespace) -> int:
     """``regseg mni``: write the MNI152 evaluation (or training) set."""
+    check_writable(Path(args.out) / "pairs.csv", "--out")
     from regseg.sim.mni import build_mni_set
 
     csv_path = build_mni_set(args.out, args.pairs, split=args.split)
@@ -306,12 +366,12 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="plcreg3d", help="PLCReg 3-D checkpoint (default shipped)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", default="eager", help="engine backend (default eager)")
-    p.add_argument("--affine-iterations", type=int, default=120,
+    p.add_argument("--affine-iterations", type=int_at_least(0), default=120,
                    help="steps of the affine stage (default 120)")
     p.add_argument("--no-affine", action="store_true", help="skip the affine stage")
     p.add_argument("--inverse", action="store_true",
                    help="also write the inverse displacement (voxels, .npy)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
     p.set_defaults(func=run_register)
 
 
@@ -326,6 +386,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_mni_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pairs", type=int, default=8, help="number of pairs (default 8)")
+    p.add_argument("--pairs", type=int_at_least(1), default=8,
+                   help="number of pairs (default 8)")
     p.add_argument("--split", default="eval", choices=["eval", "train"])
     p.set_defaults(func=run_mni)

@@ -148,7 +148,8 @@ def test_different_grid_and_orientation_is_resampled(case, tmp_path):
 def test_2d_weights_refused_for_volumes(case, tmp_path, capsys):
     err = _error(capsys, ["register", "--fixed", case["fixed"], "--moving", case["moving"],
                           "--out", str(tmp_path / "o"), "--weights", case["weights2d"]])
-    assert "2-D model" in err
+    assert "checkpoint of model plcreg 2-D" in err
+    assert "takes a checkpoint of model plcreg 3-D" in err
 
 
 @pytest.mark.parametrize(("argv", "message"), [
