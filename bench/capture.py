@@ -156,9 +156,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from regseg.stream.context import build_context
 
     torch.set_num_threads(args.threads)
-    engine = FusionEngine(backend=args.backend)
-    theta_engine = FusionEngine(backend=args.backend, outputs=("theta",))
-    ms_engine = (FusionEngine(backend=args.backend, batch=len(start_thetas()))
+    engine = FusionEngine(args.weights, backend=args.backend)
+    theta_engine = FusionEngine(args.weights, backend=args.backend, outputs=("theta",))
+    ms_engine = (FusionEngine(args.weights, backend=args.backend, batch=len(start_thetas()))
                  if args.multi_start_iterations else None)
     engines = (engine, theta_engine, ms_engine)
     configs = [(f"K{k}", k, False) for k in args.iterations]
@@ -212,10 +212,39 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for (f, n, lv), r in rows.items()]
 
 
-def weights_id(name: str = "alignsegnet") -> str:
-    path = Path(__file__).resolve().parents[1] / "models" / "weights" / f"{name}.pt"
+def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """ms per frame of each configuration: ``--timing N`` interleaved runs on one frame.
+
+    The minimum is the least disturbed run (a shared machine); p50 is what a busy one gives.
+    """
+    from regseg.engines.fusion import FusionEngine
+    from regseg.stream.capture import start_thetas
+    from regseg.stream.context import build_context
+
+    torch.set_num_threads(args.threads)
+    engines = (FusionEngine(args.weights, backend=args.backend),
+               FusionEngine(args.weights, backend=args.backend, outputs=("theta",)),
+               FusionEngine(args.weights, backend=args.backend, batch=len(start_thetas())))
+    mri, labels, frames = frames_of("a", FIRST_SEED["a"], 10.0, 1, False,
+                                    Path(args.cache) if args.cache else None)
+    context = build_context(mri, labels)
+    configs = [(f"K{k}", k, False) for k in args.iterations]
+    configs += [(f"K{k}_ms", k, True) for k in args.multi_start_iterations]
+    regs = {n: Registrar(context, engines[0], make_capture(engines, k, ms, False))
+            for n, k, ms in configs}
+    times: dict[str, list[float]] = {n: [] for n in regs}
+    for _ in range(args.timing):
+        for name, reg in regs.items():
+            times[name].append(reg(frames[0])[2])
+    return [{"family": "a", "name": n, "timing_runs": len(t), "ms_min": round(min(t), 2),
+             "ms_p50": round(float(np.median(t)), 2)} for n, t in times.items()]
+
+
+def weights_id(weights: str | None = None) -> str:
+    path = (Path(weights) if weights else
+            Path(__file__).resolve().parents[1] / "models" / "weights" / "alignsegnet.pt")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return f"{name}.pt sha256:{digest} mtime {time.ctime(path.stat().st_mtime)}"
+    return f"{path.name} sha256:{digest} mtime {time.ctime(path.stat().st_mtime)}"
 
 
 def print_curves(rows: list[dict[str, Any]], levels: list[float]) -> None:
@@ -223,7 +252,8 @@ def print_curves(rows: list[dict[str, Any]], levels: list[float]) -> None:
           + "   median TRE mm per initial error (mm/deg); ms p50")
     for key in dict.fromkeys((r["family"], r["name"]) for r in rows):
         sel = {r["level"]: r for r in rows if (r["family"], r["name"]) == key}
-        ms = np.nanmedian([r["ms_p50"] for r in sel.values()])
+        ms = [r["ms_p50"] for r in sel.values() if math.isfinite(r["ms_p50"])]
+        ms = float(np.median(ms)) if ms else math.nan
         print(f"{key[0] + ' ' + key[1]:<26}"
               + "".join(f"{sel[e]['tre_median_mm'] if e in sel else math.nan:>7.2f}"
                         for e in levels) + f"   {ms:.1f}")
@@ -241,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sequence", type=int, default=0, help="consecutive frames per level")
     p.add_argument("--sequence-k", type=int, default=2, help="K for the sequence runs")
     p.add_argument("--sequence-levels", type=float, nargs="+", default=[3.0, 10.0])
+    p.add_argument("--timing", type=int, default=0, metavar="N",
+                   help="only time each configuration, N interleaved runs on one frame")
+    p.add_argument("--weights", default=None, help="AlignSegNet checkpoint (default: shipped)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="out/capture_frames", help="rendered frames ('' = none)")
@@ -248,10 +281,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.phantoms = args.phantoms or (2 if args.quick else 4)
     args.frames = args.frames or (3 if args.quick else 5)
+    if args.timing:
+        rows = timing(args)
+        for r in rows:
+            print(f"{r['name']:<10} ms min {r['ms_min']:>7.2f}  p50 {r['ms_p50']:>7.2f}")
+        write_json(args.json, "capture", rows, argv, weights=weights_id(args.weights))
+        return
     rows = run(args)
     print_curves(rows, args.levels)
-    write_json(args.json, "capture", rows, argv, weights=weights_id(), phantoms=args.phantoms,
-               frames=args.frames, sequence=args.sequence)
+    write_json(args.json, "capture", rows, argv, weights=weights_id(args.weights),
+               phantoms=args.phantoms, frames=args.frames, sequence=args.sequence)
 
 
 if __name__ == "__main__":
