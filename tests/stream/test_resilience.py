@@ -183,3 +183,45 @@ def test_a_raising_sink_costs_neither_the_frame_nor_the_other_sinks(frames):
     stats, _ = run_stream(ListSource(frames[:3]), InvertingPipeline(), [Broken(), keeping],
                           status_every_s=0, status_stream=io.StringIO())
     assert keeping.got == [0, 1, 2] and stats.frames == 3 and stats.sink_errors == 3
+
+
+def test_igtl_images_with_degenerate_matrices_pass_the_gate_from_a_real_socket(pyigtl_server):
+    """IMAGE messages over OpenIGTLink whose matrix is singular or degenerate (parallel i/j axes,
+    zero normal) and one larger than the frame limit: the stream survives, each is counted."""
+    import threading
+    import time
+
+    import pyigtl
+
+    from regseg.stream.igtl.source import IgtlSource
+
+    good = np.diag([0.3, 0.3, 0.3, 1.0])
+    parallel = good.copy()
+    parallel[:3, 1] = good[:3, 0]
+    zero_normal = good.copy()
+    zero_normal[:3, 2] = 0
+    sends = [(good, 48), (parallel, 48), (good, 48), (zero_normal, 48), (good, 80), (good, 48)]
+    gate = FrameGate(FrameLimits(max_pixels=64 * 64))
+    source = IgtlSource("127.0.0.1", pyigtl_server.port, transform_device=None)
+    seen: list = []
+    stop = threading.Event()
+    runner = threading.Thread(target=lambda: seen.append(run_stream(
+        source, InvertingPipeline(), status_every_s=0, status_stream=io.StringIO(), stop=stop,
+        gate=gate)))
+    runner.start()
+    try:
+        assert source.connected.wait(10)
+        for n, (matrix, size) in enumerate(sends):
+            pixels = np.full((1, size, size), n, np.uint8)
+            pyigtl_server.send_message(pyigtl.ImageMessage(pixels, matrix, "ras", 1.7e9 + n,
+                                                           "Image_Reference"), wait=False)
+            time.sleep(0.3)  # one at a time: the newest-wins slot skips none
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        runner.join(timeout=20)
+    stats, skipped = seen[0]
+    assert skipped == 0 and stats.failed == 0
+    assert stats.frames == 5  # 3 good + 2 with a refused pose (processed untracked)
+    assert gate.stats()["poses_refused"] == 2
+    assert gate.stats()["refused_frames"]["too_large"] == 1
