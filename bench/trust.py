@@ -1,15 +1,15 @@
 """Does the flag catch the frames the registration gets wrong? Detection and false alarms, measured.
 
-``python bench/trust.py --out /tmp/trust.json`` runs the live Pipeline (shipped AlignSegNet, the
-deformable stage as the CLI's default, the shipped QualityNet and its calibrated threshold) on
-held-out family-A phantoms (1000-1003; never trained on by AlignSegNet or QualityNet) with a
-constant ``reference_to_mri`` error of each level (a shift of that many mm in a random direction
-per phantom and level, on top of the simulator's own tracking error), and reports, per level and
-pooled: the published registration's true TRE (prostate pixels), the share of frames with
-TRE > 5 mm that are flagged (detection), the share of frames with TRE <= 2 mm (and <= 5 mm) that
-are flagged (false alarms), the error estimate's ROC AUC, and its median absolute error. Plus:
-frames of pure noise (uniform, Gaussian, speckle) on tracked poses — flagged? labels published? —
-and frames with no pose (PLUS INVALID) — flagged "untracked"?
+``python bench/trust.py --out /tmp/trust.json [--family b]`` runs the live Pipeline (shipped
+AlignSegNet, the deformable stage as the CLI's default, the shipped QualityNet and its calibrated
+threshold) on held-out family-A phantoms (1000-1003; never trained on by AlignSegNet or
+QualityNet) or on family B (5000-5003; never trained on), with a constant ``reference_to_mri``
+error of each level (a shift of that many mm in a random direction per phantom and level, on top
+of the simulator's own tracking error). Per level and pooled: the published registration's true
+TRE (prostate pixels), the share of frames with TRE > 5 mm that are flagged (detection), the
+share with TRE <= 2 mm (and <= 5 mm) that are flagged (false alarms), the error estimate's ROC
+AUC and its median absolute error. Plus: frames of pure noise (uniform, Gaussian, speckle) on
+tracked poses (flagged? labels published?) and frames with no pose (PLUS INVALID): "untracked"?
 """
 
 from __future__ import annotations
@@ -65,6 +65,21 @@ def noise_frame(kind: str, rng: np.random.Generator, like) -> np.ndarray:
         speckle.astype(np.uint8)
 
 
+def open_case(family: str, seed: int, n: int) -> tuple:
+    """(mri, labels, frames): ``n`` frames spread over a session of phantom ``seed``."""
+    if family == "a":
+        phantom = make_phantom(seed)
+        scanner = SimulatedScanner(phantom, seed=seed)
+        step = scanner.config.sweep_frames * 2 // n
+        return phantom.mri, phantom.labels, [scanner.frame(k * step) for k in range(n)]
+    from regseg.sim.family_b.anatomy import make_case
+    from regseg.sim.family_b.session import Session
+
+    case = make_case(seed)
+    session = Session(case, seed=seed * 7 + 3)
+    return case.mri, case.labels, [session.frame(k * (1200 // n)) for k in range(n)]
+
+
 def rates(rows: list[dict]) -> dict:
     tre = np.array([r["tre_mm"] for r in rows])
     est = np.array([r["error_mm"] for r in rows])
@@ -97,26 +112,29 @@ def rates(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="/tmp/trust.json")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002, 1003])
+    parser.add_argument("--family", choices=["a", "b"], default="a",
+                        help="simulator family: a (training family; held-out phantoms) or b "
+                        "(never trained on; regseg.sim.family_b, seeds 5000..)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="phantom seeds (default a: 1000-1003, b: 5000-5003)")
     parser.add_argument("--frames", type=int, default=30, help="frames per phantom and level")
     parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS_MM))
     parser.add_argument("--deformable", choices=["on", "off"], default="on")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [1000, 1001, 1002, 1003] if args.family == "a" else [5000, 5001, 5002, 5003]
     torch.set_num_threads(args.threads)
     t0 = time.monotonic()
     engine = FusionEngine("alignsegnet", backend="eager")
     rows, noise_rows, untracked_rows = [], [], []
     for seed in args.seeds:
-        phantom = make_phantom(seed)
-        scanner = SimulatedScanner(phantom, seed=seed)
-        context = build_context(phantom.mri, phantom.labels)
+        mri, labels, frames = open_case(args.family, seed, args.frames)
+        context = build_context(mri, labels)
         deformable = (DeformableStage(context, backend="eager") if args.deformable == "on"
                       else None)
         pipeline = Pipeline(context, engine, deformable=deformable)
         rng = np.random.default_rng([seed, 99])
-        step = scanner.config.sweep_frames * 2 // args.frames
-        frames = [scanner.frame(k * step) for k in range(args.frames)]
         for level in args.levels:
             d = rng.standard_normal(3)
             pipeline.set_reference_to_mri(shift(d / np.linalg.norm(d), level))
@@ -138,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phantom {seed} done ({time.monotonic() - t0:.0f} s)", flush=True)
     summary = {
         "command": shlex.join(["python", "bench/trust.py", *(argv or sys.argv[1:])]),
-        "seeds": args.seeds, "deformable": args.deformable,
+        "family": args.family, "seeds": args.seeds, "deformable": args.deformable,
         "threshold_mm": pipeline.quality.threshold_mm,
         "per_level": {str(level): rates([r for r in rows if r["level_mm"] == level])
                       for level in args.levels},

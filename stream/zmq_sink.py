@@ -57,7 +57,8 @@ def result_header(result: Result) -> dict:
         "overlay": {"shape": list(result.overlay.shape), "dtype": str(result.overlay.dtype)},
         "labels": {"shape": list(result.labels.shape), "dtype": str(result.labels.dtype)},
         "spacing_mm": [float(s) for s in frame.spacing_mm],  # (row, col)
-        "mri_to_image": _matrix(result.mri_to_image),  # MRI RAS mm -> frame pixel (i, j, k)
+        # MRI RAS mm -> frame pixel (i, j, k); null when flagged: never published as truth
+        "mri_to_image": None if result.flagged else _matrix(result.mri_to_image),
         "image_to_reference": _matrix(frame.image_to_reference),  # null when untracked
         "quality": _number(result.quality),
         "flagged": bool(result.flagged),

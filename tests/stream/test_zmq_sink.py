@@ -98,6 +98,7 @@ def test_flagged_message_carries_no_mri_labels_or_target():
     assert header["flagged"] is True and header["flags"] == ["error_estimate"]
     assert not arrays["mri_labels"].any()
     assert header["target_mm"] is None and header["target_ij"] is None
+    assert header["mri_to_image"] is None  # a flagged registration is not sent as truth
 
 
 def test_a_result_that_cannot_be_encoded_is_counted_not_fatal(sink):
