@@ -142,12 +142,14 @@ def tre(frame: Any, image_to_mri: np.ndarray) -> float:
     return metrics.tre_mm(image_to_mri, frame.truth.image_to_mri, ji[:, ::-1].astype(float))
 
 
-def make_capture(engines: tuple[Any, Any, Any], k: int, ms: bool, temporal: bool) -> Any:
+def make_capture(engines: tuple[Any, Any, Any], k: int, ms: bool, temporal: str) -> Any:
+    """``temporal``: "off", "on" (filter) or "warm" (filter and warm start)."""
     from regseg.stream.capture import Capture, MultiStart, TemporalFilter
 
     _, theta_engine, ms_engine = engines
     return Capture(refine_iterations=k, multi_start=MultiStart(ms_engine) if ms else None,
-                   temporal=TemporalFilter() if temporal else None, theta_engine=theta_engine)
+                   temporal=TemporalFilter() if temporal != "off" else None,
+                   theta_engine=theta_engine, warm_start=temporal == "warm")
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -163,7 +165,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     engines = (engine, theta_engine, ms_engine)
     configs = [(f"K{k}", k, False) for k in args.iterations]
     configs += [(f"K{k}_ms", k, True) for k in args.multi_start_iterations]
-    seq_configs = [(f"seq_K{args.sequence_k}", False), (f"seq_K{args.sequence_k}_temporal", True)]
+    seq_configs = [(f"seq_K{args.sequence_k}{suffix}", mode)
+                   for suffix, mode in (("", "off"), ("_filter", "on"), ("_warm", "warm"))]
     cache = Path(args.cache) if args.cache else None
     rows: dict[tuple[str, str, float], dict[str, list[float]]] = {}
 
@@ -179,7 +182,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for level in args.levels:
                 mri, labels, frames = frames_of(family, seed, level, args.frames, False, cache)
                 context = build_context(mri, labels)
-                regs = {n: Registrar(context, engine, make_capture(engines, k, ms, False))
+                regs = {n: Registrar(context, engine, make_capture(engines, k, ms, "off"))
                         for n, k, ms in configs}
                 for frame in frames:
                     add(family, "tracked", level, tre(frame, frame.image_to_reference))
@@ -230,7 +233,7 @@ def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
     context = build_context(mri, labels)
     configs = [(f"K{k}", k, False) for k in args.iterations]
     configs += [(f"K{k}_ms", k, True) for k in args.multi_start_iterations]
-    regs = {n: Registrar(context, engines[0], make_capture(engines, k, ms, False))
+    regs = {n: Registrar(context, engines[0], make_capture(engines, k, ms, "off"))
             for n, k, ms in configs}
     times: dict[str, list[float]] = {n: [] for n in regs}
     for _ in range(args.timing):

@@ -105,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=MULTI_START_DEFAULT,
                    help="register 7 start hypotheses (shifts, rotations) in one batched call and "
                    f"keep the best (default {MULTI_START_DEFAULT})")
-    p.add_argument("--temporal-filter", action=Once, choices=["on", "off"],
+    p.add_argument("--temporal-filter", action=Once, choices=["on", "off", "warm"],
                    default=TEMPORAL_FILTER_DEFAULT,
-                   help="filter the correction over frames, start each frame from it, report "
-                   f"jump_mm (default {TEMPORAL_FILTER_DEFAULT})")
+                   help="on: filter the correction over frames and report jump_mm; warm: also "
+                   f"start each frame from the filtered one (default {TEMPORAL_FILTER_DEFAULT})")
     p.add_argument("--threads", action=Once, type=int_at_least(1), default=None,
                    help="CPU threads for torch (default on CPU: 1; the per-frame glue ops are too "
                    "small to gain from more, and two busy thread pools thrash on 2 cores)")
@@ -481,7 +481,7 @@ def run(args, stop: threading.Event | None = None,
                                          precision=args.precision,
                                          threads=args.engine_threads or threads)
         capture = build_capture(args.refine_iterations, args.multi_start == "on",
-                                args.temporal_filter == "on", weights=args.weights,
+                                args.temporal_filter, weights=args.weights,
                                 backend=args.backend, device=plan.device,
                                 precision=args.precision, threads=args.engine_threads or threads)
         pipeline = Pipeline(context, engine, reference_to_mri=plan.reference_to_mri,

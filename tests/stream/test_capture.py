@@ -241,8 +241,20 @@ def test_temporal_filter_follows_a_real_change():
     assert jump < 0.3
 
 
+def test_capture_without_warm_start_filters_but_starts_at_the_tracked_plane():
+    cap = Capture(temporal=TemporalFilter(alpha=0.5))
+    tracked = np.eye(4)
+    registered = tracked @ spatial.lift_2d(_translation(5, -2))
+    cap.start(_frame(tracked, 0), tracked)
+    cap.finish(_frame(tracked, 0), tracked, registered)
+    assert np.allclose(cap.start(_frame(tracked, 33), tracked), np.eye(3))
+    out, jump = cap.finish(_frame(tracked, 33), tracked,
+                           tracked @ spatial.lift_2d(_translation(7, -2)))
+    assert out[0, 3] == pytest.approx(6.0) and jump == pytest.approx(2 * SPACING[1])
+
+
 def test_capture_warm_start_and_finish():
-    cap = Capture(temporal=TemporalFilter(alpha=1.0))
+    cap = Capture(temporal=TemporalFilter(alpha=1.0), warm_start=True)
     tracked = np.eye(4)
     tracked[:3, :3] *= 0.4
     assert np.allclose(cap.start(_frame(tracked, 0), tracked), np.eye(3))
@@ -319,5 +331,8 @@ def test_build_capture_checks_iterations():
 
     with pytest.raises(InputError, match="--refine-iterations 0"):
         build_capture(0)
-    cap = build_capture(3, temporal_filter=True)
-    assert cap.refine_iterations == 3 and cap.temporal is not None and cap.multi_start is None
+    with pytest.raises(InputError, match="--temporal-filter"):
+        build_capture(1, temporal_filter="sometimes")
+    cap = build_capture(1, temporal_filter="warm")
+    assert cap.refine_iterations == 1 and cap.temporal is not None and cap.multi_start is None
+    assert cap.warm_start and cap.theta_engine is None
