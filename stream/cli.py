@@ -499,7 +499,7 @@ def run(args, stop: threading.Event | None = None,
     try:
         stats, skipped = run_stream(source, pipeline, sinks, max_frames=args.max_frames,
                                     stop=stop, status_every_s=0 if args.quiet else 1.0,
-                                    gate=gate)
+                                    gate=gate, status_extra=registration.status_text)
     finally:
         if running is not None:
             running.clear()

@@ -68,6 +68,7 @@ def run_stream(
     on_result: Callable[[Result], None] | None = None,
     status_stream=sys.stderr,
     gate: Callable[[Frame], Frame | None] | None = None,
+    status_extra: Callable[[], str] | None = None,
 ) -> tuple[StreamStats, int]:
     """Run until ``max_frames`` results, the source finishing, or ``stop`` being set.
 
@@ -130,6 +131,8 @@ def run_stream(
                 on_result(result)
             if status_every_s > 0 and done >= next_status:
                 line = stats.status_line(source.slot.skipped)
+                if status_extra is not None:  # e.g. registration changes from the network
+                    line += status_extra()
                 status_stream.write(("\r" + line) if tty else (line + "\n"))
                 status_stream.flush()
                 next_status = done + int(status_every_s * 1e9)

@@ -220,6 +220,15 @@ class RegistrationListener:
         counts = self.peers.setdefault(host, {"applied": 0, "refused": 0})
         counts[what] += 1
 
+    def status_text(self) -> str:
+        """For the live status line: "" until a registration arrives, then e.g.
+        " | registration 1 applied (127.0.0.1:50000), 2 refused"."""
+        refused = sum(self.refused.values())
+        if not (self.applied or refused):
+            return ""
+        last = f" ({self.last_peer})" if self.last_peer else ""
+        return f" | registration {self.applied} applied{last}, {refused} refused"
+
     def stats(self) -> dict:
         """applied, refused (total and by reason), per-peer counts, the last change and its peer,
         and the safeguards in force."""

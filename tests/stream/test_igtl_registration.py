@@ -161,3 +161,11 @@ def test_hosts_are_resolved_and_bad_ones_named():
         parse_hosts("127.0.0.1,,10.0.0.1")
     assert peer_host("::ffff:10.0.0.2:5555") == "10.0.0.2"
     assert peer_host("[fe80::1%eth0]:5555") == "fe80::1"
+
+
+def test_the_status_line_shows_changes_and_refusals_with_the_peer():
+    listener = RegistrationListener(lambda m: None, allowed_hosts={"10.1.1.1"})
+    assert listener.status_text() == ""
+    listener(message(rigid(shift=(1, 0, 0))), "10.1.1.1:9")
+    listener(message(rigid(shift=(2, 0, 0))), "10.9.9.9:4")
+    assert listener.status_text() == " | registration 1 applied (10.1.1.1:9), 1 refused"
