@@ -358,7 +358,7 @@ def _file_or_grabber_source(args, plan, slot):
     if plan.pose_source:
         from regseg.stream.igtl.source import IgtlSource
 
-        pose_source = IgtlSource(*plan.pose_source)
+        pose_source = IgtlSource(*plan.pose_source, expect_images=False)
     return GrabberSource(device, slot, crop=plan.crop, spacing_mm=plan.spacing_mm,
                          pose_source=pose_source,
                          fps=0.0 if args.replay_rate == "max" else None)

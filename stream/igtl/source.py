@@ -70,6 +70,8 @@ class IgtlSource:
             (None: never).
         backoff_s, backoff_max_s: first and longest wait between connection attempts, s.
         pairer: the image/pose pairing (default: :class:`TimestampPairer` with its defaults).
+        expect_images: False for a pose-only source (``--pose-source``): no keep-alive-only
+            reports, as IMAGEs are not expected.
     """
 
     knows_truth = False
@@ -92,6 +94,7 @@ class IgtlSource:
         backoff_s: float = BACKOFF_FIRST_S,
         backoff_max_s: float = BACKOFF_MAX_S,
         pairer: TimestampPairer[ImageMessage] | None = None,
+        expect_images: bool = True,
     ) -> None:
         self.host, self.port = host, port
         self.slot: LatestSlot[Frame] = slot if slot is not None else LatestSlot()
@@ -107,6 +110,7 @@ class IgtlSource:
         self.stall_timeout_ns = None if not stall_timeout_s else int(stall_timeout_s * 1e9)
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
         self.pairer: TimestampPairer[ImageMessage] = pairer or TimestampPairer()
+        self.expect_images = expect_images
         self.wire = WireStats()
         self.frames = 0
         self.connects = 0
@@ -262,7 +266,8 @@ class IgtlSource:
                                   f"{(now - reader.last_recv_ns) / 1e9:.1f} s ago): the sender "
                                   "stalled (dropping the connection to reconnect)")
             spell_ns = max(connected_ns, self.last_image_ns)  # waiting for an IMAGE since
-            if now - spell_ns > self.stall_timeout_ns and spell_ns != counted_spell_ns:
+            if (self.expect_images and now - spell_ns > self.stall_timeout_ns
+                    and spell_ns != counted_spell_ns):
                 counted_spell_ns = spell_ns
                 self.keepalive_only += 1
                 self._log.warning("keepalive", f"OpenIGTLink {self.host}:{self.port}: messages "
