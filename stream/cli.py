@@ -248,7 +248,6 @@ def check_args(args) -> argparse.Namespace:
     from regseg.stream.sequence_file import SEQUENCE_EXTENSIONS
 
     plan = argparse.Namespace()
-    plan.device = _device(args.device)
     url = args.source or ("sim://" if args.demo else None)
     if url is None:
         raise InputError("no --source given: use --source igtl://HOST:PORT for a scanner or PLUS "
@@ -296,6 +295,7 @@ def check_args(args) -> argparse.Namespace:
         check_writable(args.record, "--record")
     if args.stats_json:
         check_writable(args.stats_json, "--stats-json")
+    plan.device = _device(args.device)
     if args.weights is not None:
         check_checkpoint(args.weights, "--weights", "alignsegnet",
                          shipped={"alignsegnet": WEIGHTS_DIR / "alignsegnet.pt"})
