@@ -61,7 +61,7 @@ class RingLikePipeline:
     def _result(self, ready: float, frame) -> SimpleNamespace:
         self.finished_at[frame.index] = ready
         return SimpleNamespace(frame=frame, timings_ms={"model": self.work_s * 1e3},
-                               flagged=False)
+                               flagged=False, error_mm=1.0, flags=())
 
     def submit(self, frame) -> list:
         done = []
