@@ -400,6 +400,11 @@ class IgtlServer:
             log.info("OpenIGTLink client %s disconnected: %s", client.peer, exc)
             self._drop(client)
             return
+        except Exception as exc:  # a bug in parsing costs this client, never the server
+            self._log.warning("receive", f"OpenIGTLink client {client.peer}: {exc!r} while "
+                              "reading what it sent; disconnected")
+            self._drop(client)
+            return
         if client.recv_tokens < 1:  # pause until 64 KiB of allowance has built up again
             self.throttled += 1
             client.paused_until_ns = now + int((min(rate, 64 << 10) - client.recv_tokens)

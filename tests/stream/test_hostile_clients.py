@@ -223,3 +223,29 @@ def test_a_client_that_claims_a_huge_body_costs_nothing_and_one_sending_junk_is_
     # one second's worth, then the rate, with at most one message's header and body over.
     assert received["bytes"] < (256 << 10) * (elapsed + 1) + (64 << 10) + 4 * 1058
     assert stats["throttled"] >= 1
+
+
+def test_clients_sending_garbage_cost_only_their_own_connection():
+    """Random bytes, random headers with random bodies, valid headers of every kind we skip: the
+    server drops or skips each, and a viewer connected throughout still gets every broadcast."""
+    rng = np.random.default_rng(7)
+    with IgtlServer(max_clients=64) as server:
+        viewer = socket.create_connection(("127.0.0.1", server.port))
+        viewer.settimeout(WAIT_S)
+        assert server.wait_for_clients(1, WAIT_S)
+        for i in range(40):
+            kind = [b"TRANSFORM", b"STATUS", b"IMAGE", b"STT_IMAGE", b"X\xff\xfe"][i % 5]
+            body = rng.bytes(int(rng.integers(0, 2000)))
+            junk = [rng.bytes(int(rng.integers(1, 3000))),
+                    HEADER.pack(int(rng.integers(1, 3)), kind, rng.bytes(20), 0, 0, len(body),
+                                int(rng.integers(0, 2**63))) + body][i % 2]
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(junk)
+        assert server.wait_until(lambda s: s["clients_accepted"] == 41
+                                 and s["clients_connected"] == 1, WAIT_S)
+        marker = pack_image(np.zeros((4, 4), np.uint8), np.eye(4), "Marker", 1e9)
+        server.broadcast([marker])
+        reader = MessageReader(viewer)
+        assert reader.read().device_name == "Marker"
+        assert server._thread.is_alive()
+        viewer.close()
