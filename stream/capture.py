@@ -12,14 +12,15 @@ large error one call corrects only part of it. Three things widen what it captur
   the first the identity) registered in ONE batched engine call; kept is the one whose registered
   MRI gland best matches the gland the network segments on the frame.
 - :class:`TemporalFilter` (host side, in the Pipeline): the patient does not jump between frames,
-  so the correction relative to the tracked pose is filtered over time (robust exponential), the
-  filtered correction starts the next frame (a warm start: frames refine one another), and each
-  frame reports ``jump_mm``, how far its own correction lies from the filtered one.
+  so the correction relative to the tracked pose is filtered over time (a running median), each
+  frame reports ``jump_mm``, how far its own correction lies from the filtered one, and
+  optionally (``warm_start``) the filtered correction starts the next frame.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,7 +201,8 @@ class Refinement:
 # ----------------------------------------------------------------------------- temporal filter
 @dataclass
 class _State:
-    filtered: np.ndarray  # (3, 3) frame-pixel correction
+    recent: deque  # the last ``window`` frames' own corrections, (3, 3) each
+    filtered: np.ndarray  # (3, 3): their element-wise median
     tracked: np.ndarray  # (4, 4) the last frame's tracked plane
     t_s: float
     hw: tuple[int, int]
@@ -210,27 +212,26 @@ class TemporalFilter:
     """Filters the in-plane correction over frames; scores each frame's jump from it in mm.
 
     The correction ``C`` is the (3, 3) frame-pixel affine with ``registered = tracked @
-    lift_2d(C)``. Per frame, ``jump_mm`` is the mean distance (mm, over a 5 x 5 grid of points
-    spanning the frame) between the frame's own ``C`` and the filtered one before this frame;
-    then the filter moves toward ``C`` by ``alpha``, scaled down by ``gate_mm / jump_mm`` when
-    the jump exceeds ``gate_mm`` (a Huber weight: one wrong frame moves it little, a real change
-    still pulls it over a few frames).
+    lift_2d(C)``. The filtered correction is the element-wise median of the last ``window``
+    frames' own corrections: a robust filter (up to ``(window - 1) // 2`` wrong frames in the
+    window change it little), that follows a real change within ``window // 2 + 1`` frames and
+    needs no tuning of rates. Per frame, ``jump_mm`` is the mean distance (mm, over a 5 x 5 grid
+    of points spanning the frame) between the frame's own ``C`` and the filtered one before it.
 
     Reset rule (state dropped; the next frame's own correction is taken as is, ``jump_mm`` NaN):
     the frame has no pose; or the tracked plane itself moved more than ``reset_mm`` (mean over the
     same points, in 3-D) since the last frame, or more than ``reset_s`` seconds passed (the probe
-    was moved or tracking was lost, so the old correction no longer describes this view); or the
-    frame size changed.
+    was moved fast or tracking was lost, so the old correction no longer describes this view); or
+    the frame size changed. Smooth probe motion (a sweep: ~0.5 mm per frame at 30 fps) keeps it.
     """
 
-    def __init__(self, alpha: float = 0.3, gate_mm: float = 1.5, reset_mm: float = 5.0,
-                 reset_s: float = 1.0) -> None:
-        if not 0.0 < alpha <= 1.0:
-            raise InputError(f"temporal filter alpha {alpha}: expected 0 < alpha <= 1")
-        if gate_mm <= 0 or reset_mm <= 0 or reset_s <= 0:
-            raise InputError(f"temporal filter gate_mm {gate_mm}, reset_mm {reset_mm}, reset_s "
-                             f"{reset_s}: all must be > 0")
-        self.alpha, self.gate_mm = alpha, gate_mm
+    def __init__(self, window: int = 5, reset_mm: float = 5.0, reset_s: float = 1.0) -> None:
+        if window < 1:
+            raise InputError(f"temporal filter window {window}: expected >= 1 frames")
+        if reset_mm <= 0 or reset_s <= 0:
+            raise InputError(f"temporal filter reset_mm {reset_mm}, reset_s {reset_s}: both "
+                             "must be > 0")
+        self.window = int(window)
         self.reset_mm, self.reset_s = reset_mm, reset_s
         self._state: _State | None = None
         self.resets = 0
@@ -282,11 +283,12 @@ class TemporalFilter:
             return c, math.nan
         s = self._state
         if s is None:
-            self._state = _State(c.copy(), np.array(tracked, np.float64), t_s, tuple(hw))
+            self._state = _State(deque([c.copy()], maxlen=self.window), c.copy(),
+                                 np.array(tracked, np.float64), t_s, tuple(hw))
             return c, math.nan
         jump = self._jump_mm(c, s.filtered, hw, spacing_mm)
-        w = self.alpha * min(1.0, self.gate_mm / jump) if jump > 0 else self.alpha
-        s.filtered = s.filtered + w * (c - s.filtered)
+        s.recent.append(c.copy())
+        s.filtered = np.median(np.stack(s.recent), axis=0)
         s.tracked, s.t_s = np.array(tracked, np.float64), t_s
         return s.filtered.copy(), jump
 
