@@ -45,8 +45,8 @@ def build_default_capture(**engine_options):
         build_capture,
     )
 
-    return build_capture(REFINE_ITERATIONS, MULTI_START_DEFAULT == "on",
-                         TEMPORAL_FILTER_DEFAULT == "on", **engine_options)
+    return build_capture(REFINE_ITERATIONS, MULTI_START_DEFAULT == "on", TEMPORAL_FILTER_DEFAULT,
+                         **engine_options)
 
 
 def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None, capture=None,
