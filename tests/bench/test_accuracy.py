@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from regseg import metrics
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -99,6 +101,19 @@ def test_bench_writes_one_json_table_and_plot(tmp_path, capsys):
     assert 0 <= rows["B noise frames"]["noise_labelled_pct"] <= 100
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "B 6mm/6deg" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_family_a_frames_carry_the_set_tracking_error():
+    """Family A goes through the same error model: in-plane 6 mm shift and 6 deg rotation about
+    a point in the frame, 0.5 mm / 0.5 deg out of plane at most."""
+    _, _, frames = bench.family_a_frames(1000, 6.0, 2)
+    for frame in frames:
+        rel = np.linalg.inv(frame.truth.image_to_mri) @ frame.image_to_reference  # pixel space
+        assert abs(abs(np.degrees(np.arctan2(rel[1, 0], rel[0, 0]))) - 6.0) < 0.05
+        h, w = frame.pixels.shape
+        pts = np.stack(np.meshgrid(np.arange(0, w, 16), np.arange(0, h, 16)), -1).reshape(-1, 2)
+        assert 3.0 < metrics.tre_mm(frame.image_to_reference, frame.truth.image_to_mri, pts) < 20
 
 
 @pytest.fixture(scope="module")
