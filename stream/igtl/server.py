@@ -156,6 +156,10 @@ class IgtlServer:
         self._sent_closed = 0  # messages sent to clients already gone
         self._wire_closed = WireStats()
         self._log = RateLimitedLog(log)
+        # Packed once: a flood of connections past the cap costs an accept, a send and a close.
+        self._refusal = pack_status(STATUS_RESOURCE_ERROR, max_clients, "server full",
+                                    f"refused: {max_clients} clients already connected",
+                                    header_version=1)
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._listener.setblocking(False)
         self.host, self.port = self._listener.getsockname()[:2]
@@ -358,10 +362,8 @@ class IgtlServer:
                 self.clients_refused += 1
                 self._log.warning("refused", f"OpenIGTLink client {peer} refused: "
                                   f"{self.max_clients} clients already connected (--max-clients)")
-                try:  # best effort: tell the client why before closing
-                    sock.send(pack_status(STATUS_RESOURCE_ERROR, self.max_clients, "server full",
-                                          f"refused: {self.max_clients} clients already "
-                                          "connected"))
+                try:  # best effort: tell the client why before closing (v1: any library parses it)
+                    sock.send(self._refusal)
                 except OSError:
                     pass
                 sock.close()
