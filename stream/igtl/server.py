@@ -19,14 +19,18 @@ import logging
 import selectors
 import socket
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 
 from pyigtl.messages import MessageBase
 
 from regseg.clock import now_ns
+from regseg.stream.igtl.peer import (
+    DEFAULT_CLIENT_BODY_BYTES,
+    DEFAULT_RECV_BYTES_PER_S,
+    ClientConnection,
+)
 from regseg.stream.igtl.status import STATUS_RESOURCE_ERROR, pack_status
-from regseg.stream.igtl.wire import MessageReader, RateLimitedLog, WireStats
+from regseg.stream.igtl.wire import RateLimitedLog, WireStats
 
 log = logging.getLogger(__name__)
 
@@ -38,62 +42,9 @@ OnMessage = Callable[[MessageBase, str], None]
 #: pyigtl scripts), with room to spare; each costs up to ~2 outboxes of our output (~3 MB at
 #: 640x480), so 8 bounds our memory for clients at a few tens of MB.
 DEFAULT_MAX_CLIENTS = 8
-#: A TRANSFORM body is 48 bytes (+ ~100 of v2 metadata), a STT_/GET_ body at most 8 bytes.
-DEFAULT_CLIENT_BODY_BYTES = 64 << 10
-#: Decoded from clients: registrations from Slicer. Everything else is skipped by size.
-CLIENT_ACCEPT = ("TRANSFORM",)
-#: Expected from clients, not used: keep-alives and stream queries for the types we send.
-CLIENT_IGNORE = ("STATUS", "GET_STATUS", "GET_CAPABIL", *(
-    f"{verb}_{kind}" for verb in ("STT", "STP", "GET") for kind in ("IMAGE", "TRANSFORM",
-                                                                     "POLYDATA")))
-#: Receive rate per client (burst and sustained): Slicer sends a few hundred bytes per edit; a
-#: client pushing more is throttled (TCP backpressure) rather than served at our CPU's cost.
-DEFAULT_RECV_BYTES_PER_S = 1 << 20
 #: Bytes read from one client per turn of the I/O loop before the others get theirs.
 _READ_TURN_BYTES = 256 << 10
 _SEND_TURN_BYTES = 4 << 20
-
-
-class _Client:
-    """One connection's state; touched only by the I/O thread, except ``enqueue`` (under the
-    server lock)."""
-
-    def __init__(self, sock: socket.socket, peer: str, body_limit: int,
-                 recv_bytes_per_s: float) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.wire = WireStats()
-        self.reader = MessageReader(sock, stats=self.wire, max_body_bytes=body_limit,
-                                    accept=CLIENT_ACCEPT, ignore=CLIENT_IGNORE,
-                                    initial_capacity=body_limit)
-        self.outbox: deque[tuple[bytes, ...]] = deque()  # whole broadcasts not started yet
-        self.outbox_bytes = 0
-        self.sending: deque[memoryview] = deque()  # the broadcast being sent, message by message
-        self.progress_ns = now_ns()  # last time a send moved on (or data became due)
-        self.sent = 0  # whole messages sent
-        self.recv_tokens = float(recv_bytes_per_s)
-        self.recv_refill_ns = now_ns()
-        self.paused_until_ns = 0  # throttled: no reading before this
-        self.events = 0  # what the selector watches for
-
-    def enqueue(self, group: tuple[bytes, ...], size: int, max_groups: int,
-                max_bytes: int) -> int:
-        """Queue one broadcast; returns how many messages of older ones were dropped."""
-        dropped = 0
-        if not self.sending and not self.outbox:
-            self.progress_ns = now_ns()  # the send timeout counts from when data is due
-        self.outbox.append(group)
-        self.outbox_bytes += size
-        while len(self.outbox) > max_groups or (len(self.outbox) > 1
-                                                and self.outbox_bytes > max_bytes):
-            old = self.outbox.popleft()
-            self.outbox_bytes -= sum(len(m) for m in old)
-            dropped += len(old)
-        return dropped
-
-    @property
-    def pending(self) -> bool:
-        return bool(self.sending or self.outbox)
 
 
 class IgtlServer:
@@ -150,7 +101,7 @@ class IgtlServer:
         self.throttled = 0  # times a client was paused for sending faster than recv_bytes_per_s
         self.callback_errors = 0
         self._lock = threading.Condition()
-        self._clients: dict[socket.socket, _Client] = {}
+        self._clients: dict[socket.socket, ClientConnection] = {}
         self._closing = False
         self._accepted = 0
         self._sent_closed = 0  # messages sent to clients already gone
@@ -333,7 +284,7 @@ class IgtlServer:
             if client.sock in self._clients:
                 self._watch(client)
 
-    def _watch(self, client: _Client) -> None:
+    def _watch(self, client: ClientConnection) -> None:
         events = (0 if client.paused_until_ns else selectors.EVENT_READ) | (
             selectors.EVENT_WRITE if client.pending else 0)
         if events == client.events:
@@ -373,7 +324,7 @@ class IgtlServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if self.send_buffer_bytes:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
-            client = _Client(sock, peer, self.max_body_bytes, self.recv_bytes_per_s)
+            client = ClientConnection(sock, peer, self.max_body_bytes, self.recv_bytes_per_s)
             with self._lock:
                 self._clients[sock] = client
                 self._accepted += 1
@@ -381,13 +332,11 @@ class IgtlServer:
             self._watch(client)
             log.info("OpenIGTLink client %s connected", peer)
 
-    def _receive(self, client: _Client) -> None:
+    def _receive(self, client: ClientConnection) -> None:
         """Read what the client sent, within its rate; hand accepted messages to on_message."""
         now = now_ns()
         rate = self.recv_bytes_per_s
-        client.recv_tokens = min(rate, client.recv_tokens
-                                 + rate * (now - client.recv_refill_ns) / 1e9)
-        client.recv_refill_ns = now
+        client.refill(now, rate)
         before = client.wire.bytes
         try:
             while client.recv_tokens >= 1:
@@ -421,7 +370,7 @@ class IgtlServer:
             self.callback_errors += 1
             self._log.warning("callback", f"on_message raised: {exc!r}")
 
-    def _send(self, client: _Client) -> None:
+    def _send(self, client: ClientConnection) -> None:
         """Send what the socket takes now, without blocking; whole broadcasts in order."""
         sent_bytes = 0
         try:
@@ -452,7 +401,7 @@ class IgtlServer:
                               "disconnected")
             self._drop(client)
 
-    def _drop(self, client: _Client) -> None:
+    def _drop(self, client: ClientConnection) -> None:
         if client.events:
             self._selector.unregister(client.sock)
             client.events = 0
