@@ -41,16 +41,18 @@ class Series:
         self.max = -math.inf
         self._sample = np.empty(size, dtype=np.float64)
         self._rng = np.random.default_rng(seed)
-        self._uniform: list[float] = []  # random draws, made 4096 at a time (cheaper than one)
+        self._uniform = np.empty(0)  # random draws, made 4096 at a time (cheaper than one)
+        self._next = 0
 
     def add(self, value: float) -> None:
         size = len(self._sample)
         if self.count < size:
             self._sample[self.count] = value
         else:
-            if not self._uniform:
-                self._uniform = self._rng.random(4096).tolist()
-            slot = int(self._uniform.pop() * (self.count + 1))
+            if self._next == len(self._uniform):
+                self._uniform, self._next = self._rng.random(4096), 0
+            slot = int(self._uniform[self._next] * (self.count + 1))
+            self._next += 1
             if slot < size:
                 self._sample[slot] = value
         self.count += 1
