@@ -338,3 +338,26 @@ def test_build_capture_checks_iterations():
     cap = build_capture(1, temporal_filter="warm")
     assert cap.refine_iterations == 1 and cap.temporal is not None and cap.multi_start is None
     assert cap.warm_start and cap.theta_engine is None
+
+
+def test_pipeline_publishes_the_refined_filtered_registration(case):
+    """Through the Pipeline (CPU): K = 3 gives the chain's composed correction; the temporal
+    filter reports jump_mm (NaN on the first frame) and the warm start moves the next frame's
+    start."""
+    from regseg.stream.pipeline import Pipeline
+
+    context, true, pixels = case
+    tracked = shifted(true, 15.0, 10.0)
+    frames = [Frame(seq=i, acquired_ns=int(i * 33e6), pixels=pixels, spacing_mm=SPACING,
+                    image_to_reference=tracked) for i in range(3)]
+    ref, _ = register(context, CentroidEngine(gain=0.5), pixels, tracked, 3)
+    pipe = Pipeline(context, CentroidEngine(gain=0.5),
+                    capture=Capture(refine_iterations=3, temporal=TemporalFilter(window=1),
+                                    warm_start=True))
+    results = [pipe(f) for f in frames]
+    assert np.allclose(spatial.invert(results[0].mri_to_image), ref, atol=1e-3)
+    assert math.isnan(results[0].jump_mm) and math.isfinite(results[1].jump_mm)
+    # warm: frame 2 started where frame 1 ended, so it is closer to the truth than frame 1
+    errors = [error_px(spatial.invert(r.mri_to_image), true) for r in results]
+    assert errors[2] < errors[0] - 1.0
+    assert results[0].warped_labels.shape == HW
