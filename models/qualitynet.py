@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from regseg.errors import EngineError
 
@@ -72,4 +73,19 @@ def load_qualitynet(path: str | Path = WEIGHTS) -> tuple[QualityNet, dict]:
                           if isinstance(data, dict) else f"{path}: not a QualityNet checkpoint")
     model = QualityNet(QualityNetConfig(**data["config"]))
     model.load_state_dict(data["state_dict"])
-    return model.eval(), dict(data.get("calibration", {}))
+    return fold_batchnorm(model.eval()), dict(data.get("calibration", {}))
+
+
+def fold_batchnorm(model: QualityNet) -> QualityNet:
+    """The same eval-mode net with each BatchNorm folded into its convolution (fewer ops per
+    frame). For inference only: the folded net has no BatchNorm to train."""
+    layers = list(model.features)
+    fused: list[nn.Module] = []
+    for k, layer in enumerate(layers):
+        if isinstance(layer, nn.BatchNorm2d):
+            continue
+        if isinstance(layer, nn.Conv2d) and isinstance(layers[k + 1], nn.BatchNorm2d):
+            layer = fuse_conv_bn_eval(layer, layers[k + 1])
+        fused.append(layer)
+    model.features = nn.Sequential(*fused)
+    return model

@@ -39,25 +39,24 @@ from regseg.stream.context import MriContext
 from regseg.types import LESION
 
 FLAG_REASONS = ("untracked", "no_content", "no_gland", "error_estimate", "jump", "disagreement")
-CONTENT_SIZE = 256  # content_score works on the frame area-resampled to this size
+CONTENT_SIZE = 256  # content_score measures blocks of CONTENT_BLOCK pixels at this frame size
 CONTENT_BLOCK = 8
 
 
 def content_score(pixels: np.ndarray) -> float:
-    """Coefficient of variation of the 8 x 8-block means inside the imaged area (0 when none).
+    """Coefficient of variation of the block means (a 32 x 32 grid, 8 x 8 pixels of a 256 x 256
+    frame) inside the imaged area; 0 when there is none.
 
     B-mode of tissue has structure at the scale of millimetres (gland, capsule, zones): on the
     simulator 0.29-0.41. Noise of any grain finer than a block averages out: iid uniform or
     Gaussian, blurred speckle, speckle in a fan all gave <= 0.075, blank 0. Blocks with zeros
     (outside the fan) or near-black are left out, so the fan's own edge is not taken for content.
     """
-    p = np.asarray(pixels)
-    if p.shape != (CONTENT_SIZE, CONTENT_SIZE):
-        p = cv2.resize(p, (CONTENT_SIZE, CONTENT_SIZE), interpolation=cv2.INTER_AREA)
-    n, b = CONTENT_SIZE // CONTENT_BLOCK, CONTENT_BLOCK
-    p = p.astype(np.float32).reshape(n, b, n, b)
-    means = p.mean(axis=(1, 3))
-    zeros = (p <= 0).mean(axis=(1, 3))
+    p = np.ascontiguousarray(pixels, dtype=np.uint8)
+    n = CONTENT_SIZE // CONTENT_BLOCK
+    # block means and the share of zero pixels per block, both by area resampling (fast in C)
+    means = cv2.resize(p, (n, n), interpolation=cv2.INTER_AREA).astype(np.float32)
+    zeros = cv2.resize((p == 0).astype(np.float32), (n, n), interpolation=cv2.INTER_AREA)
     valid = means[(zeros < 0.05) & (means > 2.0)]
     if valid.size < 16:
         return 0.0
@@ -66,8 +65,9 @@ def content_score(pixels: np.ndarray) -> float:
 
 def seg_confidence(logits: Tensor) -> float:
     """1 - mean normalised softmax entropy over the pixels the segmentation is not sure are
-    background (p(background) < 0.99): 1 sure everywhere, 0 uniform. 1.0 when there are none."""
-    p = torch.softmax(logits.float(), dim=1)[0]
+    background (p(background) < 0.99), on 4 x 4-pooled logits: 1 sure everywhere, 0 uniform;
+    1.0 when there are none."""
+    p = torch.softmax(F.avg_pool2d(logits.float(), 4), dim=1)[0]  # 4 x 4 blocks: cheap
     entropy = -(p * torch.log(p.clamp_min(1e-8))).sum(0) / math.log(p.shape[0])
     region = p[0] < 0.99
     if not bool(region.any()):
@@ -96,18 +96,40 @@ class ErrorEstimator:
         self.weights = str(weights)
         s = self.model.config.size
         self.size = (s, s)
+        self._axes = spatial.pixel_axes(s, s, device=context.mri.device)
+
+    def inputs(self, pixels: np.ndarray, image_to_mri: np.ndarray,
+               warped_labels: np.ndarray) -> Tensor:
+        """The net's input (1, 4, s, s): TRUS, MRI at ``image_to_mri``, gland and lesion maps.
+
+        The same as training builds them (regseg.planes: area-resampled TRUS, MRI resliced on the
+        model grid covering the frame, labels nearest), with OpenCV for the 2-D resamples.
+        """
+        ctx = self.context
+        hw = (int(pixels.shape[0]), int(pixels.shape[1]))
+        s = self.size
+        with torch.inference_mode():
+            trus = cv2.resize(np.ascontiguousarray(pixels, np.uint8), s[::-1],
+                              interpolation=cv2.INTER_AREA).astype(np.float32) * (1.0 / 255.0)
+            plane = ctx.world_to_normalised @ image_to_mri @ planes.model_to_frame(hw, s)
+            m = torch.as_tensor(plane[:3, [0, 1, 3]], dtype=torch.float32,
+                                device=ctx.mri.device)
+            grid = spatial.axes_grid(m, *self._axes)
+            mri = F.grid_sample(ctx.mri, grid[None, None], mode="bilinear",
+                                padding_mode="zeros", align_corners=False)[0, 0, 0]
+            lab = cv2.resize(np.ascontiguousarray(warped_labels, np.uint8), s[::-1],
+                             interpolation=cv2.INTER_NEAREST_EXACT)
+            x = np.empty((1, 4, *s), np.float32)
+            x[0, 0] = trus
+            x[0, 1] = mri.float().cpu().numpy()
+            x[0, 2] = lab > 0
+            x[0, 3] = lab == LESION
+            return torch.from_numpy(x)
 
     def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray,
                  warped_labels: np.ndarray) -> float:
-        ctx = self.context
-        hw = (int(pixels.shape[0]), int(pixels.shape[1]))
         with torch.inference_mode():
-            trus = planes.trus_input(torch.from_numpy(np.ascontiguousarray(pixels)), self.size)
-            plane = image_to_mri @ planes.model_to_frame(hw, self.size)
-            mri = spatial.reslice(ctx.mri, ctx.world_to_voxel, plane, self.size)
-            lab = torch.from_numpy(np.ascontiguousarray(warped_labels))[None, None].float()
-            lab = F.interpolate(lab, size=self.size, mode="nearest-exact")
-            x = torch.cat([trus, mri.cpu().float(), planes.labels_onehot(lab)], dim=1)
+            x = self.inputs(pixels, image_to_mri, warped_labels)
             return float(torch.expm1(self.model(x)[0]).clamp_min(0.0))
 
 

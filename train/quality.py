@@ -183,7 +183,7 @@ def calibrate(estimate: np.ndarray, tre: np.ndarray) -> dict[str, float]:
     bad = np.sort(estimate[tre > BAD_MM])
     threshold = float(bad[int(math.floor(0.05 * len(bad)))]) - 1e-6
     ratio = tre / np.maximum(estimate, 0.5)
-    return {"threshold_mm": round(threshold, 4),
+    return {"threshold_mm": math.floor(threshold * 1e4) / 1e4,  # rounded down: still flags
             "margin_factor": round(float(np.quantile(ratio, 0.9)), 4)}
 
 
