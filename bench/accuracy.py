@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_plot import plot  # noqa: E402
 from common import device_name, print_table, write_json  # noqa: E402
 
 from regseg import metrics, spatial  # noqa: E402
@@ -313,60 +314,6 @@ def _family_b_seeds():
     return EVAL_SEEDS
 
 
-def plot(path: str | Path, rows: list[dict], rocs: dict[str, dict], records: list[dict]) -> None:
-    """Capture curve, Dice vs error, ROC of the estimate: one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5), dpi=100)
-    colours = {"A": "tab:blue", "B": "tab:red"}
-    for fam in colours:
-        mine = [r for r in rows if r["family"] == fam and r["error_level"] is not None]
-        if not mine:
-            continue
-        lv = [r["error_level"] for r in mine]
-        pts = [(r["tre_tracked_mm"], r["tre_registered_mm"]) for r in records
-               if r["family"] == fam]
-        if pts:
-            x, y = np.asarray(pts, dtype=float).T
-            ax[0].scatter(x, y, s=4, alpha=0.25, color=colours[fam])
-        initial = [r["tre_tracked_median_mm"] for r in mine]
-        ax[0].plot(initial, [r["tre_median_mm"] for r in mine], "-o", color=colours[fam],
-                   label=f"{fam} registered median")
-        ax[0].plot(initial, [r["tre_p90_mm"] for r in mine], ":", color=colours[fam],
-                   label=f"{fam} registered p90")
-        ax[1].plot(lv, [r["dice_prostate"] for r in mine], "-o", color=colours[fam],
-                   label=f"{fam} prostate")
-        ax[1].plot(lv, [r["dice_lesion"] for r in mine], "--s", color=colours[fam],
-                   label=f"{fam} lesion")
-        ax[1].plot(lv, [r["dice_registered"] for r in mine], ":^", color=colours[fam],
-                   label=f"{fam} registered")
-        r = rocs.get(fam)
-        if r and r["fpr"]:
-            ax[2].plot(r["fpr"], r["tpr"], color=colours[fam], label=f"{fam} AUC {r['auc']:.2f}")
-    top = max([1.0] + [float(r["tre_tracked_mm"]) for r in records
-                       if math.isfinite(r["tre_tracked_mm"])])
-    ax[0].plot([0, top], [0, top], color="grey", lw=0.5, label="no correction")
-    ax[0].set(xlabel="initial TRE, tracked plane (mm)", ylabel="final TRE, registered (mm)",
-              title="capture curve (dots: frames; lines: medians per level)")
-    ax[1].set(xlabel="tracking error (mm and deg)", ylabel="Dice", title="segmentation",
-              ylim=(0, 1))
-    ax[2].plot([0, 1], [0, 1], color="grey", lw=0.5)
-    ax[2].set(xlabel=f"false alarm (TRE <= {GOOD_MM:g} mm flagged)",
-              ylabel=f"detection (TRE > {BAD_MM:g} mm flagged)", title="error estimate ROC")
-    for a in ax:
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
 COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice_prostate", "dice", ".3f"),
            ("dice_lesion", "lesion", ".3f"), ("dice_registered", "reg_dice", ".3f"),
            ("dice_true_plane", "true_pl", ".3f"),
@@ -433,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                    frames_detail=records, noise_detail=noise)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if plot_path:
-        plot(plot_path, rows, rocs, records)
+        plot(plot_path, rows, rocs, records, bad_mm=BAD_MM, good_mm=GOOD_MM)
     return 0
 
 
