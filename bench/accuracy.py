@@ -5,8 +5,9 @@ B (``regseg.sim.family_b``: written separately, never trained on) on its evaluat
 For every phantom and tracking-error level (an in-plane rigid error of exactly L mm and L deg,
 plus 0.5 mm / 0.5 deg out of plane, the same model for both families) a fresh live chain, built
 as ``regseg-stream`` builds it (``regseg.stream.build``), runs on a stretch of the session. Per
-frame: prostate and lesion Dice of the predicted labels, prostate Dice of the registered MRI
-labels, TRE (mm, tracked and registered plane vs the true one, over the true prostate pixels:
+frame: prostate and lesion Dice of the predicted labels, prostate and lesion Dice of the
+registered MRI labels (the lesion there is the biopsy target carried from the MRI), TRE (mm,
+tracked and registered plane vs the true one, over the true prostate pixels:
 ``regseg.stream.runner.frame_accuracy``), the flag, and the per-frame error estimate
 (``Result.error_mm`` where the Result has it, else ``1 - quality``).
 
@@ -41,7 +42,7 @@ from common import device_name, print_table, write_json  # noqa: E402
 
 from regseg import metrics, spatial  # noqa: E402
 from regseg.stream.runner import frame_accuracy  # noqa: E402
-from regseg.types import PROSTATE, Frame  # noqa: E402
+from regseg.types import LESION, PROSTATE, Frame  # noqa: E402
 
 FAMILY_A_SEEDS = range(1000, 1100)  # held out from training (train/alignsegnet.py VAL_SEED0)
 BAD_MM, GOOD_MM = 5.0, 2.0  # a frame is "bad" above BAD_MM registered TRE, "good" at or below
@@ -120,6 +121,8 @@ def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
     frame: Frame = result.frame
     return {"dice_prostate": dice["prostate"], "dice_lesion": dice["lesion"],
             "dice_registered": dice["registered_prostate"],
+            "dice_lesion_registered": metrics.dice(result.warped_labels, frame.truth.labels,
+                                                   LESION),
             "dice_true_plane": true_plane_dice(pipeline.context, frame),
             "tre_tracked_mm": tre.get("tracked", math.nan),
             "tre_registered_mm": tre.get("registered", math.nan),
@@ -177,6 +180,7 @@ def summarise(family: str, level: float, frames: list[dict]) -> dict[str, Any]:
             "dice_lesion": stat(np.mean, "dice_lesion"),
             "lesion_frames": int(np.isfinite(col("dice_lesion")).sum()),
             "dice_registered": stat(np.mean, "dice_registered"),
+            "dice_lesion_registered": stat(np.mean, "dice_lesion_registered"),
             "dice_true_plane": stat(np.mean, "dice_true_plane"),
             "tre_tracked_median_mm": stat(np.median, "tre_tracked_mm"),
             "tre_median_mm": stat(np.median, "tre_registered_mm"),
@@ -316,7 +320,7 @@ def _family_b_seeds():
 
 COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice_prostate", "dice", ".3f"),
            ("dice_lesion", "lesion", ".3f"), ("dice_registered", "reg_dice", ".3f"),
-           ("dice_true_plane", "true_pl", ".3f"),
+           ("dice_lesion_registered", "reg_les", ".3f"), ("dice_true_plane", "true_pl", ".3f"),
            ("tre_tracked_median_mm", "TRE_in", ".2f"), ("tre_median_mm", "TRE_med", ".2f"),
            ("tre_p90_mm", "TRE_p90", ".2f"), ("detection", "detect", ".2f"),
            ("n_bad", "n_bad", "d"), ("false_alarm", "false_al", ".2f"), ("n_good", "n_good", "d"),
