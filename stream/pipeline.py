@@ -146,7 +146,8 @@ class FrameChain:
 
 
 class Pipeline:
-    """Turns a Frame into a Result. One instance per stream; holds no per-frame state.
+    """Turns a Frame into a Result. One instance per stream; its only state across frames is the
+    capture's temporal filter (``capture``, :class:`regseg.stream.capture.Capture`).
 
     Every Result is assessed by ``quality`` (:class:`regseg.stream.quality.QualityCheck`): an
     estimate of the registration error in mm (QualityNet on the registered pair), the
