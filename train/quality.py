@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from regseg import planes
 from regseg.models.qualitynet import QualityNet, QualityNetConfig, save_qualitynet
-from regseg.train.data import mri_tensors, open_simulated_scanner
+from regseg.train.data import CACHEABLE_SCANNERS, mri_tensors
 
 TRAIN_SEED0, CALIB_SEED0 = 3000, 3100
 DEFAULT_CACHE = Path.home() / ".cache" / "regseg" / "train"
@@ -62,17 +62,21 @@ def draw_error(rng: np.random.Generator) -> tuple[float, float]:
 
 
 def generate(phantom_seeds: list[int], frames: int, errors: int, *, size: int, seed: int,
-             progress: bool = True) -> dict[str, torch.Tensor]:
-    """Samples: trus, mri (N, 1, s, s) float16; mri_labels (N, 1, s, s) uint8; tre_mm (N,)."""
+             progress: bool = True, scanner: str = "plain") -> dict[str, torch.Tensor]:
+    """Samples: trus, mri (N, 1, s, s) float16; mri_labels (N, 1, s, s) uint8; tre_mm (N,).
+
+    ``scanner``: "plain" (the demo scanner) or "randomised" (regseg.sim.randomise: probe, frame
+    size, spacing, speckle, gain, anatomy, MRI contrast drawn per case)."""
+    open_scanner = CACHEABLE_SCANNERS[scanner]
     torch.set_num_threads(1)
     rows: dict[str, list] = {"trus": [], "mri": [], "mri_labels": [], "tre_mm": [], "seed": []}
     for n, ps in enumerate(phantom_seeds):
-        phantom, scanner = open_simulated_scanner(ps, seed * 100_003 + ps)
+        phantom, sim = open_scanner(ps, seed * 100_003 + ps)
         mri, labels, world_to_voxel = mri_tensors(phantom)
         rng = np.random.default_rng([seed, ps, 17])
         made = 0
         while made < frames:
-            frame = scanner.random_frame(rng)
+            frame = sim.random_frame(rng)
             ji = np.argwhere(frame.truth.labels > 0)
             if len(ji) < 200:  # no gland in view: the TRE is undefined (flagged "no_gland" live)
                 continue
@@ -102,15 +106,17 @@ def generate(phantom_seeds: list[int], frames: int, errors: int, *, size: int, s
 
 
 def cached(cache_dir: Path | None, seeds: list[int], frames: int, errors: int, *, size: int,
-           seed: int) -> dict[str, torch.Tensor]:
-    key = json.dumps({"v": DATA_VERSION, "seeds": seeds, "n": frames, "e": errors, "s": size,
-                      "seed": seed})
+           seed: int, scanner: str = "plain") -> dict[str, torch.Tensor]:
+    key = {"v": DATA_VERSION, "seeds": seeds, "n": frames, "e": errors, "s": size, "seed": seed}
+    if scanner != "plain":  # the plain key stays as it was (its caches remain valid)
+        key["scanner"] = scanner
+    key = json.dumps(key)
     path = None
     if cache_dir is not None:
         path = cache_dir / f"quality-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if path.is_file():
             return torch.load(path, weights_only=True)
-    data = generate(seeds, frames, errors, size=size, seed=seed)
+    data = generate(seeds, frames, errors, size=size, seed=seed, scanner=scanner)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, path)

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=40, help="live frames per phantom")
     parser.add_argument("--synthetic-frames", type=int, default=50,
                         help="--frames of the synthetic stage (its cached samples are mixed in)")
+    parser.add_argument("--randomised-phantoms", type=int, default=0,
+                        help="also mix in synthetic pairs from this many phantoms of the "
+                        "randomised family-A scanner (regseg.sim.randomise), seeds 3200..")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args(argv)
@@ -131,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                            weights=weights)
     synthetic = cached(args.cache, train_seeds, args.synthetic_frames, 4, size=64,
                        seed=args.seed)
+    if args.randomised_phantoms:
+        extra = cached(args.cache, list(range(3200, 3200 + args.randomised_phantoms)),
+                       args.synthetic_frames, 4, size=64, seed=args.seed, scanner="randomised")
+        synthetic = {k: torch.cat([synthetic[k], extra[k]]) for k in synthetic}
     data_s = time.monotonic() - t0
     print(f"live: {len(live['tre_mm'])} train / {len(live_cal['tre_mm'])} calibration samples "
           f"({data_s:.0f} s)", flush=True)
