@@ -187,8 +187,16 @@ class Pipeline:
         # Capture range (regseg.stream.capture): refinement iterations and multi-start inside
         # the FrameChain; the temporal filter's warm start (start) and filtering (finish) here.
         self.capture = capture if capture is not None else Capture()
-        # Trust (regseg.stream.quality): error estimate, segmentation confidence, flags.
-        self.quality = quality if quality is not None else QualityCheck(context)
+        # Trust (regseg.stream.quality): error estimate, segmentation confidence, flags. Made on
+        # first use when not given (loading QualityNet is not needed to place a plane).
+        self._quality = quality
+
+    @property
+    def quality(self) -> QualityCheck:
+        """The per-frame quality check (the shipped QualityNet and its calibration by default)."""
+        if self._quality is None:
+            self._quality = QualityCheck(self.context)
+        return self._quality
 
     def set_reference_to_mri(self, reference_to_mri: np.ndarray) -> None:
         """Use ``reference_to_mri`` ((4, 4), Reference mm -> MRI RAS mm) from the next frame on.
