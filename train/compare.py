@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=10, help="per phantom and level")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="keep the rendered sample sets here and reuse them")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     for family in args.families.split(","):
         for level in (float(v) for v in args.levels.split(",")):
             t0 = time.monotonic()
-            samples = family_samples(family, level, args.phantoms, args.frames, size)
+            cached = (args.cache_dir / f"{family}-L{level:g}-p{args.phantoms}-f{args.frames}"
+                      f"-s{size[0]}.pt") if args.cache_dir else None
+            if cached is not None and cached.is_file():
+                samples = SampleSet.load(cached)
+            else:
+                samples = family_samples(family, level, args.phantoms, args.frames, size)
+                if cached is not None:
+                    samples.save(cached)
             for name, model in models.items():
                 m = evaluate(model, samples)
                 rows.append({"model": name, "family": family, "level": level, **m})

@@ -208,3 +208,21 @@ def test_randomised_scanner_is_seeded_and_cached_under_its_own_key(tmp_path):
     assert calls == [3]  # the second call loaded the cache
     assert torch.equal(a.trus, b.trus) and len(c) == 2
     assert len(list(tmp_path.glob("samples-*.pt"))) == 1  # a stand-in is never cached
+
+
+@pytest.mark.parametrize("level", [0.0, 3.0, 10.0])
+def test_compare_tracking_error_is_exactly_the_level(level):
+    from regseg.train.compare import rigid_error
+
+    e = rigid_error(level, np.random.default_rng(1), (300, 400), 0.25)
+    angle = np.degrees(np.arctan2(e[1, 0], e[0, 0]))
+    assert abs(angle) == pytest.approx(level)
+    assert np.allclose(e[:2, :2] @ e[:2, :2].T, np.eye(2))  # rigid in plane
+    # Some point (the rotation centre) moves by exactly the level in mm.
+    lin, t = e[:2, :2], e[:2, 3]
+    if level:
+        rng = np.random.default_rng(1)
+        centre = np.array([400, 300]) * (0.5 + rng.uniform(-0.15, 0.15, 2))
+        moved = lin @ centre + t - centre
+        assert np.hypot(*moved) * 0.25 == pytest.approx(level)
+    assert abs(e[2, 3]) * 0.25 <= 0.5
