@@ -57,8 +57,10 @@ def save_qualitynet(path: str | Path, model: QualityNet, calibration: dict) -> N
                 "state_dict": model.state_dict(), "calibration": calibration}, path)
 
 
-def load_qualitynet(path: str | Path = WEIGHTS) -> tuple[QualityNet, dict]:
-    """(model in eval mode, calibration dict) from a :func:`save_qualitynet` checkpoint.
+def load_qualitynet(path: str | Path = WEIGHTS, *, fold: bool = True
+                    ) -> tuple[QualityNet, dict]:
+    """(model in eval mode, calibration dict) from a :func:`save_qualitynet` checkpoint;
+    ``fold``: BatchNorm folded into the convolutions (for inference; False to train on).
 
     Raises:
         EngineError: the file is missing or is not a QualityNet checkpoint.
@@ -73,7 +75,8 @@ def load_qualitynet(path: str | Path = WEIGHTS) -> tuple[QualityNet, dict]:
                           if isinstance(data, dict) else f"{path}: not a QualityNet checkpoint")
     model = QualityNet(QualityNetConfig(**data["config"]))
     model.load_state_dict(data["state_dict"])
-    return fold_batchnorm(model.eval()), dict(data.get("calibration", {}))
+    model.eval()
+    return fold_batchnorm(model) if fold else model, dict(data.get("calibration", {}))
 
 
 def fold_batchnorm(model: QualityNet) -> QualityNet:

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"live: {len(live['tre_mm'])} train / {len(live_cal['tre_mm'])} calibration samples "
           f"({data_s:.0f} s)", flush=True)
     torch.set_num_threads(args.threads)
-    model, base_calibration = load_qualitynet(weights)
+    model, base_calibration = load_qualitynet(weights, fold=False)
     before = predict_x(model, live_cal["x"])
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(args.seed)
