@@ -18,6 +18,7 @@ stage; never 1000-1003, never family B).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shlex
@@ -85,9 +86,17 @@ def live_samples(seeds: list[int], frames: int, *, seed: int, weights: Path) -> 
     return {"x": torch.cat(xs), "tre_mm": torch.tensor(tres, dtype=torch.float32)}
 
 
+def _alignsegnet_id() -> str:
+    """The shipped AlignSegNet's file hash: live pairs change when it is retrained."""
+    from regseg.models.registry import default_weights_path
+
+    return hashlib.sha256(default_weights_path("alignsegnet").read_bytes()).hexdigest()[:12]
+
+
 def cached_live(cache: Path | None, seeds: list[int], frames: int, *, seed: int,
                 weights: Path) -> dict:
-    name = f"quality-live-v{LIVE_VERSION}-{seeds[0]}-{len(seeds)}-{frames}-{seed}.pt"
+    name = (f"quality-live-v{LIVE_VERSION}-{seeds[0]}-{len(seeds)}-{frames}-{seed}"
+            f"-{_alignsegnet_id()}.pt")
     path = cache / name if cache is not None else None
     if path is not None and path.is_file():
         return torch.load(path, weights_only=True)
@@ -103,6 +112,28 @@ def predict_x(model, x: torch.Tensor) -> np.ndarray:
     model.eval()
     return torch.cat([torch.expm1(model(x[s:s + 256].float())).clamp_min(0)
                       for s in range(0, len(x), 256)]).numpy()
+
+
+def recalibrate(args: argparse.Namespace, weights: Path, command: str) -> int:
+    """Recalibrate ``weights`` on live pairs of the calibration phantoms; weights unchanged."""
+    calib_seeds = list(range(CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms))
+    data = cached_live(args.cache, calib_seeds, args.frames, seed=args.seed, weights=weights)
+    torch.set_num_threads(args.threads)
+    model, previous = load_qualitynet(weights, fold=False)
+    estimate, tre = predict_x(model, data["x"]), data["tre_mm"].numpy()
+    calibration = calibrate(estimate, tre)
+    save_qualitynet(args.out / "qualitynet.pt", model, calibration)
+    summary_path = args.out / "qualitynet.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary["recalibration"] = {
+        "command": command, "alignsegnet": _alignsegnet_id(), "previous": previous,
+        "calibration": calibration, "calibration_phantom_seeds": calib_seeds,
+        "live_calibration_metrics": {**detection(estimate, tre, calibration["threshold_mm"]),
+                                     "bad_frames": int((tre > 5).sum()),
+                                     "good_frames": int((tre <= 2).sum())}}
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary["recalibration"], indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,12 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--randomised-phantoms", type=int, default=0,
                         help="also mix in synthetic pairs from this many phantoms of the "
                         "randomised family-A scanner (regseg.sim.randomise), seeds 3200..")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="no fine-tuning: recalibrate --weights on live calibration pairs "
+                        "(e.g. after AlignSegNet was retrained) and save to --out")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "regseg.train.quality_live", *(argv or sys.argv[1:])])
     t0 = time.monotonic()
     weights = (args.weights or args.out / WEIGHTS.name).resolve()
+    if args.calibrate_only:
+        return recalibrate(args, weights, command)
     train_seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + args.train_phantoms))
     calib_seeds = list(range(CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms))
     live = cached_live(args.cache, train_seeds, args.frames, seed=args.seed, weights=weights)
