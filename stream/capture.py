@@ -33,8 +33,8 @@ from regseg import planes, spatial
 from regseg.errors import InputError
 
 #: Default K (README "Capture range", bench/capture.py): on held-out family-A phantoms K = 2
-#: brings a 10 mm / 10 deg start to ~1 mm median TRE (K = 1: 2.3-3.7 mm) for ~2.5 ms more per
-#: frame on the 2-core CPU; K = 3 reaches 15 mm for ~4 ms but would put the default chain over
+#: brings a 10 mm / 10 deg start to 1.0 mm median TRE (K = 1: 2.4 mm) for ~2.2 ms more per frame
+#: on the 2-core CPU; K = 3 reaches 15 mm (1.0 mm) for ~4.4 ms, which puts the default chain at
 #: its 25 ms budget.
 REFINE_ITERATIONS = 2
 
