@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action=Once, default=None,
                    help="AlignSegNet checkpoint (default: shipped)")
     p.add_argument("--deformable", action=Once, choices=["on", "off"], default=DEFORMABLE_DEFAULT,
-                   help="refine the affine registration with the 2-D PLCReg (issue 4; default "
-                   f"{DEFORMABLE_DEFAULT}, see README 'Registration')")
+                   help="refine the affine registration with the 2-D PLCReg (default "
+                   f"{DEFORMABLE_DEFAULT}; see README 'Registration')")
     p.add_argument("--deformable-weights", action=Once, default="plcreg2d",
                    help="2-D PLCReg checkpoint for --deformable on (default: shipped)")
     p.add_argument("--refine-iterations", action=Once, type=int_at_least(1),

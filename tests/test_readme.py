@@ -1,0 +1,214 @@
+"""The README works as written: every command in its ```bash blocks is run here (in a temp folder, at the
+smallest sizes) or marked with the reason it cannot be (a peer, hardware, or a run of minutes to hours).
+
+A command added to or changed in the README fails ``test_every_readme_command_is_run_or_marked`` until it
+is entered below, so the README cannot drift from what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TIMEOUT_S = 300
+
+PEER = "needs a peer this machine does not have (a PLUS server or scanner; the sim-server pair below " \
+       "runs the same source)"
+TRAINING = "a training run of minutes to hours; its code runs at tiny size in tests/train"
+BENCH = "a benchmark of minutes; its code and JSON are tested in tests/bench or by the benches' own tests"
+GPU = "needs CUDA"
+
+#: README command (whitespace collapsed) -> why it is not run. Every other command must be in RUN.
+MARKED = {
+    "make demo": "the README's set-up command; runs regseg-stream --demo --max-frames 200 (run below "
+                 "at 3 frames)",
+    "make test": "the test suite itself (CI runs it)",
+    "regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --source igtl://plus-host:18944 "
+    "--serve igtl://0.0.0.0:18945 --zmq tcp://0.0.0.0:5556 --reference-to-mri reference_to_mri.txt "
+    "--stats-json session_stats.json": PEER,
+    "regseg-stream ... --source igtl://plus-host:18944 --record out/session.igs.mha --record-outputs":
+        PEER,
+    "regseg-stream ... --source grabber://0 --grabber-crop 120,80,640,480 --grabber-spacing-mm 0.19,0.19 "
+    "--pose-source igtl://tracker-host:18944": "needs a capture device and a tracker",
+    "regseg train alignsegnet --out runs/a": TRAINING,
+    "regseg train plcreg2d --out models/weights --minutes 20": TRAINING,
+    "regseg train plcreg3d --out models/weights --minutes 14": TRAINING,
+    "python -m regseg.train.alignsegnet --out runs/rand_a1 --minutes 40 --samples 3000 "
+    "--train-phantoms 48 --val-frames 50 --randomise --plain-fraction 0.2 --init "
+    "models/weights/alignsegnet.pt --lr 1e-3 --threads 1": TRAINING,
+    "python -m regseg.train.alignsegnet --out runs/rand_a2 --minutes 30 --samples 3000 "
+    "--train-phantoms 48 --val-frames 50 --randomise --plain-fraction 0.2 --init "
+    "runs/rand_a1/alignsegnet.pt --lr 5e-4 --threads 1": TRAINING,
+    "python -m regseg.train.quality --out models/weights --frames 50 --minutes 14": TRAINING,
+    "python -m regseg.train.quality_live --out models/weights --train-phantoms 20 --frames 50 "
+    "--minutes 6 --randomised-phantoms 15": TRAINING,
+    "python -m regseg.train.quality_live --out models/weights --calibrate-only --frames 50": TRAINING,
+    "python -m regseg.train.compare --families A,Arand,B --levels 0,3,10 --phantoms 4 --frames 10 "
+    "--models OLD.pt NEW.pt": TRAINING,
+    "python bench/registration.py [--quick] --json out/bench_registration.json": BENCH,
+    "pytest -m gpu tests/stream/test_device_ring.py": GPU,
+    "python bench/engines.py --device cuda --json out/bench_engines_gpu.json": GPU,
+    "python bench/latency.py --device cuda --backend auto --fps 500 --json "
+    "out/bench_latency_gpu.json": GPU,
+    "python bench/latency.py --device cuda --backend tensorrt --precision fp16 --fps 500 --json "
+    "out/bench_latency_trt.json": GPU,
+    ".venv/bin/python bench/latency.py --json out/bench_latency.json": BENCH,
+    ".venv/bin/python bench/registration.py --json out/bench_registration.json": BENCH,
+    ".venv/bin/python bench/engines.py --json out/bench_engines.json": BENCH,
+    ".venv/bin/python bench/classical.py --json out/bench_classical.json": BENCH,
+    ".venv/bin/python bench/accuracy.py --json out/bench_accuracy.json": BENCH,
+    ".venv/bin/python bench/capture.py --family b --json out/bench_capture.json": BENCH,
+    ".venv/bin/python bench/trust.py --family b --out out/bench_trust.json": BENCH,
+}
+
+CASE = "--mri case.nii.gz --mri-labels case_labels.nii.gz"
+PAIR = "out/mni/pair000"
+#: README command -> the command run (placeholders filled, sizes smallest). The scenario test runs them.
+RUN = {
+    "regseg phantom --out DIR --seed N": "regseg phantom --out . --seed 0",
+    "regseg-igt sim-server --port 18944 --write-case out/case":
+        "regseg-igt sim-server --port {sim_port} --write-case out/case",
+    "regseg-stream --mri out/case/case.nii.gz --mri-labels out/case/case_labels.nii.gz --source "
+    "igtl://127.0.0.1:18944 --serve igtl://127.0.0.1:18945":
+        "regseg-stream --mri out/case/case.nii.gz --mri-labels out/case/case_labels.nii.gz --source "
+        "igtl://127.0.0.1:{sim_port} --serve igtl://127.0.0.1:{serve_port} --max-frames 3 --quiet",
+    "regseg-stream --demo --deformable on|off":
+        "regseg-stream --demo --deformable {on_off} --max-frames 3 --serve none --zmq none --quiet",
+    "regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --source file://session.igs.mha "
+    "--replay-rate recorded":
+        f"regseg-stream {CASE} --source file://session.igs.mha --replay-rate recorded --max-frames 3 "
+        "--quiet",
+    "regseg-igt recover out/session.igs.mha": "regseg-igt recover out/session.igs.mha",
+    "regseg-stream ... --source recorded_screen.mp4 --grabber-crop 120,80,640,480":
+        f"regseg-stream {CASE} --source recorded_screen.mp4 --grabber-crop 120,80,640,480 "
+        "--max-frames 2 --quiet",
+    "regseg mni --out out/mni --pairs 8": "regseg mni --out out/mni --pairs 1",
+    "regseg register --pairs out/mni --out out/reg": "regseg register --pairs out/mni --out out/reg",
+    "regseg register --fixed F.nii.gz --moving M.nii.gz --moving-labels L.nii.gz [--fixed-labels "
+    "FL.nii.gz] [--landmarks LM.csv] --out out/one [--device cuda]":
+        f"regseg register --fixed {PAIR}/fixed.nii.gz --moving {PAIR}/moving.nii.gz --moving-labels "
+        f"{PAIR}/moving_labels.nii.gz --fixed-labels {PAIR}/fixed_labels.nii.gz --landmarks "
+        f"{PAIR}/landmarks.csv --out out/one",
+    "regseg eval --fixed-labels FL.nii.gz --moved-labels out/one/moved_labels.nii.gz --ddf "
+    "out/one/ddf_mm.nii.gz [--landmarks LM.csv]":
+        f"regseg eval --fixed-labels {PAIR}/fixed_labels.nii.gz --moved-labels "
+        f"out/one/moved_labels.nii.gz --ddf out/one/ddf_mm.nii.gz --landmarks {PAIR}/landmarks.csv",
+}
+
+
+def readme_commands() -> list[str]:
+    """Commands of the README's ```bash blocks: continuations joined, comments and blanks dropped."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.finditer(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, re.S | re.M):
+        body = re.sub(r"\\\n\s*", " ", block.group(1))
+        for line in body.splitlines():
+            command = " ".join(re.split(r"\s+#", line)[0].split())
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def test_every_readme_command_is_run_or_marked():
+    commands = readme_commands()
+    assert len(commands) > 20, "the README's bash blocks were not found"
+    unknown = [c for c in commands if c not in RUN and c not in MARKED]
+    assert not unknown, ("README commands neither run nor marked in tests/test_readme.py (add them "
+                         f"to RUN or MARKED): {unknown}")
+    stale = [c for c in (*RUN, *MARKED) if c not in commands]
+    assert not stale, f"entries for commands no longer in the README: {stale}"
+
+
+def run(command: str, cwd: Path, **format_args) -> subprocess.CompletedProcess:
+    """Run one command (our console scripts from this interpreter's environment) and require exit 0."""
+    argv = command.format(**format_args).split()
+    argv[0] = str(BIN / argv[0])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert done.returncode == 0, f"{command}: exit {done.returncode}\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr
+    return done
+
+
+def write_video(path: Path, frames: int = 4) -> None:
+    cv2 = pytest.importorskip("cv2")
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (800, 600))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    writer.release()
+    if not path.exists() or path.stat().st_size == 0:
+        pytest.skip("this OpenCV build cannot write mp4v video")
+
+
+@pytest.mark.slow
+def test_readme_commands_work_as_written(tmp_path, free_port):
+    """The runnable README commands, in the order a new user meets them."""
+    ran = set()
+
+    def readme(command: str, **format_args) -> subprocess.CompletedProcess:
+        ran.add(command)
+        return run(RUN[command], tmp_path, **format_args)
+
+    # The patient case of the demo phantom (seed 0), for the file and video sources.
+    readme("regseg phantom --out DIR --seed N")
+    assert (tmp_path / "case.nii.gz").exists() and (tmp_path / "case_labels.nii.gz").exists()
+
+    # Quick start: the PLUS stand-in and regseg-stream on it.
+    sim_cmd = RUN["regseg-igt sim-server --port 18944 --write-case out/case"].format(sim_port=0)
+    ran.add("regseg-igt sim-server --port 18944 --write-case out/case")
+    sim = subprocess.Popen([str(BIN / "regseg-igt"), *sim_cmd.split()[1:]], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "--mri" in sim.stdout.readline()
+        sim_port = int(re.search(r"igtl://127\.0\.0\.1:(\d+)", sim.stdout.readline()).group(1))
+        out = readme("regseg-stream --mri out/case/case.nii.gz --mri-labels "
+                     "out/case/case_labels.nii.gz --source igtl://127.0.0.1:18944 --serve "
+                     "igtl://127.0.0.1:18945", sim_port=sim_port, serve_port=free_port()).stdout
+        assert "end-to-end" in out
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        sim.communicate(timeout=60)
+    assert sim.returncode == 0
+
+    for on_off in ("on", "off"):
+        readme("regseg-stream --demo --deformable on|off", on_off=on_off)
+
+    # Replay a recording (made here by the demo, which records what the scanner sends).
+    run("regseg-stream --demo --max-frames 4 --serve none --zmq none --quiet --record "
+        "session.igs.mha", tmp_path)
+    readme("regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --source "
+           "file://session.igs.mha --replay-rate recorded")
+
+    # A recording a killed process left unfinished.
+    from regseg.stream.sequence_writer import SequenceWriter
+
+    writer = SequenceWriter(tmp_path / "out" / "session.igs.mha")
+    writer.add(np.zeros((8, 8), np.uint8), {"FrameNumber": "0", "Timestamp": "0.0"})
+    assert "recovered 1 frames" in readme("regseg-igt recover out/session.igs.mha").stdout
+
+    write_video(tmp_path / "recorded_screen.mp4")
+    readme("regseg-stream ... --source recorded_screen.mp4 --grabber-crop 120,80,640,480")
+
+    # Offline registration on the MNI152 set (nilearn: the registration extra).
+    pytest.importorskip("nilearn")
+    readme("regseg mni --out out/mni --pairs 8")
+    readme("regseg register --pairs out/mni --out out/reg")
+    assert (tmp_path / "out" / "reg" / "pair000" / "moved.nii.gz").exists()
+    readme("regseg register --fixed F.nii.gz --moving M.nii.gz --moving-labels L.nii.gz "
+           "[--fixed-labels FL.nii.gz] [--landmarks LM.csv] --out out/one [--device cuda]")
+    report = json.loads((tmp_path / "out" / "one" / "report.json").read_text())
+    assert report["dice_mean"] > report["dice_before_mean"]
+    readme("regseg eval --fixed-labels FL.nii.gz --moved-labels out/one/moved_labels.nii.gz --ddf "
+           "out/one/ddf_mm.nii.gz [--landmarks LM.csv]")
+    assert ran == set(RUN), f"RUN entries the scenario did not run: {set(RUN) - ran}"
