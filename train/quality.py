@@ -161,6 +161,16 @@ def augment(x: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
     return x, target
 
 
+def regression_step(model: QualityNet, optimiser: torch.optim.Optimizer, x: torch.Tensor,
+                    target_mm: torch.Tensor) -> float:
+    """One optimiser step of the TRE regression (smooth L1 on log(1 + mm)); returns the loss."""
+    loss = F.smooth_l1_loss(model(x), torch.log1p(target_mm), beta=0.1)
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    return float(loss.detach())
+
+
 @torch.inference_mode()
 def predict(model: QualityNet, data: dict[str, torch.Tensor], batch: int = 256) -> np.ndarray:
     model.eval()
@@ -222,12 +232,8 @@ def train(out_dir: Path, *, minutes: float, seed: int, train_phantoms: int, cali
         index = torch.randint(0, n, (batch,), generator=generator)
         x = model_input(train_set["trus"][index].float(), train_set["mri"][index].float(),
                         train_set["mri_labels"][index])
-        x, target = augment(x, train_set["tre_mm"][index], generator)
-        loss = F.smooth_l1_loss(model(x), torch.log1p(target), beta=0.1)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
+        losses.append(regression_step(model, optimiser,
+                                      *augment(x, train_set["tre_mm"][index], generator)))
         step += 1
         if step % 200 == 0:
             print(f"step {step} loss {np.mean(losses[-200:]):.4f} lr {lr:.2e} "

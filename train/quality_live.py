@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from regseg import metrics, spatial
 from regseg.models.qualitynet import WEIGHTS, load_qualitynet, save_qualitynet
@@ -44,6 +43,7 @@ from regseg.train.quality import (
     draw_error,
     model_input,
     random_rigid,
+    regression_step,
 )
 
 LIVE_VERSION = 1
@@ -194,12 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                        model_input(synthetic["trus"][j].float(), synthetic["mri"][j].float(),
                                    synthetic["mri_labels"][j])])
         target = torch.cat([live["tre_mm"][i], synthetic["tre_mm"][j]])
-        x, target = augment(x, target, generator)
-        loss = F.smooth_l1_loss(model(x), torch.log1p(target), beta=0.1)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
+        losses.append(regression_step(model, optimiser, *augment(x, target, generator)))
         step += 1
         if step % 200 == 0:
             print(f"step {step} loss {np.mean(losses[-200:]):.4f} {elapsed:.0f} s", flush=True)
