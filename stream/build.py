@@ -1,6 +1,7 @@
 """The live chain as ``regseg-stream`` builds it: FusionEngine, DeformableStage, Capture, Pipeline.
 
-One place for that composition, so that benches and tests measure what the command line runs.
+One place for that composition (stream/cli.py calls it too), so that benches and tests measure what
+the command line runs.
 Defaults are the command line's defaults (``--backend auto``, ``--precision fp32``,
 ``--deformable on`` with the shipped ``plcreg2d``, the capture flags' defaults).
 """

@@ -257,11 +257,10 @@ def run(args, stop: threading.Event | None = None,
     threads = args.threads or (1 if plan.device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    from regseg.engines.fusion import FusionEngine
+    from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.capture import build_capture
     from regseg.stream.gate import FrameGate
     from regseg.stream.igtl.registration import RegistrationListener
-    from regseg.stream.pipeline import Pipeline
     from regseg.stream.runner import run_stream
     from regseg.stream.slot import LatestSlot
     from regseg.stream.stats import write_json
@@ -277,7 +276,7 @@ def run(args, stop: threading.Event | None = None,
         else:
             slot = LatestSlot()
         context, source = _context_and_source(args, plan, slot)
-        engine = FusionEngine(args.weights, backend=args.backend, device=plan.device,
+        engine = build_engine(args.weights, backend=args.backend, device=plan.device,
                               precision=args.precision, threads=args.engine_threads or threads)
         # Slicer's MRIToReference, from the next frame on, from allowed hosts only (issue 9)
         registration = RegistrationListener(
@@ -292,17 +291,16 @@ def run(args, stop: threading.Event | None = None,
             sink_urls.append(f"record:{args.record}")
         deformable = None
         if args.deformable == "on":
-            from regseg.stream.deformable import DeformableStage
-
-            deformable = DeformableStage(context, args.deformable_weights, backend=args.backend,
-                                         precision=args.precision,
-                                         threads=args.engine_threads or threads)
+            deformable = build_deformable(context, args.deformable_weights, backend=args.backend,
+                                          precision=args.precision,
+                                          threads=args.engine_threads or threads)
         capture = build_capture(args.refine_iterations, args.multi_start == "on",
                                 args.temporal_filter, weights=args.weights,
                                 backend=args.backend, device=plan.device,
                                 precision=args.precision, threads=args.engine_threads or threads)
-        pipeline = Pipeline(context, engine, reference_to_mri=plan.reference_to_mri,
-                            cuda_graph=args.cuda_graph, deformable=deformable, capture=capture)
+        pipeline = build_pipeline(context, engine, reference_to_mri=plan.reference_to_mri,
+                                  cuda_graph=args.cuda_graph, deformable=deformable,
+                                  capture=capture)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
