@@ -280,8 +280,10 @@ class Pipeline:
             theta, logits = chain.model(*inputs, mats)
             theta = theta.clone()
             t.append(now_ns())
-            # With the deformable stage the affine label warp would be thrown away: skip it.
-            warped = None if self.deformable else chain.warp_labels(theta, mats).numpy()
+            # The deformable stage and the temporal filter each warp the labels again through the
+            # plane they publish; the chain's affine warp would be thrown away: skip it.
+            replaced = self.deformable is not None or self.capture.temporal is not None
+            warped = None if replaced else chain.warp_labels(theta, mats).numpy()
             t.append(now_ns())
             labels = chain.segment(logits).numpy()
             t.append(now_ns())
