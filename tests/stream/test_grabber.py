@@ -101,8 +101,10 @@ def test_a_recent_valid_pose_tracks_the_frame_and_a_stale_one_does_not(video):
                            max_pose_age_s=0.2)
     source.start()
     frames = drain(source)
-    assert all(f.image_to_reference is None for f in frames)
-    assert source.stats()["stale_poses"] == len(frames)
+    assert frames and all(f.image_to_reference is None for f in frames)
+    # every frame the source made had a stale pose, also those the newest-wins slot skipped before
+    # drain() took them (flat out, on a loaded machine, the slot skips some)
+    assert source.stats()["stale_poses"] == source.frames
     assert source.stats()["pose_source"] == {"kind": "fixed"}
 
 
