@@ -1,12 +1,72 @@
-"""``regseg <task>``: the offline tasks (phantom cases, training) from the command line."""
+"""``regseg <task>``: the offline tasks (phantoms, registration, training) from the command line.
+
+Start-up is lazy: a task's module (and torch with it) is imported only when that task is the one
+being run, so ``regseg --help`` and ``regseg TASK --help`` of a light task answer at once. A task is
+one line in ``TASKS`` (or ``TRAIN_MODELS`` for ``regseg train MODEL``): its one-line help and
+``"module:function"``, the function taking the sub-parser, adding the task's arguments and setting
+``func`` (the runner) through ``set_defaults``. Add new tasks there, nothing else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Sequence
 
 from regseg.cli_checks import EXIT_INPUT, EXIT_INTERRUPTED, Parser, int_at_least, memory_message
 from regseg.errors import InputError, RegsegError
+
+# task -> (help, "module:function(parser)"), in the order `regseg --help` lists them.
+TASKS: dict[str, tuple[str, str]] = {
+    "phantom": ("write a synthetic prostate MRI case and its labels", "regseg.cli:add_phantom"),
+    "train": ("train a model on simulated data", "regseg.cli:add_train"),
+    "register": ("affine + deformable registration of 3-D NIfTI pairs",
+                 "regseg.register_cli:add_register_arguments"),
+    "eval": ("Dice, HD95, folding and TRE of a registered pair, as a table",
+             "regseg.register_cli:add_eval_arguments"),
+    "mni": ("write the MNI152 registration evaluation set (needs nilearn)",
+            "regseg.register_cli:add_mni_arguments"),
+}
+
+# `regseg train MODEL` -> (help, "module:function(parser)").
+TRAIN_MODELS: dict[str, tuple[str, str]] = {
+    "alignsegnet": ("the live affine registration + segmentation model",
+                    "regseg.cli:add_train_alignsegnet"),
+    "plcreg2d": ("PLCReg deformable registration (live 2-D refinement)",
+                 "regseg.cli:add_train_plcreg2d"),
+    "plcreg3d": ("PLCReg deformable registration (offline 3-D, MNI152 pairs)",
+                 "regseg.cli:add_train_plcreg3d"),
+}
+
+
+def _resolve(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _first_word(argv: Sequence[str]) -> str | None:
+    """The first argument that is not an option: the chosen (sub)task, if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _add_lazy(sub, table: dict[str, tuple[str, str]], chosen: str | None, rest: Sequence[str],
+              build_all: bool) -> None:
+    for name, (help_text, target) in table.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if build_all or name == chosen:
+            fn = _resolve(target)
+            if fn is add_train:
+                fn(p, rest, build_all)
+            else:
+                fn(p)
+
+
+def add_phantom(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (case.nii.gz, case_labels.nii.gz)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="anatomy seed (same seed, same case)")
+    p.set_defaults(func=_phantom)
 
 
 def _phantom(args) -> int:
@@ -21,39 +81,43 @@ def _phantom(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_train(p: argparse.ArgumentParser, argv: Sequence[str] = (), build_all: bool = True) -> None:
+    models = p.add_subparsers(dest="model", required=True, metavar="MODEL")
+    words = [a for a in argv if not a.startswith("-")]
+    chosen = words[1] if len(words) > 1 else None
+    _add_lazy(models, TRAIN_MODELS, chosen, argv, build_all)
+
+
+def add_train_alignsegnet(p: argparse.ArgumentParser) -> None:
+    from regseg.train import alignsegnet
+
+    alignsegnet.add_arguments(p)
+    p.set_defaults(func=alignsegnet.run)
+
+
+def _add_train_plcreg(p: argparse.ArgumentParser, dim: int) -> None:
+    from regseg.train import plcreg
+
+    plcreg.add_arguments(p, dim)
+    p.set_defaults(func=plcreg.run)
+
+
+def add_train_plcreg2d(p: argparse.ArgumentParser) -> None:
+    _add_train_plcreg(p, 2)
+
+
+def add_train_plcreg3d(p: argparse.ArgumentParser) -> None:
+    _add_train_plcreg(p, 3)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``regseg`` parser. With ``argv`` only the chosen task's arguments are built (its module
+    imported); without, every task's are (imports everything: for tests and introspection)."""
+    build_all = argv is None
+    argv = list(argv or ())
     p = Parser(prog="regseg", description="regseg offline tasks")
-    sub = p.add_subparsers(dest="task", required=True)
-
-    ph = sub.add_parser("phantom", help="write a synthetic prostate MRI case and its labels")
-    ph.add_argument("--out", required=True, help="output folder (case.nii.gz, case_labels.nii.gz)")
-    ph.add_argument("--seed", type=int_at_least(0), default=0,
-                    help="anatomy seed (same seed, same case)")
-    ph.set_defaults(func=_phantom)
-
-    tr = sub.add_parser("train", help="train a model on simulated data")
-    models = tr.add_subparsers(dest="model", required=True)
-    from regseg.train import alignsegnet as train_alignsegnet
-
-    al = models.add_parser("alignsegnet", help="the live affine registration + segmentation model")
-    train_alignsegnet.add_arguments(al)
-    al.set_defaults(func=train_alignsegnet.run)
-
-    # Deformable registration (issue 4): training recipes, register, eval, the MNI152 set.
-    from regseg import register_cli
-    from regseg.train import plcreg as train_plcreg
-
-    for dim in (2, 3):
-        what = "live 2-D refinement" if dim == 2 else "offline 3-D, MNI152 pairs"
-        pl = models.add_parser(f"plcreg{dim}d", help=f"PLCReg deformable registration ({what})")
-        train_plcreg.add_arguments(pl, dim)
-        pl.set_defaults(func=train_plcreg.run)
-    register_cli.add_register_arguments(sub.add_parser(
-        "register", help="affine + deformable registration of 3-D NIfTI pairs"))
-    register_cli.add_eval_arguments(sub.add_parser(
-        "eval", help="Dice, HD95, folding and TRE of a registered pair, as a table"))
-    register_cli.add_mni_arguments(sub.add_parser(
-        "mni", help="write the MNI152 registration evaluation set (needs nilearn)"))
+    sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    _add_lazy(sub, TASKS, _first_word(argv), argv, build_all)
     return p
 
 
@@ -61,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     """``regseg``: 0 done, 2 bad input (one paragraph ``regseg TASK: error: ...``, checked before
     any work), 1 a failure at run time, 130 interrupted by Ctrl-C (quietly, at any point)."""
     task = "regseg"
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         task = f"regseg {args.task}"
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
