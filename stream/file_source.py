@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import replace
 
 import numpy as np
 
-from regseg.clock import now_ns
+from regseg.clock import SenderClock, now_ns
 from regseg.errors import InputError
 from regseg.stream.sequence_file import Sequence, SequenceFrame, read_sequence
 from regseg.stream.slot import LatestSlot
@@ -35,7 +36,8 @@ def frame_from_sequence(frame: SequenceFrame, index: int, acquired_ns: int, *,
     ``image_to_reference`` the ``<transform_name>Transform`` when its status is OK, else None
     (untracked); ``spacing_mm`` (row, col) the ``SpacingMm`` field (regseg writes it when the
     pixel size is not derivable), else the column norms of that matrix, else ElementSpacing;
-    ``source_ts`` the ``Timestamp`` field (0 when absent).
+    ``source_ts`` the ``Timestamp`` field (0 when absent); a replay maps it through
+    :class:`regseg.clock.SenderClock` (relative timestamps anchored to the wall clock).
 
     Raises:
         InputError: pixels that are not (H, W) uint8 grey or (H, W, 3|4) uint8 colour.
@@ -161,6 +163,7 @@ class FileSource:
 
     def _replay_once(self) -> None:
         t0 = now_ns()
+        sender_clock = SenderClock()  # each pass anchored anew: a loop does not step back in time
         for index, (frame, offset) in enumerate(zip(self.sequence.frames, self._offsets,
                                                      strict=True)):
             if self.rate == "recorded":
@@ -179,5 +182,5 @@ class FileSource:
                 self.bad_frames += 1
                 log.warning("%s frame %d skipped: %s", self.path, index, exc)
                 continue
-            self.slot.put(out)
+            self.slot.put(replace(out, source_ts=sender_clock(frame.timestamp_s)))
             self.frames += 1

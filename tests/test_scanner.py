@@ -1,6 +1,7 @@
 """Tests of the simulated TRUS scanner: frames, determinism, geometry, errors and ground truth."""
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -36,7 +37,10 @@ def test_frame_fields_shapes_and_dtypes(scanner):
     f = scanner.frame(5)
     assert f.pixels.shape == (256, 256) and f.pixels.dtype == np.uint8
     assert f.spacing_mm == (0.2, 0.2)
-    assert f.seq == 5 and f.source_ts == pytest.approx(5 / 30.0)
+    # The scanner's clock, seconds since 1970, as a real scanner stamps frames (frame 0 is not 0:
+    # a 0 made the sinks fall back to the wall clock for frame 0 only, and the stream jumped).
+    assert f.seq == 5 and f.source_ts - scanner.clock_origin_s == pytest.approx(5 / 30.0)
+    assert abs(scanner.frame(0).source_ts - time.time()) < 3600
     assert f.image_to_reference.shape == (4, 4)
     assert f.truth.image_to_mri.shape == (4, 4)
     assert f.truth.labels.shape == (256, 256) and f.truth.labels.dtype == np.uint8

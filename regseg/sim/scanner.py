@@ -9,7 +9,7 @@ reference frame is the MRI world: ``reference_to_mri`` is the identity.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -96,6 +96,7 @@ class SimulatedScanner:
                  device: str = "cpu") -> None:
         self.phantom, self.config, self.seed = phantom, config, seed
         self.device = torch.device(device)
+        self.clock_origin_s = clock.wall_s()  # the simulated scanner's clock: frame 0's timestamp
         cfg = config
         self.axis = find_probe_axis(phantom)
         self.path = SessionPath(
@@ -235,7 +236,6 @@ class SimulatedScanner:
         return Frame(
             seq=index, acquired_ns=clock.now_ns(), pixels=pixels.cpu().numpy(),
             spacing_mm=(cfg.pixel_mm, cfg.pixel_mm), image_to_reference=image_to_reference,
-            source_ts=index / cfg.fps,
             truth=GroundTruth(image_to_mri=image_to_mri,
                               labels=labels.to(torch.uint8).cpu().numpy()))
 
@@ -268,8 +268,11 @@ class SimulatedScanner:
         return self.path.pose(index)
 
     def frame(self, index: int) -> Frame:
-        """Frame ``index`` of the session; the same for the same (phantom, config, seed, index)."""
-        return self.render(self.path.pose(index), index, noise_seed=_mix(self.seed, index))
+        """Frame ``index`` of the session; the same for the same (phantom, config, seed, index),
+        but for ``source_ts``: the scanner's clock, seconds since 1970 (``clock_origin_s`` +
+        index / fps), as a real scanner stamps its frames."""
+        frame = self.render(self.path.pose(index), index, noise_seed=_mix(self.seed, index))
+        return replace(frame, source_ts=self.clock_origin_s + index / self.config.fps)
 
     def random_frame(self, rng: np.random.Generator) -> Frame:
         """A frame at a pose drawn from the whole session's range, with random errors and motion.

@@ -72,6 +72,22 @@ def test_recorded_session_replays_bit_exact_at_the_recorded_rate(tmp_path):
     assert source.finished and source.stats()["frames"] == len(frames)
 
 
+def test_relative_timestamps_replay_on_one_wall_anchored_clock(tmp_path):
+    """A PLUS tracker (or an old regseg recording) counts from 0: the replay publishes seconds since
+    1970 for every frame, frame 0 included, with the recorded spacing (no 56-year jump)."""
+    frames = [replace(f, source_ts=i * PERIOD_S) for i, f in enumerate(session_frames(4))]
+    source = FileSource(record(tmp_path / "rel.igs.mha", frames), rate="max")
+    start = time.time()
+    source.start()
+    replayed = []
+    while (frame := source.slot.get(timeout=WAIT_S)) is not None:
+        replayed.append(frame)
+    stamps = [f.source_ts for f in replayed]
+    assert abs(stamps[0] - start) < 5
+    assert np.diff(stamps) == pytest.approx([PERIOD_S * (b.seq - a.seq) / 2 for a, b in
+                                             zip(replayed, replayed[1:], strict=False)])
+
+
 @pytest.mark.parametrize("ext", [".igs.nrrd", ".seq.mha"])
 def test_every_format_replays_the_same_frames(tmp_path, ext):
     frames = session_frames(4)

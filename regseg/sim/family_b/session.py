@@ -93,6 +93,7 @@ class Session:
                  seed: int = 0, device: str = "cpu") -> None:
         self.case = make_case(case) if isinstance(case, int) else case
         self.config, self.seed = config, int(seed)
+        self.clock_origin_s = clock.wall_s()  # the scanner's clock (s since 1970) at frame 0
         rng = np.random.default_rng([self.seed, 0xB5])
         kind = config.probe if config.probe != "mixed" else (
             ENDFIRE if rng.random() < 2 / 3 else SIDEFIRE)
@@ -225,6 +226,6 @@ class Session:
         px = self.geometry.pixel_mm
         return Frame(seq=index, acquired_ns=clock.now_ns(), pixels=pixels, spacing_mm=(px, px),
                      image_to_reference=plane @ self.tracking_error(index),
-                     source_ts=index / self.config.fps,
+                     source_ts=self.clock_origin_s + index / self.config.fps,
                      truth=GroundTruth(image_to_mri=plane,
                                        labels=self.truth_labels(index, plane)))
