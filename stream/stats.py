@@ -164,21 +164,29 @@ class StreamStats:
     def status_line(self, skipped: int = 0) -> str:
         """One line for the live display: frames, fps, last-100 latency, skipped, flagged."""
         p = percentiles(self.recent_latency_ms)
-        line = (f"frames {self.frames:6d} | {self.fps():6.1f} fps | latency p50 {p['p50']:6.1f} ms "
+        fps = self.fps()
+        rate = "   n/a fps" if math.isnan(fps) else f"{fps:6.1f} fps"
+        line = (f"frames {self.frames:6d} | {rate} | latency p50 {p['p50']:6.1f} ms "
                 f"p99 {p['p99']:6.1f} ms | skipped {skipped} | flagged {self.flagged}")
         return line + (f" | failed {self.failed}" if self.failed else "")
 
 
 def format_summary(summary: dict) -> str:
     """The exit summary as a small table."""
+    fps = summary["fps"]
+    if fps is None or (isinstance(fps, float) and math.isnan(fps)):
+        fps = "n/a (a rate needs 2 frames)"
     lines = [f"frames {summary['frames']}  skipped {summary['skipped']}  "
              f"flagged {summary['flagged']}  failed {summary.get('failed_frames', 0)}  "
-             f"fps {summary['fps']}"]
-    lat = summary["latency_ms"]
-    lines.append(f"{'stage':<16}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'max ms':>10}")
-    for name, p in list(summary["stages_ms"].items()) + [("end-to-end", lat)]:
-        lines.append(f"{name:<16}{p['p50']:>10.2f}{p['p95']:>10.2f}{p['p99']:>10.2f}"
-                     f"{p['max']:>10.2f}")
+             f"fps {fps}"]
+    if not summary["frames"]:
+        lines.append("no frame was processed: no latency to report")
+    else:
+        lat = summary["latency_ms"]
+        lines.append(f"{'stage':<16}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+        for name, p in list(summary["stages_ms"].items()) + [("end-to-end", lat)]:
+            lines.append(f"{name:<16}{p['p50']:>10.2f}{p['p95']:>10.2f}{p['p99']:>10.2f}"
+                         f"{p['max']:>10.2f}")
     if "dice" in summary:
         dice = "  ".join(f"{k} {v:.3f}" for k, v in summary["dice"].items())
         lines.append(f"Dice vs ground truth (mean over frames): {dice}")

@@ -77,3 +77,14 @@ def test_failed_frames_in_summary_and_status():
     stats.failed = 2
     assert stats.summary()["failed_frames"] == 2
     assert "failed 2" in stats.status_line() and "failed 2" in format_summary(stats.summary())
+
+
+def test_summary_of_zero_and_one_frame_prints_no_nan():
+    """Issue 17 item 6: `fps nan` and a table of NaN latencies for runs of 0-1 frames."""
+    stats = StreamStats()
+    text = format_summary(stats.summary())
+    assert "nan" not in text.lower() and "no frame was processed" in text
+    assert "n/a" in stats.status_line() and "nan fps" not in stats.status_line()
+    stats.add({"model": 5.0}, 10.0, done_ns=0)
+    text = format_summary(stats.summary())
+    assert "fps n/a (a rate needs 2 frames)" in text and "end-to-end" in text
