@@ -152,6 +152,10 @@ def check_args(args) -> argparse.Namespace:
     if args.stats_json:
         check_writable(args.stats_json, "--stats-json")
     plan.device = _device(args.device)
+    if args.cuda_graph and plan.device.type != "cuda":
+        raise InputError(f"--cuda-graph: CUDA graphs need a CUDA device, and --device "
+                         f"{args.device} runs on {plan.device.type} here; drop --cuda-graph or "
+                         "use --device cuda on a machine with a GPU")
     if args.weights is not None:
         check_checkpoint(args.weights, "--weights", "alignsegnet",
                          shipped={"alignsegnet": WEIGHTS_DIR / "alignsegnet.pt"})

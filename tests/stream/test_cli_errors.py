@@ -159,6 +159,8 @@ CASES = [
      ["model plcreg 3-D;", "model plcreg 2-D"]),
     ("registration host empty", [*DEMO, "--accept-registration-from", "127.0.0.1,,x"],
      ["--accept-registration-from", "empty host"]),
+    ("cuda graph on cpu", [*DEMO, "--cuda-graph"],
+     ["--cuda-graph", "need a CUDA device", "runs on cpu"]),
 ]
 
 
