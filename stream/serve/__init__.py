@@ -1,0 +1,1 @@
+"""``regseg-serve``: several scanner sessions in one process, sharing micro-batched engines."""

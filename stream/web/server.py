@@ -1,0 +1,262 @@
+"""The web view's server: the page, the session list and one WebSocket per browser, on aiohttp.
+
+Why aiohttp: one well-kept library (aio-libs) serves the static page, a JSON list and the
+WebSocket, and ``regseg-serve``'s control endpoint (GET/POST/DELETE with JSON bodies) runs on the
+same event loop; ``websockets`` alone cannot take a POST. Request bodies and client messages are
+size-limited (``client_max_size``, ``max_msg_size``), clients are counted and capped.
+
+Newest frame wins at this end: each session has a :class:`WebChannel` holding only the newest
+message; each connected browser has a sender that, once its last send has finished, sends
+whatever is newest then. A slow browser skips frames (counted) and never holds up the pipeline,
+another browser or another session. The page does the same at its end (``static/app.js``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_CLIENTS = 32  # browsers at once, all sessions together
+START_TIMEOUT_S = 10.0
+
+
+class WebChannel:
+    """The newest web message of one session; :meth:`publish` from any thread never blocks."""
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.name = name
+        self._loop = loop
+        self._latest: bytes | None = None
+        self._waiters: set[asyncio.Event] = set()
+        self.closed = False
+        self.published = 0
+        self.sent = 0
+        self.skipped = 0  # messages a browser never got because a newer one came first
+
+    @property
+    def clients(self) -> int:
+        return len(self._waiters)
+
+    def publish(self, message: bytes) -> None:
+        """Make ``message`` the newest; browsers get it when their previous send is done."""
+        if not self.closed:
+            self._loop.call_soon_threadsafe(self._set, message)
+
+    def _set(self, message: bytes | None) -> None:
+        if message is None:
+            self.closed = True
+        else:
+            self._latest = message
+            self.published += 1
+        for event in self._waiters:
+            event.set()
+
+    def close(self) -> None:
+        """Disconnect this session's browsers (the session was removed)."""
+        if not self.closed:
+            self._loop.call_soon_threadsafe(self._set, None)
+
+    async def stream_to(self, ws: web.WebSocketResponse) -> None:
+        """Send the newest message each time a new one exists and the last send is done."""
+        event = asyncio.Event()
+        self._waiters.add(event)
+        last = self.published - 1 if self._latest is not None else self.published
+        if self._latest is not None:
+            event.set()
+        try:
+            while True:
+                await event.wait()
+                event.clear()
+                if self.closed:
+                    return
+                if self.published == last:
+                    continue
+                self.skipped += max(self.published - last - 1, 0)
+                last = self.published
+                await ws.send_bytes(self._latest)
+                self.sent += 1
+        finally:
+            self._waiters.discard(event)
+
+    def stats(self) -> dict:
+        return {"clients": self.clients, "published": self.published, "sent": self.sent,
+                "skipped": self.skipped}
+
+
+class AppLoop:
+    """An asyncio event loop on a daemon thread that runs aiohttp applications.
+
+    The web view and ``regseg-serve``'s control endpoint share one: each app gets its own
+    (host, port). Safe from any thread.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="web-loop",
+                                        daemon=True)
+        self._thread.start()
+        self._runners: list[web.AppRunner] = []
+
+    def add_app(self, app: web.Application, host: str, port: int) -> tuple[str, int]:
+        """Run ``app`` at (host, port); returns the bound address.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        future = asyncio.run_coroutine_threadsafe(self._start(app, host, port), self.loop)
+        return future.result(START_TIMEOUT_S)
+
+    async def _start(self, app: web.Application, host: str, port: int) -> tuple[str, int]:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=False)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runners.append(runner)
+        sock = site._server.sockets[0]  # noqa: SLF001 - the bound port (port 0: the OS's pick)
+        return sock.getsockname()[0], sock.getsockname()[1]
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every app and the loop."""
+        async def cleanup() -> None:
+            for runner in self._runners:
+                await runner.cleanup()
+
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(cleanup(), self.loop).result(timeout)
+            except Exception as exc:  # noqa: BLE001 - closing must not raise
+                log.warning("web server: clean-up raised %r", exc)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class WebServer:
+    """Serves the page (``/``), the session list (``/api/sessions``) and ``/ws/{session}``.
+
+    Everything here is safe from any thread.
+
+    Args:
+        host, port: where to listen (port 0: a free one, see ``.port``).
+        sessions: returns the session list the page shows (dicts with at least ``name``);
+            default: the channels' names.
+        max_clients: browsers at once, all sessions together.
+        app_loop: the AppLoop to run on (default: a new one, closed with this server).
+    Raises:
+        OSError: the address cannot be bound.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
+                 sessions: Callable[[], list[dict]] | None = None,
+                 max_clients: int = MAX_CLIENTS, app_loop: AppLoop | None = None) -> None:
+        self._sessions = sessions
+        self.max_clients = max_clients
+        self.clients_refused = 0
+        self._clients = 0
+        self._channels: dict[str, WebChannel] = {}
+        self._lock = threading.Lock()
+        self._own_loop = app_loop is None
+        self.app_loop = app_loop if app_loop is not None else AppLoop()
+        self._loop = self.app_loop.loop
+        try:
+            self.host, self.port = self.app_loop.add_app(self._app(), host, port)
+        except BaseException:
+            if self._own_loop:
+                self.app_loop.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    def channel(self, name: str) -> WebChannel:
+        """The channel of session ``name`` (made on first use)."""
+        with self._lock:
+            if name not in self._channels:
+                self._channels[name] = WebChannel(name, self._loop)
+            return self._channels[name]
+
+    def remove(self, name: str) -> None:
+        """Forget session ``name``; its browsers are disconnected."""
+        with self._lock:
+            channel = self._channels.pop(name, None)
+        if channel is not None:
+            channel.close()
+
+    def stats(self) -> dict:
+        with self._lock:
+            channels = dict(self._channels)
+        return {"url": self.url, "clients": self._clients,
+                "clients_refused": self.clients_refused,
+                "sessions": {name: c.stats() for name, c in channels.items()}}
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Disconnect every browser; stop the server's loop if it is its own."""
+        with self._lock:
+            channels = list(self._channels.values())
+        for channel in channels:
+            channel.close()
+        if self._own_loop:
+            self.app_loop.close(timeout)
+
+    # ------------------------------------------------------------------ handlers (on the loop)
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 10)
+        app.router.add_get("/", self._index)
+        app.router.add_get("/api/sessions", self._list)
+        app.router.add_get("/ws/{name}", self._ws)
+        app.router.add_static("/static/", STATIC)
+        return app
+
+    async def _index(self, _request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    def session_list(self) -> list[dict]:
+        if self._sessions is not None:
+            return self._sessions()
+        with self._lock:
+            return [{"name": name} for name in self._channels]
+
+    async def _list(self, _request: web.Request) -> web.Response:
+        sessions = await asyncio.get_running_loop().run_in_executor(None, self.session_list)
+        return web.json_response({"sessions": sessions},
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        with self._lock:
+            channel = self._channels.get(name)
+        if channel is None:
+            raise web.HTTPNotFound(text=f"no session {name!r}; see /api/sessions")
+        if self._clients >= self.max_clients:
+            self.clients_refused += 1
+            raise web.HTTPServiceUnavailable(text=f"{self.max_clients} browsers already")
+        ws = web.WebSocketResponse(heartbeat=10.0, max_msg_size=4096)
+        await ws.prepare(request)
+        self._clients += 1
+        sender = asyncio.ensure_future(channel.stream_to(ws))
+        # the sender ends when the session goes or a send fails: then close, which ends the read
+        sender.add_done_callback(lambda _: asyncio.ensure_future(ws.close()))
+        try:
+            async for msg in ws:  # the page sends nothing; reading sees pings and the close
+                if msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            self._clients -= 1
+            if not sender.done():
+                sender.cancel()
+            await ws.close()
+        return ws

@@ -1,0 +1,159 @@
+"""The web view in a real headless browser: frames arrive, the page counts and times them, and
+the overlay it draws has the pixels we sent."""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from regseg.clock import now_ns
+from regseg.stream.web.message import unpack
+from regseg.stream.web.server import WebServer
+from regseg.stream.web.sink import WebSink
+
+HW = (240, 320)
+
+
+def pattern(seq: int, flagged: bool = False) -> SimpleNamespace:
+    """A Result-like object: left half red, right half blue, a white bar whose row moves."""
+    rgb = np.zeros((*HW, 3), np.uint8)
+    rgb[:, : HW[1] // 2] = (255, 0, 0)
+    rgb[:, HW[1] // 2:] = (0, 0, 255)
+    row = 10 + (seq * 3) % (HW[0] - 20)
+    rgb[row:row + 4] = 255
+    frame = SimpleNamespace(seq=seq, acquired_ns=now_ns(), image_to_reference=np.eye(4))
+    return SimpleNamespace(frame=frame, overlay=rgb, flagged=flagged,
+                           flags=("error_estimate",) if flagged else (), error_mm=1.25,
+                           quality=0.9)
+
+
+class Feeder:
+    """Submits pattern Results to a WebSink at ``fps`` until stopped."""
+
+    def __init__(self, sink: WebSink, fps: float = 30.0) -> None:
+        self.sink, self.period = sink, 1.0 / fps
+        self.stop = threading.Event()
+        self.sent = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self.stop.wait(max(0.0, t0 + self.sent * self.period - time.monotonic())):
+            self.sink.submit(pattern(self.sent))
+            self.sent += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)  # polling a browser's DOM: there is no event to wait on from here
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def number(driver, element_id: str) -> float:
+    text = driver.find_element("id", element_id).text
+    return float(text) if re.fullmatch(r"-?\d+(\.\d+)?", text) else float("nan")
+
+
+def test_page_shows_newest_frames_latency_and_overlay(browsers, tmp_path):
+    from PIL import Image
+
+    server = WebServer("127.0.0.1", 0)
+    sink = WebSink(server.channel("room1"))
+    feeder = Feeder(sink)
+    try:
+        driver = browsers()
+        driver.get(f"{server.url}?session=room1")
+        wait_for(lambda: number(driver, "frames") >= 30, 30, "30 frames drawn")
+        frames = number(driver, "frames")
+        p50, p99 = number(driver, "lat-p50"), number(driver, "lat-p99")
+        view_p50 = number(driver, "view-p50")
+        fps = number(driver, "fps")
+        assert 0 <= p50 <= p99 < 1000, (p50, p99)
+        assert 0 <= view_p50 < 1000, view_p50
+        assert fps > 5, fps
+        # the page draws the newest: its frame number is recent, and frames keep coming
+        seq = number(driver, "seq")
+        assert feeder.sent - seq < 30, (feeder.sent, seq)
+        assert driver.find_element("id", "session-name").text == "room1"
+        assert driver.find_element("id", "state").text == "live"
+        assert "room1" in driver.find_element("id", "session-list").text
+        png = driver.find_element("id", "overlay").screenshot_as_png
+        (tmp_path / "overlay.png").write_bytes(png)
+        shot = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+        h, w = shot.shape[:2]
+        left = shot[h // 2 - 5:h // 2 + 5, w // 8:w // 4].reshape(-1, 3).mean(0)
+        right = shot[h // 2 - 5:h // 2 + 5, 3 * w // 4:7 * w // 8].reshape(-1, 3).mean(0)
+        assert left[0] > 200 and left[2] < 60, left  # red, through JPEG and the canvas
+        assert right[2] > 200 and right[0] < 60, right  # blue
+        assert number(driver, "frames") >= frames
+        assert server.stats()["sessions"]["room1"]["sent"] >= frames
+    finally:
+        feeder.close()
+        sink.close()
+        server.close()
+
+
+def test_stale_then_live_and_flagged(browsers):
+    server = WebServer("127.0.0.1", 0)
+    sink = WebSink(server.channel("s"))
+    try:
+        driver = browsers()
+        driver.get(f"{server.url}?session=s")
+        wait_for(lambda: server.channel("s").clients == 1, 20, "the page's WebSocket")
+        sink.submit(pattern(1, flagged=True))
+        wait_for(lambda: number(driver, "frames") >= 1, 20, "one frame")
+        assert "UNVERIFIED" in driver.find_element("id", "flags").text
+        wait_for(lambda: driver.find_element("id", "state").text.startswith("STALE"), 10,
+                 "the STALE badge after 1 s without frames")
+    finally:
+        sink.close()
+        server.close()
+
+
+def test_server_errors_and_message_round_trip():
+    import asyncio
+
+    import aiohttp
+
+    server = WebServer("127.0.0.1", 0)
+    sink = WebSink(server.channel("a"))
+
+    async def client() -> tuple[int, int, dict, bytes]:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}ws/nope") as reply:
+                missing = reply.status
+            async with http.get(f"{server.url}static/../server.py") as reply:
+                escape = reply.status
+            async with http.ws_connect(f"{server.url}ws/a") as ws:
+                while server.channel("a").clients == 0:
+                    await asyncio.sleep(0.01)
+                sink.submit(pattern(7))
+                msg = await asyncio.wait_for(ws.receive_bytes(), 10)
+            return missing, escape, *unpack(msg)
+
+    try:
+        missing, escape, header, jpeg = asyncio.run(client())
+        assert missing == 404
+        assert escape in (403, 404)
+        assert header["session"] == "a" and header["seq"] == 7 and header["hw"] == list(HW)
+        assert jpeg[:2] == b"\xff\xd8"
+        with pytest.raises(OSError):
+            WebServer("127.0.0.1", server.port)
+    finally:
+        sink.close()
+        server.close()
