@@ -48,6 +48,13 @@ class RegistrationResult:
     affine: np.ndarray  # (4, 4) fixed-grid voxel (i, j, k) -> moving point, same grid
     timings_s: dict[str, float] = field(default_factory=dict)
     inverse_ddf: np.ndarray | None = None  # (3, K, J, I), when asked for
+    inverse_ddf_mm: np.ndarray | None = None  # (I, J, K, 3) world mm, as ``ddf_mm``
+
+
+def ddf_voxels_to_mm(ddf: np.ndarray, voxel_to_world: np.ndarray) -> np.ndarray:
+    """A (3, K, J, I) displacement in array-order grid voxels as (I, J, K, 3) world mm."""
+    linear = voxel_to_world[:3, :3] @ np.eye(3)[[2, 1, 0]]  # (k, j, i) -> mm
+    return np.einsum("ab,bkji->ijka", linear, ddf).astype(np.float32)
 
 
 def shipped_weights(weights: str | Path) -> str | Path:
@@ -244,11 +251,11 @@ class RegistrationEngine:
         ddf_full = resize_ddf(total, tuple(f_full.shape[2:]))
         moved, moved_labels = self._resample_moving(moving, moving_labels, fixed, ddf_full)
         ddf = ddf_full[0].cpu().numpy()
-        linear = fixed.voxel_to_world[:3, :3] @ np.eye(3)[[2, 1, 0]]  # (k, j, i) -> mm
-        ddf_mm = np.einsum("ab,bkji->ijka", linear, ddf).astype(np.float32)
+        ddf_mm = ddf_voxels_to_mm(ddf, fixed.voxel_to_world)
         inv = None
         if inverse:
             inv = self._inverse_full(out["field"], affine, tuple(f_full.shape[2:]))
+            inv_mm = ddf_voxels_to_mm(inv, fixed.voxel_to_world)
         t4 = time.perf_counter()
         timings = {"prepare_s": t1 - t0, "affine_s": t2 - t1, "deformable_s": t3 - t2,
                    "warp_s": t4 - t3, "total_s": t4 - t0}
@@ -259,7 +266,7 @@ class RegistrationEngine:
         return RegistrationResult(
             moved=moved, moved_labels=moved_labels, ddf=ddf, ddf_mm=ddf_mm,
             affine=work_to_full @ affine @ np.linalg.inv(work_to_full), timings_s=timings,
-            inverse_ddf=inv)
+            inverse_ddf=inv, inverse_ddf_mm=None if inv is None else inv_mm)
 
     def _resample_moving(self, moving: Volume, labels: Volume | None, fixed: Volume,
                          ddf: Tensor) -> tuple[Volume, Volume | None]:

@@ -148,8 +148,9 @@ def register_pair(engine: Any, pair: dict[str, str], out_dir: Path, *,
     if result.moved_labels is not None:
         save_volume(result.moved_labels, out_dir / "moved_labels.nii.gz")
     save_ddf_mm(result.ddf_mm, fixed.voxel_to_world, out_dir / "ddf_mm.nii.gz")
-    if result.inverse_ddf is not None:
-        np.save(out_dir / "inverse_ddf_voxels.npy", result.inverse_ddf)
+    if result.inverse_ddf_mm is not None:  # the same convention as the forward field
+        save_ddf_mm(result.inverse_ddf_mm, fixed.voxel_to_world,
+                    out_dir / "inverse_ddf_mm.nii.gz")
     report: dict[str, Any] = {
         "fixed": pair["fixed"], "moving": pair["moving"], "weights": engine.weights,
         "backend": engine.backend, "device": str(engine.device), "seconds": seconds,
@@ -306,7 +307,8 @@ def run_register(args: argparse.Namespace) -> int:
     if len(reports) > 1:
         (out / "summary.json").write_text(json.dumps(
             {"summary": summary, "pairs": reports}, indent=2) + "\n")
-    print_table([{"name": p["name"] or Path(p["fixed"]).name, **r}
+    # A single pair is named by its output folder (it was labelled 'fixed.nii.gz').
+    print_table([{"name": p["name"] or out.name or str(out), **r}
                  for p, r in zip(pairs, reports, strict=True)], keys)
     print(f"wrote {out}")
     return 0
@@ -315,11 +317,12 @@ def run_register(args: argparse.Namespace) -> int:
 def print_table(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
     """A plain text table of the numeric ``keys`` per row, and their mean."""
     shown = [k for k in keys if any(k in r for r in rows)]
-    print("  ".join(["pair".ljust(12)] + [k.rjust(16) for k in shown]))
+    width = max([12, *(len(str(r["name"])) for r in rows)])
+    print("  ".join(["pair".ljust(width)] + [k.rjust(16) for k in shown]))
     for r in rows + ([{"name": "mean", **{k: nanmean(x.get(k, float("nan")) for x in rows)
                                           for k in shown}}] if len(rows) > 1 else []):
         cells = [f"{r.get(k, float('nan')):16.4f}" for k in shown]
-        print("  ".join([str(r["name"])[:12].ljust(12)] + cells))
+        print("  ".join([str(r["name"]).ljust(width)] + cells))
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -370,7 +373,8 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps of the affine stage (default 120)")
     p.add_argument("--no-affine", action="store_true", help="skip the affine stage")
     p.add_argument("--inverse", action="store_true",
-                   help="also write the inverse displacement (voxels, .npy)")
+                   help="also write the inverse displacement, inverse_ddf_mm.nii.gz (world mm on "
+                   "the fixed grid, as ddf_mm.nii.gz: moving-side point z -> z + inverse(z))")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
     p.set_defaults(func=run_register)
 

@@ -43,20 +43,36 @@ def case(tmp_path_factory):
     }
 
 
+def ddf_affine(out):
+    return nib.load(str(out / "ddf_mm.nii.gz")).affine
+
+
 def _register(case, out, *extra):
     return main(["register", "--fixed", case["fixed"], "--moving", case["moving"],
                  "--out", str(out), "--weights", case["weights"], "--affine-iterations", "5",
                  "--device", "cpu", *extra])
 
 
-def test_register_writes_outputs_and_report(case, tmp_path):
+def test_register_writes_outputs_and_report(case, tmp_path, capsys):
     rc = _register(case, tmp_path / "out", "--moving-labels", case["moving_labels"],
                    "--fixed-labels", case["fixed_labels"], "--inverse")
     assert rc == 0
+    table = capsys.readouterr().out.splitlines()
+    row = next(line for line in table if line.startswith("out "))  # named by its output folder
+    assert "fixed.nii.gz" not in row
     out = tmp_path / "out"
     for name in ("moved.nii.gz", "moved_labels.nii.gz", "ddf_mm.nii.gz", "report.json",
-                 "inverse_ddf_voxels.npy"):
+                 "inverse_ddf_mm.nii.gz"):
         assert (out / name).is_file(), name
+    # The inverse in the forward field's convention (issue 17: it was voxels in a .npy): mm,
+    # NIfTI, same grid, and forward(x) + inverse(x + forward(x)) ~ 0 (to first order, -forward).
+    fwd = np.asarray(nib.load(str(out / "ddf_mm.nii.gz")).dataobj)[:, :, :, 0]
+    inv_img = nib.load(str(out / "inverse_ddf_mm.nii.gz"))
+    assert inv_img.shape == (*SHAPE, 1, 3) and np.allclose(inv_img.affine, ddf_affine(out))
+    inv = np.asarray(inv_img.dataobj)[:, :, :, 0]
+    inner = (slice(2, -2),) * 3
+    assert np.abs(fwd[inner]).max() > 0.05  # a field worth inverting
+    assert np.abs(fwd[inner] + inv[inner]).mean() < 0.5 * np.abs(fwd[inner]).mean()
     report = json.loads((out / "report.json").read_text())
     for key in ("dice", "dice_mean", "hd95_mm", "hd95_mean_mm", "folding_pct", "sdlogj",
                 "seconds", "timings_s"):
