@@ -353,7 +353,7 @@ def run_mni(args: argparse.Namespace) -> int:
     check_writable(Path(args.out) / "pairs.csv", "--out")
     from regseg.sim.mni import build_mni_set
 
-    csv_path = build_mni_set(args.out, args.pairs, split=args.split)
+    csv_path = build_mni_set(args.out, args.pairs, split=args.split, progress=True)
     print(f"wrote {csv_path}")
     return 0
 

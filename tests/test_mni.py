@@ -80,8 +80,9 @@ def test_other_modality_map_is_not_monotonic():
     assert (diffs > 1e-4).any() and (diffs < -1e-4).any()
 
 
-def test_build_set_writes_pairs_csv(tmp_path):
-    csv_path = mni.build_mni_set(tmp_path, 2, config=SMALL)
+def test_build_set_writes_pairs_csv(tmp_path, capsys):
+    csv_path = mni.build_mni_set(tmp_path, 2, config=SMALL, progress=True)
+    assert "mni pairs: 100%" in capsys.readouterr().err  # the progress bar (issue 17 item 6)
     text = csv_path.read_text().splitlines()
     assert text[0].startswith("name,fixed,moving,fixed_labels,moving_labels,landmarks")
     assert len(text) == 3

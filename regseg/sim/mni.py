@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from regseg import spatial
 from regseg.errors import InputError
@@ -317,8 +318,9 @@ FILE_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "landmarks")
 
 
 def build_mni_set(out_dir: str | Path, n_pairs: int = 8, *, split: str = "eval",
-                  config: MniConfig = MniConfig()) -> Path:
-    """Write ``n_pairs`` pairs (every second one "other modality") and ``pairs.csv``.
+                  config: MniConfig = MniConfig(), progress: bool = False) -> Path:
+    """Write ``n_pairs`` pairs (every second one "other modality") and ``pairs.csv``;
+    ``progress`` shows a progress bar (stderr), as ``regseg mni`` does.
 
     Returns:
         the path of ``pairs.csv`` (columns name, fixed, moving, fixed_labels, moving_labels,
@@ -327,7 +329,8 @@ def build_mni_set(out_dir: str | Path, n_pairs: int = 8, *, split: str = "eval",
     out_dir = Path(out_dir)
     base = load_base(config)
     rows = []
-    for n, seed in enumerate(pair_seeds(split, n_pairs)):
+    seeds = pair_seeds(split, n_pairs)
+    for n, seed in enumerate(tqdm(seeds, desc="mni pairs", unit="pair", disable=not progress)):
         pair = make_pair(base, seed, other_modality=bool(n % 2))
         row = write_pair(pair, out_dir / f"pair{n:03d}")
         # A manifest's paths are relative to its own folder (what `regseg register` reads), so the
