@@ -1,0 +1,99 @@
+"""regseg-serve's control endpoint over live sessions: add, list, remove; and a session whose
+source dies leaves the others running."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from regseg.sim.phantom import make_phantom, write_phantom
+from regseg.sim.scanner import SimulatedScanner
+from regseg.stream.igtl.sim_server import SimIgtlServer
+from regseg.stream.serve.config import ServeConfig
+from regseg.stream.serve.control import control_app
+from regseg.stream.serve.server import ServeSessions
+from regseg.stream.web.server import AppLoop
+
+FAST = {"deformable": "off", "refine-iterations": 1, "temporal-filter": "off"}
+
+
+def request(method: str, url: str, body=None) -> tuple[int, dict]:
+    data = None if body is None else (body if isinstance(body, bytes)
+                                      else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s: {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_control_add_list_remove_and_a_dead_source(tmp_path):
+    phantom = make_phantom(0)
+    mri, labels = write_phantom(phantom, tmp_path)
+    sender = SimIgtlServer(SimulatedScanner(phantom, seed=0), port=0, fps=6.0, max_frames=6)
+    config = ServeConfig(engine={"device": "cpu", "backend": "eager"}, control=None)
+    options = {"backend": "eager", "device": torch.device("cpu"), "threads": 1}
+    sessions = ServeSessions(config, options)
+    app_loop = AppLoop()
+    host, port = app_loop.add_app(control_app(sessions), "127.0.0.1", 0)
+    base = f"http://{host}:{port}/sessions"
+    sender.start()
+    try:
+        status, a = request("POST", base, {"name": "a", "source": f"igtl://127.0.0.1:{sender.port}",
+                                           "mri": str(mri), "mri-labels": str(labels), **FAST})
+        assert status == 201, a
+        assert a["name"] == "a" and a["state"] == "running"
+        status, b = request("POST", base, {"name": "b", "source": "sim://1", "fps": 4, **FAST})
+        assert status == 201, b
+        # bad requests: named, nothing started
+        status, err = request("POST", base, b"{not json")
+        assert status == 400 and "not JSON" in err["error"]
+        status, err = request("POST", base, {"name": "b", "source": "sim://3"})
+        assert status == 409 and "'b' exists already" in err["error"]
+        status, err = request("POST", base, {"name": "c", "source": "sim://3", "colour": 1})
+        assert status == 400 and "unknown key 'colour'" in err["error"]
+        status, err = request("POST", base, ["a list"])
+        assert status == 400 and "a table of keys expected" in err["error"]
+        assert request("DELETE", f"{base}/nope")[0] == 404
+        assert request("GET", f"{base}/nope")[0] == 404
+
+        def frames(name: str) -> int:
+            return sessions.get(name).stats.frames
+
+        # a's scanner sends 6 frames and stops: its source is dead from then on
+        wait_for(lambda: sender.done.is_set() and frames("a") >= 2, 120, "a's frames")
+        time.sleep(1.0)  # a's last frame through the pipeline
+        a_frames, b_frames = frames("a"), frames("b")
+        wait_for(lambda: frames("b") >= b_frames + 3, 120, "b going on after a's source died")
+        assert frames("a") == a_frames
+        status, listed = request("GET", base)
+        assert status == 200
+        live = {s["name"]: s for s in listed["sessions"]}
+        assert set(live) == {"a", "b"}
+        assert live["b"]["state"] == "running" and live["b"]["fps"] > 0
+        assert live["a"]["frames"] == a_frames and live["a"]["fps"] == 0
+        assert listed["engines"]["full"]["frames"] >= a_frames + b_frames
+        status, one = request("GET", f"{base}/b")
+        assert status == 200 and one["summary"]["frames"] >= b_frames + 3
+        status, summary = request("DELETE", f"{base}/b")
+        assert status == 200 and summary["state"] == "stopped" and summary["frames"] > 0
+        assert [s["name"] for s in request("GET", base)[1]["sessions"]] == ["a"]
+    finally:
+        sender.stop()
+        sessions.close()
+        app_loop.close()
