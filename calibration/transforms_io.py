@@ -45,6 +45,9 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -242,7 +245,7 @@ def write_plus_transform(path: str | os.PathLike, a_to_b: np.ndarray, from_name:
                  if t.get("From") == from_name and t.get("To") == to_name), None)
     if node is None:
         node = ET.SubElement(defs, "Transform", From=from_name, To=to_name)
-    node.set("Matrix", "\n        ".join(" ".join(repr(float(v)) for v in row) for row in m))
+    node.set("Matrix", "  ".join(" ".join(repr(float(v)) for v in row) for row in m))
     if error_mm is not None:
         node.set("Error", f"{error_mm:.4f}")
     node.set("Date", time.strftime("%m%d%y_%H%M%S"))

@@ -1,4 +1,4 @@
-"""regseg.calibration's solvers: analytic answers, noise behaviour, and errors that name the input."""
+"""regseg.calibration solvers: analytic answers, noise behaviour, errors that name the input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Transform and markups files: round trips, and Slicer's reading of what we write (LPS, inverse)."""
+"""Transform and markups files: round trips, and Slicer's reading of what we write (LPS)."""
 
 from __future__ import annotations
 
