@@ -6,6 +6,12 @@ the pose may come before or after its image. Pairing by arrival ("the latest TRA
 one frame off whenever the pose comes second. Here an image is paired with the pose whose
 timestamp matches within a tolerance; when poses have been seen to follow their images, an image
 waits (bounded) for its own. No threads and no sockets: the caller feeds messages and a clock.
+
+With a probe calibration (``image_to_probe``) the poses are the probe's (``ProbeToTracker`` or
+``ProbeToReference``, as PLUS sends them), and the pairer returns each image's pose as PLUS's
+chain makes it: ``image_to_reference = probe_to_reference @ image_to_probe``. With a time offset
+(a measured lag: ``regseg calibrate temporal``), an image stamped t is paired with the pose
+stamped t + offset.
 """
 
 from __future__ import annotations
@@ -73,13 +79,23 @@ class TimestampPairer(Generic[T]):
             half a tracker period (PLUS uses the very same timestamp: any small value works).
         max_wait_s: longest an image is held for a pose that follows it.
         history: poses kept for images still to come (a few frames' worth is plenty).
+        image_to_probe: (4, 4) probe calibration (pixels -> probe mm): poses are the probe's,
+            and released poses are ``pose @ image_to_probe``. An image released without a pose
+            then gets an invalid one (its own IMAGE matrix is not in the reference frame).
+        time_offset_s: added to an image's timestamp before matching (image clock -> tracker
+            clock); with an offset larger than the tolerance, poses follow their images by about
+            the offset, so ``max_wait_s`` must cover it.
     """
 
     def __init__(self, tolerance_s: float = 0.005, max_wait_s: float = 0.05,
-                 history: int = 16) -> None:
+                 history: int = 16, *, image_to_probe: np.ndarray | None = None,
+                 time_offset_s: float = 0.0) -> None:
         if tolerance_s < 0 or max_wait_s < 0 or history < 1:
             raise ValueError(f"tolerance_s {tolerance_s}, max_wait_s {max_wait_s}, history "
                              f"{history}: non-negative times and history >= 1 expected")
+        self.image_to_probe = None if image_to_probe is None else \
+            np.array(image_to_probe, dtype=np.float64)
+        self.time_offset_s = float(time_offset_s)
         self.tolerance_s = tolerance_s
         self.max_wait_ns = int(max_wait_s * 1e9)
         self._poses: deque[Pose] = deque(maxlen=history)
@@ -104,15 +120,20 @@ class TimestampPairer(Generic[T]):
 
     def add_pose(self, pose: Pose) -> list[Paired[T]]:
         """Take a pose; returns the held image if this is its pose."""
+        if self.image_to_probe is not None:
+            pose = Pose(pose.matrix @ self.image_to_probe, pose.timestamp_s, pose.valid,
+                        pose.received_ns)
         self._poses.append(pose)
         held = self._held
-        if held is not None and abs(held.timestamp_s - pose.timestamp_s) <= self.tolerance_s:
+        if held is not None and abs(held.timestamp_s + self.time_offset_s
+                                    - pose.timestamp_s) <= self.tolerance_s:
             self._held = None
             self.poses_follow = True
             self._missed_in_a_row = 0
             self.paired += 1
             return [Paired(held.item, held.timestamp_s, held.received_ns, pose)]
-        if any(abs(ts - pose.timestamp_s) <= self.tolerance_s for ts in self._released_ts):
+        if any(abs(ts + self.time_offset_s - pose.timestamp_s) <= self.tolerance_s
+               for ts in self._released_ts):
             # Its image went out without it: from now on, images wait for their pose.
             self.late_poses += 1
             self.poses_follow = True
@@ -121,7 +142,7 @@ class TimestampPairer(Generic[T]):
     def add_image(self, item: T, timestamp_s: float, received_ns: int) -> list[Paired[T]]:
         """Take an image; returns what can be released now (a held older image first)."""
         out = self._release_held()
-        pose = self._match(timestamp_s)
+        pose = self._match(timestamp_s + self.time_offset_s)
         if pose is not None:
             self.paired += 1
             self.poses_follow = False if pose.received_ns <= received_ns else self.poses_follow
@@ -146,7 +167,9 @@ class TimestampPairer(Generic[T]):
 
     def stats(self) -> dict:
         return {"paired": self.paired, "unpaired": self.unpaired, "waited": self.waited,
-                "late_poses": self.late_poses, "poses_follow_images": self.poses_follow}
+                "late_poses": self.late_poses, "poses_follow_images": self.poses_follow,
+                "probe_calibration": self.image_to_probe is not None,
+                "time_offset_ms": self.time_offset_s * 1e3}
 
     def _match(self, timestamp_s: float) -> Pose | None:
         best = None
@@ -171,4 +194,7 @@ class TimestampPairer(Generic[T]):
     def _unpaired(self, paired: Paired[T]) -> Paired[T]:
         self.unpaired += 1
         self._released_ts.append(paired.timestamp_s)
+        if self.image_to_probe is not None:  # no probe pose: the frame is untracked
+            paired = Paired(paired.item, paired.timestamp_s, paired.received_ns,
+                            Pose(np.eye(4), paired.timestamp_s, False, paired.received_ns))
         return paired
