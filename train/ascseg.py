@@ -1,0 +1,347 @@
+"""Train ASC-Seg (fused, or TRUS-only with ``--trus-only``) on simulated TRUS frames.
+
+``regseg train ascseg --out DIR [--trus-only]`` writes ``DIR/ascseg.pt`` (or ``ascseg_trus.pt``),
+its ``.json`` (held-out metrics, the exact command) and ``_training.png`` (loss and Dice curves).
+
+The frames are AlignSegNet's training set (train/alignsegnet.py with ``--randomise``: domain-
+randomised family-A phantoms 1..48 plus 20 % plain-scanner frames of phantoms 1..16; the cached
+set is reused when present); validation is the held-out plain family-A phantoms 1000..1003.
+The fused variant's context is what the live chain gives the segmenter: the MRI plane and its
+label maps registered by the shipped AlignSegNet (one forward pass, precomputed once per set).
+Everything is area-resampled from AlignSegNet's 128 x 128 grid to ASC-Seg's working size
+(default 48 x 48: what trains in about an hour on one thread of this shared 2-core CPU);
+Dice is scored on the 128 x 128 grid, logits up-sampled bilinearly, as the U-Net head is.
+
+Recipe (ARCHITECTURES §3.3, adapted): AdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-2),
+deep supervision (every head's loss, equal weights), the loss per head being regseg's
+Dice + cross-entropy with the lesion up-weighted 3x (``models.losses.segmentation_loss``, the
+3-class form of the seed's BCE + Dice); warm-up then cosine decay over the wall-time budget
+(the seed's 100-epoch cosine wave does not fit a 30-minute run); AlignSegNet's gain/gamma
+augmentation of the TRUS channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from regseg import metrics
+from regseg.errors import InputError
+from regseg.models import losses
+from regseg.models.ascseg import ASCSeg, ASCSegConfig
+from regseg.models.checkpoint import save_checkpoint
+from regseg.train.alignsegnet import DEFAULT_CACHE, VAL_SEED0, augment_trus, lr_factor
+from regseg.train.data import (
+    SampleSet,
+    cached_samples,
+    open_randomised_scanner,
+    open_simulated_scanner,
+)
+from regseg.types import LESION, PROSTATE
+
+FUSED_NAME, TRUS_NAME = "ascseg", "ascseg_trus"  # output file stems; registry model "ascseg"
+
+
+@dataclasses.dataclass
+class SegData:
+    """Segmenter inputs and truth for N frames: ``inputs`` (N, C, s, s) float32 at the working
+    size, ``labels`` (N, s, s) int64 at the working size (training), ``labels_eval`` (N, h, w)
+    uint8 on AlignSegNet's grid (scoring)."""
+
+    inputs: Tensor
+    labels: Tensor
+    labels_eval: Tensor
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+def training_sets(cache_dir: Path | None, *, progress: bool = True) -> tuple[SampleSet, SampleSet]:
+    """(train, validation) frames on the 128 grid, as train/alignsegnet.py --randomise makes
+    them (the shipped AlignSegNet's data; the same cache keys, so a cached set is reused)."""
+    args = dict(size=(128, 128), seed=0, progress=progress)
+    seeds = list(range(1, 49))
+    train = SampleSet.concat([
+        cached_samples(cache_dir, seeds, 50, desc="randomised train frames",
+                       open_scanner=open_randomised_scanner, **args),
+        cached_samples(cache_dir, seeds[:16], 38, desc="plain train frames",
+                       open_scanner=open_simulated_scanner, **args)])
+    val = cached_samples(cache_dir, list(range(VAL_SEED0, VAL_SEED0 + 4)), 50, desc="val frames",
+                         open_scanner=open_simulated_scanner, **args)
+    return train, val
+
+
+@torch.inference_mode()
+def registered_context(samples: SampleSet, weights: str | Path = "alignsegnet", *,
+                       cache_dir: Path | None = None, batch_size: int = 32) -> Tensor:
+    """(N, 3, h, w) float16: the MRI plane and its 2 label maps through AlignSegNet's theta
+    (its ``warped_mri`` and bilinear ``warped_labels``), cached by frames and weights."""
+    from regseg.models.registry import default_weights_path, load_model
+
+    path = Path(weights) if Path(str(weights)).suffix == ".pt" else default_weights_path(
+        str(weights))
+    key = hashlib.sha256(path.read_bytes() + samples.trus.numpy().tobytes()).hexdigest()[:16]
+    cached = None if cache_dir is None else Path(cache_dir) / f"ascseg-context-{key}.pt"
+    if cached is not None and cached.is_file():
+        return torch.load(cached, weights_only=True)
+    model = load_model(path)
+    out = []
+    for start in range(0, len(samples), batch_size):
+        b = samples.batch(torch.arange(start, min(start + batch_size, len(samples))))
+        o = model(b["trus"], b["mri"], b["mri_labels"])
+        out.append(torch.cat([o["warped_mri"], o["warped_labels"]], dim=1).half())
+    context = torch.cat(out)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(context, cached)
+    return context
+
+
+def segmenter_inputs(trus: Tensor, context: Tensor | None, size: int) -> Tensor:
+    """(B, 1 or 4, size, size): TRUS (B, 1, h, w) [+ context (B, 3, h, w)], area-resampled."""
+    x = trus.float() if context is None else torch.cat([trus.float(), context.float()], dim=1)
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area")
+
+
+def make_data(samples: SampleSet, context: Tensor | None, size: int) -> SegData:
+    """:class:`SegData` of a sample set (``context`` None: TRUS only)."""
+    labels = samples.labels
+    small = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest-exact")
+    return SegData(segmenter_inputs(samples.trus, context, size), small[:, 0].long(), labels)
+
+
+@torch.inference_mode()
+def predict_labels(predict: Callable[[Tensor], Tensor], data: SegData,
+                   batch_size: int = 32) -> np.ndarray:
+    """Label maps (N, h, w) uint8 on the scoring grid: logits up-sampled bilinearly, argmax."""
+    hw = tuple(data.labels_eval.shape[1:])
+    out = []
+    for start in range(0, len(data), batch_size):
+        logits = predict(data.inputs[start:start + batch_size])
+        if tuple(logits.shape[-2:]) != hw:
+            logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
+        out.append(logits.argmax(1).to(torch.uint8))
+    return torch.cat(out).numpy()
+
+
+def dice_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Mean prostate (incl. lesion) and lesion Dice over frames (frames without either: skipped)."""
+    pairs = list(zip(pred, truth, strict=True))
+    rows = {"prostate_dice": [metrics.dice(p, t, PROSTATE) for p, t in pairs],
+            "lesion_dice": [metrics.dice(p, t, LESION) for p, t in pairs]}
+    return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+            for k, v in rows.items()}
+
+
+def logits_of(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``image -> logits`` for a net returning a tensor or a dict with ``logits``."""
+    def predict(x: Tensor) -> Tensor:
+        out = model(x)
+        return out["logits"] if isinstance(out, dict) else out
+    return predict
+
+
+def deep_loss(model: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
+    """Deep-supervised loss (every head, equal weights) when the net has ``forward_deep``."""
+    heads = model.forward_deep(x) if hasattr(model, "forward_deep") else [logits_of(model)(x)]
+    return sum(losses.segmentation_loss(h, labels) for h in heads)
+
+
+def fit(model: nn.Module, train: SegData, val: SegData, *, seconds: float, batch_size: int = 8,
+        lr: float = 1e-3, seed: int = 0, validate_every_s: float = 300.0,
+        progress: bool = True) -> tuple[list[float], list[dict[str, float]], int]:
+    """Train ``model`` in place for ``seconds`` of wall time (the recipe in the module docstring).
+
+    Returns:
+        per-step losses, validation rows (``step``, ``seconds``, Dice), steps taken.
+    """
+    torch.manual_seed(seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(seed)
+    history: list[float] = []
+    val_rows: list[dict[str, float]] = []
+    t0 = time.monotonic()
+    end = t0 + seconds
+    order, cursor, step, t_val = torch.randperm(len(train), generator=generator), 0, 0, t0
+    bar = tqdm(desc="train", unit="step", disable=not progress, leave=False)
+    while (now := time.monotonic()) < end:
+        if cursor + batch_size > len(order):
+            order, cursor = torch.randperm(len(train), generator=generator), 0
+        index = order[cursor:cursor + batch_size]
+        cursor += batch_size
+        x = train.inputs[index].clone()
+        x[:, :1] = augment_trus(x[:, :1], generator)
+        for group in optimiser.param_groups:
+            group["lr"] = lr * lr_factor(step, (now - t0) / seconds, warmup_steps=20)
+        model.train()
+        loss = deep_loss(model, x, train.labels[index])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        history.append(float(loss.detach()))
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{np.mean(history[-10:]):.3f}")
+        if time.monotonic() - t_val > validate_every_s:
+            val_rows.append(validate(model, val, step, t0))
+            t_val = time.monotonic()
+    bar.close()
+    val_rows.append(validate(model, val, step, t0))
+    return history, val_rows, step
+
+
+def validate(model: nn.Module, val: SegData, step: int, t0: float) -> dict[str, float]:
+    """Held-out Dice at ``step``, printed."""
+    model.eval()
+    row = {"step": step, "seconds": round(time.monotonic() - t0, 1),
+           **dice_scores(predict_labels(logits_of(model), val), val.labels_eval.numpy())}
+    print(f"step {step} ({row['seconds']:.0f} s): prostate {row['prostate_dice']:.3f} lesion "
+          f"{row['lesion_dice']:.3f}", flush=True)
+    return row
+
+
+def save_plot(path: Path, history: list[float], val_rows: list[dict[str, float]],
+              title: str) -> None:
+    """Training loss (moving mean) and held-out Dice against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    window = max(1, len(history) // 50)
+    if len(history) >= window:
+        smooth = np.convolve(history, np.ones(window) / window, "valid")
+        axes[0].plot(np.arange(window - 1, len(history)), smooth)
+    axes[0].set(yscale="log", xlabel="step", title=f"{title}: training loss (moving mean)")
+    for key in ("prostate_dice", "lesion_dice"):
+        axes[1].plot([v["step"] for v in val_rows], [v[key] for v in val_rows], marker="o",
+                     label=key)
+    axes[1].set(ylim=(0, 1), xlabel="step", title="held-out family A (1000-1003) Dice")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def train_ascseg(out_dir: str | Path, *, trus_only: bool = False, minutes: float = 30.0,
+                 size: int = 48, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
+                 threads: int = 1, validate_every_s: float = 300.0,
+                 cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True,
+                 command: str | None = None) -> dict[str, Any]:
+    """Load (or render) the frames, train within ``minutes`` (data included), save. Returns the
+    summary written to the JSON."""
+    t_start = time.monotonic()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = TRUS_NAME if trus_only else FUSED_NAME
+    config = ASCSegConfig(in_channels=1 if trus_only else 4, size=size)
+    train_set, val_set = training_sets(cache_dir, progress=progress)
+    contexts = (None, None) if trus_only else (
+        registered_context(train_set, cache_dir=cache_dir),
+        registered_context(val_set, cache_dir=cache_dir))
+    train, val = make_data(train_set, contexts[0], size), make_data(val_set, contexts[1], size)
+    data_s = time.monotonic() - t_start
+    print(f"data: {len(train)} train / {len(val)} val frames in {data_s:.0f} s", flush=True)
+    seconds = 60.0 * minutes - data_s - 60.0  # keep a minute for the last validation and saving
+    if seconds <= 0:
+        raise InputError(f"--minutes {minutes}: loading the data took {data_s:.0f} s and leaves "
+                         "no time to train; raise --minutes.")
+    model = ASCSeg(config)
+    history, val_rows, steps = fit(model, train, val, seconds=seconds, batch_size=batch_size,
+                                   lr=lr, seed=seed, validate_every_s=validate_every_s,
+                                   progress=progress)
+    final = {k: v for k, v in val_rows[-1].items() if k not in ("step", "seconds")}
+    summary = {
+        "model": "ascseg", "variant": "trus_only" if trus_only else "fused",
+        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": dataclasses.asdict(config), "seed": seed, "batch_size": batch_size, "lr": lr,
+        "steps": steps, "threads": threads, "train_frames": len(train),
+        "train_phantom_seeds": "1-48 randomised (50 frames each) + 1-16 plain (38 each)",
+        "val_phantom_seeds": list(range(VAL_SEED0, VAL_SEED0 + 4)),
+        "data_s": round(data_s, 1), "parameters": sum(p.numel() for p in model.parameters()),
+        "validation": final, "validation_curve": val_rows, "torch": torch.__version__,
+    }
+    save_checkpoint(out_dir / f"{name}.pt", "ascseg", model, config,
+                    meta={"validation": final, "command": summary["command"], "steps": steps,
+                          "seed": seed, "variant": summary["variant"]})
+    save_plot(out_dir / f"{name}_training.png", history, val_rows, name)
+    summary["wall_s"] = round(time.monotonic() - t_start, 1)
+    (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``regseg train ascseg``."""
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--trus-only", action="store_true",
+                        help="TRUS-only variant (1 channel) instead of TRUS + registered MRI")
+    parser.add_argument("--minutes", type=float, default=30.0,
+                        help="wall-time budget including data loading (default 30)")
+    parser.add_argument("--size", type=int, default=48, help="working size (default 48)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--validate-every", type=float, default=300.0,
+                        help="seconds between validations (default 300)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help=f"simulated-frame cache (default {DEFAULT_CACHE})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace, *, command: str | None = None) -> int:
+    """Run ``regseg train ascseg`` from parsed arguments."""
+    for flag, value, low in (("--minutes", args.minutes, 0.0), ("--batch-size", args.batch_size, 2),
+                             ("--lr", args.lr, 0.0), ("--threads", args.threads, 1)):
+        if not value >= low or (low == 0.0 and value == 0.0):
+            raise InputError(f"{flag} {value}: expected {'> 0' if low == 0.0 else f'>= {low}'}"
+                             + (" (BatchNorm on 1x1 maps needs 2 frames)"
+                                if flag == "--batch-size" else ""))
+    ASCSegConfig(size=args.size)  # validates the size before any work
+    summary = train_ascseg(args.out, trus_only=args.trus_only, minutes=args.minutes,
+                           size=args.size, batch_size=args.batch_size, lr=args.lr,
+                           seed=args.seed, threads=args.threads,
+                           validate_every_s=args.validate_every, cache_dir=args.cache_dir,
+                           progress=not args.no_progress, command=command)
+    print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["validation"].items()))
+    stem = TRUS_NAME if args.trus_only else FUSED_NAME
+    print(f"wrote {args.out / (stem + '.pt')} ({summary['wall_s']:.0f} s, {summary['steps']} "
+          "steps)")
+    return 0
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    """``regseg train ascseg``: the options and the runner (regseg/cli.py TRAIN_MODELS)."""
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m regseg.train.ascseg",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    return run(parser.parse_args(argv),
+               command=shlex.join(["python", "-m", "regseg.train.ascseg", *argv]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
