@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,10 @@ TASKS: dict[str, tuple[str, str]] = {
              "regseg.register_cli:add_eval_arguments"),
     "mni": ("write the MNI152 registration evaluation set (needs nilearn)",
             "regseg.register_cli:add_mni_arguments"),
+    "calibrate": ("pivot, probe (N-wire), temporal and landmark calibration; transform files",
+                  "regseg.calibration.cli:add_arguments"),
+    "batch": ("register or segment the cases of a manifest, sharded over torchrun ranks, "
+              "resumable", "regseg.batch.cli:add_batch_arguments"),
 }
 
 # `regseg train MODEL` -> (help, "module:function(parser)").
@@ -37,6 +42,8 @@ TRAIN_MODELS: dict[str, tuple[str, str]] = {
                  "regseg.cli:add_train_plcreg2d"),
     "plcreg3d": ("PLCReg deformable registration (offline 3-D, MNI152 pairs)",
                  "regseg.cli:add_train_plcreg3d"),
+    "ascseg": ("ASC-Seg 2-D TRUS segmentation (fused with the registered MRI; --trus-only)",
+               "regseg.train.ascseg:add_cli"),
 }
 
 
@@ -126,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     any work), 1 a failure at run time, 130 interrupted by Ctrl-C (quietly, at any point)."""
     task = "regseg"
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Before torch is imported: OpenMP threads that spin while waiting turned a 15 s registration
+    # into 130 s when other jobs held the cores (README, `regseg register` threads); passive waiting
+    # costs little when the machine is idle. A value the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         args = build_parser(argv).parse_args(argv)
         task = f"regseg {args.task}"

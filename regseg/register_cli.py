@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -266,8 +267,27 @@ def _device_name(text: str) -> str:
     return text
 
 
+#: Most CPU threads ``regseg register`` uses by default. Measured on the 2-core machine (2 MNI152
+#: pairs, s/pair): idle, 1 thread 5.87, 2 threads 4.99; with other jobs holding the cores (load
+#: ~10), 1 thread 15, 2 threads 130 (OpenMP threads spinning against each other), 2 threads with
+#: OMP_WAIT_POLICY=PASSIVE 20. So the entry point waits passively (regseg.cli) and uses the cores it
+#: may run on, up to this many; more than 4 was not measured (no larger machine here).
+MAX_DEFAULT_THREADS = 4
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (affinity, so containers and taskset are honoured), at
+    most :data:`MAX_DEFAULT_THREADS`."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_THREADS, cpus))
+
+
 def run_register(args: argparse.Namespace) -> int:
     """``regseg register``: one pair (--fixed/--moving) or a batch (--pairs)."""
+    started = time.perf_counter()
     import torch
     from tqdm import tqdm
 
@@ -293,10 +313,10 @@ def run_register(args: argparse.Namespace) -> int:
         "moving_labels": args.moving_labels or "", "fixed_labels": args.fixed_labels or "",
         "landmarks": args.landmarks or ""}]
     check_pairs(pairs)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())
     engine = RegistrationEngine(args.weights, backend=args.backend, device=device,
                                 affine_iterations=0 if args.no_affine else args.affine_iterations)
+    startup_s = time.perf_counter() - started  # imports, checks, model load: not in any pair's
     reports = []
     for pair in tqdm(pairs, desc="register", unit="pair", disable=len(pairs) == 1):
         reports.append(register_pair(engine, pair, out / pair["name"], inverse=args.inverse))
@@ -304,12 +324,18 @@ def run_register(args: argparse.Namespace) -> int:
             "tre_before_mm", "tre_mm", "seconds")
     summary = {k: nanmean(r.get(k, float("nan")) for r in reports) for k in keys}
     summary["pairs"] = len(reports)
+    summary["startup_s"] = startup_s
+    summary["wall_s"] = time.perf_counter() - started
+    summary["threads"] = torch.get_num_threads()
     if len(reports) > 1:
         (out / "summary.json").write_text(json.dumps(
             {"summary": summary, "pairs": reports}, indent=2) + "\n")
     # A single pair is named by its output folder (it was labelled 'fixed.nii.gz').
     print_table([{"name": p["name"] or out.name or str(out), **r}
                  for p, r in zip(pairs, reports, strict=True)], keys)
+    print(f"{len(reports)} pair(s) in {summary['wall_s']:.1f} s: start-up {startup_s:.1f} s "
+          f"(imports, checks, model load), then {summary['seconds']:.2f} s per pair (the table's "
+          f"'seconds'), {summary['threads']} CPU thread(s)")
     print(f"wrote {out}")
     return 0
 
@@ -375,7 +401,9 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inverse", action="store_true",
                    help="also write the inverse displacement, inverse_ddf_mm.nii.gz (world mm on "
                    "the fixed grid, as ddf_mm.nii.gz: moving-side point z -> z + inverse(z))")
-    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help=f"torch CPU threads (default: the CPUs available, at most "
+                   f"{MAX_DEFAULT_THREADS}; see the README's threads table)")
     p.set_defaults(func=run_register)
 
 
