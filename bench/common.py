@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -14,21 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from regseg.machine import cpu_name, machine_name, utc_now
+
 
 def device_name(device: str | torch.device = "cpu") -> str:
     """A human name for where a row ran: the CPU model and core count, or the GPU's name."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+    return cpu_name()
 
 
 def summarise(name: str, times_ms: Sequence[float], **extra: Any) -> dict[str, Any]:
@@ -92,8 +85,9 @@ def write_json(path: str | Path, bench: str, rows: list[dict[str, Any]],
         return v
 
     command = " ".join(["python", f"bench/{bench}.py", *(argv or sys.argv[1:])])
-    out = {"bench": bench, "command": command, "python": platform.python_version(),
-           "torch": torch.__version__, **meta, "results": rows}
+    out = {"bench": bench, "command": command, "machine": machine_name(), "date": utc_now(),
+           "python": platform.python_version(), "torch": torch.__version__, **meta,
+           "results": rows}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(clean(out), indent=2) + "\n")
     print(f"wrote {path}")

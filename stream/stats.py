@@ -210,7 +210,8 @@ def format_summary(summary: dict) -> str:
 
 
 def write_json(summary: dict, path: str | Path) -> None:
-    """Write the summary; NaN becomes null so any JSON reader takes it."""
+    """Write the summary, stamped with the machine and the date (``machine``, ``date``); NaN
+    becomes null so any JSON reader takes it."""
     def clean(v):
         if isinstance(v, float) and math.isnan(v):
             return None
@@ -219,5 +220,8 @@ def write_json(summary: dict, path: str | Path) -> None:
         if isinstance(v, list):
             return [clean(x) for x in v]
         return v
+    from regseg.machine import machine_name, utc_now
+
+    stamped = {"machine": machine_name(), "date": utc_now(), **summary}  # where and when measured
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(clean(summary), indent=2) + "\n")
+    Path(path).write_text(json.dumps(clean(stamped), indent=2) + "\n")

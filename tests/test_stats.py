@@ -31,6 +31,7 @@ def test_summary_json_shape(tmp_path):
     write_json(summary, path)
     loaded = json.loads(path.read_text())
     assert loaded["latency_ms"]["p50"] == 14.5
+    assert "cores" in loaded["machine"] and loaded["date"].endswith("UTC")  # where and when
     assert "prostate 0.800" in format_summary(summary)
 
 

@@ -1,0 +1,57 @@
+"""bench/readme_tables.py: the README's measured tables come from JSON, with machine and date."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+import readme_tables  # noqa: E402
+
+MARKER = ('<!-- table src="r/a.json,r/b.json" labels="run A|run B" label_header="run" '
+          'where="quick=true" cols="name=variant | p50_ms=p50 ms:.1f | ok=ok" -->\n')
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "r").mkdir()
+    for name, p50 in (("a", 12.345), ("b", 7.0)):
+        (tmp_path / "r" / f"{name}.json").write_text(json.dumps({
+            "command": f"python bench/x.py --{name}", "machine": "CPU X (2 cores)",
+            "date": "2026-11-30 15:00 UTC",
+            "results": [{"name": "fast", "p50_ms": p50, "quick": True, "ok": True},
+                        {"name": "full", "p50_ms": 99.0, "quick": False, "ok": None}]}))
+    return tmp_path
+
+
+def test_renders_rows_filters_labels_and_provenance(tree):
+    text = readme_tables.regenerate(MARKER + "stale\n<!-- /table -->\n", tree)
+    assert "| run A | fast | 12.3 | yes |" in text and "| run B | fast | 7.0 | yes |" in text
+    assert "full" not in text and "stale" not in text  # filtered; old body replaced
+    assert "`r/a.json`: CPU X (2 cores), 2026-11-30 15:00 UTC, `python bench/x.py --a`" in text
+    assert readme_tables.regenerate(text, tree) == text  # idempotent
+
+
+def test_check_fails_on_a_typed_number(tree):
+    readme = tree / "README.md"
+    readme.write_text(readme_tables.regenerate(MARKER + "<!-- /table -->\n", tree))
+    typed = readme.read_text().replace("12.3", "9.9")
+    assert readme_tables.regenerate(typed, tree) != typed
+
+
+def test_bad_marker_names_what_is_wrong(tree):
+    with pytest.raises(readme_tables.TableError, match="no cols= attribute"):
+        readme_tables.regenerate('<!-- table src="r/a.json" -->\n<!-- /table -->', tree)
+    with pytest.raises(readme_tables.TableError, match="r/missing.json"):
+        readme_tables.regenerate('<!-- table src="r/missing.json" cols="a=b" -->\n'
+                                 '<!-- /table -->', tree)
+
+
+def test_the_readme_tables_are_what_their_json_gives():
+    """Every generated table in README.md matches its committed JSON (bench/results/)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "readme_tables.py"),
+                          str(ROOT / "README.md"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
