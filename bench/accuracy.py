@@ -127,6 +127,10 @@ def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
             "tre_tracked_mm": tre.get("tracked", math.nan),
             "tre_registered_mm": tre.get("registered", math.nan),
             "flagged": bool(result.flagged), "estimate": estimate_of(result),
+            "flags": list(getattr(result, "flags", ())),
+            "jump_mm": float(getattr(result, "jump_mm", math.nan)),
+            "agreement": float(result.quality),
+            "seg_confidence": float(getattr(result, "seg_confidence", math.nan)),
             "lesion_in_truth": bool((frame.truth.labels == 2).any()),
             "total_ms": float(result.timings_ms.get("total", math.nan))}
 
@@ -144,6 +148,23 @@ def flag_rates(frames: list[dict]) -> dict[str, float]:
             "detection": float(flagged[bad].mean()) if bad.any() else math.nan,
             "false_alarm": float(flagged[good].mean()) if good.any() else math.nan,
             "flagged_pct": 100.0 * float(flagged.mean()) if len(frames) else math.nan}
+
+
+def flag_reasons(frames: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per family: how often each flag reason fires on bad (TRE > 5 mm) and good (<= 2 mm)
+    frames: which check makes the false alarms."""
+    out: dict[str, dict[str, Any]] = {}
+    for fam in sorted({f["family"] for f in frames}):
+        mine = [f for f in frames if f["family"] == fam]
+        tre = _nan(f["tre_registered_mm"] for f in mine)
+        for name, sel in (("bad", tre > BAD_MM), ("good", tre <= GOOD_MM)):
+            chosen = [f for f, s in zip(mine, sel, strict=True) if s]
+            counts: dict[str, int] = {}
+            for f in chosen:
+                for reason in f.get("flags", ()):
+                    counts[reason] = counts.get(reason, 0) + 1
+            out.setdefault(fam, {})[name] = {"frames": len(chosen), **counts}
+    return out
 
 
 def roc(frames: list[dict]) -> dict[str, Any]:
@@ -220,11 +241,23 @@ def noise_row(family: str, noise: list[dict]) -> dict[str, Any]:
 
 def run(families: list[str], phantoms: int, levels: list[float], frames_per_run: int, *,
         deformable: bool, backend: str, device: str, threads: int | None,
-        progress: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
+        progress: bool = True, deformable_weights: str | None = None,
+        quality_weights: str | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
-    (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records)."""
+    (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
+
+    ``deformable_weights`` / ``quality_weights``: other PLCReg 2-D / QualityNet weights than the
+    shipped ones (to compare a retrained model with the same chain); None: the shipped."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
+
+    def make_pipeline(context, stage):
+        pipeline = build_pipeline(context, engine, deformable=stage, capture=capture())
+        if quality_weights is not None:  # the Pipeline makes the shipped one on first use
+            from regseg.stream.quality import QualityCheck, QualityConfig
+
+            pipeline._quality = QualityCheck(context, QualityConfig(weights=quality_weights))
+        return pipeline
 
     engine = build_engine(backend=backend, device=device, threads=threads)
     capture = _capture_factory(backend=backend, device=device, threads=threads)
@@ -246,9 +279,10 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
                                        family_b_frames(seed, level, frames_per_run, case))
                 if context is None:
                     context = build_context(mri, labels, device)
-                    stage = (build_deformable(context, backend=backend, threads=threads)
+                    stage = (build_deformable(context, deformable_weights or "plcreg2d",
+                                              backend=backend, threads=threads)
                              if deformable else None)
-                pipeline = build_pipeline(context, engine, deformable=stage, capture=capture())
+                pipeline = make_pipeline(context, stage)
                 t0 = time.perf_counter()
                 for frame in frames:
                     if level == levels[0]:
@@ -267,7 +301,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
                           f"{s['tre_tracked_median_mm']:.2f} -> {s['tre_median_mm']:.2f} mm "
                           f"flagged {s['flagged_pct']:.0f}% ({time.perf_counter() - t0:.1f} s)",
                           flush=True)
-            pipeline = build_pipeline(context, engine, deformable=stage, capture=capture())
+            pipeline = make_pipeline(context, stage)
             for frame in twins:
                 for result in pipeline.submit(frame) + pipeline.flush():
                     noise_records.append({"family": family, "phantom": seed,
@@ -344,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (CLI default on CPU: 1)")
     p.add_argument("--json", default=None, help="write rows, ROC and per-frame records here")
     p.add_argument("--plot", default=None, help="PNG (default: next to --json)")
+    p.add_argument("--quality-weights", default=None,
+                   help="QualityNet weights (default: the shipped models/weights/qualitynet.pt)")
+    p.add_argument("--deformable-weights", default=None,
+                   help="PLCReg 2-D weights (default: the shipped models/weights/plcreg2d.pt)")
     p.add_argument("--label", default=None,
                    help="free text stored in the JSON to name the chain, e.g. 'baseline a1b0414'")
     args = p.parse_args(argv)
@@ -359,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, records, noise = run(families, phantoms, levels, frames,
                                deformable=args.deformable == "on",
                                backend=args.backend, device=args.device,
-                               threads=args.threads)
+                               threads=args.threads, deformable_weights=args.deformable_weights,
+                               quality_weights=args.quality_weights)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     for fam in families:
         rates = flag_rates([r for r in records if r["family"] == fam])
@@ -373,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, COLUMNS)
     print("estimate ROC AUC: " + ", ".join(f"{f} {rocs[f]['auc']:.3f}" for f in families)
           + f"; wall {wall:.0f} s")
+    for fam, by in flag_reasons(records).items():
+        print(f"flag reasons, family {fam}: " + "; ".join(
+            f"{k} frames {v['frames']}: " + ", ".join(f"{r} {n}" for r, n in v.items()
+                                                      if r != "frames") for k, v in by.items()))
     if args.json:
         write_json(args.json, "accuracy", rows, argv, device=device_name(args.device),
                    quick=args.quick, deformable=args.deformable, backend=args.backend,
@@ -381,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                    family_b_seeds=list(_family_b_seeds())[:phantoms], bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
+                   quality_weights=args.quality_weights,
+                   deformable_weights=args.deformable_weights,
+                   flag_reasons=flag_reasons(records),
                    frames_detail=records, noise_detail=noise)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if plot_path:

@@ -1,15 +1,17 @@
 """Does the flag catch the frames the registration gets wrong? Detection and false alarms, measured.
 
 ``python bench/trust.py --out /tmp/trust.json [--family b]`` runs the live Pipeline (shipped
-AlignSegNet, the deformable stage as the CLI's default, the shipped QualityNet and its calibrated
-threshold) on held-out family-A phantoms (1000-1003; never trained on by AlignSegNet or
-QualityNet) or on family B (5000-5003; never trained on), with a constant ``reference_to_mri``
-error of each level (a shift of that many mm in a random direction per phantom and level, on top
-of the simulator's own tracking error). Per level and pooled: the published registration's true
-TRE (prostate pixels), the share of frames with TRE > 5 mm that are flagged (detection), the
-share with TRE <= 2 mm (and <= 5 mm) that are flagged (false alarms), the error estimate's ROC
-AUC and its median absolute error. Plus: frames of pure noise (uniform, Gaussian, speckle) on
-tracked poses (flagged? labels published?) and frames with no pose (PLUS INVALID): "untracked"?
+AlignSegNet, eager; the deformable stage and the capture stage as the CLI's defaults; the shipped
+QualityNet and its calibrated threshold, or ``--quality-weights`` / ``--deformable-weights``) on
+held-out family-A phantoms (1000-1003; never trained on by AlignSegNet or QualityNet) or on
+family B (5000-5003; never trained on), with a constant ``reference_to_mri`` error of each level
+(a shift of that many mm in a random direction per phantom and level, on top of the simulator's
+own tracking error). Per level and pooled: the published registration's true TRE (prostate
+pixels), the share of frames with TRE > 5 mm that are flagged (detection), the share with
+TRE <= 2 mm (and <= 5 mm) that are flagged (false alarms), the error estimate's ROC AUC, its
+median absolute error and its median bias on good frames, and which flag reasons fire on bad and
+on good frames. Plus: frames of pure noise (uniform, Gaussian, speckle) on tracked poses (flagged?
+labels published?) and frames with no pose (PLUS INVALID): "untracked"?
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from regseg import metrics, spatial
 from regseg.engines.fusion import FusionEngine
 from regseg.sim.phantom import make_phantom
 from regseg.sim.scanner import SimulatedScanner
+from regseg.stream.build import build_default_capture
 from regseg.stream.context import build_context
 from regseg.stream.deformable import DeformableStage
 from regseg.stream.pipeline import Pipeline
+from regseg.stream.quality import QualityCheck, QualityConfig
 
 LEVELS_MM = (0.0, 3.0, 5.0, 7.5, 10.0, 15.0, 25.0)
 BAD_MM, GOOD_MM = 5.0, 2.0
@@ -89,6 +93,13 @@ def rates(rows: list[dict]) -> dict:
     tre, est, flagged, by_estimate = tre[ok], est[ok], flagged[ok], by_estimate[ok]
     bad, good, fine = tre > BAD_MM, tre <= GOOD_MM, tre <= BAD_MM
 
+    def reasons(of):
+        counts: dict[str, int] = {}
+        for r, sel in zip((r for r, k in zip(rows, ok, strict=True) if k), of, strict=True):
+            for f in r["flags"] if sel else ():
+                counts[f] = counts.get(f, 0) + 1
+        return counts
+
     def share(mask, of):
         return round(float(mask[of].mean()), 4) if of.any() else None
 
@@ -106,6 +117,9 @@ def rates(rows: list[dict]) -> dict:
         "false_alarm_by_estimate_le_2mm": share(by_estimate, good),
         "auc_estimate_bad_vs_good": auc,
         "estimate_median_abs_error_mm": round(float(np.median(np.abs(est - tre))), 3),
+        "estimate_median_bias_good_mm": (round(float(np.median(est[good] - tre[good])), 3)
+                                         if good.any() else None),
+        "flag_reasons_bad": reasons(bad), "flag_reasons_good": reasons(good),
     }
 
 
@@ -121,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS_MM))
     parser.add_argument("--deformable", choices=["on", "off"], default="on")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quality-weights", default=None,
+                        help="QualityNet weights (default: the shipped ones)")
+    parser.add_argument("--deformable-weights", default="plcreg2d",
+                        help="PLCReg 2-D weights (default: the shipped ones)")
     args = parser.parse_args(argv)
     if args.seeds is None:
         args.seeds = [1000, 1001, 1002, 1003] if args.family == "a" else [5000, 5001, 5002, 5003]
@@ -131,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         mri, labels, frames = open_case(args.family, seed, args.frames)
         context = build_context(mri, labels)
-        deformable = (DeformableStage(context, backend="eager") if args.deformable == "on"
-                      else None)
-        pipeline = Pipeline(context, engine, deformable=deformable)
+        deformable = (DeformableStage(context, args.deformable_weights, backend="eager")
+                      if args.deformable == "on" else None)
+        quality = QualityCheck(context, QualityConfig(
+            **({"weights": args.quality_weights} if args.quality_weights else {})))
+        pipeline = Pipeline(context, engine, deformable=deformable, quality=quality,
+                            capture=build_default_capture(backend="eager", threads=args.threads))
         rng = np.random.default_rng([seed, 99])
         for level in args.levels:
             d = rng.standard_normal(3)
@@ -157,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "command": shlex.join(["python", "bench/trust.py", *(argv or sys.argv[1:])]),
         "family": args.family, "seeds": args.seeds, "deformable": args.deformable,
+        "quality_weights": args.quality_weights, "deformable_weights": args.deformable_weights,
         "threshold_mm": pipeline.quality.threshold_mm,
         "per_level": {str(level): rates([r for r in rows if r["level_mm"] == level])
                       for level in args.levels},
@@ -177,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     for level, r in summary["per_level"].items():
         print(f"{level:>5} mm: TRE med {r['tre_median_mm']:.2f} bad {r['bad_frames']:3d} "
               f"good {r['good_frames']:3d} det {r['detection']} FA<=2 {r['false_alarm_tre_le_2mm']}"
-              f" FA<=5 {r['false_alarm_tre_le_5mm']} AUC {r['auc_estimate_bad_vs_good']}")
+              f" FA<=5 {r['false_alarm_tre_le_5mm']} AUC {r['auc_estimate_bad_vs_good']}"
+              f" reasons good {r['flag_reasons_good']}")
     return 0
 
 

@@ -28,6 +28,10 @@ class QualityNetConfig:
     size: int = 64  # model grid (size x size)
     in_channels: int = 4  # trus, mri plane, gland map, lesion map
     width: int = 16  # channels of the first stage; doubles twice
+    # Standardise the TRUS and MRI channels per frame (mean 0, std 1 over their non-zero
+    # pixels): a scanner's gain, dynamic range and an MRI's contrast no longer shift the input.
+    # False in checkpoints made before it existed.
+    normalise: bool = False
 
 
 class QualityNet(nn.Module):
@@ -47,7 +51,19 @@ class QualityNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, size, size) -> (B,) ``log(1 + error_mm)``."""
+        if self.config.normalise:
+            x = torch.cat([standardise(x[:, :2]), x[:, 2:]], dim=1)
         return self.head(self.features(x).mean(dim=(2, 3)))[:, 0]
+
+
+def standardise(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """Each (sample, channel) image to mean 0 and std 1 over its non-zero pixels (the imaged
+    area: outside the fan, or outside the MRI, stays 0)."""
+    inside = (x > 0).to(x.dtype)
+    n = inside.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    mean = (x * inside).sum(dim=(2, 3), keepdim=True) / n
+    var = (((x - mean) * inside) ** 2).sum(dim=(2, 3), keepdim=True) / n
+    return (x - mean) / (var.sqrt() + eps) * inside
 
 
 def save_qualitynet(path: str | Path, model: QualityNet, calibration: dict) -> None:

@@ -24,7 +24,7 @@ from regseg.models.plcreg import PLCReg, PLCRegConfig
 from regseg.models.registry import default_weights_path, load_model
 from regseg.registration_metrics import jacobian_stats, nanmean
 from regseg.spatial import warp
-from regseg.train.data import frame_sample, mri_tensors, open_simulated_scanner
+from regseg.train.data import CACHEABLE_SCANNERS, frame_sample, mri_tensors
 from regseg.train.plcreg_recipe import Weights, recent_losses, save_run, take_step
 
 VAL_SEED0 = 1000  # held-out phantoms, as for AlignSegNet
@@ -55,7 +55,7 @@ class LiveSet:
     target_ddf: torch.Tensor  # (N, 2, h, w) float16, pixels, (dy, dx)
     pixel_to_mm: torch.Tensor  # (N, 3, 2) float32
     residual_mm: torch.Tensor | None  # (N, 3, h, w) float16, kept for evaluation sets only
-    fan_mask: torch.Tensor  # (h, w) bool, inside the ultrasound sector
+    fan_mask: torch.Tensor  # (N, h, w) bool (or one (h, w) for all), inside the sector
 
     def __len__(self) -> int:
         return self.fixed.shape[0]
@@ -64,7 +64,10 @@ class LiveSet:
         index = torch.as_tensor(list(index), dtype=torch.long)
         residual = (torch.zeros(len(index), 3, *self.fixed.shape[2:])
                     if self.residual_mm is None else self.residual_mm[index].float())
+        fan = (self.fan_mask[index] if self.fan_mask.dim() == 3
+               else self.fan_mask.expand(len(index), -1, -1))
         return {"fixed": self.fixed[index].float(), "moving": self.moving[index].float(),
+                "fan_mask": fan,
                 "label_maps": self.label_maps[index].float(),
                 "target_ddf": self.target_ddf[index].float(),
                 "pixel_to_mm": self.pixel_to_mm[index], "residual_mm": residual}
@@ -83,15 +86,21 @@ def true_displacement(scanner: Any, pose: Any) -> torch.Tensor:
 
 @torch.inference_mode()
 def live_frames(phantom_seeds: list[int], per_phantom: int, *, seed: int,
-                size: tuple[int, int], keep_residual: bool, progress: bool) -> LiveSet:
-    """Render frames, run the shipped AlignSegNet on them, and build :class:`LiveSet`."""
+                size: tuple[int, int], keep_residual: bool, progress: bool,
+                scanner: str = "plain", refine: int = 1) -> LiveSet:
+    """Render frames, run the shipped AlignSegNet on them, and build :class:`LiveSet`.
+
+    ``scanner``: "plain" (the demo scanner) or "randomised" (regseg.sim.randomise, drawn per
+    phantom). ``refine``: AlignSegNet calls, each re-slicing the MRI at the previous estimate
+    (as the live chain's ``--refine-iterations``).
+    """
+    open_scanner = CACHEABLE_SCANNERS[scanner]
     affine = load_model("alignsegnet")
     affine_size = (affine.config.size, affine.config.size)
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in (
-        "fixed", "moving", "label_maps", "target_ddf", "pixel_to_mm", "residual_mm")}
-    fan = None
+        "fixed", "moving", "label_maps", "target_ddf", "pixel_to_mm", "residual_mm", "fan")}
     for ps in phantom_seeds:
-        phantom, scanner = open_simulated_scanner(ps, seed * 100_003 + ps)
+        phantom, scanner = open_scanner(ps, seed * 100_003 + ps)
         mri, labels, world_to_voxel = mri_tensors(phantom)
         rng = np.random.default_rng([seed, ps, 4])
         for _ in range(per_phantom):
@@ -99,12 +108,15 @@ def live_frames(phantom_seeds: list[int], per_phantom: int, *, seed: int,
             frame = scanner.render(pose, 0, noise_seed=int(rng.integers(2**62)))
             hw = tuple(frame.pixels.shape)
             # AlignSegNet sees its own grid; the PLCReg grid ``size`` may differ
-            s = frame_sample(frame, mri, labels, world_to_voxel, affine_size)
-            onehot = planes.labels_onehot(s["mri_labels"])
-            theta = affine(s["trus"].float(), s["mri"].float(), onehot)["theta"][0].double()
-            if affine_size != size:
+            plane = frame.image_to_reference
+            for _ in range(refine):  # re-slice at the current estimate and register again
+                s = frame_sample(dataclasses.replace(frame, image_to_reference=plane), mri,
+                                 labels, world_to_voxel, affine_size)
+                onehot = planes.labels_onehot(s["mri_labels"])
+                theta = affine(s["trus"].float(), s["mri"].float(), onehot)["theta"][0].double()
+                plane = metrics.registered_image_to_mri(theta.numpy(), plane, hw)
+            if affine_size != size:  # only the frame and its truth are read from ``s`` below
                 s = frame_sample(frame, mri, labels, world_to_voxel, size)
-            plane = metrics.registered_image_to_mri(theta.numpy(), frame.image_to_reference, hw)
             mri_r, lab_r = planes.mri_inputs(mri, labels, world_to_voxel, plane, hw, size)
             to_frame = planes.model_to_frame(hw, size)
             disp = true_displacement(scanner, pose).permute(2, 0, 1)[None].float()
@@ -126,20 +138,22 @@ def live_frames(phantom_seeds: list[int], per_phantom: int, *, seed: int,
             rows["pixel_to_mm"].append(lin.float()[None])
             if keep_residual:
                 rows["residual_mm"].append((offset - lin @ target).reshape(1, 3, *size).half())
-            if fan is None:
-                mask = torch.from_numpy(scanner.sector_mask)[None, None].float()
-                fan = F.interpolate(mask, size=size, mode="nearest-exact")[0, 0] > 0.5
+            mask = torch.from_numpy(scanner.sector_mask)[None, None].float()
+            rows["fan"].append(F.interpolate(mask, size=size, mode="nearest-exact")[0] > 0.5)
         if progress:
             print(f"  live frames: phantom {ps} done", flush=True)
-    if fan is None:
+    if not rows["fan"]:
         raise InputError("live_frames: no frames requested")
     cat = {k: torch.cat(v) if v else None for k, v in rows.items()}
+    fan = cat.pop("fan")
+    if bool((fan == fan[:1]).all()):  # one scanner: one mask
+        fan = fan[0]
     return LiveSet(**cat, fan_mask=fan)
 
 
 def cached_live_set(cache_dir: Path | None, phantom_seeds: list[int], per_phantom: int, *,
                     seed: int, size: tuple[int, int], keep_residual: bool = True,
-                    progress: bool = True) -> LiveSet:
+                    progress: bool = True, scanner: str = "plain", refine: int = 1) -> LiveSet:
     """:func:`live_frames`, cached on disk by its arguments and the AlignSegNet weights' hash."""
     weights = default_weights_path("alignsegnet")
     if not weights.is_file():
@@ -148,14 +162,18 @@ def cached_live_set(cache_dir: Path | None, phantom_seeds: list[int], per_phanto
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     key = json.dumps({"v": LIVE_DATA_VERSION, "seeds": phantom_seeds, "n": per_phantom,
                       "seed": seed, "size": list(size), "affine": digest,
-                      "residual": keep_residual})
+                      "residual": keep_residual,
+                      # the original sets' keys (plain, one AlignSegNet call) are unchanged
+                      **({"scanner": scanner} if scanner != "plain" else {}),
+                      **({"refine": refine} if refine != 1 else {})})
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"live-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if path.is_file():
             return LiveSet(**torch.load(path, weights_only=True))
     data = live_frames(phantom_seeds, per_phantom, seed=seed, size=size,
-                       keep_residual=keep_residual, progress=progress)
+                       keep_residual=keep_residual, progress=progress, scanner=scanner,
+                       refine=refine)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(dataclasses.asdict(data), path.with_suffix(".tmp"))
@@ -191,8 +209,34 @@ def evaluate_2d(model: PLCReg | None, data: LiveSet, batch_size: int = 32) -> di
                                   else float("nan"))
             if model is not None:
                 rows["folding_pct"].append(jacobian_stats(ddf[n].numpy(),
-                                                          data.fan_mask.numpy())["folding_pct"])
+                                                          b["fan_mask"][n].numpy())["folding_pct"])
     return {k: nanmean(v) for k, v in rows.items() if v}
+
+
+def fit(model: PLCReg, train_set: LiveSet, *, deadline: float, seed: int, batch_size: int,
+        lr: float, weights: Weights, progress: bool, history: list[dict[str, float]]) -> int:
+    """Train ``model`` on ``train_set`` until ``deadline`` (time.monotonic()); returns the steps.
+
+    Loss: Dice of the warped MRI labels vs the frame's truth, end-point error to the simulator's
+    true field inside each frame's sector, smoothness of the field."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    while time.monotonic() < deadline:
+        idx = torch.randint(len(train_set), (batch_size,), generator=gen)
+        b = train_set.batch(idx)
+        model.train()
+        out = model(b["moving"], b["fixed"])
+        parts = {
+            "dice": reg_losses.dice_loss(out["moved"][:, 1:], b["label_maps"]),
+            "epe": reg_losses.endpoint_error(out["ddf"], b["target_ddf"],
+                                             b["fan_mask"][:, None].float()),
+            "smooth": reg_losses.gradient_loss(out["field"]),
+        }
+        loss = (weights.dice * parts["dice"] + weights.epe * parts["epe"]
+                + weights.smooth * parts["smooth"])
+        step = take_step(optimiser, loss, parts, history, report_every=50 if progress else 0)
+    return step
 
 
 def train_2d(out_dir: Path, *, minutes: float, seed: int, frames: int, phantoms: int,
@@ -212,26 +256,9 @@ def train_2d(out_dir: Path, *, minutes: float, seed: int, frames: int, phantoms:
                               seed=seed, size=cfg.size, progress=progress)
     data_s = time.monotonic() - t0
     model = PLCReg(cfg)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
-    gen = torch.Generator().manual_seed(seed)
-    mask = train_set.fan_mask[None, None].float()
-    deadline = t0 + 60 * minutes - 30  # keep half a minute for validation and saving
     history: list[dict[str, float]] = []
-    step = 0
-    while time.monotonic() < deadline:
-        idx = torch.randint(len(train_set), (batch_size,), generator=gen)
-        b = train_set.batch(idx)
-        model.train()
-        out = model(b["moving"], b["fixed"])
-        parts = {
-            "dice": reg_losses.dice_loss(out["moved"][:, 1:], b["label_maps"]),
-            "epe": reg_losses.endpoint_error(out["ddf"], b["target_ddf"],
-                                             mask.expand(len(idx), -1, -1, -1)),
-            "smooth": reg_losses.gradient_loss(out["field"]),
-        }
-        loss = (weights.dice * parts["dice"] + weights.epe * parts["epe"]
-                + weights.smooth * parts["smooth"])
-        step = take_step(optimiser, loss, parts, history, report_every=50 if progress else 0)
+    step = fit(model, train_set, deadline=t0 + 60 * minutes - 30, seed=seed,
+               batch_size=batch_size, lr=lr, weights=weights, progress=progress, history=history)
     train_s = time.monotonic() - t0 - data_s
     summary = {"affine_only": evaluate_2d(None, val_set), "refined": evaluate_2d(model, val_set)}
     summary.update(frames=len(train_set), val_frames=len(val_set), steps=step,

@@ -32,6 +32,7 @@ from regseg.models.qualitynet import QualityNet, QualityNetConfig, save_qualityn
 from regseg.train.data import CACHEABLE_SCANNERS, mri_tensors
 
 TRAIN_SEED0, CALIB_SEED0 = 3000, 3100
+RAND_SEED0 = 3200  # randomised family-A training phantoms (regseg.sim.randomise)
 DEFAULT_CACHE = Path.home() / ".cache" / "regseg" / "train"
 DATA_VERSION = 1
 MAX_ERROR_MM = 20.0  # the target given to frames without ultrasound content
@@ -205,14 +206,22 @@ def calibrate(estimate: np.ndarray, tre: np.ndarray) -> dict[str, float]:
 
 def train(out_dir: Path, *, minutes: float, seed: int, train_phantoms: int, calib_phantoms: int,
           frames: int, errors: int, threads: int, cache_dir: Path | None,
-          command: str) -> dict:
+          command: str, normalise: bool = False, randomised_phantoms: int = 0,
+          steps: int | None = None) -> dict:
+    """``normalise``: QualityNetConfig.normalise; ``randomised_phantoms``: also train on pairs
+    of that many randomised family-A phantoms (seeds RAND_SEED0..); ``steps``: train exactly
+    that many steps (reproducible) instead of filling ``minutes``."""
     t0 = time.monotonic()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    cfg = QualityNetConfig()
+    cfg = QualityNetConfig(normalise=normalise)
     train_seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + train_phantoms))
     calib_seeds = list(range(CALIB_SEED0, CALIB_SEED0 + calib_phantoms))
     train_set = cached(cache_dir, train_seeds, frames, errors, size=cfg.size, seed=seed)
+    if randomised_phantoms:
+        extra = cached(cache_dir, list(range(RAND_SEED0, RAND_SEED0 + randomised_phantoms)),
+                       frames, errors, size=cfg.size, seed=seed, scanner="randomised")
+        train_set = {k: torch.cat([train_set[k], extra[k]]) for k in train_set}
     calib_set = cached(cache_dir, calib_seeds, frames, errors, size=cfg.size, seed=seed)
     torch.set_num_threads(threads)
     data_s = time.monotonic() - t0
@@ -224,8 +233,12 @@ def train(out_dir: Path, *, minutes: float, seed: int, train_phantoms: int, cali
     n, batch = len(train_set["tre_mm"]), 64
     budget = 60.0 * minutes - data_s - 30.0
     t_train, step, losses = time.monotonic(), 0, []
-    while (elapsed := time.monotonic() - t_train) < budget:
-        lr = 3e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
+    while True:
+        elapsed = time.monotonic() - t_train
+        if (elapsed >= budget) if steps is None else (step >= steps):
+            break
+        progress = elapsed / budget if steps is None else step / steps
+        lr = 3e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         for group in optimiser.param_groups:
             group["lr"] = lr
         model.train()
@@ -245,6 +258,7 @@ def train(out_dir: Path, *, minutes: float, seed: int, train_phantoms: int, cali
     summary = {
         "command": command,
         "seed": seed, "steps": step, "threads": threads, "batch": batch,
+        "normalise": normalise, "randomised_phantoms": randomised_phantoms,
         "train_s": round(time.monotonic() - t_train, 1), "data_s": round(data_s, 1),
         "train_samples": n, "train_phantom_seeds": train_seeds,
         "calibration_samples": len(tre), "calibration_phantom_seeds": calib_seeds,
@@ -277,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=40, help="frames per phantom")
     parser.add_argument("--errors", type=int, default=4, help="random errors per frame")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--normalise", action="store_true",
+                        help="standardise the TRUS and MRI channels per frame (QualityNetConfig)")
+    parser.add_argument("--randomised-phantoms", type=int, default=0,
+                        help="also train on pairs of this many randomised family-A phantoms "
+                        f"(regseg.sim.randomise, seeds {RAND_SEED0}..)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many steps (reproducible) instead of --minutes")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help="sample cache folder ('none' disables)")
     args = parser.parse_args(argv)
@@ -284,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "regseg.train.quality", *(argv or sys.argv[1:])])
     train(args.out, minutes=args.minutes, seed=args.seed, train_phantoms=args.train_phantoms,
           calib_phantoms=args.calib_phantoms, frames=args.frames, errors=args.errors,
-          threads=args.threads, cache_dir=cache, command=command)
+          threads=args.threads, cache_dir=cache, command=command, normalise=args.normalise,
+          randomised_phantoms=args.randomised_phantoms, steps=args.steps)
     return 0
 
 

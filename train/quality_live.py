@@ -31,10 +31,11 @@ import torch
 
 from regseg import metrics, spatial
 from regseg.models.qualitynet import WEIGHTS, load_qualitynet, save_qualitynet
-from regseg.train.data import open_simulated_scanner
+from regseg.train.data import CACHEABLE_SCANNERS
 from regseg.train.quality import (
     CALIB_SEED0,
     DEFAULT_CACHE,
+    RAND_SEED0,
     TRAIN_SEED0,
     augment,
     cached,
@@ -46,12 +47,20 @@ from regseg.train.quality import (
     regression_step,
 )
 
-LIVE_VERSION = 1
+RAND_CALIB_SEED0 = 3300  # randomised family A: calibration (training: RAND_SEED0..)
+LIVE_VERSION = 2  # 2: the chain refines as the CLI's default (K iterations)
 
 
-def live_samples(seeds: list[int], frames: int, *, seed: int, weights: Path) -> dict:
-    """x (N, 4, s, s) float16 (QualityNet inputs as the live path makes them), tre_mm (N,)."""
+def live_samples(seeds: list[int], frames: int, *, seed: int, weights: Path,
+                 scanner: str = "plain") -> dict:
+    """x (N, 4, s, s) float16 (QualityNet inputs as the live path makes them), tre_mm (N,).
+
+    ``scanner``: "plain" (the demo scanner) or "randomised" (regseg.sim.randomise: a random
+    probe, frame, speckle, gain, anatomy and MRI per phantom). The chain refines as the CLI's
+    default (``--refine-iterations``); no temporal filter (the frames are unrelated poses).
+    """
     from regseg.engines.fusion import FusionEngine
+    from regseg.stream.capture import REFINE_ITERATIONS, build_capture
     from regseg.stream.context import build_context
     from regseg.stream.deformable import DeformableStage
     from regseg.stream.pipeline import Pipeline
@@ -59,17 +68,20 @@ def live_samples(seeds: list[int], frames: int, *, seed: int, weights: Path) -> 
 
     torch.set_num_threads(1)
     engine = FusionEngine("alignsegnet", backend="eager")
+    capture = build_capture(REFINE_ITERATIONS, False, "off", backend="eager")
+    open_scanner = CACHEABLE_SCANNERS[scanner]
     xs, tres = [], []
     for n, ps in enumerate(seeds):
-        phantom, scanner = open_simulated_scanner(ps, seed * 100_003 + ps + 7)
+        phantom, scanner_ = open_scanner(ps, seed * 100_003 + ps + 7)
         context = build_context(phantom.mri, phantom.labels)
         pipeline = Pipeline(context, engine, deformable=DeformableStage(context, backend="eager"),
-                            quality=QualityCheck(context, QualityConfig(weights=weights)))
+                            quality=QualityCheck(context, QualityConfig(weights=weights)),
+                            capture=capture)
         estimator = pipeline.quality.estimator
         rng = np.random.default_rng([seed, ps, 29])
         made = 0
         while made < frames:
-            frame = scanner.random_frame(rng)
+            frame = scanner_.random_frame(rng)
             ji = np.argwhere(frame.truth.labels > 0)
             if len(ji) < 200:
                 continue
@@ -94,13 +106,14 @@ def _alignsegnet_id() -> str:
 
 
 def cached_live(cache: Path | None, seeds: list[int], frames: int, *, seed: int,
-                weights: Path) -> dict:
-    name = (f"quality-live-v{LIVE_VERSION}-{seeds[0]}-{len(seeds)}-{frames}-{seed}"
+                weights: Path, scanner: str = "plain") -> dict:
+    kind = "" if scanner == "plain" else f"-{scanner}"
+    name = (f"quality-live-v{LIVE_VERSION}{kind}-{seeds[0]}-{len(seeds)}-{frames}-{seed}"
             f"-{_alignsegnet_id()}.pt")
     path = cache / name if cache is not None else None
     if path is not None and path.is_file():
         return torch.load(path, weights_only=True)
-    data = live_samples(seeds, frames, seed=seed, weights=weights)
+    data = live_samples(seeds, frames, seed=seed, weights=weights, scanner=scanner)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, path)
@@ -114,23 +127,65 @@ def predict_x(model, x: torch.Tensor) -> np.ndarray:
                       for s in range(0, len(x), 256)]).numpy()
 
 
+def calibration_pairs(args: argparse.Namespace, weights: Path) -> dict:
+    """Live calibration pairs: plain phantoms 3100.., plus randomised phantoms 3300.. when
+    ``--randomised-calib-phantoms`` (a ``group`` tensor says which: 0 plain, 1 randomised)."""
+    seeds = list(range(CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms))
+    data = cached_live(args.cache, seeds, args.frames, seed=args.seed, weights=weights)
+    data = {**data, "group": torch.zeros(len(data["tre_mm"]), dtype=torch.long)}
+    if args.randomised_calib_phantoms:
+        rand = cached_live(args.cache, list(range(RAND_CALIB_SEED0, RAND_CALIB_SEED0
+                                                  + args.randomised_calib_phantoms)),
+                           args.randomised_frames, seed=args.seed, weights=weights,
+                           scanner="randomised")
+        rand = {**rand, "group": torch.ones(len(rand["tre_mm"]), dtype=torch.long)}
+        data = {k: torch.cat([data[k], rand[k]]) for k in data}
+    return data
+
+
+def calibration_sets(args: argparse.Namespace) -> dict:
+    """The calibration phantoms, for the JSON."""
+    return {"plain_seeds": [CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms - 1],
+            "plain_frames_per_phantom": args.frames,
+            "randomised_seeds": ([RAND_CALIB_SEED0,
+                                  RAND_CALIB_SEED0 + args.randomised_calib_phantoms - 1]
+                                 if args.randomised_calib_phantoms else None),
+            "randomised_frames_per_phantom": args.randomised_frames}
+
+
+def calibration_report(estimate: np.ndarray, tre: np.ndarray, group: np.ndarray,
+                       threshold: float) -> dict:
+    """Flag rates at ``threshold`` on all calibration pairs and on each group."""
+    out = {}
+    for name, mask in (("all", np.ones_like(group, bool)), ("plain", group == 0),
+                       ("randomised", group == 1)):
+        if mask.any() and (tre[mask] > 5).any() and (tre[mask] <= 2).any():
+            out[name] = {**detection(estimate[mask], tre[mask], threshold),
+                         "median_abs_error_mm": round(float(np.median(
+                             np.abs(estimate[mask] - tre[mask]))), 3),
+                         "median_bias_mm": round(float(np.median(
+                             estimate[mask] - tre[mask])), 3),
+                         "bad_frames": int((tre[mask] > 5).sum()),
+                         "good_frames": int((tre[mask] <= 2).sum())}
+    return out
+
+
 def recalibrate(args: argparse.Namespace, weights: Path, command: str) -> int:
     """Recalibrate ``weights`` on live pairs of the calibration phantoms; weights unchanged."""
-    calib_seeds = list(range(CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms))
-    data = cached_live(args.cache, calib_seeds, args.frames, seed=args.seed, weights=weights)
+    data = calibration_pairs(args, weights)
     torch.set_num_threads(args.threads)
     model, previous = load_qualitynet(weights, fold=False)
     estimate, tre = predict_x(model, data["x"]), data["tre_mm"].numpy()
     calibration = calibrate(estimate, tre)
+    report = calibration_report(estimate, tre, data["group"].numpy(),
+                                calibration["threshold_mm"])
     save_qualitynet(args.out / "qualitynet.pt", model, calibration)
     summary_path = args.out / "qualitynet.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary["recalibration"] = {
         "command": command, "alignsegnet": _alignsegnet_id(), "previous": previous,
-        "calibration": calibration, "calibration_phantom_seeds": calib_seeds,
-        "live_calibration_metrics": {**detection(estimate, tre, calibration["threshold_mm"]),
-                                     "bad_frames": int((tre > 5).sum()),
-                                     "good_frames": int((tre <= 2).sum())}}
+        "calibration": calibration, "calibration_sets": calibration_sets(args),
+        "live_calibration_metrics": report}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["recalibration"], indent=2))
     return 0
@@ -152,6 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--randomised-phantoms", type=int, default=0,
                         help="also mix in synthetic pairs from this many phantoms of the "
                         "randomised family-A scanner (regseg.sim.randomise), seeds 3200..")
+    parser.add_argument("--randomised-live-phantoms", type=int, default=0,
+                        help="also fine-tune on live pairs of this many randomised family-A "
+                        "phantoms (seeds 3200..)")
+    parser.add_argument("--randomised-calib-phantoms", type=int, default=0,
+                        help="calibrate also on live pairs of this many randomised family-A "
+                        "phantoms (seeds 3300..: the B-like validation inside family A)")
+    parser.add_argument("--randomised-frames", type=int, default=25,
+                        help="live frames per randomised phantom")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many steps (reproducible) instead of --minutes")
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--calibrate-only", action="store_true",
                         help="no fine-tuning: recalibrate --weights on live calibration pairs "
                         "(e.g. after AlignSegNet was retrained) and save to --out")
@@ -164,14 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrate_only:
         return recalibrate(args, weights, command)
     train_seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + args.train_phantoms))
-    calib_seeds = list(range(CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms))
     live = cached_live(args.cache, train_seeds, args.frames, seed=args.seed, weights=weights)
-    live_cal = cached_live(args.cache, calib_seeds, args.frames, seed=args.seed,
-                           weights=weights)
+    live_cal = calibration_pairs(args, weights)
+    if args.randomised_live_phantoms:
+        extra = cached_live(args.cache, list(range(RAND_SEED0,
+                                                   RAND_SEED0 + args.randomised_live_phantoms)),
+                            args.randomised_frames, seed=args.seed, weights=weights,
+                            scanner="randomised")
+        live = {k: torch.cat([live[k], extra[k]]) for k in live}
     synthetic = cached(args.cache, train_seeds, args.synthetic_frames, 4, size=64,
                        seed=args.seed)
     if args.randomised_phantoms:
-        extra = cached(args.cache, list(range(3200, 3200 + args.randomised_phantoms)),
+        extra = cached(args.cache, list(range(RAND_SEED0, RAND_SEED0 + args.randomised_phantoms)),
                        args.synthetic_frames, 4, size=64, seed=args.seed, scanner="randomised")
         synthetic = {k: torch.cat([synthetic[k], extra[k]]) for k in synthetic}
     data_s = time.monotonic() - t0
@@ -180,13 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, base_calibration = load_qualitynet(weights, fold=False)
     before = predict_x(model, live_cal["x"])
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(args.seed)
     n_live, n_syn, half = len(live["tre_mm"]), len(synthetic["tre_mm"]), 32
     budget, t_train, step, losses = 60.0 * args.minutes, time.monotonic(), 0, []
-    while (elapsed := time.monotonic() - t_train) < budget:
+    while True:
+        elapsed = time.monotonic() - t_train
+        if (elapsed >= budget) if args.steps is None else (step >= args.steps):
+            break
+        progress = elapsed / budget if args.steps is None else step / args.steps
         for group in optimiser.param_groups:
-            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
+            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         model.train()
         i = torch.randint(0, n_live, (half,), generator=generator)
         j = torch.randint(0, n_syn, (half,), generator=generator)
@@ -201,24 +275,31 @@ def main(argv: list[str] | None = None) -> int:
     tre = live_cal["tre_mm"].numpy()
     after = predict_x(model, live_cal["x"])
     calibration = calibrate(after, tre)
+    group = live_cal["group"].numpy()
     summary_path = args.out / "qualitynet.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary["live"] = {
-        "command": command, "steps": step, "threads": args.threads,
-        "train_samples": n_live, "train_phantom_seeds": train_seeds,
-        "calibration_samples": len(tre), "calibration_phantom_seeds": calib_seeds,
-        "calibration": calibration, "synthetic_calibration": base_calibration,
-        "live_calibration_metrics_before_finetune_at_synthetic_threshold":
-            detection(before, tre, base_calibration.get("threshold_mm", 5.0)),
-        "live_calibration_metrics": {
-            **detection(after, tre, calibration["threshold_mm"]),
-            "median_abs_error_mm": round(float(np.median(np.abs(after - tre))), 3),
-            "bad_frames": int((tre > 5).sum()), "good_frames": int((tre <= 2).sum())},
+    summary.pop("recalibration", None)  # of the weights before this stage
+    # a stage on top of an earlier live stage is recorded beside it (the chain of commands)
+    key = "live_randomised" if args.randomised_live_phantoms else "live"
+    summary[key] = {
+        "command": command, "steps": step, "threads": args.threads, "lr": args.lr,
+        "train_samples": n_live, "train_phantom_seeds": [train_seeds[0], train_seeds[-1]],
+        "randomised_live_phantom_seeds": ([RAND_SEED0, RAND_SEED0
+                                           + args.randomised_live_phantoms - 1]
+                                          if args.randomised_live_phantoms else None),
+        "calibration_samples": len(tre), "calibration_sets": calibration_sets(args),
+        "calibration": calibration, "previous_calibration": base_calibration,
+        "calibration_metrics_before_at_previous_threshold": calibration_report(
+            before, tre, group, base_calibration.get("threshold_mm", 5.0)),
+        "calibration_metrics_before_recalibrated": calibration_report(
+            before, tre, group, calibrate(before, tre)["threshold_mm"]),
+        "live_calibration_metrics": calibration_report(after, tre, group,
+                                                       calibration["threshold_mm"]),
         "data_s": round(data_s, 1), "train_s": round(time.monotonic() - t_train, 1),
     }
     save_qualitynet(args.out / "qualitynet.pt", model, calibration)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary["live"], indent=2))
+    print(json.dumps(summary[key], indent=2))
     return 0
 
 
