@@ -110,9 +110,9 @@ def landmark_case() -> tuple[np.ndarray, np.ndarray]:
     return gland + offsets, target
 
 
-def bench_landmarks(trials: int) -> dict:
-    fiducials_mri, target_mri = landmark_case()
-    rng = np.random.default_rng(29)
+def bench_landmarks(trials: int, case: tuple[np.ndarray, np.ndarray]) -> dict:
+    fiducials_mri, target_mri = case
+    rng = np.random.default_rng([29, trials])
     fre, tre = [], []
     for _ in range(trials):
         reference_to_mri = np.eye(4)
@@ -129,7 +129,7 @@ def bench_landmarks(trials: int) -> dict:
     fle = float(np.hypot(FLE_MRI_MM, FLE_REFERENCE_MM))
     predicted = float(points.predicted_tre_mm(fiducials_mri, target_mri, fle)[0])
     measured = float(np.sqrt(np.mean(np.square(tre))))
-    return {"name": "landmarks", "metric": "RMS TRE mm", "mean": measured,
+    return {"name": f"landmarks x{trials}", "metric": "RMS TRE mm", "mean": measured,
             "max": float(np.max(tre)), "expected": predicted, "limit": None,
             "ratio": measured / predicted, "fre_rms_mm": float(np.sqrt(np.mean(np.square(fre)))),
             "fre_expected_mm": points.expected_fre_mm(fle, len(fiducials_mri)),
@@ -147,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     rows = [bench_pivot(5 if q else 20)]
     probe, _ = bench_probe(1 if q else 3, 60 if q else 200, 30 if q else 100)
-    rows += [probe, bench_temporal(2 if q else 5), bench_landmarks(LANDMARK_TRIALS)]
+    case = landmark_case()
+    # 100 trials as the issue asks (the top-level key); 2000 more show where the ratio converges
+    rows += [probe, bench_temporal(2 if q else 5), bench_landmarks(LANDMARK_TRIALS, case),
+             bench_landmarks(2000, case)]
     for row in rows:
-        ratio_ok = row["name"] != "landmarks" or abs(row["ratio"] - 1) <= 0.1
+        ratio_ok = "ratio" not in row or abs(row["ratio"] - 1) <= 0.1
         row["pass"] = bool(ratio_ok and (row["limit"] is None or row["mean"] <= row["limit"]))
     print_table(rows, [("name", "step", ""), ("metric", "metric", ""), ("mean", "measured", ".3f"),
                        ("max", "max", ".3f"), ("expected", "expected", ".3f"),
