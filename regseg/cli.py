@@ -28,6 +28,8 @@ TASKS: dict[str, tuple[str, str]] = {
              "regseg.register_cli:add_eval_arguments"),
     "mni": ("write the MNI152 registration evaluation set (needs nilearn)",
             "regseg.register_cli:add_mni_arguments"),
+    "reconstruct": ("compound a tracked sweep (sequence file) into a 3-D volume",
+                    "regseg.reconstruct_cli:add_arguments"),
     "calibrate": ("pivot, probe (N-wire), temporal and landmark calibration; transform files",
                   "regseg.calibration.cli:add_arguments"),
     "batch": ("register or segment the cases of a manifest, sharded over torchrun ranks, "
