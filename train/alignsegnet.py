@@ -26,6 +26,7 @@ from regseg.errors import InputError
 from regseg.models import losses
 from regseg.models.alignsegnet import AlignSegNet, AlignSegNetConfig
 from regseg.models.checkpoint import save_checkpoint
+from regseg.train import distributed
 from regseg.train.data import (
     OpenScanner,
     SampleSet,
@@ -33,6 +34,7 @@ from regseg.train.data import (
     open_randomised_scanner,
     open_simulated_scanner,
 )
+from regseg.train.resume import load_state, save_state, state_path
 from regseg.types import LESION, PROSTATE
 
 NAME = "alignsegnet"
@@ -92,6 +94,7 @@ def evaluate(model: AlignSegNet, samples: SampleSet, *, batch_size: int = 64) ->
         an in-plane affine can reach, what is left being out-of-plane error and deformation).
     """
     model.eval()
+    device = next(model.parameters()).device
     size = (samples.labels.shape[1], samples.labels.shape[2])
     rows: dict[str, list[float]] = {k: [] for k in (
         "prostate_dice", "lesion_dice", "reg_dice_before", "reg_dice_after",
@@ -99,7 +102,8 @@ def evaluate(model: AlignSegNet, samples: SampleSet, *, batch_size: int = 64) ->
     for start in range(0, len(samples), batch_size):
         index = torch.arange(start, min(start + batch_size, len(samples)))
         batch = samples.batch(index)
-        out = model(batch["trus"], batch["mri"], batch["mri_labels"])
+        out = model(*(batch[k].to(device) for k in ("trus", "mri", "mri_labels")))
+        out = {k: v.cpu() for k, v in out.items()}
         pred = out["logits"].argmax(1).numpy()
         warped = (out["warped_labels"] > 0.5).numpy()
         warped_labels = warped[:, 0] * PROSTATE + warped[:, 1] * (LESION - PROSTATE)
@@ -212,7 +216,9 @@ def train_alignsegnet(
     init: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
-) -> dict[str, Any]:
+    resume: bool = False,
+    checkpoint_every: int = 50,
+) -> dict[str, Any] | None:
     """Generate (or load cached) simulated frames, train, validate, save; within ``minutes``.
 
     Args:
@@ -234,22 +240,169 @@ def train_alignsegnet(
             the held-out phantoms both plain (``validation``) and randomised
             (``validation_randomised``, the one the curves follow).
         init: start from this checkpoint's weights (fine-tuning) instead of a random init.
+        resume: continue the run whose state ``out_dir/alignsegnet.state.pt`` holds (same
+            options; its schedule, batch order and remaining time budget carry on).
+        checkpoint_every: steps between the resumable states rank 0 writes (and at the end).
+    Under torchrun (:mod:`regseg.train.distributed`) ``batch_size`` is the global batch: each
+    rank trains on its share of the same samples, rank 0 validates and writes.
     Returns:
-        the summary written to ``alignsegnet.json``.
+        the summary written to ``alignsegnet.json`` (``None`` on ranks other than 0).
     """
     t_start = time.monotonic()
     deadline = t_start + 60.0 * minutes
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(threads)  # default 2: the target machine class is a 2-core CPU
+    # default 2 threads (the target machine class is a 2-core CPU), fewer per rank under torchrun
+    dist = distributed.init(threads=threads)
+    progress = progress and dist.main
     torch.manual_seed(seed)
     cfg = AlignSegNetConfig(**(config or {}))
+    dist.shard(batch_size)  # the global batch must split evenly: fail before any work
     weights = weights or LossWeights()
     size = (cfg.size, cfg.size)
 
     train_seeds = list(range(1, train_phantoms + 1))
     val_seeds = list(range(VAL_SEED0, VAL_SEED0 + val_phantoms))
     data_args = dict(size=size, seed=seed, progress=progress)
+    with distributed.main_first(dist):  # local rank 0 fills the cache, the others read it
+        train_set, val_set, plain_val_set, demo_set = _datasets(
+            cache_dir, train_seeds, val_seeds, samples, val_frames, open_scanner, randomise,
+            plain_fraction, data_args)
+    data_s = time.monotonic() - t_start
+    if dist.main:
+        print(f"data: {len(train_set)} train / {len(val_set)} val / {len(demo_set)} demo frames "
+              f"in {data_s:.0f} s", flush=True)
+
+    model = AlignSegNet(cfg)
+    init_meta = None
+    if init is not None:
+        model, init_meta = _load_init(init, cfg)
+    net = distributed.wrap(model, dist)  # DDP averages the gradients over the ranks
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    history: list[dict[str, float]] = []
+    val_history: list[dict[str, float]] = []
+    t_train = time.monotonic()
+    budget_s = 0.0
+    if dist.main:
+        val_history.append(_validate(model, val_set, 0, history))  # the untrained baseline
+        # Reserve the final validation (val + demo frames) and saving; the rest trains.
+        val_s = time.monotonic() - t_start - data_s
+        extra = len(demo_set) + (len(plain_val_set) if plain_val_set is not None else 0)
+        reserve_s = val_s * (1.0 + extra / len(val_set)) + 15.0
+        t_train = time.monotonic()
+        budget_s = deadline - reserve_s - t_train
+    budget_s = dist.from_main(budget_s)
+    if steps is None and budget_s <= 0 and not resume:
+        raise InputError(f"--minutes {minutes}: data generation took {data_s:.0f} s and leaves no "
+                         "time to train; raise --minutes or lower --samples.")
+    order, cursor, step, compute_s = torch.randperm(len(train_set), generator=generator), 0, 0, 0.0
+    run_key = {"seed": seed, "batch_size": batch_size, "samples": len(train_set), "lr": lr,
+               "steps": steps, "config": dataclasses.asdict(cfg)}
+    state_file = state_path(out_dir, NAME)
+    if resume:
+        step, saved = load_state(state_file, model=model, optimiser=optimiser,
+                                 generator=generator, run_key=run_key)
+        order, cursor, history = saved["order"], saved["cursor"], saved["history"]
+        budget_s, compute_s = saved["budget_s"], saved["compute_s"]
+        val_history = saved["val_history"] if dist.main else []
+        t_train = time.monotonic() - saved["elapsed_s"]
+        if dist.main:
+            print(f"resumed from {state_file} at step {step}", flush=True)
+    train_end = t_train + budget_s
+    t_last_val = time.monotonic()
+    bar = tqdm(desc="train", unit="step", disable=not progress, leave=False, initial=step)
+    while True:
+        # Progress drives the cosine schedule: by step with --steps (reproducible), else by wall
+        # time, which stays right when the machine's speed changes mid-run (shared CPUs).
+        # Rank 0's clock decides for every rank.
+        now = time.monotonic()
+        done = step / steps if steps is not None else (now - t_train) / (train_end - t_train)
+        done = dist.from_main(1.0 if now >= train_end else done)
+        if done >= 1.0:
+            break
+        if cursor + batch_size > len(order):
+            order, cursor = torch.randperm(len(train_set), generator=generator), 0
+        batch = train_set.batch(order[cursor : cursor + batch_size])
+        cursor += batch_size
+        batch["trus"] = augment_trus(batch["trus"], generator)  # drawn for the global batch
+        share = dist.shard(batch_size)
+        batch = {k: v[share].to(dist.device) for k, v in batch.items()}
+        for group in optimiser.param_groups:
+            group["lr"] = lr * lr_factor(step, done, warmup_steps=20)
+        net.train()
+        out = net(batch["trus"], batch["mri"], batch["mri_labels"])
+        parts = joint_loss(out, batch, weights)
+        optimiser.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        optimiser.step()
+        history.append(dist.mean({k: float(v.detach()) for k, v in parts.items()}))
+        step += 1
+        compute_s += time.monotonic() - now
+        bar.update()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean([h['total'] for h in history[-10:]]):.3f}")
+        if dist.main and time.monotonic() - t_last_val > validate_every_s:
+            val_history.append(_validate(model, val_set, step, history))
+            t_last_val = time.monotonic()
+        if dist.main and checkpoint_every and step % checkpoint_every == 0:
+            save_state(state_file, model=model, optimiser=optimiser, step=step,
+                       generator=generator, run_key=run_key, extra=dict(
+                           order=order, cursor=cursor, history=history,
+                           val_history=val_history, budget_s=budget_s, compute_s=compute_s,
+                           elapsed_s=time.monotonic() - t_train))
+    bar.close()
+    train_s = time.monotonic() - t_train
+    samples_per_s = step * batch_size / max(compute_s, 1e-9)
+    if not dist.main:
+        return None
+    print(f"trained {step} steps in {train_s:.0f} s: {samples_per_s:.1f} samples/s "
+          f"(optimisation only, {dist.world} rank(s))", flush=True)
+    save_state(state_file, model=model, optimiser=optimiser, step=step, generator=generator,
+               run_key=run_key, extra=dict(order=order, cursor=cursor, history=history,
+                                           val_history=val_history, budget_s=budget_s,
+                                           compute_s=compute_s, elapsed_s=train_s))
+    val_history.append(_validate(model, val_set, step, history))
+    held_out = {k: v for k, v in val_history[-1].items() if k != "step"}
+    held_out_randomised = None
+    if plain_val_set is not None:  # report the plain held-out set as "validation", as before
+        held_out_randomised, held_out = held_out, evaluate(model, plain_val_set)
+    demo = evaluate(model, demo_set)
+    summary = {
+        "model": NAME,
+        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": dataclasses.asdict(cfg),
+        "loss_weights": dataclasses.asdict(weights),
+        "seed": seed, "batch_size": batch_size, "lr": lr, "steps": step,
+        "threads": torch.get_num_threads(), "ranks": dist.world,
+        "train_frames": len(train_set), "train_phantom_seeds": train_seeds,
+        "val_phantom_seeds": val_seeds, "demo_phantom_seed": DEMO_SEED,
+        "data_s": round(data_s, 1), "train_s": round(train_s, 1),
+        "samples_per_s": round(samples_per_s, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "validation": held_out, "demo": demo,
+        "torch": torch.__version__,
+    }
+    if randomise:
+        summary.update(randomise=True, plain_fraction=plain_fraction,
+                       validation_randomised=held_out_randomised)
+    if init_meta is not None:
+        summary["init"] = init_meta
+    save_checkpoint(out_dir / f"{NAME}.pt", NAME, model, cfg,
+                    meta={"validation": held_out, "demo": demo, "command": summary["command"],
+                          "steps": step, "seed": seed})
+    save_plot(out_dir / f"{NAME}_training.png", history, val_history)
+    summary["wall_s"] = round(time.monotonic() - t_start, 1)
+    (out_dir / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _datasets(cache_dir: str | Path | None, train_seeds: list[int], val_seeds: list[int],
+              samples: int, val_frames: int, open_scanner: OpenScanner, randomise: bool,
+              plain_fraction: float, data_args: dict[str, Any]
+              ) -> tuple[SampleSet, SampleSet, SampleSet | None, SampleSet]:
+    """The training, validation, plain validation (``--randomise`` only) and demo frames."""
+    train_phantoms = len(train_seeds)
     plain_val_set = None
     if randomise:
         n_plain = int(round(samples * plain_fraction))
@@ -275,97 +428,7 @@ def train_alignsegnet(
                                  open_scanner=open_scanner, **data_args)
     demo_set = cached_samples(cache_dir, [DEMO_SEED], val_frames, desc="demo frames",
                               open_scanner=open_scanner, **data_args)
-    data_s = time.monotonic() - t_start
-    print(f"data: {len(train_set)} train / {len(val_set)} val / {len(demo_set)} demo frames "
-          f"in {data_s:.0f} s", flush=True)
-
-    model = AlignSegNet(cfg)
-    init_meta = None
-    if init is not None:
-        model, init_meta = _load_init(init, cfg)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    history: list[dict[str, float]] = []
-    val_history = [_validate(model, val_set, 0, history)]  # the untrained baseline, timed
-    # Reserve the final validation (val + demo frames) and saving; the rest is training time.
-    val_s = time.monotonic() - t_start - data_s
-    extra = len(demo_set) + (len(plain_val_set) if plain_val_set is not None else 0)
-    reserve_s = val_s * (1.0 + extra / len(val_set)) + 15.0
-    t_train = time.monotonic()
-    train_end = deadline - reserve_s
-    if steps is None and train_end <= t_train:
-        raise InputError(f"--minutes {minutes}: data generation took {data_s:.0f} s and leaves no "
-                         "time to train; raise --minutes or lower --samples.")
-    t_last_val, compute_s = t_train, 0.0
-    order, cursor, step = torch.randperm(len(train_set), generator=generator), 0, 0
-    bar = tqdm(desc="train", unit="step", disable=not progress, leave=False)
-    while True:
-        # Progress drives the cosine schedule: by step with --steps (reproducible), else by wall
-        # time, which stays right when the machine's speed changes mid-run (shared CPUs).
-        now = time.monotonic()
-        done = step / steps if steps is not None else (now - t_train) / (train_end - t_train)
-        if done >= 1.0 or now >= train_end:
-            break
-        if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(train_set), generator=generator), 0
-        batch = train_set.batch(order[cursor : cursor + batch_size])
-        cursor += batch_size
-        batch["trus"] = augment_trus(batch["trus"], generator)
-        for group in optimiser.param_groups:
-            group["lr"] = lr * lr_factor(step, done, warmup_steps=20)
-        model.train()
-        out = model(batch["trus"], batch["mri"], batch["mri_labels"])
-        parts = joint_loss(out, batch, weights)
-        optimiser.zero_grad(set_to_none=True)
-        parts["total"].backward()
-        optimiser.step()
-        history.append({k: float(v.detach()) for k, v in parts.items()})
-        step += 1
-        compute_s += time.monotonic() - now
-        bar.update()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean([h['total'] for h in history[-10:]]):.3f}")
-        if time.monotonic() - t_last_val > validate_every_s:
-            val_history.append(_validate(model, val_set, step, history))
-            t_last_val = time.monotonic()
-    bar.close()
-    train_s = time.monotonic() - t_train
-    samples_per_s = step * batch_size / max(compute_s, 1e-9)
-    print(f"trained {step} steps in {train_s:.0f} s: {samples_per_s:.1f} samples/s "
-          "(optimisation only)", flush=True)
-
-    val_history.append(_validate(model, val_set, step, history))
-    held_out = {k: v for k, v in val_history[-1].items() if k != "step"}
-    held_out_randomised = None
-    if plain_val_set is not None:  # report the plain held-out set as "validation", as before
-        held_out_randomised, held_out = held_out, evaluate(model, plain_val_set)
-    demo = evaluate(model, demo_set)
-    summary = {
-        "model": NAME,
-        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "config": dataclasses.asdict(cfg),
-        "loss_weights": dataclasses.asdict(weights),
-        "seed": seed, "batch_size": batch_size, "lr": lr, "steps": step, "threads": threads,
-        "train_frames": len(train_set), "train_phantom_seeds": train_seeds,
-        "val_phantom_seeds": val_seeds, "demo_phantom_seed": DEMO_SEED,
-        "data_s": round(data_s, 1), "train_s": round(train_s, 1),
-        "samples_per_s": round(samples_per_s, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "validation": held_out, "demo": demo,
-        "torch": torch.__version__,
-    }
-    if randomise:
-        summary.update(randomise=True, plain_fraction=plain_fraction,
-                       validation_randomised=held_out_randomised)
-    if init_meta is not None:
-        summary["init"] = init_meta
-    save_checkpoint(out_dir / f"{NAME}.pt", NAME, model, cfg,
-                    meta={"validation": held_out, "demo": demo, "command": summary["command"],
-                          "steps": step, "seed": seed})
-    save_plot(out_dir / f"{NAME}_training.png", history, val_history)
-    summary["wall_s"] = round(time.monotonic() - t_start, 1)
-    (out_dir / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return train_set, val_set, plain_val_set, demo_set
 
 
 def _load_init(path: str | Path, cfg: AlignSegNetConfig) -> tuple[AlignSegNet, dict[str, Any]]:
@@ -417,6 +480,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this checkpoint (fine-tune) instead of random weights")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last state (same options)")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="steps between resumable states (default 50; 0: only at the end)")
 
 
 def run(args: argparse.Namespace, *, command: str | None = None) -> int:
@@ -424,19 +491,29 @@ def run(args: argparse.Namespace, *, command: str | None = None) -> int:
 
     ``command`` is recorded in the JSON; by default the process's own command line.
     """
-    summary = train_alignsegnet(
-        args.out, minutes=args.minutes, seed=args.seed, samples=args.samples,
-        train_phantoms=args.train_phantoms, val_phantoms=args.val_phantoms,
-        val_frames=args.val_frames, batch_size=args.batch_size, lr=args.lr, steps=args.steps,
-        validate_every_s=args.validate_every, threads=args.threads, cache_dir=args.cache_dir,
-        randomise=args.randomise, plain_fraction=args.plain_fraction, init=args.init,
-        progress=not args.no_progress, command=command)
+    try:
+        summary = _train_from_args(args, command)
+    finally:
+        distributed.shutdown()
+    if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     for name in ("validation", "validation_randomised", "demo"):
         if summary.get(name) is None:
             continue
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[name].items()))
     print(f"wrote {args.out / (NAME + '.pt')} ({summary['wall_s']:.0f} s)")
     return 0
+
+
+def _train_from_args(args: argparse.Namespace, command: str | None) -> dict[str, Any] | None:
+    return train_alignsegnet(
+        args.out, minutes=args.minutes, seed=args.seed, samples=args.samples,
+        train_phantoms=args.train_phantoms, val_phantoms=args.val_phantoms,
+        val_frames=args.val_frames, batch_size=args.batch_size, lr=args.lr, steps=args.steps,
+        validate_every_s=args.validate_every, threads=args.threads, cache_dir=args.cache_dir,
+        randomise=args.randomise, plain_fraction=args.plain_fraction, init=args.init,
+        progress=not args.no_progress, command=command, resume=args.resume,
+        checkpoint_every=args.checkpoint_every)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from regseg.errors import InputError
+from regseg.train import distributed
 from regseg.train.plcreg_live import train_2d
 from regseg.train.plcreg_mni import train_3d
 from regseg.train.plcreg_recipe import Weights
@@ -48,14 +50,32 @@ def add_arguments(parser: argparse.ArgumentParser, dim: int) -> None:
         parser.add_argument("--smooth", type=float, default=0.05, help="smoothness weight")
         parser.add_argument("--affine-scale", type=float, default=0.4,
                             help="scales the random affine of the training pairs (default 0.4)")
+        parser.add_argument("--batch-size", type=int, default=1,
+                            help="pairs per step, the global batch under torchrun (default 1)")
+        parser.add_argument("--steps", type=int, default=None,
+                            help="stop after this many steps (default: fill --minutes)")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in --out from its last state (same options)")
+        parser.add_argument("--checkpoint-every", type=int, default=25,
+                            help="steps between resumable states (default 25; 0: at the end)")
     parser.set_defaults(dim=dim)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run a recipe from parsed arguments and print its held-out metrics."""
-    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
+    dist = distributed.init(threads=args.threads)  # fewer threads per rank under torchrun
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.dim == 2 and dist.active:
+        raise InputError("plcreg2d does not run under torchrun yet (its loop in "
+                         "train/plcreg_live.py has no rank sharding); run it as one process.")
     if args.dim == 2:
         summary = train_2d(args.out, minutes=args.minutes, seed=args.seed, frames=args.frames,
                            phantoms=args.phantoms, val_frames=args.val_frames,
@@ -68,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
         summary = train_3d(args.out, minutes=args.minutes, seed=args.seed, pool=args.pool,
                            val_pairs=args.val_pairs, lr=args.lr,
                            weights=Weights(dice=0.5, smooth=args.smooth, epe=args.epe),
-                           progress=not args.no_progress, affine_scale=args.affine_scale)
+                           progress=not args.no_progress, affine_scale=args.affine_scale,
+                           batch_size=args.batch_size, steps=args.steps, resume=args.resume,
+                           checkpoint_every=args.checkpoint_every, dist=dist)
+        if summary is None:  # a rank other than 0: rank 0 reports
+            return 0
         print("validation:", summary["validation"])
     print(f"wrote {args.out / (summary['model'] + '.pt')} after {summary['steps']} steps")
     return 0

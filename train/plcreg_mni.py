@@ -20,7 +20,9 @@ from regseg.models.plcreg import PLCReg, PLCRegConfig
 from regseg.registration_metrics import jacobian_stats, nanmean, sample_field
 from regseg.sim import mni
 from regseg.spatial import identity_grid, warp
+from regseg.train import distributed
 from regseg.train.plcreg_recipe import Weights, recent_losses, save_run, take_step
+from regseg.train.resume import load_state, save_state, state_path
 
 #: The 3-D offline model at the reduced MNI grid (48 x 64 x 48 voxels of 3.25 mm).
 CONFIG_3D = PLCRegConfig(ndim=3, size=(48, 64, 48), channels=(8, 16, 32, 32), heads=4,
@@ -93,42 +95,106 @@ def evaluate_3d(model: PLCReg, base: mni.MniBase, seeds: list[int]) -> dict[str,
     return {k: nanmean(v) for k, v in rows.items()}
 
 
+def _pair_losses(out: dict[str, torch.Tensor], moving_maps: torch.Tensor,
+                 fixed_maps: torch.Tensor, fixed: torch.Tensor, true_ddf: torch.Tensor | None,
+                 weights: Weights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of a batch of pairs: the *mean of each pair's loss* (so a batch split over
+    ranks, whose gradients DDP averages, is the same batch; PLCReg's InstanceNorm keeps the
+    pairs independent). Returns the loss and its parts (means over the pairs)."""
+    rows: list[dict[str, torch.Tensor]] = []
+    for p in range(fixed.shape[0]):
+        one = slice(p, p + 1)
+        moved_maps = warp(moving_maps[one], out["ddf"][one])
+        parts = {
+            "mind": reg_losses.mind_loss(fixed[one], out["moved"][one]),
+            "dice": reg_losses.dice_loss(moved_maps, fixed_maps[one]),
+            "smooth": reg_losses.gradient_loss(out["field"][one]),
+        }
+        if true_ddf is not None:  # the simulated pairs know their true field: supervise it too
+            brain = (fixed_maps[one].sum(1, keepdim=True) > 0.5).float()
+            parts["epe"] = reg_losses.endpoint_error(out["ddf"][one], true_ddf[one], brain)
+        rows.append(parts)
+    parts = {k: torch.stack([r[k] for r in rows]).mean() for k in rows[0]}
+    loss = (weights.mind * parts["mind"] + weights.dice * parts["dice"]
+            + weights.smooth * parts["smooth"])
+    if "epe" in parts:
+        loss = loss + weights.epe * parts["epe"]
+    return loss, parts
+
+
 def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: int, lr: float,
-             weights: Weights, progress: bool, affine_scale: float = 1.0) -> dict[str, Any]:
-    """Train the offline model on MNI152-derived pairs; returns the summary."""
+             weights: Weights, progress: bool, affine_scale: float = 1.0, batch_size: int = 1,
+             steps: int | None = None, resume: bool = False, checkpoint_every: int = 25,
+             cfg: PLCRegConfig = CONFIG_3D, dist: distributed.Dist | None = None
+             ) -> dict[str, Any] | None:
+    """Train the offline model on MNI152-derived pairs; returns the summary (rank 0; ``None``
+    on the other ranks under torchrun).
+
+    Args:
+        batch_size: pairs per step (the global batch; split evenly over torchrun's ranks).
+        steps: stop after this many steps (still cut at the deadline); default: fill the time.
+        resume: continue from ``out_dir/plcreg3d.state.pt`` (same options).
+        checkpoint_every: steps between the resumable states (and at the end).
+        cfg: the model (a smaller one in tests); the MNI grid follows ``cfg.size``.
+        dist: this rank (default :func:`regseg.train.distributed.init`).
+    """
     t0 = time.monotonic()
-    cfg = CONFIG_3D
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dist = dist or distributed.init()
+    dist.shard(batch_size)  # fails early unless the batch splits evenly over the ranks
+    progress = progress and dist.main
     base = mni.load_base(mni.MniConfig(shape=tuple(cfg.size[::-1])))
-    images, maps, fields = mni_pool(base, pool, seed, affine_scale)
+    images, maps, fields = mni_pool(base, pool, seed, affine_scale)  # the same on every rank
     data_s = time.monotonic() - t0
     model = PLCReg(cfg)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
+    net = distributed.wrap(model, dist)
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr, amsgrad=True)
     gen = torch.Generator().manual_seed(seed)
     val_seeds = list(range(20_000, 20_000 + val_pairs))  # apart from the eval set (10000..)
     deadline = t0 + 60 * minutes - 20 * val_pairs - 10
     history: list[dict[str, float]] = []
     step = 0
-    while time.monotonic() < deadline:
-        i, j = torch.randperm(pool, generator=gen)[:2].tolist()
-        moving, fixed = images[i : i + 1].float(), images[j : j + 1].float()
-        model.train()
-        out = model(moving, fixed)
-        moved_maps = warp(maps[i : i + 1].float(), out["ddf"])
-        parts = {
-            "mind": reg_losses.mind_loss(fixed, out["moved"]),
-            "dice": reg_losses.dice_loss(moved_maps, maps[j : j + 1].float()),
-            "smooth": reg_losses.gradient_loss(out["field"]),
-        }
-        loss = (weights.mind * parts["mind"] + weights.dice * parts["dice"]
-                + weights.smooth * parts["smooth"])
-        if weights.epe > 0:  # the simulated pairs know their true field: supervise it too
-            brain = (maps[j : j + 1].float().sum(1, keepdim=True) > 0.5).float()
-            true = true_pair_ddf(fields[i : i + 1], fields[j : j + 1])
-            parts["epe"] = reg_losses.endpoint_error(out["ddf"], true, brain)
-            loss = loss + weights.epe * parts["epe"]
-        step = take_step(optimiser, loss, parts, history, report_every=25 if progress else 0)
+    run_key = {"seed": seed, "pool": pool, "batch_size": batch_size, "lr": lr, "steps": steps,
+               "config": dataclasses.asdict(cfg), "weights": dataclasses.asdict(weights)}
+    state_file = state_path(out_dir, "plcreg3d")
+    if resume:
+        step, saved = load_state(state_file, model=model, optimiser=optimiser, generator=gen,
+                                 run_key=run_key)
+        history = saved["history"]
+        deadline = time.monotonic() + saved["left_s"]
+        if dist.main:
+            print(f"resumed from {state_file} at step {step}", flush=True)
+    dev = dist.device
+    while True:
+        now = time.monotonic()
+        stop = now >= deadline or (steps is not None and step >= steps)
+        if dist.from_main(float(stop)) >= 1.0:  # rank 0's clock decides for every rank
+            break
+        pairs = [torch.randperm(pool, generator=gen)[:2].tolist() for _ in range(batch_size)]
+        mine = pairs[dist.shard(batch_size)]
+        i, j = [p[0] for p in mine], [p[1] for p in mine]
+        moving, fixed = images[i].float().to(dev), images[j].float().to(dev)
+        net.train()
+        out = net(moving, fixed)
+        true = (torch.cat([true_pair_ddf(fields[a : a + 1], fields[b : b + 1]) for a, b in mine])
+                .to(dev) if weights.epe > 0 else None)
+        loss, parts = _pair_losses(out, maps[i].float().to(dev), maps[j].float().to(dev), fixed,
+                                   true, weights)
+        step = take_step(optimiser, loss, parts, history, report_every=25 if progress else 0,
+                         dist=dist)
+        if dist.main and checkpoint_every and step % checkpoint_every == 0:
+            save_state(state_file, model=model, optimiser=optimiser, step=step, generator=gen,
+                       run_key=run_key, extra={"history": history,
+                                               "left_s": deadline - time.monotonic()})
     train_s = time.monotonic() - t0 - data_s
+    if not dist.main:
+        return None
+    save_state(state_file, model=model, optimiser=optimiser, step=step, generator=gen,
+               run_key=run_key, extra={"history": history, "left_s": deadline - time.monotonic()})
+    model = model.cpu()
     summary = {"validation": evaluate_3d(model, base, val_seeds), "pool": pool, "steps": step,
+               "batch_size": batch_size, "ranks": dist.world,
                "data_s": round(data_s, 1), "train_s": round(train_s, 1),
                "val_seeds": val_seeds, "mni_config": dataclasses.asdict(base.config),
                "pool_affine_scale": affine_scale,

@@ -14,6 +14,7 @@ import torch
 
 from regseg.models.checkpoint import save_checkpoint
 from regseg.models.plcreg import PLCReg, PLCRegConfig, count_parameters
+from regseg.train.distributed import Dist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +37,20 @@ def recent_losses(history: list[dict[str, float]], n: int) -> dict[str, float]:
 
 def take_step(optimiser: torch.optim.Optimizer, loss: torch.Tensor,
               parts: dict[str, torch.Tensor], history: list[dict[str, float]], *,
-              report_every: int = 0) -> int:
+              report_every: int = 0, dist: Dist | None = None) -> int:
     """Backpropagate ``loss``, step, record ``parts``; print the recent means every
-    ``report_every`` steps (0: never). Returns the number of steps taken so far."""
+    ``report_every`` steps (0: never). Returns the number of steps taken so far.
+
+    Under torchrun (``dist``) the recorded parts are the means over the ranks, and only rank 0
+    prints."""
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     optimiser.step()
-    history.append({k: float(v.detach()) for k, v in parts.items()})
+    recorded = {k: float(v.detach()) for k, v in parts.items()}
+    if dist is not None:
+        recorded = dist.mean(recorded)
+        report_every = report_every if dist.main else 0
+    history.append(recorded)
     step = len(history)
     if report_every and step % report_every == 0:
         recent = recent_losses(history, report_every)

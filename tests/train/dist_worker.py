@@ -1,0 +1,52 @@
+"""Run by tests/train/test_distributed.py as one process or under torchrun: tiny recipes.
+
+``python dist_worker.py OUT [--steps N] [--resume] [--recipes alignsegnet plcreg3d]`` trains the
+tiny AlignSegNet (stand-in scanner) and the tiny PLCReg 3-D (16^3 MNI grid) with fixed steps and
+one thread per rank, through the same functions ``regseg train`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from regseg.models.plcreg import PLCRegConfig
+from regseg.train import distributed
+from regseg.train.alignsegnet import train_alignsegnet
+from regseg.train.plcreg_mni import train_3d
+from regseg.train.plcreg_recipe import Weights
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_smoke import TINY, open_stand_in  # noqa: E402
+
+TINY_3D = PLCRegConfig(ndim=3, size=(16, 16, 16), channels=(4, 8, 8), heads=2, window=(2, 2, 2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out", type=Path)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--recipes", nargs="+", default=["alignsegnet", "plcreg3d"])
+    args = p.parse_args(argv)
+    dist = distributed.init(threads=1)
+    try:
+        if "alignsegnet" in args.recipes:
+            train_alignsegnet(args.out / "alignsegnet", minutes=5, steps=args.steps, samples=16,
+                              train_phantoms=2, val_phantoms=1, val_frames=2, batch_size=4,
+                              config=TINY, cache_dir=None, open_scanner=open_stand_in,
+                              progress=False, command="test", threads=1, resume=args.resume,
+                              checkpoint_every=1, validate_every_s=1e9)
+        if "plcreg3d" in args.recipes:
+            train_3d(args.out / "plcreg3d", minutes=5, seed=0, pool=4, val_pairs=1, lr=1e-3,
+                     weights=Weights(dice=0.5, smooth=0.05, epe=0.1), progress=False,
+                     batch_size=2, steps=args.steps, resume=args.resume, checkpoint_every=1,
+                     cfg=TINY_3D, dist=dist)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

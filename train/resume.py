@@ -1,0 +1,64 @@
+"""The state a killed training run resumes from (``--resume``): ``DIR/NAME.state.pt``.
+
+It holds the model and optimiser states, the step, the random generator and whatever else the
+recipe needs to continue exactly where it stopped (batch order, history, elapsed time). Rank 0
+writes it atomically (a temporary file renamed over the last one), so a kill at any instant
+leaves either the previous state or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from regseg.errors import InputError
+
+STATE_VERSION = 1
+
+
+def state_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.state.pt"
+
+
+def save_state(path: Path, *, model: nn.Module, optimiser: torch.optim.Optimizer, step: int,
+               generator: torch.Generator, extra: dict[str, Any], run_key: dict[str, Any]
+               ) -> None:
+    """Write the resumable state (call on rank 0 only; ``model`` unwrapped).
+
+    ``run_key`` identifies the run's settings (seed, batch, config...): :func:`load_state`
+    refuses a state written by another run.
+    """
+    tmp = path.with_suffix(".tmp")
+    torch.save({"version": STATE_VERSION, "step": step, "run_key": run_key,
+                "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                "generator": generator.get_state(), "extra": extra}, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path, *, model: nn.Module, optimiser: torch.optim.Optimizer,
+               generator: torch.Generator, run_key: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Restore a state written by :func:`save_state` into ``model``, ``optimiser``, ``generator``.
+
+    Returns:
+        the step reached and the recipe's ``extra``.
+    Raises:
+        InputError: no state file, an unreadable one, or one from a run with other settings.
+    """
+    if not path.is_file():
+        raise InputError(f"--resume: {path} not found; nothing to resume (the run wrote no "
+                         "state yet, or --out names another folder). Drop --resume to start.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InputError(f"--resume: {path} is not a readable training state ({exc})") from None
+    if state.get("version") != STATE_VERSION or state.get("run_key") != run_key:
+        raise InputError(f"--resume: {path} was written by a run with other settings "
+                         f"{state.get('run_key')}; this run is {run_key}. Resume with the same "
+                         "options, or use another --out.")
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    generator.set_state(state["generator"])
+    return int(state["step"]), state["extra"]
