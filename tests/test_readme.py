@@ -89,6 +89,10 @@ RUN = {
         f"regseg-stream {CASE} --source file://session.igs.mha --replay-rate recorded --max-frames 3 "
         "--quiet",
     "regseg-igt recover out/session.igs.mha": "regseg-igt recover out/session.igs.mha",
+    "regseg reconstruct out/sweep.igs.mha --out out/sweep_volume.nii.gz --spacing 0.5 --coverage-out "
+    "out/sweep_coverage.nii.gz":
+        "regseg reconstruct session.igs.mha --out out/sweep_volume.nii.gz --spacing 1.0 "
+        "--coverage-out out/sweep_coverage.nii.gz",
     "regseg-stream ... --source recorded_screen.mp4 --grabber-crop 120,80,640,480":
         f"regseg-stream {CASE} --source recorded_screen.mp4 --grabber-crop 120,80,640,480 "
         "--max-frames 2 --quiet",
@@ -189,6 +193,11 @@ def test_readme_commands_work_as_written(tmp_path, free_port):
         "session.igs.mha", tmp_path)
     readme("regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --source "
            "file://session.igs.mha --replay-rate recorded")
+
+    # The same recording (a demo's tracked frames) compounded into a volume.
+    readme("regseg reconstruct out/sweep.igs.mha --out out/sweep_volume.nii.gz --spacing 0.5 "
+           "--coverage-out out/sweep_coverage.nii.gz")
+    assert (tmp_path / "out" / "sweep_volume.json").exists()
 
     # A recording a killed process left unfinished.
     from regseg.stream.sequence_writer import SequenceWriter
