@@ -12,6 +12,11 @@ A batch forms from what is ready: after the first request, the batcher waits at 
 asked). A session that is slow, stalled or gone is simply not in the batch: it never holds up the
 others. A request whose inputs do not fit is refused in its own session's thread, before it can
 reach a batch; an engine error costs the frames of that one batch (each session counts its own).
+
+On CUDA the hand-over between a session's stream and the batcher's is by CUDA events (the batch
+waits for each request's inputs, each session for its outputs), never a host sync. Not measured
+here (no GPU on this machine); a chain captured whole as one CUDA graph (``--cuda-graph``) cannot
+call across threads, so regseg-serve never captures it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,19 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     outputs: dict[str, Tensor] | None = None
     error: BaseException | None = None
+    # CUDA: the inputs are ready on the caller's stream at ``ready``; the outputs on the
+    # batcher's stream at ``finished`` (each side waits for the other's event, not the host)
+    ready: Any = None
+    finished: Any = None
+
+
+def _event_on_current_stream(device: torch.device):
+    """A CUDA event recorded on this thread's current stream (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 class EngineBatcher:
@@ -98,7 +116,7 @@ class EngineBatcher:
             if tuple(t.shape) != expected:
                 raise EngineError(f"{self.name}: input {name} of shape {tuple(t.shape)}; "
                                   f"{expected} expected")
-        request = _Request((trus, mri, mri_labels))
+        request = _Request((trus, mri, mri_labels), ready=_event_on_current_stream(self.device))
         with self._cond:
             if self._closed:
                 raise EngineError(f"{self.name}: closed")
@@ -107,6 +125,8 @@ class EngineBatcher:
         request.done.wait()
         if request.error is not None:
             raise EngineError(f"{self.name}: batch call failed: {request.error}") from None
+        if request.finished is not None:
+            torch.cuda.current_stream(self.device).wait_event(request.finished)
         return request.outputs
 
     def close(self, timeout: float = 5.0) -> None:
@@ -151,6 +171,7 @@ class EngineBatcher:
                 continue
             for n, request in enumerate(batch):
                 request.outputs = {k: v[n:n + 1].clone() for k, v in outputs.items()}
+                request.finished = _event_on_current_stream(self.device)
                 request.done.set()
 
     def _call(self, batch: list[_Request]) -> dict[str, Tensor]:
@@ -158,6 +179,9 @@ class EngineBatcher:
         size = next(s for s in self.sizes if s >= n)
         pad = [batch[-1]] * (size - n)  # repeated inputs: every sample is computed on its own
         t0 = now_ns()
+        for request in batch:
+            if request.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(request.ready)
         with torch.inference_mode():
             if size == 1:
                 inputs = batch[0].inputs

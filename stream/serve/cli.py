@@ -129,8 +129,12 @@ def _status_line(sessions) -> str:
     return " | ".join(parts) or "no sessions"
 
 
-def run(args, stop: threading.Event | None = None) -> dict:
-    """Serve until ``stop``, ``--duration``, or (without a control endpoint) every session ended."""
+def run(args, stop: threading.Event | None = None,
+        running: threading.Event | None = None) -> dict:
+    """Serve until ``stop``, ``--duration``, or (without a control endpoint) every session ended.
+
+    ``running`` is set once every configured session has started (``stop`` then ends cleanly).
+    """
     config = _config(args)
     import torch
 
@@ -174,6 +178,8 @@ def run(args, stop: threading.Event | None = None) -> dict:
               f"{'on, sizes ' + str(list(config.batch_sizes)) if config.batching else 'off'}",
               file=sys.stderr, flush=True)
         deadline = None if args.duration is None else time.monotonic() + args.duration
+        if running is not None:
+            running.set()
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 break
@@ -186,6 +192,8 @@ def run(args, stop: threading.Event | None = None) -> dict:
         sessions.stop_all()
         summary = sessions.summary()
     finally:
+        if running is not None:
+            running.clear()
         if sessions is not None:
             sessions.close()
         if web is not None:
@@ -211,16 +219,27 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+class _Terminated(Exception):
+    """SIGTERM before the sessions run: leave quietly."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``regseg-serve``: 0 done, 2 bad input, 1 a failure, 130 interrupted (after the summary)."""
-    stop = threading.Event()
+    """``regseg-serve``: 0 done, 2 bad input, 1 a failure, 130 interrupted (after the summary).
+
+    Ctrl-C or SIGTERM once the sessions run ends them cleanly (summary printed and written);
+    before that (checks, loading, building engines) it ends the process at once, quietly.
+    """
+    stop, running = threading.Event(), threading.Event()
     stopped_by: list[int] = []
 
     def on_signal(signum, _frame):
-        if stop.is_set():
+        if running.is_set() and not stop.is_set():
+            stopped_by.append(signum)
+            stop.set()
+        elif signum == signal.SIGTERM and not running.is_set():
+            raise _Terminated
+        else:
             raise KeyboardInterrupt
-        stopped_by.append(signum)
-        stop.set()
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -228,10 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     for sig in previous:
         signal.signal(sig, on_signal)
     try:
-        summary = run(build_parser().parse_args(argv), stop=stop)
+        summary = run(build_parser().parse_args(argv), stop=stop, running=running)
     except KeyboardInterrupt:
         print("regseg-serve: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except _Terminated:
+        print("regseg-serve: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except InputError as exc:
         print(f"regseg-serve: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

@@ -2,15 +2,15 @@
 
 A Session is what ``regseg-stream`` runs, built by the same functions (stream/cli.py's source and
 sink builders, stream/build.py's pipeline) and run by the same loop
-(:func:`regseg.stream.runner.run_stream`) on its own thread. Only the engines are shared
-(:class:`SharedEngines`): the Pipeline calls a :class:`~regseg.stream.serve.batcher.BatchedEngine`,
-so the session's frames are batched with the other sessions' while its MRI context, capture
-state, quality check and outputs stay its own.
+(:func:`regseg.stream.runner.run_stream`) on its own thread. The AlignSegNet engines are shared
+(:class:`SharedEngines`): the Pipeline calls a
+:class:`~regseg.stream.serve.batcher.BatchedEngine`, so the session's frames are batched with the
+other sessions' while its MRI context, capture state, deformable stage, quality check and outputs
+stay its own.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
@@ -28,7 +28,7 @@ RECENT_S = 2.0  # live fps over the results of the last 2 s
 
 
 class SharedEngines:
-    """The engines of every session: AlignSegNet behind batchers, one deformable engine.
+    """The engines of the sessions: AlignSegNet behind batchers (shared), deformable (per session).
 
     ``full``: the engine with theta and logits (the last registration call of a frame);
     ``theta``: theta only, for the refinement calls before the last (``--refine-iterations`` > 1).
@@ -47,7 +47,6 @@ class SharedEngines:
         self.window_ms = window_ms if len(sizes) > 1 else 0.0
         self.deformable_weights = deformable_weights
         self._batchers: dict[str, EngineBatcher] = {}
-        self._deformable = None
         self._lock = threading.Lock()
 
     def _batcher(self, kind: str) -> EngineBatcher:
@@ -77,19 +76,19 @@ class SharedEngines:
         return self._batcher("theta").engine()
 
     def deformable(self, context):
-        """The deformable stage for ``context``: one engine, a light per-session copy."""
+        """A deformable stage of its own for ``context``.
+
+        Not shared: an ONNX Runtime engine binds its input and output buffers, so two sessions'
+        threads calling one engine at once would overwrite each other's inputs. (Batching it as
+        the AlignSegNet is batched is left for later; its ONNX file is cached, so a session's
+        copy costs a session load, not an export.)
+        """
         from regseg.stream.build import build_deformable
 
-        with self._lock:
-            if self._deformable is None:
-                self._deformable = build_deformable(
-                    context, self.deformable_weights, backend=self.options.get("backend", "auto"),
-                    precision=self.options.get("precision", "fp32"),
-                    threads=self.options.get("threads"))
-            stage = copy.copy(self._deformable)  # shares .engine; its own context and grids
-        stage.context = context
-        stage._axes = {}  # noqa: SLF001 - per-session pixel grids
-        return stage
+        return build_deformable(context, self.deformable_weights,
+                                backend=self.options.get("backend", "auto"),
+                                precision=self.options.get("precision", "fp32"),
+                                threads=self.options.get("threads"))
 
     @property
     def backend(self) -> str:
