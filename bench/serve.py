@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -86,7 +87,11 @@ def _serve_config(path: Path, ports: list[int], case, args, *, batching: bool,
                   control: bool = False) -> None:
     lines = ["[serve]", f'device = "{args.device}"', f'backend = "{args.backend}"',
              f"batching = {'true' if batching else 'false'}", f"max-batch = {args.max_batch}",
-             f'control = "{"127.0.0.1:0" if control else "none"}"', ""]
+             f'control = "{"127.0.0.1:0" if control else "none"}"',
+             f"batch-window-ms = {args.window_ms}"]
+    if args.serve_engine_threads:
+        lines.append(f"engine-threads = {args.serve_engine_threads}")
+    lines.append("")
     for k, port in enumerate(ports):
         lines += ["[[session]]", f'name = "s{k}"', f'source = "igtl://127.0.0.1:{port}"',
                   f'mri = "{case[0]}"', f'mri-labels = "{case[1]}"', ""]
@@ -210,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default=None, help="default onnxrt on CPU, auto on CUDA")
     ap.add_argument("--max-batch", type=int, default=None, help="default: the largest N")
+    ap.add_argument("--window-ms", type=float, default=2.0,
+                    help="regseg-serve's batch-window-ms (longest wait for the others' frames)")
+    ap.add_argument("--serve-engine-threads", type=int, default=None,
+                    help="regseg-serve's engine threads (default 1, as each regseg-stream)")
     ap.add_argument("--no-dead-source", action="store_true")
     ap.add_argument("--json", default="out/bench_serve.json")
     args = ap.parse_args(argv)
@@ -219,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     args.max_batch = args.max_batch or max(ns)
     arms = args.arms.split(",")
 
+    load_start = os.getloadavg()  # others' work on this machine skews every number: say it
+    print(f"load average at start {load_start[0]:.1f} (on {os.cpu_count()} cores)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="regseg-bench-serve-"))
     phantom = make_phantom(0)
     case = write_phantom(phantom, work)
@@ -244,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{dead['dead_session_fps_after']} fps after")
     write_json(args.json, "serve", rows, argv, device=device_name(args.device),
                backend=args.backend, fps_per_scanner=args.fps, seconds=args.seconds,
+               window_ms=args.window_ms, serve_engine_threads=args.serve_engine_threads or 1,
+               load_average_start=load_start, load_average_end=os.getloadavg(),
                aggregate_fps=aggregate, dead_source=dead,
                wall_s=round(time.monotonic() - t_start, 1))
     return 0
