@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 import traceback
@@ -67,7 +68,7 @@ def _commit(out: Path, case: Case, digest: str, job: Job, inputs: dict[str, Any]
             computed: dict[str, Any], rank: int, record: dict[str, Any]) -> dict[str, Any]:
     """Write a case's outputs and ``result.json`` into a partial folder, then move it into
     place; returns its metrics."""
-    partial = out / ".partial" / f"{case['name']}.rank{rank}"
+    partial = out / ".partial" / f"{case['name']}.rank{rank}.{os.getpid()}"
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
