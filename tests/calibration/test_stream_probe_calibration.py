@@ -1,7 +1,8 @@
 """regseg-stream with a calibrated probe: a sender of only ProbeToTracker + the untracked IMAGE,
-with the ImageToProbe `regseg calibrate probe` wrote, registers as well as with ImageToReference.
+with the ImageToProbe `regseg calibrate probe` wrote, registers as well as with ImageToReference;
+and with the tracker somewhere else than the MRI, ReferenceToMRI from landmarks brings it back.
 
-Both runs image the same simulated session (same frames, same tracking error) through regseg's
+Every run images the same simulated session (same frames, same tracking error) through regseg's
 own command-line ``run``; each frame's registration is scored against the simulator's truth.
 """
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from regseg import metrics, spatial
-from regseg.calibration import transforms_io
-from regseg.calibration.simulate import _write_sequence
+from regseg.calibration import markups, transforms_io
+from regseg.calibration.simulate import FIDUCIALS_MRI, _write_sequence
 from regseg.cli import main as regseg_main
 from regseg.sim import calibration as sim
 from regseg.sim.phantom import make_phantom, write_phantom
@@ -28,12 +29,18 @@ FRAMES = 5  # at 1 fps, so that the pipeline (eager, on a loaded 2-core CPU) ski
 IMAGE_TO_PROBE = sim.true_image_to_probe()  # the simulated probe's true calibration
 
 
+MRI_TO_TRACKER = np.array([[0.0, -1, 0, 120], [1, 0, 0, -40], [0, 0, 1, -900], [0, 0, 0, 1]])
+
+
 class ProbeTrackerSender(SimIgtlServer):
     """Sends as PLUS without a calibration: TRANSFORM ProbeToTracker and the IMAGE in its own
     pixel frame (``Image_Image``, matrix = the pixel size only)."""
 
+    mri_to_tracker = np.eye(4)  # where the tracker is: the same frame as the MRI by default
+
     def pack_frame(self, frame, index, timestamp):
-        probe_to_tracker = frame.image_to_reference @ np.linalg.inv(IMAGE_TO_PROBE)
+        probe_to_tracker = (self.mri_to_tracker @ frame.image_to_reference
+                            @ np.linalg.inv(IMAGE_TO_PROBE))
         spacing = np.diag([frame.spacing_mm[1], frame.spacing_mm[0], 1.0, 1.0])
         return [pack_transform(probe_to_tracker, "ProbeToTracker", timestamp),
                 pack_image(frame.pixels, spacing, "Image_Image", timestamp,
@@ -105,3 +112,26 @@ def test_probe_to_tracker_with_our_calibration_registers_like_image_to_reference
           f" calibration error at the image corners <= {calib_err.max():.2f} mm")
     assert np.median(tre_chained) < 1.5
     assert abs(np.median(tre_chained) - np.median(tre_direct)) < 0.3
+
+    # The tracker elsewhere: ReferenceToMRI from six landmarks (1 mm / 0.5 mm localisation error)
+    rng = np.random.default_rng(3)
+    labels = [f"F-{n + 1}" for n in range(len(FIDUCIALS_MRI))]
+    in_tracker = FIDUCIALS_MRI @ MRI_TO_TRACKER[:3, :3].T + MRI_TO_TRACKER[:3, 3]
+    markups.write_landmarks(tmp_path / "mri.mrk.json", labels,
+                            sim.localise(FIDUCIALS_MRI, 1.0, rng))
+    markups.write_landmarks(tmp_path / "tracker.fcsv", labels, sim.localise(in_tracker, 0.5, rng))
+
+    class Elsewhere(ProbeTrackerSender):
+        mri_to_tracker = MRI_TO_TRACKER
+
+    registered, summary = _stream(Elsewhere, case, tmp_path, "landmarks",
+                            ["--probe-calibration", str(calibration), "--landmarks-mri",
+                             str(tmp_path / "mri.mrk.json"), "--landmarks-reference",
+                             str(tmp_path / "tracker.fcsv")])
+    assert summary["frames"] >= FRAMES
+    tre_registered = np.array([t for _, t in registered.values()])
+    print(f"with landmarks (tracker 900 mm away, turned 90 degrees): median TRE "
+          f"{np.median(tre_registered):.2f} mm over {len(tre_registered)} frames")
+    assert len(tre_registered) >= FRAMES // 2
+    assert np.median(tre_registered) < 1.5
+    assert abs(np.median(tre_registered) - np.median(tre_direct)) < 0.5
