@@ -1,9 +1,10 @@
 """Micro-batching: the frames that several sessions have ready go through ONE engine call.
 
 Each session's Pipeline keeps its own MRI context, capture state and host stages; only the engine
-call is shared. A session's :class:`BatchedEngine` looks like a FusionEngine of batch 1 to its
-Pipeline (``size``, ``device``, ``__call__(trus, mri, mri_labels)``); behind it, an
-:class:`EngineBatcher` thread takes the requests that are waiting, pads them to the smallest
+calls are shared. A session's :class:`BatchedEngine` looks like a FusionEngine of batch 1 to its
+Pipeline (``size``, ``device``, ``__call__(trus, mri, mri_labels)``), and its deformable stage's
+:class:`BatchedRegistration` like a RegistrationEngine (``predict(moving, fixed)``). Behind each,
+an :class:`EngineBatcher` thread takes the requests that are waiting, pads them to the smallest
 static batch size that holds them (engines are built once per size, so ONNX Runtime, compiled
 graphs and CUDA graphs keep fixed shapes), runs one call and hands each session its slice.
 
@@ -33,13 +34,10 @@ from regseg.clock import now_ns
 from regseg.errors import EngineError
 from regseg.stream.stats import Series
 
-INPUTS = ("trus", "mri", "mri_labels")
-CHANNELS = {"trus": 1, "mri": 1, "mri_labels": 2}
-
 
 @dataclass
 class _Request:
-    inputs: tuple[Tensor, Tensor, Tensor]
+    inputs: dict[str, Tensor]
     done: threading.Event = field(default_factory=threading.Event)
     outputs: dict[str, Tensor] | None = None
     error: BaseException | None = None
@@ -62,10 +60,10 @@ class EngineBatcher:
     """Runs queued batch-1 requests as padded batches through per-size engines, on one thread.
 
     Args:
-        engines: batch size -> an engine built for it (``engine(trus, mri, mri_labels)`` with
-            that leading size; FusionEngine(batch=b)). Size 1 must be there.
+        engines: batch size -> an Engine (regseg.engines.base: ``engine(inputs)``, named tensors
+            in and out) whose ``input_shapes`` have that leading size. Size 1 must be there.
         window_ms: longest wait, after the first request, for the other sessions' requests.
-        name: thread name (``batcher-full``, ``batcher-theta``).
+        name: thread name (``batcher-full``, ``batcher-theta``, ``batcher-deformable``).
     """
 
     def __init__(self, engines: dict[int, Any], *, window_ms: float = 2.0,
@@ -75,8 +73,8 @@ class EngineBatcher:
                               f"{sorted(engines)}")
         self.engines = dict(sorted(engines.items()))
         self.sizes = tuple(self.engines)
-        first = self.engines[1]
-        self.size, self.device = tuple(first.size), first.device
+        self.input_shapes = {k: tuple(v) for k, v in self.engines[1].input_shapes.items()}
+        self.device = self.engines[1].device
         self.window_ns = int(window_ms * 1e6)
         self.name = name
         self.calls = 0
@@ -84,18 +82,17 @@ class EngineBatcher:
         self.padded = 0
         self.batch_sizes = dict.fromkeys(self.sizes, 0)  # calls per static size
         self.call_ms = Series()
-        self.clients = 0  # BatchedEngines made (sessions that may send)
+        self.clients = 0  # proxies made (sessions that may send)
         self._queue: list[_Request] = []
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def engine(self) -> BatchedEngine:
-        """A batch-1 engine for one session's Pipeline, sending through this batcher."""
+    def client(self) -> None:
+        """Count one more session that may send (a batch waits for its request)."""
         with self._cond:
             self.clients += 1
-        return BatchedEngine(self)
 
     def release(self) -> None:
         """One session left (its BatchedEngine is no longer used)."""
@@ -103,20 +100,20 @@ class EngineBatcher:
             self.clients = max(self.clients - 1, 0)
             self._cond.notify_all()
 
-    def run(self, trus: Tensor, mri: Tensor, mri_labels: Tensor) -> dict[str, Tensor]:
-        """Queue one request and wait for its outputs (batch 1, this request's own tensors).
+    def run(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Queue one request (batch 1) and wait for its outputs (its own tensors).
 
         Raises:
-            EngineError: inputs of the wrong shape (refused here, in the caller's thread), the
-                batcher closed, or the batch's engine call raised (its message).
+            EngineError: inputs of the wrong names or shapes (refused here, in the caller's
+                thread), the batcher closed, or the batch's engine call raised (its message).
         """
-        h, w = self.size
-        for name, t in zip(INPUTS, (trus, mri, mri_labels), strict=True):
-            expected = (1, CHANNELS[name], h, w)
-            if tuple(t.shape) != expected:
-                raise EngineError(f"{self.name}: input {name} of shape {tuple(t.shape)}; "
-                                  f"{expected} expected")
-        request = _Request((trus, mri, mri_labels), ready=_event_on_current_stream(self.device))
+        for name, expected in self.input_shapes.items():
+            t = inputs.get(name)
+            if t is None or tuple(t.shape) != expected:
+                got = None if t is None else tuple(t.shape)
+                raise EngineError(f"{self.name}: input {name} of shape {got}; {expected} "
+                                  "expected")
+        request = _Request(dict(inputs), ready=_event_on_current_stream(self.device))
         with self._cond:
             if self._closed:
                 raise EngineError(f"{self.name}: closed")
@@ -186,9 +183,9 @@ class EngineBatcher:
             if size == 1:
                 inputs = batch[0].inputs
             else:
-                inputs = tuple(torch.cat([r.inputs[k] for r in batch + pad])
-                               for k in range(len(INPUTS)))
-            outputs = self.engines[size](*inputs)
+                inputs = {k: torch.cat([r.inputs[k] for r in batch + pad])
+                          for k in self.input_shapes}
+            outputs = self.engines[size](inputs)
         self.call_ms.add((now_ns() - t0) / 1e6)
         self.calls += 1
         self.frames += n
@@ -198,23 +195,47 @@ class EngineBatcher:
 
 
 class BatchedEngine:
-    """What one session's Pipeline sees: a FusionEngine of batch 1 that sends via the batcher."""
+    """What one session's Pipeline sees: a FusionEngine of batch 1 that sends via the batcher.
+
+    ``template``: the batch-1 FusionEngine (its size, device, backend and info are reported).
+    """
 
     batch = 1
 
-    def __init__(self, batcher: EngineBatcher) -> None:
-        self.batcher = batcher
-        first = batcher.engines[1]
-        self.size, self.device = tuple(first.size), first.device
-        self.backend, self.precision = first.backend, first.precision
-        self.weights = getattr(first, "weights", "")
+    def __init__(self, batcher: EngineBatcher, template: Any) -> None:
+        batcher.client()
+        self.batcher, self.template = batcher, template
+        self.size, self.device = tuple(template.size), template.device
+        self.backend, self.precision = template.backend, template.precision
+        self.weights = getattr(template, "weights", "")
 
     @property
     def info(self) -> dict:
-        return {**self.batcher.engines[1].info, "batched": self.batcher.stats()}
+        return {**self.template.info, "batched": self.batcher.stats()}
 
     def __call__(self, trus: Tensor, mri: Tensor, mri_labels: Tensor) -> dict[str, Tensor]:
-        return self.batcher.run(trus, mri, mri_labels)
+        return self.batcher.run({"trus": trus, "mri": mri, "mri_labels": mri_labels})
+
+    def release(self) -> None:
+        self.batcher.release()
+
+
+class BatchedRegistration:
+    """What one session's deformable stage sees: a RegistrationEngine whose ``predict`` sends
+    via the batcher (``template``: the batch-1 RegistrationEngine)."""
+
+    def __init__(self, batcher: EngineBatcher, template: Any) -> None:
+        batcher.client()
+        self.batcher, self.template = batcher, template
+        self.config, self.size = template.config, template.size
+        self.weights, self.device, self.backend = template.weights, template.device, \
+            template.backend
+        self.engine = template.engine  # for its info
+
+    def predict(self, moving: Tensor, fixed: Tensor) -> dict[str, Tensor]:
+        """``ddf`` and ``field`` (1, ndim, *size) of this request (already copies)."""
+        out = self.batcher.run({"moving": moving, "fixed": fixed})
+        return {"ddf": out["ddf"], "field": out["field"]}
 
     def release(self) -> None:
         self.batcher.release()
@@ -222,5 +243,5 @@ class BatchedEngine:
 
 def build_batcher(make_engine: Callable[[int], Any], sizes: tuple[int, ...], *,
                   window_ms: float, name: str) -> EngineBatcher:
-    """An EngineBatcher with ``make_engine(b)`` for each static size ``b``."""
+    """An EngineBatcher with ``make_engine(b)`` (an Engine) for each static size ``b``."""
     return EngineBatcher({b: make_engine(b) for b in sizes}, window_ms=window_ms, name=name)

@@ -5,12 +5,13 @@ sink builders, stream/build.py's pipeline) and run by the same loop
 (:func:`regseg.stream.runner.run_stream`) on its own thread. The AlignSegNet engines are shared
 (:class:`SharedEngines`): the Pipeline calls a
 :class:`~regseg.stream.serve.batcher.BatchedEngine`, so the session's frames are batched with the
-other sessions' while its MRI context, capture state, deformable stage, quality check and outputs
-stay its own.
+other sessions' (and so are its deformable stage's PLCReg calls), while its MRI context,
+capture state, quality check and outputs stay its own.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -18,7 +19,12 @@ from collections import deque
 from typing import Any
 
 from regseg.clock import now_ns
-from regseg.stream.serve.batcher import EngineBatcher, build_batcher
+from regseg.stream.serve.batcher import (
+    BatchedEngine,
+    BatchedRegistration,
+    EngineBatcher,
+    build_batcher,
+)
 from regseg.stream.serve.config import SessionSpec
 from regseg.stream.stats import StreamStats, percentiles
 
@@ -28,12 +34,14 @@ RECENT_S = 2.0  # live fps over the results of the last 2 s
 
 
 class SharedEngines:
-    """The engines of the sessions: AlignSegNet behind batchers (shared), deformable (per session).
+    """The engines every session shares, each behind an :class:`EngineBatcher`.
 
-    ``full``: the engine with theta and logits (the last registration call of a frame);
-    ``theta``: theta only, for the refinement calls before the last (``--refine-iterations`` > 1).
-    Each is built once per static batch size in ``sizes`` (``(1,)``: no batching; the sessions'
-    calls then run one at a time, in arrival order).
+    ``full``: AlignSegNet with theta and logits (the last registration call of a frame);
+    ``theta``: theta only, for the refinement calls before the last (``--refine-iterations`` > 1);
+    ``deformable``: the deformable stage's 2-D PLCReg. Each is built once per static batch size
+    in ``sizes`` (``(1,)``: no batching; the sessions' calls then run one at a time, in arrival
+    order). An engine is only ever called from its batcher's thread: ONNX Runtime engines bind
+    their input and output buffers, so two sessions' threads must never call one at once.
 
     Args:
         options: FusionEngine options: weights, backend, device, precision, threads.
@@ -47,54 +55,81 @@ class SharedEngines:
         self.window_ms = window_ms if len(sizes) > 1 else 0.0
         self.deformable_weights = deformable_weights
         self._batchers: dict[str, EngineBatcher] = {}
+        self._templates: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def _batcher(self, kind: str) -> EngineBatcher:
-        from regseg.stream.build import build_engine
-
+    def _batcher(self, kind: str, context=None) -> tuple[EngineBatcher, Any]:
+        """The batcher of ``kind`` and its batch-1 template (built on first use)."""
         with self._lock:
             if kind not in self._batchers:
-                outputs = {"outputs": ("theta",)} if kind == "theta" else {}
-                opts = dict(self.options)
-                weights = opts.pop("weights", None)
-
-                def make(batch: int):
-                    if kind == "full" and batch == 1:
-                        return build_engine(weights, **opts)
-                    from regseg.engines.fusion import FusionEngine
-
-                    return FusionEngine(weights, batch=batch, **outputs, **opts)
-
+                make, template = (self._fusion(kind) if kind != "deformable"
+                                  else self._registration(context))
+                self._templates[kind] = template
                 self._batchers[kind] = build_batcher(make, self.sizes, window_ms=self.window_ms,
                                                      name=f"batcher-{kind}")
-            return self._batchers[kind]
+            return self._batchers[kind], self._templates[kind]
 
-    def full(self):
-        return self._batcher("full").engine()
+    def _fusion(self, kind: str):
+        from regseg.engines.fusion import FusionEngine
 
-    def theta(self):
-        return self._batcher("theta").engine()
+        opts = dict(self.options)
+        weights = opts.pop("weights", None)
+        outputs = {"outputs": ("theta",)} if kind == "theta" else {}
+        template = FusionEngine(weights, batch=1, **outputs, **opts)
 
-    def deformable(self, context):
-        """A deformable stage of its own for ``context``.
+        def make(batch: int):
+            if batch == 1:
+                return template.engine
+            return FusionEngine(weights, batch=batch, **outputs, **opts).engine
 
-        Not shared: an ONNX Runtime engine binds its input and output buffers, so two sessions'
-        threads calling one engine at once would overwrite each other's inputs. (Batching it as
-        the AlignSegNet is batched is left for later; its ONNX file is cached, so a session's
-        copy costs a session load, not an export.)
-        """
+        return make, template
+
+    def _registration(self, context):
+        from regseg.engines.base import make_engine
+        from regseg.engines.registration import shipped_weights
+        from regseg.models.registry import load_model
         from regseg.stream.build import build_deformable
 
-        return build_deformable(context, self.deformable_weights,
-                                backend=self.options.get("backend", "auto"),
-                                precision=self.options.get("precision", "fp32"),
-                                threads=self.options.get("threads"))
+        opts = {"backend": self.options.get("backend", "auto"),
+                "precision": self.options.get("precision", "fp32"),
+                "threads": self.options.get("threads")}
+        stage = build_deformable(context, self.deformable_weights, **opts)
+        template = stage.engine  # a RegistrationEngine of batch 1
+        cfg = template.config
+
+        def make(batch: int):
+            if batch == 1:
+                return template.engine
+            model = load_model(shipped_weights(self.deformable_weights))
+            shapes = {"moving": (batch, cfg.moving_channels, *template.size),
+                      "fixed": (batch, cfg.fixed_channels, *template.size)}
+            return make_engine(model, shapes, device=template.device,
+                               outputs=("ddf", "field"), **opts)
+
+        self._stage = stage
+        return make, template
+
+    def full(self) -> BatchedEngine:
+        return BatchedEngine(*self._batcher("full"))
+
+    def theta(self) -> BatchedEngine:
+        return BatchedEngine(*self._batcher("theta"))
+
+    def deformable(self, context):
+        """A deformable stage of the session's own (its context, its grids) whose engine calls
+        go through the shared, batched PLCReg."""
+        batcher, template = self._batcher("deformable", context)
+        stage = copy.copy(self._stage)
+        stage.context = context
+        stage._axes = {}  # noqa: SLF001 - per-session pixel grids
+        stage.engine = BatchedRegistration(batcher, template)
+        return stage
 
     @property
     def backend(self) -> str:
         with self._lock:
-            full = self._batchers.get("full")
-        return full.engines[1].backend if full else self.options.get("backend", "auto")
+            full = self._templates.get("full")
+        return full.backend if full else self.options.get("backend", "auto")
 
     def stats(self) -> dict:
         with self._lock:
@@ -159,7 +194,10 @@ class Session:
             capture = Capture(args.refine_iterations, None,
                               TemporalFilter() if temporal else None, theta,
                               warm_start=args.temporal_filter == "warm")
-            deformable = engines.deformable(self.context) if args.deformable == "on" else None
+            deformable = None
+            if args.deformable == "on":
+                deformable = engines.deformable(self.context)
+                self._engines.append(deformable.engine)
             self.pipeline = build_pipeline(self.context, full, deformable=deformable,
                                            capture=capture, reference_to_mri=plan.reference_to_mri)
             self.registration.bind(self.pipeline.set_reference_to_mri)
