@@ -54,6 +54,56 @@ from regseg.train.data import (
 from regseg.types import LESION, PROSTATE
 
 FUSED_NAME, TRUS_NAME = "ascseg", "ascseg_trus"  # output file stems; registry model "ascseg"
+#: Networks this recipe trains: ASC-Seg, and MONAI's baselines for bench/segmentation.py.
+ARCHS = ("ascseg", "monai_unet", "monai_unetr")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """What rebuilds a MONAI baseline trained here (its checkpoint's ``config``)."""
+
+    arch: str
+    in_channels: int
+    size: int
+
+
+def build_net(arch: str, in_channels: int, size: int) -> tuple[nn.Module, Any]:
+    """(network, config) of ``arch`` for ``in_channels`` inputs at ``size`` x ``size``.
+
+    The MONAI baselines, 2-D, 3 classes: ``UNet`` (widths 16-128, 3 down-samplings, 2 residual
+    units per level: MONAI's tutorial setting) and ``UNETR`` (ViT on 16 x 16 patches, width 192,
+    4 heads, 12 layers, feature size 16; SwinUNETR was not used: it needs sizes divisible by 32).
+    """
+    if arch == "ascseg":
+        config = ASCSegConfig(in_channels=in_channels, size=size)
+        return ASCSeg(config), config
+    config = BaselineConfig(arch, in_channels, size)
+    if arch == "monai_unet":
+        from monai.networks.nets import UNet
+
+        return UNet(spatial_dims=2, in_channels=in_channels, out_channels=3,
+                    channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2), config
+    if arch == "monai_unetr":
+        from monai.networks.nets import UNETR
+
+        return UNETR(in_channels, 3, img_size=(size, size), feature_size=16, hidden_size=192,
+                     mlp_dim=768, num_heads=4, spatial_dims=2), config
+    raise InputError(f"--arch {arch!r}: choose one of {list(ARCHS)}")
+
+
+def load_net(path: str | Path) -> nn.Module:
+    """A network trained here (ASC-Seg or a MONAI baseline) from its checkpoint, in eval mode."""
+    from regseg.models.checkpoint import load_state, read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    cfg = checkpoint["config"]
+    arch = checkpoint["model"]
+    if arch == "ascseg":
+        net: nn.Module = ASCSeg(ASCSegConfig(**cfg))
+    else:
+        net, _ = build_net(arch, int(cfg["in_channels"]), int(cfg["size"]))
+    load_state(net, checkpoint["state_dict"], path)
+    return net.eval()
 
 
 @dataclasses.dataclass
@@ -163,8 +213,10 @@ def deep_loss(model: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
 
 def fit(model: nn.Module, train: SegData, val: SegData, *, seconds: float, batch_size: int = 8,
         lr: float = 1e-3, seed: int = 0, validate_every_s: float = 300.0,
-        progress: bool = True) -> tuple[list[float], list[dict[str, float]], int]:
-    """Train ``model`` in place for ``seconds`` of wall time (the recipe in the module docstring).
+        progress: bool = True, max_steps: int | None = None
+        ) -> tuple[list[float], list[dict[str, float]], int]:
+    """Train ``model`` in place for ``seconds`` of wall time (the recipe in the module docstring),
+    or ``max_steps`` steps if that comes first (the schedule then follows the steps).
 
     Returns:
         per-step losses, validation rows (``step``, ``seconds``, Dice), steps taken.
@@ -179,7 +231,7 @@ def fit(model: nn.Module, train: SegData, val: SegData, *, seconds: float, batch
     end = t0 + seconds
     order, cursor, step, t_val = torch.randperm(len(train), generator=generator), 0, 0, t0
     bar = tqdm(desc="train", unit="step", disable=not progress, leave=False)
-    while (now := time.monotonic()) < end:
+    while (now := time.monotonic()) < end and (max_steps is None or step < max_steps):
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(train), generator=generator), 0
         index = order[cursor:cursor + batch_size]
@@ -187,7 +239,8 @@ def fit(model: nn.Module, train: SegData, val: SegData, *, seconds: float, batch
         x = train.inputs[index].clone()
         x[:, :1] = augment_trus(x[:, :1], generator)
         for group in optimiser.param_groups:
-            group["lr"] = lr * lr_factor(step, (now - t0) / seconds, warmup_steps=20)
+            done = (now - t0) / seconds if max_steps is None else step / max_steps
+            group["lr"] = lr * lr_factor(step, done, warmup_steps=20)
         model.train()
         loss = deep_loss(model, x, train.labels[index])
         optimiser.zero_grad(set_to_none=True)
@@ -240,6 +293,7 @@ def save_plot(path: Path, history: list[float], val_rows: list[dict[str, float]]
 
 
 def train_ascseg(out_dir: str | Path, *, trus_only: bool = False, minutes: float = 30.0,
+                 arch: str = "ascseg",
                  size: int = 48, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
                  threads: int = 1, validate_every_s: float = 300.0,
                  cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True,
@@ -251,8 +305,9 @@ def train_ascseg(out_dir: str | Path, *, trus_only: bool = False, minutes: float
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = TRUS_NAME if trus_only else FUSED_NAME
-    config = ASCSegConfig(in_channels=1 if trus_only else 4, size=size)
+    name = (TRUS_NAME if trus_only else FUSED_NAME) if arch == "ascseg" else \
+        arch + ("_trus" if trus_only else "")
+    model, config = build_net(arch, 1 if trus_only else 4, size)
     train_set, val_set = training_sets(cache_dir, progress=progress)
     contexts = (None, None) if trus_only else (
         registered_context(train_set, cache_dir=cache_dir),
@@ -264,13 +319,12 @@ def train_ascseg(out_dir: str | Path, *, trus_only: bool = False, minutes: float
     if seconds <= 0:
         raise InputError(f"--minutes {minutes}: loading the data took {data_s:.0f} s and leaves "
                          "no time to train; raise --minutes.")
-    model = ASCSeg(config)
     history, val_rows, steps = fit(model, train, val, seconds=seconds, batch_size=batch_size,
                                    lr=lr, seed=seed, validate_every_s=validate_every_s,
                                    progress=progress)
     final = {k: v for k, v in val_rows[-1].items() if k not in ("step", "seconds")}
     summary = {
-        "model": "ascseg", "variant": "trus_only" if trus_only else "fused",
+        "model": arch, "variant": "trus_only" if trus_only else "fused",
         "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": dataclasses.asdict(config), "seed": seed, "batch_size": batch_size, "lr": lr,
         "steps": steps, "threads": threads, "train_frames": len(train),
@@ -279,7 +333,7 @@ def train_ascseg(out_dir: str | Path, *, trus_only: bool = False, minutes: float
         "data_s": round(data_s, 1), "parameters": sum(p.numel() for p in model.parameters()),
         "validation": final, "validation_curve": val_rows, "torch": torch.__version__,
     }
-    save_checkpoint(out_dir / f"{name}.pt", "ascseg", model, config,
+    save_checkpoint(out_dir / f"{name}.pt", arch, model, config,
                     meta={"validation": final, "command": summary["command"], "steps": steps,
                           "seed": seed, "variant": summary["variant"]})
     save_plot(out_dir / f"{name}_training.png", history, val_rows, name)
@@ -293,6 +347,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--trus-only", action="store_true",
                         help="TRUS-only variant (1 channel) instead of TRUS + registered MRI")
+    parser.add_argument("--arch", choices=ARCHS, default="ascseg",
+                        help="network (default ascseg; the MONAI baselines for the bench)")
     parser.add_argument("--minutes", type=float, default=30.0,
                         help="wall-time budget including data loading (default 30)")
     parser.add_argument("--size", type=int, default=48, help="working size (default 48)")
@@ -317,12 +373,14 @@ def run(args: argparse.Namespace, *, command: str | None = None) -> int:
                                 if flag == "--batch-size" else ""))
     ASCSegConfig(size=args.size)  # validates the size before any work
     summary = train_ascseg(args.out, trus_only=args.trus_only, minutes=args.minutes,
+                           arch=args.arch,
                            size=args.size, batch_size=args.batch_size, lr=args.lr,
                            seed=args.seed, threads=args.threads,
                            validate_every_s=args.validate_every, cache_dir=args.cache_dir,
                            progress=not args.no_progress, command=command)
     print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["validation"].items()))
-    stem = TRUS_NAME if args.trus_only else FUSED_NAME
+    stem = (TRUS_NAME if args.trus_only else FUSED_NAME) if args.arch == "ascseg" else \
+        args.arch + ("_trus" if args.trus_only else "")
     print(f"wrote {args.out / (stem + '.pt')} ({summary['wall_s']:.0f} s, {summary['steps']} "
           "steps)")
     return 0
