@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -175,6 +176,9 @@ def wrap(model: nn.Module, dist: Dist) -> nn.Module:
     model = model.to(dist.device)
     if not dist.active:
         return model
+    # DDP warns once per rank when a weight with a size-1 axis (a conv on one input channel) has
+    # another stride on that axis than its gradient bucket: the same memory, no copy is slower.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     if dist.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return nn.parallel.DistributedDataParallel(model, device_ids=[dist.device.index])

@@ -147,6 +147,7 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
     base = mni.load_base(mni.MniConfig(shape=tuple(cfg.size[::-1])))
     images, maps, fields = mni_pool(base, pool, seed, affine_scale)  # the same on every rank
     data_s = time.monotonic() - t0
+    torch.manual_seed(seed)  # the initial weights (DDP then copies rank 0's to every rank)
     model = PLCReg(cfg)
     net = distributed.wrap(model, dist)
     optimiser = torch.optim.Adam(net.parameters(), lr=lr, amsgrad=True)

@@ -167,6 +167,31 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert torch.equal(value, b["model"][key]), key
 
 
+def test_plcreg3d_resumes_after_a_crash_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """The 3-D recipe stopped by an error after its step-2 state, then resumed: the same
+    weights and loss history as a run never stopped."""
+    from regseg.train import plcreg_mni
+
+    _in_process(tmp_path / "straight", "--steps", "4", "--recipes", "plcreg3d")
+    real_step = plcreg_mni.take_step
+
+    def crash_at_3(*args, **kwargs):
+        if len(args[3]) == 2:  # history holds 2 steps: the state after step 2 is written
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(plcreg_mni, "take_step", crash_at_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _in_process(tmp_path / "crashed", "--steps", "4", "--recipes", "plcreg3d")
+    monkeypatch.setattr(plcreg_mni, "take_step", real_step)
+    _in_process(tmp_path / "crashed", "--steps", "4", "--recipes", "plcreg3d", "--resume")
+    a = _state(tmp_path / "straight" / "plcreg3d" / "plcreg3d.state.pt")
+    b = _state(tmp_path / "crashed" / "plcreg3d" / "plcreg3d.state.pt")
+    assert a["step"] == b["step"] == 4 and a["extra"]["history"] == b["extra"]["history"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
 def test_resume_refuses_a_missing_or_foreign_state(tmp_path):
     from regseg.train.resume import load_state, save_state
 
