@@ -29,7 +29,8 @@ class ASCSegConfig:
         in_channels: 1 (TRUS only) or 4 (TRUS, registered MRI, prostate and lesion label maps).
         size: working height = width in pixels, divisible by 8 (three 2x poolings); the engines'
             fixed input size. The seed trains at 256 x 256; the shipped weights use 48 x 48
-            (our choice: what trains in ~30 minutes on one CPU thread, see train/ascseg.py).
+            (our choice: a 48 x 48 training step at batch 8 took 10-30 s on one thread of the
+            shared 2-core build machine; see train/ascseg.py).
         channels: widths of the four stages, finest first: the seed's trained configuration
             ``[8, 16, 24, 32]`` (its figure's 64..512 lists are unused defaults). Each must be
             divisible by 4 (the parallel Mamba's groups) and by 2 (MSFA's half-width branches).
