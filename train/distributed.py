@@ -97,10 +97,18 @@ def _env_int(name: str, default: int) -> int:
                          "torchrun)") from None
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on (affinity: containers and taskset are honoured)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def threads_per_rank(requested: int | None, local_world: int) -> int:
     """Torch CPU threads for one rank: ``requested``, capped so that the ranks of one node
     together use no more threads than it has cores (2 ranks on 2 cores: 1 thread each)."""
-    cap = max(1, (os.cpu_count() or 1) // max(1, local_world))
+    cap = max(1, _cpus() // max(1, local_world))
     return max(1, min(requested or cap, cap)) if local_world > 1 else max(1, requested or cap)
 
 

@@ -230,9 +230,17 @@ def test_rank_helpers_without_torchrun(monkeypatch):
 
 
 def test_threads_per_rank_never_oversubscribe(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(distributed, "_cpus", lambda: 2)
     assert distributed.threads_per_rank(2, 2) == 1  # 2 ranks on 2 cores: one thread each
     assert distributed.threads_per_rank(None, 1) == 2
     assert distributed.threads_per_rank(1, 1) == 1
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(distributed, "_cpus", lambda: 16)
     assert distributed.threads_per_rank(None, 4) == 4 and distributed.threads_per_rank(2, 4) == 2
+
+
+def test_recipes_that_do_not_shard_are_refused_under_torchrun(monkeypatch, capsys):
+    from regseg.train.__main__ import main as train_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_main(["quality", "--out", "x"]) == 2
+    assert "quality does not run under torchrun yet" in capsys.readouterr().err
