@@ -21,6 +21,8 @@ from regseg.errors import InputError
 
 Case = dict[str, str]
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: What the job itself writes in its output folder: no case may take these names.
+RESERVED = ("logs", "results.jsonl", "results.jsonl.tmp", "summary.json")
 
 
 def _rows_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -95,6 +97,9 @@ def read_manifest(path: str | Path, required: tuple[str, ...], file_columns: tup
         if not SAFE_NAME.match(name):
             raise InputError(f"{path} line {line}: name {name!r} cannot name an output folder; "
                              "use letters, digits, '.', '_' and '-' (not first)")
+        if name in RESERVED:
+            raise InputError(f"{path} line {line}: name {name!r} is taken by the job's own "
+                             f"outputs ({', '.join(RESERVED)}); rename the case")
         if name in lines:
             raise InputError(f"{path} line {line}: name {name!r} is used on line {lines[name]} "
                              "too; names name the output folders and must differ")

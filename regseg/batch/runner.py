@@ -121,12 +121,15 @@ def run_rank(job: Job, cases: list[Case], out: Path, args: argparse.Namespace, d
         from tqdm import tqdm
 
         bar = tqdm(total=total_todo, desc=f"batch {job.name}", unit="case")
-    engine = job.make_engine(args, dist.device) if todo else None
     loader = DataLoader(_Loads(todo, job), batch_size=1, collate_fn=_only, num_workers=workers,
                         prefetch_factor=2 if workers else None)
+    # the workers start (fork) and read the first cases while the engine is built (CUDA
+    # initialised after the fork, never in a worker)
+    items = iter(loader)
+    engine = job.make_engine(args, dist.device) if todo else None
     log = (out / "logs" / f"rank{dist.rank}.jsonl").open("a")
     done, t_wait = 0, time.perf_counter()
-    for item in loader:
+    for item in items:
         case = item["case"]
         record: dict[str, Any] = {"rank": dist.rank, "run": run_id, "io_s": item["io_s"],
                                   "wait_s": time.perf_counter() - t_wait}

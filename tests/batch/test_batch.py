@@ -153,6 +153,7 @@ def test_segment_carries_the_atlas_labels(data, tmp_path):
     ("fixed,moving\na.nii.gz,\n", ".csv", r"line 2: no value for \['moving'\]"),
     ("name,fixed,moving\nx,a,b\nx,c,d\n", ".csv", "line 3: name 'x' is used on line 2"),
     ("name,fixed,moving\n../up,a,b\n", ".csv", "name '../up' cannot name an output folder"),
+    ("name,fixed,moving\nlogs,a,b\n", ".csv", "name 'logs' is taken by the job's own"),
     ('{"fixed": "a", "moving": "b"}\n[1]\n', ".jsonl", "line 2: a JSON list"),
     ('{"fixed": "a", "moving": \n', ".jsonl", "line 1: not JSON"),
     ("fixed,moving\n", ".csv", "no cases"),
