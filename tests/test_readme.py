@@ -69,6 +69,11 @@ MARKED = {
     ".venv/bin/python bench/accuracy.py --json out/bench_accuracy.json": BENCH,
     ".venv/bin/python bench/capture.py --family b --json out/bench_capture.json": BENCH,
     ".venv/bin/python bench/trust.py --family b --out out/bench_trust.json": BENCH,
+    "regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --source igtl://plus-host:18944 "
+    "--probe-calibration calib/PlusDeviceSet_calibrated.xml --time-offset-ms 86.7 --reference-to-mri "
+    "calib/ReferenceToMRI.tfm": PEER + "; tests/calibration/test_stream_probe_calibration.py streams "
+    "the same chain from the simulated scanner",
+    "python bench/calibration.py --quick --json out/calibration.json": BENCH,
 }
 
 CASE = "--mri case.nii.gz --mri-labels case_labels.nii.gz"
@@ -96,6 +101,23 @@ RUN = {
     "regseg-stream ... --source recorded_screen.mp4 --grabber-crop 120,80,640,480":
         f"regseg-stream {CASE} --source recorded_screen.mp4 --grabber-crop 120,80,640,480 "
         "--max-frames 2 --quiet",
+    "regseg calibrate simulate --out calib": "regseg calibrate simulate --out calib",
+    "regseg calibrate pivot --input calib/pivot.csv --out calib/StylusTipToStylus.tfm --report "
+    "calib/pivot.json --plot calib/pivot.png": "regseg calibrate pivot --input calib/pivot.csv --out "
+    "calib/StylusTipToStylus.tfm --report calib/pivot.json --plot calib/pivot.png",
+    "regseg calibrate probe --input calib/nwire.igs.mha --phantom-to-tracker "
+    "calib/phantom_to_tracker.txt --out calib/PlusDeviceSet_calibrated.xml --report calib/probe.json "
+    "--plot calib/probe.png": "regseg calibrate probe --input calib/nwire.igs.mha "
+    "--phantom-to-tracker calib/phantom_to_tracker.txt --out calib/PlusDeviceSet_calibrated.xml "
+    "--report calib/probe.json --plot calib/probe.png",
+    "regseg calibrate temporal --input calib/temporal_video.igs.mha --tracking "
+    "calib/temporal_tracker.csv --report calib/temporal.json --plot calib/temporal.png":
+        "regseg calibrate temporal --input calib/temporal_video.igs.mha --tracking "
+        "calib/temporal_tracker.csv --report calib/temporal.json --plot calib/temporal.png",
+    "regseg calibrate landmarks --fixed calib/landmarks_mri.mrk.json --moving "
+    "calib/landmarks_reference.fcsv --out calib/ReferenceToMRI.tfm --report calib/landmarks.json":
+        "regseg calibrate landmarks --fixed calib/landmarks_mri.mrk.json --moving "
+        "calib/landmarks_reference.fcsv --out calib/ReferenceToMRI.tfm --report calib/landmarks.json",
     "regseg mni --out out/mni --pairs 8": "regseg mni --out out/mni --pairs 1",
     "regseg register --pairs out/mni --out out/reg": "regseg register --pairs out/mni --out out/reg",
     "regseg register --fixed F.nii.gz --moving M.nii.gz --moving-labels L.nii.gz [--fixed-labels "
@@ -208,6 +230,20 @@ def test_readme_commands_work_as_written(tmp_path, free_port):
 
     write_video(tmp_path / "recorded_screen.mp4")
     readme("regseg-stream ... --source recorded_screen.mp4 --grabber-crop 120,80,640,480")
+
+    # Before the case: every calibration step on a simulated session, in the README's order.
+    readme("regseg calibrate simulate --out calib")
+    readme("regseg calibrate pivot --input calib/pivot.csv --out calib/StylusTipToStylus.tfm "
+           "--report calib/pivot.json --plot calib/pivot.png")
+    readme("regseg calibrate probe --input calib/nwire.igs.mha --phantom-to-tracker "
+           "calib/phantom_to_tracker.txt --out calib/PlusDeviceSet_calibrated.xml --report "
+           "calib/probe.json --plot calib/probe.png")
+    readme("regseg calibrate temporal --input calib/temporal_video.igs.mha --tracking "
+           "calib/temporal_tracker.csv --report calib/temporal.json --plot calib/temporal.png")
+    readme("regseg calibrate landmarks --fixed calib/landmarks_mri.mrk.json --moving "
+           "calib/landmarks_reference.fcsv --out calib/ReferenceToMRI.tfm --report "
+           "calib/landmarks.json")
+    assert (tmp_path / "calib" / "ReferenceToMRI.tfm").exists()
 
     # Offline registration on the MNI152 set (nilearn: the registration extra).
     pytest.importorskip("nilearn")
