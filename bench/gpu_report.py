@@ -87,10 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     if found.get("processing_p99_ms") is None and found.get("processing_p50_ms") is not None:
         table.append(f"| live processing p50 (p99 not recorded) | — | "
                      f"{found['processing_p50_ms']:.3g} ms | — |")
+    engines_md = []
+    if found.get("engines"):
+        engines_md = ["| model/backend/precision | status | p50 ms | p99 ms | err vs eager | "
+                      "accuracy holds |", "|---|---|---|---|---|---|"] + [
+            f"| {r.get('name')} | {r.get('status')} | {r.get('p50_ms', '—')} | "
+            f"{r.get('p99_ms', '—')} | {r.get('max_rel_error_vs_eager', '—')} | "
+            f"{r.get('accuracy_holds', '—')} |" for r in found["engines"]] + [""]
     steps_md = ["| step | exit | seconds |", "|---|---|---|"] + [
         f"| {s['step']} | {s['exit']} | {s['seconds']:.0f} |" for s in steps]
     title = f"GPU acceptance on {env.get('gpu', 'an unknown device')}"
-    text = "\n".join([f"# {title}", "", *table, "", *steps_md, ""])
+    text = "\n".join([f"# {title}", "", *table, "", *engines_md, *steps_md, ""])
     (args.dir / "gpu_check.md").write_text(text)
     report = {"env": env, "steps": steps, "figures": found,
               "targets": {k: {"target": t, "unit": u, "better": b,

@@ -44,6 +44,9 @@ def test_report_judges_the_figures_against_the_targets(tmp_path):
         {"name": "regseg flat-out", "fps": 800.0, "ratio_p50_vs_naive": 12.0}]}))
     (raw / "batch.json").write_text(json.dumps({"results": [{"register_s": 0.5}],
                                                 "cases_per_s": {"1": 2.0}}))
+    (raw / "engines.json").write_text(json.dumps({"results": [
+        {"name": "alignsegnet/eager/bf16", "status": "ok", "p50_ms": 0.8, "p99_ms": 1.1,
+         "max_rel_error_vs_eager": 0.004, "accuracy_holds": True}]}))
     (tmp_path / "steps.tsv").write_text("latency\t0\t80\nregister_3d\t0\t30\n")
     assert gpu_report.main([str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -51,6 +54,8 @@ def test_report_judges_the_figures_against_the_targets(tmp_path):
     assert verdicts == {"processing_p99_ms": "MISSED", "loopback_p99_ms": "met",
                         "flat_out_fps": "met", "vs_naive": "met", "register_3d_s": "MISSED"}
     assert report["steps"][0] == {"step": "latency", "exit": 0, "seconds": 80.0}
+    assert "| alignsegnet/eager/bf16 | ok | 0.8 | 1.1 | 0.004 | True |" in (
+        tmp_path / "gpu_check.md").read_text()
 
 
 @pytest.mark.slow
