@@ -35,8 +35,10 @@ if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT/raw"
-RAW="$OUT/raw"
+# the benches' own JSON/PNG (all embedded in gpu_check.json); GPU_CHECK_RAW=/tmp/x keeps OUT to
+# four files (the device tool returns at most 8)
+RAW="${GPU_CHECK_RAW:-$OUT/raw}"
+mkdir -p "$OUT" "$RAW"
 : > "$OUT/steps.tsv"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
@@ -47,10 +49,10 @@ GPU_FILES=$(grep -rl "mark.gpu" tests --include='*.py' | sort | tr '\n' ' ')
 # name | timeout (s) | command. The timeouts add up to 490 s, inside the 8 minutes.
 STEPS=(
   "env|20|$PY bench/gpu_env.py $RAW/env.json"
-  "gpu_tests|110|$PY -m pytest -q -m gpu -p no:cacheprovider $GPU_FILES"
-  "engines|150|$PY bench/engines.py --quick --device cuda --json $RAW/engines.json"
-  "latency|150|$PY bench/latency.py --quick --device cuda --fps 500 --json $RAW/latency.json"
-  "register_3d|60|$PY bench/batch.py --device cuda --ranks 1 --data ${DATA:-MISSING} --json $RAW/batch.json"
+  "gpu_tests|100|$PY -m pytest -q -m gpu -p no:cacheprovider $GPU_FILES"
+  "engines|140|$PY bench/engines.py --quick --device cuda --json $RAW/engines.json"
+  "latency|140|$PY bench/latency.py --quick --device cuda --fps 500 --json $RAW/latency.json"
+  "register_3d|90|$PY bench/batch.py --device cuda --ranks 1 --data ${DATA:-MISSING} --json $RAW/batch.json"
 )
 
 echo "GPU acceptance plan (results in $OUT: gpu_check.json, gpu_check.md, gpu_check.log):"
@@ -58,7 +60,7 @@ for s in "${STEPS[@]}"; do
   IFS='|' read -r name limit cmd <<< "$s"
   printf '  %-12s <= %3s s  %s\n' "$name" "$limit" "$cmd"
 done
-echo "  report       $PY bench/gpu_report.py $OUT"
+echo "  report       $PY bench/gpu_report.py $OUT --raw $RAW"
 
 if [ "$DRY" = 1 ]; then
   echo "dry run: checking the import paths and command lines (no CUDA needed)"
@@ -84,7 +86,7 @@ EOF
   "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider $GPU_FILES > "$LOG" 2>&1 \
     || { echo "dry run: collecting the gpu tests failed:"; tail -20 "$LOG"; exit 1; }
   echo "  gpu-marked tests collected: $(grep -c '::' "$LOG") in $(echo $GPU_FILES | wc -w) files"
-  "$PY" bench/gpu_report.py "$OUT" > /dev/null || { echo "dry run: the report failed"; exit 1; }
+  "$PY" bench/gpu_report.py "$OUT" --raw "$RAW" > /dev/null || { echo "dry run: the report failed"; exit 1; }
   grep -q unmeasured "$OUT/gpu_check.md" || { echo "dry run: report without 'unmeasured'"; exit 1; }
   echo "  report on no results: ok ($OUT/gpu_check.md says unmeasured)"
   echo "dry run: all import paths OK in $(( $(date +%s) - start )) s; nothing was measured"
@@ -119,4 +121,4 @@ for s in "${STEPS[@]}"; do
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((t1 - t0))" >> "$OUT/steps.tsv"
   echo "   exit $rc after $((t1 - t0)) s" | tee -a "$LOG"
 done
-"$PY" bench/gpu_report.py "$OUT"
+"$PY" bench/gpu_report.py "$OUT" --raw "$RAW"

@@ -1,8 +1,9 @@
 """The GPU acceptance report: bench/gpu_check.sh's results as one JSON and a table of targets.
 
-``python bench/gpu_report.py DIR`` reads ``DIR/steps.tsv`` (step, exit status, seconds) and the
-benches' JSON under ``DIR/raw/``, and writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.md``. A
-figure a step did not produce is written as unmeasured (null), never guessed.
+``python bench/gpu_report.py DIR [--raw RAW]`` reads ``DIR/steps.tsv`` (step, exit status,
+seconds) and the benches' JSON under ``RAW`` (default ``DIR/raw``), and writes
+``DIR/gpu_check.json`` (with every bench JSON embedded) and ``DIR/gpu_check.md``. A figure a step
+did not produce is written as unmeasured (null), never guessed.
 """
 
 from __future__ import annotations
@@ -69,15 +70,17 @@ def verdict(value: float | None, target: float, better: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dir", type=Path, help="bench/gpu_check.sh's output folder")
+    p.add_argument("--raw", type=Path, default=None, help="the benches' JSON (default DIR/raw)")
     args = p.parse_args(argv)
+    raw = args.raw or args.dir / "raw"
     steps = []
     tsv = args.dir / "steps.tsv"
     if tsv.is_file():
         for line in tsv.read_text().splitlines():
             name, rc, seconds = line.split("\t")
             steps.append({"step": name, "exit": int(rc), "seconds": float(seconds)})
-    env = _load(args.dir / "raw" / "env.json") or {}
-    found = figures(args.dir / "raw")
+    env = _load(raw / "env.json") or {}
+    found = figures(raw)
     table = ["| figure | target | measured | verdict |", "|---|---|---|---|"]
     for key, what, target, unit, better in TARGETS:
         value = found[key]
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([f"# {title}", "", *table, "", *engines_md, *steps_md, ""])
     (args.dir / "gpu_check.md").write_text(text)
     report = {"env": env, "steps": steps, "figures": found,
+              "raw": {f.stem: _load(f) for f in sorted(raw.glob("*.json"))},
               "targets": {k: {"target": t, "unit": u, "better": b,
                               "verdict": verdict(found[k], t, b)} for k, _, t, u, b in TARGETS}}
     (args.dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
