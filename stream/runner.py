@@ -69,6 +69,7 @@ def run_stream(
     status_stream=sys.stderr,
     gate: Callable[[Frame], Frame | None] | None = None,
     status_extra: Callable[[], str] | None = None,
+    stats: StreamStats | None = None,
 ) -> tuple[StreamStats, int]:
     """Run until ``max_frames`` results, the source finishing, or ``stop`` being set.
 
@@ -85,10 +86,13 @@ def run_stream(
     ``stats.failed``, logged (at most once every 5 s) and the loop goes on. A sink that raises is
     counted the same way (``stats.sink_errors``); the other sinks still get the result.
 
+    ``stats``: collect into this StreamStats (read live from other threads, e.g. regseg-serve's
+    control endpoint); default a new one.
+
     Returns the collected stats and the number of frames the hand-off skipped.
     """
     gate = gate if gate is not None else FrameGate()
-    stats = StreamStats()
+    stats = stats if stats is not None else StreamStats()
     errors = RateLimitedLog(log)
 
     def failed(where: str, exc: Exception) -> None:

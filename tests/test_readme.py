@@ -74,6 +74,19 @@ MARKED = {
     "calib/ReferenceToMRI.tfm": PEER + "; tests/calibration/test_stream_probe_calibration.py streams "
     "the same chain from the simulated scanner",
     "python bench/calibration.py --quick --json out/calibration.json": BENCH,
+    "regseg-serve --demo 2 --web 127.0.0.1:8080": "a server that runs until Ctrl-C; "
+    "tests/web/test_two_scanners.py starts regseg-serve as a user does, with two browsers",
+    "regseg-serve --config serve.toml --web 127.0.0.1:8080": "needs the scanners and cases "
+    "serve.toml names; tests/serve runs configs of simulated and OpenIGTLink sessions",
+    "curl http://127.0.0.1:8765/sessions": "needs a running regseg-serve; tests/serve/"
+    "test_control.py makes the same requests",
+    "curl -X POST -d '{\"name\": \"room3\", \"source\": \"sim://3\"}' "
+    "http://127.0.0.1:8765/sessions": "needs a running regseg-serve; tests/serve/test_control.py",
+    "curl -X DELETE http://127.0.0.1:8765/sessions/room3": "needs a running regseg-serve; "
+    "tests/serve/test_control.py",
+    "regseg-stream --demo --web 127.0.0.1:8080": "runs until Ctrl-C and needs a browser; "
+    "tests/web/test_stream_web.py drives it with headless Chromium",
+    "python bench/serve.py --quick --json out/bench_serve.json": BENCH,
 }
 
 CASE = "--mri case.nii.gz --mri-labels case_labels.nii.gz"
