@@ -199,7 +199,7 @@ def run_temporal(args) -> int:
     import numpy as np
 
     from regseg.calibration import inputs, plots, temporal
-    from regseg.stream.sequence_file import read_sequence
+    from regseg.sequence_file import read_sequence
 
     check_readable_file(args.input, "--input")
     if args.tracking:

@@ -63,7 +63,7 @@ def read_csv_poses(path: Path) -> Tracked:
 
 
 def read_sequence_poses(path: Path, name: str, *, images: bool) -> Tracked:
-    from regseg.stream.sequence_file import read_sequence
+    from regseg.sequence_file import read_sequence
 
     seq = read_sequence(path)
     times, poses, pixels = [], [], []
@@ -93,7 +93,7 @@ def read_tracked(path: str | os.PathLike, name: str, *, images: bool = False) ->
     Args:
         images: also return the frames (sequence files only; InputError for a CSV).
     """
-    from regseg.stream.sequence_file import SEQUENCE_EXTENSIONS
+    from regseg.sequence_file import SEQUENCE_EXTENSIONS
 
     path = Path(path)
     if not path.is_file():

@@ -31,8 +31,8 @@ FLE_MRI_MM, FLE_REFERENCE_MM = 1.0, 0.5
 
 def _write_sequence(path: Path, pixels, times_s, transforms: dict[str, np.ndarray] | None,
                     pixel_mm: float) -> None:
-    from regseg.stream.sequence_file import format_matrix
-    from regseg.stream.sequence_writer import SequenceWriter
+    from regseg.sequence_file import format_matrix
+    from regseg.sequence_writer import SequenceWriter
 
     writer = SequenceWriter(path, fields={"UltrasoundImageOrientation": "MF"},
                             spacing_mm=(pixel_mm, pixel_mm))

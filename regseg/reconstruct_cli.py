@@ -46,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from regseg.imageio import Volume, save_volume
     from regseg.reconstruct import VolumeReconstructor, frame_corners, grid_around
-    from regseg.stream.file_source import frame_from_sequence
-    from regseg.stream.sequence_file import read_sequence
+    from regseg.sequence_file import frame_from_sequence, read_sequence
 
     for path, flag in ((args.out, "--out"), (args.coverage_out, "--coverage-out")):
         if path and not str(path).endswith((".nii", ".nii.gz")):

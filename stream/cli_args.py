@@ -101,7 +101,7 @@ def check_args(args) -> argparse.Namespace:
     from regseg.models.registry import WEIGHTS_DIR
     from regseg.stream.grabber_source import parse_crop
     from regseg.stream.igtl.registration import parse_hosts
-    from regseg.stream.sequence_file import SEQUENCE_EXTENSIONS
+    from regseg.sequence_file import SEQUENCE_EXTENSIONS
 
     plan = argparse.Namespace()
     url = args.source or ("sim://" if args.demo else None)

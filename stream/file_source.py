@@ -7,11 +7,9 @@ import os
 import threading
 from dataclasses import replace
 
-import numpy as np
-
 from regseg.clock import SenderClock, now_ns
 from regseg.errors import InputError
-from regseg.stream.sequence_file import Sequence, SequenceFrame, read_sequence
+from regseg.sequence_file import Sequence, frame_from_sequence, read_sequence
 from regseg.stream.slot import LatestSlot
 from regseg.stream.source import SourceThread
 from regseg.types import Frame
@@ -20,55 +18,6 @@ log = logging.getLogger(__name__)
 
 REPLAY_RATES = ("recorded", "max")
 DEFAULT_FPS = 30.0  # pacing when the file has no usable timestamps
-#: ITU-R BT.601 luma weights, for RGB sequences (the same as for RGB IMAGE messages).
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-#: Per-frame field regseg adds for untracked frames whose pixel size is not ElementSpacing.
-SPACING_FIELD = "SpacingMm"
-DEFAULT_DEVICE = "Image_Reference"
-
-
-def frame_from_sequence(frame: SequenceFrame, index: int, acquired_ns: int, *,
-                        transform_name: str = "ImageToReference",
-                        element_spacing_mm: tuple[float, float] = (1.0, 1.0)) -> Frame:
-    """One sequence frame as a Frame.
-
-    ``seq`` is the file's ``FrameNumber`` (so gaps the recorder saw stay visible) or ``index``;
-    ``image_to_reference`` the ``<transform_name>Transform`` when its status is OK, else None
-    (untracked); ``spacing_mm`` (row, col) the ``SpacingMm`` field (regseg writes it when the
-    pixel size is not derivable), else the column norms of that matrix, else ElementSpacing;
-    ``source_ts`` the ``Timestamp`` field (0 when absent); a replay maps it through
-    :class:`regseg.clock.SenderClock` (relative timestamps anchored to the wall clock).
-
-    Raises:
-        InputError: pixels that are not (H, W) uint8 grey or (H, W, 3|4) uint8 colour.
-    """
-    pixels = frame.pixels
-    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (
-            pixels.ndim == 3 and pixels.shape[2] not in (3, 4)):
-        raise InputError(f"sequence frame {index}: {pixels.dtype} pixels of shape {pixels.shape};"
-                         " uint8 (H, W) B-mode or (H, W, 3|4) colour expected")
-    if pixels.ndim == 3:
-        pixels = np.rint(pixels[..., :3].astype(np.float32) @ _LUMA).astype(np.uint8)
-    matrix = frame.transform(transform_name)
-    if SPACING_FIELD in frame.fields:
-        row, col = (float(v) for v in frame.fields[SPACING_FIELD].split())
-        spacing = (row, col)
-    elif matrix is not None:
-        spacing = (float(np.linalg.norm(matrix[:3, 1])), float(np.linalg.norm(matrix[:3, 0])))
-    else:
-        spacing = (element_spacing_mm[1], element_spacing_mm[0])
-    seq = frame.fields.get("FrameNumber", "")
-    return Frame(
-        seq=int(seq) if seq.strip().lstrip("-").isdigit() else index,
-        acquired_ns=acquired_ns,
-        pixels=pixels,
-        spacing_mm=spacing,
-        image_to_reference=matrix,
-        source_ts=frame.timestamp_s or 0.0,
-        device_name=frame.fields.get("FriendlyDeviceName", DEFAULT_DEVICE),
-    )
-
-
 def replay_offsets_ns(sequence: Sequence, fps: float = DEFAULT_FPS) -> list[int]:
     """When each frame is due, ns after the first, from the recorded timestamps.
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from regseg.errors import InputError
-from regseg.stream.file_source import DEFAULT_DEVICE, SPACING_FIELD
+from regseg.sequence_file import DEFAULT_DEVICE, SEQUENCE_EXTENSIONS, SPACING_FIELD, format_matrix
+from regseg.sequence_writer import SequenceWriter, has_partial, recover_recording
 from regseg.stream.igtl.wire import RateLimitedLog
-from regseg.stream.sequence_file import SEQUENCE_EXTENSIONS, format_matrix
-from regseg.stream.sequence_writer import SequenceWriter, has_partial, recover_recording
 from regseg.stream.slot import LatestSlot
 from regseg.types import Frame, Result
 

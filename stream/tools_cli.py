@@ -85,7 +85,7 @@ def _sim_server(args) -> int:
 
 
 def _recover(args) -> int:
-    from regseg.stream.sequence_writer import recover_recording
+    from regseg.sequence_writer import recover_recording
 
     path, count = recover_recording(args.path, out=args.out)
     print(f"recovered {count} frames into {path}")

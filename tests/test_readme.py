@@ -235,7 +235,7 @@ def test_readme_commands_work_as_written(tmp_path, free_port):
     assert (tmp_path / "out" / "sweep_volume.json").exists()
 
     # A recording a killed process left unfinished.
-    from regseg.stream.sequence_writer import SequenceWriter
+    from regseg.sequence_writer import SequenceWriter
 
     writer = SequenceWriter(tmp_path / "out" / "session.igs.mha")
     writer.add(np.zeros((8, 8), np.uint8), {"FrameNumber": "0", "Timestamp": "0.0"})

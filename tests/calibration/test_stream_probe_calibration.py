@@ -16,6 +16,7 @@ from regseg import metrics, spatial
 from regseg.calibration import markups, transforms_io
 from regseg.calibration.simulate import FIDUCIALS_MRI, _write_sequence
 from regseg.cli import main as regseg_main
+from regseg.sequence_file import read_sequence
 from regseg.sim import calibration as sim
 from regseg.sim.phantom import make_phantom, write_phantom
 from regseg.sim.scanner import SimulatedScanner
@@ -23,7 +24,6 @@ from regseg.stream.cli import build_parser, run
 from regseg.stream.igtl.codec import pack_image, pack_transform
 from regseg.stream.igtl.sim_server import SimIgtlServer
 from regseg.stream.recorder import output_paths
-from regseg.stream.sequence_file import read_sequence
 
 FRAMES = 5  # at 1 fps, so that the pipeline (eager, on a loaded 2-core CPU) skips none
 IMAGE_TO_PROBE = sim.true_image_to_probe()  # the simulated probe's true calibration

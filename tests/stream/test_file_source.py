@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from regseg.errors import InputError
+from regseg.sequence_file import Sequence, SequenceFrame, parse_matrix, read_sequence
 from regseg.stream.file_source import FileSource, frame_from_sequence, replay_offsets_ns
 from regseg.stream.recorder import Recorder, RecordingSlot
-from regseg.stream.sequence_file import Sequence, SequenceFrame, parse_matrix, read_sequence
 from regseg.types import Frame
 
 WAIT_S = 5.0

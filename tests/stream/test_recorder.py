@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
+from regseg.sequence_file import read_sequence
 from regseg.stream.recorder import Recorder, RecordingSlot, output_paths
-from regseg.stream.sequence_file import read_sequence
 from regseg.types import Frame, Result
 
 WAIT_S = 5.0

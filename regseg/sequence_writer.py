@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from regseg.errors import InputError
-from regseg.stream.sequence_file import MET_TYPES, Sequence, sequence_kind
+from regseg.sequence_file import MET_TYPES, Sequence, sequence_kind
 
 log = logging.getLogger(__name__)
 

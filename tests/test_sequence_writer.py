@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from regseg.errors import InputError
-from regseg.stream.recorder import Recorder, recovered_path
-from regseg.stream.sequence_file import read_sequence
-from regseg.stream.sequence_writer import (
+from regseg.sequence_file import read_sequence
+from regseg.sequence_writer import (
     SequenceWriter,
     has_partial,
     partial_paths,
     recover_recording,
 )
+from regseg.stream.recorder import Recorder, recovered_path
 
 EXTENSIONS = [".igs.mha", ".igs.nrrd"]
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from regseg.errors import InputError
-from regseg.stream.sequence_file import (
+from regseg.sequence_file import (
     Sequence,
     SequenceFrame,
     format_matrix,
     parse_matrix,
     read_sequence,
 )
-from regseg.stream.sequence_writer import SequenceWriter, write_sequence
+from regseg.sequence_writer import SequenceWriter, write_sequence
 
 EXTENSIONS = [".igs.mha", ".seq.mha", ".igs.nrrd", ".seq.nrrd"]
 
