@@ -191,11 +191,11 @@ def test_onnx_runtime_parity(tmp_path):
     from regseg.engines.base import make_engine
 
     torch.manual_seed(0)
-    model = ASCSeg(ASCSegConfig(in_channels=4, size=32, channels=(8, 8, 8, 8))).eval()
-    x = torch.rand(1, 4, 32, 32)
+    model = ASCSeg(ASCSegConfig(in_channels=4, **TINY)).eval()
+    x = torch.rand(1, 4, 16, 16)
     with torch.no_grad():
         ref = model(x)["logits"]
-    engine = make_engine(model, {"image": (1, 4, 32, 32)}, backend="onnxrt",
+    engine = make_engine(model, {"image": (1, 4, 16, 16)}, backend="onnxrt",
                          cache_dir=tmp_path, threads=1, warmup=0)
     got = engine({"image": x})["logits"]
     assert float((got - ref).abs().max()) <= 1e-4

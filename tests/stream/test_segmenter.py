@@ -3,7 +3,6 @@ live chain; tiny random-weight checkpoints, geometry and wiring only."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,23 +66,14 @@ def test_trus_only_ignores_the_mri(checkpoints):
     assert torch.equal(seg(trus, mri2, labels2, theta * 0.5), first)
 
 
-def test_pipeline_segments_with_the_segmenter(checkpoints, case):
-    context, frame = case
-    torch.manual_seed(0)
-    engine = FusionEngine(model=build_model("alignsegnet").eval())
-    seg = Segmenter(checkpoints["trus"], backend="eager")
-    result = Pipeline(context, engine, segmenter=seg)(frame)
-    assert result.labels.shape == frame.pixels.shape
-    assert "segment" in result.timings_ms
-    assert set(np.unique(result.labels)) <= {0, 1, 2}
-
-
 def test_pipeline_labels_come_from_the_segmenter(checkpoints, case):
     context, frame = case
     torch.manual_seed(0)
     engine = FusionEngine(model=build_model("alignsegnet").eval())
     seg = Segmenter(checkpoints["trus"], backend="eager")
     pipeline = Pipeline(context, engine, segmenter=seg)
+    result = pipeline(frame)
+    assert result.labels.shape == frame.pixels.shape and "segment" in result.timings_ms
     chain = pipeline.chain(frame.pixels.shape)
     mats = torch.from_numpy(plane_matrices(context, pipeline.plane(frame), frame.pixels.shape,
                                            engine.size))
