@@ -131,13 +131,14 @@ def calibration_pairs(args: argparse.Namespace, weights: Path) -> dict:
     """Live calibration pairs: plain phantoms 3100.., plus randomised phantoms 3300.. when
     ``--randomised-calib-phantoms`` (a ``group`` tensor says which: 0 plain, 1 randomised)."""
     seeds = list(range(CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms))
-    data = cached_live(args.cache, seeds, args.frames, seed=args.seed, weights=weights)
+    data = cached_live(args.cache, seeds, args.calib_frames or args.frames, seed=args.seed,
+                       weights=weights)
     data = {**data, "group": torch.zeros(len(data["tre_mm"]), dtype=torch.long)}
     if args.randomised_calib_phantoms:
         rand = cached_live(args.cache, list(range(RAND_CALIB_SEED0, RAND_CALIB_SEED0
                                                   + args.randomised_calib_phantoms)),
-                           args.randomised_frames, seed=args.seed, weights=weights,
-                           scanner="randomised")
+                           args.randomised_calib_frames or args.randomised_frames,
+                           seed=args.seed, weights=weights, scanner="randomised")
         rand = {**rand, "group": torch.ones(len(rand["tre_mm"]), dtype=torch.long)}
         data = {k: torch.cat([data[k], rand[k]]) for k in data}
     return data
@@ -146,11 +147,12 @@ def calibration_pairs(args: argparse.Namespace, weights: Path) -> dict:
 def calibration_sets(args: argparse.Namespace) -> dict:
     """The calibration phantoms, for the JSON."""
     return {"plain_seeds": [CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms - 1],
-            "plain_frames_per_phantom": args.frames,
+            "plain_frames_per_phantom": args.calib_frames or args.frames,
             "randomised_seeds": ([RAND_CALIB_SEED0,
                                   RAND_CALIB_SEED0 + args.randomised_calib_phantoms - 1]
                                  if args.randomised_calib_phantoms else None),
-            "randomised_frames_per_phantom": args.randomised_frames}
+            "randomised_frames_per_phantom": (args.randomised_calib_frames
+                                              or args.randomised_frames)}
 
 
 def calibration_report(estimate: np.ndarray, tre: np.ndarray, group: np.ndarray,
@@ -202,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-phantoms", type=int, default=30)
     parser.add_argument("--calib-phantoms", type=int, default=8)
     parser.add_argument("--frames", type=int, default=40, help="live frames per phantom")
+    parser.add_argument("--calib-frames", type=int, default=None,
+                        help="live frames per calibration phantom (default --frames)")
+    parser.add_argument("--synthetic-phantoms", type=int, default=None,
+                        help="phantoms of the synthetic stage's cached pairs mixed in "
+                        "(default --train-phantoms)")
     parser.add_argument("--synthetic-frames", type=int, default=50,
                         help="--frames of the synthetic stage (its cached samples are mixed in)")
     parser.add_argument("--randomised-phantoms", type=int, default=0,
@@ -215,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                         "phantoms (seeds 3300..: the B-like validation inside family A)")
     parser.add_argument("--randomised-frames", type=int, default=25,
                         help="live frames per randomised phantom")
+    parser.add_argument("--randomised-calib-frames", type=int, default=None,
+                        help="live frames per randomised calibration phantom "
+                        "(default --randomised-frames)")
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps (reproducible) instead of --minutes")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -238,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                             args.randomised_frames, seed=args.seed, weights=weights,
                             scanner="randomised")
         live = {k: torch.cat([live[k], extra[k]]) for k in live}
-    synthetic = cached(args.cache, train_seeds, args.synthetic_frames, 4, size=64,
+    synthetic_seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + (args.synthetic_phantoms
+                                                             or args.train_phantoms)))
+    synthetic = cached(args.cache, synthetic_seeds, args.synthetic_frames, 4, size=64,
                        seed=args.seed)
     if args.randomised_phantoms:
         extra = cached(args.cache, list(range(RAND_SEED0, RAND_SEED0 + args.randomised_phantoms)),

@@ -48,6 +48,38 @@ def test_flag_rates_and_roc_count_what_they_say():
     assert math.isnan(bench.roc(frames[2:4])["auc"])  # no bad frame: no ROC
 
 
+def test_flag_reasons_count_which_check_fires_on_bad_and_good_frames():
+    frames = [{**_record(8.0, True, 9.0), "family": "B", "flags": ["error_estimate", "jump"]},
+              {**_record(1.0, True, 3.0), "family": "B", "flags": ["error_estimate"]},
+              {**_record(1.5, True, 1.0), "family": "B", "flags": ["jump"]},
+              {**_record(1.2, False, 1.0), "family": "B", "flags": []},
+              {**_record(3.0, True, 4.0), "family": "B", "flags": ["disagreement"]},  # neither
+              {**_record(0.5, False, 0.4), "family": "A", "flags": []}]
+    reasons = bench.flag_reasons(frames)
+    assert reasons["B"]["bad"] == {"frames": 1, "error_estimate": 1, "jump": 1}
+    assert reasons["B"]["good"] == {"frames": 3, "error_estimate": 1, "jump": 1}
+    assert reasons["A"] == {"bad": {"frames": 0}, "good": {"frames": 1}}
+
+
+def test_trust_bench_rates_name_the_flags_of_good_frames():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_trust", BENCH / "trust.py")
+        trust = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(trust)
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [{"tre_mm": 9.0, "error_mm": 8.0, "flags": ["error_estimate"], "flagged": True},
+            {"tre_mm": 1.0, "error_mm": 3.0, "flags": ["error_estimate"], "flagged": True},
+            {"tre_mm": 1.5, "error_mm": 1.0, "flags": [], "flagged": False},
+            {"tre_mm": float("nan"), "error_mm": 5.0, "flags": ["jump"], "flagged": True}]
+    r = trust.rates(rows)
+    assert r["frames"] == 3 and r["detection"] == 1.0 and r["false_alarm_tre_le_2mm"] == 0.5
+    assert r["flag_reasons_good"] == {"error_estimate": 1} and r["flag_reasons_bad"] == {
+        "error_estimate": 1}
+    assert r["estimate_median_bias_good_mm"] == pytest.approx(0.75)  # median of +2.0, -0.5
+
+
 def test_noise_twin_keeps_the_pose_and_has_no_gland():
     from regseg.types import Frame, GroundTruth
 
