@@ -20,9 +20,10 @@ from torch import Tensor
 
 from regseg import spatial
 from regseg.engines.base import Engine, make_engine
+from regseg.engines.refine import refine_velocity
 from regseg.errors import InputError
 from regseg.imageio import Volume, normalise_intensity
-from regseg.models.integrate import invert_ddf, invert_velocity, resize_ddf
+from regseg.models.integrate import invert_ddf, invert_velocity, resize_ddf, scaling_and_squaring
 from regseg.models.reg_losses import mind_loss
 from regseg.models.registry import WEIGHTS_DIR, load_model
 
@@ -165,6 +166,8 @@ class RegistrationEngine:
         backend, device, precision, threads, cache_dir: passed to
             :func:`regseg.engines.base.make_engine` (``backend="auto"`` picks and reports).
         affine_iterations: steps of the affine stage in :meth:`register` (0: no affine stage).
+        refine: instance-optimisation steps after the network (:mod:`regseg.engines.refine`;
+            0: the network's field as it is).
         outputs: model outputs to compute (:meth:`predict` needs ``ddf`` and ``field``; a graph
             backend then drops the rest).
     """
@@ -173,8 +176,9 @@ class RegistrationEngine:
                  device: torch.device | str = "cpu", affine_iterations: int = 120,
                  precision: str = "fp32", threads: int | None = None,
                  cache_dir: str | Path | None = None,
-                 outputs: tuple[str, ...] | None = None) -> None:
+                 outputs: tuple[str, ...] | None = None, refine: int = 0) -> None:
         model = load_model(shipped_weights(weights))
+        self.refine = int(refine)
         self.config = model.config
         self.size = tuple(self.config.size)
         self.weights = str(weights)
@@ -238,6 +242,12 @@ class RegistrationEngine:
         t2 = time.perf_counter()
         if deformable:
             out = self.predict(m_aff, f_work)
+            if self.refine > 0:
+                cfg = self.config
+                field_ = refine_velocity(f_work, m_aff, out["field"], steps=self.refine,
+                                         int_steps=cfg.int_steps, diffeomorphic=cfg.diffeomorphic)
+                out = {"field": field_, "ddf": scaling_and_squaring(field_, cfg.int_steps)
+                       if cfg.diffeomorphic else field_}
         else:
             zero = torch.zeros(1, 3, *self.size, device=dev)
             out = {"ddf": zero, "field": zero}

@@ -342,7 +342,8 @@ def run_register(args: argparse.Namespace) -> int:
     check_pairs(pairs)
     torch.set_num_threads(args.threads or default_threads())
     engine = RegistrationEngine(args.weights, backend=args.backend, device=device,
-                                affine_iterations=0 if args.no_affine else args.affine_iterations)
+                                affine_iterations=0 if args.no_affine else args.affine_iterations,
+                                refine=args.refine)
     startup_s = time.perf_counter() - started  # imports, checks, model load: not in any pair's
     reports = []
     for pair in tqdm(pairs, desc="register", unit="pair", disable=len(pairs) == 1):
@@ -431,6 +432,10 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--affine-iterations", type=int_at_least(0), default=120,
                    help="steps of the affine stage (default 120)")
     p.add_argument("--no-affine", action="store_true", help="skip the affine stage")
+    p.add_argument("--refine", type=int_at_least(0), default=0, metavar="N",
+                   help="instance optimisation: N steps refining the network's field on the pair "
+                   "(MIND + diffusion, diffeomorphic); accuracy for time, see the README table "
+                   "(default 0)")
     p.add_argument("--inverse", action="store_true",
                    help="also write the inverse displacement, inverse_ddf_mm.nii.gz (world mm on "
                    "the fixed grid, as ddf_mm.nii.gz: moving-side point z -> z + inverse(z))")
