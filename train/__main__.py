@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return regseg_main(["train", *argv])
     finally:
-        from regseg.train.distributed import shutdown
+        from regseg.distributed import shutdown
 
         shutdown()
 

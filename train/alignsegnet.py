@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from regseg import metrics, planes
+from regseg import distributed, metrics, planes
 from regseg.errors import InputError
 from regseg.models import losses
 from regseg.models.alignsegnet import AlignSegNet, AlignSegNetConfig
 from regseg.models.checkpoint import save_checkpoint
-from regseg.train import distributed
 from regseg.train.data import (
     OpenScanner,
     SampleSet,
@@ -34,6 +33,7 @@ from regseg.train.data import (
     open_randomised_scanner,
     open_simulated_scanner,
 )
+from regseg.train.distributed import main_first, wrap
 from regseg.train.resume import load_state, save_state, state_path
 from regseg.types import LESION, PROSTATE
 
@@ -264,7 +264,7 @@ def train_alignsegnet(
     train_seeds = list(range(1, train_phantoms + 1))
     val_seeds = list(range(VAL_SEED0, VAL_SEED0 + val_phantoms))
     data_args = dict(size=size, seed=seed, progress=progress)
-    with distributed.main_first(dist):  # local rank 0 fills the cache, the others read it
+    with main_first(dist):  # local rank 0 fills the cache, the others read it
         train_set, val_set, plain_val_set, demo_set = _datasets(
             cache_dir, train_seeds, val_seeds, samples, val_frames, open_scanner, randomise,
             plain_fraction, data_args)
@@ -277,7 +277,7 @@ def train_alignsegnet(
     init_meta = None
     if init is not None:
         model, init_meta = _load_init(init, cfg)
-    net = distributed.wrap(model, dist)  # DDP averages the gradients over the ranks
+    net = wrap(model, dist)  # DDP averages the gradients over the ranks
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []

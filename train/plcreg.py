@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from regseg import distributed
 from regseg.errors import InputError
-from regseg.train import distributed
 from regseg.train.plcreg_live import train_2d
 from regseg.train.plcreg_mni import train_3d
 from regseg.train.plcreg_recipe import Weights

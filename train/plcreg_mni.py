@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from regseg import spatial
+from regseg import distributed, spatial
 from regseg.models import reg_losses
 from regseg.models.plcreg import PLCReg, PLCRegConfig
 from regseg.registration_metrics import jacobian_stats, nanmean, sample_field
 from regseg.sim import mni
 from regseg.spatial import identity_grid, warp
-from regseg.train import distributed
+from regseg.train.distributed import wrap
 from regseg.train.plcreg_recipe import Weights, recent_losses, save_run, take_step
 from regseg.train.resume import load_state, save_state, state_path
 
@@ -136,7 +136,7 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
         resume: continue from ``out_dir/plcreg3d.state.pt`` (same options).
         checkpoint_every: steps between the resumable states (and at the end).
         cfg: the model (a smaller one in tests); the MNI grid follows ``cfg.size``.
-        dist: this rank (default :func:`regseg.train.distributed.init`).
+        dist: this rank (default :func:`regseg.distributed.init`).
     """
     t0 = time.monotonic()
     out_dir = Path(out_dir)
@@ -149,7 +149,7 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
     data_s = time.monotonic() - t0
     torch.manual_seed(seed)  # the initial weights (DDP then copies rank 0's to every rank)
     model = PLCReg(cfg)
-    net = distributed.wrap(model, dist)
+    net = wrap(model, dist)
     optimiser = torch.optim.Adam(net.parameters(), lr=lr, amsgrad=True)
     gen = torch.Generator().manual_seed(seed)
     val_seeds = list(range(20_000, 20_000 + val_pairs))  # apart from the eval set (10000..)

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from regseg.distributed import Dist
 from regseg.models.checkpoint import save_checkpoint
 from regseg.models.plcreg import PLCReg, PLCRegConfig, count_parameters
-from regseg.train.distributed import Dist
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,13 +44,13 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_batch(args: argparse.Namespace) -> int:
     """Run the job on this rank; rank 0 prints the summary. Exit 1 when any case failed."""
+    from regseg import distributed
     from regseg.batch.jobs import JOBS
     from regseg.batch.manifest import read_manifest
     from regseg.batch.runner import run_rank
     from regseg.cli_checks import check_checkpoint, check_writable
     from regseg.engines.registration import SHIPPED
     from regseg.models.registry import WEIGHTS_DIR
-    from regseg.train import distributed
 
     job = JOBS[args.job]
     if args.out.exists() and not args.out.is_dir():

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from regseg.batch.jobs import Job
 from regseg.batch.manifest import Case, case_digest
 from regseg.batch.shard import RESULT, finished, shard
-from regseg.train.distributed import Dist
+from regseg.distributed import Dist
 
 
 class _Loads(Dataset):

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from regseg import distributed
 from regseg.models.plcreg import PLCRegConfig
-from regseg.train import distributed
 from regseg.train.alignsegnet import train_alignsegnet
 from regseg.train.plcreg_mni import train_3d
 from regseg.train.plcreg_recipe import Weights

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from regseg import distributed
 from regseg.errors import InputError
-from regseg.train import distributed
 from regseg.train.plcreg_mni import _pair_losses, mni_pool, true_pair_ddf
 from regseg.train.plcreg_recipe import Weights
 
