@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: demo test lint bench train phantom clean
+.PHONY: demo test lint bench train phantom clean gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ train: $(STAMP)
 
 phantom: $(STAMP)
 	$(VENV)/bin/regseg phantom --out out/phantom --seed 0
+
+# The GPU acceptance check (bench/gpu_check.sh): no venv, nothing installed from the network; on
+# a machine without CUDA run `bash bench/gpu_check.sh --dry-run`.
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

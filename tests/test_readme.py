@@ -27,6 +27,7 @@ PEER = "needs a peer this machine does not have (a PLUS server or scanner; the s
 TRAINING = "a training run of minutes to hours; its code runs at tiny size in tests/train"
 BENCH = "a benchmark of minutes; its code and JSON are tested in tests/bench or by the benches' own tests"
 GPU = "needs CUDA"
+MULTI_NODE = "needs several machines"
 
 #: README command (whitespace collapsed) -> why it is not run. Every other command must be in RUN.
 MARKED = {
@@ -87,6 +88,31 @@ MARKED = {
     "regseg-stream --demo --web 127.0.0.1:8080": "runs until Ctrl-C and needs a browser; "
     "tests/web/test_stream_web.py drives it with headless Chromium",
     "python bench/serve.py --quick --json out/bench_serve.json": BENCH,
+    "torchrun --nproc-per-node 2 -m regseg.train alignsegnet --out runs/a2 --minutes 1 --samples 64 "
+    "--train-phantoms 2 --val-phantoms 1 --val-frames 8 --batch-size 8": TRAINING + "; "
+    "tests/train/test_distributed.py runs the same recipe under torchrun with 2 CPU ranks",
+    "torchrun --nproc-per-node 2 -m regseg.train plcreg3d --out runs/p3 --minutes 2 --pool 4 "
+    "--val-pairs 1 --batch-size 2": TRAINING + "; tests/train/test_distributed.py",
+    "torchrun --nproc-per-node 2 -m regseg.train plcreg3d --out runs/p3 --minutes 2 --pool 4 "
+    "--val-pairs 1 --batch-size 2 --resume": TRAINING + "; --resume is tested in "
+    "tests/train/test_distributed.py",
+    "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
+    "--rdzv-id p3 -m regseg.train plcreg3d --out /shared/runs/p3 --batch-size 8": MULTI_NODE,
+    "regseg mni --out data/mni50 --pairs 52": "52 pairs take minutes; the same command runs at 1 "
+    "pair in the scenario below",
+    "regseg batch register data/mni50/pairs.csv --out out/b50": "52 registrations (minutes); "
+    "tests/batch/test_batch.py runs batch register on small pairs",
+    "torchrun --nproc-per-node 2 -m regseg.batch register data/mni50/pairs.csv --out out/b50 "
+    "--no-affine": "minutes; tests/batch/test_batch.py runs the same with 2 ranks on small pairs",
+    "regseg batch segment targets.jsonl --out out/seg --atlas atlas.nii.gz --atlas-labels "
+    "atlas_labels.nii.gz": "needs the user's images and atlas; tests/batch/test_batch.py covers "
+    "segment",
+    "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
+    "--rdzv-id reg1 -m regseg.batch register /shared/pairs.csv --out /shared/out --device cuda":
+        MULTI_NODE,
+    "bash bench/gpu_check.sh --dry-run": "tests/bench/test_gpu_check.py runs exactly this",
+    'make gpu-check GPU_CHECK_ARGS="--out out/gpu_check --data data/mni4"': GPU,
+    ".venv/bin/python bench/batch.py --quick --json out/bench_batch.json": BENCH,
 }
 
 CASE = "--mri case.nii.gz --mri-labels case_labels.nii.gz"
