@@ -25,7 +25,13 @@ from regseg.models.registry import default_weights_path, load_model
 from regseg.registration_metrics import jacobian_stats, nanmean
 from regseg.spatial import warp
 from regseg.train.data import CACHEABLE_SCANNERS, frame_sample, mri_tensors
-from regseg.train.plcreg_recipe import Weights, recent_losses, save_run, take_step
+from regseg.train.plcreg_recipe import (
+    StepProgress,
+    Weights,
+    recent_losses,
+    save_run,
+    take_step,
+)
 
 VAL_SEED0 = 1000  # held-out phantoms, as for AlignSegNet
 LIVE_DATA_VERSION = 1
@@ -222,6 +228,7 @@ def fit(model: PLCReg, train_set: LiveSet, *, deadline: float, seed: int, batch_
     optimiser = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
     gen = torch.Generator().manual_seed(seed)
     step = 0
+    bar = StepProgress("plcreg2d", deadline - time.monotonic(), progress)
     while time.monotonic() < deadline:
         idx = torch.randint(len(train_set), (batch_size,), generator=gen)
         b = train_set.batch(idx)
@@ -235,7 +242,8 @@ def fit(model: PLCReg, train_set: LiveSet, *, deadline: float, seed: int, batch_
         }
         loss = (weights.dice * parts["dice"] + weights.epe * parts["epe"]
                 + weights.smooth * parts["smooth"])
-        step = take_step(optimiser, loss, parts, history, report_every=50 if progress else 0)
+        step = take_step(optimiser, loss, parts, history, progress=bar)
+    bar.close()
     return step
 
 
@@ -264,4 +272,4 @@ def train_2d(out_dir: Path, *, minutes: float, seed: int, frames: int, phantoms:
     summary.update(frames=len(train_set), val_frames=len(val_set), steps=step,
                    data_s=round(data_s, 1), train_s=round(train_s, 1), batch_size=batch_size,
                    final_losses=recent_losses(history, 50))
-    return save_run(out_dir, "plcreg2d", model, cfg, summary, weights, seed, lr)
+    return save_run(out_dir, "plcreg2d", model, cfg, summary, weights, seed, lr, history=history)

@@ -21,7 +21,13 @@ from regseg.registration_metrics import jacobian_stats, nanmean, sample_field
 from regseg.sim import mni
 from regseg.spatial import identity_grid, warp
 from regseg.train.distributed import wrap
-from regseg.train.plcreg_recipe import Weights, recent_losses, save_run, take_step
+from regseg.train.plcreg_recipe import (
+    StepProgress,
+    Weights,
+    recent_losses,
+    save_run,
+    take_step,
+)
 from regseg.train.resume import load_state, save_state, state_path
 
 #: The 3-D offline model at the reduced MNI grid (48 x 64 x 48 voxels of 3.25 mm).
@@ -167,6 +173,7 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
         if dist.main:
             print(f"resumed from {state_file} at step {step}", flush=True)
     dev = dist.device
+    bar = StepProgress("plcreg3d", deadline - time.monotonic(), progress)
     while True:
         now = time.monotonic()
         stop = now >= deadline or (steps is not None and step >= steps)
@@ -182,12 +189,12 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
                 .to(dev) if weights.epe > 0 else None)
         loss, parts = _pair_losses(out, maps[i].float().to(dev), maps[j].float().to(dev), fixed,
                                    true, weights)
-        step = take_step(optimiser, loss, parts, history, report_every=25 if progress else 0,
-                         dist=dist)
+        step = take_step(optimiser, loss, parts, history, dist=dist, progress=bar)
         if dist.main and checkpoint_every and step % checkpoint_every == 0:
             save_state(state_file, model=model, optimiser=optimiser, step=step, generator=gen,
                        run_key=run_key, extra={"history": history,
                                                "left_s": deadline - time.monotonic()})
+    bar.close()
     train_s = time.monotonic() - t0 - data_s
     if not dist.main:
         return None
@@ -200,4 +207,4 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
                "val_seeds": val_seeds, "mni_config": dataclasses.asdict(base.config),
                "pool_affine_scale": affine_scale,
                "final_losses": recent_losses(history, 25)}
-    return save_run(out_dir, "plcreg3d", model, cfg, summary, weights, seed, lr)
+    return save_run(out_dir, "plcreg3d", model, cfg, summary, weights, seed, lr, history=history)
