@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     sm = steps.add_parser("simulate", help="write simulated sessions of every step (and truth)")
     sm.add_argument("--out", action=Once, required=True, help="output folder")
-    sm.add_argument("--seed", action=Once, type=int_at_least(0), default=0)
+    sm.add_argument("--seed", action=Once, type=int_at_least(0), default=0,
+                    help="seed of the simulated sessions (default 0)")
     sm.add_argument("--frames", action=Once, type=int_at_least(8), default=60,
                     help="N-wire frames (default 60)")
     sm.set_defaults(func=run_simulate)

@@ -458,5 +458,6 @@ def add_mni_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--pairs", type=int_at_least(1), default=8,
                    help="number of pairs (default 8)")
-    p.add_argument("--split", default="eval", choices=["eval", "train"])
+    p.add_argument("--split", default="eval", choices=["eval", "train"],
+                   help="eval pairs (seeds 10000..) or training pairs (0..); they never overlap")
     p.set_defaults(func=run_mni)

@@ -458,14 +458,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--minutes", type=float, default=25.0,
                         help="wall-time budget including data generation (default 25)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data draw and the initial weights (default 0)")
     parser.add_argument("--samples", type=int, default=6000, help="training frames")
     parser.add_argument("--train-phantoms", type=int, default=16,
                         help="training phantom seeds 1..N (seed 0 is the demo case)")
-    parser.add_argument("--val-phantoms", type=int, default=4)
+    parser.add_argument("--val-phantoms", type=int, default=4,
+                        help="held-out phantoms for validation, seeds 1000.. (default 4)")
     parser.add_argument("--val-frames", type=int, default=100, help="frames per val phantom")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="frames per step; the global batch under torchrun (default 16)")
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="Adam learning rate (default 2e-3)")
     parser.add_argument("--steps", type=int, default=None,
                         help="fixed step count (default: fit to the budget)")
     parser.add_argument("--validate-every", type=float, default=120.0,

@@ -26,25 +26,30 @@ def add_arguments(parser: argparse.ArgumentParser, dim: int) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--minutes", type=float, default=15.0,
                         help="wall-time budget including data generation (default 15)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data draw and the initial weights (default 0)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="Adam learning rate (default 1e-3)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     if dim == 2:
         parser.add_argument("--frames", type=int, default=2400, help="training frames")
         parser.add_argument("--phantoms", type=int, default=16, help="training phantoms 1..N")
         parser.add_argument("--val-frames", type=int, default=40, help="per held-out phantom")
-        parser.add_argument("--batch-size", type=int, default=8)
+        parser.add_argument("--batch-size", type=int, default=8,
+                            help="frame pairs per step (default 8)")
         parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                             help="working grid (default 64 64)")
         parser.add_argument("--epe", type=float, default=0.1,
                             help="weight of the end-point error to the true field, in working-"
                                  "grid pixels (default 0.1; 0.05 was used at 128x128)")
         parser.add_argument("--cache-dir", type=Path,
-                            default=Path.home() / ".cache" / "regseg" / "train")
+                            default=Path.home() / ".cache" / "regseg" / "train",
+                            help="simulated-frame cache (default ~/.cache/regseg/train)")
     else:
         parser.add_argument("--pool", type=int, default=96, help="deformed templates to pair")
-        parser.add_argument("--val-pairs", type=int, default=4)
+        parser.add_argument("--val-pairs", type=int, default=4,
+                            help="validation pairs, MNI152 seeds 20000.. (default 4)")
         parser.add_argument("--epe", type=float, default=0.1,
                             help="weight of the end-point error to the true field (default 0.1)")
         parser.add_argument("--smooth", type=float, default=0.05, help="smoothness weight")
