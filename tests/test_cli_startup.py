@@ -46,3 +46,23 @@ def test_openmp_waits_passively_unless_the_user_chose():
 def test_default_threads_follow_the_cpus_this_process_may_use(monkeypatch, cpus, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     assert register_cli.default_threads() == expected
+
+
+def test_every_option_of_every_task_has_a_help_text():
+    """Issue 17 item 6: many training options had no help."""
+    import argparse
+
+    from regseg.cli import build_parser
+
+    missing = []
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*prefix, name])
+            elif action.option_strings and action.dest != "help" and not action.help:
+                missing.append(f"{' '.join(prefix)} {action.option_strings[0]}")
+
+    walk(build_parser(), ["regseg"])
+    assert not missing, f"options without a help text: {missing}"

@@ -113,6 +113,11 @@ MARKED = {
     "bash bench/gpu_check.sh --dry-run": "tests/bench/test_gpu_check.py runs exactly this",
     'make gpu-check GPU_CHECK_ARGS="--out out/gpu_check --data data/mni4"': GPU,
     ".venv/bin/python bench/batch.py --quick --json out/bench_batch.json": BENCH,
+    "regseg train ascseg --out runs/ascseg --trus-only --minutes 62": TRAINING,
+    "regseg train ascseg --out runs/ascseg --minutes 62": TRAINING,
+    "regseg train ascseg --arch monai_unet --out runs/ascseg --minutes 40": TRAINING,
+    "regseg train ascseg --arch monai_unetr --out runs/ascseg --minutes 40": TRAINING,
+    "python bench/segmentation.py --quick --json out/bench_segmentation_quick.json": BENCH,
 }
 
 CASE = "--mri case.nii.gz --mri-labels case_labels.nii.gz"
@@ -126,6 +131,8 @@ RUN = {
     "igtl://127.0.0.1:18944 --serve igtl://127.0.0.1:18945":
         "regseg-stream --mri out/case/case.nii.gz --mri-labels out/case/case_labels.nii.gz --source "
         "igtl://127.0.0.1:{sim_port} --serve igtl://127.0.0.1:{serve_port} --max-frames 3 --quiet",
+    "regseg-stream --demo --segmenter ascseg-trus --max-frames 30":
+        "regseg-stream --demo --segmenter ascseg-trus --max-frames 3 --serve none --zmq none --quiet",
     "regseg-stream --demo --deformable on|off":
         "regseg-stream --demo --deformable {on_off} --max-frames 3 --serve none --zmq none --quiet",
     "regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --source file://session.igs.mha "
@@ -248,6 +255,7 @@ def test_readme_commands_work_as_written(tmp_path, free_port):
 
     for on_off in ("on", "off"):
         readme("regseg-stream --demo --deformable on|off", on_off=on_off)
+    readme("regseg-stream --demo --segmenter ascseg-trus --max-frames 30")
 
     # Replay a recording (made here by the demo, which records what the scanner sends).
     run("regseg-stream --demo --max-frames 4 --serve none --zmq none --quiet --record "

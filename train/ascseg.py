@@ -352,9 +352,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=30.0,
                         help="wall-time budget including data loading (default 30)")
     parser.add_argument("--size", type=int, default=48, help="working size (default 48)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="frames per step (default 8)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the batch draw and the initial weights (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--validate-every", type=float, default=300.0,
                         help="seconds between validations (default 300)")
