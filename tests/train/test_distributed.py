@@ -100,7 +100,7 @@ def test_alignsegnet_on_two_ranks_is_close_to_one_process(runs):
 def test_rank_zero_alone_writes(runs):
     for recipe, files in (("alignsegnet", ("alignsegnet.pt", "alignsegnet.json",
                                            "alignsegnet_training.png")),
-                          ("plcreg3d", ("plcreg3d.pt", "plcreg3d.json"))):
+                          ("plcreg3d", ("plcreg3d.pt", "plcreg3d.json", "plcreg3d_training.png"))):
         written = sorted(p.name for p in (runs / "two" / recipe).iterdir())
         assert written == sorted([*files, f"{recipe}.state.pt"])
     import json
