@@ -10,6 +10,7 @@ from torch import nn
 
 from regseg.errors import EngineError, InputError
 from regseg.models.alignsegnet import AlignSegNet, AlignSegNetConfig
+from regseg.models.ascseg import ASCSeg, ASCSegConfig
 from regseg.models.checkpoint import load_state, read_checkpoint
 from regseg.models.plcreg import PLCReg, PLCRegConfig
 
@@ -19,6 +20,8 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     # deformable; shipped weights plcreg2d.pt (live) and plcreg3d.pt (offline), see
     # regseg.engines.registration.SHIPPED
     "plcreg": (PLCRegConfig, PLCReg),
+    # 2-D TRUS segmentation; shipped weights ascseg.pt (fused) and ascseg_trus.pt (TRUS only)
+    "ascseg": (ASCSegConfig, ASCSeg),
 }
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"

@@ -50,11 +50,23 @@ def build_default_capture(**engine_options):
                          **engine_options)
 
 
+def build_segmenter(name: str = "unet", *, backend: str = "auto",
+                    device: torch.device | str = "cpu", threads: int | None = None):
+    """The ``--segmenter`` stage: None for ``unet`` (AlignSegNet's own head, no extra stage),
+    else a :class:`regseg.stream.segmenter.Segmenter` (``ascseg``, ``ascseg-trus``)."""
+    if name == "unet":
+        return None
+    from regseg.stream.segmenter import Segmenter
+
+    return Segmenter(name, backend=backend, device=device, threads=threads)
+
+
 def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None, capture=None,
                    reference_to_mri: np.ndarray | None = None,
-                   cuda_graph: bool = False) -> Pipeline:
+                   cuda_graph: bool = False, segmenter=None) -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
-    ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own)."""
+    ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
+    ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head)."""
     extra = {} if capture is None else {"capture": capture}
     return Pipeline(context, engine, reference_to_mri=reference_to_mri, cuda_graph=cuda_graph,
-                    deformable=deformable, **extra)
+                    deformable=deformable, segmenter=segmenter, **extra)

@@ -68,8 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556 ('none' for none; default "
                    "tcp://127.0.0.1:5556 with --demo)")
     p.add_argument("--reference-to-mri", action=Once, default=None,
-                   help="text file with the 4x4 ReferenceToMRI matrix (initial registration); "
-                   "default identity")
+                   help="ReferenceToMRI (initial registration): ITK .tfm/.h5 as Slicer saves it, "
+                   "PLUS .xml (Reference -> MRI) or a text file of 4 rows of 4 numbers; default "
+                   "identity")
+    cal = p.add_argument_group("calibration (regseg calibrate ...)")
+    cal.add_argument("--probe-calibration", action=Once, default=None, metavar="FILE",
+                     help="ImageToProbe (PLUS .xml, .tfm/.h5 or 4x4 .txt, pixels -> mm): pair "
+                     "IMAGEs with the probe's TRANSFORM (--probe-transform) and use "
+                     "ProbeToReference x ImageToProbe as the frame's pose (igtl:// sources)")
+    cal.add_argument("--probe-transform", action=Once, default="ProbeToTracker", metavar="NAME",
+                     help="the probe's TRANSFORM device with --probe-calibration (default "
+                     "ProbeToTracker; ProbeToReference with a reference marker)")
+    cal.add_argument("--time-offset-ms", action=Once, type=float_at_least(-5000.0, 5000.0),
+                     default=0.0, metavar="MS",
+                     help="pair an IMAGE stamped t with the pose stamped t + MS (the lag "
+                     "`regseg calibrate temporal` measures; igtl:// sources)")
+    cal.add_argument("--landmarks-mri", action=Once, default=None, metavar="FILE",
+                     help="landmarks in the MRI (.mrk.json/.fcsv); with --landmarks-reference, "
+                     "ReferenceToMRI is registered from them at start (FRE printed)")
+    cal.add_argument("--landmarks-reference", action=Once, default=None, metavar="FILE",
+                     help="the same landmarks in the tracker's Reference frame (.mrk.json/.fcsv)")
     p.add_argument("--max-frames", action=Once, type=int_at_least(1), default=None,
                    help="stop after this many results")
     p.add_argument("--fps", action=Once, type=float_at_least(0.0, 1000.0), default=30.0,
@@ -92,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFORMABLE_DEFAULT}; see README 'Registration')")
     p.add_argument("--deformable-weights", action=Once, default="plcreg2d",
                    help="2-D PLCReg checkpoint for --deformable on (default: shipped)")
+    p.add_argument("--segmenter", action=Once, choices=["unet", "ascseg", "ascseg-trus"],
+                   default="unet",
+                   help="segmentation stage: unet (default, AlignSegNet's head), ascseg (ASC-Seg "
+                   "on the frame + registered MRI) or ascseg-trus (ASC-Seg on the frame alone: "
+                   "the disagreement flag then compares two independent views)")
     p.add_argument("--refine-iterations", action=Once, type=int_at_least(1),
                    default=REFINE_ITERATIONS, metavar="K",
                    help="registrations per frame, each on the MRI resliced at the estimate so far "
@@ -138,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--igtl-header-version", action=Once, type=int, choices=[1, 2], default=2,
                     help="OpenIGTLink header version we send: 2 (Slicer, PLUS; metadata) or 1 "
                     "(OpenIGTLink <= 2.x receivers such as Debian's 1.11 library)")
+    io.add_argument("--web", action=Once, default=None, metavar="HOST:PORT",
+                    help="browser view of the overlay, quality, fps and latency, e.g. "
+                    "127.0.0.1:8080 (JPEG over a WebSocket; 0.0.0.0 to reach it from a tablet)")
     io.add_argument("--no-contours", action="store_true",
                     help="do not send the ProstateContour/LesionContour POLYDATA outlines")
     net = p.add_argument_group("network safeguards (OpenIGTLink server)")
@@ -181,6 +207,25 @@ def _file_or_grabber_source(args, plan, slot):
                          fps=0.0 if args.replay_rate == "max" else None)
 
 
+def _pairing(args, plan) -> dict:
+    """IgtlSource arguments for --probe-calibration and --time-offset-ms (issue 10)."""
+    if plan.image_to_probe is None and not plan.time_offset_s:
+        return {}
+    from regseg.stream.igtl.pairing import TimestampPairer
+
+    # Poses follow their images by about the offset: wait that long plus the usual margin, keep
+    # poses back that far, and take the nearest within half a 30 fps period (no interpolation).
+    offset = plan.time_offset_s
+    pairer = TimestampPairer(tolerance_s=0.017 if offset else 0.005,
+                             max_wait_s=0.05 + max(offset, 0.0),
+                             history=16 + int(abs(offset) * 200),
+                             image_to_probe=plan.image_to_probe, time_offset_s=offset)
+    extra = {"pairer": pairer}
+    if plan.image_to_probe is not None:
+        extra["transform_device"] = args.probe_transform
+    return extra
+
+
 def _context_and_source(args, plan, slot):
     """MRI context and frame source for the checked plan (imports here keep start-up quick)."""
     from regseg.stream.context import build_context, load_context
@@ -199,7 +244,8 @@ def _context_and_source(args, plan, slot):
 
         source = IgtlSource(plan.source_host, plan.source_port, slot,
                             image_device=args.image_device,
-                            max_image_bytes=image_body_limit(plan.limits.max_pixels))
+                            max_image_bytes=image_body_limit(plan.limits.max_pixels),
+                            **_pairing(args, plan))
     else:  # opened first: a missing device or unreadable file fails before the MRI loads
         source = _file_or_grabber_source(args, plan, slot)
     try:
@@ -231,6 +277,12 @@ def _sinks(args, plan, on_message=None) -> tuple[list, list[str]]:
 
             sinks.append(ZmqSink(plan.zmq))
             urls.append(plan.zmq)
+        if plan.web:
+            from regseg.stream.web.sink import open_web_sink
+
+            sinks.append(open_web_sink(*plan.web))
+            urls.append(sinks[-1].server.url)
+            print(f"regseg-stream: web view {urls[-1]}", file=sys.stderr, flush=True)
     except BaseException:
         for sink in sinks:
             sink.close()
@@ -252,12 +304,19 @@ def run(args, stop: threading.Event | None = None,
     ends it cleanly).
     """
     plan = check_args(args)
+    if plan.landmarks is not None:
+        print(f"regseg-stream: {plan.landmarks.describe()}", file=sys.stderr, flush=True)
     import torch
 
     threads = args.threads or (1 if plan.device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    from regseg.stream.build import build_deformable, build_engine, build_pipeline
+    from regseg.stream.build import (
+        build_deformable,
+        build_engine,
+        build_pipeline,
+        build_segmenter,
+    )
     from regseg.stream.capture import build_capture
     from regseg.stream.gate import FrameGate
     from regseg.stream.igtl.registration import RegistrationListener
@@ -298,9 +357,11 @@ def run(args, stop: threading.Event | None = None,
                                 args.temporal_filter, weights=args.weights,
                                 backend=args.backend, device=plan.device,
                                 precision=args.precision, threads=args.engine_threads or threads)
+        segmenter = build_segmenter(args.segmenter, backend=args.backend, device=plan.device,
+                                    threads=args.engine_threads or threads)
         pipeline = build_pipeline(context, engine, reference_to_mri=plan.reference_to_mri,
                                   cuda_graph=args.cuda_graph, deformable=deformable,
-                                  capture=capture)
+                                  capture=capture, segmenter=segmenter)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -322,6 +383,8 @@ def run(args, stop: threading.Event | None = None,
              "deformable": (f"{deformable.weights}/{deformable.engine.backend}"
                             if deformable is not None else "off"),
              "engine_info": engine.info,
+             "segmenter": (f"{args.segmenter}/{segmenter.backend}" if segmenter is not None
+                           else "unet"),
              "capture": {"refine_iterations": capture.refine_iterations,
                          "multi_start": args.multi_start, "temporal_filter": args.temporal_filter},
              "deformable_engine_info": (deformable.engine.engine.info

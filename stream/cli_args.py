@@ -36,20 +36,45 @@ def _device(name: str):
 
 
 def _reference_to_mri(path: str | None):
-    """The --reference-to-mri matrix, (4, 4) float64, checked by regseg.geometry.check_affine."""
-    import numpy as np
-
-    from regseg.geometry import check_affine
-
+    """The --reference-to-mri matrix, (4, 4) float64: our 4x4 text, ITK .tfm/.h5 (Slicer's
+    convention) or PLUS .xml (regseg.calibration.live), checked by regseg.geometry.check_affine."""
     if path is None:
         return None
+    from regseg.calibration.live import read_reference_to_mri
+
     check_readable_file(path, "--reference-to-mri")
-    try:
-        m = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"--reference-to-mri {path}: cannot read a matrix ({exc}); a text file "
-                         "with 4 rows of 4 numbers is expected") from None
-    return check_affine(m, what=f"--reference-to-mri {path}")
+    return read_reference_to_mri(path)
+
+
+def _calibration(args, plan) -> None:
+    """--probe-calibration, --time-offset-ms, --landmarks-mri/--landmarks-reference (issue 10)."""
+    from regseg.calibration import live
+
+    plan.image_to_probe = None
+    plan.time_offset_s = (getattr(args, "time_offset_ms", None) or 0.0) / 1e3
+    if getattr(args, "probe_calibration", None):
+        if plan.kind != "igtl":
+            raise InputError(f"--probe-calibration {args.probe_calibration}: only with an "
+                             "igtl:// source (the probe's ProbeToTracker/ProbeToReference "
+                             "TRANSFORMs come over OpenIGTLink)")
+        check_readable_file(args.probe_calibration, "--probe-calibration")
+        plan.image_to_probe = live.read_image_to_probe(args.probe_calibration)
+    if plan.time_offset_s and plan.kind != "igtl":
+        raise InputError(f"--time-offset-ms {args.time_offset_ms}: only with an igtl:// source "
+                         "(it shifts image timestamps when pairing them with TRANSFORMs)")
+    mri, ref = getattr(args, "landmarks_mri", None), getattr(args, "landmarks_reference", None)
+    plan.landmarks = None
+    if bool(mri) != bool(ref):
+        raise InputError("--landmarks-mri and --landmarks-reference go together: the same "
+                         "landmarks in the MRI and in the tracker's Reference frame")
+    if mri:
+        if args.reference_to_mri:
+            raise InputError("--reference-to-mri and --landmarks-mri/--landmarks-reference both "
+                             "set ReferenceToMRI; give one of them")
+        check_readable_file(mri, "--landmarks-mri")
+        check_readable_file(ref, "--landmarks-reference")
+        plan.landmarks = live.register_landmarks(mri, ref)
+        plan.reference_to_mri = plan.landmarks.reference_to_mri
 
 
 def _sim_seed(source: str, default: int) -> int:
@@ -99,9 +124,9 @@ def check_args(args) -> argparse.Namespace:
     from regseg.engines.registration import SHIPPED
     from regseg.geometry import FrameLimits
     from regseg.models.registry import WEIGHTS_DIR
+    from regseg.sequence_file import SEQUENCE_EXTENSIONS
     from regseg.stream.grabber_source import parse_crop
     from regseg.stream.igtl.registration import parse_hosts
-    from regseg.sequence_file import SEQUENCE_EXTENSIONS
 
     plan = argparse.Namespace()
     url = args.source or ("sim://" if args.demo else None)
@@ -141,6 +166,7 @@ def check_args(args) -> argparse.Namespace:
     plan.crop = parse_crop(args.grabber_crop) if args.grabber_crop else None
     plan.spacing_mm = _spacing(args.grabber_spacing_mm)
     plan.reference_to_mri = _reference_to_mri(args.reference_to_mri)
+    _calibration(args, plan)
     plan.registration_hosts = parse_hosts(args.accept_registration_from)
     if args.record_outputs and not args.record:
         raise InputError("--record-outputs needs --record PATH.igs.mha")
@@ -162,6 +188,10 @@ def check_args(args) -> argparse.Namespace:
     if args.deformable == "on":
         check_checkpoint(args.deformable_weights, "--deformable-weights", "plcreg", ndim=2,
                          shipped={name: WEIGHTS_DIR / f"{name}.pt" for name in SHIPPED})
+    if getattr(args, "segmenter", "unet") != "unet":
+        check_checkpoint(args.segmenter, "--segmenter", "ascseg",
+                         shipped={"ascseg": WEIGHTS_DIR / "ascseg.pt",
+                                  "ascseg-trus": WEIGHTS_DIR / "ascseg_trus.pt"})
     plan.serve = []
     serve = args.serve if args.serve is not None else (["igtl://127.0.0.1:18945"] if args.demo
                                                        else [])
@@ -179,6 +209,14 @@ def check_args(args) -> argparse.Namespace:
         if plan.zmq.startswith("tcp://"):
             _claim(bound, *host_port(plan.zmq, "tcp", "--zmq"), f"--zmq {plan.zmq}")
         check_zmq_endpoint(plan.zmq)
+    plan.web = None
+    if getattr(args, "web", None) and args.web != "none":
+        from regseg.stream.serve.config import address
+
+        plan.web = address(args.web, "--web")
+        if plan.web[1]:
+            _claim(bound, *plan.web, f"--web {args.web}")
+            check_port_free(*plan.web, f"--web {args.web}")
     plan.limits = FrameLimits(max_pixels=args.max_frame_pixels)
     # Files last, so every flag is checked even when a path is wrong; their content is read
     # (and checked) when the source opens and the case loads.

@@ -76,8 +76,12 @@ class FrameChain:
 
     def __init__(self, context: MriContext, engine: FusionEngine,
                  frame_hw: tuple[int, int], *, refine_iterations: int = 1,
-                 multi_start: MultiStart | None = None, theta_engine: Any = None) -> None:
+                 multi_start: MultiStart | None = None, theta_engine: Any = None,
+                 segmenter: Any = None) -> None:
         self.context, self.engine = context, engine
+        # Optional segmentation stage replacing the U-Net head's logits (--segmenter,
+        # regseg.stream.segmenter.Segmenter): (trus, mri, mri_labels, theta) -> logits.
+        self.segmenter = segmenter
         self.frame_hw = (int(frame_hw[0]), int(frame_hw[1]))
         self.size = tuple(engine.size)
         device = context.mri.device
@@ -134,6 +138,12 @@ class FrameChain:
                               "nearest")
         return warped[0, 0].to(torch.uint8)
 
+    def seg_logits(self, inputs: tuple[Tensor, Tensor, Tensor], theta: Tensor,
+                   logits: Tensor) -> Tensor:
+        """The logits to segment: the segmenter's on ``inputs`` and ``theta`` when there is one,
+        else the fusion model's ``logits``."""
+        return logits if self.segmenter is None else self.segmenter(*inputs, theta)
+
     def segment(self, logits: Tensor) -> Tensor:
         """Labels at frame size, (H, W) uint8: bilinear logits, then argmax."""
         up = F.interpolate(logits, size=self.frame_hw, mode="bilinear", align_corners=False)
@@ -141,7 +151,9 @@ class FrameChain:
 
     def run(self, pixels: Tensor, mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """All tensor stages: (theta (1, 2, 3), labels (H, W) uint8, warped labels (H, W) uint8)."""
-        theta, logits = self.model(*self.prepare(pixels, mats), mats)
+        inputs = self.prepare(pixels, mats)
+        theta, logits = self.model(*inputs, mats)
+        logits = self.seg_logits(inputs, theta, logits)
         return theta, self.segment(logits), self.warp_labels(theta, mats)
 
 
@@ -170,8 +182,10 @@ class Pipeline:
                  cuda_graph: bool = False, preprocess: str = "torch",
                  deformable: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
                  | None = None, capture: Capture | None = None,
-                 quality: QualityCheck | None = None) -> None:
+                 quality: QualityCheck | None = None, segmenter: Any = None) -> None:
         self.context = context
+        # Optional segmentation stage instead of the U-Net head (regseg.stream.segmenter).
+        self.segmenter = segmenter
         self.engine = engine
         self.device = engine.device
         self.reference_to_mri = np.eye(4) if reference_to_mri is None else reference_to_mri
@@ -220,6 +234,7 @@ class Pipeline:
         key = (int(frame_hw[0]), int(frame_hw[1]))
         if key not in self._chains:
             self._chains[key] = FrameChain(self.context, self.engine, key,
+                                           segmenter=self.segmenter,
                                            **self.capture.chain_options())
         return self._chains[key]
 
@@ -285,6 +300,7 @@ class Pipeline:
             replaced = self.deformable is not None or self.capture.temporal is not None
             warped = None if replaced else chain.warp_labels(theta, mats).numpy()
             t.append(now_ns())
+            logits = chain.seg_logits(inputs, theta, logits)
             labels = chain.segment(logits).numpy()
             t.append(now_ns())
             seg_conf = seg_confidence(logits)
