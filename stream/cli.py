@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 
 # Only the standard library and regseg's light modules at import time: Ctrl-C must find main()'s
 # handler installed as early as possible, so numpy, torch and the rest are imported in functions.
 from regseg.cli_checks import (
-    EXIT_INPUT,
-    EXIT_INTERRUPTED,
     Once,
     Parser,
     float_at_least,
     int_at_least,
-    memory_message,
 )
-from regseg.errors import InputError, RegsegError
 from regseg.stream.cli_args import check_args
+from regseg.stream.entry import run_live
 
 EPILOG = """examples:
   regseg-stream --demo --max-frames 200
@@ -404,10 +400,6 @@ def run(args, stop: threading.Event | None = None,
     return summary
 
 
-class _Terminated(Exception):
-    """SIGTERM before the stream runs: leave quietly."""
-
-
 def main(argv: list[str] | None = None) -> int:
     """``regseg-stream``: 0 done, 2 bad input (one paragraph, nothing written), 1 a failure at
     run time, 130 interrupted by Ctrl-C (during the stream: after its summary).
@@ -416,47 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     written. Before that (checks, loading, building engines) they end the process at once,
     quietly; a second Ctrl-C during the clean end does too.
     """
-    stop, running = threading.Event(), threading.Event()
-    stopped_by: list[int] = []
 
-    def on_signal(signum, _frame):
-        if running.is_set() and not stop.is_set():
-            stopped_by.append(signum)
-            stop.set()
-        elif signum == signal.SIGTERM and not running.is_set():
-            raise _Terminated
-        else:
-            raise KeyboardInterrupt
+    def report(summary: dict) -> None:
+        from regseg.stream.stats import format_summary
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-                if in_main else {})
-    for sig in previous:
-        signal.signal(sig, on_signal)
-    try:
-        summary = run(build_parser().parse_args(argv), stop=stop, running=running)
-    except KeyboardInterrupt:
-        print("regseg-stream: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except _Terminated:
-        print("regseg-stream: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except InputError as exc:
-        print(f"regseg-stream: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except MemoryError as exc:
-        print(f"regseg-stream: error: {memory_message(exc)}", file=sys.stderr)
-        return EXIT_INPUT
-    except RegsegError as exc:
-        print(f"regseg-stream: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    from regseg.stream.stats import format_summary
+        print(format_summary(summary))
 
-    print(format_summary(summary))
-    return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
+    def start(stop, running) -> dict:
+        return run(build_parser().parse_args(argv), stop=stop, running=running)
+
+    return run_live("regseg-stream", start, report)
 
 
 if __name__ == "__main__":

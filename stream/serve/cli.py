@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 import time
 
 from regseg.cli_checks import (
-    EXIT_INPUT,
-    EXIT_INTERRUPTED,
     Once,
     Parser,
     float_at_least,
     int_at_least,
-    memory_message,
 )
-from regseg.errors import InputError, RegsegError
+from regseg.errors import InputError
+from regseg.stream.entry import run_live
 
 EPILOG = """examples:
   regseg-serve --demo 2 --web 127.0.0.1:8080
@@ -219,55 +216,20 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-class _Terminated(Exception):
-    """SIGTERM before the sessions run: leave quietly."""
-
-
 def main(argv: list[str] | None = None) -> int:
     """``regseg-serve``: 0 done, 2 bad input, 1 a failure, 130 interrupted (after the summary).
 
     Ctrl-C or SIGTERM once the sessions run ends them cleanly (summary printed and written);
     before that (checks, loading, building engines) it ends the process at once, quietly.
     """
-    stop, running = threading.Event(), threading.Event()
-    stopped_by: list[int] = []
 
-    def on_signal(signum, _frame):
-        if running.is_set() and not stop.is_set():
-            stopped_by.append(signum)
-            stop.set()
-        elif signum == signal.SIGTERM and not running.is_set():
-            raise _Terminated
-        else:
-            raise KeyboardInterrupt
+    def report(summary: dict) -> None:
+        print(format_summary(summary))
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-                if in_main else {})
-    for sig in previous:
-        signal.signal(sig, on_signal)
-    try:
-        summary = run(build_parser().parse_args(argv), stop=stop, running=running)
-    except KeyboardInterrupt:
-        print("regseg-serve: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except _Terminated:
-        print("regseg-serve: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except InputError as exc:
-        print(f"regseg-serve: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except MemoryError as exc:
-        print(f"regseg-serve: error: {memory_message(exc)}", file=sys.stderr)
-        return EXIT_INPUT
-    except RegsegError as exc:
-        print(f"regseg-serve: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print(format_summary(summary))
-    return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
+    def start(stop, running) -> dict:
+        return run(build_parser().parse_args(argv), stop=stop, running=running)
+
+    return run_live("regseg-serve", start, report)
 
 
 if __name__ == "__main__":

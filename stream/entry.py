@@ -1,0 +1,71 @@
+"""What the live entry points (``regseg-stream``, ``regseg-serve``) share: signals and exit codes.
+
+Only the standard library and regseg's light modules here: the handlers must be in place before
+numpy and torch load, so that Ctrl-C during start-up ends the process at once and quietly.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from regseg.cli_checks import EXIT_INPUT, EXIT_INTERRUPTED, memory_message
+from regseg.errors import InputError, RegsegError
+
+
+class Terminated(Exception):
+    """SIGTERM before the live loop runs: leave quietly."""
+
+
+def run_live(prog: str, start: Callable[[threading.Event, threading.Event], dict],
+             report: Callable[[dict], None]) -> int:
+    """Run ``start(stop, running)`` (it parses, checks, builds and runs until ``stop``; it sets
+    ``running`` once the live loop runs) and ``report`` its summary.
+
+    Returns 0 done, 2 bad input (one paragraph ``PROG: error: ...``), 1 a failure at run time,
+    130 interrupted by Ctrl-C (during the loop: after the summary), 143 SIGTERM before the loop.
+    Ctrl-C or SIGTERM while the loop runs ends it cleanly (``stop``); before that (checks,
+    loading, building engines) they end the process at once, quietly; a second Ctrl-C during
+    the clean end does too.
+    """
+    stop, running = threading.Event(), threading.Event()
+    stopped_by: list[int] = []
+
+    def on_signal(signum, _frame):
+        if running.is_set() and not stop.is_set():
+            stopped_by.append(signum)
+            stop.set()
+        elif signum == signal.SIGTERM and not running.is_set():
+            raise Terminated
+        else:
+            raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if in_main else {})
+    for sig in previous:
+        signal.signal(sig, on_signal)
+    try:
+        summary = start(stop, running)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except InputError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except MemoryError as exc:
+        print(f"{prog}: error: {memory_message(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+    except RegsegError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    report(summary)
+    return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
