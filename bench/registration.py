@@ -112,8 +112,8 @@ def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
     from regseg.register_cli import score_fine
 
     base = mni.load_base()
-    engines = {"regseg_affine": (RegistrationEngine("plcreg3d", device=device), False),
-               "regseg": (RegistrationEngine("plcreg3d", device=device), True)}
+    network = RegistrationEngine("plcreg3d", device=device)  # affine-only row: the same engine
+    engines = {"regseg_affine": (network, False), "regseg": (network, True)}
     if refine:
         engines[f"regseg_refine{refine}"] = (RegistrationEngine("plcreg3d", device=device,
                                                                 refine=refine), True)

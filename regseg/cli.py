@@ -15,8 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from regseg.cli_checks import EXIT_INPUT, EXIT_INTERRUPTED, Parser, int_at_least, memory_message
-from regseg.errors import InputError, RegsegError
+from regseg.cli_checks import TOP_LEVEL_ERRORS, Parser, exit_code, int_at_least
 
 # task -> (help, "module:function(parser)"), in the order `regseg --help` lists them.
 TASKS: dict[str, tuple[str, str]] = {
@@ -143,18 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)
         task = f"regseg {args.task}"
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{task}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except InputError as exc:
-        print(f"{task}: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except MemoryError as exc:
-        print(f"{task}: error: {memory_message(exc)}", file=sys.stderr)
-        return EXIT_INPUT
-    except RegsegError as exc:
-        print(f"{task}: error: {exc}", file=sys.stderr)
-        return 1
+    except TOP_LEVEL_ERRORS as exc:
+        return exit_code(task, exc)
 
 
 if __name__ == "__main__":

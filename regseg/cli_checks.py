@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from regseg.errors import InputError
+from regseg.errors import InputError, RegsegError
 
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -192,3 +192,22 @@ def memory_message(exc: MemoryError) -> str:
     return ("out of memory" + detail + ": the input (volume size, frame size) or the chosen "
             "batch needs more memory than this machine has free; use smaller inputs, or free "
             "memory and retry")
+
+
+#: What every entry point catches at its top and turns into an exit code (see :func:`exit_code`).
+TOP_LEVEL_ERRORS = (KeyboardInterrupt, MemoryError, RegsegError)
+
+
+def exit_code(prog: str, exc: BaseException) -> int:
+    """One paragraph on stderr for an error that reached an entry point, and its exit code: 130
+    interrupted (Ctrl-C), 2 bad input (InputError, out of memory for the input), 1 any other
+    regseg failure at run time. The one mapping for ``regseg``, ``regseg-stream``,
+    ``regseg-serve`` and ``regseg-igt``."""
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, MemoryError):
+        print(f"{prog}: error: {memory_message(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return EXIT_INPUT if isinstance(exc, InputError) else 1

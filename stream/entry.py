@@ -11,8 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from regseg.cli_checks import EXIT_INPUT, EXIT_INTERRUPTED, memory_message
-from regseg.errors import InputError, RegsegError
+from regseg.cli_checks import EXIT_INTERRUPTED, TOP_LEVEL_ERRORS, exit_code
 
 
 class Terminated(Exception):
@@ -49,21 +48,11 @@ def run_live(prog: str, start: Callable[[threading.Event, threading.Event], dict
         signal.signal(sig, on_signal)
     try:
         summary = start(stop, running)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except InputError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except MemoryError as exc:
-        print(f"{prog}: error: {memory_message(exc)}", file=sys.stderr)
-        return EXIT_INPUT
-    except RegsegError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+    except TOP_LEVEL_ERRORS as exc:
+        return exit_code(prog, exc)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

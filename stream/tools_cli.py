@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 
-from regseg.errors import InputError, RegsegError
+from regseg.cli_checks import TOP_LEVEL_ERRORS, exit_code
+from regseg.errors import InputError
 
 EPILOG = """examples:
   regseg-igt sim-server --port 18944 --write-case out/case
@@ -136,14 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except InputError as exc:
-        print(f"regseg-igt {args.task}: error: {exc}", file=sys.stderr)
-        return 2
-    except RegsegError as exc:
-        print(f"regseg-igt {args.task}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except TOP_LEVEL_ERRORS as exc:
+        return exit_code(f"regseg-igt {args.task}", exc)
 
 
 if __name__ == "__main__":
