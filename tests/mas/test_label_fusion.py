@@ -1,0 +1,105 @@
+"""LabelFusionEngine against analytic cases: vote, JLF, STAPLE (SimNet: test_simnet.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from regseg.engines.label_fusion import LabelFusionEngine, jlf_weights
+from regseg.errors import InputError
+
+SHAPE = (12, 12, 12)
+
+
+def _truth() -> np.ndarray:
+    t = np.zeros(SHAPE, np.int64)
+    t[3:9, 3:9, 3:9] = 1
+    t[5:7, 5:7, 5:7] = 2
+    return t
+
+
+def _onehot(labels: np.ndarray, c: int = 3) -> np.ndarray:
+    return np.eye(c, dtype=np.float32)[labels].transpose(3, 0, 1, 2)
+
+
+def _image(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (labels * 0.4 + 0.05 * rng.standard_normal(labels.shape)).astype(np.float32)
+
+
+def _dice(a: np.ndarray, b: np.ndarray, k: int = 1) -> float:
+    a, b = a >= k, b >= k
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("method", ["vote", "jlf", "staple"])
+def test_identical_atlases_give_their_label(method):
+    rng = np.random.default_rng(0)
+    truth = _truth()
+    image = _image(truth, rng)
+    out = LabelFusionEngine(method)(image, np.stack([image] * 4), np.stack([_onehot(truth)] * 4))
+    assert np.array_equal(out.labels, truth)
+    assert out.contested_fraction == 0.0
+    np.testing.assert_allclose(out.probabilities.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out.atlas_weights.sum(), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["vote", "jlf", "staple"])
+def test_one_corrupted_atlas_is_outvoted(method):
+    rng = np.random.default_rng(1)
+    truth = _truth()
+    bad = np.roll(truth, 3, axis=0)  # one atlas 3 voxels off
+    labels = [truth, truth, truth, bad]
+    images = np.stack([_image(a, rng) for a in labels])
+    out = LabelFusionEngine(method)(_image(truth, rng), images, np.stack([_onehot(a)
+                                                                          for a in labels]))
+    assert _dice(out.labels, truth) > 0.98
+    assert _dice(bad, truth) < 0.8  # the test can fail: the bad atlas alone is far off
+    if method != "vote":  # JLF and STAPLE also say which atlas is the bad one
+        assert out.atlas_weights.argmin() == 3
+
+
+def test_jlf_downweights_the_atlas_whose_intensities_disagree():
+    """Two atlases tie on the labels; JLF must pick the one whose image matches the target."""
+    rng = np.random.default_rng(2)
+    truth = _truth()
+    wrong = np.roll(truth, 2, axis=1)
+    target = _image(truth, rng)
+    images = np.stack([_image(truth, rng), _image(wrong, rng)])
+    onehot = np.stack([_onehot(truth), _onehot(wrong)])
+    fused = LabelFusionEngine("jlf")(target, images, onehot)
+    assert fused.atlas_weights[0] > 0.7 > fused.atlas_weights[1]
+    assert _dice(fused.labels, truth) > 0.97
+    vote = LabelFusionEngine("vote")(target, images, onehot)  # a tie: no image, no answer
+    assert _dice(vote.labels, truth) < _dice(fused.labels, truth)
+
+
+def test_jlf_weights_sum_to_one_per_voxel():
+    rng = np.random.default_rng(3)
+    target = torch.from_numpy(rng.standard_normal(SHAPE).astype(np.float32))
+    images = torch.from_numpy(rng.standard_normal((5, *SHAPE)).astype(np.float32))
+    where = torch.from_numpy(rng.random(SHAPE) < 0.3)
+    w = jlf_weights(target, images, where, radius=1)
+    torch.testing.assert_close(w.sum(0), torch.ones(SHAPE), atol=1e-4, rtol=0)
+    assert torch.allclose(w[:, ~where], torch.full_like(w[:, ~where], 0.2))
+    assert not torch.allclose(w[:, where], torch.full_like(w[:, where], 0.2))
+
+
+def test_bad_shapes_are_clear_errors():
+    engine = LabelFusionEngine("vote")
+    with pytest.raises(InputError, match="on the target grid"):
+        engine(np.zeros(SHAPE), np.zeros((2, 4, 4, 4)), np.zeros((2, 3, *SHAPE)))
+    with pytest.raises(InputError, match="choose one of"):
+        LabelFusionEngine("best")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_jlf_cuda_matches_cpu():
+    rng = np.random.default_rng(4)
+    target = torch.from_numpy(rng.standard_normal(SHAPE).astype(np.float32))
+    images = torch.from_numpy(rng.standard_normal((4, *SHAPE)).astype(np.float32))
+    where = torch.from_numpy(rng.random(SHAPE) < 0.3)
+    cpu = jlf_weights(target, images, where)
+    gpu = jlf_weights(target.cuda(), images.cuda(), where.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
