@@ -117,31 +117,40 @@ def gradient_loss(ddf: Tensor) -> Tensor:
     return total / ndim
 
 
-def dice_loss(pred: Tensor, truth: Tensor, *, smooth: float = 1e-5) -> Tensor:
+def dice_loss(pred: Tensor, truth: Tensor, *, smooth: float = 1e-5,
+              per_sample: bool = False) -> Tensor:
     """1 - soft Dice per channel, sums pooled over batch and space, averaged over channels.
 
     Args:
         pred: (B, C, *spatial) soft maps in [0, 1] (e.g. label maps warped bilinearly).
         truth: (B, C, *spatial) binary maps.
+        per_sample: Dice of each sample apart, then the mean over the batch (a batch split over
+            ranks then gives the same loss and gradients as the whole batch in one process).
     Returns:
         scalar in [0, 1].
     """
-    dims = (0, *range(2, pred.ndim))
+    dims = tuple(range(2, pred.ndim)) if per_sample else (0, *range(2, pred.ndim))
     inter = (pred * truth).sum(dims)
     denom = pred.sum(dims) + truth.sum(dims)
     return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
 
 
-def endpoint_error(ddf: Tensor, true_ddf: Tensor, mask: Tensor | None = None) -> Tensor:
+def endpoint_error(ddf: Tensor, true_ddf: Tensor, mask: Tensor | None = None, *,
+                   per_sample: bool = False) -> Tensor:
     """Mean Euclidean distance between two displacement fields (voxels), optionally masked.
 
     Args:
         ddf, true_ddf: (B, ndim, *spatial) in voxels.
         mask: (B, 1, *spatial) weights (e.g. the field of view), or None for all voxels.
+        per_sample: the masked mean of each sample, then the mean over the batch (the same
+            when every sample has the same mask; see :func:`dice_loss`).
     Returns:
         scalar, voxels.
     """
     err = (ddf - true_ddf).square().sum(dim=1, keepdim=True).add(1e-9).sqrt()
     if mask is None:
         return err.mean()
+    if per_sample:
+        dims = tuple(range(1, err.ndim))
+        return ((err * mask).sum(dims) / mask.sum(dims).clamp_min(1.0)).mean()
     return (err * mask).sum() / mask.sum().clamp_min(1.0)

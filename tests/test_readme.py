@@ -96,6 +96,9 @@ MARKED = {
     "torchrun --nproc-per-node 2 -m regseg.train plcreg3d --out runs/p3 --minutes 2 --pool 4 "
     "--val-pairs 1 --batch-size 2 --resume": TRAINING + "; --resume is tested in "
     "tests/train/test_distributed.py",
+    "torchrun --nproc-per-node 2 -m regseg.train plcreg2d --out runs/p2 --steps 20 --frames 16 "
+    "--phantoms 2 --val-frames 2 --batch-size 4": TRAINING + "; tests/train/test_distributed.py "
+    "runs plcreg2d under torchrun with 2 CPU ranks",
     "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
     "--rdzv-id p3 -m regseg.train plcreg3d --out /shared/runs/p3 --batch-size 8": MULTI_NODE,
     "regseg mni --out data/mni50 --pairs 52": "52 pairs take minutes; the same command runs at 1 "

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from regseg import distributed
-from regseg.errors import InputError
 from regseg.train.plcreg_live import train_2d
 from regseg.train.plcreg_mni import train_3d
 from regseg.train.plcreg_recipe import Weights
@@ -57,12 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser, dim: int) -> None:
                             help="scales the random affine of the training pairs (default 0.4)")
         parser.add_argument("--batch-size", type=int, default=1,
                             help="pairs per step, the global batch under torchrun (default 1)")
-        parser.add_argument("--steps", type=int, default=None,
-                            help="stop after this many steps (default: fill --minutes)")
-        parser.add_argument("--resume", action="store_true",
-                            help="continue the run in --out from its last state (same options)")
-        parser.add_argument("--checkpoint-every", type=int, default=25,
-                            help="steps between resumable states (default 25; 0: at the end)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="stop after this many steps (default: fill --minutes)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last state (same options)")
+    parser.add_argument("--checkpoint-every", type=int, default=25,
+                        help="steps between resumable states (default 25; 0: at the end)")
     parser.set_defaults(dim=dim)
 
 
@@ -78,16 +77,16 @@ def _run(args: argparse.Namespace) -> int:
     dist = distributed.init(threads=args.threads)  # fewer threads per rank under torchrun
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.dim == 2 and dist.active:
-        raise InputError("plcreg2d does not run under torchrun yet (its loop in "
-                         "train/plcreg_live.py has no rank sharding); run it as one process.")
     if args.dim == 2:
         summary = train_2d(args.out, minutes=args.minutes, seed=args.seed, frames=args.frames,
                            phantoms=args.phantoms, val_frames=args.val_frames,
                            batch_size=args.batch_size, lr=args.lr,
                            weights=Weights(epe=args.epe),
                            cache_dir=args.cache_dir, progress=not args.no_progress,
-                           size=args.size)
+                           size=args.size, steps=args.steps, resume=args.resume,
+                           checkpoint_every=args.checkpoint_every, dist=dist)
+        if summary is None:  # a rank other than 0: rank 0 reports
+            return 0
         print("affine only:", summary["affine_only"], "\nrefined:", summary["refined"])
     else:
         summary = train_3d(args.out, minutes=args.minutes, seed=args.seed, pool=args.pool,

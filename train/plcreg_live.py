@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regseg import metrics, planes
+from regseg import distributed, metrics, planes
 from regseg.errors import InputError
 from regseg.models import reg_losses
 from regseg.models.plcreg import PLCReg, PLCRegConfig
@@ -25,6 +25,7 @@ from regseg.models.registry import default_weights_path, load_model
 from regseg.registration_metrics import jacobian_stats, nanmean
 from regseg.spatial import warp
 from regseg.train.data import CACHEABLE_SCANNERS, frame_sample, mri_tensors
+from regseg.train.distributed import main_first, wrap
 from regseg.train.plcreg_recipe import (
     StepProgress,
     Weights,
@@ -32,6 +33,7 @@ from regseg.train.plcreg_recipe import (
     save_run,
     take_step,
 )
+from regseg.train.resume import load_state, save_state, state_path
 
 VAL_SEED0 = 1000  # held-out phantoms, as for AlignSegNet
 LIVE_DATA_VERSION = 1
@@ -220,56 +222,112 @@ def evaluate_2d(model: PLCReg | None, data: LiveSet, batch_size: int = 32) -> di
 
 
 def fit(model: PLCReg, train_set: LiveSet, *, deadline: float, seed: int, batch_size: int,
-        lr: float, weights: Weights, progress: bool, history: list[dict[str, float]]) -> int:
-    """Train ``model`` on ``train_set`` until ``deadline`` (time.monotonic()); returns the steps.
+        lr: float, weights: Weights, progress: bool, history: list[dict[str, float]],
+        steps: int | None = None, dist: distributed.Dist | None = None,
+        state: Path | None = None, resume: bool = False, checkpoint_every: int = 0,
+        run_key: dict[str, Any] | None = None) -> int:
+    """Train ``model`` on ``train_set`` until ``deadline`` (time.monotonic()) or ``steps``;
+    returns the steps.
 
     Loss: Dice of the warped MRI labels vs the frame's truth, end-point error to the simulator's
-    true field inside each frame's sector, smoothness of the field."""
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
+    true field inside each frame's sector, smoothness of the field — each the mean over the
+    frames of the batch, so that under torchrun (``dist``) every rank draws the same global batch,
+    trains on its slice, and DistributedDataParallel's mean gradient is the whole batch's.
+    ``state``: the resumable state file (rank 0 writes it every ``checkpoint_every`` steps and at
+    the end; ``resume`` continues from it, ``history`` is then replaced by the saved one).
+    """
+    dist = dist or distributed.Dist()
+    dist.shard(batch_size)  # fails early unless the batch splits evenly over the ranks
+    net = wrap(model, dist)
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr, amsgrad=True)
     gen = torch.Generator().manual_seed(seed)
     step = 0
-    bar = StepProgress("plcreg2d", deadline - time.monotonic(), progress)
-    while time.monotonic() < deadline:
+    run_key = run_key or {}
+    if resume and state is not None:
+        step, saved = load_state(state, model=model, optimiser=optimiser, generator=gen,
+                                 run_key=run_key)
+        history[:] = saved["history"]
+        deadline = time.monotonic() + saved["left_s"]
+        if dist.main:
+            print(f"resumed from {state} at step {step}", flush=True)
+
+    def save() -> None:
+        if dist.main and state is not None:
+            save_state(state, model=model, optimiser=optimiser, step=step, generator=gen,
+                       run_key=run_key, extra={"history": history,
+                                               "left_s": deadline - time.monotonic()})
+
+    bar = StepProgress("plcreg2d", deadline - time.monotonic(), progress and dist.main)
+    while True:
+        stop = time.monotonic() >= deadline or (steps is not None and step >= steps)
+        if dist.from_main(float(stop)) >= 1.0:  # rank 0's clock decides for every rank
+            break
         idx = torch.randint(len(train_set), (batch_size,), generator=gen)
-        b = train_set.batch(idx)
-        model.train()
-        out = model(b["moving"], b["fixed"])
+        b = train_set.batch(idx[dist.shard(batch_size)].tolist())
+        b = {k: v.to(dist.device) for k, v in b.items()}
+        net.train()
+        out = net(b["moving"], b["fixed"])
         parts = {
-            "dice": reg_losses.dice_loss(out["moved"][:, 1:], b["label_maps"]),
+            "dice": reg_losses.dice_loss(out["moved"][:, 1:], b["label_maps"], per_sample=True),
             "epe": reg_losses.endpoint_error(out["ddf"], b["target_ddf"],
-                                             b["fan_mask"][:, None].float()),
+                                             b["fan_mask"][:, None].float(), per_sample=True),
             "smooth": reg_losses.gradient_loss(out["field"]),
         }
         loss = (weights.dice * parts["dice"] + weights.epe * parts["epe"]
                 + weights.smooth * parts["smooth"])
-        step = take_step(optimiser, loss, parts, history, progress=bar)
+        step = take_step(optimiser, loss, parts, history, dist=dist, progress=bar)
+        if checkpoint_every and step % checkpoint_every == 0:
+            save()
     bar.close()
+    save()
     return step
 
 
 def train_2d(out_dir: Path, *, minutes: float, seed: int, frames: int, phantoms: int,
              val_frames: int, batch_size: int, lr: float, weights: Weights,
              cache_dir: Path | None, progress: bool,
-             size: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Train the live model; returns the summary (written to ``plcreg2d.json``).
+             size: tuple[int, int] | None = None, steps: int | None = None,
+             resume: bool = False, checkpoint_every: int = 25,
+             cfg: PLCRegConfig | None = None, val_phantoms: int = 4,
+             dist: distributed.Dist | None = None) -> dict[str, Any] | None:
+    """Train the live model; returns the summary (written to ``plcreg2d.json``) on rank 0,
+    ``None`` on the other ranks under torchrun.
 
-    ``size`` overrides the working grid of :data:`CONFIG_2D` (e.g. (128, 128)).
+    ``size`` overrides the working grid of :data:`CONFIG_2D` (e.g. (128, 128)); ``cfg`` the
+    whole model (a smaller one in tests). ``steps``: stop after this many steps (still cut at the
+    deadline). ``resume``: continue from ``out_dir/plcreg2d.state.pt`` (same options).
     """
     t0 = time.monotonic()
-    cfg = CONFIG_2D if size is None else dataclasses.replace(CONFIG_2D, size=tuple(size))
-    train_set = cached_live_set(cache_dir, list(range(1, phantoms + 1)), -(-frames // phantoms),
-                                seed=seed + 7, size=cfg.size, keep_residual=False,
-                                progress=progress)
-    val_set = cached_live_set(cache_dir, list(range(VAL_SEED0, VAL_SEED0 + 4)), val_frames,
-                              seed=seed, size=cfg.size, progress=progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dist = dist or distributed.init()
+    cfg = cfg or CONFIG_2D
+    if size is not None:
+        cfg = dataclasses.replace(cfg, size=tuple(size))
+    with main_first(dist):  # rank 0 renders (and caches) the frames; the others read them back
+        train_set = cached_live_set(cache_dir, list(range(1, phantoms + 1)),
+                                    -(-frames // phantoms), seed=seed + 7, size=cfg.size,
+                                    keep_residual=False, progress=progress and dist.main)
+        val_set = (cached_live_set(cache_dir, list(range(VAL_SEED0, VAL_SEED0 + val_phantoms)),
+                                   val_frames, seed=seed, size=cfg.size,
+                                   progress=progress and dist.main) if dist.main else None)
     data_s = time.monotonic() - t0
+    torch.manual_seed(seed)  # the initial weights (DDP then copies rank 0's to every rank)
     model = PLCReg(cfg)
     history: list[dict[str, float]] = []
+    run_key = {"seed": seed, "frames": frames, "phantoms": phantoms, "batch_size": batch_size,
+               "lr": lr, "steps": steps, "config": dataclasses.asdict(cfg),
+               "weights": dataclasses.asdict(weights)}
     step = fit(model, train_set, deadline=t0 + 60 * minutes - 30, seed=seed,
-               batch_size=batch_size, lr=lr, weights=weights, progress=progress, history=history)
+               batch_size=batch_size, lr=lr, weights=weights, progress=progress, history=history,
+               steps=steps, dist=dist, state=state_path(out_dir, "plcreg2d"), resume=resume,
+               checkpoint_every=checkpoint_every, run_key=run_key)
     train_s = time.monotonic() - t0 - data_s
+    if not dist.main:
+        return None
+    model = model.cpu()
     summary = {"affine_only": evaluate_2d(None, val_set), "refined": evaluate_2d(model, val_set)}
     summary.update(frames=len(train_set), val_frames=len(val_set), steps=step,
                    data_s=round(data_s, 1), train_s=round(train_s, 1), batch_size=batch_size,
-                   final_losses=recent_losses(history, 50))
+                   ranks=dist.world, final_losses=recent_losses(history, 50))
     return save_run(out_dir, "plcreg2d", model, cfg, summary, weights, seed, lr, history=history)

@@ -1,8 +1,9 @@
 """Run by tests/train/test_distributed.py as one process or under torchrun: tiny recipes.
 
-``python dist_worker.py OUT [--steps N] [--resume] [--recipes alignsegnet plcreg3d]`` trains the
-tiny AlignSegNet (stand-in scanner) and the tiny PLCReg 3-D (16^3 MNI grid) with fixed steps and
-one thread per rank, through the same functions ``regseg train`` runs.
+``python dist_worker.py OUT [--steps N] [--resume] [--recipes alignsegnet plcreg2d plcreg3d]``
+trains the tiny AlignSegNet (stand-in scanner), the tiny PLCReg 2-D (16^2 grid, 4 simulated frames
+after the shipped AlignSegNet) and the tiny PLCReg 3-D (16^3 MNI grid) with fixed steps and one
+thread per rank, through the same functions ``regseg train`` runs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from regseg import distributed
 from regseg.models.plcreg import PLCRegConfig
 from regseg.train.alignsegnet import train_alignsegnet
+from regseg.train.plcreg_live import train_2d
 from regseg.train.plcreg_mni import train_3d
 from regseg.train.plcreg_recipe import Weights
 
@@ -21,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train_smoke import TINY, open_stand_in  # noqa: E402
 
 TINY_3D = PLCRegConfig(ndim=3, size=(16, 16, 16), channels=(4, 8, 8), heads=2, window=(2, 2, 2))
+TINY_2D = PLCRegConfig(ndim=2, size=(16, 16), moving_channels=3, fixed_channels=1,
+                       channels=(4, 8, 8), shared_encoder=False, heads=2, window=(2, 2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--recipes", nargs="+", default=["alignsegnet", "plcreg3d"])
+    p.add_argument("--recipes", nargs="+", default=["alignsegnet", "plcreg2d", "plcreg3d"])
     args = p.parse_args(argv)
     dist = distributed.init(threads=1)
     try:
@@ -38,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
                               config=TINY, cache_dir=None, open_scanner=open_stand_in,
                               progress=False, command="test", threads=1, resume=args.resume,
                               checkpoint_every=1, validate_every_s=1e9)
+        if "plcreg2d" in args.recipes:
+            train_2d(args.out / "plcreg2d", minutes=5, seed=0, frames=4, phantoms=2,
+                     val_frames=1, batch_size=2, lr=1e-3, weights=Weights(epe=0.1),
+                     cache_dir=args.out / "cache2d", progress=False, steps=args.steps,
+                     resume=args.resume, checkpoint_every=1, cfg=TINY_2D, val_phantoms=1,
+                     dist=dist)
         if "plcreg3d" in args.recipes:
             train_3d(args.out / "plcreg3d", minutes=5, seed=0, pool=4, val_pairs=1, lr=1e-3,
                      weights=Weights(dice=0.5, smooth=0.05, epe=0.1), progress=False,

@@ -70,7 +70,7 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_two_ranks_draw_the_single_process_global_batch(runs):
-    for recipe in ("alignsegnet", "plcreg3d"):
+    for recipe in ("alignsegnet", "plcreg2d", "plcreg3d"):
         one = _state(runs / "one" / recipe / f"{recipe}.state.pt")
         two = _state(runs / "two" / recipe / f"{recipe}.state.pt")
         assert one["step"] == two["step"] == STEPS
@@ -81,11 +81,13 @@ def test_two_ranks_draw_the_single_process_global_batch(runs):
     assert torch.equal(one["order"], two["order"]) and one["cursor"] == two["cursor"]
 
 
-def test_plcreg3d_on_two_ranks_matches_one_process(runs):
-    one = _state(runs / "one" / "plcreg3d" / "plcreg3d.state.pt")["extra"]["history"]
-    two = _state(runs / "two" / "plcreg3d" / "plcreg3d.state.pt")["extra"]["history"]
-    for a, b in zip(one, two, strict=True):  # step 2's loss is after step 1's update
-        for key in a:
+@pytest.mark.parametrize("recipe", ["plcreg2d", "plcreg3d"])
+def test_plcreg_on_two_ranks_matches_one_process(runs, recipe):
+    one = _state(runs / "one" / recipe / f"{recipe}.state.pt")
+    two = _state(runs / "two" / recipe / f"{recipe}.state.pt")
+    assert len(one["extra"]["history"]) == STEPS
+    for a, b in zip(one["extra"]["history"], two["extra"]["history"], strict=True):
+        for key in a:  # step 2's loss is after step 1's update
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a, b)
 
 
@@ -100,13 +102,15 @@ def test_alignsegnet_on_two_ranks_is_close_to_one_process(runs):
 def test_rank_zero_alone_writes(runs):
     for recipe, files in (("alignsegnet", ("alignsegnet.pt", "alignsegnet.json",
                                            "alignsegnet_training.png")),
+                          ("plcreg2d", ("plcreg2d.pt", "plcreg2d.json", "plcreg2d_training.png")),
                           ("plcreg3d", ("plcreg3d.pt", "plcreg3d.json", "plcreg3d_training.png"))):
         written = sorted(p.name for p in (runs / "two" / recipe).iterdir())
         assert written == sorted([*files, f"{recipe}.state.pt"])
     import json
 
-    summary = json.loads((runs / "two" / "plcreg3d" / "plcreg3d.json").read_text())
-    assert summary["ranks"] == 2 and summary["batch_size"] == 2 and summary["steps"] == STEPS
+    for recipe in ("plcreg2d", "plcreg3d"):
+        summary = json.loads((runs / "two" / recipe / f"{recipe}.json").read_text())
+        assert summary["ranks"] == 2 and summary["batch_size"] == 2 and summary["steps"] == STEPS
 
 
 def test_pair_losses_split_over_ranks_give_the_batch_gradient():
