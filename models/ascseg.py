@@ -126,5 +126,9 @@ class ASCSeg(nn.Module):
             out.append(logits)
         return out
 
-    def forward(self, image: Tensor) -> dict[str, Tensor]:
+    def forward(self, image: Tensor, deep: bool = False) -> dict[str, Tensor | list[Tensor]]:
+        """``{"logits": (B, num_classes, H, W)}``; with ``deep`` (training) ``{"deep": every
+        head}`` as :meth:`forward_deep` (through ``forward``, as DistributedDataParallel needs)."""
+        if deep:
+            return {"deep": self.forward_deep(image)}
         return {"logits": self.heads[0](self._decode(image)[0])}

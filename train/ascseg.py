@@ -29,29 +29,36 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from regseg import metrics
+from regseg import distributed
 from regseg.errors import InputError
-from regseg.models import losses
 from regseg.models.ascseg import ASCSeg, ASCSegConfig
 from regseg.models.checkpoint import save_checkpoint
-from regseg.train.alignsegnet import DEFAULT_CACHE, VAL_SEED0, augment_trus, lr_factor
+from regseg.train import resume as resume_state
+from regseg.train.alignsegnet import DEFAULT_CACHE, VAL_SEED0
 from regseg.train.data import (
     SampleSet,
     cached_samples,
     open_randomised_scanner,
     open_simulated_scanner,
 )
-from regseg.types import LESION, PROSTATE
+from regseg.train.distributed import main_first
+from regseg.train.seg_loop import (  # noqa: F401 - the loop's names, as before the split
+    SegData,
+    deep_loss,
+    dice_scores,
+    fit,
+    logits_of,
+    predict_labels,
+    save_plot,
+    validate,
+)
 
 FUSED_NAME, TRUS_NAME = "ascseg", "ascseg_trus"  # output file stems; registry model "ascseg"
 #: Networks this recipe trains: ASC-Seg, and MONAI's baselines for bench/segmentation.py.
@@ -104,20 +111,6 @@ def load_net(path: str | Path) -> nn.Module:
         net, _ = build_net(arch, int(cfg["in_channels"]), int(cfg["size"]))
     load_state(net, checkpoint["state_dict"], path)
     return net.eval()
-
-
-@dataclasses.dataclass
-class SegData:
-    """Segmenter inputs and truth for N frames: ``inputs`` (N, C, s, s) float32 at the working
-    size, ``labels`` (N, s, s) int64 at the working size (training), ``labels_eval`` (N, h, w)
-    uint8 on AlignSegNet's grid (scoring)."""
-
-    inputs: Tensor
-    labels: Tensor
-    labels_eval: Tensor
-
-    def __len__(self) -> int:
-        return self.inputs.shape[0]
 
 
 def training_sets(cache_dir: Path | None, *, progress: bool = True) -> tuple[SampleSet, SampleSet]:
@@ -174,168 +167,62 @@ def make_data(samples: SampleSet, context: Tensor | None, size: int) -> SegData:
     return SegData(segmenter_inputs(samples.trus, context, size), small[:, 0].long(), labels)
 
 
-@torch.inference_mode()
-def predict_labels(predict: Callable[[Tensor], Tensor], data: SegData,
-                   batch_size: int = 32) -> np.ndarray:
-    """Label maps (N, h, w) uint8 on the scoring grid: logits up-sampled bilinearly, argmax."""
-    hw = tuple(data.labels_eval.shape[1:])
-    out = []
-    for start in range(0, len(data), batch_size):
-        logits = predict(data.inputs[start:start + batch_size])
-        if tuple(logits.shape[-2:]) != hw:
-            logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
-        out.append(logits.argmax(1).to(torch.uint8))
-    return torch.cat(out).numpy()
-
-
-def dice_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Mean prostate (incl. lesion) and lesion Dice over frames (frames without either: skipped)."""
-    pairs = list(zip(pred, truth, strict=True))
-    rows = {"prostate_dice": [metrics.dice(p, t, PROSTATE) for p, t in pairs],
-            "lesion_dice": [metrics.dice(p, t, LESION) for p, t in pairs]}
-    return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-            for k, v in rows.items()}
-
-
-def logits_of(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """``image -> logits`` for a net returning a tensor or a dict with ``logits``."""
-    def predict(x: Tensor) -> Tensor:
-        out = model(x)
-        return out["logits"] if isinstance(out, dict) else out
-    return predict
-
-
-def deep_loss(model: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
-    """Deep-supervised loss (every head, equal weights) when the net has ``forward_deep``."""
-    heads = model.forward_deep(x) if hasattr(model, "forward_deep") else [logits_of(model)(x)]
-    return sum(losses.segmentation_loss(h, labels) for h in heads)
-
-
-def fit(model: nn.Module, train: SegData, val: SegData, *, seconds: float, batch_size: int = 8,
-        lr: float = 1e-3, seed: int = 0, validate_every_s: float = 300.0,
-        progress: bool = True, max_steps: int | None = None
-        ) -> tuple[list[float], list[dict[str, float]], int]:
-    """Train ``model`` in place for ``seconds`` of wall time (the recipe in the module docstring),
-    or ``max_steps`` steps if that comes first (the schedule then follows the steps).
-
-    Returns:
-        per-step losses, validation rows (``step``, ``seconds``, Dice), steps taken.
-    """
-    torch.manual_seed(seed)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=1e-2)
-    generator = torch.Generator().manual_seed(seed)
-    history: list[float] = []
-    val_rows: list[dict[str, float]] = []
-    t0 = time.monotonic()
-    end = t0 + seconds
-    order, cursor, step, t_val = torch.randperm(len(train), generator=generator), 0, 0, t0
-    bar = tqdm(desc="train", unit="step", disable=not progress, leave=False)
-    while (now := time.monotonic()) < end and (max_steps is None or step < max_steps):
-        if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(train), generator=generator), 0
-        index = order[cursor:cursor + batch_size]
-        cursor += batch_size
-        x = train.inputs[index].clone()
-        x[:, :1] = augment_trus(x[:, :1], generator)
-        for group in optimiser.param_groups:
-            done = (now - t0) / seconds if max_steps is None else step / max_steps
-            group["lr"] = lr * lr_factor(step, done, warmup_steps=20)
-        model.train()
-        loss = deep_loss(model, x, train.labels[index])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        history.append(float(loss.detach()))
-        step += 1
-        bar.update()
-        bar.set_postfix(loss=f"{np.mean(history[-10:]):.3f}")
-        if time.monotonic() - t_val > validate_every_s:
-            val_rows.append(validate(model, val, step, t0))
-            t_val = time.monotonic()
-    bar.close()
-    val_rows.append(validate(model, val, step, t0))
-    return history, val_rows, step
-
-
-def validate(model: nn.Module, val: SegData, step: int, t0: float) -> dict[str, float]:
-    """Held-out Dice at ``step``, printed."""
-    model.eval()
-    row = {"step": step, "seconds": round(time.monotonic() - t0, 1),
-           **dice_scores(predict_labels(logits_of(model), val), val.labels_eval.numpy())}
-    print(f"step {step} ({row['seconds']:.0f} s): prostate {row['prostate_dice']:.3f} lesion "
-          f"{row['lesion_dice']:.3f}", flush=True)
-    return row
-
-
-def save_plot(path: Path, history: list[float], val_rows: list[dict[str, float]],
-              title: str) -> None:
-    """Training loss (moving mean) and held-out Dice against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    window = max(1, len(history) // 50)
-    if len(history) >= window:
-        smooth = np.convolve(history, np.ones(window) / window, "valid")
-        axes[0].plot(np.arange(window - 1, len(history)), smooth)
-    axes[0].set(yscale="log", xlabel="step", title=f"{title}: training loss (moving mean)")
-    for key in ("prostate_dice", "lesion_dice"):
-        axes[1].plot([v["step"] for v in val_rows], [v[key] for v in val_rows], marker="o",
-                     label=key)
-    axes[1].set(ylim=(0, 1), xlabel="step", title="held-out family A (1000-1003) Dice")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def train_ascseg(out_dir: str | Path, *, trus_only: bool = False, minutes: float = 30.0,
                  arch: str = "ascseg",
                  size: int = 48, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
                  threads: int = 1, validate_every_s: float = 300.0,
                  cache_dir: Path | None = DEFAULT_CACHE, progress: bool = True,
-                 command: str | None = None) -> dict[str, Any]:
-    """Load (or render) the frames, train within ``minutes`` (data included), save. Returns the
-    summary written to the JSON."""
+                 command: str | None = None, steps: int | None = None, resume: bool = False,
+                 checkpoint_every: int = 50, dist: distributed.Dist | None = None
+                 ) -> dict[str, Any] | None:
+    """Load (or render) the frames, train within ``minutes`` (data included) or ``steps``, save.
+    Returns the summary written to the JSON (rank 0; ``None`` on the other ranks under torchrun).
+    """
     t_start = time.monotonic()
-    torch.set_num_threads(threads)
+    dist = dist or distributed.init(threads=threads)
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = (TRUS_NAME if trus_only else FUSED_NAME) if arch == "ascseg" else \
         arch + ("_trus" if trus_only else "")
     model, config = build_net(arch, 1 if trus_only else 4, size)
-    train_set, val_set = training_sets(cache_dir, progress=progress)
-    contexts = (None, None) if trus_only else (
-        registered_context(train_set, cache_dir=cache_dir),
-        registered_context(val_set, cache_dir=cache_dir))
+    with main_first(dist):  # local rank 0 renders and caches; the others read the cache
+        train_set, val_set = training_sets(cache_dir, progress=progress and dist.main)
+        contexts = (None, None) if trus_only else (
+            registered_context(train_set, cache_dir=cache_dir),
+            registered_context(val_set, cache_dir=cache_dir))
     train, val = make_data(train_set, contexts[0], size), make_data(val_set, contexts[1], size)
     data_s = time.monotonic() - t_start
-    print(f"data: {len(train)} train / {len(val)} val frames in {data_s:.0f} s", flush=True)
+    if dist.main:
+        print(f"data: {len(train)} train / {len(val)} val frames in {data_s:.0f} s", flush=True)
     seconds = 60.0 * minutes - data_s - 60.0  # keep a minute for the last validation and saving
     if seconds <= 0:
         raise InputError(f"--minutes {minutes}: loading the data took {data_s:.0f} s and leaves "
                          "no time to train; raise --minutes.")
-    history, val_rows, steps = fit(model, train, val, seconds=seconds, batch_size=batch_size,
-                                   lr=lr, seed=seed, validate_every_s=validate_every_s,
-                                   progress=progress)
+    run_key = {"arch": arch, "trus_only": trus_only, "size": size, "batch_size": batch_size,
+               "lr": lr, "seed": seed, "steps": steps}
+    history, val_rows, steps_done = fit(
+        model, train, val, seconds=seconds, batch_size=batch_size, lr=lr, seed=seed,
+        validate_every_s=validate_every_s, progress=progress, max_steps=steps, dist=dist,
+        state=resume_state.state_path(out_dir, name), resume=resume,
+        checkpoint_every=checkpoint_every, run_key=run_key)
+    if not dist.main:
+        return None
     final = {k: v for k, v in val_rows[-1].items() if k not in ("step", "seconds")}
     summary = {
         "model": arch, "variant": "trus_only" if trus_only else "fused",
         "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": dataclasses.asdict(config), "seed": seed, "batch_size": batch_size, "lr": lr,
-        "steps": steps, "threads": threads, "train_frames": len(train),
+        "steps": steps_done, "threads": torch.get_num_threads(), "ranks": dist.world,
+        "train_frames": len(train),
         "train_phantom_seeds": "1-48 randomised (50 frames each) + 1-16 plain (38 each)",
         "val_phantom_seeds": list(range(VAL_SEED0, VAL_SEED0 + 4)),
         "data_s": round(data_s, 1), "parameters": sum(p.numel() for p in model.parameters()),
         "validation": final, "validation_curve": val_rows, "torch": torch.__version__,
     }
     save_checkpoint(out_dir / f"{name}.pt", arch, model, config,
-                    meta={"validation": final, "command": summary["command"], "steps": steps,
-                          "seed": seed, "variant": summary["variant"]})
+                    meta={"validation": final, "command": summary["command"],
+                          "steps": steps_done, "seed": seed, "variant": summary["variant"]})
     save_plot(out_dir / f"{name}_training.png", history, val_rows, name)
     summary["wall_s"] = round(time.monotonic() - t_start, 1)
     (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -362,6 +249,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                         help=f"simulated-frame cache (default {DEFAULT_CACHE})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="stop after this many steps (default: fill --minutes)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last state (same options)")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="steps between resumable states (default 50; 0: at the end)")
 
 
 def run(args: argparse.Namespace, *, command: str | None = None) -> int:
@@ -378,7 +271,10 @@ def run(args: argparse.Namespace, *, command: str | None = None) -> int:
                            size=args.size, batch_size=args.batch_size, lr=args.lr,
                            seed=args.seed, threads=args.threads,
                            validate_every_s=args.validate_every, cache_dir=args.cache_dir,
-                           progress=not args.no_progress, command=command)
+                           progress=not args.no_progress, command=command, steps=args.steps,
+                           resume=args.resume, checkpoint_every=args.checkpoint_every)
+    if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["validation"].items()))
     stem = (TRUS_NAME if args.trus_only else FUSED_NAME) if args.arch == "ascseg" else \
         args.arch + ("_trus" if args.trus_only else "")

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from regseg import distributed
 from regseg.models.plcreg import PLCRegConfig
 from regseg.train.alignsegnet import train_alignsegnet
@@ -20,6 +22,7 @@ from regseg.train.plcreg_mni import train_3d
 from regseg.train.plcreg_recipe import Weights
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_ascseg_train import toy_data  # noqa: E402
 from test_train_smoke import TINY, open_stand_in  # noqa: E402
 
 TINY_3D = PLCRegConfig(ndim=3, size=(16, 16, 16), channels=(4, 8, 8), heads=2, window=(2, 2, 2))
@@ -32,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--recipes", nargs="+", default=["alignsegnet", "plcreg2d", "plcreg3d"])
+    p.add_argument("--recipes", nargs="+",
+                   default=["alignsegnet", "ascseg", "plcreg2d", "plcreg3d"])
     args = p.parse_args(argv)
     dist = distributed.init(threads=1)
     try:
@@ -42,6 +46,17 @@ def main(argv: list[str] | None = None) -> int:
                               config=TINY, cache_dir=None, open_scanner=open_stand_in,
                               progress=False, command="test", threads=1, resume=args.resume,
                               checkpoint_every=1, validate_every_s=1e9)
+        if "ascseg" in args.recipes:  # the 2-D segmenters' loop (train/seg_loop.py)
+            from regseg.models.ascseg import ASCSeg, ASCSegConfig
+            from regseg.train.seg_loop import fit
+
+            torch.manual_seed(0)
+            net = ASCSeg(ASCSegConfig(size=16, channels=(4, 4, 4, 4)))
+            data = toy_data(n=8)
+            (args.out / "ascseg").mkdir(parents=True, exist_ok=True)
+            fit(net, data, data, seconds=1e9, batch_size=4, seed=0, progress=False,
+                max_steps=args.steps, dist=dist, state=args.out / "ascseg" / "ascseg.state.pt",
+                resume=args.resume, checkpoint_every=1, run_key={"test": 1})
         if "plcreg2d" in args.recipes:
             train_2d(args.out / "plcreg2d", minutes=5, seed=0, frames=4, phantoms=2,
                      val_frames=1, batch_size=2, lr=1e-3, weights=Weights(epe=0.1),

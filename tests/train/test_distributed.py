@@ -70,15 +70,16 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_two_ranks_draw_the_single_process_global_batch(runs):
-    for recipe in ("alignsegnet", "plcreg2d", "plcreg3d"):
+    for recipe in ("alignsegnet", "ascseg", "plcreg2d", "plcreg3d"):
         one = _state(runs / "one" / recipe / f"{recipe}.state.pt")
         two = _state(runs / "two" / recipe / f"{recipe}.state.pt")
         assert one["step"] == two["step"] == STEPS
         assert torch.equal(one["generator"], two["generator"]), recipe
         assert len(one["extra"]["history"]) == len(two["extra"]["history"]) == STEPS
-    one = _state(runs / "one" / "alignsegnet" / "alignsegnet.state.pt")["extra"]
-    two = _state(runs / "two" / "alignsegnet" / "alignsegnet.state.pt")["extra"]
-    assert torch.equal(one["order"], two["order"]) and one["cursor"] == two["cursor"]
+    for recipe in ("alignsegnet", "ascseg"):
+        one = _state(runs / "one" / recipe / f"{recipe}.state.pt")["extra"]
+        two = _state(runs / "two" / recipe / f"{recipe}.state.pt")["extra"]
+        assert torch.equal(one["order"], two["order"]) and one["cursor"] == two["cursor"]
 
 
 @pytest.mark.parametrize("recipe", ["plcreg2d", "plcreg3d"])
@@ -97,6 +98,16 @@ def test_alignsegnet_on_two_ranks_is_close_to_one_process(runs):
     # BatchNorm statistics and the pooled Dice are per rank on CPU: close, not equal
     for a, b in zip(one, two, strict=True):
         assert b["total"] == pytest.approx(a["total"], rel=0.05)
+
+
+def test_ascseg_on_two_ranks_is_close_to_one_process(runs):
+    """The same per-rank BatchNorm and pooled Dice as AlignSegNet: close, not equal; the first
+    step (the same initial weights) shows the sharding alone."""
+    one = _state(runs / "one" / "ascseg" / "ascseg.state.pt")["extra"]
+    two = _state(runs / "two" / "ascseg" / "ascseg.state.pt")["extra"]
+    assert len(one["history"]) == len(two["history"]) == STEPS
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert b == pytest.approx(a, rel=0.1)
 
 
 def test_rank_zero_alone_writes(runs):
