@@ -80,7 +80,7 @@ def cell(value: Any, spec: str) -> str:
         return "yes" if value else "no"
     if spec and isinstance(value, int | float):
         return format(value, spec)
-    return str(value)
+    return str(value).replace("|", "\\|")  # a pipe would end the Markdown cell
 
 
 def _matches(row: dict, where: str) -> bool:

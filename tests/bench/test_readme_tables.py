@@ -68,3 +68,11 @@ def test_an_object_of_objects_gives_a_row_per_key(tree):
                                     'cols="name=method | dice=Dice:.2f" -->\n<!-- /table -->',
                                     tree)
     assert "| regseg | 0.81 |" in text and "ants" not in text.split("-->", 1)[1]
+
+
+def test_a_pipe_in_a_value_stays_inside_its_cell(tree):
+    (tree / "r" / "p.json").write_text(json.dumps({"results": [{"metric": "|lag error| ms"}]}))
+    text = readme_tables.regenerate('<!-- table src="r/p.json" cols="metric=metric" -->\n'
+                                    '<!-- /table -->', tree)
+    row = next(line for line in text.splitlines() if "lag error" in line)
+    assert row == "| \\|lag error\\| ms |"  # an escaped pipe: still one cell
