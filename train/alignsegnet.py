@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from regseg import distributed, metrics, planes
+from regseg import distributed
 from regseg.errors import InputError
 from regseg.models import losses
 from regseg.models.alignsegnet import AlignSegNet, AlignSegNetConfig
 from regseg.models.checkpoint import save_checkpoint
+from regseg.train.alignsegnet_args import DEFAULT_CACHE, add_arguments  # noqa: F401
+from regseg.train.alignsegnet_eval import _validate, evaluate, save_plot  # noqa: F401
 from regseg.train.data import (
     OpenScanner,
     SampleSet,
@@ -35,12 +37,10 @@ from regseg.train.data import (
 )
 from regseg.train.distributed import main_first, wrap
 from regseg.train.resume import load_state, save_state, state_path
-from regseg.types import LESION, PROSTATE
 
 NAME = "alignsegnet"
 DEMO_SEED = 0  # the phantom `regseg-stream --demo` shows: never trained on, reported apart
 VAL_SEED0 = 1000  # held-out validation phantoms are 1000, 1001, ...
-DEFAULT_CACHE = Path.home() / ".cache" / "regseg" / "train"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,115 +82,10 @@ def joint_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
     return parts
 
 
-@torch.inference_mode()
-def evaluate(model: AlignSegNet, samples: SampleSet, *, batch_size: int = 64) -> dict[str, float]:
-    """Validation metrics, means over frames (frames where a structure is absent are skipped).
-
-    Returns:
-        ``prostate_dice``, ``lesion_dice`` (segmentation); ``reg_dice_before`` / ``reg_dice_after``
-        (MRI prostate at the tracked plane / through the predicted affine vs the true gland);
-        ``tre_mm_before`` / ``tre_mm_after`` / ``tre_mm_oracle`` (mean over the true prostate
-        pixels, tracked / registered / through the true in-plane theta: the oracle is the floor
-        an in-plane affine can reach, what is left being out-of-plane error and deformation).
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    size = (samples.labels.shape[1], samples.labels.shape[2])
-    rows: dict[str, list[float]] = {k: [] for k in (
-        "prostate_dice", "lesion_dice", "reg_dice_before", "reg_dice_after",
-        "tre_mm_before", "tre_mm_after", "tre_mm_oracle")}
-    for start in range(0, len(samples), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(samples)))
-        batch = samples.batch(index)
-        out = model(*(batch[k].to(device) for k in ("trus", "mri", "mri_labels")))
-        out = {k: v.cpu() for k, v in out.items()}
-        pred = out["logits"].argmax(1).numpy()
-        warped = (out["warped_labels"] > 0.5).numpy()
-        warped_labels = warped[:, 0] * PROSTATE + warped[:, 1] * (LESION - PROSTATE)
-        before_labels = (batch["mri_labels"][:, 0] + batch["mri_labels"][:, 1]).numpy()
-        truth = batch["labels"].numpy()
-        theta = out["theta"].numpy()
-        for n, i in enumerate(index.tolist()):
-            frame_hw = samples.sample_hw(i)
-            to_frame = planes.model_to_frame(frame_hw, size)
-            rows["prostate_dice"].append(metrics.dice(pred[n], truth[n], PROSTATE))
-            rows["lesion_dice"].append(metrics.dice(pred[n], truth[n], LESION))
-            rows["reg_dice_before"].append(metrics.dice(before_labels[n], truth[n], PROSTATE))
-            rows["reg_dice_after"].append(metrics.dice(warped_labels[n], truth[n], PROSTATE))
-            v, u = np.nonzero(truth[n] >= PROSTATE)
-            points = np.stack([u, v, np.zeros_like(u)], 1).astype(np.float64)
-            points_ij = (points @ to_frame[:3, :3].T + to_frame[:3, 3])[:, :2]
-            tracked = samples.tracked_image_to_mri[i].numpy()
-            true = samples.true_image_to_mri[i].numpy()
-            registered = metrics.registered_image_to_mri(theta[n], tracked, frame_hw)
-            oracle = metrics.registered_image_to_mri(samples.theta[i].numpy(), tracked, frame_hw)
-            rows["tre_mm_before"].append(metrics.tre_mm(tracked, true, points_ij))
-            rows["tre_mm_after"].append(metrics.tre_mm(registered, true, points_ij))
-            rows["tre_mm_oracle"].append(metrics.tre_mm(oracle, true, points_ij))
-    out_metrics = {}
-    for key, values in rows.items():
-        arr = np.asarray(values, dtype=np.float64)
-        out_metrics[key] = float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
-    for key in ("tre_mm_before", "tre_mm_after"):
-        arr = np.asarray(rows[key], dtype=np.float64)
-        out_metrics[key + "_median"] = (float(np.nanmedian(arr)) if np.isfinite(arr).any()
-                                        else float("nan"))
-    after = np.asarray(rows["tre_mm_after"], dtype=np.float64)
-    out_metrics["tre_mm_after_p90"] = (float(np.nanpercentile(after, 90))
-                                       if np.isfinite(after).any() else float("nan"))
-    out_metrics["frames"] = len(samples)
-    return out_metrics
-
-
 def lr_factor(step: int, done: float, *, warmup_steps: int) -> float:
     """Linear warm-up over the first steps, then cosine decay to 0 as ``done`` goes 0 -> 1."""
     warm = min(1.0, (step + 1) / warmup_steps)
     return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, done))))
-
-
-def _validate(model: AlignSegNet, val_set: SampleSet, step: int,
-              history: list[dict[str, float]]) -> dict[str, float]:
-    """:func:`evaluate` at ``step``, printed with the mean training losses since the last call."""
-    v = {"step": step, **evaluate(model, val_set)}
-    recent = history[-50:]
-    parts = " ".join(f"{k} {np.mean([h[k] for h in recent]):.4f}" for k in recent[0]) \
-        if recent else "-"
-    print(f"step {step}: loss [{parts}] | prostate {v['prostate_dice']:.3f} lesion "
-          f"{v['lesion_dice']:.3f} reg-dice {v['reg_dice_before']:.3f}->{v['reg_dice_after']:.3f}"
-          f" TRE {v['tre_mm_before']:.2f}->{v['tre_mm_after']:.2f} mm "
-          f"(oracle {v['tre_mm_oracle']:.2f})", flush=True)
-    return v
-
-
-def save_plot(path: Path, history: list[dict[str, float]], val: list[dict[str, float]]) -> None:
-    """Loss curves (smoothed) and validation Dice / TRE against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on training machines
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    steps = np.arange(len(history))
-    window = max(1, len(history) // 50)
-    kernel = np.ones(window) / window
-    for key in ("total", "seg", "reg", "transform", "kl"):
-        values = np.array([h[key] for h in history])
-        if len(values) >= window:
-            axes[0].plot(steps[window - 1:], np.convolve(values, kernel, "valid"), label=key)
-    axes[0].set(yscale="log", xlabel="step", title="training loss (moving mean)")
-    axes[0].legend()
-    vsteps = [v["step"] for v in val]
-    for key in ("prostate_dice", "lesion_dice", "reg_dice_before", "reg_dice_after"):
-        axes[1].plot(vsteps, [v[key] for v in val], marker="o", label=key)
-    axes[1].set(ylim=(0, 1), xlabel="step", title="held-out validation Dice")
-    axes[1].legend()
-    for key in ("tre_mm_before", "tre_mm_after", "tre_mm_oracle"):
-        axes[2].plot(vsteps, [v[key] for v in val], marker="o", label=key)
-    axes[2].set(xlabel="step", ylabel="mm", title="held-out TRE over the prostate")
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def train_alignsegnet(
@@ -451,43 +346,6 @@ def _load_init(path: str | Path, cfg: AlignSegNetConfig) -> tuple[AlignSegNet, d
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return model, {"path": str(path), "sha256": digest,
                    "command": checkpoint["meta"].get("command")}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``regseg train alignsegnet``."""
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--minutes", type=float, default=25.0,
-                        help="wall-time budget including data generation (default 25)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the data draw and the initial weights (default 0)")
-    parser.add_argument("--samples", type=int, default=6000, help="training frames")
-    parser.add_argument("--train-phantoms", type=int, default=16,
-                        help="training phantom seeds 1..N (seed 0 is the demo case)")
-    parser.add_argument("--val-phantoms", type=int, default=4,
-                        help="held-out phantoms for validation, seeds 1000.. (default 4)")
-    parser.add_argument("--val-frames", type=int, default=100, help="frames per val phantom")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="frames per step; the global batch under torchrun (default 16)")
-    parser.add_argument("--lr", type=float, default=2e-3,
-                        help="Adam learning rate (default 2e-3)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="fixed step count (default: fit to the budget)")
-    parser.add_argument("--validate-every", type=float, default=120.0,
-                        help="seconds between validations (default 120)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
-                        help=f"simulated-frame cache (default {DEFAULT_CACHE})")
-    parser.add_argument("--randomise", action="store_true",
-                        help="train on domain-randomised cases (regseg.sim.randomise)")
-    parser.add_argument("--plain-fraction", type=float, default=0.2,
-                        help="with --randomise: share of plain-scanner frames (default 0.2)")
-    parser.add_argument("--init", type=Path, default=None,
-                        help="start from this checkpoint (fine-tune) instead of random weights")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last state (same options)")
-    parser.add_argument("--checkpoint-every", type=int, default=50,
-                        help="steps between resumable states (default 50; 0: only at the end)")
 
 
 def run(args: argparse.Namespace, *, command: str | None = None) -> int:
