@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from regseg.train.recipe_args import add_run_options
+
 DEFAULT_CACHE = Path.home() / ".cache" / "regseg" / "train"
 
 
@@ -25,11 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames per step; the global batch under torchrun (default 16)")
     parser.add_argument("--lr", type=float, default=2e-3,
                         help="Adam learning rate (default 2e-3)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="fixed step count (default: fit to the budget)")
     parser.add_argument("--validate-every", type=float, default=120.0,
                         help="seconds between validations (default 120)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                         help=f"simulated-frame cache (default {DEFAULT_CACHE})")
     parser.add_argument("--randomise", action="store_true",
@@ -38,8 +37,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --randomise: share of plain-scanner frames (default 0.2)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this checkpoint (fine-tune) instead of random weights")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last state (same options)")
-    parser.add_argument("--checkpoint-every", type=int, default=50,
-                        help="steps between resumable states (default 50; 0: only at the end)")
+    add_run_options(parser, threads=2, checkpoint_every=50)

@@ -49,6 +49,7 @@ from regseg.train.data import (
     open_simulated_scanner,
 )
 from regseg.train.distributed import main_first
+from regseg.train.recipe_args import add_run_options
 from regseg.train.seg_loop import (  # noqa: F401 - the loop's names, as before the split
     SegData,
     deep_loss,
@@ -243,18 +244,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the batch draw and the initial weights (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--validate-every", type=float, default=300.0,
                         help="seconds between validations (default 300)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                         help=f"simulated-frame cache (default {DEFAULT_CACHE})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="stop after this many steps (default: fill --minutes)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last state (same options)")
-    parser.add_argument("--checkpoint-every", type=int, default=50,
-                        help="steps between resumable states (default 50; 0: at the end)")
+    add_run_options(parser, threads=1, checkpoint_every=50)
 
 
 def run(args: argparse.Namespace, *, command: str | None = None) -> int:

@@ -18,6 +18,7 @@ from regseg import distributed
 from regseg.train.plcreg_live import train_2d
 from regseg.train.plcreg_mni import train_3d
 from regseg.train.plcreg_recipe import Weights
+from regseg.train.recipe_args import add_run_options
 
 
 def add_arguments(parser: argparse.ArgumentParser, dim: int) -> None:
@@ -29,8 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser, dim: int) -> None:
                         help="seed of the data draw and the initial weights (default 0)")
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     if dim == 2:
         parser.add_argument("--frames", type=int, default=2400, help="training frames")
         parser.add_argument("--phantoms", type=int, default=16, help="training phantoms 1..N")
@@ -56,12 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, dim: int) -> None:
                             help="scales the random affine of the training pairs (default 0.4)")
         parser.add_argument("--batch-size", type=int, default=1,
                             help="pairs per step, the global batch under torchrun (default 1)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="stop after this many steps (default: fill --minutes)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last state (same options)")
-    parser.add_argument("--checkpoint-every", type=int, default=25,
-                        help="steps between resumable states (default 25; 0: at the end)")
+    add_run_options(parser, threads=2, checkpoint_every=25)
     parser.set_defaults(dim=dim)
 
 
