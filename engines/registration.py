@@ -3,8 +3,8 @@
 Offline (3-D volumes) and live (2-D planes) call the same class: :meth:`RegistrationEngine.predict`
 runs the deformable model on working-grid tensors; :meth:`RegistrationEngine.register` takes two
 volumes on any grids, resamples the moving image onto the fixed image's grid (world mm, RAS),
-aligns it affinely (instance optimisation), refines it with the network, and resamples the moving
-image and labels once through the composed map.
+aligns it affinely (:mod:`regseg.engines.affine`: learned, optimised or both), refines it with
+the network, and resamples the moving image and labels once through the composed map.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regseg import spatial
+from regseg.engines.affine import AffineStage
+from regseg.engines.affine_modes import AFFINE_DEFAULT
 from regseg.engines.base import Engine, make_engine
 from regseg.engines.refine import refine_velocity
 from regseg.errors import InputError
 from regseg.imageio import Volume, normalise_intensity
 from regseg.models.integrate import invert_ddf, invert_velocity, resize_ddf, scaling_and_squaring
-from regseg.models.reg_losses import mind_loss
 from regseg.models.registry import WEIGHTS_DIR, load_model
 
 #: Registered names of shipped PLCReg weights (``models/weights/<name>.pt``).
@@ -100,56 +101,6 @@ def _to_tensor(data: np.ndarray, device: torch.device) -> Tensor:
         device)
 
 
-def affine_register(fixed: Tensor, moving: Tensor, *, iterations: int = 120,
-                    lr: float = 0.01, downsample: int = 2) -> np.ndarray:
-    """Affine instance optimisation: 12 parameters, MIND similarity, centre-of-mass start.
-
-    Our choice for the offline affine stage: no learned 3-D affine model exists in the project,
-    and a short optimisation of a modality-independent loss on a coarse grid takes about a
-    second on CPU and handles the "other modality" pairs that NCC cannot.
-
-    Args:
-        fixed, moving: (1, 1, D, H, W) on one grid, intensities in [0, 1].
-        downsample: optimise on a grid this many times coarser (average pooled).
-    Returns:
-        (4, 4) matrix in array-order voxels of the input grid, fixed (k, j, i, 1) -> moving.
-
-    References:
-        Heinrich et al., MIND, MedIA 2012 (the similarity).
-    """
-    f = F.avg_pool3d(fixed, downsample) if downsample > 1 else fixed
-    m = F.avg_pool3d(moving, downsample) if downsample > 1 else moving
-    spatial_size = f.shape[2:]
-
-    def centre(img: Tensor) -> Tensor:  # normalised (x, y, z) centre of the bright voxels
-        w = (img[0, 0] > 0.1).float() * img[0, 0]
-        coords = [torch.linspace(-1, 1, s) * (s - 1) / s for s in spatial_size]
-        grids = torch.meshgrid(*coords, indexing="ij")
-        c = torch.stack([(g * w).sum() / w.sum().clamp_min(1e-6) for g in grids])
-        return c.flip(0)
-
-    linear = torch.zeros(3, 3, requires_grad=True)
-    shift = (centre(m) - centre(f)).clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([linear, shift], lr=lr)
-    with torch.enable_grad():
-        for _ in range(iterations):
-            theta = torch.cat([torch.eye(3) + linear, shift[:, None]], 1)[None]
-            grid = F.affine_grid(theta, list(f.shape), align_corners=False)
-            warped = F.grid_sample(m, grid, padding_mode="zeros", align_corners=False)
-            loss = mind_loss(f, warped)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    theta4 = np.eye(4)
-    theta4[:3, :3] = np.eye(3) + linear.detach().double().numpy()
-    theta4[:3, 3] = shift.detach().double().numpy()
-    size_xyz = tuple(fixed.shape[2:][::-1])
-    norm = spatial.index_to_normalised(size_xyz)
-    xyz = np.linalg.inv(norm) @ theta4 @ norm  # voxel (i, j, k) -> voxel (i, j, k)
-    flip = np.eye(4)[[2, 1, 0, 3]]
-    return flip @ xyz @ flip  # array order (k, j, i)
-
-
 def affine_ddf(matrix: np.ndarray, shape: tuple[int, ...], device: torch.device) -> Tensor:
     """(4, 4) array-order voxel map -> its displacement (1, 3, *shape) in voxels."""
     grid = spatial.identity_grid(shape, device=device, dtype=torch.float32)
@@ -165,7 +116,12 @@ class RegistrationEngine:
         weights: checkpoint path or a registered name (``plcreg3d``, ``plcreg2d``).
         backend, device, precision, threads, cache_dir: passed to
             :func:`regseg.engines.base.make_engine` (``backend="auto"`` picks and reports).
-        affine_iterations: steps of the affine stage in :meth:`register` (0: no affine stage).
+        affine: the affine stage of :meth:`register`: ``learned`` (Affine3D), ``optimise``
+            (MIND instance optimisation from the centre of mass), ``learned+optimise`` (the
+            network, then a few MIND steps from its estimate) or ``none``.
+        affine_iterations: MIND steps of the affine stage (None: the mode's default,
+            :data:`regseg.engines.affine.DEFAULT_ITERATIONS`; 0: no affine stage).
+        affine_weights: Affine3D checkpoint or ``affine3d`` (shipped).
         refine: instance-optimisation steps after the network (:mod:`regseg.engines.refine`;
             0: the network's field as it is).
         outputs: model outputs to compute (:meth:`predict` needs ``ddf`` and ``field``; a graph
@@ -173,7 +129,8 @@ class RegistrationEngine:
     """
 
     def __init__(self, weights: str | Path = "plcreg3d", *, backend: str = "eager",
-                 device: torch.device | str = "cpu", affine_iterations: int = 120,
+                 device: torch.device | str = "cpu", affine: str = AFFINE_DEFAULT,
+                 affine_iterations: int | None = None, affine_weights: str | Path = "affine3d",
                  precision: str = "fp32", threads: int | None = None,
                  cache_dir: str | Path | None = None,
                  outputs: tuple[str, ...] | None = None, refine: int = 0) -> None:
@@ -183,6 +140,11 @@ class RegistrationEngine:
         self.size = tuple(self.config.size)
         self.weights = str(weights)
         self.affine_iterations = affine_iterations
+        self._affine_options = {"mode": affine, "iterations": affine_iterations,
+                                "weights": affine_weights, "backend": backend,
+                                "precision": precision, "threads": threads,
+                                "cache_dir": cache_dir}
+        self._affine: AffineStage | None = None
         shapes = {"moving": (1, self.config.moving_channels, *self.size),
                   "fixed": (1, self.config.fixed_channels, *self.size)}
         self.engine: Engine = make_engine(model, shapes, backend=backend, device=device,
@@ -190,6 +152,14 @@ class RegistrationEngine:
                                           cache_dir=cache_dir, outputs=outputs)
         self.backend = self.engine.backend
         self.device = self.engine.device
+
+    @property
+    def affine(self) -> AffineStage:
+        """The affine stage of :meth:`register`, built at its first use (the live path, which
+        only calls :meth:`predict`, never loads it)."""
+        if self._affine is None:
+            self._affine = AffineStage(**self._affine_options, device=self.device)
+        return self._affine
 
     def predict(self, moving: Tensor, fixed: Tensor) -> dict[str, Tensor]:
         """Run the network on working-grid tensors (see :class:`regseg.models.plcreg.PLCReg`).
@@ -233,10 +203,7 @@ class RegistrationEngine:
         f_work = _resize(f_full, self.size)
         m_work = _resize(m_full, self.size)
         t1 = time.perf_counter()
-        affine = np.eye(4)
-        if self.affine_iterations > 0:
-            affine = affine_register(f_work.cpu(), m_work.cpu(),
-                                     iterations=self.affine_iterations)
+        affine = self.affine(f_work, m_work)
         aff = affine_ddf(affine, self.size, dev)
         m_aff = spatial.warp(m_work, aff, padding_mode="zeros")
         t2 = time.perf_counter()

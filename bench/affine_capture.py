@@ -1,0 +1,154 @@
+"""Capture range of the affine stage: TRE after affine vs the initial rotation and translation.
+
+MNI152 pairs (``regseg.train.affine3d.render``: the template with a smooth 6 mm deformation and
+an intensity change per image, every second moving image in the "other modality"): the fixed
+image has no affine, the moving one an exact rotation (about a random axis) or translation (in a
+random direction) of the stated size and a random scale change up to 5 %. TRE is the mean
+distance (mm) between the estimated and the true affine images of 512 brain points of the fixed
+image. Methods: no alignment, centre of mass, ``optimise`` (120 MIND steps), ``learned``
+(Affine3D), ``learned+optimise`` (20 MIND steps after it).
+
+Pairs come from generator streams ``[10000 + n, level, 318]`` (``--validation``: ``[20000 + n,
+level, 318]``), apart from training's ``[seed, step, pair, 318]``.
+
+``python bench/affine_capture.py [--pairs 3] [--json PATH]``; run alone under
+``flock /tmp/regseg-cpu.lock`` when the seconds matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from regseg.engines.affine import AffineStage, optimise_affine, theta_to_voxels
+from regseg.sim import mni
+from regseg.sim.phantom import random_rotation
+from regseg.train.affine3d import POINTS, brain_points, render
+
+ROTATIONS_DEG = (0, 5, 10, 15, 20, 25)
+SHIFTS_MM = (0, 5, 10, 15, 20, 25)
+
+
+def controlled_affine(rng: np.random.Generator, shape: tuple[int, ...], spacing_mm: float,
+                      rotation_deg: float, shift_mm: float) -> np.ndarray:
+    """(4, 4) array-order voxel affine about the grid centre: an exact rotation angle and shift
+    length, random axis and direction, per-axis scale within 5 %."""
+    axis_rotation = random_rotation(rng)
+    angle = np.arccos(np.clip((np.trace(axis_rotation) - 1) / 2, -1, 1))
+    rotation = mni._axis_rotation(axis_rotation, np.radians(rotation_deg) / max(angle, 1e-9))
+    linear = rotation @ np.diag(1.0 + rng.uniform(-0.05, 0.05, 3))
+    direction = rng.standard_normal(3)
+    shift = shift_mm / spacing_mm * direction / np.linalg.norm(direction)
+    centre = (np.asarray(shape) - 1) / 2.0
+    out = np.eye(4)
+    out[:3, :3] = linear
+    out[:3, 3] = centre - linear @ centre + shift
+    return out
+
+
+def tre_mm(estimate: np.ndarray, truth: np.ndarray, points: np.ndarray, spacing_mm: float
+           ) -> float:
+    """Mean distance (mm) between two (4, 4) voxel maps' images of (N, 3) voxel points."""
+    p = np.concatenate([points, np.ones((len(points), 1))], 1)
+    return float(np.linalg.norm((p @ (estimate - truth).T)[:, :3], axis=1).mean() * spacing_mm)
+
+
+def run(pairs: int, seed0: int, weights: str = "affine3d") -> dict:
+    base = mni.load_base()
+    cfg = base.config
+    shape = tuple(cfg.shape[::-1])
+    brain = brain_points(base)
+    learned = AffineStage("learned", weights=weights)
+    methods = ("initial", "centre_of_mass", "optimise", "learned", "learned+optimise")
+    curves: dict[str, list[dict]] = {"rotation": [], "translation": []}
+    levels = [("rotation", r, 0.0) for r in ROTATIONS_DEG] + [("translation", 0.0, s)
+                                                              for s in SHIFTS_MM[1:]]
+    for n_level, (kind, rot, shift) in enumerate(levels):
+        errors: dict[str, list[float]] = {m: [] for m in methods}
+        seconds: dict[str, list[float]] = {m: [] for m in methods}
+        for n in range(pairs):
+            rng = np.random.default_rng([seed0 + n, n_level, 318])
+            a_m = controlled_affine(rng, shape, cfg.spacing_mm, rot, shift)
+            fixed = render(base, np.eye(4), rng, False)
+            moving = render(base, a_m, rng, bool(n % 2))
+            truth = np.linalg.inv(a_m)  # fixed voxel x shows T(x); the moving shows it at A^-1 x
+            points = brain[rng.choice(len(brain), POINTS, replace=False)]
+            t0 = time.perf_counter()
+            theta_l = learned.learned(fixed, moving)
+            t_learned = time.perf_counter() - t0
+            estimates = {"initial": (np.eye(4), 0.0)}
+            t0 = time.perf_counter()
+            com = optimise_affine(fixed, moving, iterations=0)
+            estimates["centre_of_mass"] = (theta_to_voxels(com, shape),
+                                           time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            estimates["optimise"] = (theta_to_voxels(optimise_affine(fixed, moving), shape),
+                                     time.perf_counter() - t0)
+            estimates["learned"] = (theta_to_voxels(theta_l, shape), t_learned)
+            t0 = time.perf_counter()
+            both = optimise_affine(fixed, moving, iterations=20, initial=theta_l)
+            estimates["learned+optimise"] = (theta_to_voxels(both, shape),
+                                             t_learned + time.perf_counter() - t0)
+            for m, (est, s) in estimates.items():
+                errors[m].append(tre_mm(est, truth, points, cfg.spacing_mm))
+                seconds[m].append(s)
+        row = {"kind": kind, "rotation_deg": rot, "shift_mm": shift,
+               **{f"{m}_tre_mm": float(np.mean(errors[m])) for m in methods},
+               **{f"{m}_tre_max_mm": float(np.max(errors[m])) for m in methods},
+               **{f"{m}_s": float(np.mean(seconds[m])) for m in methods}}
+        curves[kind].append(row)
+        print(f"{kind:<12} rot {rot:4.0f} deg shift {shift:4.0f} mm: " + "  ".join(
+            f"{m} {row[m + '_tre_mm']:.2f}" for m in methods), flush=True)
+        if kind == "rotation" and rot == 0:
+            curves["translation"].append(row)  # the shared zero point
+    return {"methods": list(methods), "curves": curves}
+
+
+def print_table(result: dict) -> None:
+    methods = result["methods"]
+    print(f"\nTRE after affine (mm, mean over pairs); {result['pairs']} pairs per level")
+    print(f"{'initial misalignment':<24}" + "".join(f"{m:>18}" for m in methods))
+    for kind, unit, key in (("rotation", "deg", "rotation_deg"),
+                            ("translation", "mm", "shift_mm")):
+        for row in result["curves"][kind]:
+            print(f"{kind + ' ' + str(int(row[key])) + ' ' + unit:<24}"
+                  + "".join(f"{row[m + '_tre_mm']:18.2f}" for m in methods))
+    rows = result["curves"]["rotation"] + result["curves"]["translation"]
+    print(f"{'seconds per pair':<24}" + "".join(
+        f"{np.mean([r[m + '_s'] for r in rows]):18.3f}" for m in methods))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=3, help="pairs per misalignment level (3)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--validation", action="store_true",
+                   help="validation streams 20000.. instead of the test streams 10000..")
+    p.add_argument("--weights", default="affine3d", help="Affine3D checkpoint (default shipped)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    result = run(args.pairs, 20_000 if args.validation else 10_000, args.weights)
+    from regseg.machine import machine_name, utc_now
+
+    result.update({"command": " ".join(["python", "bench/affine_capture.py",
+                                        *(argv if argv is not None else sys.argv[1:])]),
+                   "machine": machine_name(), "date": utc_now(), "threads": args.threads,
+                   "pairs": args.pairs, "wall_s": time.perf_counter() - t0,
+                   "streams": f"[{20_000 if args.validation else 10_000} + n, level, 318]"})
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
