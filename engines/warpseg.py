@@ -1,0 +1,141 @@
+"""WarpSegEngine: a WarpSeg network behind the Engine seam, from a volume to coarse + fine labels.
+
+The network sees a fixed working grid: a box of ``config.fov_mm`` (world mm, RAS axes) centred on
+the image's centre, sampled at ``config.size``; its logits are resampled trilinearly back onto the
+image's own grid (inside the box; background outside) and turned into labels there, the coarse
+argmax first and the fine class within its coarse group
+(:func:`regseg.models.warpseg.predict_labels`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from regseg import spatial
+from regseg.engines.base import Engine, make_engine
+from regseg.engines.registration import resample_to_grid
+from regseg.imageio import Volume, normalise_intensity
+from regseg.models.registry import WEIGHTS_DIR, load_model
+from regseg.models.warpseg import WarpSegConfig, predict_labels
+
+#: ``regseg segment --model NAME`` -> shipped weights file.
+SHIPPED = {"warpseg-prostate": "warpseg_prostate.pt", "warpseg-brain": "warpseg_brain.pt",
+           "warpseg-prostate-single": "warpseg_prostate_single.pt"}
+
+
+def shipped_path(name_or_path: str | Path) -> Path:
+    """A shipped model name (:data:`SHIPPED`) -> its weights file; a path is passed through."""
+    return WEIGHTS_DIR / SHIPPED[str(name_or_path)] if str(name_or_path) in SHIPPED else Path(
+        name_or_path)
+
+
+def working_grid(image: Volume, config: WarpSegConfig) -> np.ndarray:
+    """(4, 4) voxel_to_world of the working grid (I, J, K) = ``config.size[::-1]`` over a box of
+    ``config.fov_mm`` centred on ``image``'s centre, axes along RAS."""
+    shape = np.array(image.data.shape, dtype=np.float64)
+    centre = image.voxel_to_world[:3, :3] @ ((shape - 1) / 2) + image.voxel_to_world[:3, 3]
+    n = np.array(config.size[::-1], dtype=np.float64)
+    spacing = np.array(config.fov_mm) / n
+    matrix = np.diag([*spacing, 1.0])
+    matrix[:3, 3] = centre - spacing * (n - 1) / 2
+    return matrix
+
+
+def to_working(image: Volume, config: WarpSegConfig) -> np.ndarray:
+    """The image on the working grid, intensity-normalised: (D, H, W) float32."""
+    data, _ = resample_to_grid(image, tuple(config.size[::-1]), working_grid(image, config))
+    return np.ascontiguousarray(normalise_intensity(data).transpose(2, 1, 0))
+
+
+def labels_to_working(labels: Volume, config: WarpSegConfig, like: Volume) -> np.ndarray:
+    """A label map (on ``like``'s grid) on the working grid, nearest: (D, H, W) int64."""
+    data, _ = resample_to_grid(Volume(labels.data.astype(np.float32), labels.voxel_to_world),
+                               tuple(config.size[::-1]), working_grid(like, config),
+                               mode="nearest")
+    return np.ascontiguousarray(np.rint(data).astype(np.int64).transpose(2, 1, 0))
+
+
+def logits_to_image(logits: dict[str, torch.Tensor], image: Volume, config: WarpSegConfig
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Working-grid logits resampled onto ``image``'s grid (trilinear) and labelled there.
+
+    Returns:
+        (coarse, fine) uint8 (I, J, K) on ``image``'s grid; background outside the working box.
+    """
+    work = working_grid(image, config)
+    n = np.array(config.size[::-1])
+    corners = work[:3, :3] @ np.array([[0, 0, 0], n - 1]).T + work[:3, 3:4]
+    to_vox = np.linalg.inv(image.voxel_to_world)
+    vox = to_vox[:3, :3] @ corners + to_vox[:3, 3:4]
+    lo = np.clip(np.floor(vox.min(1)).astype(int), 0, image.data.shape)
+    hi = np.clip(np.ceil(vox.max(1)).astype(int) + 1, 0, image.data.shape)
+    crop_v2w = image.voxel_to_world.copy()
+    crop_v2w[:3, 3] = image.voxel_to_world[:3, :3] @ lo + image.voxel_to_world[:3, 3]
+    to_norm = spatial.index_to_normalised(tuple(n)) @ np.linalg.inv(work) @ crop_v2w
+    k, j, i = torch.meshgrid(*[torch.arange(a, b, dtype=torch.float32) - a
+                               for a, b in zip(lo[::-1], hi[::-1], strict=True)], indexing="ij")
+    ijk1 = torch.stack([i, j, k, torch.ones_like(i)], -1)
+    grid = (ijk1 @ torch.as_tensor(to_norm[:3].T, dtype=torch.float32))[None]
+    sampled = {name: F.grid_sample(v.float().cpu(), grid, mode="bilinear", padding_mode="border",
+                                   align_corners=False) for name, v in logits.items()}
+    coarse_c, fine_c = predict_labels(sampled, config)
+    coarse = np.zeros(image.data.shape, dtype=np.uint8)
+    fine = np.zeros(image.data.shape, dtype=np.uint8)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    coarse[box] = coarse_c[0].numpy().transpose(2, 1, 0)
+    fine[box] = fine_c[0].numpy().transpose(2, 1, 0)
+    return coarse, fine
+
+
+def stream_labels(coarse: np.ndarray, fine: np.ndarray, config: WarpSegConfig) -> np.ndarray:
+    """The label map ``regseg-stream --mri-labels`` takes -- 0 background, 1 prostate, 2 lesion
+    (regseg.types) -- from a prostate model's coarse and fine maps.
+
+    Raises:
+        ValueError: the model's classes are not the prostate ones (no ``prostate`` coarse class
+            or no ``lesion`` fine class).
+    """
+    if "prostate" not in config.coarse_names or "lesion" not in config.fine_names:
+        raise ValueError(f"a prostate model is needed for --mri-labels maps; this one has coarse "
+                         f"{list(config.coarse_names)} and fine {list(config.fine_names)}")
+    out = (coarse == config.coarse_names.index("prostate")).astype(np.uint8)
+    out[(fine == config.fine_names.index("lesion")) & (out == 1)] = 2
+    return out
+
+
+class WarpSegEngine:
+    """Segments 3-D volumes with a WarpSeg checkpoint: ``engine(volume)`` -> (coarse, fine).
+
+    Args:
+        weights: a checkpoint path or a shipped name (:data:`SHIPPED`).
+        backend, device, threads: as :func:`regseg.engines.base.make_engine` (``auto`` times
+            eager and ONNX Runtime here and keeps the fastest that matches).
+    """
+
+    def __init__(self, weights: str | Path = "warpseg-prostate", *, backend: str = "eager",
+                 device: str = "cpu", threads: int | None = None) -> None:
+        model = load_model(shipped_path(weights))
+        self.config: WarpSegConfig = model.config
+        self.engine: Engine = make_engine(model, {"image": (1, 1, *self.config.size)},
+                                          backend=backend, device=device, threads=threads)
+        self.backend = self.engine.backend
+        self.timings_s: dict[str, float] = {}
+
+    def __call__(self, image: Volume) -> tuple[Volume, Volume]:
+        """Coarse and fine uint8 label maps on ``image``'s grid."""
+        t0 = time.perf_counter()
+        x = torch.from_numpy(to_working(image, self.config))[None, None].to(self.engine.device)
+        t1 = time.perf_counter()
+        out = {k: v.clone() for k, v in self.engine({"image": x}).items()}
+        t2 = time.perf_counter()
+        coarse, fine = logits_to_image(out, image, self.config)
+        t3 = time.perf_counter()
+        self.timings_s = {"prepare_s": t1 - t0, "network_s": t2 - t1, "labels_s": t3 - t2,
+                          "total_s": t3 - t0}
+        return (Volume(coarse, image.voxel_to_world.copy()),
+                Volume(fine, image.voxel_to_world.copy()))

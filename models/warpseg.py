@@ -1,0 +1,219 @@
+"""WarpSeg: a 3-D U-Net encoder shared by a coarse and a fine decoder, and the hierarchical loss.
+
+After WarpSeg (seed 004, ARCHITECTURES.md §5.2): one encoder, two decoders -- coarse classes (e.g.
+background / prostate) and fine classes (e.g. background / peripheral zone / transition zone /
+lesion) -- where every fine class belongs to one coarse group (``WarpSegConfig.fine_groups``). The
+two decoders run in parallel off one encoder pass (the README figure), not in WarpSeg's released
+cascade. Our own reduced widths, for CPU training.
+
+The hierarchical loss (research-wave2.md §2, after Fidon et al.'s label-set losses, MICCAI 2021)
+marginalises the fine softmax into the coarse groups: the group logit is the log-sum-exp of its
+members' logits, so ``softmax(group logits) = sum of the fine probabilities per group``; it gets
+cross-entropy and Dice against the coarse target on every volume, including volumes that carry only
+coarse labels. Fine targets are *label sets* (the classes allowed at a voxel): one class where the
+fine label is known, a whole group where only the coarse label is, and for pseudo-labels whatever
+the registration cannot tell apart (an atlas lesion says nothing about the patient's lesions).
+
+``single_decoder`` builds the ablation: the fine decoder alone, trained with plain cross-entropy +
+Dice on hard fine labels; its coarse output is the fine softmax summed per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class WarpSegConfig:
+    """Constructor config, stored in the checkpoint."""
+
+    size: tuple[int, int, int] = (40, 32, 48)  # working grid (D, H, W) = array order (K, J, I)
+    # the working grid's box in world mm (R-L, A-P, S-I), centred on the image's centre: the
+    # prostate MRI default covers the gland of every phantom with >= 7 mm to spare (1.5 mm voxels)
+    fov_mm: tuple[float, float, float] = (72.0, 48.0, 64.0)
+    in_channels: int = 1
+    channels: tuple[int, ...] = (8, 16, 32, 64)  # encoder widths per level (level l at 1/2**l)
+    fine_groups: tuple[int, ...] = (0, 1, 1, 1)  # coarse group of each fine class
+    coarse_names: tuple[str, ...] = ("background", "prostate")
+    fine_names: tuple[str, ...] = ("background", "peripheral zone", "transition zone", "lesion")
+    single_decoder: bool = False  # the ablation: no coarse decoder, no hierarchical loss
+
+    def __post_init__(self) -> None:
+        for name in ("size", "fov_mm", "channels", "fine_groups", "coarse_names", "fine_names"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # lists from a checkpoint
+        levels = len(self.channels) - 1
+        if any(s % 2 ** levels for s in self.size):
+            raise ValueError(f"WarpSegConfig.size {self.size}: every side must be divisible by "
+                             f"2**{levels} (one halving per encoder level after the first)")
+        if len(self.fine_names) != len(self.fine_groups):
+            raise ValueError(f"{len(self.fine_names)} fine names for {len(self.fine_groups)} "
+                             "fine_groups entries")
+        if sorted(set(self.fine_groups)) != list(range(len(self.coarse_names))):
+            raise ValueError(f"fine_groups {self.fine_groups} must use every coarse class "
+                             f"0..{len(self.coarse_names) - 1} at least once")
+
+    @property
+    def coarse_classes(self) -> int:
+        return len(self.coarse_names)
+
+    @property
+    def fine_classes(self) -> int:
+        return len(self.fine_groups)
+
+
+def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """Two 3x3x3 convolutions, instance norm and LeakyReLU (the first may stride by 2)."""
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.InstanceNorm3d(cout, affine=True),
+        nn.LeakyReLU(0.1, inplace=True),
+        nn.Conv3d(cout, cout, 3, padding=1), nn.InstanceNorm3d(cout, affine=True),
+        nn.LeakyReLU(0.1, inplace=True))
+
+
+class Decoder(nn.Module):
+    """Up-sample x2 (trilinear), concatenate the encoder skip, one block; then a 1x1x1 head."""
+
+    def __init__(self, enc: tuple[int, ...], widths: tuple[int, ...], classes: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        cin = enc[-1]
+        for skip, w in zip(enc[-2::-1], widths, strict=True):
+            self.blocks.append(_block(cin + skip, w))
+            cin = w
+        self.head = nn.Conv3d(cin, classes, 1)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = features[-1]
+        for block, skip in zip(self.blocks, features[-2::-1], strict=True):
+            x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+            x = block(torch.cat([x, skip], 1))
+        return self.head(x)
+
+
+def group_logits(fine: Tensor, groups: tuple[int, ...]) -> Tensor:
+    """Coarse logits from fine ones: per group, log-sum-exp of its members' logits.
+
+    ``softmax(group_logits(z))[:, g] == softmax(z)[:, groups == g].sum(1)`` exactly.
+
+    Args:
+        fine: (B, Kf, *spatial) logits; groups: the coarse group of each fine class.
+    Returns:
+        (B, Kc, *spatial).
+    """
+    out = []
+    for g in range(max(groups) + 1):
+        members = [c for c, gc in enumerate(groups) if gc == g]
+        out.append(torch.logsumexp(fine[:, members], dim=1) if len(members) > 1
+                   else fine[:, members[0]])
+    return torch.stack(out, 1)
+
+
+class WarpSeg(nn.Module):
+    """``forward(image)`` -> ``{"coarse": (B, Kc, D, H, W), "fine": (B, Kf, D, H, W)}`` logits.
+
+    ``image``: (B, 1, D, H, W) at ``config.size``, intensities normalised to about [0, 1].
+    """
+
+    def __init__(self, config: WarpSegConfig) -> None:
+        super().__init__()
+        self.config = config
+        ch = tuple(config.channels)
+        self.encoder = nn.ModuleList(
+            [_block(config.in_channels, ch[0])]
+            + [_block(ch[i - 1], ch[i], stride=2) for i in range(1, len(ch))])
+        self.fine = Decoder(ch, ch[-2::-1], config.fine_classes)
+        self.coarse = (None if config.single_decoder
+                       else Decoder(ch, tuple(max(4, c // 2) for c in ch[-2::-1]),
+                                    config.coarse_classes))
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        features, x = [], image
+        for block in self.encoder:
+            x = block(x)
+            features.append(x)
+        fine = self.fine(features)
+        coarse = (group_logits(fine, self.config.fine_groups) if self.coarse is None
+                  else self.coarse(features))
+        return {"coarse": coarse, "fine": fine}
+
+
+def soft_dice_loss(probs: Tensor, target: Tensor) -> Tensor:
+    """1 - mean soft Dice over the foreground classes, per volume.
+
+    Args:
+        probs: (B, K, *spatial) probabilities; target: (B, K, *spatial) in {0, 1}.
+    Returns:
+        (B,) losses (classes 1..K-1; smoothing 1 voxel, so an absent class predicted absent
+        costs nothing).
+    """
+    dims = tuple(range(2, probs.ndim))
+    inter = (probs[:, 1:] * target[:, 1:]).sum(dims)
+    total = probs[:, 1:].sum(dims) + target[:, 1:].sum(dims)
+    return 1.0 - ((2 * inter + 1.0) / (total + 1.0)).mean(1)
+
+
+def set_cross_entropy(logits: Tensor, allowed: Tensor) -> Tensor:
+    """Cross-entropy against label sets, per volume: mean over voxels of
+    ``-log sum_{c allowed} p_c`` (the usual CE where exactly one class is allowed).
+
+    Args:
+        logits: (B, K, *spatial); allowed: (B, K, *spatial) bool, at least one True per voxel.
+    Returns:
+        (B,).
+    """
+    masked = logits.masked_fill(~allowed, float("-inf"))
+    nll = torch.logsumexp(logits, 1) - torch.logsumexp(masked, 1)
+    return nll.flatten(1).mean(1)
+
+
+def warpseg_loss(out: dict[str, Tensor], coarse: Tensor, fine_allowed: Tensor,
+                 fine_exact: Tensor, weight: Tensor, config: WarpSegConfig
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training loss and its parts.
+
+    Args:
+        out: the model's output.
+        coarse: (B, D, H, W) int64 coarse labels.
+        fine_allowed: (B, Kf, D, H, W) bool fine label sets (one-hot where the fine label is
+            known; see the module docstring).
+        fine_exact: (B,) bool: the fine labels are exact (a labelled atlas), so fine Dice applies.
+        weight: (B,) per-volume weights (pseudo-label quality; 1 for true labels).
+    Returns:
+        (weighted mean loss, {part: weighted mean}).
+    """
+    kc = config.coarse_classes
+    coarse_1h = F.one_hot(coarse, kc).movedim(-1, 1).float()
+    fine_p = torch.softmax(out["fine"], 1)
+    parts: dict[str, Tensor] = {}
+    parts["fine_ce"] = set_cross_entropy(out["fine"], fine_allowed)
+    exact = fine_exact.float() if not config.single_decoder else torch.ones_like(weight)
+    parts["fine_dice"] = soft_dice_loss(fine_p, fine_allowed.float()) * exact
+    if not config.single_decoder:
+        parts["coarse_ce"] = F.cross_entropy(out["coarse"], coarse, reduction="none").flatten(
+            1).mean(1)
+        parts["coarse_dice"] = soft_dice_loss(torch.softmax(out["coarse"], 1), coarse_1h)
+        groups = group_logits(out["fine"], config.fine_groups)
+        parts["hier_ce"] = F.cross_entropy(groups, coarse, reduction="none").flatten(1).mean(1)
+        parts["hier_dice"] = soft_dice_loss(torch.softmax(groups, 1), coarse_1h)
+    norm = weight.sum().clamp_min(1e-6)
+    means = {k: (v * weight).sum() / norm for k, v in parts.items()}
+    return sum(means.values()), means
+
+
+def predict_labels(out: dict[str, Tensor], config: WarpSegConfig) -> tuple[Tensor, Tensor]:
+    """Coarse and fine label maps from logits, consistent with the hierarchy: the coarse argmax,
+    then within each voxel's coarse group the most probable fine class of that group.
+
+    Returns:
+        (coarse, fine), each (B, *spatial) int64.
+    """
+    coarse = out["coarse"].argmax(1)
+    groups = torch.as_tensor(config.fine_groups, device=coarse.device)
+    member = groups.view(1, -1, *([1] * (coarse.ndim - 1)))
+    in_group = member == coarse[:, None]
+    fine = out["fine"].masked_fill(~in_group, float("-inf")).argmax(1)
+    return coarse, fine
