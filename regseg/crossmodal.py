@@ -160,6 +160,20 @@ def affine_stage(moving: Volume, fixed: Volume, initial: np.ndarray,
     return np.asarray(initial, dtype=np.float64) @ a
 
 
+def mind_distance(moving: Volume, fixed: Volume, fixed_to_moving: np.ndarray,
+                  spacing_mm: float = 2.0) -> float:
+    """The affine stage's cost at a transform: masked MIND distance at ``spacing_mm`` (lower is
+    more similar; for reports)."""
+    shape, v2w = working_grid(fixed, spacing_mm)
+    pts = grid_points(shape, v2w)
+    f = sample_world(normalise(fixed.data, fixed.data > 0), fixed.voxel_to_world, pts)[0]
+    mask = sample_world((fixed.data > 0).astype(np.float32), fixed.voxel_to_world, pts)[0] > 0.99
+    mask = -F.max_pool3d(-mask.float()[None, None], 5, 1, 2)[0, 0]
+    moved = sample_world(normalise(moving.data), moving.voxel_to_world,
+                         transform_points(fixed_to_moving, pts))[0]
+    return float(_masked_mind(mind_descriptor(f[None, None])[0], moved, mask))
+
+
 def warp_moving(moving: Volume, moving_labels: Volume | None, fixed: Volume,
                 fixed_to_moving: np.ndarray, ddf_mm: np.ndarray | None,
                 n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +191,103 @@ def warp_moving(moving: Volume, moving_labels: Volume | None, fixed: Volume,
         onehot = sample_world(channels, moving_labels.voxel_to_world, q).numpy()
         onehot[0] += np.clip(1.0 - onehot.sum(0), 0.0, 1.0)  # outside the MRI: background
     return image.astype(np.float32), onehot.astype(np.float32)
+
+
+@dataclass
+class WorkGrid:
+    """BiRegNet's working grid: a cube of ``size`` voxels of ``spacing_mm`` along the fixed
+    grid's axes, centred on ``centre`` (fixed world mm)."""
+
+    voxel_to_world: np.ndarray  # (4, 4) work voxel (i, j, k) -> fixed world mm
+    size: int
+
+    @classmethod
+    def around(cls, fixed: Volume, centre: np.ndarray, size: int, spacing_mm: float) -> WorkGrid:
+        axes = fixed.voxel_to_world[:3, :3] / np.linalg.norm(fixed.voxel_to_world[:3, :3], axis=0)
+        v2w = np.eye(4)
+        v2w[:3, :3] = axes * spacing_mm
+        v2w[:3, 3] = np.asarray(centre) - v2w[:3, :3] @ np.full(3, 0.5 * (size - 1))
+        return cls(v2w, int(size))
+
+    def points(self) -> Tensor:
+        return grid_points((self.size,) * 3, self.voxel_to_world)
+
+    def ddf_to_mm(self, ddf: Tensor) -> Tensor:
+        """(B, 3, K, J, I) work voxels, array order (dk, dj, di) -> (B, I, J, K, 3) mm."""
+        lin = torch.as_tensor(self.voxel_to_world[:3, :3], dtype=ddf.dtype)
+        return torch.einsum("ab,nbkji->nijka", lin, ddf.flip(1))
+
+
+def gland_centre(labels: Volume, to_world: np.ndarray | None = None) -> np.ndarray | None:
+    """Centroid (mm) of the labelled voxels, mapped by ``to_world`` after the volume's own
+    voxel_to_world (None when there are none)."""
+    idx = np.argwhere(labels.data > 0)
+    if not len(idx):
+        return None
+    c = idx.mean(0) @ labels.voxel_to_world[:3, :3].T + labels.voxel_to_world[:3, 3]
+    return c if to_world is None else to_world[:3, :3] @ c + to_world[:3, 3]
+
+
+def work_inputs(moving: Volume, fixed: Volume, fixed_to_moving: np.ndarray, grid: WorkGrid,
+                moving_labels: Volume | None = None, fixed_labels: Volume | None = None
+                ) -> dict[str, Tensor]:
+    """Network inputs on the work grid, (1, C, K, J, I): ``moving`` (after the affine) and
+    ``fixed`` images normalised to [0, 1]; with labels, ``moving_labels``/``fixed_labels`` as
+    two soft channels (gland incl. lesion, lesion)."""
+    pts = grid.points()
+    out = {"moving": sample_world(normalise(moving.data), moving.voxel_to_world,
+                                  transform_points(fixed_to_moving, pts)),
+           "fixed": sample_world(normalise(fixed.data, fixed.data > 0), fixed.voxel_to_world,
+                                 pts)}
+    for name, labels, where in (("moving_labels", moving_labels,
+                                 transform_points(fixed_to_moving, pts)),
+                                ("fixed_labels", fixed_labels, pts)):
+        if labels is not None:
+            chans = np.stack([labels.data > 0, labels.data == 2]).astype(np.float32)
+            out[name] = sample_world(chans, labels.voxel_to_world, where)
+    return {k: v.permute(0, 3, 2, 1)[None].contiguous() for k, v in out.items()}
+
+
+_ENGINES: dict[tuple[str, str], object] = {}
+
+
+def biregnet_engine(weights: str = "biregnet", device: str = "cpu"):
+    """The BiRegNet engine (eager, through make_engine), built once per process."""
+    key = (str(weights), str(device))
+    if key not in _ENGINES:
+        from regseg.engines.base import make_engine
+        from regseg.models.registry import load_model
+
+        model = load_model(weights)
+        size = tuple(model.config.size)
+        _ENGINES[key] = make_engine(model, {"moving": (1, 1, *size), "fixed": (1, 1, *size)},
+                                    backend="eager", device=device, outputs=("ddf",), warmup=1)
+    return _ENGINES[key]
+
+
+def deformable_stage(moving: Volume, moving_labels: Volume | None, fixed: Volume,
+                     fixed_to_moving: np.ndarray, *, weights: str = "biregnet",
+                     device: str = "cpu") -> np.ndarray:
+    """BiRegNet's forward field on the work grid around the (affinely mapped) gland, as the
+    deformable part ``ddf_mm`` (3, *fixed.data.shape) in fixed mm (zero outside the work grid)."""
+    engine = biregnet_engine(weights, device)
+    config = engine.model.config if hasattr(engine, "model") else None
+    size = engine.input_shapes["fixed"][-1]
+    spacing = getattr(config, "spacing_mm", 2.0)
+    centre = None if moving_labels is None else gland_centre(
+        moving_labels, spatial.invert(fixed_to_moving))
+    if centre is None:
+        swept = np.argwhere(fixed.data > 0)
+        centre = swept.mean(0) @ fixed.voxel_to_world[:3, :3].T + fixed.voxel_to_world[:3, 3]
+    grid = WorkGrid.around(fixed, centre, size, spacing)
+    inputs = work_inputs(moving, fixed, fixed_to_moving, grid)
+    with torch.inference_mode():
+        out = engine({"moving": inputs["moving"].to(engine.device),
+                      "fixed": inputs["fixed"].to(engine.device)})
+    ddf_mm = grid.ddf_to_mm(out["ddf"].float().cpu())[0]  # (I, J, K, 3) on the work grid
+    pts = grid_points(fixed.data.shape, fixed.voxel_to_world)
+    full = sample_world(ddf_mm.permute(3, 0, 1, 2).numpy(), grid.voxel_to_world, pts)
+    return full.numpy().astype(np.float32)
 
 
 def check_volume(volume: Volume, what: str) -> None:
@@ -216,11 +327,6 @@ def register_cross_modal(moving: Volume, moving_labels: Volume | None, fixed: Vo
         fixed_to_moving = affine_stage(moving, fixed, initial)
         ddf_mm = None
         if method == "biregnet":
-            try:
-                from regseg.models.biregnet import deformable_stage
-            except ImportError:
-                raise InputError("method 'biregnet': regseg.models.biregnet is not available "
-                                 "in this checkout; use method='affine'") from None
             ddf_mm = deformable_stage(moving, moving_labels, fixed, fixed_to_moving,
                                       device=device)
         image, onehot = warp_moving(moving, moving_labels, fixed, fixed_to_moving, ddf_mm,
