@@ -166,13 +166,15 @@ class LabelFusionEngine:
         device: ``cpu`` or ``cuda[:N]`` (vote, jlf, simnet run there; staple runs on CPU).
         radius, alpha, beta: JLF patch radius (voxels), ridge and exponent (antsJointFusion's
             defaults: 2, 0.1, 2).
-        simnet_weights: checkpoint path or registered name (default the shipped ``simnet``).
+        simnet_weights: checkpoint path, registered name (default the shipped ``simnet``) or
+            a SimNet module (training validates with it).
         backend: the Engine backend for SimNet (``eager`` default; see make_engine).
     """
 
     def __init__(self, method: str = "jlf", *, device: str | torch.device = "cpu",
                  radius: int = 2, alpha: float = 0.1, beta: float = 2.0,
-                 simnet_weights: str | Path = "simnet", backend: str = "eager") -> None:
+                 simnet_weights: str | Path | torch.nn.Module = "simnet",
+                 backend: str = "eager") -> None:
         if method not in METHODS:
             raise InputError(f"label fusion method {method!r}: choose one of {list(METHODS)}")
         self.method = method
@@ -185,7 +187,8 @@ class LabelFusionEngine:
             from regseg.engines.base import make_engine
             from regseg.models.registry import load_model
 
-            model = load_model(simnet_weights)
+            model = (simnet_weights if isinstance(simnet_weights, torch.nn.Module)
+                     else load_model(simnet_weights))
             self.size = tuple(model.config.size)
             shape = (1, 1, *self.size)
             self._simnet = make_engine(model, {"target": shape, "atlas_image": shape,
@@ -232,25 +235,39 @@ class LabelFusionEngine:
         """(N, *S) SimNet weights normalised over the atlases (a floor of 1e-3 keeps voxels
         where SimNet trusts no atlas at the vote)."""
         shape = tuple(target.shape)
-        t = _resize(_zscore_volume(target), self.size)
         raw = []
         for i in range(images.shape[0]):
-            out = self._simnet({"target": t,
-                                "atlas_image": _resize(_zscore_volume(images[i]), self.size),
-                                "atlas_foreground": _resize(onehot[i, 1:].sum(0), self.size)})
+            out = self._simnet(simnet_inputs(target, images[i], onehot[i], self.size))
             raw.append(F.interpolate(out["weight"].clone(), size=shape, mode="trilinear",
                                      align_corners=False)[0, 0])
         s = torch.stack(raw).clamp_min(1e-3)
         return s / s.sum(0, keepdim=True)
 
 
+def simnet_inputs(target: Tensor, image: Tensor, onehot: Tensor, size: tuple[int, ...]
+                  ) -> dict[str, Tensor]:
+    """SimNet's inputs for one atlas at the working ``size`` (what training sees too): target
+    and atlas image z-scored, the atlas foreground 1 - onehot[0]; area-resampled, (1, 1, *size).
+
+    Args:
+        target: (D, H, W); image: (D, H, W) warped atlas image; onehot: (C, D, H, W).
+    """
+    return {"target": _resize(_zscore_volume(target), size),
+            "atlas_image": _resize(_zscore_volume(image), size),
+            "atlas_foreground": _resize(1.0 - onehot[0], size)}
+
+
 def _zscore_volume(x: Tensor) -> Tensor:
+    x = x.float()
     return (x - x.mean()) / x.std().clamp_min(1e-6)
 
 
 def _resize(x: Tensor, size: tuple[int, ...]) -> Tensor:
-    """(D, H, W) -> (1, 1, *size), trilinear."""
-    return F.interpolate(x[None, None].float(), size=size, mode="trilinear", align_corners=False)
+    """(D, H, W) -> (1, 1, *size), area (box) resampling (trilinear when up-sampling)."""
+    x = x[None, None].float()
+    if all(s <= d for s, d in zip(size, x.shape[2:], strict=True)):
+        return F.interpolate(x, size=size, mode="area")
+    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
 def _check_shapes(target: Tensor, images: Tensor, onehot: Tensor) -> None:

@@ -32,11 +32,14 @@ class SimNetConfig:
     """SimNet's shape. ``size`` is the working grid (D, H, W): divisible by 2^(levels-1)."""
 
     channels: tuple[int, ...] = (8, 16, 32, 64)
-    size: tuple[int, int, int] = (48, 48, 48)
+    size: tuple[int, int, int] = (40, 32, 32)
     first_kernel: int = 5
     use_atlas_image: bool = True
 
     def __post_init__(self) -> None:
+        if any(b != 2 * a for a, b in zip(self.channels[:-1], self.channels[1:], strict=True)):
+            raise ValueError(f"SimNetConfig.channels {self.channels}: each level must double "
+                             "the previous one (the additive up-sampling halves them)")
         step = 2 ** (len(self.channels) - 1)
         if any(s % step for s in self.size):
             raise ValueError(f"SimNetConfig.size {self.size}: each side must be divisible by "
