@@ -128,11 +128,18 @@ def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
             "tre_registered_mm": tre.get("registered", math.nan),
             "flagged": bool(result.flagged), "estimate": estimate_of(result),
             "flags": list(getattr(result, "flags", ())),
+            "threshold_mm": _threshold_of(pipeline),
             "jump_mm": float(getattr(result, "jump_mm", math.nan)),
             "agreement": float(result.quality),
             "seg_confidence": float(getattr(result, "seg_confidence", math.nan)),
             "lesion_in_truth": bool((frame.truth.labels == 2).any()),
             "total_ms": float(result.timings_ms.get("total", math.nan))}
+
+
+def _threshold_of(pipeline: Any) -> float:
+    """The error-estimate threshold the chain flags at (NaN on a tree without QualityNet)."""
+    quality = getattr(pipeline, "quality", None)
+    return float(getattr(quality, "threshold_mm", math.nan))
 
 
 def _nan(values) -> np.ndarray:

@@ -12,6 +12,11 @@ TRE <= 2 mm (and <= 5 mm) that are flagged (false alarms), the error estimate's 
 median absolute error and its median bias on good frames, and which flag reasons fire on bad and
 on good frames. Plus: frames of pure noise (uniform, Gaussian, speckle) on tracked poses (flagged?
 labels published?) and frames with no pose (PLUS INVALID): "untracked"?
+
+The flag threshold is the one the shipped checkpoint holds for the chain that runs
+(``quality_calibration`` in the JSON: regseg.stream.quality.QualityCheck.bind_chain);
+``--compare-thresholds T ...`` also reports the pooled rates as they would be at other thresholds
+on the same frames (only the ``error_estimate`` flag depends on it). ``frames_detail``: per frame.
 """
 
 from __future__ import annotations
@@ -123,6 +128,18 @@ def rates(rows: list[dict]) -> dict:
     }
 
 
+def at_threshold(rows: list[dict], threshold_mm: float) -> list[dict]:
+    """``rows`` as they would be with the ``error_estimate`` flag at ``threshold_mm`` (exact: no
+    other flag and no stage of the chain depends on the threshold)."""
+    out = []
+    for r in rows:
+        flags = [f for f in r["flags"] if f != "error_estimate"]
+        if np.isfinite(r["error_mm"]) and r["error_mm"] > threshold_mm:
+            flags.append("error_estimate")
+        out.append({**r, "flags": flags, "flagged": bool(flags)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="/tmp/trust.json")
@@ -139,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="QualityNet weights (default: the shipped ones)")
     parser.add_argument("--deformable-weights", default="plcreg2d",
                         help="PLCReg 2-D weights (default: the shipped ones)")
+    parser.add_argument("--compare-thresholds", type=float, nargs="*", default=[],
+                        help="also report the pooled rates with the error_estimate flag at "
+                        "these thresholds (mm), from the same frames")
     args = parser.parse_args(argv)
     if args.seeds is None:
         args.seeds = [1000, 1001, 1002, 1003] if args.family == "a" else [5000, 5001, 5002, 5003]
@@ -180,9 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         "family": args.family, "seeds": args.seeds, "deformable": args.deformable,
         "quality_weights": args.quality_weights, "deformable_weights": args.deformable_weights,
         "threshold_mm": pipeline.quality.threshold_mm,
+        "quality_calibration": pipeline.quality.calibration_info,
         "per_level": {str(level): rates([r for r in rows if r["level_mm"] == level])
                       for level in args.levels},
         "pooled": rates(rows),
+        "pooled_at_threshold": {str(t): rates(at_threshold(rows, t))
+                                for t in args.compare_thresholds},
+        "normal_tracking_at_threshold": {
+            str(t): rates(at_threshold([r for r in rows if r["level_mm"] == args.levels[0]], t))
+            for t in args.compare_thresholds},
         "noise": {"frames": len(noise_rows),
                   "flagged": float(np.mean([r["flagged"] for r in noise_rows])),
                   "labels_published": float(np.mean([r["labels_px"] > 0 for r in noise_rows])),
@@ -192,10 +218,13 @@ def main(argv: list[str] | None = None) -> int:
                       "flagged_untracked": float(np.mean(["untracked" in r["flags"]
                                                           for r in untracked_rows]))},
         "seconds": round(time.monotonic() - t0, 1),
+        "frames_detail": rows,
     }
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
-    print(json.dumps({k: summary[k] for k in ("pooled", "noise", "untracked")}, indent=2))
+    print(json.dumps({k: summary[k] for k in ("quality_calibration", "pooled",
+                                              "pooled_at_threshold", "noise", "untracked")},
+                     indent=2))
     for level, r in summary["per_level"].items():
         print(f"{level:>5} mm: TRE med {r['tre_median_mm']:.2f} bad {r['bad_frames']:3d} "
               f"good {r['good_frames']:3d} det {r['detection']} FA<=2 {r['false_alarm_tre_le_2mm']}"

@@ -66,8 +66,21 @@ def standardise(x: Tensor, eps: float = 1e-3) -> Tensor:
     return (x - mean) / (var.sqrt() + eps) * inside
 
 
+def chain_key(refine_iterations: int, deformable: bool, multi_start: bool) -> str:
+    """The name of a live chain as far as it changes what QualityNet is given: the registration
+    iterations K (``--refine-iterations``), the deformable stage (``--deformable``) and the
+    multi-start (``--multi-start``), e.g. ``"K2/deformable-on/multi-start-off"``."""
+    return (f"K{int(refine_iterations)}/deformable-{'on' if deformable else 'off'}"
+            f"/multi-start-{'on' if multi_start else 'off'}")
+
+
 def save_qualitynet(path: str | Path, model: QualityNet, calibration: dict) -> None:
-    """Checkpoint: config, weights and the calibration (threshold, margin factor) together."""
+    """Checkpoint: config, weights and the calibration together.
+
+    ``calibration``: ``threshold_mm`` and ``margin_factor`` of the chain the command line runs
+    by default, ``chain`` (its :func:`chain_key`) and ``by_chain`` ({chain_key: {threshold_mm,
+    margin_factor, ...}}: one calibration per live chain it was measured on). Checkpoints made
+    before chains were recorded have neither ``chain`` nor ``by_chain``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"name": "qualitynet", "config": asdict(model.config),
                 "state_dict": model.state_dict(), "calibration": calibration}, path)

@@ -23,6 +23,7 @@ trained on known misregistrations, in and out of plane.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regseg import planes, spatial
-from regseg.models.qualitynet import WEIGHTS, load_qualitynet
+from regseg.models.qualitynet import WEIGHTS, chain_key, load_qualitynet
 from regseg.stream.context import MriContext
 from regseg.types import LESION
+
+log = logging.getLogger(__name__)
 
 FLAG_REASONS = ("untracked", "no_content", "no_gland", "error_estimate", "jump", "disagreement")
 CONTENT_SIZE = 256  # content_score measures blocks of CONTENT_BLOCK pixels at this frame size
@@ -159,16 +162,71 @@ class Assessment:
         return not ({"no_content", "no_gland", "untracked"} & set(self.flags))
 
 
-class QualityCheck:
-    """Assesses each frame (see the module docstring); one per Pipeline."""
+def pipeline_chain(pipeline) -> str:
+    """:func:`regseg.models.qualitynet.chain_key` of the chain a
+    :class:`regseg.stream.pipeline.Pipeline` runs (its capture's K and multi-start, and whether
+    it has a deformable stage)."""
+    capture = pipeline.capture
+    return chain_key(capture.refine_iterations, pipeline.deformable is not None,
+                     capture.multi_start is not None)
 
-    def __init__(self, context: MriContext, config: QualityConfig = QualityConfig()) -> None:
+
+class QualityCheck:
+    """Assesses each frame (see the module docstring); one per Pipeline, bound to the chain it
+    runs after (:meth:`bind_chain`: the Pipeline does it) so that the threshold is the one
+    calibrated on that chain."""
+
+    def __init__(self, context: MriContext, config: QualityConfig = QualityConfig(),
+                 chain: str | None = None) -> None:
         self.config = config
         self.estimator = ErrorEstimator(context, config.weights)
-        cal = self.estimator.calibration
-        self.threshold_mm = float(config.error_threshold_mm if config.error_threshold_mm
-                                  is not None else cal.get("threshold_mm", 5.0))
+        self.chain: str | None = None
+        self.calibration_info: dict = {}
+        self._use(self.estimator.calibration, chain=None, matched=None)
+        if chain is not None:
+            self.bind_chain(chain)
+
+    def _use(self, cal: dict, *, chain: str | None, matched: bool | None) -> None:
+        cfg = self.config
+        self.threshold_mm = float(cfg.error_threshold_mm if cfg.error_threshold_mm is not None
+                                  else cal.get("threshold_mm", 5.0))
         self.margin_factor = float(cal.get("margin_factor", 2.0))
+        self.calibration_info = {
+            "chain": chain, "calibrated_for": cal.get("chain"), "matched": matched,
+            "threshold_mm": self.threshold_mm, "margin_factor": self.margin_factor,
+            "threshold_from": ("QualityConfig.error_threshold_mm"
+                               if cfg.error_threshold_mm is not None else "calibration")}
+
+    def bind_chain(self, chain: str) -> None:
+        """Use the calibration made on ``chain`` (:func:`regseg.models.qualitynet.chain_key` of
+        the chain this check runs after): the error estimate of a frame registered K times, or
+        refined by the deformable stage, is not the one of a frame registered once, so each
+        chain needs its own threshold. Without one for ``chain`` it warns and takes the lowest
+        calibrated threshold (and the largest margin factor) of the checkpoint: more false
+        alarms, not fewer detections."""
+        cal = self.estimator.calibration
+        by_chain = cal.get("by_chain") or {}
+        explicit = self.config.error_threshold_mm is not None  # nothing to warn about
+        if chain in by_chain:
+            self._use({**by_chain[chain], "chain": chain}, chain=chain, matched=True)
+        elif by_chain:
+            low = min(by_chain.values(), key=lambda c: c["threshold_mm"])
+            margin = max(c["margin_factor"] for c in by_chain.values())
+            self._use({**low, "margin_factor": margin, "chain": "lowest of " + ", ".join(
+                sorted(by_chain))}, chain=chain, matched=False)
+            say = log.info if explicit else log.warning
+            say("QualityNet %s has no calibration for the chain %s (calibrated: %s): using the "
+                "lowest calibrated threshold %.2f mm; calibrate it with `python -m "
+                "regseg.train.quality_calibrate --out DIR --chains %s`", self.estimator.weights,
+                chain, ", ".join(sorted(by_chain)), self.threshold_mm, chain)
+        else:  # a checkpoint from before chains were recorded
+            self._use(cal, chain=chain, matched=cal.get("chain") == chain if cal.get("chain")
+                      else None)
+            if cal.get("chain") is None and not explicit:
+                log.warning("QualityNet %s does not say which chain its threshold %.2f mm was "
+                            "calibrated on; this chain is %s", self.estimator.weights,
+                            self.threshold_mm, chain)
+        self.chain = chain
 
     def assess(self, pixels: np.ndarray, spacing_mm: tuple[float, float], tracked: bool,
                labels: np.ndarray, warped_labels: np.ndarray, image_to_mri: np.ndarray,

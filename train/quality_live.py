@@ -46,37 +46,42 @@ from regseg.train.quality import (
     random_rigid,
     regression_step,
 )
+from regseg.train.quality_chain import DEFAULT_CHAIN, chain_features, parse_chain
 
 RAND_CALIB_SEED0 = 3300  # randomised family A: calibration (training: RAND_SEED0..)
-LIVE_VERSION = 2  # 2: the chain refines as the CLI's default (K iterations)
+LIVE_VERSION = 3  # 2: the chain refines as the CLI's default (K iterations); 3: + features
 
 
 def live_samples(seeds: list[int], frames: int, *, seed: int, weights: Path,
-                 scanner: str = "plain") -> dict:
-    """x (N, 4, s, s) float16 (QualityNet inputs as the live path makes them), tre_mm (N,).
+                 scanner: str = "plain", chain: str = DEFAULT_CHAIN) -> dict:
+    """x (N, 4, s, s) float16 (QualityNet inputs as the live path makes them), tre_mm (N,),
+    features (N, len(FEATURES)) float32 (:func:`chain_features`).
 
     ``scanner``: "plain" (the demo scanner) or "randomised" (regseg.sim.randomise: a random
-    probe, frame, speckle, gain, anatomy and MRI per phantom). The chain refines as the CLI's
-    default (``--refine-iterations``); no temporal filter (the frames are unrelated poses).
+    probe, frame, speckle, gain, anatomy and MRI per phantom). ``chain``: the live chain
+    (:func:`regseg.models.qualitynet.chain_key`; default the CLI's: K, deformable, multi-start
+    as ``regseg-stream`` without flags). No temporal filter: the frames are unrelated poses.
     """
     from regseg.engines.fusion import FusionEngine
-    from regseg.stream.capture import REFINE_ITERATIONS, build_capture
+    from regseg.stream.capture import build_capture
     from regseg.stream.context import build_context
     from regseg.stream.deformable import DeformableStage
     from regseg.stream.pipeline import Pipeline
     from regseg.stream.quality import QualityCheck, QualityConfig
 
+    refine_iterations, deformable, multi_start = parse_chain(chain)
     torch.set_num_threads(1)
     engine = FusionEngine("alignsegnet", backend="eager")
-    capture = build_capture(REFINE_ITERATIONS, False, "off", backend="eager")
+    capture = build_capture(refine_iterations, multi_start, "off", backend="eager")
     open_scanner = CACHEABLE_SCANNERS[scanner]
-    xs, tres = [], []
+    xs, tres, feats = [], [], []
     for n, ps in enumerate(seeds):
         phantom, scanner_ = open_scanner(ps, seed * 100_003 + ps + 7)
         context = build_context(phantom.mri, phantom.labels)
-        pipeline = Pipeline(context, engine, deformable=DeformableStage(context, backend="eager"),
-                            quality=QualityCheck(context, QualityConfig(weights=weights)),
-                            capture=capture)
+        stage = DeformableStage(context, backend="eager") if deformable else None
+        pipeline = Pipeline(context, engine, deformable=stage, capture=capture,
+                            quality=QualityCheck(context, QualityConfig(  # threshold unused
+                                weights=weights, error_threshold_mm=math.inf), chain=chain))
         estimator = pipeline.quality.estimator
         rng = np.random.default_rng([seed, ps, 29])
         made = 0
@@ -94,8 +99,10 @@ def live_samples(seeds: list[int], frames: int, *, seed: int, weights: Path,
             image_to_mri = spatial.invert(result.mri_to_image)
             tres.append(metrics.tre_mm(image_to_mri, frame.truth.image_to_mri, ji[:, ::-1]))
             xs.append(estimator.inputs(frame.pixels, image_to_mri, result.warped_labels).half())
+            feats.append(chain_features(context, result))
         print(f"  live phantom {ps}: {n + 1}/{len(seeds)}", flush=True)
-    return {"x": torch.cat(xs), "tre_mm": torch.tensor(tres, dtype=torch.float32)}
+    return {"x": torch.cat(xs), "tre_mm": torch.tensor(tres, dtype=torch.float32),
+            "features": torch.tensor(np.array(feats), dtype=torch.float32)}
 
 
 def _alignsegnet_id() -> str:
@@ -106,14 +113,15 @@ def _alignsegnet_id() -> str:
 
 
 def cached_live(cache: Path | None, seeds: list[int], frames: int, *, seed: int,
-                weights: Path, scanner: str = "plain") -> dict:
+                weights: Path, scanner: str = "plain", chain: str = DEFAULT_CHAIN) -> dict:
     kind = "" if scanner == "plain" else f"-{scanner}"
+    kind += "" if chain == DEFAULT_CHAIN else "-" + chain.replace("/", "-")
     name = (f"quality-live-v{LIVE_VERSION}{kind}-{seeds[0]}-{len(seeds)}-{frames}-{seed}"
             f"-{_alignsegnet_id()}.pt")
     path = cache / name if cache is not None else None
     if path is not None and path.is_file():
         return torch.load(path, weights_only=True)
-    data = live_samples(seeds, frames, seed=seed, weights=weights, scanner=scanner)
+    data = live_samples(seeds, frames, seed=seed, weights=weights, scanner=scanner, chain=chain)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, path)
@@ -127,18 +135,20 @@ def predict_x(model, x: torch.Tensor) -> np.ndarray:
                       for s in range(0, len(x), 256)]).numpy()
 
 
-def calibration_pairs(args: argparse.Namespace, weights: Path) -> dict:
-    """Live calibration pairs: plain phantoms 3100.., plus randomised phantoms 3300.. when
-    ``--randomised-calib-phantoms`` (a ``group`` tensor says which: 0 plain, 1 randomised)."""
+def calibration_pairs(args: argparse.Namespace, weights: Path,
+                      chain: str = DEFAULT_CHAIN) -> dict:
+    """Live calibration pairs of ``chain``: plain phantoms 3100.., plus randomised phantoms
+    3300.. when ``--randomised-calib-phantoms`` (a ``group`` tensor says which: 0 plain,
+    1 randomised)."""
     seeds = list(range(CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms))
     data = cached_live(args.cache, seeds, args.calib_frames or args.frames, seed=args.seed,
-                       weights=weights)
+                       weights=weights, chain=chain)
     data = {**data, "group": torch.zeros(len(data["tre_mm"]), dtype=torch.long)}
     if args.randomised_calib_phantoms:
         rand = cached_live(args.cache, list(range(RAND_CALIB_SEED0, RAND_CALIB_SEED0
                                                   + args.randomised_calib_phantoms)),
                            args.randomised_calib_frames or args.randomised_frames,
-                           seed=args.seed, weights=weights, scanner="randomised")
+                           seed=args.seed, weights=weights, scanner="randomised", chain=chain)
         rand = {**rand, "group": torch.ones(len(rand["tre_mm"]), dtype=torch.long)}
         data = {k: torch.cat([data[k], rand[k]]) for k in data}
     return data
@@ -173,23 +183,13 @@ def calibration_report(estimate: np.ndarray, tre: np.ndarray, group: np.ndarray,
 
 
 def recalibrate(args: argparse.Namespace, weights: Path, command: str) -> int:
-    """Recalibrate ``weights`` on live pairs of the calibration phantoms; weights unchanged."""
-    data = calibration_pairs(args, weights)
-    torch.set_num_threads(args.threads)
-    model, previous = load_qualitynet(weights, fold=False)
-    estimate, tre = predict_x(model, data["x"]), data["tre_mm"].numpy()
-    calibration = calibrate(estimate, tre)
-    report = calibration_report(estimate, tre, data["group"].numpy(),
-                                calibration["threshold_mm"])
-    save_qualitynet(args.out / "qualitynet.pt", model, calibration)
-    summary_path = args.out / "qualitynet.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary["recalibration"] = {
-        "command": command, "alignsegnet": _alignsegnet_id(), "previous": previous,
-        "calibration": calibration, "calibration_sets": calibration_sets(args),
-        "live_calibration_metrics": report}
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary["recalibration"], indent=2))
+    """Recalibrate ``weights`` on live pairs of the calibration phantoms, one threshold per
+    chain of :data:`regseg.train.quality_chain.GRID`; weights unchanged
+    (:mod:`regseg.train.quality_calibrate`)."""
+    from regseg.train.quality_calibrate import calibrate_chains
+    from regseg.train.quality_chain import GRID
+
+    calibrate_chains(args, weights, list(GRID), command)
     return 0
 
 
@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        calibration["threshold_mm"]),
         "data_s": round(data_s, 1), "train_s": round(time.monotonic() - t_train, 1),
     }
-    save_qualitynet(args.out / "qualitynet.pt", model, calibration)
+    # weights changed: the calibrations of other chains are void (regseg.train.quality_calibrate)
+    save_qualitynet(args.out / "qualitynet.pt", model, {
+        **calibration, "chain": DEFAULT_CHAIN, "by_chain": {DEFAULT_CHAIN: calibration}})
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary[key], indent=2))
     return 0

@@ -78,6 +78,12 @@ def test_trust_bench_rates_name_the_flags_of_good_frames():
     assert r["flag_reasons_good"] == {"error_estimate": 1} and r["flag_reasons_bad"] == {
         "error_estimate": 1}
     assert r["estimate_median_bias_good_mm"] == pytest.approx(0.75)  # median of +2.0, -0.5
+    # the same frames with the error_estimate flag at another threshold (other flags stay)
+    high = trust.rates(trust.at_threshold(rows, 5.0))
+    assert high["detection"] == 1.0 and high["false_alarm_tre_le_2mm"] == 0.0
+    low = trust.at_threshold(rows, 0.5)
+    assert [r["flagged"] for r in low] == [True, True, True, True]
+    assert low[3]["flags"] == ["jump", "error_estimate"]
 
 
 def test_noise_twin_keeps_the_pose_and_has_no_gland():

@@ -63,3 +63,57 @@ def test_normalised_qualitynet_ignores_gain_and_contrast_of_trus_and_mri():
     plain = QualityNet(QualityNetConfig(size=16, width=4)).eval()
     with torch.no_grad():  # the default (and old checkpoints) see the raw intensities
         assert not torch.allclose(plain(x), plain(y), atol=1e-4)
+
+
+def test_chain_calibration_stores_one_threshold_per_chain(tmp_path, monkeypatch):
+    """regseg.train.quality_calibrate: each chain gets the threshold that flags >= 95 % of its
+    own bad calibration frames; the default chain's is also the top-level one; a chain not
+    recalibrated keeps its calibration."""
+    import argparse
+
+    import regseg.train.quality_calibrate as qc
+    from regseg.models.qualitynet import load_qualitynet, save_qualitynet
+    from regseg.train.quality_chain import DEFAULT_CHAIN
+
+    model = QualityNet(QualityNetConfig(size=16, width=4))
+    save_qualitynet(tmp_path / "qualitynet.pt", model, {
+        "threshold_mm": 9.0, "margin_factor": 1.0,
+        "by_chain": {"K3/deformable-off/multi-start-off": {"threshold_mm": 7.0,
+                                                           "margin_factor": 1.5}}})
+    rng = np.random.default_rng(1)
+    tre = torch.tensor(rng.uniform(0, 12, 400), dtype=torch.float32)
+    bias = {"K1/deformable-on/multi-start-off": 0.5, DEFAULT_CHAIN: 2.0}  # estimate = tre * bias
+
+    chosen = {}
+
+    def fake_pairs(args, weights, chain):
+        chosen["bias"] = bias[chain]
+        return {"x": torch.zeros(len(tre), 4, 16, 16), "tre_mm": tre,
+                "group": torch.zeros(len(tre), dtype=torch.long)}
+
+    def fake_predict(model, x):
+        return tre.numpy() * chosen["bias"]
+
+    monkeypatch.setattr(qc, "calibration_pairs", fake_pairs)
+    monkeypatch.setattr(qc, "predict_x", fake_predict)
+    args = argparse.Namespace(out=tmp_path, threads=1, calib_phantoms=8, frames=50,
+                              calib_frames=None, randomised_calib_phantoms=0,
+                              randomised_calib_frames=None, randomised_frames=25)
+    qc.calibrate_chains(args, tmp_path / "qualitynet.pt", list(bias), "test")
+    _, cal = load_qualitynet(tmp_path / "qualitynet.pt")
+    assert cal["chain"] == DEFAULT_CHAIN
+    for chain, b in bias.items():  # >= 95 % of TRE > 5 mm flagged: threshold <= ~b * 5.35
+        t = cal["by_chain"][chain]["threshold_mm"]
+        assert detection(tre.numpy() * b, tre.numpy(), t)["detection_tre_gt_5mm"] >= 0.95
+        assert 4.5 * b < t < 6.0 * b
+    assert cal["threshold_mm"] == cal["by_chain"][DEFAULT_CHAIN]["threshold_mm"]
+    assert cal["by_chain"]["K3/deformable-off/multi-start-off"]["threshold_mm"] == 7.0
+
+
+def test_chain_calibration_refuses_bad_input_before_any_work(tmp_path, capsys):
+    from regseg.train.quality_calibrate import main
+
+    assert main(["--out", str(tmp_path), "--chains", "K2/deformable-on"]) == 2
+    assert "--chains 'K2/deformable-on'" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path)]) == 2
+    assert "no such QualityNet checkpoint" in capsys.readouterr().err
