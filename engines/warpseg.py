@@ -76,13 +76,14 @@ def logits_to_image(logits: dict[str, torch.Tensor], image: Volume, config: Warp
     hi = np.clip(np.ceil(vox.max(1)).astype(int) + 1, 0, image.data.shape)
     crop_v2w = image.voxel_to_world.copy()
     crop_v2w[:3, 3] = image.voxel_to_world[:3, :3] @ lo + image.voxel_to_world[:3, 3]
-    to_norm = spatial.index_to_normalised(tuple(n)) @ np.linalg.inv(work) @ crop_v2w
-    k, j, i = torch.meshgrid(*[torch.arange(a, b, dtype=torch.float32) - a
-                               for a, b in zip(lo[::-1], hi[::-1], strict=True)], indexing="ij")
-    ijk1 = torch.stack([i, j, k, torch.ones_like(i)], -1)
-    grid = (ijk1 @ torch.as_tensor(to_norm[:3].T, dtype=torch.float32))[None]
-    sampled = {name: F.grid_sample(v.float().cpu(), grid, mode="bilinear", padding_mode="border",
-                                   align_corners=False) for name, v in logits.items()}
+    crop_to_work = np.linalg.inv(work) @ crop_v2w
+    crop_shape = tuple(int(b - a) for a, b in zip(lo, hi, strict=True))
+    if _axis_aligned(crop_to_work):
+        sampled = {name: _separable_resample(v.float().cpu(), crop_to_work, crop_shape)
+                   for name, v in logits.items()}
+    else:  # an oblique image grid: sample every voxel's position
+        sampled = {name: _grid_resample(v.float().cpu(), crop_to_work, crop_shape)
+                   for name, v in logits.items()}
     coarse_c, fine_c = predict_labels(sampled, config)
     coarse = np.zeros(image.data.shape, dtype=np.uint8)
     fine = np.zeros(image.data.shape, dtype=np.uint8)
@@ -106,6 +107,50 @@ def stream_labels(coarse: np.ndarray, fine: np.ndarray, config: WarpSegConfig) -
     out = (coarse == config.coarse_names.index("prostate")).astype(np.uint8)
     out[(fine == config.fine_names.index("lesion")) & (out == 1)] = 2
     return out
+
+
+def _axis_aligned(matrix: np.ndarray, tol: float = 1e-6) -> bool:
+    """True when a (4, 4) voxel map sends each index axis to the same axis (diagonal linear
+    part), so resampling through it separates into three 1-D interpolations."""
+    linear = matrix[:3, :3]
+    return bool(np.all(np.abs(linear - np.diag(np.diag(linear))) < tol))
+
+
+def _interp_matrix(scale: float, offset: float, n_out: int, n_in: int) -> torch.Tensor:
+    """(n_out, n_in) linear-interpolation weights: output index o reads input coordinate
+    ``scale * o + offset``, clamped to [0, n_in - 1] (grid_sample's border padding)."""
+    u = np.clip(scale * np.arange(n_out) + offset, 0.0, n_in - 1)
+    i0 = np.floor(u).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = (u - i0).astype(np.float32)
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    np.add.at(m, (np.arange(n_out), i0), 1.0 - w)
+    np.add.at(m, (np.arange(n_out), i1), w)
+    return torch.from_numpy(m)
+
+
+def _separable_resample(x: torch.Tensor, out_to_in: np.ndarray, out_shape: tuple[int, ...]
+                        ) -> torch.Tensor:
+    """Trilinear resampling of (1, C, K, J, I) onto an axis-aligned grid of ``out_shape``
+    (I, J, K) as three matrix products; the same values as :func:`_grid_resample`."""
+    n_in = x.shape[:1:-1]  # (I, J, K)
+    mi, mj, mk = (_interp_matrix(out_to_in[a, a], out_to_in[a, 3], out_shape[a], n_in[a])
+                  for a in range(3))
+    y = torch.einsum("bckji,ai->bckja", x, mi)
+    y = torch.einsum("bckja,dj->bckda", y, mj)
+    return torch.einsum("bckda,ek->bceda", y, mk)
+
+
+def _grid_resample(x: torch.Tensor, out_to_in: np.ndarray, out_shape: tuple[int, ...]
+                   ) -> torch.Tensor:
+    """Trilinear resampling of (1, C, K, J, I) at every voxel of a grid of ``out_shape`` (I, J,
+    K) through the voxel map ``out_to_in`` (grid_sample, border padding)."""
+    to_norm = spatial.index_to_normalised(tuple(x.shape[:1:-1])) @ out_to_in
+    k, j, i = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in out_shape[::-1]],
+                             indexing="ij")
+    ijk1 = torch.stack([i, j, k, torch.ones_like(i)], -1)
+    grid = (ijk1 @ torch.as_tensor(to_norm[:3].T, dtype=torch.float32))[None]
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class WarpSegEngine:

@@ -211,9 +211,24 @@ def predict_labels(out: dict[str, Tensor], config: WarpSegConfig) -> tuple[Tenso
     Returns:
         (coarse, fine), each (B, *spatial) int64.
     """
-    coarse = out["coarse"].argmax(1)
-    groups = torch.as_tensor(config.fine_groups, device=coarse.device)
-    member = groups.view(1, -1, *([1] * (coarse.ndim - 1)))
-    in_group = member == coarse[:, None]
-    fine = out["fine"].masked_fill(~in_group, float("-inf")).argmax(1)
+    coarse = channel_argmax(out["coarse"])
+    groups = config.fine_groups
+    fine_logits = out["fine"]
+    best = torch.full_like(coarse, -1, dtype=fine_logits.dtype).fill_(float("-inf"))
+    fine = torch.zeros_like(coarse)
+    for k, g in enumerate(groups):  # the best fine class among those of the voxel's group
+        take = (coarse == g) & (fine_logits[:, k] > best)
+        fine.masked_fill_(take, k)
+        best = torch.where(take, fine_logits[:, k], best)
     return coarse, fine
+
+
+def channel_argmax(logits: Tensor) -> Tensor:
+    """``logits.argmax(1)`` (ties to the lower class) by K - 1 elementwise comparisons: torch's
+    CPU argmax over a short channel axis is a strided reduction, 4 s for 4 x 650k voxels here."""
+    best = logits[:, 0]
+    labels = torch.zeros(best.shape, dtype=torch.int64, device=logits.device)
+    for k in range(1, logits.shape[1]):
+        labels.masked_fill_(logits[:, k] > best, k)
+        best = torch.maximum(best, logits[:, k])
+    return labels

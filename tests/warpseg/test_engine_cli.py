@@ -93,3 +93,16 @@ def test_bad_arguments_exit_2(checkpoint, tmp_path, capsys, argv, expect):
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_separable_resampling_equals_grid_sample():
+    from regseg.engines.warpseg import _grid_resample, _separable_resample
+
+    x = torch.randn(1, 3, 5, 6, 7)
+    out_to_in = np.diag([0.45, -0.6, 0.3, 1.0])
+    out_to_in[:3, 3] = [-0.4, 5.2, 0.1]
+    shape = (17, 11, 19)
+    a = _separable_resample(x, out_to_in, shape)
+    b = _grid_resample(x, out_to_in, shape)
+    assert a.shape == b.shape == (1, 3, 19, 11, 17)
+    assert torch.allclose(a, b, atol=1e-5)
