@@ -53,13 +53,38 @@ class Capture:
         return self.vote(target, images, onehot)
 
 
+def registered_atlases(case: Any, atlases: list[Any], registration: str, threads: int,
+                       cache_dir: Path | None) -> tuple[dict[str, Any], float]:
+    """The target's registered atlases (fusion inputs) and the registrations' seconds, from
+    ``cache_dir`` when an earlier run left them there (its seconds are that run's)."""
+    from regseg.mas import SWEEP_GLAND_OFFSET_MM, segment_target
+
+    path = None if cache_dir is None else Path(cache_dir) / (
+        f"mas-{case.seed}-{'-'.join(a.name for a in atlases)}-{registration}.pt")
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return {k: saved[k].numpy() for k in ("target", "images", "onehot")}, float(
+            saved["registration_s"])
+    capture = Capture()
+    result = segment_target(case.trus, atlases, registration=registration, threads=threads,
+                            fusion=capture, initial="centre",
+                            target_offset_mm=SWEEP_GLAND_OFFSET_MM)
+    reg_s = result.seconds["registration"]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**{k: torch.as_tensor(np.asarray(v)) for k, v in capture.inputs.items()},
+                    "registration_s": torch.tensor(reg_s)}, path)
+    return capture.inputs, reg_s
+
+
 def run_fusion(n_targets: int, n_atlases: int, registration: str, threads: int,
-               progress: bool = True, simnet_weights: str = "simnet") -> list[dict[str, Any]]:
+               progress: bool = True, simnet_weights: str = "simnet",
+               cache_dir: Path | None = None) -> list[dict[str, Any]]:
     """One row per (target, method) plus a ``single_atlas`` row per target."""
     from tqdm import tqdm
 
     from regseg.engines.label_fusion import LabelFusionEngine
-    from regseg.mas import SWEEP_GLAND_OFFSET_MM, Atlas, segment_target
+    from regseg.mas import Atlas
     from regseg.metrics import dice
     from regseg.sim.sweep import ATLAS_SEEDS, EVAL_SEEDS, make_sweep_case
 
@@ -74,16 +99,12 @@ def run_fusion(n_targets: int, n_atlases: int, registration: str, threads: int,
                      disable=not progress):
         case = make_sweep_case(seed)
         truth = case.trus_labels.data
-        capture = Capture()
-        result = segment_target(case.trus, atlases, registration=registration, threads=threads,
-                                fusion=capture, initial="centre",
-                                target_offset_mm=SWEEP_GLAND_OFFSET_MM)
-        reg_s = result.seconds["registration"]
-        single = [dice(o.argmax(0), truth, 1) for o in capture.inputs["onehot"]]
+        inputs, reg_s = registered_atlases(case, atlases, registration, threads, cache_dir)
+        single = [dice(o.argmax(0), truth, 1) for o in inputs["onehot"]]
         rows.append({"seed": seed, "method": "single_atlas", "gland_dice": float(np.mean(single)),
                      "gland_dice_best": float(np.max(single)), "registration_s": reg_s})
         for name, engine in engines.items():
-            fused = engine(**capture.inputs)
+            fused = engine(**inputs)
             rows.append({"seed": seed, "method": name, "registration_s": reg_s,
                          "fusion_s": fused.seconds, "seconds": reg_s + fused.seconds,
                          **_scores(fused.labels, truth, case.trus.voxel_to_world)})
@@ -140,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="SimNet checkpoint (default the shipped models/weights/simnet.pt)")
     p.add_argument("--skip-registration-bench", action="store_true",
                    help="leave out bench/mas_registration.py (its keys are then null)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="keep each target's registered atlases here and reuse them (their "
+                   "seconds are then the first run's); default: none, register every time")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -147,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     n_atlases = args.atlases or (4 if args.quick else 6)
     t0 = time.perf_counter()
     rows = run_fusion(n_targets, n_atlases, args.registration, args.threads,
-                      not args.no_progress, args.simnet_weights)
+                      not args.no_progress, args.simnet_weights, args.cache_dir)
     fusion_s = time.perf_counter() - t0
     table = summarise(rows)
     print(f"\nmulti-atlas segmentation, {n_targets} held-out sweeps (EVAL_SEEDS), {n_atlases} MRI "
@@ -179,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                    registration=reg, targets=n_targets, atlases=n_atlases,
                    atlas_registration=args.registration, threads=args.threads,
                    simnet_weights=args.simnet_weights,
+                   registration_cache=str(args.cache_dir) if args.cache_dir else None,
                    fusion_part_s=round(fusion_s, 1),
                    total_s=round(time.perf_counter() - t0, 1))
     return 0

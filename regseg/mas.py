@@ -216,8 +216,19 @@ def write_outputs(out_dir: Path, result: MasResult, report: dict[str, Any]) -> d
         f"{n},{w:.6f},{s:.3f}" for n, w, s in zip(result.atlas_names, result.atlas_weights,
                                                   result.registration_s, strict=True)]
     paths["weights"].write_text("\n".join(rows) + "\n")
-    paths["report"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["report"].write_text(json.dumps(_nan_to_none(report), indent=2) + "\n")
     return {k: str(v) for k, v in paths.items()}
+
+
+def _nan_to_none(value: Any) -> Any:
+    """NaN (a structure absent from both maps) as JSON null."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def make_report(result: MasResult, method: str, registration: str,
@@ -234,6 +245,27 @@ def make_report(result: MasResult, method: str, registration: str,
 
 
 # batch job (regseg batch mas): manifest columns target, atlases [, truth, name] ----------------
+@dataclass
+class MasEngine:
+    """What one rank of ``regseg batch mas`` builds once: the fusion engine and the options."""
+
+    fusion: Any
+    registration: str = "biregnet"
+    initial: str = "centre"
+    target_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def make_mas_engine(args: Any, device: Any) -> MasEngine:
+    """The batch job's ``make_engine``: reads ``method``, ``registration``, ``initial`` and
+    ``target_offset_mm`` from the parsed options (the ``regseg mas`` defaults when absent)."""
+    from regseg.engines.label_fusion import LabelFusionEngine
+
+    return MasEngine(LabelFusionEngine(getattr(args, "method", None) or "simnet", device=device),
+                     getattr(args, "registration", None) or "biregnet",
+                     getattr(args, "initial", None) or "centre",
+                     tuple(getattr(args, "target_offset_mm", None) or (0.0, 0.0, 0.0)))
+
+
 def load_case(case: dict[str, str]) -> dict[str, Any]:
     """A manifest row -> inputs: ``target`` (image), ``atlases`` (folder or CSV), ``truth``."""
     from regseg.register_cli import load_label_map
@@ -244,27 +276,33 @@ def load_case(case: dict[str, str]) -> dict[str, Any]:
                       if case.get("truth") else None)}
 
 
-def compute_case(engine: Any, inputs: dict[str, Any], registration: str = "biregnet"
-                 ) -> dict[str, Any]:
-    """``engine``: a LabelFusionEngine (the batch job builds one per rank)."""
-    result = segment_target(inputs["target"], inputs["atlases"], fusion=engine,
-                            registration=registration, device=str(engine.device))
-    return {"result": result, "report": make_report(result, engine.method, registration,
-                                                    inputs["truth"])}
+def compute_case(engine: MasEngine, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Segment one loaded case (the batch job's ``compute``)."""
+    result = segment_target(inputs["target"], inputs["atlases"], fusion=engine.fusion,
+                            registration=engine.registration, initial=engine.initial,
+                            target_offset_mm=engine.target_offset_mm,
+                            device=str(engine.fusion.device))
+    return {"result": result, "report": make_report(result, engine.fusion.method,
+                                                    engine.registration, inputs["truth"])}
 
 
 def write_case(folder: Path, inputs: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """labels.nii.gz, atlas_weights.csv, report.json; returns the metrics row."""
     write_outputs(Path(folder), out["result"], out["report"])
     return out["report"].get("metrics", {}) | {"seconds": out["report"]["seconds"]}
 
 
 def run_case(row: dict[str, str], out_dir: str | Path, *, method: str = "simnet",
-             registration: str = "biregnet", device: str = "cpu") -> dict[str, Any]:
+             registration: str = "biregnet", initial: str = "centre",
+             target_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+             device: str = "cpu") -> dict[str, Any]:
     """One manifest row end to end (what ``regseg batch mas`` does per case); returns the
     report."""
     from regseg.engines.label_fusion import LabelFusionEngine
 
     inputs = load_case(row)
-    out = compute_case(LabelFusionEngine(method, device=device), inputs, registration)
+    engine = MasEngine(LabelFusionEngine(method, device=device), registration, initial,
+                       target_offset_mm)
+    out = compute_case(engine, inputs)
     write_case(Path(out_dir), inputs, out)
     return out["report"]

@@ -120,3 +120,28 @@ def test_brain_variant_end_to_end(tmp_path, capsys):
     labels = nib.load(str(out / "labels.nii.gz"))
     assert labels.shape == (24, 32, 24) and labels.get_data_dtype() == np.uint8
     assert (out / "atlas_weights.csv").read_text().startswith("atlas,mean_weight")
+
+
+def test_run_case_plumbing_with_a_stand_in_registration(inputs, tmp_path, monkeypatch):
+    """The batch job's path (load_case -> compute_case -> write_case) on atlases already on the
+    target grid; the registration is replaced by identity resampling (the real one is
+    regseg.crossmodal's, tested by its owner and by the slow end-to-end test)."""
+    import regseg.crossmodal as crossmodal
+    from regseg.mas import run_case
+
+    def identity(moving, moving_labels, fixed, *, n_classes, **_):
+        onehot = np.eye(n_classes, dtype=np.float32)[moving_labels.data].transpose(3, 0, 1, 2)
+        return crossmodal.CrossModalResult(moving.data.astype(np.float32), onehot, np.eye(4),
+                                           None, 0.01)
+
+    monkeypatch.setattr(crossmodal, "register_cross_modal", identity)
+    truth = inputs / "atlases" / "a1_labels.nii.gz"
+    report = run_case({"target": str(inputs / "target.nii.gz"),
+                       "atlases": str(inputs / "atlases"), "truth": str(truth)}, tmp_path / "c",
+                      method="vote", registration="affine")
+    assert report["metrics"]["gland_dice"] == 1.0  # identical atlases, identical truth
+    assert report["metrics"]["gland_hd95_mm"] == 0.0
+    saved = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert saved["metrics"]["lesion_dice"] is None  # no lesion anywhere: null, not NaN
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "atlas_weights.csv", "labels.nii.gz", "report.json"]
