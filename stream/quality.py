@@ -8,8 +8,8 @@ A frame is published as truth only when nothing here doubts it. Flag reasons (``
   from the spread of 8 x 8-pixel block means (:func:`content_score`). No labels are published.
 - ``no_gland``: the segmentation finds less than ``min_gland_mm2`` of gland. No labels.
 - ``error_estimate``: :class:`ErrorEstimator` (QualityNet on the registered pair) estimates a
-  registration error above the threshold (calibrated on family-A phantoms, shipped with the
-  weights).
+  registration error above the threshold (calibrated on family-A phantoms for each live chain,
+  shipped with the weights: :meth:`QualityCheck.bind_chain` picks the one of the chain that runs).
 - ``jump``: the temporal filter (regseg.stream.capture) reports that the frame's correction
   jumped more than ``jump_threshold_mm`` from the filtered one.
 - ``disagreement`` (set by the Pipeline): the registered MRI gland and the segmented gland

@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train exactly this many steps (reproducible) instead of --minutes")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--calibrate-only", action="store_true",
-                        help="no fine-tuning: recalibrate --weights on live calibration pairs "
-                        "(e.g. after AlignSegNet was retrained) and save to --out")
+                        help="no fine-tuning: recalibrate --weights on live calibration pairs, "
+                        "one threshold per live chain (regseg.train.quality_calibrate; e.g. "
+                        "after AlignSegNet was retrained) and save to --out")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args(argv)
