@@ -112,6 +112,10 @@ class AffineStage:
         self.iterations = DEFAULT_ITERATIONS[mode] if iterations is None else int(iterations)
         self.mode = "none" if iterations == 0 else mode
         self.engine: Engine | None = None
+        if self.mode in ("optimise", "learned+optimise"):
+            # torch.optim's first use imports its compiler machinery (seconds; 20 s on a loaded
+            # 2-core machine): pay it here, at load, not in the first pair's time
+            torch.optim.Adam([torch.zeros(1, requires_grad=True)])
         if self.mode.startswith("learned"):
             path = WEIGHTS_DIR / f"{weights}.pt" if str(weights) == SHIPPED_AFFINE else weights
             model = load_model(path)

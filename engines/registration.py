@@ -140,11 +140,6 @@ class RegistrationEngine:
         self.size = tuple(self.config.size)
         self.weights = str(weights)
         self.affine_iterations = affine_iterations
-        self._affine_options = {"mode": affine, "iterations": affine_iterations,
-                                "weights": affine_weights, "backend": backend,
-                                "precision": precision, "threads": threads,
-                                "cache_dir": cache_dir}
-        self._affine: AffineStage | None = None
         shapes = {"moving": (1, self.config.moving_channels, *self.size),
                   "fixed": (1, self.config.fixed_channels, *self.size)}
         self.engine: Engine = make_engine(model, shapes, backend=backend, device=device,
@@ -152,14 +147,11 @@ class RegistrationEngine:
                                           cache_dir=cache_dir, outputs=outputs)
         self.backend = self.engine.backend
         self.device = self.engine.device
-
-    @property
-    def affine(self) -> AffineStage:
-        """The affine stage of :meth:`register`, built at its first use (the live path, which
-        only calls :meth:`predict`, never loads it)."""
-        if self._affine is None:
-            self._affine = AffineStage(**self._affine_options, device=self.device)
-        return self._affine
+        # built now, so its load and warm-up stay out of the first pair's time; mode "none"
+        # (the live path: affine_iterations=0) loads nothing
+        self.affine = AffineStage(affine, iterations=affine_iterations, weights=affine_weights,
+                                  backend=backend, device=self.device, precision=precision,
+                                  threads=threads, cache_dir=cache_dir)
 
     def predict(self, moving: Tensor, fixed: Tensor) -> dict[str, Tensor]:
         """Run the network on working-grid tensors (see :class:`regseg.models.plcreg.PLCReg`).

@@ -20,7 +20,7 @@ SMALL = Affine3DConfig(size=(16, 16, 16), channels=(4, 8), reduce=4, hidden=8)
 
 
 def _blob(shift_vox: tuple[float, float, float], size: int = 16) -> torch.Tensor:
-    """A bright cube in a dark (1, 1, D, H, W) volume, its centre moved by ``shift_vox`` (k, j, i)."""
+    """A bright cube in a dark (1, 1, D, H, W) volume, centre moved by ``shift_vox`` (k, j, i)."""
     grid = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 3,
                                       indexing="ij"))
     centre = torch.tensor([(size - 1) / 2 + s for s in shift_vox]).reshape(3, 1, 1, 1)
@@ -102,9 +102,13 @@ def test_shipped_weights_through_make_engine_equal_the_eager_model():
 
 
 @needs_weights
-def test_capture_range_learned_recovers_what_the_optimiser_alone_does_not():
-    """A pair with a 20 deg rotation and a 15 mm shift (inside the 20 deg / 20 mm per axis the
-    network was trained on, beyond the 5 deg / 5 mm of the evaluation pairs)."""
+def test_capture_range_learned_recovers_what_the_optimiser_does_not_in_the_same_steps():
+    """A pair with a 20 deg rotation and a 20 mm shift (the edge of the 20 deg / 20 mm per axis
+    the network was trained on; the evaluation pairs have 5 deg / 5 mm per image). The network
+    (one call) brings the TRE after affine under 4 mm; the MIND optimiser from the centre of mass,
+    given the 20 steps that ``learned+optimise`` spends after the network, stays above twice that.
+    (Given its full 120 steps the optimiser also recovers this pair: see bench/affine_capture.py
+    for where each method's capture ends.)"""
     import sys
     from pathlib import Path
 
@@ -118,15 +122,20 @@ def test_capture_range_learned_recovers_what_the_optimiser_alone_does_not():
     base = mni.load_base()
     shape, spacing = tuple(base.config.shape[::-1]), base.config.spacing_mm
     rng = np.random.default_rng([30_000, 0, 318])  # a stream no training or bench uses
-    a_m = controlled_affine(rng, shape, spacing, rotation_deg=20.0, shift_mm=15.0)
+    a_m = controlled_affine(rng, shape, spacing, rotation_deg=20.0, shift_mm=20.0)
     fixed = render(base, np.eye(4), rng, False)
-    moving = render(base, a_m, rng, True)
+    moving = render(base, a_m, rng, True)  # the other modality
     points = brain_points(base)[::50]
     truth = np.linalg.inv(a_m)
+    stage = AffineStage("learned+optimise", iterations=20)
+    theta = stage.learned(fixed, moving)
     initial = tre_mm(np.eye(4), truth, points, spacing)
-    learned = tre_mm(AffineStage("learned")(fixed, moving), truth, points, spacing)
-    optimised = tre_mm(theta_to_voxels(optimise_affine(fixed, moving), shape),
+    learned = tre_mm(theta_to_voxels(theta, shape), truth, points, spacing)
+    both = tre_mm(stage(fixed, moving), truth, points, spacing)
+    optimised = tre_mm(theta_to_voxels(optimise_affine(fixed, moving, iterations=20), shape),
                        truth, points, spacing)
-    assert initial > 15.0
-    assert learned < 6.0, (initial, learned, optimised)
-    assert optimised > 2 * learned, (initial, learned, optimised)
+    errors = {"initial": initial, "learned": learned, "learned+optimise": both,
+              "optimise20": optimised}
+    assert initial > 20.0, errors
+    assert learned < 4.0 and both < 4.0, errors
+    assert optimised > 2 * learned, errors

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from regseg.cli import main
-from regseg.models.registry import load_model
 from regseg.models.reg_losses import mind_loss
+from regseg.models.registry import load_model
 from regseg.sim import mni
 from regseg.train.affine3d import (
     AffineRange,
