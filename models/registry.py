@@ -9,10 +9,14 @@ from typing import Any
 from torch import nn
 
 from regseg.errors import EngineError, InputError
+from regseg.models.affine3d import Affine3D, Affine3DConfig
 from regseg.models.alignsegnet import AlignSegNet, AlignSegNetConfig
 from regseg.models.ascseg import ASCSeg, ASCSegConfig
+from regseg.models.biregnet import BiRegNet, BiRegNetConfig
 from regseg.models.checkpoint import load_state, read_checkpoint
 from regseg.models.plcreg import PLCReg, PLCRegConfig
+from regseg.models.simnet import SimNet, SimNetConfig
+from regseg.models.warpseg import WarpSeg, WarpSegConfig
 
 #: name -> (config dataclass, model class built from it).
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
@@ -22,6 +26,14 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "plcreg": (PLCRegConfig, PLCReg),
     # 2-D TRUS segmentation; shipped weights ascseg.pt (fused) and ascseg_trus.pt (TRUS only)
     "ascseg": (ASCSegConfig, ASCSeg),
+    # per-voxel atlas trust for multi-atlas label fusion (engines/label_fusion.py, issue 11)
+    "simnet": (SimNetConfig, SimNet),
+    # cross-modality MRI <-> 3-D TRUS registration (regseg.crossmodal, issue 11)
+    "biregnet": (BiRegNetConfig, BiRegNet),
+    # 3-D coarse/fine segmentation; shipped warpseg_prostate.pt, see regseg.engines.warpseg.SHIPPED
+    "warpseg": (WarpSegConfig, WarpSeg),
+    # learned 3-D affine stage of offline registration; shipped affine3d.pt (engines/affine.py)
+    "affine3d": (Affine3DConfig, Affine3D),
 }
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"

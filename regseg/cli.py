@@ -29,10 +29,18 @@ TASKS: dict[str, tuple[str, str]] = {
             "regseg.eval_cli:add_mni_arguments"),
     "reconstruct": ("compound a tracked sweep (sequence file) into a 3-D volume",
                     "regseg.reconstruct_cli:add_arguments"),
+    "register-mri": ("register the case's MRI to its 3-D TRUS sweep: ReferenceToMRI for live",
+                     "regseg.register_mri_cli:add_cli"),
     "calibrate": ("pivot, probe (N-wire), temporal and landmark calibration; transform files",
                   "regseg.calibration.cli:add_arguments"),
-    "batch": ("register or segment the cases of a manifest, sharded over torchrun ranks, "
-              "resumable", "regseg.batch.cli:add_batch_arguments"),
+    "batch": ("register, segment or multi-atlas segment (mas) the cases of a manifest, sharded "
+              "over torchrun ranks, resumable", "regseg.batch.cli:add_batch_arguments"),
+    "mas": ("cross-modality multi-atlas segmentation: register atlases, fuse their labels",
+            "regseg.mas_cli:add_cli"),
+    "pseudolabel": ("register a labelled atlas to unlabelled images: pseudo-labels + quality",
+                    "regseg.pseudolabel_cli:add_cli"),
+    "segment": ("segment a 3-D image with a shipped network (warpseg-prostate, warpseg-brain)",
+                "regseg.segment_cli:add_cli"),
 }
 
 # `regseg train MODEL` -> (help, "module:function(parser)").
@@ -45,6 +53,16 @@ TRAIN_MODELS: dict[str, tuple[str, str]] = {
                  "regseg.cli:add_train_plcreg3d"),
     "ascseg": ("ASC-Seg 2-D TRUS segmentation (fused with the registered MRI; --trus-only)",
                "regseg.train.ascseg:add_cli"),
+    "simnet": ("SimNet atlas weights for multi-atlas label fusion (MRI atlases, TRUS sweeps)",
+               "regseg.train.simnet:add_cli"),
+    "warpseg": ("WarpSeg coarse/fine 3-D segmentation from atlas pseudo-labels",
+                "regseg.train.warpseg:add_cli"),
+    "biregnet": ("BiRegNet cross-modality MRI <-> 3-D TRUS registration (simulated sweeps)",
+                 "regseg.train.biregnet:add_cli"),
+    "quality-calibration": ("QualityNet's flag threshold, calibrated on each live chain",
+                            "regseg.train.quality_calibrate:add_cli"),
+    "affine3d": ("Affine3D, the learned 3-D affine stage (MNI152 pairs, large affines)",
+                 "regseg.train.affine3d:add_cli"),
 }
 
 

@@ -110,6 +110,10 @@ MARKED = {
     "regseg batch segment targets.jsonl --out out/seg --atlas atlas.nii.gz --atlas-labels "
     "atlas_labels.nii.gz": "needs the user's images and atlas; tests/batch/test_batch.py covers "
     "segment",
+    "regseg mas --simulate data/mas --n-atlases 4 --n-targets 8": "renders 12 sweep volumes "
+    "(minutes); tests/mas/test_mas_cli.py simulates smaller sets",
+    "regseg batch mas data/mas/targets.csv --out out/mas --method jlf": "8 targets x 4 atlases "
+    "(minutes); tests/batch/test_batch_mas.py runs batch mas on a miniature brain set",
     "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
     "--rdzv-id reg1 -m regseg.batch register /shared/pairs.csv --out /shared/out --device cuda":
         MULTI_NODE,

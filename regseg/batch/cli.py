@@ -1,4 +1,4 @@
-"""``regseg batch register|segment MANIFEST --out DIR``: a job over many cases, on any number
+"""``regseg batch register|segment|mas MANIFEST --out DIR``: a job over many cases, on any number
 of ranks (``torchrun --nproc-per-node N -m regseg.batch ...``), resumable by rerunning it."""
 
 from __future__ import annotations
@@ -40,6 +40,23 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     _common(seg)
     seg.add_argument("--atlas", type=Path, help="atlas image for cases without an atlas column")
     seg.add_argument("--atlas-labels", type=Path, help="the atlas's labels (same grid)")
+    mas = jobs.add_parser("mas", help="multi-atlas segmentation of each target, as regseg mas "
+                          "(columns target [, atlases, truth, name])")
+    _common(mas)
+    mas.add_argument("--atlases", type=Path,
+                     help="atlas set (folder or CSV, as regseg mas) for cases without an "
+                     "atlases column")
+    from regseg.mas_cli import METHODS
+
+    mas.add_argument("--method", choices=METHODS, default="simnet",
+                     help="label fusion (default simnet; see regseg mas --help)")
+    mas.add_argument("--registration", choices=("biregnet", "affine"), default="biregnet",
+                     help="atlas-to-target registration (default biregnet)")
+    mas.add_argument("--initial", choices=("centre", "identity"), default="centre",
+                     help="registration start (default centre; see regseg mas --help)")
+    mas.add_argument("--target-offset-mm", type=float, nargs=3, default=None,
+                     metavar=("X", "Y", "Z"), help="with --initial centre: the structure's "
+                     "offset from the target's centroid, world mm (default 0 0 0)")
 
 
 def run_batch(args: argparse.Namespace) -> int:
@@ -59,6 +76,13 @@ def run_batch(args: argparse.Namespace) -> int:
     check_checkpoint(args.weights, "--weights", "plcreg", ndim=3,
                      shipped={name: WEIGHTS_DIR / f"{name}.pt" for name in SHIPPED})
     cases = read_manifest(args.manifest, job.required, job.file_columns)
+    if job.name == "mas" and args.atlases is not None:
+        if not args.atlases.exists():
+            raise InputError(f"--atlases {args.atlases}: not found (a folder or a CSV expected)")
+        args.atlases = str(args.atlases.resolve())
+        for case in cases:
+            if not case.get("atlases"):
+                case["atlases"] = args.atlases
     if job.name == "segment":
         if bool(args.atlas) != bool(args.atlas_labels):
             raise InputError("--atlas and --atlas-labels go together")

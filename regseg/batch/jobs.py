@@ -3,8 +3,8 @@
 A job is three plain functions and a few names (:class:`Job`); :data:`JOBS` maps the job name of
 ``regseg batch JOB`` to it. ``load`` runs in the DataLoader's worker processes (NIfTI reading and
 decompression overlap the compute), ``compute`` in the rank's process on its device, ``write``
-in the rank's process into a fresh folder. Add a job (``mas``, a network ``segment``) by adding
-one entry.
+in the rank's process into a fresh folder. Add a job (e.g. a network ``segment``) by adding one
+entry.
 
 - ``register``: a pair per case, as ``regseg register --pairs`` (columns fixed, moving
   [, moving_labels, fixed_labels, landmarks]); writes moved.nii.gz, moved_labels.nii.gz (with
@@ -13,6 +13,10 @@ one entry.
   atlas_labels]): the atlas (per case, or ``--atlas``/``--atlas-labels``) is registered to the
   image with the same engine and its labels carried over; writes labels.nii.gz; Dice/HD95
   against ``labels`` when given.
+- ``mas``: cross-modality multi-atlas segmentation per case (column target [, atlases, truth]),
+  as ``regseg mas`` (:mod:`regseg.mas`): every atlas of the set (per case, or ``--atlases``)
+  registered to the target, the labels fused (``--method``); writes labels.nii.gz,
+  atlas_weights.csv and report.json; Dice/HD95 against ``truth`` when given.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class Job:
 
     def options(self, args: argparse.Namespace) -> dict[str, Any]:
         """The options that change a case's outputs (part of its digest)."""
-        keys = ("weights", "affine_iterations", "no_affine", "atlas", "atlas_labels")
+        keys = ("weights", "affine_iterations", "no_affine", "atlas", "atlas_labels", "atlases",
+                "method", "registration", "initial", "target_offset_mm")
         return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -124,10 +129,39 @@ def write_target(folder: Path, inputs: dict[str, Any], out: dict[str, Any]) -> d
     return out["metrics"]
 
 
+# mas (multi-atlas) ------------------------------------------------------------------------------
+def _mas_engine(args: argparse.Namespace, device: Any) -> Any:
+    from regseg.mas import make_mas_engine
+
+    return make_mas_engine(args, device)
+
+
+def _mas_load(case: dict[str, str]) -> dict[str, Any]:
+    from regseg.mas import load_case
+
+    if not case.get("atlases"):
+        raise InputError(f"case {case['name']!r}: no atlases; give a column atlases or --atlases")
+    return load_case(case)
+
+
+def _mas_compute(engine: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    from regseg.mas import compute_case
+
+    return compute_case(engine, inputs)
+
+
+def _mas_write(folder: Path, inputs: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    from regseg.mas import write_case
+
+    return write_case(folder, inputs, out)
+
+
 JOBS: dict[str, Job] = {
     "register": Job("register", ("fixed", "moving"),
                     ("fixed", "moving", "moving_labels", "fixed_labels", "landmarks"),
                     _registration_engine, load_pair, compute_pair, write_pair),
     "segment": Job("segment", ("image",), ("image", "labels", "atlas", "atlas_labels"),
                    _registration_engine, load_target, compute_target, write_target),
+    "mas": Job("mas", ("target",), ("target", "atlases", "truth"),
+               _mas_engine, _mas_load, _mas_compute, _mas_write),
 }
