@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import shlex
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 from regseg import distributed
 from regseg.cli_checks import float_at_least, int_at_least
 from regseg.errors import InputError
+from regseg.machine import machine_name, utc_now
 from regseg.models.checkpoint import save_checkpoint
 from regseg.models.warpseg import WarpSeg, WarpSegConfig, warpseg_loss
 from regseg.train import resume as resume_state
@@ -209,8 +209,8 @@ def train_warpseg(out_dir: Path, *, minutes: float, atlases: int, unlabelled: in
         "model": name, "command": command or recipe_command(),
         "config": dataclasses.asdict(config), "seed": seed, "lr": lr, "batch_size": batch_size,
         "steps": step, "threads": torch.get_num_threads(), "ranks": dist.world,
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-                   f"{len(os.sched_getaffinity(0))} CPUs".strip(),
+        "machine": machine_name(), "date": utc_now(),
+        "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
         **seeds,
         "pseudo_label_quality": quality_summary(data.quality), "refine": refine,
         "data_s": round(data_s, 1), "train_s": round(train_s, 1),
