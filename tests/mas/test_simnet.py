@@ -8,6 +8,7 @@ import torch
 
 from regseg.engines.label_fusion import LabelFusionEngine
 from regseg.models.checkpoint import save_checkpoint
+from regseg.models.registry import default_weights_path, load_model
 from regseg.models.simnet import SimNet, SimNetConfig
 from regseg.train.simnet import _shift, agreement, loss_of
 
@@ -75,3 +76,8 @@ def test_checkpoint_round_trip_through_the_engine(tmp_path):
     assert out.labels.shape == shape and out.probabilities.shape == (3, *shape)
     np.testing.assert_allclose(out.atlas_weights.sum(), 1.0, atol=1e-5)
     np.testing.assert_allclose(out.probabilities.sum(0), 1.0, atol=1e-5)
+def test_shipped_weights_load():
+    path = default_weights_path("simnet")
+    assert path.is_file() and path.stat().st_size < 2.5e6
+    model = load_model("simnet")
+    assert isinstance(model, SimNet)
