@@ -208,7 +208,7 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="3 held-out cases (default 8)")
+    p.add_argument("--quick", action="store_true", help="2 held-out cases (default 8)")
     p.add_argument("--task", choices=("prostate", "brain"), default="prostate",
                    help="prostate phantoms (default) or MNI152-derived brains (AAL)")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="SimpleITK optimiser iterations per stage (default 50)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    result = run(args.task, 3 if args.quick else 8, refine=args.refine,
+    result = run(args.task, 2 if args.quick else 8, refine=args.refine,
                  sitk_iterations=args.sitk_iterations)
     print_table(result)
     if args.json:
