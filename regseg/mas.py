@@ -26,7 +26,7 @@ from regseg.errors import InputError
 from regseg.imageio import Volume, load_mri, save_volume
 
 LABEL_SUFFIXES = ("_labels.nii.gz", "_labels.nii")
-REGISTRATIONS = ("biregnet", "affine")
+REGISTRATIONS = ("affine", "biregnet")
 INITIALS = ("centre", "identity")
 #: Gland centroid minus swept-volume centroid (Reference mm) of simulated sweeps, the mean over
 #: regseg.sim.sweep.TRAIN_SEEDS 11000..11005 (measured: (2.8, -12.0, 1.6), (-0.3, -14.9, 0.0),
@@ -141,7 +141,7 @@ def initial_transform(atlas: Atlas, target: Volume, initial: str = "centre",
 
 
 def segment_target(target: Volume, atlases: list[Atlas], *, method: str = "simnet",
-                   registration: str = "biregnet", device: str = "cpu",
+                   registration: str = "affine", device: str = "cpu",
                    threads: int | None = None, fusion: Any = None,
                    initial: str = "centre",
                    target_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
@@ -250,7 +250,7 @@ class MasEngine:
     """What one rank of ``regseg batch mas`` builds once: the fusion engine and the options."""
 
     fusion: Any
-    registration: str = "biregnet"
+    registration: str = "affine"
     initial: str = "centre"
     target_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
@@ -261,7 +261,7 @@ def make_mas_engine(args: Any, device: Any) -> MasEngine:
     from regseg.engines.label_fusion import LabelFusionEngine
 
     return MasEngine(LabelFusionEngine(getattr(args, "method", None) or "simnet", device=device),
-                     getattr(args, "registration", None) or "biregnet",
+                     getattr(args, "registration", None) or "affine",
                      getattr(args, "initial", None) or "centre",
                      tuple(getattr(args, "target_offset_mm", None) or (0.0, 0.0, 0.0)))
 
@@ -293,7 +293,7 @@ def write_case(folder: Path, inputs: dict[str, Any], out: dict[str, Any]) -> dic
 
 
 def run_case(row: dict[str, str], out_dir: str | Path, *, method: str = "simnet",
-             registration: str = "biregnet", initial: str = "centre",
+             registration: str = "affine", initial: str = "centre",
              target_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
              device: str = "cpu") -> dict[str, Any]:
     """One manifest row end to end (what ``regseg batch mas`` does per case); returns the

@@ -27,9 +27,9 @@ def add_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, default="simnet",
                    help="label fusion: simnet (learned per-voxel weights, default), jlf (joint "
                    "label fusion), vote (majority), staple (SimpleITK MultiLabelSTAPLE)")
-    p.add_argument("--registration", choices=("biregnet", "affine"), default="biregnet",
-                   help="atlas-to-target registration: biregnet (affine + BiRegNet, default) "
-                   "or affine only (e.g. for label sets BiRegNet was not trained on)")
+    p.add_argument("--registration", choices=("affine", "biregnet"), default="affine",
+                   help="atlas-to-target registration: affine (MIND, default: what the shipped "
+                   "SimNet was trained on) or biregnet (affine + BiRegNet deformable)")
     p.add_argument("--initial", choices=("centre", "identity"), default="centre",
                    help="registration start: centre (the target's non-zero voxels' centroid "
                    "onto the atlas labels' centroid, default) or identity (one world, e.g. MNI)")
