@@ -112,12 +112,19 @@ def _alignsegnet_id() -> str:
     return hashlib.sha256(default_weights_path("alignsegnet").read_bytes()).hexdigest()[:12]
 
 
+def _plcreg2d_id() -> str:
+    """The shipped PLCReg 2-D's file hash: live pairs change when it is retrained."""
+    return hashlib.sha256((WEIGHTS.parent / "plcreg2d.pt").read_bytes()).hexdigest()[:12]
+
+
 def cached_live(cache: Path | None, seeds: list[int], frames: int, *, seed: int,
                 weights: Path, scanner: str = "plain", chain: str = DEFAULT_CHAIN) -> dict:
     kind = "" if scanner == "plain" else f"-{scanner}"
     kind += "" if chain == DEFAULT_CHAIN else "-" + chain.replace("/", "-")
+    # the pairs change with the networks that make them: AlignSegNet, and PLCReg 2-D when on
+    deformable = f"-{_plcreg2d_id()}" if parse_chain(chain)[1] else ""
     name = (f"quality-live-v{LIVE_VERSION}{kind}-{seeds[0]}-{len(seeds)}-{frames}-{seed}"
-            f"-{_alignsegnet_id()}.pt")
+            f"-{_alignsegnet_id()}{deformable}.pt")
     path = cache / name if cache is not None else None
     if path is not None and path.is_file():
         return torch.load(path, weights_only=True)
