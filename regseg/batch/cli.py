@@ -50,8 +50,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 
     mas.add_argument("--method", choices=METHODS, default="simnet",
                      help="label fusion (default simnet; see regseg mas --help)")
-    mas.add_argument("--registration", choices=("biregnet", "affine"), default="biregnet",
-                     help="atlas-to-target registration (default biregnet)")
+    mas.add_argument("--registration", choices=("affine", "biregnet"), default="affine",
+                     help="atlas-to-target registration (default affine, as regseg mas)")
     mas.add_argument("--initial", choices=("centre", "identity"), default="centre",
                      help="registration start (default centre; see regseg mas --help)")
     mas.add_argument("--target-offset-mm", type=float, nargs=3, default=None,

@@ -30,7 +30,8 @@ def test_register_mri_writes_the_live_transform_near_the_truth(case_files, tmp_p
     code = main(["register-mri", "--mri", files["mri"], "--mri-labels", files["mri_labels"],
                  "--sweep", files["trus"], "--initial", files["reference_to_mri_initial_tfm"],
                  "--truth", files["reference_to_mri_true_txt"], "--out", str(out),
-                 "--ddf-out", str(ddf), "--no-progress", "--threads", "1"])
+                 "--ddf-out", str(ddf), "--method", "biregnet", "--no-progress",
+                 "--threads", "1"])
     assert code == 0
     matrix = read_reference_to_mri(str(out))  # exactly what regseg-stream --reference-to-mri does
     report = json.loads(out.with_suffix(".json").read_text())
