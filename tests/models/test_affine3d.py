@@ -139,3 +139,22 @@ def test_capture_range_learned_recovers_what_the_optimiser_does_not_in_the_same_
     assert initial > 20.0, errors
     assert learned < 4.0 and both < 4.0, errors
     assert optimised > 2 * learned, errors
+
+
+@needs_weights
+def test_register_cli_runs_the_learned_stage(tmp_path):
+    from regseg.cli import main
+    from regseg.sim import mni
+
+    pair = mni.make_pair(mni.load_base(), 20_000, other_modality=False)  # a validation pair
+    row = mni.write_pair(pair, tmp_path / "pair")
+    out = tmp_path / "out"
+    assert main(["register", "--fixed", row["fixed"], "--moving", row["moving"],
+                 "--moving-labels", row["moving_labels"], "--fixed-labels", row["fixed_labels"],
+                 "--affine", "learned", "--refine", "0", "--threads", "1",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dice_mean"] > report["dice_before_mean"] + 0.1
+    with pytest.raises(SystemExit) as exc:  # argparse: an unknown mode is a usage error
+        main(["register", "--affine", "best", "--out", str(out)])
+    assert exc.value.code == 2
