@@ -383,6 +383,8 @@ def run(args, stop: threading.Event | None = None,
                            else "unet"),
              "capture": {"refine_iterations": capture.refine_iterations,
                          "multi_start": args.multi_start, "temporal_filter": args.temporal_filter},
+             # the flag threshold and the chain it was calibrated on (regseg.stream.quality)
+             "quality_calibration": pipeline.quality.calibration_info,
              "deformable_engine_info": (deformable.engine.engine.info
                                         if deformable is not None else None),
              "source": plan.source_url,

@@ -24,7 +24,7 @@ from regseg.engines.segmentation import argmax_labels
 from regseg.stream.capture import Capture, MultiStart, Refinement, warp_labels
 from regseg.stream.context import MriContext
 from regseg.stream.overlay import compose_overlay
-from regseg.stream.quality import QualityCheck, lesion_target, seg_confidence
+from regseg.stream.quality import QualityCheck, lesion_target, pipeline_chain, seg_confidence
 from regseg.types import Frame, Result
 
 #: Stage names, in order, as they appear in ``Result.timings_ms`` (plus ``total``).
@@ -210,6 +210,8 @@ class Pipeline:
         """The per-frame quality check (the shipped QualityNet and its calibration by default)."""
         if self._quality is None:
             self._quality = QualityCheck(self.context)
+        if self._quality.chain is None:  # the threshold calibrated on the chain this one runs
+            self._quality.bind_chain(pipeline_chain(self))
         return self._quality
 
     def set_reference_to_mri(self, reference_to_mri: np.ndarray) -> None:
