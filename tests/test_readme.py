@@ -53,7 +53,8 @@ MARKED = {
     "python -m regseg.train.quality --out models/weights --frames 50 --minutes 14": TRAINING,
     "python -m regseg.train.quality_live --out models/weights --train-phantoms 20 --frames 50 "
     "--minutes 6 --randomised-phantoms 15": TRAINING,
-    "python -m regseg.train.quality_live --out models/weights --calibrate-only --frames 50": TRAINING,
+    "regseg train quality-calibration --out models/weights": TRAINING + "; tests/train/"
+    "test_quality_recipe.py covers the per-chain calibration",
     "python -m regseg.train.compare --families A,Arand,B --levels 0,3,10 --phantoms 4 --frames 10 "
     "--models OLD.pt NEW.pt": TRAINING,
     "python bench/registration.py [--quick] --json out/bench_registration.json": BENCH,
