@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -115,6 +116,30 @@ MARKED = {
     "(minutes); tests/mas/test_mas_cli.py simulates smaller sets",
     "regseg batch mas data/mas/targets.csv --out out/mas --method jlf": "8 targets x 4 atlases "
     "(minutes); tests/batch/test_batch_mas.py runs batch mas on a miniature brain set",
+    "regseg register-mri --mri case.nii.gz --mri-labels case_labels.nii.gz --sweep "
+    "out/sweep_volume.nii.gz [--initial reference_to_mri_nominal.tfm] --out "
+    "out/reference_to_mri.tfm [--ddf-out out/sweep_ddf_mm.nii.gz] [--truth true.tfm] "
+    "[--method affine|biregnet]": "the general form with the user's files; the simulated case "
+    "above runs it, tests/sweep/test_register_mri.py the options",
+    "regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --reference-to-mri "
+    "out/reference_to_mri.tfm --source igtl://127.0.0.1:18944": PEER,
+    "python bench/mas_registration.py --json bench/results/mas_registration.json": BENCH,
+    "regseg train biregnet --out runs/biregnet --minutes 24": TRAINING,
+    "regseg mas --simulate demo/mas --n-atlases 4 --n-targets 1": "simulates 5 sweep cases "
+    "(~25 s unloaded); tests/mas/test_mas_cli.py simulates and segments smaller sets",
+    "regseg mas --atlases demo/mas/atlases --target demo/mas/targets/target_13000.nii.gz --truth "
+    "demo/mas/targets/target_13000_truth.nii.gz --target-offset-mm 0.7 -14.5 1.0 --registration "
+    "affine --out out/mas": "4 cross-modal registrations (~40 s unloaded, minutes loaded); "
+    "tests/mas/test_mas_cli.py",
+    "regseg mas --simulate demo/brain --kind brain --n-atlases 3 --n-targets 1": "loads MNI152 + "
+    "AAL and warps 4 full-size subjects; tests/mas/test_mas_cli.py runs a miniature brain set",
+    "regseg mas --atlases demo/brain/atlases --target demo/brain/targets/target_40000.nii.gz "
+    "--truth demo/brain/targets/target_40000_truth.nii.gz --method jlf --registration affine "
+    "--initial identity --out out/mas-brain": "3 full-size brain registrations, minutes on CPU; "
+    "tests/mas/test_mas_cli.py runs it at a miniature size",
+    "regseg train simnet --out runs/simnet --targets 6 --atlases 4 --val-targets 2 --minutes 15":
+        TRAINING,
+    "python bench/mas.py --quick --json out/mas.json": BENCH,
     "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
     "--rdzv-id reg1 -m regseg.batch register /shared/pairs.csv --out /shared/out --device cuda":
         MULTI_NODE,
@@ -155,6 +180,9 @@ RUN = {
     "regseg-stream ... --source recorded_screen.mp4 --grabber-crop 120,80,640,480":
         f"regseg-stream {CASE} --source recorded_screen.mp4 --grabber-crop 120,80,640,480 "
         "--max-frames 2 --quiet",
+    'python -c "from regseg.sim.sweep import make_sweep_case, write_sweep_case; write_sweep_case(make_sweep_case(13000), \'out/sweep_case\')"': 'python -c "from regseg.sim.sweep import make_sweep_case, write_sweep_case; write_sweep_case(make_sweep_case(13000), \'out/sweep_case\')"',
+    'regseg register-mri --mri out/sweep_case/mri.nii.gz --mri-labels out/sweep_case/mri_labels.nii.gz --sweep out/sweep_case/trus.nii.gz --initial out/sweep_case/reference_to_mri_initial.tfm --truth out/sweep_case/reference_to_mri_true.tfm --out out/sweep_case/reference_to_mri.tfm':
+        'regseg register-mri --mri out/sweep_case/mri.nii.gz --mri-labels out/sweep_case/mri_labels.nii.gz --sweep out/sweep_case/trus.nii.gz --initial out/sweep_case/reference_to_mri_initial.tfm --truth out/sweep_case/reference_to_mri_true.tfm --out out/sweep_case/reference_to_mri.tfm',
     "regseg calibrate simulate --out calib": "regseg calibrate simulate --out calib",
     "regseg calibrate pivot --input calib/pivot.csv --out calib/StylusTipToStylus.tfm --report "
     "calib/pivot.json --plot calib/pivot.png": "regseg calibrate pivot --input calib/pivot.csv --out "
@@ -211,7 +239,7 @@ def test_every_readme_command_is_run_or_marked():
 
 def run(command: str, cwd: Path, **format_args) -> subprocess.CompletedProcess:
     """Run one command (our console scripts from this interpreter's environment) and require exit 0."""
-    argv = command.format(**format_args).split()
+    argv = shlex.split(command.format(**format_args))
     argv[0] = str(BIN / argv[0])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
@@ -275,6 +303,12 @@ def test_readme_commands_work_as_written(tmp_path, free_port):
     readme("regseg reconstruct out/sweep.igs.mha --out out/sweep_volume.nii.gz --spacing 0.5 "
            "--coverage-out out/sweep_coverage.nii.gz")
     assert (tmp_path / "out" / "sweep_volume.json").exists()
+
+    # Start the case: a simulated sweep case, its MRI registered to the sweep from 10 mm / 10° off.
+    readme('python -c "from regseg.sim.sweep import make_sweep_case, write_sweep_case; write_sweep_case(make_sweep_case(13000), \'out/sweep_case\')"')
+    readme('regseg register-mri --mri out/sweep_case/mri.nii.gz --mri-labels out/sweep_case/mri_labels.nii.gz --sweep out/sweep_case/trus.nii.gz --initial out/sweep_case/reference_to_mri_initial.tfm --truth out/sweep_case/reference_to_mri_true.tfm --out out/sweep_case/reference_to_mri.tfm')
+    report = json.loads((tmp_path / "out" / "sweep_case" / "reference_to_mri.json").read_text())
+    assert report["tre_mm_initial"] > 8.0 and report["tre_mm"] < 2.0
 
     # A recording a killed process left unfinished.
     from regseg.sequence_writer import SequenceWriter
