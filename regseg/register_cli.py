@@ -21,6 +21,7 @@ import numpy as np
 
 from regseg import spatial
 from regseg.cli_checks import check_checkpoint, check_writable, int_at_least
+from regseg.engines.affine_modes import AFFINE_DEFAULT, AFFINE_MODES, DEFAULT_ITERATIONS
 from regseg.errors import InputError
 from regseg.imageio import Volume, load_mri, read_header, save_volume
 from regseg.registration_metrics import (
@@ -349,6 +350,7 @@ def run_register(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or default_threads())
     engine = RegistrationEngine(args.weights, backend=args.backend, device=device,
                                 affine_iterations=0 if args.no_affine else args.affine_iterations,
+                                affine=args.affine,
                                 refine=args.refine)
     startup_s = time.perf_counter() - started  # imports, checks, model load: not in any pair's
     reports = []
@@ -402,8 +404,15 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="plcreg3d", help="PLCReg 3-D checkpoint (default shipped)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", default="eager", help="engine backend (default eager)")
-    p.add_argument("--affine-iterations", type=int_at_least(0), default=120,
-                   help="steps of the affine stage (default 120)")
+    p.add_argument("--affine", choices=AFFINE_MODES, default=AFFINE_DEFAULT,
+                   help="affine stage: learned (the Affine3D network), optimise (MIND instance "
+                   "optimisation), learned+optimise (the network, then a few MIND steps) or none "
+                   f"(default {AFFINE_DEFAULT})")
+    p.add_argument("--affine-iterations", type=int_at_least(0), default=None,
+                   help="steps of the affine stage's MIND optimisation (default: "
+                   f"{DEFAULT_ITERATIONS['optimise']} for optimise, "
+                   f"{DEFAULT_ITERATIONS['learned+optimise']} after the network for "
+                   "learned+optimise; 0: no affine stage)")
     p.add_argument("--no-affine", action="store_true", help="skip the affine stage")
     p.add_argument("--refine", type=int_at_least(0), default=REFINE_DEFAULT, metavar="N",
                    help="instance optimisation: N steps refining the network's field on the pair "

@@ -50,6 +50,7 @@ from regseg.models.checkpoint import save_checkpoint
 from regseg.models.reg_losses import gradient_loss
 from regseg.spatial import warp
 from regseg.train.distributed import main_first, unwrap, wrap
+from regseg.train.recipe_args import add_run_options
 from regseg.train.resume import load_state, save_state, state_path
 
 NAME = "biregnet"
@@ -85,15 +86,7 @@ def add_cli(p: argparse.ArgumentParser) -> None:
                    help="seed of the weights and the pair draws (default 0)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help=f"simulated-case cache (default {DEFAULT_CACHE})")
-    p.add_argument("--threads", type=int_at_least(1), default=1,
-                   help="torch CPU threads per rank (default 1)")
-    p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help="stop after this many steps (default: fill --minutes)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last state (same options)")
-    p.add_argument("--checkpoint-every", type=int_at_least(0), default=50,
-                   help="steps between resumable states (default 50; 0: none)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p, threads=1, checkpoint_every=50)
     p.set_defaults(func=run)
 
 
@@ -229,8 +222,8 @@ def run(args: argparse.Namespace) -> int:
         seeds = [TRAIN_SEEDS[CASE_OFFSET + i] for i in range(args.cases)]
         val_seeds = [TRAIN_SEEDS[VAL_OFFSET + i] for i in range(args.val_cases)]
         with main_first(dist):
-            cases = _cases(seeds, args.cache, args.quiet or not dist.main)
-            val_cases = _cases(val_seeds, args.cache, args.quiet or not dist.main)
+            cases = _cases(seeds, args.cache, args.no_progress or not dist.main)
+            val_cases = _cases(val_seeds, args.cache, args.no_progress or not dist.main)
         val_rng = np.random.default_rng([args.seed, 99])
         val_pairs = [draw_pair(val_cases, val_rng, args.affine_error_mm, args.size, args.spacing)
                      for _ in range(args.val_pairs)]
@@ -249,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         net = wrap(model, dist)
         val_start = validate(model, val_pairs)
         budget = dist.from_main(args.minutes * 60.0 - extra["seconds"])
-        progress = StepProgress(NAME, budget, enabled=dist.main and not args.quiet)
+        progress = StepProgress(NAME, budget, enabled=dist.main and not args.no_progress)
         t0, history = time.perf_counter(), extra["history"]
         while True:
             elapsed = dist.from_main(time.perf_counter() - t0)

@@ -44,6 +44,7 @@ from regseg import distributed
 from regseg.cli_checks import float_at_least, int_at_least
 from regseg.models.simnet import SimNet, SimNetConfig, count_parameters
 from regseg.train.distributed import main_first, unwrap, wrap
+from regseg.train.recipe_args import add_run_options
 from regseg.train.resume import load_state, save_state, state_path
 
 NAME = "simnet"
@@ -69,19 +70,11 @@ def add_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float_at_least(0.0), default=1e-3,
                    help="Adam learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and augmentation")
-    p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help="stop after this many steps (default: fill --minutes)")
-    p.add_argument("--threads", type=int_at_least(1), default=1,
-                   help="torch CPU threads per rank (default 1)")
     p.add_argument("--size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                    help="SimNet working grid (default 40 32 32; multiples of 8)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "regseg" / "train",
                    help="registered-pair cache (default ~/.cache/regseg/train)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last state (same options)")
-    p.add_argument("--checkpoint-every", type=int_at_least(0), default=50,
-                   help="steps between resumable states (default 50; 0: at the end)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(p, threads=1, checkpoint_every=50)
     p.set_defaults(func=run)
 
 

@@ -43,7 +43,7 @@ def test_train_recipe_writes_weights_that_run_through_make_engine(tmp_path):
     out = tmp_path / "run"
     code = main(["train", "biregnet", "--out", str(out), "--steps", "2", "--cases", "2",
                  "--val-cases", "1", "--val-pairs", "1", "--size", "32", "--spacing", "3",
-                 "--cache", str(tmp_path / "cache"), "--quiet"])
+                 "--cache", str(tmp_path / "cache"), "--no-progress"])
     assert code == 0
     summary = json.loads((out / "biregnet.json").read_text())
     assert summary["steps"] == 2 and "gland_dice_after" in summary["validation"]
@@ -59,7 +59,7 @@ def test_train_recipe_writes_weights_that_run_through_make_engine(tmp_path):
 
 
 def test_bad_size_is_refused(tmp_path, capsys):
-    assert main(["train", "biregnet", "--out", str(tmp_path), "--size", "24", "--quiet"]) == 2
+    assert main(["train", "biregnet", "--out", str(tmp_path), "--size", "24", "--no-progress"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
 
 
