@@ -140,6 +140,13 @@ MARKED = {
     "regseg train simnet --out runs/simnet --targets 6 --atlases 4 --val-targets 2 --minutes 15":
         TRAINING,
     "python bench/mas.py --quick --json out/mas.json": BENCH,
+    "regseg register --pairs out/mni --out out/reg --affine learned+optimise": 'needs the MNI set (regseg mni, nilearn) and registers 8 pairs (minutes); tests/models/test_affine3d.py runs regseg register --affine learned on one pair',
+    "regseg register --pairs out/mni --out out/reg --affine learned": 'needs the MNI set (regseg mni, nilearn) and registers 8 pairs (minutes); tests/models/test_affine3d.py runs regseg register --affine learned on one pair',
+    "regseg register --pairs out/mni --out out/reg --affine optimise --affine-iterations 120":
+        'needs the MNI set (regseg mni, nilearn) and registers 8 pairs (minutes); tests/models/test_affine3d.py runs regseg register --affine learned on one pair',
+    "regseg train affine3d --out models/weights --minutes 22": TRAINING,
+    "python bench/affine_capture.py --pairs 2 --json bench/results/affine_capture.json": BENCH,
+    "python bench/affine_capture.py --validation --pairs 3 --sweep 0 10 20 40": BENCH,
     "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
     "--rdzv-id reg1 -m regseg.batch register /shared/pairs.csv --out /shared/out --device cuda":
         MULTI_NODE,
