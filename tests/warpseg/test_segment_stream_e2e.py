@@ -30,13 +30,13 @@ def _live_dice(mri_path, labels_path, scanner):
     engine = build_engine(backend="eager")
     pipeline = build_pipeline(context, engine, deformable=build_deformable(context,
                                                                             backend="eager"))
-    dice = []
+    rows = []
     for k in range(FRAMES):
-        for result in pipeline.submit(scanner.frame(k * STRIDE)):
-            dice.append(frame_accuracy(pipeline, result)[0]["prostate"])
-    for result in pipeline.flush():
-        dice.append(frame_accuracy(pipeline, result)[0]["prostate"])
-    return float(np.nanmean(dice)), len(dice)
+        results = pipeline.submit(scanner.frame(k * STRIDE))
+        rows += [frame_accuracy(pipeline, r)[0] for r in results]
+    rows += [frame_accuracy(pipeline, r)[0] for r in pipeline.flush()]
+    return {key: float(np.nanmean([r[key] for r in rows]))
+            for key in ("prostate", "registered_prostate")}, len(rows)
 
 
 @pytest.mark.skipif(not shipped_path("warpseg-prostate").is_file(),
@@ -60,12 +60,13 @@ def test_warpseg_labels_drive_the_live_chain_like_true_labels(tmp_path):
     prostate = dice_per_label((pred > 0).astype(np.uint8), (truth > 0).astype(np.uint8), [1])[1]
     lesion = dice_per_label(pred, truth, [2])[2]
     print(f"segment: prostate Dice {prostate:.3f}, lesion Dice {lesion:.3f}")
-    assert prostate >= 0.90
 
     scanner = SimulatedScanner(phantom, seed=0)
     live_pred, n_pred = _live_dice(mri_path, pred_path, scanner)
     live_true, n_true = _live_dice(mri_path, true_path, scanner)
-    print(f"live prostate Dice: warpseg labels {live_pred:.4f} ({n_pred} frames), "
-          f"true labels {live_true:.4f} ({n_true} frames)")
+    print(f"live Dice ({n_pred} frames): warpseg labels {live_pred}, true labels {live_true}")
     assert n_pred == n_true >= FRAMES // 2
-    assert abs(live_pred - live_true) <= 0.02
+    assert abs(live_pred["prostate"] - live_true["prostate"]) <= 0.02
+    # the MRI labels through the registration alone: the labels' own error shows here
+    assert abs(live_pred["registered_prostate"] - live_true["registered_prostate"]) <= 0.08
+    assert prostate >= 0.90  # the issue's bar for the MRI labels themselves
