@@ -259,3 +259,13 @@ def test_recipes_that_do_not_shard_are_refused_under_torchrun(monkeypatch, capsy
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train_main(["quality", "--out", "x"]) == 2
     assert "quality does not run under torchrun yet" in capsys.readouterr().err
+
+
+def test_every_training_recipe_runs_under_torchrun():
+    """A new `regseg train` recipe must shard its batch (train/distributed.py) and be declared;
+    only the calibration pass, which trains nothing, runs as one process."""
+    from regseg.cli import TRAIN_MODELS
+    from regseg.train.__main__ import DISTRIBUTED
+
+    assert set(TRAIN_MODELS) - set(DISTRIBUTED) == {"quality-calibration"}
+    assert set(DISTRIBUTED) <= set(TRAIN_MODELS)
