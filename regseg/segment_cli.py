@@ -28,7 +28,8 @@ def _sibling(out: Path, suffix: str) -> Path:
 def add_cli(p: argparse.ArgumentParser) -> None:
     """Arguments of ``regseg segment``."""
     p.add_argument("--model", default="warpseg-prostate",
-                   help="warpseg-prostate (default) or a WarpSeg checkpoint path")
+                   help="warpseg-prostate (default), warpseg-prostate-single (the ablation) or a "
+                        "WarpSeg checkpoint path (warpseg-brain is not shipped yet)")
     p.add_argument("--mri", required=True, help="the image to label, 3-D NIfTI")
     p.add_argument("--out", required=True,
                    help="label map to write (prostate model: 0/1/2 for regseg-stream "
@@ -53,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from regseg.imageio import Volume, load_mri, save_volume
 
     check_readable_file(args.mri, "--mri")
+    if args.model in SHIPPED and not shipped_path(args.model).is_file():
+        task = args.model.split("-")[1]
+        raise InputError(f"--model {args.model}: its weights ({shipped_path(args.model).name}) are "
+                         "not shipped in this version; train them with `regseg train warpseg "
+                         f"--task {task} --out {shipped_path(args.model).parent}`")
     if args.model not in SHIPPED and not Path(args.model).exists():
         raise InputError(f"--model {args.model}: neither a shipped model ({', '.join(SHIPPED)}) "
                          "nor an existing checkpoint file")

@@ -75,6 +75,7 @@ def test_segment_writes_both_maps(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("argv, expect", [
     (["segment", "--model", "warpseg-nope", "--mri", "{mri}", "--out", "{out}"], "--model"),
+    (["segment", "--model", "warpseg-brain", "--mri", "{mri}", "--out", "{out}"], "not shipped"),
     (["segment", "--model", "{ckpt}", "--mri", "{missing}", "--out", "{out}"], "--mri"),
     (["segment", "--model", "{mri}", "--mri", "{mri}", "--out", "{out}"], "checkpoint"),
     (["segment", "--model", "{ckpt}", "--mri", "{mri}", "--out", "{dir}"], "folder"),
