@@ -39,7 +39,7 @@ TASKS: dict[str, tuple[str, str]] = {
             "regseg.mas_cli:add_cli"),
     "pseudolabel": ("register a labelled atlas to unlabelled images: pseudo-labels + quality",
                     "regseg.pseudolabel_cli:add_cli"),
-    "segment": ("segment a 3-D image with a shipped network (warpseg-prostate, warpseg-brain)",
+    "segment": ("segment a 3-D image with a shipped network (warpseg-prostate)",
                 "regseg.segment_cli:add_cli"),
 }
 

@@ -147,6 +147,19 @@ MARKED = {
     "regseg train affine3d --out models/weights --minutes 22": TRAINING,
     "python bench/affine_capture.py --pairs 2 --json bench/results/affine_capture.json": BENCH,
     "python bench/affine_capture.py --validation --pairs 3 --sweep 0 10 20 40": BENCH,
+    "regseg pseudolabel --atlas atlas.nii.gz --atlas-labels atlas_zones.nii.gz --images "
+    "unlabelled/ --out pseudo/": "needs an atlas and a folder of images (10-60 s per registration); "
+    "tests/warpseg/test_pseudolabel.py runs it at small size",
+    "regseg segment --model warpseg-prostate --mri case.nii.gz --out case_labels.nii.gz": "would "
+    "overwrite the scenario's true case_labels.nii.gz; tests/warpseg/test_engine_cli.py and "
+    "test_segment_stream_e2e.py run it on a held-out phantom",
+    "regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --source "
+    "igtl://plus-host:18944": PEER,
+    "regseg train warpseg --out models/weights --minutes 58 --atlases 4 --unlabelled 12": TRAINING,
+    "regseg train warpseg --out models/weights --minutes 58 --atlases 4 --unlabelled 12 "
+    "--single-decoder": TRAINING,
+    "flock /tmp/regseg-cpu.lock python bench/warpseg.py --quick --json "
+    "bench/results/warpseg_quick.json": BENCH,
     "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
     "--rdzv-id reg1 -m regseg.batch register /shared/pairs.csv --out /shared/out --device cuda":
         MULTI_NODE,
