@@ -38,7 +38,7 @@ def add_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="eager", help="engine backend (default eager)")
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads (default: as `regseg register`)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {"atlas": str(args.atlas), "atlas_labels": str(args.atlas_labels),
             "weights": str(args.weights), "refine": args.refine,
             "interpolation": args.interpolation, "roi_margin_mm": margin}
-    bar = tqdm(total=len(images), desc="pseudolabel", unit="image", disable=args.quiet)
+    bar = tqdm(total=len(images), desc="pseudolabel", unit="image", disable=args.no_progress)
     skipped = []
 
     def done(stem: str, was_skipped: bool) -> None:

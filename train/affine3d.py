@@ -45,6 +45,7 @@ from regseg.models.reg_losses import mind_loss
 from regseg.sim import mni
 from regseg.sim.phantom import random_rotation, smooth_noise
 from regseg.train.distributed import unwrap, wrap
+from regseg.train.recipe_args import add_run_options
 from regseg.train.resume import load_state, save_state, state_path
 
 NAME = "affine3d"
@@ -192,8 +193,6 @@ def add_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--minutes", type=float_at_least(0.05), default=20.0,
                    help="wall-time budget of the optimisation (default 20)")
-    p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help="stop after this many steps (default: fill --minutes)")
     p.add_argument("--batch-size", type=int_at_least(1), default=4,
                    help="pairs per step, the global batch under torchrun (default 4)")
     p.add_argument("--lr", type=float_at_least(0.0), default=2e-3,
@@ -209,13 +208,7 @@ def add_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-pairs", type=int_at_least(0), default=8,
                    help="validation pairs (generator streams 20000..; default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and training pairs")
-    p.add_argument("--threads", type=int_at_least(1), default=1,
-                   help="torch CPU threads per rank (default 1)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last state (same options)")
-    p.add_argument("--checkpoint-every", type=int_at_least(0), default=50,
-                   help="steps between resumable states (default 50; 0: at the end)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, threads=1, checkpoint_every=50)
     p.set_defaults(func=run)
 
 

@@ -32,6 +32,7 @@ from regseg.models.warpseg import WarpSeg, WarpSegConfig, warpseg_loss
 from regseg.train import resume as resume_state
 from regseg.train.distributed import main_first, unwrap, wrap
 from regseg.train.plcreg_recipe import StepProgress, recent_losses, save_curves, take_step
+from regseg.train.recipe_args import add_run_options
 from regseg.train.warpseg_data import (
     PROSTATE_CONFIG,
     PSEUDO_SETS,
@@ -255,15 +256,7 @@ def add_cli(p: argparse.ArgumentParser) -> None:
                    help="seed of the initial weights, batches and augmentation (default 0)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help=f"phantoms and pseudo-labels cache (default {DEFAULT_CACHE})")
-    p.add_argument("--threads", type=int_at_least(1), default=1,
-                   help="torch CPU threads per rank (default 1)")
-    p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help="stop after this many steps (default: fill --minutes)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last state (same options)")
-    p.add_argument("--checkpoint-every", type=int_at_least(0), default=50,
-                   help="steps between resumable states (default 50; 0: none)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_options(p, threads=1, checkpoint_every=50)
     p.set_defaults(func=run)
 
 
@@ -273,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         args.out, minutes=args.minutes, atlases=args.atlases, unlabelled=args.unlabelled,
         refine=args.refine, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         single_decoder=args.single_decoder, cache=args.cache, threads=args.threads,
-        progress=not args.quiet, steps=args.steps, resume=args.resume,
+        progress=not args.no_progress, steps=args.steps, resume=args.resume,
         checkpoint_every=args.checkpoint_every, task=args.task)
     if summary is None:
         return 0

@@ -14,7 +14,7 @@ from regseg.registration_metrics import dice_per_label
 from regseg.sim.phantom import make_phantom
 
 SPACING_MM = 1.6  # small phantoms: 56 x 56 x 50 voxels, a registration takes a few seconds
-FAST = ["--refine", "0", "--affine-iterations", "30", "--threads", "1", "--quiet"]
+FAST = ["--refine", "0", "--affine-iterations", "30", "--threads", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
