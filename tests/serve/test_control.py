@@ -17,6 +17,7 @@ from regseg.stream.igtl.sim_server import SimIgtlServer
 from regseg.stream.serve.config import ServeConfig
 from regseg.stream.serve.control import control_app
 from regseg.stream.serve.server import ServeSessions
+from regseg.stream.serve.session import RECENT_S
 from regseg.stream.web.server import AppLoop
 
 FAST = {"deformable": "off", "refine-iterations": 1, "temporal-filter": "off"}
@@ -81,6 +82,9 @@ def test_control_add_list_remove_and_a_dead_source(tmp_path):
         a_frames, b_frames = frames("a"), frames("b")
         wait_for(lambda: frames("b") >= b_frames + 3, 120, "b going on after a's source died")
         assert frames("a") == a_frames
+        # the live fps is over the last RECENT_S s: once they pass without a result it is 0
+        wait_for(lambda: sessions.get("a").recent_fps() == 0.0, RECENT_S + 10,
+                 "a's live fps falling to 0 after its source died")
         status, listed = request("GET", base)
         assert status == 200
         live = {s["name"]: s for s in listed["sessions"]}
