@@ -4,10 +4,11 @@ Methods (one engine, ``method=``):
 
 - ``vote``: majority (plurality) vote of the atlases' hard labels; ties go to the lower label.
 - ``jlf``: joint label fusion (Wang, Suh, Das, Pluta, Craige, Yushkevich, TPAMI 35(3) 2013), our
-  own vectorised torch code: at voxel x, with d_i(y) = |A_i(y) - T(y)| over the patch N(x) of
-  radius ``radius`` (each patch z-scored first, as antsJointFusion does),
-  M_x(i, j) = (mean_y d_i(y) d_j(y))^beta; the weights solve (M_x + alpha I) w = 1, normalised
-  to sum 1. No local search (the atlases arrive registered). Solved only where the atlases'
+  own vectorised torch code (engines/jlf.py): weights from the atlas errors' correlation over a
+  patch, M_x(i, j) = (mean_y d_i(y) d_j(y))^beta, (M_x + alpha I) w = 1. The error d_i is, by
+  default (``jlf_features="mind"``), the difference of MIND descriptors of atlas and target
+  (modality-independent: MRI atlases on a TRUS target), or (``"intensity"``) of the z-scored
+  intensities, as antsJointFusion (same-modality atlases). Solved only where the atlases'
   labels disagree (elsewhere every weighting gives the same label): weights 1/N there.
 - ``simnet``: per-voxel weights S_i(x) from SimNet (models/simnet.py), normalised over atlases.
 - ``staple``: SimpleITK ``MultiLabelSTAPLE`` on the hard labels (the classical reference;
@@ -31,9 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from regseg.engines.jlf import DEFAULTS as JLF_DEFAULTS
+from regseg.engines.jlf import FEATURES as JLF_FEATURES
+from regseg.engines.jlf import jlf_mind_weights, jlf_weights
 from regseg.errors import EngineError, InputError
 
 METHODS = ("vote", "jlf", "simnet", "staple")
+__all__ = ["METHODS", "JLF_FEATURES", "FusionResult", "LabelFusionEngine", "jlf_mind_weights",
+           "jlf_weights", "simnet_inputs"]
 
 
 @dataclass
@@ -77,55 +83,6 @@ def majority_vote(onehot: Tensor) -> tuple[Tensor, Tensor]:
     return votes.mean(0), weights
 
 
-def _patch_offsets(radius: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    r = torch.arange(-radius, radius + 1, device=device)
-    dz, dy, dx = torch.meshgrid(r, r, r, indexing="ij")
-    padded = [s + 2 * radius for s in shape]
-    return ((dz * padded[1] + dy) * padded[2] + dx).reshape(-1)
-
-
-def jlf_weights(target: Tensor, images: Tensor, where: Tensor, *, radius: int = 2,
-                alpha: float = 0.1, beta: float = 2.0, chunk: int = 8192) -> Tensor:
-    """Joint-label-fusion weights (N, *S) (module docstring); 1/N outside ``where``.
-
-    Args:
-        target: (D, H, W) target image; images: (N, D, H, W) registered atlas images.
-        where: (D, H, W) bool, the voxels to solve (the contested ones).
-        radius: patch radius in voxels (patch (2r+1)^3); alpha: ridge on M's diagonal;
-        beta: exponent on the pairwise error products; chunk: voxels solved at once (memory).
-    """
-    n = images.shape[0]
-    shape = tuple(target.shape)
-    weights = torch.full((n, *shape), 1.0 / n, dtype=torch.float32, device=target.device)
-    idx = where.reshape(-1).nonzero().squeeze(1)
-    if idx.numel() == 0:
-        return weights
-    pad = (radius,) * 6
-    t_pad = F.pad(target[None, None].float(), pad, mode="replicate").reshape(-1)
-    a_pad = F.pad(images[:, None].float(), pad, mode="replicate").reshape(n, -1)
-    offsets = _patch_offsets(radius, shape, target.device)
-    d, h, w = shape
-    z, rem = idx // (h * w), idx % (h * w)
-    y, x = rem // w, rem % w
-    centre = ((z + radius) * (h + 2 * radius) + (y + radius)) * (w + 2 * radius) + (x + radius)
-    flat = weights.reshape(n, -1)
-    eye = alpha * torch.eye(n, device=target.device)
-    ones = torch.ones(n, 1, device=target.device)
-    for start in range(0, idx.numel(), chunk):
-        sites = centre[start:start + chunk, None] + offsets  # (m, P)
-        t = _zscore(t_pad[sites])  # (m, P)
-        a = _zscore(a_pad[:, sites])  # (N, m, P)
-        diff = (a - t).abs().transpose(0, 1)  # (m, N, P)
-        m = (diff @ diff.transpose(1, 2) / diff.shape[-1]).pow(beta) + eye
-        sol = torch.linalg.solve(m, ones.expand(m.shape[0], n, 1))[..., 0]  # (m, N)
-        flat[:, idx[start:start + chunk]] = (sol / sol.sum(1, keepdim=True)).T
-    return weights
-
-
-def _zscore(p: Tensor) -> Tensor:
-    return (p - p.mean(-1, keepdim=True)) / p.std(-1, keepdim=True).clamp_min(1e-6)
-
-
 def staple(onehot: Tensor) -> tuple[Tensor, np.ndarray]:
     """SimpleITK MultiLabelSTAPLE: (one-hot probabilities (C, *S), per-atlas performance (N,)).
 
@@ -164,15 +121,18 @@ class LabelFusionEngine:
     Args:
         method: one of :data:`METHODS`.
         device: ``cpu`` or ``cuda[:N]`` (vote, jlf, simnet run there; staple runs on CPU).
-        radius, alpha, beta: JLF patch radius (voxels), ridge and exponent (antsJointFusion's
-            defaults: 2, 0.1, 2).
+        jlf_features: what JLF's atlas error compares, ``mind`` (default; across modalities)
+            or ``intensity`` (same modality); see engines/jlf.py.
+        radius, alpha, beta: JLF patch radius (voxels), ridge and exponent (default: the
+            feature's ``engines.jlf.DEFAULTS``).
         simnet_weights: checkpoint path, registered name (default the shipped ``simnet``) or
             a SimNet module (training validates with it).
         backend: the Engine backend for SimNet (``eager`` default; see make_engine).
     """
 
     def __init__(self, method: str = "jlf", *, device: str | torch.device = "cpu",
-                 radius: int = 2, alpha: float = 0.1, beta: float = 2.0,
+                 jlf_features: str = "mind", radius: int | None = None,
+                 alpha: float | None = None, beta: float | None = None,
                  simnet_weights: str | Path | torch.nn.Module = "simnet",
                  backend: str = "eager") -> None:
         if method not in METHODS:
@@ -181,7 +141,13 @@ class LabelFusionEngine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError(f"device {self.device}: CUDA is not available here; use cpu")
-        self.radius, self.alpha, self.beta = int(radius), float(alpha), float(beta)
+        if jlf_features not in JLF_FEATURES:
+            raise InputError(f"JLF features {jlf_features!r}: choose one of {list(JLF_FEATURES)}")
+        self.jlf_features = jlf_features
+        r0, a0, b0 = JLF_DEFAULTS[jlf_features]
+        self.radius = int(r0 if radius is None else radius)
+        self.alpha = float(a0 if alpha is None else alpha)
+        self.beta = float(b0 if beta is None else beta)
         self._simnet = None
         if method == "simnet":
             from regseg.engines.base import make_engine
@@ -209,8 +175,9 @@ class LabelFusionEngine:
         if self.method == "vote":
             probs, weights = majority_vote(onehot_t)
         elif self.method == "jlf":
-            weights = jlf_weights(target_t, images_t, where, radius=self.radius,
-                                  alpha=self.alpha, beta=self.beta)
+            solve = jlf_mind_weights if self.jlf_features == "mind" else jlf_weights
+            weights = solve(target_t, images_t, where, radius=self.radius, alpha=self.alpha,
+                            beta=self.beta)
             probs = weighted_vote(onehot_t, weights)
         elif self.method == "simnet":
             weights = self.simnet_weights(target_t, images_t, onehot_t)
@@ -228,7 +195,14 @@ class LabelFusionEngine:
         return FusionResult(labels=labels, probabilities=probs.cpu().numpy().astype(np.float32),
                             atlas_weights=np.asarray(atlas_weights, np.float64),
                             contested_fraction=float(where.float().mean()),
-                            seconds=time.perf_counter() - t0, info={"method": self.method})
+                            seconds=time.perf_counter() - t0, info=self.info())
+
+    def info(self) -> dict:
+        """The method and, for JLF, its features and parameters (for reports)."""
+        if self.method != "jlf":
+            return {"method": self.method}
+        return {"method": self.method, "jlf_features": self.jlf_features,
+                "radius": self.radius, "alpha": self.alpha, "beta": self.beta}
 
     @torch.inference_mode()
     def simnet_weights(self, target: Tensor, images: Tensor, onehot: Tensor) -> Tensor:

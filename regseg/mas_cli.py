@@ -27,6 +27,10 @@ def add_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, default="simnet",
                    help="label fusion: simnet (learned per-voxel weights, default), jlf (joint "
                    "label fusion), vote (majority), staple (SimpleITK MultiLabelSTAPLE)")
+    p.add_argument("--jlf-features", choices=("mind", "intensity"), default="mind",
+                   help="with --method jlf: the atlas error JLF correlates, mind (MIND "
+                   "descriptors, modality-independent: atlases of another modality, default) "
+                   "or intensity (z-scored intensities, antsJointFusion: same-modality atlases)")
     p.add_argument("--registration", choices=("affine", "biregnet"), default="affine",
                    help="atlas-to-target registration: affine (MIND, default: what the shipped "
                    "SimNet was trained on) or biregnet (affine + BiRegNet deformable)")
@@ -84,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     target = load_mri(args.target)
     truth = load_label_map(args.truth, target, "truth label") if args.truth else None
     atlases = mas.load_atlases(entries)
-    fusion = LabelFusionEngine(args.method, device=args.device)
+    fusion = LabelFusionEngine(args.method, device=args.device,
+                               jlf_features=args.jlf_features)
     bar = None if args.no_progress else (
         lambda items: tqdm(items, desc=f"register {len(items)} atlases", unit="atlas"))
     result = mas.segment_target(target, atlases, registration=args.registration,
@@ -93,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
                                 target_offset_mm=tuple(args.target_offset_mm), progress=bar)
     report = mas.make_report(result, args.method, args.registration, truth)
     report |= {"target": str(args.target), "atlas_source": str(args.atlases),
+               "fusion": fusion.info(),
                "initial": args.initial, "target_offset_mm": list(args.target_offset_mm)}
     paths = mas.write_outputs(out, result, report)
     metrics = report.get("metrics", {})

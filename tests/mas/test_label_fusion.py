@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from regseg.engines.label_fusion import LabelFusionEngine, jlf_weights
+from regseg.engines.label_fusion import LabelFusionEngine, jlf_mind_weights, jlf_weights
 from regseg.errors import InputError
 
 SHAPE = (12, 12, 12)
@@ -59,7 +59,8 @@ def test_one_corrupted_atlas_is_outvoted(method):
         assert out.atlas_weights.argmin() == 3
 
 
-def test_jlf_downweights_the_atlas_whose_intensities_disagree():
+@pytest.mark.parametrize("features", ["mind", "intensity"])
+def test_jlf_downweights_the_atlas_whose_image_disagrees(features):
     """Two atlases tie on the labels; JLF must pick the one whose image matches the target."""
     rng = np.random.default_rng(2)
     truth = _truth()
@@ -67,22 +68,48 @@ def test_jlf_downweights_the_atlas_whose_intensities_disagree():
     target = _image(truth, rng)
     images = np.stack([_image(truth, rng), _image(wrong, rng)])
     onehot = np.stack([_onehot(truth), _onehot(wrong)])
-    fused = LabelFusionEngine("jlf")(target, images, onehot)
+    fused = LabelFusionEngine("jlf", jlf_features=features)(target, images, onehot)
     assert fused.atlas_weights[0] > 0.7 > fused.atlas_weights[1]
     assert _dice(fused.labels, truth) > 0.97
     vote = LabelFusionEngine("vote")(target, images, onehot)  # a tie: no image, no answer
     assert _dice(vote.labels, truth) < _dice(fused.labels, truth)
 
 
-def test_jlf_weights_sum_to_one_per_voxel():
+@pytest.mark.parametrize("solve", [jlf_weights, jlf_mind_weights])
+def test_jlf_weights_sum_to_one_per_voxel(solve):
     rng = np.random.default_rng(3)
     target = torch.from_numpy(rng.standard_normal(SHAPE).astype(np.float32))
     images = torch.from_numpy(rng.standard_normal((5, *SHAPE)).astype(np.float32))
     where = torch.from_numpy(rng.random(SHAPE) < 0.3)
-    w = jlf_weights(target, images, where, radius=1)
+    w = solve(target, images, where, radius=1)
     torch.testing.assert_close(w.sum(0), torch.ones(SHAPE), atol=1e-4, rtol=0)
     assert torch.allclose(w[:, ~where], torch.full_like(w[:, ~where], 0.2))
     assert not torch.allclose(w[:, where], torch.full_like(w[:, where], 0.2))
+
+
+def test_mind_jlf_trusts_structure_not_intensity():
+    """Cross-modality: the right atlas shows the target's anatomy in inverted contrast (another
+    modality), the wrong one shows a shifted anatomy in the target's own contrast. The labels
+    tie; intensity JLF follows the intensities to the wrong atlas, MIND JLF follows the
+    structure to the right one."""
+    rng = np.random.default_rng(5)
+    truth = np.zeros((16, 16, 16), np.int64)
+    truth[4:12, 4:12, 4:12] = 1
+    wrong = np.roll(truth, 3, axis=2)
+
+    def img(labels, contrast):
+        return (contrast * labels + 0.05 * rng.standard_normal(labels.shape)).astype(np.float32)
+
+    target = img(truth, 1.0)
+    images = np.stack([img(truth, -1.0), img(wrong, 1.0)])  # right (inverted), wrong (same)
+    onehot = np.stack([_onehot(truth, 2), _onehot(wrong, 2)])
+    mind = LabelFusionEngine("jlf", jlf_features="mind")(target, images, onehot)
+    inten = LabelFusionEngine("jlf", jlf_features="intensity")(target, images, onehot)
+    assert mind.atlas_weights[0] > 0.6 > mind.atlas_weights[1]
+    assert inten.atlas_weights[1] > inten.atlas_weights[0]  # the failure MIND fixes
+    assert _dice(mind.labels, truth) > 0.95
+    assert _dice(inten.labels, truth) < _dice(mind.labels, truth) - 0.05
+    assert mind.info["jlf_features"] == "mind"
 
 
 def test_bad_shapes_are_clear_errors():
@@ -91,6 +118,8 @@ def test_bad_shapes_are_clear_errors():
         engine(np.zeros(SHAPE), np.zeros((2, 4, 4, 4)), np.zeros((2, 3, *SHAPE)))
     with pytest.raises(InputError, match="choose one of"):
         LabelFusionEngine("best")
+    with pytest.raises(InputError, match="JLF features 'sift'"):
+        LabelFusionEngine("jlf", jlf_features="sift")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -74,6 +74,9 @@ BAD = [
                        "--out", "D/a_file"], ["a_file", "folder"]),
     ("bad method", ["--atlases", "D/atlases", "--target", "D/target.nii.gz", "--out", "OUT",
                     "--method", "best"], ["--method"]),
+    ("bad jlf features", ["--atlases", "D/atlases", "--target", "D/target.nii.gz", "--out",
+                          "OUT", "--method", "jlf", "--jlf-features", "sift"],
+     ["--jlf-features", "sift"]),
 ]
 
 
@@ -122,12 +125,8 @@ def test_brain_variant_end_to_end(tmp_path, capsys):
     assert (out / "atlas_weights.csv").read_text().startswith("atlas,mean_weight")
 
 
-def test_run_case_plumbing_with_a_stand_in_registration(inputs, tmp_path, monkeypatch):
-    """The batch job's path (load_case -> compute_case -> write_case) on atlases already on the
-    target grid; the registration is replaced by identity resampling (the real one is
-    regseg.crossmodal's, tested by its owner and by the slow end-to-end test)."""
+def _identity_registration(monkeypatch):
     import regseg.crossmodal as crossmodal
-    from regseg.mas import run_case
 
     def identity(moving, moving_labels, fixed, *, n_classes, **_):
         onehot = np.eye(n_classes, dtype=np.float32)[moving_labels.data].transpose(3, 0, 1, 2)
@@ -135,6 +134,31 @@ def test_run_case_plumbing_with_a_stand_in_registration(inputs, tmp_path, monkey
                                            None, 0.01)
 
     monkeypatch.setattr(crossmodal, "register_cross_modal", identity)
+
+
+@pytest.mark.parametrize("features", ["mind", "intensity"])
+def test_cli_jlf_features_reach_the_engine(inputs, tmp_path, monkeypatch, capsys, features):
+    """`regseg mas --method jlf --jlf-features F` fuses with F's JLF and says so in the report
+    (registration replaced by identity resampling, as below)."""
+    _identity_registration(monkeypatch)
+    out = tmp_path / "out"
+    code = main(["mas", "--atlases", str(inputs / "atlases"), "--target",
+                 str(inputs / "target.nii.gz"), "--method", "jlf", "--jlf-features", features,
+                 "--initial", "identity", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "jlf"
+    assert report["fusion"]["jlf_features"] == features
+    assert report["fusion"]["radius"] >= 1
+
+
+def test_run_case_plumbing_with_a_stand_in_registration(inputs, tmp_path, monkeypatch):
+    """The batch job's path (load_case -> compute_case -> write_case) on atlases already on the
+    target grid; the registration is replaced by identity resampling (the real one is
+    regseg.crossmodal's, tested by its owner and by the slow end-to-end test)."""
+    from regseg.mas import run_case
+
+    _identity_registration(monkeypatch)
     truth = inputs / "atlases" / "a1_labels.nii.gz"
     report = run_case({"target": str(inputs / "target.nii.gz"),
                        "atlases": str(inputs / "atlases"), "truth": str(truth)}, tmp_path / "c",
