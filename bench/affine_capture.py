@@ -187,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
                 f.write("\n")
         return 0
     result = run(args.pairs, 20_000 if args.validation else 10_000, args.weights)
+    from common import load_average
+
     from regseg.machine import machine_name, utc_now
 
     result.update({"command": " ".join(["python", "bench/affine_capture.py",
                                         *(argv if argv is not None else sys.argv[1:])]),
-                   "machine": machine_name(), "date": utc_now(), "threads": args.threads,
+                   "machine": machine_name(), "date": utc_now(),
+                   "load_average": load_average(), "threads": args.threads,
                    "pairs": args.pairs, "wall_s": time.perf_counter() - t0,
                    "streams": f"[{20_000 if args.validation else 10_000} + n, level, 318]"})
     print_table(result)

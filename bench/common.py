@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -68,6 +69,18 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, st
         print("  ".join(cells))
 
 
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages now (None where the OS has none).
+
+    Written with every result, so a timing taken while other jobs shared the cores says so: on
+    this 2-core machine a load of 4 roughly doubles every wall time.
+    """
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def write_json(path: str | Path, bench: str, rows: list[dict[str, Any]],
                argv: list[str] | None = None, **meta: Any) -> None:
     """``{"bench", "command", "results": rows, **meta}`` with NaN written as null.
@@ -86,8 +99,8 @@ def write_json(path: str | Path, bench: str, rows: list[dict[str, Any]],
 
     command = " ".join(["python", f"bench/{bench}.py", *(argv or sys.argv[1:])])
     out = {"bench": bench, "command": command, "machine": machine_name(), "date": utc_now(),
-           "python": platform.python_version(), "torch": torch.__version__, **meta,
-           "results": rows}
+           "load_average": load_average(), "python": platform.python_version(),
+           "torch": torch.__version__, **meta, "results": rows}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(clean(out), indent=2) + "\n")
     print(f"wrote {path}")

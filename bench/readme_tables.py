@@ -12,15 +12,18 @@ A generated table sits between two markers in the Markdown::
   ``results``, what ``bench/common.write_json`` writes), to an object of objects (a row per key,
   the key as ``name``), or ``.`` for the whole file as one row (a ``--stats-json`` summary).
 - ``cols``: ``|``-separated ``key=header[:format]``; a key may be dotted into nested objects
-  (``latency_ms.p50``). ``label=TEXT`` in ``labels`` (``|``-separated, one per file) adds a first
-  column naming each file's rows.
+  (``latency_ms.p50``); a key starting with ``/`` is a path from the file's top in which
+  ``{name}`` stands for the row's name (``/seconds_per_volume.{name}``). ``label=TEXT`` in
+  ``labels`` (``|``-separated, one per file) adds a first column naming each file's rows.
+- ``meta``: optional dotted key path to the object holding ``machine``, ``date`` and ``command``
+  when they are not at the top (a weights JSON's calibration section, say).
 - ``where``: optional ``key=value`` / ``key!=value`` filters (``,``-separated) on the rows.
 
 Below each table the script writes which machine, when and by what command each source was
-measured (the JSON's ``machine``, ``date`` and ``command``, which ``bench/common.write_json``
-records), so a reader can tell a stale table from a fresh one. ``--check`` exits 1 if the README
-differs from what the JSON gives (a test runs it), so a number typed into a generated table is
-caught.
+measured (the JSON's ``machine``, ``date``, ``load_average`` and ``command``, which
+``bench/common.write_json`` records), so a reader can tell a stale table from a fresh one.
+``--check`` exits 1 if the README differs from what the JSON gives (a test runs it), so a number
+typed into a generated table is caught.
 
     python bench/readme_tables.py README.md            # rewrite the tables in place
     python bench/readme_tables.py README.md --check    # exit 1 if any table is out of date
@@ -71,6 +74,15 @@ def dig(obj: Any, path: str) -> Any:
         else:
             return None
     return obj
+
+
+def lookup(data: Any, row: dict, key: str) -> Any:
+    """A column's value: ``key`` dotted into the row, or, starting with ``/``, into the whole file
+    with ``{name}`` replaced by the row's name (``/hd95_mm.{name}``: results a bench keyed by
+    method in several objects)."""
+    if key.startswith("/"):
+        return dig(data, key[1:].replace("{name}", str(row.get("name"))))
+    return dig(row, key)
 
 
 def cell(value: Any, spec: str) -> str:
@@ -124,13 +136,19 @@ def render(attrs: dict[str, str], root: Path = ROOT) -> str:
             raise TableError(f"{src}: rows={attrs.get('rows', 'results')!r} is not a list of "
                              "objects in it")
         for row in (r for r in rows if _matches(r, attrs.get("where", ""))):
-            cells = ([labels[n].strip()] if labels else []) + [cell(dig(row, k), f)
+            cells = ([labels[n].strip()] if labels else []) + [cell(lookup(data, row, k), f)
                                                                for k, _, f in cols]
             lines.append("| " + " | ".join(cells) + " |")
-        machine = data.get("machine") or "machine not recorded"
-        date = data.get("date") or "date not recorded"
-        command = data.get("command")
-        notes.append(f"`{src}`: {machine}, {date}" + (f", `{command}`" if command else ""))
+        meta = dig(data, attrs.get("meta", "."))
+        meta = meta if isinstance(meta, dict) else {}
+        machine = meta.get("machine") or "machine not recorded"
+        date = meta.get("date") or "date not recorded"
+        command = meta.get("command")
+        load = meta.get("load_average")
+        load_text = (f", load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+                     "(1 / 5 / 15 min)" if isinstance(load, list) and len(load) == 3 else "")
+        notes.append(f"`{src}`: {machine}, {date}{load_text}"
+                     + (f", `{command}`" if command else ""))
     return "\n".join(lines) + "\n\n" + "".join(f"<sub>{n}</sub><br>\n" for n in notes)
 
 

@@ -40,8 +40,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_average  # noqa: E402
 from segmentation_trust import trust_rows, trust_summary  # noqa: E402
 
+from regseg.machine import machine_name, utc_now  # noqa: E402
 from regseg.models.registry import WEIGHTS_DIR, load_model  # noqa: E402
 from regseg.registration_metrics import hd95_mm  # noqa: E402
 from regseg.train.ascseg import dice_scores, load_net, segmenter_inputs  # noqa: E402
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                  "frames_per_level": args.trust_frames, **trust_summary(rows), "rows": rows}
     report = {
         "command": shlex.join(["python", "bench/segmentation.py", *argv]),
+        "machine": machine_name(), "date": utc_now(), "load_average": load_average(),
         "frames": frames_used, "level_mm_deg": args.level, "size": size,
         "dice": pooled, "dice_by_family": dice, "hd95_px_by_family": hd95,
         "ms_per_frame": ms, "onnx_parity_max_abs": parity, "cost": cost,

@@ -31,9 +31,11 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import torch
+from common import load_average
 
 from regseg import metrics, spatial
 from regseg.engines.fusion import FusionEngine
+from regseg.machine import machine_name, utc_now
 from regseg.sim.phantom import make_phantom
 from regseg.sim.scanner import SimulatedScanner
 from regseg.stream.build import build_default_capture
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phantom {seed} done ({time.monotonic() - t0:.0f} s)", flush=True)
     summary = {
         "command": shlex.join(["python", "bench/trust.py", *(argv or sys.argv[1:])]),
+        "machine": machine_name(), "date": utc_now(), "load_average": load_average(),
         "family": args.family, "seeds": args.seeds, "deformable": args.deformable,
         "quality_weights": args.quality_weights, "deformable_weights": args.deformable_weights,
         "threshold_mm": pipeline.quality.threshold_mm,

@@ -170,7 +170,7 @@ MARKED = {
     "regseg train ascseg --out runs/ascseg --minutes 62": TRAINING,
     "regseg train ascseg --arch monai_unet --out runs/ascseg --minutes 40": TRAINING,
     "regseg train ascseg --arch monai_unetr --out runs/ascseg --minutes 40": TRAINING,
-    "python bench/segmentation.py --quick --json out/bench_segmentation_quick.json": BENCH,
+    "python bench/segmentation.py --quick --json bench/results/segmentation_quick.json": BENCH,
 }
 
 CASE = "--mri case.nii.gz --mri-labels case_labels.nii.gz"

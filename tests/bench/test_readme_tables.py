@@ -76,3 +76,42 @@ def test_a_pipe_in_a_value_stays_inside_its_cell(tree):
                                     '<!-- /table -->', tree)
     row = next(line for line in text.splitlines() if "lag error" in line)
     assert row == "| \\|lag error\\| ms |"  # an escaped pipe: still one cell
+
+
+def test_the_load_average_a_json_records_is_shown_with_its_table(tree):
+    data = json.loads((tree / "r" / "a.json").read_text())
+    data["load_average"] = [3.94, 2.5, 1.04]
+    (tree / "r" / "a.json").write_text(json.dumps(data))
+    text = readme_tables.regenerate(MARKER + "<!-- /table -->\n", tree)
+    assert ("`r/a.json`: CPU X (2 cores), 2026-11-30 15:00 UTC, load average 3.9 / 2.5 / 1.0 "
+            "(1 / 5 / 15 min), `python bench/x.py --a`") in text
+    assert "`r/b.json`: CPU X (2 cores), 2026-11-30 15:00 UTC, `python" in text  # none recorded
+
+
+def test_write_json_records_the_load_average(tmp_path):
+    import common
+
+    common.write_json(tmp_path / "x.json", "x", [{"name": "a"}], argv=[])
+    load = json.loads((tmp_path / "x.json").read_text())["load_average"]
+    assert isinstance(load, list) and len(load) == 3 and all(v >= 0 for v in load)
+
+
+def test_meta_names_where_the_provenance_is(tree):
+    (tree / "r" / "w.json").write_text(json.dumps({
+        "command": "python train.py", "cal": {"command": "python calibrate.py", "date": "D1",
+                                              "rows": {"k1": {"t": 2.5}, "k2": {"t": 1.8}}}}))
+    marker = ('<!-- table src="r/w.json" rows="cal.rows" meta="cal" '
+              'cols="name=chain | t=t:.1f" -->\n')
+    text = readme_tables.regenerate(marker + "<!-- /table -->\n", tree)
+    assert "| k1 | 2.5 |" in text and "| k2 | 1.8 |" in text
+    assert "`r/w.json`: machine not recorded, D1, `python calibrate.py`" in text
+
+
+def test_a_slash_key_reads_the_rows_method_from_another_object(tree):
+    (tree / "r" / "m.json").write_text(json.dumps({
+        "dice": {"a": {"coarse": 0.9}, "b": {"coarse": 0.8}},
+        "seconds": {"a": 1.5, "b": 40.0}}))
+    marker = ('<!-- table src="r/m.json" rows="dice" cols="name=method | coarse=Dice:.2f | '
+              '/seconds.{name}=s:.1f | /missing.{name}=x" -->\n')
+    text = readme_tables.regenerate(marker + "<!-- /table -->\n", tree)
+    assert "| a | 0.90 | 1.5 | – |" in text and "| b | 0.80 | 40.0 | – |" in text
