@@ -22,7 +22,7 @@ import numpy as np
 from regseg.errors import InputError
 from regseg.models.qualitynet import chain_key
 from regseg.stream.capture import MULTI_START_DEFAULT, REFINE_ITERATIONS
-from regseg.stream.cli import DEFORMABLE_DEFAULT
+from regseg.stream.cli_parser import DEFORMABLE_DEFAULT
 
 #: The chain ``regseg-stream`` runs without flags (its --refine-iterations, --deformable and
 #: --multi-start defaults).

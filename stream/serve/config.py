@@ -104,7 +104,7 @@ def address(text: Any, where: str) -> tuple[str, int]:
 
 
 def _stream_actions() -> dict[str, argparse.Action]:
-    from regseg.stream.cli import build_parser
+    from regseg.stream.cli_parser import build_parser
 
     return {a.option_strings[0][2:]: a for a in build_parser()._actions  # noqa: SLF001
             if a.option_strings and a.option_strings[0].startswith("--")}
@@ -144,7 +144,7 @@ def check_session(table: Any, where: str, engine: dict[str, Any] | None = None) 
     Raises:
         InputError: naming ``where``, the key, the value and what is expected.
     """
-    from regseg.stream.cli import build_parser
+    from regseg.stream.cli_parser import build_parser
     from regseg.stream.cli_args import check_args
 
     if not isinstance(table, dict):

@@ -1,0 +1,183 @@
+"""``regseg-stream``'s command line: its options, their help and defaults (no checks here).
+
+:func:`build_parser` is used by ``regseg-stream`` (``regseg.stream.cli``), by ``regseg-serve``'s
+per-session configuration and by the tests. Checks of the parsed values are in
+:mod:`regseg.stream.cli_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# Only the standard library and regseg's light modules at import time (``--help`` must not wait
+# for torch).
+from regseg.cli_checks import (
+    Once,
+    Parser,
+    float_at_least,
+    int_at_least,
+)
+
+EPILOG = """examples:
+  regseg-stream --demo --max-frames 200
+  regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz \\
+      --source igtl://plus-host:18944 --serve igtl://127.0.0.1:18945 --zmq tcp://127.0.0.1:5556
+  regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz \\
+      --source file://session.igs.mha --replay-rate recorded --record out/run.igs.mha
+"""
+
+
+#: Live deformable refinement by default: on, because on 80 held-out phantom frames it raised the
+#: registered prostate Dice 0.957 -> 0.981 and lowered TRE 0.85 -> 0.58 mm, for ~11 ms per frame
+#: on the 2-core CPU with ONNX Runtime (bench/registration.py; README "Registration (offline and
+#: deformable live)"); the whole chain then keeps a 30 fps source (bench/latency.py).
+DEFORMABLE_DEFAULT = "on"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from regseg.geometry import MAX_FRAME_PIXELS
+    from regseg.stream.capture import (
+        MULTI_START_DEFAULT,
+        REFINE_ITERATIONS,
+        TEMPORAL_FILTER_DEFAULT,
+    )
+
+    p = Parser(prog="regseg-stream", epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Live MRI-TRUS fusion: register the MRI to every ultrasound frame, "
+               "segment prostate and lesion, publish overlays.")
+    p.add_argument("--demo", action="store_true",
+                   help="simulated scanner on a generated phantom case; no files needed")
+    p.add_argument("--mri", action=Once, help="patient MRI, 3-D NIfTI (T2)")
+    p.add_argument("--mri-labels", action=Once,
+                   help="labels: 3-D NIfTI on the MRI grid: 1 prostate, 2 lesion")
+    p.add_argument("--source", action=Once, default=None,
+                   help="igtl://HOST:PORT (PLUS or scanner OpenIGTLink server), sim://[SEED] "
+                   "(simulated scanner), file://PATH (PLUS sequence file .igs.mha/.seq.nrrd ...), "
+                   "grabber://N (capture device N) or a video file path; default sim:// with "
+                   "--demo")
+    p.add_argument("--image-device", action=Once, default=None,
+                   help="IMAGE device to use (default: the first seen, e.g. Image_Reference)")
+    p.add_argument("--serve", action="append", default=None,
+                   help="OpenIGTLink server for 3D Slicer, igtl://HOST:PORT (repeatable; 'none' "
+                   "for no server; default igtl://127.0.0.1:18945 with --demo)")
+    p.add_argument("--zmq", action=Once, default=None,
+                   help="ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556 ('none' for none; default "
+                   "tcp://127.0.0.1:5556 with --demo)")
+    p.add_argument("--reference-to-mri", action=Once, default=None,
+                   help="ReferenceToMRI (initial registration): ITK .tfm/.h5 as Slicer saves it, "
+                   "PLUS .xml (Reference -> MRI) or a text file of 4 rows of 4 numbers; default "
+                   "identity")
+    cal = p.add_argument_group("calibration (regseg calibrate ...)")
+    cal.add_argument("--probe-calibration", action=Once, default=None, metavar="FILE",
+                     help="ImageToProbe (PLUS .xml, .tfm/.h5 or 4x4 .txt, pixels -> mm): pair "
+                     "IMAGEs with the probe's TRANSFORM (--probe-transform) and use "
+                     "ProbeToReference x ImageToProbe as the frame's pose (igtl:// sources)")
+    cal.add_argument("--probe-transform", action=Once, default="ProbeToTracker", metavar="NAME",
+                     help="the probe's TRANSFORM device with --probe-calibration (default "
+                     "ProbeToTracker; ProbeToReference with a reference marker)")
+    cal.add_argument("--time-offset-ms", action=Once, type=float_at_least(-5000.0, 5000.0),
+                     default=0.0, metavar="MS",
+                     help="pair an IMAGE stamped t with the pose stamped t + MS (the lag "
+                     "`regseg calibrate temporal` measures; igtl:// sources)")
+    cal.add_argument("--landmarks-mri", action=Once, default=None, metavar="FILE",
+                     help="landmarks in the MRI (.mrk.json/.fcsv); with --landmarks-reference, "
+                     "ReferenceToMRI is registered from them at start (FRE printed)")
+    cal.add_argument("--landmarks-reference", action=Once, default=None, metavar="FILE",
+                     help="the same landmarks in the tracker's Reference frame (.mrk.json/.fcsv)")
+    p.add_argument("--max-frames", action=Once, type=int_at_least(1), default=None,
+                   help="stop after this many results")
+    p.add_argument("--fps", action=Once, type=float_at_least(0.0, 1000.0), default=30.0,
+                   help="simulated scanner frame rate (0 = flat out)")
+    p.add_argument("--seed", action=Once, type=int_at_least(0), default=0,
+                   help="phantom and scanner seed for sim://")
+    p.add_argument("--device", action=Once, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--backend", action=Once, default="auto",
+                   choices=["auto", "eager", "compiled", "onnxrt", "tensorrt"],
+                   help="engine backend; auto (default) builds the candidates for the device, "
+                   "checks each against eager and takes the fastest (the choice is printed)")
+    p.add_argument("--precision", action=Once, default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="engine precision (fp16/bf16: matmuls and convolutions low, norms fp32)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA: capture the whole per-frame chain as one CUDA graph")
+    p.add_argument("--weights", action=Once, default=None,
+                   help="AlignSegNet checkpoint (default: shipped)")
+    p.add_argument("--deformable", action=Once, choices=["on", "off"], default=DEFORMABLE_DEFAULT,
+                   help="refine the affine registration with the 2-D PLCReg (default "
+                   f"{DEFORMABLE_DEFAULT}; see README 'Registration')")
+    p.add_argument("--deformable-weights", action=Once, default="plcreg2d",
+                   help="2-D PLCReg checkpoint for --deformable on (default: shipped)")
+    p.add_argument("--segmenter", action=Once, choices=["unet", "ascseg", "ascseg-trus"],
+                   default="unet",
+                   help="segmentation stage: unet (default, AlignSegNet's head), ascseg (ASC-Seg "
+                   "on the frame + registered MRI) or ascseg-trus (ASC-Seg on the frame alone: "
+                   "the disagreement flag then compares two independent views)")
+    p.add_argument("--refine-iterations", action=Once, type=int_at_least(1),
+                   default=REFINE_ITERATIONS, metavar="K",
+                   help="registrations per frame, each on the MRI resliced at the estimate so far "
+                   f"(default {REFINE_ITERATIONS}; README 'Capture range')")
+    p.add_argument("--multi-start", action=Once, choices=["on", "off"],
+                   default=MULTI_START_DEFAULT,
+                   help="register 7 start hypotheses (shifts, rotations) in one batched call and "
+                   f"keep the best (default {MULTI_START_DEFAULT})")
+    p.add_argument("--temporal-filter", action=Once, choices=["on", "off", "warm"],
+                   default=TEMPORAL_FILTER_DEFAULT,
+                   help="on: filter the correction over frames and report jump_mm; warm: also "
+                   f"start each frame from the filtered one (default {TEMPORAL_FILTER_DEFAULT})")
+    p.add_argument("--threads", action=Once, type=int_at_least(1), default=None,
+                   help="CPU threads for torch (default on CPU: 1; the per-frame glue ops are too "
+                   "small to gain from more, and two busy thread pools thrash on 2 cores)")
+    p.add_argument("--engine-threads", action=Once, type=int_at_least(1), default=None,
+                   help="threads of the engine's own pool (onnxrt); default: --threads")
+    p.add_argument("--max-frame-pixels", action=Once, type=int_at_least(64 * 64),
+                   default=MAX_FRAME_PIXELS,
+                   help="frames with more pixels are refused and counted (refused_frames."
+                   f"too_large); default {MAX_FRAME_PIXELS} = 2048x2048, 4x the largest TRUS "
+                   "frames PLUS streams; OpenIGTLink IMAGE bodies above the matching size are "
+                   "skipped unread")
+    p.add_argument("--stats-json", action=Once, default=None,
+                   help="write the exit summary here as JSON (checked writable at start)")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+    io = p.add_argument_group("interoperability and recording")
+    io.add_argument("--replay-rate", action=Once, choices=["recorded", "max"], default="recorded",
+                    help="file:// and video replay: at the recorded rate, or flat out (the "
+                    "pipeline then takes the newest frame; skips are counted)")
+    io.add_argument("--record", action=Once, default=None, metavar="PATH",
+                    help="record every incoming frame with its pose and time as a PLUS sequence "
+                    "file (.igs.mha, .seq.mha, .igs.nrrd, .seq.nrrd)")
+    io.add_argument("--record-outputs", action="store_true",
+                    help="with --record, also record labels and overlays (PATH_Labels.*, "
+                    "PATH_Overlay.*) with MRIToImage per frame")
+    io.add_argument("--grabber-crop", action=Once, default=None, metavar="X,Y,W,H",
+                    help="grabber/video: the ultrasound image inside the captured frame, pixels")
+    io.add_argument("--grabber-spacing-mm", action=Once, default="0.2,0.2", metavar="ROW,COL",
+                    help="grabber/video: pixel size of the cropped image in mm (default 0.2,0.2)")
+    io.add_argument("--pose-source", action=Once, default=None, metavar="igtl://HOST:PORT",
+                    help="grabber/video: take ImageToReference TRANSFORMs from this OpenIGTLink "
+                    "server (untracked without it)")
+    io.add_argument("--igtl-header-version", action=Once, type=int, choices=[1, 2], default=2,
+                    help="OpenIGTLink header version we send: 2 (Slicer, PLUS; metadata) or 1 "
+                    "(OpenIGTLink <= 2.x receivers such as Debian's 1.11 library)")
+    io.add_argument("--web", action=Once, default=None, metavar="HOST:PORT",
+                    help="browser view of the overlay, quality, fps and latency, e.g. "
+                    "127.0.0.1:8080 (JPEG over a WebSocket; 0.0.0.0 to reach it from a tablet)")
+    io.add_argument("--no-contours", action="store_true",
+                    help="do not send the ProstateContour/LesionContour POLYDATA outlines")
+    net = p.add_argument_group("network safeguards (OpenIGTLink server)")
+    net.add_argument("--max-clients", action=Once, type=int_at_least(1), default=8,
+                     help="clients each --serve server takes at once; more are refused and "
+                     "counted (default 8)")
+    net.add_argument("--accept-registration-from", action=Once, default=None,
+                     metavar="HOST[,HOST]",
+                     help="hosts whose MRIToReference/ReferenceToMRI TRANSFORM may change the "
+                     "registration (default: none; every such TRANSFORM is refused and logged)")
+    net.add_argument("--registration-max-jump-mm", action=Once,
+                     type=float_at_least(1e-3, 1e3), default=10.0,
+                     help="refuse a registration change moving the prostate centre further "
+                     "(default 10 mm)")
+    net.add_argument("--registration-max-jump-deg", action=Once,
+                     type=float_at_least(1e-3, 180.0), default=10.0,
+                     help="refuse a registration change turning more (default 10 degrees)")
+    net.add_argument("--allow-registration-jump", action="store_true",
+                     help="take registration changes above both limits (still logged)")
+    return p
