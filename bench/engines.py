@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     for model_name, f in model_floors.items():
         print(f"floors {model_name}: {f['gflops_per_call']} GFLOP -> {f['compute_floor_ms']} ms; "
               f"{f['mbytes_per_call']} MB -> {f['bytes_floor_ms']} ms")
-    write_json(args.json, "engines", rows, calls=calls, threads=args.threads, machine=peaks,
+    write_json(args.json, "engines", rows, calls=calls, threads=args.threads, peaks=peaks,
                floors=model_floors, accuracy_frames=n_frames,
                accuracy_rule={"min_dice_agreement": MIN_DICE_AGREEMENT,
                               "max_registration_diff_mm": MAX_REGISTRATION_DIFF_MM,

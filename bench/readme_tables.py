@@ -17,7 +17,8 @@ A generated table sits between two markers in the Markdown::
   ``labels`` (``|``-separated, one per file) adds a first column naming each file's rows.
 - ``meta``: optional dotted key path to the object holding ``machine``, ``date`` and ``command``
   when they are not at the top (a weights JSON's calibration section, say).
-- ``where``: optional ``key=value`` / ``key!=value`` filters (``,``-separated) on the rows.
+- ``where``: optional ``key=value`` / ``key!=value`` filters (``,``-separated, all must hold) on
+  the rows; ``key=a|b`` matches either value.
 
 Below each table the script writes which machine, when and by what command each source was
 measured (the JSON's ``machine``, ``date``, ``load_average`` and ``command``, which
@@ -101,7 +102,7 @@ def _matches(row: dict, where: str) -> bool:
         key, _, want = clause.partition("!=" if negate else "=")
         got = dig(row, key.strip())
         text = json.dumps(got) if isinstance(got, bool) else str(got)
-        if (text == want.strip()) == negate:
+        if (text in [w.strip() for w in want.split("|")]) == negate:
             return False
     return True
 

@@ -115,3 +115,12 @@ def test_a_slash_key_reads_the_rows_method_from_another_object(tree):
               '/seconds.{name}=s:.1f | /missing.{name}=x" -->\n')
     text = readme_tables.regenerate(marker + "<!-- /table -->\n", tree)
     assert "| a | 0.90 | 1.5 | – |" in text and "| b | 0.80 | 40.0 | – |" in text
+
+
+def test_where_takes_alternatives(tree):
+    marker = ('<!-- table src="r/a.json" where="name=fast|full" cols="name=variant" -->\n'
+              '<!-- /table -->\n<!-- table src="r/a.json" where="name!=fast|full" '
+              'cols="name=variant" -->\n<!-- /table -->\n')
+    first, second = readme_tables.regenerate(marker, tree).split("<!-- /table -->")[:2]
+    assert "| fast |" in first and "| full |" in first
+    assert "| fast |" not in second and "| full |" not in second
