@@ -5,10 +5,16 @@ claim)."""
 from __future__ import annotations
 
 import socket
+import threading
 from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from regseg.clock import now_ns
 from regseg.stream.igtl.wire import MessageReader, WireStats
+
+if TYPE_CHECKING:
+    from pyigtl.messages import MessageBase
 
 #: A TRANSFORM body is 48 bytes (+ ~100 of v2 metadata), a STT_/GET_ body at most 8 bytes.
 DEFAULT_CLIENT_BODY_BYTES = 64 << 10
@@ -65,6 +71,49 @@ class ClientConnection:
         """Add the receive allowance earned since the last call (token bucket, burst = rate)."""
         self.recv_tokens = min(rate, self.recv_tokens + rate * (now - self.recv_refill_ns) / 1e9)
         self.recv_refill_ns = now
+
+    def read_some(self, now: int, rate: float, max_turn_bytes: int,
+                  deliver: Callable[[MessageBase, str], None]) -> None:
+        """Read what the client sent, within its allowance (at most ``max_turn_bytes`` per read);
+        hand each accepted message to ``deliver(message, peer)``. OSError (the peer closed, or is
+        out of step) propagates: the server drops the client."""
+        self.refill(now, rate)
+        before = self.wire.bytes
+        while self.recv_tokens >= 1:
+            message = self.reader.read(int(min(self.recv_tokens, max_turn_bytes)))
+            self.recv_tokens -= self.wire.bytes - before
+            before = self.wire.bytes
+            if message is None:
+                return
+            deliver(message, self.peer)
+
+    def send_some(self, lock: threading.Condition, max_turn_bytes: int) -> None:
+        """Send what the socket takes now without blocking, whole broadcasts in order, up to
+        ``max_turn_bytes`` this turn (the outbox is taken under the server's ``lock``). OSError
+        other than would-block propagates: the server drops the client."""
+        sent_bytes = 0
+        try:
+            while sent_bytes < max_turn_bytes:
+                if not self.sending:
+                    with lock:
+                        if not self.outbox:
+                            return
+                        group = self.outbox.popleft()
+                        self.outbox_bytes -= sum(len(m) for m in group)
+                    self.sending.extend(memoryview(m) for m in group)
+                view = self.sending[0]
+                n = self.sock.send(view)
+                if n == 0:
+                    return
+                sent_bytes += n
+                self.progress_ns = now_ns()
+                if n == len(view):
+                    self.sending.popleft()
+                    self.sent += 1
+                else:
+                    self.sending[0] = view[n:]
+        except (BlockingIOError, InterruptedError):
+            return
 
     @property
     def pending(self) -> bool:

@@ -336,17 +336,8 @@ class IgtlServer:
         """Read what the client sent, within its rate; hand accepted messages to on_message."""
         now = now_ns()
         rate = self.recv_bytes_per_s
-        client.refill(now, rate)
-        before = client.wire.bytes
         try:
-            while client.recv_tokens >= 1:
-                budget = int(min(client.recv_tokens, _READ_TURN_BYTES))
-                message = client.reader.read(budget)
-                client.recv_tokens -= client.wire.bytes - before
-                before = client.wire.bytes
-                if message is None:
-                    break
-                self._deliver(message, client.peer)
+            client.read_some(now, rate, _READ_TURN_BYTES, self._deliver)
         except OSError as exc:  # StreamError included: peer closed or out of step
             log.info("OpenIGTLink client %s disconnected: %s", client.peer, exc)
             self._drop(client)
@@ -372,29 +363,8 @@ class IgtlServer:
 
     def _send(self, client: ClientConnection) -> None:
         """Send what the socket takes now, without blocking; whole broadcasts in order."""
-        sent_bytes = 0
         try:
-            while sent_bytes < _SEND_TURN_BYTES:
-                if not client.sending:
-                    with self._lock:
-                        if not client.outbox:
-                            return
-                        group = client.outbox.popleft()
-                        client.outbox_bytes -= sum(len(m) for m in group)
-                    client.sending.extend(memoryview(m) for m in group)
-                view = client.sending[0]
-                n = client.sock.send(view)
-                if n == 0:
-                    return
-                sent_bytes += n
-                client.progress_ns = now_ns()
-                if n == len(view):
-                    client.sending.popleft()
-                    client.sent += 1
-                else:
-                    client.sending[0] = view[n:]
-        except (BlockingIOError, InterruptedError):
-            return
+            client.send_some(self._lock, _SEND_TURN_BYTES)
         except OSError as exc:
             self.send_failures += 1
             self._log.warning("send", f"OpenIGTLink client {client.peer}: send failed ({exc!r}); "
