@@ -46,7 +46,7 @@ from regseg.sim import mni
 from regseg.sim.phantom import random_rotation, smooth_noise
 from regseg.train.distributed import unwrap, wrap
 from regseg.train.recipe_args import add_run_options
-from regseg.train.resume import load_state, save_state, state_path
+from regseg.train.resume import Checkpointer, load_state, state_path
 
 NAME = "affine3d"
 #: Validation pairs: generator streams [VAL_SEED0 + n, 0, 0, 318], apart from training's.
@@ -247,6 +247,8 @@ def _run(args: argparse.Namespace) -> int:
                                  run_key=run_key)
         history, used = extra["history"], extra["used_s"]
     args.out.mkdir(parents=True, exist_ok=True)
+    states = Checkpointer(state_file, model=model, optimiser=optimiser, generator=gen,
+                          run_key=run_key, every=args.checkpoint_every, main=dist.main)
     bar = StepProgress(NAME, budget - used, dist.main and not args.no_progress)
     t_train = time.monotonic() - used
     while True:
@@ -274,16 +276,13 @@ def _run(args: argparse.Namespace) -> int:
         step += 1
         if dist.main:
             bar.update(step, history)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_state(state_file, model=model, optimiser=optimiser, step=step,
-                           generator=gen, run_key=run_key,
-                           extra={"history": history, "used_s": time.monotonic() - t_train})
+        states.periodic(step, lambda: {"history": history,
+                                       "used_s": time.monotonic() - t_train})
     bar.close()
     train_s = time.monotonic() - t_train
     if not dist.main:
         return 0
-    save_state(state_file, model=model, optimiser=optimiser, step=step, generator=gen,
-               run_key=run_key, extra={"history": history, "used_s": train_s})
+    states.final(step, {"history": history, "used_s": train_s})
     model = unwrap(net).cpu().eval()
     t_val = time.monotonic()
     validation = validate(model, base, args.val_pairs, moving_range) if args.val_pairs else {}

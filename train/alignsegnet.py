@@ -36,7 +36,7 @@ from regseg.train.data import (
     open_simulated_scanner,
 )
 from regseg.train.distributed import main_first, wrap
-from regseg.train.resume import load_state, save_state, state_path
+from regseg.train.resume import Checkpointer, load_state, state_path
 
 NAME = "alignsegnet"
 DEMO_SEED = 0  # the phantom `regseg-stream --demo` shows: never trained on, reported apart
@@ -206,6 +206,13 @@ def train_alignsegnet(
             print(f"resumed from {state_file} at step {step}", flush=True)
     train_end = t_train + budget_s
     t_last_val = time.monotonic()
+    states = Checkpointer(state_file, model=model, optimiser=optimiser, generator=generator,
+                          run_key=run_key, every=checkpoint_every, main=dist.main)
+
+    def state_extra(elapsed_s: float) -> dict:  # read when a state is written
+        return dict(order=order, cursor=cursor, history=history, val_history=val_history,
+                    budget_s=budget_s, compute_s=compute_s, elapsed_s=elapsed_s)
+
     bar = tqdm(desc="train", unit="step", disable=not progress, leave=False, initial=step)
     while True:
         # Progress drives the cosine schedule: by step with --steps (reproducible), else by wall
@@ -240,12 +247,7 @@ def train_alignsegnet(
         if dist.main and time.monotonic() - t_last_val > validate_every_s:
             val_history.append(_validate(model, val_set, step, history))
             t_last_val = time.monotonic()
-        if dist.main and checkpoint_every and step % checkpoint_every == 0:
-            save_state(state_file, model=model, optimiser=optimiser, step=step,
-                       generator=generator, run_key=run_key, extra=dict(
-                           order=order, cursor=cursor, history=history,
-                           val_history=val_history, budget_s=budget_s, compute_s=compute_s,
-                           elapsed_s=time.monotonic() - t_train))
+        states.periodic(step, lambda: state_extra(time.monotonic() - t_train))
     bar.close()
     train_s = time.monotonic() - t_train
     samples_per_s = step * batch_size / max(compute_s, 1e-9)
@@ -253,10 +255,7 @@ def train_alignsegnet(
         return None
     print(f"trained {step} steps in {train_s:.0f} s: {samples_per_s:.1f} samples/s "
           f"(optimisation only, {dist.world} rank(s))", flush=True)
-    save_state(state_file, model=model, optimiser=optimiser, step=step, generator=generator,
-               run_key=run_key, extra=dict(order=order, cursor=cursor, history=history,
-                                           val_history=val_history, budget_s=budget_s,
-                                           compute_s=compute_s, elapsed_s=train_s))
+    states.final(step, state_extra(train_s))
     val_history.append(_validate(model, val_set, step, history))
     held_out = {k: v for k, v in val_history[-1].items() if k != "step"}
     held_out_randomised = None

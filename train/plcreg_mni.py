@@ -28,7 +28,7 @@ from regseg.train.plcreg_recipe import (
     save_run,
     take_step,
 )
-from regseg.train.resume import load_state, save_state, state_path
+from regseg.train.resume import Checkpointer, load_state, state_path
 
 #: The 3-D offline model at the reduced MNI grid (48 x 64 x 48 voxels of 3.25 mm).
 CONFIG_3D = PLCRegConfig(ndim=3, size=(48, 64, 48), channels=(8, 16, 32, 32), heads=4,
@@ -173,6 +173,8 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
         if dist.main:
             print(f"resumed from {state_file} at step {step}", flush=True)
     dev = dist.device
+    states = Checkpointer(state_file, model=model, optimiser=optimiser, generator=gen,
+                          run_key=run_key, every=checkpoint_every, main=dist.main)
     bar = StepProgress("plcreg3d", deadline - time.monotonic(), progress)
     while True:
         now = time.monotonic()
@@ -190,16 +192,13 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
         loss, parts = _pair_losses(out, maps[i].float().to(dev), maps[j].float().to(dev), fixed,
                                    true, weights)
         step = take_step(optimiser, loss, parts, history, dist=dist, progress=bar)
-        if dist.main and checkpoint_every and step % checkpoint_every == 0:
-            save_state(state_file, model=model, optimiser=optimiser, step=step, generator=gen,
-                       run_key=run_key, extra={"history": history,
-                                               "left_s": deadline - time.monotonic()})
+        states.periodic(step, lambda: {"history": history,
+                                       "left_s": deadline - time.monotonic()})
     bar.close()
     train_s = time.monotonic() - t0 - data_s
     if not dist.main:
         return None
-    save_state(state_file, model=model, optimiser=optimiser, step=step, generator=gen,
-               run_key=run_key, extra={"history": history, "left_s": deadline - time.monotonic()})
+    states.final(step, {"history": history, "left_s": deadline - time.monotonic()})
     model = model.cpu()
     summary = {"validation": evaluate_3d(model, base, val_seeds), "pool": pool, "steps": step,
                "batch_size": batch_size, "ranks": dist.world,

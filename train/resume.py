@@ -8,6 +8,7 @@ leaves either the previous state or the new one, never half of one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,31 @@ def load_state(path: Path, *, model: nn.Module, optimiser: torch.optim.Optimizer
     optimiser.load_state_dict(state["optimiser"])
     generator.set_state(state["generator"])
     return int(state["step"]), state["extra"]
+
+
+class Checkpointer:
+    """The states one training run writes: every ``every`` steps and once at the end, rank 0 only.
+
+    A recipe's loop calls :meth:`periodic` after each optimiser step and :meth:`final` when
+    training stops, so a killed run loses at most ``every`` steps. ``extra`` is the recipe's own
+    state (batch order, history, time used); :meth:`periodic` takes it as a callable, built only
+    when a state is written.
+    """
+
+    def __init__(self, path: Path, *, model: nn.Module, optimiser: torch.optim.Optimizer,
+                 generator: torch.Generator, run_key: dict[str, Any], every: int | None,
+                 main: bool = True) -> None:
+        self.path, self.model, self.optimiser = Path(path), model, optimiser
+        self.generator, self.run_key = generator, run_key
+        self.every, self.main = int(every or 0), main
+
+    def periodic(self, step: int, extra: Callable[[], dict[str, Any]]) -> None:
+        """Write the state if ``step`` is a multiple of ``every`` (and ``every`` is set)."""
+        if self.main and self.every and step % self.every == 0:
+            self.final(step, extra())
+
+    def final(self, step: int, extra: dict[str, Any]) -> None:
+        """Write the state now (rank 0; other ranks return)."""
+        if self.main:
+            save_state(self.path, model=self.model, optimiser=self.optimiser, step=step,
+                       generator=self.generator, extra=extra, run_key=self.run_key)

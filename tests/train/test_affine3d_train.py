@@ -48,3 +48,31 @@ def test_one_step_writes_weights_and_summary(tmp_path):
     assert np.isfinite(summary["validation"]["learned_mm"])
     model = load_model(tmp_path / "affine3d.pt")
     assert model.config.size == (24, 32, 24)
+
+
+def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Stopped by an error after its step-1 state, then resumed: the same weights as 2 steps in
+    one go, and the summary counts both."""
+    import pytest
+
+    from regseg.train import affine3d
+
+    args = ["train", "affine3d", "--batch-size", "1", "--val-pairs", "0", "--no-progress",
+            "--checkpoint-every", "1", "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    real = affine3d.make_training_pair
+
+    def crash_at_step_1(base, brain, stream, *rest):
+        if stream[1] == 1:  # drawing step 1's pair: step 0 is done and its state written
+            raise RuntimeError("simulated crash")
+        return real(base, brain, stream, *rest)
+
+    monkeypatch.setattr(affine3d, "make_training_pair", crash_at_step_1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main([*args, "--out", str(tmp_path / "b")])
+    monkeypatch.setattr(affine3d, "make_training_pair", real)
+    assert main([*args, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert json.loads((tmp_path / "b" / "affine3d.json").read_text())["steps"] == 2
+    one = load_model(tmp_path / "a" / "affine3d.pt").state_dict()
+    two = load_model(tmp_path / "b" / "affine3d.pt").state_dict()
+    assert all(torch.equal(one[k], two[k]) for k in one)
