@@ -13,14 +13,17 @@ Methods, each labelling the same held-out phantoms (seeds 9000..; WarpSeg traine
 - ``single_decoder``: the hierarchy ablation ``warpseg-prostate-single`` (one decoder, plain CE +
   Dice on the same hard pseudo-labels; ``regseg train warpseg --single-decoder``).
 
-``--task brain`` runs the same four on MNI152-derived subjects 43000.. (AAL fine, lobe groups
-coarse; the atlas is the template, registered to the whole image; warpseg-brain).
+``--task brain`` runs the same four on MNI152-derived subjects 43000.. (3.25 mm grid; AAL fine,
+lobe groups coarse; WarpSeg trained on 40000.. and 41000.., validated on 42000..42003): the atlas
+is the template + AAL registered to the whole image with the brain pseudo-labels' own engine
+(regseg.train.warpseg_brain.registration_engine: learned affine + MIND steps, PLCReg 3-D, 10
+refinement steps), SimpleITK at the image's 3.25 mm, warpseg-brain and warpseg-brain-single.
 
 Scores: Dice of the coarse class (prostate) and mean Dice of the fine classes (peripheral zone,
 transition zone, lesion; NaN-free: a missed lesion counts 0), HD95 of the prostate (mm), seconds
 per volume (wall, one process; run it under ``flock /tmp/regseg-cpu.lock``).
 
-    python bench/warpseg.py [--quick] [--json F]
+    python bench/warpseg.py [--task brain] [--quick] [--cases N] [--json F]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +41,7 @@ import torch
 from common import device_name
 
 from regseg.engines.registration import RegistrationEngine
-from regseg.engines.warpseg import SHIPPED, WarpSegEngine, shipped_path
+from regseg.engines.warpseg import WarpSegEngine, shipped_path
 from regseg.imageio import Volume
 from regseg.pseudolabel import crop_to_box, label_box, pseudolabel
 from regseg.registration_metrics import dice_per_label, hd95_mm
@@ -138,17 +142,25 @@ def brain_task(n: int):
     return atlas, atlas_fine, None, seeds, cases, np.array(config.fine_groups), None
 
 
-def run(task: str, n: int, *, refine: int, sitk_iterations: int, progress: bool = True) -> dict:
-    """Every method on the held-out cases; the JSON-ready result."""
+def run(task: str, n: int, *, refine: int, sitk_iterations: int, progress: bool = True,
+        warpseg_model: str | None = None, single_model: str | None = None) -> dict:
+    """Every method on the held-out cases; the JSON-ready result. ``warpseg_model`` and
+    ``single_model``: checkpoints instead of the shipped ``warpseg-<task>`` and
+    ``warpseg-<task>-single``."""
     from tqdm import tqdm
 
     atlas, atlas_fine, margin, seeds, cases, groups, fine_names = (
         prostate_task(n) if task == "prostate" else brain_task(n))
-    registration = RegistrationEngine("plcreg3d", refine=refine)
-    warpseg = WarpSegEngine(f"warpseg-{task}", backend="auto")
-    single_name = f"warpseg-{task}-single"
+    if task == "brain":
+        from regseg.train.warpseg_brain import registration_engine
+
+        registration = registration_engine(refine)
+    else:
+        registration = RegistrationEngine("plcreg3d", refine=refine)
+    warpseg = WarpSegEngine(warpseg_model or f"warpseg-{task}", backend="auto")
+    single_name = single_model or f"warpseg-{task}-single"
     single = (WarpSegEngine(single_name, backend=warpseg.backend)
-              if single_name in SHIPPED and shipped_path(single_name).is_file() else None)
+              if shipped_path(single_name).is_file() else None)
     rows: dict[str, list[dict]] = {m: [] for m in METHODS}
     for _seed, image, truth in tqdm(cases(), total=n, desc=f"bench warpseg {task}",
                                     disable=not progress):
@@ -176,6 +188,9 @@ def run(task: str, n: int, *, refine: int, sitk_iterations: int, progress: bool 
         "machine": device_name("cpu"), "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "eval_seeds": seeds, "warpseg_backend": warpseg.backend, "refine": refine,
+        "registration": ("learned+optimise affine, PLCReg 3-D" if task == "brain"
+                         else "optimise affine, PLCReg 3-D"),
+        "load_average": [round(x, 1) for x in os.getloadavg()],
         "dice": {m: {"coarse": v["coarse"], "fine": v["fine"]} for m, v in means.items()},
         "fine_dice": ({m: {c: v[c] for c in fine_names.values()} for m, v in means.items()}
                       if fine_names else {}),
@@ -209,17 +224,29 @@ def print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 held-out cases (default 8)")
+    p.add_argument("--cases", type=int, default=None,
+                   help="held-out cases (overrides --quick's 2 and the default 8)")
+    p.add_argument("--warpseg", default=None,
+                   help="WarpSeg checkpoint instead of the shipped warpseg-<task>")
+    p.add_argument("--single", default=None,
+                   help="single-decoder checkpoint instead of the shipped warpseg-<task>-single")
     p.add_argument("--task", choices=("prostate", "brain"), default="prostate",
                    help="prostate phantoms (default) or MNI152-derived brains (AAL)")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
-    p.add_argument("--refine", type=int, default=25,
-                   help="registration refinement steps (default 25, as the pseudo-labels)")
+    p.add_argument("--refine", type=int, default=None,
+                   help="registration refinement steps (default as the pseudo-labels: prostate "
+                        "25, brain 10)")
     p.add_argument("--sitk-iterations", type=int, default=50,
                    help="SimpleITK optimiser iterations per stage (default 50)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    result = run(args.task, 2 if args.quick else 8, refine=args.refine,
-                 sitk_iterations=args.sitk_iterations)
+    if args.refine is None:
+        from regseg.train.warpseg_brain import BRAIN_REFINE
+
+        args.refine = BRAIN_REFINE if args.task == "brain" else 25
+    n = args.cases or (2 if args.quick else 8)
+    result = run(args.task, n, refine=args.refine, sitk_iterations=args.sitk_iterations,
+                 warpseg_model=args.warpseg, single_model=args.single)
     print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

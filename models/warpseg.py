@@ -212,15 +212,18 @@ def predict_labels(out: dict[str, Tensor], config: WarpSegConfig) -> tuple[Tenso
         (coarse, fine), each (B, *spatial) int64.
     """
     coarse = channel_argmax(out["coarse"])
-    groups = config.fine_groups
-    fine_logits = out["fine"]
-    best = torch.full_like(coarse, -1, dtype=fine_logits.dtype).fill_(float("-inf"))
-    fine = torch.zeros_like(coarse)
-    for k, g in enumerate(groups):  # the best fine class among those of the voxel's group
-        take = (coarse == g) & (fine_logits[:, k] > best)
-        fine.masked_fill_(take, k)
-        best = torch.where(take, fine_logits[:, k], best)
-    return coarse, fine
+    groups = torch.as_tensor(config.fine_groups, device=coarse.device)
+    logits = out["fine"].flatten(2)  # (B, Kf, N)
+    fine = torch.zeros_like(coarse).flatten(1)
+    for g in range(config.coarse_classes):  # per group: the best of its members, at its voxels
+        members = torch.nonzero(groups == g).flatten()
+        for b in range(coarse.shape[0]):
+            where = (coarse[b] == g).flatten()
+            if len(members) == 1:
+                fine[b, where] = members[0]
+            elif where.any():  # (voxels, members) rows: a contiguous argmax, ties to the lower
+                fine[b, where] = members[logits[b, members][:, where].t().contiguous().argmax(1)]
+    return coarse, fine.view(coarse.shape)
 
 
 def channel_argmax(logits: Tensor) -> Tensor:

@@ -3,8 +3,10 @@
 ``regseg segment --model warpseg-prostate --mri case.nii.gz --out case_labels.nii.gz`` writes the
 0 background / 1 prostate / 2 lesion map that ``regseg-stream --mri-labels`` takes, and the zones
 (0 background, 1 peripheral zone, 2 transition zone, 3 lesion) to ``--zones`` (default
-``<out>_zones.nii.gz``). Another model (a checkpoint path) writes its fine labels to ``--out`` and
-its coarse labels to ``--zones``' place as ``<out>_coarse.nii.gz``.
+``<out>_zones.nii.gz``). Another model writes its fine labels to ``--out`` and its coarse labels to
+``--zones``' place as ``<out>_coarse.nii.gz``: ``warpseg-brain`` the AAL region ids (1..116, as in
+the AAL atlas; 0 background) and its lobe groups (0 background, 1 frontal, 2 temporal, 3 parietal,
+4 occipital, 5 limbic, 6 deep grey, 7 cerebellum).
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ def _sibling(out: Path, suffix: str) -> Path:
 def add_cli(p: argparse.ArgumentParser) -> None:
     """Arguments of ``regseg segment``."""
     p.add_argument("--model", default="warpseg-prostate",
-                   help="warpseg-prostate (default), warpseg-prostate-single (the ablation) or a "
-                        "WarpSeg checkpoint path (warpseg-brain is not shipped yet)")
+                   help="warpseg-prostate (default), warpseg-prostate-single (the ablation), "
+                        "warpseg-brain (AAL regions of an MNI-space T1 brain; "
+                        "warpseg-brain-single the ablation) or a WarpSeg checkpoint path")
     p.add_argument("--mri", required=True, help="the image to label, 3-D NIfTI")
     p.add_argument("--out", required=True,
                    help="label map to write (prostate model: 0/1/2 for regseg-stream "
-                        "--mri-labels)")
+                        "--mri-labels; brain model: AAL region ids 1..116)")
     p.add_argument("--zones", default=None,
                    help="second map: the prostate zones (default <out>_zones.nii.gz), or for "
                         "another model its coarse labels (default <out>_coarse.nii.gz)")
@@ -49,7 +52,13 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from regseg.engines.warpseg import SHIPPED, WarpSegEngine, shipped_path, stream_labels
+    from regseg.engines.warpseg import (
+        SHIPPED,
+        WarpSegEngine,
+        is_aal,
+        shipped_path,
+        stream_labels,
+    )
     from regseg.errors import InputError
     from regseg.imageio import Volume, load_mri, save_volume
 
@@ -84,9 +93,13 @@ def run(args: argparse.Namespace) -> int:
         tmp = path.with_name(f".{path.name}.tmp.nii.gz")
         save_volume(Volume(np.ascontiguousarray(data, dtype=np.uint8), image.voxel_to_world), tmp)
         os.replace(tmp, path)
-    what = "0 background, 1 prostate, 2 lesion" if prostate else "fine labels"
+    what = ("0 background, 1 prostate, 2 lesion" if prostate
+            else "AAL region ids 1..116, 0 background" if is_aal(engine.config)
+            else "fine labels")
+    names = engine.config.fine_names if prostate else engine.config.coarse_names
     print(f"wrote {out} ({what}) and {second} "
-          f"({'zones: ' + ', '.join(engine.config.fine_names) if prostate else 'coarse labels'}) "
+          f"({'zones' if prostate else 'coarse labels'}: "
+          f"{', '.join(f'{k} {n}' for k, n in enumerate(names))}) "
           f"in {time.perf_counter() - t0:.2f} s ({engine.backend}; network "
           f"{engine.timings_s['total_s']:.2f} s)")
     return 0

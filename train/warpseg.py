@@ -57,7 +57,10 @@ def brain_seeds(labelled: int, unlabelled: int) -> dict[str, Any]:
         "unlabelled_seeds": list(range(b.UNLABELLED_SEED0, b.UNLABELLED_SEED0 + unlabelled)),
         "validation_seeds": list(range(b.VAL_SEED0, b.VAL_SEED0 + 4)),
         "evaluation_seeds": f"{b.EVAL_SEED0}.. (bench/warpseg.py --task brain)",
-        "grid": "48 x 64 x 48 at 3.25 mm (regseg.sim.mni.MniConfig, CPU reduction)"}
+        "grid": "subjects 48 x 64 x 48 at 3.25 mm (regseg.sim.mni.MniConfig, CPU reduction); "
+                "network working grid 32 x 40 x 32 (4.9 x 5.2 x 4.9 mm) over the same box",
+        "pseudo_label_registration": f"affine {b.BRAIN_AFFINE}, PLCReg 3-D, then `refine` "
+                                     "instance-optimisation steps"}
 
 
 def recipe_command() -> str:
@@ -68,10 +71,12 @@ def recipe_command() -> str:
     return shlex.join(["regseg", "train", "warpseg", *rest])
 
 
-def augment(images: torch.Tensor, labels: list[torch.Tensor], gen: torch.Generator
-            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Left-right flip (p 0.5), a shift of up to 3 voxels per axis, gamma 0.7..1.4, gain
-    0.85..1.15 and Gaussian noise (sigma up to 0.03), the same draw for a volume and its labels.
+def augment(images: torch.Tensor, labels: list[torch.Tensor], gen: torch.Generator,
+            flip: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Left-right flip (p 0.5; ``flip=False``: never -- the brain's AAL regions are left or
+    right, so a mirrored image would carry wrong labels), a shift of up to 3 voxels per axis,
+    gamma 0.7..1.4, gain 0.85..1.15 and Gaussian noise (sigma up to 0.03), the same draw for a
+    volume and its labels.
 
     Args:
         images: (B, 1, D, H, W); labels: tensors (B, ..., D, H, W) moved like the image.
@@ -82,7 +87,7 @@ def augment(images: torch.Tensor, labels: list[torch.Tensor], gen: torch.Generat
         shift = [int(v) for v in torch.randint(-3, 4, (3,), generator=gen)]
         x = images[b]
         ls = [lab[b] for lab in labels]
-        if r[0] < 0.5:
+        if flip and r[0] < 0.5:
             x, ls = x.flip(-1), [lab.flip(-1) for lab in ls]
         x = torch.roll(x, shift, dims=(-3, -2, -1))
         ls = [torch.roll(lab, shift, dims=(-3, -2, -1)) for lab in ls]
@@ -141,9 +146,10 @@ def train_warpseg(out_dir: Path, *, minutes: float, atlases: int, unlabelled: in
 
         config, lookup = brain_config()
         config = dataclasses.replace(config, single_decoder=single_decoder)
-        data, val_cases = brain_training_set(labelled=atlases, unlabelled=unlabelled,
-                                             refine=refine, config=config, lookup=lookup,
-                                             progress=progress)
+        with main_first(dist):
+            data, val_cases = brain_training_set(labelled=atlases, unlabelled=unlabelled,
+                                                 refine=refine, config=config, lookup=lookup,
+                                                 progress=progress, cache=Path(cache) / "brain")
         pseudo_sets, seeds = None, brain_seeds(atlases, unlabelled)
     else:
         config = dataclasses.replace(PROSTATE_CONFIG, single_decoder=single_decoder)
@@ -187,7 +193,8 @@ def train_warpseg(out_dir: Path, *, minutes: float, atlases: int, unlabelled: in
         idx = torch.where(pick_atlas, torch.randint(0, n_atlas, (batch_size,), generator=gen),
                           torch.randint(n_atlas, n_all, (batch_size,), generator=gen))
         idx = idx[dist.shard(batch_size)]
-        images, (coarse, fine) = augment(data.images[idx], [data.coarse[idx], data.fine[idx]], gen)
+        images, (coarse, fine) = augment(data.images[idx], [data.coarse[idx], data.fine[idx]], gen,
+                                         flip=task != "brain")
         sets = fine_sets(fine, data.exact[idx], config.fine_classes, pseudo_sets)
         net.train()
         out = net(images.to(dist.device))
@@ -214,6 +221,9 @@ def train_warpseg(out_dir: Path, *, minutes: float, atlases: int, unlabelled: in
         "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
         **seeds,
         "pseudo_label_quality": quality_summary(data.quality), "refine": refine,
+        **({"pseudo_label_dice_vs_truth": {
+            k: round(float(np.mean([r[f"dice_{k}"] for r in data.quality])), 4)
+            for k in ("fine", "coarse")}} if task == "brain" else {}),
         "data_s": round(data_s, 1), "train_s": round(train_s, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "validation": validation, "final_losses": recent_losses(history, 25),
@@ -243,9 +253,9 @@ def add_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unlabelled", type=int_at_least(1), default=16,
                    help="unlabelled cases given pseudo-labels: prostate phantoms 200.., brain "
                         "subjects 41000.. (default 16)")
-    p.add_argument("--refine", type=int_at_least(0), default=25,
+    p.add_argument("--refine", type=int_at_least(0), default=None,
                    help="registration instance-optimisation steps for the pseudo-labels "
-                        "(default 25, as `regseg pseudolabel`)")
+                        "(default: prostate 25, as `regseg pseudolabel`; brain 10)")
     p.add_argument("--single-decoder", action="store_true",
                    help="the ablation: one fine decoder, plain CE + Dice on hard pseudo-labels")
     p.add_argument("--batch-size", type=int_at_least(1), default=2,
@@ -255,13 +265,18 @@ def add_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="seed of the initial weights, batches and augmentation (default 0)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                   help=f"phantoms and pseudo-labels cache (default {DEFAULT_CACHE})")
+                   help=f"phantoms and pseudo-labels cache (default {DEFAULT_CACHE}; the brain's "
+                        "pseudo-labels go to its brain/ subfolder)")
     add_run_options(p, threads=1, checkpoint_every=50)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``regseg train warpseg``."""
+    if args.refine is None:
+        from regseg.train.warpseg_brain import BRAIN_REFINE
+
+        args.refine = BRAIN_REFINE if args.task == "brain" else 25
     summary = train_warpseg(
         args.out, minutes=args.minutes, atlases=args.atlases, unlabelled=args.unlabelled,
         refine=args.refine, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -75,14 +75,19 @@ def test_segment_writes_both_maps(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("argv, expect", [
     (["segment", "--model", "warpseg-nope", "--mri", "{mri}", "--out", "{out}"], "--model"),
-    (["segment", "--model", "warpseg-brain", "--mri", "{mri}", "--out", "{out}"], "not shipped"),
+    (["segment", "--model", "warpseg-unshipped", "--mri", "{mri}", "--out", "{out}"],
+     "not shipped"),
     (["segment", "--model", "{ckpt}", "--mri", "{missing}", "--out", "{out}"], "--mri"),
     (["segment", "--model", "{mri}", "--mri", "{mri}", "--out", "{out}"], "checkpoint"),
     (["segment", "--model", "{ckpt}", "--mri", "{mri}", "--out", "{dir}"], "folder"),
     (["train", "warpseg", "--out", "{dir}", "--minutes", "0"], "--minutes"),
     (["train", "warpseg", "--out", "{dir}", "--task", "liver"], "--task"),
 ])
-def test_bad_arguments_exit_2(checkpoint, tmp_path, capsys, argv, expect):
+def test_bad_arguments_exit_2(checkpoint, tmp_path, capsys, monkeypatch, argv, expect):
+    from regseg.engines import warpseg
+
+    # a registered model name whose weights file is absent (all real ones are shipped)
+    monkeypatch.setitem(warpseg.SHIPPED, "warpseg-unshipped", "warpseg_unshipped.pt")
     save_volume(Volume(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / "mri.nii.gz")
     fill = {"mri": tmp_path / "mri.nii.gz", "out": tmp_path / "o.nii.gz", "ckpt": checkpoint,
             "missing": tmp_path / "none.nii.gz", "dir": tmp_path}
