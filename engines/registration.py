@@ -123,7 +123,10 @@ class RegistrationEngine:
             :data:`regseg.engines.affine.DEFAULT_ITERATIONS`; 0: no affine stage).
         affine_weights: Affine3D checkpoint or ``affine3d`` (shipped).
         refine: instance-optimisation steps after the network (:mod:`regseg.engines.refine`;
-            0: the network's field as it is).
+            0: the network's field as it is), on the working grid.
+        refine_fine: further instance-optimisation steps on the fixed image's own grid, when it
+            is finer than the working grid (the velocity upsampled, refined on the full-resolution
+            images, integrated there); 0: the working-grid field upsampled as it is.
         outputs: model outputs to compute (:meth:`predict` needs ``ddf`` and ``field``; a graph
             backend then drops the rest).
     """
@@ -133,9 +136,11 @@ class RegistrationEngine:
                  affine_iterations: int | None = None, affine_weights: str | Path = "affine3d",
                  precision: str = "fp32", threads: int | None = None,
                  cache_dir: str | Path | None = None,
-                 outputs: tuple[str, ...] | None = None, refine: int = 0) -> None:
+                 outputs: tuple[str, ...] | None = None, refine: int = 0,
+                 refine_fine: int = 0) -> None:
         model = load_model(shipped_weights(weights))
         self.refine = int(refine)
+        self.refine_fine = int(refine_fine)
         self.config = model.config
         self.size = tuple(self.config.size)
         self.weights = str(weights)
@@ -214,27 +219,44 @@ class RegistrationEngine:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t3 = time.perf_counter()
-        # Total working-grid map x -> A (x + def(x)): exact for the affine part.
-        total = affine_ddf(affine, self.size, dev)  # A x - x
-        total = _apply_affine(affine, deform, dev) + total
-        ddf_full = resize_ddf(total, tuple(f_full.shape[2:]))
+        full = tuple(f_full.shape[2:])
+        # Working-grid voxels -> fixed-grid voxels, both align_corners=False over one extent.
+        work_to_full = np.eye(4)
+        for a, (n, w) in enumerate(zip(full, self.size, strict=True)):
+            work_to_full[a, a], work_to_full[a, 3] = n / w, 0.5 * n / w - 0.5
+        affine_full = work_to_full @ affine @ np.linalg.inv(work_to_full)
+        # Multi-resolution: affine, network and refinement ran on the working grid; the
+        # deformable field is upsampled and x -> A (x + def(x)) composed on the fixed image's own
+        # grid (the affine part exact there).
+        aff_full = affine_ddf(affine_full, full, dev)  # A x - x
+        if deformable and self.refine_fine > 0 and full != self.size:
+            # ... and, asked for, refined on the pair at that resolution first
+            cfg = self.config
+            m_aff_full = spatial.warp(m_full, aff_full, padding_mode="zeros")
+            field_full = refine_velocity(f_full, m_aff_full, resize_ddf(out["field"], full),
+                                         steps=self.refine_fine, int_steps=cfg.int_steps,
+                                         diffeomorphic=cfg.diffeomorphic)
+            deform_full = (scaling_and_squaring(field_full, cfg.int_steps)
+                           if cfg.diffeomorphic else field_full)
+            out = {"field": field_full, "ddf": deform_full}
+        else:
+            deform_full = resize_ddf(deform, full)
+        ddf_full = aff_full + _apply_affine(affine_full, deform_full, dev)
+        t_fine = time.perf_counter()
         moved, moved_labels = self._resample_moving(moving, moving_labels, fixed, ddf_full)
         ddf = ddf_full[0].cpu().numpy()
         ddf_mm = ddf_voxels_to_mm(ddf, fixed.voxel_to_world)
         inv = None
         if inverse:
-            inv = self._inverse_full(out["field"], affine, tuple(f_full.shape[2:]))
+            fine = tuple(out["field"].shape[2:]) == full
+            inv = self._inverse_full(out["field"], affine_full if fine else affine, full)
             inv_mm = ddf_voxels_to_mm(inv, fixed.voxel_to_world)
         t4 = time.perf_counter()
         timings = {"prepare_s": t1 - t0, "affine_s": t2 - t1, "deformable_s": t3 - t2,
-                   "warp_s": t4 - t3, "total_s": t4 - t0}
-        # Working-grid voxels -> fixed-grid voxels, both align_corners=False over one extent.
-        work_to_full = np.eye(4)
-        for a, (n, w) in enumerate(zip(ddf_full.shape[2:], self.size, strict=True)):
-            work_to_full[a, a], work_to_full[a, 3] = n / w, 0.5 * n / w - 0.5
+                   "refine_fine_s": t_fine - t3, "warp_s": t4 - t_fine, "total_s": t4 - t0}
         return RegistrationResult(
             moved=moved, moved_labels=moved_labels, ddf=ddf, ddf_mm=ddf_mm,
-            affine=work_to_full @ affine @ np.linalg.inv(work_to_full), timings_s=timings,
+            affine=affine_full, timings_s=timings,
             inverse_ddf=inv, inverse_ddf_mm=None if inv is None else inv_mm)
 
     def warp_labels(self, labels: Volume, fixed: Volume, result: RegistrationResult) -> Volume:
@@ -268,17 +290,23 @@ class RegistrationEngine:
 
     def _inverse_full(self, field_: Tensor, affine: np.ndarray, shape: tuple[int, ...]
                       ) -> np.ndarray:
-        """Inverse of x -> A(x + def(x)) on the fixed grid: z -> def^-1(A^-1 z)."""
-        inv_def = self.inverse(field_)  # working grid
+        """Inverse of x -> A(x + def(x)) on the fixed grid: z -> def^-1(A^-1 z), computed on the
+        grid of ``field_`` (the working grid, or the fixed grid after a fine refinement; ``affine``
+        in that grid's voxels) and resampled to ``shape``."""
+        inv_def = self.inverse(field_)
         inv_affine = np.linalg.inv(affine)
-        pre = affine_ddf(inv_affine, self.size, self.device)  # A^-1 z - z
+        pre = affine_ddf(inv_affine, tuple(field_.shape[2:]), self.device)  # A^-1 z - z
         total = pre + spatial.warp(inv_def, pre, padding_mode="border")
         return resize_ddf(total, shape)[0].cpu().numpy()
 
 
 def _resize(x: Tensor, size: tuple[int, ...]) -> Tensor:
+    """An image onto the working grid over the same extent: area averaging where every axis
+    shrinks (anti-aliased, as the training images were box-filtered to 3.25 mm), else trilinear."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
+    if all(n >= s for n, s in zip(x.shape[2:], size, strict=True)):
+        return F.interpolate(x, size=size, mode="area")
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 

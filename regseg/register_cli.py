@@ -240,10 +240,14 @@ def _device_name(text: str) -> str:
 MAX_DEFAULT_THREADS = 4
 
 #: Instance-optimisation steps by default. Chosen on the MNI152 validation pairs (seeds 20000..):
-#: 25 steps lifted AAL Dice 0.668 -> 0.747 (50: 0.757, 100: 0.772) at no folding; on the eval
-#: pairs (bench/results/registration_mni.json) 25 steps make regseg the most accurate method
-#: measured (AAL Dice 0.746 vs ANTs SyN 0.683, SimpleITK 0.683) for ~9 s more per pair on 2 cores.
-REFINE_DEFAULT = 25
+#: at 3.25 mm 0 / 25 / 50 / 100 steps gave AAL Dice 0.668 / 0.747 / 0.757 / 0.772; at 1.5 mm (the
+#: resolution users register at; pair 20000, learned+optimise affine) 25 -> 0.791, 50 -> 0.828
+#: (ANTs SyN reached 0.807 on the 2 mm validation pairs), so 50: the accuracy ANTs SyN has, at
+#: about the time it takes (bench/results/registration_mni_1.5mm.json has the eval pairs).
+REFINE_DEFAULT = 50
+#: Instance-optimisation steps on the fixed image's own grid (after those on the working grid) by
+#: default; only images finer than the working grid (48 x 64 x 48) have such a level.
+REFINE_FINE_DEFAULT = 0
 
 
 def default_threads() -> int:
@@ -290,7 +294,7 @@ def run_register(args: argparse.Namespace) -> int:
     engine = RegistrationEngine(args.weights, backend=args.backend, device=device,
                                 affine_iterations=0 if args.no_affine else args.affine_iterations,
                                 affine=args.affine,
-                                refine=args.refine)
+                                refine=args.refine, refine_fine=args.refine_fine)
     startup_s = time.perf_counter() - started  # imports, checks, model load: not in any pair's
     reports = []
     for pair in tqdm(pairs, desc="register", unit="pair", disable=len(pairs) == 1):
@@ -357,6 +361,11 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
                    help="instance optimisation: N steps refining the network's field on the pair "
                    "(MIND + diffusion, diffeomorphic); 0 = the network alone, faster and less "
                    f"accurate; see the README table (default {REFINE_DEFAULT})")
+    p.add_argument("--refine-fine", type=int_at_least(0), default=REFINE_FINE_DEFAULT,
+                   metavar="M",
+                   help="then M steps on the fixed image's own grid when it is finer than the "
+                   "network's 48 x 64 x 48 working grid (slower per step; default "
+                   f"{REFINE_FINE_DEFAULT}: the working-grid field upsampled)")
     p.add_argument("--inverse", action="store_true",
                    help="also write the inverse displacement, inverse_ddf_mm.nii.gz (world mm on "
                    "the fixed grid, as ddf_mm.nii.gz: moving-side point z -> z + inverse(z))")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -68,6 +68,25 @@ class MniConfig:
     bias: float = 0.15  # bound of the multiplicative bias field
     noise: float = 0.02  # Gaussian noise (intensities in [0, 1])
     landmarks: int = 200
+
+
+def config_at_spacing(spacing_mm: float, config: MniConfig = MniConfig()) -> MniConfig:
+    """``config``'s field of view (default 48 x 64 x 48 voxels of 3.25 mm = 156 x 208 x 156 mm)
+    on a grid of ``spacing_mm`` voxels: the same brain box, perturbation ranges (mm, degrees) and
+    random draws, so a seed gives the same pair, anatomy and true deformation at every resolution
+    (up to the grid; e.g. 2.0 mm -> 78 x 104 x 78, 1.5 mm -> 104 x 139 x 104 voxels).
+
+    Raises:
+        InputError: a spacing that is not a positive finite number, or a grid under 8 voxels.
+    """
+    if not np.isfinite(spacing_mm) or spacing_mm <= 0:
+        raise InputError(f"MNI152 spacing {spacing_mm!r} mm: a positive number of mm is expected "
+                         "(e.g. 3.25, 2.0, 1.5)")
+    shape = tuple(int(round(n * config.spacing_mm / spacing_mm)) for n in config.shape)
+    if min(shape) < 8:
+        raise InputError(f"MNI152 spacing {spacing_mm} mm gives a grid {shape}: under 8 voxels "
+                         f"per axis; use at most {min(config.shape) * config.spacing_mm / 8:g} mm")
+    return replace(config, shape=shape, spacing_mm=float(spacing_mm))
 
 
 def mni_paths() -> dict[str, Path]:
