@@ -17,6 +17,8 @@ A generated table sits between two markers in the Markdown::
   ``labels`` (``|``-separated, one per file) adds a first column naming each file's rows.
 - ``meta``: optional dotted key path to the object holding ``machine``, ``date`` and ``command``
   when they are not at the top (a weights JSON's calibration section, say).
+- ``pivot``: optional ``"ROW,COLUMN,VALUE"``: long rows (one per ROW and COLUMN value) become
+  one row per ROW (as ``name``) with a column per COLUMN value (``cols`` names them: ``3=3 mm``).
 - ``where``: optional ``key=value`` / ``key!=value`` filters (``,``-separated, all must hold) on
   the rows; ``key=a|b`` matches either value.
 
@@ -67,6 +69,8 @@ def dig(obj: Any, path: str) -> Any:
     """``obj`` followed along a dotted key path (``.`` is ``obj`` itself); None when absent."""
     if path in ("", "."):
         return obj
+    if isinstance(obj, dict) and path in obj:  # a key with dots in it ("12.5")
+        return obj[path]
     for key in path.split("."):
         if isinstance(obj, dict) and key in obj:
             obj = obj[key]
@@ -84,6 +88,21 @@ def lookup(data: Any, row: dict, key: str) -> Any:
     if key.startswith("/"):
         return dig(data, key[1:].replace("{name}", str(row.get("name"))))
     return dig(row, key)
+
+
+def pivot(rows: list[dict], spec: str) -> list[dict]:
+    """Long rows to wide ones: ``spec`` ``"ROW,COLUMN,VALUE"`` (keys of each row) gives one row
+    per ROW value (as ``name``, first-seen order) holding VALUE under the COLUMN value's text
+    (``3.0`` -> ``"3"``, ``12.5`` -> ``"12.5"``)."""
+    keys = [k.strip() for k in spec.split(",")]
+    if len(keys) != 3:
+        raise TableError(f"pivot={spec!r}: \"row,column,value\" keys expected")
+    wide: dict[Any, dict] = {}
+    for row in rows:
+        column = dig(row, keys[1])
+        text = format(column, "g") if isinstance(column, float) else str(column)
+        wide.setdefault(dig(row, keys[0]), {})[text] = dig(row, keys[2])
+    return [{"name": name, **values} for name, values in wide.items()]
 
 
 def cell(value: Any, spec: str) -> str:
@@ -136,6 +155,8 @@ def render(attrs: dict[str, str], root: Path = ROOT) -> str:
         if not isinstance(rows, list):
             raise TableError(f"{src}: rows={attrs.get('rows', 'results')!r} is not a list of "
                              "objects in it")
+        if "pivot" in attrs:
+            rows = pivot(rows, attrs["pivot"])
         for row in (r for r in rows if _matches(r, attrs.get("where", ""))):
             cells = ([labels[n].strip()] if labels else []) + [cell(lookup(data, row, k), f)
                                                                for k, _, f in cols]

@@ -124,3 +124,17 @@ def test_where_takes_alternatives(tree):
     first, second = readme_tables.regenerate(marker, tree).split("<!-- /table -->")[:2]
     assert "| fast |" in first and "| full |" in first
     assert "| fast |" not in second and "| full |" not in second
+
+
+def test_pivot_turns_long_rows_into_a_column_per_level(tree):
+    (tree / "r" / "c.json").write_text(json.dumps({"results": [
+        {"name": "K1", "level": 3.0, "tre": 0.75}, {"name": "K1", "level": 12.5, "tre": 5.9},
+        {"name": "K2", "level": 3.0, "tre": 0.78}, {"name": "K2", "level": 12.5, "tre": 1.8}]}))
+    marker = ('<!-- table src="r/c.json" pivot="name,level,tre" where="name!=K2" '
+              'cols="name=K | 3=3 mm:.2f | 12.5=12.5 mm:.1f" -->\n')
+    text = readme_tables.regenerate(marker + "<!-- /table -->\n", tree)
+    assert "| K | 3 mm | 12.5 mm |" in text and "| K1 | 0.75 | 5.9 |" in text
+    assert "| K2 |" not in text
+    with pytest.raises(readme_tables.TableError, match="pivot"):
+        readme_tables.regenerate(marker.replace('pivot="name,level,tre"', 'pivot="name"')
+                                 + "<!-- /table -->\n", tree)
