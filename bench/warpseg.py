@@ -8,8 +8,8 @@ Methods, each labelling the same held-out phantoms (seeds 9000..; WarpSeg traine
   + 25 refinement steps, inside the atlas labels' box + 12 mm);
 - ``warpseg``: the shipped ``warpseg-prostate`` (regseg.engines.warpseg.WarpSegEngine);
 - ``simpleitk``: SimpleITK affine + B-spline (mesh 6), Mattes MI (bench/registration.py's set-up,
-  one thread) of the same atlas in the same box, registered at about 2 mm (every 2nd or 3rd voxel),
-  the labels warped (nearest) at full resolution;
+  one thread) of the same atlas in the same box, registered at about 2 mm (every 2nd or 3rd voxel;
+  brains at 6.5 mm, every 2nd), the labels warped (nearest) at full resolution;
 - ``single_decoder``: the hierarchy ablation ``warpseg-prostate-single`` (one decoder, plain CE +
   Dice on the same hard pseudo-labels; ``regseg train warpseg --single-decoder``).
 
@@ -50,6 +50,9 @@ from regseg.train.warpseg_data import ATLAS_SEEDS0, PROSTATE_CONFIG, prostate_fi
 
 METHODS = ("pseudolabels", "warpseg", "simpleitk", "single_decoder")
 EVAL_SEED0 = 9000
+#: SimpleITK registers the brains at every 2nd voxel (6.5 mm): at the subjects' own 3.25 mm one
+#: subject took 542 s (50 iterations per stage, the 2-core CPU loaded), too long for the bench.
+SITK_BRAIN_MM = 6.5
 FINE = {1: "peripheral_zone", 2: "transition_zone", 3: "lesion"}
 
 
@@ -73,9 +76,10 @@ def score(fine_pred: np.ndarray, fine_truth: np.ndarray, groups: np.ndarray,
 
 
 def simpleitk_labels(atlas: Volume, atlas_fine: Volume, image: Volume, margin_mm: float | None,
-                     iterations: int) -> np.ndarray:
-    """SimpleITK affine + B-spline (Mattes MI) of the atlas to ``image`` in the atlas labels' box;
-    the atlas's fine labels warped (nearest) onto ``image``'s grid (background outside)."""
+                     iterations: int, register_mm: float = 2.0) -> np.ndarray:
+    """SimpleITK affine + B-spline (Mattes MI) of the atlas to ``image`` in the atlas labels' box,
+    registered at about ``register_mm`` (every n-th voxel); the atlas's fine labels warped
+    (nearest) onto ``image``'s grid (background outside)."""
     from registration import sitk_outputs, sitk_register
 
     if margin_mm is None:
@@ -94,7 +98,7 @@ def simpleitk_labels(atlas: Volume, atlas_fine: Volume, image: Volume, margin_mm
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # as every other row: one thread
     spacing = float(image.voxel_to_world[0, 0])
     origin = fixed.voxel_to_world[:3, 3]
-    step = max(1, int(round(2.0 / spacing)))  # register at about 2 mm (voxel centres kept)
+    step = max(1, int(round(register_mm / spacing)))  # voxel centres kept
     transform, _ = sitk_register(fixed.data[::step, ::step, ::step],
                                  moving.data[::step, ::step, ::step], spacing * step, origin,
                                  mesh=6, iterations=iterations, moments=True)
@@ -178,7 +182,8 @@ def run(task: str, n: int, *, refine: int, sitk_iterations: int, progress: bool 
                 t = time.perf_counter()
                 add(name, engine(image)[1].data, t)
         t = time.perf_counter()
-        add("simpleitk", simpleitk_labels(atlas, atlas_fine, image, margin, sitk_iterations), t)
+        add("simpleitk", simpleitk_labels(atlas, atlas_fine, image, margin, sitk_iterations,
+                                          2.0 if task == "prostate" else SITK_BRAIN_MM), t)
     means = {m: {k: round(float(np.nanmean([r[k] for r in rs])), 4) for k in rs[0]}
              for m, rs in rows.items() if rs}
     speedup = means["pseudolabels"]["seconds"] / means["warpseg"]["seconds"]
