@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from regseg.machine import cpu_name, machine_name, utc_now
+from regseg.machine import cpu_name, load_average, machine_name, utc_now
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
@@ -67,18 +66,6 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, st
                 else format(value, spec) if spec and isinstance(value, int | float) else str(value)
             cells.append(text.rjust(w) if i else text.ljust(w))
         print("  ".join(cells))
-
-
-def load_average() -> list[float] | None:
-    """The 1-, 5- and 15-minute load averages now (None where the OS has none).
-
-    Written with every result, so a timing taken while other jobs shared the cores says so: on
-    this 2-core machine a load of 4 roughly doubles every wall time.
-    """
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def write_json(path: str | Path, bench: str, rows: list[dict[str, Any]],

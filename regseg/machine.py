@@ -39,3 +39,15 @@ def machine_name() -> str:
 def utc_now() -> str:
     """The time now, UTC, to the minute: ``2026-11-30 15:44 UTC``."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages now (None where the OS has none).
+
+    Written with every measurement, so a timing taken while other jobs shared the cores says so:
+    on a 2-core machine a load of 4 roughly doubles every wall time.
+    """
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None

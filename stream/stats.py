@@ -210,7 +210,8 @@ def format_summary(summary: dict) -> str:
 
 
 def write_json(summary: dict, path: str | Path) -> None:
-    """Write the summary, stamped with the machine and the date (``machine``, ``date``); NaN
+    """Write the summary, stamped with the machine, the date and the load average (``machine``,
+    ``date``, ``load_average``); NaN
     becomes null so any JSON reader takes it."""
     def clean(v):
         if isinstance(v, float) and math.isnan(v):
@@ -220,8 +221,9 @@ def write_json(summary: dict, path: str | Path) -> None:
         if isinstance(v, list):
             return [clean(x) for x in v]
         return v
-    from regseg.machine import machine_name, utc_now
+    from regseg.machine import load_average, machine_name, utc_now
 
-    stamped = {"machine": machine_name(), "date": utc_now(), **summary}  # where and when measured
+    stamped = {"machine": machine_name(), "date": utc_now(), "load_average": load_average(),
+               **summary}  # where, when and beside what it was measured
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(clean(stamped), indent=2) + "\n")

@@ -32,6 +32,7 @@ def test_summary_json_shape(tmp_path):
     loaded = json.loads(path.read_text())
     assert loaded["latency_ms"]["p50"] == 14.5
     assert "cores" in loaded["machine"] and loaded["date"].endswith("UTC")  # where and when
+    assert len(loaded["load_average"]) == 3  # beside what (other jobs on the cores)
     assert "prostate 0.800" in format_summary(summary)
 
 
