@@ -30,9 +30,11 @@ from torch import Tensor
 from regseg.models.reg_losses import mind_descriptor
 
 FEATURES = ("mind", "intensity")
-#: (radius, alpha, beta) per feature. intensity: antsJointFusion's defaults. mind: for now the
-#: same (bench/mas_tune_jlf.py chooses them on validation sweeps, never EVAL_SEEDS).
-DEFAULTS = {"intensity": (2, 0.1, 2.0), "mind": (2, 0.1, 2.0)}
+#: Parameters per feature. intensity: antsJointFusion's defaults. mind: chosen on validation
+#: sweeps (TRAIN_SEEDS 11900-11907 fused from ATLAS_SEEDS atlases; never EVAL_SEEDS) by
+#: bench/mas_tune_jlf.py (bench/results/mas_jlf_tuning.json).
+DEFAULTS = {"intensity": {"radius": 2, "alpha": 0.1, "beta": 2.0},
+            "mind": {"radius": 5, "alpha": 0.1, "beta": 0.5, "dilation": 2}}
 
 
 def mind_features(volume: Tensor, dilation: int = 2) -> Tensor:
@@ -65,12 +67,10 @@ def jlf_mind_weights(target: Tensor, images: Tensor, where: Tensor, *, radius: i
     err = torch.stack([(mind_features(a, dilation) - ft).abs() for a in images])  # (N, 6, *S)
     scale = err.reshape(n, err.shape[1], -1)[:, :, idx].mean().clamp_min(1e-6)
     err = err / scale
-    k = 2 * radius + 1
     m = torch.empty(idx.numel(), n, n, device=target.device)
     for i in range(n):
         for j in range(i, n):
-            prod = (err[i] * err[j]).mean(0)[None, None]
-            box = F.avg_pool3d(prod, k, stride=1, padding=radius, count_include_pad=False)
+            box = box_mean((err[i] * err[j]).mean(0), radius)
             m[:, i, j] = m[:, j, i] = box.reshape(-1)[idx]
     eye = alpha * torch.eye(n, device=target.device)
     ones = torch.ones(n, 1, device=target.device)
@@ -80,6 +80,17 @@ def jlf_mind_weights(target: Tensor, images: Tensor, where: Tensor, *, radius: i
         sol = torch.linalg.solve(mm, ones.expand(mm.shape[0], n, 1))[..., 0]
         flat[:, idx[start:start + chunk]] = (sol / sol.sum(1, keepdim=True)).T
     return weights
+
+
+def box_mean(x: Tensor, radius: int) -> Tensor:
+    """Mean over the (2r+1)^3 box around each voxel of (D, H, W), the box clipped at the edges
+    (mean of the voxels inside); separable: three 1-D means, exact for a box."""
+    k = 2 * radius + 1
+    out = x[None, None]
+    for kernel, pad in (((k, 1, 1), (radius, 0, 0)), ((1, k, 1), (0, radius, 0)),
+                        ((1, 1, k), (0, 0, radius))):
+        out = F.avg_pool3d(out, kernel, stride=1, padding=pad, count_include_pad=False)
+    return out[0, 0]
 
 
 def _patch_offsets(radius: int, shape: tuple[int, ...], device: torch.device) -> Tensor:

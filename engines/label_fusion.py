@@ -123,8 +123,8 @@ class LabelFusionEngine:
         device: ``cpu`` or ``cuda[:N]`` (vote, jlf, simnet run there; staple runs on CPU).
         jlf_features: what JLF's atlas error compares, ``mind`` (default; across modalities)
             or ``intensity`` (same modality); see engines/jlf.py.
-        radius, alpha, beta: JLF patch radius (voxels), ridge and exponent (default: the
-            feature's ``engines.jlf.DEFAULTS``).
+        radius, alpha, beta: JLF patch radius (voxels), ridge and exponent; mind_dilation:
+            MIND's neighbour distance (voxels); default: the feature's ``engines.jlf.DEFAULTS``.
         simnet_weights: checkpoint path, registered name (default the shipped ``simnet``) or
             a SimNet module (training validates with it).
         backend: the Engine backend for SimNet (``eager`` default; see make_engine).
@@ -133,6 +133,7 @@ class LabelFusionEngine:
     def __init__(self, method: str = "jlf", *, device: str | torch.device = "cpu",
                  jlf_features: str = "mind", radius: int | None = None,
                  alpha: float | None = None, beta: float | None = None,
+                 mind_dilation: int | None = None,
                  simnet_weights: str | Path | torch.nn.Module = "simnet",
                  backend: str = "eager") -> None:
         if method not in METHODS:
@@ -144,10 +145,12 @@ class LabelFusionEngine:
         if jlf_features not in JLF_FEATURES:
             raise InputError(f"JLF features {jlf_features!r}: choose one of {list(JLF_FEATURES)}")
         self.jlf_features = jlf_features
-        r0, a0, b0 = JLF_DEFAULTS[jlf_features]
-        self.radius = int(r0 if radius is None else radius)
-        self.alpha = float(a0 if alpha is None else alpha)
-        self.beta = float(b0 if beta is None else beta)
+        d = JLF_DEFAULTS[jlf_features]
+        self.radius = int(d["radius"] if radius is None else radius)
+        self.alpha = float(d["alpha"] if alpha is None else alpha)
+        self.beta = float(d["beta"] if beta is None else beta)
+        self.mind_dilation = int(d.get("dilation", 2) if mind_dilation is None
+                                 else mind_dilation)
         self._simnet = None
         if method == "simnet":
             from regseg.engines.base import make_engine
@@ -175,9 +178,10 @@ class LabelFusionEngine:
         if self.method == "vote":
             probs, weights = majority_vote(onehot_t)
         elif self.method == "jlf":
+            extra = {"dilation": self.mind_dilation} if self.jlf_features == "mind" else {}
             solve = jlf_mind_weights if self.jlf_features == "mind" else jlf_weights
             weights = solve(target_t, images_t, where, radius=self.radius, alpha=self.alpha,
-                            beta=self.beta)
+                            beta=self.beta, **extra)
             probs = weighted_vote(onehot_t, weights)
         elif self.method == "simnet":
             weights = self.simnet_weights(target_t, images_t, onehot_t)
@@ -201,8 +205,10 @@ class LabelFusionEngine:
         """The method and, for JLF, its features and parameters (for reports)."""
         if self.method != "jlf":
             return {"method": self.method}
-        return {"method": self.method, "jlf_features": self.jlf_features,
-                "radius": self.radius, "alpha": self.alpha, "beta": self.beta}
+        out = {"method": self.method, "jlf_features": self.jlf_features,
+               "radius": self.radius, "alpha": self.alpha, "beta": self.beta}
+        return out | ({"mind_dilation": self.mind_dilation} if self.jlf_features == "mind"
+                      else {})
 
     @torch.inference_mode()
     def simnet_weights(self, target: Tensor, images: Tensor, onehot: Tensor) -> Tensor:

@@ -109,7 +109,19 @@ def test_mind_jlf_trusts_structure_not_intensity():
     assert inten.atlas_weights[1] > inten.atlas_weights[0]  # the failure MIND fixes
     assert _dice(mind.labels, truth) > 0.95
     assert _dice(inten.labels, truth) < _dice(mind.labels, truth) - 0.05
-    assert mind.info["jlf_features"] == "mind"
+    assert mind.info["jlf_features"] == "mind" and "mind_dilation" in mind.info
+
+
+@pytest.mark.parametrize("radius", [1, 3])
+def test_separable_box_mean_is_the_3d_box_mean(radius):
+    import torch.nn.functional as F
+
+    from regseg.engines.jlf import box_mean
+
+    x = torch.from_numpy(np.random.default_rng(6).random((9, 11, 13)).astype(np.float32))
+    full = F.avg_pool3d(x[None, None], 2 * radius + 1, stride=1, padding=radius,
+                        count_include_pad=False)[0, 0]
+    torch.testing.assert_close(box_mean(x, radius), full, atol=1e-5, rtol=0)
 
 
 def test_bad_shapes_are_clear_errors():
