@@ -136,11 +136,12 @@ def test_bad_shapes_are_clear_errors():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
-def test_jlf_cuda_matches_cpu():
+@pytest.mark.parametrize("solve", [jlf_weights, jlf_mind_weights])
+def test_jlf_cuda_matches_cpu(solve):
     rng = np.random.default_rng(4)
     target = torch.from_numpy(rng.standard_normal(SHAPE).astype(np.float32))
     images = torch.from_numpy(rng.standard_normal((4, *SHAPE)).astype(np.float32))
     where = torch.from_numpy(rng.random(SHAPE) < 0.3)
-    cpu = jlf_weights(target, images, where)
-    gpu = jlf_weights(target.cuda(), images.cuda(), where.cuda()).cpu()
+    cpu = solve(target, images, where)
+    gpu = solve(target.cuda(), images.cuda(), where.cuda()).cpu()
     torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
