@@ -5,6 +5,11 @@ runs the deformable model on working-grid tensors; :meth:`RegistrationEngine.reg
 volumes on any grids, resamples the moving image onto the fixed image's grid (world mm, RAS),
 aligns it affinely (:mod:`regseg.engines.affine`: learned, optimised or both), refines it with
 the network, and resamples the moving image and labels once through the composed map.
+
+Multi-resolution: affine stage, network and instance optimisation run on the network's working
+grid (images area-averaged onto it); the field is upsampled and composed with the affine on the
+fixed image's own grid (optionally refined there, ``refine_fine``), so inputs at 1-1.5 mm are
+registered at their resolution for about the cost of the working grid.
 """
 
 from __future__ import annotations
