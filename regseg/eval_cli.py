@@ -37,9 +37,11 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_mni(args: argparse.Namespace) -> int:
     """``regseg mni``: write the MNI152 evaluation (or training) set."""
     check_writable(Path(args.out) / "pairs.csv", "--out")
-    from regseg.sim.mni import build_mni_set
+    from regseg.sim.mni import build_mni_set, config_at_spacing
 
-    csv_path = build_mni_set(args.out, args.pairs, split=args.split, progress=True)
+    config = config_at_spacing(args.spacing)  # refused (exit 2) before anything is written
+    csv_path = build_mni_set(args.out, args.pairs, split=args.split, progress=True,
+                             config=config)
     print(f"wrote {csv_path}")
     return 0
 
@@ -59,4 +61,7 @@ def add_mni_arguments(p: argparse.ArgumentParser) -> None:
                    help="number of pairs (default 8)")
     p.add_argument("--split", default="eval", choices=["eval", "train"],
                    help="eval pairs (seeds 10000..) or training pairs (0..); they never overlap")
+    p.add_argument("--spacing", type=float, default=3.25, metavar="MM",
+                   help="voxel size in mm over the same field of view (default 3.25: 48 x 64 x "
+                   "48, the networks' grid; 1.5: 104 x 139 x 104, what users register at)")
     p.set_defaults(func=run_mni)

@@ -94,3 +94,17 @@ def test_labels_and_images_agree_between_grids(pairs):
         target = spatial.apply(pair.voxel_to_world,
                                (kji + sample_field(pair.true_ddf, kji))[:, ::-1])
         assert np.abs(target - pair.landmarks_moving_mm).max() < 0.5
+
+
+def test_regseg_mni_spacing_option(tmp_path, capsys):
+    """`regseg mni --spacing MM`: the set at that grid; a bad spacing exits 2, writing nothing."""
+    import nibabel as nib
+
+    from regseg.cli import main
+
+    assert main(["mni", "--out", str(tmp_path / "s"), "--pairs", "1", "--spacing", "6.5"]) == 0
+    img = nib.load(str(tmp_path / "s" / "pair000" / "fixed.nii.gz"))
+    assert img.shape == (24, 32, 24) and np.allclose(img.header.get_zooms(), 6.5)
+    rc = main(["mni", "--out", str(tmp_path / "bad"), "--pairs", "1", "--spacing", "-2"])
+    assert rc == 2 and "spacing" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "pairs.csv").exists()
