@@ -58,9 +58,7 @@ def jlf_mind_weights(target: Tensor, images: Tensor, where: Tensor, *, radius: i
             scaled to mean 1); beta: exponent; dilation: MIND's neighbour distance (voxels).
     """
     n = images.shape[0]
-    shape = tuple(target.shape)
-    weights = torch.full((n, *shape), 1.0 / n, dtype=torch.float32, device=target.device)
-    idx = where.reshape(-1).nonzero().squeeze(1)
+    weights, idx = _uniform(n, where)
     if idx.numel() == 0:
         return weights
     ft = mind_features(target, dilation)
@@ -72,13 +70,9 @@ def jlf_mind_weights(target: Tensor, images: Tensor, where: Tensor, *, radius: i
         for j in range(i, n):
             box = box_mean((err[i] * err[j]).mean(0), radius)
             m[:, i, j] = m[:, j, i] = box.reshape(-1)[idx]
-    eye = alpha * torch.eye(n, device=target.device)
-    ones = torch.ones(n, 1, device=target.device)
     flat = weights.reshape(n, -1)
     for start in range(0, idx.numel(), chunk):
-        mm = m[start:start + chunk].pow(beta) + eye
-        sol = torch.linalg.solve(mm, ones.expand(mm.shape[0], n, 1))[..., 0]
-        flat[:, idx[start:start + chunk]] = (sol / sol.sum(1, keepdim=True)).T
+        flat[:, idx[start:start + chunk]] = _solve(m[start:start + chunk].pow(beta), alpha).T
     return weights
 
 
@@ -112,10 +106,8 @@ def jlf_weights(target: Tensor, images: Tensor, where: Tensor, *, radius: int = 
         radius: patch radius in voxels (patch (2r+1)^3); alpha: ridge on M's diagonal;
         beta: exponent on the pairwise error products; chunk: voxels solved at once (memory).
     """
-    n = images.shape[0]
-    shape = tuple(target.shape)
-    weights = torch.full((n, *shape), 1.0 / n, dtype=torch.float32, device=target.device)
-    idx = where.reshape(-1).nonzero().squeeze(1)
+    n, shape = images.shape[0], tuple(target.shape)
+    weights, idx = _uniform(n, where)
     if idx.numel() == 0:
         return weights
     pad = (radius,) * 6
@@ -127,17 +119,30 @@ def jlf_weights(target: Tensor, images: Tensor, where: Tensor, *, radius: int = 
     y, x = rem // w, rem % w
     centre = ((z + radius) * (h + 2 * radius) + (y + radius)) * (w + 2 * radius) + (x + radius)
     flat = weights.reshape(n, -1)
-    eye = alpha * torch.eye(n, device=target.device)
-    ones = torch.ones(n, 1, device=target.device)
     for start in range(0, idx.numel(), chunk):
         sites = centre[start:start + chunk, None] + offsets  # (m, P)
         t = _zscore(t_pad[sites])  # (m, P)
         a = _zscore(a_pad[:, sites])  # (N, m, P)
         diff = (a - t).abs().transpose(0, 1)  # (m, N, P)
-        m = (diff @ diff.transpose(1, 2) / diff.shape[-1]).pow(beta) + eye
-        sol = torch.linalg.solve(m, ones.expand(m.shape[0], n, 1))[..., 0]  # (m, N)
-        flat[:, idx[start:start + chunk]] = (sol / sol.sum(1, keepdim=True)).T
+        m = (diff @ diff.transpose(1, 2) / diff.shape[-1]).pow(beta)
+        flat[:, idx[start:start + chunk]] = _solve(m, alpha).T
     return weights
+
+
+def _uniform(n: int, where: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights 1/N everywhere (N, *S), and the flat indices of the voxels to solve."""
+    weights = torch.full((n, *where.shape), 1.0 / n, dtype=torch.float32, device=where.device)
+    return weights, where.reshape(-1).nonzero().squeeze(1)
+
+
+def _solve(m: Tensor, alpha: float) -> Tensor:
+    """Wang & Yushkevich's closed form per voxel: (M + alpha I)^-1 1, normalised to sum 1;
+    ``m`` (V, N, N) the pairwise error products, returns (V, N)."""
+    n = m.shape[-1]
+    eye = alpha * torch.eye(n, device=m.device)
+    ones = torch.ones(m.shape[0], n, 1, device=m.device)
+    sol = torch.linalg.solve(m + eye, ones)[..., 0]
+    return sol / sol.sum(1, keepdim=True)
 
 
 def _zscore(p: Tensor) -> Tensor:
