@@ -144,8 +144,8 @@ def check_session(table: Any, where: str, engine: dict[str, Any] | None = None) 
     Raises:
         InputError: naming ``where``, the key, the value and what is expected.
     """
-    from regseg.stream.cli_parser import build_parser
     from regseg.stream.cli_args import check_args
+    from regseg.stream.cli_parser import build_parser
 
     if not isinstance(table, dict):
         raise InputError(f"{where}: a table of keys expected, got {type(table).__name__}")
