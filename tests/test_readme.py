@@ -137,9 +137,33 @@ MARKED = {
     "--truth demo/brain/targets/target_40000_truth.nii.gz --method jlf --registration affine "
     "--initial identity --out out/mas-brain": "3 full-size brain registrations, minutes on CPU; "
     "tests/mas/test_mas_cli.py runs it at a miniature size",
-    "regseg train simnet --out runs/simnet --targets 6 --atlases 4 --val-targets 2 --minutes 15":
-        TRAINING,
     "python bench/mas.py --quick --json out/mas.json": BENCH,
+    # BRAIN (issue 12): warpseg-brain's training, use and bench
+    "regseg train warpseg --task brain --out models/weights --minutes 38 --atlases 4 "
+    "--unlabelled 12": TRAINING,
+    "regseg segment --model warpseg-brain --mri subject.nii.gz --out labels.nii.gz":
+        "needs an input image; tests/warpseg/test_brain.py runs this command on a synthetic subject",
+    "python bench/warpseg.py --task brain --cases 4 --json "
+    "bench/results/warpseg_brain_quick.json": BENCH,
+    # REG18 (issue 18): the 1.5 mm bench and its validation sweep, registering at 1.5 mm
+    "python bench/registration.py --pairs 8 --skip-phantom --spacing 1.5 --refine 0 25 50 "
+    "--ants-settings SyN --sitk-pairs 1 --threads 2 --json bench/results/registration_mni_1.5mm.json": BENCH,
+    "python bench/registration.py --quick --pairs 2 --skip-phantom --spacing 1.5 --refine 25 50 "
+    "--refine-fine 0 10 --affine optimise --no-baselines --no-default --first-seed 20000": BENCH,
+    "regseg mni --out out/mni15 --pairs 2 --spacing 1.5":
+        "writes 2 pairs at 1.5 mm (~25 s); tests/test_mni_spacing.py runs regseg mni --spacing on a coarser grid",
+    "regseg register --pairs out/mni15 --out out/reg15":
+        "registers 2 pairs at 1.5 mm (about a minute); needs regseg mni's 1.5 mm set",
+    "regseg register --pairs out/mni15 --out out/reg15 --refine 25 --threads 1":
+        "registers 2 pairs at 1.5 mm (about a minute); needs regseg mni's 1.5 mm set",
+    # MAS2 (issue 11): the retrained SimNet's command, the full fusion bench and the JLF tuning
+    "regseg train simnet --out runs/simnet --targets 10 --atlases 4 --val-targets 4 --minutes 22":
+        TRAINING,
+    "python bench/mas.py --targets 8 --atlases 4 --cache-dir /tmp/mas_eval_cache "
+    "--skip-registration-bench --json bench/results/mas.json": BENCH,
+    "python bench/mas_tune_jlf.py --json bench/results/mas_jlf_tuning.json": BENCH,
+    "python bench/mas_tune_jlf.py --radii 3 4 5 --betas 0.5 --alphas 0.1 1 --dilations 2 4 "
+    "--json bench/results/mas_jlf_tuning_2.json": BENCH,
     "regseg register --pairs out/mni --out out/reg --affine learned+optimise": 'needs the MNI set (regseg mni, nilearn) and registers 8 pairs (minutes); tests/models/test_affine3d.py runs regseg register --affine learned on one pair',
     "regseg register --pairs out/mni --out out/reg --affine learned": 'needs the MNI set (regseg mni, nilearn) and registers 8 pairs (minutes); tests/models/test_affine3d.py runs regseg register --affine learned on one pair',
     "regseg register --pairs out/mni --out out/reg --affine optimise --affine-iterations 120":
