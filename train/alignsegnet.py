@@ -33,6 +33,7 @@ from regseg.train.data import (
     SampleSet,
     cached_samples,
     open_randomised_scanner,
+    open_randomised_stack_scanner,
     open_simulated_scanner,
 )
 from regseg.train.distributed import main_first, wrap
@@ -108,6 +109,7 @@ def train_alignsegnet(
     open_scanner: OpenScanner = open_simulated_scanner,
     randomise: bool = False,
     plain_fraction: float = 0.2,
+    mri_stacks: bool = False,
     init: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
@@ -134,6 +136,9 @@ def train_alignsegnet(
             ``plain_fraction`` of the frames from the plain scanner; validation then reports
             the held-out phantoms both plain (``validation``) and randomised
             (``validation_randomised``, the one the curves follow).
+        mri_stacks: with ``randomise``, the randomised cases' MRI is half the time a thick,
+            oblique T2 stack with labels drawn on its slices (``regseg.sim.mri_stack``),
+            training and randomised validation alike.
         init: start from this checkpoint's weights (fine-tuning) instead of a random init.
         resume: continue the run whose state ``out_dir/alignsegnet.state.pt`` holds (same
             options; its schedule, batch order and remaining time budget carry on).
@@ -143,6 +148,9 @@ def train_alignsegnet(
     Returns:
         the summary written to ``alignsegnet.json`` (``None`` on ranks other than 0).
     """
+    if mri_stacks and not randomise:
+        raise InputError("--mri-stacks: the MRI stacks are part of the domain randomisation; "
+                         "add --randomise")
     t_start = time.monotonic()
     deadline = t_start + 60.0 * minutes
     out_dir = Path(out_dir)
@@ -162,7 +170,7 @@ def train_alignsegnet(
     with main_first(dist):  # local rank 0 fills the cache, the others read it
         train_set, val_set, plain_val_set, demo_set = _datasets(
             cache_dir, train_seeds, val_seeds, samples, val_frames, open_scanner, randomise,
-            plain_fraction, data_args)
+            plain_fraction, data_args, mri_stacks)
     data_s = time.monotonic() - t_start
     if dist.main:
         print(f"data: {len(train_set)} train / {len(val_set)} val / {len(demo_set)} demo frames "
@@ -280,6 +288,8 @@ def train_alignsegnet(
     if randomise:
         summary.update(randomise=True, plain_fraction=plain_fraction,
                        validation_randomised=held_out_randomised)
+        if mri_stacks:
+            summary["mri_stacks"] = True
     if init_meta is not None:
         summary["init"] = init_meta
     save_checkpoint(out_dir / f"{NAME}.pt", NAME, model, cfg,
@@ -293,18 +303,19 @@ def train_alignsegnet(
 
 def _datasets(cache_dir: str | Path | None, train_seeds: list[int], val_seeds: list[int],
               samples: int, val_frames: int, open_scanner: OpenScanner, randomise: bool,
-              plain_fraction: float, data_args: dict[str, Any]
+              plain_fraction: float, data_args: dict[str, Any], mri_stacks: bool = False
               ) -> tuple[SampleSet, SampleSet, SampleSet | None, SampleSet]:
     """The training, validation, plain validation (``--randomise`` only) and demo frames."""
     train_phantoms = len(train_seeds)
     plain_val_set = None
+    open_randomised = open_randomised_stack_scanner if mri_stacks else open_randomised_scanner
     if randomise:
         n_plain = int(round(samples * plain_fraction))
         plain_seeds = train_seeds[:max(1, min(len(train_seeds), 16))] if n_plain else []
         parts = [cached_samples(cache_dir, train_seeds,
                                 math.ceil((samples - n_plain) / train_phantoms),
                                 desc="randomised train frames",
-                                open_scanner=open_randomised_scanner, **data_args)]
+                                open_scanner=open_randomised, **data_args)]
         if plain_seeds:
             parts.append(cached_samples(cache_dir, plain_seeds,
                                         math.ceil(n_plain / len(plain_seeds)),
@@ -312,7 +323,7 @@ def _datasets(cache_dir: str | Path | None, train_seeds: list[int], val_seeds: l
                                         **data_args))
         train_set = SampleSet.concat(parts)
         val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="randomised val frames",
-                                 open_scanner=open_randomised_scanner, **data_args)
+                                 open_scanner=open_randomised, **data_args)
         plain_val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="val frames",
                                        open_scanner=open_scanner, **data_args)
     else:
@@ -372,7 +383,8 @@ def _train_from_args(args: argparse.Namespace, command: str | None) -> dict[str,
         train_phantoms=args.train_phantoms, val_phantoms=args.val_phantoms,
         val_frames=args.val_frames, batch_size=args.batch_size, lr=args.lr, steps=args.steps,
         validate_every_s=args.validate_every, threads=args.threads, cache_dir=args.cache_dir,
-        randomise=args.randomise, plain_fraction=args.plain_fraction, init=args.init,
+        randomise=args.randomise, plain_fraction=args.plain_fraction,
+        mri_stacks=args.mri_stacks, init=args.init,
         progress=not args.no_progress, command=command, resume=args.resume,
         checkpoint_every=args.checkpoint_every)
 

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train on domain-randomised cases (regseg.sim.randomise)")
     parser.add_argument("--plain-fraction", type=float, default=0.2,
                         help="with --randomise: share of plain-scanner frames (default 0.2)")
+    parser.add_argument("--mri-stacks", action="store_true",
+                        help="with --randomise: half the randomised cases' MRI is a thick, "
+                        "oblique T2 stack with labels drawn on its slices (regseg.sim.mri_stack)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this checkpoint (fine-tune) instead of random weights")
     add_run_options(parser, threads=2, checkpoint_every=50)

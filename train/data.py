@@ -58,9 +58,25 @@ def open_randomised_scanner(phantom_seed: int, scanner_seed: int) -> tuple[Any, 
     return phantom, SimulatedScanner(phantom, case.scanner, seed=scanner_seed)
 
 
+def open_randomised_stack_scanner(phantom_seed: int, scanner_seed: int) -> tuple[Any, Any]:
+    """:func:`open_randomised_scanner`'s case, its MRI half the time a thick, oblique T2 stack.
+
+    The case and scanner are exactly those of :func:`open_randomised_scanner` (same seeds); the
+    stack (:func:`regseg.sim.mri_stack.draw_stack`) is drawn from its own generator, and only the
+    MRI side (the returned phantom's ``mri`` and ``labels``) is resampled: the scanner renders,
+    and takes its truth from, the isotropic phantom.
+    """
+    from regseg.sim.mri_stack import acquire_stack, draw_stack
+
+    phantom, scanner = open_randomised_scanner(phantom_seed, scanner_seed)
+    stack = draw_stack(np.random.default_rng([int(phantom_seed), int(scanner_seed), 0x57AC]))
+    return (phantom if stack is None else acquire_stack(phantom, stack)), scanner
+
+
 #: Frame sources whose sample sets may be cached on disk, by the name in the cache key.
 CACHEABLE_SCANNERS: dict[str, OpenScanner] = {
-    "plain": open_simulated_scanner, "randomised": open_randomised_scanner}
+    "plain": open_simulated_scanner, "randomised": open_randomised_scanner,
+    "randomised-stack": open_randomised_stack_scanner}
 
 
 @dataclass
