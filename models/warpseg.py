@@ -112,6 +112,24 @@ def group_logits(fine: Tensor, groups: tuple[int, ...]) -> Tensor:
     return torch.stack(out, 1)
 
 
+def both_heads_coarse(out: dict[str, Tensor], groups: tuple[int, ...]) -> Tensor:
+    """Coarse logits from both decoders: the log of the mean of the coarse head's softmax and
+    the fine head's softmax summed per group. Both estimate the same coarse posterior (the
+    hierarchical loss trains them to agree), so their mean is a two-member ensemble; where
+    the coarse head lags (a briefly trained model with many fine classes) the fine head's
+    groups carry it. For a single-decoder model the two are the same.
+
+    Args:
+        out: the network's ``{"coarse": (B, Kc, ...), "fine": (B, Kf, ...)}`` logits.
+        groups: the coarse group of each fine class.
+    Returns:
+        (B, Kc, ...) logits (log-probabilities).
+    """
+    coarse = torch.softmax(out["coarse"].float(), 1)
+    fine = torch.softmax(group_logits(out["fine"].float(), groups), 1)
+    return torch.log((0.5 * (coarse + fine)).clamp_min(1e-12))
+
+
 class WarpSeg(nn.Module):
     """``forward(image)`` -> ``{"coarse": (B, Kc, D, H, W), "fine": (B, Kf, D, H, W)}`` logits.
 

@@ -106,6 +106,7 @@ def validate(model: WarpSeg, cases, config: WarpSegConfig) -> dict[str, float]:
     a prediction counts 0), through the engine's own pre/post-processing; with up to 8 classes,
     per class too."""
     from regseg.engines.warpseg import logits_to_image, to_working
+    from regseg.models.warpseg import both_heads_coarse
     from regseg.registration_metrics import dice_per_label
 
     model.eval()
@@ -114,6 +115,7 @@ def validate(model: WarpSeg, cases, config: WarpSegConfig) -> dict[str, float]:
     with torch.inference_mode():
         for image, fine_truth in cases:
             out = model(torch.from_numpy(to_working(image, config))[None, None])
+            out = {**out, "coarse": both_heads_coarse(out, config.fine_groups)}  # as the engine
             coarse, fine = logits_to_image(out, image, config)
             for level, pred, truth, names in (
                     ("fine", fine, fine_truth, config.fine_names),

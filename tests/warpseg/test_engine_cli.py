@@ -112,3 +112,36 @@ def test_separable_resampling_equals_grid_sample():
     b = _grid_resample(x, out_to_in, shape)
     assert a.shape == b.shape == (1, 3, 19, 11, 17)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_both_heads_coarse_averages_the_two_posteriors():
+    """Where the coarse head says background weakly and the fine head's prostate classes say
+    gland strongly, both heads together call it gland; the coarse head alone does not."""
+    from regseg.models.warpseg import both_heads_coarse
+
+    coarse = torch.zeros(1, 2, 1, 1, 2)
+    coarse[0, 0] = 0.4  # background slightly ahead: p(background) = 0.60
+    fine = torch.zeros(1, 4, 1, 1, 2)
+    fine[0, 2, ..., 0] = 6.0  # voxel 0: transition zone, p(prostate) ~ 1.0
+    fine[0, 0, ..., 1] = 6.0  # voxel 1: background in both heads
+    both = both_heads_coarse({"coarse": coarse, "fine": fine}, SMALL.fine_groups)
+    assert both.argmax(1).flatten().tolist() == [1, 0]
+    assert coarse.argmax(1).flatten().tolist() == [0, 0]
+    p = both.exp()
+    assert torch.allclose(p.sum(1), torch.ones(1, 1, 1, 2))
+    e6 = float(np.exp(6.0))
+    p_coarse, p_fine = 1 / (1 + float(np.exp(0.4))), (e6 + 2) / (e6 + 3)  # p(prostate) per head
+    assert p[0, 1, 0, 0, 0] == pytest.approx(0.5 * (p_coarse + p_fine), abs=1e-5)
+
+
+def test_engine_decode_option(checkpoint):
+    image = Volume(np.random.default_rng(2).random((24, 16, 16)).astype(np.float32), np.eye(4))
+    coarse_only = WarpSegEngine(checkpoint, decode="coarse")
+    both = WarpSegEngine(checkpoint)
+    assert both.decode == "both"
+    c0, f0 = coarse_only(image)
+    c1, f1 = both(image)
+    for c, f in ((c0, f0), (c1, f1)):  # the hierarchy holds either way
+        assert np.array_equal(np.asarray(SMALL.fine_groups)[f.data], c.data)
+    with pytest.raises(ValueError, match="decode"):
+        WarpSegEngine(checkpoint, decode="fine")
