@@ -1,0 +1,172 @@
+"""Do no harm (regseg.stream.do_no_harm): a registration estimated worse than tracking is not
+published; one estimated better is; the choice reaches the Result, the ZeroMQ header and stats."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from regseg.engines.fusion import FusionEngine
+from regseg.errors import InputError
+from regseg.sim.phantom import make_phantom
+from regseg.sim.scanner import ScannerConfig, SimulatedScanner
+from regseg.stream.capture import warp_labels
+from regseg.stream.context import build_context
+from regseg.stream.do_no_harm import CorrectionGate, build_gate
+from regseg.stream.pipeline import Pipeline
+from regseg.stream.quality import ErrorEstimator
+from regseg.stream.stats import StreamStats
+from regseg.stream.zmq_sink import result_header
+
+# Held-out family-A phantom (never trained on by AlignSegNet or QualityNet).
+SEED = 1002
+
+
+@pytest.fixture(scope="module")
+def case():
+    torch.set_num_threads(1)
+    phantom = make_phantom(SEED)
+    exact = ScannerConfig(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
+                          out_of_plane_mm=0.0)
+    scanner = SimulatedScanner(phantom, exact, seed=SEED)
+    frames = [scanner.frame(k * 60) for k in range(4)]
+    return build_context(phantom.mri, phantom.labels), frames
+
+
+def in_plane_shift(plane: np.ndarray, mm: float) -> np.ndarray:
+    """``plane`` moved by ``mm`` along its own column axis (an in-plane misalignment)."""
+    moved = plane.copy()
+    axis = plane[:3, 0] / np.linalg.norm(plane[:3, 0])
+    moved[:3, 3] += mm * axis
+    return moved
+
+
+class WrongEngine:
+    """A FusionEngine whose registration is always 0.3 (normalised) off along x: ~8 mm."""
+
+    def __init__(self, engine: FusionEngine) -> None:
+        self.engine = engine
+        self.size, self.device = engine.size, engine.device
+
+    def __call__(self, trus, mri, mri_labels):
+        out = dict(self.engine(trus, mri, mri_labels))
+        theta = out["theta"].clone()
+        theta[..., 0, 2] += 0.3
+        out["theta"] = theta
+        return out
+
+
+def test_gate_prefers_the_alignment_estimated_better(case):
+    context, frames = case
+    estimator = ErrorEstimator(context)
+    for frame in frames[:3]:
+        true = frame.truth.image_to_mri
+        wrong = in_plane_shift(true, 8.0)
+        est_true, est_wrong = CorrectionGate.estimates(estimator, frame.pixels, true, wrong)
+        assert est_wrong > est_true + 1.0, (est_true, est_wrong)
+        assert CorrectionGate(0.0)(estimator, frame.pixels, true, wrong).correction == "tracked"
+        assert CorrectionGate(0.0)(estimator, frame.pixels, wrong, true).correction == \
+            "registered"
+
+
+def test_a_wrong_registration_is_not_published(case):
+    context, frames = case
+    engine = WrongEngine(FusionEngine("alignsegnet", backend="eager"))
+    gated = Pipeline(context, engine, do_no_harm=CorrectionGate(0.0))
+    plain = Pipeline(context, engine)
+    stats = StreamStats()
+    for frame in frames:
+        result = gated(frame)
+        tracked = gated.plane(frame)
+        assert result.correction == "tracked"
+        assert result.error_registered_mm > result.error_tracked_mm
+        np.testing.assert_allclose(np.linalg.inv(result.mri_to_image), tracked, atol=1e-6)
+        np.testing.assert_array_equal(result.warped_labels,
+                                      warp_labels(context, tracked, frame.pixels.shape))
+        assert "do_no_harm" in result.timings_ms
+        header = result_header(result)
+        assert header["correction"] == "tracked"
+        assert header["error_tracked_mm"] == pytest.approx(result.error_tracked_mm)
+        stats.add_trust(result.error_mm, result.flags, result.correction)
+        # without the gate the same chain publishes its wrong registration
+        shifted = plain(frame)
+        assert shifted.correction == "registered" and math.isnan(shifted.error_tracked_mm)
+        assert not np.allclose(np.linalg.inv(shifted.mri_to_image), tracked, atol=1.0)
+    assert stats.summary()["corrections"] == {"tracked": len(frames)}
+
+
+def test_the_deformable_stage_refines_the_published_tracked_plane(case):
+    from regseg.stream.deformable import DeformableStage
+
+    context, frames = case
+    stage = DeformableStage(context, "plcreg2d", backend="eager")
+    engine = WrongEngine(FusionEngine("alignsegnet", backend="eager"))
+    for gate, deformed in ((CorrectionGate(0.0), True),
+                           (CorrectionGate(0.0, deformable_on_tracked=False), False)):
+        result = Pipeline(context, engine, deformable=stage, do_no_harm=gate)(frames[1])
+        plane = np.linalg.inv(result.mri_to_image)
+        assert result.correction == "tracked"
+        if deformed:
+            labels, ddf = stage(frames[1].pixels, plane)
+            np.testing.assert_array_equal(result.warped_labels, labels)
+            np.testing.assert_allclose(result.ddf, ddf, atol=1e-5)
+        else:
+            assert result.ddf is None and "deformable" not in result.timings_ms
+            np.testing.assert_array_equal(result.warped_labels,
+                                          warp_labels(context, plane, frames[1].pixels.shape))
+
+
+def test_a_good_registration_is_published(case):
+    context, frames = case
+    gated = Pipeline(context, FusionEngine("alignsegnet", backend="eager"),
+                     do_no_harm=CorrectionGate(0.0))
+    results = []
+    for frame in frames:  # tracking 6 mm off along the frame's own column axis
+        true = frame.truth.image_to_mri
+        gated.set_reference_to_mri(in_plane_shift(true, 6.0) @ np.linalg.inv(true))
+        results.append(gated(frame))
+    assert sum(r.correction == "registered" for r in results) >= 3, [
+        (r.error_tracked_mm, r.error_registered_mm) for r in results]
+    for r in results:
+        if r.correction == "registered":
+            assert r.error_registered_mm < r.error_tracked_mm
+            assert not np.allclose(np.linalg.inv(r.mri_to_image), gated.plane(r.frame), atol=0.5)
+
+
+def test_cli_flag_parses_and_defaults():
+    from regseg.stream.cli_parser import build_parser
+    from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM
+
+    args = build_parser().parse_args(["--demo"])
+    assert (args.do_no_harm, args.do_no_harm_margin_mm) == (DO_NO_HARM_DEFAULT, MARGIN_MM)
+    args = build_parser().parse_args(["--demo", "--do-no-harm", "on-skip-deformable",
+                                      "--do-no-harm-margin-mm", "0.5"])
+    assert (args.do_no_harm, args.do_no_harm_margin_mm) == ("on-skip-deformable", 0.5)
+
+
+def test_window_takes_the_median_and_resets(monkeypatch):
+    # estimate differences tracked - registered: +2, +2, -2, -2, then +2 after a filter reset
+    gains = iter([(3.0, 1.0), (3.0, 1.0), (1.0, 3.0), (1.0, 3.0), (3.0, 1.0)])
+    monkeypatch.setattr(CorrectionGate, "estimates", staticmethod(lambda *a: next(gains)))
+    gate = CorrectionGate(0.5, window=3)
+    picks = [gate(None, None, None, None).correction for _ in range(4)]
+    # one frame estimated worse does not flip the choice (median of 2, 2, -2); two do
+    assert picks == ["registered", "registered", "registered", "tracked"]
+    # without the reset the median of -2, -2, 2 would keep tracked
+    assert gate(None, None, None, None, continues=False).correction == "registered"
+    assert gate.counts == {"registered": 4, "tracked": 1}
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(InputError, match="window"):
+        CorrectionGate(0.0, window=0)
+    with pytest.raises(InputError, match="margin"):
+        CorrectionGate(math.nan)
+    with pytest.raises(InputError, match="--do-no-harm"):
+        build_gate("maybe")
+    assert build_gate("off") is None
+    assert build_gate("on", 0.25).deformable_on_tracked
+    assert not build_gate("on-skip-deformable").deformable_on_tracked
