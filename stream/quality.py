@@ -228,9 +228,23 @@ class QualityCheck:
                             self.threshold_mm, chain)
         self.chain = chain
 
+    @property
+    def lowest_threshold_mm(self) -> float:
+        """The lowest threshold calibrated on any chain (or this one's when there is no other):
+        the one for an alignment no chain was calibrated on, e.g. the tracked plane that
+        regseg.stream.do_no_harm publishes instead of the registration (more false alarms, not
+        fewer detections). An explicit ``error_threshold_mm`` stays as given."""
+        by_chain = self.estimator.calibration.get("by_chain") or {}
+        if self.config.error_threshold_mm is not None or not by_chain:
+            return self.threshold_mm
+        return min(self.threshold_mm, *(float(c["threshold_mm"]) for c in by_chain.values()))
+
     def assess(self, pixels: np.ndarray, spacing_mm: tuple[float, float], tracked: bool,
                labels: np.ndarray, warped_labels: np.ndarray, image_to_mri: np.ndarray,
-               seg_conf: float = math.nan, jump_mm: float = math.nan) -> Assessment:
+               seg_conf: float = math.nan, jump_mm: float = math.nan, *,
+               threshold_mm: float | None = None) -> Assessment:
+        """The frame's Assessment; ``threshold_mm``: flag at this error threshold instead of
+        the chain's (:attr:`lowest_threshold_mm` for a tracked-only alignment)."""
         cfg = self.config
         flags = []
         if not tracked:
@@ -242,7 +256,7 @@ class QualityCheck:
         if gland_mm2 < cfg.min_gland_mm2:
             flags.append("no_gland")
         error = self.estimator(pixels, image_to_mri, warped_labels)
-        if error > self.threshold_mm:
+        if error > (self.threshold_mm if threshold_mm is None else threshold_mm):
             flags.append("error_estimate")
         if jump_mm > cfg.jump_threshold_mm:  # NaN (no filter, or reset) compares False
             flags.append("jump")
