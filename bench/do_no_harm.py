@@ -135,6 +135,17 @@ def record_frames(family: str, seeds, levels, n: int, threads: int) -> list[dict
     return records
 
 
+def _weights() -> dict[str, str]:
+    """sha256 (12 hex) of the shipped weights the chain ran with (AlignSegNet may be retrained)."""
+    import hashlib
+
+    from regseg.models.qualitynet import WEIGHTS
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+            for p in (WEIGHTS.parent / n for n in ("alignsegnet.pt", "plcreg2d.pt",
+                                                   "qualitynet.pt")) if p.is_file()}
+
+
 # ------------------------------------------------------------------------------ replay
 def _runs(records: list[dict]):
     """Records grouped per (family, phantom, level) run, in frame order."""
@@ -145,13 +156,16 @@ def _runs(records: list[dict]):
 
 
 def simulate(records: list[dict], margin: float | None, window: int = 1,
-             deformable_on_tracked: bool = False) -> list[dict]:
+             deformable_on_tracked: bool = False, tracked_must_pass: bool = False
+             ) -> list[dict]:
     """What the chain publishes per frame with the gate at ``margin``/``window`` (None: no gate).
 
     The same rule as :class:`regseg.stream.do_no_harm.CorrectionGate` (median of the last
     ``window`` differences, history dropped where ``jump_mm`` is NaN); the flags re-judged on what
-    is published: ``error_estimate`` from its estimate at the chain's threshold, ``disagreement``
-    from its labels, the other flags as the chain raised them."""
+    is published: ``error_estimate`` from its estimate at the chain's threshold (the lowest
+    calibrated one for a tracked plane), ``disagreement`` from its labels, the other flags as the
+    chain raised them. ``tracked_must_pass``: tracked only where its pair's estimate is at most
+    that threshold (CorrectionGate's option of the same name)."""
     out = []
     for run in _runs(records):
         gains: list[float] = []
@@ -162,7 +176,8 @@ def simulate(records: list[dict], margin: float | None, window: int = 1,
                 if not math.isfinite(r["jump_mm"]):
                     gains = []
                 gains = (gains + [r["est_tracked"] - r["est_registered"]])[-window:]
-                tracked = not float(np.median(gains)) > margin
+                passes = r["est_tracked"] <= r["threshold_lowest_mm"] or not tracked_must_pass
+                tracked = not float(np.median(gains)) > margin and passes
             v = ("trk_def" if deformable_on_tracked else "trk") if tracked else "reg"
             est = {"reg": r["pub_est_reg"], "trk": r["pub_est_trk"],
                    "trk_def": r["pub_est_trk_def"]}[v]
@@ -192,6 +207,7 @@ def summary(frames: list[dict]) -> dict:
     flips = sum(a["tracked"] != b["tracked"] for a, b in zip(frames, frames[1:], strict=False)
                 if (a["phantom"], a["level"]) == (b["phantom"], b["level"]))
     lesion = np.asarray([f["lesion_mri"] for f in frames], np.float64)
+    shown = tre[~flagged]  # published as truth: MRIToImage and MRI labels sent
     return {"frames": len(frames), "tre_median_mm": q("tre_mm", 50), "tre_p90_mm": q("tre_mm", 90),
             "tre_mean_mm": round(float(np.nanmean(tre)), 3),
             "dice_mri": round(float(np.nanmean([f["dice_mri"] for f in frames])), 4),
@@ -201,12 +217,19 @@ def summary(frames: list[dict]) -> dict:
             "flips": int(flips), "n_bad": int(bad.sum()), "n_good": int(good.sum()),
             "detection": round(float(flagged[bad].mean()), 4) if bad.any() else None,
             "false_alarm": round(float(flagged[good].mean()), 4) if good.any() else None,
-            "flagged_pct": round(100.0 * float(flagged.mean()), 1)}
+            "flagged_pct": round(100.0 * float(flagged.mean()), 1),
+            "published": int(shown.size),
+            "published_tre_median_mm": (round(float(np.nanmedian(shown)), 3) if shown.size
+                                        else None),
+            "published_over_2mm": int((shown > GOOD_MM).sum()),
+            "published_over_5mm": int((shown > BAD_MM).sum())}
 
 
 def table(records: list[dict], margin: float, window: int,
           deformable_on_tracked: bool = True) -> list[dict]:
-    """Rows per family and level (and pooled): tracked, registered and gated side by side."""
+    """Rows per family and level (and pooled): tracked, registered and gated side by side;
+    ``*_pass``: the gate with ``tracked_must_pass``; ``published*``: frames not flagged (sent
+    as truth) and how many of them are off by more than 2 mm."""
     rows = []
     fams = sorted({r["family"] for r in records})
     for fam in fams:
@@ -216,6 +239,7 @@ def table(records: list[dict], margin: float, window: int,
             reg = summary(simulate(sel, None))
             gated = summary(simulate(sel, margin, window, deformable_on_tracked))
             other = summary(simulate(sel, margin, window, not deformable_on_tracked))
+            must = summary(simulate(sel, margin, window, deformable_on_tracked, True))
             trk = np.asarray([r["tre_tracked_mm"] for r in sel])
             rows.append({
                 "name": f"{fam} {'all levels' if level is None else f'{level:g}mm/{level:g}deg'}",
@@ -236,7 +260,15 @@ def table(records: list[dict], margin: float, window: int,
                 "detection_registered": reg["detection"], "n_bad_registered": reg["n_bad"],
                 "detection_gated": gated["detection"], "n_bad_gated": gated["n_bad"],
                 "false_alarm_registered": reg["false_alarm"], "n_good_registered": reg["n_good"],
-                "false_alarm_gated": gated["false_alarm"], "n_good_gated": gated["n_good"]})
+                "false_alarm_gated": gated["false_alarm"], "n_good_gated": gated["n_good"],
+                "tre_gated_pass_median_mm": must["tre_median_mm"],
+                "tre_gated_pass_p90_mm": must["tre_p90_mm"],
+                "tracked_pct_pass": must["tracked_pct"], "dice_mri_gated_pass": must["dice_mri"],
+                "detection_gated_pass": must["detection"],
+                "false_alarm_gated_pass": must["false_alarm"],
+                **{f"{k}_{name}": v[k] for name, v in (("registered", reg), ("gated", gated),
+                                                       ("gated_pass", must))
+                   for k in ("published", "published_tre_median_mm", "published_over_2mm")}})
     return rows
 
 
@@ -303,14 +335,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.records:
         data = json.loads(Path(args.records).read_text())
         records, meta = data["frames_detail"], {k: data.get(k) for k in (
-            "command", "machine", "date", "load_average", "record_seconds")}
+            "command", "machine", "date", "load_average", "record_seconds", "weights",
+            "weights_note")}
+        meta["replay_command"] = shlex.join(["python", "bench/do_no_harm.py",
+                                             *(argv or sys.argv[1:])])
     else:
         torch.set_num_threads(args.threads)
         seeds = args.seeds or (CALIB_SEEDS_A if family == "A" else EVAL_SEEDS_B)
         records = record_frames(family, seeds, args.levels, args.frames, args.threads)
         meta = {"command": shlex.join(["python", "bench/do_no_harm.py", *(argv or sys.argv[1:])]),
                 "machine": machine_name(), "date": utc_now(), "load_average": load_average(),
-                "record_seconds": round(time.perf_counter() - t0, 1)}
+                "record_seconds": round(time.perf_counter() - t0, 1), "weights": _weights()}
     if args.choice:
         chosen = json.loads(Path(args.choice).read_text())["choice"]["best"]
         choice = {"from": args.choice, "best": chosen}
@@ -327,7 +362,12 @@ def main(argv: list[str] | None = None) -> int:
                        "p90": round(float(np.percentile(gate_ms, 90)), 3)},
            "frames_detail": records}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    # the summary indented, the per-frame records one compact line each (floats to 4 places)
+    detail = ",\n".join(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                    for k, v in r.items()}, separators=(",", ":"))
+                        for r in records)
+    text = json.dumps({**out, "frames_detail": "@DETAIL@"}, indent=1)
+    Path(args.out).write_text(text.replace('"@DETAIL@"', "[\n" + detail + "\n]") + "\n")
     print(f"choice: {json.dumps(best)}")
     for r in rows:
         print(f"{r['name']:>18}: TRE med tracked {r['tre_tracked_median_mm']:.2f} registered "
@@ -338,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
               f"(other {r['dice_mri_gated_other']:.3f}) | det {r['detection_registered']} -> "
               f"{r['detection_gated']} FA {r['false_alarm_registered']} -> "
               f"{r['false_alarm_gated']}")
+        print(f"{'':>18}  must-pass: TRE med {r['tre_gated_pass_median_mm']:.2f} p90 "
+              f"{r['tre_gated_pass_p90_mm']:.2f} tracked {r['tracked_pct_pass']:.0f}% | published"
+              f" (n, median, > 2 mm) registered {r['published_registered']} "
+              f"{r['published_tre_median_mm_registered']} {r['published_over_2mm_registered']}"
+              f"; gated {r['published_gated']} {r['published_tre_median_mm_gated']} "
+              f"{r['published_over_2mm_gated']}; must-pass {r['published_gated_pass']} "
+              f"{r['published_tre_median_mm_gated_pass']} {r['published_over_2mm_gated_pass']}")
     print(f"gate {out['gate_ms']} ms; {time.perf_counter() - t0:.0f} s")
     return 0
 

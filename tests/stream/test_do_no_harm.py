@@ -170,3 +170,44 @@ def test_bad_settings_are_refused():
     assert build_gate("off") is None
     assert build_gate("on", 0.25).deformable_on_tracked
     assert not build_gate("on-skip-deformable").deformable_on_tracked
+
+
+def test_tracked_must_pass_keeps_the_registration_where_tracking_looks_bad(monkeypatch):
+    # tracked estimated 3 mm, registered 3.5 mm: not better by the margin, so tracked ...
+    monkeypatch.setattr(CorrectionGate, "estimates", staticmethod(lambda *a: (3.0, 3.5)))
+    assert CorrectionGate(0.5)(None, None, None, None, tracked_max_mm=1.5).correction == \
+        "tracked"
+    # ... unless tracked must pass the flag's threshold itself and does not
+    strict = CorrectionGate(0.5, tracked_must_pass=True)
+    assert strict(None, None, None, None, tracked_max_mm=1.5).correction == "registered"
+    assert strict(None, None, None, None, tracked_max_mm=3.0).correction == "tracked"
+
+
+def test_lowest_threshold_is_the_lowest_calibrated(case):
+    from regseg.stream.quality import QualityCheck, QualityConfig
+
+    check = QualityCheck(case[0])
+    by_chain = check.estimator.calibration.get("by_chain") or {}
+    lowest = min([check.threshold_mm, *(c["threshold_mm"] for c in by_chain.values())])
+    assert check.lowest_threshold_mm == pytest.approx(lowest)
+    assert check.lowest_threshold_mm <= check.threshold_mm
+    explicit = QualityCheck(case[0], QualityConfig(error_threshold_mm=9.0))
+    assert explicit.lowest_threshold_mm == 9.0  # an explicit threshold stays as given
+
+
+def test_pairs_are_built_as_the_error_estimator_builds_its_input(case):
+    from regseg.stream.do_no_harm import plane_pairs
+
+    context, frames = case
+    estimator = ErrorEstimator(context)
+    frame = frames[2]
+    planes_ = [frame.truth.image_to_mri, in_plane_shift(frame.truth.image_to_mri, 5.0)]
+    x = plane_pairs(estimator, frame.pixels, planes_)
+    assert x.shape == (2, 4, *estimator.size)
+    for b, plane in enumerate(planes_):
+        ref = estimator.inputs(frame.pixels, plane,
+                               warp_labels(context, plane, frame.pixels.shape))[0]
+        torch.testing.assert_close(x[b, :2], ref[:2], atol=1e-5, rtol=1e-5)  # TRUS, MRI
+        # label maps: sampled on the net's grid here, resized from frame size there
+        assert (x[b, 2:] == ref[2:]).float().mean() > 0.97
+        assert x[b, 2].sum() > 100  # the gland is in view
