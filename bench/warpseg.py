@@ -160,7 +160,8 @@ def run(task: str, n: int, *, refine: int, sitk_iterations: int, progress: bool 
 
         registration = registration_engine(refine)
     else:
-        registration = RegistrationEngine("plcreg3d", refine=refine)
+        registration = RegistrationEngine("plcreg3d", affine="optimise", refine=refine)  # as the
+        # shipped warpseg-prostate's pseudo-labels (train/warpseg_data.py)
     warpseg = WarpSegEngine(warpseg_model or f"warpseg-{task}", backend="auto")
     single_name = single_model or f"warpseg-{task}-single"
     single = (WarpSegEngine(single_name, backend=warpseg.backend)

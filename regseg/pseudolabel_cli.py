@@ -12,9 +12,15 @@ from pathlib import Path
 
 from regseg.cli_checks import check_checkpoint, check_readable_file, check_writable, int_at_least
 
+#: ``regseg pseudolabel``'s affine stage. Not ``regseg register``'s learned+optimise: Affine3D was
+#: trained on brain MRI pairs only, and atlases may be of any anatomy (the shipped
+#: warpseg-prostate's pseudo-labels were made with this).
+PSEUDOLABEL_AFFINE = "optimise"
+
 
 def add_cli(p: argparse.ArgumentParser) -> None:
     """Arguments of ``regseg pseudolabel``."""
+    from regseg.engines.affine_modes import AFFINE_MODES
     from regseg.register_cli import REFINE_DEFAULT
 
     p.add_argument("--atlas", required=True, help="the atlas image, 3-D NIfTI")
@@ -33,8 +39,13 @@ def add_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", type=int_at_least(0), default=REFINE_DEFAULT, metavar="N",
                    help=f"instance-optimisation steps after the network (default "
                         f"{REFINE_DEFAULT}; 0: the network alone)")
-    p.add_argument("--affine-iterations", type=int_at_least(0), default=120,
-                   help="affine stage steps (default 120; 0: no affine stage)")
+    p.add_argument("--affine", choices=AFFINE_MODES, default=PSEUDOLABEL_AFFINE,
+                   help="affine stage: optimise (MIND instance optimisation from the centre of "
+                        "mass), learned or learned+optimise (Affine3D, trained on brain MRI pairs "
+                        f"only) or none (default {PSEUDOLABEL_AFFINE}: atlases of any anatomy)")
+    p.add_argument("--affine-iterations", type=int_at_least(0), default=None,
+                   help="affine stage MIND steps (default: 120 for optimise, 20 after the "
+                        "network for learned+optimise; 0: no steps)")
     p.add_argument("--backend", default="eager", help="engine backend (default eager)")
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads (default: as `regseg register`)")
@@ -62,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
     labels = load_label_map(args.atlas_labels, like=atlas, what="atlas label")
     torch.set_num_threads(args.threads or default_threads())
     engine = RegistrationEngine(args.weights, backend=args.backend, device="cpu",
-                                affine_iterations=args.affine_iterations, refine=args.refine)
+                                affine=args.affine, affine_iterations=args.affine_iterations,
+                                refine=args.refine)
     margin = None if args.roi_margin_mm < 0 else args.roi_margin_mm
     meta = {"atlas": str(args.atlas), "atlas_labels": str(args.atlas_labels),
-            "weights": str(args.weights), "refine": args.refine,
+            "weights": str(args.weights), "refine": args.refine, "affine": args.affine,
             "interpolation": args.interpolation, "roi_margin_mm": margin}
     bar = tqdm(total=len(images), desc="pseudolabel", unit="image", disable=args.no_progress)
     skipped = []

@@ -104,7 +104,9 @@ def prostate_training_set(cache: Path, *, atlases: int, unlabelled: int, refine:
     pseudo_dir = cache / f"pseudo_refine{refine}"
     done = read_quality(pseudo_dir)
     if len(done) < len(free_seeds):
-        engine = RegistrationEngine("plcreg3d", refine=refine)
+        # optimise, not the learned affine stage (trained on brain MRI pairs only): what the
+        # shipped model's pseudo-labels were made with
+        engine = RegistrationEngine("plcreg3d", affine="optimise", refine=refine)
         bar = tqdm(total=len(free_seeds), desc="pseudolabel", disable=not progress)
         pseudolabel_folder(engine, load_mri(atlas_img), _load_labels(atlas_lab),
                            [cases[s][0] for s in free_seeds], pseudo_dir,

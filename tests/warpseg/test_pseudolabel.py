@@ -52,6 +52,7 @@ def test_pseudolabels_quality_and_resume(cases, tmp_path, capsys):
         assert dice > 0.5, (stem, dice)  # another phantom's gland, moved onto this one
         assert -1 <= float(rows[stem]["ncc"]) <= 1 and float(rows[stem]["folding_pct"]) >= 0
     first = json.loads((out / "quality.json").read_text())
+    assert first["meta"]["affine"] == "optimise"  # not the brain-trained learned affine stage
     mtime = (out / "c201_labels.nii.gz").stat().st_mtime_ns
     capsys.readouterr()
     assert regseg_main(_args(root, out)) == 0  # resumed: nothing redone
