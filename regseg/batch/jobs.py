@@ -44,8 +44,8 @@ class Job:
 
     def options(self, args: argparse.Namespace) -> dict[str, Any]:
         """The options that change a case's outputs (part of its digest)."""
-        keys = ("weights", "affine_iterations", "no_affine", "atlas", "atlas_labels", "atlases",
-                "method", "registration", "initial", "target_offset_mm")
+        keys = ("weights", "affine", "affine_iterations", "no_affine", "refine", "atlas",
+                "atlas_labels", "atlases", "method", "registration", "initial", "target_offset_mm")
         return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -53,7 +53,8 @@ def _registration_engine(args: argparse.Namespace, device: Any) -> Any:
     from regseg.engines.registration import RegistrationEngine
 
     return RegistrationEngine(args.weights, backend=args.backend, device=device,
-                              affine_iterations=0 if args.no_affine else args.affine_iterations)
+                              affine="none" if args.no_affine else args.affine,
+                              affine_iterations=args.affine_iterations, refine=args.refine)
 
 
 # register ---------------------------------------------------------------------------------------

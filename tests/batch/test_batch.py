@@ -68,8 +68,24 @@ def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
 
 def _args(data: Path, manifest: str, out: Path, *extra: str) -> list[str]:
     return [str(data / manifest), "--out", str(out), "--weights", str(data / "tiny3d.pt"),
-            "--affine-iterations", "2", "--device", "cpu", "--threads", "1", "--no-progress",
-            *extra]
+            "--affine", "optimise", "--affine-iterations", "2", "--refine", "0", "--device", "cpu",
+            "--threads", "1", "--no-progress", *extra]
+
+
+def test_register_and_segment_defaults_are_regseg_register_and_pseudolabel_ones():
+    """batch register registers as regseg register does (learned+optimise, --refine 50);
+    batch segment as regseg pseudolabel (optimise: Affine3D knows brains only)."""
+    import argparse
+
+    from regseg.batch.cli import add_batch_arguments
+    from regseg.register_cli import REFINE_DEFAULT
+
+    p = argparse.ArgumentParser()
+    add_batch_arguments(p)
+    reg = p.parse_args(["register", "m.csv", "--out", "o"])
+    seg = p.parse_args(["segment", "m.csv", "--out", "o"])
+    assert (reg.affine, reg.affine_iterations, reg.refine) == ("learned+optimise", None, 50)
+    assert (seg.affine, seg.refine) == ("optimise", REFINE_DEFAULT)
 
 
 def _results(out: Path) -> list[dict]:
