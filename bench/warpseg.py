@@ -167,6 +167,7 @@ def run(task: str, n: int, *, refine: int, sitk_iterations: int, progress: bool 
     single = (WarpSegEngine(single_name, backend=warpseg.backend)
               if shipped_path(single_name).is_file() else None)
     rows: dict[str, list[dict]] = {m: [] for m in METHODS}
+    sitk_failures: list[dict] = []
     for _seed, image, truth in tqdm(cases(), total=n, desc=f"bench warpseg {task}",
                                     disable=not progress):
         spacing = float(image.voxel_to_world[0, 0])
@@ -183,8 +184,14 @@ def run(task: str, n: int, *, refine: int, sitk_iterations: int, progress: bool 
                 t = time.perf_counter()
                 add(name, engine(image)[1].data, t)
         t = time.perf_counter()
-        add("simpleitk", simpleitk_labels(atlas, atlas_fine, image, margin, sitk_iterations,
-                                          2.0 if task == "prostate" else SITK_BRAIN_MM), t)
+        try:
+            sitk_fine = simpleitk_labels(atlas, atlas_fine, image, margin, sitk_iterations,
+                                         2.0 if task == "prostate" else SITK_BRAIN_MM)
+        except RuntimeError as exc:  # ITK gives up (e.g. "All samples map outside moving
+            # image buffer"): the baseline failed on this case, scored as all background
+            sitk_failures.append({"seed": int(_seed), "error": str(exc).strip().splitlines()[-1]})
+            sitk_fine = np.zeros_like(truth)
+        add("simpleitk", sitk_fine, t)
     means = {m: {k: round(float(np.nanmean([r[k] for r in rs])), 4) for k in rs[0]}
              for m, rs in rows.items() if rs}
     speedup = means["pseudolabels"]["seconds"] / means["warpseg"]["seconds"]
@@ -197,6 +204,7 @@ def run(task: str, n: int, *, refine: int, sitk_iterations: int, progress: bool 
         "registration": ("learned+optimise affine, PLCReg 3-D" if task == "brain"
                          else "optimise affine, PLCReg 3-D"),
         "load_average": [round(x, 1) for x in os.getloadavg()],
+        "simpleitk_failures": sitk_failures,  # cases where ITK stopped; scored as background
         "dice": {m: {"coarse": v["coarse"], "fine": v["fine"]} for m, v in means.items()},
         "fine_dice": ({m: {c: v[c] for c in fine_names.values()} for m, v in means.items()}
                       if fine_names else {}),
@@ -223,6 +231,8 @@ def print_table(result: dict) -> None:
         print(line + f"{result['hd95_mm'][m]:>9.2f}{result['seconds_per_volume'][m]:>10.2f}")
     print(f"warpseg is {result['speedup_vs_registration']:.1f}x faster per volume than the "
           "registration that made its pseudo-labels")
+    for fail in result.get("simpleitk_failures", []):
+        print(f"simpleitk failed on case {fail['seed']} (scored as background): {fail['error']}")
     if result["missing"]:
         print(f"not run: {', '.join(result['missing'])} (no shipped weights)")
 
