@@ -23,6 +23,7 @@ import math
 import shlex
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,9 @@ EVAL_SEEDS_B = tuple(range(5000, 5004))
 BAD_MM, GOOD_MM = 5.0, 2.0
 MARGINS = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 TIE_MM = 0.005  # mean TRE this close to the best counts as a tie
+#: The "small corrections only" variant's bound (regseg.stream.do_no_harm.MAX_CORRECTION_MM when
+#: set): QualityConfig.jump_threshold_mm, the chain's bound on a plausible change of correction.
+SMALL_MM = 3.0
 WINDOWS = (1, 3, 5)
 #: A choice may cost family A at most this much median TRE at any level >= 3 mm (its capture).
 CAPTURE_TOLERANCE_MM = 0.1
@@ -75,7 +79,7 @@ def record_frames(family: str, seeds, levels, n: int, threads: int) -> list[dict
     )
     from regseg.stream.capture import warp_labels
     from regseg.stream.context import build_context
-    from regseg.stream.do_no_harm import CorrectionGate
+    from regseg.stream.do_no_harm import CorrectionGate, correction_mm
 
     engine = build_engine(threads=threads)
     records = []
@@ -113,6 +117,7 @@ def record_frames(family: str, seeds, levels, n: int, threads: int) -> list[dict
                 rec = {"family": family, "phantom": seed, "level": level, "seq": frame.seq,
                        "tre_tracked_mm": _tre(p_t, truth), "tre_registered_mm": _tre(p_r, truth),
                        "est_tracked": est_t, "est_registered": est_r, "gate_ms": gate_ms,
+                       "correction_mm": correction_mm(p_t, p_r, hw),
                        "pub_est_reg": float(res.error_mm),
                        "pub_est_trk": estimator(frame.pixels, p_t, lab_t),
                        "pub_est_trk_def": estimator(frame.pixels, p_t, lab_td),
@@ -156,8 +161,8 @@ def _runs(records: list[dict]):
 
 
 def simulate(records: list[dict], margin: float | None, window: int = 1,
-             deformable_on_tracked: bool = False, tracked_must_pass: bool = False
-             ) -> list[dict]:
+             deformable_on_tracked: bool = False, tracked_must_pass: bool = False,
+             max_correction_mm: float = math.inf) -> list[dict]:
     """What the chain publishes per frame with the gate at ``margin``/``window`` (None: no gate).
 
     The same rule as :class:`regseg.stream.do_no_harm.CorrectionGate` (median of the last
@@ -165,7 +170,9 @@ def simulate(records: list[dict], margin: float | None, window: int = 1,
     is published: ``error_estimate`` from its estimate at the chain's threshold (the lowest
     calibrated one for a tracked plane), ``disagreement`` from its labels, the other flags as the
     chain raised them. ``tracked_must_pass``: tracked only where its pair's estimate is at most
-    that threshold (CorrectionGate's option of the same name)."""
+    that threshold (CorrectionGate's option of the same name); ``max_correction_mm``: only a
+    registration moving the frame by at most this much may be withheld (the records must have
+    ``correction_mm``)."""
     out = []
     for run in _runs(records):
         gains: list[float] = []
@@ -177,7 +184,9 @@ def simulate(records: list[dict], margin: float | None, window: int = 1,
                     gains = []
                 gains = (gains + [r["est_tracked"] - r["est_registered"]])[-window:]
                 passes = r["est_tracked"] <= r["threshold_lowest_mm"] or not tracked_must_pass
-                tracked = not float(np.median(gains)) > margin and passes
+                small = (math.isinf(max_correction_mm)
+                         or r["correction_mm"] <= max_correction_mm)
+                tracked = not float(np.median(gains)) > margin and passes and small
             v = ("trk_def" if deformable_on_tracked else "trk") if tracked else "reg"
             est = {"reg": r["pub_est_reg"], "trk": r["pub_est_trk"],
                    "trk_def": r["pub_est_trk_def"]}[v]
@@ -240,6 +249,10 @@ def table(records: list[dict], margin: float, window: int,
             gated = summary(simulate(sel, margin, window, deformable_on_tracked))
             other = summary(simulate(sel, margin, window, not deformable_on_tracked))
             must = summary(simulate(sel, margin, window, deformable_on_tracked, True))
+            # records made before correction_mm was recorded: no "small" variant (None)
+            small = (summary(simulate(sel, margin, window, deformable_on_tracked,
+                                      max_correction_mm=SMALL_MM))
+                     if all("correction_mm" in r for r in sel) else defaultdict(lambda: None))
             trk = np.asarray([r["tre_tracked_mm"] for r in sel])
             rows.append({
                 "name": f"{fam} {'all levels' if level is None else f'{level:g}mm/{level:g}deg'}",
@@ -266,8 +279,15 @@ def table(records: list[dict], margin: float, window: int,
                 "tracked_pct_pass": must["tracked_pct"], "dice_mri_gated_pass": must["dice_mri"],
                 "detection_gated_pass": must["detection"],
                 "false_alarm_gated_pass": must["false_alarm"],
+                "tre_gated_small_median_mm": small["tre_median_mm"],
+                "tre_gated_small_p90_mm": small["tre_p90_mm"],
+                "tracked_pct_small": small["tracked_pct"],
+                "dice_mri_gated_small": small["dice_mri"],
+                "detection_gated_small": small["detection"],
+                "false_alarm_gated_small": small["false_alarm"],
                 **{f"{k}_{name}": v[k] for name, v in (("registered", reg), ("gated", gated),
-                                                       ("gated_pass", must))
+                                                       ("gated_pass", must),
+                                                       ("gated_small", small))
                    for k in ("published", "published_tre_median_mm", "published_over_2mm")}})
     return rows
 
@@ -357,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = (table(records, best["margin_mm"], best["window"], best["deformable_on_tracked"])
             if best else [])
     gate_ms = np.asarray([r["gate_ms"] for r in records])
-    out = {**meta, "family": family, "choice": choice, "results": rows,
+    out = {**meta, "family": family, "choice": choice, "small_correction_mm": SMALL_MM,
+           "results": rows,
            "gate_ms": {"p50": round(float(np.median(gate_ms)), 3),
                        "p90": round(float(np.percentile(gate_ms, 90)), 3)},
            "frames_detail": records}
@@ -385,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
               f"; gated {r['published_gated']} {r['published_tre_median_mm_gated']} "
               f"{r['published_over_2mm_gated']}; must-pass {r['published_gated_pass']} "
               f"{r['published_tre_median_mm_gated_pass']} {r['published_over_2mm_gated_pass']}")
+        print(f"{'':>18}  small-only: TRE med {r['tre_gated_small_median_mm']} p90 "
+              f"{r['tre_gated_small_p90_mm']} tracked {r['tracked_pct_small']}% Dice "
+              f"{r['dice_mri_gated_small']} | published {r['published_gated_small']} "
+              f"{r['published_tre_median_mm_gated_small']} "
+              f"{r['published_over_2mm_gated_small']} | det {r['detection_gated_small']} FA "
+              f"{r['false_alarm_gated_small']}")
     print(f"gate {out['gate_ms']} ms; {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -30,11 +30,12 @@ that jumps is evidence that something is off even when tracking is published).
 Margin (1.0 mm), window (5 frames) and the deformable stage on a tracked plane were chosen on
 family-A calibration phantoms 3100-3107 only (``bench/do_no_harm.py``, README "Do no harm"):
 there the gate publishes tracking at 0 mm tracking error (TRE 0.64 -> 0.35 mm) and the
-registration at every level from 3 mm. Measured once on family B with that choice: at 0 mm it
-keeps good tracking (5000-5003: 2.50 -> 0.32 mm; 5004-5007: 6.34 -> 0.31 mm), but from 6-10 mm
-QualityNet, which does not transfer to family B, often rates a 10-16 mm tracked plane better than
-a 4 mm registration (10 mm: 3.67 -> 4.63 mm; 15 mm p90 8.0 -> 16.4 mm; those frames are flagged),
-so it is NOT on by default (``DO_NO_HARM_DEFAULT``): ``regseg-stream --do-no-harm on``.
+registration at every level from 3 mm (capture unchanged). Measured with that choice on family B
+(cases 5000-5011, never chosen on): at 0 mm it keeps good tracking (TRE 2.50 / 6.34 / 3.26 ->
+0.32 / 0.31 / 0.44 mm), but from 6 mm on QualityNet, which does not transfer to family B, often
+rates a 10-16 mm tracked plane better than a 3-5 mm registration (10 mm: 3.67 / 7.41 / 2.77 ->
+4.63 / 9.74 / 4.36 mm; the frames are mostly flagged). So it is NOT on by default
+(``DO_NO_HARM_DEFAULT``): ``regseg-stream --do-no-harm on``.
 """
 
 from __future__ import annotations
@@ -55,14 +56,20 @@ from regseg.types import LESION, PROSTATE
 CORRECTIONS = ("registered", "tracked")
 #: ``regseg-stream --do-no-harm`` default and its settings (bench/do_no_harm.py on family-A
 #: calibration phantoms 3100-3107; see the module docstring: off by default because on family B
-#: it gave up capture at 6-15 mm tracking errors). ``TRACKED_MUST_PASS``: the variant that
-#: publishes tracking only where its own estimate passes the flag; equal on family A, and on
-#: family B it undid most of the 0 mm gain (bench/results/do_no_harm_b*.json ``*_pass``).
+#: it gave up capture at 6-15 mm tracking errors). Two variants, both equal to it on family A
+#: and both failing on family B the criteria written before measuring them (README "Do no
+#: harm"): ``TRACKED_MUST_PASS`` (tracking only where its own estimate passes the flag) and
+#: ``MAX_CORRECTION_MM`` 3 mm (only small corrections withheld) each undid most of the 0 mm gain.
 DO_NO_HARM_DEFAULT = "off"
 MARGIN_MM = 1.0
 WINDOW = 5
 MODES = ("off", "on", "on-skip-deformable")
 TRACKED_MUST_PASS = False
+#: Only a registration that moves the frame by at most this much (mm, :func:`correction_mm`) may
+#: be withheld: publishing a correction of d mm makes the alignment worse than tracking by at
+#: most d mm, and a larger one that QualityNet cannot verify keeps the registration's capture.
+#: inf: no bound.
+MAX_CORRECTION_MM = math.inf
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,16 @@ class Decision:
     error_tracked_mm: float  # QualityNet's estimate of the tracked alignment's error
     error_registered_mm: float  # ... of the registered (affine) alignment's error
     gain_mm: float  # the (windowed median) estimate difference tracked - registered
+    correction_mm: float = math.nan  # how far the registration moves the frame (correction_mm)
+
+
+def correction_mm(tracked: np.ndarray, registered: np.ndarray, hw: tuple[int, int]) -> float:
+    """Mean 3-D distance (mm) between where two (4, 4) image_to_mri planes put a 5 x 5 grid of
+    points spanning the frame: how far the registration moves the tracked plane."""
+    jj, ii = np.meshgrid(np.linspace(0, hw[0] - 1, 5), np.linspace(0, hw[1] - 1, 5),
+                         indexing="ij")
+    p = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)])
+    return float(np.linalg.norm(((tracked - registered) @ p)[:3], axis=0).mean())
 
 
 def plane_pairs(estimator, pixels: np.ndarray, image_to_mri: list[np.ndarray]) -> torch.Tensor:
@@ -116,6 +133,8 @@ class CorrectionGate:
         window: frames whose estimate differences are medianed (1: each frame alone).
         deformable_on_tracked: run the deformable stage on the tracked plane when tracked is
             chosen (False: skip it, publish the plane's labels).
+        max_correction_mm: withhold only registrations that move the frame by at most this
+            (:data:`MAX_CORRECTION_MM`).
         tracked_must_pass: publish the tracked plane only when its own estimate is at most the
             ``tracked_max_mm`` the caller gives (the flag threshold it would be judged by): a
             tracked plane that would be flagged anyway protects nothing (a flagged frame sends
@@ -124,7 +143,8 @@ class CorrectionGate:
 
     def __init__(self, margin_mm: float = MARGIN_MM, window: int = WINDOW, *,
                  deformable_on_tracked: bool = True,
-                 tracked_must_pass: bool = TRACKED_MUST_PASS) -> None:
+                 tracked_must_pass: bool = TRACKED_MUST_PASS,
+                 max_correction_mm: float = MAX_CORRECTION_MM) -> None:
         if not math.isfinite(margin_mm):
             raise InputError(f"do-no-harm margin {margin_mm!r} mm: a finite number expected")
         if int(window) != window or window < 1:
@@ -133,6 +153,9 @@ class CorrectionGate:
         self.window = int(window)
         self.deformable_on_tracked = bool(deformable_on_tracked)
         self.tracked_must_pass = bool(tracked_must_pass)
+        if not max_correction_mm > 0:
+            raise InputError(f"do-no-harm max correction {max_correction_mm!r} mm: > 0 expected")
+        self.max_correction_mm = float(max_correction_mm)
         self._gains: deque[float] = deque(maxlen=self.window)
         self.counts = {c: 0 for c in CORRECTIONS}
 
@@ -163,15 +186,19 @@ class CorrectionGate:
         self._gains.append(est_t - est_r)
         gain = float(np.median(np.asarray(self._gains)))
         passes = est_t <= tracked_max_mm or not self.tracked_must_pass
-        correction = "tracked" if gain <= self.margin_mm and passes else "registered"
+        moved = correction_mm(tracked, registered, pixels.shape[:2])
+        small = moved <= self.max_correction_mm
+        correction = "tracked" if gain <= self.margin_mm and passes and small else "registered"
         self.counts[correction] += 1
-        return Decision(correction, est_t, est_r, gain)
+        return Decision(correction, est_t, est_r, gain, moved)
 
     def info(self) -> dict:
         """Settings and how often each alignment was published (for the stats JSON)."""
         return {"margin_mm": self.margin_mm, "window": self.window,
                 "deformable_on_tracked": self.deformable_on_tracked,
                 "tracked_must_pass": self.tracked_must_pass,
+                "max_correction_mm": (self.max_correction_mm
+                                      if math.isfinite(self.max_correction_mm) else None),
                 "published": dict(self.counts)}
 
 

@@ -23,6 +23,8 @@ from regseg.stream.zmq_sink import result_header
 
 # Held-out family-A phantom (never trained on by AlignSegNet or QualityNet).
 SEED = 1002
+# gate arguments where the estimates are monkeypatched: estimator, pixels, tracked, registered
+STUB = (None, np.zeros((8, 8), np.uint8), np.eye(4), np.eye(4))
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +154,11 @@ def test_window_takes_the_median_and_resets(monkeypatch):
     gains = iter([(3.0, 1.0), (3.0, 1.0), (1.0, 3.0), (1.0, 3.0), (3.0, 1.0)])
     monkeypatch.setattr(CorrectionGate, "estimates", staticmethod(lambda *a: next(gains)))
     gate = CorrectionGate(0.5, window=3)
-    picks = [gate(None, None, None, None).correction for _ in range(4)]
+    picks = [gate(*STUB).correction for _ in range(4)]
     # one frame estimated worse does not flip the choice (median of 2, 2, -2); two do
     assert picks == ["registered", "registered", "registered", "tracked"]
     # without the reset the median of -2, -2, 2 would keep tracked
-    assert gate(None, None, None, None, continues=False).correction == "registered"
+    assert gate(*STUB, continues=False).correction == "registered"
     assert gate.counts == {"registered": 4, "tracked": 1}
 
 
@@ -175,12 +177,12 @@ def test_bad_settings_are_refused():
 def test_tracked_must_pass_keeps_the_registration_where_tracking_looks_bad(monkeypatch):
     # tracked estimated 3 mm, registered 3.5 mm: not better by the margin, so tracked ...
     monkeypatch.setattr(CorrectionGate, "estimates", staticmethod(lambda *a: (3.0, 3.5)))
-    assert CorrectionGate(0.5)(None, None, None, None, tracked_max_mm=1.5).correction == \
+    assert CorrectionGate(0.5)(*STUB, tracked_max_mm=1.5).correction == \
         "tracked"
     # ... unless tracked must pass the flag's threshold itself and does not
     strict = CorrectionGate(0.5, tracked_must_pass=True)
-    assert strict(None, None, None, None, tracked_max_mm=1.5).correction == "registered"
-    assert strict(None, None, None, None, tracked_max_mm=3.0).correction == "tracked"
+    assert strict(*STUB, tracked_max_mm=1.5).correction == "registered"
+    assert strict(*STUB, tracked_max_mm=3.0).correction == "tracked"
 
 
 def test_lowest_threshold_is_the_lowest_calibrated(case):
@@ -211,3 +213,18 @@ def test_pairs_are_built_as_the_error_estimator_builds_its_input(case):
         # label maps: sampled on the net's grid here, resized from frame size there
         assert (x[b, 2:] == ref[2:]).float().mean() > 0.97
         assert x[b, 2].sum() > 100  # the gland is in view
+
+
+def test_only_small_corrections_are_withheld(monkeypatch):
+    from regseg.stream.do_no_harm import correction_mm
+
+    monkeypatch.setattr(CorrectionGate, "estimates", staticmethod(lambda *a: (1.0, 1.0)))
+    pixels = np.zeros((100, 80), np.uint8)
+    plane = np.diag([0.2, 0.2, 1.0, 1.0])
+    for mm, expected in ((2.0, "tracked"), (4.0, "registered")):
+        moved = in_plane_shift(plane, mm)
+        assert correction_mm(plane, moved, pixels.shape) == pytest.approx(mm)
+        decision = CorrectionGate(0.5, max_correction_mm=3.0)(None, pixels, plane, moved)
+        assert decision.correction == expected and decision.correction_mm == pytest.approx(mm)
+    with pytest.raises(InputError, match="max correction"):
+        CorrectionGate(0.5, max_correction_mm=0.0)
