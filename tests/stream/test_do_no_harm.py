@@ -228,3 +228,26 @@ def test_only_small_corrections_are_withheld(monkeypatch):
         assert decision.correction == expected and decision.correction_mm == pytest.approx(mm)
     with pytest.raises(InputError, match="max correction"):
         CorrectionGate(0.5, max_correction_mm=0.0)
+
+
+def test_the_temporal_filter_still_follows_the_registration(case):
+    from regseg.stream.capture import Capture, TemporalFilter
+
+    context, _ = case
+    phantom = make_phantom(SEED)
+    exact = ScannerConfig(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
+                          out_of_plane_mm=0.0)
+    scanner = SimulatedScanner(phantom, exact, seed=SEED)
+    engine = WrongEngine(FusionEngine("alignsegnet", backend="eager"))
+    capture = Capture(temporal=TemporalFilter())
+    pipeline = Pipeline(context, engine, capture=capture, do_no_harm=CorrectionGate(0.0, 3))
+    results = [pipeline(scanner.frame(k)) for k in range(4)]  # consecutive: no filter reset
+    assert all(r.correction == "tracked" for r in results)
+    assert math.isnan(results[0].jump_mm) and all(np.isfinite(r.jump_mm) for r in results[1:])
+    # the filter holds the wrong registration's own correction (~0.3 normalised along x), not
+    # the identity that was published
+    filtered = capture.temporal._state.filtered
+    assert abs(filtered[0, 2]) > 10.0  # pixels
+    for r in results:
+        np.testing.assert_allclose(np.linalg.inv(r.mri_to_image), pipeline.plane(r.frame),
+                                   atol=1e-6)
