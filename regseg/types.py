@@ -66,3 +66,10 @@ class Result:
     # mm between this frame's registration and the temporally filtered one (stream/capture.py);
     # NaN without the filter or with no history (first frame, after a reset)
     jump_mm: float = float("nan")
+    # Do no harm (regseg.stream.do_no_harm): "registered" when the registration is published,
+    # "tracked" when the tracked plane is (the identity correction: the registration was not
+    # estimated better than tracking alone); QualityNet's estimates of both alignments, mm (NaN
+    # when the gate is off or the frame has no pose).
+    correction: str = "registered"
+    error_tracked_mm: float = float("nan")
+    error_registered_mm: float = float("nan")

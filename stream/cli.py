@@ -187,7 +187,9 @@ def run(args, stop: threading.Event | None = None,
                                     threads=args.engine_threads or threads)
         pipeline = build_pipeline(context, engine, reference_to_mri=plan.reference_to_mri,
                                   cuda_graph=args.cuda_graph, deformable=deformable,
-                                  capture=capture, segmenter=segmenter)
+                                  capture=capture, segmenter=segmenter,
+                                  do_no_harm=args.do_no_harm,
+                                  do_no_harm_margin_mm=args.do_no_harm_margin_mm)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -215,6 +217,9 @@ def run(args, stop: threading.Event | None = None,
                          "multi_start": args.multi_start, "temporal_filter": args.temporal_filter},
              # the flag threshold and the chain it was calibrated on (regseg.stream.quality)
              "quality_calibration": pipeline.quality.calibration_info,
+             # regseg.stream.do_no_harm: margin, window, how often each alignment went out
+             "do_no_harm": (pipeline.do_no_harm.info() if pipeline.do_no_harm is not None
+                            else "off"),
              "deformable_engine_info": (deformable.engine.engine.info
                                         if deformable is not None else None),
              "source": plan.source_url,

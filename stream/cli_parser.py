@@ -124,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
                    default=TEMPORAL_FILTER_DEFAULT,
                    help="on: filter the correction over frames and report jump_mm; warm: also "
                    f"start each frame from the filtered one (default {TEMPORAL_FILTER_DEFAULT})")
+    from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, MODES
+
+    p.add_argument("--do-no-harm", action=Once, choices=list(MODES), default=DO_NO_HARM_DEFAULT,
+                   help="publish the registration only where QualityNet estimates it better "
+                   "than the tracked plane by --do-no-harm-margin-mm, else the tracked plane "
+                   "(correction: tracked in the stats and ZeroMQ header); on-skip-deformable: "
+                   "no deformable stage on a tracked plane (faster, lower Dice) "
+                   f"(default {DO_NO_HARM_DEFAULT}; README 'Do no harm')")
+    p.add_argument("--do-no-harm-margin-mm", action=Once, type=float_at_least(-20.0, 20.0),
+                   default=MARGIN_MM, metavar="MM",
+                   help="how much lower (mm) the registration's error estimate must be than the "
+                   f"tracked plane's for the registration to be published (default {MARGIN_MM:g})")
     p.add_argument("--threads", action=Once, type=int_at_least(1), default=None,
                    help="CPU threads for torch (default on CPU: 1; the per-frame glue ops are too "
                    "small to gain from more, and two busy thread pools thrash on 2 cores)")

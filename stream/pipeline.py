@@ -182,7 +182,8 @@ class Pipeline:
                  cuda_graph: bool = False, preprocess: str = "torch",
                  deformable: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
                  | None = None, capture: Capture | None = None,
-                 quality: QualityCheck | None = None, segmenter: Any = None) -> None:
+                 quality: QualityCheck | None = None, segmenter: Any = None,
+                 do_no_harm: Any = None) -> None:
         self.context = context
         # Optional segmentation stage instead of the U-Net head (regseg.stream.segmenter).
         self.segmenter = segmenter
@@ -204,6 +205,10 @@ class Pipeline:
         # Trust (regseg.stream.quality): error estimate, segmentation confidence, flags. Made on
         # first use when not given (loading QualityNet is not needed to place a plane).
         self._quality = quality
+        # Do no harm (regseg.stream.do_no_harm.CorrectionGate, or None): publish the tracked
+        # plane instead of the registration when QualityNet does not estimate the registration
+        # better by its margin.
+        self.do_no_harm = do_no_harm
 
     @property
     def quality(self) -> QualityCheck:
@@ -330,15 +335,31 @@ class Pipeline:
             timings = {**timings, "temporal": (now_ns() - t_cap) / 1e6}
         else:
             jump_mm = math.nan
+        decision, deform = None, self.deformable is not None
+        if self.do_no_harm is not None and frame.image_to_reference is not None:
+            t_gate = now_ns()
+            plane = self.plane(frame)
+            decision = self.do_no_harm(self.quality.estimator, frame.pixels, plane,
+                                       image_to_mri, continues=math.isfinite(jump_mm),
+                                       tracked_max_mm=self.quality.lowest_threshold_mm)
+            if decision.correction == "tracked":  # the identity correction is published
+                image_to_mri = plane
+                deform = deform and self.do_no_harm.deformable_on_tracked
+                if not deform:
+                    warped_labels = warp_labels(self.context, image_to_mri, hw)
+            timings = {**timings, "do_no_harm": (now_ns() - t_gate) / 1e6}
+        tracked_only = decision is not None and decision.correction == "tracked"
         ddf = None
-        if self.deformable is not None:
+        if deform:
             t_def = now_ns()
             warped_labels, ddf = self.deformable(frame.pixels, image_to_mri)
             timings = {**timings, "deformable": (now_ns() - t_def) / 1e6}
         t_q = now_ns()
         check = self.quality.assess(frame.pixels, frame.spacing_mm,
                                     frame.image_to_reference is not None, labels, warped_labels,
-                                    image_to_mri, seg_conf, jump_mm)
+                                    image_to_mri, seg_conf, jump_mm,
+                                    threshold_mm=(self.quality.lowest_threshold_mm
+                                                  if tracked_only else None))
         quality = agreement(warped_labels > 0, labels > 0)
         # NaN (no gland in either) compares False
         flags = check.flags + (("disagreement",) if quality < self.quality_threshold else ())
@@ -368,4 +389,8 @@ class Pipeline:
             target_ij=target,
             target_margin_mm=check.margin_mm,
             jump_mm=jump_mm,
+            correction="tracked" if tracked_only else "registered",
+            error_tracked_mm=math.nan if decision is None else decision.error_tracked_mm,
+            error_registered_mm=(math.nan if decision is None
+                                 else decision.error_registered_mm),
         )

@@ -124,7 +124,8 @@ def run_stream(
             done = now_ns()
             stats.add(result.timings_ms, (done - result.frame.acquired_ns) / 1e6, done,
                       flagged=result.flagged)
-            stats.add_trust(result.error_mm, result.flags)
+            stats.add_trust(result.error_mm, result.flags,
+                            getattr(result, "correction", "registered"))
             if result.frame.truth is not None:
                 try:
                     stats.add_accuracy(*frame_accuracy(pipeline, result))

@@ -96,6 +96,8 @@ class StreamStats:
         self.flagged = 0
         self.error_mm = Series()  # estimated registration error (regseg.stream.quality)
         self.flag_reasons: dict[str, int] = defaultdict(int)
+        # what was published per frame (regseg.stream.do_no_harm): registered or tracked
+        self.corrections: dict[str, int] = defaultdict(int)
         self.frames = 0
         self.failed = 0  # frames the pipeline raised on (the runner counts them and goes on)
         self.sink_errors = 0  # results a sink raised on (the other sinks still got them)
@@ -123,12 +125,15 @@ class StreamStats:
             if not math.isnan(value):
                 self.tre_mm[name].add(value)
 
-    def add_trust(self, error_mm: float, flags: tuple[str, ...] = ()) -> None:
-        """Record a frame's estimated registration error (NaN skipped) and its flag reasons."""
+    def add_trust(self, error_mm: float, flags: tuple[str, ...] = (),
+                  correction: str = "registered") -> None:
+        """Record a frame's estimated registration error (NaN skipped), its flag reasons and
+        which alignment was published (``correction``: registered or tracked)."""
         if not math.isnan(error_mm):
             self.error_mm.add(error_mm)
         for reason in flags:
             self.flag_reasons[reason] += 1
+        self.corrections[correction] += 1
 
     def fps(self) -> float:
         """Processed frames per second between the first and the last result."""
@@ -157,6 +162,8 @@ class StreamStats:
             out["error_estimate_mm"] = self.error_mm.percentiles()
         if self.flag_reasons:
             out["flag_reasons"] = dict(self.flag_reasons)
+        if self.corrections.get("tracked"):  # do no harm withheld the registration
+            out["corrections"] = dict(self.corrections)
         if extra:
             out.update(extra)
         return out

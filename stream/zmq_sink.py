@@ -66,6 +66,11 @@ def result_header(result: Result) -> dict:
         "error_mm": _number(result.error_mm),  # estimated registration error
         "seg_confidence": _number(result.seg_confidence),
         "jump_mm": _number(result.jump_mm),
+        # do no harm (regseg.stream.do_no_harm): "registered" or "tracked" (registration
+        # withheld), and QualityNet's estimates of both alignments (null: gate off)
+        "correction": result.correction,
+        "error_tracked_mm": _number(result.error_tracked_mm),
+        "error_registered_mm": _number(result.error_registered_mm),
         "mri_labels": {"shape": list(result.warped_labels.shape),
                        "dtype": str(result.warped_labels.dtype)},
         "target_mm": None if target is None else [float(v) for v in target],

@@ -7,6 +7,7 @@ by :class:`regseg.stream.igtl.registration.RegistrationListener`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,10 +80,14 @@ def displacement_mm(result: Result, step: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def trust_metadata(result: Result) -> dict[str, str]:
-    """Seq, Quality, Flagged, Flags (comma-separated reasons, "" none), ErrorMm, SegConfidence."""
-    return {"Seq": str(result.frame.seq), "Quality": f"{result.quality:.4f}",
+    """Seq, Quality, Flagged, Flags (comma-separated reasons, "" none), ErrorMm, SegConfidence;
+    and Correction (registered or tracked) when regseg.stream.do_no_harm ran."""
+    meta = {"Seq": str(result.frame.seq), "Quality": f"{result.quality:.4f}",
             "Flagged": "true" if result.flagged else "false", "Flags": ",".join(result.flags),
             "ErrorMm": f"{result.error_mm:.3f}", "SegConfidence": f"{result.seg_confidence:.4f}"}
+    if math.isfinite(result.error_tracked_mm):  # do no harm ran: which alignment went out
+        meta["Correction"] = result.correction
+    return meta
 
 
 @dataclass(frozen=True, slots=True)
