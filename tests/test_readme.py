@@ -138,6 +138,10 @@ MARKED = {
     "--initial identity --out out/mas-brain": "3 full-size brain registrations, minutes on CPU; "
     "tests/mas/test_mas_cli.py runs it at a miniature size",
     "python bench/mas.py --quick --json out/mas.json": BENCH,
+    # GATE (issue 16): recording the do-no-harm alternatives (the replay is run)
+    "python bench/do_no_harm.py --family a --frames 12 --out bench/results/do_no_harm_a.json": BENCH,
+    "python bench/do_no_harm.py --family b --frames 12 --choice bench/results/do_no_harm_a.json "
+    "--out bench/results/do_no_harm_b.json": BENCH,
     # BRAIN (issue 12): warpseg-brain's training, use and bench
     "regseg train warpseg --task brain --out models/weights --minutes 38 --atlases 4 "
     "--unlabelled 12": TRAINING,
@@ -212,6 +216,12 @@ RUN = {
         "regseg-stream --demo --segmenter ascseg-trus --max-frames 3 --serve none --zmq none --quiet",
     "regseg-stream --demo --deformable on|off":
         "regseg-stream --demo --deformable {on_off} --max-frames 3 --serve none --zmq none --quiet",
+    "regseg-stream --demo --do-no-harm on --max-frames 60":
+        "regseg-stream --demo --do-no-harm on --max-frames 3 --serve none --zmq none --quiet",
+    "python bench/do_no_harm.py --family b --records bench/results/do_no_harm_b.json --choice "
+    "bench/results/do_no_harm_a.json --out /tmp/do_no_harm_b.json":
+        "python {repo}/bench/do_no_harm.py --family b --records {repo}/bench/results/do_no_harm_b.json "
+        "--choice {repo}/bench/results/do_no_harm_a.json --out do_no_harm_b.json",
     "regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --source file://session.igs.mha "
     "--replay-rate recorded":
         f"regseg-stream {CASE} --source file://session.igs.mha --replay-rate recorded --max-frames 3 "
@@ -336,6 +346,10 @@ def test_readme_commands_work_as_written(tmp_path, free_port):
     for on_off in ("on", "off"):
         readme("regseg-stream --demo --deformable on|off", on_off=on_off)
     readme("regseg-stream --demo --segmenter ascseg-trus --max-frames 30")
+    readme("regseg-stream --demo --do-no-harm on --max-frames 60")
+    readme("python bench/do_no_harm.py --family b --records bench/results/do_no_harm_b.json "
+           "--choice bench/results/do_no_harm_a.json --out /tmp/do_no_harm_b.json", repo=ROOT)
+    assert json.loads((tmp_path / "do_no_harm_b.json").read_text())["results"]
 
     # Replay a recording (made here by the demo, which records what the scanner sends).
     run("regseg-stream --demo --max-frames 4 --serve none --zmq none --quiet --record "
