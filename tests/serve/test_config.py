@@ -49,6 +49,8 @@ source = "sim://2"
 fps = 12.5
 serve = ["igtl://127.0.0.1:{p2}"]
 deformable = "off"
+do-no-harm = "on"
+do-no-harm-margin-mm = 0.5
 """))
     assert config.batch_sizes == (1, 2, 4, 6)
     assert config.batch_window_ms == 1.5 and config.web == ("127.0.0.1", 0)
@@ -58,6 +60,8 @@ deformable = "off"
     assert a.plan.serve == [(f"igtl://127.0.0.1:{p1}", "127.0.0.1", p1)]
     assert (b.name, b.plan.kind, b.plan.seed, b.args.fps, b.args.deformable) == \
         ("demo.2", "sim", 2, 12.5, "off")
+    assert (b.args.do_no_harm, b.args.do_no_harm_margin_mm) == ("on", 0.5)
+    assert a.args.do_no_harm == "off"  # the default
     assert [p for p, _ in b.ports()] == [p2]
 
 
