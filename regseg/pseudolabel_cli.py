@@ -20,8 +20,7 @@ PSEUDOLABEL_AFFINE = "optimise"
 
 def add_cli(p: argparse.ArgumentParser) -> None:
     """Arguments of ``regseg pseudolabel``."""
-    from regseg.engines.affine_modes import AFFINE_MODES
-    from regseg.register_cli import REFINE_DEFAULT
+    from regseg.register_cli import add_registration_options
 
     p.add_argument("--atlas", required=True, help="the atlas image, 3-D NIfTI")
     p.add_argument("--atlas-labels", required=True,
@@ -36,16 +35,7 @@ def add_cli(p: argparse.ArgumentParser) -> None:
                    help="register inside the atlas labels' bounding box grown by this margin "
                         "(mm); a negative value registers the whole images (default 12)")
     p.add_argument("--weights", default="plcreg3d", help="PLCReg 3-D checkpoint (default shipped)")
-    p.add_argument("--refine", type=int_at_least(0), default=REFINE_DEFAULT, metavar="N",
-                   help=f"instance-optimisation steps after the network (default "
-                        f"{REFINE_DEFAULT}; 0: the network alone)")
-    p.add_argument("--affine", choices=AFFINE_MODES, default=PSEUDOLABEL_AFFINE,
-                   help="affine stage: optimise (MIND instance optimisation from the centre of "
-                        "mass), learned or learned+optimise (Affine3D, trained on brain MRI pairs "
-                        f"only) or none (default {PSEUDOLABEL_AFFINE}: atlases of any anatomy)")
-    p.add_argument("--affine-iterations", type=int_at_least(0), default=None,
-                   help="affine stage MIND steps (default: 120 for optimise, 20 after the "
-                        "network for learned+optimise; 0: no steps)")
+    add_registration_options(p, PSEUDOLABEL_AFFINE, ": atlases of any anatomy")
     p.add_argument("--backend", default="eager", help="engine backend (default eager)")
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads (default: as `regseg register`)")

@@ -250,6 +250,27 @@ REFINE_DEFAULT = 50
 REFINE_FINE_DEFAULT = 0
 
 
+def add_registration_options(p: argparse.ArgumentParser, affine: str = AFFINE_DEFAULT,
+                             why: str = "") -> None:
+    """``--affine``, ``--affine-iterations`` and ``--refine``, as every command that registers
+    with the RegistrationEngine takes them; ``affine``: this command's default mode, ``why``:
+    a note on it for the help."""
+    p.add_argument("--affine", choices=AFFINE_MODES, default=affine,
+                   help="affine stage: learned (the Affine3D network, trained on brain MRI pairs), "
+                   "optimise (MIND instance optimisation from the centre of mass), "
+                   "learned+optimise (the network, then a few MIND steps) or none "
+                   f"(default {affine}{why})")
+    p.add_argument("--affine-iterations", type=int_at_least(0), default=None,
+                   help="steps of the affine stage's MIND optimisation (default: "
+                   f"{DEFAULT_ITERATIONS['optimise']} for optimise, "
+                   f"{DEFAULT_ITERATIONS['learned+optimise']} after the network for "
+                   "learned+optimise; 0: no affine stage)")
+    p.add_argument("--refine", type=int_at_least(0), default=REFINE_DEFAULT, metavar="N",
+                   help="instance optimisation: N steps refining the network's field on the pair "
+                   "(MIND + diffusion, diffeomorphic); 0 = the network alone, faster and less "
+                   f"accurate; see the README table (default {REFINE_DEFAULT})")
+
+
 def default_threads() -> int:
     """The CPUs this process may run on (affinity, so containers and taskset are honoured), at
     most :data:`MAX_DEFAULT_THREADS`."""
@@ -347,20 +368,8 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="plcreg3d", help="PLCReg 3-D checkpoint (default shipped)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", default="eager", help="engine backend (default eager)")
-    p.add_argument("--affine", choices=AFFINE_MODES, default=AFFINE_DEFAULT,
-                   help="affine stage: learned (the Affine3D network), optimise (MIND instance "
-                   "optimisation), learned+optimise (the network, then a few MIND steps) or none "
-                   f"(default {AFFINE_DEFAULT})")
-    p.add_argument("--affine-iterations", type=int_at_least(0), default=None,
-                   help="steps of the affine stage's MIND optimisation (default: "
-                   f"{DEFAULT_ITERATIONS['optimise']} for optimise, "
-                   f"{DEFAULT_ITERATIONS['learned+optimise']} after the network for "
-                   "learned+optimise; 0: no affine stage)")
+    add_registration_options(p)
     p.add_argument("--no-affine", action="store_true", help="skip the affine stage")
-    p.add_argument("--refine", type=int_at_least(0), default=REFINE_DEFAULT, metavar="N",
-                   help="instance optimisation: N steps refining the network's field on the pair "
-                   "(MIND + diffusion, diffeomorphic); 0 = the network alone, faster and less "
-                   f"accurate; see the README table (default {REFINE_DEFAULT})")
     p.add_argument("--refine-fine", type=int_at_least(0), default=REFINE_FINE_DEFAULT,
                    metavar="M",
                    help="then M steps on the fixed image's own grid when it is finer than the "

@@ -12,8 +12,7 @@ from regseg.errors import InputError
 
 def _common(p: argparse.ArgumentParser, affine: str = "learned+optimise") -> None:
     """The options every job takes; ``affine``: the job's default ``--affine`` mode."""
-    from regseg.engines.affine_modes import AFFINE_MODES
-    from regseg.register_cli import REFINE_DEFAULT
+    from regseg.register_cli import add_registration_options
 
     p.add_argument("manifest", type=Path, help="cases: a .csv with a header, or .jsonl")
     p.add_argument("--out", required=True, type=Path,
@@ -22,14 +21,7 @@ def _common(p: argparse.ArgumentParser, affine: str = "learned+optimise") -> Non
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: one GPU per local rank when CUDA is there, else CPU")
     p.add_argument("--backend", default="eager", help="engine backend (default eager)")
-    p.add_argument("--affine", choices=AFFINE_MODES, default=affine,
-                   help="affine stage, as regseg register's --affine (default here " + affine + ")")
-    p.add_argument("--affine-iterations", type=int_at_least(0), default=None,
-                   help="MIND steps of the affine stage (default: the mode's, 120 for optimise, "
-                        "20 after the network for learned+optimise)")
-    p.add_argument("--refine", type=int_at_least(0), default=REFINE_DEFAULT, metavar="N",
-                   help=f"instance-optimisation steps after the network, as regseg register "
-                        f"(default {REFINE_DEFAULT}; 0: the network alone)")
+    add_registration_options(p, affine)
     p.add_argument("--no-affine", action="store_true", help="skip the affine stage")
     p.add_argument("--workers", type=int_at_least(0), default=1,
                    help="DataLoader worker processes reading NIfTI ahead, per rank (default 1)")
