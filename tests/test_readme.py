@@ -138,6 +138,12 @@ MARKED = {
     "--initial identity --out out/mas-brain": "3 full-size brain registrations, minutes on CPU; "
     "tests/mas/test_mas_cli.py runs it at a miniature size",
     "python bench/mas.py --quick --json out/mas.json": BENCH,
+    # TRUST4 (issue 16): the shipped AlignSegNet's fine-tune and its held-out comparison
+    "python -m regseg.train.alignsegnet --out runs/trust4 --minutes 50 --samples 4000 "
+    "--train-phantoms 128 --val-frames 50 --randomise --plain-fraction 0.15 --mri-stacks --init "
+    "models/weights/alignsegnet.pt --lr 5e-4 --threads 1 --validate-every 300": TRAINING,
+    "python bench/alignsegnet_val.py --weights OLD.pt NEW.pt": "needs two checkpoints and renders "
+    "600 held-out frames when its cache is empty (minutes); tests/test_mri_stack.py covers the stack sets",
     # GATE (issue 16): recording the do-no-harm alternatives (the replay is run)
     "python bench/do_no_harm.py --family a --frames 12 --out bench/results/do_no_harm_a.json": BENCH,
     "python bench/do_no_harm.py --family b --frames 12 --choice bench/results/do_no_harm_a.json "
