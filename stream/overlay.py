@@ -6,7 +6,8 @@ What the user sees, per frame:
   the MRI lesion — the biopsy target — as a dashed magenta outline with a cross at its centroid
   and a dotted circle of the target margin (the calibrated error bound) around it;
 - a flagged frame: a red border and "UNVERIFIED: <reasons>", and no MRI outlines (they would be
-  shown as truth); an unflagged one: the estimated error in the corner.
+  shown as truth); an unflagged one: the estimated error in the corner, and "tracking only" when
+  do-no-harm published the tracked plane instead of the registration.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def draw_target(rgb: np.ndarray, warped_labels: np.ndarray, target_ij: tuple[flo
 def compose_overlay(pixels: np.ndarray, labels: np.ndarray, warped_labels: np.ndarray,
                     out: np.ndarray | None = None, *, flags: tuple[str, ...] = (),
                     target_ij: tuple[float, float] | None = None, margin_px: float = math.nan,
-                    error_mm: float = math.nan) -> np.ndarray:
+                    error_mm: float = math.nan, tracking_only: bool = False) -> np.ndarray:
     """Burn the labels into an RGB copy of the frame.
 
     Args:
@@ -88,6 +89,8 @@ def compose_overlay(pixels: np.ndarray, labels: np.ndarray, warped_labels: np.nd
         flags: the frame's flag reasons; any flag marks the overlay and hides the MRI outlines.
         target_ij, margin_px: the MRI lesion centroid (frame pixels) and its margin in pixels.
         error_mm: the estimated registration error, written in a corner when not flagged.
+        tracking_only: the tracked plane was published, not the registration (``--do-no-harm``);
+            said in the same corner, so the user knows no correction was applied.
     Returns:
         (H, W, 3) uint8 RGB.
     """
@@ -105,8 +108,9 @@ def compose_overlay(pixels: np.ndarray, labels: np.ndarray, warped_labels: np.nd
         mark_unverified(rgb, flags)
     else:
         draw_target(rgb, warped_labels, target_ij, margin_px)
-        if math.isfinite(error_mm):
+        parts = ([f"est. error {error_mm:.1f} mm"] if math.isfinite(error_mm) else []) + (
+            ["tracking only, not registered"] if tracking_only else [])
+        if parts:
             h = rgb.shape[0]
-            _text(rgb, f"est. error {error_mm:.1f} mm", (4, h - 6), (255, 255, 255),
-                  max(0.35, h / 700))
+            _text(rgb, ", ".join(parts), (4, h - 6), (255, 255, 255), max(0.35, h / 700))
     return rgb

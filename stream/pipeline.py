@@ -370,7 +370,8 @@ class Pipeline:
         t0 = now_ns()
         timings = {**timings, "quality": timings.get("quality", 0.0) + (t0 - t_q) / 1e6}
         overlay = compose_overlay(frame.pixels, labels, warped_labels, flags=flags,
-                                  target_ij=target, margin_px=margin_px, error_mm=check.error_mm)
+                                  target_ij=target, margin_px=margin_px, error_mm=check.error_mm,
+                                  tracking_only=tracked_only)
         end = now_ns()
         timings = {**timings, "overlay": (end - t0) / 1e6, "total": (end - start_ns) / 1e6}
         return Result(

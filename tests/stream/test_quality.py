@@ -190,3 +190,18 @@ def test_seg_confidence_is_high_when_sure_and_low_when_not():
     sure[:, 0] = 20.0 * (sure[:, 1] == 0)
     assert seg_confidence(sure) > 0.99
     assert seg_confidence(torch.zeros(1, 3, 8, 8)) < 0.01
+
+
+def test_overlay_says_tracking_only_when_the_registration_was_withheld():
+    """--do-no-harm publishing the tracked plane is written in the overlay's corner (bright text
+    where the plain overlay has none), and a flagged frame keeps only its UNVERIFIED mark."""
+    pixels = np.full((256, 256), 40, np.uint8)
+    empty = np.zeros_like(pixels)
+
+    def bright(rgb):  # text pixels in the bottom corner
+        return int((rgb[220:, :].min(axis=-1) > 150).sum())
+
+    assert bright(compose_overlay(pixels, empty, empty)) == 0
+    assert bright(compose_overlay(pixels, empty, empty, tracking_only=True)) > 20
+    assert bright(compose_overlay(pixels, empty, empty, flags=("error_estimate",),
+                                  tracking_only=True)) == 0
