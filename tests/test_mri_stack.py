@@ -1,8 +1,6 @@
 """Thick, oblique MRI stacks for domain randomisation (regseg.sim.mri_stack): the geometry, the
 partial-volume labels, and the trainer's --mri-stacks wiring."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,24 +98,3 @@ def test_trainer_needs_randomise_for_mri_stacks(tmp_path):
         train_alignsegnet(tmp_path, mri_stacks=True, randomise=False, cache_dir=None,
                           progress=False)
     assert not any(tmp_path.iterdir())  # nothing written
-
-
-def test_trainer_routes_randomised_frames_through_the_stack_scanner(tmp_path, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).parent / "train"))
-    from test_train_smoke import TINY, open_stand_in  # noqa: PLC0415
-
-    from regseg.train.alignsegnet import train_alignsegnet
-
-    opened = []
-
-    def fake_stack(phantom_seed, scanner_seed):
-        opened.append(phantom_seed)
-        return open_stand_in(phantom_seed, scanner_seed)
-
-    monkeypatch.setattr("regseg.train.alignsegnet.open_randomised_stack_scanner", fake_stack)
-    summary = train_alignsegnet(tmp_path, minutes=2, steps=1, samples=8, train_phantoms=2,
-                                val_phantoms=1, val_frames=2, batch_size=2, config=TINY,
-                                cache_dir=None, open_scanner=open_stand_in, randomise=True,
-                                plain_fraction=0.5, mri_stacks=True, progress=False,
-                                command="test")
-    assert opened == [1, 2, 1000] and summary["mri_stacks"] is True

@@ -27,20 +27,13 @@ from regseg.models import losses
 from regseg.models.alignsegnet import AlignSegNet, AlignSegNetConfig
 from regseg.models.checkpoint import save_checkpoint
 from regseg.train.alignsegnet_args import DEFAULT_CACHE, add_arguments  # noqa: F401
+from regseg.train.alignsegnet_data import DEMO_SEED, frame_sets
 from regseg.train.alignsegnet_eval import _validate, evaluate, save_plot  # noqa: F401
-from regseg.train.data import (
-    OpenScanner,
-    SampleSet,
-    cached_samples,
-    open_randomised_scanner,
-    open_randomised_stack_scanner,
-    open_simulated_scanner,
-)
+from regseg.train.data import OpenScanner, open_simulated_scanner
 from regseg.train.distributed import main_first, wrap
 from regseg.train.resume import Checkpointer, load_state, state_path
 
 NAME = "alignsegnet"
-DEMO_SEED = 0  # the phantom `regseg-stream --demo` shows: never trained on, reported apart
 VAL_SEED0 = 1000  # held-out validation phantoms are 1000, 1001, ...
 
 
@@ -168,7 +161,7 @@ def train_alignsegnet(
     val_seeds = list(range(VAL_SEED0, VAL_SEED0 + val_phantoms))
     data_args = dict(size=size, seed=seed, progress=progress)
     with main_first(dist):  # local rank 0 fills the cache, the others read it
-        train_set, val_set, plain_val_set, demo_set = _datasets(
+        train_set, val_set, plain_val_set, demo_set = frame_sets(
             cache_dir, train_seeds, val_seeds, samples, val_frames, open_scanner, randomise,
             plain_fraction, data_args, mri_stacks)
     data_s = time.monotonic() - t_start
@@ -299,41 +292,6 @@ def train_alignsegnet(
     summary["wall_s"] = round(time.monotonic() - t_start, 1)
     (out_dir / f"{NAME}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _datasets(cache_dir: str | Path | None, train_seeds: list[int], val_seeds: list[int],
-              samples: int, val_frames: int, open_scanner: OpenScanner, randomise: bool,
-              plain_fraction: float, data_args: dict[str, Any], mri_stacks: bool = False
-              ) -> tuple[SampleSet, SampleSet, SampleSet | None, SampleSet]:
-    """The training, validation, plain validation (``--randomise`` only) and demo frames."""
-    train_phantoms = len(train_seeds)
-    plain_val_set = None
-    open_randomised = open_randomised_stack_scanner if mri_stacks else open_randomised_scanner
-    if randomise:
-        n_plain = int(round(samples * plain_fraction))
-        plain_seeds = train_seeds[:max(1, min(len(train_seeds), 16))] if n_plain else []
-        parts = [cached_samples(cache_dir, train_seeds,
-                                math.ceil((samples - n_plain) / train_phantoms),
-                                desc="randomised train frames",
-                                open_scanner=open_randomised, **data_args)]
-        if plain_seeds:
-            parts.append(cached_samples(cache_dir, plain_seeds,
-                                        math.ceil(n_plain / len(plain_seeds)),
-                                        desc="plain train frames", open_scanner=open_scanner,
-                                        **data_args))
-        train_set = SampleSet.concat(parts)
-        val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="randomised val frames",
-                                 open_scanner=open_randomised, **data_args)
-        plain_val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="val frames",
-                                       open_scanner=open_scanner, **data_args)
-    else:
-        train_set = cached_samples(cache_dir, train_seeds, math.ceil(samples / train_phantoms),
-                                   desc="train frames", open_scanner=open_scanner, **data_args)
-        val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="val frames",
-                                 open_scanner=open_scanner, **data_args)
-    demo_set = cached_samples(cache_dir, [DEMO_SEED], val_frames, desc="demo frames",
-                              open_scanner=open_scanner, **data_args)
-    return train_set, val_set, plain_val_set, demo_set
 
 
 def _load_init(path: str | Path, cfg: AlignSegNetConfig) -> tuple[AlignSegNet, dict[str, Any]]:

@@ -168,19 +168,26 @@ def test_fine_tuning_starts_from_the_checkpoint_and_records_it(tmp_path):
         train_alignsegnet(tmp_path / "c", init=start, **{**common, "config": {**TINY, "depth": 2}})
 
 
-def test_randomised_training_reports_plain_and_randomised_held_out_sets(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mri_stacks, scanner", [
+    (False, "open_randomised_scanner"), (True, "open_randomised_stack_scanner")])
+def test_randomised_training_reports_plain_and_randomised_held_out_sets(tmp_path, monkeypatch,
+                                                                        mri_stacks, scanner):
+    """Randomised frames come from the randomised scanner (with --mri-stacks: the one whose MRI
+    is resampled onto a thick slice stack), held-out frames from both it and the plain one."""
     opened = []
 
     def fake_randomised(phantom_seed, scanner_seed):  # the real draw, on a small fast stand-in
         opened.append(phantom_seed)
         return open_stand_in(phantom_seed, scanner_seed)
 
-    monkeypatch.setattr("regseg.train.alignsegnet.open_randomised_scanner", fake_randomised)
+    monkeypatch.setattr(f"regseg.train.alignsegnet_data.{scanner}", fake_randomised)
     summary = train_alignsegnet(tmp_path, minutes=2, steps=1, samples=8, train_phantoms=2,
                                 val_phantoms=1, val_frames=2, batch_size=2, config=TINY,
                                 cache_dir=None, open_scanner=open_stand_in, randomise=True,
-                                plain_fraction=0.5, progress=False, command="test")
+                                plain_fraction=0.5, mri_stacks=mri_stacks, progress=False,
+                                command="test")
     assert summary["randomise"] is True and summary["train_frames"] == 8
+    assert summary.get("mri_stacks", False) is mri_stacks  # recorded when on
     assert opened == [1, 2, 1000]  # randomised: the training cases and the held-out one
     for name in ("validation", "validation_randomised", "demo"):
         assert summary[name]["frames"] == 2
