@@ -45,7 +45,6 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -100,8 +99,7 @@ def plane_pairs(estimator, pixels: np.ndarray, image_to_mri: list[np.ndarray]) -
     ctx = estimator.context
     s = estimator.size
     hw = (int(pixels.shape[0]), int(pixels.shape[1]))
-    trus = cv2.resize(np.ascontiguousarray(pixels, np.uint8), s[::-1],
-                      interpolation=cv2.INTER_AREA).astype(np.float32) * (1.0 / 255.0)
+    trus = estimator.trus(pixels)
     to_model = planes.model_to_frame(hw, s)
     dev = ctx.mri.device
     m = torch.as_tensor(np.stack([(ctx.world_to_normalised @ p @ to_model)[:3, [0, 1, 3]]
@@ -169,8 +167,7 @@ class CorrectionGate:
         """(tracked, registered) estimated errors in mm, one batched pass of ``estimator``'s
         QualityNet."""
         with torch.inference_mode():
-            x = plane_pairs(estimator, pixels, [tracked, registered])
-            est = torch.expm1(estimator.model(x)).clamp_min(0.0)
+            est = estimator.estimate_mm(plane_pairs(estimator, pixels, [tracked, registered]))
         return float(est[0]), float(est[1])
 
     def __call__(self, estimator, pixels: np.ndarray, tracked: np.ndarray,

@@ -101,6 +101,16 @@ class ErrorEstimator:
         self.size = (s, s)
         self._axes = spatial.pixel_axes(s, s, device=context.mri.device)
 
+    def trus(self, pixels: np.ndarray) -> np.ndarray:
+        """The frame as the net sees it: area-resampled to its grid, in [0, 1], (s, s) float32."""
+        return cv2.resize(np.ascontiguousarray(pixels, np.uint8), self.size[::-1],
+                          interpolation=cv2.INTER_AREA).astype(np.float32) * (1.0 / 255.0)
+
+    def estimate_mm(self, x: Tensor) -> Tensor:
+        """Estimated errors in mm, (B,), of a batch of inputs (B, 4, s, s)."""
+        with torch.inference_mode():
+            return torch.expm1(self.model(x)).clamp_min(0.0).reshape(-1)
+
     def inputs(self, pixels: np.ndarray, image_to_mri: np.ndarray,
                warped_labels: np.ndarray) -> Tensor:
         """The net's input (1, 4, s, s): TRUS, MRI at ``image_to_mri``, gland and lesion maps.
@@ -112,8 +122,7 @@ class ErrorEstimator:
         hw = (int(pixels.shape[0]), int(pixels.shape[1]))
         s = self.size
         with torch.inference_mode():
-            trus = cv2.resize(np.ascontiguousarray(pixels, np.uint8), s[::-1],
-                              interpolation=cv2.INTER_AREA).astype(np.float32) * (1.0 / 255.0)
+            trus = self.trus(pixels)
             plane = ctx.world_to_normalised @ image_to_mri @ planes.model_to_frame(hw, s)
             m = torch.as_tensor(plane[:3, [0, 1, 3]], dtype=torch.float32,
                                 device=ctx.mri.device)
@@ -131,9 +140,7 @@ class ErrorEstimator:
 
     def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray,
                  warped_labels: np.ndarray) -> float:
-        with torch.inference_mode():
-            x = self.inputs(pixels, image_to_mri, warped_labels)
-            return float(torch.expm1(self.model(x)[0]).clamp_min(0.0))
+        return float(self.estimate_mm(self.inputs(pixels, image_to_mri, warped_labels))[0])
 
 
 @dataclass(frozen=True)
