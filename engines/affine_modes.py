@@ -1,4 +1,5 @@
-"""The affine stage's modes and defaults, torch-free so CLI help can name them."""
+"""The registration stages' modes and defaults (affine stage, instance optimisation), torch-free
+so CLI help can name them."""
 
 from __future__ import annotations
 
@@ -15,3 +16,11 @@ AFFINE_DEFAULT = "learned+optimise"
 #: its centre-of-mass start; after the network a few suffice (chosen on validation seeds
 #: 20000.. with bench/affine_capture.py --validation).
 DEFAULT_ITERATIONS = {"optimise": 120, "learned+optimise": 20, "learned": 0, "none": 0}
+
+#: How an instance-optimisation step runs (:mod:`regseg.engines.refine`): ``fast`` warps the moving
+#: image's MIND descriptor and optimises a correction on a grid of every second voxel; ``full``
+#: (the first version) recomputes MIND on the warped image and optimises every voxel.
+REFINE_MODES = ("fast", "full")
+#: ``fast``: on the 1.5 mm validation pair 20000 (50 steps) AAL Dice 0.868 vs 0.828, the step ~10x
+#: cheaper (README, "Instance optimisation: fast steps").
+REFINE_MODE_DEFAULT = "fast"

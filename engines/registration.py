@@ -27,7 +27,7 @@ from regseg import spatial
 from regseg.engines.affine import AffineStage
 from regseg.engines.affine_modes import AFFINE_DEFAULT
 from regseg.engines.base import Engine, make_engine
-from regseg.engines.refine import refine_velocity
+from regseg.engines.refine import REFINE_MODE_DEFAULT, REFINE_MODES, refine_velocity
 from regseg.errors import InputError
 from regseg.imageio import Volume, normalise_intensity
 from regseg.models.integrate import invert_ddf, invert_velocity, resize_ddf, scaling_and_squaring
@@ -132,6 +132,9 @@ class RegistrationEngine:
         refine_fine: further instance-optimisation steps on the fixed image's own grid, when it
             is finer than the working grid (the velocity upsampled, refined on the full-resolution
             images, integrated there); 0: the working-grid field upsampled as it is.
+        refine_mode: ``fast`` (MIND descriptors warped, the correction on a grid of every second
+            voxel) or ``full`` (MIND recomputed on the warped image, every voxel); see
+            :mod:`regseg.engines.refine`.
         outputs: model outputs to compute (:meth:`predict` needs ``ddf`` and ``field``; a graph
             backend then drops the rest).
     """
@@ -142,10 +145,13 @@ class RegistrationEngine:
                  precision: str = "fp32", threads: int | None = None,
                  cache_dir: str | Path | None = None,
                  outputs: tuple[str, ...] | None = None, refine: int = 0,
-                 refine_fine: int = 0) -> None:
+                 refine_fine: int = 0, refine_mode: str = REFINE_MODE_DEFAULT) -> None:
+        if refine_mode not in REFINE_MODES:
+            raise ValueError(f"refine_mode {refine_mode!r}: expected one of {REFINE_MODES}")
         model = load_model(shipped_weights(weights))
         self.refine = int(refine)
         self.refine_fine = int(refine_fine)
+        self.refine_mode = refine_mode
         self.config = model.config
         self.size = tuple(self.config.size)
         self.weights = str(weights)
@@ -214,7 +220,8 @@ class RegistrationEngine:
             if self.refine > 0:
                 cfg = self.config
                 field_ = refine_velocity(f_work, m_aff, out["field"], steps=self.refine,
-                                         int_steps=cfg.int_steps, diffeomorphic=cfg.diffeomorphic)
+                                         int_steps=cfg.int_steps, diffeomorphic=cfg.diffeomorphic,
+                                         fast=self.refine_mode == "fast")
                 out = {"field": field_, "ddf": scaling_and_squaring(field_, cfg.int_steps)
                        if cfg.diffeomorphic else field_}
         else:
@@ -240,7 +247,8 @@ class RegistrationEngine:
             m_aff_full = spatial.warp(m_full, aff_full, padding_mode="zeros")
             field_full = refine_velocity(f_full, m_aff_full, resize_ddf(out["field"], full),
                                          steps=self.refine_fine, int_steps=cfg.int_steps,
-                                         diffeomorphic=cfg.diffeomorphic)
+                                         diffeomorphic=cfg.diffeomorphic,
+                                         fast=self.refine_mode == "fast", sample_coarse=True)
             deform_full = (scaling_and_squaring(field_full, cfg.int_steps)
                            if cfg.diffeomorphic else field_full)
             out = {"field": field_full, "ddf": deform_full}

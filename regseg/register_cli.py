@@ -20,7 +20,13 @@ import numpy as np
 
 from regseg import spatial
 from regseg.cli_checks import check_checkpoint, check_writable, int_at_least
-from regseg.engines.affine_modes import AFFINE_DEFAULT, AFFINE_MODES, DEFAULT_ITERATIONS
+from regseg.engines.affine_modes import (
+    AFFINE_DEFAULT,
+    AFFINE_MODES,
+    DEFAULT_ITERATIONS,
+    REFINE_MODE_DEFAULT,
+    REFINE_MODES,
+)
 from regseg.errors import InputError
 from regseg.imageio import Volume, load_mri, read_header, save_volume
 from regseg.register_io import (  # noqa: F401 - the batch jobs and tests import them from here
@@ -239,15 +245,15 @@ def _device_name(text: str) -> str:
 #: may run on, up to this many; more than 4 was not measured (no larger machine here).
 MAX_DEFAULT_THREADS = 4
 
-#: Instance-optimisation steps by default. Chosen on the MNI152 validation pairs (seeds 20000..):
-#: at 3.25 mm 0 / 25 / 50 / 100 steps gave AAL Dice 0.668 / 0.747 / 0.757 / 0.772; at 1.5 mm (the
-#: resolution users register at; pair 20000, learned+optimise affine) 25 -> 0.791, 50 -> 0.828
-#: (ANTs SyN reached 0.807 on the 2 mm validation pairs), so 50: the accuracy ANTs SyN has, at
-#: about the time it takes (bench/results/registration_mni_1.5mm.json has the eval pairs).
+#: Instance-optimisation steps by default, on the network's working grid, then on the fixed
+#: image's own grid. Chosen on the MNI152 validation pairs (seeds 20000-20003, never the eval
+#: pairs) at 1.5 mm with the fast steps (``--refine-mode fast``; quiet 2-core CPU, 2 threads), AAL
+#: Dice / seconds per pair: 25+0 0.834 / 2.6, 50+0 0.841 / 4.3, 25+10 0.863 / 6.4, 50+10 0.870 /
+#: 8.4, 50+20 0.882 / 10.4, 50+30 0.886 / 13.1 (the first version's 50 steps: 0.803 / 12.0 s).
+#: 50 + 20 is where the curve flattens (the next 10 fine steps buy 0.0015 Dice per second, the
+#: previous 0.006). Only images finer than the 48 x 64 x 48 working grid have the fine level.
 REFINE_DEFAULT = 50
-#: Instance-optimisation steps on the fixed image's own grid (after those on the working grid) by
-#: default; only images finer than the working grid (48 x 64 x 48) have such a level.
-REFINE_FINE_DEFAULT = 0
+REFINE_FINE_DEFAULT = 20
 
 
 def add_registration_options(p: argparse.ArgumentParser, affine: str = AFFINE_DEFAULT,
@@ -269,6 +275,12 @@ def add_registration_options(p: argparse.ArgumentParser, affine: str = AFFINE_DE
                    help="instance optimisation: N steps refining the network's field on the pair "
                    "(MIND + diffusion, diffeomorphic); 0 = the network alone, faster and less "
                    f"accurate; see the README table (default {REFINE_DEFAULT})")
+    p.add_argument("--refine-mode", choices=REFINE_MODES, default=REFINE_MODE_DEFAULT,
+                   help="how a refinement step runs: fast (MIND of the moving image computed once "
+                   "and warped, the correction on a grid of every second voxel) or full (MIND "
+                   "recomputed on the warped image every step, every voxel: the first version, "
+                   "slower and less accurate on the validation pairs; default "
+                   f"{REFINE_MODE_DEFAULT})")
 
 
 def default_threads() -> int:
@@ -315,7 +327,8 @@ def run_register(args: argparse.Namespace) -> int:
     engine = RegistrationEngine(args.weights, backend=args.backend, device=device,
                                 affine_iterations=0 if args.no_affine else args.affine_iterations,
                                 affine=args.affine,
-                                refine=args.refine, refine_fine=args.refine_fine)
+                                refine=args.refine, refine_fine=args.refine_fine,
+                                refine_mode=args.refine_mode)
     startup_s = time.perf_counter() - started  # imports, checks, model load: not in any pair's
     reports = []
     for pair in tqdm(pairs, desc="register", unit="pair", disable=len(pairs) == 1):
@@ -373,8 +386,8 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-fine", type=int_at_least(0), default=REFINE_FINE_DEFAULT,
                    metavar="M",
                    help="then M steps on the fixed image's own grid when it is finer than the "
-                   "network's 48 x 64 x 48 working grid (slower per step; default "
-                   f"{REFINE_FINE_DEFAULT}: the working-grid field upsampled)")
+                   "network's 48 x 64 x 48 working grid (slower per step; 0: the working-grid "
+                   f"field upsampled; default {REFINE_FINE_DEFAULT})")
     p.add_argument("--inverse", action="store_true",
                    help="also write the inverse displacement, inverse_ddf_mm.nii.gz (world mm on "
                    "the fixed grid, as ddf_mm.nii.gz: moving-side point z -> z + inverse(z))")
