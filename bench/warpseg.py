@@ -160,8 +160,11 @@ def run(task: str, n: int, *, refine: int, sitk_iterations: int, progress: bool 
 
         registration = registration_engine(refine)
     else:
-        registration = RegistrationEngine("plcreg3d", affine="optimise", refine=refine)  # as the
-        # shipped warpseg-prostate's pseudo-labels (train/warpseg_data.py)
+        from regseg.train.warpseg_brain import PSEUDOLABEL_REFINE_MODE
+
+        # as the shipped warpseg-prostate's pseudo-labels (train/warpseg_data.py)
+        registration = RegistrationEngine("plcreg3d", affine="optimise", refine=refine,
+                                          refine_mode=PSEUDOLABEL_REFINE_MODE)
     warpseg = WarpSegEngine(warpseg_model or f"warpseg-{task}", backend="auto")
     single_name = single_model or f"warpseg-{task}-single"
     single = (WarpSegEngine(single_name, backend=warpseg.backend)

@@ -64,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or default_threads())
     engine = RegistrationEngine(args.weights, backend=args.backend, device="cpu",
                                 affine=args.affine, affine_iterations=args.affine_iterations,
-                                refine=args.refine,
+                                refine=args.refine, refine_fine=args.refine_fine,
                                 refine_mode=args.refine_mode)
     margin = None if args.roi_margin_mm < 0 else args.roi_margin_mm
     meta = {"atlas": str(args.atlas), "atlas_labels": str(args.atlas_labels),
-            "weights": str(args.weights), "refine": args.refine, "refine_mode": args.refine_mode,
+            "weights": str(args.weights), "refine": args.refine, "refine_fine": args.refine_fine,
+            "refine_mode": args.refine_mode,
             "affine": args.affine,
             "interpolation": args.interpolation, "roi_margin_mm": margin}
     bar = tqdm(total=len(images), desc="pseudolabel", unit="image", disable=args.no_progress)

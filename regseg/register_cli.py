@@ -246,21 +246,22 @@ def _device_name(text: str) -> str:
 MAX_DEFAULT_THREADS = 4
 
 #: Instance-optimisation steps by default, on the network's working grid, then on the fixed
-#: image's own grid. Chosen on the MNI152 validation pairs (seeds 20000-20003, never the eval
-#: pairs) at 1.5 mm with the fast steps (``--refine-mode fast``; quiet 2-core CPU, 2 threads), AAL
-#: Dice / seconds per pair: 25+0 0.834 / 2.6, 50+0 0.841 / 4.3, 25+10 0.863 / 6.4, 50+10 0.870 /
-#: 8.4, 50+20 0.882 / 10.4, 50+30 0.886 / 13.1 (the first version's 50 steps: 0.803 / 12.0 s).
-#: 50 + 20 is where the curve flattens (the next 10 fine steps buy 0.0015 Dice per second, the
-#: previous 0.006). Only images finer than the 48 x 64 x 48 working grid have the fine level.
-REFINE_DEFAULT = 50
-REFINE_FINE_DEFAULT = 20
+#: image's own grid (only images finer than the 48 x 64 x 48 working grid have that level).
+#: Chosen by the rule in bench/results/registration_default_predeclared.md (written before the
+#: run): the cheapest setting whose AAL Dice on the validation pairs (seeds 20000-20003, 1.5 mm,
+#: fast steps) is at least ANTs SyN's + 0.01 in the same run. There (quiet 2-core CPU, 2 threads;
+#: bench/results/registration_mni_1.5mm_validation_fast.json) ANTs SyN had 0.840 in 10.2 s per
+#: pair; 25+0 0.834 (3.2 s), 50+0 0.841 (4.6 s), 25+10 0.863 (7.2 s), 50+10 0.870 (8.7 s), 50+20
+#: 0.882 (11.8 s), 50+30 0.886 (14.5 s): 25 + 10.
+REFINE_DEFAULT = 25
+REFINE_FINE_DEFAULT = 10
 
 
 def add_registration_options(p: argparse.ArgumentParser, affine: str = AFFINE_DEFAULT,
                              why: str = "") -> None:
-    """``--affine``, ``--affine-iterations`` and ``--refine``, as every command that registers
-    with the RegistrationEngine takes them; ``affine``: this command's default mode, ``why``:
-    a note on it for the help."""
+    """``--affine``, ``--affine-iterations``, ``--refine``, ``--refine-fine`` and
+    ``--refine-mode``, as every command that registers with the RegistrationEngine takes them;
+    ``affine``: this command's default mode, ``why``: a note on it for the help."""
     p.add_argument("--affine", choices=AFFINE_MODES, default=affine,
                    help="affine stage: learned (the Affine3D network, trained on brain MRI pairs), "
                    "optimise (MIND instance optimisation from the centre of mass), "
@@ -275,6 +276,11 @@ def add_registration_options(p: argparse.ArgumentParser, affine: str = AFFINE_DE
                    help="instance optimisation: N steps refining the network's field on the pair "
                    "(MIND + diffusion, diffeomorphic); 0 = the network alone, faster and less "
                    f"accurate; see the README table (default {REFINE_DEFAULT})")
+    p.add_argument("--refine-fine", type=int_at_least(0), default=REFINE_FINE_DEFAULT,
+                   metavar="M",
+                   help="then M steps on the fixed image's own grid when it is finer than the "
+                   "network's 48 x 64 x 48 working grid (slower per step; 0: the working-grid "
+                   f"field upsampled; default {REFINE_FINE_DEFAULT})")
     p.add_argument("--refine-mode", choices=REFINE_MODES, default=REFINE_MODE_DEFAULT,
                    help="how a refinement step runs: fast (MIND of the moving image computed once "
                    "and warped, the correction on a grid of every second voxel) or full (MIND "
@@ -383,11 +389,6 @@ def add_register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="eager", help="engine backend (default eager)")
     add_registration_options(p)
     p.add_argument("--no-affine", action="store_true", help="skip the affine stage")
-    p.add_argument("--refine-fine", type=int_at_least(0), default=REFINE_FINE_DEFAULT,
-                   metavar="M",
-                   help="then M steps on the fixed image's own grid when it is finer than the "
-                   "network's 48 x 64 x 48 working grid (slower per step; 0: the working-grid "
-                   f"field upsampled; default {REFINE_FINE_DEFAULT})")
     p.add_argument("--inverse", action="store_true",
                    help="also write the inverse displacement, inverse_ddf_mm.nii.gz (world mm on "
                    "the fixed grid, as ddf_mm.nii.gz: moving-side point z -> z + inverse(z))")

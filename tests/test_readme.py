@@ -157,15 +157,22 @@ MARKED = {
     "bench/results/warpseg_brain_quick.json": BENCH,
     # REG18 (issue 18): the 1.5 mm bench and its validation sweep, registering at 1.5 mm
     "python bench/registration.py --pairs 8 --skip-phantom --spacing 1.5 --refine 0 25 50 "
-    "--ants-settings SyN --sitk-pairs 1 --threads 2 --json bench/results/registration_mni_1.5mm.json": BENCH,
-    "python bench/registration.py --quick --pairs 2 --skip-phantom --spacing 1.5 --refine 25 50 "
-    "--refine-fine 0 10 --affine optimise --no-baselines --no-default --first-seed 20000": BENCH,
+    "--refine-fine 0 10 20 --ants-settings SyN --sitk-pairs 1 --threads 2 "
+    "--json bench/results/registration_mni_1.5mm.json": BENCH,
+    "python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom --spacing 1.5 "
+    "--refine 25 50 --refine-fine 0 10 20 30 --ants-settings SyN --sitk-pairs 0 --no-default "
+    "--threads 2 --json bench/results/registration_mni_1.5mm_validation_fast.json": BENCH,
+    "python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom --spacing 1.5 "
+    "--refine 50 --refine-fine 0 --refine-mode full --no-baselines --no-default --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_validation_full.json": BENCH,
     "regseg mni --out out/mni15 --pairs 2 --spacing 1.5":
         "writes 2 pairs at 1.5 mm (~25 s); tests/test_mni_spacing.py runs regseg mni --spacing on a coarser grid",
     "regseg register --pairs out/mni15 --out out/reg15":
-        "registers 2 pairs at 1.5 mm (about a minute); needs regseg mni's 1.5 mm set",
-    "regseg register --pairs out/mni15 --out out/reg15 --refine 25 --threads 1":
-        "registers 2 pairs at 1.5 mm (about a minute); needs regseg mni's 1.5 mm set",
+        "registers 2 pairs at 1.5 mm (~15 s); needs regseg mni's 1.5 mm set",
+    "regseg register --pairs out/mni15 --out out/reg15 --refine 50 --refine-fine 20":
+        "registers 2 pairs at 1.5 mm (~25 s); needs regseg mni's 1.5 mm set",
+    "regseg register --pairs out/mni15 --out out/reg15 --refine 0 --refine-fine 0":
+        "registers 2 pairs at 1.5 mm (a few s); needs regseg mni's 1.5 mm set",
     # MAS2 (issue 11): the retrained SimNet's command, the full fusion bench and the JLF tuning
     "regseg train simnet --out runs/simnet --targets 10 --atlases 4 --val-targets 4 --minutes 22":
         TRAINING,

@@ -45,6 +45,10 @@ BRAIN_SIZE = (32, 40, 32)
 #: learned+optimise + 10 0.825 (20 s), learned + 0 0.756 (2 s).
 BRAIN_AFFINE = "learned+optimise"
 BRAIN_REFINE = 10
+#: The refinement steps' mode of both WarpSeg recipes' pseudo-labels (train and bench): ``full``,
+#: the one the shipped warpseg-brain and warpseg-prostate were trained with (the engine's default
+#: became ``fast`` afterwards; pinned so that the recipes reproduce the shipped models).
+PSEUDOLABEL_REFINE_MODE = "full"
 GROUPS = ("background", "frontal", "temporal", "parietal", "occipital", "limbic", "deep grey",
           "cerebellum")
 _PREFIXES = {
@@ -118,7 +122,8 @@ def registration_engine(refine: int = BRAIN_REFINE):
     ``pseudolabels`` row)."""
     from regseg.engines.registration import RegistrationEngine
 
-    return RegistrationEngine("plcreg3d", affine=BRAIN_AFFINE, refine=refine)
+    return RegistrationEngine("plcreg3d", affine=BRAIN_AFFINE, refine=refine,
+                              refine_mode=PSEUDOLABEL_REFINE_MODE)
 
 
 def pseudo_dice(labels: np.ndarray, truth: np.ndarray, lookup: np.ndarray,

@@ -106,7 +106,10 @@ def prostate_training_set(cache: Path, *, atlases: int, unlabelled: int, refine:
     if len(done) < len(free_seeds):
         # optimise, not the learned affine stage (trained on brain MRI pairs only): what the
         # shipped model's pseudo-labels were made with
-        engine = RegistrationEngine("plcreg3d", affine="optimise", refine=refine)
+        from regseg.train.warpseg_brain import PSEUDOLABEL_REFINE_MODE
+
+        engine = RegistrationEngine("plcreg3d", affine="optimise", refine=refine,
+                                    refine_mode=PSEUDOLABEL_REFINE_MODE)
         bar = tqdm(total=len(free_seeds), desc="pseudolabel", disable=not progress)
         pseudolabel_folder(engine, load_mri(atlas_img), _load_labels(atlas_lab),
                            [cases[s][0] for s in free_seeds], pseudo_dir,

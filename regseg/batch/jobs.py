@@ -44,9 +44,9 @@ class Job:
 
     def options(self, args: argparse.Namespace) -> dict[str, Any]:
         """The options that change a case's outputs (part of its digest)."""
-        keys = ("weights", "affine", "affine_iterations", "no_affine", "refine", "refine_mode",
-                "atlas", "atlas_labels", "atlases", "method", "registration", "initial",
-                "target_offset_mm")
+        keys = ("weights", "affine", "affine_iterations", "no_affine", "refine", "refine_fine",
+                "refine_mode", "atlas", "atlas_labels", "atlases", "method", "registration",
+                "initial", "target_offset_mm")
         return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -56,7 +56,7 @@ def _registration_engine(args: argparse.Namespace, device: Any) -> Any:
     return RegistrationEngine(args.weights, backend=args.backend, device=device,
                               affine="none" if args.no_affine else args.affine,
                               affine_iterations=args.affine_iterations, refine=args.refine,
-                              refine_mode=args.refine_mode)
+                              refine_fine=args.refine_fine, refine_mode=args.refine_mode)
 
 
 # register ---------------------------------------------------------------------------------------
