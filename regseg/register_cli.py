@@ -106,6 +106,10 @@ def register_pair(engine: Any, pair: dict[str, str], out_dir: Path, *,
         "fixed": pair["fixed"], "moving": pair["moving"], "weights": engine.weights,
         "backend": engine.backend, "device": str(engine.device), "seconds": seconds,
         "timings_s": result.timings_s,
+        # the settings that made it, so a report says how to reproduce it
+        "settings": {"affine": engine.affine.mode, "affine_iterations": engine.affine.iterations,
+                     "refine": engine.refine,
+                     "refine_fine": engine.refine_fine, "refine_mode": engine.refine_mode},
     }
     if fixed_labels is not None and moving_labels is not None:
         before = Volume(*_on_fixed(moving_labels, fixed))
