@@ -127,7 +127,7 @@ def regseg_row(mode: str, refine: int, refine_fine: int = 0, *, affine_only: boo
 def default_row() -> str:
     """The row of ``regseg register``'s default settings (affine mode, refine steps)."""
     from regseg.engines.affine_modes import AFFINE_DEFAULT
-    from regseg.register_cli import REFINE_DEFAULT, REFINE_FINE_DEFAULT
+    from regseg.register_options import REFINE_DEFAULT, REFINE_FINE_DEFAULT
 
     return regseg_row(AFFINE_DEFAULT, REFINE_DEFAULT, REFINE_FINE_DEFAULT)
 
@@ -156,7 +156,8 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
 
     from regseg.engines.affine_modes import AFFINE_DEFAULT, REFINE_MODE_DEFAULT
     from regseg.engines.registration import RegistrationEngine
-    from regseg.register_cli import REFINE_DEFAULT, REFINE_FINE_DEFAULT, score_fine
+    from regseg.register_cli import score_fine
+    from regseg.register_options import REFINE_DEFAULT, REFINE_FINE_DEFAULT
 
     config = config or mni.MniConfig()
     base = mni.load_base(config)

@@ -20,7 +20,7 @@ PSEUDOLABEL_AFFINE = "optimise"
 
 def add_cli(p: argparse.ArgumentParser) -> None:
     """Arguments of ``regseg pseudolabel``."""
-    from regseg.register_cli import add_registration_options
+    from regseg.register_options import add_registration_options
 
     p.add_argument("--atlas", required=True, help="the atlas image, 3-D NIfTI")
     p.add_argument("--atlas-labels", required=True,
@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from regseg.engines.registration import RegistrationEngine, shipped_weights
     from regseg.imageio import load_mri
     from regseg.pseudolabel import list_images, pseudolabel_folder
-    from regseg.register_cli import default_threads, load_label_map
+    from regseg.register_cli import load_label_map
+    from regseg.register_options import default_threads
 
     check_readable_file(args.atlas, "--atlas")
     check_readable_file(args.atlas_labels, "--atlas-labels")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,6 @@ import numpy as np
 
 from regseg import spatial
 from regseg.cli_checks import check_checkpoint, check_writable, int_at_least
-from regseg.engines.affine_modes import (
-    AFFINE_DEFAULT,
-    AFFINE_MODES,
-    DEFAULT_ITERATIONS,
-    REFINE_MODE_DEFAULT,
-    REFINE_MODES,
-)
 from regseg.errors import InputError
 from regseg.imageio import Volume, load_mri, read_header, save_volume
 from regseg.register_io import (  # noqa: F401 - the batch jobs and tests import them from here
@@ -34,6 +26,11 @@ from regseg.register_io import (  # noqa: F401 - the batch jobs and tests import
     load_label_map,
     load_landmarks,
     save_ddf_mm,
+)
+from regseg.register_options import (
+    MAX_DEFAULT_THREADS,
+    add_registration_options,
+    default_threads,
 )
 from regseg.registration_metrics import (
     dice_per_label,
@@ -240,67 +237,6 @@ def _device_name(text: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {text}: CUDA is not available here; use --device cpu")
     return text
-
-
-#: Most CPU threads ``regseg register`` uses by default. Measured on the 2-core machine (2 MNI152
-#: pairs, s/pair): idle, 1 thread 5.87, 2 threads 4.99; with other jobs holding the cores (load
-#: ~10), 1 thread 15, 2 threads 130 (OpenMP threads spinning against each other), 2 threads with
-#: OMP_WAIT_POLICY=PASSIVE 20. So the entry point waits passively (regseg.cli) and uses the cores it
-#: may run on, up to this many; more than 4 was not measured (no larger machine here).
-MAX_DEFAULT_THREADS = 4
-
-#: Instance-optimisation steps by default, on the network's working grid, then on the fixed
-#: image's own grid (only images finer than the 48 x 64 x 48 working grid have that level).
-#: Chosen by the rule in bench/results/registration_default_predeclared.md (written before the
-#: run): the cheapest setting whose AAL Dice on the validation pairs (seeds 20000-20003, 1.5 mm,
-#: fast steps) is at least ANTs SyN's + 0.01 in the same run. There (quiet 2-core CPU, 2 threads;
-#: bench/results/registration_mni_1.5mm_validation_fast.json) ANTs SyN had 0.840 in 10.2 s per
-#: pair; 25+0 0.834 (3.2 s), 50+0 0.841 (4.6 s), 25+10 0.863 (7.2 s), 50+10 0.870 (8.7 s), 50+20
-#: 0.882 (11.8 s), 50+30 0.886 (14.5 s): 25 + 10.
-REFINE_DEFAULT = 25
-REFINE_FINE_DEFAULT = 10
-
-
-def add_registration_options(p: argparse.ArgumentParser, affine: str = AFFINE_DEFAULT,
-                             why: str = "") -> None:
-    """``--affine``, ``--affine-iterations``, ``--refine``, ``--refine-fine`` and
-    ``--refine-mode``, as every command that registers with the RegistrationEngine takes them;
-    ``affine``: this command's default mode, ``why``: a note on it for the help."""
-    p.add_argument("--affine", choices=AFFINE_MODES, default=affine,
-                   help="affine stage: learned (the Affine3D network, trained on brain MRI pairs), "
-                   "optimise (MIND instance optimisation from the centre of mass), "
-                   "learned+optimise (the network, then a few MIND steps) or none "
-                   f"(default {affine}{why})")
-    p.add_argument("--affine-iterations", type=int_at_least(0), default=None,
-                   help="steps of the affine stage's MIND optimisation (default: "
-                   f"{DEFAULT_ITERATIONS['optimise']} for optimise, "
-                   f"{DEFAULT_ITERATIONS['learned+optimise']} after the network for "
-                   "learned+optimise; 0: no affine stage)")
-    p.add_argument("--refine", type=int_at_least(0), default=REFINE_DEFAULT, metavar="N",
-                   help="instance optimisation: N steps refining the network's field on the pair "
-                   "(MIND + diffusion, diffeomorphic); 0 = the network alone, faster and less "
-                   f"accurate; see the README table (default {REFINE_DEFAULT})")
-    p.add_argument("--refine-fine", type=int_at_least(0), default=REFINE_FINE_DEFAULT,
-                   metavar="M",
-                   help="then M steps on the fixed image's own grid when it is finer than the "
-                   "network's 48 x 64 x 48 working grid (slower per step; 0: the working-grid "
-                   f"field upsampled; default {REFINE_FINE_DEFAULT})")
-    p.add_argument("--refine-mode", choices=REFINE_MODES, default=REFINE_MODE_DEFAULT,
-                   help="how a refinement step runs: fast (MIND of the moving image computed once "
-                   "and warped, the correction on a grid of every second voxel) or full (MIND "
-                   "recomputed on the warped image every step, every voxel: the first version, "
-                   "slower and less accurate on the validation pairs; default "
-                   f"{REFINE_MODE_DEFAULT})")
-
-
-def default_threads() -> int:
-    """The CPUs this process may run on (affinity, so containers and taskset are honoured), at
-    most :data:`MAX_DEFAULT_THREADS`."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_DEFAULT_THREADS, cpus))
 
 
 def run_register(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from regseg import register_cli
+from regseg import register_options
 
 PROBE = """
 import os, sys
@@ -42,10 +42,10 @@ def test_openmp_waits_passively_unless_the_user_chose():
 
 
 @pytest.mark.parametrize(("cpus", "expected"),
-                         [(1, 1), (2, 2), (16, register_cli.MAX_DEFAULT_THREADS)])
+                         [(1, 1), (2, 2), (16, register_options.MAX_DEFAULT_THREADS)])
 def test_default_threads_follow_the_cpus_this_process_may_use(monkeypatch, cpus, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
-    assert register_cli.default_threads() == expected
+    assert register_options.default_threads() == expected
 
 
 def test_every_option_of_every_task_has_a_help_text():

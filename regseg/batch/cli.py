@@ -12,7 +12,7 @@ from regseg.errors import InputError
 
 def _common(p: argparse.ArgumentParser, affine: str = "learned+optimise") -> None:
     """The options every job takes; ``affine``: the job's default ``--affine`` mode."""
-    from regseg.register_cli import add_registration_options
+    from regseg.register_options import add_registration_options
 
     p.add_argument("manifest", type=Path, help="cases: a .csv with a header, or .jsonl")
     p.add_argument("--out", required=True, type=Path,

@@ -79,7 +79,7 @@ def test_register_and_segment_defaults_are_regseg_register_and_pseudolabel_ones(
     import argparse
 
     from regseg.batch.cli import add_batch_arguments
-    from regseg.register_cli import REFINE_DEFAULT
+    from regseg.register_options import REFINE_DEFAULT
 
     p = argparse.ArgumentParser()
     add_batch_arguments(p)
