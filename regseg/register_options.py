@@ -29,11 +29,12 @@ MAX_DEFAULT_THREADS = 4
 #: Chosen by the rule in bench/results/registration_default_predeclared.md (written before the
 #: run): the cheapest setting whose AAL Dice on the validation pairs (seeds 20000-20003, 1.5 mm,
 #: fast steps) is at least ANTs SyN's + 0.01 in the same run. There (quiet 2-core CPU, 2 threads;
-#: bench/results/registration_mni_1.5mm_validation_fast.json) ANTs SyN had 0.840 in 10.2 s per
-#: pair; 25+0 0.834 (3.2 s), 50+0 0.841 (4.6 s), 25+10 0.863 (7.2 s), 50+10 0.870 (8.7 s), 50+20
-#: 0.882 (11.8 s), 50+30 0.886 (14.5 s): 25 + 10.
+#: bench/results/registration_mni_1.5mm_validation_fast.json) ANTs SyN had 0.840 in 9.3 s per
+#: pair; 25+0 0.870 (3.0 s), 25+10 0.876 (6.3 s), 50+0 0.880 (4.7 s), 50+20 0.885 (10.9 s),
+#: 50+30 0.886 (13.1 s): 25 + 0. (Before the fast steps read MIND of the finer images, the same
+#: rule chose 25 + 10.)
 REFINE_DEFAULT = 25
-REFINE_FINE_DEFAULT = 10
+REFINE_FINE_DEFAULT = 0
 
 
 def add_registration_options(p: argparse.ArgumentParser, affine: str = AFFINE_DEFAULT,

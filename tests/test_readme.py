@@ -168,7 +168,7 @@ MARKED = {
     "regseg mni --out out/mni15 --pairs 2 --spacing 1.5":
         "writes 2 pairs at 1.5 mm (~25 s); tests/test_mni_spacing.py runs regseg mni --spacing on a coarser grid",
     "regseg register --pairs out/mni15 --out out/reg15":
-        "registers 2 pairs at 1.5 mm (~15 s); needs regseg mni's 1.5 mm set",
+        "registers 2 pairs at 1.5 mm (~10 s); needs regseg mni's 1.5 mm set",
     "regseg register --pairs out/mni15 --out out/reg15 --refine 50 --refine-fine 20":
         "registers 2 pairs at 1.5 mm (~25 s); needs regseg mni's 1.5 mm set",
     "regseg register --pairs out/mni15 --out out/reg15 --refine 0 --refine-fine 0":

@@ -68,3 +68,45 @@ def test_fast_mode_keeps_the_network_fields_fine_detail():
     # one tiny step: the result is the network's field, voxel detail included
     assert float((out - v).abs().max()) < 1e-2
 
+
+
+def test_descriptors_from_finer_images_land_on_the_working_grid():
+    """MIND of the finer images, resampled onto the velocity's grid: on the same grid it is MIND
+    itself; from a grid 2x finer per axis it has the working grid's shape and differs from MIND
+    of the area-averaged copy (which blurs the edges it should see); past DESCRIPTOR_MAX_RATIO
+    the images are area-averaged first, with the same output shape."""
+    import torch.nn.functional as F
+
+    from regseg.engines.refine import DESCRIPTOR_MAX_RATIO, descriptors_from
+    from regseg.models.reg_losses import mind_descriptor
+
+    torch.manual_seed(2)
+    f, m = torch.rand(1, 1, 8, 10, 6), torch.rand(1, 1, 8, 10, 6)
+    t, d = descriptors_from(f, m, (8, 10, 6))
+    assert torch.allclose(t, mind_descriptor(f)) and torch.allclose(d, mind_descriptor(m))
+    fine_f, fine_m = torch.rand(1, 1, 16, 20, 12), torch.rand(1, 1, 16, 20, 12)
+    t, d = descriptors_from(fine_f, fine_m, (8, 10, 6))
+    assert t.shape == d.shape == (1, 6, 8, 10, 6)
+    blurred = mind_descriptor(F.interpolate(fine_f, size=(8, 10, 6), mode="area"))
+    assert float((t - blurred).abs().mean()) > 0.01
+    big = torch.rand(1, 1, 24, 30, 18)  # 27x the voxels of (8, 10, 6) > 16
+    assert 27 > DESCRIPTOR_MAX_RATIO
+    t, d = descriptors_from(big, big, (8, 10, 6))
+    assert t.shape == (1, 6, 8, 10, 6) and torch.equal(t, d)
+
+
+def test_refinement_with_given_descriptors_uses_them():
+    """With ``descriptors`` the images are not read: a pair of identical images but descriptors
+    of a shifted blob still moves the field."""
+    shape = (18, 18, 18)
+    fixed = _blob(shape, (9, 9, 9), 5.0)
+    moving = _blob(shape, (9, 11, 9), 5.0)
+    from regseg.models.reg_losses import mind_descriptor
+
+    desc = (mind_descriptor(fixed), mind_descriptor(moving))
+    zero = torch.zeros(1, 3, *shape)
+    same = torch.rand(1, 1, *shape)
+    v = refine_velocity(same, same, zero, steps=10, lr=0.1, smooth=0.1, descriptors=desc)
+    assert float(v.abs().max()) > 0.05
+    v0 = refine_velocity(same, same, zero, steps=10, lr=0.1, smooth=0.1)
+    assert float(v0.abs().max()) < float(v.abs().max())
