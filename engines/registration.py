@@ -228,17 +228,17 @@ class RegistrationEngine:
         affine_full = work_to_full @ affine @ np.linalg.inv(work_to_full)
         aff_full = affine_ddf(affine_full, full, dev)  # A x - x
         fast = self.refine_mode == "fast"
+        # fast steps on the working grid follow MIND computed on finer images than it
+        fine_mind = fast and self.refine > 0 and np.prod(full) > np.prod(self.size)
         # the moving image through the affine stage on the fixed grid: the fine level's input
         m_aff_full = (spatial.warp(m_full, aff_full, padding_mode="zeros")
-                      if deformable and full != self.size and (fast and self.refine > 0
-                                                               or self.refine_fine > 0) else None)
+                      if deformable and (fine_mind or self.refine_fine > 0 and full != self.size)
+                      else None)
         if deformable:
             out = self.predict(m_aff, f_work)
             if self.refine > 0:
                 cfg = self.config
-                # fast steps on the working grid follow MIND computed on the finer images
-                desc = (descriptors_from(f_full, m_aff_full, self.size)
-                        if fast and m_aff_full is not None else None)
+                desc = descriptors_from(f_full, m_aff_full, self.size) if fine_mind else None
                 field_ = refine_velocity(f_work, m_aff, out["field"], steps=self.refine,
                                          int_steps=cfg.int_steps, diffeomorphic=cfg.diffeomorphic,
                                          fast=fast, descriptors=desc)
