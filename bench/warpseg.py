@@ -160,7 +160,7 @@ def run(task: str, n: int, *, refine: int, sitk_iterations: int, progress: bool 
 
         registration = registration_engine(refine)
     else:
-        from regseg.train.warpseg_brain import PSEUDOLABEL_REFINE_MODE
+        from regseg.train.warpseg_data import PSEUDOLABEL_REFINE_MODE
 
         # as the shipped warpseg-prostate's pseudo-labels (train/warpseg_data.py)
         registration = RegistrationEngine("plcreg3d", affine="optimise", refine=refine,

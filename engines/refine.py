@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regseg import spatial
-from regseg.engines.affine_modes import REFINE_MODE_DEFAULT, REFINE_MODES  # noqa: F401
 from regseg.models.integrate import resize_ddf, scaling_and_squaring
 from regseg.models.reg_losses import gradient_loss, mind_descriptor
 

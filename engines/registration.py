@@ -25,14 +25,9 @@ from torch import Tensor
 
 from regseg import spatial
 from regseg.engines.affine import AffineStage
-from regseg.engines.affine_modes import AFFINE_DEFAULT
+from regseg.engines.affine_modes import AFFINE_DEFAULT, REFINE_MODE_DEFAULT, REFINE_MODES
 from regseg.engines.base import Engine, make_engine
-from regseg.engines.refine import (
-    REFINE_MODE_DEFAULT,
-    REFINE_MODES,
-    descriptors_from,
-    refine_velocity,
-)
+from regseg.engines.refine import descriptors_from, refine_velocity
 from regseg.errors import InputError
 from regseg.imageio import Volume, normalise_intensity
 from regseg.models.integrate import invert_ddf, invert_velocity, resize_ddf, scaling_and_squaring
@@ -260,7 +255,7 @@ class RegistrationEngine:
             field_full = refine_velocity(f_full, m_aff_full, resize_ddf(out["field"], full),
                                          steps=self.refine_fine, int_steps=cfg.int_steps,
                                          diffeomorphic=cfg.diffeomorphic,
-                                         fast=self.refine_mode == "fast", sample_coarse=True)
+                                         fast=fast, sample_coarse=True)
             deform_full = (scaling_and_squaring(field_full, cfg.int_steps)
                            if cfg.diffeomorphic else field_full)
             out = {"field": field_full, "ddf": deform_full}

@@ -69,9 +69,8 @@ def run(args: argparse.Namespace) -> int:
                                 refine_mode=args.refine_mode)
     margin = None if args.roi_margin_mm < 0 else args.roi_margin_mm
     meta = {"atlas": str(args.atlas), "atlas_labels": str(args.atlas_labels),
-            "weights": str(args.weights), "refine": args.refine, "refine_fine": args.refine_fine,
-            "refine_mode": args.refine_mode,
-            "affine": args.affine,
+            "weights": str(args.weights), "affine": args.affine, "refine": args.refine,
+            "refine_fine": args.refine_fine, "refine_mode": args.refine_mode,
             "interpolation": args.interpolation, "roi_margin_mm": margin}
     bar = tqdm(total=len(images), desc="pseudolabel", unit="image", disable=args.no_progress)
     skipped = []

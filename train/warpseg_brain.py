@@ -34,6 +34,7 @@ import torch
 from regseg.errors import InputError
 from regseg.imageio import Volume
 from regseg.models.warpseg import WarpSegConfig
+from regseg.train.warpseg_data import PSEUDOLABEL_REFINE_MODE
 
 LABELLED_SEED0, UNLABELLED_SEED0, VAL_SEED0, EVAL_SEED0 = 40_000, 41_000, 42_000, 43_000
 #: The network's working grid (D, H, W) over the subjects' 156 x 208 x 156 mm box.
@@ -45,10 +46,6 @@ BRAIN_SIZE = (32, 40, 32)
 #: learned+optimise + 10 0.825 (20 s), learned + 0 0.756 (2 s).
 BRAIN_AFFINE = "learned+optimise"
 BRAIN_REFINE = 10
-#: The refinement steps' mode of both WarpSeg recipes' pseudo-labels (train and bench): ``full``,
-#: the one the shipped warpseg-brain and warpseg-prostate were trained with (the engine's default
-#: became ``fast`` afterwards; pinned so that the recipes reproduce the shipped models).
-PSEUDOLABEL_REFINE_MODE = "full"
 GROUPS = ("background", "frontal", "temporal", "parietal", "occipital", "limbic", "deep grey",
           "cerebellum")
 _PREFIXES = {

@@ -25,6 +25,11 @@ from regseg.imageio import Volume, load_mri, save_volume
 from regseg.models.warpseg import WarpSegConfig
 from regseg.sim import phantom as ph
 
+#: The refinement steps' mode of both WarpSeg recipes' pseudo-labels (train and bench): ``full``,
+#: the one the shipped warpseg-brain and warpseg-prostate were trained with (the engine's default
+#: became ``fast`` afterwards; pinned so that the recipes reproduce the shipped models).
+PSEUDOLABEL_REFINE_MODE = "full"
+
 ATLAS_SEEDS0 = 100
 UNLABELLED_SEEDS0 = 200
 VAL_SEEDS = (300, 301, 302, 303)
@@ -106,8 +111,6 @@ def prostate_training_set(cache: Path, *, atlases: int, unlabelled: int, refine:
     if len(done) < len(free_seeds):
         # optimise, not the learned affine stage (trained on brain MRI pairs only): what the
         # shipped model's pseudo-labels were made with
-        from regseg.train.warpseg_brain import PSEUDOLABEL_REFINE_MODE
-
         engine = RegistrationEngine("plcreg3d", affine="optimise", refine=refine,
                                     refine_mode=PSEUDOLABEL_REFINE_MODE)
         bar = tqdm(total=len(free_seeds), desc="pseudolabel", disable=not progress)
