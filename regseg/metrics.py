@@ -63,6 +63,40 @@ def tre_mm(pred_image_to_mri: np.ndarray, true_image_to_mri: np.ndarray,
     return float(np.linalg.norm(diff, axis=1).mean())
 
 
+
+def tissue_tre_mm(pred_image_to_mri: np.ndarray, true_image_to_mri: np.ndarray,
+                  true_displacement_px: np.ndarray, points_ij: np.ndarray,
+                  pred_ddf: np.ndarray | None = None) -> float:
+    """Target registration error against the tissue: mean mm between where a registration puts
+    the MRI under each frame point and where that point's tissue truly lies in the MRI.
+
+    A simulator moves tissue inside the plane (probe pressure, bulges): frame pixel p shows the
+    tissue at ``true_image_to_mri (p + d(p))``, not at ``true_image_to_mri (p)``. A deformable
+    registration maps p to ``pred_image_to_mri (p + u(p))``. :func:`tre_mm` compares planes only;
+    this compares what is drawn (plane and field) with where the anatomy is.
+
+    Args:
+        pred_image_to_mri, true_image_to_mri: (4, 4) frame pixel (i, j, 0) -> MRI world mm.
+        true_displacement_px: (H, W, 2) the tissue motion as (di, dj) pixels
+            (:class:`regseg.types.GroundTruth` ``displacement_px``).
+        points_ij: (N, 2) integer frame pixels (i = column, j = row).
+        pred_ddf: (2, H, W) the registration's displacement as (dj, di) pixels
+            (:class:`regseg.types.Result` ``ddf``); None for a plane-only registration.
+    Returns:
+        mean Euclidean distance in mm; NaN for no points.
+    """
+    points_ij = np.asarray(points_ij, dtype=np.int64).reshape(-1, 2)
+    if len(points_ij) == 0:
+        return float("nan")
+    i, j = points_ij[:, 0], points_ij[:, 1]
+    p = points_ij.astype(np.float64)
+    true_p = p + np.asarray(true_displacement_px, dtype=np.float64)[j, i]
+    pred_p = p if pred_ddf is None else p + np.asarray(pred_ddf, dtype=np.float64)[::-1, j, i].T
+    zeros = np.zeros((len(p), 1))
+    diff = (spatial.apply(pred_image_to_mri, np.concatenate([pred_p, zeros], axis=1))
+            - spatial.apply(true_image_to_mri, np.concatenate([true_p, zeros], axis=1)))
+    return float(np.linalg.norm(diff, axis=1).mean())
+
 def true_theta(tracked_image_to_mri: np.ndarray, true_image_to_mri: np.ndarray,
                frame_hw: tuple[int, int]) -> np.ndarray:
     """The in-plane correction a registration should find, as a normalised (2, 3) theta.

@@ -18,6 +18,9 @@ class GroundTruth:
 
     image_to_mri: np.ndarray  # (4, 4) true map from image pixels (i, j, 0) to MRI world mm (RAS)
     labels: np.ndarray  # (H, W) uint8, true labels on the frame (0 bg, 1 prostate, 2 lesion)
+    # (H, W, 2) float32 (di, dj) pixels: the tissue motion (probe pressure, bulges) the simulator
+    # rendered, so pixel p shows the tissue at image_to_mri (p + d(p)); None when not known
+    displacement_px: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)

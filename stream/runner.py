@@ -54,6 +54,13 @@ def frame_accuracy(pipeline: Pipeline, result: Result) -> tuple[dict[str, float]
         "registered": metrics.tre_mm(spatial.invert(result.mri_to_image), truth.image_to_mri,
                                      points),
     }
+    if truth.displacement_px is not None:  # against the moved tissue; the published map's field
+        ij = ji[:, ::-1]
+        tre["tracked_tissue"] = metrics.tissue_tre_mm(
+            pipeline.plane(result.frame), truth.image_to_mri, truth.displacement_px, ij)
+        tre["registered_tissue"] = metrics.tissue_tre_mm(
+            spatial.invert(result.mri_to_image), truth.image_to_mri, truth.displacement_px, ij,
+            result.ddf)
     return dice, tre
 
 

@@ -79,3 +79,26 @@ def test_true_theta_drops_out_of_plane_error():
     error[2, 3] = 3.0  # 3 pixels along the plane normal: nothing a 2-D affine can undo
     theta = metrics.true_theta(tracked, tracked @ error, hw)
     np.testing.assert_allclose(theta, np.eye(2, 3), atol=1e-12)
+
+
+def test_tissue_tre_counts_the_tissue_motion_and_the_registration_field():
+    plane = np.diag([0.5, 0.5, 0.5, 1.0])  # 0.5 mm pixels
+    h, w = 20, 30
+    motion = np.zeros((h, w, 2), np.float32)
+    motion[..., 0] = 2.0  # the tissue under pixel p lies 2 px (1 mm) further along i
+    pts = np.array([[3, 4], [10, 12], [25, 19]])
+    # the plane alone misses the tissue by the motion: 1 mm
+    assert metrics.tissue_tre_mm(plane, plane, motion, pts) == pytest.approx(1.0)
+    assert metrics.tre_mm(plane, plane, pts) == 0.0
+    # a registration field (dj, di) that follows the motion finds it exactly
+    ddf = np.zeros((2, h, w), np.float32)
+    ddf[1] = 2.0
+    assert metrics.tissue_tre_mm(plane, plane, motion, pts, ddf) == pytest.approx(0.0)
+    # so does a plane shifted by the motion; a field along j instead is sqrt(1 + 1) mm off
+    shifted = plane.copy()
+    shifted[0, 3] = 1.0
+    assert metrics.tissue_tre_mm(shifted, plane, motion, pts) == pytest.approx(0.0)
+    wrong = np.zeros((2, h, w), np.float32)
+    wrong[0] = 2.0
+    assert metrics.tissue_tre_mm(plane, plane, motion, pts, wrong) == pytest.approx(np.sqrt(2))
+    assert math.isnan(metrics.tissue_tre_mm(plane, plane, motion, np.zeros((0, 2))))

@@ -238,3 +238,32 @@ def test_slice_atlas_matches_3d_grid_sample(wrap):
     if wrap:  # periodic: a whole number of periods away gives the same value
         shifted = index + size * torch.tensor([2.0, -1.0, 3.0])
         assert torch.allclose(sample_atlas(atlas, shifted), expected, atol=1e-4)
+
+
+def _labels_at_moved_tissue(volume, frame) -> np.ndarray:
+    """The label volume sampled at image_to_mri (p + d(p)) with the frame's truth displacement."""
+    h, w = frame.pixels.shape
+    jj, ii = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    d = frame.truth.displacement_px
+    pts = np.stack([ii + d[..., 0], jj + d[..., 1], np.zeros((h, w))], -1).reshape(-1, 3)
+    vox = spatial.apply(spatial.invert(volume.voxel_to_world) @ frame.truth.image_to_mri, pts)
+    idx = np.floor(vox + 0.5).astype(int)  # nearest voxel centre
+    inside = np.all((idx >= 0) & (idx < np.array(volume.data.shape)), axis=1)
+    out = np.zeros(len(idx), np.uint8)
+    out[inside] = volume.data[tuple(idx[inside].T)]
+    return out.reshape(h, w)
+
+
+def test_truth_carries_the_tissue_motion_that_moved_its_labels(case, scanner):
+    for index in (0, 150, 400):
+        f = scanner.frame(index)
+        d = f.truth.displacement_px
+        assert d.shape == (256, 256, 2) and d.dtype == np.float32
+        assert np.abs(d).max() > 0.5  # pressure and modes move tissue by pixels here
+        moved = _labels_at_moved_tissue(case.labels, f)
+        assert (moved == f.truth.labels).mean() > 0.995
+        assert (moved != f.truth.labels).sum() < (f.truth.labels != _labels_at_moved_tissue(
+            case.labels, dataclasses.replace(f, truth=dataclasses.replace(
+                f.truth, displacement_px=np.zeros_like(d))))).sum()
+    still = SimulatedScanner(case, EXACT, seed=3).frame(80)
+    assert np.abs(still.truth.displacement_px).max() == 0.0

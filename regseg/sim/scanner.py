@@ -237,7 +237,8 @@ class SimulatedScanner:
             seq=index, acquired_ns=clock.now_ns(), pixels=pixels.cpu().numpy(),
             spacing_mm=(cfg.pixel_mm, cfg.pixel_mm), image_to_reference=image_to_reference,
             truth=GroundTruth(image_to_mri=image_to_mri,
-                              labels=labels.to(torch.uint8).cpu().numpy()))
+                              labels=labels.to(torch.uint8).cpu().numpy(),
+                              displacement_px=disp.float().cpu().numpy()))
 
     def _needle(self, echo: Tensor, atten: Tensor,
                 rng: np.random.Generator) -> tuple[Tensor, Tensor]:

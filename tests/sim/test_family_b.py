@@ -137,3 +137,31 @@ def test_family_b_is_written_apart_from_family_a():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not forbidden & set(names), f"{path.name} imports family A: {names}"
     assert min(EVAL_SEEDS) >= 5000  # family A uses 0.. for training and 1000.. for validation
+
+
+def test_truth_carries_the_tissue_motion_that_moved_its_labels(case):
+    s = Session(case, SessionConfig(probe=ENDFIRE), seed=1)
+    vol = _labels_volume(case.truth_labels)
+    w2v = spatial.invert(case.truth_labels.voxel_to_world)
+    for index in (0, 40):
+        frame = s.frame(index)
+        d = frame.truth.displacement_px
+        assert d.shape == (*frame.pixels.shape, 2) and d.dtype == np.float32
+        assert np.abs(d).max() > 0.5
+        # the truth labels are the label volume at plane(p + d(p)), and not at plane(p)
+        h, w = frame.pixels.shape
+        jj, ii = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        pts = np.stack([ii + d[..., 0], jj + d[..., 1], np.zeros((h, w))], -1).reshape(-1, 3)
+        vox = spatial.apply(w2v @ frame.truth.image_to_mri, pts)
+        idx = np.floor(vox + 0.5).astype(int)
+        data = case.truth_labels.data
+        inside = np.all((idx >= 0) & (idx < np.array(data.shape)), axis=1)
+        moved = np.zeros(len(idx), np.uint8)
+        moved[inside] = data[tuple(idx[inside].T)]
+        moved = moved.reshape(h, w)
+        plain = spatial.reslice(vol, w2v, frame.truth.image_to_mri, frame.pixels.shape,
+                                mode="nearest")[0, 0].numpy()
+        assert (moved == frame.truth.labels).mean() > 0.995
+        assert (moved != frame.truth.labels).sum() < (plain != frame.truth.labels).sum()
+    assert np.abs(Session(case, SessionConfig(**STILL), seed=1).frame(3)
+                  .truth.displacement_px).max() == 0.0

@@ -206,9 +206,13 @@ class Session:
         return out
 
     # ------------------------------------------------------------------ frames
-    def truth_labels(self, index: int, plane: np.ndarray) -> np.ndarray:
-        """(H, W) uint8 true labels: the fine label volume at ``plane(p + displacement(p))``."""
-        pts = self._pixels_ij + self.displacement(index, self._pixel_maps)
+    def truth_labels(self, index: int, plane: np.ndarray,
+                     displacement: Tensor | None = None) -> np.ndarray:
+        """(H, W) uint8 true labels: the fine label volume at ``plane(p + displacement(p))``
+        (``displacement``: the frame pixels' (H, W, 2), default computed here)."""
+        if displacement is None:
+            displacement = self.displacement(index, self._pixel_maps)
+        pts = self._pixels_ij + displacement
         m = torch.as_tensor(self._labels_w2n @ plane, dtype=torch.float32, device=self.device)
         grid = pts[..., :1] * m[:3, 0] + pts[..., 1:] * m[:3, 1] + m[:3, 3]
         lab = F.grid_sample(self._labels, grid[None, None], mode="nearest", padding_mode="zeros",
@@ -224,8 +228,10 @@ class Session:
         noise_seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
         pixels = self.renderer.render(plane, ddf, noise_seed).cpu().numpy()
         px = self.geometry.pixel_mm
+        motion = self.displacement(index, self._pixel_maps)
         return Frame(seq=index, acquired_ns=clock.now_ns(), pixels=pixels, spacing_mm=(px, px),
                      image_to_reference=plane @ self.tracking_error(index),
                      source_ts=self.clock_origin_s + index / self.config.fps,
                      truth=GroundTruth(image_to_mri=plane,
-                                       labels=self.truth_labels(index, plane)))
+                                       labels=self.truth_labels(index, plane, motion),
+                                       displacement_px=motion.float().cpu().numpy()))
