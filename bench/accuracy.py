@@ -8,8 +8,10 @@ as ``regseg-stream`` builds it (``regseg.stream.build``), runs on a stretch of t
 frame: prostate and lesion Dice of the predicted labels, prostate and lesion Dice of the
 registered MRI labels (the lesion there is the biopsy target carried from the MRI), TRE (mm,
 tracked and registered plane vs the true one, over the true prostate pixels:
-``regseg.stream.runner.frame_accuracy``), the flag, and the per-frame error estimate
-(``Result.error_mm`` where the Result has it, else ``1 - quality``).
+``regseg.stream.runner.frame_accuracy``), the *tissue* TRE (where the published map -- plane
+and deformable field -- puts the MRI under each true prostate pixel vs where the simulator's
+moved tissue truly lies: ``regseg.metrics.tissue_tre_mm``), the flag, and the per-frame error
+estimate (``Result.error_mm`` where the Result has it, else ``1 - quality``).
 
 Reported per family and level: Dice means (and the prostate Dice of the MRI labels on the TRUE
 plane: the ceiling of a perfect rigid registration), TRE median and p90, the capture curve (final
@@ -126,6 +128,9 @@ def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
             "dice_true_plane": true_plane_dice(pipeline.context, frame),
             "tre_tracked_mm": tre.get("tracked", math.nan),
             "tre_registered_mm": tre.get("registered", math.nan),
+            # against the tissue (the simulator's motion) and through the published field
+            "tre_tracked_tissue_mm": tre.get("tracked_tissue", math.nan),
+            "tre_registered_tissue_mm": tre.get("registered_tissue", math.nan),
             "flagged": bool(result.flagged), "estimate": estimate_of(result),
             "flags": list(getattr(result, "flags", ())),
             "threshold_mm": _threshold_of(pipeline),
@@ -213,6 +218,9 @@ def summarise(family: str, level: float, frames: list[dict]) -> dict[str, Any]:
             "tre_tracked_median_mm": stat(np.median, "tre_tracked_mm"),
             "tre_median_mm": stat(np.median, "tre_registered_mm"),
             "tre_p90_mm": stat(lambda v: np.percentile(v, 90), "tre_registered_mm"),
+            "tre_tissue_tracked_median_mm": stat(np.median, "tre_tracked_tissue_mm"),
+            "tre_tissue_median_mm": stat(np.median, "tre_registered_tissue_mm"),
+            "tre_tissue_p90_mm": stat(lambda v: np.percentile(v, 90), "tre_registered_tissue_mm"),
             "total_ms_p50": stat(np.median, "total_ms"),
             **flag_rates(frames)}
 
@@ -249,7 +257,8 @@ def noise_row(family: str, noise: list[dict]) -> dict[str, Any]:
 def run(families: list[str], phantoms: int, levels: list[float], frames_per_run: int, *,
         deformable: bool, backend: str, device: str, threads: int | None,
         progress: bool = True, deformable_weights: str | None = None,
-        quality_weights: str | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+        quality_weights: str | None = None, roi: str = "default"
+        ) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
 
@@ -259,7 +268,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     from regseg.stream.context import build_context
 
     def make_pipeline(context, stage):
-        pipeline = build_pipeline(context, engine, deformable=stage, capture=capture())
+        pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi)
         if quality_weights is not None:  # the Pipeline makes the shipped one on first use
             from regseg.stream.quality import QualityCheck, QualityConfig
 
@@ -306,6 +315,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
                           f"{s['dice_prostate']:.3f} lesion {s['dice_lesion']:.3f} reg "
                           f"{s['dice_registered']:.3f} TRE "
                           f"{s['tre_tracked_median_mm']:.2f} -> {s['tre_median_mm']:.2f} mm "
+                          f"(tissue {s['tre_tissue_median_mm']:.2f}) "
                           f"flagged {s['flagged_pct']:.0f}% ({time.perf_counter() - t0:.1f} s)",
                           flush=True)
             pipeline = make_pipeline(context, stage)
@@ -363,7 +373,8 @@ COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice_prostate", "di
            ("dice_lesion", "lesion", ".3f"), ("dice_registered", "reg_dice", ".3f"),
            ("dice_lesion_registered", "reg_les", ".3f"), ("dice_true_plane", "true_pl", ".3f"),
            ("tre_tracked_median_mm", "TRE_in", ".2f"), ("tre_median_mm", "TRE_med", ".2f"),
-           ("tre_p90_mm", "TRE_p90", ".2f"), ("detection", "detect", ".2f"),
+           ("tre_p90_mm", "TRE_p90", ".2f"), ("tre_tissue_median_mm", "TREt_med", ".2f"),
+           ("tre_tissue_p90_mm", "TREt_p90", ".2f"), ("detection", "detect", ".2f"),
            ("n_bad", "n_bad", "d"), ("false_alarm", "false_al", ".2f"), ("n_good", "n_good", "d"),
            ("flagged_pct", "flag%", ".0f"), ("noise_labelled_pct", "noise_lab%", ".0f"),
            ("noise_published_pct", "noise_pub%", ".0f"))
@@ -389,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="QualityNet weights (default: the shipped models/weights/qualitynet.pt)")
     p.add_argument("--deformable-weights", default=None,
                    help="PLCReg 2-D weights (default: the shipped models/weights/plcreg2d.pt)")
+    p.add_argument("--roi", choices=["default", "auto", "off"], default="default",
+                   help="the gland-centred window, as regseg-stream --roi (default: its default)")
     p.add_argument("--label", default=None,
                    help="free text stored in the JSON to name the chain, e.g. 'baseline a1b0414'")
     args = p.parse_args(argv)
@@ -405,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                                deformable=args.deformable == "on",
                                backend=args.backend, device=args.device,
                                threads=args.threads, deformable_weights=args.deformable_weights,
-                               quality_weights=args.quality_weights)
+                               quality_weights=args.quality_weights, roi=args.roi)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     for fam in families:
         rates = flag_rates([r for r in records if r["family"] == fam])
@@ -432,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,
-                   deformable_weights=args.deformable_weights,
+                   deformable_weights=args.deformable_weights, roi=args.roi,
                    flag_reasons=flag_reasons(records),
                    frames_detail=records, noise_detail=noise)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)

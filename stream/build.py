@@ -64,13 +64,22 @@ def build_segmenter(name: str = "unet", *, backend: str = "auto",
 def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None, capture=None,
                    reference_to_mri: np.ndarray | None = None,
                    cuda_graph: bool = False, segmenter=None, do_no_harm="default",
-                   do_no_harm_margin_mm: float | None = None) -> Pipeline:
+                   do_no_harm_margin_mm: float | None = None, roi="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
     ``do_no_harm``: ``--do-no-harm``'s mode (off, on, on-skip-deformable; "default": the
-    CLI's default) or a :class:`regseg.stream.do_no_harm.CorrectionGate`, with its margin)."""
+    CLI's default) or a :class:`regseg.stream.do_no_harm.CorrectionGate`, with its margin;
+    ``roi``: ``--roi``'s mode (auto, off; "default": the CLI's default) or a
+    :class:`regseg.stream.roi.GlandRoi`)."""
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
+    from regseg.stream.roi import ROI_DEFAULT, ROI_MODES, GlandRoi
+
+    if isinstance(roi, str):
+        mode = ROI_DEFAULT if roi == "default" else roi
+        if mode not in ROI_MODES:
+            raise ValueError(f"roi {roi!r}: expected one of {ROI_MODES} or 'default'")
+        roi = GlandRoi(context) if mode == "auto" else None
 
     extra = {} if capture is None else {"capture": capture}
     if isinstance(do_no_harm, str):
@@ -78,4 +87,5 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
         margin = MARGIN_MM if do_no_harm_margin_mm is None else do_no_harm_margin_mm
         do_no_harm = build_gate(mode, margin)
     return Pipeline(context, engine, reference_to_mri=reference_to_mri, cuda_graph=cuda_graph,
-                    deformable=deformable, segmenter=segmenter, do_no_harm=do_no_harm, **extra)
+                    deformable=deformable, segmenter=segmenter, do_no_harm=do_no_harm, roi=roi,
+                    **extra)

@@ -242,6 +242,11 @@ class TemporalFilter:
     def reset(self) -> None:
         self._state = None
 
+    @property
+    def has_history(self) -> bool:
+        """True when earlier frames left a filtered correction."""
+        return self._state is not None
+
     @staticmethod
     def _points(hw: tuple[int, int]) -> np.ndarray:
         """(25, 3) homogeneous frame pixels (i, j, 1) on a 5 x 5 grid spanning the frame."""
@@ -316,12 +321,18 @@ class Capture:
     def start(self, frame: Any, tracked: np.ndarray) -> np.ndarray:
         """(3, 3) frame-pixel start correction for ``frame``: the filtered correction with
         ``warm_start``, else the identity (the filter's reset rule applies either way)."""
+        prior = self.predicted(frame, tracked)
+        return prior if prior is not None and self.warm_start else np.eye(3)
+
+    def predicted(self, frame: Any, tracked: np.ndarray) -> np.ndarray | None:
+        """(3, 3) the filtered correction of the frames before ``frame``, None without one (no
+        filter, no history, or the reset rule applies: it is applied here)."""
         if self.temporal is None:
-            return np.eye(3)
+            return None
         pose = frame.image_to_reference
         prior = self.temporal.prior(None if pose is None else tracked, frame.pixels.shape,
                                     _time_s(frame))
-        return prior if self.warm_start else np.eye(3)
+        return prior if self.temporal.has_history else None
 
     def finish(self, frame: Any, tracked: np.ndarray, registered: np.ndarray
                ) -> tuple[np.ndarray, float]:

@@ -189,7 +189,8 @@ def run(args, stop: threading.Event | None = None,
                                   cuda_graph=args.cuda_graph, deformable=deformable,
                                   capture=capture, segmenter=segmenter,
                                   do_no_harm=args.do_no_harm,
-                                  do_no_harm_margin_mm=args.do_no_harm_margin_mm)
+                                  do_no_harm_margin_mm=args.do_no_harm_margin_mm,
+                                  roi=args.roi)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -220,6 +221,7 @@ def run(args, stop: threading.Event | None = None,
              # regseg.stream.do_no_harm: margin, window, how often each alignment went out
              "do_no_harm": (pipeline.do_no_harm.info() if pipeline.do_no_harm is not None
                             else "off"),
+             "roi": args.roi,
              "deformable_engine_info": (deformable.engine.engine.info
                                         if deformable is not None else None),
              "source": plan.source_url,

@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                    default=MARGIN_MM, metavar="MM",
                    help="how much lower (mm) the registration's error estimate must be than the "
                    f"tracked plane's for the registration to be published (default {MARGIN_MM:g})")
+    from regseg.stream.roi import ROI_DEFAULT, ROI_MODES
+
+    p.add_argument("--roi", action=Once, choices=list(ROI_MODES), default=ROI_DEFAULT,
+                   help="auto: a frame much wider than the MRI gland is cropped to a window "
+                   "1.8 x the gland's diameter around it before the networks, and the results "
+                   f"mapped back (default {ROI_DEFAULT}; README 'Gland-centred window')")
     p.add_argument("--threads", action=Once, type=int_at_least(1), default=None,
                    help="CPU threads for torch (default on CPU: 1; the per-frame glue ops are too "
                    "small to gain from more, and two busy thread pools thrash on 2 cores)")

@@ -83,3 +83,17 @@ def load_context(mri_path: str | Path, labels_path: str | Path,
     """Load, validate, normalise and upload a case: the MRI and its prostate/lesion labels."""
     mri = load_mri(mri_path)
     return build_context(mri, load_labels(labels_path, like=mri), device)
+
+
+def untracked_plane(context: MriContext, frame_hw: tuple[int, int],
+                    spacing_mm: tuple[float, float]) -> np.ndarray:
+    """Plane used when a frame has no pose: transverse through the prostate centroid.
+
+    Columns run along +x (R), rows along +y (A: away from a transrectal probe), the frame centre on
+    the centroid of the MRI prostate label. Registration then only refines in-plane.
+    """
+    plane = np.eye(4)
+    plane[0, 0], plane[1, 1] = spacing_mm[1], spacing_mm[0]
+    centre_px = np.array([(frame_hw[1] - 1) / 2.0, (frame_hw[0] - 1) / 2.0, 0.0])
+    plane[:3, 3] = context.prostate_centre_mm() - plane[:3, :3] @ centre_px
+    return plane

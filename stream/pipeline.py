@@ -22,35 +22,21 @@ from regseg.clock import now_ns
 from regseg.engines.fusion import FusionEngine
 from regseg.engines.segmentation import argmax_labels
 from regseg.stream.capture import Capture, MultiStart, Refinement, warp_labels
-from regseg.stream.context import MriContext
+from regseg.stream.context import MriContext, untracked_plane
 from regseg.stream.overlay import compose_overlay
-from regseg.stream.quality import QualityCheck, lesion_target, pipeline_chain, seg_confidence
+from regseg.stream.quality import (
+    QualityCheck,
+    agreement,
+    lesion_target,
+    pipeline_chain,
+    seg_confidence,
+)
 from regseg.types import Frame, Result
 
 #: Stage names, in order, as they appear in ``Result.timings_ms`` (plus ``total``).
 STAGES = ("prepare", "model", "warp_labels", "segment", "overlay")
 #: Host stages after the chain (``quality``: regseg.stream.quality; the overlay follows it).
 HOST_STAGES = ("quality",)
-
-
-def untracked_plane(context: MriContext, frame_hw: tuple[int, int],
-                    spacing_mm: tuple[float, float]) -> np.ndarray:
-    """Plane used when a frame has no pose: transverse through the prostate centroid.
-
-    Columns run along +x (R), rows along +y (A: away from a transrectal probe), the frame centre on
-    the centroid of the MRI prostate label. Registration then only refines in-plane.
-    """
-    plane = np.eye(4)
-    plane[0, 0], plane[1, 1] = spacing_mm[1], spacing_mm[0]
-    centre_px = np.array([(frame_hw[1] - 1) / 2.0, (frame_hw[0] - 1) / 2.0, 0.0])
-    plane[:3, 3] = context.prostate_centre_mm() - plane[:3, :3] @ centre_px
-    return plane
-
-
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two gland masks; NaN when both are empty (nothing to judge)."""
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return math.nan if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
 
 
 def plane_matrices(context: MriContext, image_to_mri: np.ndarray, frame_hw: tuple[int, int],
@@ -183,7 +169,7 @@ class Pipeline:
                  deformable: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
                  | None = None, capture: Capture | None = None,
                  quality: QualityCheck | None = None, segmenter: Any = None,
-                 do_no_harm: Any = None) -> None:
+                 do_no_harm: Any = None, roi: Any = None) -> None:
         self.context = context
         # Optional segmentation stage instead of the U-Net head (regseg.stream.segmenter).
         self.segmenter = segmenter
@@ -195,9 +181,8 @@ class Pipeline:
                               "preprocess": preprocess}
         self._chains: dict[tuple[int, int], FrameChain] = {}
         self._rings: dict[tuple[int, int], object] = {}
-        # Optional live deformable stage (regseg.stream.deformable.DeformableStage, issue 4):
-        # (pixels, affinely registered image_to_mri) -> (warped labels, ddf); runs on the host
-        # side after the affine chain, timed as "deformable".
+        # Optional live deformable stage (regseg.stream.deformable.DeformableStage): (pixels,
+        # affine image_to_mri) -> (warped labels, ddf), on the host after the chain ("deformable")
         self.deformable = deformable
         # Capture range (regseg.stream.capture): refinement iterations and multi-start inside
         # the FrameChain; the temporal filter's warm start (start) and filtering (finish) here.
@@ -206,9 +191,10 @@ class Pipeline:
         # first use when not given (loading QualityNet is not needed to place a plane).
         self._quality = quality
         # Do no harm (regseg.stream.do_no_harm.CorrectionGate, or None): publish the tracked
-        # plane instead of the registration when QualityNet does not estimate the registration
-        # better by its margin.
+        # plane unless QualityNet estimates the registration better by its margin.
         self.do_no_harm = do_no_harm
+        # Gland-centred window (regseg.stream.roi.GlandRoi, or None; --roi)
+        self.roi = roi
 
     @property
     def quality(self) -> QualityCheck:
@@ -256,7 +242,7 @@ class Pipeline:
     def __call__(self, frame: Frame) -> Result:
         """The Result of ``frame``, waited for (do not mix with :meth:`submit` on a GPU)."""
         if self.device.type != "cuda":
-            return self._run_cpu(frame)
+            return self._restore(self._run_cpu(self._crop(frame)))
         return (self.submit(frame) + self.flush())[-1]
 
     def submit(self, frame: Frame) -> list[Result]:
@@ -264,29 +250,43 @@ class Pipeline:
 
         On the CPU the frame is processed at once and its Result returned.
         """
+        frame = self._crop(frame)
         if self.device.type != "cuda":
-            return [self._run_cpu(frame)]
+            return [self._restore(self._run_cpu(frame))]
         start = self._start(frame)
         done = self._ring(frame.pixels.shape).push(frame, start, self._mats(frame, start))
-        return [self._finish(*item) for item in done]
+        return [self._restore(self._finish(*item)) for item in done]
 
     def poll(self) -> list[Result]:
         """The Results of frames in flight that have finished, without waiting (oldest first)."""
-        return [self._finish(*item) for ring in self._rings.values() for item in ring.poll()]
+        return [self._restore(self._finish(*i)) for r in self._rings.values() for i in r.poll()]
 
     def flush(self) -> list[Result]:
         """Wait for every frame in flight; their Results, oldest first."""
-        return [self._finish(*item) for ring in self._rings.values() for item in ring.flush()]
+        return [self._restore(self._finish(*i)) for r in self._rings.values() for i in r.flush()]
 
     @property
     def in_flight(self) -> int:
         """Frames submitted whose Results have not been returned yet (always 0 on the CPU)."""
         return sum(ring.in_flight for ring in self._rings.values())
 
+    def _crop(self, frame: Frame) -> Frame:  # cut to the gland window: GlandRoi.cut
+        tracked = None if self.roi is None else self.plane(frame)
+        return frame if tracked is None else self.roi.cut(
+            frame, tracked, self.capture.predicted(frame, tracked))
+
+    def _restore(self, result: Result) -> Result:  # a cropped frame's Result onto the frame
+        return result if self.roi is None else self.roi.leave(result)
+
     def _start(self, frame: Frame) -> np.ndarray:
-        """The plane the chain registers from: tracked, moved by the temporal filter's prior."""
-        tracked = self.plane(frame)
-        return tracked @ spatial.lift_2d(self.capture.start(frame, tracked))
+        """The plane the chain registers from: tracked, moved by the temporal filter's prior
+        (the filter sees whole frames: a window's plane is its whole frame's, shifted)."""
+        whole, shift = self._whole(frame)
+        tracked = self.plane(whole)
+        return tracked @ spatial.lift_2d(self.capture.start(whole, tracked)) @ shift
+
+    def _whole(self, frame: Frame) -> tuple[Frame, np.ndarray]:  # see GlandRoi.whole
+        return (frame, np.eye(4)) if self.roi is None else self.roi.whole(frame)
 
     def _mats(self, frame: Frame, tracked: np.ndarray) -> np.ndarray:
         return plane_matrices(self.context, tracked, frame.pixels.shape, self.engine.size)
@@ -329,7 +329,10 @@ class Pipeline:
         image_to_mri = tracked @ spatial.lift_2d(theta_px)
         if self.capture.temporal is not None:
             t_cap = now_ns()
-            image_to_mri, jump_mm = self.capture.finish(frame, self.plane(frame), image_to_mri)
+            whole, shift = self._whole(frame)
+            image_to_mri, jump_mm = self.capture.finish(
+                whole, self.plane(whole), image_to_mri @ spatial.invert(shift))
+            image_to_mri = image_to_mri @ shift
             if self.deformable is None:  # the chain warped through the unfiltered plane
                 warped_labels = warp_labels(self.context, image_to_mri, hw)
             timings = {**timings, "temporal": (now_ns() - t_cap) / 1e6}

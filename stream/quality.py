@@ -269,3 +269,9 @@ class QualityCheck:
             flags.append("jump")
         return Assessment(error_mm=error, margin_mm=self.margin_factor * error,
                           seg_confidence=seg_conf, content=content, flags=tuple(flags))
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two gland masks; NaN when both are empty (nothing to judge)."""
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return math.nan if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total

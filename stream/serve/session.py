@@ -201,7 +201,8 @@ class Session:
             self.pipeline = build_pipeline(self.context, full, deformable=deformable,
                                            capture=capture, reference_to_mri=plan.reference_to_mri,
                                            do_no_harm=args.do_no_harm,
-                                           do_no_harm_margin_mm=args.do_no_harm_margin_mm)
+                                           do_no_harm_margin_mm=args.do_no_harm_margin_mm,
+                                           roi=args.roi)
             self.registration.bind(self.pipeline.set_reference_to_mri)
             self.gate = FrameGate(plan.limits)
         except BaseException:

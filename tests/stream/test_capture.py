@@ -23,8 +23,8 @@ from regseg.stream.capture import (
     compose_thetas,
     start_thetas,
 )
-from regseg.stream.context import build_context
-from regseg.stream.pipeline import FrameChain, plane_matrices, untracked_plane
+from regseg.stream.context import build_context, untracked_plane
+from regseg.stream.pipeline import FrameChain, plane_matrices
 from regseg.types import Frame
 
 HW = (128, 128)

@@ -1,0 +1,171 @@
+"""The gland-centred window (``--roi auto``) against the whole view, on family-A validation frames.
+
+The decision data for ``regseg.stream.roi.ROI_DEFAULT``: the live chain as ``regseg-stream``
+builds it (deformable stage, default capture), with ``--roi off`` and ``--roi auto``, on
+family-A CALIBRATION phantoms (3100..: never the held-out 1000.. nor family B) in three sets that
+a wide view makes hard: small glands (``gland_scale`` 0.65, 21-25 mm) and normal ones in an
+84 x 70 mm view (384 x 320 px at 0.22 mm), and a randomised scanner per phantom; at tracking
+errors of 0/3/6/10/15 mm and deg in plane (the ``bench/accuracy.py`` model). Per set, level and
+mode: prostate Dice, tissue TRE median and p90 (``regseg.metrics.tissue_tre_mm``) and the share
+of frames cut; pooled over the sets the same. Rule (README "Gland-centred window"): ``auto``
+becomes the default if, pooled, its median is not worse by > 0.05 mm and its p90 by > 0.25 mm
+at any level.
+
+``python bench/roi.py [--quick] [--json F]`` (full: 4 phantoms x 8 frames, ~3 min on 2 cores;
+quick: 2 phantoms x 4 frames, levels 0/10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import STRIDE  # noqa: E402
+from common import device_name, print_table, write_json  # noqa: E402
+
+from regseg.sim.family_b.session import tracking_error_matrix  # noqa: E402
+from regseg.sim.phantom import PhantomOptions, make_phantom  # noqa: E402
+from regseg.sim.randomise import randomise_scanner  # noqa: E402
+from regseg.sim.scanner import ScannerConfig, SimulatedScanner  # noqa: E402
+
+SEEDS = range(3100, 3108)  # family-A calibration phantoms
+SETS = ("small-wide", "wide", "randomised")
+STILL = dict(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
+             out_of_plane_mm=0.0)
+MEDIAN_SLACK_MM, P90_SLACK_MM = 0.05, 0.25
+
+
+def case(name: str, seed: int):
+    """(phantom, scanner config) of one validation set and phantom."""
+    small = PhantomOptions(gland_scale=(0.65, 0.65, 0.65)) if name == "small-wide" else None
+    phantom = make_phantom(seed, options=small)
+    if name == "randomised":
+        return phantom, dataclasses.replace(
+            randomise_scanner(np.random.default_rng([seed, 77])), **STILL)
+    return phantom, ScannerConfig(frame_hw=(320, 384), pixel_mm=0.22, **STILL)
+
+
+def frames(phantom, cfg: ScannerConfig, seed: int, level: float, n: int):
+    """``n`` frames STRIDE apart with an in-plane error of ``level`` mm and deg (drifting slowly,
+    0.5 mm / 0.5 deg out of plane), as bench/accuracy.py draws family A's."""
+    scanner = SimulatedScanner(phantom, cfg, seed=99_000 + seed)
+    rng = np.random.default_rng([seed, int(level * 10), 0xA])
+    start = int(rng.integers(0, 2 * cfg.sweep_frames))
+    direction, sign = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
+    h, w = cfg.frame_hw
+    centre = np.array([w, h]) * (0.5 + rng.uniform(-0.15, 0.15, 2))
+    for k in range(n):
+        index = start + k * STRIDE
+        f = scanner.frame(index)
+        t = float(index)
+        err = tracking_error_matrix(level, sign * level, direction_rad=direction + 0.3 * np.sin(
+            t / 64), centre_ij=centre, pixel_mm=cfg.pixel_mm, normal_mm=0.5 * np.sin(t / 80),
+            tilt_deg=0.5 * np.sin(t / 56))
+        yield dataclasses.replace(f, seq=k, image_to_reference=f.truth.image_to_mri @ err)
+
+
+def row(name: str, records: list[tuple[float, float, bool]]) -> dict:
+    v = np.asarray(records, dtype=np.float64).reshape(-1, 3)
+    tre = v[:, 1][np.isfinite(v[:, 1])]
+    return {"name": name, "frames": len(v), "dice": float(np.nanmean(v[:, 0])),
+            "tre_median_mm": float(np.median(tre)) if tre.size else float("nan"),
+            "tre_p90_mm": float(np.percentile(tre, 90)) if tre.size else float("nan"),
+            "cut_pct": 100.0 * float(v[:, 2].mean())}
+
+
+def run(phantoms: int, levels: list[float], n: int, threads: int) -> tuple[list[dict], dict]:
+    from regseg.stream.build import (
+        build_default_capture,
+        build_deformable,
+        build_engine,
+        build_pipeline,
+    )
+    from regseg.stream.context import build_context
+    from regseg.stream.runner import frame_accuracy
+
+    engine = build_engine(backend="auto", threads=threads)
+    records: dict[tuple[str, float, str], list] = {}
+    for name in SETS:
+        for seed in list(SEEDS)[:phantoms]:
+            phantom, cfg = case(name, seed)
+            context = build_context(phantom.mri, phantom.labels)
+            stage = build_deformable(context, backend="auto", threads=threads)
+            for level in levels:
+                for mode in ("off", "auto"):
+                    pipeline = build_pipeline(context, engine, deformable=stage, roi=mode,
+                                              capture=build_default_capture(
+                                                  backend="auto", threads=threads))
+                    out = records.setdefault((name, level, mode), [])
+                    for frame in frames(phantom, cfg, seed, level, n):
+                        for result in pipeline.submit(frame):
+                            dice, tre = frame_accuracy(pipeline, result)
+                            out.append((dice["prostate"], tre.get("registered_tissue",
+                                                                  float("nan")),
+                                        "roi" in result.timings_ms))
+            print(f"  {name} phantom {seed} done", flush=True)
+    rows = []
+    for level in levels:
+        for mode in ("off", "auto"):
+            pooled = sum((records[(s, level, mode)] for s in SETS), [])
+            rows.append({**row(f"pooled {level:g}mm {mode}", pooled), "set": "pooled",
+                         "level_mm": level, "mode": mode})
+    for (name, level, mode), recs in records.items():
+        rows.append({**row(f"{name} {level:g}mm {mode}", recs), "set": name, "level_mm": level,
+                     "mode": mode})
+    return rows, decide(rows, levels)
+
+
+def decide(rows: list[dict], levels: list[float]) -> dict:
+    """The predeclared rule on the pooled rows: is ``auto`` fit to be the default?"""
+    pooled = {(r["level_mm"], r["mode"]): r for r in rows if r["set"] == "pooled"}
+    worse = []
+    for level in levels:
+        off, auto = pooled[(level, "off")], pooled[(level, "auto")]
+        if auto["tre_median_mm"] > off["tre_median_mm"] + MEDIAN_SLACK_MM:
+            worse.append(f"{level:g} mm median {off['tre_median_mm']:.2f} -> "
+                         f"{auto['tre_median_mm']:.2f}")
+        if auto["tre_p90_mm"] > off["tre_p90_mm"] + P90_SLACK_MM:
+            worse.append(f"{level:g} mm p90 {off['tre_p90_mm']:.2f} -> {auto['tre_p90_mm']:.2f}")
+    return {"auto_as_default": not worse, "worse": worse,
+            "median_slack_mm": MEDIAN_SLACK_MM, "p90_slack_mm": P90_SLACK_MM}
+
+
+COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice", "dice", ".3f"),
+           ("tre_median_mm", "TRE_med", ".2f"), ("tre_p90_mm", "TRE_p90", ".2f"),
+           ("cut_pct", "cut%", ".0f"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 phantoms x 4 frames, levels 0,10")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    levels = [0.0, 10.0] if args.quick else [0.0, 3.0, 6.0, 10.0, 15.0]
+    phantoms, n = (2, 4) if args.quick else (4, 8)
+    t0 = time.perf_counter()
+    rows, decision = run(phantoms, levels, n, args.threads)
+    wall = time.perf_counter() - t0
+    print(f"\nroi: --roi off vs auto, family-A calibration phantoms, {phantoms} per set x {n} "
+          f"frames, {device_name()}; tissue TRE in mm")
+    print_table(rows, COLUMNS)
+    print(f"auto as default: {decision['auto_as_default']}"
+          + (f" (worse: {'; '.join(decision['worse'])})" if decision["worse"] else "")
+          + f"; wall {wall:.0f} s")
+    if args.json:
+        write_json(args.json, "roi", rows, argv, device=device_name(), quick=args.quick,
+                   phantoms_per_set=phantoms, frames_per_run=n, levels=levels,
+                   seeds=list(SEEDS)[:phantoms], decision=decision, wall_s=wall)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
