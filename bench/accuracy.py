@@ -55,32 +55,37 @@ STRIDE = 4  # session frames between evaluated frames (a smooth, real-time-like 
 # ------------------------------------------------------------------------------ frames
 def family_a_frames(seed: int, level: float, n: int):
     """(mri, labels, frames) of family-A phantom ``seed`` with tracking error ``level``."""
-    from regseg.sim.family_b.session import tracking_error_matrix
     from regseg.sim.phantom import make_phantom
-    from regseg.sim.scanner import ScannerConfig, SimulatedScanner
+    from regseg.sim.scanner import ScannerConfig
 
     phantom = make_phantom(seed)
     cfg = ScannerConfig(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
                         out_of_plane_mm=0.0)
+    return phantom.mri, phantom.labels, tracked_frames(phantom, cfg, seed, level, n)
+
+
+def tracked_frames(phantom, cfg, seed: int, level: float, n: int):
+    """``n`` frames of a family-A ``phantom`` through scanner ``cfg`` (its own tracking error
+    off), STRIDE apart, with an in-plane error of exactly ``level`` mm and deg about a point in
+    the frame (direction drifting slowly) plus 0.5 mm / 0.5 deg out of plane."""
+    from regseg.sim.family_b.session import tracking_error_matrix
+    from regseg.sim.scanner import SimulatedScanner
+
     scanner = SimulatedScanner(phantom, cfg, seed=99_000 + seed)
     rng = np.random.default_rng([seed, int(level * 10), 0xA])
     start = int(rng.integers(0, 2 * cfg.sweep_frames))
     direction, sign = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
     h, w = cfg.frame_hw
     centre = np.array([w, h]) * (0.5 + rng.uniform(-0.15, 0.15, 2))
-
-    def frames():
-        for k in range(n):
-            index = start + k * STRIDE
-            f = scanner.frame(index)
-            t = float(index)
-            err = tracking_error_matrix(
-                level, sign * level, direction_rad=direction + 0.3 * np.sin(t / 64),
-                centre_ij=centre, pixel_mm=cfg.pixel_mm, normal_mm=0.5 * np.sin(t / 80),
-                tilt_deg=0.5 * np.sin(t / 56))
-            yield dataclasses.replace(f, seq=k, image_to_reference=f.truth.image_to_mri @ err)
-
-    return phantom.mri, phantom.labels, frames()
+    for k in range(n):
+        index = start + k * STRIDE
+        f = scanner.frame(index)
+        t = float(index)
+        err = tracking_error_matrix(
+            level, sign * level, direction_rad=direction + 0.3 * np.sin(t / 64),
+            centre_ij=centre, pixel_mm=cfg.pixel_mm, normal_mm=0.5 * np.sin(t / 80),
+            tilt_deg=0.5 * np.sin(t / 56))
+        yield dataclasses.replace(f, seq=k, image_to_reference=f.truth.image_to_mri @ err)
 
 
 def family_b_frames(seed: int, level: float, n: int, case=None):

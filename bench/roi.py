@@ -27,13 +27,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import STRIDE  # noqa: E402
+from accuracy import tracked_frames  # noqa: E402
 from common import device_name, print_table, write_json  # noqa: E402
 
-from regseg.sim.family_b.session import tracking_error_matrix  # noqa: E402
 from regseg.sim.phantom import PhantomOptions, make_phantom  # noqa: E402
 from regseg.sim.randomise import randomise_scanner  # noqa: E402
-from regseg.sim.scanner import ScannerConfig, SimulatedScanner  # noqa: E402
+from regseg.sim.scanner import ScannerConfig  # noqa: E402
 
 SEEDS = range(3100, 3108)  # family-A calibration phantoms
 SETS = ("small-wide", "wide", "randomised")
@@ -50,25 +49,6 @@ def case(name: str, seed: int):
         return phantom, dataclasses.replace(
             randomise_scanner(np.random.default_rng([seed, 77])), **STILL)
     return phantom, ScannerConfig(frame_hw=(320, 384), pixel_mm=0.22, **STILL)
-
-
-def frames(phantom, cfg: ScannerConfig, seed: int, level: float, n: int):
-    """``n`` frames STRIDE apart with an in-plane error of ``level`` mm and deg (drifting slowly,
-    0.5 mm / 0.5 deg out of plane), as bench/accuracy.py draws family A's."""
-    scanner = SimulatedScanner(phantom, cfg, seed=99_000 + seed)
-    rng = np.random.default_rng([seed, int(level * 10), 0xA])
-    start = int(rng.integers(0, 2 * cfg.sweep_frames))
-    direction, sign = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
-    h, w = cfg.frame_hw
-    centre = np.array([w, h]) * (0.5 + rng.uniform(-0.15, 0.15, 2))
-    for k in range(n):
-        index = start + k * STRIDE
-        f = scanner.frame(index)
-        t = float(index)
-        err = tracking_error_matrix(level, sign * level, direction_rad=direction + 0.3 * np.sin(
-            t / 64), centre_ij=centre, pixel_mm=cfg.pixel_mm, normal_mm=0.5 * np.sin(t / 80),
-            tilt_deg=0.5 * np.sin(t / 56))
-        yield dataclasses.replace(f, seq=k, image_to_reference=f.truth.image_to_mri @ err)
 
 
 def row(name: str, records: list[tuple[float, float, bool]]) -> dict:
@@ -103,7 +83,7 @@ def run(phantoms: int, levels: list[float], n: int, threads: int) -> tuple[list[
                                               capture=build_default_capture(
                                                   backend="auto", threads=threads))
                     out = records.setdefault((name, level, mode), [])
-                    for frame in frames(phantom, cfg, seed, level, n):
+                    for frame in tracked_frames(phantom, cfg, seed, level, n):
                         for result in pipeline.submit(frame):
                             dice, tre = frame_accuracy(pipeline, result)
                             out.append((dice["prostate"], tre.get("registered_tissue",

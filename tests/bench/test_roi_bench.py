@@ -68,3 +68,17 @@ def test_committed_results_replay_to_their_decision(bench):
     p90 = {k: v["p90"] for k, v in first["pooled"].items()}
     assert p90["15 auto"] > p90["15 off"] + bench.P90_SLACK_MM  # why the default stays off
     assert ROI_DEFAULT == "off"
+
+
+@pytest.mark.slow
+def test_run_measures_both_modes_and_pools_them(bench, monkeypatch):
+    monkeypatch.setattr(bench, "SETS", ("wide",))
+    rows, decision = bench.run(1, [3.0], 3, 1)
+    by = {(r["set"], r["mode"]): r for r in rows}
+    assert set(by) == {("pooled", "off"), ("pooled", "auto"), ("wide", "off"), ("wide", "auto")}
+    assert by[("wide", "off")]["cut_pct"] == 0.0
+    assert by[("wide", "auto")]["cut_pct"] == pytest.approx(200 / 3)  # all but the first frame
+    for r in rows:
+        assert r["frames"] == 3 and 0.0 < r["tre_median_mm"] < 3.0 and r["dice"] > 0.9
+    assert by[("pooled", "auto")]["tre_median_mm"] == by[("wide", "auto")]["tre_median_mm"]
+    assert set(decision) == {"auto_as_default", "worse", "median_slack_mm", "p90_slack_mm"}
