@@ -157,9 +157,15 @@ MARKED = {
     "python bench/warpseg.py --task brain --cases 4 --json "
     "bench/results/warpseg_brain_quick.json": BENCH,
     # REG18 (issue 18): the 1.5 mm bench and its validation sweep, registering at 1.5 mm
-    "python bench/registration.py --pairs 8 --skip-phantom --spacing 1.5 --refine 0 25 50 "
+    "python bench/registration.py --pairs 8 --skip-phantom --spacing 1.5 --refine 0 20 25 50 "
     "--refine-fine 0 10 20 --ants-settings SyN --sitk-pairs 1 --threads 2 "
     "--json bench/results/registration_mni_1.5mm.json": BENCH,
+    "python bench/registration.py --pairs 7 --first-seed 10001 --skip-phantom --spacing 1.5 "
+    "--refine 20 25 --refine-fine 0 --no-default --no-ants --sitk-pairs 7 --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_simpleitk_rest.json": BENCH,
+    "python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom --spacing 1.5 "
+    "--refine 10 15 20 25 --refine-fine 0 --ants-settings SyN --sitk-pairs 0 --no-default "
+    "--threads 2 --json bench/results/registration_mni_1.5mm_validation_fewer_steps.json": BENCH,
     "python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom --spacing 1.5 "
     "--refine 25 50 --refine-fine 0 10 20 30 --ants-settings SyN --sitk-pairs 0 --no-default "
     "--threads 2 --json bench/results/registration_mni_1.5mm_validation_fast.json": BENCH,
