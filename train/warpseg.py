@@ -257,7 +257,8 @@ def add_cli(p: argparse.ArgumentParser) -> None:
                         "subjects 41000.. (default 16)")
     p.add_argument("--refine", type=int_at_least(0), default=None,
                    help="registration instance-optimisation steps for the pseudo-labels "
-                        "(default: prostate 25, as `regseg pseudolabel`; brain 10)")
+                        "(default: prostate 25, brain 10: what the shipped models' pseudo-labels "
+                        "were made with)")
     p.add_argument("--single-decoder", action="store_true",
                    help="the ablation: one fine decoder, plain CE + Dice on hard pseudo-labels")
     p.add_argument("--batch-size", type=int_at_least(1), default=2,
