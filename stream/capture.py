@@ -243,8 +243,7 @@ class TemporalFilter:
         self._state = None
 
     @property
-    def has_history(self) -> bool:
-        """True when earlier frames left a filtered correction."""
+    def has_history(self) -> bool:  # earlier frames left a filtered correction
         return self._state is not None
 
     @staticmethod
@@ -309,9 +308,8 @@ class Capture:
     multi_start: MultiStart | None = None
     temporal: TemporalFilter | None = None
     theta_engine: Any = None  # FusionEngine(outputs=("theta",)) for the calls before the last
-    # Start each frame from the filtered correction (frames refine one another). It widens the
-    # capture of a network that is right on average, and compounds the bias of one that is not
-    # (README "Capture range"), so it is a separate choice: --temporal-filter warm.
+    # Start each frame from the filtered correction: widens the capture of a network right on
+    # average, compounds the bias of one that is not (README "Capture range"); opt-in (warm).
     warm_start: bool = False
 
     def chain_options(self) -> dict[str, Any]:
@@ -319,14 +317,13 @@ class Capture:
                 "theta_engine": self.theta_engine}
 
     def start(self, frame: Any, tracked: np.ndarray) -> np.ndarray:
-        """(3, 3) frame-pixel start correction for ``frame``: the filtered correction with
-        ``warm_start``, else the identity (the filter's reset rule applies either way)."""
+        """(3, 3) frame-pixel start correction: the filtered one with ``warm_start``, else I."""
         prior = self.predicted(frame, tracked)
         return prior if prior is not None and self.warm_start else np.eye(3)
 
     def predicted(self, frame: Any, tracked: np.ndarray) -> np.ndarray | None:
-        """(3, 3) the filtered correction of the frames before ``frame``, None without one (no
-        filter, no history, or the reset rule applies: it is applied here)."""
+        """(3, 3) the filtered correction of the frames before ``frame`` (the reset rule applied
+        here); None without a filter or a history."""
         if self.temporal is None:
             return None
         pose = frame.image_to_reference
