@@ -405,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="QualityNet weights (default: the shipped models/weights/qualitynet.pt)")
     p.add_argument("--deformable-weights", default=None,
                    help="PLCReg 2-D weights (default: the shipped models/weights/plcreg2d.pt)")
-    p.add_argument("--roi", choices=["default", "auto", "off"], default="default",
+    from regseg.stream.roi import ROI_MODES
+
+    p.add_argument("--roi", choices=["default", *ROI_MODES], default="default",
                    help="the gland-centred window, as regseg-stream --roi (default: its default)")
     p.add_argument("--label", default=None,
                    help="free text stored in the JSON to name the chain, e.g. 'baseline a1b0414'")

@@ -104,18 +104,13 @@ class GlandRoi:
 
     def cut(self, frame: Frame, tracked: np.ndarray, prior: np.ndarray | None) -> Frame:
         """``frame`` (tracked plane ``tracked``) cut to the window around the gland where the
-        filtered registration (``prior``, (3, 3) frame-pixel correction; None: none) puts it:
-        only after a Result without :data:`ZOOM_BLOCKERS`; else ``frame`` itself."""
+        filtered registration (``prior``, (3, 3) frame-pixel correction; None: none) puts it,
+        remembered for :meth:`whole` and :meth:`leave`; ``frame`` itself after a Result with
+        :data:`ZOOM_BLOCKERS`, without ``prior`` or without a window."""
         if prior is None or not self._follow:
             return frame
-        return self.enter(frame, tracked @ spatial.lift_2d(prior))
-
-    def enter(self, frame: Frame, plane: np.ndarray) -> Frame:
-        """``frame`` cut to its window, centred on the gland as ``plane`` (frame pixel -> MRI mm)
-        places it, remembered for :meth:`entry` and :meth:`leave`; ``frame`` itself when it
-        has no window."""
         t0 = now_ns()
-        window = self.window(frame, plane)
+        window = self.window(frame, tracked @ spatial.lift_2d(prior))
         if window is None:
             return frame
         cropped = self.crop(frame, window)
@@ -125,13 +120,13 @@ class GlandRoi:
         return cropped
 
     def whole(self, frame: Frame) -> tuple[Frame, np.ndarray]:
-        """(the whole frame, (4, 4) window pixel -> its pixel) of a frame :meth:`enter` cut and
+        """(the whole frame, (4, 4) window pixel -> its pixel) of a frame :meth:`cut` cut and
         :meth:`leave` has not mapped back yet; (``frame``, identity) for any other frame."""
         entry = self._in_flight.get(id(frame))
         return (frame, np.eye(4)) if entry is None else (entry[1], entry[2].shift())
 
     def leave(self, result: Result) -> Result:
-        """``result`` of a frame :meth:`enter` cropped, mapped back onto the whole frame (the
+        """``result`` of a frame :meth:`cut` cropped, mapped back onto the whole frame (the
         crop and the mapping timed as ``roi``, in ``total`` too); any other one as it is. Every
         Result passes here: its flags decide whether the next frame may be cut."""
         self._follow = not set(result.flags) & ZOOM_BLOCKERS

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 
-
-def _load_bench():
-    sys.path.insert(0, str(BENCH))  # the benches import their sibling ``common``
-    try:
-        spec = importlib.util.spec_from_file_location("bench_calibration", BENCH / "calibration.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def test_pivot_and_landmark_rows_measure_against_truth(monkeypatch):
-    bench = _load_bench()
+def test_pivot_and_landmark_rows_measure_against_truth(load_bench, monkeypatch):
+    bench = load_bench("calibration")
     row = bench.bench_pivot(2)
     assert 0 < row["mean"] < 0.3 and row["max"] >= row["mean"]
     fiducials = np.array([[35, 0, 10], [-35, 0, 10], [0, 30, -15], [0, -30, -15], [20, 20, 30.0]])

@@ -3,10 +3,8 @@ and the committed results replay to what they state."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +13,11 @@ import pytest
 from regseg.stream.do_no_harm import CorrectionGate
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))  # the bench imports its siblings accuracy and common
-    try:
-        spec = importlib.util.spec_from_file_location("bench_do_no_harm", BENCH / "do_no_harm.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+def bench(load_bench):
+    return load_bench("do_no_harm")
 
 
 def record(level: float, seq: int, est_t: float, est_r: float, tre_t: float, tre_r: float,

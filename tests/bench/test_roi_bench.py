@@ -3,9 +3,7 @@ results state the decision the shipped default follows."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,19 +11,11 @@ import pytest
 from regseg.stream.roi import ROI_DEFAULT
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))  # the bench imports its siblings accuracy and common
-    try:
-        spec = importlib.util.spec_from_file_location("bench_roi", BENCH / "roi.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+def bench(load_bench):
+    return load_bench("roi")
 
 
 def pooled(level, mode, median, p90):
