@@ -27,7 +27,7 @@ from regseg import spatial
 from regseg.engines.affine import AffineStage
 from regseg.engines.affine_modes import AFFINE_DEFAULT, REFINE_MODE_DEFAULT, REFINE_MODES
 from regseg.engines.base import Engine, make_engine
-from regseg.engines.refine import descriptors_from, refine_velocity
+from regseg.engines.refine import SAMPLE_FRACTION, descriptors_from, refine_velocity
 from regseg.errors import InputError
 from regseg.imageio import Volume, normalise_intensity
 from regseg.models.integrate import invert_ddf, invert_velocity, resize_ddf, scaling_and_squaring
@@ -133,7 +133,8 @@ class RegistrationEngine:
             is finer than the working grid (the velocity upsampled, refined on the full-resolution
             images, integrated there); 0: the working-grid field upsampled as it is.
         refine_mode: ``fast`` (MIND descriptors warped, the correction on a grid of every second
-            voxel) or ``full`` (MIND recomputed on the warped image, every voxel); see
+            voxel), ``sampled`` (``fast``, each step's similarity at a random eighth of the
+            voxels) or ``full`` (MIND recomputed on the warped image, every voxel); see
             :mod:`regseg.engines.refine`.
         outputs: model outputs to compute (:meth:`predict` needs ``ddf`` and ``field``; a graph
             backend then drops the rest).
@@ -222,7 +223,8 @@ class RegistrationEngine:
             work_to_full[a, a], work_to_full[a, 3] = n / w, 0.5 * n / w - 0.5
         affine_full = work_to_full @ affine @ np.linalg.inv(work_to_full)
         aff_full = affine_ddf(affine_full, full, dev)  # A x - x
-        fast = self.refine_mode == "fast"
+        fast = self.refine_mode in ("fast", "sampled")
+        fraction = SAMPLE_FRACTION if self.refine_mode == "sampled" else 1.0
         # fast steps on the working grid follow MIND computed on finer images than it
         fine_mind = fast and self.refine > 0 and np.prod(full) > np.prod(self.size)
         # the moving image through the affine stage on the fixed grid: the fine level's input
@@ -236,7 +238,8 @@ class RegistrationEngine:
                 desc = descriptors_from(f_full, m_aff_full, self.size) if fine_mind else None
                 field_ = refine_velocity(f_work, m_aff, out["field"], steps=self.refine,
                                          int_steps=cfg.int_steps, diffeomorphic=cfg.diffeomorphic,
-                                         fast=fast, descriptors=desc)
+                                         fast=fast, sample_fraction=fraction,
+                                         descriptors=desc)
                 out = {"field": field_, "ddf": scaling_and_squaring(field_, cfg.int_steps)
                        if cfg.diffeomorphic else field_}
         else:

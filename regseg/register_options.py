@@ -34,8 +34,10 @@ MAX_DEFAULT_THREADS = 4
 #: 50+30 0.886 (13.1 s): 25 + 0. (Before the fast steps read MIND of the finer images, the same
 #: rule chose 25 + 10.) Applied again with cheaper candidates (session 9, same pairs,
 #: registration_mni_1.5mm_validation_fewer_steps.json): ANTs SyN 0.840; 10 steps 0.815, 15 0.846,
-#: 20 0.862, 25 0.870: 20 + 0.
-REFINE_DEFAULT = 20
+#: 20 0.862, 25 0.870: 20 + 0. Session 10 added ``--refine-mode sampled`` candidates (cheaper
+#: steps, each on a random eighth of the voxels): the rule chose sampled with 25 steps
+#: (engines/affine_modes.py has the numbers).
+REFINE_DEFAULT = 25
 REFINE_FINE_DEFAULT = 0
 
 
@@ -65,7 +67,8 @@ def add_registration_options(p: argparse.ArgumentParser, affine: str = AFFINE_DE
                    f"field upsampled; default {REFINE_FINE_DEFAULT})")
     p.add_argument("--refine-mode", choices=REFINE_MODES, default=REFINE_MODE_DEFAULT,
                    help="how a refinement step runs: fast (MIND of the moving image computed once "
-                   "and warped, the correction on a grid of every second voxel) or full (MIND "
+                   "and warped, the correction on a grid of every second voxel), sampled (fast, "
+                   "each step's similarity at a fresh random eighth of the voxels) or full (MIND "
                    "recomputed on the warped image every step, every voxel: the first version, "
                    "slower and less accurate on the validation pairs; default "
                    f"{REFINE_MODE_DEFAULT})")

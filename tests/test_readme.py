@@ -172,6 +172,13 @@ MARKED = {
     "python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom --spacing 1.5 "
     "--refine 50 --refine-fine 0 --refine-mode full --no-baselines --no-default --threads 2 "
     "--json bench/results/registration_mni_1.5mm_validation_full.json": BENCH,
+    "python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom --spacing 1.5 "
+    "--refine 15 20 25 30 40 --refine-fine 0 --refine-mode fast sampled --ants-settings SyN "
+    "--sitk-pairs 0 --no-default --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_validation_sampled.json": BENCH,
+    "python bench/registration.py --pairs 8 --first-seed 10000 --skip-phantom --spacing 1.5 "
+    "--refine 20 25 --refine-fine 0 --refine-mode fast sampled --ants-settings SyN "
+    "--sitk-pairs 0 --threads 2 --json bench/results/registration_mni_1.5mm_sampled.json": BENCH,
     "regseg mni --out out/mni15 --pairs 2 --spacing 1.5":
         "writes 2 pairs at 1.5 mm (~25 s); tests/test_mni_spacing.py runs regseg mni --spacing on a coarser grid",
     "regseg register --pairs out/mni15 --out out/reg15":

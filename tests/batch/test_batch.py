@@ -73,12 +73,13 @@ def _args(data: Path, manifest: str, out: Path, *extra: str) -> list[str]:
 
 
 def test_register_and_segment_defaults_are_regseg_register_and_pseudolabel_ones():
-    """batch register registers as regseg register does (learned+optimise, --refine 20,
-    --refine-fine 0, fast steps); batch segment as regseg pseudolabel (optimise: Affine3D knows
+    """batch register registers as regseg register does (learned+optimise, --refine 25,
+    --refine-fine 0, sampled steps); batch segment as regseg pseudolabel (optimise: Affine3D knows
     brains only)."""
     import argparse
 
     from regseg.batch.cli import add_batch_arguments
+    from regseg.engines.affine_modes import REFINE_MODE_DEFAULT
     from regseg.register_options import REFINE_DEFAULT
 
     p = argparse.ArgumentParser()
@@ -86,7 +87,8 @@ def test_register_and_segment_defaults_are_regseg_register_and_pseudolabel_ones(
     reg = p.parse_args(["register", "m.csv", "--out", "o"])
     seg = p.parse_args(["segment", "m.csv", "--out", "o"])
     assert (reg.affine, reg.affine_iterations, reg.refine, reg.refine_fine, reg.refine_mode) == (
-        "learned+optimise", None, REFINE_DEFAULT, 0, "fast")
+        "learned+optimise", None, REFINE_DEFAULT, 0, REFINE_MODE_DEFAULT)
+    assert (REFINE_DEFAULT, REFINE_MODE_DEFAULT) == (25, "sampled")
     assert (seg.affine, seg.refine, seg.refine_fine) == ("optimise", REFINE_DEFAULT, 0)
 
 

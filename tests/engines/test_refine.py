@@ -16,9 +16,11 @@ def _blob(shape, centre, radius):
     return torch.sigmoid(radius - r2.sqrt())[None, None]
 
 
-@pytest.mark.parametrize(("fast", "sample_coarse"), [(True, False), (True, True), (False, False)],
-                         ids=["fast", "fast-sampled", "full"])
-def test_refinement_moves_the_moving_image_onto_the_fixed(fast, sample_coarse):
+@pytest.mark.parametrize(("fast", "sample_coarse", "fraction"),
+                         [(True, False, 1.0), (True, True, 1.0), (False, False, 1.0),
+                          (True, False, 0.125)],
+                         ids=["fast", "fast-sampled", "full", "random-eighth"])
+def test_refinement_moves_the_moving_image_onto_the_fixed(fast, sample_coarse, fraction):
     torch.manual_seed(0)
     shape = (18, 18, 18)
     fixed = _blob(shape, (9, 9, 9), 5.0)
@@ -26,7 +28,7 @@ def test_refinement_moves_the_moving_image_onto_the_fixed(fast, sample_coarse):
     zero = torch.zeros(1, 3, *shape)
     before = float(mind_loss(fixed, moving))
     v = refine_velocity(fixed, moving, zero, steps=30, lr=0.1, smooth=0.1, fast=fast,
-                         sample_coarse=sample_coarse)
+                         sample_coarse=sample_coarse, sample_fraction=fraction)
     ddf = scaling_and_squaring(v, 7)
     after = float(mind_loss(fixed, spatial.warp(moving, ddf)))
     assert after < 0.7 * before
@@ -110,3 +112,43 @@ def test_refinement_with_given_descriptors_uses_them():
     assert float(v.abs().max()) > 0.05
     v0 = refine_velocity(same, same, zero, steps=10, lr=0.1, smooth=0.1)
     assert float(v0.abs().max()) < float(v.abs().max())
+
+
+def test_sampled_steps_see_the_field_the_fast_steps_see():
+    """At every working-grid voxel, the field a sampled step interpolates from the correction
+    grid (plus the network's detail) is the field a fast step builds with resize_ddf: the two
+    modes optimise the same objective, one on a subset of its terms."""
+    import math
+
+    import torch.nn.functional as F
+
+    from regseg.engines.refine import _coarse
+    from regseg.models.integrate import resize_ddf
+
+    torch.manual_seed(3)
+    size = (10, 12, 8)
+    coarse = _coarse(size)
+    v = torch.randn(1, 3, *coarse)
+    dense = resize_ddf(v, size)  # what the fast step uses
+    scale = torch.tensor([c / n for c, n in zip(coarse, size, strict=True)]).reshape(1, 3, 1, 1, 1)
+    points = spatial.identity_grid(size).flatten(1)
+    k = math.prod(size)
+    extent = torch.tensor(size, dtype=torch.float32).reshape(3, 1)
+    grid = ((2.0 * points + 1.0) / extent - 1.0).flip(0).T.reshape(1, k, 1, 1, 3)
+    sampled = F.grid_sample(v / scale, grid, mode="bilinear", padding_mode="border",
+                            align_corners=False).reshape(1, 3, *size)
+    assert torch.allclose(sampled, dense, atol=1e-5)
+
+
+def test_sampled_steps_are_reproducible_and_differ_from_fast():
+    """The random points are seeded: the same input gives the same field; and they are a
+    subset, so the result differs from the fast steps' (it is not the same code path)."""
+    shape = (18, 18, 18)
+    fixed = _blob(shape, (9, 9, 9), 5.0)
+    moving = _blob(shape, (9, 11, 9), 5.0)
+    zero = torch.zeros(1, 3, *shape)
+    a = refine_velocity(fixed, moving, zero, steps=5, lr=0.1, smooth=0.1, sample_fraction=0.125)
+    b = refine_velocity(fixed, moving, zero, steps=5, lr=0.1, smooth=0.1, sample_fraction=0.125)
+    fast = refine_velocity(fixed, moving, zero, steps=5, lr=0.1, smooth=0.1)
+    assert torch.equal(a, b)
+    assert float((a - fast).abs().max()) > 1e-4
