@@ -112,6 +112,29 @@ def group_logits(fine: Tensor, groups: tuple[int, ...]) -> Tensor:
     return torch.stack(out, 1)
 
 
+def group_logsumexp(fine: Tensor, groups: tuple[int, ...]) -> Tensor:
+    """:func:`group_logits` in a few whole-tensor operations, for the training loss: the same
+    values and gradients (a test checks both), without one indexed copy per group, whose
+    backward pass zero-fills the whole fine tensor once per group (for the brain's 117 classes
+    in 7 groups, most of a training step). Each group's maximum is the shift (no gradient
+    flows through a logsumexp's shift), so nothing under- or overflows.
+
+    Args:
+        fine: (B, Kf, *spatial) logits; groups: the coarse group of each fine class.
+    Returns:
+        (B, Kc, *spatial).
+    """
+    g = torch.as_tensor(groups, device=fine.device)
+    kc = int(g.max()) + 1
+    with torch.no_grad():
+        index = g.view(1, -1, *[1] * (fine.ndim - 2)).expand_as(fine)
+        top = fine.new_full((fine.shape[0], kc, *fine.shape[2:]), float("-inf")).scatter_reduce(
+            1, index, fine, "amax")
+    shifted = (fine - top.index_select(1, g)).exp()  # every group's maximum gives exp(0) = 1
+    member = F.one_hot(g, kc).to(fine.dtype)  # (Kf, Kc)
+    return torch.einsum("bk...,kg->bg...", shifted, member).log() + top
+
+
 def both_heads_coarse(out: dict[str, Tensor], groups: tuple[int, ...]) -> Tensor:
     """Coarse logits from both decoders: the log of the mean of the coarse head's softmax and
     the fine head's softmax summed per group. Both estimate the same coarse posterior (the
@@ -174,15 +197,42 @@ def soft_dice_loss(probs: Tensor, target: Tensor) -> Tensor:
     return 1.0 - ((2 * inter + 1.0) / (total + 1.0)).mean(1)
 
 
+def one_hot_dice_loss(probs: Tensor, labels: Tensor) -> Tensor:
+    """:func:`soft_dice_loss` against ``one_hot(labels)`` without building the one-hot target:
+    per class, the probabilities at its voxels are gathered and summed (scatter), which for
+    the brain's 117 classes is several times cheaper. The same value and gradient.
+
+    Args:
+        probs: (B, K, *spatial); labels: (B, *spatial) int64 in [0, K).
+    """
+    b, k = probs.shape[:2]
+    flat_p, flat_l = probs.flatten(2), labels.flatten(1)
+    picked = flat_p.gather(1, flat_l[:, None]).squeeze(1)  # p of each voxel's own class
+    inter = probs.new_zeros(b, k).scatter_add(1, flat_l, picked)
+    count = probs.new_zeros(b, k).scatter_add(1, flat_l, torch.ones_like(picked))
+    total = flat_p.sum(2) + count
+    return 1.0 - ((2 * inter[:, 1:] + 1.0) / (total[:, 1:] + 1.0)).mean(1)
+
+
+def one_hot_labels(allowed: Tensor) -> Tensor | None:
+    """The labels of label sets that are all one-hot (exactly one class allowed at every voxel:
+    exact labels, hard pseudo-labels), else None."""
+    return allowed.to(torch.uint8).argmax(1) if bool((allowed.sum(1) == 1).all()) else None
+
+
 def set_cross_entropy(logits: Tensor, allowed: Tensor) -> Tensor:
     """Cross-entropy against label sets, per volume: mean over voxels of
-    ``-log sum_{c allowed} p_c`` (the usual CE where exactly one class is allowed).
+    ``-log sum_{c allowed} p_c`` (the usual CE where exactly one class is allowed, and then
+    computed as the usual CE: the same value, several times cheaper for many classes).
 
     Args:
         logits: (B, K, *spatial); allowed: (B, K, *spatial) bool, at least one True per voxel.
     Returns:
         (B,).
     """
+    labels = one_hot_labels(allowed)
+    if labels is not None:
+        return F.cross_entropy(logits, labels, reduction="none").flatten(1).mean(1)
     masked = logits.masked_fill(~allowed, float("-inf"))
     nll = torch.logsumexp(logits, 1) - torch.logsumexp(masked, 1)
     return nll.flatten(1).mean(1)
@@ -209,12 +259,14 @@ def warpseg_loss(out: dict[str, Tensor], coarse: Tensor, fine_allowed: Tensor,
     parts: dict[str, Tensor] = {}
     parts["fine_ce"] = set_cross_entropy(out["fine"], fine_allowed)
     exact = fine_exact.float() if not config.single_decoder else torch.ones_like(weight)
-    parts["fine_dice"] = soft_dice_loss(fine_p, fine_allowed.float()) * exact
+    fine_labels = one_hot_labels(fine_allowed)
+    parts["fine_dice"] = (soft_dice_loss(fine_p, fine_allowed.float()) if fine_labels is None
+                          else one_hot_dice_loss(fine_p, fine_labels)) * exact
     if not config.single_decoder:
         parts["coarse_ce"] = F.cross_entropy(out["coarse"], coarse, reduction="none").flatten(
             1).mean(1)
         parts["coarse_dice"] = soft_dice_loss(torch.softmax(out["coarse"], 1), coarse_1h)
-        groups = group_logits(out["fine"], config.fine_groups)
+        groups = group_logsumexp(out["fine"], config.fine_groups)
         parts["hier_ce"] = F.cross_entropy(groups, coarse, reduction="none").flatten(1).mean(1)
         parts["hier_dice"] = soft_dice_loss(torch.softmax(groups, 1), coarse_1h)
     norm = weight.sum().clamp_min(1e-6)

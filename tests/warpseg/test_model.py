@@ -12,8 +12,11 @@ from regseg.models.warpseg import (
     WarpSeg,
     WarpSegConfig,
     group_logits,
+    group_logsumexp,
+    one_hot_dice_loss,
     predict_labels,
     set_cross_entropy,
+    soft_dice_loss,
     warpseg_loss,
 )
 
@@ -27,6 +30,38 @@ def test_group_logits_softmax_is_the_sum_of_fine_probabilities():
     fine_p = torch.softmax(z, 1)
     assert torch.allclose(coarse_p[:, 0], fine_p[:, 0], atol=1e-6)
     assert torch.allclose(coarse_p[:, 1], fine_p[:, 1:].sum(1), atol=1e-6)
+
+
+def test_the_training_loss_fast_paths_give_the_same_values_and_gradients():
+    """group_logsumexp (whole-tensor) equals group_logits (one copy per group), with spread-out
+    logits that would underflow a shift by the global maximum; one_hot_dice_loss equals
+    soft_dice_loss against the one-hot target; and the one-hot CE path equals the masked one."""
+    torch.manual_seed(4)
+    groups = (0, 1, 1, 2, 2, 2, 3)
+    z = (torch.randn(2, 7, 3, 4, 5) * 40).requires_grad_(True)  # differences far beyond exp's range
+    z2 = z.detach().clone().requires_grad_(True)
+    slow, fast = group_logits(z, groups), group_logsumexp(z2, groups)
+    assert torch.isfinite(fast).all()
+    assert torch.allclose(slow, fast, atol=1e-4, rtol=1e-5)
+    w = torch.randn_like(slow)
+    (slow * w).sum().backward()
+    (fast * w).sum().backward()
+    assert torch.allclose(z.grad, z2.grad, atol=1e-5)
+
+    labels = torch.randint(0, 7, (2, 3, 4, 5))
+    p = torch.softmax(torch.randn(2, 7, 3, 4, 5), 1).requires_grad_(True)
+    p2 = p.detach().clone().requires_grad_(True)
+    onehot = torch.nn.functional.one_hot(labels, 7).movedim(-1, 1)
+    a, b = soft_dice_loss(p, onehot.float()), one_hot_dice_loss(p2, labels)
+    assert torch.allclose(a, b, atol=1e-6)
+    a.sum().backward()
+    b.sum().backward()
+    assert torch.allclose(p.grad, p2.grad, atol=1e-6)
+
+    logits = torch.randn(2, 7, 3, 4, 5)
+    masked = logits.masked_fill(~onehot.bool(), float("-inf"))
+    reference = (torch.logsumexp(logits, 1) - torch.logsumexp(masked, 1)).flatten(1).mean(1)
+    assert torch.allclose(set_cross_entropy(logits, onehot.bool()), reference, atol=1e-5)
 
 
 def test_set_cross_entropy_is_ce_for_one_class_and_marginal_for_sets():
