@@ -131,18 +131,27 @@ def _refine_full(target: Tensor, moving: Tensor, base: Tensor, steps: int, int_s
     return v.detach()
 
 
-def _refine_coarse(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int,
-                   int_steps: int, lr: float, smooth: float, diffeomorphic: bool,
-                   sample_coarse: bool) -> Tensor:
+def _correction(base: Tensor, int_steps: int, lr: float, diffeomorphic: bool) -> tuple:
+    """What the fast and sampled steps share: the working grid's ``size``, the ``coarse`` grid,
+    ``integrate``, the network's velocity on the coarse grid, ``scale`` (coarse / working voxels,
+    (1, ndim, 1, ...)), the correction ``delta`` (coarse voxels, zero) and its Adam optimiser,
+    whose step size (``lr``) stays in working-grid voxels."""
     size = tuple(base.shape[2:])
     coarse = _coarse(size)
     integrate = (lambda v: scaling_and_squaring(v, int_steps)) if diffeomorphic else (lambda v: v)
     base_coarse = resize_ddf(base, coarse)
-    # The correction in coarse voxels: the step size (lr) stays in working-grid voxels.
     scale = torch.tensor([c / n for c, n in zip(coarse, size, strict=True)],
                          dtype=base.dtype, device=base.device).reshape(1, -1, *[1] * len(size))
     delta = torch.zeros_like(base_coarse, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=lr * float(scale.mean()))
+    return size, coarse, integrate, base_coarse, scale, delta, optimiser
+
+
+def _refine_coarse(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int,
+                   int_steps: int, lr: float, smooth: float, diffeomorphic: bool,
+                   sample_coarse: bool) -> Tensor:
+    size, coarse, integrate, base_coarse, scale, delta, optimiser = _correction(
+        base, int_steps, lr, diffeomorphic)
     if sample_coarse:
         target_c = F.interpolate(target, size=coarse, mode="trilinear" if len(size) == 3
                                  else "bilinear", align_corners=False)
@@ -171,16 +180,9 @@ def _refine_sampled(target: Tensor, moving_desc: Tensor, base: Tensor, steps: in
     random ``fraction`` of the working grid's voxels: there the field is the correction grid's
     integrated field interpolated (trilinear, as ``resize_ddf`` would give it) plus the network's
     fine detail, and the moving descriptor is sampled at the displaced points."""
-    size = tuple(base.shape[2:])
+    size, _, integrate, base_coarse, scale, delta, optimiser = _correction(
+        base, int_steps, lr, diffeomorphic)
     ndim = len(size)
-    coarse = _coarse(size)
-    integrate = (lambda v: scaling_and_squaring(v, int_steps)) if diffeomorphic else (lambda v: v)
-    base_coarse = resize_ddf(base, coarse)
-    shape = (1, ndim) + (1,) * ndim
-    scale = torch.tensor([c / n for c, n in zip(coarse, size, strict=True)],
-                         dtype=base.dtype, device=base.device)
-    delta = torch.zeros_like(base_coarse, requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=lr * float(scale.mean()))
     detail = (integrate(base) - resize_ddf(integrate(base_coarse), size)).flatten(2)
     voxels = math.prod(size)
     k = max(1, round(fraction * voxels))
@@ -202,7 +204,7 @@ def _refine_sampled(target: Tensor, moving_desc: Tensor, base: Tensor, steps: in
         optimiser.zero_grad(set_to_none=True)
         pick = torch.randint(0, voxels, (k,), generator=gen, device=base.device)
         points = index[:, pick]
-        field = integrate(base_coarse + delta) / scale.reshape(shape)  # working-grid voxels
+        field = integrate(base_coarse + delta) / scale  # working-grid voxels
         ddf = sample(field, points) + detail[:, :, pick]
         moved = sample(moving_desc, points + ddf[0])
         v = base + resize_ddf(delta, size)
