@@ -152,6 +152,8 @@ MARKED = {
     # BRAIN (issue 12): warpseg-brain's training, use and bench
     "regseg train warpseg --task brain --out models/weights --minutes 38 --atlases 4 "
     "--unlabelled 12": TRAINING,
+    "regseg train warpseg --task brain --single-decoder --out models/weights --minutes 60 "
+    "--steps 1098 --atlases 4 --unlabelled 12 --threads 2": TRAINING,
     "regseg segment --model warpseg-brain --mri subject.nii.gz --out labels.nii.gz":
         "needs an input image; tests/warpseg/test_brain.py runs this command on a synthetic subject",
     "python bench/warpseg.py --task brain --cases 4 --json "
