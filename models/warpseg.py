@@ -222,17 +222,15 @@ def one_hot_labels(allowed: Tensor) -> Tensor | None:
 
 def set_cross_entropy(logits: Tensor, allowed: Tensor) -> Tensor:
     """Cross-entropy against label sets, per volume: mean over voxels of
-    ``-log sum_{c allowed} p_c`` (the usual CE where exactly one class is allowed, and then
-    computed as the usual CE: the same value, several times cheaper for many classes).
+    ``-log sum_{c allowed} p_c`` (the usual CE where exactly one class is allowed;
+    :func:`warpseg_loss` then takes ``F.cross_entropy``, the same value, several times cheaper
+    for many classes).
 
     Args:
         logits: (B, K, *spatial); allowed: (B, K, *spatial) bool, at least one True per voxel.
     Returns:
         (B,).
     """
-    labels = one_hot_labels(allowed)
-    if labels is not None:
-        return F.cross_entropy(logits, labels, reduction="none").flatten(1).mean(1)
     masked = logits.masked_fill(~allowed, float("-inf"))
     nll = torch.logsumexp(logits, 1) - torch.logsumexp(masked, 1)
     return nll.flatten(1).mean(1)
@@ -257,9 +255,11 @@ def warpseg_loss(out: dict[str, Tensor], coarse: Tensor, fine_allowed: Tensor,
     coarse_1h = F.one_hot(coarse, kc).movedim(-1, 1).float()
     fine_p = torch.softmax(out["fine"], 1)
     parts: dict[str, Tensor] = {}
-    parts["fine_ce"] = set_cross_entropy(out["fine"], fine_allowed)
+    fine_labels = one_hot_labels(fine_allowed)  # None: some voxel allows several classes
+    parts["fine_ce"] = (set_cross_entropy(out["fine"], fine_allowed) if fine_labels is None
+                        else F.cross_entropy(out["fine"], fine_labels,
+                                             reduction="none").flatten(1).mean(1))
     exact = fine_exact.float() if not config.single_decoder else torch.ones_like(weight)
-    fine_labels = one_hot_labels(fine_allowed)
     parts["fine_dice"] = (soft_dice_loss(fine_p, fine_allowed.float()) if fine_labels is None
                           else one_hot_dice_loss(fine_p, fine_labels)) * exact
     if not config.single_decoder:
