@@ -29,12 +29,14 @@ from regseg.models.checkpoint import save_checkpoint
 from regseg.train.alignsegnet_args import DEFAULT_CACHE, add_arguments  # noqa: F401
 from regseg.train.alignsegnet_data import DEMO_SEED, frame_sets
 from regseg.train.alignsegnet_eval import _validate, evaluate, save_plot  # noqa: F401
+from regseg.train.appearance import augment_appearance
 from regseg.train.data import OpenScanner, open_simulated_scanner
 from regseg.train.distributed import main_first, wrap
 from regseg.train.resume import Checkpointer, load_state, state_path
 
 NAME = "alignsegnet"
 VAL_SEED0 = 1000  # held-out validation phantoms are 1000, 1001, ...
+AUGMENTS = ("gain", "appearance")  # --augment choices (train_alignsegnet's ``augment``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,7 @@ def train_alignsegnet(
     plain_fraction: float = 0.2,
     mri_stacks: bool = False,
     init: str | Path | None = None,
+    augment: str = "gain",
     progress: bool = True,
     command: str | None = None,
     resume: bool = False,
@@ -133,6 +136,9 @@ def train_alignsegnet(
             oblique T2 stack with labels drawn on its slices (``regseg.sim.mri_stack``),
             training and randomised validation alike.
         init: start from this checkpoint's weights (fine-tuning) instead of a random init.
+        augment: ``"gain"`` (random gamma and gain, :func:`augment_trus`) or ``"appearance"``
+            (first :func:`regseg.train.appearance.augment_appearance`: random texture filters,
+            intensity curves, blur/sharpening and bias fields; then gamma and gain).
         resume: continue the run whose state ``out_dir/alignsegnet.state.pt`` holds (same
             options; its schedule, batch order and remaining time budget carry on).
         checkpoint_every: steps between the resumable states rank 0 writes (and at the end).
@@ -141,6 +147,8 @@ def train_alignsegnet(
     Returns:
         the summary written to ``alignsegnet.json`` (``None`` on ranks other than 0).
     """
+    if augment not in AUGMENTS:
+        raise InputError(f"--augment {augment!r}: expected one of {', '.join(AUGMENTS)}")
     if mri_stacks and not randomise:
         raise InputError("--mri-stacks: the MRI stacks are part of the domain randomisation; "
                          "add --randomise")
@@ -194,7 +202,7 @@ def train_alignsegnet(
                          "time to train; raise --minutes or lower --samples.")
     order, cursor, step, compute_s = torch.randperm(len(train_set), generator=generator), 0, 0, 0.0
     run_key = {"seed": seed, "batch_size": batch_size, "samples": len(train_set), "lr": lr,
-               "steps": steps, "config": dataclasses.asdict(cfg)}
+               "steps": steps, "config": dataclasses.asdict(cfg), "augment": augment}
     state_file = state_path(out_dir, NAME)
     if resume:
         step, saved = load_state(state_file, model=model, optimiser=optimiser,
@@ -228,6 +236,8 @@ def train_alignsegnet(
             order, cursor = torch.randperm(len(train_set), generator=generator), 0
         batch = train_set.batch(order[cursor : cursor + batch_size])
         cursor += batch_size
+        if augment == "appearance":  # drawn for the global batch, like the gain below
+            batch["trus"] = augment_appearance(batch["trus"], generator)
         batch["trus"] = augment_trus(batch["trus"], generator)  # drawn for the global batch
         share = dist.shard(batch_size)
         batch = {k: v[share].to(dist.device) for k, v in batch.items()}
@@ -268,7 +278,7 @@ def train_alignsegnet(
         "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": dataclasses.asdict(cfg),
         "loss_weights": dataclasses.asdict(weights),
-        "seed": seed, "batch_size": batch_size, "lr": lr, "steps": step,
+        "seed": seed, "batch_size": batch_size, "lr": lr, "steps": step, "augment": augment,
         "threads": torch.get_num_threads(), "ranks": dist.world,
         "train_frames": len(train_set), "train_phantom_seeds": train_seeds,
         "val_phantom_seeds": val_seeds, "demo_phantom_seed": DEMO_SEED,
@@ -342,7 +352,7 @@ def _train_from_args(args: argparse.Namespace, command: str | None) -> dict[str,
         val_frames=args.val_frames, batch_size=args.batch_size, lr=args.lr, steps=args.steps,
         validate_every_s=args.validate_every, threads=args.threads, cache_dir=args.cache_dir,
         randomise=args.randomise, plain_fraction=args.plain_fraction,
-        mri_stacks=args.mri_stacks, init=args.init,
+        mri_stacks=args.mri_stacks, init=args.init, augment=args.augment,
         progress=not args.no_progress, command=command, resume=args.resume,
         checkpoint_every=args.checkpoint_every)
 

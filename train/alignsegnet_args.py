@@ -40,4 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "oblique T2 stack with labels drawn on its slices (regseg.sim.mri_stack)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this checkpoint (fine-tune) instead of random weights")
+    parser.add_argument("--augment", choices=("gain", "appearance"), default="gain",
+                        help="frame augmentation: random gamma and gain (default), or first "
+                        "random texture filters, intensity curves, blur/sharpening and bias "
+                        "fields (regseg.train.appearance)")
     add_run_options(parser, threads=2, checkpoint_every=50)

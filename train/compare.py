@@ -5,6 +5,9 @@
 - ``A``: family A (the training simulator) as the demo renders it, held-out phantoms 1000..;
 - ``Arand``: family A with randomised scanner and anatomy (``regseg.sim.randomise``), the same
   held-out phantom seeds but scanner draws that training never used;
+- ``Asr``: ``Arand`` frames through a fixed scanner post-processing that neither simulator nor
+  the training augmentation has (a 5 x 5 median filter, speckle reduction, then histogram
+  equalisation): a check of generalisation to an unseen appearance that does not touch family B;
 - ``B``: simulator family B (``regseg.sim.family_b``, written separately, never trained on),
   its evaluation seeds.
 
@@ -34,8 +37,9 @@ from regseg.models.registry import load_model
 from regseg.train.alignsegnet import evaluate
 from regseg.train.data import SampleSet, frame_sample, mri_tensors
 
-FAMILY_A_SEEDS = range(1000, 1100)
+FAMILY_A_SEED0 = 1000  # held-out family-A phantoms 1000..; --a-seed0 3100 for calibration ones
 OUT_OF_PLANE_MM = 0.5
+FAMILIES = ("A", "Arand", "Asr", "B")
 
 
 def rigid_error(level: float, rng: np.random.Generator, frame_hw: tuple[int, int],
@@ -83,17 +87,28 @@ def _family_b(seed: int):
         next(counter))
 
 
+def speckle_reduced(pixels: np.ndarray) -> np.ndarray:
+    """The ``Asr`` post-processing of a uint8 frame: 5 x 5 median, then histogram equalisation
+    (the darkest value, the black outside the sector, stays 0)."""
+    import cv2
+
+    return cv2.equalizeHist(cv2.medianBlur(np.ascontiguousarray(pixels, np.uint8), 5))
+
+
 def family_samples(family: str, level: float, phantoms: int, frames: int,
-                   size: tuple[int, int]) -> SampleSet:
+                   size: tuple[int, int], a_seed0: int = FAMILY_A_SEED0) -> SampleSet:
     """Held-out frames of one family at tracking error ``level``, on the model grid."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: expected one of {', '.join(FAMILIES)}")
     if family == "B":
         from regseg.sim.family_b import EVAL_SEEDS
         seeds = list(EVAL_SEEDS)[:phantoms]
     else:
-        seeds = list(FAMILY_A_SEEDS)[:phantoms]
+        seeds = list(range(a_seed0, a_seed0 + phantoms))
     rows = []
     for seed in seeds:
-        case, draw = _family_b(seed) if family == "B" else _family_a(seed, family == "Arand")
+        case, draw = (_family_b(seed) if family == "B"
+                      else _family_a(seed, family in ("Arand", "Asr")))
         if not np.allclose(case.mri.voxel_to_world, case.labels.voxel_to_world):
             raise ValueError(f"{family} case {seed}: MRI and labels on different grids")
         mri, labels, world_to_voxel = mri_tensors(case)
@@ -103,6 +118,8 @@ def family_samples(family: str, level: float, phantoms: int, frames: int,
             # Replace whatever tracking error the frame had by exactly L mm / L deg.
             err = rigid_error(level, rng, frame.pixels.shape, frame.spacing_mm[0])
             frame = dataclasses.replace(frame, image_to_reference=frame.truth.image_to_mri @ err)
+            if family == "Asr":
+                frame = dataclasses.replace(frame, pixels=speckle_reduced(frame.pixels))
             row = frame_sample(frame, mri, labels, world_to_voxel, size)
             row["phantom_seed"] = torch.tensor([seed])
             rows.append(row)
@@ -117,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", default="A,Arand,B")
     p.add_argument("--levels", default="3,10", help="tracking errors, mm and deg")
     p.add_argument("--phantoms", type=int, default=4)
+    p.add_argument("--a-seed0", type=int, default=FAMILY_A_SEED0,
+                   help="first family-A phantom seed (default 1000, the held-out evaluation "
+                   "phantoms; 3100 for the calibration phantoms used to choose)")
     p.add_argument("--frames", type=int, default=10, help="per phantom and level")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
@@ -131,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     for family in args.families.split(","):
         for level in (float(v) for v in args.levels.split(",")):
             t0 = time.monotonic()
-            cached = (args.cache_dir / f"{family}-L{level:g}-p{args.phantoms}-f{args.frames}"
-                      f"-s{size[0]}.pt") if args.cache_dir else None
+            seed0 = "" if family == "B" else f"-a{args.a_seed0}"
+            cached = (args.cache_dir / f"{family}{seed0}-L{level:g}-p{args.phantoms}"
+                      f"-f{args.frames}-s{size[0]}.pt") if args.cache_dir else None
             if cached is not None and cached.is_file():
                 samples = SampleSet.load(cached)
             else:
-                samples = family_samples(family, level, args.phantoms, args.frames, size)
+                samples = family_samples(family, level, args.phantoms, args.frames, size,
+                                         args.a_seed0)
                 if cached is not None:
                     samples.save(cached)
             for name, model in models.items():

@@ -233,3 +233,21 @@ def test_compare_tracking_error_is_exactly_the_level(level):
         moved = lin @ centre + t - centre
         assert np.hypot(*moved) * 0.25 == pytest.approx(level)
     assert abs(e[2, 3]) * 0.25 <= 0.5
+
+
+def test_compare_speckle_reduced_keeps_the_black_outside_and_smooths_inside():
+    from regseg.train.compare import FAMILIES, family_samples, speckle_reduced
+
+    rng = np.random.default_rng(0)
+    pixels = np.zeros((60, 80), np.uint8)
+    pixels[10:50, 10:70] = rng.integers(20, 200, (40, 60))
+    out = speckle_reduced(pixels)
+    assert out.shape == pixels.shape and out.dtype == np.uint8
+    assert (out[:5] == 0).all() and (out[:, :5] == 0).all()  # outside the "sector": still 0
+    inner = (slice(15, 45), slice(15, 65))
+    # a median smooths speckle: neighbouring pixels differ less than before
+    assert np.abs(np.diff(out[inner].astype(float), axis=1)).mean() < \
+        np.abs(np.diff(pixels[inner].astype(float), axis=1)).mean()
+    assert "Asr" in FAMILIES
+    with pytest.raises(ValueError, match="family 'C'"):
+        family_samples("C", 3.0, 1, 1, (32, 32))
