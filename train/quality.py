@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from regseg import planes
 from regseg.models.qualitynet import QualityNet, QualityNetConfig, save_qualitynet
+from regseg.train.appearance import augment_appearance
 from regseg.train.data import CACHEABLE_SCANNERS, mri_tensors
 
 TRAIN_SEED0, CALIB_SEED0 = 3000, 3100
@@ -144,10 +145,14 @@ def model_input(trus: torch.Tensor, mri: torch.Tensor, mri_labels: torch.Tensor)
 
 
 def augment(x: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
-            noise_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+            noise_fraction: float = 0.05, appearance: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gain/gamma on the TRUS channel, random left-right flip of all channels, and a fraction of
-    frames replaced by noise (target MAX_ERROR_MM)."""
+    frames replaced by noise (target MAX_ERROR_MM). ``appearance``: first the TRUS channel's
+    appearance is changed (:func:`regseg.train.appearance.augment_appearance`)."""
     b, size = x.shape[0], x.shape[-1]
+    if appearance:
+        x = torch.cat([augment_appearance(x[:, :1], generator), x[:, 1:]], dim=1)
     gamma = torch.exp(torch.empty(b, 1, 1, 1).uniform_(math.log(0.6), math.log(1.6),
                                                        generator=generator))
     gain = torch.exp(torch.empty(b, 1, 1, 1).uniform_(math.log(0.7), math.log(1.4),
@@ -160,6 +165,14 @@ def augment(x: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
     flip = torch.rand(b, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x, target
+
+
+def add_augment_argument(parser: argparse.ArgumentParser) -> None:
+    """``--augment {gain,appearance}`` of the QualityNet recipes."""
+    parser.add_argument("--augment", choices=("gain", "appearance"), default="gain",
+                        help="TRUS-channel augmentation: gamma and gain (default), or first "
+                        "random texture filters, intensity curves, blur/sharpening and bias "
+                        "fields (regseg.train.appearance)")
 
 
 def regression_step(model: QualityNet, optimiser: torch.optim.Optimizer, x: torch.Tensor,
@@ -207,10 +220,11 @@ def calibrate(estimate: np.ndarray, tre: np.ndarray) -> dict[str, float]:
 def train(out_dir: Path, *, minutes: float, seed: int, train_phantoms: int, calib_phantoms: int,
           frames: int, errors: int, threads: int, cache_dir: Path | None,
           command: str, normalise: bool = False, randomised_phantoms: int = 0,
-          steps: int | None = None) -> dict:
+          steps: int | None = None, appearance: bool = False) -> dict:
     """``normalise``: QualityNetConfig.normalise; ``randomised_phantoms``: also train on pairs
     of that many randomised family-A phantoms (seeds RAND_SEED0..); ``steps``: train exactly
-    that many steps (reproducible) instead of filling ``minutes``."""
+    that many steps (reproducible) instead of filling ``minutes``; ``appearance``: the
+    appearance augmentation on the TRUS channel (:func:`augment`)."""
     t0 = time.monotonic()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -246,7 +260,8 @@ def train(out_dir: Path, *, minutes: float, seed: int, train_phantoms: int, cali
         x = model_input(train_set["trus"][index].float(), train_set["mri"][index].float(),
                         train_set["mri_labels"][index])
         losses.append(regression_step(model, optimiser,
-                                      *augment(x, train_set["tre_mm"][index], generator)))
+                                      *augment(x, train_set["tre_mm"][index], generator,
+                                               appearance=appearance)))
         step += 1
         if step % 200 == 0:
             print(f"step {step} loss {np.mean(losses[-200:]):.4f} lr {lr:.2e} "
@@ -259,6 +274,7 @@ def train(out_dir: Path, *, minutes: float, seed: int, train_phantoms: int, cali
         "command": command,
         "seed": seed, "steps": step, "threads": threads, "batch": batch,
         "normalise": normalise, "randomised_phantoms": randomised_phantoms,
+        "augment": "appearance" if appearance else "gain",
         "train_s": round(time.monotonic() - t_train, 1), "data_s": round(data_s, 1),
         "train_samples": n, "train_phantom_seeds": train_seeds,
         "calibration_samples": len(tre), "calibration_phantom_seeds": calib_seeds,
@@ -300,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="train exactly this many steps (reproducible) instead of --minutes")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help="sample cache folder ('none' disables)")
+    add_augment_argument(parser)
     args = parser.parse_args(argv)
     cache = None if str(args.cache) == "none" else args.cache
     command = shlex.join(["python", "-m", "regseg.train.quality", *(argv or sys.argv[1:])])
     train(args.out, minutes=args.minutes, seed=args.seed, train_phantoms=args.train_phantoms,
           calib_phantoms=args.calib_phantoms, frames=args.frames, errors=args.errors,
           threads=args.threads, cache_dir=cache, command=command, normalise=args.normalise,
-          randomised_phantoms=args.randomised_phantoms, steps=args.steps)
+          randomised_phantoms=args.randomised_phantoms, steps=args.steps,
+          appearance=args.augment == "appearance")
     return 0
 
 

@@ -37,6 +37,7 @@ from regseg.train.quality import (
     DEFAULT_CACHE,
     RAND_SEED0,
     TRAIN_SEED0,
+    add_augment_argument,
     augment,
     cached,
     calibrate,
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                         "after AlignSegNet was retrained) and save to --out")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    add_augment_argument(parser)
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "regseg.train.quality_live", *(argv or sys.argv[1:])])
     t0 = time.monotonic()
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                        model_input(synthetic["trus"][j].float(), synthetic["mri"][j].float(),
                                    synthetic["mri_labels"][j])])
         target = torch.cat([live["tre_mm"][i], synthetic["tre_mm"][j]])
-        losses.append(regression_step(model, optimiser, *augment(x, target, generator)))
+        losses.append(regression_step(model, optimiser, *augment(
+            x, target, generator, appearance=args.augment == "appearance")))
         step += 1
         if step % 200 == 0:
             print(f"step {step} loss {np.mean(losses[-200:]):.4f} {elapsed:.0f} s", flush=True)
@@ -303,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     key = "live_randomised" if args.randomised_live_phantoms else "live"
     summary[key] = {
         "command": command, "steps": step, "threads": args.threads, "lr": args.lr,
+        "augment": args.augment,
         "train_samples": n_live, "train_phantom_seeds": [train_seeds[0], train_seeds[-1]],
         "randomised_live_phantom_seeds": ([RAND_SEED0, RAND_SEED0
                                            + args.randomised_live_phantoms - 1]

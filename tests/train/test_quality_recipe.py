@@ -117,3 +117,22 @@ def test_chain_calibration_refuses_bad_input_before_any_work(tmp_path, capsys):
     assert "--chains 'K2/deformable-on'" in capsys.readouterr().err
     assert main(["--out", str(tmp_path)]) == 2
     assert "no such QualityNet checkpoint" in capsys.readouterr().err
+
+
+def test_appearance_augment_changes_only_the_trus_channel():
+    from regseg.train.quality import augment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 4, 32, 32, generator=g)
+    x[:, 2:] = (x[:, 2:] > 0.5).float()
+    target = torch.full((16,), 3.0)
+    a, ta = augment(x, target, torch.Generator().manual_seed(1), noise_fraction=0.0,
+                    appearance=True)
+    b, tb = augment(x, target, torch.Generator().manual_seed(1), noise_fraction=0.0)
+    assert torch.equal(ta, target) and torch.equal(tb, target)
+    # MRI and label channels are only flipped, never changed in value
+    for out in (a, b):
+        same = [torch.equal(out[n, 1:], x[n, 1:]) or torch.equal(out[n, 1:], x[n, 1:].flip(-1))
+                for n in range(16)]
+        assert all(same)
+    assert not torch.equal(a[:, :1], b[:, :1])  # the TRUS channel differs with appearance
