@@ -58,6 +58,12 @@ MARKED = {
     "test_quality_recipe.py covers the per-chain calibration",
     "python -m regseg.train.compare --families A,Arand,B --levels 0,3,10 --phantoms 4 --frames 10 "
     "--models OLD.pt NEW.pt": TRAINING,
+    "python -m regseg.train.alignsegnet --out runs/s11_appearance --minutes 40 --samples 4000 "
+    "--train-phantoms 128 --val-frames 50 --randomise --plain-fraction 0.15 --mri-stacks --init "
+    "models/weights/alignsegnet.pt --lr 5e-4 --threads 1 --validate-every 300 --augment appearance":
+        TRAINING,
+    "python -m regseg.train.compare --families A,Arand,Asr --levels 3,10 --phantoms 4 --frames 10 "
+    "--a-seed0 3100 --models OLD.pt NEW.pt": TRAINING,
     "python bench/registration.py [--quick] --json out/bench_registration.json": BENCH,
     "pytest -m gpu tests/stream/test_device_ring.py": GPU,
     "python bench/engines.py --device cuda --json out/bench_engines_gpu.json": GPU,
