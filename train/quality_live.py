@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from regseg import metrics, spatial
+from regseg.errors import InputError
 from regseg.models.qualitynet import WEIGHTS, load_qualitynet, save_qualitynet
 from regseg.train.data import CACHEABLE_SCANNERS
 from regseg.train.quality import (
@@ -116,6 +117,29 @@ def _alignsegnet_id() -> str:
 def _plcreg2d_id() -> str:
     """The shipped PLCReg 2-D's file hash: live pairs change when it is retrained."""
     return hashlib.sha256((WEIGHTS.parent / "plcreg2d.pt").read_bytes()).hexdigest()[:12]
+
+
+TRE_BINS_MM = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0)  # inner edges of the --balance-tre bins
+
+
+def tre_balancing_weights(tre: torch.Tensor, group: torch.Tensor,
+                          edges: tuple[float, ...] = TRE_BINS_MM) -> torch.Tensor:
+    """Sampling weights under which every group (scanner kind) has the pooled TRE distribution.
+
+    Per group and TRE bin: pooled share of the bin / the group's share of it, so that the
+    appearance of a pair no longer predicts its error; each group keeps its share of the samples.
+    A bin a group has no pairs in stays empty for it.
+    """
+    bins = torch.bucketize(tre, torch.tensor(edges, dtype=tre.dtype))
+    n_bins = len(edges) + 1
+    pooled = torch.bincount(bins, minlength=n_bins).double() / len(tre)
+    weights = torch.zeros(len(tre), dtype=torch.float64)
+    for g in group.unique():
+        mine = group == g
+        share = torch.bincount(bins[mine], minlength=n_bins).double() / mine.sum()
+        w = pooled[bins[mine]] / share[bins[mine]]
+        weights[mine] = w * mine.sum() / w.sum()
+    return weights
 
 
 def cached_live(cache: Path | None, seeds: list[int], frames: int, *, seed: int,
@@ -243,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     add_augment_argument(parser)
+    parser.add_argument("--balance-tre", action="store_true",
+                        help="with --randomised-live-phantoms: sample the live pairs so that plain "
+                        "and randomised ones have the same TRE distribution (appearance must not "
+                        "predict the error)")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "regseg.train.quality_live", *(argv or sys.argv[1:])])
     t0 = time.monotonic()
@@ -257,7 +285,15 @@ def main(argv: list[str] | None = None) -> int:
                                                    RAND_SEED0 + args.randomised_live_phantoms)),
                             args.randomised_frames, seed=args.seed, weights=weights,
                             scanner="randomised")
+        extra["group"] = torch.ones(len(extra["tre_mm"]), dtype=torch.long)
+        live["group"] = torch.zeros(len(live["tre_mm"]), dtype=torch.long)
         live = {k: torch.cat([live[k], extra[k]]) for k in live}
+    sampling = None
+    if args.balance_tre:
+        if "group" not in live:
+            raise InputError("--balance-tre balances plain against randomised live pairs: "
+                             "add --randomised-live-phantoms N")
+        sampling = tre_balancing_weights(live["tre_mm"], live["group"])
     synthetic_seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + (args.synthetic_phantoms
                                                              or args.train_phantoms)))
     synthetic = cached(args.cache, synthetic_seeds, args.synthetic_frames, 4, size=64,
@@ -284,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         for group in optimiser.param_groups:
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         model.train()
-        i = torch.randint(0, n_live, (half,), generator=generator)
+        i = (torch.randint(0, n_live, (half,), generator=generator) if sampling is None else
+             torch.multinomial(sampling, half, replacement=True, generator=generator))
         j = torch.randint(0, n_syn, (half,), generator=generator)
         x = torch.cat([live["x"][i].float(),
                        model_input(synthetic["trus"][j].float(), synthetic["mri"][j].float(),
@@ -306,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     key = "live_randomised" if args.randomised_live_phantoms else "live"
     summary[key] = {
         "command": command, "steps": step, "threads": args.threads, "lr": args.lr,
-        "augment": args.augment,
+        "augment": args.augment, "balance_tre": args.balance_tre,
         "train_samples": n_live, "train_phantom_seeds": [train_seeds[0], train_seeds[-1]],
         "randomised_live_phantom_seeds": ([RAND_SEED0, RAND_SEED0
                                            + args.randomised_live_phantoms - 1]

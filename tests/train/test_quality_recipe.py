@@ -1,6 +1,7 @@
 """QualityNet recipe pieces: the regression step learns, calibration meets its detection rule."""
 
 import numpy as np
+import pytest
 import torch
 
 from regseg.models.qualitynet import QualityNet, QualityNetConfig
@@ -136,3 +137,25 @@ def test_appearance_augment_changes_only_the_trus_channel():
                 for n in range(16)]
         assert all(same)
     assert not torch.equal(a[:, :1], b[:, :1])  # the TRUS channel differs with appearance
+
+
+def test_tre_balancing_gives_every_group_the_pooled_tre_distribution():
+    from regseg.train.quality_live import TRE_BINS_MM, tre_balancing_weights
+
+    rng = np.random.default_rng(0)
+    plain = torch.tensor(rng.gamma(2.0, 0.8, 3000), dtype=torch.float32)  # mostly small errors
+    rand = torch.tensor(rng.gamma(3.0, 1.2, 2000), dtype=torch.float32)  # larger errors
+    tre, group = torch.cat([plain, rand]), torch.cat([torch.zeros(3000), torch.ones(2000)]).long()
+    w = tre_balancing_weights(tre, group)
+    assert float(w[group == 0].sum()) == pytest.approx(3000) and float(w.min()) >= 0
+    bins = torch.bucketize(tre, torch.tensor(TRE_BINS_MM))
+    pooled = torch.bincount(bins, minlength=7).double() / len(tre)
+    for g in (0, 1):
+        m = group == g
+        weighted = torch.bincount(bins[m], weights=w[m], minlength=7) / w[m].sum()
+        has = torch.bincount(bins[m], minlength=7) > 0  # a bin a group never reaches stays empty
+        target = torch.where(has, pooled, 0.0)
+        assert torch.allclose(weighted, target / target.sum(), atol=1e-9)
+    # unweighted, the groups differ: the check above is not trivially true
+    share0 = torch.bincount(bins[group == 0], minlength=7).double() / 3000
+    assert float((share0 - pooled).abs().max()) > 0.05
