@@ -72,20 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=25, help="live frames per phantom")
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
-    import torch
-
-    from regseg.models.qualitynet import WEIGHTS, load_qualitynet
-    from regseg.train.quality import DEFAULT_CACHE
     from regseg.train.quality_chain import DEFAULT_CHAIN
-    from regseg.train.quality_live import RAND_CALIB_SEED0, cached_live, predict_x
+    from regseg.train.quality_live import randomised_calibration_estimates
 
-    torch.set_num_threads(1)
-    seeds = list(range(RAND_CALIB_SEED0, RAND_CALIB_SEED0 + args.phantoms))
-    model, calibration = load_qualitynet(WEIGHTS, fold=False)
-    threshold = calibration["by_chain"][DEFAULT_CHAIN]["threshold_mm"]
-    data = cached_live(DEFAULT_CACHE, seeds, args.frames, seed=0, weights=WEIGHTS,
-                       scanner="randomised", chain=DEFAULT_CHAIN)
-    tre, estimate = data["tre_mm"].numpy(), predict_x(model, data["x"])
+    run = randomised_calibration_estimates(args.phantoms, args.frames)
+    seeds, threshold, tre, estimate = run["seeds"], run["threshold"], run["tre"], run["estimate"]
     cases = []
     for n, ps in enumerate(seeds):  # live_samples: scanner seed ps + 7 at seed 0
         sl = slice(n * args.frames, (n + 1) * args.frames)

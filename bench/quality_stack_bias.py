@@ -43,18 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=25, help="live frames per phantom")
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
-    import torch
-
-    from regseg.models.qualitynet import WEIGHTS, load_qualitynet
     from regseg.sim.mri_stack import draw_stack
-    from regseg.train.quality import DEFAULT_CACHE
     from regseg.train.quality_chain import DEFAULT_CHAIN
-    from regseg.train.quality_live import RAND_CALIB_SEED0, cached_live, predict_x
+    from regseg.train.quality_live import randomised_calibration_estimates
 
-    torch.set_num_threads(1)
-    seeds = list(range(RAND_CALIB_SEED0, RAND_CALIB_SEED0 + args.phantoms))
-    model, calibration = load_qualitynet(WEIGHTS, fold=False)
-    threshold = calibration["by_chain"][DEFAULT_CHAIN]["threshold_mm"]
+    first = randomised_calibration_estimates(args.phantoms, args.frames)
+    seeds, threshold = first["seeds"], first["threshold"]
     # live_samples opens phantom ps with scanner seed ps + 7 (seed 0): the stack's own draw
     stacked = [ps for ps in seeds
                if draw_stack(np.random.default_rng([ps, ps + 7, 0x57AC])) is not None]
@@ -63,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
            "threshold_mm": threshold, "chain": DEFAULT_CHAIN, "phantoms": seeds,
            "stack_phantoms": stacked, "groups": {}}
     for scanner, mri in (("randomised", "isotropic MRI"), ("randomised-stack", "stack MRI")):
-        data = cached_live(DEFAULT_CACHE, seeds, args.frames, seed=0, weights=WEIGHTS,
-                           scanner=scanner, chain=DEFAULT_CHAIN)
-        tre, estimate = data["tre_mm"].numpy(), predict_x(model, data["x"])
+        run = first if scanner == "randomised" else randomised_calibration_estimates(
+            args.phantoms, args.frames, scanner=scanner)
+        tre, estimate = run["tre"], run["estimate"]
         for cases, mask in (("all cases", np.ones_like(has_stack)),
                             ("cases given a stack", has_stack),
                             ("cases never given one", ~has_stack)):

@@ -160,6 +160,20 @@ def cached_live(cache: Path | None, seeds: list[int], frames: int, *, seed: int,
     return data
 
 
+def randomised_calibration_estimates(phantoms: int, frames: int, *, scanner: str = "randomised",
+                                     weights: Path = WEIGHTS) -> dict:
+    """QualityNet ``weights`` on live pairs of the default chain from the randomised family-A
+    calibration phantoms 3300.. (cached): ``seeds``, ``tre`` and ``estimate`` (mm, per pair, phantom
+    by phantom) and the default chain's calibrated ``threshold``. For the diagnoses in bench/."""
+    seeds = list(range(RAND_CALIB_SEED0, RAND_CALIB_SEED0 + phantoms))
+    data = cached_live(DEFAULT_CACHE, seeds, frames, seed=0, weights=weights, scanner=scanner,
+                       chain=DEFAULT_CHAIN)
+    torch.set_num_threads(1)
+    model, calibration = load_qualitynet(weights, fold=False)
+    return {"seeds": seeds, "tre": data["tre_mm"].numpy(), "estimate": predict_x(model, data["x"]),
+            "threshold": calibration["by_chain"][DEFAULT_CHAIN]["threshold_mm"]}
+
+
 @torch.inference_mode()
 def predict_x(model, x: torch.Tensor) -> np.ndarray:
     model.eval()
