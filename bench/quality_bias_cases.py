@@ -39,6 +39,8 @@ def case_properties(phantom_seed: int, scanner_seed: int) -> dict[str, float]:
         "speckle_shape": float(sc.speckle_shape),
         "gain_db": float(sc.gain_db),
         "dynamic_range_db": float(sc.dynamic_range_db),
+        "deform_mm": float(sc.deform_mm),
+        "pressure_mm": float(sc.pressure_mm),
         "gland_scale": float(np.prod(ph.gland_scale) ** (1 / 3)),
         "mri_slice_blur_vox": float(ph.mri_slice_blur_vox),
         "mri_noise": float(ph.mri_noise),
