@@ -29,14 +29,13 @@ from regseg.models.checkpoint import save_checkpoint
 from regseg.train.alignsegnet_args import DEFAULT_CACHE, add_arguments  # noqa: F401
 from regseg.train.alignsegnet_data import DEMO_SEED, frame_sets
 from regseg.train.alignsegnet_eval import _validate, evaluate, save_plot  # noqa: F401
-from regseg.train.appearance import augment_appearance
+from regseg.train.appearance import AUGMENTS, augment_appearance
 from regseg.train.data import OpenScanner, open_simulated_scanner
 from regseg.train.distributed import main_first, wrap
 from regseg.train.resume import Checkpointer, load_state, state_path
 
 NAME = "alignsegnet"
 VAL_SEED0 = 1000  # held-out validation phantoms are 1000, 1001, ...
-AUGMENTS = ("gain", "appearance")  # --augment choices (train_alignsegnet's ``augment``)
 
 
 @dataclasses.dataclass(frozen=True)

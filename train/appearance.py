@@ -27,6 +27,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+#: the ``--augment`` choices of the training recipes: gamma and gain only, or this module first
+AUGMENTS = ("gain", "appearance")
+
 #: chance that each transform is applied to a frame
 PROBABILITY = {"texture": 0.5, "curve": 0.5, "blur": 0.25, "sharpen": 0.25, "bias": 0.3}
 

@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the rendered sample sets here and reuse them")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    unknown = [f for f in args.families.split(",") if f not in FAMILIES]
+    if unknown:  # before any model is loaded or frame rendered
+        p.error(f"--families {args.families}: {', '.join(unknown)} unknown; expected a "
+                f"comma-separated subset of {', '.join(FAMILIES)}")
     torch.set_num_threads(args.threads)
     models = {str(m): load_model(m) for m in args.models}
     size = (next(iter(models.values())).config.size,) * 2

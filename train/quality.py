@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from regseg import planes
 from regseg.models.qualitynet import QualityNet, QualityNetConfig, save_qualitynet
-from regseg.train.appearance import augment_appearance
+from regseg.train.appearance import AUGMENTS, augment_appearance
 from regseg.train.data import CACHEABLE_SCANNERS, mri_tensors
 
 TRAIN_SEED0, CALIB_SEED0 = 3000, 3100
@@ -169,7 +169,7 @@ def augment(x: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
 
 def add_augment_argument(parser: argparse.ArgumentParser) -> None:
     """``--augment {gain,appearance}`` of the QualityNet recipes."""
-    parser.add_argument("--augment", choices=("gain", "appearance"), default="gain",
+    parser.add_argument("--augment", choices=AUGMENTS, default="gain",
                         help="TRUS-channel augmentation: gamma and gain (default), or first "
                         "random texture filters, intensity curves, blur/sharpening and bias "
                         "fields (regseg.train.appearance)")

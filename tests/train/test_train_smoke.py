@@ -251,3 +251,13 @@ def test_compare_speckle_reduced_keeps_the_black_outside_and_smooths_inside():
     assert "Asr" in FAMILIES
     with pytest.raises(ValueError, match="family 'C'"):
         family_samples("C", 3.0, 1, 1, (32, 32))
+
+
+def test_compare_refuses_an_unknown_family_before_any_work(capsys):
+    from regseg.train.compare import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--models", "missing.pt", "--families", "A,C"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--families A,C: C unknown" in err and "Traceback" not in err
