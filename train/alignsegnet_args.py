@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from regseg.train.appearance import AUGMENTS
+from regseg.train.appearance import add_augment_argument
 from regseg.train.recipe_args import add_run_options
 
 DEFAULT_CACHE = Path.home() / ".cache" / "regseg" / "train"
@@ -41,8 +41,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "oblique T2 stack with labels drawn on its slices (regseg.sim.mri_stack)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this checkpoint (fine-tune) instead of random weights")
-    parser.add_argument("--augment", choices=AUGMENTS, default="gain",
-                        help="frame augmentation: random gamma and gain (default), or first "
-                        "random texture filters, intensity curves, blur/sharpening and bias "
-                        "fields (regseg.train.appearance)")
+    add_augment_argument(parser)
     add_run_options(parser, threads=2, checkpoint_every=50)

@@ -22,6 +22,7 @@ Pixels outside the imaged sector (exactly 0 with their whole 5 x 5 neighbourhood
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -29,6 +30,16 @@ import torch.nn.functional as F
 
 #: the ``--augment`` choices of the training recipes: gamma and gain only, or this module first
 AUGMENTS = ("gain", "appearance")
+
+
+
+def add_augment_argument(parser: argparse.ArgumentParser, what: str = "frame") -> None:
+    """``--augment {gain,appearance}``, as every recipe that can use this module offers it."""
+    parser.add_argument("--augment", choices=AUGMENTS, default="gain",
+                        help=f"{what} augmentation: random gamma and gain (default), or first "
+                        "random texture filters, intensity curves, blur/sharpening and bias "
+                        "fields (regseg.train.appearance)")
+
 
 #: chance that each transform is applied to a frame
 PROBABILITY = {"texture": 0.5, "curve": 0.5, "blur": 0.25, "sharpen": 0.25, "bias": 0.3}

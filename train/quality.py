@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from regseg import planes
 from regseg.models.qualitynet import QualityNet, QualityNetConfig, save_qualitynet
-from regseg.train.appearance import AUGMENTS, augment_appearance
+from regseg.train.appearance import add_augment_argument, augment_appearance
 from regseg.train.data import CACHEABLE_SCANNERS, mri_tensors
 
 TRAIN_SEED0, CALIB_SEED0 = 3000, 3100
@@ -165,14 +165,6 @@ def augment(x: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
     flip = torch.rand(b, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x, target
-
-
-def add_augment_argument(parser: argparse.ArgumentParser) -> None:
-    """``--augment {gain,appearance}`` of the QualityNet recipes."""
-    parser.add_argument("--augment", choices=AUGMENTS, default="gain",
-                        help="TRUS-channel augmentation: gamma and gain (default), or first "
-                        "random texture filters, intensity curves, blur/sharpening and bias "
-                        "fields (regseg.train.appearance)")
 
 
 def regression_step(model: QualityNet, optimiser: torch.optim.Optimizer, x: torch.Tensor,
@@ -316,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="train exactly this many steps (reproducible) instead of --minutes")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help="sample cache folder ('none' disables)")
-    add_augment_argument(parser)
+    add_augment_argument(parser, "TRUS-channel")
     args = parser.parse_args(argv)
     cache = None if str(args.cache) == "none" else args.cache
     command = shlex.join(["python", "-m", "regseg.train.quality", *(argv or sys.argv[1:])])

@@ -30,15 +30,14 @@ import numpy as np
 import torch
 
 from regseg import metrics, spatial
-from regseg.errors import InputError
 from regseg.models.qualitynet import WEIGHTS, load_qualitynet, save_qualitynet
+from regseg.train.appearance import add_augment_argument
 from regseg.train.data import CACHEABLE_SCANNERS
 from regseg.train.quality import (
     CALIB_SEED0,
     DEFAULT_CACHE,
     RAND_SEED0,
     TRAIN_SEED0,
-    add_augment_argument,
     augment,
     cached,
     calibrate,
@@ -280,12 +279,15 @@ def main(argv: list[str] | None = None) -> int:
                         "after AlignSegNet was retrained) and save to --out")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    add_augment_argument(parser)
+    add_augment_argument(parser, "TRUS-channel")
     parser.add_argument("--balance-tre", action="store_true",
                         help="with --randomised-live-phantoms: sample the live pairs so that plain "
                         "and randomised ones have the same TRE distribution (appearance must not "
                         "predict the error)")
     args = parser.parse_args(argv)
+    if args.balance_tre and not args.randomised_live_phantoms:  # before any pair is rendered
+        parser.error("--balance-tre balances plain against randomised live pairs, and there are "
+                     "none: add --randomised-live-phantoms N (N >= 1)")
     command = shlex.join(["python", "-m", "regseg.train.quality_live", *(argv or sys.argv[1:])])
     t0 = time.monotonic()
     weights = (args.weights or args.out / WEIGHTS.name).resolve()
@@ -304,9 +306,6 @@ def main(argv: list[str] | None = None) -> int:
         live = {k: torch.cat([live[k], extra[k]]) for k in live}
     sampling = None
     if args.balance_tre:
-        if "group" not in live:
-            raise InputError("--balance-tre balances plain against randomised live pairs: "
-                             "add --randomised-live-phantoms N")
         sampling = tre_balancing_weights(live["tre_mm"], live["group"])
     synthetic_seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + (args.synthetic_phantoms
                                                              or args.train_phantoms)))

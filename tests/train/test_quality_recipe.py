@@ -159,3 +159,14 @@ def test_tre_balancing_gives_every_group_the_pooled_tre_distribution():
     # unweighted, the groups differ: the check above is not trivially true
     share0 = torch.bincount(bins[group == 0], minlength=7).double() / 3000
     assert float((share0 - pooled).abs().max()) > 0.05
+
+
+def test_balance_tre_without_randomised_pairs_is_refused_before_any_work(tmp_path, capsys):
+    from regseg.train.quality_live import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path), "--balance-tre", "--cache", str(tmp_path / "cache")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--balance-tre" in err and "--randomised-live-phantoms" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "qualitynet.json").exists()
