@@ -19,7 +19,7 @@ from regseg.engines.affine_modes import AFFINE_DEFAULT, AFFINE_MODES, DEFAULT_IT
 from regseg.engines.base import Engine, make_engine
 from regseg.errors import InputError
 from regseg.models.affine3d import centre_of_mass
-from regseg.models.reg_losses import mind_loss
+from regseg.models.reg_losses import mind_descriptor
 from regseg.models.registry import WEIGHTS_DIR, load_model
 
 #: The shipped learned affine weights.
@@ -77,12 +77,13 @@ def optimise_affine(fixed: Tensor, moving: Tensor, *, iterations: int = 120, lr:
     linear = (start[:, :3] - torch.eye(3)).clone().requires_grad_(True)
     shift = start[:, 3].clone().requires_grad_(True)
     optimiser = torch.optim.Adam([linear, shift], lr=lr)
+    target = mind_descriptor(f)  # the fixed image's MIND, once (mind_loss would redo it per step)
     with torch.enable_grad():
         for _ in range(iterations):
             theta = torch.cat([torch.eye(3) + linear, shift[:, None]], 1)[None]
             grid = F.affine_grid(theta, list(f.shape), align_corners=False)
             warped = F.grid_sample(m, grid, padding_mode="zeros", align_corners=False)
-            loss = mind_loss(f, warped)
+            loss = (mind_descriptor(warped) - target).square().mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -12,12 +12,28 @@ from torch import Tensor
 
 
 def _box_mean(x: Tensor, window: int) -> Tensor:
-    """Local mean over a ``window``^ndim box, same size out (replicate padding at the edges)."""
+    """Local mean over a ``window``^ndim box, same size out (replicate padding at the edges).
+
+    Separable: one ``window``-tap running sum per axis (replicate padding is per axis, so this is
+    the box mean of the padded array exactly, up to rounding). 3 x ``window`` taps instead of
+    ``window``^3, and shifted adds over the whole tensor rather than avg_pool, which on CPU runs
+    one channel per thread: at 104 x 139 x 104, window 9, 0.33 s against 3.2 s (session 12)."""
     ndim = x.ndim - 2
     pad = window // 2
-    x = F.pad(x, [pad] * (2 * ndim), mode="replicate")
-    pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
-    return pool(x, window, stride=1)
+    inplace = not (torch.is_grad_enabled() and x.requires_grad)
+    for axis in range(ndim):
+        widths = [0] * (2 * ndim)
+        k = 2 * (ndim - 1 - axis)  # F.pad lists the last axis first
+        widths[k] = widths[k + 1] = pad
+        padded = F.pad(x, widths, mode="replicate")
+        n = x.shape[2 + axis]
+        acc = padded.narrow(2 + axis, 0, n)
+        acc = acc.clone() if inplace else acc
+        for offset in range(1, window):
+            part = padded.narrow(2 + axis, offset, n)
+            acc = acc.add_(part) if inplace else acc + part
+        x = acc.mul_(1.0 / window) if inplace else acc * (1.0 / window)
+    return x
 
 
 def lncc_loss(fixed: Tensor, moved: Tensor, *, window: int = 9, eps: float = 1e-5) -> Tensor:
@@ -77,14 +93,30 @@ def mind_descriptor(image: Tensor, *, radius: int = 1, dilation: int = 2,
     """
     ndim = image.ndim - 2
     window = 2 * radius + 1
-    dists = [
-        _box_mean((image - _shift(image, axis, sign * dilation)) ** 2, window)
-        for axis in range(ndim) for sign in (-1, 1)
-    ]
-    dist = torch.cat(dists, dim=1)
-    var = dist.mean(dim=1, keepdim=True).clamp_min(eps)
-    desc = torch.exp(-dist / var)
-    return desc / desc.amax(dim=1, keepdim=True).clamp_min(eps)
+    # Channel by channel, with reciprocals instead of broadcast divisions, in place when no
+    # gradient is wanted: 5x faster than one (B, 6, ...) tensor on CPU (0.08 s against 0.40 s at
+    # 104 x 139 x 104; equal to 1e-6).
+    inplace = not (torch.is_grad_enabled() and image.requires_grad)
+    dists = [_box_mean((image - _shift(image, axis, sign * dilation)).square(), window)
+             for axis in range(ndim) for sign in (-1, 1)]
+    total = dists[0].clone() if inplace else dists[0]
+    for d in dists[1:]:
+        total = total.add_(d) if inplace else total + d
+    if inplace:
+        scale = total.mul_(1.0 / len(dists)).clamp_min_(eps).reciprocal_().neg_()
+        descs = [d.mul_(scale).exp_() for d in dists]
+        top = descs[0].clone()
+        for d in descs[1:]:
+            torch.maximum(top, d, out=top)
+        top = top.clamp_min_(eps).reciprocal_()
+        return torch.cat([d.mul_(top) for d in descs], dim=1)
+    scale = -(total * (1.0 / len(dists))).clamp_min(eps).reciprocal()
+    descs = [(d * scale).exp() for d in dists]
+    top = descs[0]
+    for d in descs[1:]:
+        top = torch.maximum(top, d)
+    top = top.clamp_min(eps).reciprocal()
+    return torch.cat([d * top for d in descs], dim=1)
 
 
 def mind_loss(fixed: Tensor, moved: Tensor, *, radius: int = 1, dilation: int = 2) -> Tensor:
