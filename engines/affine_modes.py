@@ -29,3 +29,13 @@ REFINE_MODES = ("fast", "sampled", "full")
 #: fast 15 / 20 steps 0.846 / 0.862 (4.2 / 5.0 s), sampled 20 / 25 / 30 0.850 / 0.861 / 0.868
 #: (4.7 / 4.3 / 4.8 s): sampled 25 steps is the cheapest at ANTs + 0.01.
 REFINE_MODE_DEFAULT = "sampled"
+
+#: Scaling-and-squaring steps inside the ``fast``/``sampled`` refinement loop (None: the model's,
+#: 7); the returned velocity is still integrated with 7. See regseg.engines.refine,
+#: ``loop_int_steps``. 5 since session 12, by the rule in
+#: bench/results/registration_loop_int_predeclared.md (written before the run; validation pairs
+#: 20000-20003, bench/results/registration_mni_1.5mm_validation_loop_int.json): ANTs SyN 0.840;
+#: 25 sampled steps with loop 7 / 5 / 4: AAL Dice 0.861 / 0.861 / 0.861 in 3.27 / 2.949 / 2.949 s;
+#: 20 steps 0.850 / 0.850 / 0.850 (below ANTs + 0.01 by 2-4e-4). Loop 5 and 4 tied to the
+#: millisecond; the rule's "cheapest" took 5, by 0.2 ms.
+REFINE_INT_STEPS_DEFAULT: int | None = 5

@@ -25,7 +25,12 @@ from torch import Tensor
 
 from regseg import spatial
 from regseg.engines.affine import AffineStage
-from regseg.engines.affine_modes import AFFINE_DEFAULT, REFINE_MODE_DEFAULT, REFINE_MODES
+from regseg.engines.affine_modes import (
+    AFFINE_DEFAULT,
+    REFINE_INT_STEPS_DEFAULT,
+    REFINE_MODE_DEFAULT,
+    REFINE_MODES,
+)
 from regseg.engines.base import Engine, make_engine
 from regseg.engines.refine import SAMPLE_FRACTION, descriptors_from, refine_velocity
 from regseg.errors import InputError
@@ -83,6 +88,10 @@ def resample_to_grid(volume: Volume, shape_ijk: tuple[int, ...], voxel_to_world:
         the resampled (I, J, K) array (zero outside the source) and the fraction of target
         voxels that fall inside the source's field of view.
     """
+    if (tuple(volume.data.shape) == tuple(shape_ijk)
+            and np.allclose(volume.voxel_to_world, voxel_to_world, rtol=0.0, atol=1e-6)):
+        # already on that grid (e.g. both images from one scanner or one template): a copy
+        return np.array(volume.data, dtype=np.float32), 1.0
     src = torch.from_numpy(np.ascontiguousarray(volume.data.transpose(2, 1, 0))).float()
     to_norm = (spatial.index_to_normalised(volume.data.shape)
                @ spatial.invert(volume.voxel_to_world) @ np.asarray(voxel_to_world))
@@ -138,6 +147,8 @@ class RegistrationEngine:
             :mod:`regseg.engines.refine`.
         outputs: model outputs to compute (:meth:`predict` needs ``ddf`` and ``field``; a graph
             backend then drops the rest).
+        refine_int_steps: scaling-and-squaring steps inside the ``fast``/``sampled`` refinement
+            loop (None: the model's; see :mod:`regseg.engines.refine`, ``loop_int_steps``).
     """
 
     def __init__(self, weights: str | Path = "plcreg3d", *, backend: str = "eager",
@@ -146,13 +157,17 @@ class RegistrationEngine:
                  precision: str = "fp32", threads: int | None = None,
                  cache_dir: str | Path | None = None,
                  outputs: tuple[str, ...] | None = None, refine: int = 0,
-                 refine_fine: int = 0, refine_mode: str = REFINE_MODE_DEFAULT) -> None:
+                 refine_fine: int = 0, refine_mode: str = REFINE_MODE_DEFAULT,
+                 refine_int_steps: int | None = REFINE_INT_STEPS_DEFAULT) -> None:
         if refine_mode not in REFINE_MODES:
             raise ValueError(f"refine_mode {refine_mode!r}: expected one of {REFINE_MODES}")
         model = load_model(shipped_weights(weights))
         self.refine = int(refine)
         self.refine_fine = int(refine_fine)
         self.refine_mode = refine_mode
+        if refine_int_steps is not None and int(refine_int_steps) < 1:
+            raise ValueError(f"refine_int_steps {refine_int_steps}: expected at least 1 or None")
+        self.refine_int_steps = refine_int_steps
         self.config = model.config
         self.size = tuple(self.config.size)
         self.weights = str(weights)
@@ -239,7 +254,7 @@ class RegistrationEngine:
                 field_ = refine_velocity(f_work, m_aff, out["field"], steps=self.refine,
                                          int_steps=cfg.int_steps, diffeomorphic=cfg.diffeomorphic,
                                          fast=fast, sample_fraction=fraction,
-                                         descriptors=desc)
+                                         descriptors=desc, loop_int_steps=self.refine_int_steps)
                 out = {"field": field_, "ddf": scaling_and_squaring(field_, cfg.int_steps)
                        if cfg.diffeomorphic else field_}
         else:
