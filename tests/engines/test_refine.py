@@ -152,3 +152,32 @@ def test_sampled_steps_are_reproducible_and_differ_from_fast():
     fast = refine_velocity(fixed, moving, zero, steps=5, lr=0.1, smooth=0.1)
     assert torch.equal(a, b)
     assert float((a - fast).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.125], ids=["fast", "sampled"])
+def test_fewer_squarings_in_the_loop_still_register_and_stay_close(fraction):
+    """loop_int_steps: the loop integrates with fewer squarings; the default is the model's."""
+    torch.manual_seed(0)
+    shape = (18, 18, 18)
+    fixed = _blob(shape, (9, 9, 9), 5.0)
+    moving = _blob(shape, (9, 11, 9), 5.0)
+    base = torch.randn(1, 3, *shape) * 0.3
+    kwargs = dict(steps=20, lr=0.1, smooth=0.1, sample_fraction=fraction)
+    exact = refine_velocity(fixed, moving, base, **kwargs)
+    assert torch.equal(refine_velocity(fixed, moving, base, loop_int_steps=7, **kwargs), exact)
+    five = refine_velocity(fixed, moving, base, loop_int_steps=5, **kwargs)
+    one = refine_velocity(fixed, moving, base, loop_int_steps=1, **kwargs)
+    assert not torch.equal(five, exact)  # the loop did integrate differently
+    gap = float((five - exact).abs().max())
+    assert gap < float((one - exact).abs().max())
+    assert gap < 0.1 * float((exact - base).abs().max())
+    before = float(mind_loss(fixed, spatial.warp(moving, scaling_and_squaring(base, 7))))
+    after = float(mind_loss(fixed, spatial.warp(moving, scaling_and_squaring(five, 7))))
+    assert after < before
+
+
+def test_the_engine_refuses_no_squarings_in_the_loop():
+    from regseg.engines.registration import RegistrationEngine
+
+    with pytest.raises(ValueError, match="refine_int_steps 0"):
+        RegistrationEngine("plcreg3d", refine_int_steps=0, affine_iterations=0)
