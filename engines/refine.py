@@ -93,7 +93,8 @@ def refine_velocity(fixed: Tensor, moving: Tensor, velocity: Tensor, *, steps: i
                     diffeomorphic: bool = True, fast: bool = True,
                     sample_coarse: bool = False, sample_fraction: float = 1.0,
                     descriptors: tuple[Tensor, Tensor] | None = None,
-                    loop_int_steps: int | None = None) -> Tensor:
+                    loop_int_steps: int | None = None,
+                    coarse_regulariser: bool = False) -> Tensor:
     """``steps`` Adam steps on ``velocity`` (1, ndim, *size) minimising MIND(fixed, moving o
     exp(v)) + ``smooth`` * diffusion(v); returns the refined velocity (a displacement when not
     ``diffeomorphic``), detached. ``fixed`` and ``moving`` are (1, 1, *size) on the same grid,
@@ -107,6 +108,11 @@ def refine_velocity(fixed: Tensor, moving: Tensor, velocity: Tensor, *, steps: i
     ``sample_fraction`` < 1 (with ``fast``): each step's similarity at that share of the working
     grid's voxels, drawn afresh every step (see the module docstring). ``loop_int_steps``
     (with ``fast``): squarings inside the loop (None: ``int_steps``; see the module docstring).
+    ``coarse_regulariser`` (with ``fast``): the diffusion penalty on the correction grid's field
+    (the network's velocity there plus the correction, in that grid's voxels) instead of on the
+    working grid's: no upsampling per step; for a smooth field the two agree (a coarse voxel's
+    difference of a field in coarse voxels approximates the working grid's), the network's finest
+    detail, which no step changes, is left out.
     """
     if steps <= 0:
         return velocity
@@ -122,9 +128,10 @@ def refine_velocity(fixed: Tensor, moving: Tensor, velocity: Tensor, *, steps: i
         loop = int_steps if loop_int_steps is None else int(loop_int_steps)
         if sample_fraction < 1.0 and not sample_coarse:
             return _refine_sampled(target.detach(), moving_desc.detach(), base, steps, int_steps,
-                                   lr, smooth, diffeomorphic, sample_fraction, loop)
+                                   lr, smooth, diffeomorphic, sample_fraction, loop,
+                                   coarse_regulariser)
         return _refine_coarse(target.detach(), moving_desc.detach(), base, steps, int_steps, lr,
-                              smooth, diffeomorphic, sample_coarse, loop)
+                              smooth, diffeomorphic, sample_coarse, loop, coarse_regulariser)
 
 
 def _refine_full(target: Tensor, moving: Tensor, base: Tensor, steps: int, int_steps: int,
@@ -164,7 +171,8 @@ def _exact(int_steps: int, diffeomorphic: bool):
 
 def _refine_coarse(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int,
                    int_steps: int, lr: float, smooth: float, diffeomorphic: bool,
-                   sample_coarse: bool, loop_int_steps: int) -> Tensor:
+                   sample_coarse: bool, loop_int_steps: int,
+                   coarse_regulariser: bool = False) -> Tensor:
     size, coarse, integrate, base_coarse, scale, delta, optimiser = _correction(
         base, loop_int_steps, lr, diffeomorphic)
     if sample_coarse:
@@ -183,8 +191,8 @@ def _refine_coarse(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int
         else:
             ddf = resize_ddf(integrate(base_coarse + delta), size) + detail
             moved = spatial.warp(moving_desc, ddf, padding_mode="border")
-            v = base + resize_ddf(delta, size)
-            loss = (moved - target).square().mean() + smooth * gradient_loss(v)
+            loss = ((moved - target).square().mean()
+                    + smooth * _regulariser(base, base_coarse, delta, size, coarse_regulariser))
         loss.backward()
         optimiser.step()
     return (base + resize_ddf(delta.detach(), size)).detach()
@@ -192,7 +200,8 @@ def _refine_coarse(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int
 
 def _refine_sampled(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int,
                     int_steps: int, lr: float, smooth: float, diffeomorphic: bool,
-                    fraction: float, loop_int_steps: int) -> Tensor:
+                    fraction: float, loop_int_steps: int,
+                    coarse_regulariser: bool = False) -> Tensor:
     """:func:`_refine_coarse` (without ``sample_coarse``) with each step's similarity at a fresh
     random ``fraction`` of the working grid's voxels: there the field is the correction grid's
     integrated field interpolated (trilinear, as ``resize_ddf`` would give it) plus the network's
@@ -227,12 +236,20 @@ def _refine_sampled(target: Tensor, moving_desc: Tensor, base: Tensor, steps: in
         field = integrate(base_coarse + delta) / scale  # working-grid voxels
         ddf = sample(field, points) + detail.index_select(0, pick).T[None]
         moved = sample(moving_desc, points + ddf[0])
-        v = base + resize_ddf(delta, size)
         loss = ((moved - target.index_select(0, pick).T[None]).square().mean()
-                + smooth * gradient_loss(v))
+                + smooth * _regulariser(base, base_coarse, delta, size, coarse_regulariser))
         loss.backward()
         optimiser.step()
     return (base + resize_ddf(delta.detach(), size)).detach()
+
+
+def _regulariser(base: Tensor, base_coarse: Tensor, delta: Tensor, size: tuple[int, ...],
+                 coarse: bool) -> Tensor:
+    """The diffusion penalty of a step: on the working grid's ``base + up(delta)``, or (``coarse``)
+    on the correction grid's ``base_coarse + delta``."""
+    if coarse:
+        return gradient_loss(base_coarse + delta)
+    return gradient_loss(base + resize_ddf(delta, size))
 
 
 def _sample_at(image: Tensor, ddf: Tensor) -> Tensor:

@@ -30,6 +30,8 @@ from regseg.engines.affine_modes import (
     REFINE_INT_STEPS_DEFAULT,
     REFINE_MODE_DEFAULT,
     REFINE_MODES,
+    REFINE_REGULARISER_DEFAULT,
+    REFINE_REGULARISERS,
 )
 from regseg.engines.base import Engine, make_engine
 from regseg.engines.refine import SAMPLE_FRACTION, descriptors_from, refine_velocity
@@ -149,6 +151,9 @@ class RegistrationEngine:
             backend then drops the rest).
         refine_int_steps: scaling-and-squaring steps inside the ``fast``/``sampled`` refinement
             loop (None: the model's; see :mod:`regseg.engines.refine`, ``loop_int_steps``).
+        refine_regulariser: where the ``fast``/``sampled`` steps' diffusion penalty is taken:
+            ``working`` (the working grid) or ``coarse`` (the correction grid; see
+            :mod:`regseg.engines.refine`, ``coarse_regulariser``).
     """
 
     def __init__(self, weights: str | Path = "plcreg3d", *, backend: str = "eager",
@@ -158,7 +163,8 @@ class RegistrationEngine:
                  cache_dir: str | Path | None = None,
                  outputs: tuple[str, ...] | None = None, refine: int = 0,
                  refine_fine: int = 0, refine_mode: str = REFINE_MODE_DEFAULT,
-                 refine_int_steps: int | None = REFINE_INT_STEPS_DEFAULT) -> None:
+                 refine_int_steps: int | None = REFINE_INT_STEPS_DEFAULT,
+                 refine_regulariser: str = REFINE_REGULARISER_DEFAULT) -> None:
         if refine_mode not in REFINE_MODES:
             raise ValueError(f"refine_mode {refine_mode!r}: expected one of {REFINE_MODES}")
         model = load_model(shipped_weights(weights))
@@ -168,6 +174,10 @@ class RegistrationEngine:
         if refine_int_steps is not None and int(refine_int_steps) < 1:
             raise ValueError(f"refine_int_steps {refine_int_steps}: expected at least 1 or None")
         self.refine_int_steps = refine_int_steps
+        if refine_regulariser not in REFINE_REGULARISERS:
+            raise ValueError(f"refine_regulariser {refine_regulariser!r}: expected one of "
+                             f"{REFINE_REGULARISERS}")
+        self.refine_regulariser = refine_regulariser
         self.config = model.config
         self.size = tuple(self.config.size)
         self.weights = str(weights)
@@ -254,7 +264,8 @@ class RegistrationEngine:
                 field_ = refine_velocity(f_work, m_aff, out["field"], steps=self.refine,
                                          int_steps=cfg.int_steps, diffeomorphic=cfg.diffeomorphic,
                                          fast=fast, sample_fraction=fraction,
-                                         descriptors=desc, loop_int_steps=self.refine_int_steps)
+                                         descriptors=desc, loop_int_steps=self.refine_int_steps,
+                                         coarse_regulariser=self.refine_regulariser == "coarse")
                 out = {"field": field_, "ddf": scaling_and_squaring(field_, cfg.int_steps)
                        if cfg.diffeomorphic else field_}
         else:

@@ -7,7 +7,7 @@ import torch
 from regseg import spatial
 from regseg.engines.refine import refine_velocity
 from regseg.models.integrate import scaling_and_squaring
-from regseg.models.reg_losses import mind_loss
+from regseg.models.reg_losses import gradient_loss, mind_loss
 
 
 def _blob(shape, centre, radius):
@@ -181,3 +181,32 @@ def test_the_engine_refuses_no_squarings_in_the_loop():
 
     with pytest.raises(ValueError, match="refine_int_steps 0"):
         RegistrationEngine("plcreg3d", refine_int_steps=0, affine_iterations=0)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.125], ids=["fast", "sampled"])
+def test_the_regulariser_on_the_correction_grid_registers_and_smooths(fraction):
+    """coarse_regulariser: the penalty on the correction grid still registers the pair, and a
+    stronger penalty still gives a smoother correction, as on the working grid."""
+    torch.manual_seed(0)
+    shape = (18, 18, 18)
+    fixed = _blob(shape, (9, 9, 9), 5.0)
+    moving = _blob(shape, (9, 11, 9), 5.0)
+    zero = torch.zeros(1, 3, *shape)
+    kwargs = dict(steps=30, lr=0.1, sample_fraction=fraction, coarse_regulariser=True)
+    v = refine_velocity(fixed, moving, zero, smooth=0.1, **kwargs)
+    working = refine_velocity(fixed, moving, zero, smooth=0.1, steps=30, lr=0.1,
+                              sample_fraction=fraction)
+    assert not torch.equal(v, working)
+    before = float(mind_loss(fixed, moving))
+    after = float(mind_loss(fixed, spatial.warp(moving, scaling_and_squaring(v, 7))))
+    assert after < 0.7 * before
+    stiff = refine_velocity(fixed, moving, zero, smooth=100.0, **kwargs)
+    rough = float(gradient_loss(v)) / float(v.square().mean())
+    assert float(gradient_loss(stiff)) / float(stiff.square().mean()) < rough
+
+
+def test_the_engine_refuses_an_unknown_regulariser_grid():
+    from regseg.engines.registration import RegistrationEngine
+
+    with pytest.raises(ValueError, match="refine_regulariser 'fine'"):
+        RegistrationEngine("plcreg3d", refine_regulariser="fine", affine_iterations=0)
