@@ -82,7 +82,7 @@ def optimise_affine(fixed: Tensor, moving: Tensor, *, iterations: int = 120, lr:
         for _ in range(iterations):
             theta = torch.cat([torch.eye(3) + linear, shift[:, None]], 1)[None]
             grid = F.affine_grid(theta, list(f.shape), align_corners=False)
-            warped = F.grid_sample(m, grid, padding_mode="zeros", align_corners=False)
+            warped = spatial.grid_sample(m, grid, padding_mode="zeros", align_corners=False)
             loss = (mind_descriptor(warped) - target).square().mean()
             optimiser.zero_grad()
             loss.backward()

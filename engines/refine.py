@@ -226,8 +226,8 @@ def _refine_sampled(target: Tensor, moving_desc: Tensor, base: Tensor, steps: in
         return g.reshape((1, k) + (1,) * (ndim - 1) + (ndim,))
 
     def sample(image: Tensor, points: Tensor) -> Tensor:
-        return F.grid_sample(image, grid(points), mode="bilinear", padding_mode="border",
-                             align_corners=False).reshape(1, image.shape[1], k)
+        return spatial.grid_sample(image, grid(points), mode="bilinear", padding_mode="border",
+                                   align_corners=False).reshape(1, image.shape[1], k)
 
     for _ in range(steps):
         optimiser.zero_grad(set_to_none=True)

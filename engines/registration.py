@@ -98,8 +98,8 @@ def resample_to_grid(volume: Volume, shape_ijk: tuple[int, ...], voxel_to_world:
     to_norm = (spatial.index_to_normalised(volume.data.shape)
                @ spatial.invert(volume.voxel_to_world) @ np.asarray(voxel_to_world))
     grid = _index_grid(shape_ijk) @ torch.as_tensor(to_norm[:3].T, dtype=torch.float32)
-    out = F.grid_sample(src[None, None], grid[None], mode=mode, padding_mode="zeros",
-                        align_corners=False)[0, 0]
+    out = spatial.grid_sample(src[None, None], grid[None], mode=mode, padding_mode="zeros",
+                              align_corners=False)[0, 0]
     inside = float((grid.abs() <= 1).all(-1).float().mean())
     return np.ascontiguousarray(out.numpy().transpose(2, 1, 0)), inside
 
@@ -330,8 +330,8 @@ class RegistrationEngine:
             grid = homogeneous @ torch.as_tensor(to_norm[:3].T, dtype=torch.float32,
                                                  device=ddf.device)
             src = _to_tensor(vol.data.astype(np.float32), ddf.device)
-            out = F.grid_sample(src, grid[None], mode=mode, padding_mode="zeros",
-                                align_corners=False)[0, 0].cpu().numpy().transpose(2, 1, 0)
+            out = spatial.grid_sample(src, grid[None], mode=mode, padding_mode="zeros",
+                                      align_corners=False)[0, 0].cpu().numpy().transpose(2, 1, 0)
             data = out.astype(np.uint8 if mode == "nearest" else np.float32)
             outs.append(Volume(data=np.ascontiguousarray(data),
                                voxel_to_world=fixed.voxel_to_world, path=""))

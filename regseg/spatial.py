@@ -198,6 +198,33 @@ def identity_grid(spatial: Sequence[int], *, device=None, dtype=torch.float32) -
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
 
 
+#: Fewest sample points for which :func:`grid_sample` splits a one-volume 3-D call across threads.
+SPLIT_MIN_POINTS = 4096
+
+
+def grid_sample(image: Tensor, grid: Tensor, **kwargs) -> Tensor:
+    """``F.grid_sample``, with one-volume 3-D calls on CPU split across torch's threads.
+
+    torch's CPU 3-D sampler parallelises its forward over the batch only and its backward not at
+    all for one volume; a (1, C, D, H, W) volume sampled at a (1, n, ...) grid is run instead as a
+    batch of ``t`` copies of the volume (an expanded view, no copy) sampled at ``t`` slabs of the
+    grid, so ``t`` threads share the work forward and backward. The same arithmetic per point:
+    equal outputs, input gradients summed over the copies (to rounding)."""
+    threads = torch.get_num_threads()
+    parts = min(threads, 4)
+    if (image.device.type != "cpu" or image.dim() != 5 or image.shape[0] != 1 or parts < 2
+            or grid.shape[1] % parts or grid[..., 0].numel() < SPLIT_MIN_POINTS
+            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling()):
+        return F.grid_sample(image, grid, **kwargs)
+    n = grid.shape[1]
+    slabs = grid.reshape(parts, n // parts, *grid.shape[2:])
+    out = F.grid_sample(image.expand(parts, *image.shape[1:]), slabs, **kwargs)
+    channels, rest = image.shape[1], tuple(out.shape[3:])
+    return (out.reshape(1, parts, channels, n // parts, *rest).transpose(1, 2)
+            .reshape(1, channels, n, *rest))
+
+
 def warp(image: Tensor, ddf: Tensor, *, mode: str = "bilinear",
          padding_mode: str = "border") -> Tensor:
     """Resample ``image`` at grid points displaced by ``ddf``.
@@ -221,5 +248,5 @@ def warp(image: Tensor, ddf: Tensor, *, mode: str = "bilinear",
     shape = (1, ndim) + (1,) * ndim
     grid = (2.0 * coords + 1.0) / sizes.reshape(shape) - 1.0
     grid = grid.movedim(1, -1)
-    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,
-                         align_corners=False)
+    return grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,
+                       align_corners=False)
