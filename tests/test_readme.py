@@ -203,6 +203,9 @@ MARKED = {
     "--refine 25 --refine-fine 0 --refine-mode sampled --refine-regulariser working coarse "
     "--ants-settings SyN --sitk-pairs 0 --threads 2 "
     "--json bench/results/registration_mni_1.5mm_coarse_reg.json": BENCH,
+    "python bench/registration.py --pairs 8 --first-seed 10000 --skip-phantom --spacing 1.5 "
+    "--refine 25 --refine-fine 0 --refine-mode sampled --ants-settings SyN --sitk-pairs 0 "
+    "--threads 2 --json bench/results/registration_mni_1.5mm_split.json": BENCH,
     "regseg mni --out out/mni15 --pairs 2 --spacing 1.5":
         "writes 2 pairs at 1.5 mm (~25 s); tests/test_mni_spacing.py runs regseg mni --spacing on a coarser grid",
     "regseg register --pairs out/mni15 --out out/reg15":
