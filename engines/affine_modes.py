@@ -50,3 +50,12 @@ REFINE_INT_STEPS_DEFAULT: int | None = 5
 #: ANTs + 0.01).
 REFINE_REGULARISERS = ("working", "coarse")
 REFINE_REGULARISER_DEFAULT = "coarse"
+
+#: The Adam step size of the working-grid steps, working-grid voxels (the ``--refine-fine`` steps
+#: keep regseg.engines.refine.REFINE_LR, 0.05). 0.1 since session 12's fourth round, by the rule
+#: in bench/results/registration_step_size_predeclared.md (validation pairs 20000-20003,
+#: bench/results/registration_mni_1.5mm_validation_step_size.json): ANTs SyN 0.840; 25 steps at
+#: 0.05 (the default then) 0.861 in 2.23 s; 15 steps at 0.1: 0.863 in 1.97 s, the cheapest to pass
+#: (20 / 25 steps at 0.1: 0.871 / 0.875; at 0.07: 0.864 / 0.871; 15 at 0.07: 0.851, under the
+#: floor). The step count that goes with it, 15, is regseg.register_options.REFINE_DEFAULT.
+REFINE_LR_DEFAULT = 0.1

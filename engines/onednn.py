@@ -29,7 +29,7 @@ def _routed(conv: nn.Conv3d, default: Callable[[Tensor], Tensor]
             ) -> Callable[[Tensor], Tensor]:
     def forward(x: Tensor) -> Tensor:
         if (x.device.type != "cpu" or x.dtype != torch.float32
-                or conv.weight.dtype != torch.float32 or torch.is_autocast_cpu_enabled()
+                or conv.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
                 or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
                 or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
                 or torch.compiler.is_compiling()):

@@ -28,6 +28,7 @@ from regseg.engines.affine import AffineStage
 from regseg.engines.affine_modes import (
     AFFINE_DEFAULT,
     REFINE_INT_STEPS_DEFAULT,
+    REFINE_LR_DEFAULT,
     REFINE_MODE_DEFAULT,
     REFINE_MODES,
     REFINE_REGULARISER_DEFAULT,
@@ -154,6 +155,8 @@ class RegistrationEngine:
         refine_regulariser: where the ``fast``/``sampled`` steps' diffusion penalty is taken:
             ``working`` (the working grid) or ``coarse`` (the correction grid; see
             :mod:`regseg.engines.refine`, ``coarse_regulariser``).
+        refine_lr: the working-grid steps' Adam step size, working-grid voxels (default
+            :data:`regseg.engines.affine_modes.REFINE_LR_DEFAULT`).
     """
 
     def __init__(self, weights: str | Path = "plcreg3d", *, backend: str = "eager",
@@ -164,7 +167,8 @@ class RegistrationEngine:
                  outputs: tuple[str, ...] | None = None, refine: int = 0,
                  refine_fine: int = 0, refine_mode: str = REFINE_MODE_DEFAULT,
                  refine_int_steps: int | None = REFINE_INT_STEPS_DEFAULT,
-                 refine_regulariser: str = REFINE_REGULARISER_DEFAULT) -> None:
+                 refine_regulariser: str = REFINE_REGULARISER_DEFAULT,
+                 refine_lr: float = REFINE_LR_DEFAULT) -> None:
         if refine_mode not in REFINE_MODES:
             raise ValueError(f"refine_mode {refine_mode!r}: expected one of {REFINE_MODES}")
         model = load_model(shipped_weights(weights))
@@ -178,6 +182,9 @@ class RegistrationEngine:
             raise ValueError(f"refine_regulariser {refine_regulariser!r}: expected one of "
                              f"{REFINE_REGULARISERS}")
         self.refine_regulariser = refine_regulariser
+        if not float(refine_lr) > 0.0:
+            raise ValueError(f"refine_lr {refine_lr}: expected a step size > 0")
+        self.refine_lr = float(refine_lr)
         self.config = model.config
         self.size = tuple(self.config.size)
         self.weights = str(weights)
@@ -262,6 +269,7 @@ class RegistrationEngine:
                 cfg = self.config
                 desc = descriptors_from(f_full, m_aff_full, self.size) if fine_mind else None
                 field_ = refine_velocity(f_work, m_aff, out["field"], steps=self.refine,
+                                         lr=self.refine_lr,
                                          int_steps=cfg.int_steps, diffeomorphic=cfg.diffeomorphic,
                                          fast=fast, sample_fraction=fraction,
                                          descriptors=desc, loop_int_steps=self.refine_int_steps,

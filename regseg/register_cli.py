@@ -105,7 +105,9 @@ def register_pair(engine: Any, pair: dict[str, str], out_dir: Path, *,
         "timings_s": result.timings_s,
         # the settings that made it, so a report says how to reproduce it
         "settings": {"affine": engine.affine.mode, "affine_iterations": engine.affine.iterations,
-                     "refine": engine.refine,
+                     "refine": engine.refine, "refine_lr": engine.refine_lr,
+                     "refine_int_steps": engine.refine_int_steps,
+                     "refine_regulariser": engine.refine_regulariser,
                      "refine_fine": engine.refine_fine, "refine_mode": engine.refine_mode},
     }
     if fixed_labels is not None and moving_labels is not None:

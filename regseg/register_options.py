@@ -36,8 +36,10 @@ MAX_DEFAULT_THREADS = 4
 #: registration_mni_1.5mm_validation_fewer_steps.json): ANTs SyN 0.840; 10 steps 0.815, 15 0.846,
 #: 20 0.862, 25 0.870: 20 + 0. Session 10 added ``--refine-mode sampled`` candidates (cheaper
 #: steps, each on a random eighth of the voxels): the rule chose sampled with 25 steps
-#: (engines/affine_modes.py has the numbers).
-REFINE_DEFAULT = 25
+#: (engines/affine_modes.py has the numbers). Session 12's fourth round (larger step sizes, same
+#: rule, bench/results/registration_step_size_predeclared.md) chose 15 steps at step size 0.1
+#: (REFINE_LR_DEFAULT): AAL Dice 0.863 in 1.97 s against 25 steps at 0.05, 0.861 in 2.23 s.
+REFINE_DEFAULT = 15
 REFINE_FINE_DEFAULT = 0
 
 

@@ -206,6 +206,18 @@ MARKED = {
     "python bench/registration.py --pairs 8 --first-seed 10000 --skip-phantom --spacing 1.5 "
     "--refine 25 --refine-fine 0 --refine-mode sampled --ants-settings SyN --sitk-pairs 0 "
     "--threads 2 --json bench/results/registration_mni_1.5mm_split.json": BENCH,
+    "python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom --spacing 1.5 "
+    "--refine 15 20 25 --refine-fine 0 --refine-mode sampled --refine-lr 0.05 0.07 0.1 "
+    "--ants-settings SyN --sitk-pairs 0 --no-default --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_validation_step_size.json": BENCH,
+    "python bench/registration.py --pairs 8 --first-seed 10000 --skip-phantom --spacing 1.5 "
+    "--refine 15 25 --refine-fine 0 --refine-mode sampled --refine-lr 0.1 0.05 "
+    "--ants-settings SyN --sitk-pairs 0 --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_step_size.json": BENCH,
+    "python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom --spacing 1.5 "
+    "--refine 15 --refine-fine 0 --refine-mode sampled --affine-iterations 20 10 5 0 "
+    "--ants-settings SyN --sitk-pairs 0 --no-default --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_validation_affine_steps.json": BENCH,
     "regseg mni --out out/mni15 --pairs 2 --spacing 1.5":
         "writes 2 pairs at 1.5 mm (~25 s); tests/test_mni_spacing.py runs regseg mni --spacing on a coarser grid",
     "regseg register --pairs out/mni15 --out out/reg15":
