@@ -218,6 +218,10 @@ MARKED = {
     "--refine 15 --refine-fine 0 --refine-mode sampled --affine-iterations 20 10 5 0 "
     "--ants-settings SyN --sitk-pairs 0 --no-default --threads 2 "
     "--json bench/results/registration_mni_1.5mm_validation_affine_steps.json": BENCH,
+    "python bench/pipeline_capture.py --pairs 3 --first-seed 20000 --rotations 0 10 20 25 "
+    "--spacing 1.5 --json bench/results/pipeline_capture_validation.json":
+        "whole-pipeline capture on 3 validation pairs at 1.5 mm (~3 min); "
+        "tests/bench/test_pipeline_capture.py runs it on one 3.25 mm pair",
     "regseg mni --out out/mni15 --pairs 2 --spacing 1.5":
         "writes 2 pairs at 1.5 mm (~25 s); tests/test_mni_spacing.py runs regseg mni --spacing on a coarser grid",
     "regseg register --pairs out/mni15 --out out/reg15":
