@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from regseg.engines.base import DTYPES, Engine, check_inputs, prepare_model
-from regseg.engines.onednn import prefer_onednn
+from regseg.engines.onednn import OneDNNConv3d, prefer_onednn
 from regseg.errors import EngineError
 
 
@@ -69,8 +69,9 @@ class EagerEngine:
         self.model, example, self.output_names = prepare_model(model, self.input_shapes,
                                                                self.device, outputs)
         # 3-D convolutions through oneDNN where torch's heuristics pick its slow kernel (CPU fp32)
-        routed = (prefer_onednn(self.model) if self.device.type == "cpu" and precision == "fp32"
-                  else 0)
+        if self.device.type == "cpu" and precision == "fp32":
+            prefer_onednn(self.model)
+        routed = sum(isinstance(m, OneDNNConv3d) for m in self.model.modules())
         for _ in range(warmup):  # first calls allocate and choose kernels: keep that out of frame 1
             self(example)
         self.info: dict[str, Any] = {"backend": self.backend, "precision": precision,

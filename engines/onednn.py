@@ -13,8 +13,6 @@ to torch's own path. 2-D convolutions are left alone: there torch's choice was a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -25,31 +23,34 @@ def available() -> bool:
                                                                     "mkldnn_convolution")
 
 
-def _routed(conv: nn.Conv3d, default: Callable[[Tensor], Tensor]
-            ) -> Callable[[Tensor], Tensor]:
-    def forward(x: Tensor) -> Tensor:
+class OneDNNConv3d(nn.Conv3d):
+    """An ``nn.Conv3d`` whose float32 CPU inference runs oneDNN's convolution; everything else
+    (gradients, autocast, CUDA, tracing and export) runs ``nn.Conv3d``'s own. :func:`prefer_onednn`
+    turns a model's convolutions into it in place (a class change: parameters, state dict, copies
+    and pickles behave as before)."""
+
+    def forward(self, x: Tensor) -> Tensor:
         if (x.device.type != "cpu" or x.dtype != torch.float32
-                or conv.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-                or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+                or self.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
                 or torch.compiler.is_compiling()):
-            return default(x)
-        return torch.ops.aten.mkldnn_convolution(x.contiguous(), conv.weight, conv.bias,
-                                                 list(conv.padding), list(conv.stride),
-                                                 list(conv.dilation), conv.groups)
-    return forward
+            return super().forward(x)
+        return torch.ops.aten.mkldnn_convolution(x.contiguous(), self.weight, self.bias,
+                                                 list(self.padding), list(self.stride),
+                                                 list(self.dilation), self.groups)
 
 
 def prefer_onednn(model: nn.Module) -> int:
-    """Route ``model``'s zero-padded 3-D convolutions to oneDNN for float32 CPU inference (in
-    place; an instance-level ``forward``, parameters and state dict untouched). Returns how many
-    were routed (0 where this torch has no oneDNN)."""
+    """Route ``model``'s zero-padded 3-D convolutions to oneDNN for float32 CPU inference, in
+    place (each becomes a :class:`OneDNNConv3d`; parameters and state dict untouched). Returns how
+    many were routed now (0 where this torch has no oneDNN; a second call routes none again)."""
     if not available():
         return 0
     count = 0
     for module in model.modules():
         if (type(module) is nn.Conv3d and module.padding_mode == "zeros"
                 and not isinstance(module.padding, str)):
-            module.forward = _routed(module, module.forward)
+            module.__class__ = OneDNNConv3d
             count += 1
     return count

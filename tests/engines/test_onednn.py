@@ -57,3 +57,19 @@ def test_the_eager_engine_routes_3d_models_on_cpu_fp32():
     with torch.no_grad():
         want = nn.functional.conv3d(x, engine.model.conv.weight, engine.model.conv.bias, padding=1)
     assert torch.allclose(engine({"image": x})["out"], want, atol=1e-5)
+
+
+def test_routing_survives_copies_and_is_idempotent():
+    import copy
+
+    net = _net()
+    assert onednn.prefer_onednn(net) == 3
+    assert onednn.prefer_onednn(net) == 0  # already routed
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin[0].weight.mul_(2.0)
+    x = torch.rand(1, 2, 6, 7, 5)
+    with torch.inference_mode():
+        want = nn.functional.conv3d(x, twin[0].weight, twin[0].bias, padding=1)
+        assert torch.allclose(twin[0](x), want, atol=1e-5)  # the copy's own weights
+        assert not torch.allclose(net[0](x), want, atol=1e-3)
