@@ -155,7 +155,7 @@ def _correction(base: Tensor, int_steps: int, lr: float, diffeomorphic: bool) ->
     voxels, zero) and its Adam optimiser, whose step size (``lr``) stays in working-grid voxels."""
     size = tuple(base.shape[2:])
     coarse = _coarse(size)
-    integrate = (lambda v: scaling_and_squaring(v, int_steps)) if diffeomorphic else (lambda v: v)
+    integrate = _integrator(int_steps, diffeomorphic)
     base_coarse = resize_ddf(base, coarse)
     scale = torch.tensor([c / n for c, n in zip(coarse, size, strict=True)],
                          dtype=base.dtype, device=base.device).reshape(1, -1, *[1] * len(size))
@@ -164,8 +164,9 @@ def _correction(base: Tensor, int_steps: int, lr: float, diffeomorphic: bool) ->
     return size, coarse, integrate, base_coarse, scale, delta, optimiser
 
 
-def _exact(int_steps: int, diffeomorphic: bool):
-    """The caller's integration of the returned velocity (the model's ``int_steps``)."""
+def _integrator(int_steps: int, diffeomorphic: bool):
+    """Velocity -> displacement with ``int_steps`` squarings (identity when not diffeomorphic):
+    the loop's integration, or with the model's ``int_steps`` the caller's."""
     return (lambda v: scaling_and_squaring(v, int_steps)) if diffeomorphic else (lambda v: v)
 
 
@@ -181,7 +182,7 @@ def _refine_coarse(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int
     else:
         # What the coarse grid cannot hold of the network's own field, added back every step
         # (against the loop's integration, so that with no correction the field is exp(v) exactly).
-        detail = (_exact(int_steps, diffeomorphic)(base)
+        detail = (_integrator(int_steps, diffeomorphic)(base)
                   - resize_ddf(integrate(base_coarse), size))
     for _ in range(steps):
         optimiser.zero_grad(set_to_none=True)
@@ -210,7 +211,7 @@ def _refine_sampled(target: Tensor, moving_desc: Tensor, base: Tensor, steps: in
         base, loop_int_steps, lr, diffeomorphic)
     ndim = len(size)
     # voxel-major (voxels, channels) copies: a step's random rows are one contiguous gather each
-    detail = (_exact(int_steps, diffeomorphic)(base)
+    detail = (_integrator(int_steps, diffeomorphic)(base)
               - resize_ddf(integrate(base_coarse), size)).flatten(2)[0].T.contiguous()
     voxels = math.prod(size)
     k = max(1, round(fraction * voxels))
