@@ -27,7 +27,6 @@ import torch
 
 from regseg.engines.affine import AffineStage, optimise_affine, theta_to_voxels
 from regseg.sim import mni
-from regseg.sim.phantom import random_rotation
 from regseg.train.affine3d import POINTS, brain_points, render
 
 ROTATIONS_DEG = (0, 5, 10, 15, 20, 25)
@@ -38,9 +37,7 @@ def controlled_affine(rng: np.random.Generator, shape: tuple[int, ...], spacing_
                       rotation_deg: float, shift_mm: float) -> np.ndarray:
     """(4, 4) array-order voxel affine about the grid centre: an exact rotation angle and shift
     length, random axis and direction, per-axis scale within 5 %."""
-    axis_rotation = random_rotation(rng)
-    angle = np.arccos(np.clip((np.trace(axis_rotation) - 1) / 2, -1, 1))
-    rotation = mni._axis_rotation(axis_rotation, np.radians(rotation_deg) / max(angle, 1e-9))
+    rotation = mni.rotation_of_angle(rng, rotation_deg)
     linear = rotation @ np.diag(1.0 + rng.uniform(-0.05, 0.05, 3))
     direction = rng.standard_normal(3)
     shift = shift_mm / spacing_mm * direction / np.linalg.norm(direction)

@@ -30,7 +30,6 @@ from regseg.engines.affine_modes import AFFINE_DEFAULT, AFFINE_MODES
 from regseg.imageio import Volume
 from regseg.register_cli import score_fine
 from regseg.sim import mni
-from regseg.sim.phantom import random_rotation
 
 ROTATIONS_DEG = (0, 10, 20, 25)
 
@@ -39,9 +38,7 @@ def rotation_about_centre(rng: np.random.Generator, shape: tuple[int, ...], degr
                           ) -> np.ndarray:
     """(4, 4) array-order voxel map about the grid centre: an exact rotation of ``degrees`` about
     a random axis (voxels are isotropic on the MNI grids)."""
-    axis = random_rotation(rng)
-    angle = np.arccos(np.clip((np.trace(axis) - 1) / 2, -1, 1))
-    rotation = mni._axis_rotation(axis, np.radians(degrees) / max(angle, 1e-9))
+    rotation = mni.rotation_of_angle(rng, degrees)
     centre = (np.asarray(shape, dtype=np.float64) - 1) / 2.0
     out = np.eye(4)
     out[:3, :3] = rotation
@@ -52,12 +49,11 @@ def rotation_about_centre(rng: np.random.Generator, shape: tuple[int, ...], degr
 def rotate(data: np.ndarray, voxel_map: np.ndarray, nearest: bool) -> np.ndarray:
     """(I, J, K) volume resampled so that voxel x shows the input at ``voxel_map`` x (array
     order k, j, i); zero outside."""
+    from regseg.engines.registration import affine_ddf
+
     t = torch.from_numpy(np.ascontiguousarray(data.transpose(2, 1, 0))).float()[None, None]
-    shape = tuple(t.shape[2:])
-    grid = spatial.identity_grid(shape, dtype=torch.float64)
-    m = torch.from_numpy(voxel_map)
-    moved = torch.einsum("ab,b...->a...", m[:3, :3], grid) + m[:3, 3].reshape(3, 1, 1, 1)
-    out = spatial.warp(t, (moved - grid).float()[None], mode="nearest" if nearest else "bilinear",
+    ddf = affine_ddf(voxel_map, tuple(t.shape[2:]), t.device)
+    out = spatial.warp(t, ddf, mode="nearest" if nearest else "bilinear",
                        padding_mode="zeros")[0, 0].numpy().transpose(2, 1, 0)
     return np.ascontiguousarray(out.astype(data.dtype))
 

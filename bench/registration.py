@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -151,6 +151,34 @@ def default_row() -> str:
     return regseg_row(AFFINE_DEFAULT, REFINE_DEFAULT, REFINE_FINE_DEFAULT)
 
 
+class RowSettings(NamedTuple):
+    """One regseg row: its engine (one per affine mode) and the settings it runs with."""
+
+    engine: Any
+    mode: str  # affine mode
+    deformable: bool
+    refine: int
+    refine_fine: int
+    refine_mode: str
+    int_steps: int | None
+    regulariser: str
+    lr: float
+    affine_iterations: int
+
+    def name(self) -> str:
+        return regseg_row(self.mode, self.refine, self.refine_fine,
+                          affine_only=not self.deformable, refine_mode=self.refine_mode,
+                          int_steps=self.int_steps, regulariser=self.regulariser, lr=self.lr,
+                          affine_iterations=self.affine_iterations)
+
+    def apply(self) -> None:
+        """Set the engine to this row's settings (the engines are shared between rows)."""
+        e = self.engine
+        e.refine, e.refine_fine, e.refine_mode = self.refine, self.refine_fine, self.refine_mode
+        e.refine_int_steps, e.refine_regulariser = self.int_steps, self.regulariser
+        e.refine_lr, e.affine.iterations = self.lr, self.affine_iterations
+
+
 def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants: bool = True,
               threads: int = 2, affines: tuple[str, ...] = (), first_seed: int = 10_000,
               baselines: bool = True, ants_settings: tuple[str, ...] | None = None,
@@ -197,29 +225,30 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
     spacing = config.spacing_mm
     by_mode = {mode: RegistrationEngine("plcreg3d", device=device, affine=mode)
                for mode in dict.fromkeys((AFFINE_DEFAULT, *affines))}
-    # name -> (engine, deformable, refine, refine_fine, refine_mode, loop int steps, regulariser
-    # grid); one engine per affine mode, its step counts and refinement settings set per row
-    engines: dict[str, tuple[Any, bool, int, int, str, int | None, str, float, int]] = {}
-    default_loop, default_reg = REFINE_INT_STEPS_DEFAULT, REFINE_REGULARISER_DEFAULT
+    # one engine per affine mode, set to each row's settings in turn
+    engines: dict[str, RowSettings] = {}
+
+    def add(row: RowSettings) -> None:
+        engines[row.name()] = row
+
     for mode, engine in by_mode.items():
         for its in affine_iterations or (DEFAULT_ITERATIONS[mode],):
-            engines[regseg_row(mode, 0, affine_only=True, affine_iterations=its)] = (
-                engine, False, 0, 0, REFINE_MODE_DEFAULT, default_loop, default_reg, REFINE_LR,
-                its)
+            add(RowSettings(engine, mode, False, 0, 0, REFINE_MODE_DEFAULT,
+                            REFINE_INT_STEPS_DEFAULT, REFINE_REGULARISER_DEFAULT, REFINE_LR, its))
         for how, loop, reg, rate, its in itertools.product(
-                refine_modes or (REFINE_MODE_DEFAULT,), refine_int_steps or (default_loop,),
-                refine_regularisers or (default_reg,), refine_lrs or (REFINE_LR,),
-                affine_iterations or (DEFAULT_ITERATIONS[mode],)):
+                refine_modes or (REFINE_MODE_DEFAULT,),
+                refine_int_steps or (REFINE_INT_STEPS_DEFAULT,),
+                refine_regularisers or (REFINE_REGULARISER_DEFAULT,),
+                refine_lrs or (REFINE_LR,), affine_iterations or (DEFAULT_ITERATIONS[mode],)):
             for steps in refine:
                 for fine_steps in refine_fine:
-                    engines[regseg_row(mode, steps, fine_steps, refine_mode=how,
-                                       int_steps=loop, regulariser=reg, lr=rate,
-                                       affine_iterations=its)] = (
-                        engine, True, steps, fine_steps, how, loop, reg, rate, its)
+                    add(RowSettings(engine, mode, True, steps, fine_steps, how, loop, reg, rate,
+                                    its))
     if with_default and default_row() not in engines:
-        engines[default_row()] = (by_mode[AFFINE_DEFAULT], True, REFINE_DEFAULT,
-                                  REFINE_FINE_DEFAULT, REFINE_MODE_DEFAULT, default_loop,
-                                  default_reg, REFINE_LR, DEFAULT_ITERATIONS[AFFINE_DEFAULT])
+        add(RowSettings(by_mode[AFFINE_DEFAULT], AFFINE_DEFAULT, True, REFINE_DEFAULT,
+                        REFINE_FINE_DEFAULT, REFINE_MODE_DEFAULT, REFINE_INT_STEPS_DEFAULT,
+                        REFINE_REGULARISER_DEFAULT, REFINE_LR,
+                        DEFAULT_ITERATIONS[AFFINE_DEFAULT]))
     settings = ants_baseline.SETTINGS if ants and ants_baseline.available() else ()
     ants_baseline.set_threads(threads)
     settings = settings if baselines else ()
@@ -243,13 +272,11 @@ def bench_mni(n_pairs: int, device: str, *, refine: tuple[int, ...] = (0,), ants
         zero = np.zeros((*pair.fixed.shape, 3), np.float32)
         rows["initial"].append({**score(fixed_labels, moving_labels, zero, v2w, lm),
                                 **fine_dice(pair.moving_fine_labels), "seconds": 0.0})
-        for name, (engine, deformable, steps, fine_steps, how, loop, reg, rate,
-                   its) in engines.items():
-            engine.refine, engine.refine_fine, engine.refine_mode = steps, fine_steps, how
-            engine.refine_int_steps, engine.refine_regulariser, engine.refine_lr = loop, reg, rate
-            engine.affine.iterations = its
+        for name, row in engines.items():
+            row.apply()
+            engine = row.engine
             t0 = time.perf_counter()
-            res = engine.register(fixed, moving, moving_labels, deformable=deformable)
+            res = engine.register(fixed, moving, moving_labels, deformable=row.deformable)
             seconds = time.perf_counter() - t0
             moved_fine = (engine.warp_labels(Volume(pair.moving_fine_labels, v2w), fixed, res).data
                           if fine else None)

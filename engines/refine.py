@@ -261,5 +261,5 @@ def _sample_at(image: Tensor, ddf: Tensor) -> Tensor:
     coords = spatial.identity_grid(coarse, device=ddf.device, dtype=ddf.dtype) + ddf
     sizes = torch.tensor(coarse[::-1], device=ddf.device, dtype=ddf.dtype)
     grid = (2.0 * coords.flip(1) + 1.0) / sizes.reshape((1, ndim) + (1,) * ndim) - 1.0
-    return F.grid_sample(image, grid.movedim(1, -1), mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    return spatial.grid_sample(image, grid.movedim(1, -1), mode="bilinear",
+                               padding_mode="border", align_corners=False)

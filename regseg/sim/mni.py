@@ -187,6 +187,14 @@ def random_displacement(rng: np.random.Generator, config: MniConfig) -> Tensor:
     return torch.from_numpy(ddf.astype(np.float32))[None]
 
 
+def rotation_of_angle(rng: np.random.Generator, degrees: float) -> np.ndarray:
+    """(3, 3) rotation by exactly ``degrees`` about a random axis (the axis of one
+    :func:`regseg.sim.phantom.random_rotation` draw from ``rng``)."""
+    axis_rotation = random_rotation(rng)
+    angle = np.arccos(np.clip((np.trace(axis_rotation) - 1) / 2, -1, 1))
+    return _axis_rotation(axis_rotation, np.radians(degrees) / max(angle, 1e-9))
+
+
 def _axis_rotation(rotation: np.ndarray, fraction: float) -> np.ndarray:
     """``rotation`` raised to the power ``fraction`` (same axis, angle scaled), Rodrigues."""
     angle = np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1))
