@@ -94,7 +94,8 @@ def refine_velocity(fixed: Tensor, moving: Tensor, velocity: Tensor, *, steps: i
                     sample_coarse: bool = False, sample_fraction: float = 1.0,
                     descriptors: tuple[Tensor, Tensor] | None = None,
                     loop_int_steps: int | None = None,
-                    coarse_regulariser: bool = False) -> Tensor:
+                    coarse_regulariser: bool = False,
+                    base_ddf: Tensor | None = None) -> Tensor:
     """``steps`` Adam steps on ``velocity`` (1, ndim, *size) minimising MIND(fixed, moving o
     exp(v)) + ``smooth`` * diffusion(v); returns the refined velocity (a displacement when not
     ``diffeomorphic``), detached. ``fixed`` and ``moving`` are (1, 1, *size) on the same grid,
@@ -113,6 +114,8 @@ def refine_velocity(fixed: Tensor, moving: Tensor, velocity: Tensor, *, steps: i
     working grid's: no upsampling per step; for a smooth field the two agree (a coarse voxel's
     difference of a field in coarse voxels approximates the working grid's), the network's finest
     detail, which no step changes, is left out.
+    ``base_ddf`` (with ``fast``): ``velocity`` already integrated with ``int_steps`` (the
+    network's own displacement), so the steps need not integrate it again on the working grid.
     """
     if steps <= 0:
         return velocity
@@ -129,9 +132,10 @@ def refine_velocity(fixed: Tensor, moving: Tensor, velocity: Tensor, *, steps: i
         if sample_fraction < 1.0 and not sample_coarse:
             return _refine_sampled(target.detach(), moving_desc.detach(), base, steps, int_steps,
                                    lr, smooth, diffeomorphic, sample_fraction, loop,
-                                   coarse_regulariser)
+                                   coarse_regulariser, base_ddf)
         return _refine_coarse(target.detach(), moving_desc.detach(), base, steps, int_steps, lr,
-                              smooth, diffeomorphic, sample_coarse, loop, coarse_regulariser)
+                              smooth, diffeomorphic, sample_coarse, loop, coarse_regulariser,
+                              base_ddf)
 
 
 def _refine_full(target: Tensor, moving: Tensor, base: Tensor, steps: int, int_steps: int,
@@ -170,10 +174,19 @@ def _integrator(int_steps: int, diffeomorphic: bool):
     return (lambda v: scaling_and_squaring(v, int_steps)) if diffeomorphic else (lambda v: v)
 
 
+def _network_ddf(base: Tensor, base_ddf: Tensor | None, int_steps: int,
+                 diffeomorphic: bool) -> Tensor:
+    """The network's displacement: ``base_ddf`` when the caller has it, else ``base``
+    integrated."""
+    if base_ddf is not None:
+        return base_ddf.detach()
+    return _integrator(int_steps, diffeomorphic)(base)
+
+
 def _refine_coarse(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int,
                    int_steps: int, lr: float, smooth: float, diffeomorphic: bool,
                    sample_coarse: bool, loop_int_steps: int,
-                   coarse_regulariser: bool = False) -> Tensor:
+                   coarse_regulariser: bool = False, base_ddf: Tensor | None = None) -> Tensor:
     size, coarse, integrate, base_coarse, scale, delta, optimiser = _correction(
         base, loop_int_steps, lr, diffeomorphic)
     if sample_coarse:
@@ -182,7 +195,7 @@ def _refine_coarse(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int
     else:
         # What the coarse grid cannot hold of the network's own field, added back every step
         # (against the loop's integration, so that with no correction the field is exp(v) exactly).
-        detail = (_integrator(int_steps, diffeomorphic)(base)
+        detail = (_network_ddf(base, base_ddf, int_steps, diffeomorphic)
                   - resize_ddf(integrate(base_coarse), size))
     for _ in range(steps):
         optimiser.zero_grad(set_to_none=True)
@@ -202,7 +215,7 @@ def _refine_coarse(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int
 def _refine_sampled(target: Tensor, moving_desc: Tensor, base: Tensor, steps: int,
                     int_steps: int, lr: float, smooth: float, diffeomorphic: bool,
                     fraction: float, loop_int_steps: int,
-                    coarse_regulariser: bool = False) -> Tensor:
+                    coarse_regulariser: bool = False, base_ddf: Tensor | None = None) -> Tensor:
     """:func:`_refine_coarse` (without ``sample_coarse``) with each step's similarity at a fresh
     random ``fraction`` of the working grid's voxels: there the field is the correction grid's
     integrated field interpolated (trilinear, as ``resize_ddf`` would give it) plus the network's
@@ -211,7 +224,7 @@ def _refine_sampled(target: Tensor, moving_desc: Tensor, base: Tensor, steps: in
         base, loop_int_steps, lr, diffeomorphic)
     ndim = len(size)
     # voxel-major (voxels, channels) copies: a step's random rows are one contiguous gather each
-    detail = (_integrator(int_steps, diffeomorphic)(base)
+    detail = (_network_ddf(base, base_ddf, int_steps, diffeomorphic)
               - resize_ddf(integrate(base_coarse), size)).flatten(2)[0].T.contiguous()
     voxels = math.prod(size)
     k = max(1, round(fraction * voxels))

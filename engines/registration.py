@@ -273,7 +273,8 @@ class RegistrationEngine:
                                          int_steps=cfg.int_steps, diffeomorphic=cfg.diffeomorphic,
                                          fast=fast, sample_fraction=fraction,
                                          descriptors=desc, loop_int_steps=self.refine_int_steps,
-                                         coarse_regulariser=self.refine_regulariser == "coarse")
+                                         coarse_regulariser=self.refine_regulariser == "coarse",
+                                         base_ddf=out["ddf"])
                 out = {"field": field_, "ddf": scaling_and_squaring(field_, cfg.int_steps)
                        if cfg.diffeomorphic else field_}
         else:
@@ -329,14 +330,18 @@ class RegistrationEngine:
         grid_ijk = _index_grid(shape).to(ddf.device)[..., :3] + ddf[0].flip(0).permute(1, 2, 3, 0)
         homogeneous = torch.cat([grid_ijk, torch.ones_like(grid_ijk[..., :1])], -1)
         outs = []
+        grids: dict[tuple, Tensor] = {}  # labels on the image's grid share its sample points
         for vol, mode in ((moving, "bilinear"), (labels, "nearest")):
             if vol is None:
                 outs.append(None)
                 continue
             to_norm = (spatial.index_to_normalised(vol.data.shape)
                        @ spatial.invert(vol.voxel_to_world) @ fixed.voxel_to_world)
-            grid = homogeneous @ torch.as_tensor(to_norm[:3].T, dtype=torch.float32,
-                                                 device=ddf.device)
+            key = (tuple(vol.data.shape), to_norm[:3].tobytes())
+            if key not in grids:
+                grids[key] = homogeneous @ torch.as_tensor(to_norm[:3].T, dtype=torch.float32,
+                                                           device=ddf.device)
+            grid = grids[key]
             src = _to_tensor(vol.data.astype(np.float32), ddf.device)
             out = spatial.grid_sample(src, grid[None], mode=mode, padding_mode="zeros",
                                       align_corners=False)[0, 0].cpu().numpy().transpose(2, 1, 0)

@@ -22,11 +22,19 @@ def _box_mean(x: Tensor, window: int) -> Tensor:
     pad = window // 2
     inplace = not (torch.is_grad_enabled() and x.requires_grad)
     for axis in range(ndim):
+        n = x.shape[2 + axis]
+        if inplace and n > pad:
+            # no padded copy: the taps are shifted views added into one buffer (same sums, same
+            # order as below, so equal to the bit)
+            acc = torch.empty_like(x)
+            for offset in range(window):
+                _add_shifted(acc, x, 2 + axis, offset - pad, first=offset == 0)
+            x = acc.mul_(1.0 / window)
+            continue
         widths = [0] * (2 * ndim)
         k = 2 * (ndim - 1 - axis)  # F.pad lists the last axis first
         widths[k] = widths[k + 1] = pad
         padded = F.pad(x, widths, mode="replicate")
-        n = x.shape[2 + axis]
         acc = padded.narrow(2 + axis, 0, n)
         acc = acc.clone() if inplace else acc
         for offset in range(1, window):
@@ -34,6 +42,31 @@ def _box_mean(x: Tensor, window: int) -> Tensor:
             acc = acc.add_(part) if inplace else acc + part
         x = acc.mul_(1.0 / window) if inplace else acc * (1.0 / window)
     return x
+
+
+def _add_shifted(acc: Tensor, x: Tensor, dim: int, step: int, *, first: bool) -> None:
+    """``acc[i] = x[clamp(i + step)]`` along ``dim`` (``first``), else ``acc[i] += ...``: ``x``
+    shifted with replicated edges, written into ``acc`` without a padded copy. Needs
+    ``|step| < x.shape[dim]``."""
+    n = x.shape[dim]
+
+    def put(dst: Tensor, src: Tensor) -> None:
+        if first:
+            dst.copy_(src)
+        else:
+            dst.add_(src)
+
+    if step == 0:
+        put(acc, x)
+    elif step > 0:
+        put(acc.narrow(dim, 0, n - step), x.narrow(dim, step, n - step))
+        edge = acc.narrow(dim, n - step, step)
+        put(edge, x.narrow(dim, n - 1, 1).expand_as(edge))
+    else:
+        step = -step
+        put(acc.narrow(dim, step, n - step), x.narrow(dim, 0, n - step))
+        edge = acc.narrow(dim, 0, step)
+        put(edge, x.narrow(dim, 0, 1).expand_as(edge))
 
 
 def lncc_loss(fixed: Tensor, moved: Tensor, *, window: int = 9, eps: float = 1e-5) -> Tensor:
@@ -58,6 +91,16 @@ def lncc_loss(fixed: Tensor, moved: Tensor, *, window: int = 9, eps: float = 1e-
     var_i = (_box_mean(i * i, window) - mi * mi).clamp_min(0.0)
     var_j = (_box_mean(j * j, window) - mj * mj).clamp_min(0.0)
     return -(cov * cov / (var_i * var_j + eps)).mean()
+
+
+def _shifted_square_difference(x: Tensor, axis: int, step: int, inplace: bool) -> Tensor:
+    """``(x - _shift(x, axis, step))**2``; with ``inplace`` (no gradient wanted) into one new
+    buffer, without the padded copy (equal to the bit)."""
+    if not inplace or abs(step) >= x.shape[2 + axis]:
+        return (x - _shift(x, axis, step)).square()
+    out = torch.empty_like(x)
+    _add_shifted(out, x, 2 + axis, step, first=True)
+    return torch.sub(x, out, out=out).square_()
 
 
 def _shift(x: Tensor, axis: int, step: int) -> Tensor:
@@ -97,7 +140,7 @@ def mind_descriptor(image: Tensor, *, radius: int = 1, dilation: int = 2,
     # gradient is wanted: 5x faster than one (B, 6, ...) tensor on CPU (0.08 s against 0.40 s at
     # 104 x 139 x 104; equal to 1e-6).
     inplace = not (torch.is_grad_enabled() and image.requires_grad)
-    dists = [_box_mean((image - _shift(image, axis, sign * dilation)).square(), window)
+    dists = [_box_mean(_shifted_square_difference(image, axis, sign * dilation, inplace), window)
              for axis in range(ndim) for sign in (-1, 1)]
     total = dists[0].clone() if inplace else dists[0]
     for d in dists[1:]:
@@ -109,7 +152,10 @@ def mind_descriptor(image: Tensor, *, radius: int = 1, dilation: int = 2,
         for d in descs[1:]:
             torch.maximum(top, d, out=top)
         top = top.clamp_min_(eps).reciprocal_()
-        return torch.cat([d.mul_(top) for d in descs], dim=1)
+        out = image.new_empty((image.shape[0], len(descs), *image.shape[2:]))
+        for c, d in enumerate(descs):  # straight into the output: no concatenated copy
+            torch.mul(d, top, out=out[:, c:c + 1])
+        return out
     scale = -(total * (1.0 / len(dists))).clamp_min(eps).reciprocal()
     descs = [(d * scale).exp() for d in dists]
     top = descs[0]

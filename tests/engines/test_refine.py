@@ -210,3 +210,20 @@ def test_the_engine_refuses_an_unknown_regulariser_grid():
 
     with pytest.raises(ValueError, match="refine_regulariser 'fine'"):
         RegistrationEngine("plcreg3d", refine_regulariser="fine", affine_iterations=0)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.125])
+def test_the_networks_own_displacement_is_used_as_given(fraction):
+    """base_ddf: the network's field already integrated (the engine has it) gives the same steps
+    as integrating it again; a different one is really used."""
+    torch.manual_seed(0)
+    shape = (18, 18, 18)
+    fixed = _blob(shape, (9, 9, 9), 5.0)
+    moving = _blob(shape, (9, 11, 9), 5.0)
+    base = torch.randn(1, 3, *shape) * 0.3
+    kwargs = dict(steps=5, lr=0.1, smooth=0.1, sample_fraction=fraction, loop_int_steps=5)
+    want = refine_velocity(fixed, moving, base, **kwargs)
+    given = refine_velocity(fixed, moving, base, base_ddf=scaling_and_squaring(base, 7), **kwargs)
+    assert torch.equal(given, want)
+    other = refine_velocity(fixed, moving, base, base_ddf=torch.zeros(1, 3, *shape), **kwargs)
+    assert not torch.equal(other, want)

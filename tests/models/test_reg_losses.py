@@ -15,10 +15,17 @@ def reference_box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     return (F.avg_pool2d if ndim == 2 else F.avg_pool3d)(padded, window, stride=1)
 
 
+def reference_shift(x: torch.Tensor, axis: int, step: int) -> torch.Tensor:
+    """The definition: ``x[clamp(i + step)]`` along spatial ``axis`` (replicated edges)."""
+    n = x.shape[2 + axis]
+    index = (torch.arange(n) + step).clamp(0, n - 1)
+    return x.index_select(2 + axis, index)
+
+
 def reference_mind(image: torch.Tensor, radius: int = 1, dilation: int = 2,
                    eps: float = 1e-6) -> torch.Tensor:
     ndim = image.ndim - 2
-    dist = torch.cat([reference_box_mean((image - reg_losses._shift(image, a, s * dilation)) ** 2,
+    dist = torch.cat([reference_box_mean((image - reference_shift(image, a, s * dilation)) ** 2,
                                          2 * radius + 1)
                       for a in range(ndim) for s in (-1, 1)], dim=1)
     desc = torch.exp(-dist / dist.mean(dim=1, keepdim=True).clamp_min(eps))
@@ -67,3 +74,13 @@ def test_lncc_of_an_image_with_itself_is_minus_one_and_less_for_noise():
     assert float(reg_losses.lncc_loss(x, x)) == pytest.approx(-1.0, abs=5e-3)
     y = torch.rand(1, 1, 12, 14, 16, generator=torch.Generator().manual_seed(4))
     assert float(reg_losses.lncc_loss(x, y)) > -0.5
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2, 9, 3), (1, 1, 1, 5, 6), (2, 1, 3, 2)])
+def test_mind_and_box_mean_on_axes_shorter_than_their_reach(shape):
+    """An axis no longer than the dilation or the box's half width takes the padded path; the
+    values are still the definition's."""
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(reg_losses.mind_descriptor(x), reference_mind(x), atol=1e-5)
+        assert torch.allclose(reg_losses._box_mean(x, 9), reference_box_mean(x, 9), atol=1e-6)
