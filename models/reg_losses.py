@@ -93,10 +93,10 @@ def lncc_loss(fixed: Tensor, moved: Tensor, *, window: int = 9, eps: float = 1e-
     return -(cov * cov / (var_i * var_j + eps)).mean()
 
 
-def _shifted_square_difference(x: Tensor, axis: int, step: int, inplace: bool) -> Tensor:
-    """``(x - _shift(x, axis, step))**2``; with ``inplace`` (no gradient wanted) into one new
-    buffer, without the padded copy (equal to the bit)."""
-    if not inplace or abs(step) >= x.shape[2 + axis]:
+def _shifted_square_difference(x: Tensor, axis: int, step: int) -> Tensor:
+    """``(x - _shift(x, axis, step))**2`` (no gradient wanted) into one new buffer, without the
+    padded copy (equal to the bit)."""
+    if abs(step) >= x.shape[2 + axis]:
         return (x - _shift(x, axis, step)).square()
     out = torch.empty_like(x)
     _add_shifted(out, x, 2 + axis, step, first=True)
@@ -136,33 +136,41 @@ def mind_descriptor(image: Tensor, *, radius: int = 1, dilation: int = 2,
     """
     ndim = image.ndim - 2
     window = 2 * radius + 1
-    # Channel by channel, with reciprocals instead of broadcast divisions, in place when no
-    # gradient is wanted: 5x faster than one (B, 6, ...) tensor on CPU (0.08 s against 0.40 s at
-    # 104 x 139 x 104; equal to 1e-6).
+    # No gradient wanted: channel by channel, with reciprocals instead of broadcast divisions, in
+    # place: 5x faster than one (B, 6, ...) tensor on CPU (0.08 s against 0.40 s at
+    # 104 x 139 x 104; equal to 1e-6). With a gradient (the affine steps, training): the six
+    # channels as one tensor, a sixth of the autograd nodes (forward and backward at 24 x 32 x 24,
+    # 10.5 -> 6.7 ms).
     inplace = not (torch.is_grad_enabled() and image.requires_grad)
-    dists = [_box_mean(_shifted_square_difference(image, axis, sign * dilation, inplace), window)
+    if not inplace:
+        return _mind_with_gradient(image, window, dilation, eps)
+    dists = [_box_mean(_shifted_square_difference(image, axis, sign * dilation), window)
              for axis in range(ndim) for sign in (-1, 1)]
-    total = dists[0].clone() if inplace else dists[0]
+    total = dists[0].clone()
     for d in dists[1:]:
-        total = total.add_(d) if inplace else total + d
-    if inplace:
-        scale = total.mul_(1.0 / len(dists)).clamp_min_(eps).reciprocal_().neg_()
-        descs = [d.mul_(scale).exp_() for d in dists]
-        top = descs[0].clone()
-        for d in descs[1:]:
-            torch.maximum(top, d, out=top)
-        top = top.clamp_min_(eps).reciprocal_()
-        out = image.new_empty((image.shape[0], len(descs), *image.shape[2:]))
-        for c, d in enumerate(descs):  # straight into the output: no concatenated copy
-            torch.mul(d, top, out=out[:, c:c + 1])
-        return out
-    scale = -(total * (1.0 / len(dists))).clamp_min(eps).reciprocal()
-    descs = [(d * scale).exp() for d in dists]
-    top = descs[0]
+        total.add_(d)
+    scale = total.mul_(1.0 / len(dists)).clamp_min_(eps).reciprocal_().neg_()
+    descs = [d.mul_(scale).exp_() for d in dists]
+    top = descs[0].clone()
     for d in descs[1:]:
-        top = torch.maximum(top, d)
-    top = top.clamp_min(eps).reciprocal()
-    return torch.cat([d * top for d in descs], dim=1)
+        torch.maximum(top, d, out=top)
+    top = top.clamp_min_(eps).reciprocal_()
+    out = image.new_empty((image.shape[0], len(descs), *image.shape[2:]))
+    for c, d in enumerate(descs):  # straight into the output: no concatenated copy
+        torch.mul(d, top, out=out[:, c:c + 1])
+    return out
+
+
+def _mind_with_gradient(image: Tensor, window: int, dilation: int, eps: float) -> Tensor:
+    """:func:`mind_descriptor` when a gradient is wanted: the 2 * ndim shifted differences as
+    one (B, 2 * ndim, ...) tensor, one box filter, one normalisation."""
+    ndim = image.ndim - 2
+    shifted = torch.cat([_shift(image, axis, sign * dilation) for axis in range(ndim)
+                         for sign in (-1, 1)], dim=1)
+    dists = _box_mean((image - shifted).square(), window)
+    scale = -(dists.mean(dim=1, keepdim=True)).clamp_min(eps).reciprocal()
+    descs = (dists * scale).exp()
+    return descs * descs.amax(dim=1, keepdim=True).clamp_min(eps).reciprocal()
 
 
 def mind_loss(fixed: Tensor, moved: Tensor, *, radius: int = 1, dilation: int = 2) -> Tensor:
