@@ -38,6 +38,7 @@ from regseg.engines.base import Engine, make_engine
 from regseg.engines.refine import SAMPLE_FRACTION, descriptors_from, refine_velocity
 from regseg.errors import InputError
 from regseg.imageio import Volume, normalise_intensity
+from regseg.kernels import trilinear
 from regseg.models.integrate import invert_ddf, invert_velocity, resize_ddf, scaling_and_squaring
 from regseg.models.registry import WEIGHTS_DIR, load_model
 
@@ -110,6 +111,26 @@ def _index_grid(shape_ijk: tuple[int, ...]) -> Tensor:
     k, j, i = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape_ijk[::-1]],
                              indexing="ij")
     return torch.stack([i, j, k, torch.ones_like(i)], -1)
+
+
+def _displaced_points(shape_ijk: tuple[int, ...], ddf: Tensor, matrix: np.ndarray) -> Tensor:
+    """``matrix`` (3 or 4, 4) applied to every fixed voxel (i, j, k) displaced by ``ddf``
+    (1, 3, K, J, I), array order: (K, J, I, 3). The same as (index grid + ddf, 1) @ matrix[:3].T
+    to rounding, without the homogeneous copy and a tall (n, 4) x (4, 3) product (at 1.5 mm,
+    59 -> 14 ms): per output axis, the matrix's ramp over the index grid (separable, broadcast)
+    plus the displacement's three weighted terms."""
+    k_n, j_n, i_n = shape_ijk[::-1]
+    dev = ddf.device
+    axes = [torch.arange(n, dtype=torch.float32, device=dev) for n in shape_ijk]  # i, j, k
+    disp = ddf[0].flip(0)  # (i, j, k) components, each (K, J, I)
+    out = torch.empty(k_n, j_n, i_n, 3, dtype=torch.float32, device=dev)
+    for c in range(3):
+        row = [float(v) for v in matrix[c]]
+        ramp = ((axes[0] * row[0]).reshape(1, 1, i_n) + (axes[1] * row[1]).reshape(1, j_n, 1)
+                + (axes[2] * row[2] + row[3]).reshape(k_n, 1, 1))
+        acc = torch.add(ramp, disp[0], alpha=row[0])
+        out[..., c] = acc.add_(disp[1], alpha=row[1]).add_(disp[2], alpha=row[2])
+    return out
 
 
 def _to_tensor(data: np.ndarray, device: torch.device) -> Tensor:
@@ -201,6 +222,9 @@ class RegistrationEngine:
         self.affine = AffineStage(affine, iterations=affine_iterations, weights=affine_weights,
                                   backend=backend, device=self.device, precision=precision,
                                   threads=threads, cache_dir=cache_dir)
+        self.fast_sampler = self.device.type == "cpu" and trilinear.available()
+        if self.fast_sampler:
+            trilinear.warm_up()  # numba compiles (or loads its cache) now, not in a pair's time
 
     def predict(self, moving: Tensor, fixed: Tensor) -> dict[str, Tensor]:
         """Run the network on working-grid tensors (see :class:`regseg.models.plcreg.PLCReg`).
@@ -220,12 +244,20 @@ class RegistrationEngine:
                  inverse: bool = False, deformable: bool = True) -> RegistrationResult:
         """Affine then deformable registration of two 3-D volumes on any grids.
 
-        ``deformable=False`` stops after the affine stage (for ablations and benchmarks).
+        ``deformable=False`` stops after the affine stage (for ablations and benchmarks). Its
+        trilinear samples run the compiled CPU kernels (:mod:`regseg.kernels.trilinear`) where
+        they apply and ``fast_sampler`` is on.
 
         Raises:
             InputError: a 2-D model asked to register volumes, or volumes whose fields of view
                 do not overlap (after the identity world transform) by :data:`MIN_OVERLAP`.
         """
+        with trilinear.enabled(self.fast_sampler):
+            return self._register(fixed, moving, moving_labels, inverse=inverse,
+                                  deformable=deformable)
+
+    def _register(self, fixed: Volume, moving: Volume, moving_labels: Volume | None, *,
+                  inverse: bool, deformable: bool) -> RegistrationResult:
         if self.config.ndim != 3:
             raise InputError(f"{self.weights}: a {self.config.ndim}-D model cannot register "
                              "3-D volumes; use the 3-D weights (plcreg3d).")
@@ -327,8 +359,6 @@ class RegistrationEngine:
                          ddf: Tensor) -> tuple[Volume, Volume | None]:
         """Sample the original moving image (and labels) once through fixed -> moving voxels."""
         shape = fixed.data.shape
-        grid_ijk = _index_grid(shape).to(ddf.device)[..., :3] + ddf[0].flip(0).permute(1, 2, 3, 0)
-        homogeneous = torch.cat([grid_ijk, torch.ones_like(grid_ijk[..., :1])], -1)
         outs = []
         grids: dict[tuple, Tensor] = {}  # labels on the image's grid share its sample points
         for vol, mode in ((moving, "bilinear"), (labels, "nearest")):
@@ -339,8 +369,7 @@ class RegistrationEngine:
                        @ spatial.invert(vol.voxel_to_world) @ fixed.voxel_to_world)
             key = (tuple(vol.data.shape), to_norm[:3].tobytes())
             if key not in grids:
-                grids[key] = homogeneous @ torch.as_tensor(to_norm[:3].T, dtype=torch.float32,
-                                                           device=ddf.device)
+                grids[key] = _displaced_points(shape, ddf, to_norm)
             grid = grids[key]
             src = _to_tensor(vol.data.astype(np.float32), ddf.device)
             out = spatial.grid_sample(src, grid[None], mode=mode, padding_mode="zeros",

@@ -209,7 +209,14 @@ def grid_sample(image: Tensor, grid: Tensor, **kwargs) -> Tensor:
     all for one volume; a (1, C, D, H, W) volume sampled at a (1, n, ...) grid is run instead as a
     batch of ``t`` copies of the volume (an expanded view, no copy) sampled at ``t`` slabs of the
     grid, so ``t`` threads share the work forward and backward. The same arithmetic per point:
-    equal outputs, input gradients summed over the copies (to rounding)."""
+    equal outputs, input gradients summed over the copies (to rounding). Inside
+    :func:`regseg.kernels.trilinear.enabled`, eligible trilinear calls run the compiled kernels
+    instead."""
+    from regseg.kernels import trilinear
+
+    if trilinear.eligible(image, grid, kwargs.get("mode", "bilinear"),
+                          kwargs.get("padding_mode", "zeros"), kwargs.get("align_corners")):
+        return trilinear.sample(image, grid, kwargs.get("padding_mode", "zeros"))
     threads = torch.get_num_threads()
     parts = min(threads, 4)
     if (image.device.type != "cpu" or image.dim() != 5 or image.shape[0] != 1 or parts < 2
