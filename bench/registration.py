@@ -143,6 +143,13 @@ def regseg_row(mode: str, refine: int, refine_fine: int = 0, *, affine_only: boo
             + loop + reg + rate + aff + suffix)
 
 
+def compiled_sampler() -> bool:
+    """Whether regseg's rows ran the compiled trilinear sampler (regseg.kernels.trilinear)."""
+    from regseg.kernels import trilinear
+
+    return trilinear.available()
+
+
 def default_row() -> str:
     """The row of ``regseg register``'s default settings (affine mode, refine steps)."""
     from regseg.engines.affine_modes import AFFINE_DEFAULT
@@ -548,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine_name(), "date": utc_now(),
               "device": device, "threads": args.threads, "quick": args.quick,
               "torch": torch.__version__, "simpleitk": sitk.Version_VersionString(),
+              # regseg's trilinear samples through the compiled kernels (REGSEG_NUMBA=0: torch's)
+              "compiled_sampler": compiled_sampler(),
               "mni_grid": {"shape": list(config.shape), "spacing_mm": config.spacing_mm,
                            "first_seed": args.first_seed},
               "simpleitk_sampling": sitk_sampling,

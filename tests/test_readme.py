@@ -218,6 +218,26 @@ MARKED = {
     "--refine 15 --refine-fine 0 --refine-mode sampled --affine-iterations 20 10 5 0 "
     "--ants-settings SyN --sitk-pairs 0 --no-default --threads 2 "
     "--json bench/results/registration_mni_1.5mm_validation_affine_steps.json": BENCH,
+    "python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom --spacing 1.5 "
+    "--refine 10 12 15 --refine-fine 0 --refine-mode sampled --refine-lr 0.1 0.15 "
+    "--ants-settings SyN --sitk-pairs 0 --no-default --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_validation_steps_s13.json": BENCH,
+    "python bench/registration.py --pairs 8 --first-seed 10000 --skip-phantom --spacing 1.5 "
+    "--refine 12 15 --refine-fine 0 --refine-mode sampled --refine-lr 0.15 0.1 "
+    "--ants-settings SyN --sitk-pairs 8 --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_steps_s13.json": BENCH,
+    "python bench/registration.py --pairs 8 --first-seed 10000 --skip-phantom --spacing 1.5 "
+    "--refine 12 25 50 --refine-fine 0 --ants-settings SyN --sitk-pairs 8 --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_s13.json": BENCH,
+    "python bench/registration.py --pairs 8 --first-seed 10000 --skip-phantom --spacing 1.5 "
+    "--refine 12 --refine-fine 0 --ants-settings SyN --sitk-pairs 0 --no-default --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_s13_ants.json": BENCH,
+    "REGSEG_NUMBA=0 python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom "
+    "--spacing 1.5 --refine 12 --refine-fine 0 --no-baselines --no-default --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_validation_sampler_torch.json": BENCH,
+    "python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom --spacing 1.5 "
+    "--refine 12 --refine-fine 0 --no-baselines --no-default --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_validation_sampler_numba.json": BENCH,
     "python bench/pipeline_capture.py --pairs 3 --first-seed 20000 --rotations 0 10 20 25 "
     "--spacing 1.5 --json bench/results/pipeline_capture_validation.json":
         "whole-pipeline capture on 3 validation pairs at 1.5 mm (~3 min); "

@@ -87,9 +87,13 @@ def warm_up() -> None:
     if not available():
         return
     with enabled():
-        image = torch.zeros(1, 1, 2, 2, 2, requires_grad=True)
-        grid = torch.zeros(1, 1, 1, 1, 3, requires_grad=True)
-        sample(image, grid, "border").sum().backward()
+        # both point layouts numba specialises on: a moved view of a (1, 3, ...) tensor (warps,
+        # squarings: contiguous points) and a (1, n, 1, 1, 3) grid (point samples: strided)
+        moved_view = torch.zeros(1, 3, 2, 2, 2).movedim(1, -1)
+        for grid in (moved_view, torch.zeros(1, 4, 1, 1, 3)):
+            for image_grad in (True, False):
+                image = torch.zeros(1, 1, 2, 2, 2, requires_grad=image_grad)
+                sample(image, grid.clone().requires_grad_(True), "border").sum().backward()
 
 
 def sample(image: Tensor, grid: Tensor, padding_mode: str) -> Tensor:

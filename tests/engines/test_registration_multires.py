@@ -13,6 +13,7 @@ import torch
 
 from regseg.engines.registration import RegistrationEngine
 from regseg.imageio import Volume
+from regseg.kernels import trilinear
 from regseg.models.checkpoint import save_checkpoint
 from regseg.models.plcreg import PLCReg, PLCRegConfig
 
@@ -119,3 +120,30 @@ def test_fine_grid_refinement_recovers_a_known_displacement(weights):
     assert errors[0] == pytest.approx(float(np.linalg.norm(true, axis=-1)[inner].mean()),
                                       rel=1e-3)
     assert errors[30] < 0.7 * errors[0], errors  # measured 0.64
+
+
+@pytest.mark.skipif(not trilinear.available(), reason="numba not installed")
+def test_a_registration_samples_through_the_compiled_kernels_and_agrees_with_torch(
+        weights, monkeypatch):
+    """On CPU, register's trilinear samples run the compiled kernels (fast_sampler), and the
+    registration agrees with the one through torch's sampler (to rounding, here 1e-3 voxel)."""
+    x_f = _grid(FULL)
+    moving, fixed = _texture(x_f), _texture(x_f + 0.5)
+    calls = []
+    original = trilinear.sample
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(trilinear, "sample", counted)
+    ddfs = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        engine = RegistrationEngine(weights, affine="none", refine=3)
+        assert engine.fast_sampler
+        engine.fast_sampler = fast
+        before = len(calls)
+        ddfs[fast] = engine.register(_volume(fixed), _volume(moving)).ddf
+        assert (len(calls) > before) == fast
+    assert np.abs(ddfs[True] - ddfs[False]).max() < 1e-3
