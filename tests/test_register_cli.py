@@ -79,7 +79,7 @@ def test_register_writes_outputs_and_report(case, tmp_path, capsys):
         assert key in report, key
     # the settings that made it: the defaults here, but the 5 affine steps asked for
     assert report["settings"] == {"affine": "learned+optimise", "affine_iterations": 5,
-                                  "refine": 15, "refine_lr": 0.1, "refine_int_steps": 5,
+                                  "refine": 12, "refine_lr": 0.15, "refine_int_steps": 5,
                                   "refine_regulariser": "coarse", "refine_fine": 0,
                                   "refine_mode": "sampled"}
     ddf = nib.load(str(out / "ddf_mm.nii.gz"))

@@ -88,7 +88,7 @@ def test_register_and_segment_defaults_are_regseg_register_and_pseudolabel_ones(
     seg = p.parse_args(["segment", "m.csv", "--out", "o"])
     assert (reg.affine, reg.affine_iterations, reg.refine, reg.refine_fine, reg.refine_mode) == (
         "learned+optimise", None, REFINE_DEFAULT, 0, REFINE_MODE_DEFAULT)
-    assert (REFINE_DEFAULT, REFINE_MODE_DEFAULT) == (15, "sampled")
+    assert (REFINE_DEFAULT, REFINE_MODE_DEFAULT) == (12, "sampled")
     assert (seg.affine, seg.refine, seg.refine_fine) == ("optimise", REFINE_DEFAULT, 0)
 
 
