@@ -199,6 +199,26 @@ def identity_grid(spatial: Sequence[int], *, device=None, dtype=torch.float32) -
 
 
 #: Fewest sample points for which :func:`grid_sample` splits a one-volume 3-D call across threads.
+def displaced_points(shape_ijk: tuple[int, ...], ddf: Tensor, matrix: np.ndarray) -> Tensor:
+    """``matrix`` (3 or 4, 4) applied to every fixed voxel (i, j, k) displaced by ``ddf``
+    (1, 3, K, J, I), array order: (K, J, I, 3). The same as (index grid + ddf, 1) @ matrix[:3].T
+    to rounding, without the homogeneous copy and a tall (n, 4) x (4, 3) product (at 1.5 mm,
+    59 -> 14 ms): per output axis, the matrix's ramp over the index grid (separable, broadcast)
+    plus the displacement's three weighted terms."""
+    k_n, j_n, i_n = shape_ijk[::-1]
+    dev = ddf.device
+    axes = [torch.arange(n, dtype=torch.float32, device=dev) for n in shape_ijk]  # i, j, k
+    disp = ddf[0].flip(0)  # (i, j, k) components, each (K, J, I)
+    out = torch.empty(k_n, j_n, i_n, 3, dtype=torch.float32, device=dev)
+    for c in range(3):
+        row = [float(v) for v in matrix[c]]
+        ramp = ((axes[0] * row[0]).reshape(1, 1, i_n) + (axes[1] * row[1]).reshape(1, j_n, 1)
+                + (axes[2] * row[2] + row[3]).reshape(k_n, 1, 1))
+        acc = torch.add(ramp, disp[0], alpha=row[0])
+        out[..., c] = acc.add_(disp[1], alpha=row[1]).add_(disp[2], alpha=row[2])
+    return out
+
+
 SPLIT_MIN_POINTS = 4096
 
 

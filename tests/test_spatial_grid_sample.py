@@ -1,5 +1,6 @@
 """spatial.grid_sample: one-volume 3-D calls split across threads give F.grid_sample's results."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,3 +44,18 @@ def test_calls_it_cannot_split_go_to_torch_unchanged(two_threads):
     grid2 = torch.rand(1, 64, 64, 2) * 2 - 1
     assert torch.equal(spatial.grid_sample(flat, grid2, align_corners=False),
                        F.grid_sample(flat, grid2, align_corners=False))
+
+
+def test_displaced_points_are_the_homogeneous_product():
+    """spatial.displaced_points: (index grid + ddf, 1) @ matrix[:3].T, per fixed voxel."""
+    shape_ijk = (5, 4, 3)
+    ddf = torch.randn(1, 3, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    matrix = np.random.default_rng(1).normal(size=(4, 4))
+    k, j, i = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in (3, 4, 5)],
+                             indexing="ij")
+    points = torch.stack([i, j, k], -1) + ddf[0].flip(0).permute(1, 2, 3, 0)
+    want = (torch.cat([points, torch.ones_like(points[..., :1])], -1)
+            @ torch.as_tensor(matrix[:3].T, dtype=torch.float32))
+    got = spatial.displaced_points(shape_ijk, ddf, matrix)
+    assert got.shape == (3, 4, 5, 3)
+    assert torch.allclose(got, want, atol=1e-5)
