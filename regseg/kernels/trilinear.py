@@ -137,10 +137,11 @@ class _Trilinear(torch.autograd.Function):
                                  dtype=torch.float32)
         grad_grid = torch.empty(points.shape[1], 3, dtype=torch.float32)
         kernels = _kernels()
-        _threads(kernels["numba"])
-        kernels["backward"](volume.numpy(), points.numpy(), ctx.border,
-                            grad_out.reshape(channels, -1).contiguous().numpy(), want_image,
-                            parts, grad_image.numpy(), grad_grid.numpy())
+        with _LAUNCH:  # autograd runs this outside sample()'s lock: one launch at a time here too
+            _threads(kernels["numba"])
+            kernels["backward"](volume.numpy(), points.numpy(), ctx.border,
+                                grad_out.reshape(channels, -1).contiguous().numpy(), want_image,
+                                parts, grad_image.numpy(), grad_grid.numpy())
         image_grad = grad_image.sum(0).reshape(1, *volume.shape) if want_image else None
         return image_grad, (grad_grid.reshape(ctx.grid_shape) if want_grid else None), None
 
