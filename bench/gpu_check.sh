@@ -98,14 +98,8 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   echo "gpu_check.sh: CUDA is not available to $PY; use --dry-run on a machine without a GPU" >&2
   exit 2
 fi
-if ls .whl/*.whl > /dev/null 2>&1; then  # the wheels the GPU image lacks, carried beside the tree
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/gpu_check_site .whl/*.whl >> "$LOG" 2>&1 && export PYTHONPATH=/tmp/gpu_check_site
-fi
-if ! "$PY" -c "import regseg.models, regseg.engines" > /dev/null 2>&1; then
-  "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >> "$LOG" 2>&1 \
-    || { echo "gpu_check.sh: installing the project (--no-deps) failed; see $LOG" >&2; exit 1; }
-fi
+. bench/gpu_site.sh  # the wheels the GPU image lacks (./.whl), then the project, --no-deps
+gpu_site || { echo "gpu_check.sh: see $LOG" >&2; exit 1; }
 for s in "${STEPS[@]}"; do
   IFS='|' read -r name limit cmd <<< "$s"
   if [ "$name" = register_3d ] && [ -z "$DATA" ]; then

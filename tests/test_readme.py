@@ -232,6 +232,12 @@ MARKED = {
     "python bench/registration.py --pairs 8 --first-seed 10000 --skip-phantom --spacing 1.5 "
     "--refine 12 --refine-fine 0 --ants-settings SyN --sitk-pairs 0 --no-default --threads 2 "
     "--json bench/results/registration_mni_1.5mm_s13_ants.json": BENCH,
+    "python bench/registration.py --pairs 2 --first-seed 10000 --skip-phantom --spacing 1.5 "
+    "--refine 12 50 --refine-fine 0 --ants-settings SyN SyNCC --sitk-pairs 0 --threads 2 "
+    "--json bench/results/registration_mni_1.5mm_syncc.json": BENCH,
+    "regseg train plcreg3d --out runs/plcreg3d_1.5mm --spacing 1.5 --minutes 60": TRAINING,
+    "bash bench/gpu_train_plcreg3d.sh --dry-run": "tests/bench/test_gpu_check.py runs exactly this",
+    "python bench/plcreg3d_grid.py --json bench/results/plcreg3d_grid.json": BENCH,
     "REGSEG_NUMBA=0 python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom "
     "--spacing 1.5 --refine 12 --refine-fine 0 --no-baselines --no-default --threads 2 "
     "--json bench/results/registration_mni_1.5mm_validation_sampler_torch.json": BENCH,

@@ -16,7 +16,15 @@ import torch
 
 from regseg import distributed
 from regseg.train.plcreg_live import train_2d
-from regseg.train.plcreg_mni import train_3d
+from regseg.cli_checks import float_at_least, int_at_least
+from regseg.train.plcreg_mni import (
+    CONFIG_3D,
+    EPE_3D,
+    SPACING_DEFAULT,
+    config_at_spacing,
+    epe_at_spacing,
+    train_3d,
+)
 from regseg.train.plcreg_recipe import Weights
 from regseg.train.recipe_args import add_run_options
 
@@ -48,13 +56,28 @@ def add_arguments(parser: argparse.ArgumentParser, dim: int) -> None:
         parser.add_argument("--pool", type=int, default=96, help="deformed templates to pair")
         parser.add_argument("--val-pairs", type=int, default=4,
                             help="validation pairs, MNI152 seeds 20000.. (default 4)")
-        parser.add_argument("--epe", type=float, default=0.1,
-                            help="weight of the end-point error to the true field (default 0.1)")
+        parser.add_argument("--epe", type=float, default=None,
+                            help="weight of the end-point error to the true field, in voxels "
+                                 f"(default {EPE_3D:g} at {SPACING_DEFAULT:g} mm, scaled by "
+                                 f"spacing / {SPACING_DEFAULT:g} so that a millimetre of error "
+                                 "pulls the same at every --spacing)")
         parser.add_argument("--smooth", type=float, default=0.05, help="smoothness weight")
         parser.add_argument("--affine-scale", type=float, default=0.4,
                             help="scales the random affine of the training pairs (default 0.4)")
         parser.add_argument("--batch-size", type=int, default=1,
                             help="pairs per step, the global batch under torchrun (default 1)")
+        parser.add_argument("--spacing", type=float_at_least(1.0, 6.5), default=SPACING_DEFAULT,
+                            metavar="MM",
+                            help="voxel size of the MNI grid the network works on, mm (default "
+                                 f"{SPACING_DEFAULT:g}: 48 x 64 x 48, the CPU reduction; 1.5: "
+                                 "104 x 144 x 104, the resolution users register brains at, "
+                                 "for a GPU)")
+        parser.add_argument("--channels", type=int_at_least(2), nargs="+", default=None,
+                            metavar="C", help="encoder widths, finest first (default "
+                            f"{' '.join(map(str, CONFIG_3D.channels))})")
+        parser.add_argument("--window", type=int_at_least(1), nargs=3, default=None,
+                            metavar=("D", "H", "W"), help="PoLaCA window, voxels (default "
+                            f"{' '.join(map(str, CONFIG_3D.window))})")
     add_run_options(parser, threads=2, checkpoint_every=25)
     parser.set_defaults(dim=dim)
 
@@ -68,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # the 3-D model's config is checked before anything starts or is written
+    cfg = (config_at_spacing(args.spacing, channels=args.channels, window=args.window)
+           if args.dim == 3 else None)
     dist = distributed.init(threads=args.threads)  # fewer threads per rank under torchrun
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -85,10 +111,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         summary = train_3d(args.out, minutes=args.minutes, seed=args.seed, pool=args.pool,
                            val_pairs=args.val_pairs, lr=args.lr,
-                           weights=Weights(dice=0.5, smooth=args.smooth, epe=args.epe),
+                           weights=Weights(dice=0.5, smooth=args.smooth,
+                                           epe=epe_at_spacing(args.spacing, args.epe)),
                            progress=not args.no_progress, affine_scale=args.affine_scale,
                            batch_size=args.batch_size, steps=args.steps, resume=args.resume,
-                           checkpoint_every=args.checkpoint_every, dist=dist)
+                           checkpoint_every=args.checkpoint_every, cfg=cfg,
+                           spacing_mm=args.spacing, dist=dist)
         if summary is None:  # a rank other than 0: rank 0 reports
             return 0
         print("validation:", summary["validation"])

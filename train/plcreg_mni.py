@@ -33,6 +33,42 @@ from regseg.train.resume import Checkpointer, load_state, state_path
 #: The 3-D offline model at the reduced MNI grid (48 x 64 x 48 voxels of 3.25 mm).
 CONFIG_3D = PLCRegConfig(ndim=3, size=(48, 64, 48), channels=(8, 16, 32, 32), heads=4,
                          window=(3, 4, 3))
+#: The recipe's default voxel size, mm: the CPU reduction the shipped ``plcreg3d`` is trained at.
+SPACING_DEFAULT = 3.25
+#: The end-point-error weight at :data:`SPACING_DEFAULT` (the error is in voxels).
+EPE_3D = 0.1
+
+
+def epe_at_spacing(spacing_mm: float, epe: float | None = None) -> float:
+    """``epe`` if given, else :data:`EPE_3D` scaled by ``spacing_mm / SPACING_DEFAULT``: a
+    millimetre is more voxels on a finer grid, so the weight shrinks to keep the pull per mm (as
+    the 2-D recipe doubled it when its grid halved)."""
+    return float(epe) if epe is not None else EPE_3D * spacing_mm / SPACING_DEFAULT
+
+
+def grid_at_spacing(spacing_mm: float, levels: int) -> mni.MniConfig:
+    """The MNI box of the shipped model (156 x 208 x 156 mm) on ``spacing_mm`` voxels, each axis
+    rounded *up* to a multiple of ``2 ** (levels - 1)`` (what the network's pooling needs), the
+    spacing kept exact: 3.25 mm -> 48 x 64 x 48, 2.0 mm -> 80 x 104 x 80, 1.5 mm -> 104 x 144 x
+    104 voxels (I, J, K). ``mni.load_base`` centres the grid on the brain.
+
+    Raises:
+        InputError: a spacing that is not a positive number, or a grid under 8 voxels.
+    """
+    grid = mni.config_at_spacing(spacing_mm)
+    factor = 2 ** (levels - 1)
+    return dataclasses.replace(grid, shape=tuple(-(-n // factor) * factor for n in grid.shape))
+
+
+def config_at_spacing(spacing_mm: float = SPACING_DEFAULT, *,
+                      channels: tuple[int, ...] | None = None,
+                      window: tuple[int, ...] | None = None) -> PLCRegConfig:
+    """:data:`CONFIG_3D` with its working grid at ``spacing_mm`` (:func:`grid_at_spacing`) and,
+    if given, other encoder widths and PoLaCA window (voxels of the first attention level)."""
+    cfg = dataclasses.replace(CONFIG_3D, channels=tuple(channels or CONFIG_3D.channels),
+                              window=tuple(window or CONFIG_3D.window))
+    grid = grid_at_spacing(spacing_mm, len(cfg.channels))
+    return dataclasses.replace(cfg, size=tuple(grid.shape[::-1]))
 
 
 def mni_pool(base: mni.MniBase, n: int, seed: int, affine_scale: float = 1.0
@@ -67,7 +103,7 @@ def true_pair_ddf(u_moving: torch.Tensor, u_fixed: torch.Tensor) -> torch.Tensor
     z + u_m(z) = x + u_f(x) (fixed-point solve, ``regseg.sim.mni.invert_points``).
     """
     shape = tuple(u_fixed.shape[2:])
-    grid = identity_grid(shape)
+    grid = identity_grid(shape, device=u_fixed.device)
     targets = (grid + u_fixed[0]).reshape(3, -1).T
     z = mni.invert_points(u_moving, targets, iterations=15).T.reshape(3, *shape)
     return (z - grid)[None]
@@ -131,8 +167,8 @@ def _pair_losses(out: dict[str, torch.Tensor], moving_maps: torch.Tensor,
 def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: int, lr: float,
              weights: Weights, progress: bool, affine_scale: float = 1.0, batch_size: int = 1,
              steps: int | None = None, resume: bool = False, checkpoint_every: int = 25,
-             cfg: PLCRegConfig = CONFIG_3D, dist: distributed.Dist | None = None
-             ) -> dict[str, Any] | None:
+             cfg: PLCRegConfig = CONFIG_3D, spacing_mm: float = SPACING_DEFAULT,
+             dist: distributed.Dist | None = None) -> dict[str, Any] | None:
     """Train the offline model on MNI152-derived pairs; returns the summary (rank 0; ``None``
     on the other ranks under torchrun).
 
@@ -142,6 +178,8 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
         resume: continue from ``out_dir/plcreg3d.state.pt`` (same options).
         checkpoint_every: steps between the resumable states (and at the end).
         cfg: the model (a smaller one in tests); the MNI grid follows ``cfg.size``.
+        spacing_mm: the MNI grid's voxel size (``cfg.size`` voxels of it, centred on the
+            brain; :func:`config_at_spacing` gives the model for the shipped box at a spacing).
         dist: this rank (default :func:`regseg.distributed.init`).
     """
     t0 = time.monotonic()
@@ -150,7 +188,7 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
     dist = dist or distributed.init()
     dist.shard(batch_size)  # fails early unless the batch splits evenly over the ranks
     progress = progress and dist.main
-    base = mni.load_base(mni.MniConfig(shape=tuple(cfg.size[::-1])))
+    base = mni.load_base(mni.MniConfig(shape=tuple(cfg.size[::-1]), spacing_mm=spacing_mm))
     images, maps, fields = mni_pool(base, pool, seed, affine_scale)  # the same on every rank
     data_s = time.monotonic() - t0
     torch.manual_seed(seed)  # the initial weights (DDP then copies rank 0's to every rank)
@@ -163,7 +201,8 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
     history: list[dict[str, float]] = []
     step = 0
     run_key = {"seed": seed, "pool": pool, "batch_size": batch_size, "lr": lr, "steps": steps,
-               "config": dataclasses.asdict(cfg), "weights": dataclasses.asdict(weights)}
+               "config": dataclasses.asdict(cfg), "weights": dataclasses.asdict(weights),
+               "spacing_mm": spacing_mm}
     state_file = state_path(out_dir, "plcreg3d")
     if resume:
         step, saved = load_state(state_file, model=model, optimiser=optimiser, generator=gen,
@@ -187,8 +226,8 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
         moving, fixed = images[i].float().to(dev), images[j].float().to(dev)
         net.train()
         out = net(moving, fixed)
-        true = (torch.cat([true_pair_ddf(fields[a : a + 1], fields[b : b + 1]) for a, b in mine])
-                .to(dev) if weights.epe > 0 else None)
+        true = (torch.cat([true_pair_ddf(fields[a : a + 1].to(dev), fields[b : b + 1].to(dev))
+                           for a, b in mine]) if weights.epe > 0 else None)
         loss, parts = _pair_losses(out, maps[i].float().to(dev), maps[j].float().to(dev), fixed,
                                    true, weights)
         step = take_step(optimiser, loss, parts, history, dist=dist, progress=bar)

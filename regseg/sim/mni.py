@@ -243,7 +243,7 @@ def invert_points(ddf: Tensor, targets: Tensor, iterations: int = 30) -> Tensor:
     Returns:
         (N, ndim) positions z.
     """
-    spatial_size = torch.tensor(ddf.shape[2:], dtype=ddf.dtype)
+    spatial_size = torch.tensor(ddf.shape[2:], dtype=ddf.dtype, device=ddf.device)
     targets = targets.contiguous()
     z = targets.clone()
     for _ in range(iterations):

@@ -35,6 +35,21 @@ def test_bad_options_are_refused(tmp_path):
         assert run.returncode == 2 and message in run.stderr
 
 
+def test_plcreg3d_training_script_dry_run_checks_the_model_and_command(tmp_path):
+    out = tmp_path / "never"
+    run = subprocess.run(["bash", "bench/gpu_train_plcreg3d.sh", "--dry-run", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "-m regseg.train.plcreg 3d" in run.stdout and "--spacing 1.5" in run.stdout
+    assert "working grid 104 x 144 x 104 (K, J, I) at 1.5 mm" in run.stdout
+    assert "MNI152 template:" in run.stdout and "dry run: OK" in run.stdout
+    assert not out.exists()
+    bad = subprocess.run(["bash", "bench/gpu_train_plcreg3d.sh", "--bogus"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+
+
 def test_report_judges_the_figures_against_the_targets(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
