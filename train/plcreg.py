@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from regseg import distributed
-from regseg.train.plcreg_live import train_2d
 from regseg.cli_checks import float_at_least, int_at_least
+from regseg.train.plcreg_live import train_2d
 from regseg.train.plcreg_mni import (
     CONFIG_3D,
     EPE_3D,
