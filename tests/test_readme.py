@@ -237,6 +237,8 @@ MARKED = {
     "--json bench/results/registration_mni_1.5mm_syncc.json": BENCH,
     "regseg train plcreg3d --out runs/plcreg3d_1.5mm --spacing 1.5 --minutes 60": TRAINING,
     "bash bench/gpu_train_plcreg3d.sh --dry-run": "tests/bench/test_gpu_check.py runs exactly this",
+    "make gpu-wheels": "downloads wheels from PyPI for the GPU machine (run by hand before a device "
+                       "call; tests run nothing from the network)",
     "python bench/plcreg3d_grid.py --json bench/results/plcreg3d_grid.json": BENCH,
     "REGSEG_NUMBA=0 python bench/registration.py --pairs 4 --first-seed 20000 --skip-phantom "
     "--spacing 1.5 --refine 12 --refine-fine 0 --no-baselines --no-default --threads 2 "

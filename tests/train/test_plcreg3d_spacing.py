@@ -65,6 +65,26 @@ def test_other_widths_and_window_change_only_those():
                                size=CONFIG_3D.size) == CONFIG_3D
 
 
+def test_a_cpu_run_on_a_fine_grid_says_it_will_be_slow(tmp_path, capsys, monkeypatch):
+    from regseg.train import plcreg_mni
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # the warning comes before any data is made
+        raise Stop
+
+    monkeypatch.setattr(plcreg_mni.mni, "load_base", stop)
+    with pytest.raises(Stop):
+        train_3d(tmp_path, minutes=1, seed=0, pool=1, val_pairs=1, lr=1e-3, weights=Weights(),
+                 progress=False, cfg=config_at_spacing(1.5), spacing_mm=1.5)
+    assert "104 x 144 x 104 grid on the CPU" in capsys.readouterr().err
+    with pytest.raises(Stop):
+        train_3d(tmp_path, minutes=1, seed=0, pool=1, val_pairs=1, lr=1e-3, weights=Weights(),
+                 progress=False)
+    assert "on the CPU" not in capsys.readouterr().err  # the shipped grid: no warning
+
+
 def test_a_run_at_another_spacing_trains_there_and_registers_through_the_engine(tmp_path):
     torch.set_num_threads(1)
     cfg = dataclasses.replace(config_at_spacing(6.5, channels=(4, 8, 8), window=(2, 2, 2)),
