@@ -42,9 +42,9 @@ import sys
 from regseg.errors import RegsegError
 from regseg.models.plcreg import PLCReg, count_parameters
 from regseg.sim import mni
-from regseg.train.plcreg_mni import config_at_spacing
+from regseg.train.plcreg_mni import model_at_spacing
 try:
-    cfg = config_at_spacing(float(sys.argv[1]))
+    cfg = model_at_spacing(float(sys.argv[1]))
 except (RegsegError, ValueError) as exc:
     sys.exit(f"dry run: --spacing {sys.argv[1]}: {exc}")
 print(f"  model: working grid {' x '.join(map(str, cfg.size))} (K, J, I) at {sys.argv[1]} mm, "

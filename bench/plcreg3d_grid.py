@@ -23,7 +23,7 @@ from regseg.engines.base import make_engine
 from regseg.engines.select import time_engine
 from regseg.errors import EngineError
 from regseg.models.plcreg import PLCReg, count_parameters
-from regseg.train.plcreg_mni import config_at_spacing
+from regseg.train.plcreg_mni import model_at_spacing
 
 COLUMNS = [("name", "grid", ""), ("backend", "backend", ""), ("voxels", "voxels", "d"),
            ("median_s", "s / pair", ".3f"), ("min_s", "min s", ".3f"),
@@ -33,7 +33,7 @@ COLUMNS = [("name", "grid", ""), ("backend", "backend", ""), ("voxels", "voxels"
 def time_grid(spacing: float, backend: str, repeats: int, threads: int,
               device: torch.device) -> dict:
     """One row: the recipe's model at ``spacing``, ``repeats`` timed passes after one warm-up."""
-    cfg = config_at_spacing(spacing)
+    cfg = model_at_spacing(spacing)
     torch.manual_seed(0)
     model = PLCReg(cfg).eval()
     shape = (1, 1, *cfg.size)

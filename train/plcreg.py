@@ -21,8 +21,8 @@ from regseg.train.plcreg_mni import (
     CONFIG_3D,
     EPE_3D,
     SPACING_DEFAULT,
-    config_at_spacing,
     epe_at_spacing,
+    model_at_spacing,
     train_3d,
 )
 from regseg.train.plcreg_recipe import Weights
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # the 3-D model's config is checked before anything starts or is written
-    cfg = (config_at_spacing(args.spacing, channels=args.channels, window=args.window)
+    cfg = (model_at_spacing(args.spacing, channels=args.channels, window=args.window)
            if args.dim == 3 else None)
     dist = distributed.init(threads=args.threads)  # fewer threads per rank under torchrun
     torch.manual_seed(args.seed)

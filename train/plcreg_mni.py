@@ -63,7 +63,7 @@ def grid_at_spacing(spacing_mm: float, levels: int) -> mni.MniConfig:
     return dataclasses.replace(grid, shape=tuple(-(-n // factor) * factor for n in grid.shape))
 
 
-def config_at_spacing(spacing_mm: float = SPACING_DEFAULT, *,
+def model_at_spacing(spacing_mm: float = SPACING_DEFAULT, *,
                       channels: tuple[int, ...] | None = None,
                       window: tuple[int, ...] | None = None) -> PLCRegConfig:
     """:data:`CONFIG_3D` with its working grid at ``spacing_mm`` (:func:`grid_at_spacing`) and,
@@ -182,7 +182,7 @@ def train_3d(out_dir: Path, *, minutes: float, seed: int, pool: int, val_pairs: 
         checkpoint_every: steps between the resumable states (and at the end).
         cfg: the model (a smaller one in tests); the MNI grid follows ``cfg.size``.
         spacing_mm: the MNI grid's voxel size (``cfg.size`` voxels of it, centred on the
-            brain; :func:`config_at_spacing` gives the model for the shipped box at a spacing).
+            brain; :func:`model_at_spacing` gives the model for the shipped box at a spacing).
         dist: this rank (default :func:`regseg.distributed.init`).
     """
     t0 = time.monotonic()

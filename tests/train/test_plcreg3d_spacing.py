@@ -22,9 +22,9 @@ from regseg.sim import mni
 from regseg.train.plcreg_mni import (
     CONFIG_3D,
     EPE_3D,
-    config_at_spacing,
     epe_at_spacing,
     grid_at_spacing,
+    model_at_spacing,
     train_3d,
 )
 from regseg.train.plcreg_recipe import Weights
@@ -33,7 +33,7 @@ BOX_MM = np.array([48, 64, 48]) * 3.25  # the shipped model's field of view, (I,
 
 
 def test_the_default_spacing_is_the_shipped_model():
-    assert config_at_spacing() == CONFIG_3D
+    assert model_at_spacing() == CONFIG_3D
     shipped = json.loads((Path(__file__).parents[2] / "models" / "weights" /
                           "plcreg3d.json").read_text())
     assert tuple(shipped["config"]["size"]) == CONFIG_3D.size
@@ -47,7 +47,7 @@ def test_grid_keeps_the_spacing_and_covers_the_box(spacing, shape):
     assert all(n % 8 == 0 for n in grid.shape)  # the network pools three times
     extent = np.asarray(grid.shape) * spacing
     assert np.all(extent >= BOX_MM) and np.all(extent - BOX_MM < 8 * spacing)
-    cfg = config_at_spacing(spacing)
+    cfg = model_at_spacing(spacing)
     assert cfg.size == shape[::-1]  # (K, J, I), array order
 
 
@@ -59,7 +59,7 @@ def test_the_end_point_weight_keeps_its_pull_per_millimetre():
 
 
 def test_other_widths_and_window_change_only_those():
-    cfg = config_at_spacing(1.5, channels=(8, 16, 32, 64), window=(5, 7, 6))
+    cfg = model_at_spacing(1.5, channels=(8, 16, 32, 64), window=(5, 7, 6))
     assert cfg.channels == (8, 16, 32, 64) and cfg.window == (5, 7, 6)
     assert dataclasses.replace(cfg, channels=CONFIG_3D.channels, window=CONFIG_3D.window,
                                size=CONFIG_3D.size) == CONFIG_3D
@@ -77,7 +77,7 @@ def test_a_cpu_run_on_a_fine_grid_says_it_will_be_slow(tmp_path, capsys, monkeyp
     monkeypatch.setattr(plcreg_mni.mni, "load_base", stop)
     with pytest.raises(Stop):
         train_3d(tmp_path, minutes=1, seed=0, pool=1, val_pairs=1, lr=1e-3, weights=Weights(),
-                 progress=False, cfg=config_at_spacing(1.5), spacing_mm=1.5)
+                 progress=False, cfg=model_at_spacing(1.5), spacing_mm=1.5)
     assert "104 x 144 x 104 grid on the CPU" in capsys.readouterr().err
     with pytest.raises(Stop):
         train_3d(tmp_path, minutes=1, seed=0, pool=1, val_pairs=1, lr=1e-3, weights=Weights(),
@@ -87,7 +87,7 @@ def test_a_cpu_run_on_a_fine_grid_says_it_will_be_slow(tmp_path, capsys, monkeyp
 
 def test_a_run_at_another_spacing_trains_there_and_registers_through_the_engine(tmp_path):
     torch.set_num_threads(1)
-    cfg = dataclasses.replace(config_at_spacing(6.5, channels=(4, 8, 8), window=(2, 2, 2)),
+    cfg = dataclasses.replace(model_at_spacing(6.5, channels=(4, 8, 8), window=(2, 2, 2)),
                               heads=2)
     assert cfg.size == (24, 32, 24)
     summary = train_3d(tmp_path, minutes=5, seed=0, pool=3, val_pairs=1, lr=1e-3,
