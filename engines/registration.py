@@ -202,7 +202,10 @@ class RegistrationEngine:
         self.affine = AffineStage(affine, iterations=affine_iterations, weights=affine_weights,
                                   backend=backend, device=self.device, precision=precision,
                                   threads=threads, cache_dir=cache_dir)
-        self.fast_sampler = self.device.type == "cpu" and trilinear.available()
+        # only where volumes are registered: the live 2-D stage never loads numba (its import
+        # alone is ~1.3 s of start-up)
+        self.fast_sampler = (self.config.ndim == 3 and self.device.type == "cpu"
+                             and trilinear.available())
         if self.fast_sampler:
             trilinear.warm_up()  # numba compiles (or loads its cache) now, not in a pair's time
 

@@ -88,3 +88,31 @@ def test_switched_off_by_the_environment(monkeypatch):
     with trilinear.enabled():
         assert not trilinear.eligible(torch.rand(1, 1, 2, 2, 2), torch.zeros(1, 1, 1, 1, 3),
                                       "bilinear", "zeros", False)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_launch_leaves_torchs_thread_count_as_it_was(threads):
+    """numba's OpenMP pool shares the runtime with torch: starting it once set torch's count to
+    numba's (a live process at 1 thread found itself at 2, its chain twice as slow)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        image = torch.rand(1, 1, 4, 5, 6, requires_grad=True)
+        grid = (2 * torch.rand(1, 7, 1, 1, 3) - 1).requires_grad_(True)
+        with trilinear.enabled():
+            spatial.grid_sample(image, grid, mode="bilinear", padding_mode="border",
+                                align_corners=False).sum().backward()
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_2d_registration_engine_leaves_the_sampler_off(tmp_path):
+    """The live deformable stage (a 2-D PLCReg) never registers volumes: no numba there."""
+    from regseg.engines.registration import RegistrationEngine
+    from regseg.models.checkpoint import save_checkpoint
+    from regseg.models.plcreg import PLCReg, PLCRegConfig
+
+    cfg = PLCRegConfig(ndim=2, size=(16, 16), channels=(4, 8), heads=2, window=(4, 4))
+    weights = save_checkpoint(tmp_path / "tiny2d.pt", "plcreg", PLCReg(cfg), cfg)
+    assert not RegistrationEngine(weights, affine_iterations=0).fast_sampler

@@ -118,9 +118,7 @@ class _Trilinear(torch.autograd.Function):
         points = grid.detach().movedim(-1, 1)[0].reshape(3, -1)
         volume = image.detach()[0].contiguous()
         out = torch.empty(channels, points.shape[1], dtype=torch.float32)
-        kernels = _kernels()
-        _threads(kernels["numba"])
-        kernels["forward"](volume.numpy(), points.numpy(), border, out.numpy())
+        _launch("forward", volume.numpy(), points.numpy(), border, out.numpy())
         ctx.save_for_backward(volume, points)
         ctx.border, ctx.grid_shape = border, tuple(grid.shape)
         return out.reshape(1, channels, *grid.shape[1:-1])
@@ -136,18 +134,30 @@ class _Trilinear(torch.autograd.Function):
         grad_image = torch.zeros((parts, channels, voxels) if want_image else (1, 1, 1),
                                  dtype=torch.float32)
         grad_grid = torch.empty(points.shape[1], 3, dtype=torch.float32)
-        kernels = _kernels()
         with _LAUNCH:  # autograd runs this outside sample()'s lock: one launch at a time here too
-            _threads(kernels["numba"])
-            kernels["backward"](volume.numpy(), points.numpy(), ctx.border,
-                                grad_out.reshape(channels, -1).contiguous().numpy(), want_image,
-                                parts, grad_image.numpy(), grad_grid.numpy())
+            _launch("backward", volume.numpy(), points.numpy(), ctx.border,
+                    grad_out.reshape(channels, -1).contiguous().numpy(), want_image, parts,
+                    grad_image.numpy(), grad_grid.numpy())
         image_grad = grad_image.sum(0).reshape(1, *volume.shape) if want_image else None
         return image_grad, (grad_grid.reshape(ctx.grid_shape) if want_grid else None), None
 
 
-def _threads(numba) -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def _launch(name: str, *args) -> None:
+    """Run kernel ``name`` on torch's thread count, and leave torch's thread count as it was.
+
+    numba's OpenMP layer shares the process's OpenMP runtime with torch: starting its pool set
+    the runtime's thread count to numba's, which torch then used too. A live process at
+    ``--threads 1`` found its torch ops on two threads next to ONNX Runtime's, and its chain
+    took twice as long per frame (59.5 -> 109.6 ms on this 2-core CPU)."""
+    kernels = _kernels()
+    numba = kernels["numba"]
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        kernels[name](*args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _forward(volume, points, border, out):  # pragma: no cover - compiled by _kernels
