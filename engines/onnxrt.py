@@ -24,6 +24,9 @@ from regseg.errors import EngineError
 #: opset 20 has AffineGrid and GridSample with the torch semantics the models use
 #: (align_corners=False, zeros padding); ORT >= 1.17 implements both on CPU.
 OPSET = 20
+#: What our export writes beyond torch's exporter, in the cache key so a change re-exports:
+#: 2 = border-padded warps exported as clamped points + zeros padding (regseg.spatial.warp).
+EXPORT_REVISION = 2
 
 
 class _TupleOutputs(nn.Module):
@@ -99,7 +102,8 @@ class OnnxRuntimeEngine:
         cache = ArtifactCache(cache_dir)
         key, fields = cache_key(weights_hash(model), self.input_shapes, precision=precision,
                                 backend=self.backend, device=self.device,
-                                extra={"opset": OPSET, "outputs": list(self.output_names)})
+                                extra={"opset": OPSET, "outputs": list(self.output_names),
+                                       "export": EXPORT_REVISION})
         path, hit = cache.fetch(self.backend, key, fields, "model.onnx",
                                 lambda p: export_onnx(model, example, self.output_names, p))
 

@@ -273,6 +273,12 @@ def warp(image: Tensor, ddf: Tensor, *, mode: str = "bilinear",
     coords = coords.flip(1)
     sizes = torch.tensor(spatial[::-1], device=ddf.device, dtype=ddf.dtype)
     shape = (1, ndim) + (1,) * ndim
+    if padding_mode == "border" and mode == "bilinear" and torch.onnx.is_in_onnx_export():
+        # ONNX Runtime's GridSample is several times slower with border padding than with
+        # zeros (64 x 64: 272 vs 133 us); border padding is the point clamped into [0, n - 1]
+        # (align_corners=False), after which zeros padding adds only zero-weight terms.
+        coords = torch.minimum(coords.clamp_min(0.0), sizes.reshape(shape) - 1.0)
+        padding_mode = "zeros"
     grid = (2.0 * coords + 1.0) / sizes.reshape(shape) - 1.0
     grid = grid.movedim(1, -1)
     return grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode,

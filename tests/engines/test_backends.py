@@ -170,3 +170,37 @@ def test_compiled_does_not_recompile_on_live_inputs():
     assert counters["stats"]["unique_graphs"] == before, "recompiled on a live-shaped call"
     ref = make_engine(net, {"image": (1, 1, 16, 16)})({"image": live.contiguous()})
     assert max(parity_error(ref, out).values()) < TOLERANCES["fp32"]
+
+
+class _Warp(nn.Module):
+    """regseg.spatial.warp as a model (the integration and feature warps of PLCReg use it)."""
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> dict[str, torch.Tensor]:
+        from regseg.spatial import warp
+
+        return {"out": warp(image, ddf, padding_mode="border")}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                    reason="onnxruntime not installed (pip install 'regseg[onnx]')")
+@pytest.mark.parametrize("shape", [(1, 2, 16, 12), (1, 1, 6, 8, 5)])
+def test_border_warp_exports_as_clamped_zeros_and_matches_eager(tmp_path, shape):
+    import onnx
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(shape, generator=g)
+    # displacements up to 6 voxels: many points fall outside, where border padding matters
+    ddf = 12 * torch.rand(1, len(shape) - 2, *shape[2:], generator=g) - 6
+    shapes = {"image": tuple(image.shape), "ddf": tuple(ddf.shape)}
+    ort = make_engine(_Warp(), shapes, backend="onnxrt", cache_dir=tmp_path, threads=1)
+    got = ort({"image": image, "ddf": ddf})["out"]
+    ref = _Warp()(image, ddf)["out"]
+    assert (got - ref).abs().max() < 1e-5
+    from regseg.spatial import warp
+
+    # the points outside matter: zeros padding proper would differ
+    assert (warp(image, ddf, padding_mode="zeros") - ref).abs().max() > 0.1
+    graph = onnx.load(ort.info["artifact"]).graph
+    modes = [a.s.decode() for n in graph.node if n.op_type == "GridSample"
+             for a in n.attribute if a.name == "padding_mode"]
+    assert modes == ["zeros"]  # exported as clamped points with zeros padding
