@@ -25,8 +25,8 @@ from regseg.errors import EngineError
 #: (align_corners=False, zeros padding); ORT >= 1.17 implements both on CPU.
 OPSET = 20
 #: What our export writes beyond torch's exporter, in the cache key so a change re-exports:
-#: 2 = border-padded warps exported as clamped points + zeros padding (regseg.spatial.warp).
-EXPORT_REVISION = 2
+#: 3 = bilinear border padding exported as clamped points + zeros (regseg.spatial.grid_sample).
+EXPORT_REVISION = 3
 
 
 class _TupleOutputs(nn.Module):
