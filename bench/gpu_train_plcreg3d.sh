@@ -37,6 +37,7 @@ CMD=("$PY" -m regseg.train.plcreg 3d --out "$OUT" --spacing "$SPACING" --minutes
      --threads 8 --no-progress --checkpoint-every 0)
 echo "PLCReg 3-D on the GPU: ${CMD[*]}"
 if [ "$DRY" = 1 ]; then
+  "${CMD[@]}" --help > /dev/null || exit 2  # argparse checks --spacing/--minutes first
   "$PY" - "$SPACING" <<'PYEOF' || exit 1
 import sys
 from regseg.errors import RegsegError
@@ -54,7 +55,6 @@ try:
 except RegsegError as exc:
     print(f"  MNI152 template: not here ({exc}); carry the nilearn wheel in ./.whl")
 PYEOF
-  "${CMD[@]}" --help > /dev/null || { echo "dry run: the recipe's command line failed"; exit 1; }
   echo "dry run: OK; nothing was trained"
   exit 0
 fi

@@ -48,6 +48,10 @@ def test_plcreg3d_training_script_dry_run_checks_the_model_and_command(tmp_path)
     bad = subprocess.run(["bash", "bench/gpu_train_plcreg3d.sh", "--bogus"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+    small = subprocess.run(["bash", "bench/gpu_train_plcreg3d.sh", "--dry-run", "--spacing", "0.2"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert small.returncode == 2 and "--spacing: 0.2" in small.stderr
 
 
 def test_report_judges_the_figures_against_the_targets(tmp_path):
