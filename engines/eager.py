@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,6 +15,12 @@ from torch import Tensor, nn
 from regseg.engines.base import DTYPES, Engine, check_inputs, prepare_model
 from regseg.engines.onednn import OneDNNConv3d, prefer_onednn
 from regseg.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+#: Measured on this project's AMD EPYC (AVX2, no bf16 units; ``bench/engines.py``, 1 thread):
+#: eager bf16 over eager fp32 per call, PLCReg 2-D 7x, AlignSegNet 21x, MONAI LocalNet 84x.
+EMULATED_BF16_SLOWDOWN = "7-84x"
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -36,7 +44,22 @@ def check_torch_precision(backend: str, device: torch.device, precision: str) ->
     if device.type == "cpu" and precision == "fp16":
         raise EngineError(f"{backend} fp16 on CPU is not supported here (no fast CPU fp16 "
                           "kernels); use precision='fp32' or 'bf16' on CPU, fp16 on CUDA")
+    if device.type == "cpu" and precision == "bf16" and not native_bf16_cpu():
+        # Allowed (the accuracy of bf16 can be checked here), but never silently slow.
+        log.warning("%s bf16 on this CPU is emulated (no AVX512-BF16 or AMX units): expect it "
+                    "%s slower than fp32 (measured here); use precision='fp32' on this CPU",
+                    backend, EMULATED_BF16_SLOWDOWN)
     return precision
+
+
+@functools.cache
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 arithmetic that oneDNN uses (AVX512-BF16 or AMX); without it
+    torch's CPU bf16 convolutions are emulated and many times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def run_module(module: Callable[..., dict[str, Tensor]], engine: Engine,

@@ -134,3 +134,17 @@ def test_accuracy_holds_is_none_without_a_task_measure_and_ignores_nan():
     assert bench.accuracy_holds(ok) is True
     assert bench.accuracy_holds({**ok, "dice_agreement_lesion": 0.98}) is False
     assert bench.accuracy_holds({**ok, "theta_diff_mm": 0.2}) is False
+
+
+def test_quick_skips_only_the_baseline_nets_emulated_bf16(monkeypatch):
+    """--quick leaves out the MONAI baseline nets' bf16 rows where bf16 is emulated (seconds a
+    call: the reason the quick run took 20 minutes), and keeps every live-model row."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(bench, "native_bf16_cpu", lambda: False)
+    assert bench.slow_emulated_bf16("monai_localnet", cpu, "bf16")
+    assert not bench.slow_emulated_bf16("alignsegnet", cpu, "bf16")
+    assert not bench.slow_emulated_bf16("plcreg2d", cpu, "bf16")
+    assert not bench.slow_emulated_bf16("monai_localnet", cpu, "fp32")
+    assert not bench.slow_emulated_bf16("monai_localnet", torch.device("cuda"), "bf16")
+    monkeypatch.setattr(bench, "native_bf16_cpu", lambda: True)
+    assert not bench.slow_emulated_bf16("monai_localnet", cpu, "bf16")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -204,3 +205,18 @@ def test_border_warp_exports_as_clamped_zeros_and_matches_eager(tmp_path, shape)
     modes = [a.s.decode() for n in graph.node if n.op_type == "GridSample"
              for a in n.attribute if a.name == "padding_mode"]
     assert modes == ["zeros"]  # exported as clamped points with zeros padding
+
+
+@pytest.mark.parametrize("native, warned", [(False, True), (True, False)])
+def test_emulated_cpu_bf16_is_said(model, monkeypatch, caplog, native, warned):
+    """bf16 on a CPU without bf16 units is allowed (its accuracy can be checked) but never silently
+    7-84x slower: building such an engine logs a warning that says so; with the units, nothing."""
+    from regseg.engines import eager as eager_backend
+    monkeypatch.setattr(eager_backend, "native_bf16_cpu", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="regseg.engines.eager"):
+        make_engine(model, SHAPES, backend="eager", precision="bf16",
+                    outputs=("theta", "logits"), warmup=0)
+    said = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    assert bool(said) is warned, said
+    if warned:
+        assert "eager bf16" in said[0] and "precision='fp32'" in said[0]
