@@ -101,7 +101,8 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
             "--device", args.device, "--threads", str(args.threads), "--engine-threads",
             str(args.engine_threads or args.threads), "--backend", args.backend,
             "--precision", args.precision, "--stats-json", str(stats_path),
-            "--deformable", "on" if kind == "regseg+deformable" else "off"]
+            "--deformable", "on" if "+deformable" in kind else "off",
+            "--overlap", "on" if kind.endswith("+overlap") else "off"]
 
 
 def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], scanner,
@@ -175,9 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-naive", action="store_true", help="regseg only (no ratio)")
     ap.add_argument("--deformable", action="store_true",
                     help="also run regseg with the live deformable stage (--deformable on)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="with --deformable, also run it with --overlap on (the host half of "
+                    "each frame on a second thread) at the paced rate")
     ap.add_argument("--json", default="out/bench_latency.json")
     ap.add_argument("--png", default=None, help="histogram (default: JSON path with .png)")
     args = ap.parse_args(argv)
+    if args.overlap and not args.deformable:
+        ap.error("--overlap compares the deformable chain with and without it: add --deformable")
     frames = args.frames or (60 if args.quick else 300)
 
     workdir = Path(tempfile.mkdtemp(prefix="regseg-bench-"))
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         # regseg's live chain as issue 3 specifies it (affine AlignSegNet); with issue 4's
         # deformable stage on top at the paced rate only; the naive baseline last.
         kinds = ["regseg"] + (["regseg+deformable"] if fps > 0 and args.deformable else [])
+        kinds += (["regseg+deformable+overlap"] if fps > 0 and args.deformable and args.overlap
+                  else [])
         kinds += [] if args.no_naive else ["naive"]
         for kind in kinds:
             # the naive chain needs ~10x regseg's time per frame: fewer frames keep --quick short

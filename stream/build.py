@@ -64,14 +64,16 @@ def build_segmenter(name: str = "unet", *, backend: str = "auto",
 def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None, capture=None,
                    reference_to_mri: np.ndarray | None = None,
                    cuda_graph: bool = False, segmenter=None, do_no_harm="default",
-                   do_no_harm_margin_mm: float | None = None, roi="default") -> Pipeline:
+                   do_no_harm_margin_mm: float | None = None, roi="default",
+                   overlap: bool = False) -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
     ``do_no_harm``: ``--do-no-harm``'s mode (off, on, on-skip-deformable; "default": the
     CLI's default) or a :class:`regseg.stream.do_no_harm.CorrectionGate`, with its margin;
     ``roi``: ``--roi``'s mode (auto, off; "default": the CLI's default) or a
-    :class:`regseg.stream.roi.GlandRoi`)."""
+    :class:`regseg.stream.roi.GlandRoi`; ``overlap``: ``--overlap on``, the host half of each
+    frame on a worker thread, regseg.stream.overlap)."""
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
     from regseg.stream.roi import ROI_DEFAULT, ROI_MODES, GlandRoi
 
@@ -88,4 +90,4 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
         do_no_harm = build_gate(mode, margin)
     return Pipeline(context, engine, reference_to_mri=reference_to_mri, cuda_graph=cuda_graph,
                     deformable=deformable, segmenter=segmenter, do_no_harm=do_no_harm, roi=roi,
-                    **extra)
+                    overlap=overlap, **extra)

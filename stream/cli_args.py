@@ -129,6 +129,10 @@ def check_args(args) -> argparse.Namespace:
     from regseg.stream.igtl.registration import parse_hosts
 
     plan = argparse.Namespace()
+    if getattr(args, "overlap", "off") == "on" and getattr(args, "roi", "off") == "auto":
+        raise InputError("--overlap on with --roi auto: not supported (a frame's window depends "
+                         "on the previous frame's flags, which overlap has not computed yet); "
+                         "use one of them")
     url = args.source or ("sim://" if args.demo else None)
     if url is None:
         raise InputError("no --source given: use --source igtl://HOST:PORT for a scanner or PLUS "

@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a frame much wider than the MRI gland is cropped to a window "
                    "1.8 x the gland's diameter around it before the networks, and the results "
                    f"mapped back (default {ROI_DEFAULT}; README 'Gland-centred window')")
+    from regseg.stream.overlap import OVERLAP_DEFAULT
+
+    p.add_argument("--overlap", action=Once, choices=["on", "off"], default=OVERLAP_DEFAULT,
+                   help="CPU: run each frame's deformable stage, quality and overlay on a second "
+                   "thread while the next frame is registered, so two cores work at once; "
+                   "results keep their order (not with --roi auto; on CUDA the device ring "
+                   f"already overlaps) (default {OVERLAP_DEFAULT}; README 'The live chain')")
     p.add_argument("--threads", action=Once, type=int_at_least(1), default=None,
                    help="CPU threads for torch (default on CPU: 1; the per-frame glue ops are too "
                    "small to gain from more, and two busy thread pools thrash on 2 cores)")

@@ -37,6 +37,9 @@ from regseg.types import Frame, Result
 STAGES = ("prepare", "model", "warp_labels", "segment", "overlay")
 #: Host stages after the chain (``quality``: regseg.stream.quality; the overlay follows it).
 HOST_STAGES = ("quality",)
+#: How often to collect finished frames while some are in flight: on the GPU ring, and with the
+#: CPU overlap's worker thread (see Pipeline.poll_interval_s).
+RING_POLL_S, OVERLAP_POLL_S = 0.00025, 0.001
 
 
 def plane_matrices(context: MriContext, image_to_mri: np.ndarray, frame_hw: tuple[int, int],
@@ -169,7 +172,10 @@ class Pipeline:
                  deformable: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
                  | None = None, capture: Capture | None = None,
                  quality: QualityCheck | None = None, segmenter: Any = None,
-                 do_no_harm: Any = None, roi: Any = None) -> None:
+                 do_no_harm: Any = None, roi: Any = None, overlap: bool = False) -> None:
+        if overlap and roi is not None:
+            raise ValueError("overlap with a gland window (roi) is not supported: the window of "
+                             "a frame depends on the previous frame's flags")
         self.context = context
         # Optional segmentation stage instead of the U-Net head (regseg.stream.segmenter).
         self.segmenter = segmenter
@@ -195,6 +201,10 @@ class Pipeline:
         self.do_no_harm = do_no_harm
         # Gland-centred window (regseg.stream.roi.GlandRoi, or None; --roi)
         self.roi = roi
+        # CPU overlap (--overlap, regseg.stream.overlap): the host half of frame N on a worker
+        # thread while the affine half of frame N+1 runs here. Made on first use; close() ends it.
+        self.overlap = bool(overlap) and self.device.type != "cuda"
+        self._worker = None
 
     @property
     def quality(self) -> QualityCheck:
@@ -248,9 +258,17 @@ class Pipeline:
     def submit(self, frame: Frame) -> list[Result]:
         """Start ``frame``; returns the Results that completed (oldest first, maybe none).
 
-        On the CPU the frame is processed at once and its Result returned.
+        On the CPU the frame is processed at once and its Result returned; with ``overlap`` its
+        affine half runs here and its host half is handed to the worker thread (blocking while
+        one half already waits), and the Results the worker has finished are returned.
         """
         frame = self._crop(frame)
+        if self.overlap:
+            settled = self._run_cpu_affine(frame)
+            queued = now_ns()
+            self._host_worker().submit(
+                lambda: self._restore(self._complete(*settled, queued_ns=queued)))
+            return self._worker.done()
         if self.device.type != "cuda":
             return [self._restore(self._run_cpu(frame))]
         start = self._start(frame)
@@ -258,17 +276,53 @@ class Pipeline:
         return [self._restore(self._finish(*item)) for item in done]
 
     def poll(self) -> list[Result]:
-        """The Results of frames in flight that have finished, without waiting (oldest first)."""
+        """The Results of frames in flight that have finished, without waiting (oldest first).
+
+        With ``overlap``, a frame whose host half raised raises here (that frame only)."""
+        if self._worker is not None:
+            return self._worker.done()
         return [self._restore(self._finish(*i)) for r in self._rings.values() for i in r.poll()]
 
     def flush(self) -> list[Result]:
-        """Wait for every frame in flight; their Results, oldest first."""
+        """Wait for every frame in flight; their Results, oldest first (with ``overlap``, up to
+        the first frame that failed, which raises: call again while :attr:`in_flight`)."""
+        if self._worker is not None:
+            return self._worker.wait()
         return [self._restore(self._finish(*i)) for r in self._rings.values() for i in r.flush()]
 
     @property
+    def accepting(self) -> bool:
+        """Whether a frame submitted now would start at once: False while the CPU overlap's
+        worker has a host half waiting (the caller should then collect Results and take a
+        newer frame later, rather than start one that would wait)."""
+        return self._worker is None or self._worker.accepting
+
+    @property
+    def poll_interval_s(self) -> float:
+        """How often a caller with frames in flight should :meth:`poll`: the GPU ring's
+        hand-offs are watched every 0.25 ms, the CPU overlap's worker every 1 ms (each wake-up
+        takes the GIL from the two threads doing the work; a Result waits 0.5 ms on average)."""
+        return OVERLAP_POLL_S if self.overlap else RING_POLL_S
+
+    @property
     def in_flight(self) -> int:
-        """Frames submitted whose Results have not been returned yet (always 0 on the CPU)."""
-        return sum(ring.in_flight for ring in self._rings.values())
+        """Frames submitted whose Results have not been returned yet (0 on the CPU unless
+        ``overlap``)."""
+        worker = 0 if self._worker is None else self._worker.in_flight
+        return worker + sum(ring.in_flight for ring in self._rings.values())
+
+    def close(self) -> None:
+        """Stop the overlap worker, if any (a later submit starts a new one)."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def _host_worker(self):
+        if self._worker is None:
+            from regseg.stream.overlap import HostWorker
+
+            self._worker = HostWorker()
+        return self._worker
 
     def _crop(self, frame: Frame) -> Frame:  # cut to the gland window: GlandRoi.cut
         tracked = None if self.roi is None else self.plane(frame)
@@ -292,6 +346,10 @@ class Pipeline:
         return plane_matrices(self.context, tracked, frame.pixels.shape, self.engine.size)
 
     def _run_cpu(self, frame: Frame) -> Result:
+        return self._complete(*self._run_cpu_affine(frame))
+
+    def _run_cpu_affine(self, frame: Frame) -> tuple:
+        """The affine half of a frame on the CPU: the chain, then :meth:`_settle`."""
         chain = self.chain(frame.pixels.shape)
         t = [now_ns()]
         tracked = self._start(frame)
@@ -314,7 +372,7 @@ class Pipeline:
         timings = {n: (t[i + 1] - t[i]) / 1e6 for i, n in enumerate(STAGES[:-1])
                    if n != "warp_labels" or warped is not None}
         timings["quality"] = (now_ns() - t[-1]) / 1e6
-        return self._finish(frame, tracked, theta.numpy(), labels, warped, timings, t[0],
+        return self._settle(frame, tracked, theta.numpy(), labels, warped, timings, t[0],
                             seg_conf=seg_conf)
 
     def _finish(self, frame: Frame, tracked: np.ndarray, theta: np.ndarray, labels: np.ndarray,
@@ -324,6 +382,15 @@ class Pipeline:
 
         ``tracked`` is the plane the chain started from (:meth:`_start`).
         """
+        return self._complete(*self._settle(frame, tracked, theta, labels, warped_labels,
+                                            timings, start_ns, seg_conf=seg_conf))
+
+    def _settle(self, frame: Frame, tracked: np.ndarray, theta: np.ndarray, labels: np.ndarray,
+                warped_labels: np.ndarray | None, timings: dict[str, float],
+                start_ns: int, *, seg_conf: float = math.nan) -> tuple:
+        """The registered plane of the frame, through the temporal filter: the last step that
+        carries state to the next frame, so it runs in frame order on the submitting thread.
+        Returns :meth:`_complete`'s arguments."""
         hw = frame.pixels.shape
         theta_px = spatial.theta_to_pixel(np.asarray(theta, np.float64).reshape(2, 3), hw)
         image_to_mri = tracked @ spatial.lift_2d(theta_px)
@@ -338,6 +405,18 @@ class Pipeline:
             timings = {**timings, "temporal": (now_ns() - t_cap) / 1e6}
         else:
             jump_mm = math.nan
+        return frame, image_to_mri, jump_mm, labels, warped_labels, timings, start_ns, seg_conf
+
+    def _complete(self, frame: Frame, image_to_mri: np.ndarray, jump_mm: float,
+                  labels: np.ndarray, warped_labels: np.ndarray | None,
+                  timings: dict[str, float], start_ns: int, seg_conf: float, *,
+                  queued_ns: int | None = None) -> Result:
+        """The host half: do-no-harm, the deformable stage, quality, overlay, the Result.
+        ``queued_ns``: when the affine half handed it over (``overlap``): the wait is timed as
+        ``handoff``."""
+        hw = frame.pixels.shape
+        if queued_ns is not None:
+            timings = {**timings, "handoff": (now_ns() - queued_ns) / 1e6}
         decision, deform = None, self.deformable is not None
         if self.do_no_harm is not None and frame.image_to_reference is not None:
             t_gate = now_ns()

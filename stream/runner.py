@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -14,7 +15,7 @@ from regseg import metrics, spatial
 from regseg.clock import now_ns
 from regseg.stream.gate import FrameGate
 from regseg.stream.igtl.wire import RateLimitedLog
-from regseg.stream.pipeline import Pipeline
+from regseg.stream.pipeline import RING_POLL_S, Pipeline
 from regseg.stream.source import Source
 from regseg.stream.stats import StreamStats
 from regseg.types import LESION, PROSTATE, Frame, Result
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 TRE_POINTS = 2000  # prostate pixels sampled per frame for TRE: plenty for a mean in mm
 #: While frames are in flight (GPU ring), how long to wait for a new frame before checking for
 #: finished ones: the most a finished Result waits. 0.25 ms against a frame period of >= 2 ms.
-POLL_S = 0.00025
+#: (A Pipeline says its own, ``poll_interval_s``; this is for pipelines that do not.)
+POLL_S = RING_POLL_S
 
 
 class Sink(Protocol):
@@ -153,11 +155,19 @@ def run_stream(
         in_flight = pipeline.in_flight
         return max_frames is None or stats.frames + in_flight < max_frames
 
+    # GPU ring: POLL_S; CPU overlap (a worker thread): its own, coarser step (Pipeline)
+    poll_s = getattr(pipeline, "poll_interval_s", POLL_S)
     source.start()
     try:
         while not stop.is_set() and wanted():
             busy = pipeline.in_flight > 0
-            frame = source.slot.get(timeout=POLL_S if busy else 0.25)
+            if busy and not getattr(pipeline, "accepting", True):
+                # CPU overlap: a frame taken now would wait for the worker and age; take the
+                # newest once it can start (the source keeps replacing it meanwhile)
+                time.sleep(poll_s)
+                publish(guarded(pipeline.poll, "pipeline.poll"))
+                continue
+            frame = source.slot.get(timeout=poll_s if busy else 0.25)
             if frame is None:
                 if busy:
                     publish(guarded(pipeline.poll, "pipeline.poll"))
@@ -169,7 +179,11 @@ def run_stream(
                 publish(guarded(lambda f=frame: pipeline.submit(f), "pipeline"))
             publish(guarded(pipeline.poll, "pipeline.poll"))
         publish(guarded(pipeline.flush, "pipeline.flush"))
+        for _ in range(pipeline.in_flight):  # a failed frame ends a flush early (CPU overlap)
+            publish(guarded(pipeline.flush, "pipeline.flush"))
     finally:
+        if hasattr(pipeline, "close"):  # the CPU overlap's worker thread, if any
+            pipeline.close()
         source.stop()
         for sink in sinks:
             sink.close()

@@ -161,6 +161,8 @@ CASES = [
      ["--accept-registration-from", "empty host"]),
     ("cuda graph on cpu", [*DEMO, "--cuda-graph"],
      ["--cuda-graph", "need a CUDA device", "runs on cpu"]),
+    ("overlap with a gland window", [*DEMO, "--overlap", "on", "--roi", "auto"],
+     ["--overlap on with --roi auto", "use one of them"]),
 ]
 
 
