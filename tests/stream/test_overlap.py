@@ -119,7 +119,7 @@ def test_overlapped_pipeline_equals_sequential(case):
     finally:
         overlapped.close()
     assert [r.frame.seq for r in got] == [f.seq for f in frames]
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         _same(a, b)
     assert all("handoff" in r.timings_ms for r in got)
     assert all("handoff" not in r.timings_ms for r in expected)
