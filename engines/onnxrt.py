@@ -25,8 +25,9 @@ from regseg.errors import EngineError
 #: (align_corners=False, zeros padding); ORT >= 1.17 implements both on CPU.
 OPSET = 20
 #: What our export writes beyond torch's exporter, in the cache key so a change re-exports:
-#: 3 = bilinear border padding exported as clamped points + zeros (regseg.spatial.grid_sample).
-EXPORT_REVISION = 3
+#: 3 = bilinear border padding exported as clamped points + zeros (regseg.spatial.grid_sample);
+#: 4 = that clamp written as Clip with scalar bounds (regseg.spatial.clamp_to_centres).
+EXPORT_REVISION = 4
 
 
 class _TupleOutputs(nn.Module):
