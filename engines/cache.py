@@ -2,7 +2,8 @@
 
 The key covers everything that changes what a backend builds (../shared/notes/engines.md §6-7:
 Holoscan's key misses the model content and MONAI's uses file mtimes, both of which serve stale
-engines): a hash of the weights *and* the architecture's config, the input shapes, precision,
+engines): a hash of the weights *and* the architecture's config, of the source of the code that
+computes the model (:func:`code_hash`), the input shapes, precision,
 backend, device (name and compute capability for CUDA) and the versions of every library that
 takes part in the build. One entry is a folder ``<root>/<backend>/<key[:20]>/`` holding the
 artifact and a ``manifest.json`` with the key's fields, so a person can see why two entries differ.
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +61,29 @@ def weights_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def code_hash(model: nn.Module) -> str:
+    """SHA-256 of the source of the regseg modules that define ``model``'s layers, and of the
+    regseg modules those import from (one level: e.g. regseg.spatial's samplers, the velocity
+    integration). Weights and config alone miss a change to the code that computes the graph: an
+    edited forward would keep serving the graph exported before it. Non-regseg classes (MONAI,
+    torch) are covered by their library versions, or not at all (MONAI)."""
+    own = {type(m).__module__ for m in model.modules()}
+    own = {n for n in own if n.split(".")[0] == "regseg"}
+    names = set(own)
+    for name in own:
+        for value in vars(sys.modules[name]).values():
+            origin = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__",
+                                                                             None)
+            if isinstance(origin, str) and origin.split(".")[0] == "regseg":
+                names.add(origin)
+    h = hashlib.sha256()
+    for name in sorted(names):
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if path and Path(path).is_file():
+            h.update(name.encode() + b"\0" + Path(path).read_bytes())
+    return h.hexdigest()
+
+
 def library_versions() -> dict[str, str | None]:
     """Installed versions of :data:`KEY_LIBRARIES`, plus Python's and CUDA's (None if absent)."""
     out: dict[str, str | None] = {}
@@ -85,8 +111,8 @@ def device_description(device: torch.device) -> str:
 
 
 def cache_key(model_hash: str, input_shapes: dict[str, tuple[int, ...]], *, precision: str,
-              backend: str, device: torch.device, extra: dict[str, Any] | None = None
-              ) -> tuple[str, dict[str, Any]]:
+              backend: str, device: torch.device, extra: dict[str, Any] | None = None,
+              code: str | None = None) -> tuple[str, dict[str, Any]]:
     """The key (hex SHA-256) and the fields it was made from (stored as the manifest).
 
     Args:
@@ -96,6 +122,7 @@ def cache_key(model_hash: str, input_shapes: dict[str, tuple[int, ...]], *, prec
         backend: the backend name.
         device: where the engine runs.
         extra: backend build options that change the artifact (opset, outputs kept, ...).
+        code: :func:`code_hash` of the model (None: not keyed on code).
     """
     fields = {
         "model": model_hash,
@@ -107,6 +134,8 @@ def cache_key(model_hash: str, input_shapes: dict[str, tuple[int, ...]], *, prec
         "platform": f"{platform.system()}-{platform.machine()}",
         "extra": extra or {},
     }
+    if code is not None:
+        fields["code"] = code
     text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest(), fields
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from regseg.engines.base import check_inputs, example_inputs, output_names_of
-from regseg.engines.cache import ArtifactCache, cache_key, weights_hash
+from regseg.engines.cache import ArtifactCache, cache_key, code_hash, weights_hash
 from regseg.errors import EngineError
 
 #: opset 20 has AffineGrid and GridSample with the torch semantics the models use
@@ -104,7 +104,8 @@ class OnnxRuntimeEngine:
         key, fields = cache_key(weights_hash(model), self.input_shapes, precision=precision,
                                 backend=self.backend, device=self.device,
                                 extra={"opset": OPSET, "outputs": list(self.output_names),
-                                       "export": EXPORT_REVISION})
+                                       "export": EXPORT_REVISION},
+                                code=code_hash(model))
         path, hit = cache.fetch(self.backend, key, fields, "model.onnx",
                                 lambda p: export_onnx(model, example, self.output_names, p))
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from regseg.engines.base import DTYPES, check_inputs, example_inputs, output_names_of
-from regseg.engines.cache import ArtifactCache, cache_key, weights_hash
+from regseg.engines.cache import ArtifactCache, cache_key, code_hash, weights_hash
 from regseg.engines.onnxrt import _TupleOutputs
 from regseg.errors import EngineError
 
@@ -87,7 +87,8 @@ class TensorRTEngine:
         key, fields = cache_key(weights_hash(model), self.input_shapes, precision=precision,
                                 backend=self.backend, device=self.device,
                                 extra={"outputs": list(self.output_names),
-                                       "options": sorted(options)})
+                                       "options": sorted(options)},
+                                code=code_hash(model))
         path, hit = cache.fetch(self.backend, key, fields, "engine.ep", build)
         self._module = torch_tensorrt.load(str(path)).module()
         for _ in range(warmup):

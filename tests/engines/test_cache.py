@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -51,6 +52,34 @@ def test_key_covers_shapes_precision_backend_and_versions():
         other, _ = cache_key(h, args["input_shapes"], precision=args["precision"],
                              backend=args["backend"], device=cpu, extra=args["extra"])
         assert other != base, change
+
+
+def test_code_hash_follows_the_source_of_the_model_and_what_it_imports(tmp_path, monkeypatch):
+    """An edit to the code that computes a model (its layers' modules, or a regseg module they
+    import from, e.g. regseg.spatial) changes the key: the graph exported before is not served."""
+    import sys
+
+    from regseg.engines.cache import code_hash
+    from regseg.models.registry import build_model
+
+    model = build_model("plcreg", ndim=2, size=(16, 16), channels=(4, 8), heads=2, window=(4, 4),
+                        moving_channels=3, fixed_channels=1, shared_encoder=False)
+    base = code_hash(model)
+    assert base == code_hash(model)  # deterministic
+    for name in ("regseg.models.plcreg_blocks", "regseg.spatial"):  # own module, imported one
+        module = sys.modules[name]
+        edited = tmp_path / f"{name}.py"
+        edited.write_bytes(open(module.__file__, "rb").read() + b"\n# an edit\n")
+        with monkeypatch.context() as m:
+            m.setattr(module, "__file__", str(edited))
+            assert code_hash(model) != base, name
+    assert code_hash(model) == base
+    assert code_hash(_net()) == hashlib.sha256().hexdigest()  # torch layers only: nothing of ours
+    cpu = torch.device("cpu")
+    keyed, fields = cache_key("abc", {"x": (1,)}, precision="fp32", backend="onnxrt", device=cpu,
+                              code=base)
+    plain, _ = cache_key("abc", {"x": (1,)}, precision="fp32", backend="onnxrt", device=cpu)
+    assert fields["code"] == base and keyed != plain
 
 
 def test_fetch_builds_once_then_hits(tmp_path):
