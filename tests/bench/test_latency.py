@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+@pytest.fixture(scope="module")
+def bench(load_bench):
+    return load_bench("latency")
 
 
-def _load_bench():
-    sys.path.insert(0, str(BENCH))  # the benches import their siblings (common) by plain name
-    try:
-        spec = importlib.util.spec_from_file_location("bench_latency", BENCH / "latency.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-bench = _load_bench()
 ARGS = SimpleNamespace(device="cpu", threads=1, engine_threads=None, backend="auto",
                        precision="fp32")
 
@@ -31,14 +20,14 @@ ARGS = SimpleNamespace(device="cpu", threads=1, engine_threads=None, backend="au
 @pytest.mark.parametrize("kind, deformable, overlap", [
     ("regseg", "off", "off"), ("regseg+deformable", "on", "off"),
     ("regseg+deformable+overlap", "on", "on")])
-def test_each_variant_runs_the_cli_with_its_flags(kind, deformable, overlap):
+def test_each_variant_runs_the_cli_with_its_flags(bench, kind, deformable, overlap):
     cmd = bench.pipeline_command(kind, ARGS, (Path("m.nii"), Path("l.nii")), 1, 2, 10,
                                  Path("s.json"))
     assert cmd[cmd.index("--deformable") + 1] == deformable
     assert cmd[cmd.index("--overlap") + 1] == overlap
 
 
-def test_overlap_without_deformable_exits_2(capsys):
+def test_overlap_without_deformable_exits_2(bench, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--overlap", "--json", "/nonexistent/x.json"])
     assert exc.value.code == 2
