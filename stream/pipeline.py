@@ -250,7 +250,8 @@ class Pipeline:
         return self._rings[key]
 
     def __call__(self, frame: Frame) -> Result:
-        """The Result of ``frame``, waited for (do not mix with :meth:`submit` on a GPU)."""
+        """The Result of ``frame``, waited for (do not mix with :meth:`submit` on a GPU or with
+        ``overlap``: this runs the frame at once, ahead of any frame in flight)."""
         if self.device.type != "cuda":
             return self._restore(self._run_cpu(self._crop(frame)))
         return (self.submit(frame) + self.flush())[-1]
