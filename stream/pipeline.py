@@ -1,6 +1,7 @@
 """Per frame: reslice the MRI at the frame's plane, register, warp labels, segment, overlay.
 
-The tensor work of a frame is :class:`FrameChain`: the same functions on CPU and GPU, fed a
+The tensor work of a frame is :class:`~regseg.stream.chain.FrameChain` (stream/chain.py): the same
+functions on CPU and GPU, fed a
 uint8 frame and two 3x3 plane matrices, so it runs in order on the CPU and overlapped in a
 :class:`~regseg.stream.device_ring.DeviceRing` (optionally one CUDA graph) on the GPU. The host
 does only what needs numpy or OpenCV: the plane matrices before, the overlay and quality after.
@@ -14,14 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from regseg import planes, spatial
+from regseg import spatial
 from regseg.clock import now_ns
 from regseg.engines.fusion import FusionEngine
-from regseg.engines.segmentation import argmax_labels
-from regseg.stream.capture import Capture, MultiStart, Refinement, warp_labels
+from regseg.stream.capture import Capture, warp_labels
+from regseg.stream.chain import FrameChain, plane_matrices
 from regseg.stream.context import MriContext, untracked_plane
 from regseg.stream.overlay import compose_overlay
 from regseg.stream.quality import (
@@ -40,110 +39,6 @@ HOST_STAGES = ("quality",)
 #: How often to collect finished frames while some are in flight: on the GPU ring, and with the
 #: CPU overlap's worker thread (see Pipeline.poll_interval_s).
 RING_POLL_S, OVERLAP_POLL_S = 0.00025, 0.001
-
-
-def plane_matrices(context: MriContext, image_to_mri: np.ndarray, frame_hw: tuple[int, int],
-                   size: tuple[int, int]) -> np.ndarray:
-    """(2, 3, 3) float32: frame pixel (i, j, 1), then model pixel (u, v, 1), to volume grid coords.
-
-    A plane pixel has k = 0, so of the 4x4 map only the columns of i, j and the translation count:
-    ``grid = [i, j, 1] @ m.T`` gives grid_sample's (x, y, z) in the MRI volume.
-    """
-    frame_to_norm = context.world_to_normalised @ image_to_mri
-    model_to_norm = frame_to_norm @ planes.model_to_frame(frame_hw, size)
-    cols = [0, 1, 3]
-    return np.stack([frame_to_norm[:3, cols], model_to_norm[:3, cols]]).astype(np.float32)
-
-
-class FrameChain:
-    """The tensor stages of one frame for one frame size; buffers and grids made once.
-
-    Inputs: ``pixels`` (H, W) uint8 and ``mats`` (2, 3, 3) float32 from :func:`plane_matrices`,
-    both on the context's device. Every method is device-side only (no host sync), so the whole
-    chain can be captured as one CUDA graph.
-    """
-
-    def __init__(self, context: MriContext, engine: FusionEngine,
-                 frame_hw: tuple[int, int], *, refine_iterations: int = 1,
-                 multi_start: MultiStart | None = None, theta_engine: Any = None,
-                 segmenter: Any = None) -> None:
-        self.context, self.engine = context, engine
-        # Optional segmentation stage replacing the U-Net head's logits (--segmenter,
-        # regseg.stream.segmenter.Segmenter): (trus, mri, mri_labels, theta) -> logits.
-        self.segmenter = segmenter
-        self.frame_hw = (int(frame_hw[0]), int(frame_hw[1]))
-        self.size = tuple(engine.size)
-        device = context.mri.device
-        self.device = device
-        self.frame_axes = spatial.pixel_axes(*self.frame_hw, device=device)
-        self.model_axes = spatial.pixel_axes(*self.size, device=device)
-        # theta (normalised) -> frame pixels: inv(N) @ T @ N (spatial.theta_to_pixel), on device.
-        n = spatial.index_to_normalised((self.frame_hw[1], self.frame_hw[0]))
-        self.norm = torch.as_tensor(n, dtype=torch.float32, device=device)
-        self.norm_inv = torch.as_tensor(np.linalg.inv(n), dtype=torch.float32, device=device)
-        self.bottom = torch.tensor([[[0.0, 0.0, 1.0]]], device=device)
-        # Iterative refinement (regseg.stream.capture): K engine calls per frame, each on the MRI
-        # resliced at the estimate so far; theta stays normalised, the same on either grid.
-        self.refine = Refinement(self, refine_iterations, multi_start, theta_engine)
-
-    def _sample(self, volume: Tensor, m: Tensor, axes: tuple[Tensor, Tensor],
-                mode: str) -> Tensor:
-        """Sample ``volume`` (1, C, D, H, W) on the plane grid ``[i, j, 1] @ m.T``: (1, C, h, w)."""
-        grid = spatial.axes_grid(m, *axes)  # (h, w, 3): grid_sample's (x, y, z)
-        return F.grid_sample(volume, grid[None, None], mode=mode, padding_mode="zeros",
-                             align_corners=False)[:, :, 0]
-
-    def prepare(self, pixels: Tensor, mats: Tensor,
-                trus: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Model inputs: trus (1, 1, h, w), MRI plane (1, 1, h, w), label planes (1, 2, h, w).
-
-        Equal to :func:`regseg.planes.trus_input` and :func:`regseg.planes.mri_inputs` (tested).
-        ``trus`` given (e.g. made by CuPy) is used as is.
-        """
-        if trus is None:
-            trus = planes.trus_input(pixels, self.size)
-        mri = self._sample(self.context.mri, mats[1], self.model_axes, "bilinear")
-        lab = self._sample(self.context.labels_float, mats[1], self.model_axes, "nearest")
-        return trus, mri, planes.labels_onehot(lab)
-
-    def model(self, trus: Tensor, mri: Tensor, mri_labels: Tensor,
-              mats: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """theta (1, 2, 3) and logits (1, 3, h, w) (may be the engine's reused buffers).
-
-        With ``mats``, the chain's refinement runs (multi-start, then re-slice and register
-        again, :class:`regseg.stream.capture.Refinement`); theta is then the composed
-        correction of the tracked plane. Without, one engine call.
-        """
-        if mats is not None:
-            return self.refine(trus, mri, mri_labels, mats)
-        out = self.engine(trus, mri, mri_labels)
-        return out["theta"], out["logits"]
-
-    def warp_labels(self, theta: Tensor, mats: Tensor) -> Tensor:
-        """MRI labels through the refined plane, (H, W) uint8, nearest (labels stay exact)."""
-        t = torch.cat([theta.reshape(1, 2, 3).float(), self.bottom], dim=1)[0]
-        theta_px = self.norm_inv @ t @ self.norm  # output pixel -> tracked-plane pixel
-        warped = self._sample(self.context.labels_float, mats[0] @ theta_px, self.frame_axes,
-                              "nearest")
-        return warped[0, 0].to(torch.uint8)
-
-    def seg_logits(self, inputs: tuple[Tensor, Tensor, Tensor], theta: Tensor,
-                   logits: Tensor) -> Tensor:
-        """The logits to segment: the segmenter's on ``inputs`` and ``theta`` when there is one,
-        else the fusion model's ``logits``."""
-        return logits if self.segmenter is None else self.segmenter(*inputs, theta)
-
-    def segment(self, logits: Tensor) -> Tensor:
-        """Labels at frame size, (H, W) uint8: bilinear logits, then argmax."""
-        up = F.interpolate(logits, size=self.frame_hw, mode="bilinear", align_corners=False)
-        return argmax_labels(up)[0]
-
-    def run(self, pixels: Tensor, mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """All tensor stages: (theta (1, 2, 3), labels (H, W) uint8, warped labels (H, W) uint8)."""
-        inputs = self.prepare(pixels, mats)
-        theta, logits = self.model(*inputs, mats)
-        logits = self.seg_logits(inputs, theta, logits)
-        return theta, self.segment(logits), self.warp_labels(theta, mats)
 
 
 class Pipeline:
