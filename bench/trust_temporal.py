@@ -77,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         trust = json.loads(args.trust_json.read_text())
-        if not trust.get("frames_detail") or "threshold_mm" not in trust:
+        if (not isinstance(trust, dict) or not trust.get("frames_detail")
+                or "threshold_mm" not in trust):
             raise ValueError("no frames_detail or threshold_mm")
-    except (OSError, ValueError) as exc:
-        ap.error(f"{args.trust_json}: {exc}; a bench/trust.py --out JSON with its frames_detail "
-                 "is expected")
-    rows, runs = evaluate(trust)
+        rows, runs = evaluate(trust)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        ap.error(f"{args.trust_json}: {type(exc).__name__}: {exc}; a bench/trust.py --out JSON "
+                 "with its frames_detail (seed, level_mm, tre_mm, error_mm, flags per frame) is "
+                 "expected")
     print_table(rows, [("name", "error_estimate cue", ""), ("detection", "detection", ".3f"),
                        ("bad_frames", "n TRE > 5 mm", "d"), ("false_alarm", "false alarms", ".3f"),
                        ("good_frames", "n TRE <= 2 mm", "d")])

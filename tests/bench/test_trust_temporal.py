@@ -49,3 +49,8 @@ def test_cli_writes_json_and_refuses_a_file_without_frames(bench, tmp_path, caps
     with pytest.raises(SystemExit) as exc:
         bench.main([str(empty)])
     assert exc.value.code == 2 and "frames_detail" in capsys.readouterr().err
+    for bad in ([1, 2], {"threshold_mm": 1.0, "frames_detail": [{"seed": 1}]}):
+        empty.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit) as exc:
+            bench.main([str(empty)])
+        assert exc.value.code == 2 and "empty.json" in capsys.readouterr().err
