@@ -76,3 +76,6 @@ class Result:
     correction: str = "registered"
     error_tracked_mm: float = float("nan")
     error_registered_mm: float = float("nan")
+    # Image-based refinement (regseg.stream.lc2_stage, --lc2 on): how far it moved the
+    # network's plane at the gland, mm; NaN when it is off or applied nothing.
+    lc2_move_mm: float = float("nan")

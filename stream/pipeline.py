@@ -67,7 +67,8 @@ class Pipeline:
                  deformable: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
                  | None = None, capture: Capture | None = None,
                  quality: QualityCheck | None = None, segmenter: Any = None,
-                 do_no_harm: Any = None, roi: Any = None, overlap: bool = False) -> None:
+                 do_no_harm: Any = None, roi: Any = None, overlap: bool = False,
+                 lc2: Any = None) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
@@ -96,6 +97,9 @@ class Pipeline:
         self.do_no_harm = do_no_harm
         # Gland-centred window (regseg.stream.roi.GlandRoi, or None; --roi)
         self.roi = roi
+        # Image-based refinement (regseg.stream.lc2_stage.Lc2Stage, or None; --lc2): each
+        # frame's registered plane moved in-plane to maximise LC2, before the temporal filter.
+        self.lc2 = lc2
         # CPU overlap (--overlap, regseg.stream.overlap): the host half of frame N on a worker
         # thread while the affine half of frame N+1 runs here. Made on first use; close() ends it.
         self.overlap = bool(overlap) and self.device.type != "cuda"
@@ -290,6 +294,11 @@ class Pipeline:
         hw = frame.pixels.shape
         theta_px = spatial.theta_to_pixel(np.asarray(theta, np.float64).reshape(2, 3), hw)
         image_to_mri = tracked @ spatial.lift_2d(theta_px)
+        lc2_move_mm = math.nan
+        if self.lc2 is not None:
+            t_lc2 = now_ns()
+            image_to_mri, lc2_move_mm = self.lc2(frame.pixels, image_to_mri)
+            timings = {**timings, "lc2": (now_ns() - t_lc2) / 1e6}
         if self.capture.temporal is not None:
             t_cap = now_ns()
             whole, shift = self._whole(frame)
@@ -301,12 +310,13 @@ class Pipeline:
             timings = {**timings, "temporal": (now_ns() - t_cap) / 1e6}
         else:
             jump_mm = math.nan
-        return frame, image_to_mri, jump_mm, labels, warped_labels, timings, start_ns, seg_conf
+        return (frame, image_to_mri, jump_mm, labels, warped_labels, timings, start_ns, seg_conf,
+                lc2_move_mm)
 
     def _complete(self, frame: Frame, image_to_mri: np.ndarray, jump_mm: float,
                   labels: np.ndarray, warped_labels: np.ndarray | None,
-                  timings: dict[str, float], start_ns: int, seg_conf: float, *,
-                  queued_ns: int | None = None) -> Result:
+                  timings: dict[str, float], start_ns: int, seg_conf: float,
+                  lc2_move_mm: float = math.nan, *, queued_ns: int | None = None) -> Result:
         """The host half: do-no-harm, the deformable stage, quality, overlay, the Result.
         ``queued_ns``: when the affine half handed it over (``overlap``): the wait is timed as
         ``handoff``."""
@@ -372,4 +382,5 @@ class Pipeline:
             error_tracked_mm=math.nan if decision is None else decision.error_tracked_mm,
             error_registered_mm=(math.nan if decision is None
                                  else decision.error_registered_mm),
+            lc2_move_mm=lc2_move_mm,
         )

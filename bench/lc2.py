@@ -1,0 +1,175 @@
+"""Image-based refinement (``--lc2 on``) against the network alone, on family-A validation frames.
+
+The decision data for ``regseg.stream.lc2_stage.LC2_DEFAULT``: the live chain as
+``regseg-stream`` builds it (deformable stage, default capture, temporal filter), with ``--lc2
+off`` and ``--lc2 on`` on the same frames, on family-A CALIBRATION phantoms (3102..: never the
+held-out 1000.. nor family B) in three sets: the plain demo scanner, small glands in an 84 x 70 mm
+view, and a randomised scanner per phantom (``bench/roi.py``'s sets); at tracking errors of
+0/3/6/10/15 mm and deg in plane (the ``bench/accuracy.py`` model). Per set, level and mode:
+prostate Dice of the published MRI labels, tissue TRE (``regseg.metrics.tissue_tre_mm``) median
+and p90, plane TRE median, flagged share, the stage's time; pooled over the sets the same. The
+rule (``bench/results/lc2_predeclared.md``): ``on`` becomes the default if, pooled, its tissue-TRE
+median is not worse by > 0.05 mm and its p90 by > 0.25 mm at any level, and its median pooled
+over all levels is lower.
+
+``python bench/lc2.py [--quick] [--json F]`` (full: 4 phantoms x 6 frames; quick: 1 phantom x 2
+frames, levels 0/10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import tracked_frames  # noqa: E402
+from common import device_name, print_table, write_json  # noqa: E402
+from roi import case  # noqa: E402
+
+from regseg import metrics  # noqa: E402
+from regseg.types import PROSTATE  # noqa: E402
+
+SEED0 = 3102  # family-A calibration phantoms; 3100-3101 served the feasibility check
+SETS = ("plain", "small-wide", "randomised")
+MODES = ("off", "on")
+MEDIAN_SLACK_MM, P90_SLACK_MM = 0.05, 0.25
+
+
+def _case(name: str, seed: int):
+    if name == "plain":
+        from regseg.sim.phantom import make_phantom
+        from regseg.sim.scanner import ScannerConfig
+
+        return make_phantom(seed), ScannerConfig(tracking_rot_deg=0.0, tracking_shift_mm=0.0,
+                                                 tracking_scale=0.0, out_of_plane_mm=0.0)
+    return case(name, seed)
+
+
+def summary(name: str, records: list[dict]) -> dict:
+    """One row: Dice, tissue and plane TRE, flagged share and the stage's time."""
+    def arr(key):
+        return np.asarray([r[key] for r in records], dtype=np.float64)
+
+    tissue, plane = arr("tissue_tre_mm"), arr("tre_mm")
+    tissue, plane = tissue[np.isfinite(tissue)], plane[np.isfinite(plane)]
+    lc2_ms = arr("lc2_ms")
+    return {"name": name, "frames": len(records), "dice": float(np.nanmean(arr("dice"))),
+            "tre_median_mm": float(np.median(tissue)) if tissue.size else math.nan,
+            "tre_p90_mm": float(np.percentile(tissue, 90)) if tissue.size else math.nan,
+            "plane_tre_median_mm": float(np.median(plane)) if plane.size else math.nan,
+            "flagged_pct": 100.0 * float(np.mean(arr("flagged"))) if records else math.nan,
+            "lc2_ms": float(np.nanmedian(lc2_ms)) if np.isfinite(lc2_ms).any() else math.nan}
+
+
+def run(phantoms: int, levels: list[float], n: int, threads: int) -> tuple[list[dict], dict]:
+    from regseg.stream.build import (
+        build_default_capture,
+        build_deformable,
+        build_engine,
+        build_pipeline,
+    )
+    from regseg.stream.context import build_context
+    from regseg.stream.runner import frame_accuracy
+
+    engine = build_engine(backend="auto", threads=threads)
+    records: dict[tuple[str, float, str], list] = {}
+    for name in SETS:
+        for seed in range(SEED0, SEED0 + phantoms):
+            phantom, cfg = _case(name, seed)
+            context = build_context(phantom.mri, phantom.labels)
+            stage = build_deformable(context, backend="auto", threads=threads)
+            for level in levels:
+                for mode in MODES:
+                    pipeline = build_pipeline(context, engine, deformable=stage, lc2=mode,
+                                              capture=build_default_capture(
+                                                  backend="auto", threads=threads))
+                    out = records.setdefault((name, level, mode), [])
+                    for frame in tracked_frames(phantom, cfg, seed, level, n):
+                        for result in pipeline.submit(frame):
+                            dice, tre = frame_accuracy(pipeline, result)
+                            out.append({
+                                "dice": metrics.dice(result.warped_labels,
+                                                     result.frame.truth.labels, PROSTATE),
+                                "tissue_tre_mm": tre.get("registered_tissue", math.nan),
+                                "tre_mm": tre.get("registered", math.nan),
+                                "flagged": bool(result.flagged),
+                                "lc2_ms": result.timings_ms.get("lc2", math.nan)})
+            print(f"  {name} phantom {seed} done", flush=True)
+    rows = []
+    for level in levels:
+        for mode in MODES:
+            pooled = sum((records[(s, level, mode)] for s in SETS), [])
+            rows.append({**summary(f"pooled {level:g}mm {mode}", pooled), "set": "pooled",
+                         "level_mm": level, "mode": mode})
+    for mode in MODES:
+        every = sum((v for (s, lv, m), v in records.items() if m == mode), [])
+        rows.append({**summary(f"pooled all levels {mode}", every), "set": "pooled",
+                     "level_mm": "all", "mode": mode})
+    for (name, level, mode), recs in records.items():
+        rows.append({**summary(f"{name} {level:g}mm {mode}", recs), "set": name,
+                     "level_mm": level, "mode": mode})
+    return rows, decide(rows, levels)
+
+
+def decide(rows: list[dict], levels: list[float]) -> dict:
+    """The predeclared rule on the pooled rows: is ``on`` fit to be the default?"""
+    pooled = {(r["level_mm"], r["mode"]): r for r in rows if r["set"] == "pooled"}
+    worse = []
+    for level in levels:
+        off, on = pooled[(level, "off")], pooled[(level, "on")]
+        if not on["tre_median_mm"] <= off["tre_median_mm"] + MEDIAN_SLACK_MM:
+            worse.append(f"{level:g} mm median {off['tre_median_mm']:.2f} -> "
+                         f"{on['tre_median_mm']:.2f}")
+        if not on["tre_p90_mm"] <= off["tre_p90_mm"] + P90_SLACK_MM:
+            worse.append(f"{level:g} mm p90 {off['tre_p90_mm']:.2f} -> {on['tre_p90_mm']:.2f}")
+    off_all, on_all = pooled[("all", "off")], pooled[("all", "on")]
+    lower = on_all["tre_median_mm"] < off_all["tre_median_mm"]
+    if not lower:
+        worse.append(f"all levels median {off_all['tre_median_mm']:.2f} -> "
+                     f"{on_all['tre_median_mm']:.2f} (not lower)")
+    return {"on_as_default": not worse, "worse": worse, "median_slack_mm": MEDIAN_SLACK_MM,
+            "p90_slack_mm": P90_SLACK_MM}
+
+
+COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice", "dice", ".3f"),
+           ("tre_median_mm", "tTRE_med", ".2f"), ("tre_p90_mm", "tTRE_p90", ".2f"),
+           ("plane_tre_median_mm", "TRE_med", ".2f"), ("flagged_pct", "flag%", ".0f"),
+           ("lc2_ms", "lc2_ms", ".1f"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 phantom x 2 frames, levels 0,10")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads < 1:
+        print(f"bench/lc2.py: --threads {args.threads}: expected >= 1", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    levels = [0.0, 10.0] if args.quick else [0.0, 3.0, 6.0, 10.0, 15.0]
+    phantoms, n = (1, 2) if args.quick else (4, 6)
+    t0 = time.perf_counter()
+    rows, decision = run(phantoms, levels, n, args.threads)
+    wall = time.perf_counter() - t0
+    print(f"\nlc2: --lc2 off vs on, family-A calibration phantoms {SEED0}.., {phantoms} per set "
+          f"x {n} frames, {device_name()}; tissue TRE (tTRE) and plane TRE in mm")
+    print_table(rows, COLUMNS)
+    print(f"on as default: {decision['on_as_default']}"
+          + (f" (worse: {'; '.join(decision['worse'])})" if decision["worse"] else "")
+          + f"; wall {wall:.0f} s")
+    if args.json:
+        write_json(args.json, "lc2", rows, argv, device=device_name(), quick=args.quick,
+                   phantoms_per_set=phantoms, frames_per_run=n, levels=levels,
+                   seeds=list(range(SEED0, SEED0 + phantoms)), decision=decision, wall_s=wall)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

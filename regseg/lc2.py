@@ -1,0 +1,261 @@
+"""LC2: a similarity of ultrasound to MRI that is not learnt, and an in-plane search on it.
+
+LC2 (linear correlation of linear combination; Wein et al., MedIA 2008, made for ultrasound
+against CT; used for ultrasound against MRI by Fuerst et al., MedIA 2014) models the ultrasound
+inside each small window as a linear function of the MRI intensity and the MRI gradient
+magnitude, ``us ~ a * mri + b * |grad mri| + c``, fitted per window by least squares. The score
+is the share of the ultrasound's local variance those fits explain, pooled over the windows and
+weighted by that variance: 1 when every window is explained, 0 when none is. It reads where
+tissue boundaries and contrasts are, not what a scanner's speckle or grey levels look like, so
+it does not depend on a training set's appearance.
+
+:func:`refine_in_plane` searches the in-plane rigid pose (two shifts and a rotation about a
+point, in mm and degrees) that maximises LC2 between a frame and the MRI resliced at the pose,
+from a start plane: a pattern search whose candidate poses of each round are resliced and scored
+in one batch.
+
+Conventions: planes map frame pixel (i, j, 0) (i = column, j = row) to MRI world mm, as
+``Result.mri_to_image``'s inverse does (:mod:`regseg.spatial`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from regseg import spatial
+
+
+@dataclass(frozen=True)
+class Lc2Config:
+    """Settings of the score and the search (defaults: the values of the first measurement,
+    set before it from the scale of the prostate's zones and capsule, not tuned)."""
+
+    grid_mm: float = 0.6  # working pixel size: the frame is area-averaged down to about this
+    radius_mm: float = 4.0  # half-size of the local windows the fits are made in
+    step: float = 2.0  # first step of the search, mm for shifts and degrees for the rotation
+    min_step: float = 0.25  # the search stops when no move of this size improves the score
+    max_rounds: int = 24  # batched rounds at most (each scores 6 poses)
+    coarse_above: float = 0.5  # steps larger than this are scored on a grid twice as coarse
+    max_move_mm: float = 8.0  # a refinement that moves the gland further is not applied
+
+    def __post_init__(self) -> None:
+        for name in ("grid_mm", "radius_mm", "step", "min_step", "max_move_mm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"Lc2Config.{name} must be a positive number; got {value!r}")
+        if self.min_step > self.step:
+            raise ValueError(f"Lc2Config.min_step ({self.min_step}) must not exceed step "
+                             f"({self.step})")
+        if self.max_rounds < 1:
+            raise ValueError(f"Lc2Config.max_rounds must be >= 1; got {self.max_rounds}")
+
+
+def box_mean(x: Tensor, weight: Tensor, radius: int) -> Tensor:
+    """Weighted mean of ``x`` (..., H, W) in (2r+1)^2 windows, by cumulative sums (O(1) per
+    pixel whatever the window). ``weight`` (H, W) must already be multiplied into ``x``; this
+    divides by the window's weight."""
+    return _box_sum(x, radius) / _box_sum(weight, radius).clamp_min(1e-6)
+
+
+def _box_sum(x: Tensor, r: int) -> Tensor:
+    k = 2 * r + 1
+    p = F.pad(x, (r + 1, r, r + 1, r))
+    c = p.cumsum(-1)
+    c = c[..., k:] - c[..., :-k]
+    c = c.cumsum(-2)
+    return c[..., k:, :] - c[..., :-k, :]
+
+
+def gradient_magnitude(m: Tensor) -> Tensor:
+    """|grad| of (..., H, W) by central differences (one-sided at the border), per pixel."""
+    gy = torch.zeros_like(m)
+    gx = torch.zeros_like(m)
+    gy[..., 1:-1, :] = 0.5 * (m[..., 2:, :] - m[..., :-2, :])
+    gx[..., :, 1:-1] = 0.5 * (m[..., :, 2:] - m[..., :, :-2])
+    gy[..., 0, :], gy[..., -1, :] = m[..., 1, :] - m[..., 0, :], m[..., -1, :] - m[..., -2, :]
+    gx[..., :, 0], gx[..., :, -1] = m[..., :, 1] - m[..., :, 0], m[..., :, -1] - m[..., :, -2]
+    return torch.sqrt(gx * gx + gy * gy)
+
+
+class UltrasoundWindows:
+    """What LC2 needs of the ultrasound alone, made once per frame: the window weights, the local
+    means and variances of the ultrasound, and which windows count."""
+
+    def __init__(self, us: Tensor, weight: Tensor, radius: int) -> None:
+        if weight.shape != us.shape:
+            raise ValueError(f"lc2: us {tuple(us.shape)} and weight {tuple(weight.shape)} differ")
+        self.radius = radius
+        self.w = weight.to(us.dtype)
+        self.wu = us * self.w
+        self.den = _box_sum(self.w, radius).clamp_min(1e-6)
+        self.mu = _box_sum(self.wu, radius) / self.den
+        self.v_u = (_box_sum(self.wu * us, radius) / self.den - self.mu * self.mu).clamp_min(0.0)
+        inside = (self.den > 0.8 * (2 * radius + 1) ** 2) & (self.w > 0)
+        self.v_u_in = self.v_u * inside
+        self.inside = inside.to(us.dtype)
+        self.total = self.v_u_in.sum().clamp_min(1e-9)
+
+    def score(self, mri: Tensor) -> Tensor:
+        """(B,) LC2 of the ultrasound against (B, H, W) MRI images."""
+        if mri.shape[-2:] != self.w.shape:
+            raise ValueError(f"lc2: mri {tuple(mri.shape)} is not on the ultrasound's grid "
+                             f"{tuple(self.w.shape)}")
+        g = gradient_magnitude(mri)
+        mw, gw = mri * self.w, g * self.w
+        # the seven window sums of one candidate in one call: m, g, m^2, g^2, m g, m u, g u
+        maps = torch.stack([mw, gw, mw * mri, gw * g, mw * g, mri * self.wu, g * self.wu])
+        s = _box_sum(maps, self.radius) / self.den
+        m_m, m_g = s[0], s[1]
+        v_m = s[2] - m_m * m_m
+        v_g = s[3] - m_g * m_g
+        c_mg = s[4] - m_m * m_g
+        c_mu = s[5] - m_m * self.mu
+        c_gu = s[6] - m_g * self.mu
+        eps = 1e-6  # a flat window explains nothing rather than dividing by zero
+        vm, vg = v_m + eps, v_g + eps
+        det = vm * vg - c_mg * c_mg
+        explained = (vg * c_mu * c_mu - 2.0 * c_mg * c_mu * c_gu + vm * c_gu * c_gu) / det
+        explained = torch.minimum(explained.clamp_min(0.0), self.v_u)
+        return (explained * self.inside).sum((-2, -1)) / self.total
+
+
+def lc2(us: Tensor, mri: Tensor, weight: Tensor, radius: int) -> Tensor:
+    """LC2 of one ultrasound image against a batch of MRI images on the same grid.
+
+    Args:
+        us: (H, W) ultrasound intensities.
+        mri: (B, H, W) MRI intensities, one per candidate pose.
+        weight: (H, W) 1 inside the imaged area, 0 outside (windows are fitted on it only).
+        radius: window half-size in pixels.
+    Returns:
+        (B,) scores in [0, 1]; 0 when the imaged area holds no window.
+    """
+    return UltrasoundWindows(us, weight, radius).score(mri)
+
+
+@dataclass
+class Lc2Refinement:
+    """What :func:`refine_in_plane` found: the plane, and what it is worth."""
+
+    image_to_mri: np.ndarray  # (4, 4) the refined plane (the start when not applied)
+    score_start: float
+    score: float  # LC2 at the refined plane (score_start when not applied)
+    shift_mm: tuple[float, float]  # the move found, in the plane: along columns, along rows
+    rotation_deg: float
+    move_mm: float  # how far the move takes the point it rotates about, plus the rotation's arm
+    rounds: int
+    applied: bool  # False when the move exceeded ``max_move_mm`` or nothing improved
+
+
+class FrameScorer:
+    """LC2 of one frame against the MRI resliced at candidate planes, on a working grid."""
+
+    def __init__(self, pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
+                 world_to_voxel: np.ndarray, config: Lc2Config, *, coarse: int = 1) -> None:
+        h, w = pixels.shape
+        self.spacing = (float(np.linalg.norm(plane[:3, 0])), float(np.linalg.norm(plane[:3, 1])))
+        f = max(1, int(round(coarse * config.grid_mm / min(self.spacing))))
+        self.factor = f
+        self.hw = (h // f, w // f)
+        if min(self.hw) < 8:
+            raise ValueError(f"lc2: frame {h}x{w} is too small for a {config.grid_mm} mm grid")
+        frame = torch.from_numpy(np.ascontiguousarray(pixels[: self.hw[0] * f, : self.hw[1] * f]))
+        frame = frame.to(device=mri.device, dtype=torch.float32)[None, None]
+        self.us = F.avg_pool2d(frame / 255.0, f)[0, 0]
+        self.weight = (F.avg_pool2d((frame > 0).float(), f)[0, 0] > 0.99).float()
+        self.radius = max(2, int(round(config.radius_mm / (f * min(self.spacing)))))
+        # working pixel (a, b) averages frame pixels f*a .. f*a + f - 1: its centre
+        self.work_to_frame = np.diag([f, f, 1.0, 1.0])
+        self.work_to_frame[:2, 3] = (f - 1) / 2.0
+        self.windows = UltrasoundWindows(self.us, self.weight, self.radius)
+        self.mri = mri if mri.is_floating_point() else mri.float()
+        size = (mri.shape[4], mri.shape[3], mri.shape[2])
+        self.to_normalised = spatial.index_to_normalised(size) @ world_to_voxel
+        jj, ii = np.mgrid[: self.hw[0], : self.hw[1]]
+        pixels = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)], 1)
+        self.pixels = torch.as_tensor(pixels, dtype=torch.float32, device=mri.device)
+
+    def resliced(self, planes: list[np.ndarray]) -> Tensor:
+        """(B, H, W) the MRI on the working grid at each plane."""
+        mats = np.stack([(self.to_normalised @ p @ self.work_to_frame)[:3].T for p in planes])
+        m = torch.as_tensor(mats, dtype=torch.float32, device=self.mri.device)
+        grid = (self.pixels @ m).reshape(len(planes), 1, self.hw[0], self.hw[1], 3)
+        src = self.mri.expand(len(planes), -1, -1, -1, -1)
+        return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)[:, 0, 0]
+
+    def scores(self, planes: list[np.ndarray]) -> Tensor:
+        """(B,) LC2 of the frame against the MRI at each plane."""
+        return self.windows.score(self.resliced(planes))
+
+
+def in_plane_move(shift_mm: np.ndarray, angle_deg: float, centre_ij: np.ndarray,
+                  spacing: tuple[float, float]) -> np.ndarray:
+    """(4, 4) frame-pixel map of a rigid in-plane move: a rotation by ``angle_deg`` about pixel
+    ``centre_ij`` then a shift of ``shift_mm`` (along columns, along rows), rigid in mm."""
+    s = np.diag([spacing[0], spacing[1]])
+    a = math.radians(angle_deg)
+    r = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    c_mm = s @ np.asarray(centre_ij, np.float64)
+    lin = np.linalg.inv(s) @ r @ s
+    move = np.eye(4)
+    move[:2, :2] = lin
+    move[:2, 3] = np.linalg.inv(s) @ (c_mm - r @ c_mm + np.asarray(shift_mm, np.float64))
+    return move
+
+
+def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
+                    world_to_voxel: np.ndarray, centre_ij: np.ndarray,
+                    config: Lc2Config = Lc2Config(), *, arm_mm: float = 10.0) -> Lc2Refinement:
+    """Maximise LC2 over in-plane rigid moves of ``plane`` about frame pixel ``centre_ij``.
+
+    Each round scores the six moves of one step along each parameter (shift along columns,
+    along rows, rotation) from the best pose so far, in one batch, and takes the best if it
+    improves the score; otherwise the step halves, down to ``min_step``. ``arm_mm``: the radius
+    (about the gland's) at which a rotation's displacement is counted in ``move_mm``.
+    """
+    fine = FrameScorer(pixels, plane, mri, world_to_voxel, config)
+    coarse = (FrameScorer(pixels, plane, mri, world_to_voxel, config, coarse=2)
+              if config.step > config.coarse_above else fine)
+    scorer, spacing = coarse, fine.spacing
+    with torch.inference_mode():
+        best = float(scorer.scores([plane])[0])
+        p = np.zeros(3)
+        step = config.step
+        rounds = 0
+        start = None
+        while step >= config.min_step and rounds < config.max_rounds:
+            if step <= config.coarse_above and scorer is not fine:
+                scorer = fine  # rescore the pose so far on the fine grid
+                cur = plane @ in_plane_move(p[:2], p[2], centre_ij, spacing)
+                start, best = fine.scores([plane, cur]).tolist()
+            cands = []
+            for k in range(3):
+                for sign in (1.0, -1.0):
+                    q = p.copy()
+                    q[k] += sign * step
+                    cands.append(q)
+            planes = [plane @ in_plane_move(q[:2], q[2], centre_ij, spacing) for q in cands]
+            values = scorer.scores(planes)
+            rounds += 1
+            k = int(torch.argmax(values))
+            if float(values[k]) > best:
+                best, p = float(values[k]), cands[k]
+            else:
+                step /= 2.0
+    if start is None:  # the search never reached the fine grid (or started on it)
+        both = fine.scores([plane, plane @ in_plane_move(p[:2], p[2], centre_ij, spacing)])
+        start, best = both.tolist()
+    move = float(np.hypot(p[0], p[1]) + math.radians(abs(p[2])) * arm_mm)
+    applied = best > start and move <= config.max_move_mm
+    refined = plane @ in_plane_move(p[:2], p[2], centre_ij, spacing) if applied else plane
+    return Lc2Refinement(image_to_mri=refined, score_start=start,
+                         score=best if applied else start,
+                         shift_mm=(float(p[0]), float(p[1])), rotation_deg=float(p[2]),
+                         move_mm=move, rounds=rounds, applied=applied)

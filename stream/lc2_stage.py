@@ -1,0 +1,61 @@
+"""Image-based refinement of the live registration (``regseg-stream --lc2 on``).
+
+AlignSegNet's registration is learnt; on ultrasound unlike its training it is off by 2-4 mm in a
+consistent direction (README "Accuracy on a simulator it was not trained on"). This stage moves
+each frame's registered plane in-plane (two shifts and a rotation about the MRI gland's centre)
+to maximise LC2 between the frame and the MRI resliced at the plane (:mod:`regseg.lc2`): a
+similarity that is not learnt, so it does not share the network's blind spots. It runs on the
+frame's own registration, before the temporal filter, so the filter, ``jump_mm``, the deformable
+stage and the quality check see the refined plane. A move larger than
+:attr:`regseg.lc2.Lc2Config.max_move_mm` is not applied (an LC2 optimum that far from the
+network's plane is more likely a wrong one than a correction).
+
+The default (``LC2_DEFAULT``) is set by the rule written before its measurement
+(``bench/results/lc2_predeclared.md``; ``bench/lc2.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from regseg import spatial
+from regseg.lc2 import Lc2Config, refine_in_plane
+from regseg.stream.context import MriContext
+from regseg.types import PROSTATE
+
+LC2_MODES = ("on", "off")
+LC2_DEFAULT = "off"
+
+
+class Lc2Stage:
+    """(frame pixels, registered image_to_mri) -> (refined image_to_mri, move in mm)."""
+
+    def __init__(self, context: MriContext, config: Lc2Config = Lc2Config()) -> None:
+        self.context = context
+        self.config = config
+        labels = context.labels[0, 0].cpu().numpy()
+        gland = np.argwhere(labels >= PROSTATE)  # (k, j, i) voxel indices of gland and lesion
+        if len(gland) == 0:
+            raise ValueError("lc2: the MRI labels hold no gland to rotate about")
+        ijk = gland[:, ::-1].mean(0)
+        self.centre_mri = spatial.apply(context.voxel_to_world, ijk[None])[0]
+
+    def centre_ij(self, image_to_mri: np.ndarray) -> np.ndarray:
+        """The MRI gland's centre projected onto the plane, in frame pixels (i, j)."""
+        return spatial.apply(spatial.invert(image_to_mri), self.centre_mri[None])[0, :2]
+
+    def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray) -> tuple[np.ndarray, float]:
+        """The refined plane, and how far it moved the gland (NaN when nothing was applied)."""
+        found = refine_in_plane(pixels, image_to_mri, self.context.mri,
+                                self.context.world_to_voxel, self.centre_ij(image_to_mri),
+                                self.config)
+        return found.image_to_mri, (found.move_mm if found.applied else math.nan)
+
+
+def build_lc2(context: MriContext, mode: str = LC2_DEFAULT) -> Lc2Stage | None:
+    """``--lc2``'s stage over ``context`` (None for off)."""
+    if mode not in LC2_MODES:
+        raise ValueError(f"lc2 {mode!r}: expected one of {LC2_MODES}")
+    return Lc2Stage(context) if mode == "on" else None
