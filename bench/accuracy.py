@@ -262,7 +262,7 @@ def noise_row(family: str, noise: list[dict]) -> dict[str, Any]:
 def run(families: list[str], phantoms: int, levels: list[float], frames_per_run: int, *,
         deformable: bool, backend: str, device: str, threads: int | None,
         progress: bool = True, deformable_weights: str | None = None,
-        quality_weights: str | None = None, roi: str = "default"
+        quality_weights: str | None = None, roi: str = "default", lc2: str = "default"
         ) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
@@ -273,7 +273,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     from regseg.stream.context import build_context
 
     def make_pipeline(context, stage):
-        pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi)
+        pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi,
+                                  lc2=lc2)
         if quality_weights is not None:  # the Pipeline makes the shipped one on first use
             from regseg.stream.quality import QualityCheck, QualityConfig
 
@@ -409,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p.add_argument("--roi", choices=["default", *ROI_MODES], default="default",
                    help="the gland-centred window, as regseg-stream --roi (default: its default)")
+    from regseg.stream.lc2_stage import LC2_MODES
+
+    p.add_argument("--lc2", choices=["default", *LC2_MODES], default="default",
+                   help="the image-based refinement, as regseg-stream --lc2 (default: its "
+                   "default)")
     p.add_argument("--label", default=None,
                    help="free text stored in the JSON to name the chain, e.g. 'baseline a1b0414'")
     args = p.parse_args(argv)
@@ -425,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                                deformable=args.deformable == "on",
                                backend=args.backend, device=args.device,
                                threads=args.threads, deformable_weights=args.deformable_weights,
-                               quality_weights=args.quality_weights, roi=args.roi)
+                               quality_weights=args.quality_weights, roi=args.roi,
+                               lc2=args.lc2)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     for fam in families:
         rates = flag_rates([r for r in records if r["family"] == fam])
@@ -452,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,
-                   deformable_weights=args.deformable_weights, roi=args.roi,
+                   deformable_weights=args.deformable_weights, roi=args.roi, lc2=args.lc2,
                    flag_reasons=flag_reasons(records),
                    frames_detail=records, noise_detail=noise)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)

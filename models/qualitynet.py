@@ -66,12 +66,15 @@ def standardise(x: Tensor, eps: float = 1e-3) -> Tensor:
     return (x - mean) / (var.sqrt() + eps) * inside
 
 
-def chain_key(refine_iterations: int, deformable: bool, multi_start: bool) -> str:
+def chain_key(refine_iterations: int, deformable: bool, multi_start: bool,
+              lc2: bool = False) -> str:
     """The name of a live chain as far as it changes what QualityNet is given: the registration
-    iterations K (``--refine-iterations``), the deformable stage (``--deformable``) and the
-    multi-start (``--multi-start``), e.g. ``"K2/deformable-on/multi-start-off"``."""
+    iterations K (``--refine-iterations``), the deformable stage (``--deformable``), the
+    multi-start (``--multi-start``) and the image-based refinement (``--lc2``, named only when
+    on, so the keys of chains without it are those calibrated before it existed), e.g.
+    ``"K2/deformable-on/multi-start-off"``, ``"K2/deformable-on/multi-start-off/lc2-on"``."""
     return (f"K{int(refine_iterations)}/deformable-{'on' if deformable else 'off'}"
-            f"/multi-start-{'on' if multi_start else 'off'}")
+            f"/multi-start-{'on' if multi_start else 'off'}" + ("/lc2-on" if lc2 else ""))
 
 
 def save_qualitynet(path: str | Path, model: QualityNet, calibration: dict) -> None:

@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a frame much wider than the MRI gland is cropped to a window "
                    "1.8 x the gland's diameter around it before the networks, and the results "
                    f"mapped back (default {ROI_DEFAULT}; README 'Gland-centred window')")
+    from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_MODES
+
+    p.add_argument("--lc2", action=Once, choices=list(LC2_MODES), default=LC2_DEFAULT,
+                   help="on: move each frame's registered plane in-plane (shifts and a rotation, "
+                   "at most 8 mm) to where the frame best matches the MRI by LC2, an image "
+                   "similarity that is not learnt; costs ~40-150 ms per frame on a 2-core CPU "
+                   f"(default {LC2_DEFAULT}; README 'Image-based refinement')")
     from regseg.stream.overlap import OVERLAP_DEFAULT
 
     p.add_argument("--overlap", action=Once, choices=["on", "off"], default=OVERLAP_DEFAULT,

@@ -172,10 +172,10 @@ class Assessment:
 def pipeline_chain(pipeline) -> str:
     """:func:`regseg.models.qualitynet.chain_key` of the chain a
     :class:`regseg.stream.pipeline.Pipeline` runs (its capture's K and multi-start, and whether
-    it has a deformable stage)."""
+    it has a deformable stage and the image-based refinement)."""
     capture = pipeline.capture
     return chain_key(capture.refine_iterations, pipeline.deformable is not None,
-                     capture.multi_start is not None)
+                     capture.multi_start is not None, getattr(pipeline, "lc2", None) is not None)
 
 
 class QualityCheck:

@@ -84,6 +84,9 @@ def calibrate_chains(args: argparse.Namespace, weights: Path, chains: list[str],
         "calibration_sets": calibration_sets(args),
         "temporal_filter": "not applied (unrelated frames)", "by_chain": report}
     summary.pop("recalibration", None)  # of the one-chain calibration this replaces
+    # the reports of chains calibrated before and kept in the checkpoint stay beside the new
+    kept = (summary.get("chain_calibration") or {}).get("by_chain") or {}
+    part["by_chain"] = {**{c: r for c, r in kept.items() if c in by_chain}, **report}
     summary["chain_calibration"] = part
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return part
@@ -95,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None,
                         help="QualityNet checkpoint to calibrate (default OUT/qualitynet.pt)")
     parser.add_argument("--chains", nargs="+", default=list(GRID),
-                        help="chains to calibrate, K<n>/deformable-<on|off>/multi-start-<on|off> "
+                        help="chains to calibrate, K<n>/deformable-<on|off>/multi-start-<on|off>[/lc2-on] "
                         f"(default the grid {' '.join(GRID)})")
     parser.add_argument("--calib-phantoms", type=int, default=8,
                         help=f"family-A calibration phantoms (seeds {CALIB_SEED0}..)")

@@ -23,11 +23,12 @@ from regseg.errors import InputError
 from regseg.models.qualitynet import chain_key
 from regseg.stream.capture import MULTI_START_DEFAULT, REFINE_ITERATIONS
 from regseg.stream.cli_parser import DEFORMABLE_DEFAULT
+from regseg.stream.lc2_stage import LC2_DEFAULT
 
-#: The chain ``regseg-stream`` runs without flags (its --refine-iterations, --deformable and
-#: --multi-start defaults).
+#: The chain ``regseg-stream`` runs without flags (its --refine-iterations, --deformable,
+#: --multi-start and --lc2 defaults).
 DEFAULT_CHAIN = chain_key(REFINE_ITERATIONS, DEFORMABLE_DEFAULT == "on",
-                          MULTI_START_DEFAULT == "on")
+                          MULTI_START_DEFAULT == "on", LC2_DEFAULT == "on")
 #: The chains ``python -m regseg.train.quality_calibrate`` calibrates by default: K 1-3 with and
 #: without the deformable stage (multi-start off, its default).
 GRID = tuple(chain_key(k, d, False) for k in (1, 2, 3) for d in (True, False))
@@ -35,11 +36,12 @@ GRID = tuple(chain_key(k, d, False) for k in (1, 2, 3) for d in (True, False))
 FEATURES = ("ddf_gland_mean_mm", "ddf_gland_p90_mm", "affine_vs_final_dice",
             "seg_vs_registered_dice", "seg_confidence", "gland_area_ratio")
 
-_CHAIN = re.compile(r"K([1-9][0-9]?)/deformable-(on|off)/multi-start-(on|off)")
+_CHAIN = re.compile(r"K([1-9][0-9]?)/deformable-(on|off)/multi-start-(on|off)(/lc2-on)?")
 
 
 def parse_chain(chain: str) -> tuple[int, bool, bool]:
-    """(refine_iterations, deformable, multi_start) of a :func:`chain_key`.
+    """(refine_iterations, deformable, multi_start) of a :func:`chain_key`
+    (:func:`chain_lc2`: whether it names the image-based refinement).
 
     Raises:
         InputError: not a chain key.
@@ -47,8 +49,14 @@ def parse_chain(chain: str) -> tuple[int, bool, bool]:
     m = _CHAIN.fullmatch(chain)
     if m is None:
         raise InputError(f"--chains {chain!r}: expected K<iterations>/deformable-<on|off>/"
-                         f"multi-start-<on|off>, e.g. {DEFAULT_CHAIN}")
+                         f"multi-start-<on|off>[/lc2-on], e.g. {DEFAULT_CHAIN}")
     return int(m.group(1)), m.group(2) == "on", m.group(3) == "on"
+
+
+def chain_lc2(chain: str) -> bool:
+    """Whether the chain key ``chain`` runs the image-based refinement (``--lc2 on``)."""
+    parse_chain(chain)
+    return chain.endswith("/lc2-on")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

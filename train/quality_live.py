@@ -47,7 +47,7 @@ from regseg.train.quality import (
     random_rigid,
     regression_step,
 )
-from regseg.train.quality_chain import DEFAULT_CHAIN, chain_features, parse_chain
+from regseg.train.quality_chain import DEFAULT_CHAIN, chain_features, chain_lc2, parse_chain
 
 RAND_CALIB_SEED0 = 3300  # randomised family A: calibration (training: RAND_SEED0..)
 LIVE_VERSION = 3  # 2: the chain refines as the CLI's default (K iterations); 3: + features
@@ -67,10 +67,12 @@ def live_samples(seeds: list[int], frames: int, *, seed: int, weights: Path,
     from regseg.stream.capture import build_capture
     from regseg.stream.context import build_context
     from regseg.stream.deformable import DeformableStage
+    from regseg.stream.lc2_stage import Lc2Stage
     from regseg.stream.pipeline import Pipeline
     from regseg.stream.quality import QualityCheck, QualityConfig
 
     refine_iterations, deformable, multi_start = parse_chain(chain)
+    lc2 = chain_lc2(chain)
     torch.set_num_threads(1)
     engine = FusionEngine("alignsegnet", backend="eager")
     capture = build_capture(refine_iterations, multi_start, "off", backend="eager")
@@ -81,6 +83,7 @@ def live_samples(seeds: list[int], frames: int, *, seed: int, weights: Path,
         context = build_context(phantom.mri, phantom.labels)
         stage = DeformableStage(context, backend="eager") if deformable else None
         pipeline = Pipeline(context, engine, deformable=stage, capture=capture,
+                            lc2=Lc2Stage(context) if lc2 else None,
                             quality=QualityCheck(context, QualityConfig(  # threshold unused
                                 weights=weights, error_threshold_mm=math.inf), chain=chain))
         estimator = pipeline.quality.estimator
@@ -141,10 +144,17 @@ def tre_balancing_weights(tre: torch.Tensor, group: torch.Tensor,
     return weights
 
 
+#: The chain whose cached live pairs carry no chain in their file name (the CLI's default
+#: chain until session 16).
+UNNAMED_CACHE_CHAIN = "K2/deformable-on/multi-start-off"
+
+
 def cached_live(cache: Path | None, seeds: list[int], frames: int, *, seed: int,
                 weights: Path, scanner: str = "plain", chain: str = DEFAULT_CHAIN) -> dict:
     kind = "" if scanner == "plain" else f"-{scanner}"
-    kind += "" if chain == DEFAULT_CHAIN else "-" + chain.replace("/", "-")
+    # named by the chain, except the one that was the default when the cache was named after
+    # the default (its files carry no chain): the default may change (it did: --lc2 on)
+    kind += "" if chain == UNNAMED_CACHE_CHAIN else "-" + chain.replace("/", "-")
     # the pairs change with the networks that make them: AlignSegNet, and PLCReg 2-D when on
     deformable = f"-{_plcreg2d_id()}" if parse_chain(chain)[1] else ""
     name = (f"quality-live-v{LIVE_VERSION}{kind}-{seeds[0]}-{len(seeds)}-{frames}-{seed}"

@@ -202,7 +202,7 @@ class Session:
                                            capture=capture, reference_to_mri=plan.reference_to_mri,
                                            do_no_harm=args.do_no_harm,
                                            do_no_harm_margin_mm=args.do_no_harm_margin_mm,
-                                           roi=args.roi)
+                                           roi=args.roi, lc2=args.lc2)
             self.registration.bind(self.pipeline.set_reference_to_mri)
             self.gate = FrameGate(plan.limits)
         except BaseException:

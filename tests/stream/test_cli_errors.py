@@ -163,6 +163,7 @@ CASES = [
      ["--cuda-graph", "need a CUDA device", "runs on cpu"]),
     ("overlap with a gland window", [*DEMO, "--overlap", "on", "--roi", "auto"],
      ["--overlap on with --roi auto", "use one of them"]),
+    ("lc2 mode", [*DEMO, "--lc2", "maybe"], ["--lc2", "maybe", "on", "off"]),
 ]
 
 

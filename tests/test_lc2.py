@@ -1,0 +1,137 @@
+"""LC2 (regseg.lc2): the score is the share of the ultrasound's local variance a linear fit of the
+MRI and its gradient explains; the CPU (OpenCV) and torch paths agree; the in-plane search finds a
+known misregistration on a synthetic pair and does not apply a move beyond its limit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regseg import metrics, spatial
+from regseg.lc2 import (
+    FrameScorer,
+    Lc2Config,
+    UltrasoundWindows,
+    box_mean,
+    gradient_magnitude,
+    in_plane_move,
+    lc2,
+    refine_in_plane,
+)
+
+
+def smooth_field(shape, seed, sigma=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((1, 1, *shape), generator=g)
+    k = 2 * sigma + 1
+    for _ in range(3):
+        x = F.avg_pool3d(x, k, 1, sigma) if len(shape) == 3 else F.avg_pool2d(x, k, 1, sigma)
+    return x
+
+
+def test_box_mean_is_the_windowed_weighted_mean():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.rand(9, 11, generator=g), (torch.rand(9, 11, generator=g) > 0.3).float()
+    got = box_mean(x * w, w, 2)
+    for j, i in ((0, 0), (4, 5), (8, 10), (3, 1)):
+        win = (slice(max(0, j - 2), j + 3), slice(max(0, i - 2), i + 3))
+        expect = (x[win] * w[win]).sum() / w[win].sum().clamp_min(1e-6)
+        assert got[j, i] == pytest.approx(float(expect), abs=1e-5)
+
+
+def test_lc2_is_one_for_a_local_linear_combination_and_low_for_noise():
+    m = smooth_field((64, 64), 1)[0, 0] * 40  # contrast well above the fits' 1e-6 ridge
+    g = gradient_magnitude(m)
+    us = 0.7 * m + 3.0 * g + 0.2
+    w = torch.ones(64, 64)
+    assert float(lc2(us, m[None], w, 4)[0]) > 0.999
+    # any gain and offset of the ultrasound: the same score (the fits absorb them)
+    assert float(lc2(5 * us + 7, m[None], w, 4)[0]) > 0.999
+    noise = torch.rand(64, 64, generator=torch.Generator().manual_seed(2))
+    assert float(lc2(noise, m[None], w, 4)[0]) < 0.15
+    # outside the weight nothing counts: a region of noise masked out leaves the score at 1
+    mixed, w2 = us.clone(), w.clone()
+    mixed[:, 40:], w2[:, 40:] = noise[:, 40:], 0.0
+    assert float(lc2(mixed, m[None], w2, 4)[0]) > 0.999
+
+
+def test_cpu_and_torch_paths_agree():
+    us = smooth_field((40, 50), 3)[0, 0] + 0.1 * torch.rand(40, 50)
+    mri = torch.cat([smooth_field((40, 50), s)[0] for s in (4, 5, 6)])
+    w = torch.ones(40, 50)
+    w[:, :5] = 0
+    windows = UltrasoundWindows(us, w, 3)
+    fast = windows.score(mri)  # float32 on the CPU: the OpenCV path
+    slow = UltrasoundWindows(us.double(), w.double(), 3).score(mri.double())  # torch path
+    assert torch.allclose(fast.double(), slow, atol=2e-4)
+    with pytest.raises(ValueError, match="grid"):
+        windows.score(mri[:, :10])
+
+
+def synthetic_case():
+    """An MRI volume (smooth texture, 1 mm voxels) and a frame that is a local linear combination
+    of the MRI and its gradient on a known plane (a fan-shaped imaged area)."""
+    vol = smooth_field((40, 96, 96), 7, sigma=2)[0, 0]  # (D, H, W): k, j, i
+    mri = (vol - vol.min()) / (vol.max() - vol.min())
+    voxel_to_world = np.eye(4)
+    world_to_voxel = np.eye(4)
+    # frame pixels of 0.5 mm, 128 x 128, on the plane k = 20, centred in the volume
+    true = np.eye(4)
+    true[:3, 0], true[:3, 1] = [0.5, 0, 0], [0, 0.5, 0]
+    true[:3, 3] = [16.0, 16.0, 20.0]
+    mri_t = mri[None, None].float()
+    m = spatial.reslice(mri_t, world_to_voxel, true, (128, 128))[0, 0]
+    us = 0.6 * m + 6.0 * gradient_magnitude(m) + 0.05 * torch.rand(128, 128)
+    us = (255 * us / us.max()).clamp(1, 255)
+    jj, ii = np.mgrid[:128, :128]
+    us[torch.from_numpy(np.hypot(ii - 64, jj + 20) > 150)] = 0  # outside the "fan"
+    return mri_t, voxel_to_world, world_to_voxel, true, us.numpy().astype(np.uint8)
+
+
+def test_search_finds_a_known_in_plane_error():
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    wrong = true @ in_plane_move(np.array([1.5, -1.2]), 2.0, centre, (0.5, 0.5))
+    pts = np.argwhere(pixels > 0)[::37, ::-1]
+    before = metrics.tre_mm(wrong, true, pts)
+    found = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    after = metrics.tre_mm(found.image_to_mri, true, pts)
+    assert before > 1.5
+    assert found.applied and found.score > found.score_start
+    assert after < 0.4, (before, after, found)
+    assert math.isclose(found.move_mm, np.hypot(*found.shift_mm)
+                        + math.radians(abs(found.rotation_deg)) * 10.0)
+
+
+def test_a_move_beyond_the_limit_is_not_applied():
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    wrong = true @ in_plane_move(np.array([2.0, 0.0]), 0.0, centre, (0.5, 0.5))
+    found = refine_in_plane(pixels, wrong, mri, w2v, centre, Lc2Config(max_move_mm=0.5))
+    assert not found.applied
+    assert np.array_equal(found.image_to_mri, wrong) and found.score == found.score_start
+    assert found.move_mm > 0.5
+
+
+def test_in_plane_move_is_rigid_in_mm_with_anisotropic_pixels():
+    spacing = (0.2, 0.5)
+    move = in_plane_move(np.array([1.0, -2.0]), 30.0, np.array([10.0, 20.0]), spacing)
+    s = np.diag([spacing[0], spacing[1]])
+    lin_mm = s @ move[:2, :2] @ np.linalg.inv(s)
+    assert np.allclose(lin_mm.T @ lin_mm, np.eye(2))  # a rotation in mm
+    c = move @ np.array([10.0, 20.0, 0.0, 1.0])
+    assert np.allclose(s @ (c[:2] - [10.0, 20.0]), [1.0, -2.0])  # the centre moves by the shift
+
+
+def test_frame_scorer_refuses_a_tiny_frame_and_config_is_checked():
+    mri, _, w2v, true, _ = synthetic_case()
+    with pytest.raises(ValueError, match="too small"):
+        FrameScorer(np.full((6, 6), 9, np.uint8), true, mri, w2v, Lc2Config())
+    for bad in ({"grid_mm": 0.0}, {"radius_mm": float("nan")}, {"min_step": 3.0},
+                {"max_rounds": 0}):
+        with pytest.raises(ValueError, match="Lc2Config"):
+            Lc2Config(**bad)
