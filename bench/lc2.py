@@ -37,7 +37,8 @@ from regseg.types import PROSTATE  # noqa: E402
 
 SEED0 = 3102  # family-A calibration phantoms; 3100-3101 served the feasibility check
 SETS = ("plain", "small-wide", "randomised")
-MODES = ("off", "on")
+MODES = ("off", "on")  # --modes may add "warm" (the addendum in lc2_predeclared.md)
+WARM_TIME_RATIO = 0.6
 MEDIAN_SLACK_MM, P90_SLACK_MM = 0.05, 0.25
 
 
@@ -67,7 +68,8 @@ def summary(name: str, records: list[dict]) -> dict:
             "lc2_ms": float(np.nanmedian(lc2_ms)) if np.isfinite(lc2_ms).any() else math.nan}
 
 
-def run(phantoms: int, levels: list[float], n: int, threads: int) -> tuple[list[dict], dict]:
+def run(phantoms: int, levels: list[float], n: int, threads: int, *, seed0: int = SEED0,
+        modes: tuple[str, ...] = MODES) -> tuple[list[dict], dict]:
     from regseg.stream.build import (
         build_default_capture,
         build_deformable,
@@ -80,12 +82,12 @@ def run(phantoms: int, levels: list[float], n: int, threads: int) -> tuple[list[
     engine = build_engine(backend="auto", threads=threads)
     records: dict[tuple[str, float, str], list] = {}
     for name in SETS:
-        for seed in range(SEED0, SEED0 + phantoms):
+        for seed in range(seed0, seed0 + phantoms):
             phantom, cfg = _case(name, seed)
             context = build_context(phantom.mri, phantom.labels)
             stage = build_deformable(context, backend="auto", threads=threads)
             for level in levels:
-                for mode in MODES:
+                for mode in modes:
                     pipeline = build_pipeline(context, engine, deformable=stage, lc2=mode,
                                               capture=build_default_capture(
                                                   backend="auto", threads=threads))
@@ -103,38 +105,62 @@ def run(phantoms: int, levels: list[float], n: int, threads: int) -> tuple[list[
             print(f"  {name} phantom {seed} done", flush=True)
     rows = []
     for level in levels:
-        for mode in MODES:
+        for mode in modes:
             pooled = sum((records[(s, level, mode)] for s in SETS), [])
             rows.append({**summary(f"pooled {level:g}mm {mode}", pooled), "set": "pooled",
                          "level_mm": level, "mode": mode})
-    for mode in MODES:
+    for mode in modes:
         every = sum((v for (s, lv, m), v in records.items() if m == mode), [])
         rows.append({**summary(f"pooled all levels {mode}", every), "set": "pooled",
                      "level_mm": "all", "mode": mode})
     for (name, level, mode), recs in records.items():
         rows.append({**summary(f"{name} {level:g}mm {mode}", recs), "set": name,
                      "level_mm": level, "mode": mode})
-    return rows, decide(rows, levels)
+    decision = decide(rows, levels)
+    if "warm" in modes:
+        decision["warm"] = decide_warm(rows, levels)
+    return rows, decision
 
 
-def decide(rows: list[dict], levels: list[float]) -> dict:
-    """The predeclared rule on the pooled rows: is ``on`` fit to be the default?"""
+def decide(rows: list[dict], levels: list[float], mode: str = "on") -> dict:
+    """The predeclared rule on the pooled rows: is ``mode`` fit to be the default?"""
     pooled = {(r["level_mm"], r["mode"]): r for r in rows if r["set"] == "pooled"}
     worse = []
     for level in levels:
-        off, on = pooled[(level, "off")], pooled[(level, "on")]
+        off, on = pooled[(level, "off")], pooled[(level, mode)]
         if not on["tre_median_mm"] <= off["tre_median_mm"] + MEDIAN_SLACK_MM:
             worse.append(f"{level:g} mm median {off['tre_median_mm']:.2f} -> "
                          f"{on['tre_median_mm']:.2f}")
         if not on["tre_p90_mm"] <= off["tre_p90_mm"] + P90_SLACK_MM:
             worse.append(f"{level:g} mm p90 {off['tre_p90_mm']:.2f} -> {on['tre_p90_mm']:.2f}")
-    off_all, on_all = pooled[("all", "off")], pooled[("all", "on")]
+    off_all, on_all = pooled[("all", "off")], pooled[("all", mode)]
     lower = on_all["tre_median_mm"] < off_all["tre_median_mm"]
     if not lower:
         worse.append(f"all levels median {off_all['tre_median_mm']:.2f} -> "
                      f"{on_all['tre_median_mm']:.2f} (not lower)")
     return {"on_as_default": not worse, "worse": worse, "median_slack_mm": MEDIAN_SLACK_MM,
             "p90_slack_mm": P90_SLACK_MM}
+
+
+def decide_warm(rows: list[dict], levels: list[float]) -> dict:
+    """The addendum's rule: ``warm`` replaces ``on`` if it passes :func:`decide` against off, is
+    not worse than ``on`` by the same slack at any level, and takes at most WARM_TIME_RATIO of
+    its median stage time."""
+    pooled = {(r["level_mm"], r["mode"]): r for r in rows if r["set"] == "pooled"}
+    against_off = decide(rows, levels, "warm")
+    worse = list(against_off["worse"])
+    for level in levels:
+        on, warm = pooled[(level, "on")], pooled[(level, "warm")]
+        if not warm["tre_median_mm"] <= on["tre_median_mm"] + MEDIAN_SLACK_MM:
+            worse.append(f"vs on: {level:g} mm median {on['tre_median_mm']:.2f} -> "
+                         f"{warm['tre_median_mm']:.2f}")
+        if not warm["tre_p90_mm"] <= on["tre_p90_mm"] + P90_SLACK_MM:
+            worse.append(f"vs on: {level:g} mm p90 {on['tre_p90_mm']:.2f} -> "
+                         f"{warm['tre_p90_mm']:.2f}")
+    ratio = pooled[("all", "warm")]["lc2_ms"] / pooled[("all", "on")]["lc2_ms"]
+    if not ratio <= WARM_TIME_RATIO:
+        worse.append(f"time ratio {ratio:.2f} > {WARM_TIME_RATIO}")
+    return {"warm_as_default": not worse, "worse": worse, "time_ratio": ratio}
 
 
 COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice", "dice", ".3f"),
@@ -148,7 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 phantom x 2 frames, levels 0,10")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--seed0", type=int, default=SEED0,
+                   help=f"first calibration phantom (default {SEED0}); 3100-3199 only")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=["off", "on", "warm"],
+                   help="modes to run; off and on are required (default: off on)")
     args = p.parse_args(argv)
+    if not 3100 <= args.seed0 <= 3196 or not {"off", "on"} <= set(args.modes):
+        print(f"bench/lc2.py: --seed0 {args.seed0} / --modes {' '.join(args.modes)}: expected "
+              "a calibration phantom 3100-3196 and modes including off and on", file=sys.stderr)
+        return 2
     if args.threads < 1:
         print(f"bench/lc2.py: --threads {args.threads}: expected >= 1", file=sys.stderr)
         return 2
@@ -156,18 +190,24 @@ def main(argv: list[str] | None = None) -> int:
     levels = [0.0, 10.0] if args.quick else [0.0, 3.0, 6.0, 10.0, 15.0]
     phantoms, n = (1, 2) if args.quick else (4, 6)
     t0 = time.perf_counter()
-    rows, decision = run(phantoms, levels, n, args.threads)
+    modes = tuple(dict.fromkeys(args.modes))
+    rows, decision = run(phantoms, levels, n, args.threads, seed0=args.seed0, modes=modes)
     wall = time.perf_counter() - t0
-    print(f"\nlc2: --lc2 off vs on, family-A calibration phantoms {SEED0}.., {phantoms} per set "
+    print(f"\nlc2: --lc2 {' vs '.join(modes)}, family-A calibration phantoms {args.seed0}.., "
+          f"{phantoms} per set "
           f"x {n} frames, {device_name()}; tissue TRE (tTRE) and plane TRE in mm")
     print_table(rows, COLUMNS)
     print(f"on as default: {decision['on_as_default']}"
           + (f" (worse: {'; '.join(decision['worse'])})" if decision["worse"] else "")
+          + (f"; warm as default: {decision['warm']['warm_as_default']}"
+             + (f" (worse: {'; '.join(decision['warm']['worse'])})"
+                if decision["warm"]["worse"] else "") if "warm" in decision else "")
           + f"; wall {wall:.0f} s")
     if args.json:
         write_json(args.json, "lc2", rows, argv, device=device_name(), quick=args.quick,
                    phantoms_per_set=phantoms, frames_per_run=n, levels=levels,
-                   seeds=list(range(SEED0, SEED0 + phantoms)), decision=decision, wall_s=wall)
+                   seeds=list(range(args.seed0, args.seed0 + phantoms)), modes=list(modes),
+                   decision=decision, wall_s=wall)
     return 0
 
 

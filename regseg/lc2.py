@@ -234,37 +234,51 @@ def in_plane_move(shift_mm: np.ndarray, angle_deg: float, centre_ij: np.ndarray,
                   spacing: tuple[float, float]) -> np.ndarray:
     """(4, 4) frame-pixel map of a rigid in-plane move: a rotation by ``angle_deg`` about pixel
     ``centre_ij`` then a shift of ``shift_mm`` (along columns, along rows), rigid in mm."""
-    s = np.diag([spacing[0], spacing[1]])
+    sp = np.array([spacing[0], spacing[1]], np.float64)
     a = math.radians(angle_deg)
     r = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    c_mm = s @ np.asarray(centre_ij, np.float64)
-    lin = np.linalg.inv(s) @ r @ s
+    c_mm = sp * np.asarray(centre_ij, np.float64)
     move = np.eye(4)
-    move[:2, :2] = lin
-    move[:2, 3] = np.linalg.inv(s) @ (c_mm - r @ c_mm + np.asarray(shift_mm, np.float64))
+    move[:2, :2] = r * sp[None, :] / sp[:, None]  # S^-1 R S for S = diag(spacing)
+    move[:2, 3] = (c_mm - r @ c_mm + np.asarray(shift_mm, np.float64)) / sp
     return move
 
 
 def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
                     world_to_voxel: np.ndarray, centre_ij: np.ndarray,
-                    config: Lc2Config = Lc2Config(), *, arm_mm: float = 10.0) -> Lc2Refinement:
+                    config: Lc2Config | None = None, *, arm_mm: float = 10.0,
+                    warm: np.ndarray | None = None, warm_step: float = 0.5) -> Lc2Refinement:
     """Maximise LC2 over in-plane rigid moves of ``plane`` about frame pixel ``centre_ij``.
 
     Each round scores the six moves of one step along each parameter (shift along columns,
     along rows, rotation) from the best pose so far, in one batch, and takes the best if it
     improves the score; otherwise the step halves, down to ``min_step``. ``arm_mm``: the radius
     (about the gland's) at which a rotation's displacement is counted in ``move_mm``.
+
+    ``warm``: a move (shift along columns, along rows in mm, rotation in degrees) to start from,
+    e.g. the previous frame's; it is scored beside no move and the better starts the search,
+    whose first step is then ``warm_step`` (on the fine grid when that is <= ``coarse_above``).
     """
+    config = Lc2Config() if config is None else config
+    first_step = config.step if warm is None else min(config.step, warm_step)
     fine = FrameScorer(pixels, plane, mri, world_to_voxel, config)
     coarse = (FrameScorer(pixels, plane, mri, world_to_voxel, config, coarse=2)
-              if config.step > config.coarse_above else fine)
+              if first_step > config.coarse_above else fine)
     scorer, spacing = coarse, fine.spacing
     with torch.inference_mode():
-        best = float(scorer.scores([plane])[0])
         p = np.zeros(3)
-        step = config.step
-        rounds = 0
         start = None
+        if warm is None:
+            best = float(scorer.scores([plane])[0])
+        else:
+            w = np.asarray(warm, np.float64).reshape(3)
+            both = scorer.scores([plane, plane @ in_plane_move(w[:2], w[2], centre_ij, spacing)])
+            start_score, warm_score = both.tolist()
+            best, p = (warm_score, w.copy()) if warm_score > start_score else (start_score, p)
+            if scorer is fine:
+                start = start_score
+        step = first_step
+        rounds = 0
         while step >= config.min_step and rounds < config.max_rounds:
             if step <= config.coarse_above and scorer is not fine:
                 scorer = fine  # rescore the pose so far on the fine grid

@@ -1,0 +1,65 @@
+"""bench/lc2.py: its rule is the one written before the run (bench/results/lc2_predeclared.md),
+its phantoms are calibration phantoms, and the committed run states the decision the shipped
+default follows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from regseg.stream.lc2_stage import LC2_DEFAULT
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench(load_bench):
+    return load_bench("lc2")
+
+
+def pooled(level, mode, median, p90):
+    return {"set": "pooled", "level_mm": level, "mode": mode, "tre_median_mm": median,
+            "tre_p90_mm": p90}
+
+
+def rows(*per_level, all_off=1.0, all_on=0.9):
+    out = [pooled(lv, m, med, p90) for lv, (off, on) in per_level
+           for m, (med, p90) in (("off", off), ("on", on))]
+    return out + [pooled("all", "off", all_off, 9.0), pooled("all", "on", all_on, 9.0)]
+
+
+def test_rule_needs_every_level_within_its_slack_and_a_lower_pooled_median(bench):
+    ok = rows((0.0, ((1.0, 2.0), (1.04, 2.2))), (10.0, ((1.5, 3.0), (1.2, 2.5))))
+    assert bench.decide(ok, [0.0, 10.0]) == {"on_as_default": True, "worse": [],
+                                             "median_slack_mm": 0.05, "p90_slack_mm": 0.25}
+    tail = rows((0.0, ((1.0, 2.0), (1.0, 2.0))), (10.0, ((1.5, 3.0), (1.2, 3.3))))
+    d = bench.decide(tail, [0.0, 10.0])
+    assert not d["on_as_default"] and d["worse"] == ["10 mm p90 3.00 -> 3.30"]
+    median = rows((0.0, ((1.0, 2.0), (1.06, 2.0))))
+    assert bench.decide(median, [0.0])["worse"] == ["0 mm median 1.00 -> 1.06"]
+    flat = rows((0.0, ((1.0, 2.0), (1.0, 2.0))), all_off=1.0, all_on=1.0)
+    assert bench.decide(flat, [0.0])["worse"] == ["all levels median 1.00 -> 1.00 (not lower)"]
+    nan = rows((0.0, ((1.0, 2.0), (float("nan"), 2.0))))
+    assert not bench.decide(nan, [0.0])["on_as_default"]  # a missing number never passes
+
+
+def test_sets_are_calibration_phantoms(bench):
+    assert bench.SEED0 >= 3102 and bench.SEED0 + 4 <= 3108  # never 1000.. nor family B
+    assert bench.SETS == ("plain", "small-wide", "randomised")
+    phantom, cfg = bench._case("plain", bench.SEED0)
+    assert cfg.tracking_shift_mm == 0.0 and cfg.out_of_plane_mm == 0.0
+
+
+def test_committed_results_replay_to_their_decision(bench):
+    data = json.loads((ROOT / "bench/results/lc2_validation.json").read_text())
+    assert data["bench"] == "lc2" and not data["quick"]
+    assert bench.decide(data["results"], data["levels"]) == data["decision"]
+    assert data["decision"]["on_as_default"] and LC2_DEFAULT == "on"
+    assert (ROOT / "bench/results/lc2_predeclared.md").is_file()
+
+
+def test_bad_threads_exit_2(bench, capsys):
+    assert bench.main(["--threads", "0"]) == 2
+    assert "--threads 0" in capsys.readouterr().err
