@@ -98,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None,
                         help="QualityNet checkpoint to calibrate (default OUT/qualitynet.pt)")
     parser.add_argument("--chains", nargs="+", default=list(GRID),
-                        help="chains to calibrate, K<n>/deformable-<on|off>/multi-start-<on|off>[/lc2-on] "
+                        help="chains to calibrate, "
+                        "K<n>/deformable-<on|off>/multi-start-<on|off>[/lc2-on] "
                         f"(default the grid {' '.join(GRID)})")
     parser.add_argument("--calib-phantoms", type=int, default=8,
                         help=f"family-A calibration phantoms (seeds {CALIB_SEED0}..)")
