@@ -63,3 +63,31 @@ def test_committed_results_replay_to_their_decision(bench):
 def test_bad_threads_exit_2(bench, capsys):
     assert bench.main(["--threads", "0"]) == 2
     assert "--threads 0" in capsys.readouterr().err
+
+
+def test_warm_rule_needs_the_time_ratio_and_no_loss_against_on(bench):
+    def three(level, off, on, warm):
+        return [pooled(level, "off", *off), pooled(level, "on", *on),
+                pooled(level, "warm", *warm)]
+
+    def all_rows(on_ms, warm_ms):
+        return [{**pooled("all", "off", 1.0, 9.0), "lc2_ms": float("nan")},
+                {**pooled("all", "on", 0.9, 9.0), "lc2_ms": on_ms},
+                {**pooled("all", "warm", 0.9, 9.0), "lc2_ms": warm_ms}]
+
+    good = three(0.0, (1.0, 2.0), (0.8, 1.5), (0.82, 1.6)) + all_rows(100.0, 55.0)
+    d = bench.decide_warm(good, [0.0])
+    assert d["warm_as_default"] and d["time_ratio"] == pytest.approx(0.55)
+    slow = three(0.0, (1.0, 2.0), (0.8, 1.5), (0.82, 1.6)) + all_rows(100.0, 78.0)
+    assert bench.decide_warm(slow, [0.0])["worse"] == ["time ratio 0.78 > 0.6"]
+    lossy = three(0.0, (1.0, 2.0), (0.8, 1.5), (0.9, 1.6)) + all_rows(100.0, 50.0)
+    assert bench.decide_warm(lossy, [0.0])["worse"] == ["vs on: 0 mm median 0.80 -> 0.90"]
+
+
+def test_committed_warm_run_replays_to_its_decision(bench):
+    data = json.loads((ROOT / "bench/results/lc2_warm_validation.json").read_text())
+    assert data["modes"] == ["off", "on", "warm"] and data["seeds"] == [3112, 3113, 3114, 3115]
+    assert bench.decide(data["results"], data["levels"]) == {
+        k: v for k, v in data["decision"].items() if k != "warm"}
+    assert bench.decide_warm(data["results"], data["levels"]) == data["decision"]["warm"]
+    assert not data["decision"]["warm"]["warm_as_default"]  # why the default stays on

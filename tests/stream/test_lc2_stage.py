@@ -79,3 +79,35 @@ def test_pipeline_with_lc2_reports_it_and_keeps_a_good_registration(case):
         assert not math.isfinite(result.lc2_move_mm) or 0 < result.lc2_move_mm <= 8.0
     assert max(tres) < 1.0, tres
     assert moved >= 1  # the refinement applied a move on at least one frame
+
+
+def test_warm_mode_starts_from_the_previous_move_and_forgets_it_on_a_new_frame_size(case,
+                                                                                      monkeypatch):
+    from regseg import lc2 as lc2_module
+    from regseg.stream import lc2_stage
+
+    _, context = case
+    seen = []
+    real = lc2_module.refine_in_plane
+
+    def spy(*args, warm=None, **kwargs):
+        seen.append(None if warm is None else np.array(warm))
+        return real(*args, warm=warm, **kwargs)
+
+    monkeypatch.setattr(lc2_stage, "refine_in_plane", spy)
+    phantom = make_phantom(3100)
+    frame = SimulatedScanner(phantom, ScannerConfig(**STILL), seed=3).frame(30)
+    gland = np.argwhere(frame.truth.labels > 0)[:, ::-1]
+    wrong = frame.truth.image_to_mri @ in_plane_move(np.array([1.5, 0.0]), 0.0, gland.mean(0),
+                                                     frame.spacing_mm[::-1])
+    stage = build_lc2(context, "warm")
+    _, moved = stage(frame.pixels, wrong)
+    assert math.isfinite(moved)  # a 1.5 mm error: a move is applied and remembered
+    stage(frame.pixels, wrong)
+    assert seen[0] is None and seen[1] is not None and np.hypot(*seen[1][:2]) > 0.5
+    stage(frame.pixels[:200], wrong)  # another frame size: no start from the old move
+    assert seen[2] is None
+    cold = build_lc2(context, "on")
+    cold(frame.pixels, wrong)
+    cold(frame.pixels, wrong)
+    assert seen[3] is None and seen[4] is None
