@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import tracked_frames  # noqa: E402
 from common import device_name, print_table, write_json  # noqa: E402
-from roi import case  # noqa: E402
+from roi import case, chain_results  # noqa: E402
 
 from regseg import metrics  # noqa: E402
 from regseg.types import PROSTATE  # noqa: E402
@@ -70,39 +69,19 @@ def summary(name: str, records: list[dict]) -> dict:
 
 def run(phantoms: int, levels: list[float], n: int, threads: int, *, seed0: int = SEED0,
         modes: tuple[str, ...] = MODES) -> tuple[list[dict], dict]:
-    from regseg.stream.build import (
-        build_default_capture,
-        build_deformable,
-        build_engine,
-        build_pipeline,
-    )
-    from regseg.stream.context import build_context
     from regseg.stream.runner import frame_accuracy
 
-    engine = build_engine(backend="auto", threads=threads)
-    records: dict[tuple[str, float, str], list] = {}
-    for name in SETS:
-        for seed in range(seed0, seed0 + phantoms):
-            phantom, cfg = _case(name, seed)
-            context = build_context(phantom.mri, phantom.labels)
-            stage = build_deformable(context, backend="auto", threads=threads)
-            for level in levels:
-                for mode in modes:
-                    pipeline = build_pipeline(context, engine, deformable=stage, lc2=mode,
-                                              capture=build_default_capture(
-                                                  backend="auto", threads=threads))
-                    out = records.setdefault((name, level, mode), [])
-                    for frame in tracked_frames(phantom, cfg, seed, level, n):
-                        for result in pipeline.submit(frame):
-                            dice, tre = frame_accuracy(pipeline, result)
-                            out.append({
-                                "dice": metrics.dice(result.warped_labels,
-                                                     result.frame.truth.labels, PROSTATE),
-                                "tissue_tre_mm": tre.get("registered_tissue", math.nan),
-                                "tre_mm": tre.get("registered", math.nan),
-                                "flagged": bool(result.flagged),
-                                "lc2_ms": result.timings_ms.get("lc2", math.nan)})
-            print(f"  {name} phantom {seed} done", flush=True)
+    records: dict[tuple[str, float, str], list] = {
+        (name, level, mode): [] for name in SETS for level in levels for mode in modes}
+    for name, level, mode, pipeline, result in chain_results(
+            SETS, range(seed0, seed0 + phantoms), levels, modes, n, threads, "lc2", _case):
+        dice, tre = frame_accuracy(pipeline, result)
+        records[(name, level, mode)].append({
+            "dice": metrics.dice(result.warped_labels, result.frame.truth.labels, PROSTATE),
+            "tissue_tre_mm": tre.get("registered_tissue", math.nan),
+            "tre_mm": tre.get("registered", math.nan),
+            "flagged": bool(result.flagged),
+            "lc2_ms": result.timings_ms.get("lc2", math.nan)})
     rows = []
     for level in levels:
         for mode in modes:

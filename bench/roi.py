@@ -60,7 +60,12 @@ def row(name: str, records: list[tuple[float, float, bool]]) -> dict:
             "cut_pct": 100.0 * float(v[:, 2].mean())}
 
 
-def run(phantoms: int, levels: list[float], n: int, threads: int) -> tuple[list[dict], dict]:
+def chain_results(sets, seeds, levels: list[float], modes, n: int, threads: int, option: str,
+                  make_case=None):
+    """Every frame's (set, level, mode, pipeline, result): the live chain as ``regseg-stream``
+    builds it (deformable stage, default capture) with ``option=mode`` (a build_pipeline
+    argument, e.g. ``roi`` or ``lc2``) on ``n`` tracked frames of each set, phantom and level.
+    ``make_case``: (set, seed) -> (phantom, scanner config), default :func:`case`."""
     from regseg.stream.build import (
         build_default_capture,
         build_deformable,
@@ -68,28 +73,36 @@ def run(phantoms: int, levels: list[float], n: int, threads: int) -> tuple[list[
         build_pipeline,
     )
     from regseg.stream.context import build_context
-    from regseg.stream.runner import frame_accuracy
 
+    make_case = case if make_case is None else make_case
     engine = build_engine(backend="auto", threads=threads)
-    records: dict[tuple[str, float, str], list] = {}
-    for name in SETS:
-        for seed in list(SEEDS)[:phantoms]:
-            phantom, cfg = case(name, seed)
+    for name in sets:
+        for seed in seeds:
+            phantom, cfg = make_case(name, seed)
             context = build_context(phantom.mri, phantom.labels)
             stage = build_deformable(context, backend="auto", threads=threads)
             for level in levels:
-                for mode in ("off", "auto"):
-                    pipeline = build_pipeline(context, engine, deformable=stage, roi=mode,
+                for mode in modes:
+                    pipeline = build_pipeline(context, engine, deformable=stage,
                                               capture=build_default_capture(
-                                                  backend="auto", threads=threads))
-                    out = records.setdefault((name, level, mode), [])
+                                                  backend="auto", threads=threads),
+                                              **{option: mode})
                     for frame in tracked_frames(phantom, cfg, seed, level, n):
                         for result in pipeline.submit(frame):
-                            dice, tre = frame_accuracy(pipeline, result)
-                            out.append((dice["prostate"], tre.get("registered_tissue",
-                                                                  float("nan")),
-                                        "roi" in result.timings_ms))
+                            yield name, level, mode, pipeline, result
             print(f"  {name} phantom {seed} done", flush=True)
+
+
+def run(phantoms: int, levels: list[float], n: int, threads: int) -> tuple[list[dict], dict]:
+    from regseg.stream.runner import frame_accuracy
+
+    records: dict[tuple[str, float, str], list] = {}
+    for name, level, mode, pipeline, result in chain_results(
+            SETS, list(SEEDS)[:phantoms], levels, ("off", "auto"), n, threads, "roi"):
+        dice, tre = frame_accuracy(pipeline, result)
+        records.setdefault((name, level, mode), []).append(
+            (dice["prostate"], tre.get("registered_tissue", float("nan")),
+             "roi" in result.timings_ms))
     rows = []
     for level in levels:
         for mode in ("off", "auto"):
