@@ -30,8 +30,10 @@ from regseg.stream.lc2_stage import LC2_DEFAULT
 DEFAULT_CHAIN = chain_key(REFINE_ITERATIONS, DEFORMABLE_DEFAULT == "on",
                           MULTI_START_DEFAULT == "on", LC2_DEFAULT == "on")
 #: The chains ``python -m regseg.train.quality_calibrate`` calibrates by default: K 1-3 with and
-#: without the deformable stage (multi-start off, its default).
+#: without the deformable stage (multi-start off, its default), and the default chain (with the
+#: image-based refinement, --lc2 on).
 GRID = tuple(chain_key(k, d, False) for k in (1, 2, 3) for d in (True, False))
+GRID += (DEFAULT_CHAIN,) if DEFAULT_CHAIN not in GRID else ()
 
 FEATURES = ("ddf_gland_mean_mm", "ddf_gland_p90_mm", "affine_vs_final_dice",
             "seg_vs_registered_dice", "seg_confidence", "gland_area_ratio")
