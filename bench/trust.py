@@ -41,6 +41,7 @@ from regseg.sim.scanner import SimulatedScanner
 from regseg.stream.build import build_default_capture
 from regseg.stream.context import build_context
 from regseg.stream.deformable import DeformableStage
+from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_MODES, build_lc2
 from regseg.stream.pipeline import Pipeline
 from regseg.stream.quality import QualityCheck, QualityConfig
 
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS_MM))
     parser.add_argument("--deformable", choices=["on", "off"], default="on")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lc2", choices=list(LC2_MODES), default=LC2_DEFAULT,
+                        help=f"the image-based refinement, as regseg-stream --lc2 (default "
+                        f"{LC2_DEFAULT})")
     parser.add_argument("--quality-weights", default=None,
                         help="QualityNet weights (default: the shipped ones)")
     parser.add_argument("--deformable-weights", default="plcreg2d",
@@ -176,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         quality = QualityCheck(context, QualityConfig(
             **({"weights": args.quality_weights} if args.quality_weights else {})))
         pipeline = Pipeline(context, engine, deformable=deformable, quality=quality,
-                            capture=build_default_capture(backend="eager", threads=args.threads))
+                            capture=build_default_capture(backend="eager", threads=args.threads),
+                            lc2=build_lc2(context, args.lc2))
         rng = np.random.default_rng([seed, 99])
         for level in args.levels:
             d = rng.standard_normal(3)
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "command": shlex.join(["python", "bench/trust.py", *(argv or sys.argv[1:])]),
         "machine": machine_name(), "date": utc_now(), "load_average": load_average(),
-        "family": args.family, "seeds": args.seeds, "deformable": args.deformable,
+        "family": args.family, "seeds": args.seeds, "deformable": args.deformable, "lc2": args.lc2,
         "quality_weights": args.quality_weights, "deformable_weights": args.deformable_weights,
         "threshold_mm": pipeline.quality.threshold_mm,
         "quality_calibration": pipeline.quality.calibration_info,
