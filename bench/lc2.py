@@ -96,8 +96,9 @@ def run(phantoms: int, levels: list[float], n: int, threads: int, *, seed0: int 
         rows.append({**summary(f"{name} {level:g}mm {mode}", recs), "set": name,
                      "level_mm": level, "mode": mode})
     decision = decide(rows, levels)
-    if "warm" in modes:
-        decision["warm"] = decide_warm(rows, levels)
+    for variant in ("warm", "fast"):
+        if variant in modes:
+            decision[variant] = decide_warm(rows, levels, variant)
     return rows, decision
 
 
@@ -121,25 +122,25 @@ def decide(rows: list[dict], levels: list[float], mode: str = "on") -> dict:
             "p90_slack_mm": P90_SLACK_MM}
 
 
-def decide_warm(rows: list[dict], levels: list[float]) -> dict:
-    """The addendum's rule: ``warm`` replaces ``on`` if it passes :func:`decide` against off, is
-    not worse than ``on`` by the same slack at any level, and takes at most WARM_TIME_RATIO of
-    its median stage time."""
+def decide_warm(rows: list[dict], levels: list[float], variant: str = "warm") -> dict:
+    """The addenda's rule: ``variant`` (warm, fast) replaces ``on`` if it passes :func:`decide`
+    against off, is not worse than ``on`` by the same slack at any level, and takes at most
+    WARM_TIME_RATIO of its median stage time."""
     pooled = {(r["level_mm"], r["mode"]): r for r in rows if r["set"] == "pooled"}
-    against_off = decide(rows, levels, "warm")
+    against_off = decide(rows, levels, variant)
     worse = list(against_off["worse"])
     for level in levels:
-        on, warm = pooled[(level, "on")], pooled[(level, "warm")]
+        on, warm = pooled[(level, "on")], pooled[(level, variant)]
         if not warm["tre_median_mm"] <= on["tre_median_mm"] + MEDIAN_SLACK_MM:
             worse.append(f"vs on: {level:g} mm median {on['tre_median_mm']:.2f} -> "
                          f"{warm['tre_median_mm']:.2f}")
         if not warm["tre_p90_mm"] <= on["tre_p90_mm"] + P90_SLACK_MM:
             worse.append(f"vs on: {level:g} mm p90 {on['tre_p90_mm']:.2f} -> "
                          f"{warm['tre_p90_mm']:.2f}")
-    ratio = pooled[("all", "warm")]["lc2_ms"] / pooled[("all", "on")]["lc2_ms"]
+    ratio = pooled[("all", variant)]["lc2_ms"] / pooled[("all", "on")]["lc2_ms"]
     if not ratio <= WARM_TIME_RATIO:
         worse.append(f"time ratio {ratio:.2f} > {WARM_TIME_RATIO}")
-    return {"warm_as_default": not worse, "worse": worse, "time_ratio": ratio}
+    return {f"{variant}_as_default": not worse, "worse": worse, "time_ratio": ratio}
 
 
 COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice", "dice", ".3f"),
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--seed0", type=int, default=SEED0,
                    help=f"first calibration phantom (default {SEED0}); 3100-3199 only")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=["off", "on", "warm"],
+    p.add_argument("--modes", nargs="+", default=list(MODES),
+                   choices=["off", "on", "warm", "fast"],
                    help="modes to run; off and on are required (default: off on)")
     args = p.parse_args(argv)
     if not 3100 <= args.seed0 <= 3196 or not {"off", "on"} <= set(args.modes):
@@ -178,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, COLUMNS)
     print(f"on as default: {decision['on_as_default']}"
           + (f" (worse: {'; '.join(decision['worse'])})" if decision["worse"] else "")
-          + (f"; warm as default: {decision['warm']['warm_as_default']}"
-             + (f" (worse: {'; '.join(decision['warm']['worse'])})"
-                if decision["warm"]["worse"] else "") if "warm" in decision else "")
+          + "".join(f"; {v} as default: {decision[v][f'{v}_as_default']}"
+                    + (f" (worse: {'; '.join(decision[v]['worse'])})" if decision[v]["worse"]
+                       else "") for v in ("warm", "fast") if v in decision)
           + f"; wall {wall:.0f} s")
     if args.json:
         write_json(args.json, "lc2", rows, argv, device=device_name(), quick=args.quick,

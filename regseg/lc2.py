@@ -279,6 +279,7 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
                 start = start_score
         step = first_step
         rounds = 0
+        seen: dict[tuple, float] = {}  # (fine grid?, pose) -> score
         while step >= config.min_step and rounds < config.max_rounds:
             if step <= config.coarse_above and scorer is not fine:
                 scorer = fine  # rescore the pose so far on the fine grid
@@ -290,12 +291,20 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
                     q = p.copy()
                     q[k] += sign * step
                     cands.append(q)
-            planes = [plane @ in_plane_move(q[:2], q[2], centre_ij, spacing) for q in cands]
-            values = scorer.scores(planes)
+            # the pose a move came from is among its neighbours: scored already on this grid
+            keys = [(scorer is fine, *np.round(q, 9)) for q in cands]
+            todo = [i for i, key in enumerate(keys) if key not in seen]
+            if todo:
+                planes = [plane @ in_plane_move(cands[i][:2], cands[i][2], centre_ij, spacing)
+                          for i in todo]
+                for i, v in zip(todo, scorer.scores(planes).tolist(), strict=True):
+                    seen[keys[i]] = v
+            values = [seen[key] for key in keys]
             rounds += 1
-            k = int(torch.argmax(values))
-            if float(values[k]) > best:
-                best, p = float(values[k]), cands[k]
+            k = int(np.argmax(values))
+            if values[k] > best:
+                seen[(scorer is fine, *np.round(p, 9))] = best
+                best, p = values[k], cands[k]
             else:
                 step /= 2.0
     if start is None:  # the search never reached the fine grid (or started on it)

@@ -25,7 +25,9 @@ from regseg.lc2 import Lc2Config, refine_in_plane
 from regseg.stream.context import MriContext
 from regseg.types import PROSTATE
 
-LC2_MODES = ("on", "warm", "off")
+LC2_MODES = ("on", "warm", "fast", "off")
+#: ``fast``: ``warm`` on a coarser working grid (bench/results/lc2_predeclared.md, addendum 2)
+FAST_GRID_MM = 0.8
 LC2_DEFAULT = "on"  # by the rule in bench/results/lc2_predeclared.md: it passed (README)
 
 
@@ -72,4 +74,7 @@ def build_lc2(context: MriContext, mode: str = LC2_DEFAULT) -> Lc2Stage | None:
     """``--lc2``'s stage over ``context`` (None for off)."""
     if mode not in LC2_MODES:
         raise ValueError(f"lc2 {mode!r}: expected one of {LC2_MODES}")
-    return None if mode == "off" else Lc2Stage(context, warm=mode == "warm")
+    if mode == "off":
+        return None
+    config = Lc2Config(grid_mm=FAST_GRID_MM) if mode == "fast" else None
+    return Lc2Stage(context, config, warm=mode in ("warm", "fast"))
