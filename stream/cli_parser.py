@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lc2", action=Once, choices=list(LC2_MODES), default=LC2_DEFAULT,
                    help="on: move each frame's registered plane in-plane (shifts and a rotation, "
                    "at most 8 mm) to where the frame best matches the MRI by LC2, an image "
-                   "similarity that is not learnt; costs ~40-150 ms per frame on a 2-core CPU "
-                   f"(default {LC2_DEFAULT}; README 'Image-based refinement')")
+                   "similarity that is not learnt; ~80 ms per frame on a 2-core CPU. warm: start "
+                   "from the previous frame's move; fast: warm on a coarser grid, ~half the time, "
+                   f"slightly less accurate (default {LC2_DEFAULT}; README 'Image-based "
+                   "refinement')")
     from regseg.stream.overlap import OVERLAP_DEFAULT
 
     p.add_argument("--overlap", action=Once, choices=["on", "off"], default=OVERLAP_DEFAULT,

@@ -135,3 +135,17 @@ def test_frame_scorer_refuses_a_tiny_frame_and_config_is_checked():
                 {"max_rounds": 0}):
         with pytest.raises(ValueError, match="Lc2Config"):
             Lc2Config(**bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_search_matches_the_cpu_one():
+    """On a CUDA device the score takes the torch path (no OpenCV): same search, same answer."""
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    wrong = true @ in_plane_move(np.array([1.5, -1.2]), 2.0, centre, (0.5, 0.5))
+    cpu = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    gpu = refine_in_plane(pixels, wrong, mri.cuda(), w2v, centre)
+    assert gpu.applied == cpu.applied
+    assert np.allclose(gpu.image_to_mri, cpu.image_to_mri, atol=1e-3)
+    assert gpu.score == pytest.approx(cpu.score, abs=1e-3)

@@ -91,3 +91,11 @@ def test_committed_warm_run_replays_to_its_decision(bench):
         k: v for k, v in data["decision"].items() if k != "warm"}
     assert bench.decide_warm(data["results"], data["levels"]) == data["decision"]["warm"]
     assert not data["decision"]["warm"]["warm_as_default"]  # why the default stays on
+
+
+def test_committed_fast_run_replays_to_its_decision(bench):
+    data = json.loads((ROOT / "bench/results/lc2_fast_validation.json").read_text())
+    assert data["modes"] == ["off", "on", "fast"] and data["seeds"] == [3116, 3117, 3118, 3119]
+    assert bench.decide_warm(data["results"], data["levels"], "fast") == data["decision"]["fast"]
+    assert not data["decision"]["fast"]["fast_as_default"]  # why the default stays on
+    assert data["decision"]["fast"]["time_ratio"] < bench.WARM_TIME_RATIO  # fast, not as good
