@@ -149,3 +149,18 @@ def test_cuda_search_matches_the_cpu_one():
     assert gpu.applied == cpu.applied
     assert np.allclose(gpu.image_to_mri, cpu.image_to_mri, atol=1e-3)
     assert gpu.score == pytest.approx(cpu.score, abs=1e-3)
+
+
+def test_the_torch_path_gives_the_same_search(monkeypatch):
+    """The path CUDA tensors take (cumulative sums in torch), run on the CPU: the same answer."""
+    import regseg.lc2 as lc2_module
+
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    wrong = true @ in_plane_move(np.array([1.5, -1.2]), 2.0, centre, (0.5, 0.5))
+    fast = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    monkeypatch.setattr(lc2_module, "OPENCV_ON_CPU", False)
+    slow = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    assert slow.applied == fast.applied and slow.rounds == fast.rounds
+    assert np.allclose(slow.image_to_mri, fast.image_to_mri, atol=1e-6)
+    assert slow.score == pytest.approx(fast.score, abs=1e-4)

@@ -32,3 +32,16 @@ def test_overlap_without_deformable_exits_2(bench, capsys):
         bench.main(["--overlap", "--json", "/nonexistent/x.json"])
     assert exc.value.code == 2
     assert "--overlap compares the deformable chain" in capsys.readouterr().err
+
+
+def test_lc2_is_passed_to_every_regseg_variant_only_when_given(bench):
+    case = (Path("m.nii.gz"), Path("l.nii.gz"))
+    plain = bench.pipeline_command("regseg+deformable", ARGS, case, 1, 2, 10, Path("s.json"))
+    assert "--lc2" not in plain  # the CLI's own default
+    given = SimpleNamespace(**vars(ARGS), lc2="fast")
+    cmd = bench.pipeline_command("regseg", given, case, 1, 2, 10, Path("s.json"))
+    assert cmd[cmd.index("--lc2") + 1] == "fast"
+    naive = bench.pipeline_command("naive", SimpleNamespace(**vars(ARGS), lc2="off",
+                                                            naive_threads=2), case, 1, 2, 10,
+                                   Path("s.json"))
+    assert "--lc2" not in naive
