@@ -81,12 +81,16 @@ def displacement_mm(result: Result, step: int) -> tuple[np.ndarray, np.ndarray]:
 
 def trust_metadata(result: Result) -> dict[str, str]:
     """Seq, Quality, Flagged, Flags (comma-separated reasons, "" none), ErrorMm, SegConfidence;
-    and Correction (registered or tracked) when regseg.stream.do_no_harm ran."""
+    Correction (registered or tracked) when regseg.stream.do_no_harm ran; Lc2MoveMm (how far the
+    image-based refinement moved the plane at the gland) when it applied a move."""
     meta = {"Seq": str(result.frame.seq), "Quality": f"{result.quality:.4f}",
             "Flagged": "true" if result.flagged else "false", "Flags": ",".join(result.flags),
             "ErrorMm": f"{result.error_mm:.3f}", "SegConfidence": f"{result.seg_confidence:.4f}"}
     if math.isfinite(result.error_tracked_mm):  # do no harm ran: which alignment went out
         meta["Correction"] = result.correction
+    lc2_move = getattr(result, "lc2_move_mm", math.nan)
+    if math.isfinite(lc2_move):
+        meta["Lc2MoveMm"] = f"{lc2_move:.3f}"
     return meta
 
 

@@ -200,3 +200,12 @@ def test_bad_outputs_fail_when_the_sink_is_made(server):
         IgtlSink(server, contour_devices=("ProstateContourOfTheGland", "LesionContour"))
     with pytest.raises(InputError, match="header_version 3"):
         IgtlSink(server, header_version=3)  # no sink thread is left: the fixture checks
+
+
+def test_metadata_carries_the_image_based_refinements_move_only_when_it_moved():
+    from regseg.stream.igtl.sink import trust_metadata
+
+    result = make_result()
+    assert "Lc2MoveMm" not in trust_metadata(result)  # off, or no move applied
+    moved = replace(result, lc2_move_mm=1.25)
+    assert trust_metadata(moved)["Lc2MoveMm"] == "1.250"

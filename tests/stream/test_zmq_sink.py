@@ -146,3 +146,11 @@ def test_decode_refuses_what_does_not_match_its_header(mutate, match):
     parts = [bytes(p) for p in encode(make_result())]
     with pytest.raises(InputError, match=match):
         decode(mutate(parts))
+
+
+def test_header_says_how_far_the_image_based_refinement_moved_the_plane():
+    off = json.loads(encode(make_result())[1])
+    assert off["lc2_move_mm"] is None  # off, or no move applied: null, never NaN
+    moved = make_result()
+    moved.lc2_move_mm = 2.75
+    assert json.loads(encode(moved)[1])["lc2_move_mm"] == 2.75
