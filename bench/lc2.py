@@ -102,20 +102,29 @@ def run(phantoms: int, levels: list[float], n: int, threads: int, *, seed0: int 
     return rows, decision
 
 
-def decide(rows: list[dict], levels: list[float], mode: str = "on") -> dict:
-    """The predeclared rule on the pooled rows: is ``mode`` fit to be the default?"""
-    pooled = {(r["level_mm"], r["mode"]): r for r in rows if r["set"] == "pooled"}
+def _slack(pooled: dict, levels: list[float], base: str, mode: str, say: str = "") -> list[str]:
+    """Where ``mode``'s pooled tissue TRE is worse than ``base``'s by more than the slack (a
+    missing number never passes)."""
     worse = []
     for level in levels:
-        off, on = pooled[(level, "off")], pooled[(level, mode)]
-        if not on["tre_median_mm"] <= off["tre_median_mm"] + MEDIAN_SLACK_MM:
-            worse.append(f"{level:g} mm median {off['tre_median_mm']:.2f} -> "
-                         f"{on['tre_median_mm']:.2f}")
-        if not on["tre_p90_mm"] <= off["tre_p90_mm"] + P90_SLACK_MM:
-            worse.append(f"{level:g} mm p90 {off['tre_p90_mm']:.2f} -> {on['tre_p90_mm']:.2f}")
+        b, m = pooled[(level, base)], pooled[(level, mode)]
+        for key, slack, what in (("tre_median_mm", MEDIAN_SLACK_MM, "median"),
+                                 ("tre_p90_mm", P90_SLACK_MM, "p90")):
+            if not m[key] <= b[key] + slack:
+                worse.append(f"{say}{level:g} mm {what} {b[key]:.2f} -> {m[key]:.2f}")
+    return worse
+
+
+def _pooled(rows: list[dict]) -> dict:
+    return {(r["level_mm"], r["mode"]): r for r in rows if r["set"] == "pooled"}
+
+
+def decide(rows: list[dict], levels: list[float], mode: str = "on") -> dict:
+    """The predeclared rule on the pooled rows: is ``mode`` fit to be the default?"""
+    pooled = _pooled(rows)
+    worse = _slack(pooled, levels, "off", mode)
     off_all, on_all = pooled[("all", "off")], pooled[("all", mode)]
-    lower = on_all["tre_median_mm"] < off_all["tre_median_mm"]
-    if not lower:
+    if not on_all["tre_median_mm"] < off_all["tre_median_mm"]:
         worse.append(f"all levels median {off_all['tre_median_mm']:.2f} -> "
                      f"{on_all['tre_median_mm']:.2f} (not lower)")
     return {"on_as_default": not worse, "worse": worse, "median_slack_mm": MEDIAN_SLACK_MM,
@@ -126,17 +135,9 @@ def decide_warm(rows: list[dict], levels: list[float], variant: str = "warm") ->
     """The addenda's rule: ``variant`` (warm, fast) replaces ``on`` if it passes :func:`decide`
     against off, is not worse than ``on`` by the same slack at any level, and takes at most
     WARM_TIME_RATIO of its median stage time."""
-    pooled = {(r["level_mm"], r["mode"]): r for r in rows if r["set"] == "pooled"}
-    against_off = decide(rows, levels, variant)
-    worse = list(against_off["worse"])
-    for level in levels:
-        on, warm = pooled[(level, "on")], pooled[(level, variant)]
-        if not warm["tre_median_mm"] <= on["tre_median_mm"] + MEDIAN_SLACK_MM:
-            worse.append(f"vs on: {level:g} mm median {on['tre_median_mm']:.2f} -> "
-                         f"{warm['tre_median_mm']:.2f}")
-        if not warm["tre_p90_mm"] <= on["tre_p90_mm"] + P90_SLACK_MM:
-            worse.append(f"vs on: {level:g} mm p90 {on['tre_p90_mm']:.2f} -> "
-                         f"{warm['tre_p90_mm']:.2f}")
+    pooled = _pooled(rows)
+    worse = decide(rows, levels, variant)["worse"] + _slack(pooled, levels, "on", variant,
+                                                            "vs on: ")
     ratio = pooled[("all", variant)]["lc2_ms"] / pooled[("all", "on")]["lc2_ms"]
     if not ratio <= WARM_TIME_RATIO:
         worse.append(f"time ratio {ratio:.2f} > {WARM_TIME_RATIO}")

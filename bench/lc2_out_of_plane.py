@@ -31,7 +31,13 @@ import accuracy  # noqa: E402
 from common import device_name, print_table, write_json  # noqa: E402
 
 from regseg import metrics  # noqa: E402
-from regseg.lc2 import FrameScorer, Lc2Config, in_plane_move, refine_in_plane  # noqa: E402
+from regseg.lc2 import (  # noqa: E402
+    FrameScorer,
+    Lc2Config,
+    in_plane_move,
+    pattern_search,
+    refine_in_plane,
+)
 
 CASES = (("A", 3100), ("A", 3101), ("B", 5020), ("B", 5021))
 
@@ -56,26 +62,14 @@ def rigid_move(p: np.ndarray, centre_ij: np.ndarray, spacing: tuple[float, float
 
 def search_six(scorer: FrameScorer, plane: np.ndarray, centre_ij: np.ndarray, nz: float,
                step: float = 2.0, min_step: float = 0.25, max_rounds: int = 40):
-    """The pattern search of refine_in_plane over six parameters: (plane, params, rounds)."""
-    sp = scorer.spacing
-    p = np.zeros(6)
-    best = float(scorer.scores([plane])[0])
-    rounds = 0
-    while step >= min_step and rounds < max_rounds:
-        cands = []
-        for k in range(6):
-            for sign in (1.0, -1.0):
-                q = p.copy()
-                q[k] += sign * step
-                cands.append(q)
-        values = scorer.scores([plane @ rigid_move(q, centre_ij, sp, nz) for q in cands]).tolist()
-        rounds += 1
-        k = int(np.argmax(values))
-        if values[k] > best:
-            best, p = values[k], cands[k]
-        else:
-            step /= 2.0
-    return plane @ rigid_move(p, centre_ij, sp, nz), p, rounds
+    """:func:`regseg.lc2.pattern_search` over the six parameters: (plane, params, rounds)."""
+    def score(params):
+        return scorer.scores([plane @ rigid_move(q, centre_ij, scorer.spacing, nz)
+                              for q in params]).tolist()
+
+    p, _, _, rounds = pattern_search(score, np.zeros(6), float(scorer.scores([plane])[0]), step,
+                                     min_step=min_step, max_rounds=max_rounds)
+    return plane @ rigid_move(p, centre_ij, scorer.spacing, nz), p, rounds
 
 
 def run(frames: int) -> list[dict]:

@@ -88,6 +88,30 @@ def gradient_magnitude(m: Tensor) -> Tensor:
     return torch.sqrt(gx * gx + gy * gy)
 
 
+def _window_maps(m, g, w, wu) -> list:
+    """The seven maps whose window sums LC2 needs, weighted: m, g, m^2, g^2, m g, m u, g u
+    (numpy or torch alike)."""
+    mw, gw = m * w, g * w
+    return [mw, gw, mw * m, gw * g, mw * g, m * wu, g * wu]
+
+
+def _share_explained(s, mu, v_u, inside, total):
+    """(B,) LC2 from the window means ``s`` (7, B, H, W) of :func:`_window_maps`: per window the
+    ultrasound variance explained by the least-squares fit on MRI and gradient, capped at the
+    variance, summed inside and divided by the total (numpy or torch alike)."""
+    m_m, m_g = s[0], s[1]
+    eps = 1e-6  # a flat window explains nothing rather than dividing by zero
+    vm = s[2] - m_m * m_m + eps
+    vg = s[3] - m_g * m_g + eps
+    c_mg = s[4] - m_m * m_g
+    c_mu = s[5] - m_m * mu
+    c_gu = s[6] - m_g * mu
+    det = vm * vg - c_mg * c_mg
+    explained = ((vg * c_mu * c_mu - 2.0 * c_mg * c_mu * c_gu + vm * c_gu * c_gu) / det).clip(0.0)
+    explained = explained - (explained - v_u).clip(0.0)  # min(explained, v_u)
+    return (explained * inside).sum((-2, -1)) / total
+
+
 class UltrasoundWindows:
     """What LC2 needs of the ultrasound alone, made once per frame: the window weights, the local
     means and variances of the ultrasound, and which windows count."""
@@ -102,67 +126,39 @@ class UltrasoundWindows:
         self.mu = _box_sum(self.wu, radius) / self.den
         self.v_u = (_box_sum(self.wu * us, radius) / self.den - self.mu * self.mu).clamp_min(0.0)
         inside = (self.den > 0.8 * (2 * radius + 1) ** 2) & (self.w > 0)
-        self.v_u_in = self.v_u * inside
         self.inside = inside.to(us.dtype)
-        self.total = self.v_u_in.sum().clamp_min(1e-9)
+        self.total = (self.v_u * self.inside).sum().clamp_min(1e-9)
+        # numpy views of the same memory for the OpenCV path (CPU only)
+        self._host = (None if us.device.type != "cpu" else
+                      {k: getattr(self, k).numpy() for k in ("w", "wu", "den", "mu", "v_u",
+                                                             "inside")})
 
     def score(self, mri: Tensor) -> Tensor:
         """(B,) LC2 of the ultrasound against (B, H, W) MRI images."""
         if mri.shape[-2:] != self.w.shape:
             raise ValueError(f"lc2: mri {tuple(mri.shape)} is not on the ultrasound's grid "
                              f"{tuple(self.w.shape)}")
-        if (OPENCV_ON_CPU and mri.device.type == "cpu" and mri.dtype == torch.float32
-                and 7 * len(mri) <= 512):
+        if OPENCV_ON_CPU and self._host is not None and mri.dtype == torch.float32:
             return torch.from_numpy(self._score_cv2(mri.numpy()))
-        g = gradient_magnitude(mri)
-        mw, gw = mri * self.w, g * self.w
-        # the seven window sums of one candidate in one call: m, g, m^2, g^2, m g, m u, g u
-        maps = torch.stack([mw, gw, mw * mri, gw * g, mw * g, mri * self.wu, g * self.wu])
+        maps = torch.stack(_window_maps(mri, gradient_magnitude(mri), self.w, self.wu))
         s = _box_sum(maps, self.radius) / self.den
-        m_m, m_g = s[0], s[1]
-        v_m = s[2] - m_m * m_m
-        v_g = s[3] - m_g * m_g
-        c_mg = s[4] - m_m * m_g
-        c_mu = s[5] - m_m * self.mu
-        c_gu = s[6] - m_g * self.mu
-        eps = 1e-6  # a flat window explains nothing rather than dividing by zero
-        vm, vg = v_m + eps, v_g + eps
-        det = vm * vg - c_mg * c_mg
-        explained = (vg * c_mu * c_mu - 2.0 * c_mg * c_mu * c_gu + vm * c_gu * c_gu) / det
-        explained = torch.minimum(explained.clamp_min(0.0), self.v_u)
-        return (explained * self.inside).sum((-2, -1)) / self.total
+        return _share_explained(s, self.mu, self.v_u, self.inside, self.total)
 
     def _score_cv2(self, mri: np.ndarray) -> np.ndarray:
-        """:meth:`score` on the CPU: the same sums, the window sums of all maps of all
-        candidates as channels of one OpenCV box filter (faster than the cumulative sums here;
-        equal to float32 rounding, tested)."""
-        c = self.__dict__.get("_np")
-        if c is None:
-            c = self.__dict__["_np"] = {
-                "w": self.w.numpy(), "wu": self.wu.numpy(), "den": self.den.numpy(),
-                "mu": self.mu.numpy(), "v_u": self.v_u.numpy(), "inside": self.inside.numpy(),
-                "total": float(self.total)}
-        m = mri
+        """:meth:`score` on the CPU: the same sums, each 2-D window sum by OpenCV's box filter
+        (faster than the cumulative sums here; equal to float32 rounding, tested)."""
+        c = self._host
         g = gradient_magnitude(torch.from_numpy(mri)).numpy()
-        mw, gw = m * c["w"], g * c["w"]
-        maps = np.concatenate([mw, gw, mw * m, gw * g, mw * g, m * c["wu"], g * c["wu"]])
+        maps = np.stack(_window_maps(mri, g, c["w"], c["wu"]))  # (7, B, H, W)
         k = 2 * self.radius + 1
         s = np.empty_like(maps)
-        for i in range(len(maps)):  # one 2-D window sum per map: no channels-last copies
-            cv2.boxFilter(maps[i], -1, (k, k), dst=s[i], normalize=False,
+        for src, dst in zip(maps.reshape(-1, *maps.shape[2:]), s.reshape(-1, *s.shape[2:]),
+                            strict=True):
+            cv2.boxFilter(src, -1, (k, k), dst=dst, normalize=False,
                           borderType=cv2.BORDER_CONSTANT)
         s /= c["den"]
-        b = len(m)
-        m_m, m_g, s_mm, s_gg, s_mg, s_mu, s_gu = (s[i * b:(i + 1) * b] for i in range(7))
-        vm = s_mm - m_m * m_m + 1e-6
-        vg = s_gg - m_g * m_g + 1e-6
-        c_mg = s_mg - m_m * m_g
-        c_mu = s_mu - m_m * c["mu"]
-        c_gu = s_gu - m_g * c["mu"]
-        det = vm * vg - c_mg * c_mg
-        explained = (vg * c_mu * c_mu - 2.0 * c_mg * c_mu * c_gu + vm * c_gu * c_gu) / det
-        explained = np.minimum(np.maximum(explained, 0.0), c["v_u"])
-        return ((explained * c["inside"]).sum((1, 2)) / c["total"]).astype(np.float32)
+        return _share_explained(s, c["mu"], c["v_u"], c["inside"],
+                                float(self.total)).astype(np.float32)
 
 
 def lc2(us: Tensor, mri: Tensor, weight: Tensor, radius: int) -> Tensor:
@@ -201,7 +197,6 @@ class FrameScorer:
         h, w = pixels.shape
         self.spacing = (float(np.linalg.norm(plane[:3, 0])), float(np.linalg.norm(plane[:3, 1])))
         f = max(1, int(round(coarse * config.grid_mm / min(self.spacing))))
-        self.factor = f
         self.hw = (h // f, w // f)
         if min(self.hw) < 8:
             raise ValueError(f"lc2: frame {h}x{w} is too small for a {config.grid_mm} mm grid")
@@ -249,76 +244,93 @@ def in_plane_move(shift_mm: np.ndarray, angle_deg: float, centre_ij: np.ndarray,
     return move
 
 
+def pattern_search(score, p: np.ndarray, best: float, step: float, *, min_step: float,
+                   max_rounds: int, above: float = 0.0) -> tuple[np.ndarray, float, float, int]:
+    """Maximise ``score`` from parameters ``p`` (scoring ``best``) by a pattern search.
+
+    Each round scores the moves of one ``step`` up and down each parameter from the best so far
+    (``score``: a list of parameter vectors -> their scores, in one batch; a vector already scored
+    is not scored again) and takes the best if it improves; otherwise the step halves. It runs
+    while ``min_step <= step``, ``step > above`` and fewer than ``max_rounds`` rounds have run.
+    Returns (p, best, the step reached, rounds).
+    """
+    seen: dict[tuple, float] = {}
+    rounds = 0
+    while min_step <= step and step > above and rounds < max_rounds:
+        cands = []
+        for k in range(len(p)):
+            for sign in (1.0, -1.0):
+                q = p.copy()
+                q[k] += sign * step
+                cands.append(q)
+        # the pose a move came from is among its neighbours: scored already
+        keys = [tuple(np.round(q, 9)) for q in cands]
+        todo = [i for i, key in enumerate(keys) if key not in seen]
+        if todo:
+            for i, v in zip(todo, score([cands[i] for i in todo]), strict=True):
+                seen[keys[i]] = v
+        values = [seen[key] for key in keys]
+        rounds += 1
+        k = int(np.argmax(values))
+        if values[k] > best:
+            seen[tuple(np.round(p, 9))] = best
+            best, p = values[k], cands[k]
+        else:
+            step /= 2.0
+    return p, best, step, rounds
+
+
 def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
                     world_to_voxel: np.ndarray, centre_ij: np.ndarray,
                     config: Lc2Config | None = None, *, arm_mm: float = 10.0,
                     warm: np.ndarray | None = None, warm_step: float = 0.5) -> Lc2Refinement:
     """Maximise LC2 over in-plane rigid moves of ``plane`` about frame pixel ``centre_ij``.
 
-    Each round scores the six moves of one step along each parameter (shift along columns,
-    along rows, rotation) from the best pose so far, in one batch, and takes the best if it
-    improves the score; otherwise the step halves, down to ``min_step``. ``arm_mm``: the radius
-    (about the gland's) at which a rotation's displacement is counted in ``move_mm``.
+    A :func:`pattern_search` over (shift along columns, along rows in mm, rotation in degrees):
+    steps above ``coarse_above`` on a grid twice as coarse, then on the working grid down to
+    ``min_step``. ``arm_mm``: the radius (about the gland's) at which a rotation's displacement
+    is counted in ``move_mm``.
 
-    ``warm``: a move (shift along columns, along rows in mm, rotation in degrees) to start from,
-    e.g. the previous frame's; it is scored beside no move and the better starts the search,
-    whose first step is then ``warm_step`` (on the fine grid when that is <= ``coarse_above``).
+    ``warm``: a move to start from, e.g. the previous frame's; it is scored beside no move and
+    the better starts the search, whose first step is then ``warm_step`` (on the fine grid when
+    that is <= ``coarse_above``).
     """
     config = Lc2Config() if config is None else config
     first_step = config.step if warm is None else min(config.step, warm_step)
     fine = FrameScorer(pixels, plane, mri, world_to_voxel, config)
     coarse = (FrameScorer(pixels, plane, mri, world_to_voxel, config, coarse=2)
-              if first_step > config.coarse_above else fine)
-    scorer, spacing = coarse, fine.spacing
+              if first_step > config.coarse_above else None)
+    spacing = fine.spacing
+
+    def moved(p: np.ndarray) -> np.ndarray:
+        return plane @ in_plane_move(p[:2], p[2], centre_ij, spacing)
+
+    def on(scorer: FrameScorer):
+        return lambda params: scorer.scores([moved(q) for q in params]).tolist()
+
+    zero = np.zeros(3)
     with torch.inference_mode():
-        p = np.zeros(3)
-        start = None
+        first = on(coarse or fine)
         if warm is None:
-            best = float(scorer.scores([plane])[0])
+            p, (best,) = zero, first([zero])
+            start = best
         else:
             w = np.asarray(warm, np.float64).reshape(3)
-            both = scorer.scores([plane, plane @ in_plane_move(w[:2], w[2], centre_ij, spacing)])
-            start_score, warm_score = both.tolist()
-            best, p = (warm_score, w.copy()) if warm_score > start_score else (start_score, p)
-            if scorer is fine:
-                start = start_score
-        step = first_step
-        rounds = 0
-        seen: dict[tuple, float] = {}  # (fine grid?, pose) -> score
-        while step >= config.min_step and rounds < config.max_rounds:
-            if step <= config.coarse_above and scorer is not fine:
-                scorer = fine  # rescore the pose so far on the fine grid
-                cur = plane @ in_plane_move(p[:2], p[2], centre_ij, spacing)
-                start, best = fine.scores([plane, cur]).tolist()
-            cands = []
-            for k in range(3):
-                for sign in (1.0, -1.0):
-                    q = p.copy()
-                    q[k] += sign * step
-                    cands.append(q)
-            # the pose a move came from is among its neighbours: scored already on this grid
-            keys = [(scorer is fine, *np.round(q, 9)) for q in cands]
-            todo = [i for i, key in enumerate(keys) if key not in seen]
-            if todo:
-                planes = [plane @ in_plane_move(cands[i][:2], cands[i][2], centre_ij, spacing)
-                          for i in todo]
-                for i, v in zip(todo, scorer.scores(planes).tolist(), strict=True):
-                    seen[keys[i]] = v
-            values = [seen[key] for key in keys]
-            rounds += 1
-            k = int(np.argmax(values))
-            if values[k] > best:
-                seen[(scorer is fine, *np.round(p, 9))] = best
-                best, p = values[k], cands[k]
-            else:
-                step /= 2.0
-    if start is None:  # the search never reached the fine grid (or started on it)
-        both = fine.scores([plane, plane @ in_plane_move(p[:2], p[2], centre_ij, spacing)])
-        start, best = both.tolist()
+            start, warm_score = first([zero, w])
+            p, best = (w.copy(), warm_score) if warm_score > start else (zero, start)
+        step, rounds = first_step, 0
+        if coarse is not None:
+            p, best, step, rounds = pattern_search(on(coarse), p, best, step,
+                                                   min_step=config.min_step,
+                                                   max_rounds=config.max_rounds,
+                                                   above=config.coarse_above)
+            start, best = on(fine)([zero, p])  # both again on the working grid
+        p, best, step, more = pattern_search(on(fine), p, best, step, min_step=config.min_step,
+                                             max_rounds=config.max_rounds - rounds)
+        rounds += more
     move = float(np.hypot(p[0], p[1]) + math.radians(abs(p[2])) * arm_mm)
     applied = best > start and move <= config.max_move_mm
-    refined = plane @ in_plane_move(p[:2], p[2], centre_ij, spacing) if applied else plane
-    return Lc2Refinement(image_to_mri=refined, score_start=start,
+    return Lc2Refinement(image_to_mri=moved(p) if applied else plane, score_start=start,
                          score=best if applied else start,
                          shift_mm=(float(p[0]), float(p[1])), rotation_deg=float(p[2]),
                          move_mm=move, rounds=rounds, applied=applied)

@@ -73,7 +73,7 @@ def result_header(result: Result) -> dict:
         "error_registered_mm": _number(result.error_registered_mm),
         # the image-based refinement (--lc2): how far it moved the network's plane at the
         # gland, mm (null: off, or it applied no move)
-        "lc2_move_mm": _number(getattr(result, "lc2_move_mm", float("nan"))),
+        "lc2_move_mm": _number(result.lc2_move_mm),
         "mri_labels": {"shape": list(result.warped_labels.shape),
                        "dtype": str(result.warped_labels.dtype)},
         "target_mm": None if target is None else [float(v) for v in target],

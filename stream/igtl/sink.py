@@ -88,9 +88,8 @@ def trust_metadata(result: Result) -> dict[str, str]:
             "ErrorMm": f"{result.error_mm:.3f}", "SegConfidence": f"{result.seg_confidence:.4f}"}
     if math.isfinite(result.error_tracked_mm):  # do no harm ran: which alignment went out
         meta["Correction"] = result.correction
-    lc2_move = getattr(result, "lc2_move_mm", math.nan)
-    if math.isfinite(lc2_move):
-        meta["Lc2MoveMm"] = f"{lc2_move:.3f}"
+    if math.isfinite(result.lc2_move_mm):
+        meta["Lc2MoveMm"] = f"{result.lc2_move_mm:.3f}"
     return meta
 
 
