@@ -32,6 +32,7 @@ from common import device_name, print_table, write_json  # noqa: E402
 from roi import case, chain_results  # noqa: E402
 
 from regseg import metrics  # noqa: E402
+from regseg.stream.lc2_stage import BENCH_MODES  # noqa: E402
 from regseg.types import PROSTATE  # noqa: E402
 
 SEED0 = 3102  # family-A calibration phantoms; 3100-3101 served the feasibility check
@@ -99,6 +100,8 @@ def run(phantoms: int, levels: list[float], n: int, threads: int, *, seed0: int 
     for variant in ("warm", "fast"):
         if variant in modes:
             decision[variant] = decide_warm(rows, levels, variant)
+    if set(BENCH_MODES) <= set(modes):  # addendum 3: the plane slice against the volume
+        decision["slice"] = decide_warm(rows, levels, "on-slice", "on-volume")
     return rows, decision
 
 
@@ -131,14 +134,15 @@ def decide(rows: list[dict], levels: list[float], mode: str = "on") -> dict:
             "p90_slack_mm": P90_SLACK_MM}
 
 
-def decide_warm(rows: list[dict], levels: list[float], variant: str = "warm") -> dict:
-    """The addenda's rule: ``variant`` (warm, fast) replaces ``on`` if it passes :func:`decide`
-    against off, is not worse than ``on`` by the same slack at any level, and takes at most
-    WARM_TIME_RATIO of its median stage time."""
+def decide_warm(rows: list[dict], levels: list[float], variant: str = "warm",
+                base: str = "on") -> dict:
+    """The addenda's rule: ``variant`` (warm, fast; or on against on-volume, addendum 3)
+    replaces ``base`` if it passes :func:`decide` against off, is not worse than ``base`` by the
+    same slack at any level, and takes at most WARM_TIME_RATIO of its median stage time."""
     pooled = _pooled(rows)
-    worse = decide(rows, levels, variant)["worse"] + _slack(pooled, levels, "on", variant,
-                                                            "vs on: ")
-    ratio = pooled[("all", variant)]["lc2_ms"] / pooled[("all", "on")]["lc2_ms"]
+    worse = decide(rows, levels, variant)["worse"] + _slack(pooled, levels, base, variant,
+                                                            f"vs {base}: ")
+    ratio = pooled[("all", variant)]["lc2_ms"] / pooled[("all", base)]["lc2_ms"]
     if not ratio <= WARM_TIME_RATIO:
         worse.append(f"time ratio {ratio:.2f} > {WARM_TIME_RATIO}")
     return {f"{variant}_as_default": not worse, "worse": worse, "time_ratio": ratio}
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed0", type=int, default=SEED0,
                    help=f"first calibration phantom (default {SEED0}); 3100-3199 only")
     p.add_argument("--modes", nargs="+", default=list(MODES),
-                   choices=["off", "on", "warm", "fast"],
+                   choices=["off", "on", "warm", "fast", *BENCH_MODES],
                    help="modes to run; off and on are required (default: off on)")
     args = p.parse_args(argv)
     if not 3100 <= args.seed0 <= 3196 or not {"off", "on"} <= set(args.modes):
@@ -184,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
           + "".join(f"; {v} as default: {decision[v][f'{v}_as_default']}"
                     + (f" (worse: {'; '.join(decision[v]['worse'])})" if decision[v]["worse"]
                        else "") for v in ("warm", "fast") if v in decision)
+          + (f"; plane slice kept: {decision['slice']['on-slice_as_default']}"
+             + (f" (worse: {'; '.join(decision['slice']['worse'])})"
+                if decision["slice"]["worse"] else "") if "slice" in decision else "")
           + f"; wall {wall:.0f} s")
     if args.json:
         write_json(args.json, "lc2", rows, argv, device=device_name(), quick=args.quick,

@@ -31,6 +31,9 @@ from torch import Tensor
 
 from regseg import spatial
 
+#: Bump whenever the search's answers change: caches of a chain's output carry it (from 2 on)
+LC2_REVISION = 1
+
 #: Score on the CPU through OpenCV's box filter (faster here); False: the torch path, which CUDA
 #: tensors always take (tests compare the two).
 OPENCV_ON_CPU = True
@@ -48,9 +51,14 @@ class Lc2Config:
     max_rounds: int = 24  # batched rounds at most (each scores 6 poses)
     coarse_above: float = 0.5  # steps larger than this are scored on a grid twice as coarse
     max_move_mm: float = 8.0  # a refinement that moves the gland further is not applied
+    #: in-plane candidates are resampled in 2-D from the MRI resliced once over the frame's plane
+    #: (:class:`PlaneSlice`); False: each candidate is resliced from the volume (the reference)
+    plane_slice: bool = False  # not the default: failed its rule (lc2_predeclared.md, addendum 3)
+    slice_margin_mm: float = 12.0  # how far around the frame that slice reaches
 
     def __post_init__(self) -> None:
-        for name in ("grid_mm", "radius_mm", "step", "min_step", "max_move_mm"):
+        for name in ("grid_mm", "radius_mm", "step", "min_step", "max_move_mm",
+                     "slice_margin_mm"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Lc2Config.{name} must be a positive number; got {value!r}")
@@ -189,11 +197,92 @@ class Lc2Refinement:
     applied: bool  # False when the move exceeded ``max_move_mm`` or nothing improved
 
 
+class PlaneSlice:
+    """The MRI resliced once on a lattice over a frame's plane and a margin around the frame.
+
+    An in-plane move of the plane moves its sample points within the plane, so the MRI at the moved
+    plane is this slice resampled in 2-D (bilinear) instead of the volume resliced in 3-D: one
+    3-D reslice per frame instead of one per candidate. The lattice is finer than the working grid
+    (``step_px`` frame pixels), so the second interpolation smooths little (tested against the
+    volume). ``index_to_frame`` (3, 3): lattice index (x, y, 1) -> frame pixel (i, j, 1).
+    """
+
+    def __init__(self, plane: np.ndarray, mri: Tensor, to_normalised: np.ndarray,
+                 frame_hw: tuple[int, int], step_px: float, margin_px: tuple[float, float]) -> None:
+        h, w = frame_hw
+        self.size = (int(math.ceil((w - 1 + 2 * margin_px[0]) / step_px)) + 1,
+                     int(math.ceil((h - 1 + 2 * margin_px[1]) / step_px)) + 1)  # (Ws, Hs)
+        self.index_to_frame = np.array([[step_px, 0.0, -margin_px[0]],
+                                        [0.0, step_px, -margin_px[1]], [0.0, 0.0, 1.0]])
+        lift = np.zeros((4, 3))  # lattice (x, y, 1) -> frame pixel (i, j, 0, 1)
+        lift[[0, 1, 3]] = self.index_to_frame
+        m = torch.as_tensor((to_normalised @ plane @ lift)[:3].T, dtype=torch.float32,
+                            device=mri.device)
+        yy, xx = torch.meshgrid(torch.arange(self.size[1], dtype=torch.float32, device=mri.device),
+                                torch.arange(self.size[0], dtype=torch.float32, device=mri.device),
+                                indexing="ij")
+        pts = torch.stack([xx, yy, torch.ones_like(xx)], -1)
+        grid = (pts @ m).reshape(1, 1, self.size[1], self.size[0], 3)
+        self.image = F.grid_sample(mri, grid, mode="bilinear", padding_mode="zeros",
+                                   align_corners=False)[0, 0, 0]  # (Hs, Ws)
+        self.frame_to_index = np.linalg.inv(self.index_to_frame)
+        # OpenCV resamples on the CPU (faster here; its bilinear weights are quantised to 1/32 of
+        # a lattice step, ~0.01 mm): the torch path is what CUDA tensors take
+        self._host = (self.image.numpy() if OPENCV_ON_CPU and self.image.device.type == "cpu"
+                      else None)
+
+    def lattice_map(self, move: np.ndarray, work_to_frame: np.ndarray) -> np.ndarray | None:
+        """(3, 3) working pixel -> lattice index for the plane moved by frame-pixel map ``move``
+        (4, 4), or None when the move leaves the plane."""
+        off = (abs(move[2, 0]) + abs(move[2, 1]) + abs(move[2, 2] - 1.0) + abs(move[2, 3])
+               + abs(move[0, 2]) + abs(move[1, 2]))
+        if not off < 1e-6:
+            return None
+        keep = [0, 1, 3]
+        return self.frame_to_index @ (move @ work_to_frame)[np.ix_(keep, keep)]
+
+    def inside(self, a: np.ndarray, hw: tuple[int, int]) -> bool:
+        """Whether lattice map ``a`` takes the (H, W) working grid inside the lattice."""
+        x = (a[0, 2], a[0, 2] + a[0, 0] * (hw[1] - 1), a[0, 2] + a[0, 1] * (hw[0] - 1),
+             a[0, 2] + a[0, 0] * (hw[1] - 1) + a[0, 1] * (hw[0] - 1))
+        y = (a[1, 2], a[1, 2] + a[1, 0] * (hw[1] - 1), a[1, 2] + a[1, 1] * (hw[0] - 1),
+             a[1, 2] + a[1, 0] * (hw[1] - 1) + a[1, 1] * (hw[0] - 1))
+        return min(x) >= 0 and min(y) >= 0 and max(x) <= self.size[0] - 1 and max(
+            y) <= self.size[1] - 1
+
+    def sample(self, maps: list[np.ndarray], hw: tuple[int, int]) -> Tensor:
+        """(B, H, W) the slice on the (H, W) working grid through each lattice map (bilinear;
+        the lattice's corners are its first and last samples)."""
+        if self._host is not None:
+            out = np.empty((len(maps), *hw), np.float32)
+            for a, dst in zip(maps, out, strict=True):
+                cv2.warpAffine(self._host, a[:2], (hw[1], hw[0]), dst=dst,
+                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+            return torch.from_numpy(out)
+        to_unit = np.array([[2.0 / (self.size[0] - 1), 0.0, -1.0],
+                            [0.0, 2.0 / (self.size[1] - 1), -1.0]])
+        t = torch.as_tensor(np.stack([to_unit @ a for a in maps]), dtype=torch.float32,
+                            device=self.image.device)[:, :, :, None, None]  # (B, 2, 3, 1, 1)
+        dev = self.image.device
+        a = torch.arange(hw[1], dtype=torch.float32, device=dev)[None, :]  # working column
+        b = torch.arange(hw[0], dtype=torch.float32, device=dev)[:, None]  # working row
+        grid = torch.stack([t[:, 0, 0] * a + t[:, 0, 1] * b + t[:, 0, 2],
+                            t[:, 1, 0] * a + t[:, 1, 1] * b + t[:, 1, 2]], -1)  # (B, H, W, 2)
+        src = self.image[None, None].expand(len(maps), -1, -1, -1)
+        return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=True)[:, 0]
+
+
 class FrameScorer:
-    """LC2 of one frame against the MRI resliced at candidate planes, on a working grid."""
+    """LC2 of one frame against the MRI resliced at candidate planes, on a working grid.
+
+    ``plane_slice``: the :class:`PlaneSlice` of ``plane`` that in-plane candidates are resampled
+    from (other candidates, and any a slice does not cover, are resliced from the volume)."""
 
     def __init__(self, pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
-                 world_to_voxel: np.ndarray, config: Lc2Config, *, coarse: int = 1) -> None:
+                 world_to_voxel: np.ndarray, config: Lc2Config, *, coarse: int = 1,
+                 plane_slice: PlaneSlice | None = None) -> None:
         h, w = pixels.shape
         self.spacing = (float(np.linalg.norm(plane[:3, 0])), float(np.linalg.norm(plane[:3, 1])))
         f = max(1, int(round(coarse * config.grid_mm / min(self.spacing))))
@@ -215,9 +304,25 @@ class FrameScorer:
         jj, ii = np.mgrid[: self.hw[0], : self.hw[1]]
         pixels = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)], 1)
         self.pixels = torch.as_tensor(pixels, dtype=torch.float32, device=mri.device)
+        self.slice = plane_slice
+        self._from_plane = np.linalg.inv(plane)
 
     def resliced(self, planes: list[np.ndarray]) -> Tensor:
         """(B, H, W) the MRI on the working grid at each plane."""
+        if self.slice is None:
+            return self._from_volume(planes)
+        maps = [self.slice.lattice_map(self._from_plane @ p, self.work_to_frame) for p in planes]
+        flat = [i for i, a in enumerate(maps) if a is not None and self.slice.inside(a, self.hw)]
+        if len(flat) == len(planes):
+            return self.slice.sample(maps, self.hw)
+        out = torch.empty((len(planes), *self.hw), dtype=torch.float32, device=self.mri.device)
+        rest = [i for i in range(len(planes)) if i not in set(flat)]
+        if flat:
+            out[flat] = self.slice.sample([maps[i] for i in flat], self.hw)
+        out[rest] = self._from_volume([planes[i] for i in rest])
+        return out
+
+    def _from_volume(self, planes: list[np.ndarray]) -> Tensor:
         mats = np.stack([(self.to_normalised @ p @ self.work_to_frame)[:3].T for p in planes])
         m = torch.as_tensor(mats, dtype=torch.float32, device=self.mri.device)
         grid = (self.pixels @ m).reshape(len(planes), 1, self.hw[0], self.hw[1], 3)
@@ -280,6 +385,21 @@ def pattern_search(score, p: np.ndarray, best: float, step: float, *, min_step: 
     return p, best, step, rounds
 
 
+def _plane_slice(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
+                 world_to_voxel: np.ndarray, config: Lc2Config) -> PlaneSlice | None:
+    """The slice of ``plane`` a search's scorers share: lattice step half the working pixel,
+    ``slice_margin_mm`` around the frame (None when ``config.plane_slice`` is off)."""
+    if not config.plane_slice:
+        return None
+    spacing = (float(np.linalg.norm(plane[:3, 0])), float(np.linalg.norm(plane[:3, 1])))
+    f = max(1, int(round(config.grid_mm / min(spacing))))
+    size = (mri.shape[4], mri.shape[3], mri.shape[2])
+    to_normalised = spatial.index_to_normalised(size) @ world_to_voxel
+    mri = mri if mri.is_floating_point() else mri.float()
+    return PlaneSlice(plane, mri, to_normalised, pixels.shape, f / 2.0,
+                      (config.slice_margin_mm / spacing[0], config.slice_margin_mm / spacing[1]))
+
+
 def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
                     world_to_voxel: np.ndarray, centre_ij: np.ndarray,
                     config: Lc2Config | None = None, *, arm_mm: float = 10.0,
@@ -297,9 +417,12 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
     """
     config = Lc2Config() if config is None else config
     first_step = config.step if warm is None else min(config.step, warm_step)
-    fine = FrameScorer(pixels, plane, mri, world_to_voxel, config)
-    coarse = (FrameScorer(pixels, plane, mri, world_to_voxel, config, coarse=2)
-              if first_step > config.coarse_above else None)
+    with torch.inference_mode():
+        fine = FrameScorer(pixels, plane, mri, world_to_voxel, config,
+                           plane_slice=_plane_slice(pixels, plane, mri, world_to_voxel, config))
+        coarse = (FrameScorer(pixels, plane, mri, world_to_voxel, config, coarse=2,
+                              plane_slice=fine.slice)
+                  if first_step > config.coarse_above else None)
     spacing = fine.spacing
 
     def moved(p: np.ndarray) -> np.ndarray:

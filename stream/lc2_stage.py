@@ -26,6 +26,10 @@ from regseg.stream.context import MriContext
 from regseg.types import PROSTATE
 
 LC2_MODES = ("on", "warm", "fast", "off")
+#: Bench-only modes (not ``--lc2`` choices): ``on`` with every candidate resliced from the volume
+#: (what ``on`` does), and ``on`` with the plane slice (:class:`regseg.lc2.PlaneSlice`), which
+#: failed its rule (bench/results/lc2_predeclared.md, addendum 3)
+BENCH_MODES = {"on-volume": False, "on-slice": True}
 #: ``fast``: ``warm`` on a coarser working grid (bench/results/lc2_predeclared.md, addendum 2)
 FAST_GRID_MM = 0.8
 LC2_DEFAULT = "on"  # by the rule in bench/results/lc2_predeclared.md: it passed (README)
@@ -72,9 +76,10 @@ class Lc2Stage:
 
 def build_lc2(context: MriContext, mode: str = LC2_DEFAULT) -> Lc2Stage | None:
     """``--lc2``'s stage over ``context`` (None for off)."""
-    if mode not in LC2_MODES:
+    if mode not in (*LC2_MODES, *BENCH_MODES):
         raise ValueError(f"lc2 {mode!r}: expected one of {LC2_MODES}")
     if mode == "off":
         return None
-    config = Lc2Config(grid_mm=FAST_GRID_MM) if mode == "fast" else None
+    config = (Lc2Config(grid_mm=FAST_GRID_MM) if mode == "fast" else
+              Lc2Config(plane_slice=BENCH_MODES[mode]) if mode in BENCH_MODES else None)
     return Lc2Stage(context, config, warm=mode in ("warm", "fast"))

@@ -15,7 +15,9 @@ from regseg import metrics, spatial
 from regseg.lc2 import (
     FrameScorer,
     Lc2Config,
+    PlaneSlice,
     UltrasoundWindows,
+    _plane_slice,
     box_mean,
     gradient_magnitude,
     in_plane_move,
@@ -132,7 +134,7 @@ def test_frame_scorer_refuses_a_tiny_frame_and_config_is_checked():
     with pytest.raises(ValueError, match="too small"):
         FrameScorer(np.full((6, 6), 9, np.uint8), true, mri, w2v, Lc2Config())
     for bad in ({"grid_mm": 0.0}, {"radius_mm": float("nan")}, {"min_step": 3.0},
-                {"max_rounds": 0}):
+                {"max_rounds": 0}, {"slice_margin_mm": -1.0}):
         with pytest.raises(ValueError, match="Lc2Config"):
             Lc2Config(**bad)
 
@@ -164,3 +166,89 @@ def test_the_torch_path_gives_the_same_search(monkeypatch):
     assert slow.applied == fast.applied and slow.rounds == fast.rounds
     assert np.allclose(slow.image_to_mri, fast.image_to_mri, atol=1e-6)
     assert slow.score == pytest.approx(fast.score, abs=1e-4)
+
+
+def _slice_and_scorers(margin_mm=12.0):
+    mri, _, w2v, true, pixels = synthetic_case()
+    config = Lc2Config(plane_slice=True, slice_margin_mm=margin_mm)
+    sliced = _plane_slice(pixels, true, mri, w2v, config)
+    with_slice = FrameScorer(pixels, true, mri, w2v, config, plane_slice=sliced)
+    volume = FrameScorer(pixels, true, mri, w2v, Lc2Config(plane_slice=False))
+    return true, with_slice, volume
+
+
+def test_the_plane_slice_resamples_in_plane_moves_like_the_volume(monkeypatch):
+    """In-plane candidates come from the slice (2-D resampling), not the volume: the same MRI
+    (here exactly: 1 mm voxels on a voxel-aligned plane are bilinear on a 0.25 mm lattice)."""
+    true, with_slice, volume = _slice_and_scorers()
+    assert isinstance(with_slice.slice, PlaneSlice) and volume.slice is None
+    centre = np.array([64.0, 64.0])
+    planes = [true @ in_plane_move(np.array(s), a, centre, (0.5, 0.5))
+              for s, a in (((0.0, 0.0), 0.0), ((1.3, -2.1), 3.0), ((-4.0, 2.5), -6.0))]
+    b = volume.resliced(planes)
+
+    def no_volume(planes):
+        raise AssertionError("an in-plane candidate was resliced from the volume")
+
+    monkeypatch.setattr(with_slice, "_from_volume", no_volume)
+    a = with_slice.resliced(planes)
+    rms = ((a - b) ** 2).mean((1, 2)).sqrt() / b.std((1, 2))
+    assert (rms < 1e-3).all(), rms
+
+
+def test_out_of_plane_and_far_candidates_are_resliced_from_the_volume():
+    true, with_slice, volume = _slice_and_scorers(margin_mm=2.0)
+    tilt = np.eye(4)
+    tilt[2, 0] = 0.01  # leaves the plane
+    far = in_plane_move(np.array([5.0, 0.0]), 0.0, np.zeros(2), (0.5, 0.5))  # beyond 2 mm
+    near = in_plane_move(np.array([0.5, 0.0]), 0.0, np.zeros(2), (0.5, 0.5))
+    planes = [true @ tilt, true @ far, true @ near]
+    got, ref = with_slice.resliced(planes), volume.resliced(planes)
+    assert torch.equal(got[:2], ref[:2])  # exactly the volume's
+    assert not torch.equal(got[2], ref[2]) and torch.allclose(got[2], ref[2], atol=0.05)
+
+
+def test_the_opencv_and_torch_resampling_of_the_slice_agree(monkeypatch):
+    import regseg.lc2 as lc2_module
+
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    planes = [true @ in_plane_move(np.array([1.1, 0.4]), 2.5, centre, (0.5, 0.5))]
+    sliced = Lc2Config(plane_slice=True)
+    fast = FrameScorer(pixels, true, mri, w2v, sliced,
+                       plane_slice=_plane_slice(pixels, true, mri, w2v, sliced))
+    monkeypatch.setattr(lc2_module, "OPENCV_ON_CPU", False)
+    slow = FrameScorer(pixels, true, mri, w2v, sliced,
+                       plane_slice=_plane_slice(pixels, true, mri, w2v, sliced))
+    assert fast.slice._host is not None and slow.slice._host is None
+    assert torch.allclose(fast.resliced(planes), slow.resliced(planes), atol=1e-5)
+
+
+def test_the_plane_slice_finds_the_known_error_too():
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    wrong = true @ in_plane_move(np.array([1.5, -1.2]), 2.0, centre, (0.5, 0.5))
+    pts = np.argwhere(pixels > 0)[::37, ::-1]
+    assert _plane_slice(pixels, wrong, mri, w2v, Lc2Config()) is None  # not the default
+    found = refine_in_plane(pixels, wrong, mri, w2v, centre, Lc2Config(plane_slice=True))
+    assert found.applied and metrics.tre_mm(found.image_to_mri, true, pts) < 0.4
+
+
+def test_on_an_oblique_plane_the_slice_is_within_two_percent_of_the_volume():
+    """Off the voxel grid the second interpolation shows: a small difference, bounded."""
+    mri, _, w2v, true, pixels = synthetic_case()
+    a = math.radians(25.0)
+    tilt = np.eye(4)
+    tilt[1:3, 1:3] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
+    oblique = true.copy()
+    oblique[:3, :3] = tilt[:3, :3] @ true[:3, :3]
+    oblique[:3, 3] = [16.3, 18.7, 10.4]
+    config = Lc2Config(plane_slice=True)
+    scorer = FrameScorer(pixels, oblique, mri, w2v, config,
+                         plane_slice=_plane_slice(pixels, oblique, mri, w2v, config))
+    volume = FrameScorer(pixels, oblique, mri, w2v, Lc2Config(plane_slice=False))
+    planes = [oblique @ in_plane_move(np.array([0.7, -1.9]), 4.0, np.array([64.0, 64.0]),
+                                      (0.5, 0.5))]
+    got, ref = scorer.resliced(planes), volume.resliced(planes)
+    rms = float(((got - ref) ** 2).mean().sqrt() / ref.std())
+    assert 1e-5 < rms < 0.02, rms

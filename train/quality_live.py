@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from regseg import metrics, spatial
+from regseg.lc2 import LC2_REVISION
 from regseg.models.qualitynet import WEIGHTS, load_qualitynet, save_qualitynet
 from regseg.train.appearance import add_augment_argument
 from regseg.train.data import CACHEABLE_SCANNERS
@@ -155,6 +156,8 @@ def cached_live(cache: Path | None, seeds: list[int], frames: int, *, seed: int,
     # named by the chain, except the one that was the default when the cache was named after
     # the default (its files carry no chain): the default may change (it did: --lc2 on)
     kind += "" if chain == UNNAMED_CACHE_CHAIN else "-" + chain.replace("/", "-")
+    # the refinement's answers change with its implementation (revision 1 carried no suffix)
+    kind += f"-r{LC2_REVISION}" if chain_lc2(chain) and LC2_REVISION > 1 else ""
     # the pairs change with the networks that make them: AlignSegNet, and PLCReg 2-D when on
     deformable = f"-{_plcreg2d_id()}" if parse_chain(chain)[1] else ""
     name = (f"quality-live-v{LIVE_VERSION}{kind}-{seeds[0]}-{len(seeds)}-{frames}-{seed}"

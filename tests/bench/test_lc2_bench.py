@@ -99,3 +99,17 @@ def test_committed_fast_run_replays_to_its_decision(bench):
     assert bench.decide_warm(data["results"], data["levels"], "fast") == data["decision"]["fast"]
     assert not data["decision"]["fast"]["fast_as_default"]  # why the default stays on
     assert data["decision"]["fast"]["time_ratio"] < bench.WARM_TIME_RATIO  # fast, not as good
+
+
+def test_committed_slice_run_replays_to_its_decision(bench):
+    """Addendum 3: the plane slice (``on`` in that run, ``on-slice`` now) against the volume;
+    it failed, so no user mode uses it. The same run also has ``on-volume`` (the shipped ``on``)
+    failing the first rule on the tails of these fresh phantoms, which the README reports."""
+    data = json.loads((ROOT / "bench/results/lc2_slice_validation.json").read_text())
+    assert data["modes"] == ["off", "on-volume", "on"] and data["seeds"] == [3120, 3121, 3122, 3123]
+    assert bench.decide_warm(data["results"], data["levels"], "on", "on-volume") == \
+        data["decision"]["slice"]
+    assert not data["decision"]["slice"]["on_as_default"]
+    shipped = bench.decide(data["results"], data["levels"], "on-volume")
+    assert not shipped["on_as_default"]
+    assert shipped["worse"] == ["6 mm p90 2.72 -> 3.08", "10 mm p90 2.48 -> 2.98"]

@@ -16,7 +16,13 @@ from regseg.sim.phantom import make_phantom
 from regseg.sim.scanner import ScannerConfig, SimulatedScanner
 from regseg.stream.build import build_default_capture, build_engine, build_pipeline
 from regseg.stream.context import build_context
-from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_MODES, Lc2Stage, build_lc2
+from regseg.stream.lc2_stage import (
+    BENCH_MODES,
+    LC2_DEFAULT,
+    LC2_MODES,
+    Lc2Stage,
+    build_lc2,
+)
 from regseg.stream.quality import pipeline_chain
 from regseg.train.quality_chain import chain_lc2, parse_chain
 
@@ -37,6 +43,12 @@ def test_modes_and_the_centre_it_turns_about(case):
         build_lc2(context, "maybe")
     stage = build_lc2(context, "on")
     assert isinstance(stage, Lc2Stage)
+    # every user mode reslices each candidate from the volume (the plane slice failed its rule);
+    # the bench modes that compare the two are not --lc2 choices
+    assert not any(build_lc2(context, m).config.plane_slice for m in ("on", "warm", "fast"))
+    assert build_lc2(context, "on-slice").config.plane_slice
+    assert not build_lc2(context, "on-volume").config.plane_slice
+    assert not set(BENCH_MODES) & set(LC2_MODES)
     # the MRI gland's centre, projected onto a plane through it, lands where the plane puts it
     plane = np.eye(4)
     plane[:3, 0], plane[:3, 1] = [0.2, 0, 0], [0, 0.2, 0]

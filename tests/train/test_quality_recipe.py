@@ -170,3 +170,32 @@ def test_balance_tre_without_randomised_pairs_is_refused_before_any_work(tmp_pat
     err = capsys.readouterr().err
     assert "--balance-tre" in err and "--randomised-live-phantoms" in err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "qualitynet.json").exists()
+
+
+def test_cached_live_pairs_are_named_by_chain_and_lc2_revision(tmp_path, monkeypatch):
+    """A chain's cached pairs are its own: the chain's name, and for a chain with the image-based
+    refinement a revision of its implementation from 2 on, are in the file name, so a
+    recalibration after a change of the refinement never reuses the pairs it made before."""
+    import regseg.train.quality_live as ql
+
+    made = []
+
+    def live_samples(seeds, frames, **kw):
+        made.append(kw["chain"])
+        return {"x": torch.zeros(1)}
+
+    monkeypatch.setattr(ql, "live_samples", live_samples)
+    monkeypatch.setattr(ql, "_alignsegnet_id", lambda: "a")
+    monkeypatch.setattr(ql, "_plcreg2d_id", lambda: "p")
+    lc2_chain = "K2/deformable-on/multi-start-off/lc2-on"
+    for chain in (ql.UNNAMED_CACHE_CHAIN, lc2_chain, lc2_chain):
+        ql.cached_live(tmp_path, [3100], 2, seed=0, weights=tmp_path, chain=chain)
+    assert made == [ql.UNNAMED_CACHE_CHAIN, lc2_chain]  # the second lc2 call read the cache
+    monkeypatch.setattr(ql, "LC2_REVISION", 2)
+    ql.cached_live(tmp_path, [3100], 2, seed=0, weights=tmp_path, chain=lc2_chain)
+    assert made[-1] == lc2_chain and len(made) == 3  # a new revision: made again
+    names = sorted(p.name for p in tmp_path.glob("quality-live-*.pt"))
+    assert len(names) == 3
+    assert any(n.endswith("-lc2-on-3100-1-2-0-a-p.pt") for n in names), names
+    assert any(n.endswith("-lc2-on-r2-3100-1-2-0-a-p.pt") for n in names), names
+    assert any("deformable-on" not in n for n in names), names  # the unnamed one
