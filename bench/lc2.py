@@ -100,8 +100,10 @@ def run(phantoms: int, levels: list[float], n: int, threads: int, *, seed0: int 
     for variant in ("warm", "fast"):
         if variant in modes:
             decision[variant] = decide_warm(rows, levels, variant)
-    if set(BENCH_MODES) <= set(modes):  # addendum 3: the plane slice against the volume
+    if {"on-slice", "on-volume"} <= set(modes):  # addendum 3: the plane slice against the volume
         decision["slice"] = decide_warm(rows, levels, "on-slice", "on-volume")
+    if "on-unguarded" in modes:  # addendum 4: the significance guard
+        decision["guard"] = decide_guard(rows, levels)
     return rows, decision
 
 
@@ -148,6 +150,17 @@ def decide_warm(rows: list[dict], levels: list[float], variant: str = "warm",
     return {f"{variant}_as_default": not worse, "worse": worse, "time_ratio": ratio}
 
 
+def decide_guard(rows: list[dict], levels: list[float]) -> dict:
+    """Addendum 4: the significance guard stays in ``on`` if guarded ``on`` passes
+    :func:`decide` against off and its pooled median is not worse than ``on-unguarded``'s by more
+    than the median slack at any level."""
+    pooled = _pooled(rows)
+    worse = decide(rows, levels, "on")["worse"] + [
+        w for w in _slack(pooled, levels, "on-unguarded", "on", "vs on-unguarded: ")
+        if "median" in w]
+    return {"guard_kept": not worse, "worse": worse}
+
+
 COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice", "dice", ".3f"),
            ("tre_median_mm", "tTRE_med", ".2f"), ("tre_p90_mm", "tTRE_p90", ".2f"),
            ("plane_tre_median_mm", "TRE_med", ".2f"), ("flagged_pct", "flag%", ".0f"),
@@ -191,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; plane slice kept: {decision['slice']['on-slice_as_default']}"
              + (f" (worse: {'; '.join(decision['slice']['worse'])})"
                 if decision["slice"]["worse"] else "") if "slice" in decision else "")
+          + (f"; guard kept: {decision['guard']['guard_kept']}"
+             + (f" (worse: {'; '.join(decision['guard']['worse'])})"
+                if decision["guard"]["worse"] else "") if "guard" in decision else "")
           + f"; wall {wall:.0f} s")
     if args.json:
         write_json(args.json, "lc2", rows, argv, device=device_name(), quick=args.quick,

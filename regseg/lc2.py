@@ -32,7 +32,7 @@ from torch import Tensor
 from regseg import spatial
 
 #: Bump whenever the search's answers change: caches of a chain's output carry it (from 2 on)
-LC2_REVISION = 1
+LC2_REVISION = 2  # 2: the significance guard (session 17)
 
 #: Score on the CPU through OpenCV's box filter (faster here); False: the torch path, which CUDA
 #: tensors always take (tests compare the two).
@@ -51,6 +51,11 @@ class Lc2Config:
     max_rounds: int = 24  # batched rounds at most (each scores 6 poses)
     coarse_above: float = 0.5  # steps larger than this are scored on a grid twice as coarse
     max_move_mm: float = 8.0  # a refinement that moves the gland further is not applied
+    #: a refinement is applied only if its LC2 is at least this many times the highest LC2 of the
+    #: MRI displaced in-plane by ``null_shift_mm`` (NULL_SHIFTS): evidence that the frame holds
+    #: anatomy the MRI explains, not speckle any plane fits (lc2_predeclared.md, addendum 4)
+    min_significance: float = 1.5
+    null_shift_mm: float = 12.0
     #: in-plane candidates are resampled in 2-D from the MRI resliced once over the frame's plane
     #: (:class:`PlaneSlice`); False: each candidate is resliced from the volume (the reference)
     plane_slice: bool = False  # not the default: failed its rule (lc2_predeclared.md, addendum 3)
@@ -58,13 +63,16 @@ class Lc2Config:
 
     def __post_init__(self) -> None:
         for name in ("grid_mm", "radius_mm", "step", "min_step", "max_move_mm",
-                     "slice_margin_mm"):
+                     "slice_margin_mm", "null_shift_mm"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Lc2Config.{name} must be a positive number; got {value!r}")
         if self.min_step > self.step:
             raise ValueError(f"Lc2Config.min_step ({self.min_step}) must not exceed step "
                              f"({self.step})")
+        if not (math.isfinite(self.min_significance) and self.min_significance >= 0):
+            raise ValueError("Lc2Config.min_significance must be a number >= 0; got "
+                             f"{self.min_significance!r}")
         if self.max_rounds < 1:
             raise ValueError(f"Lc2Config.max_rounds must be >= 1; got {self.max_rounds}")
 
@@ -194,7 +202,9 @@ class Lc2Refinement:
     rotation_deg: float
     move_mm: float  # how far the move takes the point it rotates about, plus the rotation's arm
     rounds: int
-    applied: bool  # False when the move exceeded ``max_move_mm`` or nothing improved
+    applied: bool  # False when the move exceeded ``max_move_mm``, nothing improved, or the
+    # significance is below ``min_significance``
+    significance: float = math.nan  # score / the highest score of the MRI displaced (NULL_SHIFTS)
 
 
 class PlaneSlice:
@@ -400,6 +410,11 @@ def _plane_slice(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
                       (config.slice_margin_mm / spacing[0], config.slice_margin_mm / spacing[1]))
 
 
+#: In-plane displacements (units of ``null_shift_mm``) of the refined plane whose LC2 is the
+#: chance level a refinement must beat: four directions and two diagonals
+NULL_SHIFTS = ((1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0), (0.75, 0.75), (-0.75, -0.75))
+
+
 def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
                     world_to_voxel: np.ndarray, centre_ij: np.ndarray,
                     config: Lc2Config | None = None, *, arm_mm: float = 10.0,
@@ -451,9 +466,17 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
         p, best, step, more = pattern_search(on(fine), p, best, step, min_step=config.min_step,
                                              max_rounds=config.max_rounds - rounds)
         rounds += more
+        significance = math.nan
+        if config.min_significance > 0:
+            nulls = [p + np.array([dx * config.null_shift_mm, dy * config.null_shift_mm, 0.0])
+                     for dx, dy in NULL_SHIFTS]
+            chance = max(on(fine)(nulls))
+            significance = best / chance if chance > 0 else math.inf
     move = float(np.hypot(p[0], p[1]) + math.radians(abs(p[2])) * arm_mm)
-    applied = best > start and move <= config.max_move_mm
+    applied = (best > start and move <= config.max_move_mm
+               and not significance < config.min_significance)
     return Lc2Refinement(image_to_mri=moved(p) if applied else plane, score_start=start,
                          score=best if applied else start,
                          shift_mm=(float(p[0]), float(p[1])), rotation_deg=float(p[2]),
-                         move_mm=move, rounds=rounds, applied=applied)
+                         move_mm=move, rounds=rounds, applied=applied,
+                         significance=float(significance))

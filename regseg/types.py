@@ -79,3 +79,6 @@ class Result:
     # Image-based refinement (regseg.stream.lc2_stage, --lc2 on): how far it moved the
     # network's plane at the gland, mm; NaN when it is off or applied nothing.
     lc2_move_mm: float = float("nan")
+    # its LC2 over the chance level (the MRI displaced 12 mm); a move is applied only at >= 1.5
+    # (regseg.lc2.Lc2Config.min_significance); NaN when it is off or not computed
+    lc2_significance: float = float("nan")

@@ -26,10 +26,13 @@ from regseg.stream.context import MriContext
 from regseg.types import PROSTATE
 
 LC2_MODES = ("on", "warm", "fast", "off")
-#: Bench-only modes (not ``--lc2`` choices): ``on`` with every candidate resliced from the volume
-#: (what ``on`` does), and ``on`` with the plane slice (:class:`regseg.lc2.PlaneSlice`), which
-#: failed its rule (bench/results/lc2_predeclared.md, addendum 3)
-BENCH_MODES = {"on-volume": False, "on-slice": True}
+#: Bench-only modes (not ``--lc2`` choices), as Lc2Config changes: ``on`` with every candidate
+#: resliced from the volume (what ``on`` does), and ``on`` with the plane slice
+#: (:class:`regseg.lc2.PlaneSlice`), which failed its rule (bench/results/lc2_predeclared.md,
+#: addendum 3)
+BENCH_MODES = {"on-volume": {}, "on-slice": {"plane_slice": True},
+               # ``on`` without the significance guard (addendum 4)
+               "on-unguarded": {"min_significance": 0.0}}
 #: ``fast``: ``warm`` on a coarser working grid (bench/results/lc2_predeclared.md, addendum 2)
 FAST_GRID_MM = 0.8
 LC2_DEFAULT = "on"  # by the rule in bench/results/lc2_predeclared.md: it passed (README)
@@ -60,8 +63,10 @@ class Lc2Stage:
         """The MRI gland's centre projected onto the plane, in frame pixels (i, j)."""
         return spatial.apply(spatial.invert(image_to_mri), self.centre_mri[None])[0, :2]
 
-    def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray) -> tuple[np.ndarray, float]:
-        """The refined plane, and how far it moved the gland (NaN when nothing was applied)."""
+    def __call__(self, pixels: np.ndarray,
+                 image_to_mri: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """The refined plane, how far it moved the gland (NaN when nothing was applied), and the
+        refinement's significance (its LC2 over the chance level; NaN when not computed)."""
         prior = None
         if self.warm and self._prior is not None and self._prior[0] == pixels.shape:
             prior = self._prior[1]
@@ -71,7 +76,8 @@ class Lc2Stage:
         if self.warm:
             self._prior = ((pixels.shape, np.array([*found.shift_mm, found.rotation_deg]))
                            if found.applied else None)
-        return found.image_to_mri, (found.move_mm if found.applied else math.nan)
+        return (found.image_to_mri, (found.move_mm if found.applied else math.nan),
+                found.significance)
 
 
 def build_lc2(context: MriContext, mode: str = LC2_DEFAULT) -> Lc2Stage | None:
@@ -81,5 +87,5 @@ def build_lc2(context: MriContext, mode: str = LC2_DEFAULT) -> Lc2Stage | None:
     if mode == "off":
         return None
     config = (Lc2Config(grid_mm=FAST_GRID_MM) if mode == "fast" else
-              Lc2Config(plane_slice=BENCH_MODES[mode]) if mode in BENCH_MODES else None)
+              Lc2Config(**BENCH_MODES[mode]) if mode in BENCH_MODES else None)
     return Lc2Stage(context, config, warm=mode in ("warm", "fast"))

@@ -294,10 +294,10 @@ class Pipeline:
         hw = frame.pixels.shape
         theta_px = spatial.theta_to_pixel(np.asarray(theta, np.float64).reshape(2, 3), hw)
         image_to_mri = tracked @ spatial.lift_2d(theta_px)
-        lc2_move_mm = math.nan
+        lc2 = (math.nan, math.nan)  # (move mm, significance)
         if self.lc2 is not None:
             t_lc2 = now_ns()
-            image_to_mri, lc2_move_mm = self.lc2(frame.pixels, image_to_mri)
+            image_to_mri, *lc2 = self.lc2(frame.pixels, image_to_mri)
             timings = {**timings, "lc2": (now_ns() - t_lc2) / 1e6}
         if self.capture.temporal is not None:
             t_cap = now_ns()
@@ -311,12 +311,13 @@ class Pipeline:
         else:
             jump_mm = math.nan
         return (frame, image_to_mri, jump_mm, labels, warped_labels, timings, start_ns, seg_conf,
-                lc2_move_mm)
+                tuple(lc2))
 
     def _complete(self, frame: Frame, image_to_mri: np.ndarray, jump_mm: float,
                   labels: np.ndarray, warped_labels: np.ndarray | None,
                   timings: dict[str, float], start_ns: int, seg_conf: float,
-                  lc2_move_mm: float = math.nan, *, queued_ns: int | None = None) -> Result:
+                  lc2: tuple[float, float] = (math.nan, math.nan), *,
+                  queued_ns: int | None = None) -> Result:
         """The host half: do-no-harm, the deformable stage, quality, overlay, the Result.
         ``queued_ns``: when the affine half handed it over (``overlap``): the wait is timed as
         ``handoff``."""
@@ -382,5 +383,6 @@ class Pipeline:
             error_tracked_mm=math.nan if decision is None else decision.error_tracked_mm,
             error_registered_mm=(math.nan if decision is None
                                  else decision.error_registered_mm),
-            lc2_move_mm=lc2_move_mm,
+            lc2_move_mm=lc2[0],
+            lc2_significance=lc2[1],
         )

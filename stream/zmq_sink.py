@@ -74,6 +74,8 @@ def result_header(result: Result) -> dict:
         # the image-based refinement (--lc2): how far it moved the network's plane at the
         # gland, mm (null: off, or it applied no move)
         "lc2_move_mm": _number(result.lc2_move_mm),
+        # its LC2 over the chance level; a move is applied only at >= 1.5 (null: not computed)
+        "lc2_significance": _number(result.lc2_significance),
         "mri_labels": {"shape": list(result.warped_labels.shape),
                        "dtype": str(result.warped_labels.dtype)},
         "target_mm": None if target is None else [float(v) for v in target],

@@ -252,3 +252,24 @@ def test_on_an_oblique_plane_the_slice_is_within_two_percent_of_the_volume():
     got, ref = scorer.resliced(planes), volume.resliced(planes)
     rms = float(((got - ref) ** 2).mean().sqrt() / ref.std())
     assert 1e-5 < rms < 0.02, rms
+
+
+def test_the_significance_guard_keeps_a_real_match_and_refuses_speckle():
+    """A refinement is applied only when its LC2 clearly beats the MRI displaced by 12 mm: the
+    synthetic frame (the MRI's own structure) passes by far; a frame of pure noise, where any
+    plane fits about as badly, is refused even though the search found a 'better' pose."""
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    wrong = true @ in_plane_move(np.array([1.5, -1.2]), 2.0, centre, (0.5, 0.5))
+    found = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    assert found.applied and found.significance > 2 * Lc2Config().min_significance
+    rng = np.random.default_rng(5)
+    noise = np.where(pixels > 0, rng.integers(1, 256, pixels.shape), 0).astype(np.uint8)
+    refused = refine_in_plane(noise, wrong, mri, w2v, centre)
+    assert refused.score_start > 0 and refused.significance < Lc2Config().min_significance
+    assert not refused.applied and np.array_equal(refused.image_to_mri, wrong)
+    unguarded = refine_in_plane(noise, wrong, mri, w2v, centre, Lc2Config(min_significance=0.0))
+    assert unguarded.applied  # without the guard the noise "match" would have been applied
+    assert math.isnan(unguarded.significance)  # not computed when the guard is off
+    with pytest.raises(ValueError, match="min_significance"):
+        Lc2Config(min_significance=-1.0)

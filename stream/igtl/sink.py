@@ -82,7 +82,8 @@ def displacement_mm(result: Result, step: int) -> tuple[np.ndarray, np.ndarray]:
 def trust_metadata(result: Result) -> dict[str, str]:
     """Seq, Quality, Flagged, Flags (comma-separated reasons, "" none), ErrorMm, SegConfidence;
     Correction (registered or tracked) when regseg.stream.do_no_harm ran; Lc2MoveMm (how far the
-    image-based refinement moved the plane at the gland) when it applied a move."""
+    image-based refinement moved the plane at the gland) when it applied a move; Lc2Significance
+    (its LC2 over the chance level, applied at >= 1.5) when it was computed."""
     meta = {"Seq": str(result.frame.seq), "Quality": f"{result.quality:.4f}",
             "Flagged": "true" if result.flagged else "false", "Flags": ",".join(result.flags),
             "ErrorMm": f"{result.error_mm:.3f}", "SegConfidence": f"{result.seg_confidence:.4f}"}
@@ -90,6 +91,8 @@ def trust_metadata(result: Result) -> dict[str, str]:
         meta["Correction"] = result.correction
     if math.isfinite(result.lc2_move_mm):
         meta["Lc2MoveMm"] = f"{result.lc2_move_mm:.3f}"
+    if math.isfinite(result.lc2_significance):
+        meta["Lc2Significance"] = f"{result.lc2_significance:.3f}"
     return meta
 
 

@@ -113,3 +113,30 @@ def test_committed_slice_run_replays_to_its_decision(bench):
     shipped = bench.decide(data["results"], data["levels"], "on-volume")
     assert not shipped["on_as_default"]
     assert shipped["worse"] == ["6 mm p90 2.72 -> 3.08", "10 mm p90 2.48 -> 2.98"]
+
+
+def test_guard_rule_checks_off_and_the_unguarded_medians(bench):
+    def level(lv, off, ung, on):
+        return [pooled(lv, "off", *off), pooled(lv, "on-unguarded", *ung), pooled(lv, "on", *on)]
+
+    alls = [pooled("all", "off", 1.0, 9.0), pooled("all", "on-unguarded", 0.8, 9.0),
+            pooled("all", "on", 0.8, 9.0)]
+    ok = level(0.0, (1.0, 2.0), (0.8, 3.0), (0.82, 2.1)) + alls
+    assert bench.decide_guard(ok, [0.0]) == {"guard_kept": True, "worse": []}
+    lossy = level(0.0, (1.0, 2.0), (0.8, 3.0), (0.9, 2.1)) + alls
+    assert bench.decide_guard(lossy, [0.0])["worse"] == [
+        "vs on-unguarded: 0 mm median 0.80 -> 0.90"]
+    tail = level(0.0, (1.0, 2.0), (0.8, 3.0), (0.8, 2.5)) + alls  # p90 vs off is the first rule
+    assert bench.decide_guard(tail, [0.0])["worse"] == ["0 mm p90 2.00 -> 2.50"]
+
+
+def test_committed_guard_run_replays_to_its_decision(bench):
+    """Addendum 4: the significance guard, on fresh phantoms 3124-3127: kept by its rule (the
+    README also reports what the rule did not ask: its p90 at 15 mm and its time)."""
+    data = json.loads((ROOT / "bench/results/lc2_guard_validation.json").read_text())
+    assert data["modes"] == ["off", "on-unguarded", "on"] and data["seeds"] == [3124, 3125, 3126,
+                                                                            3127]
+    assert bench.decide_guard(data["results"], data["levels"]) == data["decision"]["guard"]
+    assert data["decision"]["guard"]["guard_kept"]
+    from regseg.lc2 import Lc2Config
+    assert Lc2Config().min_significance == 1.5  # what the run measured ships

@@ -207,5 +207,9 @@ def test_metadata_carries_the_image_based_refinements_move_only_when_it_moved():
 
     result = make_result()
     assert "Lc2MoveMm" not in trust_metadata(result)  # off, or no move applied
+    assert "Lc2Significance" not in trust_metadata(result)  # off, or not computed
     moved = replace(result, lc2_move_mm=1.25)
     assert trust_metadata(moved)["Lc2MoveMm"] == "1.250"
+    refused = replace(result, lc2_significance=1.2)  # computed, below 1.5: no move applied
+    assert trust_metadata(refused)["Lc2Significance"] == "1.200"
+    assert "Lc2MoveMm" not in trust_metadata(refused)

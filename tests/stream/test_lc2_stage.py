@@ -89,6 +89,7 @@ def test_pipeline_with_lc2_reports_it_and_keeps_a_good_registration(case):
                                    frame.truth.image_to_mri, gland))
         moved += math.isfinite(result.lc2_move_mm)
         assert not math.isfinite(result.lc2_move_mm) or 0 < result.lc2_move_mm <= 8.0
+        assert math.isfinite(result.lc2_significance)  # reported whether applied or not
     assert max(tres) < 1.0, tres
     assert moved >= 1  # the refinement applied a move on at least one frame
 
@@ -113,8 +114,9 @@ def test_warm_mode_starts_from_the_previous_move_and_forgets_it_on_a_new_frame_s
     wrong = frame.truth.image_to_mri @ in_plane_move(np.array([1.5, 0.0]), 0.0, gland.mean(0),
                                                      frame.spacing_mm[::-1])
     stage = build_lc2(context, "warm")
-    _, moved = stage(frame.pixels, wrong)
+    _, moved, significance = stage(frame.pixels, wrong)
     assert math.isfinite(moved)  # a 1.5 mm error: a move is applied and remembered
+    assert significance >= stage.config.min_significance
     stage(frame.pixels, wrong)
     assert seen[0] is None and seen[1] is not None and np.hypot(*seen[1][:2]) > 0.5
     stage(frame.pixels[:200], wrong)  # another frame size: no start from the old move

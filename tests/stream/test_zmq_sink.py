@@ -151,6 +151,8 @@ def test_decode_refuses_what_does_not_match_its_header(mutate, match):
 def test_header_says_how_far_the_image_based_refinement_moved_the_plane():
     off = json.loads(encode(make_result())[1])
     assert off["lc2_move_mm"] is None  # off, or no move applied: null, never NaN
+    assert off["lc2_significance"] is None
     moved = make_result()
-    moved.lc2_move_mm = 2.75
-    assert json.loads(encode(moved)[1])["lc2_move_mm"] == 2.75
+    moved.lc2_move_mm, moved.lc2_significance = 2.75, 1.875
+    header = json.loads(encode(moved)[1])
+    assert header["lc2_move_mm"] == 2.75 and header["lc2_significance"] == 1.875

@@ -188,10 +188,11 @@ def test_cached_live_pairs_are_named_by_chain_and_lc2_revision(tmp_path, monkeyp
     monkeypatch.setattr(ql, "_alignsegnet_id", lambda: "a")
     monkeypatch.setattr(ql, "_plcreg2d_id", lambda: "p")
     lc2_chain = "K2/deformable-on/multi-start-off/lc2-on"
+    monkeypatch.setattr(ql, "LC2_REVISION", 1)
     for chain in (ql.UNNAMED_CACHE_CHAIN, lc2_chain, lc2_chain):
         ql.cached_live(tmp_path, [3100], 2, seed=0, weights=tmp_path, chain=chain)
     assert made == [ql.UNNAMED_CACHE_CHAIN, lc2_chain]  # the second lc2 call read the cache
-    monkeypatch.setattr(ql, "LC2_REVISION", 2)
+    monkeypatch.setattr(ql, "LC2_REVISION", 2)  # session 17: the significance guard
     ql.cached_live(tmp_path, [3100], 2, seed=0, weights=tmp_path, chain=lc2_chain)
     assert made[-1] == lc2_chain and len(made) == 3  # a new revision: made again
     names = sorted(p.name for p in tmp_path.glob("quality-live-*.pt"))
