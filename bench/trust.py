@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lc2", choices=list(LC2_MODES), default=LC2_DEFAULT,
                         help=f"the image-based refinement, as regseg-stream --lc2 (default "
                         f"{LC2_DEFAULT})")
+    parser.add_argument("--no-lc2-flag", action="store_true",
+                        help="no lc2_unsupported flag (the run its rule compares against: "
+                        "bench/results/lc2_predeclared.md, addendum 5)")
     parser.add_argument("--quality-weights", default=None,
                         help="QualityNet weights (default: the shipped ones)")
     parser.add_argument("--deformable-weights", default="plcreg2d",
@@ -182,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         pipeline = Pipeline(context, engine, deformable=deformable, quality=quality,
                             capture=build_default_capture(backend="eager", threads=args.threads),
                             lc2=build_lc2(context, args.lc2))
+        if pipeline.lc2 is not None:
+            pipeline.lc2.flag_unsupported = not args.no_lc2_flag
         rng = np.random.default_rng([seed, 99])
         for level in args.levels:
             d = rng.standard_normal(3)
@@ -190,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 result = pipeline(frame)
                 rows.append({"seed": seed, "level_mm": level, "tre_mm": tre_of(result),
                              "error_mm": result.error_mm, "flags": list(result.flags),
-                             "flagged": result.flagged})
+                             "flagged": result.flagged,
+                             "lc2_significance": result.lc2_significance,
+                             "lc2_move_mm": result.lc2_move_mm})
         pipeline.set_reference_to_mri(np.eye(4))
         for k, frame in enumerate(frames[:12]):
             kind = ("uniform", "gaussian", "speckle", "speckle_fan")[k % 4]

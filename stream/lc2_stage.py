@@ -44,13 +44,16 @@ class Lc2Stage:
     ``warm``: each search starts from the previous frame's applied move (or from no move when
     that scores higher) with a 0.5 mm / 0.5 deg first step (:func:`regseg.lc2.refine_in_plane`);
     the previous move is forgotten when a frame applies none or the frame size changes.
+    ``flag_unsupported``: the pipeline flags a frame whose refinement is not significant
+    (:meth:`unsupported`).
     """
 
     def __init__(self, context: MriContext, config: Lc2Config | None = None, *,
-                 warm: bool = False) -> None:
+                 warm: bool = False, flag_unsupported: bool = True) -> None:
         self.context = context
         self.config = Lc2Config() if config is None else config
         self.warm = warm
+        self.flag_unsupported = flag_unsupported
         self._prior: tuple[tuple[int, int], np.ndarray] | None = None
         labels = context.labels[0, 0].cpu().numpy()
         gland = np.argwhere(labels >= PROSTATE)  # (k, j, i) voxel indices of gland and lesion
@@ -58,6 +61,11 @@ class Lc2Stage:
             raise ValueError("lc2: the MRI labels hold no gland to rotate about")
         ijk = gland[:, ::-1].mean(0)
         self.centre_mri = spatial.apply(context.voxel_to_world, ijk[None])[0]
+
+    def unsupported(self, significance: float) -> bool:
+        """Whether a frame is flagged ``lc2_unsupported``: its refinement's significance was
+        computed and is below ``min_significance`` (lc2_predeclared.md, addendum 5)."""
+        return self.flag_unsupported and significance < self.config.min_significance
 
     def centre_ij(self, image_to_mri: np.ndarray) -> np.ndarray:
         """The MRI gland's centre projected onto the plane, in frame pixels (i, j)."""

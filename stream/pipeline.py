@@ -352,6 +352,8 @@ class Pipeline:
         quality = agreement(warped_labels > 0, labels > 0)
         # NaN (no gland in either) compares False
         flags = check.flags + (("disagreement",) if quality < self.quality_threshold else ())
+        if self.lc2 is not None and self.lc2.unsupported(lc2[1]):  # NaN: not computed, no flag
+            flags += ("lc2_unsupported",)
         if not check.publish_labels:  # no image, no gland or no pose: no labels go out
             labels = np.zeros_like(labels)
         target = lesion_target(warped_labels)

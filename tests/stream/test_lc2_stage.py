@@ -125,3 +125,34 @@ def test_warm_mode_starts_from_the_previous_move_and_forgets_it_on_a_new_frame_s
     cold(frame.pixels, wrong)
     cold(frame.pixels, wrong)
     assert seen[3] is None and seen[4] is None
+
+
+def test_a_refinement_without_support_flags_the_frame(case, monkeypatch):
+    """A frame whose refinement is not significant (its LC2 is not 1.5 x that of the MRI
+    displaced 12 mm) is flagged lc2_unsupported, published as no truth; a significant one or one
+    not computed is not; the flag can be turned off (the comparison run of its rule)."""
+    from regseg import lc2 as lc2_module
+    from regseg.stream import lc2_stage
+
+    phantom, context = case
+    significance = {"value": 1.2}
+    real = lc2_module.refine_in_plane
+
+    def fixed(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), significance=significance["value"])
+
+    monkeypatch.setattr(lc2_stage, "refine_in_plane", fixed)
+    engine = build_engine(backend="eager", threads=1)
+    pipeline = build_pipeline(context, engine, deformable=None, lc2="on",
+                              capture=build_default_capture(backend="eager", threads=1))
+    frame = SimulatedScanner(phantom, ScannerConfig(**STILL), seed=3).frame(30)
+    low = pipeline(frame)
+    assert "lc2_unsupported" in low.flags and low.flagged and low.lc2_significance == 1.2
+    significance["value"] = 2.0
+    high = pipeline(frame)
+    assert "lc2_unsupported" not in high.flags
+    significance["value"] = math.nan  # not computed (guard off): never a flag
+    assert "lc2_unsupported" not in pipeline(frame).flags
+    significance["value"] = 1.2
+    pipeline.lc2.flag_unsupported = False
+    assert "lc2_unsupported" not in pipeline(frame).flags
