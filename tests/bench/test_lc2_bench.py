@@ -140,3 +140,21 @@ def test_committed_guard_run_replays_to_its_decision(bench):
     assert data["decision"]["guard"]["guard_kept"]
     from regseg.lc2 import Lc2Config
     assert Lc2Config().min_significance == 1.5  # what the run measured ships
+
+
+def test_committed_flag_runs_replay_to_their_decision():
+    """Addendum 5: the lc2_unsupported flag ships if, on fresh phantoms 3128-3131 (bench/trust.py,
+    the same frames with and without it), pooled false alarms rise by <= 2 points and detection
+    does not fall."""
+    with_flag, without = (json.loads((ROOT / f"bench/results/trust_lc2_{n}_a.json").read_text())
+                          for n in ("flag", "noflag"))
+    assert with_flag["seeds"] == without["seeds"] == [3128, 3129, 3130, 3131]
+    assert "--no-lc2-flag" in without["command"] and "--no-lc2-flag" not in with_flag["command"]
+    a, b = with_flag["pooled"], without["pooled"]
+    assert a["frames"] == b["frames"] and a["bad_frames"] == b["bad_frames"]
+    assert a["false_alarm_tre_le_2mm"] - b["false_alarm_tre_le_2mm"] <= 0.02
+    assert a["detection"] >= b["detection"]
+    assert "lc2_unsupported" in a["flag_reasons_bad"]
+    assert "lc2_unsupported" not in b["flag_reasons_bad"]
+    from regseg.stream.quality import FLAG_REASONS
+    assert "lc2_unsupported" in FLAG_REASONS  # what the run measured ships
