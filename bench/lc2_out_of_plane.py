@@ -108,6 +108,8 @@ def run(frames: int) -> list[dict]:
                          "tre_start_mm": metrics.tre_mm(start, true, gland),
                          "tre_in_plane_mm": metrics.tre_mm(inplane.image_to_mri, true, gland),
                          "tre_six_mm": metrics.tre_mm(six, true, gland),
+                         "in_plane_applied": inplane.applied,
+                         "in_plane_significance": inplane.significance,
                          "in_plane_ms": 1e3 * (t1 - t0), "six_ms": 1e3 * (t2 - t1),
                          "six_rounds": rounds})
         print(f"  {family} {seed} done", flush=True)
@@ -128,6 +130,7 @@ def summary(rows: list[dict]) -> list[dict]:
                     "tre_in_plane_mm": med("tre_in_plane_mm"), "tre_six_mm": med("tre_six_mm"),
                     "worse_in_plane": sum(r["tre_in_plane_mm"] > r["tre_start_mm"] for r in sel),
                     "worse_six": sum(r["tre_six_mm"] > r["tre_start_mm"] for r in sel),
+                    "refused_in_plane": sum(not r["in_plane_applied"] for r in sel),
                     "in_plane_ms": med("in_plane_ms"), "six_ms": med("six_ms")})
     return out
 
@@ -135,7 +138,8 @@ def summary(rows: list[dict]) -> list[dict]:
 COLUMNS = (("name", "family", ""), ("frames", "frames", "d"),
            ("tre_start_mm", "TRE_start", ".2f"), ("tre_in_plane_mm", "in_plane", ".2f"),
            ("tre_six_mm", "six_dof", ".2f"), ("worse_in_plane", "worse_ip", "d"),
-           ("worse_six", "worse_6", "d"), ("in_plane_ms", "ip_ms", ".0f"),
+           ("worse_six", "worse_6", "d"), ("refused_in_plane", "ip_refused", "d"),
+           ("in_plane_ms", "ip_ms", ".0f"),
            ("six_ms", "6dof_ms", ".0f"))
 
 
