@@ -64,10 +64,13 @@ def family_a_frames(seed: int, level: float, n: int):
     return phantom.mri, phantom.labels, tracked_frames(phantom, cfg, seed, level, n)
 
 
-def tracked_frames(phantom, cfg, seed: int, level: float, n: int):
+def tracked_frames(phantom, cfg, seed: int, level: float, n: int,
+                   out_of_plane: float | None = None):
     """``n`` frames of a family-A ``phantom`` through scanner ``cfg`` (its own tracking error
     off), STRIDE apart, with an in-plane error of exactly ``level`` mm and deg about a point in
-    the frame (direction drifting slowly) plus 0.5 mm / 0.5 deg out of plane."""
+    the frame (direction drifting slowly) plus 0.5 mm / 0.5 deg out of plane (oscillating about
+    0); ``out_of_plane``: instead ``out_of_plane`` mm along the normal and deg of tilt (sign per
+    phantom and level, +-10 % drift)."""
     from regseg.sim.family_b.session import tracking_error_matrix
     from regseg.sim.scanner import SimulatedScanner
 
@@ -77,14 +80,19 @@ def tracked_frames(phantom, cfg, seed: int, level: float, n: int):
     direction, sign = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
     h, w = cfg.frame_hw
     centre = np.array([w, h]) * (0.5 + rng.uniform(-0.15, 0.15, 2))
+    normal_sign = rng.choice([-1.0, 1.0]) if out_of_plane is not None else 0.0
     for k in range(n):
         index = start + k * STRIDE
         f = scanner.frame(index)
         t = float(index)
+        if out_of_plane is None:
+            normal, tilt = 0.5 * np.sin(t / 80), 0.5 * np.sin(t / 56)
+        else:
+            normal = normal_sign * out_of_plane * (1 + 0.1 * np.sin(t / 80))
+            tilt = out_of_plane * (1 + 0.1 * np.sin(t / 56))
         err = tracking_error_matrix(
             level, sign * level, direction_rad=direction + 0.3 * np.sin(t / 64),
-            centre_ij=centre, pixel_mm=cfg.pixel_mm, normal_mm=0.5 * np.sin(t / 80),
-            tilt_deg=0.5 * np.sin(t / 56))
+            centre_ij=centre, pixel_mm=cfg.pixel_mm, normal_mm=normal, tilt_deg=tilt)
         yield dataclasses.replace(f, seq=k, image_to_reference=f.truth.image_to_mri @ err)
 
 

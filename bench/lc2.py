@@ -69,13 +69,15 @@ def summary(name: str, records: list[dict]) -> dict:
 
 
 def run(phantoms: int, levels: list[float], n: int, threads: int, *, seed0: int = SEED0,
-        modes: tuple[str, ...] = MODES) -> tuple[list[dict], dict]:
+        modes: tuple[str, ...] = MODES,
+        out_of_plane: float | None = None) -> tuple[list[dict], dict]:
     from regseg.stream.runner import frame_accuracy
 
     records: dict[tuple[str, float, str], list] = {
         (name, level, mode): [] for name in SETS for level in levels for mode in modes}
     for name, level, mode, pipeline, result in chain_results(
-            SETS, range(seed0, seed0 + phantoms), levels, modes, n, threads, "lc2", _case):
+            SETS, range(seed0, seed0 + phantoms), levels, modes, n, threads, "lc2", _case,
+            out_of_plane=out_of_plane):
         dice, tre = frame_accuracy(pipeline, result)
         records[(name, level, mode)].append({
             "dice": metrics.dice(result.warped_labels, result.frame.truth.labels, PROSTATE),
@@ -104,6 +106,8 @@ def run(phantoms: int, levels: list[float], n: int, threads: int, *, seed0: int 
         decision["slice"] = decide_warm(rows, levels, "on-slice", "on-volume")
     if "on-unguarded" in modes:  # addendum 4: the significance guard
         decision["guard"] = decide_guard(rows, levels)
+    if "six" in modes:  # addendum 6: the six-parameter search
+        decision["six"] = decide_six(rows, levels)
     return rows, decision
 
 
@@ -161,6 +165,29 @@ def decide_guard(rows: list[dict], levels: list[float]) -> dict:
     return {"guard_kept": not worse, "worse": worse}
 
 
+SIX_TIME_RATIO, SIX_OPTION_GAIN_MM = 1.5, 0.1
+
+
+def decide_six(rows: list[dict], levels: list[float]) -> dict:
+    """Addendum 6: ``six`` is the default if it passes :func:`decide` against off, is within the
+    slack of ``on`` at every level and takes <= SIX_TIME_RATIO x its time; else an option if it
+    passes against off and its pooled median is lower than ``on``'s by >= SIX_OPTION_GAIN_MM;
+    else not shipped."""
+    pooled = _pooled(rows)
+    against_off = decide(rows, levels, "six")["worse"]
+    vs_on = _slack(pooled, levels, "on", "six", "vs on: ")
+    ratio = pooled[("all", "six")]["lc2_ms"] / pooled[("all", "on")]["lc2_ms"]
+    gain = pooled[("all", "on")]["tre_median_mm"] - pooled[("all", "six")]["tre_median_mm"]
+    if not against_off and not vs_on and ratio <= SIX_TIME_RATIO:
+        verdict = "default"
+    elif not against_off and gain >= SIX_OPTION_GAIN_MM:
+        verdict = "option"
+    else:
+        verdict = "not shipped"
+    return {"six": verdict, "worse_against_off": against_off, "worse_vs_on": vs_on,
+            "time_ratio": ratio, "median_gain_vs_on_mm": gain}
+
+
 COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice", "dice", ".3f"),
            ("tre_median_mm", "tTRE_med", ".2f"), ("tre_p90_mm", "tTRE_p90", ".2f"),
            ("plane_tre_median_mm", "TRE_med", ".2f"), ("flagged_pct", "flag%", ".0f"),
@@ -177,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES),
                    choices=["off", "on", "warm", "fast", *BENCH_MODES],
                    help="modes to run; off and on are required (default: off on)")
+    p.add_argument("--out-of-plane", type=float, default=None, metavar="MM",
+                   help="every frame also off by MM along the normal and MM deg of tilt "
+                   "(default: 0.5 mm / 0.5 deg oscillating about 0, as bench/accuracy.py)")
     args = p.parse_args(argv)
     if not 3100 <= args.seed0 <= 3196 or not {"off", "on"} <= set(args.modes):
         print(f"bench/lc2.py: --seed0 {args.seed0} / --modes {' '.join(args.modes)}: expected "
@@ -185,12 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         print(f"bench/lc2.py: --threads {args.threads}: expected >= 1", file=sys.stderr)
         return 2
+    if args.out_of_plane is not None and not 0 <= args.out_of_plane <= 10:
+        print(f"bench/lc2.py: --out-of-plane {args.out_of_plane}: expected 0-10 (mm and deg)",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     levels = [0.0, 10.0] if args.quick else [0.0, 3.0, 6.0, 10.0, 15.0]
     phantoms, n = (1, 2) if args.quick else (4, 6)
     t0 = time.perf_counter()
     modes = tuple(dict.fromkeys(args.modes))
-    rows, decision = run(phantoms, levels, n, args.threads, seed0=args.seed0, modes=modes)
+    rows, decision = run(phantoms, levels, n, args.threads, seed0=args.seed0, modes=modes,
+                         out_of_plane=args.out_of_plane)
     wall = time.perf_counter() - t0
     print(f"\nlc2: --lc2 {' vs '.join(modes)}, family-A calibration phantoms {args.seed0}.., "
           f"{phantoms} per set "
@@ -204,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; plane slice kept: {decision['slice']['on-slice_as_default']}"
              + (f" (worse: {'; '.join(decision['slice']['worse'])})"
                 if decision["slice"]["worse"] else "") if "slice" in decision else "")
+          + (f"; six: {decision['six']['six']} ({decision['six']})" if "six" in decision
+             else "")
           + (f"; guard kept: {decision['guard']['guard_kept']}"
              + (f" (worse: {'; '.join(decision['guard']['worse'])})"
                 if decision["guard"]["worse"] else "") if "guard" in decision else "")
@@ -212,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, "lc2", rows, argv, device=device_name(), quick=args.quick,
                    phantoms_per_set=phantoms, frames_per_run=n, levels=levels,
                    seeds=list(range(args.seed0, args.seed0 + phantoms)), modes=list(modes),
+                   out_of_plane=args.out_of_plane,
                    decision=decision, wall_s=wall)
     return 0
 

@@ -18,7 +18,6 @@ A diagnosis, not a choice: family-A calibration phantoms 3100.. and family-B DIA
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,30 +33,12 @@ from regseg import metrics  # noqa: E402
 from regseg.lc2 import (  # noqa: E402
     FrameScorer,
     Lc2Config,
-    in_plane_move,
     pattern_search,
     refine_in_plane,
+    rigid_move,
 )
 
 CASES = (("A", 3100), ("A", 3101), ("B", 5020), ("B", 5021))
-
-
-def rigid_move(p: np.ndarray, centre_ij: np.ndarray, spacing: tuple[float, float],
-               normal_mm_per_unit: float) -> np.ndarray:
-    """(4, 4) frame-pixel map of ``p`` = (shift along columns, rows in mm, in-plane rotation deg,
-    normal shift mm, tilt about the column axis deg, tilt about the row axis deg), rigid in mm,
-    about frame pixel ``centre_ij``. ``normal_mm_per_unit``: mm per unit of the plane's k axis."""
-    inplane = in_plane_move(p[:2], p[2], centre_ij, spacing)
-    s = np.diag([spacing[0], spacing[1], normal_mm_per_unit, 1.0])
-    ax, ay = math.radians(p[4]), math.radians(p[5])
-    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
-    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
-    r = ry @ rx
-    c = np.array([centre_ij[0] * spacing[0], centre_ij[1] * spacing[1], 0.0])
-    t = np.eye(4)
-    t[:3, :3] = r
-    t[:3, 3] = c - r @ c + np.array([0.0, 0.0, p[3]])
-    return np.linalg.inv(s) @ t @ s @ inplane
 
 
 def search_six(scorer: FrameScorer, plane: np.ndarray, centre_ij: np.ndarray, nz: float,

@@ -61,11 +61,12 @@ def row(name: str, records: list[tuple[float, float, bool]]) -> dict:
 
 
 def chain_results(sets, seeds, levels: list[float], modes, n: int, threads: int, option: str,
-                  make_case=None):
+                  make_case=None, out_of_plane: float | None = None):
     """Every frame's (set, level, mode, pipeline, result): the live chain as ``regseg-stream``
     builds it (deformable stage, default capture) with ``option=mode`` (a build_pipeline
     argument, e.g. ``roi`` or ``lc2``) on ``n`` tracked frames of each set, phantom and level.
-    ``make_case``: (set, seed) -> (phantom, scanner config), default :func:`case`."""
+    ``make_case``: (set, seed) -> (phantom, scanner config), default :func:`case`;
+    ``out_of_plane``: :func:`accuracy.tracked_frames`'s."""
     from regseg.stream.build import (
         build_default_capture,
         build_deformable,
@@ -87,7 +88,8 @@ def chain_results(sets, seeds, levels: list[float], modes, n: int, threads: int,
                                               capture=build_default_capture(
                                                   backend="auto", threads=threads),
                                               **{option: mode})
-                    for frame in tracked_frames(phantom, cfg, seed, level, n):
+                    for frame in tracked_frames(phantom, cfg, seed, level, n,
+                                                out_of_plane=out_of_plane):
                         for result in pipeline.submit(frame):
                             yield name, level, mode, pipeline, result
             print(f"  {name} phantom {seed} done", flush=True)

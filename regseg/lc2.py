@@ -56,6 +56,8 @@ class Lc2Config:
     #: anatomy the MRI explains, not speckle any plane fits (lc2_predeclared.md, addendum 4)
     min_significance: float = 1.5
     null_shift_mm: float = 12.0
+    #: also search the normal shift and both tilts (six parameters; ``--lc2 six``): ~4x the poses
+    out_of_plane: bool = False
     #: in-plane candidates are resampled in 2-D from the MRI resliced once over the frame's plane
     #: (:class:`PlaneSlice`); False: each candidate is resliced from the volume (the reference)
     plane_slice: bool = False  # not the default: failed its rule (lc2_predeclared.md, addendum 3)
@@ -200,11 +202,13 @@ class Lc2Refinement:
     score: float  # LC2 at the refined plane (score_start when not applied)
     shift_mm: tuple[float, float]  # the move found, in the plane: along columns, along rows
     rotation_deg: float
+    # out of plane (``out_of_plane``): normal shift mm, tilts about the column and row axes deg
     move_mm: float  # how far the move takes the point it rotates about, plus the rotation's arm
     rounds: int
     applied: bool  # False when the move exceeded ``max_move_mm``, nothing improved, or the
     # significance is below ``min_significance``
     significance: float = math.nan  # score / the highest score of the MRI displaced (NULL_SHIFTS)
+    out_of_plane: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 class PlaneSlice:
@@ -359,6 +363,27 @@ def in_plane_move(shift_mm: np.ndarray, angle_deg: float, centre_ij: np.ndarray,
     return move
 
 
+def rigid_move(p: np.ndarray, centre_ij: np.ndarray, spacing: tuple[float, float],
+               normal_mm_per_unit: float) -> np.ndarray:
+    """(4, 4) frame-pixel map of ``p`` = (shift along columns, rows in mm, in-plane rotation deg,
+    normal shift mm, tilt about the column axis deg, tilt about the row axis deg), rigid in mm,
+    about frame pixel ``centre_ij``; :func:`in_plane_move` when the last three are 0.
+    ``normal_mm_per_unit``: mm per unit of the plane's k axis."""
+    inplane = in_plane_move(p[:2], p[2], centre_ij, spacing)
+    if not (p[3] or p[4] or p[5]):
+        return inplane
+    s = np.diag([spacing[0], spacing[1], normal_mm_per_unit, 1.0])
+    ax, ay = math.radians(p[4]), math.radians(p[5])
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    r = ry @ rx
+    c = np.array([centre_ij[0] * spacing[0], centre_ij[1] * spacing[1], 0.0])
+    t = np.eye(4)
+    t[:3, :3] = r
+    t[:3, 3] = c - r @ c + np.array([0.0, 0.0, p[3]])
+    return np.linalg.inv(s) @ t @ s @ inplane
+
+
 def pattern_search(score, p: np.ndarray, best: float, step: float, *, min_step: float,
                    max_rounds: int, above: float = 0.0) -> tuple[np.ndarray, float, float, int]:
     """Maximise ``score`` from parameters ``p`` (scoring ``best``) by a pattern search.
@@ -419,7 +444,8 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
                     world_to_voxel: np.ndarray, centre_ij: np.ndarray,
                     config: Lc2Config | None = None, *, arm_mm: float = 10.0,
                     warm: np.ndarray | None = None, warm_step: float = 0.5) -> Lc2Refinement:
-    """Maximise LC2 over in-plane rigid moves of ``plane`` about frame pixel ``centre_ij``.
+    """Maximise LC2 over in-plane rigid moves of ``plane`` about frame pixel ``centre_ij`` (with
+    ``config.out_of_plane``: over all six rigid parameters, :func:`rigid_move`).
 
     A :func:`pattern_search` over (shift along columns, along rows in mm, rotation in degrees):
     steps above ``coarse_above`` on a grid twice as coarse, then on the working grid down to
@@ -431,6 +457,12 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
     that is <= ``coarse_above``).
     """
     config = Lc2Config() if config is None else config
+    n = 6 if config.out_of_plane else 3
+    if warm is not None and n != 3:
+        raise ValueError("lc2: a warm start is for the in-plane search only")
+    normal = float(np.linalg.norm(plane[:3, 2]))
+    if n == 6 and not normal > 1e-9:
+        raise ValueError("lc2: the plane's third axis is zero; an out-of-plane search needs it")
     first_step = config.step if warm is None else min(config.step, warm_step)
     with torch.inference_mode():
         fine = FrameScorer(pixels, plane, mri, world_to_voxel, config,
@@ -441,12 +473,14 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
     spacing = fine.spacing
 
     def moved(p: np.ndarray) -> np.ndarray:
-        return plane @ in_plane_move(p[:2], p[2], centre_ij, spacing)
+        if n == 3:
+            return plane @ in_plane_move(p[:2], p[2], centre_ij, spacing)
+        return plane @ rigid_move(p, centre_ij, spacing, normal)
 
     def on(scorer: FrameScorer):
         return lambda params: scorer.scores([moved(q) for q in params]).tolist()
 
-    zero = np.zeros(3)
+    zero = np.zeros(n)
     with torch.inference_mode():
         first = on(coarse or fine)
         if warm is None:
@@ -468,15 +502,18 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
         rounds += more
         significance = math.nan
         if config.min_significance > 0:
-            nulls = [p + np.array([dx * config.null_shift_mm, dy * config.null_shift_mm, 0.0])
-                     for dx, dy in NULL_SHIFTS]
+            nulls = [p + np.r_[dx * config.null_shift_mm, dy * config.null_shift_mm,
+                               np.zeros(n - 2)] for dx, dy in NULL_SHIFTS]
             chance = max(on(fine)(nulls))
             significance = best / chance if chance > 0 else math.inf
-    move = float(np.hypot(p[0], p[1]) + math.radians(abs(p[2])) * arm_mm)
+    q = np.r_[p, np.zeros(6 - n)]  # (shifts, rotation, normal shift, tilts)
+    move = float(np.linalg.norm(q[[0, 1, 3]])
+                 + math.radians(abs(q[2]) + abs(q[4]) + abs(q[5])) * arm_mm)
     applied = (best > start and move <= config.max_move_mm
                and not significance < config.min_significance)
     return Lc2Refinement(image_to_mri=moved(p) if applied else plane, score_start=start,
                          score=best if applied else start,
-                         shift_mm=(float(p[0]), float(p[1])), rotation_deg=float(p[2]),
+                         shift_mm=(float(q[0]), float(q[1])), rotation_deg=float(q[2]),
                          move_mm=move, rounds=rounds, applied=applied,
-                         significance=float(significance))
+                         significance=float(significance),
+                         out_of_plane=(float(q[3]), float(q[4]), float(q[5])))

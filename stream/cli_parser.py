@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "at most 8 mm) to where the frame best matches the MRI by LC2, an image "
                    "similarity that is not learnt; ~80 ms per frame on a 2-core CPU. warm: start "
                    "from the previous frame's move; fast: warm on a coarser grid, ~half the time, "
-                   f"slightly less accurate (default {LC2_DEFAULT}; README 'Image-based "
-                   "refinement')")
+                   "slightly less accurate. A move is applied only when its LC2 is "
+                   "1.5x that of the MRI displaced 12 mm; below that the frame is flagged "
+                   f"lc2_unsupported (default {LC2_DEFAULT}; README 'Image-based refinement')")
     from regseg.stream.overlap import OVERLAP_DEFAULT
 
     p.add_argument("--overlap", action=Once, choices=["on", "off"], default=OVERLAP_DEFAULT,

@@ -26,13 +26,17 @@ from regseg.stream.context import MriContext
 from regseg.types import PROSTATE
 
 LC2_MODES = ("on", "warm", "fast", "off")
+#: ``six`` (bench mode): the search also over the normal shift and both tilts, with more rounds as
+#: six parameters take; not shipped by its rule (bench/results/lc2_predeclared.md, addendum 6)
+SIX_MAX_ROUNDS = 40
 #: Bench-only modes (not ``--lc2`` choices), as Lc2Config changes: ``on`` with every candidate
 #: resliced from the volume (what ``on`` does), and ``on`` with the plane slice
 #: (:class:`regseg.lc2.PlaneSlice`), which failed its rule (bench/results/lc2_predeclared.md,
 #: addendum 3)
 BENCH_MODES = {"on-volume": {}, "on-slice": {"plane_slice": True},
                # ``on`` without the significance guard (addendum 4)
-               "on-unguarded": {"min_significance": 0.0}}
+               "on-unguarded": {"min_significance": 0.0},
+               "six": {"out_of_plane": True, "max_rounds": SIX_MAX_ROUNDS}}
 #: ``fast``: ``warm`` on a coarser working grid (bench/results/lc2_predeclared.md, addendum 2)
 FAST_GRID_MM = 0.8
 LC2_DEFAULT = "on"  # by the rule in bench/results/lc2_predeclared.md: it passed (README)

@@ -273,3 +273,41 @@ def test_the_significance_guard_keeps_a_real_match_and_refuses_speckle():
     assert math.isnan(unguarded.significance)  # not computed when the guard is off
     with pytest.raises(ValueError, match="min_significance"):
         Lc2Config(min_significance=-1.0)
+
+
+def test_the_six_parameter_search_recovers_an_out_of_plane_error():
+    """A pose off by 2 mm along the normal and 3 deg of tilt (plus a little in plane): the in-plane
+    search cannot undo it; with ``out_of_plane`` the search moves the plane back to the truth."""
+    from regseg.lc2 import rigid_move
+
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    normal = float(np.linalg.norm(true[:3, 2]))
+    error = np.array([0.8, -0.6, 1.0, 2.0, 3.0, -2.0])
+    wrong = true @ rigid_move(error, centre, (0.5, 0.5), normal)
+    pts = np.argwhere(pixels > 0)[::37, ::-1]
+    before = metrics.tre_mm(wrong, true, pts)
+    flat = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    six = refine_in_plane(pixels, wrong, mri, w2v, centre,
+                          Lc2Config(out_of_plane=True, max_rounds=40))
+    after_flat = metrics.tre_mm(flat.image_to_mri, true, pts)
+    after_six = metrics.tre_mm(six.image_to_mri, true, pts)
+    assert before > 2.0 and six.applied
+    assert after_six < 0.5 < after_flat, (before, after_flat, after_six)
+    assert abs(six.out_of_plane[0]) > 1.0 and flat.out_of_plane == (0.0, 0.0, 0.0)
+
+
+def test_rigid_move_without_out_of_plane_parts_is_the_in_plane_move_and_six_checks_its_input():
+    from regseg.lc2 import rigid_move
+
+    p = np.array([1.0, -2.0, 5.0, 0.0, 0.0, 0.0])
+    assert np.array_equal(rigid_move(p, np.array([3.0, 4.0]), (0.2, 0.5), 1.0),
+                          in_plane_move(p[:2], p[2], np.array([3.0, 4.0]), (0.2, 0.5)))
+    mri, _, w2v, true, pixels = synthetic_case()
+    six = Lc2Config(out_of_plane=True)
+    with pytest.raises(ValueError, match="warm start"):
+        refine_in_plane(pixels, true, mri, w2v, np.zeros(2), six, warm=np.zeros(3))
+    flat_plane = true.copy()
+    flat_plane[:3, 2] = 0.0
+    with pytest.raises(ValueError, match="third axis"):
+        refine_in_plane(pixels, flat_plane, mri, w2v, np.zeros(2), six)

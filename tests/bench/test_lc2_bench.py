@@ -158,3 +158,39 @@ def test_committed_flag_runs_replay_to_their_decision():
     assert "lc2_unsupported" not in b["flag_reasons_bad"]
     from regseg.stream.quality import FLAG_REASONS
     assert "lc2_unsupported" in FLAG_REASONS  # what the run measured ships
+
+
+def test_six_rule_default_option_or_nothing(bench):
+    def level(lv, off, on, six):
+        return [pooled(lv, "off", *off), pooled(lv, "on", *on), pooled(lv, "six", *six)]
+
+    def alls(on_med, six_med, on_ms, six_ms):
+        return [{**pooled("all", "off", 2.0, 9.0), "lc2_ms": float("nan")},
+                {**pooled("all", "on", on_med, 9.0), "lc2_ms": on_ms},
+                {**pooled("all", "six", six_med, 9.0), "lc2_ms": six_ms}]
+
+    good = level(0.0, (2.0, 4.0), (1.8, 3.8), (1.2, 3.0))
+    assert bench.decide_six(good + alls(1.8, 1.2, 80.0, 100.0), [0.0])["six"] == "default"
+    slow = bench.decide_six(good + alls(1.8, 1.2, 80.0, 300.0), [0.0])
+    assert slow["six"] == "option" and slow["time_ratio"] == pytest.approx(3.75)
+    small = bench.decide_six(good + alls(1.8, 1.75, 80.0, 300.0), [0.0])
+    assert small["six"] == "not shipped"  # < 0.1 mm better than on, and too slow
+    tail = level(0.0, (2.0, 4.0), (1.8, 3.8), (1.2, 4.5))  # p90 worse than off beyond the slack
+    assert bench.decide_six(tail + alls(1.8, 1.2, 80.0, 300.0), [0.0])["six"] == "not shipped"
+
+
+def test_out_of_plane_is_checked(bench, capsys):
+    assert bench.main(["--out-of-plane", "-1"]) == 2
+    assert "--out-of-plane -1" in capsys.readouterr().err
+
+
+def test_committed_six_run_replays_to_its_decision(bench):
+    """Addendum 6: the six-parameter search on fresh phantoms 3132-3135 with a 2 mm / 2 deg
+    out-of-plane error: not shipped (its p90 at 15 mm beyond the slack against off)."""
+    data = json.loads((ROOT / "bench/results/lc2_six_validation.json").read_text())
+    assert data["modes"] == ["off", "on", "six"] and data["seeds"] == [3132, 3133, 3134, 3135]
+    assert data["out_of_plane"] == 2.0
+    assert bench.decide_six(data["results"], data["levels"]) == data["decision"]["six"]
+    assert data["decision"]["six"]["six"] == "not shipped"
+    from regseg.stream.lc2_stage import LC2_MODES
+    assert "six" not in LC2_MODES  # what the rule said

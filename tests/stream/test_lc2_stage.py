@@ -49,6 +49,10 @@ def test_modes_and_the_centre_it_turns_about(case):
     assert build_lc2(context, "on-slice").config.plane_slice
     assert not build_lc2(context, "on-volume").config.plane_slice
     assert not set(BENCH_MODES) & set(LC2_MODES)
+    # the six-parameter search (a bench mode: not shipped by its rule): more rounds, same guard
+    six = build_lc2(context, "six")
+    assert six.config.out_of_plane and six.config.max_rounds == 40 and not six.warm
+    assert not any(build_lc2(context, m).config.out_of_plane for m in ("on", "warm", "fast"))
     # the MRI gland's centre, projected onto a plane through it, lands where the plane puts it
     plane = np.eye(4)
     plane[:3, 0], plane[:3, 1] = [0.2, 0, 0], [0, 0.2, 0]
