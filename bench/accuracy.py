@@ -418,11 +418,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p.add_argument("--roi", choices=["default", *ROI_MODES], default="default",
                    help="the gland-centred window, as regseg-stream --roi (default: its default)")
-    from regseg.stream.lc2_stage import LC2_MODES
+    from regseg.stream.lc2_stage import BENCH_MODES, LC2_MODES
 
-    p.add_argument("--lc2", choices=["default", *LC2_MODES], default="default",
+    p.add_argument("--lc2", choices=["default", *LC2_MODES, *BENCH_MODES], default="default",
                    help="the image-based refinement, as regseg-stream --lc2 (default: its "
-                   "default)")
+                   "default), or a bench mode (regseg.stream.lc2_stage.BENCH_MODES)")
     p.add_argument("--label", default=None,
                    help="free text stored in the JSON to name the chain, e.g. 'baseline a1b0414'")
     args = p.parse_args(argv)

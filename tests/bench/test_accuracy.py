@@ -203,3 +203,25 @@ def test_shipped_models_keep_their_family_b_floors(family_b_results):
     assert median(0.0, "tre_tracked_tissue_mm") > median(0.0, "tre_tracked_mm")
     assert 0.1 < median(0.0, "tre_tracked_tissue_mm") < 1.5
     assert median(3.0, "tre_registered_tissue_mm") < 3.5
+
+
+def test_tracked_frames_out_of_plane_option_moves_the_plane_along_its_normal():
+    """``out_of_plane``: every frame's pose is also off along the normal by ~MM and tilted; without
+    it the stream is the one every committed run used (the option draws its sign only when set)."""
+    from regseg.sim.phantom import make_phantom
+    from regseg.sim.scanner import ScannerConfig
+
+    phantom = make_phantom(3100)
+    cfg = ScannerConfig(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
+                        out_of_plane_mm=0.0)
+    plain = list(bench.tracked_frames(phantom, cfg, 3100, 0.0, 2))
+    again = list(bench.tracked_frames(phantom, cfg, 3100, 0.0, 2, out_of_plane=None))
+    moved = list(bench.tracked_frames(phantom, cfg, 3100, 0.0, 2, out_of_plane=2.0))
+    for a, b, c in zip(plain, again, moved, strict=True):
+        assert np.array_equal(a.image_to_reference, b.image_to_reference)
+        true = a.truth.image_to_mri
+        normal = true[:3, 2] / np.linalg.norm(true[:3, 2])
+        centre = np.array([cfg.frame_hw[1] / 2, cfg.frame_hw[0] / 2, 0.0, 1.0])
+        off_plain = abs(normal @ (a.image_to_reference @ centre - true @ centre)[:3])
+        off_moved = abs(normal @ (c.image_to_reference @ centre - true @ centre)[:3])
+        assert off_plain < 1.0 and 1.5 < off_moved < 4.0, (off_plain, off_moved)
