@@ -1,6 +1,7 @@
-"""LC2 (regseg.lc2): the score is the share of the ultrasound's local variance a linear fit of the
-MRI and its gradient explains; the CPU (OpenCV) and torch paths agree; the in-plane search finds a
-known misregistration on a synthetic pair and does not apply a move beyond its limit."""
+"""LC2 (regseg.lc2_score; the search in regseg.lc2): the score is the share of the ultrasound's
+local variance a linear fit of the MRI and its gradient explains; the CPU (OpenCV) and torch paths
+agree; the in-plane search finds a known misregistration on a synthetic pair and does not apply a
+move beyond its limit."""
 
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ def test_cuda_search_matches_the_cpu_one():
 
 def test_the_torch_path_gives_the_same_search(monkeypatch):
     """The path CUDA tensors take (cumulative sums in torch), run on the CPU: the same answer."""
-    import regseg.lc2 as lc2_module
+    import regseg.lc2_score as lc2_module
 
     mri, _, w2v, true, pixels = synthetic_case()
     centre = np.array([64.0, 64.0])
@@ -209,7 +210,7 @@ def test_out_of_plane_and_far_candidates_are_resliced_from_the_volume():
 
 
 def test_the_opencv_and_torch_resampling_of_the_slice_agree(monkeypatch):
-    import regseg.lc2 as lc2_module
+    import regseg.lc2_score as lc2_module
 
     mri, _, w2v, true, pixels = synthetic_case()
     centre = np.array([64.0, 64.0])
