@@ -31,7 +31,7 @@ LC2_MODES = ("on", "warm", "fast", "off")
 SIX_MAX_ROUNDS = 40
 #: Bench-only modes (not ``--lc2`` choices), as Lc2Config changes: ``on`` with every candidate
 #: resliced from the volume (what ``on`` does), and ``on`` with the plane slice
-#: (:class:`regseg.lc2.PlaneSlice`), which failed its rule (bench/results/lc2_predeclared.md,
+#: (:class:`regseg.lc2_slice.PlaneSlice`), which failed its rule (bench/results/lc2_predeclared.md,
 #: addendum 3)
 BENCH_MODES = {"on-volume": {}, "on-slice": {"plane_slice": True},
                # ``on`` without the significance guard (addendum 4)
