@@ -8,9 +8,11 @@ PYTHON ?= python3
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	# --no-cache-dir: pip's cache would hold a second copy of every wheel (torch alone ~200 MB);
+	# a CI run failed once for want of disk (session 17's stop: "No space left on device")
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
 	# torch is pinned through constraints.txt (2.13.0, the CPU wheel here); elsewhere any recent torch works
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx,bench,registration]"
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt -e ".[dev,onnx,bench,registration]"
 	touch $(STAMP)
 
 demo: $(STAMP)
