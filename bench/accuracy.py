@@ -270,19 +270,23 @@ def noise_row(family: str, noise: list[dict]) -> dict[str, Any]:
 def run(families: list[str], phantoms: int, levels: list[float], frames_per_run: int, *,
         deformable: bool, backend: str, device: str, threads: int | None,
         progress: bool = True, deformable_weights: str | None = None,
-        quality_weights: str | None = None, roi: str = "default", lc2: str = "default"
+        quality_weights: str | None = None, roi: str = "default", lc2: str = "default",
+        resegment: str = "default", seeds: dict[str, list[int]] | None = None
         ) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
 
     ``deformable_weights`` / ``quality_weights``: other PLCReg 2-D / QualityNet weights than the
-    shipped ones (to compare a retrained model with the same chain); None: the shipped."""
+    shipped ones (to compare a retrained model with the same chain); None: the shipped.
+    ``seeds``: per family, other phantoms than the evaluation ones (calibration phantoms or
+    diagnosis cases, for a rule that must not choose on the evaluation cases)."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
 
     def make_pipeline(context, stage):
         pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi,
-                                  lc2=lc2)
+                                  lc2=lc2, **({} if resegment == "default"
+                                              else {"resegment": resegment}))
         if quality_weights is not None:  # the Pipeline makes the shipped one on first use
             from regseg.stream.quality import QualityCheck, QualityConfig
 
@@ -294,8 +298,9 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     records: list[dict] = []
     noise_records: list[dict] = []
     for family in families:
-        seeds = list(FAMILY_A_SEEDS if family == "A" else _family_b_seeds())[:phantoms]
-        for seed in seeds:
+        chosen = (seeds or {}).get(family) or (FAMILY_A_SEEDS if family == "A"
+                                                else _family_b_seeds())
+        for seed in list(chosen)[:phantoms]:
             case = None
             if family == "B":
                 from regseg.sim.family_b.anatomy import make_case
@@ -423,6 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lc2", choices=["default", *LC2_MODES, *BENCH_MODES], default="default",
                    help="the image-based refinement, as regseg-stream --lc2 (default: its "
                    "default), or a bench mode (regseg.stream.lc2_stage.BENCH_MODES)")
+    p.add_argument("--resegment", choices=["default", "on", "off"], default="default",
+                   help="segment again at the published plane, as regseg-stream --resegment "
+                   "(default: its default)")
+    p.add_argument("--a-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="family-A phantoms instead of the held-out 1000.. (e.g. calibration "
+                   "phantoms for a predeclared rule)")
+    p.add_argument("--b-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="family-B cases instead of the evaluation 5000.. (e.g. diagnosis cases)")
     p.add_argument("--label", default=None,
                    help="free text stored in the JSON to name the chain, e.g. 'baseline a1b0414'")
     args = p.parse_args(argv)
@@ -431,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--families {args.families!r}: A, B or A,B expected")
     levels = ([float(v) for v in args.levels.split(",")] if args.levels else
               [0.0, 3.0, 10.0] if args.quick else [0.0, 3.0, 6.0, 10.0, 15.0])
-    phantoms = args.phantoms or (2 if args.quick else 4)
+    seeds = {"A": args.a_seeds, "B": args.b_seeds}
+    phantoms = args.phantoms or max(2 if args.quick else 4, *(len(v or ()) for v in
+                                                               seeds.values()))
     frames = args.frames or (10 if args.quick else 20)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -440,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                                backend=args.backend, device=args.device,
                                threads=args.threads, deformable_weights=args.deformable_weights,
                                quality_weights=args.quality_weights, roi=args.roi,
-                               lc2=args.lc2)
+                               lc2=args.lc2, resegment=args.resegment, seeds=seeds)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     for fam in families:
         rates = flag_rates([r for r in records if r["family"] == fam])
@@ -462,8 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, "accuracy", rows, argv, device=device_name(args.device),
                    quick=args.quick, deformable=args.deformable, backend=args.backend,
                    phantoms_per_family=phantoms, frames_per_run=frames, levels=levels,
-                   family_a_seeds=list(FAMILY_A_SEEDS)[:phantoms],
-                   family_b_seeds=list(_family_b_seeds())[:phantoms], bad_mm=BAD_MM,
+                   family_a_seeds=list(args.a_seeds or FAMILY_A_SEEDS)[:phantoms],
+                   family_b_seeds=list(args.b_seeds or _family_b_seeds())[:phantoms],
+                   resegment=args.resegment, bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,

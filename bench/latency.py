@@ -103,7 +103,8 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
             "--precision", args.precision, "--stats-json", str(stats_path),
             "--deformable", "on" if "+deformable" in kind else "off",
             "--overlap", "on" if kind.endswith("+overlap") else "off",
-            *(["--lc2", args.lc2] if getattr(args, "lc2", None) else [])]
+            *(["--lc2", args.lc2] if getattr(args, "lc2", None) else []),
+            *(["--resegment", args.resegment] if getattr(args, "resegment", None) else [])]
 
 
 def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], scanner,
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                     "each frame on a second thread) at the paced rate")
     ap.add_argument("--lc2", choices=["on", "warm", "fast", "off"], default=None,
                     help="regseg-stream --lc2 for every regseg variant (default: its default)")
+    ap.add_argument("--resegment", choices=["on", "off"], default=None,
+                    help="regseg-stream --resegment for every regseg variant (default: its "
+                    "default)")
     ap.add_argument("--json", default="out/bench_latency.json")
     ap.add_argument("--png", default=None, help="histogram (default: JSON path with .png)")
     args = ap.parse_args(argv)
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("frames_received", "recv", "d"), ("dropped", "drop", "d"),
                        ("ratio_p50_vs_naive", "x naive", ".1f")])
     write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP, argv=argv,
-               lc2=args.lc2 or "default")
+               lc2=args.lc2 or "default", resegment=args.resegment or "default")
     write_histogram(args.png or Path(args.json).with_suffix(".png"), series,
                     f"end-to-end latency over loopback OpenIGTLink ({device_name(args.device)})")
     return 0

@@ -20,6 +20,11 @@ from regseg.engines.segmentation import argmax_labels
 from regseg.stream.capture import MultiStart, Refinement
 from regseg.stream.context import MriContext
 
+#: ``--resegment``: segment again with the MRI context at the published plane (after the
+#: image-based refinement and the temporal filter), not the network's last pass's; decided by
+#: addendum 7 of bench/results/lc2_predeclared.md.
+RESEGMENT_DEFAULT = "on"
+
 
 def plane_matrices(context: MriContext, image_to_mri: np.ndarray, frame_hw: tuple[int, int],
                    size: tuple[int, int]) -> np.ndarray:
@@ -111,6 +116,16 @@ class FrameChain:
         """The logits to segment: the segmenter's on ``inputs`` and ``theta`` when there is one,
         else the fusion model's ``logits``."""
         return logits if self.segmenter is None else self.segmenter(*inputs, theta)
+
+    def resegment(self, pixels: Tensor, mats: Tensor) -> Tensor:
+        """The segmentation's logits with the MRI and its labels resliced at the plane of
+        ``mats`` (the published one, :data:`RESEGMENT_DEFAULT`): the U-Net head's from one more
+        engine call (its theta unused), or the segmenter's with the identity correction."""
+        inputs = self.prepare(pixels, mats)
+        if self.segmenter is None:
+            return self.engine(*inputs)["logits"]
+        identity = torch.eye(2, 3, device=self.device)[None]
+        return self.segmenter(*inputs, identity)
 
     def segment(self, logits: Tensor) -> Tensor:
         """Labels at frame size, (H, W) uint8: bilinear logits, then argmax."""

@@ -190,7 +190,8 @@ def run(args, stop: threading.Event | None = None,
                                   capture=capture, segmenter=segmenter,
                                   do_no_harm=args.do_no_harm,
                                   do_no_harm_margin_mm=args.do_no_harm_margin_mm,
-                                  roi=args.roi, overlap=args.overlap == "on", lc2=args.lc2)
+                                  roi=args.roi, overlap=args.overlap == "on", lc2=args.lc2,
+                                  resegment=args.resegment)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -223,6 +224,7 @@ def run(args, stop: threading.Event | None = None,
                             else "off"),
              "roi": args.roi,
              "lc2": args.lc2,
+             "resegment": args.resegment,
              "overlap": args.overlap,
              "deformable_engine_info": (deformable.engine.engine.info
                                         if deformable is not None else None),

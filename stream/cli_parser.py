@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "slightly less accurate. A move is applied only when its LC2 is "
                    "1.5x that of the MRI displaced 12 mm; below that the frame is flagged "
                    f"lc2_unsupported (default {LC2_DEFAULT}; README 'Image-based refinement')")
+    from regseg.stream.chain import RESEGMENT_DEFAULT
+
+    p.add_argument("--resegment", action=Once, choices=["on", "off"], default=RESEGMENT_DEFAULT,
+                   help="on: segment the frame with the MRI and its labels resliced at the plane "
+                   "that is published (after --lc2 and the temporal filter), not at the "
+                   "network's last pass; one more network call per frame "
+                   f"(default {RESEGMENT_DEFAULT}; README 'Image-based refinement')")
     from regseg.stream.overlap import OVERLAP_DEFAULT
 
     p.add_argument("--overlap", action=Once, choices=["on", "off"], default=OVERLAP_DEFAULT,

@@ -68,7 +68,7 @@ class Pipeline:
                  | None = None, capture: Capture | None = None,
                  quality: QualityCheck | None = None, segmenter: Any = None,
                  do_no_harm: Any = None, roi: Any = None, overlap: bool = False,
-                 lc2: Any = None) -> None:
+                 lc2: Any = None, resegment: bool = False) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
@@ -100,6 +100,7 @@ class Pipeline:
         # Image-based refinement (regseg.stream.lc2_stage.Lc2Stage, or None; --lc2): each
         # frame's registered plane moved in-plane to maximise LC2, before the temporal filter.
         self.lc2 = lc2
+        self.resegment = bool(resegment)  # --resegment: segment in _settle, not in the chain
         # CPU overlap (--overlap, regseg.stream.overlap): the host half of frame N on a worker
         # thread while the affine half of frame N+1 runs here. Made on first use; close() ends it.
         self.overlap = bool(overlap) and self.device.type != "cuda"
@@ -265,10 +266,12 @@ class Pipeline:
             replaced = self.deformable is not None or self.capture.temporal is not None
             warped = None if replaced else chain.warp_labels(theta, mats).numpy()
             t.append(now_ns())
-            logits = chain.seg_logits(inputs, theta, logits)
-            labels = chain.segment(logits).numpy()
+            labels, seg_conf = None, math.nan  # with resegment: made in _settle
+            if not self.resegment:
+                logits = chain.seg_logits(inputs, theta, logits)
+                labels = chain.segment(logits).numpy()
+                seg_conf = seg_confidence(logits)
             t.append(now_ns())
-            seg_conf = seg_confidence(logits)
         timings = {n: (t[i + 1] - t[i]) / 1e6 for i, n in enumerate(STAGES[:-1])
                    if n != "warp_labels" or warped is not None}
         timings["quality"] = (now_ns() - t[-1]) / 1e6
@@ -310,6 +313,13 @@ class Pipeline:
             timings = {**timings, "temporal": (now_ns() - t_cap) / 1e6}
         else:
             jump_mm = math.nan
+        if self.resegment:  # the segmentation's MRI context at the plane published
+            t_seg, chain = now_ns(), self.chain(hw)
+            mats = torch.from_numpy(self._mats(frame, image_to_mri)).to(self.device)
+            with torch.inference_mode():
+                logits = chain.resegment(torch.from_numpy(frame.pixels).to(self.device), mats)
+                labels, seg_conf = chain.segment(logits).cpu().numpy(), seg_confidence(logits)
+            timings = {**timings, "resegment": (now_ns() - t_seg) / 1e6}
         return (frame, image_to_mri, jump_mm, labels, warped_labels, timings, start_ns, seg_conf,
                 tuple(lc2))
 
@@ -349,8 +359,7 @@ class Pipeline:
                                     image_to_mri, seg_conf, jump_mm,
                                     threshold_mm=(self.quality.lowest_threshold_mm
                                                   if tracked_only else None))
-        quality = agreement(warped_labels > 0, labels > 0)
-        # NaN (no gland in either) compares False
+        quality = agreement(warped_labels > 0, labels > 0)  # NaN (no gland) compares False
         flags = check.flags + (("disagreement",) if quality < self.quality_threshold else ())
         if self.lc2 is not None and self.lc2.unsupported(lc2[1]):  # NaN: not computed, no flag
             flags += ("lc2_unsupported",)

@@ -44,7 +44,7 @@ SESSION_KEYS = (
     "grabber-crop", "grabber-spacing-mm", "pose-source", "max-frame-pixels", "no-contours",
     "igtl-header-version", "max-clients", "accept-registration-from",
     "registration-max-jump-mm", "registration-max-jump-deg", "allow-registration-jump",
-    "do-no-harm", "do-no-harm-margin-mm", "roi", "lc2",
+    "do-no-harm", "do-no-harm-margin-mm", "roi", "lc2", "resegment",
 )
 #: [serve] keys that are regseg-stream flags, applied to every session's engines.
 ENGINE_KEYS = ("device", "backend", "precision", "threads", "engine-threads", "weights",

@@ -202,7 +202,8 @@ class Session:
                                            capture=capture, reference_to_mri=plan.reference_to_mri,
                                            do_no_harm=args.do_no_harm,
                                            do_no_harm_margin_mm=args.do_no_harm_margin_mm,
-                                           roi=args.roi, lc2=args.lc2)
+                                           roi=args.roi, lc2=args.lc2,
+                                           resegment=args.resegment)
             self.registration.bind(self.pipeline.set_reference_to_mri)
             self.gate = FrameGate(plan.limits)
         except BaseException:
