@@ -135,7 +135,8 @@ class Refinement:
     """K registrations per frame, each on the MRI resliced at the estimate so far; device-side.
 
     ``refine(trus, mri, mri_labels, mats)`` returns theta (1, 2, 3), the composed correction of
-    the plane that ``mats`` describes, and the logits of the last call. With a
+    the plane that ``mats`` describes, and the logits of the last call (``need_logits`` False,
+    ``--resegment``: every call may use the theta engine, the logits may be None). With a
     :class:`MultiStart` the first call is the batched one over its hypotheses.
     """
 
@@ -180,14 +181,14 @@ class Refinement:
         return mri, planes.labels_onehot(sample(ctx.labels_float, "nearest"))
 
     def __call__(self, trus: Tensor, mri: Tensor, mri_labels: Tensor,
-                 mats: Tensor) -> tuple[Tensor, Tensor]:
-        full = self.chain.engine
-        fast = self.theta_engine if self.theta_engine is not None else full
+                 mats: Tensor, need_logits: bool = True) -> tuple[Tensor, Tensor | None]:
+        fast = self.theta_engine if self.theta_engine is not None else self.chain.engine
+        full = self.chain.engine if need_logits else fast
         if self.multi_start is not None:
             total, logits = self.multi_start.pick(self, trus, mri, mri_labels, mats)
         elif self.iterations == 1:
             out = full(trus, mri, mri_labels)
-            return out["theta"], out["logits"]
+            return out["theta"], out.get("logits")
         else:
             total = _homogeneous(fast(trus, mri, mri_labels)["theta"].reshape(2, 3))
         calls = self.iterations - 1
@@ -196,9 +197,7 @@ class Refinement:
             mri_k, lab_k = self.sample_planes(self.planes(mats, total))
             out = engine(trus, mri_k, lab_k)
             total = total @ _homogeneous(out["theta"].reshape(2, 3))
-        if calls:
-            logits = out["logits"]
-        return total[:2][None], logits
+        return total[:2][None], out.get("logits") if calls else logits
 
 
 # ----------------------------------------------------------------------------- temporal filter

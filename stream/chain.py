@@ -91,15 +91,16 @@ class FrameChain:
         return trus, mri, planes.labels_onehot(lab)
 
     def model(self, trus: Tensor, mri: Tensor, mri_labels: Tensor,
-              mats: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              mats: Tensor | None = None, need_logits: bool = True) -> tuple[Tensor, Tensor]:
         """theta (1, 2, 3) and logits (1, 3, h, w) (may be the engine's reused buffers).
 
         With ``mats``, the chain's refinement runs (multi-start, then re-slice and register
         again, :class:`regseg.stream.capture.Refinement`); theta is then the composed
-        correction of the tracked plane. Without, one engine call.
+        correction of the tracked plane; ``need_logits`` False: the logits may be None (every
+        pass may skip the segmentation U-Net). Without ``mats``, one engine call.
         """
         if mats is not None:
-            return self.refine(trus, mri, mri_labels, mats)
+            return self.refine(trus, mri, mri_labels, mats, need_logits)
         out = self.engine(trus, mri, mri_labels)
         return out["theta"], out["logits"]
 

@@ -258,7 +258,7 @@ class Pipeline:
         with torch.inference_mode():
             inputs = chain.prepare(torch.from_numpy(frame.pixels), mats)
             t.append(now_ns())
-            theta, logits = chain.model(*inputs, mats)
+            theta, logits = chain.model(*inputs, mats, need_logits=not self.resegment)
             theta = theta.clone()
             t.append(now_ns())
             # The deformable stage and the temporal filter each warp the labels again through the

@@ -117,3 +117,26 @@ def test_modes_are_checked_and_reach_the_cli_and_serve(case):
     assert args.resegment == "on"
     assert build_parser().parse_args(["--demo"]).resegment == RESEGMENT_DEFAULT
     assert "resegment" in SESSION_KEYS
+
+
+def test_the_chain_skips_the_segmentation_unet_and_registers_the_same(case):
+    """With resegment the chain's K = 2 passes all use the theta-only engine (the logits are
+    made once, at the published plane): the registration is the one the full engine gives."""
+    from regseg.stream.build import build_default_capture
+
+    context, frame = case
+    engine = build_engine(backend="eager", threads=1)
+    results = {}
+    for mode in ("off", "on"):
+        capture = build_default_capture(backend="eager", threads=1)
+        assert capture.refine_iterations == 2
+        pipeline = build_pipeline(context, engine, deformable=None, lc2="off", resegment=mode,
+                                  capture=capture)
+        calls = []  # calls of the chain's full engine (with the segmentation U-Net)
+        chain = pipeline.chain(frame.pixels.shape)
+        chain.engine = lambda *a, _calls=calls: _calls.append(1) or engine(*a)
+        results[mode] = (pipeline(frame), len(calls))
+    (off, off_calls), (on, on_calls) = results["off"], results["on"]
+    assert off_calls == 1  # the last of the chain's two passes
+    assert on_calls == 1  # no chain pass: the one call segmenting at the published plane
+    assert np.allclose(on.mri_to_image, off.mri_to_image, atol=1e-4)
