@@ -150,6 +150,7 @@ def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
             "jump_mm": float(getattr(result, "jump_mm", math.nan)),
             "agreement": float(result.quality),
             "seg_confidence": float(getattr(result, "seg_confidence", math.nan)),
+            "out_of_plane_mm": float(getattr(result, "out_of_plane_mm", math.nan)),
             "lesion_in_truth": bool((frame.truth.labels == 2).any()),
             "total_ms": float(result.timings_ms.get("total", math.nan))}
 
@@ -238,6 +239,15 @@ def summarise(family: str, level: float, frames: list[dict]) -> dict[str, Any]:
             **flag_rates(frames)}
 
 
+def pooled_row(family: str, frames: list[dict], auc: float) -> dict[str, Any]:
+    """The family's row over all levels: Dice means, TRE median / p90 and flag rates of every
+    frame (the tracked-error columns pool different levels: left out)."""
+    row = summarise(family, 0.0, frames)
+    row.update(name=f"{family} all levels", error_level=None, estimate_auc=auc,
+               tre_tracked_median_mm=math.nan, tre_tissue_tracked_median_mm=math.nan)
+    return row
+
+
 # ------------------------------------------------------------------------------ run
 def noise_twin(frame: Frame, rng: np.random.Generator) -> Frame:
     """The frame with its image replaced by pure speckle noise (log-compressed Rayleigh, mid-grey)
@@ -271,8 +281,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         deformable: bool, backend: str, device: str, threads: int | None,
         progress: bool = True, deformable_weights: str | None = None,
         quality_weights: str | None = None, roi: str = "default", lc2: str = "default",
-        resegment: str = "default", seeds: dict[str, list[int]] | None = None
-        ) -> tuple[list[dict], list[dict], list[dict]]:
+        resegment: str = "default", consensus: str = "default",
+        seeds: dict[str, list[int]] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
 
@@ -285,8 +295,9 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
 
     def make_pipeline(context, stage):
         pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi,
-                                  lc2=lc2, **({} if resegment == "default"
-                                              else {"resegment": resegment}))
+                                  lc2=lc2, **{k: v for k, v in (("resegment", resegment),
+                                                                 ("consensus", consensus))
+                                              if v != "default"})
         if quality_weights is not None:  # the Pipeline makes the shipped one on first use
             from regseg.stream.quality import QualityCheck, QualityConfig
 
@@ -431,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resegment", choices=["default", "on", "off"], default="default",
                    help="segment again at the published plane, as regseg-stream --resegment "
                    "(default: its default)")
+    p.add_argument("--consensus", choices=["default", "on", "off"], default="default",
+                   help="the 3-D consensus and its out_of_plane flag, as regseg-stream "
+                   "--consensus (default: its default)")
     p.add_argument("--a-seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="family-A phantoms instead of the held-out 1000.. (e.g. calibration "
                    "phantoms for a predeclared rule)")
@@ -455,13 +469,11 @@ def main(argv: list[str] | None = None) -> int:
                                backend=args.backend, device=args.device,
                                threads=args.threads, deformable_weights=args.deformable_weights,
                                quality_weights=args.quality_weights, roi=args.roi,
-                               lc2=args.lc2, resegment=args.resegment, seeds=seeds)
+                               lc2=args.lc2, resegment=args.resegment,
+                               consensus=args.consensus, seeds=seeds)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
-    for fam in families:
-        rates = flag_rates([r for r in records if r["family"] == fam])
-        rows.append({"name": f"{fam} all levels", "family": fam, "error_level": None,
-                     "frames": sum(r["family"] == fam for r in records), **rates,
-                     "estimate_auc": rocs[fam]["auc"]})
+    rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
+             for fam in families]
     wall = time.perf_counter() - t0
     print(f"\naccuracy: live chain (deformable {args.deformable}), {phantoms} phantoms per "
           f"family x {frames} frames, {device_name(args.device)}; bad = TRE > {BAD_MM:g} mm, "
@@ -479,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                    phantoms_per_family=phantoms, frames_per_run=frames, levels=levels,
                    family_a_seeds=list(args.a_seeds or FAMILY_A_SEEDS)[:phantoms],
                    family_b_seeds=list(args.b_seeds or _family_b_seeds())[:phantoms],
-                   resegment=args.resegment, bad_mm=BAD_MM,
+                   resegment=args.resegment, consensus=args.consensus, bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,

@@ -39,6 +39,8 @@ from regseg.machine import machine_name, utc_now
 from regseg.sim.phantom import make_phantom
 from regseg.sim.scanner import SimulatedScanner
 from regseg.stream.build import build_default_capture
+from regseg.stream.chain import RESEGMENT_DEFAULT
+from regseg.stream.consensus import CONSENSUS_DEFAULT, CONSENSUS_MODES, build_consensus
 from regseg.stream.context import build_context
 from regseg.stream.deformable import DeformableStage
 from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_MODES, build_lc2
@@ -161,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-lc2-flag", action="store_true",
                         help="no lc2_unsupported flag (the run its rule compares against: "
                         "bench/results/lc2_predeclared.md, addendum 5)")
+    parser.add_argument("--consensus", choices=list(CONSENSUS_MODES), default=CONSENSUS_DEFAULT,
+                        help="the 3-D consensus and its out_of_plane flag, as regseg-stream "
+                        f"--consensus (default {CONSENSUS_DEFAULT})")
     parser.add_argument("--quality-weights", default=None,
                         help="QualityNet weights (default: the shipped ones)")
     parser.add_argument("--deformable-weights", default="plcreg2d",
@@ -184,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             **({"weights": args.quality_weights} if args.quality_weights else {})))
         pipeline = Pipeline(context, engine, deformable=deformable, quality=quality,
                             capture=build_default_capture(backend="eager", threads=args.threads),
-                            lc2=build_lc2(context, args.lc2))
+                            lc2=build_lc2(context, args.lc2),
+                            resegment=RESEGMENT_DEFAULT == "on",
+                            consensus=build_consensus(args.consensus))
         if pipeline.lc2 is not None:
             pipeline.lc2.flag_unsupported = not args.no_lc2_flag
         rng = np.random.default_rng([seed, 99])
@@ -197,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                              "error_mm": result.error_mm, "flags": list(result.flags),
                              "flagged": result.flagged,
                              "lc2_significance": result.lc2_significance,
+                             "out_of_plane_mm": result.out_of_plane_mm,
                              "lc2_move_mm": result.lc2_move_mm})
         pipeline.set_reference_to_mri(np.eye(4))
         for k, frame in enumerate(frames[:12]):

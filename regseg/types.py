@@ -82,3 +82,7 @@ class Result:
     # its LC2 over the chance level (the MRI displaced 12 mm); a move is applied only at >= 1.5
     # (regseg.lc2.Lc2Config.min_significance); NaN when it is off or not computed
     lc2_significance: float = float("nan")
+    # The 3-D consensus of the recent frames' corrections (regseg.stream.consensus, --consensus):
+    # how far it puts this frame's published plane along its normal, mm; NaN while it does not
+    # hold (too few distinct planes, or corrections that are not one 3-D shift) or it is off.
+    out_of_plane_mm: float = float("nan")

@@ -191,7 +191,7 @@ def run(args, stop: threading.Event | None = None,
                                   do_no_harm=args.do_no_harm,
                                   do_no_harm_margin_mm=args.do_no_harm_margin_mm,
                                   roi=args.roi, overlap=args.overlap == "on", lc2=args.lc2,
-                                  resegment=args.resegment)
+                                  resegment=args.resegment, consensus=args.consensus)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -225,6 +225,7 @@ def run(args, stop: threading.Event | None = None,
              "roi": args.roi,
              "lc2": args.lc2,
              "resegment": args.resegment,
+             "consensus": args.consensus,
              "overlap": args.overlap,
              "deformable_engine_info": (deformable.engine.engine.info
                                         if deformable is not None else None),

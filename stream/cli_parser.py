@@ -159,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "that is published (after --lc2 and the temporal filter), not at the "
                    "network's last pass; one more network call per frame "
                    f"(default {RESEGMENT_DEFAULT}; README 'Image-based refinement')")
+    from regseg.stream.consensus import CONSENSUS_DEFAULT, CONSENSUS_MODES
+
+    p.add_argument("--consensus", action=Once, choices=list(CONSENSUS_MODES),
+                   default=CONSENSUS_DEFAULT,
+                   help="on: fit one 3-D shift to the in-plane corrections of the recent frames "
+                   "whose planes differ (a sweep shows an error from several sides) and flag a "
+                   "frame out_of_plane when it puts the frame's plane > 3 mm off along its "
+                   "normal, which no single frame shows; a new --reference-to-mri starts it "
+                   f"again (default {CONSENSUS_DEFAULT}; README 'Out of plane: the consensus of "
+                   "a sweep')")
     from regseg.stream.overlap import OVERLAP_DEFAULT
 
     p.add_argument("--overlap", action=Once, choices=["on", "off"], default=OVERLAP_DEFAULT,

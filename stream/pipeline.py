@@ -36,8 +36,9 @@ from regseg.types import Frame, Result
 STAGES = ("prepare", "model", "warp_labels", "segment", "overlay")
 #: Host stages after the chain (``quality``: regseg.stream.quality; the overlay follows it).
 HOST_STAGES = ("quality",)
-#: How often to collect finished frames while some are in flight: on the GPU ring, and with the
-#: CPU overlap's worker thread (see Pipeline.poll_interval_s).
+#: How often to collect finished frames while some are in flight: the GPU ring's hand-offs every
+#: 0.25 ms; the CPU overlap's worker every 1 ms (each wake-up takes the GIL from the two threads
+#: doing the work; a Result waits 0.5 ms on average).
 RING_POLL_S, OVERLAP_POLL_S = 0.00025, 0.001
 
 
@@ -46,12 +47,11 @@ class Pipeline:
     capture's temporal filter (``capture``, :class:`regseg.stream.capture.Capture`).
 
     Every Result is assessed by ``quality`` (:class:`regseg.stream.quality.QualityCheck`): an
-    estimate of the registration error in mm (QualityNet on the registered pair), the
-    segmentation's confidence, and flag reasons (untracked, no_content, no_gland, error_estimate,
-    jump; and disagreement: ``quality``, the Dice of the registered MRI gland vs the segmented
-    gland, below ``quality_threshold``: a weak cue, the segmentation sees the MRI labels). A
-    flagged Result is not published as truth (no MRIToImage, no MRI labels, overlay marked
-    UNVERIFIED); without image, gland or pose its predicted labels are emptied too.
+    estimate of the registration error in mm, the segmentation's confidence, and flag reasons
+    (:data:`regseg.stream.quality.FLAG_REASONS`; ``disagreement``: ``quality``, the Dice of the
+    registered MRI vs the segmented gland, below ``quality_threshold``). A flagged Result is not
+    published as truth (no MRIToImage, no MRI labels, overlay marked UNVERIFIED); without image,
+    gland or pose its predicted labels are emptied too.
 
     On a CUDA device the tensor stages run in a :class:`DeviceRing` of ``ring_slots`` slots
     (``cuda_graph``: the chain captured as one graph; ``preprocess="cupy"``: CuPy converts the
@@ -68,7 +68,7 @@ class Pipeline:
                  | None = None, capture: Capture | None = None,
                  quality: QualityCheck | None = None, segmenter: Any = None,
                  do_no_harm: Any = None, roi: Any = None, overlap: bool = False,
-                 lc2: Any = None, resegment: bool = False) -> None:
+                 lc2: Any = None, resegment: bool = False, consensus: Any = None) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
@@ -101,6 +101,8 @@ class Pipeline:
         # frame's registered plane moved in-plane to maximise LC2, before the temporal filter.
         self.lc2 = lc2
         self.resegment = bool(resegment)  # --resegment: segment in _settle, not in the chain
+        # --consensus (regseg.stream.consensus.PlaneConsensus, or None): flags out_of_plane
+        self.consensus = consensus
         # CPU overlap (--overlap, regseg.stream.overlap): the host half of frame N on a worker
         # thread while the affine half of frame N+1 runs here. Made on first use; close() ends it.
         self.overlap = bool(overlap) and self.device.type != "cuda"
@@ -125,6 +127,8 @@ class Pipeline:
         if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
             raise ValueError(f"reference_to_mri: shape {matrix.shape}, finite (4, 4) expected")
         self.reference_to_mri = matrix
+        if self.consensus is not None:  # a new registration: the old corrections say nothing
+            self.consensus.reset()
 
     def plane(self, frame: Frame) -> np.ndarray:
         """The frame's tracked plane in MRI world (pixel (i, j, 0) -> mm)."""
@@ -157,12 +161,9 @@ class Pipeline:
         return (self.submit(frame) + self.flush())[-1]
 
     def submit(self, frame: Frame) -> list[Result]:
-        """Start ``frame``; returns the Results that completed (oldest first, maybe none).
-
-        On the CPU the frame is processed at once and its Result returned; with ``overlap`` its
-        affine half runs here and its host half is handed to the worker thread (blocking while
-        one half already waits), and the Results the worker has finished are returned.
-        """
+        """Start ``frame``; returns the Results that completed (oldest first, maybe none). On
+        the CPU the frame runs at once; with ``overlap`` its host half goes to the worker thread
+        (blocking while one already waits) and the worker's finished Results are returned."""
         frame = self._crop(frame)
         if self.overlap:
             settled = self._run_cpu_affine(frame)
@@ -194,21 +195,17 @@ class Pipeline:
     @property
     def accepting(self) -> bool:
         """Whether a frame submitted now would start at once: False while the CPU overlap's
-        worker has a host half waiting (the caller should then collect Results and take a
-        newer frame later, rather than start one that would wait)."""
+        worker has a host half waiting (collect Results, take a newer frame later)."""
         return self._worker is None or self._worker.accepting
 
     @property
     def poll_interval_s(self) -> float:
-        """How often a caller with frames in flight should :meth:`poll`: the GPU ring's
-        hand-offs are watched every 0.25 ms, the CPU overlap's worker every 1 ms (each wake-up
-        takes the GIL from the two threads doing the work; a Result waits 0.5 ms on average)."""
+        """How often to :meth:`poll` with frames in flight (RING_POLL_S, OVERLAP_POLL_S)."""
         return OVERLAP_POLL_S if self.overlap else RING_POLL_S
 
     @property
     def in_flight(self) -> int:
-        """Frames submitted whose Results have not been returned yet (0 on the CPU unless
-        ``overlap``)."""
+        """Frames submitted whose Results are not returned yet (0 on the CPU unless overlap)."""
         worker = 0 if self._worker is None else self._worker.in_flight
         return worker + sum(ring.in_flight for ring in self._rings.values())
 
@@ -219,10 +216,9 @@ class Pipeline:
             self._worker = None
 
     def _host_worker(self):
-        if self._worker is None:
-            from regseg.stream.overlap import HostWorker
+        from regseg.stream.overlap import HostWorker
 
-            self._worker = HostWorker()
+        self._worker = self._worker or HostWorker()
         return self._worker
 
     def _crop(self, frame: Frame) -> Frame:  # cut to the gland window: GlandRoi.cut
@@ -281,10 +277,7 @@ class Pipeline:
     def _finish(self, frame: Frame, tracked: np.ndarray, theta: np.ndarray, labels: np.ndarray,
                 warped_labels: np.ndarray | None, timings: dict[str, float],
                 start_ns: int, *, seg_conf: float = math.nan) -> Result:
-        """Host side: overlay, quality and the refined transform, from the chain's outputs.
-
-        ``tracked`` is the plane the chain started from (:meth:`_start`).
-        """
+        """Host side, from the chain's outputs (``tracked``: the plane it started from)."""
         return self._complete(*self._settle(frame, tracked, theta, labels, warped_labels,
                                             timings, start_ns, seg_conf=seg_conf))
 
@@ -363,6 +356,11 @@ class Pipeline:
         flags = check.flags + (("disagreement",) if quality < self.quality_threshold else ())
         if self.lc2 is not None and self.lc2.unsupported(lc2[1]):  # NaN: not computed, no flag
             flags += ("lc2_unsupported",)
+        oop = math.nan
+        if self.consensus is not None and check.publish_labels:  # tracked, with image and gland
+            whole, shift = self._whole(frame)
+            oop = self.consensus.assess(self.plane(whole) @ shift, image_to_mri, warped_labels)
+            flags += ("out_of_plane",) if self.consensus.flags(oop) else ()
         if not check.publish_labels:  # no image, no gland or no pose: no labels go out
             labels = np.zeros_like(labels)
         target = lesion_target(warped_labels)
@@ -396,4 +394,5 @@ class Pipeline:
                                  else decision.error_registered_mm),
             lc2_move_mm=lc2[0],
             lc2_significance=lc2[1],
+            out_of_plane_mm=oop,
         )

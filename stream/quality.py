@@ -14,6 +14,9 @@ A frame is published as truth only when nothing here doubts it. Flag reasons (``
   jumped more than ``jump_threshold_mm`` from the filtered one.
 - ``disagreement`` (set by the Pipeline): the registered MRI gland and the segmented gland
   disagree (Dice below its ``quality_threshold``).
+- ``out_of_plane`` (set by the Pipeline, with ``--consensus``): the 3-D consensus of the recent
+  frames' corrections puts this frame's plane more than 3 mm off along its normal
+  (regseg.stream.consensus).
 - ``lc2_unsupported`` (set by the Pipeline, with ``--lc2``): the image-based refinement found no
   alignment the ultrasound supports clearly better than the MRI displaced 12 mm (significance
   below 1.5; regseg.stream.lc2_stage). Not learnt, so it does not share QualityNet's blind spots.
@@ -45,7 +48,7 @@ from regseg.types import LESION
 log = logging.getLogger(__name__)
 
 FLAG_REASONS = ("untracked", "no_content", "no_gland", "error_estimate", "jump", "disagreement",
-                "lc2_unsupported")
+                "lc2_unsupported", "out_of_plane")
 CONTENT_SIZE = 256  # content_score measures blocks of CONTENT_BLOCK pixels at this frame size
 CONTENT_BLOCK = 8
 

@@ -76,6 +76,9 @@ def result_header(result: Result) -> dict:
         "lc2_move_mm": _number(result.lc2_move_mm),
         # its LC2 over the chance level; a move is applied only at >= 1.5 (null: not computed)
         "lc2_significance": _number(result.lc2_significance),
+        # the 3-D consensus of recent frames: this plane's offset along its normal, mm (null:
+        # off, or not enough distinct planes yet); above 3 mm the frame is flagged out_of_plane
+        "out_of_plane_mm": _number(result.out_of_plane_mm),
         "mri_labels": {"shape": list(result.warped_labels.shape),
                        "dtype": str(result.warped_labels.dtype)},
         "target_mm": None if target is None else [float(v) for v in target],

@@ -203,7 +203,8 @@ class Session:
                                            do_no_harm=args.do_no_harm,
                                            do_no_harm_margin_mm=args.do_no_harm_margin_mm,
                                            roi=args.roi, lc2=args.lc2,
-                                           resegment=args.resegment)
+                                           resegment=args.resegment,
+                                           consensus=args.consensus)
             self.registration.bind(self.pipeline.set_reference_to_mri)
             self.gate = FrameGate(plan.limits)
         except BaseException:

@@ -1,0 +1,140 @@
+"""What one frame cannot see: a 3-D consensus of the recent frames' corrections.
+
+Each frame's registration (the network, then ``--lc2``) corrects its plane **in plane** only: an
+error along the plane's normal leaves the ultrasound matching an MRI slice a few mm away, and no
+single-frame cue sees it (README "Image-based refinement", out of plane). But the errors that
+matter most in a case -- the MRI-to-patient registration, a tracker's offset -- are the same 3-D
+error in every frame, and a sweep of the probe shows it from several orientations: what is out of
+plane for one frame is in plane for another.
+
+:class:`PlaneConsensus` keeps up to ``keyframes`` frames whose planes differ (a new keyframe when
+the plane has turned >= ``min_turn_deg`` or moved >= ``min_move_mm`` from the last one; else the
+last one is replaced). Each holds the in-plane projector ``P_i = I - n_i n_i^T`` of its plane and
+the 3-D correction ``d_i`` its registration applied at the registered gland's centre (published
+point minus tracked point, MRI mm). The consensus shift is the ridge least-squares solution
+
+    t = (sum_i P_i + ridge * I)^-1  sum_i P_i d_i,
+
+so a direction no keyframe sees in plane stays near 0 (a fan of nearly parallel planes says
+nothing about their common normal). Its fit residual (rms of ``P_i (d_i - t)``) says whether the
+corrections are one 3-D shift at all; they are not when the error moves with the probe (a
+per-frame tracking error) or the registrations disagree. When the fit holds (residual <=
+``max_residual_mm``, >= ``min_keyframes`` keyframes), ``out_of_plane_mm`` of a frame is
+``|t . n|``: how far the consensus puts the frame's published plane along its normal. Above
+``flag_mm`` the frame is flagged ``out_of_plane`` (regseg.stream.pipeline): it is not corrected,
+only not vouched for. A new ``reference_to_mri`` (a new registration) clears the keyframes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+#: ``--consensus``: decided by addendum 8 of bench/results/lc2_predeclared.md.
+CONSENSUS_DEFAULT = "off"
+CONSENSUS_MODES = ("on", "off")
+
+
+@dataclass(frozen=True)
+class ConsensusConfig:
+    keyframes: int = 24
+    min_keyframes: int = 6
+    min_turn_deg: float = 3.0
+    min_move_mm: float = 3.0
+    ridge: float = 2.0
+    max_residual_mm: float = 4.0
+    flag_mm: float = 3.0
+
+
+@dataclass(frozen=True)
+class ConsensusEstimate:
+    shift_mm: np.ndarray  # (3,) t, MRI mm (NaN when there is no estimate)
+    residual_mm: float  # rms in-plane misfit of the keyframes' corrections to t
+    keyframes: int
+
+    @property
+    def holds(self) -> bool:
+        return bool(np.isfinite(self.shift_mm).all())
+
+
+class PlaneConsensus:
+    """See the module docstring. ``update`` per registered frame, then ``out_of_plane_mm``."""
+
+    def __init__(self, config: ConsensusConfig = ConsensusConfig()) -> None:
+        self.config = config
+        self._frames: deque = deque(maxlen=config.keyframes)  # (normal, centre, P, d)
+        self.estimate = ConsensusEstimate(np.full(3, np.nan), math.nan, 0)
+
+    def reset(self) -> None:
+        self._frames.clear()
+        self.estimate = ConsensusEstimate(np.full(3, np.nan), math.nan, 0)
+
+    def update(self, tracked: np.ndarray, published: np.ndarray,
+               centre_ij: tuple[float, float] | None) -> ConsensusEstimate:
+        """Add a frame: its tracked and published planes (4, 4: pixel -> MRI mm) and the pixel
+        its correction is measured at (the registered gland's centre; None: nothing added)."""
+        if centre_ij is not None:
+            c = np.array([centre_ij[0], centre_ij[1], 0.0, 1.0])
+            point = (published @ c)[:3]
+            d = point - (tracked @ c)[:3]
+            n = np.cross(published[:3, 0], published[:3, 1])
+            norm = float(np.linalg.norm(n))
+            if norm > 0 and np.isfinite(d).all():
+                n = n / norm
+                projector = np.eye(3) - np.outer(n, n)
+                last = self._frames[-1] if self._frames else None
+                if last is not None and not self._distinct(last, n, point):
+                    # the newest measurement, at the keyframe's pose (which stays the reference,
+                    # so that a slow sweep still adds keyframes)
+                    self._frames[-1] = (last[0], last[1], projector, d)
+                else:
+                    self._frames.append((n, point, projector, d))
+        self.estimate = self._solve()
+        return self.estimate
+
+    def out_of_plane_mm(self, published: np.ndarray) -> float:
+        """|t . n| of the plane ``published``: NaN while the consensus does not hold."""
+        est = self.estimate
+        if not est.holds:
+            return math.nan
+        n = np.cross(published[:3, 0], published[:3, 1])
+        return float(abs(est.shift_mm @ n) / np.linalg.norm(n))
+
+    def assess(self, tracked: np.ndarray, published: np.ndarray,
+               warped_labels: np.ndarray) -> float:
+        """:meth:`update` with the frame, its correction measured at the registered MRI gland's
+        centre (nothing added without one), then :meth:`out_of_plane_mm` of ``published``."""
+        j, i = np.nonzero(warped_labels)
+        self.update(tracked, published, (float(i.mean()), float(j.mean())) if len(i) else None)
+        return self.out_of_plane_mm(published)
+
+    def flags(self, out_of_plane_mm: float) -> bool:
+        return out_of_plane_mm > self.config.flag_mm  # NaN compares False
+
+    def _distinct(self, last, n: np.ndarray, point: np.ndarray) -> bool:
+        turn = math.degrees(math.acos(min(1.0, abs(float(last[0] @ n)))))
+        return (turn >= self.config.min_turn_deg
+                or float(np.linalg.norm(point - last[1])) >= self.config.min_move_mm)
+
+    def _solve(self) -> ConsensusEstimate:
+        cfg, frames = self.config, list(self._frames)
+        if len(frames) < cfg.min_keyframes:
+            return ConsensusEstimate(np.full(3, np.nan), math.nan, len(frames))
+        a = sum(f[2] for f in frames) + cfg.ridge * np.eye(3)
+        b = sum(f[2] @ f[3] for f in frames)
+        t = np.linalg.solve(a, b)
+        residual = math.sqrt(float(np.mean([np.sum((f[2] @ (f[3] - t)) ** 2)
+                                            for f in frames])))
+        if residual > cfg.max_residual_mm:
+            return ConsensusEstimate(np.full(3, np.nan), residual, len(frames))
+        return ConsensusEstimate(t, residual, len(frames))
+
+
+def build_consensus(mode: str) -> PlaneConsensus | None:
+    """``--consensus``'s stage: a PlaneConsensus for "on", None for "off"."""
+    if mode not in CONSENSUS_MODES:
+        raise ValueError(f"consensus {mode!r}: expected one of {CONSENSUS_MODES} or 'default'")
+    return PlaneConsensus() if mode == "on" else None
