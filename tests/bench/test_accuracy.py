@@ -140,6 +140,27 @@ def test_bench_writes_one_json_table_and_plot(tmp_path, capsys):
     assert 0 <= rows["B noise frames"]["noise_labelled_pct"] <= 100
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "B 6mm/6deg" in capsys.readouterr().out
+    # the pooled row: Dice and TRE over every frame of every level, not the tracked error
+    pooled, frames = rows["B all levels"], data["frames_detail"]
+    assert pooled["frames"] == 4 and pooled["error_level"] is None
+    assert pooled["dice_prostate"] == pytest.approx(np.mean([f["dice_prostate"] for f in frames]))
+    assert pooled["tre_tissue_median_mm"] == pytest.approx(
+        np.median([f["tre_registered_tissue_mm"] for f in frames]))
+    assert pooled["tre_tracked_median_mm"] is None  # NaN in the JSON: levels pooled
+    assert all(f["out_of_plane_mm"] is None or f["out_of_plane_mm"] >= 0 for f in frames)
+
+
+def test_other_seeds_and_the_chain_options(tmp_path):
+    """--b-seeds replaces the evaluation cases (a rule's fresh diagnosis cases); --resegment and
+    --consensus reach the chain and the JSON."""
+    out = tmp_path / "acc.json"
+    bench.main(["--families", "B", "--b-seeds", "5090", "--levels", "0", "--frames", "1",
+                "--deformable", "off", "--backend", "eager", "--resegment", "off",
+                "--consensus", "on", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["family_b_seeds"] == [5090]
+    assert data["resegment"] == "off" and data["consensus"] == "on"
+    assert {f["phantom"] for f in data["frames_detail"]} == {5090}
 
 
 @pytest.mark.slow

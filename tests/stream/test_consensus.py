@@ -1,0 +1,171 @@
+"""The 3-D consensus of a sweep (regseg.stream.consensus): one 3-D shift recovered from in-plane
+corrections seen from several orientations; nothing claimed about a direction no plane sees;
+corrections that are not one shift are not fitted; the flag, the pipeline and the wire."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from regseg import spatial
+from regseg.stream.consensus import (
+    CONSENSUS_DEFAULT,
+    CONSENSUS_MODES,
+    ConsensusConfig,
+    PlaneConsensus,
+    build_consensus,
+)
+
+SPACING = 0.2  # mm per pixel
+CENTRE = (128.0, 128.0)  # the pixel the corrections are measured at
+
+
+def fan_plane(angle_deg: float, axial_mm: float = 0.0) -> np.ndarray:
+    """A side-fire sagittal plane (pixel -> mm) turned ``angle_deg`` about the probe's axis (z):
+    columns along z, rows away from the axis; the pixel CENTRE lies 30 mm from the axis."""
+    a = math.radians(angle_deg)
+    radial = np.array([math.cos(a), math.sin(a), 0.0])
+    m = np.eye(4)
+    m[:3, 0] = [0.0, 0.0, SPACING]
+    m[:3, 1] = radial * SPACING
+    m[:3, 2] = np.cross(m[:3, 0], m[:3, 1]) / SPACING
+    m[:3, 3] = radial * (30.0 - CENTRE[1] * SPACING) + [0.0, 0.0, axial_mm - CENTRE[0] * SPACING]
+    return m
+
+
+def registered(tracked: np.ndarray, true_shift: np.ndarray) -> np.ndarray:
+    """What a registration that corrects only in plane publishes: the tracked plane moved by the
+    in-plane part of the true 3-D error."""
+    n = np.cross(tracked[:3, 0], tracked[:3, 1])
+    n /= np.linalg.norm(n)
+    inplane = true_shift - (true_shift @ n) * n
+    move = np.eye(4)
+    move[:3, 3] = inplane
+    return move @ tracked
+
+
+def normal(plane):
+    n = np.cross(plane[:3, 0], plane[:3, 1])
+    return n / np.linalg.norm(n)
+
+
+def test_a_constant_shift_is_recovered_from_a_sweep_and_flagged_out_of_plane():
+    shift = np.array([4.0, -3.0, 2.0])
+    consensus = PlaneConsensus()
+    oops = []
+    for k, angle in enumerate(np.linspace(-60, 60, 13)):
+        tracked = fan_plane(angle)
+        published = registered(tracked, shift)
+        est = consensus.update(tracked, published, CENTRE)
+        oops.append(consensus.out_of_plane_mm(published))
+        assert est.holds == (k + 1 >= ConsensusConfig().min_keyframes)
+    t = consensus.estimate.shift_mm
+    # every plane of the fan contains z (seen exactly); x and y are seen in the planes turned
+    # toward them, the ridge pulling what is seen least toward 0 (shrinkage, never inflation)
+    assert t[2] == pytest.approx(shift[2] * 13 / (13 + 2.0))  # ridge 2 over 13 keyframes
+    assert np.linalg.norm(t - shift) < 1.5 and np.linalg.norm(t) <= np.linalg.norm(shift), t
+    assert consensus.estimate.residual_mm < 1.0
+    # every frame's remaining error is its out-of-plane part, which the consensus predicts,
+    # shrunk but not inflated
+    for angle, oop in zip(np.linspace(-60, 60, 13)[5:], oops[5:], strict=True):
+        truth = abs(shift @ normal(fan_plane(angle)))
+        assert 0.5 * truth - 0.1 <= oop <= truth + 0.1, (angle, oop, truth)
+    assert consensus.flags(max(oops[5:])) and not consensus.flags(math.nan)
+
+
+def test_nothing_is_claimed_along_a_direction_no_plane_sees():
+    """A pure pull-back (parallel planes): their common normal is never in plane, so the
+    consensus says ~0 mm out of plane whatever the true error along it."""
+    shift = np.array([0.0, 8.0, 1.0])  # y: the normal of the 0-degree plane
+    consensus = PlaneConsensus()
+    for axial in np.arange(0.0, 40.0, 4.0):
+        tracked = fan_plane(0.0, axial)
+        consensus.update(tracked, registered(tracked, shift), CENTRE)
+    assert consensus.estimate.holds
+    assert consensus.out_of_plane_mm(fan_plane(0.0)) < 0.1
+
+
+def test_frames_that_hardly_move_are_one_keyframe_but_a_slow_sweep_still_adds_them():
+    consensus = PlaneConsensus()
+    for angle in np.arange(0.0, 2.0, 0.1):  # 20 frames within 2 degrees: one keyframe
+        tracked = fan_plane(angle)
+        consensus.update(tracked, registered(tracked, np.ones(3)), CENTRE)
+    assert consensus.estimate.keyframes == 1 and not consensus.estimate.holds
+    for angle in np.arange(2.0, 20.0, 0.5):  # 0.5 deg per frame: a keyframe every 3 deg
+        tracked = fan_plane(angle)
+        consensus.update(tracked, registered(tracked, np.ones(3)), CENTRE)
+    assert 5 <= consensus.estimate.keyframes <= 7 and consensus.estimate.holds
+
+
+def test_corrections_that_are_not_one_shift_are_not_fitted():
+    """An error that turns with the probe (fixed in image coordinates, along the rows) is no
+    3-D shift: the misfit is large and the consensus does not hold, so it flags nothing."""
+    consensus = PlaneConsensus()
+    for angle in np.linspace(-60, 60, 13):
+        tracked = fan_plane(angle)
+        move = np.eye(4)
+        move[:3, 3] = 20.0 * tracked[:3, 1] / SPACING  # 20 mm along this frame's rows
+        consensus.update(tracked, move @ tracked, CENTRE)
+    assert consensus.estimate.residual_mm > ConsensusConfig().max_residual_mm
+    assert math.isnan(consensus.out_of_plane_mm(fan_plane(0.0)))
+
+
+def test_reset_and_frames_without_a_gland():
+    consensus = PlaneConsensus()
+    for angle in np.linspace(-30, 30, 8):
+        tracked = fan_plane(angle)
+        consensus.update(tracked, registered(tracked, np.ones(3)), CENTRE)
+    assert consensus.estimate.holds
+    before = consensus.estimate.keyframes
+    consensus.update(fan_plane(45.0), fan_plane(45.0), None)  # no gland: nothing added
+    assert consensus.estimate.keyframes == before
+    empty = np.zeros((256, 256), np.uint8)
+    assert math.isfinite(consensus.assess(fan_plane(0.0), fan_plane(0.0), empty))
+    consensus.reset()
+    assert consensus.estimate.keyframes == 0 and math.isnan(consensus.out_of_plane_mm(
+        fan_plane(0.0)))
+
+
+def test_modes():
+    assert CONSENSUS_DEFAULT in CONSENSUS_MODES
+    assert isinstance(build_consensus("on"), PlaneConsensus) and build_consensus("off") is None
+    with pytest.raises(ValueError, match="consensus 'maybe'"):
+        build_consensus("maybe")
+
+
+def test_the_pipeline_flags_out_of_plane_and_a_new_registration_clears_it(monkeypatch):
+    """Wired into the Pipeline: the consensus sees each tracked frame with its registered gland,
+    its estimate goes into Result.out_of_plane_mm and the out_of_plane flag; ZeroMQ and
+    OpenIGTLink carry it; set_reference_to_mri starts it again."""
+    from regseg.sim.phantom import make_phantom
+    from regseg.sim.scanner import ScannerConfig, SimulatedScanner
+    from regseg.stream.build import build_engine, build_pipeline
+    from regseg.stream.context import build_context
+    from regseg.stream.igtl.sink import trust_metadata
+    from regseg.stream.zmq_sink import result_header
+
+    phantom = make_phantom(3100)  # a calibration phantom: never an evaluation one
+    context = build_context(phantom.mri, phantom.labels)
+    consensus = PlaneConsensus()
+    seen = []
+    real = consensus.assess
+
+    def spy(tracked, published, warped):
+        seen.append(bool(warped.any()))
+        return real(tracked, published, warped)
+
+    monkeypatch.setattr(consensus, "assess", spy)
+    monkeypatch.setattr(consensus, "out_of_plane_mm", lambda published: 5.0)  # as if it held
+    pipeline = build_pipeline(context, build_engine(backend="eager", threads=1), deformable=None,
+                              lc2="off", consensus=consensus)
+    scanner = SimulatedScanner(phantom, ScannerConfig(), seed=2)
+    result = pipeline(scanner.frame(40))
+    assert seen == [True]
+    assert result.out_of_plane_mm == 5.0 and "out_of_plane" in result.flags and result.flagged
+    assert result_header(result)["out_of_plane_mm"] == 5.0
+    assert trust_metadata(result)["OutOfPlaneMm"] == "5.000"
+    assert consensus.estimate.keyframes == 1  # the frame, with its registered gland
+    pipeline.set_reference_to_mri(spatial.invert(np.eye(4)))
+    assert consensus.estimate.keyframes == 0
