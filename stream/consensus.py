@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: ``--consensus``: decided by addendum 8 of bench/results/lc2_predeclared.md.
-CONSENSUS_DEFAULT = "off"
+CONSENSUS_DEFAULT = "on"
 CONSENSUS_MODES = ("on", "off")
 
 
