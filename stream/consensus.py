@@ -31,6 +31,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 #: ``--consensus``: decided by addendum 8 of bench/results/lc2_predeclared.md.
@@ -107,8 +108,9 @@ class PlaneConsensus:
                warped_labels: np.ndarray) -> float:
         """:meth:`update` with the frame, its correction measured at the registered MRI gland's
         centre (nothing added without one), then :meth:`out_of_plane_mm` of ``published``."""
-        j, i = np.nonzero(warped_labels)
-        self.update(tracked, published, (float(i.mean()), float(j.mean())) if len(i) else None)
+        m = cv2.moments((warped_labels > 0).view(np.uint8), binaryImage=True)
+        centre = (m["m10"] / m["m00"], m["m01"] / m["m00"]) if m["m00"] > 0 else None
+        self.update(tracked, published, centre)
         return self.out_of_plane_mm(published)
 
     def flags(self, out_of_plane_mm: float) -> bool:
@@ -123,11 +125,11 @@ class PlaneConsensus:
         cfg, frames = self.config, list(self._frames)
         if len(frames) < cfg.min_keyframes:
             return ConsensusEstimate(np.full(3, np.nan), math.nan, len(frames))
-        a = sum(f[2] for f in frames) + cfg.ridge * np.eye(3)
-        b = sum(f[2] @ f[3] for f in frames)
-        t = np.linalg.solve(a, b)
-        residual = math.sqrt(float(np.mean([np.sum((f[2] @ (f[3] - t)) ** 2)
-                                            for f in frames])))
+        p = np.stack([f[2] for f in frames])  # (k, 3, 3) in-plane projectors
+        d = np.stack([f[3] for f in frames])  # (k, 3) corrections
+        t = np.linalg.solve(p.sum(0) + cfg.ridge * np.eye(3), np.einsum("kij,kj->i", p, d))
+        misfit = np.einsum("kij,kj->ki", p, d - t)
+        residual = math.sqrt(float(np.mean(np.sum(misfit ** 2, axis=1))))
         if residual > cfg.max_residual_mm:
             return ConsensusEstimate(np.full(3, np.nan), residual, len(frames))
         return ConsensusEstimate(t, residual, len(frames))
