@@ -86,3 +86,6 @@ class Result:
     # how far it puts this frame's published plane along its normal, mm; NaN while it does not
     # hold (too few distinct planes, or corrections that are not one 3-D shift) or it is off.
     out_of_plane_mm: float = float("nan")
+    # and the registration it suggests, T(t) @ reference_to_mri (4, 4, Reference mm -> MRI mm),
+    # for the operator to accept or not; None while it does not hold. Never applied by regseg.
+    suggested_reference_to_mri: np.ndarray | None = None

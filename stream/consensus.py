@@ -22,7 +22,9 @@ per-frame tracking error) or the registrations disagree. When the fit holds (res
 ``max_residual_mm``, >= ``min_keyframes`` keyframes), ``out_of_plane_mm`` of a frame is
 ``|t . n|``: how far the consensus puts the frame's published plane along its normal. Above
 ``flag_mm`` the frame is flagged ``out_of_plane`` (regseg.stream.pipeline): it is not corrected,
-only not vouched for. A new ``reference_to_mri`` (a new registration) clears the keyframes.
+only not vouched for; :meth:`suggest` gives the registration the fit implies, which goes out as a
+suggestion for the operator (OpenIGTLink ``SuggestedMRIToRef``), never applied by regseg. A new
+``reference_to_mri`` (a new registration) clears the keyframes.
 """
 
 from __future__ import annotations
@@ -112,6 +114,16 @@ class PlaneConsensus:
         centre = (m["m10"] / m["m00"], m["m01"] / m["m00"]) if m["m00"] > 0 else None
         self.update(tracked, published, centre)
         return self.out_of_plane_mm(published)
+
+    def suggest(self, reference_to_mri: np.ndarray) -> np.ndarray | None:
+        """The registration the consensus suggests, ``T(t) @ reference_to_mri`` (Reference mm ->
+        MRI mm), or None while it does not hold. Only a suggestion: regseg never applies it; the
+        operator may (README "Out of plane: the consensus of a sweep")."""
+        if not self.estimate.holds:
+            return None
+        move = np.eye(4)
+        move[:3, 3] = self.estimate.shift_mm
+        return move @ reference_to_mri
 
     def flags(self, out_of_plane_mm: float) -> bool:
         return out_of_plane_mm > self.config.flag_mm  # NaN compares False

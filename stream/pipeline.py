@@ -356,11 +356,12 @@ class Pipeline:
         flags = check.flags + (("disagreement",) if quality < self.quality_threshold else ())
         if self.lc2 is not None and self.lc2.unsupported(lc2[1]):  # NaN: not computed, no flag
             flags += ("lc2_unsupported",)
-        oop = math.nan
+        oop, suggestion = math.nan, None
         if self.consensus is not None and check.publish_labels:  # tracked, with image and gland
             whole, shift = self._whole(frame)
             oop = self.consensus.assess(self.plane(whole) @ shift, image_to_mri, warped_labels)
             flags += ("out_of_plane",) if self.consensus.flags(oop) else ()
+            suggestion = self.consensus.suggest(self.reference_to_mri)
         if not check.publish_labels:  # no image, no gland or no pose: no labels go out
             labels = np.zeros_like(labels)
         target = lesion_target(warped_labels)
@@ -395,4 +396,5 @@ class Pipeline:
             lc2_move_mm=lc2[0],
             lc2_significance=lc2[1],
             out_of_plane_mm=oop,
+            suggested_reference_to_mri=suggestion,
         )

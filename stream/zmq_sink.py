@@ -79,6 +79,8 @@ def result_header(result: Result) -> dict:
         # the 3-D consensus of recent frames: this plane's offset along its normal, mm (null:
         # off, or not enough distinct planes yet); above 3 mm the frame is flagged out_of_plane
         "out_of_plane_mm": _number(result.out_of_plane_mm),
+        # the registration it suggests (Reference mm -> MRI mm; null: none): never applied here
+        "suggested_reference_to_mri": _matrix(result.suggested_reference_to_mri),
         "mri_labels": {"shape": list(result.warped_labels.shape),
                        "dtype": str(result.warped_labels.dtype)},
         "target_mm": None if target is None else [float(v) for v in target],

@@ -116,6 +116,9 @@ class IgtlOutputs:
             TargetMm (centroid "x y z" in the Reference frame) and TargetMarginMm; None: none.
         displacement_device: the deformable part, a 3-component float32 IMAGE of Reference-frame
             mm at 1/``displacement_step`` resolution, when the deformable stage ran; None: none.
+        suggestion_device: the registration the 3-D consensus suggests, as the TRANSFORM an
+            operator would send back (``MRIToReference`` convention: MRI mm -> Reference mm),
+            when it holds; None: none. regseg never applies it.
     Raises:
         InputError: a device name that is not <= 20 ASCII characters, or a header version
             other than 1 or 2.
@@ -131,19 +134,20 @@ class IgtlOutputs:
     target_device: str | None = "TargetContour"
     displacement_device: str | None = "MRIToImageDeformable"
     displacement_step: int = 4
+    suggestion_device: str | None = "SuggestedMRIToRef"
 
     def __post_init__(self) -> None:
         for name in (self.overlay_device, self.labels_device, self.transform_device,
                      *(self.contour_devices or ()), self.mri_labels_device, self.target_device,
-                     self.displacement_device):
+                     self.displacement_device, self.suggestion_device):
             if name is not None:
                 check_device_name(name)
         check_header_version(self.header_version)
 
     def pack(self, result: Result) -> list[bytes]:
         """The messages for one Result: overlay (RGB IMAGE), labels (uint8 IMAGE), [MRI labels
-        (uint8 IMAGE), outlines and target as POLYDATA, displacement (float IMAGE),]
-        mri_to_image (TRANSFORM, last).
+        (uint8 IMAGE), outlines and target as POLYDATA, displacement (float IMAGE), the
+        consensus's suggested registration (TRANSFORM),] mri_to_image (TRANSFORM, last).
 
         With ``contour_devices`` = (gland, lesion) device names, the outlines of the predicted
         gland (labels > 0: the lesion lies inside it) and lesion (labels == 2) follow the images,
@@ -202,6 +206,10 @@ class IgtlOutputs:
             messages.append(pack_message("IMAGE", self.displacement_device, timestamp,
                                          msg._pack_content(), header_version=version,
                                          metadata=meta))
+        if self.suggestion_device is not None and result.suggested_reference_to_mri is not None:
+            messages.append(pack_transform(np.linalg.inv(result.suggested_reference_to_mri),
+                                           self.suggestion_device, timestamp,
+                                           header_version=version, metadata=meta))
         if self.send_flagged_transform or not result.flagged:
             status = {"TransformStatus": "INVALID" if result.flagged else "OK",
                       "TransformValid": "false" if result.flagged else "true"}

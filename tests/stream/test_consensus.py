@@ -158,6 +158,9 @@ def test_the_pipeline_flags_out_of_plane_and_a_new_registration_clears_it(monkey
 
     monkeypatch.setattr(consensus, "assess", spy)
     monkeypatch.setattr(consensus, "out_of_plane_mm", lambda published: 5.0)  # as if it held
+    suggested = np.eye(4)
+    suggested[:3, 3] = [1.0, 0.0, -2.0]
+    monkeypatch.setattr(consensus, "suggest", lambda reference_to_mri: suggested @ reference_to_mri)
     pipeline = build_pipeline(context, build_engine(backend="eager", threads=1), deformable=None,
                               lc2="off", consensus=consensus)
     scanner = SimulatedScanner(phantom, ScannerConfig(), seed=2)
@@ -165,7 +168,25 @@ def test_the_pipeline_flags_out_of_plane_and_a_new_registration_clears_it(monkey
     assert seen == [True]
     assert result.out_of_plane_mm == 5.0 and "out_of_plane" in result.flags and result.flagged
     assert result_header(result)["out_of_plane_mm"] == 5.0
+    np.testing.assert_allclose(result.suggested_reference_to_mri, suggested)  # reference: identity
+    assert result_header(result)["suggested_reference_to_mri"] == suggested.tolist()
     assert trust_metadata(result)["OutOfPlaneMm"] == "5.000"
     assert consensus.estimate.keyframes == 1  # the frame, with its registered gland
     pipeline.set_reference_to_mri(spatial.invert(np.eye(4)))
     assert consensus.estimate.keyframes == 0
+
+
+def test_the_suggested_registration_moves_the_mri_by_the_fitted_shift_and_only_when_it_holds():
+    consensus = PlaneConsensus()
+    reference_to_mri = np.eye(4)
+    reference_to_mri[:3, 3] = [1.0, 2.0, 3.0]
+    assert consensus.suggest(reference_to_mri) is None  # nothing to suggest yet
+    shift = np.array([3.0, -2.0, 1.5])
+    for angle in np.linspace(-60, 60, 13):
+        tracked = fan_plane(angle)
+        consensus.update(tracked, registered(tracked, shift), CENTRE)
+    suggested = consensus.suggest(reference_to_mri)
+    np.testing.assert_allclose(suggested[:3, :3], np.eye(3))
+    np.testing.assert_allclose(suggested[:3, 3] - reference_to_mri[:3, 3],
+                               consensus.estimate.shift_mm)
+    assert np.linalg.norm(consensus.estimate.shift_mm - shift) < 1.5

@@ -213,3 +213,26 @@ def test_metadata_carries_the_image_based_refinements_move_only_when_it_moved():
     refused = replace(result, lc2_significance=1.2)  # computed, below 1.5: no move applied
     assert trust_metadata(refused)["Lc2Significance"] == "1.200"
     assert "Lc2MoveMm" not in trust_metadata(refused)
+
+
+def test_the_consensus_suggestion_goes_out_as_the_transform_an_operator_would_send_back():
+    """SuggestedMRIToRef (MRIToReference convention: the inverse of the suggested
+    reference_to_mri) goes out only when the consensus holds, before MRIToImage; regseg itself
+    applies nothing (tests/stream/test_consensus.py)."""
+    from pyigtl.messages import MessageBase
+
+    assert "SuggestedMRIToRef" not in [m[14:34].rstrip(b"\0").decode()
+                                       for m in pack_result(make_result())]
+    suggested = np.eye(4)
+    suggested[:3, 3] = [2.0, -1.0, 3.5]  # a shift of the MRI: Reference -> MRI
+    result = replace(make_result(), suggested_reference_to_mri=suggested)
+    messages = pack_result(result)
+    names = [m[14:34].rstrip(b"\0").decode() for m in messages]
+    assert names[-2:] == ["SuggestedMRIToRef", "MRIToImage"]
+    data = messages[-2]
+    fields = MessageBase.parse_header(data[:HEADER_SIZE])
+    msg = MessageBase.create_message(fields["message_type"])
+    msg.unpack(fields, data[HEADER_SIZE:])
+    np.testing.assert_allclose(msg.matrix, np.linalg.inv(suggested), atol=1e-6)
+    assert pack_result(result, suggestion_device=None)[-2][14:34].rstrip(b"\0") != \
+        b"SuggestedMRIToRef"
