@@ -95,12 +95,13 @@ def chain_results(sets, seeds, levels: list[float], modes, n: int, threads: int,
             print(f"  {name} phantom {seed} done", flush=True)
 
 
-def run(phantoms: int, levels: list[float], n: int, threads: int) -> tuple[list[dict], dict]:
+def run(phantoms: int, levels: list[float], n: int, threads: int,
+        seeds=SEEDS) -> tuple[list[dict], dict]:
     from regseg.stream.runner import frame_accuracy
 
     records: dict[tuple[str, float, str], list] = {}
     for name, level, mode, pipeline, result in chain_results(
-            SETS, list(SEEDS)[:phantoms], levels, ("off", "auto"), n, threads, "roi"):
+            SETS, list(seeds)[:phantoms], levels, ("off", "auto"), n, threads, "roi"):
         dice, tre = frame_accuracy(pipeline, result)
         records.setdefault((name, level, mode), []).append(
             (dice["prostate"], tre.get("registered_tissue", float("nan")),
@@ -142,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 phantoms x 4 frames, levels 0,10")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--seed0", type=int, default=SEEDS[0],
+                   help=f"first calibration phantom (default {SEEDS[0]}; a rule on fresh "
+                   "phantoms names its own)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = [0.0, 10.0] if args.quick else [0.0, 3.0, 6.0, 10.0, 15.0]
     phantoms, n = (2, 4) if args.quick else (4, 8)
     t0 = time.perf_counter()
-    rows, decision = run(phantoms, levels, n, args.threads)
+    seeds = range(args.seed0, args.seed0 + phantoms)
+    rows, decision = run(phantoms, levels, n, args.threads, seeds)
     wall = time.perf_counter() - t0
     print(f"\nroi: --roi off vs auto, family-A calibration phantoms, {phantoms} per set x {n} "
           f"frames, {device_name()}; tissue TRE in mm")
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, "roi", rows, argv, device=device_name(), quick=args.quick,
                    phantoms_per_set=phantoms, frames_per_run=n, levels=levels,
-                   seeds=list(SEEDS)[:phantoms], decision=decision, wall_s=wall)
+                   seeds=list(seeds), decision=decision, wall_s=wall)
     return 0
 
 
