@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resegment", action=Once, choices=["on", "off"], default=RESEGMENT_DEFAULT,
                    help="on: segment the frame with the MRI and its labels resliced at the plane "
                    "that is published (after --lc2 and the temporal filter), not at the "
-                   "network's last pass (the chain's passes then skip the segmentation net: ~+0.5 ms) "
+                   "network's last pass (the chain's passes then skip the segmentation net: "
+                   "~+0.5 ms) "
                    f"(default {RESEGMENT_DEFAULT}; README 'Segmenting at the published plane')")
     from regseg.stream.consensus import CONSENSUS_DEFAULT, CONSENSUS_MODES
 
