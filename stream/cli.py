@@ -226,6 +226,9 @@ def run(args, stop: threading.Event | None = None,
              "lc2": args.lc2,
              "resegment": args.resegment,
              "consensus": args.consensus,
+             # the 3-D consensus at the end: its fitted shift is what SuggestedMRIToRef proposed
+             "consensus_estimate": (pipeline.consensus.info() if pipeline.consensus is not None
+                                    else None),
              "overlap": args.overlap,
              "deformable_engine_info": (deformable.engine.engine.info
                                         if deformable is not None else None),

@@ -125,6 +125,14 @@ class PlaneConsensus:
         move[:3, 3] = self.estimate.shift_mm
         return move @ reference_to_mri
 
+    def info(self) -> dict:
+        """The last estimate, for the run's summary (``--stats-json`` ``consensus_estimate``)."""
+        est = self.estimate
+        return {"holds": est.holds, "keyframes": est.keyframes,
+                "shift_mm": [round(float(v), 3) for v in est.shift_mm] if est.holds else None,
+                "residual_mm": (round(est.residual_mm, 3) if math.isfinite(est.residual_mm)
+                                else None)}
+
     def flags(self, out_of_plane_mm: float) -> bool:
         return out_of_plane_mm > self.config.flag_mm  # NaN compares False
 

@@ -190,3 +190,15 @@ def test_the_suggested_registration_moves_the_mri_by_the_fitted_shift_and_only_w
     np.testing.assert_allclose(suggested[:3, 3] - reference_to_mri[:3, 3],
                                consensus.estimate.shift_mm)
     assert np.linalg.norm(consensus.estimate.shift_mm - shift) < 1.5
+
+
+def test_its_last_estimate_goes_into_the_summary():
+    consensus = PlaneConsensus()
+    assert consensus.info() == {"holds": False, "keyframes": 0, "shift_mm": None,
+                                "residual_mm": None}
+    for angle in np.linspace(-60, 60, 13):
+        tracked = fan_plane(angle)
+        consensus.update(tracked, registered(tracked, np.array([3.0, -2.0, 1.5])), CENTRE)
+    info = consensus.info()
+    assert info["holds"] and info["keyframes"] == 13 and info["residual_mm"] < 1.0
+    np.testing.assert_allclose(info["shift_mm"], consensus.estimate.shift_mm, atol=1e-3)
