@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "whose planes differ (a sweep shows an error from several sides) and flag a "
                    "frame out_of_plane when it puts the frame's plane > 3 mm off along its "
                    "normal, which no single frame shows; a new --reference-to-mri starts it "
-                   f"again (default {CONSENSUS_DEFAULT}; README 'Out of plane: the consensus of "
+                   "again. suggest: also publish the registration the fit implies "
+                   "(SuggestedMRIToRef), for the operator to accept or not; never applied "
+                   f"(default {CONSENSUS_DEFAULT}; README 'Out of plane: the consensus of "
                    "a sweep')")
     from regseg.stream.overlap import OVERLAP_DEFAULT
 

@@ -16,15 +16,18 @@ point minus tracked point, MRI mm). The consensus shift is the ridge least-squar
     t = (sum_i P_i + ridge * I)^-1  sum_i P_i d_i,
 
 so a direction no keyframe sees in plane stays near 0 (a fan of nearly parallel planes says
-nothing about their common normal). Its fit residual (rms of ``P_i (d_i - t)``) says whether the
-corrections are one 3-D shift at all; they are not when the error moves with the probe (a
-per-frame tracking error) or the registrations disagree. When the fit holds (residual <=
+nothing about their common normal). Its fit residual (rms of ``P_i (d_i - t)``) says, only
+roughly, whether the corrections are one 3-D shift: a per-frame error that turns with the probe
+fitted with misfits of 1-4 mm in the diagnosis, as constant shifts did; only nonsense exceeds the
+gate. When the fit holds (residual <=
 ``max_residual_mm``, >= ``min_keyframes`` keyframes), ``out_of_plane_mm`` of a frame is
 ``|t . n|``: how far the consensus puts the frame's published plane along its normal. Above
 ``flag_mm`` the frame is flagged ``out_of_plane`` (regseg.stream.pipeline): it is not corrected,
-only not vouched for; :meth:`suggest` gives the registration the fit implies, which goes out as a
-suggestion for the operator (OpenIGTLink ``SuggestedMRIToRef``), never applied by regseg. A new
-``reference_to_mri`` (a new registration) clears the keyframes.
+only not vouched for. With ``suggest`` (``--consensus suggest``), :meth:`suggest` gives the
+registration the fit implies, which goes out for the operator (OpenIGTLink
+``SuggestedMRIToRef``), never applied by regseg: opt-in, because the fit also holds on errors
+that are not one 3-D shift. A new ``reference_to_mri`` (a new registration) clears the
+keyframes.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 
 #: ``--consensus``: decided by addendum 8 of bench/results/lc2_predeclared.md.
 CONSENSUS_DEFAULT = "on"
-CONSENSUS_MODES = ("on", "off")
+CONSENSUS_MODES = ("on", "suggest", "off")  # suggest: on, and publish the suggested registration
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class ConsensusConfig:
     ridge: float = 2.0
     max_residual_mm: float = 4.0
     flag_mm: float = 3.0
+    suggest: bool = False  # publish the registration the fit implies (--consensus suggest)
 
 
 @dataclass(frozen=True)
@@ -117,9 +121,10 @@ class PlaneConsensus:
 
     def suggest(self, reference_to_mri: np.ndarray) -> np.ndarray | None:
         """The registration the consensus suggests, ``T(t) @ reference_to_mri`` (Reference mm ->
-        MRI mm), or None while it does not hold. Only a suggestion: regseg never applies it; the
-        operator may (README "Out of plane: the consensus of a sweep")."""
-        if not self.estimate.holds:
+        MRI mm), or None while it does not hold or ``config.suggest`` is off. Only a suggestion:
+        regseg never applies it; the operator may (README "Out of plane: the consensus of a
+        sweep")."""
+        if not (self.config.suggest and self.estimate.holds):
             return None
         move = np.eye(4)
         move[:3, 3] = self.estimate.shift_mm
@@ -159,4 +164,6 @@ def build_consensus(mode: str) -> PlaneConsensus | None:
     """``--consensus``'s stage: a PlaneConsensus for "on", None for "off"."""
     if mode not in CONSENSUS_MODES:
         raise ValueError(f"consensus {mode!r}: expected one of {CONSENSUS_MODES} or 'default'")
-    return PlaneConsensus() if mode == "on" else None
+    if mode == "off":
+        return None
+    return PlaneConsensus(ConsensusConfig(suggest=mode == "suggest"))

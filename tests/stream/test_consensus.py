@@ -177,7 +177,8 @@ def test_the_pipeline_flags_out_of_plane_and_a_new_registration_clears_it(monkey
 
 
 def test_the_suggested_registration_moves_the_mri_by_the_fitted_shift_and_only_when_it_holds():
-    consensus = PlaneConsensus()
+    consensus = PlaneConsensus(ConsensusConfig(suggest=True))
+    assert build_consensus("suggest").config.suggest and not build_consensus("on").config.suggest
     reference_to_mri = np.eye(4)
     reference_to_mri[:3, 3] = [1.0, 2.0, 3.0]
     assert consensus.suggest(reference_to_mri) is None  # nothing to suggest yet
@@ -190,6 +191,9 @@ def test_the_suggested_registration_moves_the_mri_by_the_fitted_shift_and_only_w
     np.testing.assert_allclose(suggested[:3, 3] - reference_to_mri[:3, 3],
                                consensus.estimate.shift_mm)
     assert np.linalg.norm(consensus.estimate.shift_mm - shift) < 1.5
+    flag_only = PlaneConsensus()  # --consensus on: the same fit, no suggestion published
+    flag_only._frames, flag_only.estimate = consensus._frames, consensus.estimate
+    assert flag_only.suggest(reference_to_mri) is None
 
 
 def test_its_last_estimate_goes_into_the_summary():
