@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -40,15 +39,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_plot import plot  # noqa: E402
+from accuracy_scoring import (  # noqa: E402,F401  (re-exported: other benches and tests)
+    BAD_MM,
+    GOOD_MM,
+    NOISE_GLAND_MM2,
+    _nan,
+    estimate_of,
+    flag_rates,
+    flag_reasons,
+    noise_row,
+    pooled_row,
+    roc,
+    score_frame,
+    score_noise,
+    summarise,
+    true_plane_dice,
+)
 from common import device_name, print_table, write_json  # noqa: E402
 
-from regseg import metrics, spatial  # noqa: E402
-from regseg.stream.runner import frame_accuracy  # noqa: E402
-from regseg.types import LESION, PROSTATE, Frame  # noqa: E402
+from regseg.types import Frame  # noqa: E402
 
 FAMILY_A_SEEDS = range(1000, 1100)  # held out from training (train/alignsegnet.py VAL_SEED0)
-BAD_MM, GOOD_MM = 5.0, 2.0  # a frame is "bad" above BAD_MM registered TRE, "good" at or below
-NOISE_GLAND_MM2 = 100.0  # a noise frame "has a gland" when the labels cover more than 1 cm^2
 STRIDE = 4  # session frames between evaluated frames (a smooth, real-time-like stretch)
 
 
@@ -113,141 +124,6 @@ def family_b_frames(seed: int, level: float, n: int, case=None):
     return case.mri, case.labels, frames()
 
 
-# ------------------------------------------------------------------------------ scoring
-def estimate_of(result: Any) -> float:
-    """The per-frame registration-error estimate: ``error_mm`` if present, else 1 - quality."""
-    err = getattr(result, "error_mm", None)
-    if err is not None:
-        return float(err)
-    q = float(result.quality)
-    return 1.0 - q if math.isfinite(q) else math.nan
-
-
-def true_plane_dice(context: Any, frame: Frame) -> float:
-    """Prostate Dice of the MRI labels resliced at the TRUE plane vs the frame's truth: what a
-    perfect rigid registration would give (below 1 by tissue motion and MRI partial volume)."""
-    labels = spatial.reslice(context.labels, context.world_to_voxel, frame.truth.image_to_mri,
-                             frame.pixels.shape, mode="nearest")[0, 0].cpu().numpy()
-    return metrics.dice(labels, frame.truth.labels, PROSTATE)
-
-
-def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
-    dice, tre = frame_accuracy(pipeline, result)
-    frame: Frame = result.frame
-    return {"dice_prostate": dice["prostate"], "dice_lesion": dice["lesion"],
-            "dice_registered": dice["registered_prostate"],
-            "dice_lesion_registered": metrics.dice(result.warped_labels, frame.truth.labels,
-                                                   LESION),
-            "dice_true_plane": true_plane_dice(pipeline.context, frame),
-            "tre_tracked_mm": tre.get("tracked", math.nan),
-            "tre_registered_mm": tre.get("registered", math.nan),
-            # against the tissue (the simulator's motion) and through the published field
-            "tre_tracked_tissue_mm": tre.get("tracked_tissue", math.nan),
-            "tre_registered_tissue_mm": tre.get("registered_tissue", math.nan),
-            "flagged": bool(result.flagged), "estimate": estimate_of(result),
-            "flags": list(getattr(result, "flags", ())),
-            "threshold_mm": _threshold_of(pipeline),
-            "jump_mm": float(getattr(result, "jump_mm", math.nan)),
-            "agreement": float(result.quality),
-            "seg_confidence": float(getattr(result, "seg_confidence", math.nan)),
-            "out_of_plane_mm": float(getattr(result, "out_of_plane_mm", math.nan)),
-            "lesion_in_truth": bool((frame.truth.labels == 2).any()),
-            "total_ms": float(result.timings_ms.get("total", math.nan))}
-
-
-def _threshold_of(pipeline: Any) -> float:
-    """The error-estimate threshold the chain flags at (NaN on a tree without QualityNet)."""
-    quality = getattr(pipeline, "quality", None)
-    return float(getattr(quality, "threshold_mm", math.nan))
-
-
-def _nan(values) -> np.ndarray:
-    return np.asarray([v for v in values], dtype=np.float64)
-
-
-def flag_rates(frames: list[dict]) -> dict[str, float]:
-    """Detection (bad frames flagged) and false-alarm (good frames flagged) rates."""
-    tre = _nan(f["tre_registered_mm"] for f in frames)
-    flagged = np.asarray([f["flagged"] for f in frames], dtype=bool)
-    bad, good = tre > BAD_MM, tre <= GOOD_MM
-    return {"n_bad": int(bad.sum()), "n_good": int(good.sum()),
-            "detection": float(flagged[bad].mean()) if bad.any() else math.nan,
-            "false_alarm": float(flagged[good].mean()) if good.any() else math.nan,
-            "flagged_pct": 100.0 * float(flagged.mean()) if len(frames) else math.nan}
-
-
-def flag_reasons(frames: list[dict]) -> dict[str, dict[str, Any]]:
-    """Per family: how often each flag reason fires on bad (TRE > 5 mm) and good (<= 2 mm)
-    frames: which check makes the false alarms."""
-    out: dict[str, dict[str, Any]] = {}
-    for fam in sorted({f["family"] for f in frames}):
-        mine = [f for f in frames if f["family"] == fam]
-        tre = _nan(f["tre_registered_mm"] for f in mine)
-        for name, sel in (("bad", tre > BAD_MM), ("good", tre <= GOOD_MM)):
-            chosen = [f for f, s in zip(mine, sel, strict=True) if s]
-            counts: dict[str, int] = {}
-            for f in chosen:
-                for reason in f.get("flags", ()):
-                    counts[reason] = counts.get(reason, 0) + 1
-            out.setdefault(fam, {})[name] = {"frames": len(chosen), **counts}
-    return out
-
-
-def roc(frames: list[dict]) -> dict[str, Any]:
-    """ROC of the estimate separating bad (TRE > 5 mm) from good (<= 2 mm) frames; NaN estimates
-    (no gland in view) count as the lowest score (never flagged)."""
-    tre = _nan(f["tre_registered_mm"] for f in frames)
-    est = _nan(f["estimate"] for f in frames)
-    est = np.where(np.isfinite(est), est, -np.inf)
-    bad, good = tre > BAD_MM, tre <= GOOD_MM
-    if not bad.any() or not good.any():
-        return {"fpr": [], "tpr": [], "auc": math.nan, "n_bad": int(bad.sum()),
-                "n_good": int(good.sum())}
-    thresholds = np.unique(est[bad | good])[::-1]
-    tpr = [0.0] + [float((est[bad] >= t).mean()) for t in thresholds] + [1.0]
-    fpr = [0.0] + [float((est[good] >= t).mean()) for t in thresholds] + [1.0]
-    auc = float(np.trapezoid(tpr, fpr))
-    return {"fpr": fpr, "tpr": tpr, "auc": auc, "n_bad": int(bad.sum()), "n_good": int(good.sum())}
-
-
-def summarise(family: str, level: float, frames: list[dict]) -> dict[str, Any]:
-    """One table row: means of Dice, medians/p90 of TRE, flag rates."""
-    def col(key):
-        return _nan(f[key] for f in frames)
-
-    def stat(fn, key):
-        v = col(key)
-        v = v[np.isfinite(v)]
-        return float(fn(v)) if v.size else math.nan
-
-    return {"name": f"{family} {level:g}mm/{level:g}deg", "family": family, "error_level": level,
-            "frames": len(frames),
-            "dice_prostate": stat(np.mean, "dice_prostate"),
-            "dice_prostate_median": stat(np.median, "dice_prostate"),
-            "dice_lesion": stat(np.mean, "dice_lesion"),
-            "lesion_frames": int(np.isfinite(col("dice_lesion")).sum()),
-            "dice_registered": stat(np.mean, "dice_registered"),
-            "dice_lesion_registered": stat(np.mean, "dice_lesion_registered"),
-            "dice_true_plane": stat(np.mean, "dice_true_plane"),
-            "tre_tracked_median_mm": stat(np.median, "tre_tracked_mm"),
-            "tre_median_mm": stat(np.median, "tre_registered_mm"),
-            "tre_p90_mm": stat(lambda v: np.percentile(v, 90), "tre_registered_mm"),
-            "tre_tissue_tracked_median_mm": stat(np.median, "tre_tracked_tissue_mm"),
-            "tre_tissue_median_mm": stat(np.median, "tre_registered_tissue_mm"),
-            "tre_tissue_p90_mm": stat(lambda v: np.percentile(v, 90), "tre_registered_tissue_mm"),
-            "total_ms_p50": stat(np.median, "total_ms"),
-            **flag_rates(frames)}
-
-
-def pooled_row(family: str, frames: list[dict], auc: float) -> dict[str, Any]:
-    """The family's row over all levels: Dice means, TRE median / p90 and flag rates of every
-    frame (the tracked-error columns pool different levels: left out)."""
-    row = summarise(family, 0.0, frames)
-    row.update(name=f"{family} all levels", error_level=None, estimate_auc=auc,
-               tre_tracked_median_mm=math.nan, tre_tissue_tracked_median_mm=math.nan)
-    return row
-
-
 # ------------------------------------------------------------------------------ run
 def noise_twin(frame: Frame, rng: np.random.Generator) -> Frame:
     """The frame with its image replaced by pure speckle noise (log-compressed Rayleigh, mid-grey)
@@ -257,24 +133,6 @@ def noise_twin(frame: Frame, rng: np.random.Generator) -> Frame:
     pixels = np.where(frame.pixels > 0, grey, 0.0).round().astype(np.uint8)
     truth = dataclasses.replace(frame.truth, labels=np.zeros_like(frame.truth.labels))
     return dataclasses.replace(frame, pixels=pixels, truth=truth)
-
-
-def score_noise(result: Any) -> dict[str, Any]:
-    """A noise frame: predicted gland area (mm^2), labelled (> 1 cm^2), flagged."""
-    sy, sx = result.frame.spacing_mm
-    area = float((result.labels > 0).sum()) * sy * sx
-    return {"gland_mm2": area, "labelled": area > NOISE_GLAND_MM2, "flagged": bool(result.flagged),
-            "estimate": estimate_of(result)}
-
-
-def noise_row(family: str, noise: list[dict]) -> dict[str, Any]:
-    labelled = np.asarray([r["labelled"] for r in noise], dtype=bool)
-    flagged = np.asarray([r["flagged"] for r in noise], dtype=bool)
-    n = len(noise)
-    return {"name": f"{family} noise frames", "family": family, "error_level": None, "frames": n,
-            "noise_labelled_pct": 100.0 * float(labelled.mean()) if n else math.nan,
-            "flagged_pct": 100.0 * float(flagged.mean()) if n else math.nan,
-            "noise_published_pct": 100.0 * float((labelled & ~flagged).mean()) if n else math.nan}
 
 
 def run(families: list[str], phantoms: int, levels: list[float], frames_per_run: int, *,
