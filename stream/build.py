@@ -78,6 +78,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     "default": the CLI's default) or a :class:`regseg.stream.lc2_stage.Lc2Stage`;
     ``resegment``: ``--resegment``'s mode (on, off; "default": the CLI's default);
     ``consensus``: ``--consensus``'s mode, the same way, or a PlaneConsensus)."""
+    from regseg.stream.chain import RESEGMENT_DEFAULT
+    from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
     from regseg.stream.lc2_stage import LC2_DEFAULT, build_lc2
     from regseg.stream.roi import ROI_DEFAULT, ROI_MODES, GlandRoi
@@ -90,13 +92,9 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
 
     if isinstance(lc2, str):
         lc2 = build_lc2(context, LC2_DEFAULT if lc2 == "default" else lc2)
-    from regseg.stream.chain import RESEGMENT_DEFAULT
-
     if resegment not in ("on", "off", "default"):
         raise ValueError(f"resegment {resegment!r}: expected 'on', 'off' or 'default'")
     resegment = (RESEGMENT_DEFAULT if resegment == "default" else resegment) == "on"
-    from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
-
     if isinstance(consensus, str):
         consensus = build_consensus(CONSENSUS_DEFAULT if consensus == "default" else consensus)
     extra = {} if capture is None else {"capture": capture}

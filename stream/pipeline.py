@@ -22,6 +22,7 @@ from regseg.engines.fusion import FusionEngine
 from regseg.stream.capture import Capture, warp_labels
 from regseg.stream.chain import FrameChain, plane_matrices
 from regseg.stream.context import MriContext, untracked_plane
+from regseg.stream.overlap import HostWorker
 from regseg.stream.overlay import compose_overlay
 from regseg.stream.quality import (
     QualityCheck,
@@ -216,9 +217,8 @@ class Pipeline:
             self._worker = None
 
     def _host_worker(self):
-        from regseg.stream.overlap import HostWorker
-
-        self._worker = self._worker or HostWorker()
+        if self._worker is None:
+            self._worker = HostWorker()
         return self._worker
 
     def _crop(self, frame: Frame) -> Frame:  # cut to the gland window: GlandRoi.cut
