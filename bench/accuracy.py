@@ -139,7 +139,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         deformable: bool, backend: str, device: str, threads: int | None,
         progress: bool = True, deformable_weights: str | None = None,
         quality_weights: str | None = None, roi: str = "default", lc2: str = "default",
-        resegment: str = "default", consensus: str = "default",
+        resegment: str = "default", consensus: str = "default", intensity: str = "default",
         seeds: dict[str, list[int]] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
@@ -154,7 +154,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     def make_pipeline(context, stage):
         pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi,
                                   lc2=lc2, **{k: v for k, v in (("resegment", resegment),
-                                                                 ("consensus", consensus))
+                                                                 ("consensus", consensus),
+                                                                 ("intensity", intensity))
                                               if v != "default"})
         if quality_weights is not None:  # the Pipeline makes the shipped one on first use
             from regseg.stream.quality import QualityCheck, QualityConfig
@@ -303,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--consensus", choices=["default", "on", "off"], default="default",
                    help="the 3-D consensus and its out_of_plane flag, as regseg-stream "
                    "--consensus (default: its default)")
+    p.add_argument("--intensity", choices=["default", "match", "off"], default="default",
+                   help="grey levels matched to the training scanner's, as regseg-stream "
+                   "--intensity (default: its default)")
     p.add_argument("--a-seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="family-A phantoms instead of the held-out 1000.. (e.g. calibration "
                    "phantoms for a predeclared rule)")
@@ -328,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                                threads=args.threads, deformable_weights=args.deformable_weights,
                                quality_weights=args.quality_weights, roi=args.roi,
                                lc2=args.lc2, resegment=args.resegment,
-                               consensus=args.consensus, seeds=seeds)
+                               consensus=args.consensus, intensity=args.intensity,
+                               seeds=seeds)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
              for fam in families]
@@ -349,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                    phantoms_per_family=phantoms, frames_per_run=frames, levels=levels,
                    family_a_seeds=list(args.a_seeds or FAMILY_A_SEEDS)[:phantoms],
                    family_b_seeds=list(args.b_seeds or _family_b_seeds())[:phantoms],
-                   resegment=args.resegment, consensus=args.consensus, bad_mm=BAD_MM,
+                   resegment=args.resegment, consensus=args.consensus,
+                   intensity=args.intensity, bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,

@@ -61,6 +61,8 @@ TRAIN_MODELS: dict[str, tuple[str, str]] = {
                  "regseg.train.biregnet:add_cli"),
     "quality-calibration": ("QualityNet's flag threshold, calibrated on each live chain",
                             "regseg.train.quality_calibrate:add_cli"),
+    "intensity-reference": ("the grey levels --intensity match maps live frames onto",
+                            "regseg.train.intensity_reference:add_cli"),
     "affine3d": ("Affine3D, the learned 3-D affine stage (MNI152 pairs, large affines)",
                  "regseg.train.affine3d:add_cli"),
 }

@@ -66,7 +66,7 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    cuda_graph: bool = False, segmenter=None, do_no_harm="default",
                    do_no_harm_margin_mm: float | None = None, roi="default",
                    overlap: bool = False, lc2="default", resegment="default",
-                   consensus="default") -> Pipeline:
+                   consensus="default", intensity="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -77,10 +77,12 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     frame on a worker thread, regseg.stream.overlap); ``lc2``: ``--lc2``'s mode (on, off;
     "default": the CLI's default) or a :class:`regseg.stream.lc2_stage.Lc2Stage`;
     ``resegment``: ``--resegment``'s mode (on, off; "default": the CLI's default);
-    ``consensus``: ``--consensus``'s mode, the same way, or a PlaneConsensus)."""
+    ``consensus``: ``--consensus``'s mode, the same way, or a PlaneConsensus; ``intensity``:
+    ``--intensity``'s mode (match, off; "default") or an IntensityMatch)."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
+    from regseg.stream.intensity import INTENSITY_DEFAULT, build_intensity
     from regseg.stream.lc2_stage import LC2_DEFAULT, build_lc2
     from regseg.stream.roi import ROI_DEFAULT, ROI_MODES, GlandRoi
 
@@ -97,6 +99,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     resegment = (RESEGMENT_DEFAULT if resegment == "default" else resegment) == "on"
     if isinstance(consensus, str):
         consensus = build_consensus(CONSENSUS_DEFAULT if consensus == "default" else consensus)
+    if isinstance(intensity, str):
+        intensity = build_intensity(INTENSITY_DEFAULT if intensity == "default" else intensity)
     extra = {} if capture is None else {"capture": capture}
     if isinstance(do_no_harm, str):
         mode = DO_NO_HARM_DEFAULT if do_no_harm == "default" else do_no_harm
@@ -105,4 +109,4 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     return Pipeline(context, engine, reference_to_mri=reference_to_mri, cuda_graph=cuda_graph,
                     deformable=deformable, segmenter=segmenter, do_no_harm=do_no_harm, roi=roi,
                     overlap=overlap, lc2=lc2, resegment=resegment, consensus=consensus,
-                    **extra)
+                    intensity=intensity, **extra)

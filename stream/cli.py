@@ -191,7 +191,8 @@ def run(args, stop: threading.Event | None = None,
                                   do_no_harm=args.do_no_harm,
                                   do_no_harm_margin_mm=args.do_no_harm_margin_mm,
                                   roi=args.roi, overlap=args.overlap == "on", lc2=args.lc2,
-                                  resegment=args.resegment, consensus=args.consensus)
+                                  resegment=args.resegment, consensus=args.consensus,
+                                  intensity=args.intensity)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -226,6 +227,7 @@ def run(args, stop: threading.Event | None = None,
              "lc2": args.lc2,
              "resegment": args.resegment,
              "consensus": args.consensus,
+             "intensity": args.intensity,
              # the 3-D consensus at the end: its fitted shift is what SuggestedMRIToRef proposed
              "consensus_estimate": (pipeline.consensus.info() if pipeline.consensus is not None
                                     else None),

@@ -172,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(SuggestedMRIToRef), for the operator to accept or not; never applied "
                    f"(default {CONSENSUS_DEFAULT}; README 'Out of plane: the consensus of "
                    "a sweep')")
+    from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES
+
+    p.add_argument("--intensity", action=Once, choices=list(INTENSITY_MODES),
+                   default=INTENSITY_DEFAULT,
+                   help="match: map each frame's grey levels (a running histogram of the imaged "
+                   "area) onto the training scanner's before the networks, LC2 and QualityNet "
+                   "read it, undoing gain, TGC and compression differences; the overlay and "
+                   "the published frame keep the original pixels "
+                   f"(default {INTENSITY_DEFAULT}; README 'Grey levels of another scanner')")
     from regseg.stream.overlap import OVERLAP_DEFAULT
 
     p.add_argument("--overlap", action=Once, choices=["on", "off"], default=OVERLAP_DEFAULT,

@@ -69,7 +69,8 @@ class Pipeline:
                  | None = None, capture: Capture | None = None,
                  quality: QualityCheck | None = None, segmenter: Any = None,
                  do_no_harm: Any = None, roi: Any = None, overlap: bool = False,
-                 lc2: Any = None, resegment: bool = False, consensus: Any = None) -> None:
+                 lc2: Any = None, resegment: bool = False, consensus: Any = None,
+                 intensity: Any = None) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
@@ -84,28 +85,21 @@ class Pipeline:
                               "preprocess": preprocess}
         self._chains: dict[tuple[int, int], FrameChain] = {}
         self._rings: dict[tuple[int, int], object] = {}
-        # Optional live deformable stage (regseg.stream.deformable.DeformableStage): (pixels,
-        # affine image_to_mri) -> (warped labels, ddf), on the host after the chain ("deformable")
+        # Live deformable stage (DeformableStage): (pixels, image_to_mri) -> (warped labels, ddf)
         self.deformable = deformable
         # Capture range (regseg.stream.capture): refinement iterations and multi-start inside
         # the FrameChain; the temporal filter's warm start (start) and filtering (finish) here.
         self.capture = capture if capture is not None else Capture()
-        # Trust (regseg.stream.quality): error estimate, segmentation confidence, flags. Made on
-        # first use when not given (loading QualityNet is not needed to place a plane).
+        # Trust (regseg.stream.quality): error estimate, confidence, flags; made on first use
         self._quality = quality
-        # Do no harm (regseg.stream.do_no_harm.CorrectionGate, or None): publish the tracked
-        # plane unless QualityNet estimates the registration better by its margin.
-        self.do_no_harm = do_no_harm
-        # Gland-centred window (regseg.stream.roi.GlandRoi, or None; --roi)
-        self.roi = roi
-        # Image-based refinement (regseg.stream.lc2_stage.Lc2Stage, or None; --lc2): each
-        # frame's registered plane moved in-plane to maximise LC2, before the temporal filter.
-        self.lc2 = lc2
+        # Optional stages (regseg.stream.*), None when off: --do-no-harm (CorrectionGate), --roi
+        # (GlandRoi), --lc2 (Lc2Stage), --consensus (PlaneConsensus: flags out_of_plane),
+        # --intensity (IntensityMatch: the stages read the frame with its grey levels matched;
+        # the overlay, no_content and the Result keep it as received)
+        self.do_no_harm, self.roi, self.lc2 = do_no_harm, roi, lc2
+        self.consensus, self.intensity = consensus, intensity
         self.resegment = bool(resegment)  # --resegment: segment in _settle, not in the chain
-        # --consensus (regseg.stream.consensus.PlaneConsensus, or None): flags out_of_plane
-        self.consensus = consensus
-        # CPU overlap (--overlap, regseg.stream.overlap): the host half of frame N on a worker
-        # thread while the affine half of frame N+1 runs here. Made on first use; close() ends it.
+        # --overlap (regseg.stream.overlap): frame N's host half on a worker (close() ends it)
         self.overlap = bool(overlap) and self.device.type != "cuda"
         self._worker = None
 
@@ -221,10 +215,13 @@ class Pipeline:
             self._worker = HostWorker()
         return self._worker
 
-    def _crop(self, frame: Frame) -> Frame:  # cut to the gland window: GlandRoi.cut
+    def _crop(self, frame: Frame) -> Frame:  # the window (GlandRoi.cut), the grey levels
+        if self.intensity is not None:
+            self.intensity.observe(frame.pixels)
         tracked = None if self.roi is None else self.plane(frame)
-        return frame if tracked is None else self.roi.cut(
-            frame, tracked, self.capture.predicted(frame, tracked))
+        if tracked is not None:
+            frame = self.roi.cut(frame, tracked, self.capture.predicted(frame, tracked))
+        return frame if self.intensity is None else self.intensity.enter(frame)
 
     def _restore(self, result: Result) -> Result:  # a cropped frame's Result onto the frame
         return result if self.roi is None else self.roi.leave(result)
@@ -237,6 +234,7 @@ class Pipeline:
         return tracked @ spatial.lift_2d(self.capture.start(whole, tracked)) @ shift
 
     def _whole(self, frame: Frame) -> tuple[Frame, np.ndarray]:  # see GlandRoi.whole
+        frame = frame if self.intensity is None else self.intensity.original(frame)
         return (frame, np.eye(4)) if self.roi is None else self.roi.whole(frame)
 
     def _mats(self, frame: Frame, tracked: np.ndarray) -> np.ndarray:
@@ -325,6 +323,7 @@ class Pipeline:
         ``queued_ns``: when the affine half handed it over (``overlap``): the wait is timed as
         ``handoff``."""
         hw = frame.pixels.shape
+        shown = frame if self.intensity is None else self.intensity.leave(frame)  # as received
         if queued_ns is not None:
             timings = {**timings, "handoff": (now_ns() - queued_ns) / 1e6}
         decision, deform = None, self.deformable is not None
@@ -351,14 +350,15 @@ class Pipeline:
                                     frame.image_to_reference is not None, labels, warped_labels,
                                     image_to_mri, seg_conf, jump_mm,
                                     threshold_mm=(self.quality.lowest_threshold_mm
-                                                  if tracked_only else None))
+                                                  if tracked_only else None),
+                                    content_pixels=shown.pixels)
         quality = agreement(warped_labels > 0, labels > 0)  # NaN (no gland) compares False
         flags = check.flags + (("disagreement",) if quality < self.quality_threshold else ())
         if self.lc2 is not None and self.lc2.unsupported(lc2[1]):  # NaN: not computed, no flag
             flags += ("lc2_unsupported",)
         oop, suggestion = math.nan, None
         if self.consensus is not None and check.publish_labels:  # tracked, with image and gland
-            whole, shift = self._whole(frame)
+            whole, shift = self._whole(shown)
             oop = self.consensus.assess(self.plane(whole) @ shift, image_to_mri, warped_labels)
             flags += ("out_of_plane",) if self.consensus.flags(oop) else ()
             suggestion = self.consensus.suggest(self.reference_to_mri)
@@ -368,13 +368,13 @@ class Pipeline:
         margin_px = check.margin_mm / float(np.mean(frame.spacing_mm))
         t0 = now_ns()
         timings = {**timings, "quality": timings.get("quality", 0.0) + (t0 - t_q) / 1e6}
-        overlay = compose_overlay(frame.pixels, labels, warped_labels, flags=flags,
+        overlay = compose_overlay(shown.pixels, labels, warped_labels, flags=flags,
                                   target_ij=target, margin_px=margin_px, error_mm=check.error_mm,
                                   tracking_only=tracked_only)
         end = now_ns()
         timings = {**timings, "overlay": (end - t0) / 1e6, "total": (end - start_ns) / 1e6}
         return Result(
-            frame=frame,
+            frame=shown,
             mri_to_image=spatial.invert(image_to_mri),
             warped_labels=warped_labels,
             labels=labels,

@@ -256,14 +256,16 @@ class QualityCheck:
     def assess(self, pixels: np.ndarray, spacing_mm: tuple[float, float], tracked: bool,
                labels: np.ndarray, warped_labels: np.ndarray, image_to_mri: np.ndarray,
                seg_conf: float = math.nan, jump_mm: float = math.nan, *,
-               threshold_mm: float | None = None) -> Assessment:
+               threshold_mm: float | None = None,
+               content_pixels: np.ndarray | None = None) -> Assessment:
         """The frame's Assessment; ``threshold_mm``: flag at this error threshold instead of
-        the chain's (:attr:`lowest_threshold_mm` for a tracked-only alignment)."""
+        the chain's (:attr:`lowest_threshold_mm` for a tracked-only alignment);
+        ``content_pixels``: the frame as received, for ``no_content`` (default ``pixels``)."""
         cfg = self.config
         flags = []
         if not tracked:
             flags.append("untracked")
-        content = content_score(pixels)
+        content = content_score(pixels if content_pixels is None else content_pixels)
         if content < cfg.min_content:
             flags.append("no_content")
         gland_mm2 = float(np.count_nonzero(labels)) * spacing_mm[0] * spacing_mm[1]

@@ -204,7 +204,8 @@ class Session:
                                            do_no_harm_margin_mm=args.do_no_harm_margin_mm,
                                            roi=args.roi, lc2=args.lc2,
                                            resegment=args.resegment,
-                                           consensus=args.consensus)
+                                           consensus=args.consensus,
+                                           intensity=args.intensity)
             self.registration.bind(self.pipeline.set_reference_to_mri)
             self.gate = FrameGate(plan.limits)
         except BaseException:
