@@ -104,7 +104,8 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
             "--deformable", "on" if "+deformable" in kind else "off",
             "--overlap", "on" if kind.endswith("+overlap") else "off",
             *(["--lc2", args.lc2] if getattr(args, "lc2", None) else []),
-            *(["--resegment", args.resegment] if getattr(args, "resegment", None) else [])]
+            *(["--resegment", args.resegment] if getattr(args, "resegment", None) else []),
+            *(["--intensity", args.intensity] if getattr(args, "intensity", None) else [])]
 
 
 def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], scanner,
@@ -186,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resegment", choices=["on", "off"], default=None,
                     help="regseg-stream --resegment for every regseg variant (default: its "
                     "default)")
+    ap.add_argument("--intensity", choices=["match", "off"], default=None,
+                    help="regseg-stream --intensity for every regseg variant (default: its "
+                    "default)")
     ap.add_argument("--json", default="out/bench_latency.json")
     ap.add_argument("--png", default=None, help="histogram (default: JSON path with .png)")
     args = ap.parse_args(argv)
@@ -220,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("frames_received", "recv", "d"), ("dropped", "drop", "d"),
                        ("ratio_p50_vs_naive", "x naive", ".1f")])
     write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP, argv=argv,
-               lc2=args.lc2 or "default", resegment=args.resegment or "default")
+               lc2=args.lc2 or "default", resegment=args.resegment or "default",
+               intensity=args.intensity or "default")
     write_histogram(args.png or Path(args.json).with_suffix(".png"), series,
                     f"end-to-end latency over loopback OpenIGTLink ({device_name(args.device)})")
     return 0

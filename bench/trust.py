@@ -43,6 +43,7 @@ from regseg.stream.chain import RESEGMENT_DEFAULT
 from regseg.stream.consensus import CONSENSUS_DEFAULT, CONSENSUS_MODES, build_consensus
 from regseg.stream.context import build_context
 from regseg.stream.deformable import DeformableStage
+from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES, build_intensity
 from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_MODES, build_lc2
 from regseg.stream.pipeline import Pipeline
 from regseg.stream.quality import QualityCheck, QualityConfig
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consensus", choices=list(CONSENSUS_MODES), default=CONSENSUS_DEFAULT,
                         help="the 3-D consensus and its out_of_plane flag, as regseg-stream "
                         f"--consensus (default {CONSENSUS_DEFAULT})")
+    parser.add_argument("--intensity", choices=list(INTENSITY_MODES), default=INTENSITY_DEFAULT,
+                        help="grey levels matched to the training scanner's, as regseg-stream "
+                        f"--intensity (default {INTENSITY_DEFAULT})")
     parser.add_argument("--quality-weights", default=None,
                         help="QualityNet weights (default: the shipped ones)")
     parser.add_argument("--deformable-weights", default="plcreg2d",
@@ -191,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                             capture=build_default_capture(backend="eager", threads=args.threads),
                             lc2=build_lc2(context, args.lc2),
                             resegment=RESEGMENT_DEFAULT == "on",
-                            consensus=build_consensus(args.consensus))
+                            consensus=build_consensus(args.consensus),
+                            intensity=build_intensity(args.intensity))
         if pipeline.lc2 is not None:
             pipeline.lc2.flag_unsupported = not args.no_lc2_flag
         rng = np.random.default_rng([seed, 99])
