@@ -46,8 +46,11 @@ ROI_STEP_PX = 16  # window sides are multiples of this: one FrameChain per case,
 ROI_MODES = ("auto", "off")
 MAX_IN_FLIGHT = 16  # cut frames remembered at most (a GPU ring holds 3 in flight)
 #: Flags of a Result after which the next frame is not cut: the window follows a registration
-#: that is coherent in time, over a gland, in a tracked image
-ZOOM_BLOCKERS = frozenset(("untracked", "no_content", "no_gland", "jump"))
+#: that is coherent in time, over a gland, in a tracked image, that the image supports
+#: (``lc2_unsupported``) and that is not off its plane (``out_of_plane``): addendum 11 of
+#: bench/results/lc2_predeclared.md
+ZOOM_BLOCKERS = frozenset(("untracked", "no_content", "no_gland", "jump", "lc2_unsupported",
+                           "out_of_plane"))
 ROI_DEFAULT = "off"
 
 
