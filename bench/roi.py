@@ -142,9 +142,10 @@ def decide(rows: list[dict], levels: list[float], off: str = "off", tried: str =
         pooled = _worse(by[("pooled", level, off)], by[("pooled", level, tried)],
                         f"{level:g} mm pooled")
         pooled_only += pooled
+        sets = [s for s in SETS if (s, level, off) in by and (s, level, tried) in by]
         per_set = sum((_worse(by[(s, level, off)], by[(s, level, tried)], f"{level:g} mm {s}")
-                       for s in SETS if (s, level, off) in by), [])
-        if pooled and per_set:
+                       for s in sets), [])
+        if pooled and (per_set or not sets):
             worse += pooled + per_set
     return {"auto_as_default": not worse, "tried": tried, "worse": worse,
             "pooled_only_worse": pooled_only,
