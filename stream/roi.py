@@ -10,8 +10,9 @@ temporally filtered registration of the frames before places it, and clamped ins
 The Result is mapped back to the whole frame: ``mri_to_image`` and ``target_ij`` shifted, the
 label maps, deformation field and overlay pasted into it (nothing is labelled outside the window).
 The temporal filter always works on whole frames. No window on a stream's first frame, after the
-filter resets, or after a frame flagged untracked, no_content, no_gland or jump: the chain then
-registers the whole view, which is what captures a large tracking error.
+filter resets, or after a frame flagged untracked, no_content, no_gland, jump, lc2_unsupported or
+out_of_plane (the last two since session 19, addendum 11): the chain then registers the whole
+view, which is what captures a large tracking error.
 
 ``ROI_FACTOR`` = 1.8 is fixed from the training data, not tuned: the median depth of the randomised
 training frames (65 mm, :data:`regseg.sim.randomise.RANGES` ``fov_mm`` 40-90) over the median

@@ -124,7 +124,8 @@ def test_it_follows_only_a_coherent_registration_and_passes_other_results(case):
     assert "roi" in back.timings_ms and not roi._in_flight
     # after a jump the next frame is registered on the whole view again
     assert roi.cut(frame, frame.image_to_reference, prior) is frame
-    for blocker in ("untracked", "no_content", "no_gland"):
+    # addendum 11: nor after a frame the image does not support or that is off its plane
+    for blocker in ("untracked", "no_content", "no_gland", "lc2_unsupported", "out_of_plane"):
         roi.leave(_result(frame))
         assert roi.cut(frame, frame.image_to_reference, prior) is not frame
         roi.leave(_result(frame, flags=(blocker,)))
