@@ -66,7 +66,7 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    cuda_graph: bool = False, segmenter=None, do_no_harm="default",
                    do_no_harm_margin_mm: float | None = None, roi="default",
                    overlap: bool = False, lc2="default", resegment="default",
-                   consensus="default", intensity="default") -> Pipeline:
+                   consensus="default", intensity="default", seg_window="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -78,7 +78,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     "default": the CLI's default) or a :class:`regseg.stream.lc2_stage.Lc2Stage`;
     ``resegment``: ``--resegment``'s mode (on, off; "default": the CLI's default);
     ``consensus``: ``--consensus``'s mode, the same way, or a PlaneConsensus; ``intensity``:
-    ``--intensity``'s mode (match, off; "default") or an IntensityMatch)."""
+    ``--intensity``'s mode (match, off; "default") or an IntensityMatch; ``seg_window``:
+    ``--seg-window``'s mode (auto, off; "default"), with ``resegment`` only)."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
@@ -99,6 +100,14 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     resegment = (RESEGMENT_DEFAULT if resegment == "default" else resegment) == "on"
     if isinstance(consensus, str):
         consensus = build_consensus(CONSENSUS_DEFAULT if consensus == "default" else consensus)
+    from regseg.stream.resegment import SEG_WINDOW_DEFAULT, build_seg_window
+
+    if isinstance(seg_window, str):
+        seg_window = build_seg_window(context, SEG_WINDOW_DEFAULT if seg_window == "default"
+                                      else seg_window)
+    if seg_window is not None and not resegment:
+        raise ValueError("seg_window needs resegment on: the window is cut around the gland "
+                         "where the published registration puts it")
     if isinstance(intensity, str):
         intensity = build_intensity(INTENSITY_DEFAULT if intensity == "default" else intensity)
     extra = {} if capture is None else {"capture": capture}
@@ -109,4 +118,4 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     return Pipeline(context, engine, reference_to_mri=reference_to_mri, cuda_graph=cuda_graph,
                     deformable=deformable, segmenter=segmenter, do_no_harm=do_no_harm, roi=roi,
                     overlap=overlap, lc2=lc2, resegment=resegment, consensus=consensus,
-                    intensity=intensity, **extra)
+                    intensity=intensity, seg_window=seg_window, **extra)

@@ -192,7 +192,7 @@ def run(args, stop: threading.Event | None = None,
                                   do_no_harm_margin_mm=args.do_no_harm_margin_mm,
                                   roi=args.roi, overlap=args.overlap == "on", lc2=args.lc2,
                                   resegment=args.resegment, consensus=args.consensus,
-                                  intensity=args.intensity)
+                                  intensity=args.intensity, seg_window=args.seg_window)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -228,6 +228,7 @@ def run(args, stop: threading.Event | None = None,
              "resegment": args.resegment,
              "consensus": args.consensus,
              "intensity": args.intensity,
+             "seg_window": args.seg_window,
              # the 3-D consensus at the end: its fitted shift is what SuggestedMRIToRef proposed
              "consensus_estimate": (pipeline.consensus.info() if pipeline.consensus is not None
                                     else None),

@@ -172,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(SuggestedMRIToRef), for the operator to accept or not; never applied "
                    f"(default {CONSENSUS_DEFAULT}; README 'Out of plane: the consensus of "
                    "a sweep')")
+    from regseg.stream.resegment import SEG_WINDOW_DEFAULT, SEG_WINDOW_MODES
+
+    p.add_argument("--seg-window", action=Once, choices=list(SEG_WINDOW_MODES),
+                   default=SEG_WINDOW_DEFAULT,
+                   help="auto (with --resegment on): segment on a window around the gland where "
+                   "the published registration puts it (1.8x its diameter) when the view is "
+                   "wider, so a small gland in a wide view is seen at the scale the network was "
+                   "trained at; registration and the error estimate keep the whole view "
+                   f"(default {SEG_WINDOW_DEFAULT}; README 'Segmenting at the published plane')")
     from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES
 
     p.add_argument("--intensity", action=Once, choices=list(INTENSITY_MODES),

@@ -31,6 +31,7 @@ from regseg.stream.quality import (
     pipeline_chain,
     seg_confidence,
 )
+from regseg.stream.resegment import segment_published
 from regseg.types import Frame, Result
 
 #: Stage names, in order, as they appear in ``Result.timings_ms`` (plus ``total``).
@@ -70,7 +71,7 @@ class Pipeline:
                  quality: QualityCheck | None = None, segmenter: Any = None,
                  do_no_harm: Any = None, roi: Any = None, overlap: bool = False,
                  lc2: Any = None, resegment: bool = False, consensus: Any = None,
-                 intensity: Any = None) -> None:
+                 intensity: Any = None, seg_window: Any = None) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
@@ -99,6 +100,7 @@ class Pipeline:
         self.do_no_harm, self.roi, self.lc2 = do_no_harm, roi, lc2
         self.consensus, self.intensity = consensus, intensity
         self.resegment = bool(resegment)  # --resegment: segment in _settle, not in the chain
+        self.seg_window = seg_window  # --seg-window: GlandRoi whose window resegment runs on
         # --overlap (regseg.stream.overlap): frame N's host half on a worker (close() ends it)
         self.overlap = bool(overlap) and self.device.type != "cuda"
         self._worker = None
@@ -305,11 +307,8 @@ class Pipeline:
         else:
             jump_mm = math.nan
         if self.resegment:  # the segmentation's MRI context at the plane published
-            t_seg, chain = now_ns(), self.chain(hw)
-            mats = torch.from_numpy(self._mats(frame, image_to_mri)).to(self.device)
-            with torch.inference_mode():
-                logits = chain.resegment(torch.from_numpy(frame.pixels).to(self.device), mats)
-                labels, seg_conf = chain.segment(logits).cpu().numpy(), seg_confidence(logits)
+            t_seg = now_ns()
+            labels, seg_conf = segment_published(self, frame, image_to_mri)
             timings = {**timings, "resegment": (now_ns() - t_seg) / 1e6}
         return (frame, image_to_mri, jump_mm, labels, warped_labels, timings, start_ns, seg_conf,
                 tuple(lc2))

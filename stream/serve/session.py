@@ -205,7 +205,8 @@ class Session:
                                            roi=args.roi, lc2=args.lc2,
                                            resegment=args.resegment,
                                            consensus=args.consensus,
-                                           intensity=args.intensity)
+                                           intensity=args.intensity,
+                                           seg_window=args.seg_window)
             self.registration.bind(self.pipeline.set_reference_to_mri)
             self.gate = FrameGate(plan.limits)
         except BaseException:

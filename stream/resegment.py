@@ -1,0 +1,59 @@
+"""The segmentation at the published plane (``--resegment``), optionally on a gland window
+(``--seg-window``).
+
+``--resegment on`` segments the frame with the MRI and its labels resliced at the plane that is
+published (after ``--lc2`` and the temporal filter). ``--seg-window auto`` additionally runs that
+one segmentation pass on a window around the gland where the published registration puts it (the
+window of ``--roi auto``: :meth:`regseg.stream.roi.GlandRoi.window`, 1.8 x the MRI gland's
+diameter), so the network sees a gland in a wide view at the scale it was trained at; the labels
+are pasted back into the whole frame (nothing is labelled outside the window). Unlike ``--roi
+auto`` the registration, the error estimate and everything else keep the whole view: only the
+segmentation changes. A frame not wider than the window (family A's own) is segmented whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from regseg.stream.chain import plane_matrices
+from regseg.stream.quality import seg_confidence
+from regseg.types import Frame
+
+SEG_WINDOW_MODES = ("auto", "off")
+SEG_WINDOW_DEFAULT = "off"
+
+
+def segment_published(pipeline, frame: Frame, image_to_mri: np.ndarray) -> tuple[np.ndarray,
+                                                                                  float]:
+    """(labels (H, W) uint8, seg confidence) of ``frame`` with the MRI context at
+    ``image_to_mri``, on ``pipeline.seg_window``'s window when it has one for the frame."""
+    window = None if pipeline.seg_window is None else pipeline.seg_window.window(frame,
+                                                                                  image_to_mri)
+    pixels, plane = frame.pixels, image_to_mri
+    if window is not None:
+        rows, cols = window.rows_cols()
+        pixels, plane = np.ascontiguousarray(pixels[rows, cols]), image_to_mri @ window.shift()
+    chain = pipeline.chain(pixels.shape)
+    mats = torch.from_numpy(plane_matrices(pipeline.context, plane, pixels.shape,
+                                           pipeline.engine.size)).to(pipeline.device)
+    with torch.inference_mode():
+        logits = chain.resegment(torch.from_numpy(pixels).to(pipeline.device), mats)
+        labels, confidence = chain.segment(logits).cpu().numpy(), seg_confidence(logits)
+    if window is not None:
+        whole = np.zeros(frame.pixels.shape, np.uint8)
+        whole[rows, cols] = labels
+        labels = whole
+    return labels, confidence
+
+
+def build_seg_window(context, mode: str = SEG_WINDOW_DEFAULT):
+    """``--seg-window``'s window maker: a :class:`regseg.stream.roi.GlandRoi` for ``auto``
+    (only its :meth:`~regseg.stream.roi.GlandRoi.window` is used), None for ``off``."""
+    if mode not in SEG_WINDOW_MODES:
+        raise ValueError(f"seg_window {mode!r}: expected one of {SEG_WINDOW_MODES}")
+    if mode == "off":
+        return None
+    from regseg.stream.roi import GlandRoi
+
+    return GlandRoi(context)
