@@ -96,7 +96,8 @@ def chain_results(sets, seeds, levels: list[float], modes, n: int, threads: int,
 
 
 #: --option: the pipeline option compared, (off mode, tried mode)
-OPTIONS = {"roi": ("off", "auto"), "intensity": ("off", "match")}
+OPTIONS = {"roi": ("off", "auto"), "intensity": ("off", "match"), "seg_window": ("off", "auto")}
+DICE_SLACK = 0.005  # --option seg_window: pooled Dice not lower by more (addendum 12)
 
 
 def run(phantoms: int, levels: list[float], n: int, threads: int,
@@ -147,8 +148,13 @@ def decide(rows: list[dict], levels: list[float], off: str = "off", tried: str =
                        for s in sets), [])
         if pooled and (per_set or not sets):
             worse += pooled + per_set
+    dice_worse = [f"{level:g} mm pooled Dice {by[('pooled', level, off)]['dice']:.3f} -> "
+                  f"{by[('pooled', level, tried)]['dice']:.3f}" for level in levels
+                  if ("pooled", level, off) in by and "dice" in by[("pooled", level, off)]
+                  and by[("pooled", level, tried)]["dice"]
+                  < by[("pooled", level, off)]["dice"] - DICE_SLACK]
     return {"auto_as_default": not worse, "tried": tried, "worse": worse,
-            "pooled_only_worse": pooled_only,
+            "pooled_only_worse": pooled_only, "dice_worse": dice_worse,
             "median_slack_mm": MEDIAN_SLACK_MM, "p90_slack_mm": P90_SLACK_MM}
 
 
