@@ -28,6 +28,7 @@ def test_rule_needs_every_level_within_its_slack(bench):
           pooled(10.0, "off", 1.5, 3.0), pooled(10.0, "auto", 1.2, 2.5)]
     assert bench.decide(ok, [0.0, 10.0]) == {"auto_as_default": True, "worse": [],
                                              "pooled_only_worse": [], "tried": "auto",
+                                             "dice_worse": [],
                                              "median_slack_mm": 0.05, "p90_slack_mm": 0.25}
     tail = ok[:3] + [pooled(10.0, "auto", 1.2, 3.3)]  # better median, tail 0.3 mm wider
     d = bench.decide(tail, [0.0, 10.0])
@@ -53,6 +54,17 @@ def test_a_pooled_miss_passes_when_every_set_passes(bench):
     # the tried mode may be another option's (bench/roi.py --option intensity)
     renamed = [dict(r, mode="match" if r["mode"] == "auto" else "off") for r in rows + sets]
     assert bench.decide(renamed, [15.0], "off", "match")["auto_as_default"]
+
+
+def test_dice_worse_lists_levels_whose_pooled_dice_falls_beyond_its_slack(bench):
+    """Addendum 12 (--option seg_window) judges the segmentation: pooled Dice per level."""
+    rows = [dict(pooled(3.0, "off", 1.0, 2.0), dice=0.900),
+            dict(pooled(3.0, "auto", 1.0, 2.0), dice=0.896),
+            dict(pooled(6.0, "off", 1.0, 2.0), dice=0.900),
+            dict(pooled(6.0, "auto", 1.0, 2.0), dice=0.890)]
+    d = bench.decide(rows, [3.0, 6.0])
+    assert d["dice_worse"] == ["6 mm pooled Dice 0.900 -> 0.890"] and d["auto_as_default"]
+    assert bench.OPTIONS["seg_window"] == ("off", "auto") and bench.DICE_SLACK == 0.005
 
 
 def test_sets_are_calibration_phantoms_in_wide_views(bench):
@@ -93,4 +105,4 @@ def test_run_measures_both_modes_and_pools_them(bench, monkeypatch):
         assert r["frames"] == 3 and 0.0 < r["tre_median_mm"] < 3.0 and r["dice"] > 0.9
     assert by[("pooled", "auto")]["tre_median_mm"] == by[("wide", "auto")]["tre_median_mm"]
     assert set(decision) == {"auto_as_default", "worse", "median_slack_mm", "p90_slack_mm",
-                             "pooled_only_worse", "tried"}
+                             "pooled_only_worse", "tried", "dice_worse"}
