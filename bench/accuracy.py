@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--intensity", choices=["default", "match", "off"], default="default",
                    help="grey levels matched to the training scanner's, as regseg-stream "
                    "--intensity (default: its default)")
-    p.add_argument("--seg-window", choices=["default", "auto", "fuse", "off"], default="default",
+    p.add_argument("--seg-window", choices=["default", "auto", "off"], default="default",
                    help="segment on a gland window, as regseg-stream --seg-window (default: its "
                    "default)")
     p.add_argument("--a-seeds", type=int, nargs="+", default=None, metavar="SEED",

@@ -96,9 +96,7 @@ def chain_results(sets, seeds, levels: list[float], modes, n: int, threads: int,
 
 
 #: --option: the pipeline option compared, (off mode, tried mode)
-OPTIONS = {"roi": ("off", "auto"), "intensity": ("off", "match"), "seg_window": ("off", "auto"),
-           "seg_window_fuse": ("off", "fuse")}
-KWARG = {"seg_window_fuse": "seg_window"}  # --option -> build_pipeline argument, where not equal
+OPTIONS = {"roi": ("off", "auto"), "intensity": ("off", "match"), "seg_window": ("off", "auto")}
 DICE_SLACK = 0.005  # --option seg_window: pooled Dice not lower by more (addendum 12)
 
 
@@ -108,8 +106,7 @@ def run(phantoms: int, levels: list[float], n: int, threads: int,
 
     records: dict[tuple[str, float, str], list] = {}
     for name, level, mode, pipeline, result in chain_results(
-            SETS, list(seeds)[:phantoms], levels, OPTIONS[option], n, threads,
-            KWARG.get(option, option)):
+            SETS, list(seeds)[:phantoms], levels, OPTIONS[option], n, threads, option):
         dice, tre = frame_accuracy(pipeline, result)
         records.setdefault((name, level, mode), []).append(
             (dice["prostate"], tre.get("registered_tissue", float("nan")),
@@ -176,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                    "phantoms names its own)")
     p.add_argument("--option", choices=sorted(OPTIONS), default="roi",
                    help="the pipeline option compared: roi (off vs auto, the default), "
-                   "intensity (off vs match), seg_window (off vs auto), seg_window_fuse "
-                   "(off vs fuse)")
+                   "intensity (off vs match) or seg_window (off vs auto)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = [0.0, 10.0] if args.quick else [0.0, 3.0, 6.0, 10.0, 15.0]

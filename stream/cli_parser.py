@@ -179,8 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (with --resegment on): segment on a window around the gland where "
                    "the published registration puts it (1.8x its diameter) when the view is "
                    "wider, so a small gland in a wide view is seen at the scale the network was "
-                   "trained at; registration and the error estimate keep the whole view. fuse: "
-                   "segment both the whole view and the window and average them in the window "
+                   "trained at; registration and the error estimate keep the whole view "
                    f"(default {SEG_WINDOW_DEFAULT}; README 'Segmenting at the published plane')")
     from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES
 

@@ -46,15 +46,7 @@ def pipelines(context, **options):
                                  seg_window=mode,
                                  capture=build_default_capture(backend="eager", threads=1),
                                  **options)
-            for mode in ("off", "auto", "fuse")}
-
-
-def probabilities(chain, pixels, mats):
-    with torch.inference_mode():
-        logits = chain.resegment(torch.from_numpy(pixels), mats)
-        up = torch.nn.functional.interpolate(logits, size=pixels.shape, mode="bilinear",
-                                             align_corners=False)
-        return torch.softmax(up, 1)[0].numpy()
+            for mode in ("off", "auto")}
 
 
 def test_only_the_segmentation_changes_and_it_is_made_on_the_window(case):
@@ -84,37 +76,10 @@ def test_only_the_segmentation_changes_and_it_is_made_on_the_window(case):
         assert (auto.labels > 0).sum() > 1000 and (auto.labels != off.labels).any()
 
 
-def test_fuse_averages_both_scales_in_the_window_and_keeps_the_whole_view_outside(case):
-    context, frames, _ = case
-    p = pipelines(context)
-    frame = frames[0]
-    off, fuse = p["off"](frame), p["fuse"](frame)
-    assert np.array_equal(off.mri_to_image, fuse.mri_to_image)
-    published = np.linalg.inv(fuse.mri_to_image)
-    window = GlandRoi(context).window(frame, published)
-    rows, cols = window.rows_cols()
-    size = p["fuse"].engine.size
-    whole = probabilities(p["fuse"].chain(frame.pixels.shape), frame.pixels, torch.from_numpy(
-        plane_matrices(context, published, frame.pixels.shape, size)))
-    pixels = np.ascontiguousarray(frame.pixels[rows, cols])
-    cut = probabilities(p["fuse"].chain(pixels.shape), pixels, torch.from_numpy(
-        plane_matrices(context, published @ window.shift(), pixels.shape, size)))
-    mixed = whole.copy()
-    mixed[:, rows, cols] = 0.5 * (whole[:, rows, cols] + cut)
-    expected = mixed.argmax(0)
-    agree = (fuse.labels == expected).mean()
-    assert agree > 0.999  # float ties aside
-    outside = np.ones(frame.pixels.shape, bool)
-    outside[rows, cols] = False
-    assert np.array_equal(fuse.labels[outside], off.labels[outside])
-    assert (fuse.labels[rows, cols] != off.labels[rows, cols]).any()
-
-
 def test_a_view_not_wider_than_the_window_is_segmented_whole(case):
     context, _, plain = case  # family A's own 51 mm view: never cut
     p = pipelines(context)
     assert np.array_equal(p["off"](plain).labels, p["auto"](plain).labels)
-    assert np.array_equal(p["off"](plain).labels, p["fuse"](plain).labels)
 
 
 def test_modes_are_checked_and_reach_the_cli_and_serve(case):
