@@ -14,7 +14,8 @@ from regseg.cli import main as regseg_main  # light: torch loads after OMP_WAIT_
 
 #: Recipes whose loop shards the global batch over the ranks (train/distributed.py). The others
 #: would train the same thing on every rank and write over each other: they are refused.
-#: ``quality-calibration`` is not training (one inference pass per live chain): run it once.
+#: ``quality-calibration`` is not training (one inference pass per live chain) and
+#: ``intensity-reference`` a few seconds of quantiles: run each once.
 DISTRIBUTED = ("alignsegnet", "ascseg", "biregnet", "plcreg2d", "plcreg3d", "simnet", "affine3d",
                "warpseg")
 

@@ -263,9 +263,10 @@ def test_recipes_that_do_not_shard_are_refused_under_torchrun(monkeypatch, capsy
 
 def test_every_training_recipe_runs_under_torchrun():
     """A new `regseg train` recipe must shard its batch (train/distributed.py) and be declared;
-    only the calibration pass, which trains nothing, runs as one process."""
+    only the calibration pass and the intensity reference, which train nothing, run as one
+    process."""
     from regseg.cli import TRAIN_MODELS
     from regseg.train.__main__ import DISTRIBUTED
 
-    assert set(TRAIN_MODELS) - set(DISTRIBUTED) == {"quality-calibration"}
+    assert set(TRAIN_MODELS) - set(DISTRIBUTED) == {"quality-calibration", "intensity-reference"}
     assert set(DISTRIBUTED) <= set(TRAIN_MODELS)
