@@ -93,6 +93,16 @@ def test_the_shipped_reference_is_what_its_command_makes():
     assert np.allclose(make_reference(8, 12), shipped, atol=1e-3)
 
 
+def test_the_reference_command_refuses_bad_input_before_any_work(tmp_path, capsys):
+    from regseg.cli import main
+
+    assert main(["train", "intensity-reference", "--out", str(tmp_path / "missing")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["train", "intensity-reference", "--out", str(tmp_path), "--phantoms", "0"]) == 2
+    assert "--phantoms 0" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 class Spy:
     """A stand-in for the image-based refinement that records the pixels it was given."""
 
