@@ -61,6 +61,10 @@ from regseg.types import Frame  # noqa: E402
 
 FAMILY_A_SEEDS = range(1000, 1100)  # held out from training (train/alignsegnet.py VAL_SEED0)
 STRIDE = 4  # session frames between evaluated frames (a smooth, real-time-like stretch)
+#: Receipt time between evaluated frames: STRIDE frames at 30 fps, simulated, not the wall clock
+#: (the temporal filter resets after a 1 s gap: with the wall clock a loaded machine, slower
+#: than 1 s per frame, reset it on every frame and measured another chain)
+FRAME_NS = STRIDE * 1_000_000_000 // 30
 
 
 # ------------------------------------------------------------------------------ frames
@@ -104,7 +108,8 @@ def tracked_frames(phantom, cfg, seed: int, level: float, n: int,
         err = tracking_error_matrix(
             level, sign * level, direction_rad=direction + 0.3 * np.sin(t / 64),
             centre_ij=centre, pixel_mm=cfg.pixel_mm, normal_mm=normal, tilt_deg=tilt)
-        yield dataclasses.replace(f, seq=k, image_to_reference=f.truth.image_to_mri @ err)
+        yield dataclasses.replace(f, seq=k, acquired_ns=k * FRAME_NS,
+                                  image_to_reference=f.truth.image_to_mri @ err)
 
 
 def family_b_frames(seed: int, level: float, n: int, case=None):
@@ -119,7 +124,8 @@ def family_b_frames(seed: int, level: float, n: int, case=None):
 
     def frames():
         for k in range(n):
-            yield dataclasses.replace(session.frame(start + k * STRIDE), seq=k)
+            yield dataclasses.replace(session.frame(start + k * STRIDE), seq=k,
+                                      acquired_ns=k * FRAME_NS)
 
     return case.mri, case.labels, frames()
 

@@ -176,6 +176,16 @@ def test_family_a_frames_carry_the_set_tracking_error():
         assert 3.0 < metrics.tre_mm(frame.image_to_reference, frame.truth.image_to_mri, pts) < 20
 
 
+def test_frames_carry_simulated_receipt_times_not_the_wall_clock():
+    """The temporal filter resets after a 1 s gap: with wall-clock times a loaded machine
+    (slower than 1 s per frame) measured another chain. Frames are STRIDE / 30 s apart."""
+    _, _, a = bench.family_a_frames(1000, 3.0, 3)
+    _, _, b = bench.family_b_frames(5000, 3.0, 3)
+    for frames in (list(a), list(b)):
+        assert [f.acquired_ns for f in frames] == [k * bench.FRAME_NS for k in range(3)]
+    assert bench.FRAME_NS == bench.STRIDE * 1_000_000_000 // 30
+
+
 @pytest.fixture(scope="module")
 def family_b_results():
     """The default live chain (eager backend: the same numbers as auto's pick) on family-B case
