@@ -26,7 +26,10 @@ small and normal glands in an 84 x 70 mm view, a randomised scanner; 0-15 mm tra
 lowers the median tissue TRE at every level, but on the sample the rule was written for it widened
 the tail at 15 mm (p90 3.54 -> 4.31 mm; the committed second sample passes), and on family B it is
 worse from 6 mm (it follows family B's biased registration). A first design, centred on the
-tracked plane, lost the capture of 6-15 mm errors on small glands and was dropped.
+tracked plane, lost the capture of 6-15 mm errors on small glands and was dropped. With ``--lc2``
+it was judged again twice on fresh sets (addenda 9 and 11 of bench/results/lc2_predeclared.md) and
+failed both times on family B's 6 mm tissue-TRE median (+0.085 and +0.054 mm, slack 0.05). The
+segmentation alone on this window is ``--seg-window`` (regseg.stream.resegment).
 """
 
 from __future__ import annotations
