@@ -85,6 +85,7 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
     from regseg.stream.intensity import INTENSITY_DEFAULT, build_intensity
     from regseg.stream.lc2_stage import LC2_DEFAULT, build_lc2
+    from regseg.stream.resegment import SEG_WINDOW_DEFAULT, build_seg_window
     from regseg.stream.roi import ROI_DEFAULT, ROI_MODES, GlandRoi
 
     if isinstance(roi, str):
@@ -100,8 +101,6 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     resegment = (RESEGMENT_DEFAULT if resegment == "default" else resegment) == "on"
     if isinstance(consensus, str):
         consensus = build_consensus(CONSENSUS_DEFAULT if consensus == "default" else consensus)
-    from regseg.stream.resegment import SEG_WINDOW_DEFAULT, build_seg_window
-
     if isinstance(seg_window, str):
         seg_window = build_seg_window(context, SEG_WINDOW_DEFAULT if seg_window == "default"
                                       else seg_window)
