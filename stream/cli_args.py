@@ -129,6 +129,11 @@ def check_args(args) -> argparse.Namespace:
     from regseg.stream.igtl.registration import parse_hosts
 
     plan = argparse.Namespace()
+    if getattr(args, "seg_window", "off") != "off" and getattr(args, "resegment", "on") == "off":
+        raise InputError(f"--seg-window {args.seg_window} with --resegment off: the window is cut "
+                         "around the gland where the published registration puts it, for the "
+                         "segmentation --resegment makes there; use --resegment on or "
+                         "--seg-window off")
     if getattr(args, "overlap", "off") == "on" and getattr(args, "roi", "off") == "auto":
         raise InputError("--overlap on with --roi auto: not supported (a frame's window depends "
                          "on the previous frame's flags, which overlap has not computed yet); "

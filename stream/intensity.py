@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from regseg.errors import InputError
 from regseg.types import Frame
 
 INTENSITY_MODES = ("match", "off")
@@ -55,11 +56,11 @@ def load_reference(path: str | Path | None = None) -> np.ndarray:
     try:
         q = np.asarray(json.loads(path.read_text())["quantiles"], dtype=np.float64)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable intensity reference ({e}); make it with "
+        raise InputError(f"{path}: unreadable intensity reference ({e}); make it with "
                          "`regseg train intensity-reference`") from None
     if q.shape != (QUANTILES,) or not np.isfinite(q).all() or (np.diff(q) < 0).any() \
             or q.min() < 0 or q.max() > 255:
-        raise ValueError(f"{path}: 'quantiles' must be {QUANTILES} non-decreasing numbers in "
+        raise InputError(f"{path}: 'quantiles' must be {QUANTILES} non-decreasing numbers in "
                          f"[0, 255], got shape {q.shape}")
     return q
 

@@ -164,6 +164,10 @@ CASES = [
     ("overlap with a gland window", [*DEMO, "--overlap", "on", "--roi", "auto"],
      ["--overlap on with --roi auto", "use one of them"]),
     ("lc2 mode", [*DEMO, "--lc2", "maybe"], ["--lc2", "maybe", "on", "off"]),
+    ("gland window for the segmentation without it", [*DEMO, "--resegment", "off",
+                                                      "--seg-window", "auto"],
+     ["--seg-window auto with --resegment off", "--resegment on or --seg-window off"]),
+    ("intensity mode", [*DEMO, "--intensity", "maybe"], ["--intensity", "maybe", "match"]),
 ]
 
 
