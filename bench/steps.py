@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import _capture_factory, family_a_frames, family_b_frames  # noqa: E402
+from accuracy import family_a_frames, family_b_frames  # noqa: E402
 from common import device_name, print_table, write_json  # noqa: E402
 
 SEEDS = {"A": range(3180, 3200), "B": range(5064, 5080)}  # calibration / diagnosis, never eval
@@ -65,12 +65,16 @@ def stepped(frames, step_mm: float, angle_rad: float, at: int = STEP_AT):
 
 def run(families: list[str], phantoms: int, steps: list[float], n: int, threads: int):
     """Every frame's record: family, phantom, step, seq, published TRE, flagged, flags."""
-    from regseg.stream.build import build_deformable, build_engine, build_pipeline
+    from regseg.stream.build import (
+        build_default_capture,
+        build_deformable,
+        build_engine,
+        build_pipeline,
+    )
     from regseg.stream.context import build_context
     from regseg.stream.runner import frame_accuracy
 
     engine = build_engine(backend="auto", threads=threads)
-    capture = _capture_factory(backend="auto", device="cpu", threads=threads)
     records = []
     for family in families:
         for seed in list(SEEDS[family])[:phantoms]:
@@ -85,7 +89,8 @@ def run(families: list[str], phantoms: int, steps: list[float], n: int, threads:
                 if context is None:
                     context = build_context(mri, labels)
                     stage = build_deformable(context, backend="auto", threads=threads)
-                pipeline = build_pipeline(context, engine, deformable=stage, capture=capture())
+                capture = build_default_capture(backend="auto", threads=threads)
+                pipeline = build_pipeline(context, engine, deformable=stage, capture=capture)
                 for frame in stepped(frames, step_mm, angle):
                     for result in pipeline.submit(frame) + pipeline.flush():
                         _, tre = frame_accuracy(pipeline, result)
@@ -99,10 +104,11 @@ def run(families: list[str], phantoms: int, steps: list[float], n: int, threads:
     return records
 
 
-def _share(frames: list[dict], key: str = "flagged") -> float:
+def _share(frames: list[dict], flag: str | None = None) -> float:
+    """Share of ``frames`` flagged (by ``flag`` when given); NaN without frames."""
     if not frames:
         return math.nan
-    return float(np.mean([(key in f["flags"]) if key != "flagged" else f["flagged"]
+    return float(np.mean([f["flagged"] if flag is None else flag in f["flags"]
                           for f in frames]))
 
 

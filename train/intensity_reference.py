@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if not out.is_dir():
         raise InputError(f"--out {out}: no such folder")
     q = make_reference(args.phantoms, args.frames)
-    command = shlex.join(["regseg", "train", "intensity-reference", *sys.argv[
-        sys.argv.index("intensity-reference") + 1:]] if "intensity-reference" in sys.argv
-        else ["regseg", "train", "intensity-reference", "--out", str(out)])
+    command = shlex.join(["regseg", "train", "intensity-reference", "--out", str(out),
+                          "--phantoms", str(args.phantoms), "--frames", str(args.frames)])
     path = out / REFERENCE_NAME
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"quantiles": [round(float(v), 4) for v in q],
