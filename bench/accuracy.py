@@ -146,7 +146,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         progress: bool = True, deformable_weights: str | None = None,
         quality_weights: str | None = None, roi: str = "default", lc2: str = "default",
         resegment: str = "default", consensus: str = "default", intensity: str = "default",
-        seg_window: str = "default", seeds: dict[str, list[int]] | None = None
+        seg_window: str = "default", jump_at: str = "default",
+        seeds: dict[str, list[int]] | None = None
         ) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
@@ -163,7 +164,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
                                   lc2=lc2, **{k: v for k, v in (("resegment", resegment),
                                                                  ("consensus", consensus),
                                                                  ("intensity", intensity),
-                                                                 ("seg_window", seg_window))
+                                                                 ("seg_window", seg_window),
+                                                                 ("jump_at", jump_at))
                                               if v != "default"})
         if quality_weights is not None:  # the Pipeline makes the shipped one on first use
             from regseg.stream.quality import QualityCheck, QualityConfig
@@ -318,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seg-window", choices=["default", "auto", "off"], default="default",
                    help="segment on a gland window, as regseg-stream --seg-window (default: its "
                    "default)")
+    p.add_argument("--jump-at", choices=["default", "frame", "gland"], default="default",
+                   help="where the jump flag measures, as regseg-stream --jump-at (default: its "
+                   "default)")
     p.add_argument("--a-seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="family-A phantoms instead of the held-out 1000.. (e.g. calibration "
                    "phantoms for a predeclared rule)")
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                                quality_weights=args.quality_weights, roi=args.roi,
                                lc2=args.lc2, resegment=args.resegment,
                                consensus=args.consensus, intensity=args.intensity,
-                               seg_window=args.seg_window,
+                               seg_window=args.seg_window, jump_at=args.jump_at,
                                seeds=seeds)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
@@ -367,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                    family_a_seeds=list(args.a_seeds or FAMILY_A_SEEDS)[:phantoms],
                    family_b_seeds=list(args.b_seeds or _family_b_seeds())[:phantoms],
                    resegment=args.resegment, consensus=args.consensus,
-                   intensity=args.intensity, seg_window=args.seg_window, bad_mm=BAD_MM,
+                   intensity=args.intensity, seg_window=args.seg_window, jump_at=args.jump_at,
+                   bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,

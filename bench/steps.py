@@ -63,8 +63,11 @@ def stepped(frames, step_mm: float, angle_rad: float, at: int = STEP_AT):
         yield frame
 
 
-def run(families: list[str], phantoms: int, steps: list[float], n: int, threads: int):
-    """Every frame's record: family, phantom, step, seq, published TRE, flagged, flags."""
+def run(families: list[str], phantoms: int, steps: list[float], n: int, threads: int, *,
+        seeds: dict[str, list[int]] | None = None, jump_at: str = "default"):
+    """Every frame's record: family, phantom, step, seq, published TRE, flagged, flags.
+    ``seeds``: per family, other phantoms than :data:`SEEDS` (fresh ones for a rule);
+    ``jump_at``: ``--jump-at``'s mode ("default": regseg-stream's default)."""
     from regseg.stream.build import (
         build_default_capture,
         build_deformable,
@@ -77,7 +80,7 @@ def run(families: list[str], phantoms: int, steps: list[float], n: int, threads:
     engine = build_engine(backend="auto", threads=threads)
     records = []
     for family in families:
-        for seed in list(SEEDS[family])[:phantoms]:
+        for seed in list((seeds or {}).get(family) or SEEDS[family])[:phantoms]:
             context = stage = case = None
             if family == "B":
                 from regseg.sim.family_b.anatomy import make_case
@@ -90,7 +93,8 @@ def run(families: list[str], phantoms: int, steps: list[float], n: int, threads:
                     context = build_context(mri, labels)
                     stage = build_deformable(context, backend="auto", threads=threads)
                 capture = build_default_capture(backend="auto", threads=threads)
-                pipeline = build_pipeline(context, engine, deformable=stage, capture=capture)
+                pipeline = build_pipeline(context, engine, deformable=stage, capture=capture,
+                                          jump_at=jump_at)
                 for frame in stepped(frames, step_mm, angle):
                     for result in pipeline.submit(frame) + pipeline.flush():
                         _, tre = frame_accuracy(pipeline, result)
@@ -146,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", default="A,B")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--jump-at", choices=["default", "frame", "gland"], default="default",
+                   help="where the jump flag measures, as regseg-stream --jump-at (default: its "
+                   "default)")
+    p.add_argument("--a-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help=f"family-A phantoms instead of {SEEDS['A'][0]}.. (fresh ones for a rule)")
+    p.add_argument("--b-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help=f"family-B cases instead of {SEEDS['B'][0]}.. (fresh ones for a rule)")
     args = p.parse_args(argv)
     families = [f.strip().upper() for f in args.families.split(",") if f.strip()]
     if not families or any(f not in SEEDS for f in families):
@@ -153,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     phantoms, steps, n = (2, [4.0, 10.0], 12) if args.quick else (4, [3.0, 4.0, 6.0, 10.0], 16)
     t0 = time.perf_counter()
-    records = run(families, phantoms, steps, n, args.threads)
+    chosen = {"A": args.a_seeds or list(SEEDS["A"]), "B": args.b_seeds or list(SEEDS["B"])}
+    records = run(families, phantoms, steps, n, args.threads, seeds=chosen, jump_at=args.jump_at)
     rows = [summarise(f, s, records, n) for f in families for s in steps]
     wall = time.perf_counter() - t0
     print(f"\nsteps: the reference moved by S mm at frame {STEP_AT} of {n}, {LEVEL:g} mm / "
@@ -163,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, "steps", rows, argv, device=device_name(), quick=args.quick,
                    phantoms_per_family=phantoms, frames_per_run=n, steps_mm=steps,
-                   step_at=STEP_AT, level=LEVEL, seeds={f: list(SEEDS[f])[:phantoms]
-                                                        for f in families},
+                   step_at=STEP_AT, level=LEVEL, jump_at=args.jump_at,
+                   seeds={f: chosen[f][:phantoms] for f in families},
                    wall_s=wall, frames_detail=records)
     return 0
 

@@ -66,7 +66,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    cuda_graph: bool = False, segmenter=None, do_no_harm="default",
                    do_no_harm_margin_mm: float | None = None, roi="default",
                    overlap: bool = False, lc2="default", resegment="default",
-                   consensus="default", intensity="default", seg_window="default") -> Pipeline:
+                   consensus="default", intensity="default", seg_window="default",
+                   jump_at="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -79,7 +80,9 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     ``resegment``: ``--resegment``'s mode (on, off; "default": the CLI's default);
     ``consensus``: ``--consensus``'s mode, the same way, or a PlaneConsensus; ``intensity``:
     ``--intensity``'s mode (match, off; "default") or an IntensityMatch; ``seg_window``:
-    ``--seg-window``'s mode (auto, off; "default"), with ``resegment`` only)."""
+    ``--seg-window``'s mode (auto, off; "default"), with ``resegment`` only); ``jump_at``:
+    ``--jump-at``'s (frame, gland; "default"): where ``capture``'s temporal filter measures
+    each frame's jump (gland: :class:`regseg.stream.temporal.GlandPoints` is set on it)."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
@@ -109,6 +112,13 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                          "where the published registration puts it")
     if isinstance(intensity, str):
         intensity = build_intensity(INTENSITY_DEFAULT if intensity == "default" else intensity)
+    from regseg.stream.temporal import JUMP_AT, JUMP_AT_DEFAULT, GlandPoints
+
+    jump_at = JUMP_AT_DEFAULT if jump_at == "default" else jump_at
+    if jump_at not in JUMP_AT:
+        raise ValueError(f"jump_at {jump_at!r}: expected one of {JUMP_AT} or 'default'")
+    if capture is not None:  # one Capture per Pipeline: it is this stream's
+        capture.jump_points = GlandPoints(context) if jump_at == "gland" else None
     extra = {} if capture is None else {"capture": capture}
     if isinstance(do_no_harm, str):
         mode = DO_NO_HARM_DEFAULT if do_no_harm == "default" else do_no_harm

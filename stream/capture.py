@@ -212,6 +212,8 @@ class Capture:
     # Start each frame from the filtered correction: widens the capture of a network right on
     # average, compounds the bias of one that is not (README "Capture range"); opt-in (warm).
     warm_start: bool = False
+    # ``--jump-at gland``: a GlandPoints, where each frame's jump is measured (None: the frame)
+    jump_points: Any = None
 
     def chain_options(self) -> dict[str, Any]:
         return {"refine_iterations": self.refine_iterations, "multi_start": self.multi_start,
@@ -241,8 +243,10 @@ class Capture:
         c3 = np.eye(3)
         c3[:2, :2], c3[:2, 2] = correction[:2, :2], correction[:2, 3]
         pose = None if frame.image_to_reference is None else tracked
+        points = (None if self.jump_points is None or pose is None else
+                  self.jump_points(registered, frame.pixels.shape, frame.spacing_mm))
         filtered, jump = self.temporal.update(pose, c3, frame.pixels.shape, frame.spacing_mm,
-                                              _time_s(frame))
+                                              _time_s(frame), points_ij=points)
         return tracked @ spatial.lift_2d(filtered), jump
 
 

@@ -192,7 +192,8 @@ def run(args, stop: threading.Event | None = None,
                                   do_no_harm_margin_mm=args.do_no_harm_margin_mm,
                                   roi=args.roi, overlap=args.overlap == "on", lc2=args.lc2,
                                   resegment=args.resegment, consensus=args.consensus,
-                                  intensity=args.intensity, seg_window=args.seg_window)
+                                  intensity=args.intensity, seg_window=args.seg_window,
+                                  jump_at=args.jump_at)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:

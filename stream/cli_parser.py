@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                    default=TEMPORAL_FILTER_DEFAULT,
                    help="on: filter the correction over frames and report jump_mm; warm: also "
                    f"start each frame from the filtered one (default {TEMPORAL_FILTER_DEFAULT})")
+    from regseg.stream.temporal import JUMP_AT, JUMP_AT_DEFAULT
+
+    p.add_argument("--jump-at", action=Once, choices=list(JUMP_AT), default=JUMP_AT_DEFAULT,
+                   help="where a frame's jump from the filtered correction is measured for the "
+                   "jump flag (3 mm): frame, a grid spanning the frame; gland, the pixels the MRI "
+                   "gland covers, where the registration error matters (a rotation about the "
+                   f"gland moves the frame's corners, not the gland) (default {JUMP_AT_DEFAULT})")
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, MODES
 
     p.add_argument("--do-no-harm", action=Once, choices=list(MODES), default=DO_NO_HARM_DEFAULT,

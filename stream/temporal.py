@@ -35,8 +35,10 @@ class TemporalFilter:
     lift_2d(C)``. The filtered correction is the element-wise median of the last ``window``
     frames' own corrections: a robust filter (up to ``(window - 1) // 2`` wrong frames in the
     window change it little), that follows a real change within ``window // 2 + 1`` frames and
-    needs no tuning of rates. Per frame, ``jump_mm`` is the mean distance (mm, over a 5 x 5 grid
-    of points spanning the frame) between the frame's own ``C`` and the filtered one before it.
+    needs no tuning of rates. Per frame, ``jump_mm`` is the mean distance (mm) between the
+    frame's own ``C`` and the filtered one before it, over the points :meth:`update` is given
+    (``Capture`` gives the MRI gland's, :class:`GlandPoints`, with ``--jump-at gland``) or a
+    5 x 5 grid of points spanning the frame.
 
     Reset rule (state dropped; the next frame's own correction is taken as is, ``jump_mm`` NaN):
     the frame has no pose; or the tracked plane itself moved more than ``reset_mm`` (mean over the
@@ -77,8 +79,10 @@ class TemporalFilter:
         return float(np.linalg.norm(spatial.apply(a, p4) - spatial.apply(b, p4), axis=1).mean())
 
     def _jump_mm(self, c: np.ndarray, f: np.ndarray, hw: tuple[int, int],
-                 spacing_mm: tuple[float, float]) -> float:
-        p = self._points(hw)
+                 spacing_mm: tuple[float, float], points_ij: np.ndarray | None = None) -> float:
+        p = (self._points(hw) if points_ij is None else
+             np.concatenate([np.asarray(points_ij, np.float64).reshape(-1, 2),
+                             np.ones((len(points_ij), 1))], 1))
         d = (p @ (c - f).T)[:, :2] * np.array([spacing_mm[1], spacing_mm[0]])
         return float(np.linalg.norm(d, axis=1).mean())
 
@@ -96,10 +100,13 @@ class TemporalFilter:
         return s.filtered.copy()
 
     def update(self, tracked: np.ndarray | None, correction: np.ndarray, hw: tuple[int, int],
-               spacing_mm: tuple[float, float], t_s: float) -> tuple[np.ndarray, float]:
+               spacing_mm: tuple[float, float], t_s: float, *,
+               points_ij: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """Add this frame's correction; returns (filtered correction (3, 3), jump_mm).
 
-        Call :meth:`prior` for the same frame first (it applies the reset rule).
+        ``points_ij``: (N, 2) frame pixels (i, j) where the jump is measured (None or empty: a
+        5 x 5 grid spanning the frame). Call :meth:`prior` for the same frame first (it applies
+        the reset rule).
         """
         c = np.asarray(correction, np.float64)
         if tracked is None:  # no pose: nothing to be coherent with
@@ -110,8 +117,52 @@ class TemporalFilter:
             self._state = _State(deque([c.copy()], maxlen=self.window), c.copy(),
                                  np.array(tracked, np.float64), t_s, tuple(hw))
             return c, math.nan
-        jump = self._jump_mm(c, s.filtered, hw, spacing_mm)
+        if points_ij is not None and len(points_ij) == 0:
+            points_ij = None
+        jump = self._jump_mm(c, s.filtered, hw, spacing_mm, points_ij)
         s.recent.append(c.copy())
         s.filtered = np.median(np.stack(s.recent), axis=0)
         s.tracked, s.t_s = np.array(tracked, np.float64), t_s
         return s.filtered.copy(), jump
+
+
+#: ``--jump-at``: where a frame's jump from the filtered correction is measured. ``frame``: a 5 x 5
+#: grid spanning the frame (a 10-15 deg error about the gland moves the corners 3-6 mm while the
+#: gland moves ~1 mm); ``gland``: the MRI gland's pixels (:class:`GlandPoints`), where the
+#: registration's error is measured and matters (bench/results/lc2_predeclared.md, addendum 13)
+JUMP_AT = ("frame", "gland")
+JUMP_AT_DEFAULT = "frame"
+
+
+class GlandPoints:
+    """The frame pixels (i, j) the MRI gland (prostate and lesion labels) covers through a
+    registered plane, on a lattice of about ``step_mm``: where ``--jump-at gland`` measures
+    ``jump_mm``. None when fewer than ``min_points`` fall on the gland (no gland in view): the
+    filter then measures over the whole frame."""
+
+    def __init__(self, context, step_mm: float = 2.0, min_points: int = 8) -> None:
+        if not (math.isfinite(step_mm) and step_mm > 0) or min_points < 1:
+            raise InputError(f"gland points: step {step_mm!r} mm, min_points {min_points!r}: "
+                             "expected > 0 and >= 1")
+        self.context, self.step_mm, self.min_points = context, float(step_mm), int(min_points)
+
+    def __call__(self, image_to_mri: np.ndarray, hw: tuple[int, int],
+                 spacing_mm: tuple[float, float]) -> np.ndarray | None:
+        import torch
+        import torch.nn.functional as F
+
+        si = max(1, int(round(self.step_mm / spacing_mm[1])))  # along columns (i)
+        sj = max(1, int(round(self.step_mm / spacing_mm[0])))  # along rows (j)
+        dev = self.context.mri.device
+        i = torch.arange(0, hw[1], si, dtype=torch.float32, device=dev).reshape(1, -1, 1)
+        j = torch.arange(0, hw[0], sj, dtype=torch.float32, device=dev).reshape(-1, 1, 1)
+        with torch.inference_mode():
+            m = torch.as_tensor((self.context.world_to_normalised @ image_to_mri)[:3, [0, 1, 3]],
+                                dtype=torch.float32, device=dev)
+            grid = spatial.axes_grid(m, i, j)
+            lab = F.grid_sample(self.context.labels_float, grid[None, None], mode="nearest",
+                                padding_mode="zeros", align_corners=False)[0, 0, 0]
+            jj, ii = np.nonzero(lab.cpu().numpy() > 0)
+        if len(ii) < self.min_points:
+            return None
+        return np.stack([ii * si, jj * sj], 1).astype(np.float64)

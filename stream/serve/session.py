@@ -206,7 +206,8 @@ class Session:
                                            resegment=args.resegment,
                                            consensus=args.consensus,
                                            intensity=args.intensity,
-                                           seg_window=args.seg_window)
+                                           seg_window=args.seg_window,
+                                           jump_at=args.jump_at)
             self.registration.bind(self.pipeline.set_reference_to_mri)
             self.gate = FrameGate(plan.limits)
         except BaseException:
