@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regseg import spatial
+from regseg.kernels import plane_sample
 from regseg.lc2_score import (  # noqa: F401  (the score, also importable from here)
     UltrasoundWindows,
     box_mean,
@@ -30,6 +31,10 @@ from regseg.lc2_score import (  # noqa: F401  (the score, also importable from h
 )
 from regseg.lc2_slice import PlaneSlice, slice_for_frame
 
+#: Reslice candidates on the CPU with the compiled kernel (:mod:`regseg.kernels.plane_sample`,
+#: ~2x faster than torch's grid_sample here); False: torch's, which CUDA tensors always take (tests
+#: compare the two)
+NUMBA_ON_CPU = True
 #: Bump whenever the search's answers change: caches of a chain's output carry it (from 2 on)
 LC2_REVISION = 2  # 2: the significance guard (session 17)
 
@@ -124,6 +129,10 @@ class FrameScorer:
         self.pixels = torch.as_tensor(pixels, dtype=torch.float32, device=mri.device)
         self.slice = plane_slice
         self._from_plane = None if plane_slice is None else np.linalg.inv(plane)
+        self._host_volume = (self.mri[0, 0].contiguous().numpy()
+                             if NUMBA_ON_CPU and self.mri.device.type == "cpu"
+                             and self.mri.dtype == torch.float32 and self.mri.shape[:2] == (1, 1)
+                             and plane_sample.available() else None)
 
     def resliced(self, planes: list[np.ndarray]) -> Tensor:
         """(B, H, W) the MRI on the working grid at each plane."""
@@ -142,6 +151,8 @@ class FrameScorer:
 
     def _from_volume(self, planes: list[np.ndarray]) -> Tensor:
         mats = np.stack([(self.to_normalised @ p @ self.work_to_frame)[:3].T for p in planes])
+        if self._host_volume is not None:
+            return torch.from_numpy(plane_sample.sample_planes(self._host_volume, mats, self.hw))
         m = torch.as_tensor(mats, dtype=torch.float32, device=self.mri.device)
         grid = (self.pixels @ m).reshape(len(planes), 1, self.hw[0], self.hw[1], 3)
         src = self.mri.expand(len(planes), -1, -1, -1, -1)

@@ -155,7 +155,9 @@ def test_cuda_search_matches_the_cpu_one():
 
 
 def test_the_torch_path_gives_the_same_search(monkeypatch):
-    """The path CUDA tensors take (cumulative sums in torch), run on the CPU: the same answer."""
+    """The path CUDA tensors take (torch's grid_sample, cumulative sums in torch), run on the CPU:
+    the same answer."""
+    import regseg.lc2 as search_module
     import regseg.lc2_score as lc2_module
 
     mri, _, w2v, true, pixels = synthetic_case()
@@ -163,10 +165,35 @@ def test_the_torch_path_gives_the_same_search(monkeypatch):
     wrong = true @ in_plane_move(np.array([1.5, -1.2]), 2.0, centre, (0.5, 0.5))
     fast = refine_in_plane(pixels, wrong, mri, w2v, centre)
     monkeypatch.setattr(lc2_module, "OPENCV_ON_CPU", False)
+    monkeypatch.setattr(search_module, "NUMBA_ON_CPU", False)
     slow = refine_in_plane(pixels, wrong, mri, w2v, centre)
     assert slow.applied == fast.applied and slow.rounds == fast.rounds
     assert np.allclose(slow.image_to_mri, fast.image_to_mri, atol=1e-6)
     assert slow.score == pytest.approx(fast.score, abs=1e-4)
+
+
+def test_the_compiled_reslice_equals_torchs(monkeypatch):
+    """FrameScorer's candidates through regseg.kernels.plane_sample (the CPU default) and
+    through torch's grid_sample: the same MRI to float32 rounding, the same search."""
+    import regseg.lc2 as search_module
+    from regseg.kernels import plane_sample
+
+    if not plane_sample.available():
+        pytest.skip("numba not installed")
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    planes = [true @ in_plane_move(np.array(s), a, centre, (0.5, 0.5))
+              for s, a in (((0.0, 0.0), 0.0), ((1.3, -2.1), 3.0), ((-40.0, 25.0), -6.0))]
+    compiled = FrameScorer(pixels, true, mri, w2v, Lc2Config())
+    wrong = true @ in_plane_move(np.array([1.5, -1.2]), 2.0, centre, (0.5, 0.5))
+    fast = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    monkeypatch.setattr(search_module, "NUMBA_ON_CPU", False)
+    reference = FrameScorer(pixels, true, mri, w2v, Lc2Config())
+    assert compiled._host_volume is not None and reference._host_volume is None
+    assert torch.allclose(compiled.resliced(planes), reference.resliced(planes), atol=1e-5)
+    slow = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    assert slow.applied == fast.applied and slow.rounds == fast.rounds
+    assert np.allclose(slow.image_to_mri, fast.image_to_mri, atol=1e-6)
 
 
 def _slice_and_scorers(margin_mm=12.0):

@@ -115,7 +115,10 @@ def test_build_pipeline_sets_where_the_jump_is_measured(case):
     class Engine:  # build_pipeline only stores the engine
         device = __import__("torch").device("cpu")
 
-    for mode, kind in (("gland", GlandPoints), ("frame", type(None)), ("default", type(None))):
+    from regseg.stream.temporal import JUMP_AT_DEFAULT
+
+    default = GlandPoints if JUMP_AT_DEFAULT == "gland" else type(None)
+    for mode, kind in (("gland", GlandPoints), ("frame", type(None)), ("default", default)):
         cap = Capture(temporal=TemporalFilter())
         build_pipeline(context, Engine(), capture=cap, jump_at=mode, lc2="off")
         assert isinstance(cap.jump_points, kind)
