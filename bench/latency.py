@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -225,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("ratio_p50_vs_naive", "x naive", ".1f")])
     write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP, argv=argv,
                lc2=args.lc2 or "default", resegment=args.resegment or "default",
-               intensity=args.intensity or "default")
+               intensity=args.intensity or "default",
+               # REGSEG_NUMBA=0 switches the compiled kernels off (LC2's reslicer: torch's)
+               regseg_numba=os.environ.get("REGSEG_NUMBA", "unset (1)"))
     write_histogram(args.png or Path(args.json).with_suffix(".png"), series,
                     f"end-to-end latency over loopback OpenIGTLink ({device_name(args.device)})")
     return 0
