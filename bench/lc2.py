@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     p.add_argument("--seed0", type=int, default=SEED0,
-                   help=f"first calibration phantom (default {SEED0}); 3100-3199 only")
+                   help=f"first calibration phantom (default {SEED0}); 3100-3196, or 3400-3496 "
+                   "(fresh phantoms no training used, the 3100 range being spent)")
     p.add_argument("--modes", nargs="+", default=list(MODES),
                    choices=["off", "on", "warm", "fast", *BENCH_MODES],
                    help="modes to run; off and on are required (default: off on)")
@@ -208,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="every frame also off by MM along the normal and MM deg of tilt "
                    "(default: 0.5 mm / 0.5 deg oscillating about 0, as bench/accuracy.py)")
     args = p.parse_args(argv)
-    if not 3100 <= args.seed0 <= 3196 or not {"off", "on"} <= set(args.modes):
+    if (not (3100 <= args.seed0 <= 3196 or 3400 <= args.seed0 <= 3496)
+            or not {"off", "on"} <= set(args.modes)):
         print(f"bench/lc2.py: --seed0 {args.seed0} / --modes {' '.join(args.modes)}: expected "
-              "a calibration phantom 3100-3196 and modes including off and on", file=sys.stderr)
+              "a calibration phantom 3100-3196 or 3400-3496 and modes including off and on",
+              file=sys.stderr)
         return 2
     if args.threads < 1:
         print(f"bench/lc2.py: --threads {args.threads}: expected >= 1", file=sys.stderr)

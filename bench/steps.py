@@ -64,10 +64,11 @@ def stepped(frames, step_mm: float, angle_rad: float, at: int = STEP_AT):
 
 
 def run(families: list[str], phantoms: int, steps: list[float], n: int, threads: int, *,
-        seeds: dict[str, list[int]] | None = None, jump_at: str = "default"):
+        seeds: dict[str, list[int]] | None = None, jump_at: str = "default",
+        lc2: str = "default"):
     """Every frame's record: family, phantom, step, seq, published TRE, flagged, flags.
     ``seeds``: per family, other phantoms than :data:`SEEDS` (fresh ones for a rule);
-    ``jump_at``: ``--jump-at``'s mode ("default": regseg-stream's default)."""
+    ``jump_at``, ``lc2``: ``--jump-at``'s and ``--lc2``'s modes ("default": regseg-stream's)."""
     from regseg.stream.build import (
         build_default_capture,
         build_deformable,
@@ -94,7 +95,7 @@ def run(families: list[str], phantoms: int, steps: list[float], n: int, threads:
                     stage = build_deformable(context, backend="auto", threads=threads)
                 capture = build_default_capture(backend="auto", threads=threads)
                 pipeline = build_pipeline(context, engine, deformable=stage, capture=capture,
-                                          jump_at=jump_at)
+                                          jump_at=jump_at, lc2=lc2)
                 for frame in stepped(frames, step_mm, angle):
                     for result in pipeline.submit(frame) + pipeline.flush():
                         _, tre = frame_accuracy(pipeline, result)
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jump-at", choices=["default", "frame", "gland"], default="default",
                    help="where the jump flag measures, as regseg-stream --jump-at (default: its "
                    "default)")
+    p.add_argument("--lc2", choices=["default", "on", "warm", "fast", "off"], default="default",
+                   help="the image-based refinement, as regseg-stream --lc2 (default: its default)")
     p.add_argument("--a-seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help=f"family-A phantoms instead of {SEEDS['A'][0]}.. (fresh ones for a rule)")
     p.add_argument("--b-seeds", type=int, nargs="+", default=None, metavar="SEED",
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     phantoms, steps, n = (2, [4.0, 10.0], 12) if args.quick else (4, [3.0, 4.0, 6.0, 10.0], 16)
     t0 = time.perf_counter()
     chosen = {"A": args.a_seeds or list(SEEDS["A"]), "B": args.b_seeds or list(SEEDS["B"])}
-    records = run(families, phantoms, steps, n, args.threads, seeds=chosen, jump_at=args.jump_at)
+    records = run(families, phantoms, steps, n, args.threads, seeds=chosen, jump_at=args.jump_at,
+                  lc2=args.lc2)
     rows = [summarise(f, s, records, n) for f in families for s in steps]
     wall = time.perf_counter() - t0
     print(f"\nsteps: the reference moved by S mm at frame {STEP_AT} of {n}, {LEVEL:g} mm / "
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, "steps", rows, argv, device=device_name(), quick=args.quick,
                    phantoms_per_family=phantoms, frames_per_run=n, steps_mm=steps,
-                   step_at=STEP_AT, level=LEVEL, jump_at=args.jump_at,
+                   step_at=STEP_AT, level=LEVEL, jump_at=args.jump_at, lc2=args.lc2,
                    seeds={f: chosen[f][:phantoms] for f in families},
                    wall_s=wall, frames_detail=records)
     return 0
