@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resegment", choices=["default", "on", "off"], default="default",
                    help="segment again at the published plane, as regseg-stream --resegment "
                    "(default: its default)")
-    p.add_argument("--consensus", choices=["default", "on", "off"], default="default",
+    p.add_argument("--consensus", choices=["default", "on", "off", "gated"], default="default",
                    help="the 3-D consensus and its out_of_plane flag, as regseg-stream "
                    "--consensus (default: its default)")
     p.add_argument("--intensity", choices=["default", "match", "off"], default="default",

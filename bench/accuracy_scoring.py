@@ -53,6 +53,8 @@ def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
             "agreement": float(result.quality),
             "seg_confidence": float(getattr(result, "seg_confidence", math.nan)),
             "out_of_plane_mm": float(getattr(result, "out_of_plane_mm", math.nan)),
+            "lc2_move_mm": float(getattr(result, "lc2_move_mm", math.nan)),
+            "lc2_significance": float(getattr(result, "lc2_significance", math.nan)),
             "lesion_in_truth": bool((frame.truth.labels == 2).any()),
             "total_ms": float(result.timings_ms.get("total", math.nan))}
 

@@ -40,6 +40,7 @@ from regseg.sim.phantom import make_phantom
 from regseg.sim.scanner import SimulatedScanner
 from regseg.stream.build import build_default_capture
 from regseg.stream.chain import RESEGMENT_DEFAULT
+from regseg.stream.consensus import BENCH_MODES as CONSENSUS_BENCH_MODES
 from regseg.stream.consensus import CONSENSUS_DEFAULT, CONSENSUS_MODES, build_consensus
 from regseg.stream.context import build_context
 from regseg.stream.deformable import DeformableStage
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-lc2-flag", action="store_true",
                         help="no lc2_unsupported flag (the run its rule compares against: "
                         "bench/results/lc2_predeclared.md, addendum 5)")
-    parser.add_argument("--consensus", choices=list(CONSENSUS_MODES), default=CONSENSUS_DEFAULT,
+    parser.add_argument("--consensus", choices=[*CONSENSUS_MODES, *CONSENSUS_BENCH_MODES],
+                        default=CONSENSUS_DEFAULT,
                         help="the 3-D consensus and its out_of_plane flag, as regseg-stream "
                         f"--consensus (default {CONSENSUS_DEFAULT})")
     parser.add_argument("--intensity", choices=list(INTENSITY_MODES), default=INTENSITY_DEFAULT,

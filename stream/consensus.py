@@ -42,6 +42,11 @@ import numpy as np
 #: ``--consensus``: decided by addendum 8 of bench/results/lc2_predeclared.md.
 CONSENSUS_DEFAULT = "on"
 CONSENSUS_MODES = ("on", "suggest", "off")  # suggest: on, and publish the suggested registration
+#: Bench-only modes (not ``--consensus`` choices), as ConsensusConfig changes: ``gated``, the
+#: estimate held only where one 3-D shift explains the keyframes' corrections better than one
+#: in-plane offset fixed to the probe (``image_gate``; bench/results/lc2_predeclared.md,
+#: addendum 15)
+BENCH_MODES = {"gated": {"image_gate": True}}
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,10 @@ class ConsensusConfig:
     max_residual_mm: float = 4.0
     flag_mm: float = 3.0
     suggest: bool = False  # publish the registration the fit implies (--consensus suggest)
+    #: hold the estimate only when its misfit is below that of the probe-fixed model: one in-plane
+    #: offset in every frame's own axes (what a probe-calibration error, or a tracking error that
+    #: turns with the probe, gives), which says nothing about the normal
+    image_gate: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class ConsensusEstimate:
     shift_mm: np.ndarray  # (3,) t, MRI mm (NaN when there is no estimate)
     residual_mm: float  # rms in-plane misfit of the keyframes' corrections to t
     keyframes: int
+    probe_residual_mm: float = math.nan  # the same of the probe-fixed model (image_gate)
 
     @property
     def holds(self) -> bool:
@@ -72,7 +82,7 @@ class PlaneConsensus:
 
     def __init__(self, config: ConsensusConfig = ConsensusConfig()) -> None:
         self.config = config
-        self._frames: deque = deque(maxlen=config.keyframes)  # (normal, centre, P, d)
+        self._frames: deque = deque(maxlen=config.keyframes)  # (normal, centre, P, d, axes)
         self.estimate = ConsensusEstimate(np.full(3, np.nan), math.nan, 0)
 
     def reset(self) -> None:
@@ -92,13 +102,16 @@ class PlaneConsensus:
             if norm > 0 and np.isfinite(d).all():
                 n = n / norm
                 projector = np.eye(3) - np.outer(n, n)
+                # the plane's own orthonormal in-plane axes (columns, then rows)
+                u = published[:3, 0] / np.linalg.norm(published[:3, 0])
+                axes = np.stack([u, np.cross(n, u)])
                 last = self._frames[-1] if self._frames else None
                 if last is not None and not self._distinct(last, n, point):
                     # the newest measurement, at the keyframe's pose (which stays the reference,
                     # so that a slow sweep still adds keyframes)
-                    self._frames[-1] = (last[0], last[1], projector, d)
+                    self._frames[-1] = (last[0], last[1], projector, d, axes)
                 else:
-                    self._frames.append((n, point, projector, d))
+                    self._frames.append((n, point, projector, d, axes))
         self.estimate = self._solve()
         return self.estimate
 
@@ -155,15 +168,19 @@ class PlaneConsensus:
         t = np.linalg.solve(p.sum(0) + cfg.ridge * np.eye(3), np.einsum("kij,kj->i", p, d))
         misfit = np.einsum("kij,kj->ki", p, d - t)
         residual = math.sqrt(float(np.mean(np.sum(misfit ** 2, axis=1))))
-        if residual > cfg.max_residual_mm:
-            return ConsensusEstimate(np.full(3, np.nan), residual, len(frames))
-        return ConsensusEstimate(t, residual, len(frames))
+        probe = math.nan
+        if cfg.image_gate:  # one offset in every frame's own axes: its mean is the fit
+            local = np.einsum("kaj,kj->ka", np.stack([f[4] for f in frames]), d)  # (k, 2)
+            probe = math.sqrt(float(np.mean(np.sum((local - local.mean(0)) ** 2, axis=1))))
+        if residual > cfg.max_residual_mm or (cfg.image_gate and not residual < probe):
+            return ConsensusEstimate(np.full(3, np.nan), residual, len(frames), probe)
+        return ConsensusEstimate(t, residual, len(frames), probe)
 
 
 def build_consensus(mode: str) -> PlaneConsensus | None:
-    """``--consensus``'s stage: a PlaneConsensus for "on", None for "off"."""
-    if mode not in CONSENSUS_MODES:
+    """``--consensus``'s stage: a PlaneConsensus for "on" (or a bench mode), None for "off"."""
+    if mode not in (*CONSENSUS_MODES, *BENCH_MODES):
         raise ValueError(f"consensus {mode!r}: expected one of {CONSENSUS_MODES} or 'default'")
     if mode == "off":
         return None
-    return PlaneConsensus(ConsensusConfig(suggest=mode == "suggest"))
+    return PlaneConsensus(ConsensusConfig(suggest=mode == "suggest", **BENCH_MODES.get(mode, {})))

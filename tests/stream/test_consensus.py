@@ -206,3 +206,39 @@ def test_its_last_estimate_goes_into_the_summary():
     info = consensus.info()
     assert info["holds"] and info["keyframes"] == 13 and info["residual_mm"] < 1.0
     np.testing.assert_allclose(info["shift_mm"], consensus.estimate.shift_mm, atol=1e-3)
+
+
+def test_the_image_gate_holds_a_world_shift_and_not_an_offset_fixed_to_the_probe():
+    """``image_gate`` (bench mode ``gated``): one 3-D shift fits a constant world error with no
+    misfit and is held; an in-plane offset fixed in every frame's own axes (a probe-calibration
+    error, or the accuracy bench's tracking error) fits the probe model with none, and the
+    consensus then claims nothing about the normal."""
+    from regseg.stream.consensus import BENCH_MODES
+
+    assert "gated" not in CONSENSUS_MODES  # a bench mode, not a --consensus choice
+    assert build_consensus("gated").config.image_gate
+    shift = np.array([4.0, -3.0, 2.0])
+    world, probe = PlaneConsensus(ConsensusConfig(image_gate=True)), PlaneConsensus(
+        ConsensusConfig(**BENCH_MODES["gated"]))
+    for angle in np.linspace(-60, 60, 13):
+        tracked = fan_plane(angle)
+        world.update(tracked, registered(tracked, shift), CENTRE)
+        # 2 mm along the plane's columns and 1 mm along its rows, whatever its orientation
+        offset = tracked[:3, 0] / SPACING * 2.0 + tracked[:3, 1] / SPACING * 1.0
+        move = np.eye(4)
+        move[:3, 3] = offset
+        probe.update(tracked, move @ tracked, CENTRE)
+    # the ridge leaves some misfit; the probe model leaves more
+    assert world.estimate.holds
+    assert world.estimate.residual_mm < 0.5 * world.estimate.probe_residual_mm
+    assert world.out_of_plane_mm(fan_plane(0.0)) > 2.0  # the shift's normal part at 0 deg
+    assert not probe.estimate.holds and probe.estimate.probe_residual_mm < 1e-6
+    assert math.isnan(probe.out_of_plane_mm(fan_plane(0.0)))
+    # without the gate the same probe-fixed offset is fitted as a shift and may flag
+    ungated = PlaneConsensus()
+    for angle in np.linspace(-60, 60, 13):
+        tracked = fan_plane(angle)
+        move = np.eye(4)
+        move[:3, 3] = tracked[:3, 0] / SPACING * 2.0 + tracked[:3, 1] / SPACING * 1.0
+        ungated.update(tracked, move @ tracked, CENTRE)
+    assert ungated.estimate.holds
