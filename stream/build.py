@@ -67,7 +67,7 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    do_no_harm_margin_mm: float | None = None, roi="default",
                    overlap: bool = False, lc2="default", resegment="default",
                    consensus="default", intensity="default", seg_window="default",
-                   jump_at="default") -> Pipeline:
+                   jump_at="default", seg_tta="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -82,13 +82,19 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     ``--intensity``'s mode (match, off; "default") or an IntensityMatch; ``seg_window``:
     ``--seg-window``'s mode (auto, off; "default"), with ``resegment`` only); ``jump_at``:
     ``--jump-at``'s (frame, gland; "default"): where ``capture``'s temporal filter measures
-    each frame's jump (gland: :class:`regseg.stream.temporal.GlandPoints` is set on it)."""
+    each frame's jump (gland: :class:`regseg.stream.temporal.GlandPoints` is set on it);
+    ``seg_tta``: ``--seg-tta``'s (flip, off; "default"), with ``resegment`` only)."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
     from regseg.stream.intensity import INTENSITY_DEFAULT, build_intensity
     from regseg.stream.lc2_stage import LC2_DEFAULT, build_lc2
-    from regseg.stream.resegment import SEG_WINDOW_DEFAULT, build_seg_window
+    from regseg.stream.resegment import (
+        SEG_TTA_DEFAULT,
+        SEG_WINDOW_DEFAULT,
+        build_seg_window,
+        seg_tta_on,
+    )
     from regseg.stream.roi import ROI_DEFAULT, ROI_MODES, GlandRoi
 
     if isinstance(roi, str):
@@ -110,6 +116,9 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     if seg_window is not None and not resegment:
         raise ValueError("seg_window needs resegment on: the window is cut around the gland "
                          "where the published registration puts it")
+    seg_tta = seg_tta_on(SEG_TTA_DEFAULT if seg_tta == "default" else seg_tta)
+    if seg_tta and not resegment:
+        raise ValueError("seg_tta needs resegment on: the mirror pass repeats that segmentation")
     if isinstance(intensity, str):
         intensity = build_intensity(INTENSITY_DEFAULT if intensity == "default" else intensity)
     from regseg.stream.temporal import JUMP_AT, JUMP_AT_DEFAULT, GlandPoints
@@ -127,4 +136,4 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     return Pipeline(context, engine, reference_to_mri=reference_to_mri, cuda_graph=cuda_graph,
                     deformable=deformable, segmenter=segmenter, do_no_harm=do_no_harm, roi=roi,
                     overlap=overlap, lc2=lc2, resegment=resegment, consensus=consensus,
-                    intensity=intensity, seg_window=seg_window, **extra)
+                    intensity=intensity, seg_window=seg_window, seg_tta=seg_tta, **extra)

@@ -134,6 +134,10 @@ def check_args(args) -> argparse.Namespace:
                          "around the gland where the published registration puts it, for the "
                          "segmentation --resegment makes there; use --resegment on or "
                          "--seg-window off")
+    if getattr(args, "seg_tta", "off") != "off" and getattr(args, "resegment", "on") == "off":
+        raise InputError(f"--seg-tta {args.seg_tta} with --resegment off: the mirror pass is a "
+                         "second run of the segmentation --resegment makes at the published "
+                         "plane; use --resegment on or --seg-tta off")
     if getattr(args, "overlap", "off") == "on" and getattr(args, "roi", "off") == "auto":
         raise InputError("--overlap on with --roi auto: not supported (a frame's window depends "
                          "on the previous frame's flags, which overlap has not computed yet); "

@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "wider, so a small gland in a wide view is seen at the scale the network was "
                    "trained at; registration and the error estimate keep the whole view "
                    f"(default {SEG_WINDOW_DEFAULT}; README 'Segmenting at the published plane')")
+    from regseg.stream.resegment import SEG_TTA_DEFAULT, SEG_TTA_MODES
+
+    p.add_argument("--seg-tta", action=Once, choices=list(SEG_TTA_MODES), default=SEG_TTA_DEFAULT,
+                   help="flip (with --resegment on): segment the frame and its mirror image (with "
+                   "the MRI context mirrored alike) and average the two; one more network call "
+                   f"per frame (default {SEG_TTA_DEFAULT}; README 'Segmenting at the published "
+                   "plane')")
     from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES
 
     p.add_argument("--intensity", action=Once, choices=list(INTENSITY_MODES),

@@ -71,7 +71,7 @@ class Pipeline:
                  quality: QualityCheck | None = None, segmenter: Any = None,
                  do_no_harm: Any = None, roi: Any = None, overlap: bool = False,
                  lc2: Any = None, resegment: bool = False, consensus: Any = None,
-                 intensity: Any = None, seg_window: Any = None) -> None:
+                 intensity: Any = None, seg_window: Any = None, seg_tta: bool = False) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
@@ -97,10 +97,11 @@ class Pipeline:
         # (GlandRoi), --lc2 (Lc2Stage), --consensus (PlaneConsensus: flags out_of_plane),
         # --intensity (IntensityMatch: the stages read the frame with its grey levels matched;
         # the overlay, no_content and the Result keep it as received)
-        self.do_no_harm, self.roi, self.lc2 = do_no_harm, roi, lc2
-        self.consensus, self.intensity = consensus, intensity
-        self.resegment = bool(resegment)  # --resegment: segment in _settle, not in the chain
-        self.seg_window = seg_window  # --seg-window: GlandRoi whose window resegment runs on
+        self.do_no_harm, self.roi, self.lc2, self.consensus = do_no_harm, roi, lc2, consensus
+        self.intensity = intensity
+        # --resegment: segment in _settle, not in the chain; --seg-window: the GlandRoi whose
+        # window that pass runs on; --seg-tta flip: a mirror pass too (regseg.stream.resegment)
+        self.resegment, self.seg_window, self.seg_tta = bool(resegment), seg_window, bool(seg_tta)
         # --overlap (regseg.stream.overlap): frame N's host half on a worker (close() ends it)
         self.overlap = bool(overlap) and self.device.type != "cuda"
         self._worker = None

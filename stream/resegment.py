@@ -9,6 +9,11 @@ diameter), so the network sees a gland in a wide view at the scale it was traine
 are pasted back into the whole frame (nothing is labelled outside the window). Unlike ``--roi
 auto`` the registration, the error estimate and everything else keep the whole view: only the
 segmentation changes. A frame not wider than the window (family A's own) is segmented whole.
+
+``--seg-tta flip`` runs that pass twice, on the frame and on its mirror image (columns reversed,
+with the MRI context resliced at the mirrored plane, so frame and MRI stay aligned), and averages
+the two logits on the network's grid (the mirror of the mirror's grid is the frame's: the grids
+are pixel-centred, regseg.planes.model_to_frame): one more network call per frame.
 """
 
 from __future__ import annotations
@@ -22,6 +27,16 @@ from regseg.types import Frame
 
 SEG_WINDOW_MODES = ("auto", "off")
 SEG_WINDOW_DEFAULT = "off"
+SEG_TTA_MODES = ("flip", "off")
+SEG_TTA_DEFAULT = "off"  # until its rule (bench/results/lc2_predeclared.md, addendum 16)
+
+
+def mirrored(pixels: np.ndarray, image_to_mri: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The frame with its columns reversed, and the plane that places it: pixel (i, j) of the
+    mirror shows what pixel (W - 1 - i, j) of the frame shows, at the same point of the MRI."""
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, pixels.shape[1] - 1.0
+    return np.ascontiguousarray(pixels[:, ::-1]), image_to_mri @ flip
 
 
 def segment_published(pipeline, frame: Frame, image_to_mri: np.ndarray) -> tuple[np.ndarray,
@@ -35,16 +50,30 @@ def segment_published(pipeline, frame: Frame, image_to_mri: np.ndarray) -> tuple
         rows, cols = window.rows_cols()
         pixels, plane = np.ascontiguousarray(pixels[rows, cols]), image_to_mri @ window.shift()
     chain = pipeline.chain(pixels.shape)
-    mats = torch.from_numpy(plane_matrices(pipeline.context, plane, pixels.shape,
-                                           pipeline.engine.size)).to(pipeline.device)
+
+    def logits_at(pixels: np.ndarray, plane: np.ndarray) -> torch.Tensor:
+        mats = torch.from_numpy(plane_matrices(pipeline.context, plane, pixels.shape,
+                                               pipeline.engine.size)).to(pipeline.device)
+        return chain.resegment(torch.from_numpy(pixels).to(pipeline.device), mats)
+
     with torch.inference_mode():
-        logits = chain.resegment(torch.from_numpy(pixels).to(pipeline.device), mats)
+        logits = logits_at(pixels, plane)
+        if pipeline.seg_tta:  # --seg-tta flip; an engine may reuse its output buffer: a copy
+            logits = logits.clone()
+            logits = 0.5 * (logits + logits_at(*mirrored(pixels, plane)).flip(-1))
         labels, confidence = chain.segment(logits).cpu().numpy(), seg_confidence(logits)
     if window is not None:
         whole = np.zeros(frame.pixels.shape, np.uint8)
         whole[rows, cols] = labels
         labels = whole
     return labels, confidence
+
+
+def seg_tta_on(mode: str = SEG_TTA_DEFAULT) -> bool:
+    """``--seg-tta``'s mode as the Pipeline's flag."""
+    if mode not in SEG_TTA_MODES:
+        raise ValueError(f"seg_tta {mode!r}: expected one of {SEG_TTA_MODES}")
+    return mode == "flip"
 
 
 def build_seg_window(context, mode: str = SEG_WINDOW_DEFAULT):

@@ -207,7 +207,8 @@ class Session:
                                            consensus=args.consensus,
                                            intensity=args.intensity,
                                            seg_window=args.seg_window,
-                                           jump_at=args.jump_at)
+                                           jump_at=args.jump_at,
+                                           seg_tta=args.seg_tta)
             self.registration.bind(self.pipeline.set_reference_to_mri)
             self.gate = FrameGate(plan.limits)
         except BaseException:

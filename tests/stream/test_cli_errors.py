@@ -168,6 +168,10 @@ CASES = [
                                                       "--seg-window", "auto"],
      ["--seg-window auto with --resegment off", "--resegment on or --seg-window off"]),
     ("intensity mode", [*DEMO, "--intensity", "maybe"], ["--intensity", "maybe", "match"]),
+    ("mirror pass without the segmentation it repeats", [*DEMO, "--resegment", "off",
+                                                         "--seg-tta", "flip"],
+     ["--seg-tta flip with --resegment off", "--resegment on or --seg-tta off"]),
+    ("jump measure", [*DEMO, "--jump-at", "corners"], ["--jump-at", "corners", "gland"]),
 ]
 
 
