@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from regseg import spatial
 from regseg.errors import InputError
@@ -148,9 +150,6 @@ class GlandPoints:
 
     def __call__(self, image_to_mri: np.ndarray, hw: tuple[int, int],
                  spacing_mm: tuple[float, float]) -> np.ndarray | None:
-        import torch
-        import torch.nn.functional as F
-
         si = max(1, int(round(self.step_mm / spacing_mm[1])))  # along columns (i)
         sj = max(1, int(round(self.step_mm / spacing_mm[0])))  # along rows (j)
         dev = self.context.mri.device
