@@ -72,7 +72,8 @@ def test_flip_averages_two_passes_and_changes_nothing_else(case, monkeypatch):
         chain = flip.chain(frame.pixels.shape)
         original = chain.resegment
         monkeypatch.setattr(chain, "resegment",
-                            lambda pixels, mats: calls.append(pixels) or original(pixels, mats))
+                            lambda pixels, mats, calls=calls, original=original:
+                            calls.append(pixels) or original(pixels, mats))
         a, b = off(frame), flip(frame)
         assert len(calls) == 2  # the frame, then its mirror
         assert torch.equal(calls[1], calls[0].flip(-1))
