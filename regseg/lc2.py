@@ -32,8 +32,8 @@ from regseg.lc2_score import (  # noqa: F401  (the score, also importable from h
 from regseg.lc2_slice import PlaneSlice, slice_for_frame
 
 #: Reslice candidates on the CPU with the compiled kernel (:mod:`regseg.kernels.plane_sample`,
-#: ~2x faster than torch's grid_sample here); False: torch's, which CUDA tensors always take (tests
-#: compare the two)
+#: ~2.5x faster than torch's grid_sample here); False: torch's, which CUDA tensors always take
+#: (tests compare the two)
 NUMBA_ON_CPU = True
 #: Bump whenever the search's answers change: caches of a chain's output carry it (from 2 on)
 LC2_REVISION = 2  # 2: the significance guard (session 17)
