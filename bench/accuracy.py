@@ -312,9 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resegment", choices=["default", "on", "off"], default="default",
                    help="segment again at the published plane, as regseg-stream --resegment "
                    "(default: its default)")
-    p.add_argument("--consensus", choices=["default", "on", "off", "gated"], default="default",
+    from regseg.stream.consensus import BENCH_MODES as CONSENSUS_BENCH_MODES
+    from regseg.stream.consensus import CONSENSUS_MODES
+
+    p.add_argument("--consensus", choices=["default", *CONSENSUS_MODES, *CONSENSUS_BENCH_MODES],
+                   default="default",
                    help="the 3-D consensus and its out_of_plane flag, as regseg-stream "
-                   "--consensus (default: its default)")
+                   "--consensus (default: its default), or a bench mode "
+                   "(regseg.stream.consensus.BENCH_MODES)")
     p.add_argument("--intensity", choices=["default", "match", "off"], default="default",
                    help="grey levels matched to the training scanner's, as regseg-stream "
                    "--intensity (default: its default)")
