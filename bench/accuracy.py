@@ -147,7 +147,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         quality_weights: str | None = None, roi: str = "default", lc2: str = "default",
         resegment: str = "default", consensus: str = "default", intensity: str = "default",
         seg_window: str = "default", jump_at: str = "default", seg_tta: str = "default",
-        seeds: dict[str, list[int]] | None = None
+        seg_prior: str = "default", seeds: dict[str, list[int]] | None = None
         ) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
@@ -166,7 +166,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
                                                                  ("intensity", intensity),
                                                                  ("seg_window", seg_window),
                                                                  ("jump_at", jump_at),
-                                                                 ("seg_tta", seg_tta))
+                                                                 ("seg_tta", seg_tta),
+                                                                 ("seg_prior", seg_prior))
                                               if v != "default"})
         if quality_weights is not None:  # the Pipeline makes the shipped one on first use
             from regseg.stream.quality import QualityCheck, QualityConfig
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seg-tta", choices=["default", "flip", "off"], default="default",
                    help="segment the frame and its mirror image and average, as regseg-stream "
                    "--seg-tta (default: its default)")
+    p.add_argument("--seg-prior", choices=["default", "on", "off"], default="default",
+                   help="pool the segmentation with the registered MRI labels, as regseg-stream "
+                   "--seg-prior (default: its default)")
     p.add_argument("--jump-at", choices=["default", "frame", "gland"], default="default",
                    help="where the jump flag measures, as regseg-stream --jump-at (default: its "
                    "default)")
@@ -359,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                                lc2=args.lc2, resegment=args.resegment,
                                consensus=args.consensus, intensity=args.intensity,
                                seg_window=args.seg_window, jump_at=args.jump_at,
-                               seg_tta=args.seg_tta, seeds=seeds)
+                               seg_tta=args.seg_tta, seg_prior=args.seg_prior,
+                               seeds=seeds)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
              for fam in families]
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                    family_b_seeds=list(args.b_seeds or _family_b_seeds())[:phantoms],
                    resegment=args.resegment, consensus=args.consensus,
                    intensity=args.intensity, seg_window=args.seg_window, jump_at=args.jump_at,
-                   seg_tta=args.seg_tta, bad_mm=BAD_MM,
+                   seg_tta=args.seg_tta, seg_prior=args.seg_prior, bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,

@@ -107,7 +107,8 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
             *(["--lc2", args.lc2] if getattr(args, "lc2", None) else []),
             *(["--resegment", args.resegment] if getattr(args, "resegment", None) else []),
             *(["--intensity", args.intensity] if getattr(args, "intensity", None) else []),
-            *(["--seg-tta", args.seg_tta] if getattr(args, "seg_tta", None) else [])]
+            *(["--seg-tta", args.seg_tta] if getattr(args, "seg_tta", None) else []),
+            *(["--seg-prior", args.seg_prior] if getattr(args, "seg_prior", None) else [])]
 
 
 def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], scanner,
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                     "default)")
     ap.add_argument("--seg-tta", choices=["flip", "off"], default=None,
                     help="regseg-stream --seg-tta for every regseg variant (default: its default)")
+    ap.add_argument("--seg-prior", choices=["on", "off"], default=None,
+                    help="regseg-stream --seg-prior for every regseg variant (default: its "
+                    "default)")
     ap.add_argument("--intensity", choices=["match", "off"], default=None,
                     help="regseg-stream --intensity for every regseg variant (default: its "
                     "default)")
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP, argv=argv,
                lc2=args.lc2 or "default", resegment=args.resegment or "default",
                intensity=args.intensity or "default", seg_tta=args.seg_tta or "default",
+               seg_prior=args.seg_prior or "default",
                # REGSEG_NUMBA=0 switches the compiled kernels off (LC2's reslicer: torch's)
                regseg_numba=os.environ.get("REGSEG_NUMBA", "unset (1)"))
     write_histogram(args.png or Path(args.json).with_suffix(".png"), series,

@@ -97,8 +97,9 @@ def chain_results(sets, seeds, levels: list[float], modes, n: int, threads: int,
 
 #: --option: the pipeline option compared, (off mode, tried mode)
 OPTIONS = {"roi": ("off", "auto"), "intensity": ("off", "match"), "seg_window": ("off", "auto"),
-           "seg_tta": ("off", "flip")}
-DICE_SLACK = 0.005  # --option seg_window / seg_tta: pooled Dice not lower by more (addenda 12, 16)
+           "seg_tta": ("off", "flip"), "seg_prior": ("off", "on")}
+#: --option seg_window / seg_tta / seg_prior: pooled Dice not lower by more (addenda 12, 16, 17)
+DICE_SLACK = 0.005
 
 
 def run(phantoms: int, levels: list[float], n: int, threads: int,
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                    "phantoms names its own)")
     p.add_argument("--option", choices=sorted(OPTIONS), default="roi",
                    help="the pipeline option compared: roi (off vs auto, the default), "
-                   "intensity (off vs match), seg_window (off vs auto) or seg_tta (off vs flip)")
+                   "intensity (off vs match), seg_window (off vs auto), seg_tta (off vs flip) or "
+                   "seg_prior (off vs on)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = [0.0, 10.0] if args.quick else [0.0, 3.0, 6.0, 10.0, 15.0]

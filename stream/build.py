@@ -67,7 +67,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    do_no_harm_margin_mm: float | None = None, roi="default",
                    overlap: bool = False, lc2="default", resegment="default",
                    consensus="default", intensity="default", seg_window="default",
-                   jump_at="default", seg_tta="default") -> Pipeline:
+                   jump_at="default", seg_tta="default",
+                   seg_prior="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -83,7 +84,9 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     ``--seg-window``'s mode (auto, off; "default"), with ``resegment`` only); ``jump_at``:
     ``--jump-at``'s (frame, gland; "default"): where ``capture``'s temporal filter measures
     each frame's jump (gland: :class:`regseg.stream.temporal.GlandPoints` is set on it);
-    ``seg_tta``: ``--seg-tta``'s (flip, off; "default"), with ``resegment`` only)."""
+    ``seg_tta``: ``--seg-tta``'s (flip, off; "default"), with ``resegment`` only);
+    ``seg_prior``: ``--seg-prior``'s (on, off; "default"), with ``resegment`` and without
+    ``seg_window``)."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
@@ -96,6 +99,7 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
         seg_tta_on,
     )
     from regseg.stream.roi import ROI_DEFAULT, ROI_MODES, GlandRoi
+    from regseg.stream.seg_prior import SEG_PRIOR_DEFAULT, seg_prior_on
 
     if isinstance(roi, str):
         mode = ROI_DEFAULT if roi == "default" else roi
@@ -119,6 +123,10 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     seg_tta = seg_tta_on(SEG_TTA_DEFAULT if seg_tta == "default" else seg_tta)
     if seg_tta and not resegment:
         raise ValueError("seg_tta needs resegment on: the mirror pass repeats that segmentation")
+    seg_prior = seg_prior_on(SEG_PRIOR_DEFAULT if seg_prior == "default" else seg_prior)
+    if seg_prior and (not resegment or seg_window is not None):
+        raise ValueError("seg_prior needs resegment on and seg_window off: it pools that "
+                         "segmentation's logits on the whole frame")
     if isinstance(intensity, str):
         intensity = build_intensity(INTENSITY_DEFAULT if intensity == "default" else intensity)
     from regseg.stream.temporal import JUMP_AT, JUMP_AT_DEFAULT, GlandPoints
@@ -136,4 +144,5 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     return Pipeline(context, engine, reference_to_mri=reference_to_mri, cuda_graph=cuda_graph,
                     deformable=deformable, segmenter=segmenter, do_no_harm=do_no_harm, roi=roi,
                     overlap=overlap, lc2=lc2, resegment=resegment, consensus=consensus,
-                    intensity=intensity, seg_window=seg_window, seg_tta=seg_tta, **extra)
+                    intensity=intensity, seg_window=seg_window, seg_tta=seg_tta,
+                    seg_prior=seg_prior, **extra)

@@ -193,7 +193,8 @@ def run(args, stop: threading.Event | None = None,
                                   roi=args.roi, overlap=args.overlap == "on", lc2=args.lc2,
                                   resegment=args.resegment, consensus=args.consensus,
                                   intensity=args.intensity, seg_window=args.seg_window,
-                                  jump_at=args.jump_at, seg_tta=args.seg_tta)
+                                  jump_at=args.jump_at, seg_tta=args.seg_tta,
+                                  seg_prior=args.seg_prior)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -231,6 +232,7 @@ def run(args, stop: threading.Event | None = None,
              "intensity": args.intensity,
              "seg_window": args.seg_window,
              "seg_tta": args.seg_tta,
+             "seg_prior": args.seg_prior,
              # the 3-D consensus at the end: its fitted shift is what SuggestedMRIToRef proposed
              "consensus_estimate": (pipeline.consensus.info() if pipeline.consensus is not None
                                     else None),

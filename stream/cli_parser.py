@@ -195,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "the MRI context mirrored alike) and average the two; one more network call "
                    f"per frame (default {SEG_TTA_DEFAULT}; README 'Segmenting at the published "
                    "plane')")
+    from regseg.stream.seg_prior import SEG_PRIOR_DEFAULT, SEG_PRIOR_MODES
+
+    p.add_argument("--seg-prior", action=Once, choices=list(SEG_PRIOR_MODES),
+                   default=SEG_PRIOR_DEFAULT,
+                   help="on (with --resegment on, --seg-window off): pool the segmentation with "
+                   "the MRI labels through the registration (MRILabels) as a prior, the "
+                   "log odds moved by at most ~3.9; the flags still judge the network's "
+                   f"own labels (default {SEG_PRIOR_DEFAULT}; README 'Segmenting at the "
+                   "published plane')")
     from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES
 
     p.add_argument("--intensity", action=Once, choices=list(INTENSITY_MODES),

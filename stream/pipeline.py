@@ -1,11 +1,10 @@
 """Per frame: reslice the MRI at the frame's plane, register, warp labels, segment, overlay.
 
 The tensor work of a frame is :class:`~regseg.stream.chain.FrameChain` (stream/chain.py): the same
-functions on CPU and GPU, fed a
-uint8 frame and two 3x3 plane matrices, so it runs in order on the CPU and overlapped in a
-:class:`~regseg.stream.device_ring.DeviceRing` (optionally one CUDA graph) on the GPU. The host
-does only what needs numpy or OpenCV: the plane matrices before, the overlay and quality after.
-"""
+functions on CPU and GPU, fed a uint8 frame and two 3x3 plane matrices, so it runs in order on the
+CPU and overlapped in a :class:`~regseg.stream.device_ring.DeviceRing` (optionally one CUDA graph)
+on the GPU. The host does what needs numpy or OpenCV: plane matrices before, overlay and quality
+after."""
 
 from __future__ import annotations
 
@@ -32,6 +31,7 @@ from regseg.stream.quality import (
     seg_confidence,
 )
 from regseg.stream.resegment import segment_published
+from regseg.stream.seg_prior import pooled_labels
 from regseg.types import Frame, Result
 
 #: Stage names, in order, as they appear in ``Result.timings_ms`` (plus ``total``).
@@ -71,7 +71,8 @@ class Pipeline:
                  quality: QualityCheck | None = None, segmenter: Any = None,
                  do_no_harm: Any = None, roi: Any = None, overlap: bool = False,
                  lc2: Any = None, resegment: bool = False, consensus: Any = None,
-                 intensity: Any = None, seg_window: Any = None, seg_tta: bool = False) -> None:
+                 intensity: Any = None, seg_window: Any = None, seg_tta: bool = False,
+                 seg_prior: bool = False) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
@@ -100,8 +101,10 @@ class Pipeline:
         self.do_no_harm, self.roi, self.lc2, self.consensus = do_no_harm, roi, lc2, consensus
         self.intensity = intensity
         # --resegment: segment in _settle, not in the chain; --seg-window: the GlandRoi whose
-        # window that pass runs on; --seg-tta flip: a mirror pass too (regseg.stream.resegment)
+        # window that pass runs on; --seg-tta flip: a mirror pass too (regseg.stream.resegment);
+        # --seg-prior on: the registered MRI labels pooled with its logits (stream/seg_prior.py)
         self.resegment, self.seg_window, self.seg_tta = bool(resegment), seg_window, bool(seg_tta)
+        self.seg_prior = bool(seg_prior)
         # --overlap (regseg.stream.overlap): frame N's host half on a worker (close() ends it)
         self.overlap = bool(overlap) and self.device.type != "cuda"
         self._worker = None
@@ -291,7 +294,7 @@ class Pipeline:
         hw = frame.pixels.shape
         theta_px = spatial.theta_to_pixel(np.asarray(theta, np.float64).reshape(2, 3), hw)
         image_to_mri = tracked @ spatial.lift_2d(theta_px)
-        lc2 = (math.nan, math.nan)  # (move mm, significance)
+        lc2, seg_logits = (math.nan, math.nan), None  # lc2: (move mm, significance)
         if self.lc2 is not None:
             t_lc2 = now_ns()
             image_to_mri, *lc2 = self.lc2(frame.pixels, image_to_mri)
@@ -309,19 +312,19 @@ class Pipeline:
             jump_mm = math.nan
         if self.resegment:  # the segmentation's MRI context at the plane published
             t_seg = now_ns()
-            labels, seg_conf = segment_published(self, frame, image_to_mri)
+            labels, seg_conf, seg_logits = segment_published(self, frame, image_to_mri)
             timings = {**timings, "resegment": (now_ns() - t_seg) / 1e6}
         return (frame, image_to_mri, jump_mm, labels, warped_labels, timings, start_ns, seg_conf,
-                tuple(lc2))
+                tuple(lc2), seg_logits)
 
     def _complete(self, frame: Frame, image_to_mri: np.ndarray, jump_mm: float,
                   labels: np.ndarray, warped_labels: np.ndarray | None,
                   timings: dict[str, float], start_ns: int, seg_conf: float,
-                  lc2: tuple[float, float] = (math.nan, math.nan), *,
+                  lc2: tuple[float, float] = (math.nan, math.nan), seg_logits: Any = None, *,
                   queued_ns: int | None = None) -> Result:
         """The host half: do-no-harm, the deformable stage, quality, overlay, the Result.
         ``queued_ns``: when the affine half handed it over (``overlap``): the wait is timed as
-        ``handoff``."""
+        ``handoff``; ``seg_logits``: the resegmentation's, for ``--seg-prior``."""
         hw = frame.pixels.shape
         shown = frame if self.intensity is None else self.intensity.leave(frame)  # as received
         if queued_ns is not None:
@@ -345,6 +348,9 @@ class Pipeline:
             t_def = now_ns()
             warped_labels, ddf = self.deformable(frame.pixels, image_to_mri)
             timings = {**timings, "deformable": (now_ns() - t_def) / 1e6}
+        pooled = None  # --seg-prior: what is published; every check sees the network's labels
+        if self.seg_prior and seg_logits is not None:
+            pooled, timings = pooled_labels(self, frame, seg_logits, warped_labels, timings)
         t_q = now_ns()
         check = self.quality.assess(frame.pixels, frame.spacing_mm,
                                     frame.image_to_reference is not None, labels, warped_labels,
@@ -364,6 +370,8 @@ class Pipeline:
             suggestion = self.consensus.suggest(self.reference_to_mri)
         if not check.publish_labels:  # no image, no gland or no pose: no labels go out
             labels = np.zeros_like(labels)
+        elif pooled is not None:
+            labels = pooled
         target = lesion_target(warped_labels)
         margin_px = check.margin_mm / float(np.mean(frame.spacing_mm))
         t0 = now_ns()
@@ -374,27 +382,15 @@ class Pipeline:
         end = now_ns()
         timings = {**timings, "overlay": (end - t0) / 1e6, "total": (end - start_ns) / 1e6}
         return Result(
-            frame=shown,
-            mri_to_image=spatial.invert(image_to_mri),
-            warped_labels=warped_labels,
-            labels=labels,
-            overlay=overlay,
-            quality=quality,
-            flagged=bool(flags),
-            timings_ms=timings,
-            ddf=ddf,
-            error_mm=check.error_mm,
-            seg_confidence=check.seg_confidence,
-            flags=flags,
-            target_ij=target,
-            target_margin_mm=check.margin_mm,
-            jump_mm=jump_mm,
+            frame=shown, mri_to_image=spatial.invert(image_to_mri), warped_labels=warped_labels,
+            labels=labels, overlay=overlay, quality=quality, flagged=bool(flags),
+            timings_ms=timings, ddf=ddf, error_mm=check.error_mm,
+            seg_confidence=check.seg_confidence, flags=flags, target_ij=target,
+            target_margin_mm=check.margin_mm, jump_mm=jump_mm,
             correction="tracked" if tracked_only else "registered",
             error_tracked_mm=math.nan if decision is None else decision.error_tracked_mm,
             error_registered_mm=(math.nan if decision is None
                                  else decision.error_registered_mm),
-            lc2_move_mm=lc2[0],
-            lc2_significance=lc2[1],
-            out_of_plane_mm=oop,
+            lc2_move_mm=lc2[0], lc2_significance=lc2[1], out_of_plane_mm=oop,
             suggested_reference_to_mri=suggestion,
         )

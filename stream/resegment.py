@@ -39,10 +39,11 @@ def mirrored(pixels: np.ndarray, image_to_mri: np.ndarray) -> tuple[np.ndarray, 
     return np.ascontiguousarray(pixels[:, ::-1]), image_to_mri @ flip
 
 
-def segment_published(pipeline, frame: Frame, image_to_mri: np.ndarray) -> tuple[np.ndarray,
-                                                                                  float]:
-    """(labels (H, W) uint8, seg confidence) of ``frame`` with the MRI context at
-    ``image_to_mri``, on ``pipeline.seg_window``'s window when it has one for the frame."""
+def segment_published(pipeline, frame: Frame, image_to_mri: np.ndarray
+                      ) -> tuple[np.ndarray, float, torch.Tensor]:
+    """(labels (H, W) uint8, seg confidence, logits (1, 3, h, w) on the model grid of the pass)
+    of ``frame`` with the MRI context at ``image_to_mri``, on ``pipeline.seg_window``'s window
+    when it has one for the frame (the logits are then the window's)."""
     window = None if pipeline.seg_window is None else pipeline.seg_window.window(frame,
                                                                                   image_to_mri)
     pixels, plane = frame.pixels, image_to_mri
@@ -57,16 +58,15 @@ def segment_published(pipeline, frame: Frame, image_to_mri: np.ndarray) -> tuple
         return chain.resegment(torch.from_numpy(pixels).to(pipeline.device), mats)
 
     with torch.inference_mode():
-        logits = logits_at(pixels, plane)
-        if pipeline.seg_tta:  # --seg-tta flip; an engine may reuse its output buffer: a copy
-            logits = logits.clone()
+        logits = logits_at(pixels, plane).clone()  # an engine may reuse its output buffer
+        if pipeline.seg_tta:  # --seg-tta flip
             logits = 0.5 * (logits + logits_at(*mirrored(pixels, plane)).flip(-1))
         labels, confidence = chain.segment(logits).cpu().numpy(), seg_confidence(logits)
     if window is not None:
         whole = np.zeros(frame.pixels.shape, np.uint8)
         whole[rows, cols] = labels
         labels = whole
-    return labels, confidence
+    return labels, confidence, logits
 
 
 def seg_tta_on(mode: str = SEG_TTA_DEFAULT) -> bool:

@@ -208,7 +208,8 @@ class Session:
                                            intensity=args.intensity,
                                            seg_window=args.seg_window,
                                            jump_at=args.jump_at,
-                                           seg_tta=args.seg_tta)
+                                           seg_tta=args.seg_tta,
+                                           seg_prior=args.seg_prior)
             self.registration.bind(self.pipeline.set_reference_to_mri)
             self.gate = FrameGate(plan.limits)
         except BaseException:

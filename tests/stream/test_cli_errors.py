@@ -172,6 +172,12 @@ CASES = [
                                                          "--seg-tta", "flip"],
      ["--seg-tta flip with --resegment off", "--resegment on or --seg-tta off"]),
     ("jump measure", [*DEMO, "--jump-at", "corners"], ["--jump-at", "corners", "gland"]),
+    ("prior without the segmentation it pools with", [*DEMO, "--resegment", "off",
+                                                      "--seg-prior", "on"],
+     ["--seg-prior on with --resegment off", "--resegment on or --seg-prior off"]),
+    ("prior with a gland window", [*DEMO, "--seg-window", "auto", "--seg-prior", "on"],
+     ["--seg-prior on with --seg-window auto", "--seg-window off or --seg-prior off"]),
+    ("prior mode", [*DEMO, "--seg-prior", "maybe"], ["--seg-prior", "maybe", "on"]),
 ]
 
 

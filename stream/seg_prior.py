@@ -1,0 +1,109 @@
+"""The registered MRI labels as a prior on the segmentation (``--seg-prior``).
+
+The segmentation network and the registration are two estimates of the same gland and lesion: the
+network from the frame (with the MRI as context), the registration by carrying the MRI's own
+delineation onto the frame (``MRILabels``). On an unfamiliar scanner the network's boundary is the
+weaker of the two (README "Why family B's segmentation misses its target"), on a familiar one they
+agree. ``--seg-prior on`` pools them as experts (a weighted product of experts: log probabilities
+added): the network's logits times :data:`NET_WEIGHT` plus the log probability of each class under
+the MRI labels displaced by the registration's expected error.
+
+The prior, per model-grid pixel x, from the MRI labels through the published registration (plane
+and deformable field): ``p_gland = eps + (1 - 2 eps) P(x + e in gland)`` for a Gaussian
+registration error ``e`` of ``sigma`` mm per axis -- the MRI gland blurred by that Gaussian,
+``Phi(d / sigma)`` at a distance ``d`` inside a straight edge -- floored and capped by ``eps`` for
+what the registration cannot know (the MRI delineation, tissue it did not follow); ``p_lesion``
+the same for the MRI lesion. Classes: background ``1 - p_gland``, prostate
+``p_gland (1 - p_lesion)``, lesion ``p_gland p_lesion``. ``eps`` bounds the prior's say (the
+prostate-vs-background log odds move by at most ~``log((1 - eps) / eps)``, 3.9 at 0.02), so a
+confident network keeps its answer where the two disagree, and decides alone at an edge, where
+the prior is ~0.5.
+
+What is published changes; what is checked does not: the error estimate, the ``disagreement`` and
+``no_gland`` checks and the segmentation confidence see the network's own labels (an independent
+view of the gland, README "The error estimate and the flags"), and a frame whose labels are
+withheld (no image, no gland, no pose) publishes none either way.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from regseg.clock import now_ns
+from regseg.types import LESION
+
+SEG_PRIOR_MODES = ("on", "off")
+SEG_PRIOR_DEFAULT = "off"  # until its rule (bench/results/lc2_predeclared.md, addendum 17)
+#: The registration's expected error (mm; family B's tissue TRE at 3-10 mm / 10 deg is ~1.1 mm),
+#: the prior's floor and cap, and the weight of the network's logits: chosen on family-B diagnosis
+#: cases 5132-5135 and calibration phantoms 3448-3451 among sigma 1.0 / 1.5 / 2.5, eps 0.02 / 0.05
+#: / 0.15 and weight 1 / 0.5 / 0.25 / 0.1 (README "Segmenting at the published plane").
+SIGMA_MM, EPS, NET_WEIGHT = 1.0, 0.02, 0.5
+
+
+def model_grid_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) nearest samples of frame labels (H, W) at the model grid's pixel centres
+    (:func:`regseg.planes.model_to_frame`: both grids span the frame, pixel-centred)."""
+    hgt, wid = labels.shape
+    rows = np.clip(np.floor((np.arange(size[0]) + 0.5) * hgt / size[0]), 0, hgt - 1).astype(int)
+    cols = np.clip(np.floor((np.arange(size[1]) + 0.5) * wid / size[1]), 0, wid - 1).astype(int)
+    return labels[np.ix_(rows, cols)]
+
+
+def displaced_probability(mask: np.ndarray, spacing_mm: tuple[float, float], sigma_mm: float,
+                          eps: float) -> np.ndarray:
+    """``eps + (1 - 2 eps) P(x + e in mask)`` per pixel x, ``e`` a Gaussian error of ``sigma_mm``
+    per axis: the mask blurred by that Gaussian (``Phi(d / sigma)`` at a distance ``d`` inside a
+    straight edge), on a grid of ``spacing_mm`` (row, col) mm; beyond the grid the edge pixels
+    repeat."""
+    blurred = cv2.GaussianBlur(mask.astype(np.float32), (0, 0),
+                               sigmaX=sigma_mm / float(spacing_mm[1]),
+                               sigmaY=sigma_mm / float(spacing_mm[0]),
+                               borderType=cv2.BORDER_REPLICATE)
+    return eps + (1.0 - 2.0 * eps) * np.clip(blurred, 0.0, 1.0)
+
+
+def prior_log_probs(warped_labels: np.ndarray, size: tuple[int, int],
+                    frame_spacing_mm: tuple[float, float], sigma_mm: float = SIGMA_MM,
+                    eps: float = EPS) -> np.ndarray:
+    """(3, h, w) float32 log probabilities of background, prostate and lesion on the model grid
+    under the MRI labels through the registration (``warped_labels``, (H, W) uint8)."""
+    grid = model_grid_labels(np.asarray(warped_labels), size)
+    hgt, wid = np.asarray(warped_labels).shape
+    spacing = (frame_spacing_mm[0] * hgt / size[0], frame_spacing_mm[1] * wid / size[1])
+    gland = displaced_probability(grid > 0, spacing, sigma_mm, eps)
+    lesion = displaced_probability(grid == LESION, spacing, sigma_mm, eps)
+    probs = np.stack([1.0 - gland, gland * (1.0 - lesion), gland * lesion])
+    return np.log(probs).astype(np.float32)
+
+
+def fuse(logits: torch.Tensor, warped_labels: np.ndarray,
+         frame_spacing_mm: tuple[float, float], sigma_mm: float = SIGMA_MM,
+         eps: float = EPS, net_weight: float = NET_WEIGHT) -> torch.Tensor:
+    """The network's logits (1, 3, h, w) times ``net_weight`` plus the prior's log probabilities:
+    the pooled logits (a new tensor; ``logits`` is not changed)."""
+    size = tuple(logits.shape[-2:])
+    prior = prior_log_probs(warped_labels, size, frame_spacing_mm, sigma_mm, eps)
+    return net_weight * logits.float() + torch.from_numpy(prior).to(logits.device)[None]
+
+
+def seg_prior_on(mode: str = SEG_PRIOR_DEFAULT) -> bool:
+    """``--seg-prior``'s mode as the Pipeline's flag."""
+    if mode not in SEG_PRIOR_MODES:
+        raise ValueError(f"seg_prior {mode!r}: expected one of {SEG_PRIOR_MODES}")
+    return mode == "on"
+
+
+def pooled_labels(pipeline, frame, logits: torch.Tensor, warped_labels: np.ndarray,
+                  timings: dict[str, float]) -> tuple[np.ndarray, dict[str, float]]:
+    """(labels (H, W) uint8 from the pooled logits, ``timings`` with ``seg_prior`` in ms): the
+    frame's segmentation (``logits`` from :func:`regseg.stream.resegment.segment_published`, on
+    the whole frame: ``--seg-prior`` is refused with ``--seg-window``) with the registered MRI
+    labels ``warped_labels`` as its prior."""
+    start = now_ns()
+    with torch.inference_mode():
+        pooled = fuse(logits, warped_labels, frame.spacing_mm)
+        labels = pipeline.chain(frame.pixels.shape).segment(pooled).cpu().numpy()
+    return labels, {**timings, "seg_prior": (now_ns() - start) / 1e6}
