@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seg-tta", choices=["default", "flip", "off"], default="default",
                    help="segment the frame and its mirror image and average, as regseg-stream "
                    "--seg-tta (default: its default)")
-    p.add_argument("--seg-prior", choices=["default", "on", "off"], default="default",
+    p.add_argument("--seg-prior", choices=["default", "on", "gated", "off"], default="default",
                    help="pool the segmentation with the registered MRI labels, as regseg-stream "
                    "--seg-prior (default: its default)")
     p.add_argument("--jump-at", choices=["default", "frame", "gland"], default="default",

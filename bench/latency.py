@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     "default)")
     ap.add_argument("--seg-tta", choices=["flip", "off"], default=None,
                     help="regseg-stream --seg-tta for every regseg variant (default: its default)")
-    ap.add_argument("--seg-prior", choices=["on", "off"], default=None,
+    ap.add_argument("--seg-prior", choices=["on", "gated", "off"], default=None,
                     help="regseg-stream --seg-prior for every regseg variant (default: its "
                     "default)")
     ap.add_argument("--intensity", choices=["match", "off"], default=None,

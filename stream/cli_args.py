@@ -138,13 +138,14 @@ def check_args(args) -> argparse.Namespace:
         raise InputError(f"--seg-tta {args.seg_tta} with --resegment off: the mirror pass is a "
                          "second run of the segmentation --resegment makes at the published "
                          "plane; use --resegment on or --seg-tta off")
-    if getattr(args, "seg_prior", "off") == "on" and getattr(args, "resegment", "on") == "off":
-        raise InputError("--seg-prior on with --resegment off: the prior is pooled with the "
-                         "segmentation --resegment makes at the published plane; use --resegment "
-                         "on or --seg-prior off")
-    if getattr(args, "seg_prior", "off") == "on" and getattr(args, "seg_window", "off") != "off":
-        raise InputError(f"--seg-prior on with --seg-window {args.seg_window}: the prior is "
-                         "pooled on the whole frame; use --seg-window off or --seg-prior off")
+    if getattr(args, "seg_prior", "off") != "off" and getattr(args, "resegment", "on") == "off":
+        raise InputError(f"--seg-prior {args.seg_prior} with --resegment off: the prior is "
+                         "pooled with the segmentation --resegment makes at the published plane; "
+                         "use --resegment on or --seg-prior off")
+    if getattr(args, "seg_prior", "off") != "off" and getattr(args, "seg_window", "off") != "off":
+        raise InputError(f"--seg-prior {args.seg_prior} with --seg-window {args.seg_window}: the "
+                         "prior is pooled on the whole frame; use --seg-window off or --seg-prior "
+                         "off")
     if getattr(args, "overlap", "off") == "on" and getattr(args, "roi", "off") == "auto":
         raise InputError("--overlap on with --roi auto: not supported (a frame's window depends "
                          "on the previous frame's flags, which overlap has not computed yet); "

@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=SEG_PRIOR_DEFAULT,
                    help="on (with --resegment on, --seg-window off): pool the segmentation with "
                    "the MRI labels through the registration (MRILabels) as a prior, the "
-                   "log odds moved by at most ~3.9; the flags still judge the network's "
+                   "log odds moved by at most ~3.9; gated: only on frames no image-based flag "
+                   "doubts; the flags still judge the network's "
                    f"own labels (default {SEG_PRIOR_DEFAULT}; README 'Segmenting at the "
                    "published plane')")
     from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES

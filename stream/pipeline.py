@@ -31,7 +31,7 @@ from regseg.stream.quality import (
     seg_confidence,
 )
 from regseg.stream.resegment import segment_published
-from regseg.stream.seg_prior import pooled_labels
+from regseg.stream.seg_prior import pooled_labels, prior_applies
 from regseg.types import Frame, Result
 
 #: Stage names, in order, as they appear in ``Result.timings_ms`` (plus ``total``).
@@ -72,7 +72,7 @@ class Pipeline:
                  do_no_harm: Any = None, roi: Any = None, overlap: bool = False,
                  lc2: Any = None, resegment: bool = False, consensus: Any = None,
                  intensity: Any = None, seg_window: Any = None, seg_tta: bool = False,
-                 seg_prior: bool = False) -> None:
+                 seg_prior: str | None = None) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
@@ -102,9 +102,9 @@ class Pipeline:
         self.intensity = intensity
         # --resegment: segment in _settle, not in the chain; --seg-window: the GlandRoi whose
         # window that pass runs on; --seg-tta flip: a mirror pass too (regseg.stream.resegment);
-        # --seg-prior on: the registered MRI labels pooled with its logits (stream/seg_prior.py)
+        # --seg-prior on|gated: the MRI labels pooled with its logits (stream/seg_prior.py)
         self.resegment, self.seg_window, self.seg_tta = bool(resegment), seg_window, bool(seg_tta)
-        self.seg_prior = bool(seg_prior)
+        self.seg_prior = seg_prior
         # --overlap (regseg.stream.overlap): frame N's host half on a worker (close() ends it)
         self.overlap = bool(overlap) and self.device.type != "cuda"
         self._worker = None
@@ -348,9 +348,6 @@ class Pipeline:
             t_def = now_ns()
             warped_labels, ddf = self.deformable(frame.pixels, image_to_mri)
             timings = {**timings, "deformable": (now_ns() - t_def) / 1e6}
-        pooled = None  # --seg-prior: what is published; every check sees the network's labels
-        if self.seg_prior and seg_logits is not None:
-            pooled, timings = pooled_labels(self, frame, seg_logits, warped_labels, timings)
         t_q = now_ns()
         check = self.quality.assess(frame.pixels, frame.spacing_mm,
                                     frame.image_to_reference is not None, labels, warped_labels,
@@ -368,14 +365,15 @@ class Pipeline:
             oop = self.consensus.assess(self.plane(whole) @ shift, image_to_mri, warped_labels)
             flags += ("out_of_plane",) if self.consensus.flags(oop) else ()
             suggestion = self.consensus.suggest(self.reference_to_mri)
-        if not check.publish_labels:  # no image, no gland or no pose: no labels go out
-            labels = np.zeros_like(labels)
-        elif pooled is not None:
-            labels = pooled
-        target = lesion_target(warped_labels)
-        margin_px = check.margin_mm / float(np.mean(frame.spacing_mm))
         t0 = now_ns()
         timings = {**timings, "quality": timings.get("quality", 0.0) + (t0 - t_q) / 1e6}
+        if not check.publish_labels:  # no image, no gland or no pose: no labels go out
+            labels = np.zeros_like(labels)
+        elif seg_logits is not None and prior_applies(self.seg_prior, flags):  # the checks saw
+            labels, timings = pooled_labels(self, frame, seg_logits, warped_labels, timings)
+            t0 = now_ns()  # the network's labels; the pooled ones are published
+        target = lesion_target(warped_labels)
+        margin_px = check.margin_mm / float(np.mean(frame.spacing_mm))
         overlay = compose_overlay(shown.pixels, labels, warped_labels, flags=flags,
                                   target_ij=target, margin_px=margin_px, error_mm=check.error_mm,
                                   tracking_only=tracked_only)

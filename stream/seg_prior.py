@@ -34,13 +34,18 @@ import torch
 from regseg.clock import now_ns
 from regseg.types import LESION
 
-SEG_PRIOR_MODES = ("on", "off")
-SEG_PRIOR_DEFAULT = "off"  # until its rule (bench/results/lc2_predeclared.md, addendum 17)
+SEG_PRIOR_MODES = ("on", "gated", "off")
+#: on: failed addendum 17's part 1; gated: addendum 18 (bench/results/lc2_predeclared.md)
+SEG_PRIOR_DEFAULT = "off"
 #: The registration's expected error (mm; family B's tissue TRE at 3-10 mm / 10 deg is ~1.1 mm),
 #: the prior's floor and cap, and the weight of the network's logits: chosen on family-B diagnosis
 #: cases 5132-5135 and calibration phantoms 3448-3451 among sigma 1.0 / 1.5 / 2.5, eps 0.02 / 0.05
 #: / 0.15 and weight 1 / 0.5 / 0.25 / 0.1 (README "Segmenting at the published plane").
 SIGMA_MM, EPS, NET_WEIGHT = 1.0, 0.02, 0.5
+#: ``gated``: flags that leave the prior on. The error estimate's alone does not gate it (on an
+#: unfamiliar scanner it fires on most good frames, README "The error estimate and the flags");
+#: the image-based ones (lc2_unsupported, jump, out_of_plane, disagreement) do.
+UNGATED_FLAGS = frozenset({"error_estimate"})
 
 
 def model_grid_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -89,10 +94,19 @@ def fuse(logits: torch.Tensor, warped_labels: np.ndarray,
     return net_weight * logits.float() + torch.from_numpy(prior).to(logits.device)[None]
 
 
-def seg_prior_on(mode: str = SEG_PRIOR_DEFAULT) -> bool:
-    """``--seg-prior``'s mode as the Pipeline's flag."""
+def seg_prior_mode(mode: str = SEG_PRIOR_DEFAULT) -> str | None:
+    """``--seg-prior``'s mode as the Pipeline's (None when off)."""
     if mode not in SEG_PRIOR_MODES:
         raise ValueError(f"seg_prior {mode!r}: expected one of {SEG_PRIOR_MODES}")
+    return None if mode == "off" else mode
+
+
+def prior_applies(mode: str | None, flags: tuple[str, ...]) -> bool:
+    """Is the prior pooled on a frame with these flags? ``on``: always; ``gated``: only while no
+    flag but the error estimate's doubts the registration (a registration the ultrasound does not
+    support gives no prior: the network decides alone)."""
+    if mode == "gated":
+        return not set(flags) - UNGATED_FLAGS
     return mode == "on"
 
 

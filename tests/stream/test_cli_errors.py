@@ -177,7 +177,10 @@ CASES = [
      ["--seg-prior on with --resegment off", "--resegment on or --seg-prior off"]),
     ("prior with a gland window", [*DEMO, "--seg-window", "auto", "--seg-prior", "on"],
      ["--seg-prior on with --seg-window auto", "--seg-window off or --seg-prior off"]),
-    ("prior mode", [*DEMO, "--seg-prior", "maybe"], ["--seg-prior", "maybe", "on"]),
+    ("gated prior without the segmentation", [*DEMO, "--resegment", "off",
+                                               "--seg-prior", "gated"],
+     ["--seg-prior gated with --resegment off", "--resegment on or --seg-prior off"]),
+    ("prior mode", [*DEMO, "--seg-prior", "maybe"], ["--seg-prior", "maybe", "gated"]),
 ]
 
 

@@ -22,6 +22,7 @@ from regseg.stream.seg_prior import (
     displaced_probability,
     fuse,
     model_grid_labels,
+    prior_applies,
     prior_log_probs,
 )
 from regseg.stream.serve.config import SESSION_KEYS
@@ -81,6 +82,15 @@ def test_a_confident_network_keeps_its_answer_and_an_unsure_one_takes_the_mri():
     assert torch.equal(sure, before)  # the logits are not changed in place
 
 
+def test_gated_pools_only_where_no_image_based_flag_doubts_the_registration():
+    assert prior_applies("on", ("lc2_unsupported", "jump"))  # on: always
+    assert not prior_applies(None, ())  # off
+    assert prior_applies("gated", ()) and prior_applies("gated", ("error_estimate",))
+    for flag in ("lc2_unsupported", "jump", "out_of_plane", "disagreement"):
+        assert not prior_applies("gated", (flag,))
+        assert not prior_applies("gated", ("error_estimate", flag))
+
+
 @pytest.fixture(scope="module")
 def case():
     phantom = make_phantom(3103)  # a calibration phantom: never an evaluation one
@@ -102,10 +112,15 @@ def test_the_published_labels_are_pooled_and_the_checks_see_the_networks(case):
                               seg_prior=mode,
                               capture=build_default_capture(backend="eager", threads=1))
 
-    off, on = pipeline("off"), pipeline("on")
-    assert not off.seg_prior and on.seg_prior
+    off, on, gated = pipeline("off"), pipeline("on"), pipeline("gated")
+    assert not off.seg_prior and on.seg_prior == "on" and gated.seg_prior == "gated"
     for frame in frames:
-        a, b = off(frame), on(frame)
+        a, b, c = off(frame), on(frame), gated(frame)
+        assert c.error_mm == pytest.approx(a.error_mm) and c.flags == a.flags
+        # gated: pooled as `on` while no image-based flag doubts the frame, else the network's
+        same = b if prior_applies("gated", c.flags) else a
+        assert np.array_equal(c.labels, same.labels)
+        assert ("seg_prior" in c.timings_ms) == prior_applies("gated", c.flags)
         assert np.array_equal(a.mri_to_image, b.mri_to_image)
         assert np.array_equal(a.warped_labels, b.warped_labels)
         assert b.error_mm == pytest.approx(a.error_mm) and b.flags == a.flags
