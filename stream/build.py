@@ -85,8 +85,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     ``--jump-at``'s (frame, gland; "default"): where ``capture``'s temporal filter measures
     each frame's jump (gland: :class:`regseg.stream.temporal.GlandPoints` is set on it);
     ``seg_tta``: ``--seg-tta``'s (flip, off; "default"), with ``resegment`` only);
-    ``seg_prior``: ``--seg-prior``'s (on, gated, off; "default"), with ``resegment`` and without
-    ``seg_window``)."""
+    ``seg_prior``: ``--seg-prior``'s (on, gated, off: with ``resegment`` and without
+    ``seg_window``; "default": the default mode where those hold, else off)."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
@@ -123,7 +123,9 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     seg_tta = seg_tta_on(SEG_TTA_DEFAULT if seg_tta == "default" else seg_tta)
     if seg_tta and not resegment:
         raise ValueError("seg_tta needs resegment on: the mirror pass repeats that segmentation")
-    seg_prior = seg_prior_mode(SEG_PRIOR_DEFAULT if seg_prior == "default" else seg_prior)
+    if seg_prior == "default":  # the default prior where the segmentation it pools with runs
+        seg_prior = SEG_PRIOR_DEFAULT if resegment and seg_window is None else "off"
+    seg_prior = seg_prior_mode(seg_prior)
     if seg_prior and (not resegment or seg_window is not None):
         raise ValueError("seg_prior needs resegment on and seg_window off: it pools that "
                          "segmentation's logits on the whole frame")

@@ -232,7 +232,7 @@ def run(args, stop: threading.Event | None = None,
              "intensity": args.intensity,
              "seg_window": args.seg_window,
              "seg_tta": args.seg_tta,
-             "seg_prior": args.seg_prior,
+             "seg_prior": pipeline.seg_prior or "off",  # as resolved ("default": README)
              # the 3-D consensus at the end: its fitted shift is what SuggestedMRIToRef proposed
              "consensus_estimate": (pipeline.consensus.info() if pipeline.consensus is not None
                                     else None),

@@ -138,11 +138,12 @@ def check_args(args) -> argparse.Namespace:
         raise InputError(f"--seg-tta {args.seg_tta} with --resegment off: the mirror pass is a "
                          "second run of the segmentation --resegment makes at the published "
                          "plane; use --resegment on or --seg-tta off")
-    if getattr(args, "seg_prior", "off") != "off" and getattr(args, "resegment", "on") == "off":
+    explicit_prior = getattr(args, "seg_prior", "off") not in ("off", "default")
+    if explicit_prior and getattr(args, "resegment", "on") == "off":
         raise InputError(f"--seg-prior {args.seg_prior} with --resegment off: the prior is "
                          "pooled with the segmentation --resegment makes at the published plane; "
                          "use --resegment on or --seg-prior off")
-    if getattr(args, "seg_prior", "off") != "off" and getattr(args, "seg_window", "off") != "off":
+    if explicit_prior and getattr(args, "seg_window", "off") != "off":
         raise InputError(f"--seg-prior {args.seg_prior} with --seg-window {args.seg_window}: the "
                          "prior is pooled on the whole frame; use --seg-window off or --seg-prior "
                          "off")

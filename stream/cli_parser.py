@@ -198,13 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     from regseg.stream.seg_prior import SEG_PRIOR_DEFAULT, SEG_PRIOR_MODES
 
     p.add_argument("--seg-prior", action=Once, choices=list(SEG_PRIOR_MODES),
-                   default=SEG_PRIOR_DEFAULT,
+                   default="default",
                    help="on (with --resegment on, --seg-window off): pool the segmentation with "
                    "the MRI labels through the registration (MRILabels) as a prior, the "
-                   "log odds moved by at most ~3.9; gated: only on frames no image-based flag "
-                   "doubts; the flags still judge the network's "
-                   f"own labels (default {SEG_PRIOR_DEFAULT}; README 'Segmenting at the "
-                   "published plane')")
+                   "log odds moved by at most ~3.9; gated: that, only on frames no image-based "
+                   "flag (lc2_unsupported, jump, out_of_plane, disagreement) doubts; the flags "
+                   f"still judge the network's own labels (default {SEG_PRIOR_DEFAULT} where "
+                   "--resegment is on and --seg-window off, else off; README 'Segmenting at "
+                   "the published plane')")
     from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES
 
     p.add_argument("--intensity", action=Once, choices=list(INTENSITY_MODES),

@@ -35,8 +35,9 @@ from regseg.clock import now_ns
 from regseg.types import LESION
 
 SEG_PRIOR_MODES = ("on", "gated", "off")
-#: on: failed addendum 17's part 1; gated: addendum 18 (bench/results/lc2_predeclared.md)
-SEG_PRIOR_DEFAULT = "off"
+#: gated: the default since session 21 by addendum 18 (bench/results/lc2_predeclared.md); on
+#: failed addendum 17's part 1 (the prior pulled a right network towards a 2-4 mm wrong gland)
+SEG_PRIOR_DEFAULT = "gated"
 #: The registration's expected error (mm; family B's tissue TRE at 3-10 mm / 10 deg is ~1.1 mm),
 #: the prior's floor and cap, and the weight of the network's logits: chosen on family-B diagnosis
 #: cases 5132-5135 and calibration phantoms 3448-3451 among sigma 1.0 / 1.5 / 2.5, eps 0.02 / 0.05

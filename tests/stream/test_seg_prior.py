@@ -154,5 +154,14 @@ def test_the_prior_needs_resegment_without_a_window_and_is_a_flag_everywhere(cas
                        seg_window="auto", seg_prior="on")
     with pytest.raises(ValueError, match="seg_prior 'maybe'"):
         build_pipeline(context, engine, deformable=None, lc2="off", seg_prior="maybe")
-    assert build_parser().parse_args(["--demo"]).seg_prior == SEG_PRIOR_DEFAULT
+    # the default: gated (addendum 18) where the segmentation it pools with runs, else off --
+    # so --resegment off or --seg-window auto alone is not an error
+    assert SEG_PRIOR_DEFAULT == "gated"
+    assert build_parser().parse_args(["--demo"]).seg_prior == "default"
+    assert build_pipeline(context, engine, deformable=None, lc2="off",
+                          resegment="on").seg_prior == "gated"
+    assert build_pipeline(context, engine, deformable=None, lc2="off",
+                          resegment="off").seg_prior is None
+    assert build_pipeline(context, engine, deformable=None, lc2="off", resegment="on",
+                          seg_window="auto").seg_prior is None
     assert "seg-prior" in SESSION_KEYS
