@@ -66,7 +66,9 @@ def labels_at(context, engine, pipeline, frame, image_to_mri):
 def test_labels_are_made_at_the_published_plane_not_the_networks(case, monkeypatch):
     context, frame = case
     engine = build_engine(backend="eager", threads=1)
-    on = build_pipeline(context, engine, deformable=None, lc2=ShiftStage(), resegment="on")
+    # (the labels as the segmentation made them: no --seg-prior, tests/stream/test_seg_prior.py)
+    on = build_pipeline(context, engine, deformable=None, lc2=ShiftStage(), resegment="on",
+                        seg_prior="off")
     off = build_pipeline(context, engine, deformable=None, lc2=ShiftStage(), resegment="off")
     r_off = off(frame)
     chain = on.chain(frame.pixels.shape)
@@ -97,7 +99,7 @@ def test_without_a_move_it_reproduces_the_chains_segmentation_closely(case):
     from regseg.stream.capture import Capture
 
     on = build_pipeline(context, engine, deformable=None, lc2="off", resegment="on",
-                        capture=Capture())
+                        seg_prior="off", capture=Capture())
     off = build_pipeline(context, engine, deformable=None, lc2="off", resegment="off",
                          capture=Capture())
     a, b = on(frame).labels, off(frame).labels

@@ -41,9 +41,10 @@ def case():
 
 
 def pipelines(context, **options):
+    """off vs auto, both without --seg-prior (refused with a window; its default is off there)."""
     engine = build_engine(backend="eager", threads=1)
     return {mode: build_pipeline(context, engine, deformable=None, lc2="off", resegment="on",
-                                 seg_window=mode,
+                                 seg_window=mode, seg_prior="off",
                                  capture=build_default_capture(backend="eager", threads=1),
                                  **options)
             for mode in ("off", "auto")}
