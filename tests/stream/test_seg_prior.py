@@ -11,11 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from regseg.sim.phantom import make_phantom
-from regseg.sim.scanner import ScannerConfig, SimulatedScanner
 from regseg.stream.build import build_default_capture, build_engine, build_pipeline
 from regseg.stream.cli_parser import build_parser
-from regseg.stream.context import build_context
 from regseg.stream.quality import agreement
 from regseg.stream.seg_prior import (
     SEG_PRIOR_DEFAULT,
@@ -27,9 +24,6 @@ from regseg.stream.seg_prior import (
 )
 from regseg.stream.serve.config import SESSION_KEYS
 from regseg.types import LESION
-
-STILL = dict(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
-             out_of_plane_mm=0.0)
 
 
 def _labels(h=200, w=300):
@@ -92,15 +86,8 @@ def test_gated_pools_only_where_no_image_based_flag_doubts_the_registration():
 
 
 @pytest.fixture(scope="module")
-def case():
-    phantom = make_phantom(3103)  # a calibration phantom: never an evaluation one
-    context = build_context(phantom.mri, phantom.labels)
-    scanner = SimulatedScanner(phantom, ScannerConfig(**STILL), seed=5)
-    frames = []
-    for i in (100, 104):
-        f = scanner.frame(i)
-        frames.append(dataclasses.replace(f, image_to_reference=f.truth.image_to_mri))
-    return context, frames
+def case(tracked_still):
+    return tracked_still(3103, 5, (100, 104))  # a calibration phantom: never an evaluation one
 
 
 def test_the_published_labels_are_pooled_and_the_checks_see_the_networks(case):

@@ -4,36 +4,21 @@ registration and the error estimate do not change."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 from regseg import spatial
-from regseg.sim.phantom import make_phantom
-from regseg.sim.scanner import ScannerConfig, SimulatedScanner
 from regseg.stream.build import build_default_capture, build_engine, build_pipeline
 from regseg.stream.chain import plane_matrices
 from regseg.stream.cli_parser import build_parser
-from regseg.stream.context import build_context
 from regseg.stream.resegment import SEG_TTA_DEFAULT, mirrored
 from regseg.stream.serve.config import SESSION_KEYS
 
-STILL = dict(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
-             out_of_plane_mm=0.0)
-
 
 @pytest.fixture(scope="module")
-def case():
-    phantom = make_phantom(3102)  # a calibration phantom: never an evaluation one
-    context = build_context(phantom.mri, phantom.labels)
-    scanner = SimulatedScanner(phantom, ScannerConfig(**STILL), seed=4)
-    frames = []
-    for i in (100, 104):
-        f = scanner.frame(i)
-        frames.append(dataclasses.replace(f, image_to_reference=f.truth.image_to_mri))
-    return context, frames
+def case(tracked_still):
+    return tracked_still(3102, 4, (100, 104))  # a calibration phantom: never an evaluation one
 
 
 def test_the_mirror_shows_the_same_mri_at_the_mirrored_pixels(case):
