@@ -19,6 +19,13 @@ prostate-vs-background log odds move by at most ~``log((1 - eps) / eps)``, 3.9 a
 confident network keeps its answer where the two disagree, and decides alone at an edge, where
 the prior is ~0.5.
 
+``--seg-prior gated`` (the default where ``--resegment`` is on and ``--seg-window`` off) pools them
+only on frames that no flag but the error estimate's doubts: a registration the ultrasound does not
+support (``lc2_unsupported``), that jumps (``jump``), that the sweep puts off its plane
+(``out_of_plane``) or whose gland the network does not see there (``disagreement``) gives no prior,
+since a prior that assumes a 1 mm error pulls a right network towards a wrong gland (addenda 17 and
+18 of bench/results/lc2_predeclared.md).
+
 What is published changes; what is checked does not: the error estimate, the ``disagreement`` and
 ``no_gland`` checks and the segmentation confidence see the network's own labels (an independent
 view of the gland, README "The error estimate and the flags"), and a frame whose labels are
