@@ -367,11 +367,12 @@ class Pipeline:
             suggestion = self.consensus.suggest(self.reference_to_mri)
         t0 = now_ns()
         timings = {**timings, "quality": timings.get("quality", 0.0) + (t0 - t_q) / 1e6}
+        source = "network"
         if not check.publish_labels:  # no image, no gland or no pose: no labels go out
-            labels = np.zeros_like(labels)
+            labels, source = np.zeros_like(labels), "withheld"
         elif seg_logits is not None and prior_applies(self.seg_prior, flags):  # the checks saw
             labels, timings = pooled_labels(self, frame, seg_logits, warped_labels, timings)
-            t0 = now_ns()  # the network's labels; the pooled ones are published
+            t0, source = now_ns(), "network+mri"  # the network's labels; these are published
         target = lesion_target(warped_labels)
         margin_px = check.margin_mm / float(np.mean(frame.spacing_mm))
         overlay = compose_overlay(shown.pixels, labels, warped_labels, flags=flags,
@@ -390,5 +391,5 @@ class Pipeline:
             error_registered_mm=(math.nan if decision is None
                                  else decision.error_registered_mm),
             lc2_move_mm=lc2[0], lc2_significance=lc2[1], out_of_plane_mm=oop,
-            suggested_reference_to_mri=suggestion,
+            suggested_reference_to_mri=suggestion, labels_source=source,
         )

@@ -134,7 +134,8 @@ def run_stream(
             stats.add(result.timings_ms, (done - result.frame.acquired_ns) / 1e6, done,
                       flagged=result.flagged)
             stats.add_trust(result.error_mm, result.flags,
-                            getattr(result, "correction", "registered"))
+                            getattr(result, "correction", "registered"),
+                            getattr(result, "labels_source", "network"))
             if result.frame.truth is not None:
                 try:
                     stats.add_accuracy(*frame_accuracy(pipeline, result))

@@ -98,6 +98,8 @@ class StreamStats:
         self.flag_reasons: dict[str, int] = defaultdict(int)
         # what was published per frame (regseg.stream.do_no_harm): registered or tracked
         self.corrections: dict[str, int] = defaultdict(int)
+        # what the published labels were (Result.labels_source): network, network+mri, withheld
+        self.labels_sources: dict[str, int] = defaultdict(int)
         self.frames = 0
         self.failed = 0  # frames the pipeline raised on (the runner counts them and goes on)
         self.sink_errors = 0  # results a sink raised on (the other sinks still got them)
@@ -126,14 +128,16 @@ class StreamStats:
                 self.tre_mm[name].add(value)
 
     def add_trust(self, error_mm: float, flags: tuple[str, ...] = (),
-                  correction: str = "registered") -> None:
-        """Record a frame's estimated registration error (NaN skipped), its flag reasons and
-        which alignment was published (``correction``: registered or tracked)."""
+                  correction: str = "registered", labels_source: str = "network") -> None:
+        """Record a frame's estimated registration error (NaN skipped), its flag reasons,
+        which alignment was published (``correction``: registered or tracked) and what its
+        labels were (``labels_source``)."""
         if not math.isnan(error_mm):
             self.error_mm.add(error_mm)
         for reason in flags:
             self.flag_reasons[reason] += 1
         self.corrections[correction] += 1
+        self.labels_sources[labels_source] += 1
 
     def fps(self) -> float:
         """Processed frames per second between the first and the last result."""
@@ -164,6 +168,8 @@ class StreamStats:
             out["flag_reasons"] = dict(self.flag_reasons)
         if self.corrections.get("tracked"):  # do no harm withheld the registration
             out["corrections"] = dict(self.corrections)
+        if self.labels_sources:
+            out["labels_source"] = dict(self.labels_sources)
         if extra:
             out.update(extra)
         return out

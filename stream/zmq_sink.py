@@ -81,6 +81,8 @@ def result_header(result: Result) -> dict:
         "out_of_plane_mm": _number(result.out_of_plane_mm),
         # the registration it suggests (Reference mm -> MRI mm; null: none): never applied here
         "suggested_reference_to_mri": _matrix(result.suggested_reference_to_mri),
+        # what the labels part is: "network", "network+mri" (--seg-prior) or "withheld"
+        "labels_source": result.labels_source,
         "mri_labels": {"shape": list(result.warped_labels.shape),
                        "dtype": str(result.warped_labels.dtype)},
         "target_mm": None if target is None else [float(v) for v in target],

@@ -23,6 +23,8 @@ from regseg.stream.seg_prior import (
     prior_log_probs,
 )
 from regseg.stream.serve.config import SESSION_KEYS
+from regseg.stream.stats import StreamStats
+from regseg.stream.zmq_sink import result_header
 from regseg.types import LESION
 
 
@@ -100,6 +102,7 @@ def test_the_published_labels_are_pooled_and_the_checks_see_the_networks(case):
                               capture=build_default_capture(backend="eager", threads=1))
 
     off, on, gated = pipeline("off"), pipeline("on"), pipeline("gated")
+    stats = StreamStats()
     assert not off.seg_prior and on.seg_prior == "on" and gated.seg_prior == "gated"
     for frame in frames:
         a, b, c = off(frame), on(frame), gated(frame)
@@ -108,6 +111,11 @@ def test_the_published_labels_are_pooled_and_the_checks_see_the_networks(case):
         same = b if prior_applies("gated", c.flags) else a
         assert np.array_equal(c.labels, same.labels)
         assert ("seg_prior" in c.timings_ms) == prior_applies("gated", c.flags)
+        # what the labels are is said per frame: in the Result, the ZeroMQ header, the stats
+        assert a.labels_source == "network" and b.labels_source == "network+mri"
+        assert c.labels_source == same.labels_source
+        assert result_header(b)["labels_source"] == "network+mri"
+        stats.add_trust(b.error_mm, b.flags, b.correction, b.labels_source)
         assert np.array_equal(a.mri_to_image, b.mri_to_image)
         assert np.array_equal(a.warped_labels, b.warped_labels)
         assert b.error_mm == pytest.approx(a.error_mm) and b.flags == a.flags
@@ -118,6 +126,8 @@ def test_the_published_labels_are_pooled_and_the_checks_see_the_networks(case):
         # pooled: at least as close to the registered MRI labels as the network alone
         assert (agreement(b.warped_labels > 0, b.labels > 0)
                 >= agreement(a.warped_labels > 0, a.labels > 0) - 1e-9)
+    assert StreamStats().summary().get("labels_source") is None
+    assert stats.summary()["labels_source"] == {"network+mri": len(frames)}
 
 
 def test_no_labels_are_published_on_a_frame_without_ultrasound(case):
@@ -128,6 +138,7 @@ def test_no_labels_are_published_on_a_frame_without_ultrasound(case):
     black = dataclasses.replace(frames[0], pixels=np.zeros_like(frames[0].pixels))
     result = on(black)
     assert result.flagged and not result.labels.any()  # the MRI labels alone are not a frame's
+    assert result.labels_source == "withheld"
 
 
 def test_the_prior_needs_resegment_without_a_window_and_is_a_flag_everywhere(case):
