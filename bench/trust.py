@@ -96,13 +96,40 @@ def open_case(family: str, seed: int, n: int) -> tuple:
     return case.mri, case.labels, [session.frame(k * (1200 // n)) for k in range(n)]
 
 
+#: Per-frame signals whose ROC AUC (bad vs good frames) is reported: (row key, +1 when a larger
+#: value means a worse frame, -1 when a smaller one does)
+SIGNALS = (("error_mm", 1), ("lc2_significance", -1), ("out_of_plane_mm", 1),
+           ("lc2_move_mm", 1))
+
+
+def rank_auc(bad: np.ndarray, good: np.ndarray) -> float | None:
+    """P(a bad frame's value > a good frame's), ties half; None without both."""
+    if not (bad.size and good.size):
+        return None
+    b, g = bad[:, None], good[None, :]
+    return round(float((b > g).mean() + 0.5 * (b == g).mean()), 4)
+
+
+def signal_aucs(rows: list[dict], bad: np.ndarray, good: np.ndarray) -> dict:
+    """Each of :data:`SIGNALS`' ROC AUC over the frames where it is finite, with their counts."""
+    out = {}
+    for key, sign in SIGNALS:
+        values = sign * np.array([r.get(key, np.nan) for r in rows], dtype=float)
+        fin = np.isfinite(values)
+        out[key] = {"auc": rank_auc(values[bad & fin], values[good & fin]),
+                    "bad_frames": int((bad & fin).sum()), "good_frames": int((good & fin).sum())}
+    return out
+
+
 def rates(rows: list[dict]) -> dict:
     tre = np.array([r["tre_mm"] for r in rows])
     est = np.array([r["error_mm"] for r in rows])
     flagged = np.array([r["flagged"] for r in rows])
     by_estimate = np.array(["error_estimate" in r["flags"] for r in rows])
+    by_others = np.array([any(f != "error_estimate" for f in r["flags"]) for r in rows])
     ok = np.isfinite(tre)
-    tre, est, flagged, by_estimate = tre[ok], est[ok], flagged[ok], by_estimate[ok]
+    tre, est, flagged, by_estimate, by_others = (tre[ok], est[ok], flagged[ok], by_estimate[ok],
+                                                 by_others[ok])
     bad, good, fine = tre > BAD_MM, tre <= GOOD_MM, tre <= BAD_MM
 
     def reasons(of):
@@ -115,10 +142,7 @@ def rates(rows: list[dict]) -> dict:
     def share(mask, of):
         return round(float(mask[of].mean()), 4) if of.any() else None
 
-    auc = None
-    if bad.any() and good.any():  # P(estimate of a bad frame > that of a good frame)
-        b, g = est[bad][:, None], est[good][None, :]
-        auc = round(float((b > g).mean() + 0.5 * (b == g).mean()), 4)
+    auc = rank_auc(est[bad], est[good])  # P(estimate of a bad frame > that of a good frame)
     return {
         "frames": int(ok.sum()), "tre_median_mm": round(float(np.median(tre)), 3),
         "tre_p90_mm": round(float(np.quantile(tre, 0.9)), 3),
@@ -127,7 +151,11 @@ def rates(rows: list[dict]) -> dict:
         "false_alarm_tre_le_5mm": share(flagged, fine),
         "detection_by_estimate": share(by_estimate, bad),
         "false_alarm_by_estimate_le_2mm": share(by_estimate, good),
+        # every flag but the error estimate's (the image-based ones and the sanity checks)
+        "detection_without_estimate": share(by_others, bad),
+        "false_alarm_without_estimate_le_2mm": share(by_others, good),
         "auc_estimate_bad_vs_good": auc,
+        "auc_by_signal": signal_aucs([r for r, k in zip(rows, ok, strict=True) if k], bad, good),
         "estimate_median_abs_error_mm": round(float(np.median(np.abs(est - tre))), 3),
         "estimate_median_bias_good_mm": (round(float(np.median(est[good] - tre[good])), 3)
                                          if good.any() else None),

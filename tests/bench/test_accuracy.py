@@ -86,6 +86,39 @@ def test_trust_bench_rates_name_the_flags_of_good_frames():
     assert low[3]["flags"] == ["jump", "error_estimate"]
 
 
+def test_trust_bench_ranks_each_signal_and_the_flags_without_the_estimate():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_trust", BENCH / "trust.py")
+        trust = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(trust)
+    finally:
+        sys.path.remove(str(BENCH))
+    nan = float("nan")
+    rows = [  # two bad frames (TRE > 5 mm), three good ones (<= 2 mm)
+        {"tre_mm": 9.0, "error_mm": 8.0, "flags": ["error_estimate", "lc2_unsupported"],
+         "flagged": True, "lc2_significance": 1.1, "out_of_plane_mm": nan},
+        {"tre_mm": 7.0, "error_mm": 2.0, "flags": ["error_estimate"], "flagged": True,
+         "lc2_significance": 1.4, "out_of_plane_mm": 4.0},
+        {"tre_mm": 1.0, "error_mm": 3.0, "flags": ["error_estimate"], "flagged": True,
+         "lc2_significance": 2.5, "out_of_plane_mm": 0.5},
+        {"tre_mm": 1.5, "error_mm": 1.0, "flags": [], "flagged": False,
+         "lc2_significance": 1.2, "out_of_plane_mm": nan},
+        {"tre_mm": 0.5, "error_mm": 0.5, "flags": ["jump"], "flagged": True,
+         "lc2_significance": nan, "out_of_plane_mm": 0.2}]
+    r = trust.rates(rows)
+    assert r["detection_without_estimate"] == 0.5  # lc2_unsupported caught one of the two
+    assert r["false_alarm_without_estimate_le_2mm"] == pytest.approx(1 / 3, abs=1e-4)  # jump
+    by = r["auc_by_signal"]
+    # error_mm: bad 8, 2 vs good 3, 1, 0.5 -> 5 of 6 pairs ordered
+    assert by["error_mm"] == {"auc": pytest.approx(5 / 6, abs=1e-4), "bad_frames": 2,
+                              "good_frames": 3}
+    # lc2_significance, lower is worse, NaN left out: bad 1.1, 1.4 vs good 2.5, 1.2 -> 3 of 4
+    assert by["lc2_significance"] == {"auc": 0.75, "bad_frames": 2, "good_frames": 2}
+    assert by["out_of_plane_mm"] == {"auc": 1.0, "bad_frames": 1, "good_frames": 2}
+    assert by["lc2_move_mm"]["auc"] is None  # not in these rows
+
+
 def test_noise_twin_keeps_the_pose_and_has_no_gland():
     from regseg.types import Frame, GroundTruth
 
