@@ -213,6 +213,10 @@ def test_metadata_carries_the_image_based_refinements_move_only_when_it_moved():
     refused = replace(result, lc2_significance=1.2)  # computed, below 1.5: no move applied
     assert trust_metadata(refused)["Lc2Significance"] == "1.200"
     assert "Lc2MoveMm" not in trust_metadata(refused)
+    # the labels' source is said when they are not the network's own (--seg-prior, withheld)
+    assert "LabelsSource" not in trust_metadata(result)
+    pooled = replace(result, labels_source="network+mri")
+    assert trust_metadata(pooled)["LabelsSource"] == "network+mri"
 
 
 def test_the_consensus_suggestion_goes_out_as_the_transform_an_operator_would_send_back():
