@@ -211,6 +211,9 @@ def format_summary(summary: dict) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in summary.get("flag_reasons", {}).items())
         lines.append(f"estimated registration error mm: p50 {e['p50']:.2f}  p95 {e['p95']:.2f}"
                      f"  | flag reasons: {reasons or 'none'}")
+    if summary.get("labels_source"):  # network, network+mri (--seg-prior), withheld
+        sources = "  ".join(f"{k} {v}" for k, v in summary["labels_source"].items())
+        lines.append(f"published labels (frames): {sources}")
     gate = summary.get("gate")
     if gate and (any(gate["refused_frames"].values()) or gate["poses_refused"]):
         refused = "  ".join(f"{k} {v}" for k, v in gate["refused_frames"].items() if v)

@@ -23,7 +23,7 @@ from regseg.stream.seg_prior import (
     prior_log_probs,
 )
 from regseg.stream.serve.config import SESSION_KEYS
-from regseg.stream.stats import StreamStats
+from regseg.stream.stats import StreamStats, format_summary
 from regseg.stream.zmq_sink import result_header
 from regseg.types import LESION
 
@@ -128,6 +128,8 @@ def test_the_published_labels_are_pooled_and_the_checks_see_the_networks(case):
                 >= agreement(a.warped_labels > 0, a.labels > 0) - 1e-9)
     assert StreamStats().summary().get("labels_source") is None
     assert stats.summary()["labels_source"] == {"network+mri": len(frames)}
+    assert f"published labels (frames): network+mri {len(frames)}" in format_summary(
+        stats.summary())
 
 
 def test_no_labels_are_published_on_a_frame_without_ultrasound(case):
