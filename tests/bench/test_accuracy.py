@@ -61,7 +61,8 @@ def test_flag_reasons_count_which_check_fires_on_bad_and_good_frames():
     assert reasons["A"] == {"bad": {"frames": 0}, "good": {"frames": 1}}
 
 
-def test_trust_bench_rates_name_the_flags_of_good_frames():
+def load_trust_bench():
+    """bench/trust.py as a module (it imports bench/common.py beside it)."""
     sys.path.insert(0, str(BENCH))
     try:
         spec = importlib.util.spec_from_file_location("bench_trust", BENCH / "trust.py")
@@ -69,6 +70,11 @@ def test_trust_bench_rates_name_the_flags_of_good_frames():
         spec.loader.exec_module(trust)
     finally:
         sys.path.remove(str(BENCH))
+    return trust
+
+
+def test_trust_bench_rates_name_the_flags_of_good_frames():
+    trust = load_trust_bench()
     rows = [{"tre_mm": 9.0, "error_mm": 8.0, "flags": ["error_estimate"], "flagged": True},
             {"tre_mm": 1.0, "error_mm": 3.0, "flags": ["error_estimate"], "flagged": True},
             {"tre_mm": 1.5, "error_mm": 1.0, "flags": [], "flagged": False},
@@ -87,13 +93,7 @@ def test_trust_bench_rates_name_the_flags_of_good_frames():
 
 
 def test_trust_bench_ranks_each_signal_and_the_flags_without_the_estimate():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_trust", BENCH / "trust.py")
-        trust = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(trust)
-    finally:
-        sys.path.remove(str(BENCH))
+    trust = load_trust_bench()
     nan = float("nan")
     rows = [  # two bad frames (TRE > 5 mm), three good ones (<= 2 mm)
         {"tre_mm": 9.0, "error_mm": 8.0, "flags": ["error_estimate", "lc2_unsupported"],
