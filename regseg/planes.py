@@ -6,6 +6,7 @@ anything prepared differently from what it was trained on.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,13 @@ def model_to_frame(frame_hw: tuple[int, int], size: tuple[int, int]) -> np.ndarr
     m[0, 0], m[0, 3] = sx, 0.5 * sx - 0.5
     m[1, 1], m[1, 3] = sy, 0.5 * sy - 0.5
     return m
+
+
+def model_grid_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) = ``size`` nearest samples of a frame label map (H, W) at the model grid's pixel
+    centres (:func:`model_to_frame`: both grids span the frame, pixel-centred)."""
+    return cv2.resize(np.ascontiguousarray(labels, np.uint8), size[::-1],
+                      interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def trus_input(pixels: Tensor, size: tuple[int, int]) -> Tensor:

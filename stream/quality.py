@@ -136,8 +136,7 @@ class ErrorEstimator:
             grid = spatial.axes_grid(m, *self._axes)
             mri = F.grid_sample(ctx.mri, grid[None, None], mode="bilinear",
                                 padding_mode="zeros", align_corners=False)[0, 0, 0]
-            lab = cv2.resize(np.ascontiguousarray(warped_labels, np.uint8), s[::-1],
-                             interpolation=cv2.INTER_NEAREST_EXACT)
+            lab = planes.model_grid_labels(warped_labels, s)
             x = np.empty((1, 4, *s), np.float32)
             x[0, 0] = trus
             x[0, 1] = mri.float().cpu().numpy()

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from regseg.clock import now_ns
+from regseg.planes import model_grid_labels
 from regseg.types import LESION
 
 SEG_PRIOR_MODES = ("on", "gated", "off")
@@ -54,15 +55,6 @@ SIGMA_MM, EPS, NET_WEIGHT = 1.0, 0.02, 0.5
 #: unfamiliar scanner it fires on most good frames, README "The error estimate and the flags");
 #: the image-based ones (lc2_unsupported, jump, out_of_plane, disagreement) do.
 UNGATED_FLAGS = frozenset({"error_estimate"})
-
-
-def model_grid_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) nearest samples of frame labels (H, W) at the model grid's pixel centres
-    (:func:`regseg.planes.model_to_frame`: both grids span the frame, pixel-centred)."""
-    hgt, wid = labels.shape
-    rows = np.clip(np.floor((np.arange(size[0]) + 0.5) * hgt / size[0]), 0, hgt - 1).astype(int)
-    cols = np.clip(np.floor((np.arange(size[1]) + 0.5) * wid / size[1]), 0, wid - 1).astype(int)
-    return labels[np.ix_(rows, cols)]
 
 
 def displaced_probability(mask: np.ndarray, spacing_mm: tuple[float, float], sigma_mm: float,

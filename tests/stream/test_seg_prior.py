@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from regseg.planes import model_grid_labels
 from regseg.stream.build import build_default_capture, build_engine, build_pipeline
 from regseg.stream.cli_parser import build_parser
 from regseg.stream.quality import agreement
@@ -18,7 +19,6 @@ from regseg.stream.seg_prior import (
     SEG_PRIOR_DEFAULT,
     displaced_probability,
     fuse,
-    model_grid_labels,
     prior_applies,
     prior_log_probs,
 )
