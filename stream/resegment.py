@@ -43,7 +43,8 @@ def segment_published(pipeline, frame: Frame, image_to_mri: np.ndarray
                       ) -> tuple[np.ndarray, float, torch.Tensor]:
     """(labels (H, W) uint8, seg confidence, logits (1, 3, h, w) on the model grid of the pass)
     of ``frame`` with the MRI context at ``image_to_mri``, on ``pipeline.seg_window``'s window
-    when it has one for the frame (the logits are then the window's)."""
+    when it has one for the frame (the logits are then the window's; a copy where
+    ``--seg-tta`` or ``--seg-prior`` keeps them, else possibly the engine's own buffer)."""
     window = None if pipeline.seg_window is None else pipeline.seg_window.window(frame,
                                                                                   image_to_mri)
     pixels, plane = frame.pixels, image_to_mri
@@ -58,7 +59,9 @@ def segment_published(pipeline, frame: Frame, image_to_mri: np.ndarray
         return chain.resegment(torch.from_numpy(pixels).to(pipeline.device), mats)
 
     with torch.inference_mode():
-        logits = logits_at(pixels, plane).clone()  # an engine may reuse its output buffer
+        logits = logits_at(pixels, plane)
+        if pipeline.seg_tta or pipeline.seg_prior:  # kept past the next engine call: a copy,
+            logits = logits.clone()  # as an engine may reuse its output buffer
         if pipeline.seg_tta:  # --seg-tta flip
             logits = 0.5 * (logits + logits_at(*mirrored(pixels, plane)).flip(-1))
         labels, confidence = chain.segment(logits).cpu().numpy(), seg_confidence(logits)
