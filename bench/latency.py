@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                intensity=args.intensity or "default", seg_tta=args.seg_tta or "default",
                seg_prior=args.seg_prior or "default",
                # REGSEG_NUMBA=0 switches the compiled kernels off (LC2's reslicer: torch's)
-               regseg_numba=os.environ.get("REGSEG_NUMBA", "unset (1)"))
+               regseg_numba=os.environ.get("REGSEG_NUMBA", "unset (1)"),
+               # REGSEG_LC2_KERNELS=0: LC2's search as before session 22 (bench/lc2_kernels.py)
+               regseg_lc2_kernels=os.environ.get("REGSEG_LC2_KERNELS", "unset (1)"))
     write_histogram(args.png or Path(args.json).with_suffix(".png"), series,
                     f"end-to-end latency over loopback OpenIGTLink ({device_name(args.device)})")
     return 0

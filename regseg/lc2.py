@@ -14,6 +14,7 @@ Conventions: planes map frame pixel (i, j, 0) (i = column, j = row) to MRI world
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,10 @@ from regseg.lc2_slice import PlaneSlice, slice_for_frame
 #: ~2.5x faster than torch's grid_sample here); False: torch's, which CUDA tensors always take
 #: (tests compare the two)
 NUMBA_ON_CPU = True
+#: ... whose points inside the volume skip the bounds tests (the same bits; False: the kernel as it
+#: was before session 22, for side-by-side timing: bench/lc2_kernels.py, or REGSEG_LC2_KERNELS=0
+#: in a process's environment, e.g. under bench/latency.py)
+RESLICE_INTERIOR = os.environ.get("REGSEG_LC2_KERNELS", "1") != "0"
 #: Bump whenever the search's answers change: caches of a chain's output carry it (from 2 on)
 LC2_REVISION = 2  # 2: the significance guard (session 17)
 
@@ -152,7 +157,8 @@ class FrameScorer:
     def _from_volume(self, planes: list[np.ndarray]) -> Tensor:
         mats = np.stack([(self.to_normalised @ p @ self.work_to_frame)[:3].T for p in planes])
         if self._host_volume is not None:
-            return torch.from_numpy(plane_sample.sample_planes(self._host_volume, mats, self.hw))
+            return torch.from_numpy(plane_sample.sample_planes(self._host_volume, mats, self.hw,
+                                                               interior=RESLICE_INTERIOR))
         m = torch.as_tensor(mats, dtype=torch.float32, device=self.mri.device)
         grid = (self.pixels @ m).reshape(len(planes), 1, self.hw[0], self.hw[1], 3)
         src = self.mri.expand(len(planes), -1, -1, -1, -1)

@@ -13,15 +13,23 @@ it does not depend on a training set's appearance.
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from regseg.kernels import lc2_maps
+
 #: Score (and resample the plane slice) on the CPU through OpenCV (faster here); False: the torch
 #: path, which CUDA tensors always take (tests compare the two).
 OPENCV_ON_CPU = True
+#: On that path, the per-pixel work by the compiled kernels (:mod:`regseg.kernels.lc2_maps`, equal
+#: to float32 rounding); False: numpy and torch (tests compare the two; REGSEG_LC2_KERNELS=0 in the
+#: environment: the path before session 22, with regseg.lc2.RESLICE_INTERIOR)
+NUMBA_ON_CPU = os.environ.get("REGSEG_LC2_KERNELS", "1") != "0"
 
 
 def box_mean(x: Tensor, weight: Tensor, radius: int) -> Tensor:
@@ -109,16 +117,25 @@ class UltrasoundWindows:
 
     def _score_cv2(self, mri: np.ndarray) -> np.ndarray:
         """:meth:`score` on the CPU: the same sums, each 2-D window sum by OpenCV's box filter
-        (faster than the cumulative sums here; equal to float32 rounding, tested)."""
+        (faster than the cumulative sums here; equal to float32 rounding, tested); the per-pixel
+        work before and after them by :mod:`regseg.kernels.lc2_maps` where numba runs (the same
+        bits as the numpy twin, tested)."""
         c = self._host
-        g = gradient_magnitude(torch.from_numpy(mri)).numpy()
-        maps = np.stack(_window_maps(mri, g, c["w"], c["wu"]))  # (7, B, H, W)
+        fused = NUMBA_ON_CPU and lc2_maps.available()
+        if fused:
+            maps = lc2_maps.window_maps(mri, c["w"], c["wu"])  # (7, B, H, W)
+        else:
+            g = gradient_magnitude(torch.from_numpy(mri)).numpy()
+            maps = np.stack(_window_maps(mri, g, c["w"], c["wu"]))
         k = 2 * self.radius + 1
         s = np.empty_like(maps)
         for src, dst in zip(maps.reshape(-1, *maps.shape[2:]), s.reshape(-1, *s.shape[2:]),
                             strict=True):
             cv2.boxFilter(src, -1, (k, k), dst=dst, normalize=False,
                           borderType=cv2.BORDER_CONSTANT)
+        if fused:
+            share = lc2_maps.explained(s, c["den"], c["mu"], c["v_u"], c["inside"])
+            return (share.sum((-2, -1)) / float(self.total)).astype(np.float32)
         s /= c["den"]
         return _share_explained(s, c["mu"], c["v_u"], c["inside"],
                                 float(self.total)).astype(np.float32)

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from regseg import spatial
-from regseg.kernels import plane_sample
+from regseg.kernels import lc2_maps, plane_sample
 from regseg.lc2 import Lc2Config, refine_in_plane
 from regseg.stream.context import MriContext
 from regseg.types import PROSTATE
@@ -66,8 +66,9 @@ class Lc2Stage:
             raise ValueError("lc2: the MRI labels hold no gland to rotate about")
         ijk = gland[:, ::-1].mean(0)
         self.centre_mri = spatial.apply(context.voxel_to_world, ijk[None])[0]
-        if context.mri.device.type == "cpu":  # compile (or load) the reslicer now, not on frame 1
+        if context.mri.device.type == "cpu":  # compile (or load) the kernels now, not on frame 1
             plane_sample.warm_up()
+            lc2_maps.warm_up()
 
     def unsupported(self, significance: float) -> bool:
         """Whether a frame is flagged ``lc2_unsupported``: its refinement's significance was

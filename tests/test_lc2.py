@@ -12,7 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import regseg.lc2 as search
+import regseg.lc2_score as score
 from regseg import metrics, spatial
+from regseg.kernels import lc2_maps
 from regseg.lc2 import (
     FrameScorer,
     Lc2Config,
@@ -339,3 +342,106 @@ def test_rigid_move_without_out_of_plane_parts_is_the_in_plane_move_and_six_chec
     flat_plane[:3, 2] = 0.0
     with pytest.raises(ValueError, match="third axis"):
         refine_in_plane(pixels, flat_plane, mri, w2v, np.zeros(2), six)
+
+
+# --- the compiled per-pixel kernels (regseg.kernels.lc2_maps) against their numpy/torch twin: the
+# same maps and shares (to the bit where the twin's arithmetic is numpy's), the same scores to
+# float32 rounding, and a search through them that takes the same steps
+
+needs_numba = pytest.mark.skipif(not lc2_maps.available(), reason="numba not installed")
+
+
+def _images(seed=0, b=3, h=23, w=31):
+    rng = np.random.default_rng(seed)
+    mri = rng.random((b, h, w), dtype=np.float32)
+    weight = (rng.random((h, w)) > 0.25).astype(np.float32)
+    wu = (rng.random((h, w), dtype=np.float32) * weight).astype(np.float32)
+    return mri, weight, wu
+
+
+def _numpy_gradient(m: np.ndarray) -> np.ndarray:
+    """regseg.lc2_score.gradient_magnitude's formula in numpy float32."""
+    gy, gx = np.zeros_like(m), np.zeros_like(m)
+    gy[:, 1:-1] = np.float32(0.5) * (m[:, 2:] - m[:, :-2])
+    gx[:, :, 1:-1] = np.float32(0.5) * (m[:, :, 2:] - m[:, :, :-2])
+    gy[:, 0], gy[:, -1] = m[:, 1] - m[:, 0], m[:, -1] - m[:, -2]
+    gx[:, :, 0], gx[:, :, -1] = m[:, :, 1] - m[:, :, 0], m[:, :, -1] - m[:, :, -2]
+    return np.sqrt(gx * gx + gy * gy)
+
+
+@needs_numba
+def test_the_maps_are_the_twins():
+    mri, weight, wu = _images()
+    got = lc2_maps.window_maps(mri, weight, wu)
+    assert got.shape == (7, *mri.shape) and got.dtype == np.float32
+    # with numpy's square root the same bits; torch's differs from it in the last bit at most
+    exact = np.stack(score._window_maps(mri, _numpy_gradient(mri), weight, wu))
+    assert np.array_equal(got, exact)
+    g = score.gradient_magnitude(torch.from_numpy(mri)).numpy()
+    twin = np.stack(score._window_maps(mri, g, weight, wu))
+    assert np.allclose(got, twin, rtol=3e-7, atol=0)
+
+
+@needs_numba
+def test_the_share_is_the_twins_to_the_bit():
+    """On the window sums of a real frame and its candidates (as _score_cv2 makes them)."""
+    import cv2
+
+    mri, _, w2v, true, pixels = synthetic_case()
+    scorer = FrameScorer(pixels, true, mri, w2v, Lc2Config())
+    planes = [true @ in_plane_move(np.array([s, -s]), s, np.array([64.0, 64.0]), (0.5, 0.5))
+              for s in (0.0, 1.0, 3.0)]
+    c, k = scorer.windows._host, 2 * scorer.radius + 1
+    maps = lc2_maps.window_maps(scorer.resliced(planes).numpy(), c["w"], c["wu"])
+    sums = np.empty_like(maps)
+    for src, dst in zip(maps.reshape(-1, *maps.shape[2:]), sums.reshape(-1, *sums.shape[2:]),
+                        strict=True):
+        cv2.boxFilter(src, -1, (k, k), dst=dst, normalize=False, borderType=cv2.BORDER_CONSTANT)
+    got = lc2_maps.explained(sums, c["den"], c["mu"], c["v_u"], c["inside"])
+    share = score._share_explained(sums / c["den"], c["mu"], c["v_u"], c["inside"], 1.0)
+    assert np.isfinite(share).all() and (share > 0).all()
+    assert np.array_equal(got.sum((-2, -1)), share)
+    assert (got[:, c["inside"] == 0] == 0).all()
+
+
+@needs_numba
+def test_a_nan_window_stays_nan_as_in_the_twin():
+    """A window whose fit is 0 / 0 makes the twin's score NaN; the kernel's too."""
+    sums = np.zeros((7, 1, 2, 2), np.float32)  # det = eps^2 > 0: finite
+    one = np.ones((2, 2), np.float32)
+    assert np.isfinite(lc2_maps.explained(sums, one, 0 * one, one, one)).all()
+    sums[2, 0, 0, 0] = sums[3, 0, 0, 0] = np.float32(-1e-6)  # vm = vg = 0: det 0, numerator 0
+    got = lc2_maps.explained(sums, one, 0 * one, one, one)
+    twin = score._share_explained(sums, 0 * one, one, one, 1.0)
+    assert np.isnan(got[0, 0, 0]) and np.isnan(twin[0])
+
+
+@needs_numba
+def test_scores_and_search_match_the_twin(monkeypatch):
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    planes = [true @ in_plane_move(np.array(s), a, centre, (0.5, 0.5))
+              for s, a in (((0.0, 0.0), 0.0), ((1.3, -2.1), 3.0), ((-4.0, 2.5), -6.0))]
+    scorer = FrameScorer(pixels, true, mri, w2v, Lc2Config())
+    wrong = true @ in_plane_move(np.array([1.5, -1.2]), 2.0, centre, (0.5, 0.5))
+    fast_scores = scorer.scores(planes).numpy()
+    fast = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    monkeypatch.setattr(score, "NUMBA_ON_CPU", False)
+    monkeypatch.setattr(search, "RESLICE_INTERIOR", False)  # the whole path before session 22
+    assert np.allclose(scorer.scores(planes).numpy(), fast_scores, rtol=1e-6, atol=0)
+    slow = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    assert slow.applied == fast.applied and slow.rounds == fast.rounds
+    assert np.array_equal(slow.image_to_mri, fast.image_to_mri)
+    assert slow.significance == pytest.approx(fast.significance, rel=1e-6)
+    assert fast.applied  # the case is one the search corrects (tests/test_lc2.py)
+
+
+def test_the_switch_off_leaves_the_twin(monkeypatch):
+    """REGSEG_NUMBA=0 (or no numba): the numpy/torch path, as before session 22."""
+    monkeypatch.setenv("REGSEG_NUMBA", "0")
+    assert not lc2_maps.available()
+    mri, _, w2v, true, pixels = synthetic_case()
+    scorer = FrameScorer(pixels, true, mri, w2v, Lc2Config())
+    called = []
+    monkeypatch.setattr(lc2_maps, "window_maps", lambda *a: called.append(a))
+    assert np.isfinite(scorer.scores([true]).numpy()).all() and not called

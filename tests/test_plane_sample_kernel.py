@@ -37,3 +37,19 @@ def test_equals_grid_sample_inside_across_the_border_and_outside(shape, hw, reac
     assert np.allclose(got, ref, atol=2e-5 * np.abs(volume).max())
     if reach > 1:  # the case covers points outside the volume (zeros padding)
         assert (ref == 0).any()
+
+
+@pytest.mark.parametrize("reach", [0.8, 1.6])
+def test_the_interior_fast_path_adds_the_same_bits(reach):
+    """Points whose eight neighbours are all inside skip the bounds tests; the same float64 sum
+    in the same order, so the same values to the bit as the kernel testing every neighbour."""
+    rng = np.random.default_rng(11)
+    volume = rng.normal(size=(9, 11, 13)).astype(np.float32)
+    maps = np.zeros((5, 4, 3))
+    maps[:, 0] = rng.normal(0, 1.0 / 23, (5, 3))
+    maps[:, 1] = rng.normal(0, 1.0 / 17, (5, 3))
+    maps[:, 3] = rng.uniform(-reach, reach, (5, 3))
+    fast = plane_sample.sample_planes(volume, maps, (17, 23))
+    every = plane_sample.sample_planes(volume, maps, (17, 23), interior=False)
+    assert np.array_equal(fast, every)
+    assert (fast != 0).mean() > 0.2  # many points sample the volume
