@@ -41,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_plot import plot  # noqa: E402
 from accuracy_scoring import (  # noqa: E402,F401  (re-exported: other benches and tests)
     BAD_MM,
+    BOOTSTRAP_DRAWS,
     GOOD_MM,
     NOISE_GLAND_MM2,
     _nan,
+    case_intervals,
     estimate_of,
     flag_rates,
     flag_reasons,
@@ -279,6 +281,14 @@ COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice_prostate", "di
            ("n_bad", "n_bad", "d"), ("false_alarm", "false_al", ".2f"), ("n_good", "n_good", "d"),
            ("flagged_pct", "flag%", ".0f"), ("noise_labelled_pct", "noise_lab%", ".0f"),
            ("noise_published_pct", "noise_pub%", ".0f"))
+INTERVAL_COLUMNS = (
+    ("name", "run", ""), ("cases", "cases", "d"), ("dice_prostate", "dice", ".3f"),
+    ("dice_prostate_lo", "lo", ".3f"), ("dice_prostate_hi", "hi", ".3f"),
+    ("dice_prostate_case_min", "case min", ".3f"), ("dice_prostate_case_max", "case max", ".3f"),
+    ("dice_lesion", "lesion", ".3f"), ("dice_lesion_lo", "lo", ".3f"),
+    ("dice_lesion_hi", "hi", ".3f"), ("tre_registered_tissue_mm", "TREt_med", ".2f"),
+    ("tre_registered_tissue_mm_lo", "lo", ".2f"), ("tre_registered_tissue_mm_hi", "hi", ".2f"),
+    ("tre_registered_tissue_mm_case_max", "case max", ".2f"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, COLUMNS)
     print("estimate ROC AUC: " + ", ".join(f"{f} {rocs[f]['auc']:.3f}" for f in families)
           + f"; wall {wall:.0f} s")
+    intervals = case_intervals(records)
+    print(f"\nacross cases: the row's value, a 95 % interval from resampling whole cases "
+          f"({BOOTSTRAP_DRAWS} draws), and the lowest and highest single case")
+    print_table(intervals, INTERVAL_COLUMNS)
     for fam, by in flag_reasons(records).items():
         print(f"flag reasons, family {fam}: " + "; ".join(
             f"{k} frames {v['frames']}: " + ", ".join(f"{r} {n}" for r, n in v.items()
@@ -392,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,
                    deformable_weights=args.deformable_weights, roi=args.roi, lc2=args.lc2,
-                   flag_reasons=flag_reasons(records),
+                   flag_reasons=flag_reasons(records), case_intervals=intervals,
                    frames_detail=records, noise_detail=noise)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if plot_path:

@@ -168,3 +168,49 @@ def noise_row(family: str, noise: list[dict]) -> dict[str, Any]:
             "noise_labelled_pct": 100.0 * float(labelled.mean()) if n else math.nan,
             "flagged_pct": 100.0 * float(flagged.mean()) if n else math.nan,
             "noise_published_pct": 100.0 * float((labelled & ~flagged).mean()) if n else math.nan}
+
+
+#: Case-bootstrap draws for :func:`case_intervals` (fixed seed: the same records give the same
+#: intervals)
+BOOTSTRAP_DRAWS = 2000
+INTERVAL_METRICS = (("dice_prostate", np.mean), ("dice_lesion", np.mean),
+                    ("tre_registered_tissue_mm", np.median))
+
+
+def case_intervals(records: list[dict], draws: int = BOOTSTRAP_DRAWS,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """How much the table's numbers depend on which cases were drawn: per family and level (and
+    all levels), each metric of :data:`INTERVAL_METRICS` over all frames (as the table's row), a
+    95 % interval from resampling whole cases with replacement (``draws`` times; a case's frames
+    are not independent of each other), and the lowest and highest single case's value."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for family in sorted({r["family"] for r in records}):
+        fam = [r for r in records if r["family"] == family]
+        levels = sorted({r["error_level"] for r in fam})
+        for level in [*levels, None]:
+            frames = [r for r in fam if level is None or r["error_level"] == level]
+            cases = sorted({r["phantom"] for r in frames})
+            name = f"{family} all levels" if level is None else f"{family} {level:g}mm/{level:g}deg"
+            row: dict[str, Any] = {"name": name, "family": family, "error_level": level,
+                                   "cases": len(cases), "frames": len(frames), "draws": draws}
+            picks = rng.integers(0, len(cases), (draws, len(cases)))
+            for key, fn in INTERVAL_METRICS:
+                per_case = [_nan(r[key] for r in frames if r["phantom"] == c) for c in cases]
+                per_case = [v[np.isfinite(v)] for v in per_case]
+
+                def stat(values, fn=fn):
+                    v = np.concatenate(values) if values else np.empty(0)
+                    return float(fn(v)) if v.size else math.nan
+
+                boot = np.array([stat([per_case[i] for i in pick]) for pick in picks])
+                boot = boot[np.isfinite(boot)]
+                singles = [stat([v]) for v in per_case if v.size]
+                row[key] = stat(per_case)
+                row[f"{key}_lo"], row[f"{key}_hi"] = (
+                    (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
+                    if boot.size else (math.nan, math.nan))
+                row[f"{key}_case_min"] = min(singles) if singles else math.nan
+                row[f"{key}_case_max"] = max(singles) if singles else math.nan
+            out.append(row)
+    return out

@@ -181,6 +181,40 @@ def test_bench_writes_one_json_table_and_plot(tmp_path, capsys):
         np.median([f["tre_registered_tissue_mm"] for f in frames]))
     assert pooled["tre_tracked_median_mm"] is None  # NaN in the JSON: levels pooled
     assert all(f["out_of_plane_mm"] is None or f["out_of_plane_mm"] >= 0 for f in frames)
+    spread = {r["name"]: r for r in data["case_intervals"]}
+    assert set(spread) == {"B 0mm/0deg", "B 6mm/6deg", "B all levels"}
+    assert spread["B all levels"]["cases"] == 1
+    assert spread["B all levels"]["dice_prostate"] == pytest.approx(pooled["dice_prostate"])
+
+
+def _case_frame(phantom, dice, tre, level=3.0, lesion=float("nan")):
+    return {"family": "B", "phantom": phantom, "error_level": level, "dice_prostate": dice,
+            "dice_lesion": lesion, "tre_registered_tissue_mm": tre}
+
+
+def test_case_intervals_resample_whole_cases():
+    """The row's value is over all frames; the interval comes from resampling cases (so two
+    cases that disagree give a wide one, identical cases none); single cases bound it."""
+    records = ([_case_frame(1, 0.9, 1.0) for _ in range(5)]
+               + [_case_frame(2, 0.5, 4.0) for _ in range(5)]
+               + [_case_frame(3, 0.7, 2.0, lesion=0.4)])
+    rows = {r["name"]: r for r in bench.case_intervals(records, draws=400)}
+    row = rows["B 3mm/3deg"]
+    assert row["cases"] == 3 and row["frames"] == 11 and row["draws"] == 400
+    assert row["dice_prostate"] == pytest.approx((5 * 0.9 + 5 * 0.5 + 0.7) / 11)
+    assert row["tre_registered_tissue_mm"] == pytest.approx(2.0)  # median of the 11 frames
+    assert row["dice_prostate_case_min"] == 0.5 and row["dice_prostate_case_max"] == 0.9
+    lo, hi = row["dice_prostate_lo"], row["dice_prostate_hi"]
+    assert 0.5 - 1e-9 <= lo < row["dice_prostate"] < hi <= 0.9 + 1e-9
+    assert row["dice_prostate_hi"] - row["dice_prostate_lo"] > 0.2
+    # only case 3 has a lesion: every draw without it has no lesion Dice and is left out
+    assert row["dice_lesion"] == pytest.approx(0.4)
+    assert row["dice_lesion_lo"] == pytest.approx(0.4) == row["dice_lesion_hi"]
+    assert rows["B all levels"]["dice_prostate"] == row["dice_prostate"]
+    same = [_case_frame(c, 0.8, 1.5) for c in (1, 2, 3) for _ in range(4)]
+    flat = bench.case_intervals(same, draws=100)[0]
+    assert flat["dice_prostate_lo"] == flat["dice_prostate_hi"] == pytest.approx(0.8)
+    assert bench.case_intervals(records, draws=50) == bench.case_intervals(records, draws=50)
 
 
 def test_other_seeds_and_the_chain_options(tmp_path):
