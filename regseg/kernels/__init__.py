@@ -3,3 +3,29 @@
 Each kernel has a torch twin it must equal to rounding (tested), is used only where a caller asks
 for it (:func:`regseg.kernels.trilinear.enabled`), and falls back to torch where numba is missing.
 """
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+
+def switched_on() -> bool:
+    """Whether the environment allows compiled kernels (``REGSEG_NUMBA=0`` turns them off)."""
+    return os.environ.get("REGSEG_NUMBA", "1") != "0"
+
+
+def compiled(cache: dict[str, object], functions: dict[str, Callable],
+             **options: object) -> dict[str, object] | None:
+    """``functions`` compiled by ``numba.njit(cache=True, nogil=True, **options)``, once, kept in
+    ``cache`` (numba compiles on first call, then loads from its on-disk cache); None without
+    numba."""
+    if not cache:
+        try:
+            import numba
+        except ImportError:  # pragma: no cover - exercised where numba is not installed
+            cache["none"] = None
+            return None
+        jit = numba.njit(cache=True, nogil=True, **options)
+        cache.update({name: jit(fn) for name, fn in functions.items()})
+    return None if "none" in cache else cache

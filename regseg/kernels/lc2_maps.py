@@ -13,9 +13,10 @@ is importable and ``REGSEG_NUMBA`` is not ``0``; elsewhere the twin runs.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
+
+from regseg.kernels import compiled, switched_on
 
 _COMPILED: dict[str, object] = {}
 _EPS = np.float32(1e-6)  # the twin's: a flat window explains nothing rather than dividing by zero
@@ -26,20 +27,12 @@ _ZERO = np.float32(0.0)
 
 def available() -> bool:
     """Whether the kernels can run here (numba importable, not switched off by REGSEG_NUMBA=0)."""
-    return os.environ.get("REGSEG_NUMBA", "1") != "0" and _kernels() is not None
+    return switched_on() and _kernels() is not None
 
 
 def _kernels():
-    if not _COMPILED:
-        try:
-            import numba
-        except ImportError:  # pragma: no cover - exercised where numba is not installed
-            _COMPILED["maps"] = None
-            return None
-        jit = numba.njit(cache=True, nogil=True, error_model="numpy")  # IEEE division, as numpy
-        _COMPILED["maps"] = jit(_maps)
-        _COMPILED["explained"] = jit(_explained)
-    return _COMPILED["maps"] and _COMPILED
+    # IEEE division, as numpy's: no division-by-zero test per division, so the loops vectorise
+    return compiled(_COMPILED, {"maps": _maps, "explained": _explained}, error_model="numpy")
 
 
 def window_maps(mri: np.ndarray, w: np.ndarray, wu: np.ndarray) -> np.ndarray:

@@ -12,27 +12,22 @@ ONNX Runtime's threads. Used on the CPU with float32 volumes when numba is impor
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
+
+from regseg.kernels import compiled, switched_on
 
 _COMPILED: dict[str, object] = {}
 
 
 def available() -> bool:
     """Whether the kernel can run here (numba importable, not switched off by REGSEG_NUMBA=0)."""
-    return os.environ.get("REGSEG_NUMBA", "1") != "0" and _kernel() is not None
+    return switched_on() and _kernel() is not None
 
 
 def _kernel():
-    if not _COMPILED:
-        try:
-            import numba
-        except ImportError:  # pragma: no cover - exercised where numba is not installed
-            _COMPILED["kernel"] = None
-            return None
-        _COMPILED["kernel"] = numba.njit(cache=True, nogil=True)(_planes)
-    return _COMPILED["kernel"]
+    kernels = compiled(_COMPILED, {"planes": _planes})
+    return None if kernels is None else kernels["planes"]
 
 
 def sample_planes(volume: np.ndarray, maps: np.ndarray, hw: tuple[int, int], *,
