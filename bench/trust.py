@@ -163,6 +163,34 @@ def rates(rows: list[dict]) -> dict:
     }
 
 
+def case_interval(rows: list[dict], draws: int = 2000, seed: int = 0) -> dict:
+    """Detection and false alarms (TRE <= 2 mm) with 95 % intervals from resampling whole cases
+    (``seed`` of the rows) with replacement, ``draws`` times: how much the pooled rates depend on
+    which cases were drawn."""
+    cases = sorted({r["seed"] for r in rows})
+    by_case = []
+    for c in cases:
+        mine = [r for r in rows if r["seed"] == c and np.isfinite(r["tre_mm"])]
+        tre = np.array([r["tre_mm"] for r in mine])
+        flagged = np.array([r["flagged"] for r in mine], dtype=bool)
+        by_case.append((flagged[tre > BAD_MM], flagged[tre <= GOOD_MM]))
+    rng = np.random.default_rng(seed)
+    out = {"cases": len(cases), "draws": draws}
+    for k, key in enumerate(("detection", "false_alarm_tre_le_2mm")):
+        per = [b[k] for b in by_case]
+        boot = []
+        for pick in rng.integers(0, len(cases), (draws, len(cases))):
+            v = np.concatenate([per[i] for i in pick])
+            if v.size:
+                boot.append(v.mean())
+        pooled = np.concatenate(per)
+        out[key] = round(float(pooled.mean()), 4) if pooled.size else None
+        out[f"{key}_lo"], out[f"{key}_hi"] = ((round(float(np.percentile(boot, 2.5)), 4),
+                                               round(float(np.percentile(boot, 97.5)), 4))
+                                              if boot else (None, None))
+    return out
+
+
 def at_threshold(rows: list[dict], threshold_mm: float) -> list[dict]:
     """``rows`` as they would be with the ``error_estimate`` flag at ``threshold_mm`` (exact: no
     other flag and no stage of the chain depends on the threshold)."""
@@ -262,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_level": {str(level): rates([r for r in rows if r["level_mm"] == level])
                       for level in args.levels},
         "pooled": rates(rows),
+        "pooled_case_interval": case_interval(rows),
         "pooled_at_threshold": {str(t): rates(at_threshold(rows, t))
                                 for t in args.compare_thresholds},
         "normal_tracking_at_threshold": {

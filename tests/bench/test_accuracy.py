@@ -119,6 +119,29 @@ def test_trust_bench_ranks_each_signal_and_the_flags_without_the_estimate():
     assert by["lc2_move_mm"]["auc"] is None  # not in these rows
 
 
+def test_trust_bench_case_interval_resamples_whole_cases():
+    """Pooled detection and false alarms as rates() gives them, with an interval from resampling
+    cases: one case that catches nothing against one that catches everything gives a wide one."""
+    trust = load_trust_bench()
+
+    def frame(seed, tre, flagged):
+        return {"seed": seed, "tre_mm": tre, "flagged": flagged}
+
+    rows = ([frame(1, 8.0, True)] * 4 + [frame(1, 1.0, False)] * 4
+            + [frame(2, 8.0, False)] * 4 + [frame(2, 1.0, True)] * 2 + [frame(2, 1.0, False)] * 2
+            + [frame(3, float("nan"), True)])
+    out = trust.case_interval(rows, draws=300)
+    assert out["cases"] == 3 and out["draws"] == 300
+    assert out["detection"] == 0.5 and out["false_alarm_tre_le_2mm"] == 0.25
+    assert out["detection_lo"] < 0.5 < out["detection_hi"]
+    assert out["detection_lo"] <= 0.25 and out["detection_hi"] >= 0.75
+    assert out == trust.case_interval(rows, draws=300)  # seeded
+    same = [frame(c, 8.0, True) for c in (1, 2)] + [frame(c, 1.0, False) for c in (1, 2)]
+    flat = trust.case_interval(same, draws=50)
+    assert flat["detection_lo"] == flat["detection_hi"] == 1.0
+    assert flat["false_alarm_tre_le_2mm_hi"] == 0.0
+
+
 def test_noise_twin_keeps_the_pose_and_has_no_gland():
     from regseg.types import Frame, GroundTruth
 
