@@ -81,19 +81,23 @@ def noise_frame(kind: str, rng: np.random.Generator, like) -> np.ndarray:
         speckle.astype(np.uint8)
 
 
-def open_case(family: str, seed: int, n: int) -> tuple:
-    """(mri, labels, frames): ``n`` frames spread over a session of phantom ``seed``."""
+def open_case(family: str, seed: int, n: int, *, halfway: bool = False) -> tuple:
+    """(mri, labels, frames): ``n`` frames spread over a session of phantom ``seed`` (``halfway``:
+    each half-way between two of those spread positions, e.g. a warm-up sweep's)."""
     if family == "a":
         phantom = make_phantom(seed)
         scanner = SimulatedScanner(phantom, seed=seed)
         step = scanner.config.sweep_frames * 2 // n
-        return phantom.mri, phantom.labels, [scanner.frame(k * step) for k in range(n)]
+        start = step // 2 if halfway else 0
+        return phantom.mri, phantom.labels, [scanner.frame(start + k * step) for k in range(n)]
     from regseg.sim.family_b.anatomy import make_case
     from regseg.sim.family_b.session import Session
 
     case = make_case(seed)
     session = Session(case, seed=seed * 7 + 3)
-    return case.mri, case.labels, [session.frame(k * (1200 // n)) for k in range(n)]
+    step = 1200 // n
+    start = step // 2 if halfway else 0
+    return case.mri, case.labels, [session.frame(start + k * step) for k in range(n)]
 
 
 #: Per-frame signals whose ROC AUC (bad vs good frames) is reported: (row key, +1 when a larger
@@ -213,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="phantom seeds (default a: 1000-1003, b: 5000-5003)")
     parser.add_argument("--frames", type=int, default=30, help="frames per phantom and level")
     parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS_MM))
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="frames run (not scored) after each registration change, spread over "
+                        "the session between the scored ones: the sweep an operator makes after "
+                        "registering, which the 3-D consensus (out_of_plane) needs (default 0)")
     parser.add_argument("--deformable", choices=["on", "off"], default="on")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lc2", choices=list(LC2_MODES), default=LC2_DEFAULT,
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, noise_rows, untracked_rows = [], [], []
     for seed in args.seeds:
         mri, labels, frames = open_case(args.family, seed, args.frames)
+        sweep = open_case(args.family, seed, args.warmup, halfway=True)[2] if args.warmup else []
         context = build_context(mri, labels)
         deformable = (DeformableStage(context, args.deformable_weights, backend="eager")
                       if args.deformable == "on" else None)
@@ -261,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         for level in args.levels:
             d = rng.standard_normal(3)
             pipeline.set_reference_to_mri(shift(d / np.linalg.norm(d), level))
+            for frame in sweep:  # --warmup: the sweep after a new registration, not scored
+                pipeline(frame)
             for frame in frames:
                 result = pipeline(frame)
                 rows.append({"seed": seed, "level_mm": level, "tre_mm": tre_of(result),
@@ -283,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "command": shlex.join(["python", "bench/trust.py", *(argv or sys.argv[1:])]),
         "machine": machine_name(), "date": utc_now(), "load_average": load_average(),
-        "family": args.family, "seeds": args.seeds, "deformable": args.deformable, "lc2": args.lc2,
+        "family": args.family, "seeds": args.seeds, "warmup": args.warmup,
+        "deformable": args.deformable, "lc2": args.lc2,
         "quality_weights": args.quality_weights, "deformable_weights": args.deformable_weights,
         "threshold_mm": pipeline.quality.threshold_mm,
         "quality_calibration": pipeline.quality.calibration_info,

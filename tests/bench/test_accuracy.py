@@ -119,6 +119,15 @@ def test_trust_bench_ranks_each_signal_and_the_flags_without_the_estimate():
     assert by["lc2_move_mm"]["auc"] is None  # not in these rows
 
 
+def test_trust_bench_warmup_sweep_lies_between_the_scored_frames():
+    """--warmup's frames (not scored) are the same session's, half-way between the scored ones."""
+    trust = load_trust_bench()
+    _, _, scored = trust.open_case("b", 5000, 4)
+    _, _, sweep = trust.open_case("b", 5000, 4, halfway=True)
+    assert [f.seq for f in scored] == [0, 300, 600, 900]
+    assert [f.seq for f in sweep] == [150, 450, 750, 1050]
+
+
 def test_trust_bench_case_interval_resamples_whole_cases():
     """Pooled detection and false alarms as rates() gives them, with an interval from resampling
     cases: one case that catches nothing against one that catches everything gives a wide one."""
