@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "frame out_of_plane when it puts the frame's plane > 3 mm off along its "
                    "normal, which no single frame shows; a new --reference-to-mri starts it "
                    "again. suggest: also publish the registration the fit implies "
-                   "(SuggestedMRIToRef), for the operator to accept or not; never applied "
+                   "(SuggestedMRIToRef), for the operator to accept or not; never applied. "
+                   "strict: on, and flag sweep_pending while the consensus has not formed "
+                   "(sweep the probe after each registration) "
                    f"(default {CONSENSUS_DEFAULT}; README 'Out of plane: the consensus of "
                    "a sweep')")
     from regseg.stream.resegment import SEG_WINDOW_DEFAULT, SEG_WINDOW_MODES

@@ -363,7 +363,7 @@ class Pipeline:
         if self.consensus is not None and check.publish_labels:  # tracked, with image and gland
             whole, shift = self._whole(shown)
             oop = self.consensus.assess(self.plane(whole) @ shift, image_to_mri, warped_labels)
-            flags += ("out_of_plane",) if self.consensus.flags(oop) else ()
+            flags += self.consensus.reasons(oop)  # out_of_plane; strict: sweep_pending
             suggestion = self.consensus.suggest(self.reference_to_mri)
         t0 = now_ns()
         timings = {**timings, "quality": timings.get("quality", 0.0) + (t0 - t_q) / 1e6}

@@ -17,6 +17,9 @@ A frame is published as truth only when nothing here doubts it. Flag reasons (``
 - ``out_of_plane`` (set by the Pipeline, with ``--consensus``): the 3-D consensus of the recent
   frames' corrections puts this frame's plane more than 3 mm off along its normal
   (regseg.stream.consensus).
+- ``sweep_pending`` (set by the Pipeline, with ``--consensus strict`` only): that consensus has
+  not formed since the registration (too few distinct planes yet), so nothing has verified the
+  frame's error along its normal.
 - ``lc2_unsupported`` (set by the Pipeline, with ``--lc2``): the image-based refinement found no
   alignment the ultrasound supports clearly better than the MRI displaced 12 mm (significance
   below 1.5; regseg.stream.lc2_stage). Not learnt, so it does not share QualityNet's blind spots.
@@ -48,7 +51,7 @@ from regseg.types import LESION
 log = logging.getLogger(__name__)
 
 FLAG_REASONS = ("untracked", "no_content", "no_gland", "error_estimate", "jump", "disagreement",
-                "lc2_unsupported", "out_of_plane")
+                "lc2_unsupported", "out_of_plane", "sweep_pending")
 CONTENT_SIZE = 256  # content_score measures blocks of CONTENT_BLOCK pixels at this frame size
 CONTENT_BLOCK = 8
 

@@ -242,3 +242,46 @@ def test_the_image_gate_holds_a_world_shift_and_not_an_offset_fixed_to_the_probe
         move[:3, 3] = tracked[:3, 0] / SPACING * 2.0 + tracked[:3, 1] / SPACING * 1.0
         ungated.update(tracked, move @ tracked, CENTRE)
     assert ungated.estimate.holds
+
+
+def test_strict_flags_sweep_pending_until_the_sweep_has_formed_the_consensus():
+    """--consensus strict: frames after a registration are flagged sweep_pending until enough
+    distinct planes have been seen; then only out_of_plane can flag (here nothing: the
+    registration is right); a new registration starts it again. on: never pending."""
+    assert "strict" in CONSENSUS_MODES
+    strict, plain = build_consensus("strict"), build_consensus("on")
+    assert strict.config.strict and not plain.config.strict and not strict.config.suggest
+    true = np.array([0.0, 0.0, 0.0])
+    reasons = []
+    for angle in range(-30, 31, 6):  # a sweep: a new keyframe every 6 degrees
+        tracked = fan_plane(angle)
+        for c in (strict, plain):
+            c.update(tracked, registered(tracked, true), CENTRE)
+        reasons.append(strict.reasons(strict.out_of_plane_mm(registered(tracked, true))))
+        assert plain.reasons(plain.out_of_plane_mm(tracked)) == ()
+    need = strict.config.min_keyframes
+    assert reasons[:need - 1] == [("sweep_pending",)] * (need - 1)
+    assert reasons[need - 1:] == [()] * (len(reasons) - need + 1)  # formed; no error: no flag
+    strict.reset()
+    assert strict.reasons(math.nan) == ("sweep_pending",)
+    assert strict.reasons(5.0) == ("out_of_plane",)  # above flag_mm: off, not pending
+
+
+def test_strict_in_the_pipeline_marks_the_first_frame_and_the_wire_carries_it():
+    from regseg.sim.phantom import make_phantom
+    from regseg.sim.scanner import ScannerConfig, SimulatedScanner
+    from regseg.stream.build import build_engine, build_pipeline
+    from regseg.stream.context import build_context
+    from regseg.stream.quality import FLAG_REASONS
+
+    assert "sweep_pending" in FLAG_REASONS
+    phantom = make_phantom(3100)  # a calibration phantom: never an evaluation one
+    context = build_context(phantom.mri, phantom.labels)
+    engine = build_engine(backend="eager", threads=1)
+    frame = SimulatedScanner(phantom, ScannerConfig(), seed=2).frame(40)
+    strict = build_pipeline(context, engine, deformable=None, lc2="off", consensus="strict")
+    result = strict(frame)
+    assert "sweep_pending" in result.flags and result.flagged and math.isnan(result.out_of_plane_mm)
+    assert result.labels_source == "network"  # the prior is withheld: an image-based flag
+    on = build_pipeline(context, engine, deformable=None, lc2="off", consensus="on")
+    assert "sweep_pending" not in on(frame).flags
