@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "bench/trust.py", *(argv or sys.argv[1:])]),
         "machine": machine_name(), "date": utc_now(), "load_average": load_average(),
         "family": args.family, "seeds": args.seeds, "warmup": args.warmup,
-        "deformable": args.deformable, "lc2": args.lc2,
+        "deformable": args.deformable, "lc2": args.lc2, "consensus": args.consensus,
         "quality_weights": args.quality_weights, "deformable_weights": args.deformable_weights,
         "threshold_mm": pipeline.quality.threshold_mm,
         "quality_calibration": pipeline.quality.calibration_info,
