@@ -82,12 +82,13 @@ def family_a_frames(seed: int, level: float, n: int):
 
 
 def tracked_frames(phantom, cfg, seed: int, level: float, n: int,
-                   out_of_plane: float | None = None):
+                   out_of_plane: float | None = None, indices=None):
     """``n`` frames of a family-A ``phantom`` through scanner ``cfg`` (its own tracking error
     off), STRIDE apart, with an in-plane error of exactly ``level`` mm and deg about a point in
     the frame (direction drifting slowly) plus 0.5 mm / 0.5 deg out of plane (oscillating about
     0); ``out_of_plane``: instead ``out_of_plane`` mm along the normal and deg of tilt (sign per
-    phantom and level, +-10 % drift)."""
+    phantom and level, +-10 % drift); ``indices``: these session frames instead (the same
+    error model, e.g. :func:`sweep_frames`')."""
     from regseg.sim.family_b.session import tracking_error_matrix
     from regseg.sim.scanner import SimulatedScanner
 
@@ -98,8 +99,8 @@ def tracked_frames(phantom, cfg, seed: int, level: float, n: int,
     h, w = cfg.frame_hw
     centre = np.array([w, h]) * (0.5 + rng.uniform(-0.15, 0.15, 2))
     normal_sign = rng.choice([-1.0, 1.0]) if out_of_plane is not None else 0.0
-    for k in range(n):
-        index = start + k * STRIDE
+    for k, index in enumerate(list(indices) if indices is not None else
+                              [start + k * STRIDE for k in range(n)]):
         f = scanner.frame(index)
         t = float(index)
         if out_of_plane is None:
@@ -132,6 +133,30 @@ def family_b_frames(seed: int, level: float, n: int, case=None):
     return case.mri, case.labels, frames()
 
 
+def sweep_frames(family: str, seed: int, level: float, n: int, case=None) -> list[Frame]:
+    """``--warmup``: ``n`` frames spread over the whole session with the same tracking error as
+    the level's scored frames, timed just before them: the sweep an operator makes after a
+    registration (which the 3-D consensus needs), run through the chain but not scored."""
+    if family == "A":
+        from regseg.sim.phantom import make_phantom
+        from regseg.sim.scanner import ScannerConfig
+
+        cfg = ScannerConfig(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
+                            out_of_plane_mm=0.0)
+        spread = np.linspace(0, 2 * cfg.sweep_frames, n, endpoint=False).astype(int)
+        frames = list(tracked_frames(make_phantom(seed), cfg, seed, level, n, indices=spread))
+    else:
+        from regseg.sim.family_b.anatomy import make_case
+        from regseg.sim.family_b.session import Session, SessionConfig
+
+        session = Session(case if case is not None else make_case(seed),
+                          SessionConfig(tracking_shift_mm=level, tracking_rot_deg=level),
+                          seed=seed * 7 + 1)
+        frames = [session.frame(int(i)) for i in np.linspace(0, 1200, n, endpoint=False)]
+    return [dataclasses.replace(f, seq=k - n, acquired_ns=(k - n) * FRAME_NS)
+            for k, f in enumerate(frames)]
+
+
 # ------------------------------------------------------------------------------ run
 def noise_twin(frame: Frame, rng: np.random.Generator) -> Frame:
     """The frame with its image replaced by pure speckle noise (log-compressed Rayleigh, mid-grey)
@@ -149,15 +174,16 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         quality_weights: str | None = None, roi: str = "default", lc2: str = "default",
         resegment: str = "default", consensus: str = "default", intensity: str = "default",
         seg_window: str = "default", jump_at: str = "default", seg_tta: str = "default",
-        seg_prior: str = "default", seeds: dict[str, list[int]] | None = None
-        ) -> tuple[list[dict], list[dict], list[dict]]:
+        seg_prior: str = "default", seeds: dict[str, list[int]] | None = None,
+        warmup: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
 
     ``deformable_weights`` / ``quality_weights``: other PLCReg 2-D / QualityNet weights than the
     shipped ones (to compare a retrained model with the same chain); None: the shipped.
     ``seeds``: per family, other phantoms than the evaluation ones (calibration phantoms or
-    diagnosis cases, for a rule that must not choose on the evaluation cases)."""
+    diagnosis cases, for a rule that must not choose on the evaluation cases). ``warmup``:
+    :func:`sweep_frames` run (not scored) before each level's frames."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
 
@@ -202,6 +228,9 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
                                               backend=backend, threads=threads)
                              if deformable else None)
                 pipeline = make_pipeline(context, stage)
+                for frame in (sweep_frames(family, seed, level, warmup, case) if warmup else []):
+                    pipeline.submit(frame)
+                    pipeline.flush()
                 t0 = time.perf_counter()
                 for frame in frames:
                     if level == levels[0]:
@@ -351,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                    "phantoms for a predeclared rule)")
     p.add_argument("--b-seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="family-B cases instead of the evaluation 5000.. (e.g. diagnosis cases)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="frames run (not scored) before each level's, spread over the session at "
+                   "the same tracking error: the sweep after a registration, which the 3-D "
+                   "consensus (--consensus) needs (default 0)")
     p.add_argument("--label", default=None,
                    help="free text stored in the JSON to name the chain, e.g. 'baseline a1b0414'")
     args = p.parse_args(argv)
@@ -374,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                                consensus=args.consensus, intensity=args.intensity,
                                seg_window=args.seg_window, jump_at=args.jump_at,
                                seg_tta=args.seg_tta, seg_prior=args.seg_prior,
-                               seeds=seeds)
+                               seeds=seeds, warmup=args.warmup)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
              for fam in families]
@@ -407,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                    quality_weights=args.quality_weights,
                    deformable_weights=args.deformable_weights, roi=args.roi, lc2=args.lc2,
                    flag_reasons=flag_reasons(records), case_intervals=intervals,
+                   warmup=args.warmup,
                    frames_detail=records, noise_detail=noise)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if plot_path:

@@ -249,6 +249,32 @@ def test_case_intervals_resample_whole_cases():
     assert bench.case_intervals(records, draws=50) == bench.case_intervals(records, draws=50)
 
 
+def test_warmup_runs_a_sweep_before_each_level_and_scores_only_the_level(tmp_path, monkeypatch):
+    """--warmup N: N frames spread over the session at the level's tracking error, timed before
+    the scored ones, go through the chain first; only the level's frames are scored."""
+    sweep = bench.sweep_frames("B", 5090, 3.0, 3)
+    assert [f.seq for f in sweep] == [-3, -2, -1] and all(f.acquired_ns < 0 for f in sweep)
+    assert len({f.seq for f in sweep}) == 3
+    a = bench.sweep_frames("A", 3100, 3.0, 2)
+    assert len(a) == 2 and not np.array_equal(a[0].image_to_reference, a[1].image_to_reference)
+    ran = []
+    real = bench.sweep_frames
+
+    def counting(*args, **kwargs):
+        frames = real(*args, **kwargs)
+        ran.extend(frames)
+        return frames
+
+    monkeypatch.setattr(bench, "sweep_frames", counting)
+    out = tmp_path / "acc.json"
+    bench.main(["--families", "B", "--b-seeds", "5090", "--levels", "0", "--frames", "1",
+                "--deformable", "off", "--backend", "eager", "--warmup", "2",
+                "--consensus", "strict", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["warmup"] == 2 and len(ran) == 2
+    assert len(data["frames_detail"]) == 1 and data["frames_detail"][0]["seq"] == 0
+
+
 def test_other_seeds_and_the_chain_options(tmp_path):
     """--b-seeds replaces the evaluation cases (a rule's fresh diagnosis cases); --resegment and
     --consensus reach the chain and the JSON."""
