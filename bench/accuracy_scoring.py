@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import numpy as np
+from common import case_bootstrap
 
 from regseg import metrics, spatial
 from regseg.stream.runner import frame_accuracy
@@ -203,13 +204,9 @@ def case_intervals(records: list[dict], draws: int = BOOTSTRAP_DRAWS,
                     v = np.concatenate(values) if values else np.empty(0)
                     return float(fn(v)) if v.size else math.nan
 
-                boot = np.array([stat([per_case[i] for i in pick]) for pick in picks])
-                boot = boot[np.isfinite(boot)]
                 singles = [stat([v]) for v in per_case if v.size]
                 row[key] = stat(per_case)
-                row[f"{key}_lo"], row[f"{key}_hi"] = (
-                    (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
-                    if boot.size else (math.nan, math.nan))
+                row[f"{key}_lo"], row[f"{key}_hi"] = case_bootstrap(per_case, fn, picks)
                 row[f"{key}_case_min"] = min(singles) if singles else math.nan
                 row[f"{key}_case_max"] = max(singles) if singles else math.nan
             out.append(row)

@@ -68,6 +68,24 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, st
         print("  ".join(cells))
 
 
+def case_bootstrap(per_case: Sequence[np.ndarray], stat: Any,
+                   picks: np.ndarray) -> tuple[float, float]:
+    """95 % interval of ``stat`` over the frames of whole cases resampled with replacement:
+    ``per_case`` each case's values, ``picks`` (draws, cases) the case indices of each draw
+    (the caller's seeded rng). Draws whose frames are all empty are left out; (NaN, NaN) if all
+    are."""
+    boot = []
+    for pick in picks:
+        v = np.concatenate([per_case[i] for i in pick]) if len(pick) else np.empty(0)
+        if v.size:
+            boot.append(float(stat(v)))
+    boot_arr = np.asarray(boot)
+    boot_arr = boot_arr[np.isfinite(boot_arr)]
+    if not boot_arr.size:
+        return math.nan, math.nan
+    return float(np.percentile(boot_arr, 2.5)), float(np.percentile(boot_arr, 97.5))
+
+
 def write_json(path: str | Path, bench: str, rows: list[dict[str, Any]],
                argv: list[str] | None = None, **meta: Any) -> None:
     """``{"bench", "command", "results": rows, **meta}`` with NaN written as null.

@@ -31,7 +31,7 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import torch
-from common import load_average
+from common import case_bootstrap, load_average
 
 from regseg import metrics, spatial
 from regseg.engines.fusion import FusionEngine
@@ -182,16 +182,11 @@ def case_interval(rows: list[dict], draws: int = 2000, seed: int = 0) -> dict:
     out = {"cases": len(cases), "draws": draws}
     for k, key in enumerate(("detection", "false_alarm_tre_le_2mm")):
         per = [b[k] for b in by_case]
-        boot = []
-        for pick in rng.integers(0, len(cases), (draws, len(cases))):
-            v = np.concatenate([per[i] for i in pick])
-            if v.size:
-                boot.append(v.mean())
+        lo, hi = case_bootstrap(per, np.mean, rng.integers(0, len(cases), (draws, len(cases))))
         pooled = np.concatenate(per)
         out[key] = round(float(pooled.mean()), 4) if pooled.size else None
-        out[f"{key}_lo"], out[f"{key}_hi"] = ((round(float(np.percentile(boot, 2.5)), 4),
-                                               round(float(np.percentile(boot, 97.5)), 4))
-                                              if boot else (None, None))
+        out[f"{key}_lo"], out[f"{key}_hi"] = ((round(lo, 4), round(hi, 4)) if np.isfinite(lo)
+                                              else (None, None))
     return out
 
 
