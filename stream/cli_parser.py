@@ -174,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on: fit one 3-D shift to the in-plane corrections of the recent frames "
                    "whose planes differ (a sweep shows an error from several sides) and flag a "
                    "frame out_of_plane when it puts the frame's plane > 3 mm off along its "
-                   "normal, which no single frame shows; a new --reference-to-mri starts it "
-                   "again. suggest: also publish the registration the fit implies "
-                   "(SuggestedMRIToRef), for the operator to accept or not; never applied. "
-                   "strict: on, and flag sweep_pending while the consensus has not formed "
-                   "(sweep the probe after each registration) "
+                   "normal, which no single frame shows, and only where one 3-D shift fits "
+                   "the corrections better than an offset fixed to the probe; a new "
+                   "--reference-to-mri starts it again. suggest: also publish the "
+                   "registration the fit implies (SuggestedMRIToRef), for the operator to "
+                   "accept or not; never applied. "
+                   "strict: on, and flag sweep_pending until the probe has swept (6 distinct "
+                   "planes since the registration, corrections a model fits) "
                    f"(default {CONSENSUS_DEFAULT}; README 'Out of plane: the consensus of "
                    "a sweep')")
     from regseg.stream.resegment import SEG_WINDOW_DEFAULT, SEG_WINDOW_MODES

@@ -17,9 +17,9 @@ A frame is published as truth only when nothing here doubts it. Flag reasons (``
 - ``out_of_plane`` (set by the Pipeline, with ``--consensus``): the 3-D consensus of the recent
   frames' corrections puts this frame's plane more than 3 mm off along its normal
   (regseg.stream.consensus).
-- ``sweep_pending`` (set by the Pipeline, with ``--consensus strict`` only): that consensus has
-  not formed since the registration (too few distinct planes yet), so nothing has verified the
-  frame's error along its normal.
+- ``sweep_pending`` (set by the Pipeline, with ``--consensus strict`` only): the probe has not
+  swept since the registration (too few distinct planes yet, or corrections no model fits), so
+  nothing has verified the frame's error along its normal.
 - ``lc2_unsupported`` (set by the Pipeline, with ``--lc2``): the image-based refinement found no
   alignment the ultrasound supports clearly better than the MRI displaced 12 mm (significance
   below 1.5; regseg.stream.lc2_stage). Not learnt, so it does not share QualityNet's blind spots.

@@ -51,16 +51,27 @@ def normal(plane):
     return n / np.linalg.norm(n)
 
 
+#: the fit without the image gate (bench mode ``ungated``): what the world model alone does
+UNGATED = ConsensusConfig(image_gate=False)
+
+
 def test_a_constant_shift_is_recovered_from_a_sweep_and_flagged_out_of_plane():
     shift = np.array([4.0, -3.0, 2.0])
-    consensus = PlaneConsensus()
-    oops = []
+    consensus, gated = PlaneConsensus(UNGATED), PlaneConsensus()
+    oops, held = [], []
     for k, angle in enumerate(np.linspace(-60, 60, 13)):
         tracked = fan_plane(angle)
         published = registered(tracked, shift)
         est = consensus.update(tracked, published, CENTRE)
+        held.append(gated.update(tracked, published, CENTRE).holds)
         oops.append(consensus.out_of_plane_mm(published))
         assert est.holds == (k + 1 >= ConsensusConfig().min_keyframes)
+    # the gate (the default) holds the same fit once the fan is wide enough to tell a world
+    # shift from an offset fixed to the probe: over -60..-10 degrees this shift's in-plane part
+    # is nearly the same in every frame's own axes, so the first keyframes do not tell them apart
+    assert not any(held[:ConsensusConfig().min_keyframes - 1]) and held[-1]
+    assert held == sorted(held)  # once told apart, it stays held as the fan widens
+    np.testing.assert_allclose(gated.estimate.shift_mm, consensus.estimate.shift_mm)
     t = consensus.estimate.shift_mm
     # every plane of the fan contains z (seen exactly); x and y are seen in the planes turned
     # toward them, the ridge pulling what is seen least toward 0 (shrinkage, never inflation)
@@ -77,18 +88,23 @@ def test_a_constant_shift_is_recovered_from_a_sweep_and_flagged_out_of_plane():
 
 def test_nothing_is_claimed_along_a_direction_no_plane_sees():
     """A pure pull-back (parallel planes): their common normal is never in plane, so the
-    consensus says ~0 mm out of plane whatever the true error along it."""
+    consensus says ~0 mm out of plane whatever the true error along it. With the image gate (the
+    default) it holds no estimate at all: parallel planes cannot tell a world shift from an offset
+    fixed to the probe."""
     shift = np.array([0.0, 8.0, 1.0])  # y: the normal of the 0-degree plane
-    consensus = PlaneConsensus()
+    consensus, gated = PlaneConsensus(UNGATED), PlaneConsensus()
     for axial in np.arange(0.0, 40.0, 4.0):
         tracked = fan_plane(0.0, axial)
-        consensus.update(tracked, registered(tracked, shift), CENTRE)
+        for c in (consensus, gated):
+            c.update(tracked, registered(tracked, shift), CENTRE)
     assert consensus.estimate.holds
     assert consensus.out_of_plane_mm(fan_plane(0.0)) < 0.1
+    assert not gated.estimate.holds and math.isnan(gated.out_of_plane_mm(fan_plane(0.0)))
+    assert gated.estimate.probe_residual_mm < 1e-9 < gated.estimate.residual_mm
 
 
 def test_frames_that_hardly_move_are_one_keyframe_but_a_slow_sweep_still_adds_them():
-    consensus = PlaneConsensus()
+    consensus = PlaneConsensus(UNGATED)
     for angle in np.arange(0.0, 2.0, 0.1):  # 20 frames within 2 degrees: one keyframe
         tracked = fan_plane(angle)
         consensus.update(tracked, registered(tracked, np.ones(3)), CENTRE)
@@ -113,7 +129,7 @@ def test_corrections_that_are_not_one_shift_are_not_fitted():
 
 
 def test_reset_and_frames_without_a_gland():
-    consensus = PlaneConsensus()
+    consensus = PlaneConsensus(UNGATED)
     for angle in np.linspace(-30, 30, 8):
         tracked = fan_plane(angle)
         consensus.update(tracked, registered(tracked, np.ones(3)), CENTRE)
@@ -209,14 +225,15 @@ def test_its_last_estimate_goes_into_the_summary():
 
 
 def test_the_image_gate_holds_a_world_shift_and_not_an_offset_fixed_to_the_probe():
-    """``image_gate`` (bench mode ``gated``): one 3-D shift fits a constant world error with no
-    misfit and is held; an in-plane offset fixed in every frame's own axes (a probe-calibration
-    error, or the accuracy bench's tracking error) fits the probe model with none, and the
-    consensus then claims nothing about the normal."""
+    """``image_gate`` (the default since addendum 19): one 3-D shift fits a constant world error
+    with no misfit and is held; an in-plane offset fixed in every frame's own axes (a
+    probe-calibration error, or the accuracy bench's tracking error) fits the probe model with
+    none, and the consensus then claims nothing about the normal."""
     from regseg.stream.consensus import BENCH_MODES
 
-    assert "gated" not in CONSENSUS_MODES  # a bench mode, not a --consensus choice
-    assert build_consensus("gated").config.image_gate
+    assert not {"gated", "ungated"} & set(CONSENSUS_MODES)  # bench modes, not --consensus choices
+    assert build_consensus("gated").config.image_gate and build_consensus("on").config.image_gate
+    assert not build_consensus("ungated").config.image_gate
     shift = np.array([4.0, -3.0, 2.0])
     world, probe = PlaneConsensus(ConsensusConfig(image_gate=True)), PlaneConsensus(
         ConsensusConfig(**BENCH_MODES["gated"]))
@@ -235,7 +252,7 @@ def test_the_image_gate_holds_a_world_shift_and_not_an_offset_fixed_to_the_probe
     assert not probe.estimate.holds and probe.estimate.probe_residual_mm < 1e-6
     assert math.isnan(probe.out_of_plane_mm(fan_plane(0.0)))
     # without the gate the same probe-fixed offset is fitted as a shift and may flag
-    ungated = PlaneConsensus()
+    ungated = build_consensus("ungated")
     for angle in np.linspace(-60, 60, 13):
         tracked = fan_plane(angle)
         move = np.eye(4)
@@ -262,6 +279,18 @@ def test_strict_flags_sweep_pending_until_the_sweep_has_formed_the_consensus():
     need = strict.config.min_keyframes
     assert reasons[:need - 1] == [("sweep_pending",)] * (need - 1)
     assert reasons[need - 1:] == [()] * (len(reasons) - need + 1)  # formed; no error: no flag
+    # no correction at all fits the probe-fixed model as well as a shift: the gate holds no
+    # estimate, yet the sweep has been made, so nothing is pending
+    assert not strict.estimate.holds and not strict.pending()
+    # corrections that no model fits (20 mm along each frame's rows, and its columns in turn)
+    # are no verification: pending stays
+    for k, angle in enumerate(range(-30, 31, 6)):
+        tracked = fan_plane(angle)
+        move = np.eye(4)
+        move[:3, 3] = 20.0 * tracked[:3, k % 2] / SPACING * (-1) ** (k // 2)
+        strict.update(tracked, move @ tracked, CENTRE)
+    assert strict.estimate.keyframes >= need
+    assert strict.estimate.residual_mm > strict.config.max_residual_mm and strict.pending()
     strict.reset()
     assert strict.reasons(math.nan) == ("sweep_pending",)
     assert strict.reasons(5.0) == ("out_of_plane",)  # above flag_mm: off, not pending
