@@ -89,6 +89,11 @@ class Result:
     # and the registration it suggests, T(t) @ reference_to_mri (4, 4, Reference mm -> MRI mm),
     # for the operator to accept or not; None while it does not hold. Never applied by regseg.
     suggested_reference_to_mri: np.ndarray | None = None
+    # the sweep behind that consensus: distinct planes since the registration (-1: --consensus
+    # off), and whether the sweep is still to be made (< 6 planes, or corrections no model fits:
+    # nothing has checked the frame's error along its normal); None when off
+    sweep_planes: int = -1
+    sweep_pending: bool | None = None
     # What ``labels`` are (regseg.stream.seg_prior): "network" (the segmentation's own),
     # "network+mri" (pooled with the MRI labels through the registration as a prior,
     # --seg-prior) or "withheld" (none published: no image, no gland or no pose).

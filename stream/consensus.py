@@ -174,6 +174,12 @@ class PlaneConsensus:
             return ("out_of_plane",)
         return ("sweep_pending",) if self.config.strict and self.pending() else ()
 
+    def status(self) -> tuple[int, bool]:
+        """(distinct planes since the registration, :meth:`pending`): what the operator is told
+        in every mode (overlay corner, ZeroMQ ``sweep_planes`` / ``sweep_pending``, OpenIGTLink
+        ``SweepPlanes`` / ``SweepPending``); only ``strict`` turns pending into a flag."""
+        return self.estimate.keyframes, self.pending()
+
     def pending(self) -> bool:
         """Has the sweep not been made yet? Fewer than ``min_keyframes`` distinct planes since the
         registration, or corrections that no model fits (misfit above ``max_residual_mm``). Not

@@ -6,8 +6,10 @@ What the user sees, per frame:
   the MRI lesion — the biopsy target — as a dashed magenta outline with a cross at its centroid
   and a dotted circle of the target margin (the calibrated error bound) around it;
 - a flagged frame: a red border and "UNVERIFIED: <reasons>", and no MRI outlines (they would be
-  shown as truth); an unflagged one: the estimated error in the corner, and "tracking only" when
-  do-no-harm published the tracked plane instead of the registration.
+  shown as truth); an unflagged one: the estimated error in the corner, "tracking only" when
+  do-no-harm published the tracked plane instead of the registration, and "sweep to check depth
+  (k/6 planes)" while the 3-D consensus has not seen the sweep that checks the registration along
+  the planes' normals (regseg.stream.consensus; a flag only with --consensus strict).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import cv2
 import numpy as np
 
+from regseg.stream.consensus import ConsensusConfig
 from regseg.types import LESION
 
 PROSTATE_RGB = (40, 220, 60)  # predicted gland outline
@@ -26,6 +29,7 @@ TARGET_RGB = (255, 60, 255)  # MRI lesion (the biopsy target): dashed outline, c
 FLAG_RGB = (255, 0, 0)
 LESION_ALPHA = 0.35
 DASH = 5  # contour points per dash (and per gap)
+SWEEP_PLANES = ConsensusConfig().min_keyframes  # the distinct planes a sweep needs
 
 
 def _outline(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], width: int) -> None:
@@ -78,7 +82,8 @@ def draw_target(rgb: np.ndarray, warped_labels: np.ndarray, target_ij: tuple[flo
 def compose_overlay(pixels: np.ndarray, labels: np.ndarray, warped_labels: np.ndarray,
                     out: np.ndarray | None = None, *, flags: tuple[str, ...] = (),
                     target_ij: tuple[float, float] | None = None, margin_px: float = math.nan,
-                    error_mm: float = math.nan, tracking_only: bool = False) -> np.ndarray:
+                    error_mm: float = math.nan, tracking_only: bool = False,
+                    sweep: tuple[int, bool | None] = (-1, None)) -> np.ndarray:
     """Burn the labels into an RGB copy of the frame.
 
     Args:
@@ -91,6 +96,8 @@ def compose_overlay(pixels: np.ndarray, labels: np.ndarray, warped_labels: np.nd
         error_mm: the estimated registration error, written in a corner when not flagged.
         tracking_only: the tracked plane was published, not the registration (``--do-no-harm``);
             said in the same corner, so the user knows no correction was applied.
+        sweep: (distinct planes since the registration, sweep still pending) from the 3-D
+            consensus (None: off); while pending, said in the same corner.
     Returns:
         (H, W, 3) uint8 RGB.
     """
@@ -109,7 +116,8 @@ def compose_overlay(pixels: np.ndarray, labels: np.ndarray, warped_labels: np.nd
     else:
         draw_target(rgb, warped_labels, target_ij, margin_px)
         parts = ([f"est. error {error_mm:.1f} mm"] if math.isfinite(error_mm) else []) + (
-            ["tracking only, not registered"] if tracking_only else [])
+            ["tracking only, not registered"] if tracking_only else []) + (
+            [f"sweep to check depth ({sweep[0]}/{SWEEP_PLANES} planes)"] if sweep[1] else [])
         if parts:
             h = rgb.shape[0]
             _text(rgb, ", ".join(parts), (4, h - 6), (255, 255, 255), max(0.35, h / 700))

@@ -359,12 +359,13 @@ class Pipeline:
         flags = check.flags + (("disagreement",) if quality < self.quality_threshold else ())
         if self.lc2 is not None and self.lc2.unsupported(lc2[1]):  # NaN: not computed, no flag
             flags += ("lc2_unsupported",)
-        oop, suggestion = math.nan, None
+        oop, suggestion, sweep = math.nan, None, (-1, None)
         if self.consensus is not None and check.publish_labels:  # tracked, with image and gland
             whole, shift = self._whole(shown)
             oop = self.consensus.assess(self.plane(whole) @ shift, image_to_mri, warped_labels)
             flags += self.consensus.reasons(oop)  # out_of_plane; strict: sweep_pending
             suggestion = self.consensus.suggest(self.reference_to_mri)
+        sweep = sweep if self.consensus is None else self.consensus.status()
         t0 = now_ns()
         timings = {**timings, "quality": timings.get("quality", 0.0) + (t0 - t_q) / 1e6}
         source = "network"
@@ -377,7 +378,7 @@ class Pipeline:
         margin_px = check.margin_mm / float(np.mean(frame.spacing_mm))
         overlay = compose_overlay(shown.pixels, labels, warped_labels, flags=flags,
                                   target_ij=target, margin_px=margin_px, error_mm=check.error_mm,
-                                  tracking_only=tracked_only)
+                                  tracking_only=tracked_only, sweep=sweep)
         end = now_ns()
         timings = {**timings, "overlay": (end - t0) / 1e6, "total": (end - start_ns) / 1e6}
         return Result(
@@ -392,4 +393,5 @@ class Pipeline:
                                  else decision.error_registered_mm),
             lc2_move_mm=lc2[0], lc2_significance=lc2[1], out_of_plane_mm=oop,
             suggested_reference_to_mri=suggestion, labels_source=source,
+            sweep_planes=sweep[0], sweep_pending=sweep[1],
         )

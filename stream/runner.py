@@ -135,7 +135,8 @@ def run_stream(
                       flagged=result.flagged)
             stats.add_trust(result.error_mm, result.flags,
                             getattr(result, "correction", "registered"),
-                            getattr(result, "labels_source", "network"))
+                            getattr(result, "labels_source", "network"),
+                            getattr(result, "sweep_pending", None))
             if result.frame.truth is not None:
                 try:
                     stats.add_accuracy(*frame_accuracy(pipeline, result))

@@ -100,6 +100,7 @@ class StreamStats:
         self.corrections: dict[str, int] = defaultdict(int)
         # what the published labels were (Result.labels_source): network, network+mri, withheld
         self.labels_sources: dict[str, int] = defaultdict(int)
+        self.sweep_pending = 0  # frames before the sweep (regseg.stream.consensus)
         self.frames = 0
         self.failed = 0  # frames the pipeline raised on (the runner counts them and goes on)
         self.sink_errors = 0  # results a sink raised on (the other sinks still got them)
@@ -128,10 +129,13 @@ class StreamStats:
                 self.tre_mm[name].add(value)
 
     def add_trust(self, error_mm: float, flags: tuple[str, ...] = (),
-                  correction: str = "registered", labels_source: str = "network") -> None:
+                  correction: str = "registered", labels_source: str = "network",
+                  sweep_pending: bool | None = None) -> None:
         """Record a frame's estimated registration error (NaN skipped), its flag reasons,
-        which alignment was published (``correction``: registered or tracked) and what its
-        labels were (``labels_source``)."""
+        which alignment was published (``correction``: registered or tracked), what its
+        labels were (``labels_source``) and whether it came before the sweep that checks the
+        registration along the normals (``sweep_pending``; None: no consensus)."""
+        self.sweep_pending += bool(sweep_pending)
         if not math.isnan(error_mm):
             self.error_mm.add(error_mm)
         for reason in flags:
@@ -170,6 +174,8 @@ class StreamStats:
             out["corrections"] = dict(self.corrections)
         if self.labels_sources:
             out["labels_source"] = dict(self.labels_sources)
+        if self.sweep_pending:
+            out["sweep_pending_frames"] = self.sweep_pending
         if extra:
             out.update(extra)
         return out
@@ -214,6 +220,9 @@ def format_summary(summary: dict) -> str:
     if summary.get("labels_source"):  # network, network+mri (--seg-prior), withheld
         sources = "  ".join(f"{k} {v}" for k, v in summary["labels_source"].items())
         lines.append(f"published labels (frames): {sources}")
+    if summary.get("sweep_pending_frames"):  # before the sweep that checks the depth
+        lines.append(f"frames before the sweep (depth not yet checked): "
+                     f"{summary['sweep_pending_frames']}")
     gate = summary.get("gate")
     if gate and (any(gate["refused_frames"].values()) or gate["poses_refused"]):
         refused = "  ".join(f"{k} {v}" for k, v in gate["refused_frames"].items() if v)

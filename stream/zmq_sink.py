@@ -79,6 +79,10 @@ def result_header(result: Result) -> dict:
         # the 3-D consensus of recent frames: this plane's offset along its normal, mm (null:
         # off, or not enough distinct planes yet); above 3 mm the frame is flagged out_of_plane
         "out_of_plane_mm": _number(result.out_of_plane_mm),
+        # the sweep behind it: distinct planes since the registration, and whether the sweep
+        # that checks the registration along the normals is still to be made (null: off)
+        "sweep_planes": None if result.sweep_pending is None else int(result.sweep_planes),
+        "sweep_pending": result.sweep_pending,
         # the registration it suggests (Reference mm -> MRI mm; null: none): never applied here
         "suggested_reference_to_mri": _matrix(result.suggested_reference_to_mri),
         # what the labels part is: "network", "network+mri" (--seg-prior) or "withheld"

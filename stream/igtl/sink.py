@@ -84,7 +84,9 @@ def trust_metadata(result: Result) -> dict[str, str]:
     Correction (registered or tracked) when regseg.stream.do_no_harm ran; Lc2MoveMm (how far the
     image-based refinement moved the plane at the gland) when it applied a move; Lc2Significance
     (its LC2 over the chance level, applied at >= 1.5) when it was computed; OutOfPlaneMm (the
-    3-D consensus's offset of the plane along its normal) when the consensus holds; LabelsSource
+    3-D consensus's offset of the plane along its normal) when the consensus holds; SweepPlanes
+    and SweepPending (the distinct planes since the registration; true while the sweep that checks
+    it along the normals is still to be made) when the consensus runs; LabelsSource
     (network+mri: the labels pooled with the MRI labels as a prior, --seg-prior; withheld) when
     the labels are not the network's own."""
     meta = {"Seq": str(result.frame.seq), "Quality": f"{result.quality:.4f}",
@@ -98,6 +100,9 @@ def trust_metadata(result: Result) -> dict[str, str]:
         meta["Lc2Significance"] = f"{result.lc2_significance:.3f}"
     if math.isfinite(result.out_of_plane_mm):
         meta["OutOfPlaneMm"] = f"{result.out_of_plane_mm:.3f}"
+    if result.sweep_pending is not None:
+        meta["SweepPlanes"] = str(result.sweep_planes)
+        meta["SweepPending"] = "true" if result.sweep_pending else "false"
     if result.labels_source != "network":
         meta["LabelsSource"] = result.labels_source
     return meta

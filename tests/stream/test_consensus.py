@@ -314,3 +314,59 @@ def test_strict_in_the_pipeline_marks_the_first_frame_and_the_wire_carries_it():
     assert result.labels_source == "network"  # the prior is withheld: an image-based flag
     on = build_pipeline(context, engine, deformable=None, lc2="off", consensus="on")
     assert "sweep_pending" not in on(frame).flags
+
+
+def test_the_sweep_status_goes_out_in_every_mode_and_flags_only_in_strict():
+    """``on`` (the default) says, without flagging, that the sweep which checks the registration
+    along the normals is still to be made: Result, ZeroMQ header, OpenIGTLink metadata, the
+    overlay's corner and the run's summary; ``off`` says nothing; a sweep clears it."""
+    from regseg.sim.phantom import make_phantom
+    from regseg.sim.scanner import ScannerConfig, SimulatedScanner
+    from regseg.stream.build import build_engine, build_pipeline
+    from regseg.stream.context import build_context
+    from regseg.stream.igtl.sink import trust_metadata
+    from regseg.stream.overlay import compose_overlay
+    from regseg.stream.stats import StreamStats, format_summary
+    from regseg.stream.zmq_sink import result_header
+
+    phantom = make_phantom(3100)  # a calibration phantom: never an evaluation one
+    context = build_context(phantom.mri, phantom.labels)
+    engine = build_engine(backend="eager", threads=1)
+    frame = SimulatedScanner(phantom, ScannerConfig(), seed=2).frame(40)
+    on = build_pipeline(context, engine, deformable=None, lc2="off", consensus="on")
+    result = on(frame)
+    assert result.sweep_pending is True and result.sweep_planes == 1
+    assert "sweep_pending" not in result.flags  # told, not flagged
+    assert result_header(result)["sweep_pending"] is True
+    assert result_header(result)["sweep_planes"] == 1
+    meta = trust_metadata(result)
+    assert meta["SweepPending"] == "true" and meta["SweepPlanes"] == "1"
+    stats = StreamStats()
+    stats.add_trust(result.error_mm, result.flags, result.correction, result.labels_source,
+                    result.sweep_pending)
+    summary = stats.summary()
+    assert summary["sweep_pending_frames"] == 1
+    assert "frames before the sweep" in format_summary(summary)
+    off = build_pipeline(context, engine, deformable=None, lc2="off", consensus="off")(frame)
+    assert off.sweep_pending is None and off.sweep_planes == -1
+    assert result_header(off)["sweep_pending"] is None and "SweepPending" not in trust_metadata(off)
+    # the sweep: six distinct planes whose corrections a model fits clear it
+    consensus = on.consensus
+    for angle in range(-30, 31, 6):
+        tracked = fan_plane(angle)
+        consensus.update(tracked, tracked, CENTRE)
+    planes, pending = consensus.status()
+    assert planes >= consensus.config.min_keyframes and pending is False
+    # the overlay's corner: written while pending (bright text where the plain one has none),
+    # not after the sweep, and a flagged frame keeps only its UNVERIFIED mark
+    pixels = np.full((256, 256), 40, np.uint8)
+    empty = np.zeros_like(pixels)
+
+    def bright(rgb):  # text pixels in the bottom corner
+        return int((rgb[220:, :].min(axis=-1) > 150).sum())
+
+    assert bright(compose_overlay(pixels, empty, empty, sweep=(2, True))) > 20
+    assert bright(compose_overlay(pixels, empty, empty, sweep=(6, False))) == 0
+    assert bright(compose_overlay(pixels, empty, empty, sweep=(-1, None))) == 0
+    assert bright(compose_overlay(pixels, empty, empty, flags=("error_estimate",),
+                                  sweep=(2, True))) == 0
