@@ -175,7 +175,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         resegment: str = "default", consensus: str = "default", intensity: str = "default",
         seg_window: str = "default", jump_at: str = "default", seg_tta: str = "default",
         seg_prior: str = "default", seeds: dict[str, list[int]] | None = None,
-        warmup: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+        warmup: int = 0, scanner_adapt: str = "default"
+        ) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
 
@@ -183,13 +184,21 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     shipped ones (to compare a retrained model with the same chain); None: the shipped.
     ``seeds``: per family, other phantoms than the evaluation ones (calibration phantoms or
     diagnosis cases, for a rule that must not choose on the evaluation cases). ``warmup``:
-    :func:`sweep_frames` run (not scored) before each level's frames."""
+    :func:`sweep_frames` run (not scored) before each level's frames. ``scanner_adapt``:
+    ``--scanner-adapt``'s mode, built without the background thread (the swap then happens at the
+    same frame in every run)."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
 
     def make_pipeline(context, stage):
+        extra = {}
+        if scanner_adapt != "default" or _has_scanner_adapt():
+            from regseg.stream.scanner_adapt import SCANNER_ADAPT_DEFAULT, build_scanner_adapt
+
+            mode = SCANNER_ADAPT_DEFAULT if scanner_adapt == "default" else scanner_adapt
+            extra["scanner_adapt"] = build_scanner_adapt(mode, background=False)
         pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi,
-                                  lc2=lc2, **{k: v for k, v in (("resegment", resegment),
+                                  lc2=lc2, **extra, **{k: v for k, v in (("resegment", resegment),
                                                                  ("consensus", consensus),
                                                                  ("intensity", intensity),
                                                                  ("seg_window", seg_window),
@@ -260,6 +269,15 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
             for fam in families for lv in levels]
     rows += [noise_row(fam, [r for r in noise_records if r["family"] == fam]) for fam in families]
     return rows, records, noise_records
+
+
+def _has_scanner_adapt() -> bool:
+    """Whether the tree has ``--scanner-adapt`` (a baseline tree may predate it)."""
+    try:
+        import regseg.stream.scanner_adapt  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _capture_factory(**engine_options):
@@ -372,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seg-prior", choices=["default", "on", "gated", "off"], default="default",
                    help="pool the segmentation with the registered MRI labels, as regseg-stream "
                    "--seg-prior (default: its default)")
+    p.add_argument("--scanner-adapt", choices=["default", "on", "segmentation", "off"],
+                   default="default",
+                   help="adapt the TRUS encoder's normalisation to the case's frames, as "
+                   "regseg-stream --scanner-adapt (default: its default)")
     p.add_argument("--jump-at", choices=["default", "frame", "gland"], default="default",
                    help="where the jump flag measures, as regseg-stream --jump-at (default: its "
                    "default)")
@@ -407,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                                consensus=args.consensus, intensity=args.intensity,
                                seg_window=args.seg_window, jump_at=args.jump_at,
                                seg_tta=args.seg_tta, seg_prior=args.seg_prior,
-                               seeds=seeds, warmup=args.warmup)
+                               seeds=seeds, warmup=args.warmup,
+                               scanner_adapt=args.scanner_adapt)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
              for fam in families]
@@ -434,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                    family_b_seeds=list(args.b_seeds or _family_b_seeds())[:phantoms],
                    resegment=args.resegment, consensus=args.consensus,
                    intensity=args.intensity, seg_window=args.seg_window, jump_at=args.jump_at,
-                   seg_tta=args.seg_tta, seg_prior=args.seg_prior, bad_mm=BAD_MM,
+                   seg_tta=args.seg_tta, seg_prior=args.seg_prior,
+                   scanner_adapt=args.scanner_adapt, bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,

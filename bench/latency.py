@@ -108,7 +108,9 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
             *(["--resegment", args.resegment] if getattr(args, "resegment", None) else []),
             *(["--intensity", args.intensity] if getattr(args, "intensity", None) else []),
             *(["--seg-tta", args.seg_tta] if getattr(args, "seg_tta", None) else []),
-            *(["--seg-prior", args.seg_prior] if getattr(args, "seg_prior", None) else [])]
+            *(["--seg-prior", args.seg_prior] if getattr(args, "seg_prior", None) else []),
+            *(["--scanner-adapt", args.scanner_adapt] if getattr(args, "scanner_adapt", None)
+              else [])]
 
 
 def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], scanner,
@@ -198,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--intensity", choices=["match", "off"], default=None,
                     help="regseg-stream --intensity for every regseg variant (default: its "
                     "default)")
+    ap.add_argument("--scanner-adapt", choices=["on", "segmentation", "off"], default=None,
+                    help="regseg-stream --scanner-adapt for every regseg variant (default: its "
+                    "default); its build (a background thread, after the first 12 frames) "
+                    "overlaps the first scored frames, so the row includes its cost")
     ap.add_argument("--json", default="out/bench_latency.json")
     ap.add_argument("--png", default=None, help="histogram (default: JSON path with .png)")
     args = ap.parse_args(argv)
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                lc2=args.lc2 or "default", resegment=args.resegment or "default",
                intensity=args.intensity or "default", seg_tta=args.seg_tta or "default",
                seg_prior=args.seg_prior or "default",
+               scanner_adapt=args.scanner_adapt or "default",
                # REGSEG_NUMBA=0 switches the compiled kernels off (LC2's reslicer: torch's)
                regseg_numba=os.environ.get("REGSEG_NUMBA", "unset (1)"),
                # REGSEG_LC2_KERNELS=0: LC2's search as before session 22 (bench/lc2_kernels.py)

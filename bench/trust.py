@@ -48,6 +48,11 @@ from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES, build_in
 from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_MODES, build_lc2
 from regseg.stream.pipeline import Pipeline
 from regseg.stream.quality import QualityCheck, QualityConfig
+from regseg.stream.scanner_adapt import (
+    SCANNER_ADAPT_DEFAULT,
+    SCANNER_ADAPT_MODES,
+    build_scanner_adapt,
+)
 
 LEVELS_MM = (0.0, 3.0, 5.0, 7.5, 10.0, 15.0, 25.0)
 BAD_MM, GOOD_MM = 5.0, 2.0
@@ -233,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"--intensity (default {INTENSITY_DEFAULT})")
     parser.add_argument("--quality-weights", default=None,
                         help="QualityNet weights (default: the shipped ones)")
+    parser.add_argument("--scanner-adapt", choices=list(SCANNER_ADAPT_MODES),
+                        default=SCANNER_ADAPT_DEFAULT,
+                        help="adapt the TRUS encoder's normalisation to each case's first frames "
+                        f"with content, as regseg-stream --scanner-adapt (default "
+                        f"{SCANNER_ADAPT_DEFAULT}; built at once, not on a thread)")
     parser.add_argument("--deformable-weights", default="plcreg2d",
                         help="PLCReg 2-D weights (default: the shipped ones)")
     parser.add_argument("--compare-thresholds", type=float, nargs="*", default=[],
@@ -258,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                             lc2=build_lc2(context, args.lc2),
                             resegment=RESEGMENT_DEFAULT == "on",
                             consensus=build_consensus(args.consensus),
-                            intensity=build_intensity(args.intensity))
+                            intensity=build_intensity(args.intensity),
+                            scanner_adapt=build_scanner_adapt(args.scanner_adapt,
+                                                              background=False))
         if pipeline.lc2 is not None:
             pipeline.lc2.flag_unsupported = not args.no_lc2_flag
         rng = np.random.default_rng([seed, 99])
@@ -291,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_name(), "date": utc_now(), "load_average": load_average(),
         "family": args.family, "seeds": args.seeds, "warmup": args.warmup,
         "deformable": args.deformable, "lc2": args.lc2, "consensus": args.consensus,
+        "scanner_adapt": args.scanner_adapt,
         "quality_weights": args.quality_weights, "deformable_weights": args.deformable_weights,
         "threshold_mm": pipeline.quality.threshold_mm,
         "quality_calibration": pipeline.quality.calibration_info,

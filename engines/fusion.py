@@ -45,6 +45,7 @@ class FusionEngine:
             self.weights = str(weights or "alignsegnet (shipped)")
         else:
             self.weights = f"{type(model).__name__} (in memory)"
+        self.model = model  # the module the engine was built from (--scanner-adapt copies it)
         size = int(model.config.size)
         self.size = (size, size)
         self.batch = int(batch)  # > 1: several planes per call (multi-start, stream/capture.py)

@@ -68,7 +68,7 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    overlap: bool = False, lc2="default", resegment="default",
                    consensus="default", intensity="default", seg_window="default",
                    jump_at="default", seg_tta="default",
-                   seg_prior="default") -> Pipeline:
+                   seg_prior="default", scanner_adapt="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -86,7 +86,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     each frame's jump (gland: :class:`regseg.stream.temporal.GlandPoints` is set on it);
     ``seg_tta``: ``--seg-tta``'s (flip, off; "default"), with ``resegment`` only);
     ``seg_prior``: ``--seg-prior``'s (on, gated, off: with ``resegment`` and without
-    ``seg_window``; "default": the default mode where those hold, else off)."""
+    ``seg_window``; "default": the default mode where those hold, else off); ``scanner_adapt``:
+    ``--scanner-adapt``'s (on, off; "default"; built on a background thread) or a ScannerAdapt."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
@@ -131,6 +132,14 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                          "segmentation's logits on the whole frame")
     if isinstance(intensity, str):
         intensity = build_intensity(INTENSITY_DEFAULT if intensity == "default" else intensity)
+    if isinstance(scanner_adapt, str):
+        from regseg.stream.scanner_adapt import SCANNER_ADAPT_DEFAULT, build_scanner_adapt
+
+        scanner_adapt = build_scanner_adapt(SCANNER_ADAPT_DEFAULT if scanner_adapt == "default"
+                                            else scanner_adapt)
+    if getattr(scanner_adapt, "scope", None) == "segmentation" and not resegment:
+        raise ValueError("scanner_adapt segmentation needs resegment on: the adapted network "
+                         "runs that segmentation pass")
     from regseg.stream.temporal import JUMP_AT, JUMP_AT_DEFAULT, GlandPoints
 
     jump_at = JUMP_AT_DEFAULT if jump_at == "default" else jump_at
@@ -147,4 +156,4 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                     deformable=deformable, segmenter=segmenter, do_no_harm=do_no_harm, roi=roi,
                     overlap=overlap, lc2=lc2, resegment=resegment, consensus=consensus,
                     intensity=intensity, seg_window=seg_window, seg_tta=seg_tta,
-                    seg_prior=seg_prior, **extra)
+                    seg_prior=seg_prior, scanner_adapt=scanner_adapt, **extra)

@@ -50,8 +50,11 @@ class FrameChain:
     def __init__(self, context: MriContext, engine: FusionEngine,
                  frame_hw: tuple[int, int], *, refine_iterations: int = 1,
                  multi_start: MultiStart | None = None, theta_engine: Any = None,
-                 segmenter: Any = None) -> None:
+                 segmenter: Any = None, seg_engine: Any = None) -> None:
         self.context, self.engine = context, engine
+        # --scanner-adapt segmentation: another AlignSegNet engine (the scanner-adapted one) for
+        # the segmentation at the published plane (resegment) only; None: ``engine``
+        self.seg_engine = seg_engine
         # Optional segmentation stage replacing the U-Net head's logits (--segmenter,
         # regseg.stream.segmenter.Segmenter): (trus, mri, mri_labels, theta) -> logits.
         self.segmenter = segmenter
@@ -124,7 +127,7 @@ class FrameChain:
         engine call (its theta unused), or the segmenter's with the identity correction."""
         inputs = self.prepare(pixels, mats)
         if self.segmenter is None:
-            return self.engine(*inputs)["logits"]
+            return (self.engine if self.seg_engine is None else self.seg_engine)(*inputs)["logits"]
         identity = torch.eye(2, 3, device=self.device)[None]
         return self.segmenter(*inputs, identity)
 

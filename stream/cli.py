@@ -194,7 +194,7 @@ def run(args, stop: threading.Event | None = None,
                                   resegment=args.resegment, consensus=args.consensus,
                                   intensity=args.intensity, seg_window=args.seg_window,
                                   jump_at=args.jump_at, seg_tta=args.seg_tta,
-                                  seg_prior=args.seg_prior)
+                                  seg_prior=args.seg_prior, scanner_adapt=args.scanner_adapt)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -233,6 +233,9 @@ def run(args, stop: threading.Event | None = None,
              "seg_window": args.seg_window,
              "seg_tta": args.seg_tta,
              "seg_prior": pipeline.seg_prior or "off",  # as resolved ("default": README)
+             # --scanner-adapt: whether and from which frame the adapted network ran
+             "scanner_adapt": (pipeline.scanner_adapt.info()
+                               if pipeline.scanner_adapt is not None else "off"),
              # the 3-D consensus at the end: its fitted shift is what SuggestedMRIToRef proposed
              "consensus_estimate": (pipeline.consensus.info() if pipeline.consensus is not None
                                     else None),

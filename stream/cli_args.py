@@ -138,6 +138,11 @@ def check_args(args) -> argparse.Namespace:
         raise InputError(f"--seg-tta {args.seg_tta} with --resegment off: the mirror pass is a "
                          "second run of the segmentation --resegment makes at the published "
                          "plane; use --resegment on or --seg-tta off")
+    if (getattr(args, "scanner_adapt", "off") == "segmentation"
+            and getattr(args, "resegment", "on") == "off"):
+        raise InputError("--scanner-adapt segmentation with --resegment off: the adapted network "
+                         "runs the segmentation --resegment makes at the published plane; use "
+                         "--resegment on, or --scanner-adapt on for the whole network")
     explicit_prior = getattr(args, "seg_prior", "off") not in ("off", "default")
     if explicit_prior and getattr(args, "resegment", "on") == "off":
         raise InputError(f"--seg-prior {args.seg_prior} with --resegment off: the prior is "

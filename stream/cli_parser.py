@@ -219,6 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "read it, undoing gain, TGC and compression differences; the overlay and "
                    "the published frame keep the original pixels "
                    f"(default {INTENSITY_DEFAULT}; README 'Grey levels of another scanner')")
+    from regseg.stream.scanner_adapt import (
+        ADAPT_FRAMES,
+        SCANNER_ADAPT_DEFAULT,
+        SCANNER_ADAPT_MODES,
+    )
+
+    p.add_argument("--scanner-adapt", action=Once, choices=list(SCANNER_ADAPT_MODES),
+                   default=SCANNER_ADAPT_DEFAULT,
+                   help="on: re-estimate the registration network's TRUS-encoder normalisation "
+                   f"(batch-norm statistics) on the first {ADAPT_FRAMES} frames with ultrasound "
+                   "content, build engines from the adapted copy on a background thread and "
+                   "use them from then on; no label, no other weight changes. segmentation: "
+                   "the adapted network for the segmentation at the published plane only "
+                   "(--resegment on), the registration keeping the shipped one "
+                   f"(default {SCANNER_ADAPT_DEFAULT}; README 'Adapting to the case's scanner')")
     from regseg.stream.overlap import OVERLAP_DEFAULT
 
     p.add_argument("--overlap", action=Once, choices=["on", "off"], default=OVERLAP_DEFAULT,

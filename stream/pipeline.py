@@ -72,7 +72,7 @@ class Pipeline:
                  do_no_harm: Any = None, roi: Any = None, overlap: bool = False,
                  lc2: Any = None, resegment: bool = False, consensus: Any = None,
                  intensity: Any = None, seg_window: Any = None, seg_tta: bool = False,
-                 seg_prior: str | None = None) -> None:
+                 seg_prior: str | None = None, scanner_adapt: Any = None) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
@@ -96,10 +96,11 @@ class Pipeline:
         self._quality = quality
         # Optional stages (regseg.stream.*), None when off: --do-no-harm (CorrectionGate), --roi
         # (GlandRoi), --lc2 (Lc2Stage), --consensus (PlaneConsensus: flags out_of_plane),
-        # --intensity (IntensityMatch: the stages read the frame with its grey levels matched;
-        # the overlay, no_content and the Result keep it as received)
+        # --intensity (IntensityMatch: the stages read the frame with its grey levels matched; the
+        # overlay, no_content and the Result keep it as received), --scanner-adapt (ScannerAdapt;
+        # seg_engine: with "segmentation", the adapted network for the resegment pass only)
         self.do_no_harm, self.roi, self.lc2, self.consensus = do_no_harm, roi, lc2, consensus
-        self.intensity = intensity
+        self.intensity, self.scanner_adapt, self.seg_engine = intensity, scanner_adapt, None
         # --resegment: segment in _settle, not in the chain; --seg-window: the GlandRoi whose
         # window that pass runs on; --seg-tta flip: a mirror pass too (regseg.stream.resegment);
         # --seg-prior on|gated: the MRI labels pooled with its logits (stream/seg_prior.py)
@@ -142,7 +143,7 @@ class Pipeline:
         key = (int(frame_hw[0]), int(frame_hw[1]))
         if key not in self._chains:
             self._chains[key] = FrameChain(self.context, self.engine, key,
-                                           segmenter=self.segmenter,
+                                           segmenter=self.segmenter, seg_engine=self.seg_engine,
                                            **self.capture.chain_options())
         return self._chains[key]
 
@@ -227,7 +228,8 @@ class Pipeline:
         tracked = None if self.roi is None else self.plane(frame)
         if tracked is not None:
             frame = self.roi.cut(frame, tracked, self.capture.predicted(frame, tracked))
-        return frame if self.intensity is None else self.intensity.enter(frame)
+        frame = frame if self.intensity is None else self.intensity.enter(frame)
+        return frame if self.scanner_adapt is None else self.scanner_adapt.enter(self, frame)
 
     def _restore(self, result: Result) -> Result:  # a cropped frame's Result onto the frame
         return result if self.roi is None else self.roi.leave(result)

@@ -209,7 +209,10 @@ class Session:
                                            seg_window=args.seg_window,
                                            jump_at=args.jump_at,
                                            seg_tta=args.seg_tta,
-                                           seg_prior=args.seg_prior)
+                                           seg_prior=args.seg_prior,
+                                           # the sessions share batched engines: no per-session
+                                           # network (README "Adapting to the case's scanner")
+                                           scanner_adapt="off")
             self.registration.bind(self.pipeline.set_reference_to_mri)
             self.gate = FrameGate(plan.limits)
         except BaseException:

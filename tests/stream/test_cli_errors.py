@@ -181,6 +181,10 @@ CASES = [
                                                "--seg-prior", "gated"],
      ["--seg-prior gated with --resegment off", "--resegment on or --seg-prior off"]),
     ("prior mode", [*DEMO, "--seg-prior", "maybe"], ["--seg-prior", "maybe", "gated"]),
+    ("adapted segmentation without the segmentation",
+     [*DEMO, "--resegment", "off", "--scanner-adapt", "segmentation"],
+     ["--scanner-adapt segmentation with --resegment off", "--resegment on"]),
+    ("adapt mode", [*DEMO, "--scanner-adapt", "maybe"], ["--scanner-adapt", "maybe"]),
 ]
 
 
