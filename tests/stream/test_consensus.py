@@ -296,18 +296,25 @@ def test_strict_flags_sweep_pending_until_the_sweep_has_formed_the_consensus():
     assert strict.reasons(5.0) == ("out_of_plane",)  # above flag_mm: off, not pending
 
 
-def test_strict_in_the_pipeline_marks_the_first_frame_and_the_wire_carries_it():
+@pytest.fixture(scope="module")
+def one_frame():
+    """(context, engine, frame) of calibration phantom 3100 (never an evaluation one)."""
     from regseg.sim.phantom import make_phantom
     from regseg.sim.scanner import ScannerConfig, SimulatedScanner
-    from regseg.stream.build import build_engine, build_pipeline
+    from regseg.stream.build import build_engine
     from regseg.stream.context import build_context
+
+    phantom = make_phantom(3100)
+    return (build_context(phantom.mri, phantom.labels), build_engine(backend="eager", threads=1),
+            SimulatedScanner(phantom, ScannerConfig(), seed=2).frame(40))
+
+
+def test_strict_in_the_pipeline_marks_the_first_frame_and_the_wire_carries_it(one_frame):
+    from regseg.stream.build import build_pipeline
     from regseg.stream.quality import FLAG_REASONS
 
     assert "sweep_pending" in FLAG_REASONS
-    phantom = make_phantom(3100)  # a calibration phantom: never an evaluation one
-    context = build_context(phantom.mri, phantom.labels)
-    engine = build_engine(backend="eager", threads=1)
-    frame = SimulatedScanner(phantom, ScannerConfig(), seed=2).frame(40)
+    context, engine, frame = one_frame
     strict = build_pipeline(context, engine, deformable=None, lc2="off", consensus="strict")
     result = strict(frame)
     assert "sweep_pending" in result.flags and result.flagged and math.isnan(result.out_of_plane_mm)
@@ -316,23 +323,17 @@ def test_strict_in_the_pipeline_marks_the_first_frame_and_the_wire_carries_it():
     assert "sweep_pending" not in on(frame).flags
 
 
-def test_the_sweep_status_goes_out_in_every_mode_and_flags_only_in_strict():
+def test_the_sweep_status_goes_out_in_every_mode_and_flags_only_in_strict(one_frame):
     """``on`` (the default) says, without flagging, that the sweep which checks the registration
     along the normals is still to be made: Result, ZeroMQ header, OpenIGTLink metadata, the
     overlay's corner and the run's summary; ``off`` says nothing; a sweep clears it."""
-    from regseg.sim.phantom import make_phantom
-    from regseg.sim.scanner import ScannerConfig, SimulatedScanner
-    from regseg.stream.build import build_engine, build_pipeline
-    from regseg.stream.context import build_context
+    from regseg.stream.build import build_pipeline
     from regseg.stream.igtl.sink import trust_metadata
     from regseg.stream.overlay import compose_overlay
     from regseg.stream.stats import StreamStats, format_summary
     from regseg.stream.zmq_sink import result_header
 
-    phantom = make_phantom(3100)  # a calibration phantom: never an evaluation one
-    context = build_context(phantom.mri, phantom.labels)
-    engine = build_engine(backend="eager", threads=1)
-    frame = SimulatedScanner(phantom, ScannerConfig(), seed=2).frame(40)
+    context, engine, frame = one_frame
     on = build_pipeline(context, engine, deformable=None, lc2="off", consensus="on")
     result = on(frame)
     assert result.sweep_pending is True and result.sweep_planes == 1
