@@ -43,7 +43,8 @@ from regseg.stream.quality import QualityConfig, content_score
 #: segmentation: the adapted network for the segmentation at the published plane only
 #: (``--resegment``'s pass), the registration keeping the shipped one (addendum 21)
 SCANNER_ADAPT_MODES = ("on", "segmentation", "off")
-SCANNER_ADAPT_DEFAULT = "off"  # until its rule (bench/results/lc2_predeclared.md, addendum 20)
+#: off: both modes failed their rules (bench/results/lc2_predeclared.md, addenda 20 and 21)
+SCANNER_ADAPT_DEFAULT = "off"
 ADAPT_FRAMES = 12  # frames with content whose statistics are taken (a sweep's worth)
 
 
