@@ -16,13 +16,15 @@ segmentation at the published plane (``--resegment``), so the registration, and 
 checks compare it with, stay those of the shipped network.
 
 Frames before the swap run the shipped network. ``background`` builds the engines on a thread (an
-ONNX export takes seconds on a small CPU) and they are swapped in before the first frame that
-arrives after the build with no frame in flight; without it (the benches, for reproducible runs)
-the frame that completes the set builds them and the next frame runs them. The statistics are
-taken on the frames as the networks see them (after ``--roi``'s window and ``--intensity``'s grey
-levels); a frame without ultrasound content (``no_content``'s test: blank, noise) is not used.
-The adaptation belongs to the stream's scanner, so a new registration keeps it. :meth:`info`
-reports what happened (``--stats-json`` ``scanner_adapt``).
+ONNX export takes seconds on a small CPU); they are swapped in before the first frame that arrives
+after the build while no frame is in flight on the GPU's device rings (with the CPU's
+``--overlap``, the one frame whose second half is on the worker then segments with the new
+network). Without it (the benches, for reproducible runs) the frame that completes the set builds
+them and the next frame runs them. The statistics are taken on the frames as the networks see them
+(after ``--roi``'s window and ``--intensity``'s grey levels); a frame without ultrasound content
+(``no_content``'s test: blank, noise) is not used. The adaptation belongs to the stream's
+scanner, so a new registration keeps it. :meth:`info` reports what happened (``--stats-json``
+``scanner_adapt``).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class ScannerAdapt:
         if self.applied or self.error is not None:
             return frame
         if self._thread is not None or self._built is not None:
-            if (self._thread is None or not self._thread.is_alive()) and not pipeline.in_flight:
+            if (self._thread is None or not self._thread.is_alive()) and not _rings_busy(pipeline):
                 self._swap(pipeline, frame.seq)
             return frame
         if content_score(frame.pixels) < QualityConfig().min_content:
@@ -157,6 +159,12 @@ class ScannerAdapt:
         if "theta" in built:
             capture.theta_engine = built["theta"]
         self.applied_at_seq = int(seq)
+
+
+def _rings_busy(pipeline: Any) -> bool:
+    """Frames in flight in the GPU's device rings, which the swap would drop. (The CPU overlap's
+    worker may be busy: its frame's second half looks its chain up again and runs on.)"""
+    return any(ring.in_flight for ring in pipeline._rings.values())
 
 
 def engines_of(pipeline: Any, segmentation_only: bool = False

@@ -195,3 +195,24 @@ def test_segmentation_scope_adapts_the_segmentation_pass_only(case):
                        resegment="off", scanner_adapt="segmentation")
     with pytest.raises(ValueError, match="scope 'both'"):
         ScannerAdapt(scope="both")
+
+
+def test_the_swap_happens_with_the_cpu_overlap_worker_busy(case):
+    """--overlap on: a frame's second half is nearly always on the worker when the next one is
+    submitted; the swap must not wait for an idle pipeline that never comes."""
+    from regseg.stream.build import build_default_capture, build_engine, build_pipeline
+
+    context, frames = case
+    adapt = ScannerAdapt(frames=2, background=False)
+    pipeline = build_pipeline(context, build_engine(backend="eager", threads=1),
+                              capture=build_default_capture(backend="eager", threads=1),
+                              lc2="off", overlap=True, scanner_adapt=adapt)
+    shipped, results = pipeline.engine, []
+    try:
+        for frame in frames[:5]:
+            results += pipeline.submit(frame)
+        results += pipeline.flush()
+    finally:
+        pipeline.close()
+    assert adapt.applied and pipeline.engine is not shipped
+    assert [r.frame.seq for r in results] == [f.seq for f in frames[:5]]
