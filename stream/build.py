@@ -87,7 +87,7 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     ``seg_tta``: ``--seg-tta``'s (flip, off; "default"), with ``resegment`` only);
     ``seg_prior``: ``--seg-prior``'s (on, gated, off: with ``resegment`` and without
     ``seg_window``; "default": the default mode where those hold, else off); ``scanner_adapt``:
-    ``--scanner-adapt``'s (on, off; "default"; built on a background thread) or a ScannerAdapt."""
+    ``--scanner-adapt``'s (on, segmentation, off; "default"; on a thread) or a ScannerAdapt."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
