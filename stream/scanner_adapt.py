@@ -90,7 +90,7 @@ class ScannerAdapt:
 
     def enter(self, pipeline: Any, frame: Any) -> Any:
         """Called by the Pipeline with each frame as its networks will see it, before it runs:
-        swap in the adapted engines if they are built and no frame is in flight; else take the
+        swap in the adapted engines if they are built (and the GPU's rings are empty); else take the
         frame into the statistics (unless it has no ultrasound content) and build them once
         enough are in. Returns ``frame``."""
         if self.applied or self.error is not None:
@@ -105,13 +105,14 @@ class ScannerAdapt:
         self._trus.append(planes.trus_input(pixels, pipeline.engine.size))
         if len(self._trus) >= self.frames:
             trus, self._trus = torch.cat(self._trus), []
-            jobs = engines_of(pipeline, segmentation_only=self.scope == "segmentation")
+            args = (pipeline.engine.model, trus,
+                    engines_of(pipeline, segmentation_only=self.scope == "segmentation"))
             if self.background:
-                self._thread = threading.Thread(target=self._build, args=(jobs, trus),
+                self._thread = threading.Thread(target=self._build, args=args,
                                                 name="regseg-scanner-adapt", daemon=True)
                 self._thread.start()
             else:  # built now, swapped before the next frame
-                self._build(jobs, trus)
+                self._build(*args)
         return frame
 
     def wait(self) -> None:
@@ -125,17 +126,18 @@ class ScannerAdapt:
                 "build_s": None if self.build_s != self.build_s else round(self.build_s, 2),
                 "error": self.error}
 
-    def _build(self, jobs: dict[str, tuple[Any, dict[str, Any]]], trus: torch.Tensor) -> None:
+    def _build(self, shipped: nn.Module, trus: torch.Tensor,
+               jobs: dict[str, dict[str, Any]]) -> None:
         from regseg.engines.fusion import FusionEngine
 
         start = time.perf_counter()
         try:
-            model = adapted_model(jobs["main"][0].model, trus)
+            model = adapted_model(shipped, trus)
             # built in a private folder that goes when built (the runtime has read it): one
             # case's network is no artifact to keep, and the shared cache would grow per case
             with tempfile.TemporaryDirectory(prefix="regseg-scanner-adapt-") as folder:
                 self._built = {name: FusionEngine(model=model, cache_dir=folder, **options)
-                               for name, (_old, options) in jobs.items()}
+                               for name, options in jobs.items()}
         except Exception as exc:  # noqa: BLE001  (the shipped engines simply stay)
             self.error = f"{type(exc).__name__}: {exc}"
         self.build_s = time.perf_counter() - start
@@ -145,19 +147,18 @@ class ScannerAdapt:
         if built is None:  # the build failed: the shipped network stays, and info() says why
             self.error = self.error or "the adapted engines were not built"
             return
-        # the Pipeline's engines and the chains (and device rings) made with them: nothing is in
-        # flight, so they are simply made again from the new engines on first use
+        # the chains (and device rings) were made with the old engines: they are made again
+        # from the new ones on first use (the GPU's rings are empty; a CPU overlap worker's
+        # frame looks its chain up again)
         pipeline._chains, pipeline._rings = {}, {}
         if self.scope == "segmentation":
             pipeline.seg_engine = built["main"]
-            self.applied_at_seq = int(seq)
-            return
-        pipeline.engine = built["main"]
-        capture = pipeline.capture
-        if "multi_start" in built:
-            capture.multi_start.engine = built["multi_start"]
-        if "theta" in built:
-            capture.theta_engine = built["theta"]
+        else:
+            pipeline.engine = built["main"]
+            if "multi_start" in built:
+                pipeline.capture.multi_start.engine = built["multi_start"]
+            if "theta" in built:
+                pipeline.capture.theta_engine = built["theta"]
         self.applied_at_seq = int(seq)
 
 
@@ -167,10 +168,9 @@ def _rings_busy(pipeline: Any) -> bool:
     return any(ring.in_flight for ring in pipeline._rings.values())
 
 
-def engines_of(pipeline: Any, segmentation_only: bool = False
-               ) -> dict[str, tuple[Any, dict[str, Any]]]:
-    """The AlignSegNet engines ``pipeline`` runs (its own, the capture's multi-start and
-    theta-only ones), each with the FusionEngine arguments that rebuild it as it is;
+def engines_of(pipeline: Any, segmentation_only: bool = False) -> dict[str, dict[str, Any]]:
+    """The FusionEngine arguments (but the model) that rebuild each AlignSegNet engine
+    ``pipeline`` runs as it is: its own, the capture's multi-start and theta-only ones;
     ``segmentation_only``: one like its own that gives the logits alone."""
     def options(engine: Any, outputs: tuple[str, ...]) -> dict[str, Any]:
         return {"backend": engine.backend, "device": engine.device,
@@ -180,14 +180,13 @@ def engines_of(pipeline: Any, segmentation_only: bool = False
     from regseg.engines.fusion import LIVE_OUTPUTS
 
     if segmentation_only:
-        return {"main": (pipeline.engine, options(pipeline.engine, ("logits",)))}
-    jobs = {"main": (pipeline.engine, options(pipeline.engine, LIVE_OUTPUTS))}
+        return {"main": options(pipeline.engine, ("logits",))}
+    jobs = {"main": options(pipeline.engine, LIVE_OUTPUTS)}
     capture = pipeline.capture
     if getattr(capture, "multi_start", None) is not None:
-        ms = capture.multi_start.engine
-        jobs["multi_start"] = (ms, options(ms, LIVE_OUTPUTS))
+        jobs["multi_start"] = options(capture.multi_start.engine, LIVE_OUTPUTS)
     if getattr(capture, "theta_engine", None) is not None:
-        jobs["theta"] = (capture.theta_engine, options(capture.theta_engine, ("theta",)))
+        jobs["theta"] = options(capture.theta_engine, ("theta",))
     return jobs
 
 
