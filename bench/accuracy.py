@@ -46,6 +46,7 @@ from accuracy_scoring import (  # noqa: E402,F401  (re-exported: other benches a
     NOISE_GLAND_MM2,
     _nan,
     case_intervals,
+    estimate_check_verdicts,
     estimate_of,
     flag_rates,
     flag_reasons,
@@ -175,7 +176,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         resegment: str = "default", consensus: str = "default", intensity: str = "default",
         seg_window: str = "default", jump_at: str = "default", seg_tta: str = "default",
         seg_prior: str = "default", seeds: dict[str, list[int]] | None = None,
-        warmup: int = 0, scanner_adapt: str = "default"
+        warmup: int = 0, scanner_adapt: str = "default", estimate_check: str = "default"
         ) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
@@ -186,7 +187,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     diagnosis cases, for a rule that must not choose on the evaluation cases). ``warmup``:
     :func:`sweep_frames` run (not scored) before each level's frames. ``scanner_adapt``:
     ``--scanner-adapt``'s mode, built without the background thread (the swap then happens at the
-    same frame in every run)."""
+    same frame in every run). ``estimate_check``: ``--estimate-check``'s mode."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
 
@@ -197,6 +198,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
 
             mode = SCANNER_ADAPT_DEFAULT if scanner_adapt == "default" else scanner_adapt
             extra["scanner_adapt"] = build_scanner_adapt(mode, background=False)
+        if estimate_check != "default":
+            extra["estimate_check"] = estimate_check
         pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi,
                                   lc2=lc2, **extra, **{k: v for k, v in (("resegment", resegment),
                                                                  ("consensus", consensus),
@@ -209,7 +212,9 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         if quality_weights is not None:  # the Pipeline makes the shipped one on first use
             from regseg.stream.quality import QualityCheck, QualityConfig
 
+            check = pipeline.quality.self_check if _has_estimate_check() else None
             pipeline._quality = QualityCheck(context, QualityConfig(weights=quality_weights))
+            pipeline._quality.self_check = check
         return pipeline
 
     engine = build_engine(backend=backend, device=device, threads=threads)
@@ -269,6 +274,15 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
             for fam in families for lv in levels]
     rows += [noise_row(fam, [r for r in noise_records if r["family"] == fam]) for fam in families]
     return rows, records, noise_records
+
+
+def _has_estimate_check() -> bool:
+    """Whether the tree has ``--estimate-check`` (a baseline tree may predate it)."""
+    try:
+        import regseg.stream.estimate_check  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _has_scanner_adapt() -> bool:
@@ -394,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
                    default="default",
                    help="adapt the TRUS encoder's normalisation to the case's frames, as "
                    "regseg-stream --scanner-adapt (default: its default)")
+    p.add_argument("--estimate-check", choices=["default", "on", "inform", "off"],
+                   default="default",
+                   help="check the error estimate on each run's first frames against a known "
+                   "4 mm displacement, as regseg-stream --estimate-check (default: its default)")
     p.add_argument("--jump-at", choices=["default", "frame", "gland"], default="default",
                    help="where the jump flag measures, as regseg-stream --jump-at (default: its "
                    "default)")
@@ -430,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                                seg_window=args.seg_window, jump_at=args.jump_at,
                                seg_tta=args.seg_tta, seg_prior=args.seg_prior,
                                seeds=seeds, warmup=args.warmup,
-                               scanner_adapt=args.scanner_adapt)
+                               scanner_adapt=args.scanner_adapt,
+                               estimate_check=args.estimate_check)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
              for fam in families]
@@ -449,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flag reasons, family {fam}: " + "; ".join(
             f"{k} frames {v['frames']}: " + ", ".join(f"{r} {n}" for r, n in v.items()
                                                       if r != "frames") for k, v in by.items()))
+    for fam, counts in estimate_check_verdicts(records).items():
+        print(f"--estimate-check, family {fam}, runs ending: "
+              + ", ".join(f"{k} {n}" for k, n in counts.items()))
     if args.json:
         write_json(args.json, "accuracy", rows, argv, device=device_name(args.device),
                    quick=args.quick, deformable=args.deformable, backend=args.backend,
@@ -458,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                    resegment=args.resegment, consensus=args.consensus,
                    intensity=args.intensity, seg_window=args.seg_window, jump_at=args.jump_at,
                    seg_tta=args.seg_tta, seg_prior=args.seg_prior,
-                   scanner_adapt=args.scanner_adapt, bad_mm=BAD_MM,
+                   scanner_adapt=args.scanner_adapt, estimate_check=args.estimate_check,
+                   estimate_check_verdicts=estimate_check_verdicts(records), bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,

@@ -57,7 +57,24 @@ def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
             "lc2_move_mm": float(getattr(result, "lc2_move_mm", math.nan)),
             "lc2_significance": float(getattr(result, "lc2_significance", math.nan)),
             "lesion_in_truth": bool((frame.truth.labels == 2).any()),
+            "estimate_check": getattr(result, "estimate_check", None),
             "total_ms": float(result.timings_ms.get("total", math.nan))}
+
+
+def estimate_check_verdicts(frames: list[dict]) -> dict[str, dict[str, int]]:
+    """Per family, how many runs (phantom and level) ended with each ``--estimate-check``
+    status (``verified``, ``unverified``, ``pending`` when too few frames had the gland in view);
+    empty where the check was off or the tree predates it."""
+    last: dict[tuple, str] = {}
+    for f in frames:
+        status = f.get("estimate_check")
+        if status is not None:
+            last[(f["family"], f["phantom"], f["error_level"])] = status.split(" ")[0]
+    out: dict[str, dict[str, int]] = {}
+    for (family, _, _), status in sorted(last.items()):
+        out.setdefault(family, {}).setdefault(status, 0)
+        out[family][status] += 1
+    return out
 
 
 def _threshold_of(pipeline: Any) -> float:

@@ -44,6 +44,11 @@ from regseg.stream.consensus import BENCH_MODES as CONSENSUS_BENCH_MODES
 from regseg.stream.consensus import CONSENSUS_DEFAULT, CONSENSUS_MODES, build_consensus
 from regseg.stream.context import build_context
 from regseg.stream.deformable import DeformableStage
+from regseg.stream.estimate_check import (
+    ESTIMATE_CHECK_DEFAULT,
+    ESTIMATE_CHECK_MODES,
+    build_estimate_check,
+)
 from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES, build_intensity
 from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_MODES, build_lc2
 from regseg.stream.pipeline import Pipeline
@@ -243,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="adapt the TRUS encoder's normalisation to each case's first frames "
                         f"with content, as regseg-stream --scanner-adapt (default "
                         f"{SCANNER_ADAPT_DEFAULT}; built at once, not on a thread)")
+    parser.add_argument("--estimate-check", choices=list(ESTIMATE_CHECK_MODES),
+                        default=ESTIMATE_CHECK_DEFAULT,
+                        help="check the error estimate on each case's first frames against a "
+                        "known 4 mm displacement, as regseg-stream --estimate-check (default "
+                        f"{ESTIMATE_CHECK_DEFAULT})")
     parser.add_argument("--deformable-weights", default="plcreg2d",
                         help="PLCReg 2-D weights (default: the shipped ones)")
     parser.add_argument("--compare-thresholds", type=float, nargs="*", default=[],
@@ -271,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                             intensity=build_intensity(args.intensity),
                             scanner_adapt=build_scanner_adapt(args.scanner_adapt,
                                                               background=False))
+        quality.self_check = build_estimate_check(args.estimate_check)
         if pipeline.lc2 is not None:
             pipeline.lc2.flag_unsupported = not args.no_lc2_flag
         rng = np.random.default_rng([seed, 99])
@@ -286,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                              "flagged": result.flagged,
                              "lc2_significance": result.lc2_significance,
                              "out_of_plane_mm": result.out_of_plane_mm,
-                             "lc2_move_mm": result.lc2_move_mm})
+                             "lc2_move_mm": result.lc2_move_mm,
+                             "estimate_check": result.estimate_check})
         pipeline.set_reference_to_mri(np.eye(4))
         for k, frame in enumerate(frames[:12]):
             kind = ("uniform", "gaussian", "speckle", "speckle_fan")[k % 4]
@@ -303,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_name(), "date": utc_now(), "load_average": load_average(),
         "family": args.family, "seeds": args.seeds, "warmup": args.warmup,
         "deformable": args.deformable, "lc2": args.lc2, "consensus": args.consensus,
-        "scanner_adapt": args.scanner_adapt,
+        "scanner_adapt": args.scanner_adapt, "estimate_check": args.estimate_check,
+        "estimate_check_verdicts": {str(seed): next((r["estimate_check"] for r in reversed(rows)
+                                                     if r["seed"] == seed), None)
+                                    for seed in args.seeds},
         "quality_weights": args.quality_weights, "deformable_weights": args.deformable_weights,
         "threshold_mm": pipeline.quality.threshold_mm,
         "quality_calibration": pipeline.quality.calibration_info,

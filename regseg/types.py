@@ -94,6 +94,9 @@ class Result:
     # nothing has checked the frame's error along its normal); None when off
     sweep_planes: int = -1
     sweep_pending: bool | None = None
+    # --estimate-check (regseg.stream.estimate_check): "pending k/N" until the error estimate has
+    # been checked on the stream's first frames, then "verified" or "unverified"; None when off
+    estimate_check: str | None = None
     # What ``labels`` are (regseg.stream.seg_prior): "network" (the segmentation's own),
     # "network+mri" (pooled with the MRI labels through the registration as a prior,
     # --seg-prior) or "withheld" (none published: no image, no gland or no pose).

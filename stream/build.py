@@ -68,7 +68,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    overlap: bool = False, lc2="default", resegment="default",
                    consensus="default", intensity="default", seg_window="default",
                    jump_at="default", seg_tta="default",
-                   seg_prior="default", scanner_adapt="default") -> Pipeline:
+                   seg_prior="default", scanner_adapt="default",
+                   estimate_check="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -87,7 +88,9 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     ``seg_tta``: ``--seg-tta``'s (flip, off; "default"), with ``resegment`` only);
     ``seg_prior``: ``--seg-prior``'s (on, gated, off: with ``resegment`` and without
     ``seg_window``; "default": the default mode where those hold, else off); ``scanner_adapt``:
-    ``--scanner-adapt``'s (on, segmentation, off; "default"; on a thread) or a ScannerAdapt."""
+    ``--scanner-adapt``'s (on, segmentation, off; "default"; on a thread) or a ScannerAdapt;
+    ``estimate_check``: ``--estimate-check``'s (on, inform, off; "default") or an
+    EstimateCheck, set on the Pipeline's QualityCheck."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
@@ -152,8 +155,17 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
         mode = DO_NO_HARM_DEFAULT if do_no_harm == "default" else do_no_harm
         margin = MARGIN_MM if do_no_harm_margin_mm is None else do_no_harm_margin_mm
         do_no_harm = build_gate(mode, margin)
-    return Pipeline(context, engine, reference_to_mri=reference_to_mri, cuda_graph=cuda_graph,
-                    deformable=deformable, segmenter=segmenter, do_no_harm=do_no_harm, roi=roi,
-                    overlap=overlap, lc2=lc2, resegment=resegment, consensus=consensus,
-                    intensity=intensity, seg_window=seg_window, seg_tta=seg_tta,
-                    seg_prior=seg_prior, scanner_adapt=scanner_adapt, **extra)
+    if isinstance(estimate_check, str):
+        from regseg.stream.estimate_check import ESTIMATE_CHECK_DEFAULT, build_estimate_check
+
+        estimate_check = build_estimate_check(ESTIMATE_CHECK_DEFAULT if estimate_check
+                                              == "default" else estimate_check)
+    pipeline = Pipeline(context, engine, reference_to_mri=reference_to_mri,
+                        cuda_graph=cuda_graph, deformable=deformable, segmenter=segmenter,
+                        do_no_harm=do_no_harm, roi=roi, overlap=overlap, lc2=lc2,
+                        resegment=resegment, consensus=consensus, intensity=intensity,
+                        seg_window=seg_window, seg_tta=seg_tta, seg_prior=seg_prior,
+                        scanner_adapt=scanner_adapt, **extra)
+    if estimate_check is not None:  # on the QualityCheck, which every frame's assessment runs
+        pipeline.quality.self_check = estimate_check
+    return pipeline

@@ -194,7 +194,8 @@ def run(args, stop: threading.Event | None = None,
                                   resegment=args.resegment, consensus=args.consensus,
                                   intensity=args.intensity, seg_window=args.seg_window,
                                   jump_at=args.jump_at, seg_tta=args.seg_tta,
-                                  seg_prior=args.seg_prior, scanner_adapt=args.scanner_adapt)
+                                  seg_prior=args.seg_prior, scanner_adapt=args.scanner_adapt,
+                                  estimate_check=args.estimate_check)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -236,6 +237,9 @@ def run(args, stop: threading.Event | None = None,
              # --scanner-adapt: whether and from which frame the adapted network ran
              "scanner_adapt": (pipeline.scanner_adapt.info()
                                if pipeline.scanner_adapt is not None else "off"),
+             # --estimate-check: the error estimate's own check on this stream's frames
+             "estimate_check": (pipeline.quality.self_check.info()
+                                if pipeline.quality.self_check is not None else "off"),
              # the 3-D consensus at the end: its fitted shift is what SuggestedMRIToRef proposed
              "consensus_estimate": (pipeline.consensus.info() if pipeline.consensus is not None
                                     else None),

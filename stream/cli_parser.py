@@ -234,6 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "the adapted network for the segmentation at the published plane only "
                    "(--resegment on), the registration keeping the shipped one "
                    f"(default {SCANNER_ADAPT_DEFAULT}; README 'Adapting to the case's scanner')")
+    from regseg.stream.estimate_check import (
+        CHECK_FRAMES,
+        ESTIMATE_CHECK_DEFAULT,
+        ESTIMATE_CHECK_MODES,
+        SHIFT_MM,
+    )
+
+    p.add_argument("--estimate-check", action=Once, choices=list(ESTIMATE_CHECK_MODES),
+                   default=ESTIMATE_CHECK_DEFAULT,
+                   help=f"on the first {CHECK_FRAMES} frames with the gland in view, check that "
+                   "the error estimate tells each frame's published plane from the same plane "
+                   f"displaced by a known {SHIFT_MM:g} mm; on: if it does not (a scanner it does "
+                   "not read), flag every later frame estimate_unverified; inform: report the "
+                   "verdict only (ZeroMQ estimate_check, OpenIGTLink EstimateCheck, "
+                   f"--stats-json) (default {ESTIMATE_CHECK_DEFAULT}; README 'The error "
+                   "estimate checks itself')")
     from regseg.stream.overlap import OVERLAP_DEFAULT
 
     p.add_argument("--overlap", action=Once, choices=["on", "off"], default=OVERLAP_DEFAULT,

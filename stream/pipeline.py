@@ -34,10 +34,8 @@ from regseg.stream.resegment import segment_published
 from regseg.stream.seg_prior import pooled_labels, prior_applies
 from regseg.types import Frame, Result
 
-#: Stage names, in order, as they appear in ``Result.timings_ms`` (plus ``total``).
-STAGES = ("prepare", "model", "warp_labels", "segment", "overlay")
-#: Host stages after the chain (``quality``: regseg.stream.quality; the overlay follows it).
-HOST_STAGES = ("quality",)
+STAGES = ("prepare", "model", "warp_labels", "segment", "overlay")  # Result.timings_ms + total
+HOST_STAGES = ("quality",)  # host stages after the chain (regseg.stream.quality), then overlay
 #: How often to collect finished frames while some are in flight: the GPU ring's hand-offs every
 #: 0.25 ms; the CPU overlap's worker every 1 ms (each wake-up takes the GIL from the two threads
 #: doing the work; a Result waits 0.5 ms on average).
@@ -368,6 +366,8 @@ class Pipeline:
             flags += self.consensus.reasons(oop)  # out_of_plane; strict: sweep_pending
             suggestion = self.consensus.suggest(self.reference_to_mri)
         sweep = sweep if self.consensus is None else self.consensus.status()
+        flags, estimate_check = self.quality.self_checked(frame.pixels, image_to_mri,
+                                                          frame.spacing_mm, flags)
         t0 = now_ns()
         timings = {**timings, "quality": timings.get("quality", 0.0) + (t0 - t_q) / 1e6}
         source = "network"
@@ -395,5 +395,5 @@ class Pipeline:
                                  else decision.error_registered_mm),
             lc2_move_mm=lc2[0], lc2_significance=lc2[1], out_of_plane_mm=oop,
             suggested_reference_to_mri=suggestion, labels_source=source,
-            sweep_planes=sweep[0], sweep_pending=sweep[1],
+            sweep_planes=sweep[0], sweep_pending=sweep[1], estimate_check=estimate_check,
         )

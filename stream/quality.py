@@ -20,6 +20,11 @@ A frame is published as truth only when nothing here doubts it. Flag reasons (``
 - ``sweep_pending`` (set by the Pipeline, with ``--consensus strict`` only): the probe has not
   swept since the registration (too few distinct planes yet, or corrections no model fits), so
   nothing has verified the frame's error along its normal.
+- ``estimate_unverified`` (set by the Pipeline, with ``--estimate-check on``; the default
+  ``inform`` reports the verdict without flagging): on this stream's first frames the error
+  estimate did not tell the published plane from the same plane displaced by a known 4 mm, so it
+  cannot vouch for any frame (regseg.stream.estimate_check); every frame after that verdict is
+  flagged.
 - ``lc2_unsupported`` (set by the Pipeline, with ``--lc2``): the image-based refinement found no
   alignment the ultrasound supports clearly better than the MRI displaced 12 mm (significance
   below 1.5; regseg.stream.lc2_stage). Not learnt, so it does not share QualityNet's blind spots.
@@ -36,6 +41,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -46,12 +52,13 @@ from torch import Tensor
 from regseg import planes, spatial
 from regseg.models.qualitynet import WEIGHTS, chain_key, load_qualitynet
 from regseg.stream.context import MriContext
+from regseg.stream.estimate_check import DOUBTS
 from regseg.types import LESION
 
 log = logging.getLogger(__name__)
 
 FLAG_REASONS = ("untracked", "no_content", "no_gland", "error_estimate", "jump", "disagreement",
-                "lc2_unsupported", "out_of_plane", "sweep_pending")
+                "lc2_unsupported", "out_of_plane", "sweep_pending", "estimate_unverified")
 CONTENT_SIZE = 256  # content_score measures blocks of CONTENT_BLOCK pixels at this frame size
 CONTENT_BLOCK = 8
 
@@ -198,6 +205,8 @@ class QualityCheck:
         self.estimator = ErrorEstimator(context, config.weights)
         self.chain: str | None = None
         self.calibration_info: dict = {}
+        #: --estimate-check (regseg.stream.estimate_check.EstimateCheck), None when off
+        self.self_check: Any = None
         self._use(self.estimator.calibration, chain=None, matched=None)
         if chain is not None:
             self.bind_chain(chain)
@@ -280,6 +289,20 @@ class QualityCheck:
             flags.append("jump")
         return Assessment(error_mm=error, margin_mm=self.margin_factor * error,
                           seg_confidence=seg_conf, content=content, flags=tuple(flags))
+
+    def self_checked(self, pixels: np.ndarray, image_to_mri: np.ndarray,
+                     spacing_mm: tuple[float, float], flags: tuple[str, ...]
+                     ) -> tuple[tuple[str, ...], str | None]:
+        """``--estimate-check`` (:attr:`self_check`): the frame, with all its other flags, into
+        the error estimate's own check; returns (``flags`` plus the check's, its status: None
+        when off). Only a frame that no flag but the estimate's own doubts is taken in
+        (regseg.stream.estimate_check.DOUBTS)."""
+        check = self.self_check
+        if check is None:
+            return flags, None
+        reasons = check.enter(self.estimator, pixels, image_to_mri, spacing_mm,
+                              usable=not (DOUBTS & set(flags)))
+        return flags + reasons, check.status
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:

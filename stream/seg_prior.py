@@ -51,10 +51,11 @@ SEG_PRIOR_DEFAULT = "gated"
 #: cases 5132-5135 and calibration phantoms 3448-3451 among sigma 1.0 / 1.5 / 2.5, eps 0.02 / 0.05
 #: / 0.15 and weight 1 / 0.5 / 0.25 / 0.1 (README "Segmenting at the published plane").
 SIGMA_MM, EPS, NET_WEIGHT = 1.0, 0.02, 0.5
-#: ``gated``: flags that leave the prior on. The error estimate's alone does not gate it (on an
-#: unfamiliar scanner it fires on most good frames, README "The error estimate and the flags");
-#: the image-based ones (lc2_unsupported, jump, out_of_plane, disagreement) do.
-UNGATED_FLAGS = frozenset({"error_estimate"})
+#: ``gated``: flags that leave the prior on. The error estimate's do not gate it (on an unfamiliar
+#: scanner it fires on most good frames, README "The error estimate and the flags"; nor its own
+#: check's, regseg.stream.estimate_check); the image-based ones (lc2_unsupported, jump,
+#: out_of_plane, disagreement) do.
+UNGATED_FLAGS = frozenset({"error_estimate", "estimate_unverified"})
 
 
 def displaced_probability(mask: np.ndarray, spacing_mm: tuple[float, float], sigma_mm: float,

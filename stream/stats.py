@@ -223,6 +223,14 @@ def format_summary(summary: dict) -> str:
     if summary.get("sweep_pending_frames"):  # before the sweep that checks the depth
         lines.append(f"frames before the sweep (depth not yet checked): "
                      f"{summary['sweep_pending_frames']}")
+    check = summary.get("estimate_check")
+    if isinstance(check, dict):  # --estimate-check (regseg.stream.estimate_check)
+        rank = "" if check.get("rank") is None else (
+            f": {check['rank']:.2f} of displaced planes estimated worse, {check['min_rank']:.2f} "
+            f"needed, {check['frames']} frames")
+        lines.append(f"error estimate's own check: {check['status']}{rank}"
+                     + ("; every later frame flagged estimate_unverified"
+                        if check["status"] == "unverified" and check.get("flag") else ""))
     gate = summary.get("gate")
     if gate and (any(gate["refused_frames"].values()) or gate["poses_refused"]):
         refused = "  ".join(f"{k} {v}" for k, v in gate["refused_frames"].items() if v)

@@ -105,6 +105,8 @@ def trust_metadata(result: Result) -> dict[str, str]:
         meta["SweepPending"] = "true" if result.sweep_pending else "false"
     if result.labels_source != "network":
         meta["LabelsSource"] = result.labels_source
+    if getattr(result, "estimate_check", None) is not None:  # --estimate-check's status
+        meta["EstimateCheck"] = result.estimate_check
     return meta
 
 
