@@ -63,7 +63,7 @@ def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
 
 def estimate_check_verdicts(frames: list[dict]) -> dict[str, dict[str, int]]:
     """Per family, how many runs (phantom and level) ended with each ``--estimate-check``
-    status (``verified``, ``unverified``, ``pending`` when too few frames had the gland in view);
+    status (``passed``, ``failed``, ``pending`` when too few frames had the gland in view);
     empty where the check was off or the tree predates it."""
     last: dict[tuple, str] = {}
     for f in frames:

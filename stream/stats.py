@@ -230,7 +230,7 @@ def format_summary(summary: dict) -> str:
             f"needed, {check['frames']} frames")
         lines.append(f"error estimate's own check: {check['status']}{rank}"
                      + ("; every later frame flagged estimate_unverified"
-                        if check["status"] == "unverified" and check.get("flag") else ""))
+                        if check["status"] == "failed" and check.get("flag") else ""))
     gate = summary.get("gate")
     if gate and (any(gate["refused_frames"].values()) or gate["poses_refused"]):
         refused = "  ".join(f"{k} {v}" for k, v in gate["refused_frames"].items() if v)

@@ -83,8 +83,8 @@ def result_header(result: Result) -> dict:
         # that checks the registration along the normals is still to be made (null: off)
         "sweep_planes": None if result.sweep_pending is None else int(result.sweep_planes),
         "sweep_pending": result.sweep_pending,
-        # --estimate-check: "pending k/N", "verified" or "unverified" (null: off); after
-        # "unverified" (and --estimate-check on) every frame is flagged estimate_unverified
+        # --estimate-check: "pending k/N", "passed" or "failed" (null: off); after
+        # "failed" (and --estimate-check on) every frame is flagged estimate_unverified
         "estimate_check": getattr(result, "estimate_check", None),
         # the registration it suggests (Reference mm -> MRI mm; null: none): never applied here
         "suggested_reference_to_mri": _matrix(result.suggested_reference_to_mri),

@@ -52,7 +52,7 @@ def _spacing(frame):
     return tuple(float(s) for s in frame.spacing_mm)
 
 
-def test_the_shipped_estimate_is_verified_on_its_own_scanner_and_a_blind_one_is_not(case):
+def test_the_shipped_estimate_passes_on_its_own_scanner_and_a_blind_one_fails(case):
     from regseg.stream.quality import ErrorEstimator
 
     context, frames = case
@@ -63,7 +63,7 @@ def test_the_shipped_estimate_is_verified_on_its_own_scanner_and_a_blind_one_is_
         assert check.enter(real, f.pixels, f.truth.image_to_mri, _spacing(f), True) == ()
         statuses.append(check.status)
     assert statuses[0] == f"pending 1/{CHECK_FRAMES}"
-    assert statuses[-1] == "verified" and check.rank >= 0.95  # measured 1.0 here
+    assert statuses[-1] == "passed" and check.rank >= 0.95  # measured 1.0 here
     assert check.info()["median_gap_mm"] > 1.0
 
     blind = EstimateCheck()
@@ -73,7 +73,7 @@ def test_the_shipped_estimate_is_verified_on_its_own_scanner_and_a_blind_one_is_
     f = frames[CHECK_FRAMES - 1]
     assert blind.enter(Blind(real), f.pixels, f.truth.image_to_mri, _spacing(f), True) == (
         "estimate_unverified",)
-    assert blind.status == "unverified" and blind.rank == 0.5  # all ties
+    assert blind.status == "failed" and blind.rank == 0.5  # all ties
     # the verdict stays: later frames are flagged without being estimated again
     f = frames[-1]
     assert blind.enter(None, f.pixels, f.truth.image_to_mri, _spacing(f), True) == (
@@ -82,7 +82,7 @@ def test_the_shipped_estimate_is_verified_on_its_own_scanner_and_a_blind_one_is_
     inform = EstimateCheck(flag=False)
     for f in frames[:CHECK_FRAMES]:
         assert inform.enter(Blind(real), f.pixels, f.truth.image_to_mri, _spacing(f), True) == ()
-    assert inform.status == "unverified"
+    assert inform.status == "failed"
 
 
 def test_frames_without_a_pose_content_or_gland_in_view_do_not_count(case):
@@ -138,9 +138,9 @@ def test_modes_and_settings_are_checked():
         EstimateCheck(min_rank=1.5)
 
 
-def test_the_pipeline_reports_the_status_and_flags_after_an_unverified_verdict(case):
+def test_the_pipeline_reports_the_status_and_flags_after_a_failed_verdict(case):
     """Default pipeline: the status on the Result, the ZeroMQ header and the OpenIGTLink metadata;
-    with ``on`` an unverified verdict flags every later frame, with ``inform`` (the default) it
+    with ``on`` a failed verdict flags every later frame, with ``inform`` (the default) it
     is reported only; ``off`` says nothing."""
     from regseg.stream.build import build_engine, build_pipeline
     from regseg.stream.igtl.sink import trust_metadata
@@ -163,15 +163,15 @@ def test_the_pipeline_reports_the_status_and_flags_after_an_unverified_verdict(c
     assert [r.estimate_check for r in results[:CHECK_FRAMES - 1]] == [
         f"pending {k}/{CHECK_FRAMES}" for k in range(1, CHECK_FRAMES)]
     assert all("estimate_unverified" not in r.flags for r in results[:CHECK_FRAMES - 1])
-    assert all(r.estimate_check == "unverified" and "estimate_unverified" in r.flags
+    assert all(r.estimate_check == "failed" and "estimate_unverified" in r.flags
                and r.flagged for r in results[CHECK_FRAMES - 1:])
-    assert blinded.quality.self_check.info()["status"] == "unverified"
+    assert blinded.quality.self_check.info()["status"] == "failed"
 
     # inform (the default): the same verdict, reported, and no frame flagged for it
     informed = build_pipeline(context, engine, deformable=None, lc2="off")
     informed.quality.estimator = Blind(informed.quality.estimator)
     results = [informed(f) for f in frames]
-    assert results[-1].estimate_check == "unverified"
+    assert results[-1].estimate_check == "failed"
     assert not any("estimate_unverified" in r.flags for r in results)
 
     off = build_pipeline(context, engine, deformable=None, lc2="off", estimate_check="off")
@@ -181,7 +181,7 @@ def test_the_pipeline_reports_the_status_and_flags_after_an_unverified_verdict(c
 
 
 def test_the_cli_reports_the_verdict_in_its_summary(tmp_path, capsys):
-    """The demo (family A, the scanner the estimate was trained on): verified, in --stats-json
+    """The demo (family A, the scanner the estimate was trained on): passed, in --stats-json
     and in the printed summary; the parser takes the modes."""
     import json
 
@@ -199,18 +199,18 @@ def test_the_cli_reports_the_verdict_in_its_summary(tmp_path, capsys):
     out = capsys.readouterr()
     assert code == 0, out.err
     info = json.loads(stats_path.read_text())["estimate_check"]
-    assert info["status"] == "verified" and info["frames"] == CHECK_FRAMES
+    assert info["status"] == "passed" and info["frames"] == CHECK_FRAMES
     assert info["rank"] >= info["min_rank"]
-    assert "error estimate's own check: verified" in out.out
+    assert "error estimate's own check: passed" in out.out
 
 
 def test_the_summary_says_when_every_later_frame_is_flagged():
     from regseg.stream.stats import format_summary
 
     base = {"frames": 0, "skipped": 0, "flagged": 0, "fps": None}
-    info = {"status": "unverified", "flag": True, "frames": 12, "min_rank": 0.85, "rank": 0.6}
+    info = {"status": "failed", "flag": True, "frames": 12, "min_rank": 0.85, "rank": 0.6}
     text = format_summary({**base, "estimate_check": info})
-    assert ("error estimate's own check: unverified: 0.60 of displaced planes estimated worse, "
+    assert ("error estimate's own check: failed: 0.60 of displaced planes estimated worse, "
             "0.85 needed, 12 frames; every later frame flagged estimate_unverified") in text
     assert "every later frame" not in format_summary(
         {**base, "estimate_check": {**info, "flag": False}})
