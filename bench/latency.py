@@ -110,7 +110,9 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
             *(["--seg-tta", args.seg_tta] if getattr(args, "seg_tta", None) else []),
             *(["--seg-prior", args.seg_prior] if getattr(args, "seg_prior", None) else []),
             *(["--scanner-adapt", args.scanner_adapt] if getattr(args, "scanner_adapt", None)
-              else [])]
+              else []),
+            *(["--estimate-check", args.estimate_check]
+              if getattr(args, "estimate_check", None) else [])]
 
 
 def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], scanner,
@@ -204,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="regseg-stream --scanner-adapt for every regseg variant (default: its "
                     "default); its build (a background thread, after the first 12 frames) "
                     "overlaps the first scored frames, so the row includes its cost")
+    ap.add_argument("--estimate-check", choices=["on", "inform", "off"], default=None,
+                    help="regseg-stream --estimate-check for every regseg variant (default: its "
+                    "default); it runs on the first 12 frames no other check doubts")
     ap.add_argument("--json", default="out/bench_latency.json")
     ap.add_argument("--png", default=None, help="histogram (default: JSON path with .png)")
     args = ap.parse_args(argv)
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                intensity=args.intensity or "default", seg_tta=args.seg_tta or "default",
                seg_prior=args.seg_prior or "default",
                scanner_adapt=args.scanner_adapt or "default",
+               estimate_check=args.estimate_check or "default",
                # REGSEG_NUMBA=0 switches the compiled kernels off (LC2's reslicer: torch's)
                regseg_numba=os.environ.get("REGSEG_NUMBA", "unset (1)"),
                # REGSEG_LC2_KERNELS=0: LC2's search as before session 22 (bench/lc2_kernels.py)
