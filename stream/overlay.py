@@ -9,7 +9,8 @@ What the user sees, per frame:
   shown as truth); an unflagged one: the estimated error in the corner, "tracking only" when
   do-no-harm published the tracked plane instead of the registration, and "sweep to check depth
   (k/6 planes)" while the 3-D consensus has not seen the sweep that checks the registration along
-  the planes' normals (regseg.stream.consensus; a flag only with --consensus strict).
+  the planes' normals (regseg.stream.consensus; a flag only with --consensus strict); the
+  estimate reads "(estimate failed its check)" once --estimate-check's verdict is failed.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def compose_overlay(pixels: np.ndarray, labels: np.ndarray, warped_labels: np.nd
                     out: np.ndarray | None = None, *, flags: tuple[str, ...] = (),
                     target_ij: tuple[float, float] | None = None, margin_px: float = math.nan,
                     error_mm: float = math.nan, tracking_only: bool = False,
-                    sweep: tuple[int, bool | None] = (-1, None)) -> np.ndarray:
+                    sweep: tuple[int, bool | None] = (-1, None),
+                    estimate_check: str | None = None) -> np.ndarray:
     """Burn the labels into an RGB copy of the frame.
 
     Args:
@@ -98,6 +100,9 @@ def compose_overlay(pixels: np.ndarray, labels: np.ndarray, warped_labels: np.nd
             said in the same corner, so the user knows no correction was applied.
         sweep: (distinct planes since the registration, sweep still pending) from the 3-D
             consensus (None: off); while pending, said in the same corner.
+        estimate_check: ``--estimate-check``'s status; once ``failed``, the corner's estimate
+            says it failed its check (regseg.stream.estimate_check), so an unflagged frame's
+            number is not read as vouched for.
     Returns:
         (H, W, 3) uint8 RGB.
     """
@@ -115,7 +120,8 @@ def compose_overlay(pixels: np.ndarray, labels: np.ndarray, warped_labels: np.nd
         mark_unverified(rgb, flags)
     else:
         draw_target(rgb, warped_labels, target_ij, margin_px)
-        parts = ([f"est. error {error_mm:.1f} mm"] if math.isfinite(error_mm) else []) + (
+        failed = " (estimate failed its check)" if estimate_check == "failed" else ""
+        parts = ([f"est. error {error_mm:.1f} mm{failed}"] if math.isfinite(error_mm) else []) + (
             ["tracking only, not registered"] if tracking_only else []) + (
             [f"sweep to check depth ({sweep[0]}/{SWEEP_PLANES} planes)"] if sweep[1] else [])
         if parts:

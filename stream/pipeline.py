@@ -380,7 +380,8 @@ class Pipeline:
         margin_px = check.margin_mm / float(np.mean(frame.spacing_mm))
         overlay = compose_overlay(shown.pixels, labels, warped_labels, flags=flags,
                                   target_ij=target, margin_px=margin_px, error_mm=check.error_mm,
-                                  tracking_only=tracked_only, sweep=sweep)
+                                  tracking_only=tracked_only, sweep=sweep,
+                                  estimate_check=estimate_check)
         end = now_ns()
         timings = {**timings, "overlay": (end - t0) / 1e6, "total": (end - start_ns) / 1e6}
         return Result(

@@ -215,3 +215,26 @@ def test_the_summary_says_when_every_later_frame_is_flagged():
     assert "every later frame" not in format_summary(
         {**base, "estimate_check": {**info, "flag": False}})
     assert "own check" not in format_summary({**base, "estimate_check": "off"})
+
+
+def test_the_overlay_says_when_the_estimate_failed_its_check():
+    """An unflagged frame's corner estimate carries the failed check (more text), not a pass or
+    a pending check; a flagged frame keeps only its UNVERIFIED mark."""
+    from regseg.stream.overlay import compose_overlay
+
+    pixels = np.full((256, 256), 40, np.uint8)
+    empty = np.zeros_like(pixels)
+
+    def bright(rgb):  # text pixels in the bottom corner
+        return int((rgb[220:, :].min(axis=-1) > 150).sum())
+
+    plain = bright(compose_overlay(pixels, empty, empty, error_mm=1.2))
+    assert plain > 20
+    assert bright(compose_overlay(pixels, empty, empty, error_mm=1.2,
+                                  estimate_check="passed")) == plain
+    assert bright(compose_overlay(pixels, empty, empty, error_mm=1.2,
+                                  estimate_check="pending 3/12")) == plain
+    assert bright(compose_overlay(pixels, empty, empty, error_mm=1.2,
+                                  estimate_check="failed")) > plain + 20
+    assert bright(compose_overlay(pixels, empty, empty, flags=("estimate_unverified",),
+                                  error_mm=1.2, estimate_check="failed")) == 0
