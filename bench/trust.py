@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.monotonic()
     engine = FusionEngine("alignsegnet", backend="eager")
-    rows, noise_rows, untracked_rows = [], [], []
+    rows, noise_rows, untracked_rows, check_info = [], [], [], {}
     for seed in args.seeds:
         mri, labels, frames = open_case(args.family, seed, args.frames)
         sweep = open_case(args.family, seed, args.warmup, halfway=True)[2] if args.warmup else []
@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                                "error_mm": result.error_mm})
             result = pipeline(replace(frame, image_to_reference=None))
             untracked_rows.append({"flagged": result.flagged, "flags": list(result.flags)})
+        if quality.self_check is not None:  # rank and gap behind the verdict, per case
+            check_info[str(seed)] = quality.self_check.info()
         print(f"phantom {seed} done ({time.monotonic() - t0:.0f} s)", flush=True)
     summary = {
         "command": shlex.join(["python", "bench/trust.py", *(argv or sys.argv[1:])]),
@@ -319,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "estimate_check_verdicts": {str(seed): next((r["estimate_check"] for r in reversed(rows)
                                                      if r["seed"] == seed), None)
                                     for seed in args.seeds},
+        "estimate_check_info": check_info,
         "quality_weights": args.quality_weights, "deformable_weights": args.deformable_weights,
         "threshold_mm": pipeline.quality.threshold_mm,
         "quality_calibration": pipeline.quality.calibration_info,
