@@ -210,6 +210,7 @@ class Session:
                                            jump_at=args.jump_at,
                                            seg_tta=args.seg_tta,
                                            seg_prior=args.seg_prior,
+                                           estimate_check=args.estimate_check,
                                            # the sessions share batched engines: no per-session
                                            # network (README "Adapting to the case's scanner")
                                            scanner_adapt="off")

@@ -59,7 +59,8 @@ def test_control_add_list_remove_and_a_dead_source(tmp_path):
                                            "mri": str(mri), "mri-labels": str(labels), **FAST})
         assert status == 201, a
         assert a["name"] == "a" and a["state"] == "running"
-        status, b = request("POST", base, {"name": "b", "source": "sim://1", "fps": 4, **FAST})
+        status, b = request("POST", base, {"name": "b", "source": "sim://1", "fps": 4,
+                                           "estimate-check": "off", **FAST})
         assert status == 201, b
         # bad requests: named, nothing started
         status, err = request("POST", base, b"{not json")
@@ -79,6 +80,9 @@ def test_control_add_list_remove_and_a_dead_source(tmp_path):
         # a's scanner sends 6 frames and stops: its source is dead from then on
         wait_for(lambda: sender.done.is_set() and frames("a") >= 2, 120, "a's frames")
         time.sleep(1.0)  # a's last frame through the pipeline
+        # each session's own options: a the default --estimate-check (inform), b off
+        assert sessions.get("a").pipeline.quality.self_check is not None
+        assert sessions.get("b").pipeline.quality.self_check is None
         a_frames, b_frames = frames("a"), frames("b")
         wait_for(lambda: frames("b") >= b_frames + 3, 120, "b going on after a's source died")
         assert frames("a") == a_frames
