@@ -95,7 +95,7 @@ class Result:
     sweep_planes: int = -1
     sweep_pending: bool | None = None
     # --estimate-check (regseg.stream.estimate_check): "pending k/N" until the error estimate has
-    # been checked on the stream's first frames, then "verified" or "unverified"; None when off
+    # been checked on the stream's first frames, then "passed" or "failed"; None when off
     estimate_check: str | None = None
     # What ``labels`` are (regseg.stream.seg_prior): "network" (the segmentation's own),
     # "network+mri" (pooled with the MRI labels through the registration as a prior,

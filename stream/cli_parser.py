@@ -243,12 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--estimate-check", action=Once, choices=list(ESTIMATE_CHECK_MODES),
                    default=ESTIMATE_CHECK_DEFAULT,
-                   help=f"on the first {CHECK_FRAMES} frames with the gland in view, check that "
-                   "the error estimate tells each frame's published plane from the same plane "
-                   f"displaced by a known {SHIFT_MM:g} mm; on: if it does not (a scanner it does "
-                   "not read), flag every later frame estimate_unverified; inform: report the "
-                   "verdict only (ZeroMQ estimate_check, OpenIGTLink EstimateCheck, "
-                   f"--stats-json) (default {ESTIMATE_CHECK_DEFAULT}; README 'The error "
+                   help=f"on the first {CHECK_FRAMES} frames that no other check doubts and "
+                   "that show the gland, check that the error estimate tells each frame's "
+                   f"published plane from the same plane displaced by a known {SHIFT_MM:g} mm "
+                   "(passed / failed); on: after a failed check (a scanner it does not read), "
+                   "flag every later frame estimate_unverified; inform: report the verdict only "
+                   "(ZeroMQ estimate_check, OpenIGTLink EstimateCheck, --stats-json, the "
+                   f"overlay's estimate) (default {ESTIMATE_CHECK_DEFAULT}; README 'The error "
                    "estimate checks itself')")
     from regseg.stream.overlap import OVERLAP_DEFAULT
 

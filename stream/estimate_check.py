@@ -26,10 +26,9 @@ What a verdict says: **failing** is evidence against the estimate (it does not s
 at the published plane); **passing** is necessary, not sufficient. Measured on fresh sets
 (addenda 22 and 23): family A passed in every run and case with the frames it now takes in
 (addendum 22's one failure was a run whose registration was 8-11 mm off); family B failed in
-60-86 % of the
-runs or cases that reached a verdict, but within family B the verdict did not follow how well the
-estimate separated that case's bad frames from its good ones (a case that passed had an ROC AUC
-of 0.51).
+60-86 % of the runs or cases that reached a verdict, but within family B the verdict did not
+follow how well the estimate separated that case's bad frames from its good ones (a case that
+passed had an ROC AUC of 0.51).
 
 Throw-away diagnosis (session 24) at the TRUE plane, 12 frames per case, a 4 mm shift: the
 statistic was 0.92-1.00 on 8 family-A phantoms with randomised scanners (3528-3535) and 0.52-0.81
@@ -51,7 +50,7 @@ from regseg.stream.capture import warp_labels
 
 ESTIMATE_CHECK_MODES = ("on", "inform", "off")
 #: on: flag every frame after a ``failed`` verdict; inform: report the verdict only (the
-#: default: ``on`` failed its rule, bench/results/lc2_predeclared.md, addendum 22)
+#: default: ``on`` failed its rules, bench/results/lc2_predeclared.md, addenda 22 and 23)
 ESTIMATE_CHECK_DEFAULT = "inform"
 CHECK_FRAMES = 12  # frames the verdict is made on (4 displaced planes each)
 SHIFT_MM = 4.0  # the known displacement
@@ -111,9 +110,9 @@ class EstimateCheck:
             return  # no gland in view: the estimator has nothing to judge
         sp = (float(np.linalg.norm(image_to_mri[:3, 0])),
               float(np.linalg.norm(image_to_mri[:3, 1])))
-        centre = np.array([hw[1] / 2.0, hw[0] / 2.0])
+        # pure shifts (no rotation: the point it would turn about does not matter)
         planes = [image_to_mri] + [image_to_mri @ in_plane_move(
-            self.shift_mm * np.asarray(d), 0.0, centre, sp) for d in DIRECTIONS]
+            self.shift_mm * np.asarray(d), 0.0, np.zeros(2), sp) for d in DIRECTIONS]
         x = torch.cat([estimator.inputs(pixels, p, own if p is image_to_mri
                                         else warp_labels(estimator.context, p, hw))
                        for p in planes])
