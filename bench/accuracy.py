@@ -193,7 +193,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
 
     def make_pipeline(context, stage):
         extra = {}
-        if scanner_adapt != "default" or _has_scanner_adapt():
+        if scanner_adapt != "default" or _tree_has("scanner_adapt"):
             from regseg.stream.scanner_adapt import SCANNER_ADAPT_DEFAULT, build_scanner_adapt
 
             mode = SCANNER_ADAPT_DEFAULT if scanner_adapt == "default" else scanner_adapt
@@ -212,7 +212,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         if quality_weights is not None:  # the Pipeline makes the shipped one on first use
             from regseg.stream.quality import QualityCheck, QualityConfig
 
-            check = pipeline.quality.self_check if _has_estimate_check() else None
+            check = pipeline.quality.self_check if _tree_has("estimate_check") else None
             pipeline._quality = QualityCheck(context, QualityConfig(weights=quality_weights))
             pipeline._quality.self_check = check
         return pipeline
@@ -276,22 +276,12 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     return rows, records, noise_records
 
 
-def _has_estimate_check() -> bool:
-    """Whether the tree has ``--estimate-check`` (a baseline tree may predate it)."""
-    try:
-        import regseg.stream.estimate_check  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _tree_has(stage: str) -> bool:
+    """Whether the tree has the live stage ``regseg.stream.<stage>`` (a baseline tree may
+    predate it, e.g. scanner_adapt, estimate_check)."""
+    import importlib.util
 
-
-def _has_scanner_adapt() -> bool:
-    """Whether the tree has ``--scanner-adapt`` (a baseline tree may predate it)."""
-    try:
-        import regseg.stream.scanner_adapt  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec(f"regseg.stream.{stage}") is not None
 
 
 def _capture_factory(**engine_options):

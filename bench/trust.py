@@ -318,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "family": args.family, "seeds": args.seeds, "warmup": args.warmup,
         "deformable": args.deformable, "lc2": args.lc2, "consensus": args.consensus,
         "scanner_adapt": args.scanner_adapt, "estimate_check": args.estimate_check,
-        "estimate_check_verdicts": {str(seed): next((r["estimate_check"] for r in reversed(rows)
-                                                     if r["seed"] == seed), None)
-                                    for seed in args.seeds},
+        "estimate_check_verdicts": {seed: info["status"] for seed, info in check_info.items()},
         "estimate_check_info": check_info,
         "quality_weights": args.quality_weights, "deformable_weights": args.deformable_weights,
         "threshold_mm": pipeline.quality.threshold_mm,

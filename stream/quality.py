@@ -41,7 +41,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -52,7 +51,7 @@ from torch import Tensor
 from regseg import planes, spatial
 from regseg.models.qualitynet import WEIGHTS, chain_key, load_qualitynet
 from regseg.stream.context import MriContext
-from regseg.stream.estimate_check import DOUBTS
+from regseg.stream.estimate_check import DOUBTS, EstimateCheck
 from regseg.types import LESION
 
 log = logging.getLogger(__name__)
@@ -206,7 +205,7 @@ class QualityCheck:
         self.chain: str | None = None
         self.calibration_info: dict = {}
         #: --estimate-check (regseg.stream.estimate_check.EstimateCheck), None when off
-        self.self_check: Any = None
+        self.self_check: EstimateCheck | None = None
         self._use(self.estimator.calibration, chain=None, matched=None)
         if chain is not None:
             self.bind_chain(chain)
