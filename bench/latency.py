@@ -112,7 +112,9 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
             *(["--scanner-adapt", args.scanner_adapt] if getattr(args, "scanner_adapt", None)
               else []),
             *(["--estimate-check", args.estimate_check]
-              if getattr(args, "estimate_check", None) else [])]
+              if getattr(args, "estimate_check", None) else []),
+            *(["--stage-threads", str(args.stage_threads)]
+              if getattr(args, "stage_threads", None) else [])]
 
 
 def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], scanner,
@@ -209,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--estimate-check", choices=["on", "inform", "off"], default=None,
                     help="regseg-stream --estimate-check for every regseg variant (default: its "
                     "default); it runs on the first 12 frames no other check doubts")
+    ap.add_argument("--stage-threads", type=int, choices=[1, 2], default=None,
+                    help="regseg-stream --stage-threads for every regseg variant (default: its "
+                    "default); 2: the deformable stage beside the segmentation")
     ap.add_argument("--json", default="out/bench_latency.json")
     ap.add_argument("--png", default=None, help="histogram (default: JSON path with .png)")
     args = ap.parse_args(argv)
@@ -248,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                seg_prior=args.seg_prior or "default",
                scanner_adapt=args.scanner_adapt or "default",
                estimate_check=args.estimate_check or "default",
+               stage_threads=args.stage_threads or "default",
                # REGSEG_NUMBA=0 switches the compiled kernels off (LC2's reslicer: torch's)
                regseg_numba=os.environ.get("REGSEG_NUMBA", "unset (1)"),
                # REGSEG_LC2_KERNELS=0: LC2's search as before session 22 (bench/lc2_kernels.py)

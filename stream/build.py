@@ -69,7 +69,7 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    consensus="default", intensity="default", seg_window="default",
                    jump_at="default", seg_tta="default",
                    seg_prior="default", scanner_adapt="default",
-                   estimate_check="default") -> Pipeline:
+                   estimate_check="default", stage_threads="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -90,7 +90,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     ``seg_window``; "default": the default mode where those hold, else off); ``scanner_adapt``:
     ``--scanner-adapt``'s (on, segmentation, off; "default"; on a thread) or a ScannerAdapt;
     ``estimate_check``: ``--estimate-check``'s (on, inform, off; "default") or an
-    EstimateCheck, set on the Pipeline's QualityCheck."""
+    EstimateCheck, set on the Pipeline's QualityCheck; ``stage_threads``: ``--stage-threads``'
+    (1, 2; "default") or a :class:`regseg.stream.stage_threads.StageThreads`."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
@@ -160,12 +161,17 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
 
         estimate_check = build_estimate_check(ESTIMATE_CHECK_DEFAULT if estimate_check
                                               == "default" else estimate_check)
+    if stage_threads == "default" or isinstance(stage_threads, int):
+        from regseg.stream.stage_threads import STAGE_THREADS_DEFAULT, build_stage_threads
+
+        stage_threads = build_stage_threads(STAGE_THREADS_DEFAULT if stage_threads == "default"
+                                            else stage_threads)
     pipeline = Pipeline(context, engine, reference_to_mri=reference_to_mri,
                         cuda_graph=cuda_graph, deformable=deformable, segmenter=segmenter,
                         do_no_harm=do_no_harm, roi=roi, overlap=overlap, lc2=lc2,
                         resegment=resegment, consensus=consensus, intensity=intensity,
                         seg_window=seg_window, seg_tta=seg_tta, seg_prior=seg_prior,
-                        scanner_adapt=scanner_adapt, **extra)
+                        scanner_adapt=scanner_adapt, stage_threads=stage_threads, **extra)
     if estimate_check is not None:  # on the QualityCheck, which every frame's assessment runs
         pipeline.quality.self_check = estimate_check
     return pipeline

@@ -195,7 +195,8 @@ def run(args, stop: threading.Event | None = None,
                                   intensity=args.intensity, seg_window=args.seg_window,
                                   jump_at=args.jump_at, seg_tta=args.seg_tta,
                                   seg_prior=args.seg_prior, scanner_adapt=args.scanner_adapt,
-                                  estimate_check=args.estimate_check)
+                                  estimate_check=args.estimate_check,
+                                  stage_threads=args.stage_threads)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:

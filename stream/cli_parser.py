@@ -258,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "thread while the next frame is registered, so two cores work at once; "
                    "results keep their order (not with --roi auto; on CUDA the device ring "
                    f"already overlaps) (default {OVERLAP_DEFAULT}; README 'The live chain')")
+    from regseg.stream.stage_threads import STAGE_THREADS_CHOICES, STAGE_THREADS_DEFAULT
+
+    p.add_argument("--stage-threads", action=Once, type=int, choices=list(STAGE_THREADS_CHOICES),
+                   default=STAGE_THREADS_DEFAULT,
+                   help="CPU: 2 runs each frame's deformable stage on a second thread beside its "
+                   "segmentation at the published plane, the two stages that read that plane "
+                   "and not each other; the same results, one frame sooner done (not with "
+                   "--overlap or --do-no-harm; needs --resegment and --deformable on) "
+                   f"(default {STAGE_THREADS_DEFAULT}; README 'The live chain')")
     p.add_argument("--threads", action=Once, type=int_at_least(1), default=None,
                    help="CPU threads for torch (default on CPU: 1; the per-frame glue ops are too "
                    "small to gain from more, and two busy thread pools thrash on 2 cores)")

@@ -32,13 +32,13 @@ from regseg.stream.quality import (
 )
 from regseg.stream.resegment import segment_published
 from regseg.stream.seg_prior import pooled_labels, prior_applies
+from regseg.stream.stage_threads import deform_ahead, deformed
 from regseg.types import Frame, Result
 
 STAGES = ("prepare", "model", "warp_labels", "segment", "overlay")  # Result.timings_ms + total
 HOST_STAGES = ("quality",)  # host stages after the chain (regseg.stream.quality), then overlay
-#: How often to collect finished frames while some are in flight: the GPU ring's hand-offs every
-#: 0.25 ms; the CPU overlap's worker every 1 ms (each wake-up takes the GIL from the two threads
-#: doing the work; a Result waits 0.5 ms on average).
+#: How often to collect finished frames in flight: the GPU ring's hand-offs every 0.25 ms; the CPU
+#: overlap's worker every 1 ms (a wake-up takes the GIL from the two working threads; 0.5 ms wait)
 RING_POLL_S, OVERLAP_POLL_S = 0.00025, 0.001
 
 
@@ -70,28 +70,25 @@ class Pipeline:
                  do_no_harm: Any = None, roi: Any = None, overlap: bool = False,
                  lc2: Any = None, resegment: bool = False, consensus: Any = None,
                  intensity: Any = None, seg_window: Any = None, seg_tta: bool = False,
-                 seg_prior: str | None = None, scanner_adapt: Any = None) -> None:
+                 seg_prior: str | None = None, scanner_adapt: Any = None,
+                 stage_threads: Any = None) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
-        self.context = context
-        # Optional segmentation stage instead of the U-Net head (regseg.stream.segmenter).
-        self.segmenter = segmenter
-        self.engine = engine
-        self.device = engine.device
+        # segmenter: an optional segmentation stage instead of the U-Net head (stream/segmenter.py)
+        self.context, self.segmenter, self.engine, self.device = (context, segmenter, engine,
+                                                                  engine.device)
         self.reference_to_mri = np.eye(4) if reference_to_mri is None else reference_to_mri
         self.quality_threshold = quality_threshold
         self._ring_options = {"slots": ring_slots, "cuda_graph": cuda_graph,
                               "preprocess": preprocess}
         self._chains: dict[tuple[int, int], FrameChain] = {}
-        self._rings: dict[tuple[int, int], object] = {}
-        # Live deformable stage (DeformableStage): (pixels, image_to_mri) -> (warped labels, ddf)
-        self.deformable = deformable
-        # Capture range (regseg.stream.capture): refinement iterations and multi-start inside
-        # the FrameChain; the temporal filter's warm start (start) and filtering (finish) here.
+        self._rings: dict[tuple[int, int], object] = {}  # per frame size, as the chains
+        # deformable (DeformableStage): (pixels, image_to_mri) -> (warped labels, ddf); capture
+        # (regseg.stream.capture): refinement and multi-start inside the FrameChain, the temporal
+        # filter's start and finish here; quality (regseg.stream.quality): made on first use
+        self.deformable, self._quality = deformable, quality
         self.capture = capture if capture is not None else Capture()
-        # Trust (regseg.stream.quality): error estimate, confidence, flags; made on first use
-        self._quality = quality
         # Optional stages (regseg.stream.*), None when off: --do-no-harm (CorrectionGate), --roi
         # (GlandRoi), --lc2 (Lc2Stage), --consensus (PlaneConsensus: flags out_of_plane),
         # --intensity (IntensityMatch: the stages read the frame with its grey levels matched; the
@@ -101,12 +98,12 @@ class Pipeline:
         self.intensity, self.scanner_adapt, self.seg_engine = intensity, scanner_adapt, None
         # --resegment: segment in _settle, not in the chain; --seg-window: the GlandRoi whose
         # window that pass runs on; --seg-tta flip: a mirror pass too (regseg.stream.resegment);
-        # --seg-prior on|gated: the MRI labels pooled with its logits (stream/seg_prior.py)
+        # --seg-prior on|gated: the MRI labels pooled with its logits (stream/seg_prior.py);
+        # --stage-threads 2 (stage_threads.py): the deformable stage beside the resegmentation;
+        # --overlap (regseg.stream.overlap): frame N's host half on a worker (close() ends both)
         self.resegment, self.seg_window, self.seg_tta = bool(resegment), seg_window, bool(seg_tta)
-        self.seg_prior = seg_prior
-        # --overlap (regseg.stream.overlap): frame N's host half on a worker (close() ends it)
-        self.overlap = bool(overlap) and self.device.type != "cuda"
-        self._worker = None
+        self.seg_prior, self.stage_threads = seg_prior, stage_threads
+        self.overlap, self._worker = bool(overlap) and self.device.type != "cuda", None
 
     @property
     def quality(self) -> QualityCheck:
@@ -154,10 +151,10 @@ class Pipeline:
         return self._rings[key]
 
     def __call__(self, frame: Frame) -> Result:
-        """The Result of ``frame``, waited for (do not mix with :meth:`submit` on a GPU or with
-        ``overlap``: this runs the frame at once, ahead of any frame in flight)."""
+        """The Result of ``frame``, waited for (not mixed with :meth:`submit` on a GPU or with
+        ``overlap``: it runs at once, ahead of any frame in flight)."""
         if self.device.type != "cuda":
-            return self._restore(self._run_cpu(self._crop(frame)))
+            return self._restore(self._complete(*self._run_cpu_affine(self._crop(frame))))
         return (self.submit(frame) + self.flush())[-1]
 
     def submit(self, frame: Frame) -> list[Result]:
@@ -172,7 +169,7 @@ class Pipeline:
                 lambda: self._restore(self._complete(*settled, queued_ns=queued)))
             return self._worker.done()
         if self.device.type != "cuda":
-            return [self._restore(self._run_cpu(frame))]
+            return [self._restore(self._complete(*self._run_cpu_affine(frame)))]
         start = self._start(frame)
         done = self._ring(frame.pixels.shape).push(frame, start, self._mats(frame, start))
         return [self._restore(self._finish(*item)) for item in done]
@@ -210,10 +207,12 @@ class Pipeline:
         return worker + sum(ring.in_flight for ring in self._rings.values())
 
     def close(self) -> None:
-        """Stop the overlap worker, if any (a later submit starts a new one)."""
+        """Stop the overlap and stage workers, if any (a later submit starts new ones)."""
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+        if self.stage_threads is not None:
+            self.stage_threads.close()
 
     def _host_worker(self):
         if self._worker is None:
@@ -245,9 +244,6 @@ class Pipeline:
 
     def _mats(self, frame: Frame, tracked: np.ndarray) -> np.ndarray:
         return plane_matrices(self.context, tracked, frame.pixels.shape, self.engine.size)
-
-    def _run_cpu(self, frame: Frame) -> Result:
-        return self._complete(*self._run_cpu_affine(frame))
 
     def _run_cpu_affine(self, frame: Frame) -> tuple:
         """The affine half of a frame on the CPU: the chain, then :meth:`_settle`."""
@@ -310,21 +306,23 @@ class Pipeline:
             timings = {**timings, "temporal": (now_ns() - t_cap) / 1e6}
         else:
             jump_mm = math.nan
+        ahead = deform_ahead(self, frame.pixels, image_to_mri)  # --stage-threads 2, or None
         if self.resegment:  # the segmentation's MRI context at the plane published
             t_seg = now_ns()
             labels, seg_conf, seg_logits = segment_published(self, frame, image_to_mri)
             timings = {**timings, "resegment": (now_ns() - t_seg) / 1e6}
         return (frame, image_to_mri, jump_mm, labels, warped_labels, timings, start_ns, seg_conf,
-                tuple(lc2), seg_logits)
+                tuple(lc2), seg_logits, ahead)
 
     def _complete(self, frame: Frame, image_to_mri: np.ndarray, jump_mm: float,
                   labels: np.ndarray, warped_labels: np.ndarray | None,
                   timings: dict[str, float], start_ns: int, seg_conf: float,
-                  lc2: tuple[float, float] = (math.nan, math.nan), seg_logits: Any = None, *,
-                  queued_ns: int | None = None) -> Result:
+                  lc2: tuple[float, float] = (math.nan, math.nan), seg_logits: Any = None,
+                  ahead: Any = None, *, queued_ns: int | None = None) -> Result:
         """The host half: do-no-harm, the deformable stage, quality, overlay, the Result.
         ``queued_ns``: when the affine half handed it over (``overlap``): the wait is timed as
-        ``handoff``; ``seg_logits``: the resegmentation's, for ``--seg-prior``."""
+        ``handoff``; ``seg_logits``: the resegmentation's, for ``--seg-prior``; ``ahead``: the
+        deformable stage already started (regseg.stream.stage_threads.deform_ahead)."""
         hw = frame.pixels.shape
         shown = frame if self.intensity is None else self.intensity.leave(frame)  # as received
         if queued_ns is not None:
@@ -344,7 +342,9 @@ class Pipeline:
             timings = {**timings, "do_no_harm": (now_ns() - t_gate) / 1e6}
         tracked_only = decision is not None and decision.correction == "tracked"
         ddf = None
-        if deform:
+        if deform and ahead is not None:
+            (warped_labels, ddf), timings = deformed(ahead, timings)
+        elif deform:
             t_def = now_ns()
             warped_labels, ddf = self.deformable(frame.pixels, image_to_mri)
             timings = {**timings, "deformable": (now_ns() - t_def) / 1e6}

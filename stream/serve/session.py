@@ -211,6 +211,7 @@ class Session:
                                            seg_tta=args.seg_tta,
                                            seg_prior=args.seg_prior,
                                            estimate_check=args.estimate_check,
+                                           stage_threads=args.stage_threads,
                                            # the sessions share batched engines: no per-session
                                            # network (README "Adapting to the case's scanner")
                                            scanner_adapt="off")
