@@ -60,7 +60,8 @@ def test_control_add_list_remove_and_a_dead_source(tmp_path):
         assert status == 201, a
         assert a["name"] == "a" and a["state"] == "running"
         status, b = request("POST", base, {"name": "b", "source": "sim://1", "fps": 4,
-                                           "estimate-check": "off", **FAST})
+                                           "estimate-check": "off", "stage-threads": 2,
+                                           **FAST})
         assert status == 201, b
         # bad requests: named, nothing started
         status, err = request("POST", base, b"{not json")
@@ -83,6 +84,9 @@ def test_control_add_list_remove_and_a_dead_source(tmp_path):
         # each session's own options: a the default --estimate-check (inform), b off
         assert sessions.get("a").pipeline.quality.self_check is not None
         assert sessions.get("b").pipeline.quality.self_check is None
+        # ... the default --stage-threads (1) and 2
+        assert sessions.get("a").pipeline.stage_threads is None
+        assert sessions.get("b").pipeline.stage_threads is not None
         a_frames, b_frames = frames("a"), frames("b")
         wait_for(lambda: frames("b") >= b_frames + 3, 120, "b going on after a's source died")
         assert frames("a") == a_frames
