@@ -50,6 +50,7 @@ from accuracy_scoring import (  # noqa: E402,F401  (re-exported: other benches a
     estimate_of,
     flag_rates,
     flag_reasons,
+    labels_sources,
     noise_row,
     pooled_row,
     roc,
@@ -176,8 +177,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         resegment: str = "default", consensus: str = "default", intensity: str = "default",
         seg_window: str = "default", jump_at: str = "default", seg_tta: str = "default",
         seg_prior: str = "default", seeds: dict[str, list[int]] | None = None,
-        warmup: int = 0, scanner_adapt: str = "default", estimate_check: str = "default"
-        ) -> tuple[list[dict], list[dict], list[dict]]:
+        warmup: int = 0, scanner_adapt: str = "default", estimate_check: str = "default",
+        seg_fallback: str = "default") -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
 
@@ -187,7 +188,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     diagnosis cases, for a rule that must not choose on the evaluation cases). ``warmup``:
     :func:`sweep_frames` run (not scored) before each level's frames. ``scanner_adapt``:
     ``--scanner-adapt``'s mode, built without the background thread (the swap then happens at the
-    same frame in every run). ``estimate_check``: ``--estimate-check``'s mode."""
+    same frame in every run). ``estimate_check``: ``--estimate-check``'s mode; ``seg_fallback``:
+    ``--seg-fallback``'s."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
 
@@ -200,6 +202,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
             extra["scanner_adapt"] = build_scanner_adapt(mode, background=False)
         if estimate_check != "default":
             extra["estimate_check"] = estimate_check
+        if seg_fallback != "default":
+            extra["seg_fallback"] = seg_fallback
         pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi,
                                   lc2=lc2, **extra, **{k: v for k, v in (("resegment", resegment),
                                                                  ("consensus", consensus),
@@ -394,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seg-prior", choices=["default", "on", "gated", "off"], default="default",
                    help="pool the segmentation with the registered MRI labels, as regseg-stream "
                    "--seg-prior (default: its default)")
+    p.add_argument("--seg-fallback", choices=["default", "mri", "off"], default="default",
+                   help="publish the registered MRI labels after a failed estimate check, as "
+                   "regseg-stream --seg-fallback (default: its default)")
     p.add_argument("--scanner-adapt", choices=["default", "on", "segmentation", "off"],
                    default="default",
                    help="adapt the TRUS encoder's normalisation to the case's frames, as "
@@ -439,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                                seg_tta=args.seg_tta, seg_prior=args.seg_prior,
                                seeds=seeds, warmup=args.warmup,
                                scanner_adapt=args.scanner_adapt,
-                               estimate_check=args.estimate_check)
+                               estimate_check=args.estimate_check,
+                               seg_fallback=args.seg_fallback)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
              for fam in families]
@@ -461,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     for fam, counts in estimate_check_verdicts(records).items():
         print(f"--estimate-check, family {fam}, runs ending: "
               + ", ".join(f"{k} {n}" for k, n in counts.items()))
+    for fam, counts in labels_sources(records).items():
+        print(f"published labels, family {fam}: "
+              + ", ".join(f"{k} {n}" for k, n in counts.items()))
     if args.json:
         write_json(args.json, "accuracy", rows, argv, device=device_name(args.device),
                    quick=args.quick, deformable=args.deformable, backend=args.backend,
@@ -471,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
                    intensity=args.intensity, seg_window=args.seg_window, jump_at=args.jump_at,
                    seg_tta=args.seg_tta, seg_prior=args.seg_prior,
                    scanner_adapt=args.scanner_adapt, estimate_check=args.estimate_check,
-                   estimate_check_verdicts=estimate_check_verdicts(records), bad_mm=BAD_MM,
+                   estimate_check_verdicts=estimate_check_verdicts(records),
+                   seg_fallback=args.seg_fallback, labels_sources=labels_sources(records),
+                   bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,

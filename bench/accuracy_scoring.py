@@ -58,7 +58,19 @@ def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
             "lc2_significance": float(getattr(result, "lc2_significance", math.nan)),
             "lesion_in_truth": bool((frame.truth.labels == 2).any()),
             "estimate_check": getattr(result, "estimate_check", None),
+            "labels_source": getattr(result, "labels_source", None),
             "total_ms": float(result.timings_ms.get("total", math.nan))}
+
+
+def labels_sources(frames: list[dict]) -> dict[str, dict[str, int]]:
+    """Per family, how many scored frames published which labels (``Result.labels_source``:
+    network, network+mri, mri, withheld); empty where the tree predates it."""
+    out: dict[str, dict[str, int]] = {}
+    for f in frames:
+        if f.get("labels_source") is not None:
+            counts = out.setdefault(f["family"], {})
+            counts[f["labels_source"]] = counts.get(f["labels_source"], 0) + 1
+    return out
 
 
 def estimate_check_verdicts(frames: list[dict]) -> dict[str, dict[str, int]]:

@@ -69,7 +69,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    consensus="default", intensity="default", seg_window="default",
                    jump_at="default", seg_tta="default",
                    seg_prior="default", scanner_adapt="default",
-                   estimate_check="default", stage_threads="default") -> Pipeline:
+                   estimate_check="default", stage_threads="default",
+                   seg_fallback="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -91,7 +92,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     ``--scanner-adapt``'s (on, segmentation, off; "default"; on a thread) or a ScannerAdapt;
     ``estimate_check``: ``--estimate-check``'s (on, inform, off; "default") or an
     EstimateCheck, set on the Pipeline's QualityCheck; ``stage_threads``: ``--stage-threads``'
-    (1, 2; "default") or a :class:`regseg.stream.stage_threads.StageThreads`."""
+    (1, 2; "default") or a :class:`regseg.stream.stage_threads.StageThreads`; ``seg_fallback``:
+    ``--seg-fallback``'s (mri, off; "default"): needs the estimate check, whose verdict decides."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
@@ -156,6 +158,13 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
         mode = DO_NO_HARM_DEFAULT if do_no_harm == "default" else do_no_harm
         margin = MARGIN_MM if do_no_harm_margin_mm is None else do_no_harm_margin_mm
         do_no_harm = build_gate(mode, margin)
+    from regseg.stream.seg_prior import SEG_FALLBACK_DEFAULT, seg_fallback_mode
+
+    seg_fallback = seg_fallback_mode(SEG_FALLBACK_DEFAULT if seg_fallback == "default"
+                                     else seg_fallback)
+    if seg_fallback is not None and estimate_check == "off":
+        raise ValueError("seg_fallback mri needs the estimate check (inform or on): its verdict "
+                         "decides when the MRI labels are published")
     if isinstance(estimate_check, str):
         from regseg.stream.estimate_check import ESTIMATE_CHECK_DEFAULT, build_estimate_check
 
@@ -171,7 +180,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                         do_no_harm=do_no_harm, roi=roi, overlap=overlap, lc2=lc2,
                         resegment=resegment, consensus=consensus, intensity=intensity,
                         seg_window=seg_window, seg_tta=seg_tta, seg_prior=seg_prior,
-                        scanner_adapt=scanner_adapt, stage_threads=stage_threads, **extra)
+                        scanner_adapt=scanner_adapt, stage_threads=stage_threads,
+                        seg_fallback=seg_fallback, **extra)
     if estimate_check is not None:  # on the QualityCheck, which every frame's assessment runs
         pipeline.quality.self_check = estimate_check
     return pipeline

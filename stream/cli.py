@@ -196,7 +196,8 @@ def run(args, stop: threading.Event | None = None,
                                   jump_at=args.jump_at, seg_tta=args.seg_tta,
                                   seg_prior=args.seg_prior, scanner_adapt=args.scanner_adapt,
                                   estimate_check=args.estimate_check,
-                                  stage_threads=args.stage_threads)
+                                  stage_threads=args.stage_threads,
+                                  seg_fallback=args.seg_fallback)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:

@@ -152,6 +152,11 @@ def check_args(args) -> argparse.Namespace:
         raise InputError(f"--seg-prior {args.seg_prior} with --seg-window {args.seg_window}: the "
                          "prior is pooled on the whole frame; use --seg-window off or --seg-prior "
                          "off")
+    if getattr(args, "seg_fallback", "off") != "off" and getattr(args, "estimate_check",
+                                                                 "inform") == "off":
+        raise InputError(f"--seg-fallback {args.seg_fallback} with --estimate-check off: the "
+                         "check's verdict decides when the MRI labels are published; use "
+                         "--estimate-check inform (or on) or --seg-fallback off")
     if getattr(args, "overlap", "off") == "on" and getattr(args, "roi", "off") == "auto":
         raise InputError("--overlap on with --roi auto: not supported (a frame's window depends "
                          "on the previous frame's flags, which overlap has not computed yet); "

@@ -210,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
                    f"still judge the network's own labels (default {SEG_PRIOR_DEFAULT} where "
                    "--resegment is on and --seg-window off, else off; README 'Segmenting at "
                    "the published plane')")
+    from regseg.stream.seg_prior import SEG_FALLBACK_DEFAULT, SEG_FALLBACK_MODES
+
+    p.add_argument("--seg-fallback", action=Once, choices=list(SEG_FALLBACK_MODES),
+                   default=SEG_FALLBACK_DEFAULT,
+                   help="mri: once the error estimate has failed its check on this stream "
+                   "(--estimate-check's verdict: a scanner unlike the one the networks were "
+                   "trained on), publish the MRI labels carried through the registration as the "
+                   "frame's labels (labels_source mri) wherever no image-based flag doubts the "
+                   "registration; the flags still judge the network's own labels (needs "
+                   f"--estimate-check inform or on) (default {SEG_FALLBACK_DEFAULT}; README "
+                   "'Segmenting at the published plane')")
     from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES
 
     p.add_argument("--intensity", action=Once, choices=list(INTENSITY_MODES),

@@ -31,7 +31,7 @@ from regseg.stream.quality import (
     seg_confidence,
 )
 from regseg.stream.resegment import segment_published
-from regseg.stream.seg_prior import pooled_labels, prior_applies
+from regseg.stream.seg_prior import published_labels
 from regseg.stream.stage_threads import deform_ahead, deformed
 from regseg.types import Frame, Result
 
@@ -71,7 +71,7 @@ class Pipeline:
                  lc2: Any = None, resegment: bool = False, consensus: Any = None,
                  intensity: Any = None, seg_window: Any = None, seg_tta: bool = False,
                  seg_prior: str | None = None, scanner_adapt: Any = None,
-                 stage_threads: Any = None) -> None:
+                 stage_threads: Any = None, seg_fallback: str | None = None) -> None:
         if overlap and roi is not None:
             raise ValueError("overlap with a gland window (roi) is not supported: the window of "
                              "a frame depends on the previous frame's flags")
@@ -98,12 +98,13 @@ class Pipeline:
         self.intensity, self.scanner_adapt, self.seg_engine = intensity, scanner_adapt, None
         # --resegment: segment in _settle, not in the chain; --seg-window: the GlandRoi whose
         # window that pass runs on; --seg-tta flip: a mirror pass too (regseg.stream.resegment);
-        # --seg-prior on|gated: the MRI labels pooled with its logits (stream/seg_prior.py);
-        # --stage-threads 2 (stage_threads.py): the deformable stage beside the resegmentation;
-        # --overlap (regseg.stream.overlap): frame N's host half on a worker (close() ends both)
+        # --seg-prior on|gated: the MRI labels pooled with its logits, --seg-fallback mri: them
+        # instead after a failed estimate check (stream/seg_prior.py);
+        # --stage-threads 2 (stage_threads.py); --overlap (overlap.py): close() ends their threads
         self.resegment, self.seg_window, self.seg_tta = bool(resegment), seg_window, bool(seg_tta)
-        self.seg_prior, self.stage_threads = seg_prior, stage_threads
-        self.overlap, self._worker = bool(overlap) and self.device.type != "cuda", None
+        self.seg_prior, self.seg_fallback = seg_prior, seg_fallback
+        self.stage_threads, self._worker = stage_threads, None
+        self.overlap = bool(overlap) and self.device.type != "cuda"
 
     @property
     def quality(self) -> QualityCheck:
@@ -191,8 +192,7 @@ class Pipeline:
 
     @property
     def accepting(self) -> bool:
-        """Whether a frame submitted now would start at once: False while the CPU overlap's
-        worker has a host half waiting (collect Results, take a newer frame later)."""
+        """Whether a submitted frame would start at once (not while the overlap's worker waits)."""
         return self._worker is None or self._worker.accepting
 
     @property
@@ -203,8 +203,8 @@ class Pipeline:
     @property
     def in_flight(self) -> int:
         """Frames submitted whose Results are not returned yet (0 on the CPU unless overlap)."""
-        worker = 0 if self._worker is None else self._worker.in_flight
-        return worker + sum(ring.in_flight for ring in self._rings.values())
+        return ((0 if self._worker is None else self._worker.in_flight)
+                + sum(ring.in_flight for ring in self._rings.values()))
 
     def close(self) -> None:
         """Stop the overlap and stage workers, if any (a later submit starts new ones)."""
@@ -370,12 +370,12 @@ class Pipeline:
                                                           frame.spacing_mm, flags)
         t0 = now_ns()
         timings = {**timings, "quality": timings.get("quality", 0.0) + (t0 - t_q) / 1e6}
-        source = "network"
         if not check.publish_labels:  # no image, no gland or no pose: no labels go out
             labels, source = np.zeros_like(labels), "withheld"
-        elif seg_logits is not None and prior_applies(self.seg_prior, flags):  # the checks saw
-            labels, timings = pooled_labels(self, frame, seg_logits, warped_labels, timings)
-            t0, source = now_ns(), "network+mri"  # the network's labels; these are published
+        else:  # the checks saw the network's labels; --seg-fallback / --seg-prior publish others
+            labels, source, timings = published_labels(
+                self, frame, seg_logits, labels, warped_labels, flags, estimate_check, timings)
+            t0 = now_ns()
         target = lesion_target(warped_labels)
         margin_px = check.margin_mm / float(np.mean(frame.spacing_mm))
         overlay = compose_overlay(shown.pixels, labels, warped_labels, flags=flags,

@@ -26,6 +26,15 @@ support (``lc2_unsupported``), that jumps (``jump``), that the sweep puts off it
 since a prior that assumes a 1 mm error pulls a right network towards a wrong gland (addenda 17 and
 18 of bench/results/lc2_predeclared.md).
 
+``--seg-fallback mri`` goes further once the stream's scanner is shown unfamiliar: after the error
+estimate failed its own check (``--estimate-check``'s verdict ``failed``: the estimate does not see
+a known 4 mm displacement on this scanner's images, regseg.stream.estimate_check), every frame that
+``gated`` would pool publishes the MRI labels carried through the registration as its labels
+(``labels_source`` ``mri``): a verdict that the network was trained on another scanner's images is
+a verdict on its segmentation too, and on family B the registered MRI labels were the better
+estimate of the gland and of the lesion (README "What each default stage costs and buys"). Before a
+verdict, after a pass, and on frames an image-based flag doubts, nothing changes.
+
 What is published changes; what is checked does not: the error estimate, the ``disagreement`` and
 ``no_gland`` checks and the segmentation confidence see the network's own labels (an independent
 view of the gland, README "The error estimate and the flags"), and a frame whose labels are
@@ -43,6 +52,9 @@ from regseg.planes import model_grid_labels
 from regseg.types import LESION
 
 SEG_PRIOR_MODES = ("on", "gated", "off")
+SEG_FALLBACK_MODES = ("mri", "off")
+#: --seg-fallback's default (bench/results/lc2_predeclared.md, addendum 24, decides it)
+SEG_FALLBACK_DEFAULT = "off"
 #: gated: the default since session 21 by addendum 18 (bench/results/lc2_predeclared.md); on
 #: failed addendum 17's part 1 (the prior pulled a right network towards a 2-4 mm wrong gland)
 SEG_PRIOR_DEFAULT = "gated"
@@ -109,6 +121,37 @@ def prior_applies(mode: str | None, flags: tuple[str, ...]) -> bool:
     if mode == "gated":
         return not set(flags) - UNGATED_FLAGS
     return mode == "on"
+
+
+def seg_fallback_mode(mode: str = SEG_FALLBACK_DEFAULT) -> str | None:
+    """``--seg-fallback``'s mode as the Pipeline's (None when off)."""
+    if mode not in SEG_FALLBACK_MODES:
+        raise ValueError(f"seg_fallback {mode!r}: expected one of {SEG_FALLBACK_MODES}")
+    return None if mode == "off" else mode
+
+
+def fallback_applies(mode: str | None, estimate_check: str | None,
+                     flags: tuple[str, ...]) -> bool:
+    """Does a frame publish the registered MRI labels (``--seg-fallback mri``)? Only after the
+    error estimate failed its check on this stream, and only where ``gated``'s prior would be
+    pooled (no flag but the error estimate's doubts the registration)."""
+    return mode == "mri" and estimate_check == "failed" and not set(flags) - UNGATED_FLAGS
+
+
+def published_labels(pipeline, frame, logits: torch.Tensor | None, labels: np.ndarray,
+                     warped_labels: np.ndarray, flags: tuple[str, ...],
+                     estimate_check: str | None, timings: dict[str, float]
+                     ) -> tuple[np.ndarray, str, dict[str, float]]:
+    """(labels, their source, ``timings``) a frame with labels to publish publishes: the
+    registered MRI labels (``mri``: :func:`fallback_applies`), the network's pooled with them
+    (``network+mri``: ``--seg-prior``, with the resegmentation's ``logits``), else the network's
+    own ``labels`` (``network``)."""
+    if fallback_applies(pipeline.seg_fallback, estimate_check, flags):
+        return warped_labels.copy(), "mri", timings
+    if logits is not None and prior_applies(pipeline.seg_prior, flags):
+        pooled, timings = pooled_labels(pipeline, frame, logits, warped_labels, timings)
+        return pooled, "network+mri", timings
+    return labels, "network", timings
 
 
 def pooled_labels(pipeline, frame, logits: torch.Tensor, warped_labels: np.ndarray,

@@ -212,6 +212,7 @@ class Session:
                                            seg_prior=args.seg_prior,
                                            estimate_check=args.estimate_check,
                                            stage_threads=args.stage_threads,
+                                           seg_fallback=args.seg_fallback,
                                            # the sessions share batched engines: no per-session
                                            # network (README "Adapting to the case's scanner")
                                            scanner_adapt="off")
