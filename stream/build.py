@@ -162,14 +162,14 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
 
     seg_fallback = seg_fallback_mode(SEG_FALLBACK_DEFAULT if seg_fallback == "default"
                                      else seg_fallback)
-    if seg_fallback is not None and estimate_check == "off":
-        raise ValueError("seg_fallback mri needs the estimate check (inform or on): its verdict "
-                         "decides when the MRI labels are published")
     if isinstance(estimate_check, str):
         from regseg.stream.estimate_check import ESTIMATE_CHECK_DEFAULT, build_estimate_check
 
         estimate_check = build_estimate_check(ESTIMATE_CHECK_DEFAULT if estimate_check
                                               == "default" else estimate_check)
+    if seg_fallback is not None and estimate_check is None:  # off, whichever way it came
+        raise ValueError("seg_fallback mri needs the estimate check (inform or on): its verdict "
+                         "decides when the MRI labels are published")
     if stage_threads == "default" or isinstance(stage_threads, int):
         from regseg.stream.stage_threads import STAGE_THREADS_DEFAULT, build_stage_threads
 
