@@ -20,6 +20,7 @@ frames, one round). Each child run writes its own JSON into ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import subprocess
@@ -122,8 +123,6 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="2 cases per family, 10 frames, 1 round")
     p.add_argument("--a-seeds", type=int, nargs="+", default=list(A_SEEDS), metavar="SEED")

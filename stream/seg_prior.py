@@ -135,7 +135,7 @@ def fallback_applies(mode: str | None, estimate_check: str | None,
     """Does a frame publish the registered MRI labels (``--seg-fallback mri``)? Only after the
     error estimate failed its check on this stream, and only where ``gated``'s prior would be
     pooled (no flag but the error estimate's doubts the registration)."""
-    return mode == "mri" and estimate_check == "failed" and not set(flags) - UNGATED_FLAGS
+    return mode == "mri" and estimate_check == "failed" and prior_applies("gated", flags)
 
 
 def published_labels(pipeline, frame, logits: torch.Tensor | None, labels: np.ndarray,
