@@ -170,6 +170,14 @@ def noise_twin(frame: Frame, rng: np.random.Generator) -> Frame:
     return dataclasses.replace(frame, pixels=pixels, truth=truth)
 
 
+def _in_order(lc2: str) -> str:
+    """``--lc2 async`` (the CLI's LC2 on a worker thread, one frame late) as ``lag``, the same
+    arithmetic in order: its results do not depend on how fast this machine runs the frames."""
+    from regseg.stream.lc2_stage import LC2_DEFAULT
+
+    return "lag" if (LC2_DEFAULT if lc2 == "default" else lc2) == "async" else lc2
+
+
 def run(families: list[str], phantoms: int, levels: list[float], frames_per_run: int, *,
         deformable: bool, backend: str, device: str, threads: int | None,
         progress: bool = True, deformable_weights: str | None = None,
@@ -204,8 +212,9 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
             extra["estimate_check"] = estimate_check
         if seg_fallback != "default":
             extra["seg_fallback"] = seg_fallback
+        extra["lc2"] = _in_order(lc2)
         pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi,
-                                  lc2=lc2, **extra, **{k: v for k, v in (("resegment", resegment),
+                                  **extra, **{k: v for k, v in (("resegment", resegment),
                                                                  ("consensus", consensus),
                                                                  ("intensity", intensity),
                                                                  ("seg_window", seg_window),
@@ -370,11 +379,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p.add_argument("--roi", choices=["default", *ROI_MODES], default="default",
                    help="the gland-centred window, as regseg-stream --roi (default: its default)")
+    from regseg.stream.lc2_lag import LAG_MODES
     from regseg.stream.lc2_stage import BENCH_MODES, LC2_MODES
 
-    p.add_argument("--lc2", choices=["default", *LC2_MODES, *BENCH_MODES], default="default",
+    p.add_argument("--lc2", choices=["default", *dict.fromkeys([*LC2_MODES, *BENCH_MODES,
+                                                                *LAG_MODES])], default="default",
                    help="the image-based refinement, as regseg-stream --lc2 (default: its "
-                   "default), or a bench mode (regseg.stream.lc2_stage.BENCH_MODES)")
+                   "default; async is run as lag, the same one frame late in order), or a bench "
+                   "mode (regseg.stream.lc2_stage.BENCH_MODES)")
     p.add_argument("--resegment", choices=["default", "on", "off"], default="default",
                    help="segment again at the published plane, as regseg-stream --resegment "
                    "(default: its default)")

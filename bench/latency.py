@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap", action="store_true",
                     help="with --deformable, also run it with --overlap on (the host half of "
                     "each frame on a second thread) at the paced rate")
-    ap.add_argument("--lc2", choices=["on", "warm", "fast", "off"], default=None,
+    ap.add_argument("--lc2", choices=["on", "async", "warm", "fast", "off"], default=None,
                     help="regseg-stream --lc2 for every regseg variant (default: its default)")
     ap.add_argument("--resegment", choices=["on", "off"], default=None,
                     help="regseg-stream --resegment for every regseg variant (default: its "

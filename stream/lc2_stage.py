@@ -17,16 +17,19 @@ The default (``LC2_DEFAULT``) is set by the rule written before its measurement
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from regseg import spatial
 from regseg.kernels import lc2_maps, plane_sample
-from regseg.lc2 import Lc2Config, refine_in_plane
+from regseg.lc2 import Lc2Config, Lc2Refinement, refine_in_plane
 from regseg.stream.context import MriContext
 from regseg.types import PROSTATE
 
-LC2_MODES = ("on", "warm", "fast", "off")
+#: ``async``: LC2 one frame late on a worker thread (regseg.stream.lc2_lag; ``lag``, the same in
+#: order, is a bench mode)
+LC2_MODES = ("on", "async", "warm", "fast", "off")
 #: ``six`` (bench mode): the search also over the normal shift and both tilts, with more rounds as
 #: six parameters take; not shipped by its rule (bench/results/lc2_predeclared.md, addendum 6)
 SIX_MAX_ROUNDS = 40
@@ -79,6 +82,17 @@ class Lc2Stage:
         """The MRI gland's centre projected onto the plane, in frame pixels (i, j)."""
         return spatial.apply(spatial.invert(image_to_mri), self.centre_mri[None])[0, :2]
 
+    def search(self, pixels: np.ndarray, image_to_mri: np.ndarray,
+               warm: np.ndarray | None = None) -> Lc2Refinement:
+        """The refinement of one frame's plane (:func:`regseg.lc2.refine_in_plane`): the search
+        that :meth:`__call__` and :class:`regseg.stream.lc2_lag.Lc2Lagged` run."""
+        return refine_in_plane(pixels, image_to_mri, self.context.mri,
+                               self.context.world_to_voxel, self.centre_ij(image_to_mri),
+                               self.config, warm=warm)
+
+    def close(self) -> None:
+        """Nothing to end (the in-order stage has no thread; Lc2Lagged's has)."""
+
     def __call__(self, pixels: np.ndarray,
                  image_to_mri: np.ndarray) -> tuple[np.ndarray, float, float]:
         """The refined plane, how far it moved the gland (NaN when nothing was applied), and the
@@ -86,9 +100,7 @@ class Lc2Stage:
         prior = None
         if self.warm and self._prior is not None and self._prior[0] == pixels.shape:
             prior = self._prior[1]
-        found = refine_in_plane(pixels, image_to_mri, self.context.mri,
-                                self.context.world_to_voxel, self.centre_ij(image_to_mri),
-                                self.config, warm=prior)
+        found = self.search(pixels, image_to_mri, prior)
         if self.warm:
             self._prior = ((pixels.shape, np.array([*found.shift_mm, found.rotation_deg]))
                            if found.applied else None)
@@ -96,12 +108,16 @@ class Lc2Stage:
                 found.significance)
 
 
-def build_lc2(context: MriContext, mode: str = LC2_DEFAULT) -> Lc2Stage | None:
-    """``--lc2``'s stage over ``context`` (None for off)."""
-    if mode not in (*LC2_MODES, *BENCH_MODES):
+def build_lc2(context: MriContext, mode: str = LC2_DEFAULT) -> Any:
+    """``--lc2``'s stage over ``context`` (None for off; an Lc2Lagged for async and lag)."""
+    from regseg.stream.lc2_lag import LAG_MODES, Lc2Lagged
+
+    if mode not in (*LC2_MODES, *BENCH_MODES, *LAG_MODES):
         raise ValueError(f"lc2 {mode!r}: expected one of {LC2_MODES}")
     if mode == "off":
         return None
+    if mode in LAG_MODES:
+        return Lc2Lagged(Lc2Stage(context), asynchronous=mode == "async")
     config = (Lc2Config(grid_mm=FAST_GRID_MM) if mode == "fast" else
               Lc2Config(**BENCH_MODES[mode]) if mode in BENCH_MODES else None)
     return Lc2Stage(context, config, warm=mode in ("warm", "fast"))

@@ -80,8 +80,7 @@ class Pipeline:
                                                                   engine.device)
         self.reference_to_mri = np.eye(4) if reference_to_mri is None else reference_to_mri
         self.quality_threshold = quality_threshold
-        self._ring_options = {"slots": ring_slots, "cuda_graph": cuda_graph,
-                              "preprocess": preprocess}
+        self._ring_options = dict(slots=ring_slots, cuda_graph=cuda_graph, preprocess=preprocess)
         self._chains: dict[tuple[int, int], FrameChain] = {}
         self._rings: dict[tuple[int, int], object] = {}  # per frame size, as the chains
         # deformable (DeformableStage): (pixels, image_to_mri) -> (warped labels, ddf); capture
@@ -90,7 +89,7 @@ class Pipeline:
         self.deformable, self._quality = deformable, quality
         self.capture = capture if capture is not None else Capture()
         # Optional stages (regseg.stream.*), None when off: --do-no-harm (CorrectionGate), --roi
-        # (GlandRoi), --lc2 (Lc2Stage), --consensus (PlaneConsensus: flags out_of_plane),
+        # (GlandRoi), --lc2 (Lc2Stage; Lc2Lagged), --consensus (PlaneConsensus: out_of_plane),
         # --intensity (IntensityMatch: the stages read the frame with its grey levels matched; the
         # overlay, no_content and the Result keep it as received), --scanner-adapt (ScannerAdapt;
         # seg_engine: with "segmentation", the adapted network for the resegment pass only)
@@ -211,8 +210,9 @@ class Pipeline:
         if self._worker is not None:
             self._worker.close()
             self._worker = None
-        if self.stage_threads is not None:
-            self.stage_threads.close()
+        for part in (self.stage_threads, self.lc2):  # --stage-threads 2, --lc2 async
+            if part is not None:
+                part.close()
 
     def _host_worker(self):
         if self._worker is None:

@@ -1,0 +1,157 @@
+"""The image-based refinement one frame late, off the frame's path (``regseg-stream --lc2 async``).
+
+On two CPU cores LC2 (:mod:`regseg.stream.lc2_stage`) costs 13-15 ms of a frame's processing and
+about 33 ms of its end-to-end latency: with it the chain's processing exceeds the 33 ms frame
+period, so each frame also waits for the one before (README "What each default stage costs and
+buys"). The move LC2 finds is in the plane and relative to the network's own registration of the
+frame, and a tracking error changes slowly, so the move found on one frame is nearly right for the
+next. ``async`` applies the most recent move found to each frame's network plane at once and hands
+the frame to a worker thread that runs LC2 on it beside the next frame's networks; its move is
+applied from the frame after (usually the next one: one LC2 takes well under a frame period).
+
+``lag`` (a bench mode, :data:`LAG_MODES`) is the same arithmetic in order: the frame gets the
+previous frame's move, then LC2 runs on it before the call returns. Its results do not depend on
+timing, so ``bench/accuracy.py`` measures ``async`` as ``lag`` (README "Image-based refinement").
+
+What a frame reports is what was applied to it: ``lc2_move_mm`` the previous frame's move (NaN when
+none was applied) and ``lc2_significance`` that refinement's significance, which flags
+``lc2_unsupported`` as before, one frame late. The first frame, and the first after the frame
+size changes or a refinement failed, has nothing to take over: LC2 runs on it in order, as
+``on`` does, so no frame is published without a refinement's say. A refinement that raised on the
+worker fails the next frame with the same error, as it would have failed its own frame in order.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from regseg.lc2 import in_plane_move
+
+#: ``--lc2`` modes of this module: ``async`` (a worker thread) and ``lag`` (bench: in order)
+LAG_MODES = ("async", "lag")
+
+
+@dataclass(frozen=True)
+class FoundMove:
+    """A refinement's outcome, kept for the next frame."""
+
+    shape: tuple[int, int]
+    shift_mm: tuple[float, float]
+    rotation_deg: float
+    move_mm: float  # NaN when not applied
+    significance: float
+    applied: bool
+
+
+class Lc2Lagged:
+    """(frame pixels, network image_to_mri) -> (the plane moved by the previous refinement, its
+    move in mm, its significance), as :class:`regseg.stream.lc2_stage.Lc2Stage` is called.
+
+    ``stage``: the in-order Lc2Stage whose search runs (cold: each from the frame's network
+    plane); ``asynchronous``: on a worker thread (``async``), else in the call (``lag``)."""
+
+    def __init__(self, stage, *, asynchronous: bool) -> None:
+        if stage.warm:
+            raise ValueError("lc2 lag: the lagged refinement searches each frame from its network "
+                             "plane; a warm stage is not supported")
+        self.stage, self.asynchronous = stage, asynchronous
+        self.config, self.warm = stage.config, False
+        self._found: FoundMove | None = None
+        self._error: BaseException | None = None
+        self._todo: tuple[np.ndarray, np.ndarray] | None = None
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing, self._running = False, False
+        self._threads: int | None = None
+
+    def unsupported(self, significance: float) -> bool:
+        return self.stage.unsupported(significance)
+
+    def __call__(self, pixels: np.ndarray,
+                 image_to_mri: np.ndarray) -> tuple[np.ndarray, float, float]:
+        found = self._take()
+        job = (np.array(pixels, copy=True), np.array(image_to_mri, np.float64, copy=True))
+        if found is None or found.shape != pixels.shape:  # nothing to apply yet: in order, once
+            self._run(*job)
+            found = self._take()
+        elif self.asynchronous:
+            self._submit(job)
+        else:
+            self._run(*job)
+        out, move = image_to_mri, math.nan
+        if found.applied:
+            spacing = (float(np.linalg.norm(image_to_mri[:3, 0])),
+                       float(np.linalg.norm(image_to_mri[:3, 1])))
+            out = image_to_mri @ in_plane_move(np.asarray(found.shift_mm), found.rotation_deg,
+                                               self.stage.centre_ij(image_to_mri), spacing)
+            move = found.move_mm
+        return out, move, found.significance
+
+    def _take(self) -> FoundMove | None:
+        """The latest refinement; raises what the last one raised (once)."""
+        with self._cond:
+            found, error, self._error = self._found, self._error, None
+        if error is not None:
+            raise error
+        return found
+
+    def _run(self, pixels: np.ndarray, plane: np.ndarray) -> None:
+        try:
+            found = self.stage.search(pixels, plane)
+            kept = FoundMove(pixels.shape, found.shift_mm, found.rotation_deg,
+                             found.move_mm if found.applied else math.nan,
+                             found.significance, found.applied)
+            with self._cond:
+                self._found = kept
+        except Exception as exc:  # noqa: BLE001 - handed to the next frame, which raises it
+            with self._cond:
+                self._found, self._error = None, exc
+
+    def _submit(self, job: tuple[np.ndarray, np.ndarray]) -> None:
+        import torch
+
+        with self._cond:
+            self._todo = job  # the latest frame wins: a frame not yet started is dropped
+            if self._thread is None:
+                self._closing = False
+                self._threads = torch.get_num_threads()
+                self._thread = threading.Thread(target=self._loop, name="regseg-lc2", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        import torch
+
+        if self._threads:
+            torch.set_num_threads(self._threads)  # the stream's, not torch's per-thread default
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._todo is not None or self._closing)
+                if self._closing:
+                    return
+                job, self._todo, self._running = self._todo, None, True
+            try:
+                self._run(*job)
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()
+
+    def wait(self, timeout: float = 10.0) -> None:
+        """Until the worker has finished every frame handed to it (tests; ``lag``: at once)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._todo is None and not self._running, timeout):
+                raise TimeoutError(f"lc2 async: the worker did not finish within {timeout} s")
+
+    def close(self) -> None:
+        """End the worker (a later call starts a new one); the last move is kept."""
+        with self._cond:
+            thread, self._thread = self._thread, None
+            self._closing, self._todo = True, None
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join(timeout=5.0)
