@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lc2", action=Once, choices=list(LC2_MODES), default=LC2_DEFAULT,
                    help="on: move each frame's registered plane in-plane (shifts and a rotation, "
                    "at most 8 mm) to where the frame best matches the MRI by LC2, an image "
-                   "similarity that is not learnt; ~20-26 ms per frame on a 2-core CPU. warm: "
+                   "similarity that is not learnt; ~13-15 ms per frame on a 2-core CPU. async: "
+                   "each frame takes the previous frame's move and LC2 runs on a worker thread, "
+                   "off the frame's path (the first frame is refined in order). warm: "
                    "start from the previous frame's move; fast: warm on a coarser grid, ~half the "
                    "time, slightly less accurate. A move is applied only when its LC2 is "
                    "1.5x that of the MRI displaced 12 mm; below that the frame is flagged "
