@@ -71,26 +71,33 @@ STRIDE = 4  # session frames between evaluated frames (a smooth, real-time-like 
 FRAME_NS = STRIDE * 1_000_000_000 // 30
 
 
+def frame_ns(stride: int | None) -> int:
+    """Receipt time between evaluated frames ``stride`` session frames apart (None: STRIDE)."""
+    return (STRIDE if stride is None else stride) * 1_000_000_000 // 30
+
+
 # ------------------------------------------------------------------------------ frames
-def family_a_frames(seed: int, level: float, n: int):
-    """(mri, labels, frames) of family-A phantom ``seed`` with tracking error ``level``."""
+def family_a_frames(seed: int, level: float, n: int, stride: int | None = None):
+    """(mri, labels, frames) of family-A phantom ``seed`` with tracking error ``level``
+    (``stride``: session frames between them; None: STRIDE)."""
     from regseg.sim.phantom import make_phantom
     from regseg.sim.scanner import ScannerConfig
 
     phantom = make_phantom(seed)
     cfg = ScannerConfig(tracking_rot_deg=0.0, tracking_shift_mm=0.0, tracking_scale=0.0,
                         out_of_plane_mm=0.0)
-    return phantom.mri, phantom.labels, tracked_frames(phantom, cfg, seed, level, n)
+    return phantom.mri, phantom.labels, tracked_frames(phantom, cfg, seed, level, n,
+                                                       stride=stride)
 
 
 def tracked_frames(phantom, cfg, seed: int, level: float, n: int,
-                   out_of_plane: float | None = None, indices=None):
+                   out_of_plane: float | None = None, indices=None, stride: int | None = None):
     """``n`` frames of a family-A ``phantom`` through scanner ``cfg`` (its own tracking error
     off), STRIDE apart, with an in-plane error of exactly ``level`` mm and deg about a point in
     the frame (direction drifting slowly) plus 0.5 mm / 0.5 deg out of plane (oscillating about
     0); ``out_of_plane``: instead ``out_of_plane`` mm along the normal and deg of tilt (sign per
     phantom and level, +-10 % drift); ``indices``: these session frames instead (the same
-    error model, e.g. :func:`sweep_frames`')."""
+    error model, e.g. :func:`sweep_frames`'); ``stride``: instead of STRIDE."""
     from regseg.sim.family_b.session import tracking_error_matrix
     from regseg.sim.scanner import SimulatedScanner
 
@@ -102,7 +109,7 @@ def tracked_frames(phantom, cfg, seed: int, level: float, n: int,
     centre = np.array([w, h]) * (0.5 + rng.uniform(-0.15, 0.15, 2))
     normal_sign = rng.choice([-1.0, 1.0]) if out_of_plane is not None else 0.0
     for k, index in enumerate(list(indices) if indices is not None else
-                              [start + k * STRIDE for k in range(n)]):
+                              [start + k * (stride or STRIDE) for k in range(n)]):
         f = scanner.frame(index)
         t = float(index)
         if out_of_plane is None:
@@ -113,12 +120,13 @@ def tracked_frames(phantom, cfg, seed: int, level: float, n: int,
         err = tracking_error_matrix(
             level, sign * level, direction_rad=direction + 0.3 * np.sin(t / 64),
             centre_ij=centre, pixel_mm=cfg.pixel_mm, normal_mm=normal, tilt_deg=tilt)
-        yield dataclasses.replace(f, seq=k, acquired_ns=k * FRAME_NS,
+        yield dataclasses.replace(f, seq=k, acquired_ns=k * frame_ns(stride),
                                   image_to_reference=f.truth.image_to_mri @ err)
 
 
-def family_b_frames(seed: int, level: float, n: int, case=None):
-    """(mri, labels, frames) of family-B case ``seed`` with tracking error ``level``."""
+def family_b_frames(seed: int, level: float, n: int, case=None, stride: int | None = None):
+    """(mri, labels, frames) of family-B case ``seed`` with tracking error ``level``
+    (``stride``: session frames between them; None: STRIDE)."""
     from regseg.sim.family_b.anatomy import make_case
     from regseg.sim.family_b.session import Session, SessionConfig
 
@@ -129,8 +137,8 @@ def family_b_frames(seed: int, level: float, n: int, case=None):
 
     def frames():
         for k in range(n):
-            yield dataclasses.replace(session.frame(start + k * STRIDE), seq=k,
-                                      acquired_ns=k * FRAME_NS)
+            yield dataclasses.replace(session.frame(start + k * (stride or STRIDE)), seq=k,
+                                      acquired_ns=k * frame_ns(stride))
 
     return case.mri, case.labels, frames()
 
@@ -186,7 +194,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         seg_window: str = "default", jump_at: str = "default", seg_tta: str = "default",
         seg_prior: str = "default", seeds: dict[str, list[int]] | None = None,
         warmup: int = 0, scanner_adapt: str = "default", estimate_check: str = "default",
-        seg_fallback: str = "default") -> tuple[list[dict], list[dict], list[dict]]:
+        seg_fallback: str = "default",
+        stride: int | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
 
@@ -197,7 +206,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     :func:`sweep_frames` run (not scored) before each level's frames. ``scanner_adapt``:
     ``--scanner-adapt``'s mode, built without the background thread (the swap then happens at the
     same frame in every run). ``estimate_check``: ``--estimate-check``'s mode; ``seg_fallback``:
-    ``--seg-fallback``'s."""
+    ``--seg-fallback``'s; ``stride``: session frames between a run's frames (None: STRIDE)."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
 
@@ -246,9 +255,10 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
             twins: list[Frame] = []
             rng = np.random.default_rng([seed, 0xE0])
             for level in levels:
-                mri, labels, frames = (family_a_frames(seed, level, frames_per_run)
+                mri, labels, frames = (family_a_frames(seed, level, frames_per_run, stride)
                                        if family == "A" else
-                                       family_b_frames(seed, level, frames_per_run, case))
+                                       family_b_frames(seed, level, frames_per_run, case,
+                                                       stride))
                 if context is None:
                     context = build_context(mri, labels, device)
                     stage = (build_deformable(context, deformable_weights or "plcreg2d",
@@ -433,12 +443,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="frames run (not scored) before each level's, spread over the session at "
                    "the same tracking error: the sweep after a registration, which the 3-D "
                    "consensus (--consensus) needs (default 0)")
+    p.add_argument("--stride", type=int, default=None, metavar="N",
+                   help=f"session frames between a run's frames (default {STRIDE}; 1: "
+                   "consecutive frames, as a live stream's, e.g. for --lc2 async)")
     p.add_argument("--label", default=None,
                    help="free text stored in the JSON to name the chain, e.g. 'baseline a1b0414'")
     args = p.parse_args(argv)
     families = [f.strip().upper() for f in args.families.split(",") if f.strip()]
     if not families or any(f not in ("A", "B") for f in families):
         p.error(f"--families {args.families!r}: A, B or A,B expected")
+    if args.stride is not None and args.stride < 1:
+        p.error(f"--stride {args.stride}: a whole number of session frames >= 1 expected")
     levels = ([float(v) for v in args.levels.split(",")] if args.levels else
               [0.0, 3.0, 10.0] if args.quick else [0.0, 3.0, 6.0, 10.0, 15.0])
     seeds = {"A": args.a_seeds, "B": args.b_seeds}
@@ -459,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                                seeds=seeds, warmup=args.warmup,
                                scanner_adapt=args.scanner_adapt,
                                estimate_check=args.estimate_check,
-                               seg_fallback=args.seg_fallback)
+                               seg_fallback=args.seg_fallback, stride=args.stride)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
              for fam in families]
@@ -502,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                    quality_weights=args.quality_weights,
                    deformable_weights=args.deformable_weights, roi=args.roi, lc2=args.lc2,
                    flag_reasons=flag_reasons(records), case_intervals=intervals,
-                   warmup=args.warmup,
+                   warmup=args.warmup, stride=args.stride or STRIDE,
                    frames_detail=records, noise_detail=noise)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if plot_path:
