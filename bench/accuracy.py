@@ -178,14 +178,6 @@ def noise_twin(frame: Frame, rng: np.random.Generator) -> Frame:
     return dataclasses.replace(frame, pixels=pixels, truth=truth)
 
 
-def _in_order(lc2: str) -> str:
-    """``--lc2 async`` (the CLI's LC2 on a worker thread, one frame late) as ``lag``, the same
-    arithmetic in order: its results do not depend on how fast this machine runs the frames."""
-    from regseg.stream.lc2_stage import LC2_DEFAULT
-
-    return "lag" if (LC2_DEFAULT if lc2 == "default" else lc2) == "async" else lc2
-
-
 def run(families: list[str], phantoms: int, levels: list[float], frames_per_run: int, *,
         deformable: bool, backend: str, device: str, threads: int | None,
         progress: bool = True, deformable_weights: str | None = None,
@@ -209,6 +201,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     ``--seg-fallback``'s; ``stride``: session frames between a run's frames (None: STRIDE)."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
+    from regseg.stream.lc2_lag import in_order
 
     def make_pipeline(context, stage):
         extra = {}
@@ -221,7 +214,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
             extra["estimate_check"] = estimate_check
         if seg_fallback != "default":
             extra["seg_fallback"] = seg_fallback
-        extra["lc2"] = _in_order(lc2)
+        extra["lc2"] = in_order(lc2)  # async as lag (regseg.stream.lc2_lag)
         pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi,
                                   **extra, **{k: v for k, v in (("resegment", resegment),
                                                                  ("consensus", consensus),

@@ -50,6 +50,7 @@ from regseg.stream.estimate_check import (
     build_estimate_check,
 )
 from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES, build_intensity
+from regseg.stream.lc2_lag import in_order
 from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_MODES, build_lc2
 from regseg.stream.pipeline import Pipeline
 from regseg.stream.quality import QualityCheck, QualityConfig
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             **({"weights": args.quality_weights} if args.quality_weights else {})))
         pipeline = Pipeline(context, engine, deformable=deformable, quality=quality,
                             capture=build_default_capture(backend="eager", threads=args.threads),
-                            lc2=build_lc2(context, args.lc2),
+                            lc2=build_lc2(context, in_order(args.lc2)),
                             resegment=RESEGMENT_DEFAULT == "on",
                             consensus=build_consensus(args.consensus),
                             intensity=build_intensity(args.intensity),

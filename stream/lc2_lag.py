@@ -29,10 +29,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from regseg.clock import now_ns
 from regseg.lc2 import in_plane_move
 
 #: ``--lc2`` modes of this module: ``async`` (a worker thread) and ``lag`` (bench: in order)
 LAG_MODES = ("async", "lag")
+
+
+def in_order(mode: str) -> str:
+    """The ``--lc2`` mode a bench runs for ``mode`` ("default": the CLI's): ``async`` as ``lag``,
+    the same arithmetic in order, whose results do not depend on the machine's speed."""
+    from regseg.stream.lc2_stage import LC2_DEFAULT
+
+    return "lag" if (LC2_DEFAULT if mode == "default" else mode) == "async" else mode
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,8 @@ class FoundMove:
     move_mm: float  # NaN when not applied
     significance: float
     applied: bool
+    handed_ns: int  # when its frame was handed to the search (regseg.clock.now_ns)
+    search_ms: float  # the search's own time
 
 
 class Lc2Lagged:
@@ -67,14 +78,24 @@ class Lc2Lagged:
         self._thread: threading.Thread | None = None
         self._closing, self._running = False, False
         self._threads: int | None = None
+        self._timings: dict[str, float] = {}
 
     def unsupported(self, significance: float) -> bool:
         return self.stage.unsupported(significance)
 
+    @property
+    def flag_unsupported(self) -> bool:  # the stage's (bench/trust.py --no-lc2-flag sets it)
+        return self.stage.flag_unsupported
+
+    @flag_unsupported.setter
+    def flag_unsupported(self, on: bool) -> None:
+        self.stage.flag_unsupported = on
+
     def __call__(self, pixels: np.ndarray,
                  image_to_mri: np.ndarray) -> tuple[np.ndarray, float, float]:
         found = self._take()
-        job = (np.array(pixels, copy=True), np.array(image_to_mri, np.float64, copy=True))
+        job = (np.array(pixels, copy=True), np.array(image_to_mri, np.float64, copy=True),
+               now_ns())
         if found is None or found.shape != pixels.shape:  # nothing to apply yet: in order, once
             self._run(*job)
             found = self._take()
@@ -89,7 +110,16 @@ class Lc2Lagged:
             out = image_to_mri @ in_plane_move(np.asarray(found.shift_mm), found.rotation_deg,
                                                self.stage.centre_ij(image_to_mri), spacing)
             move = found.move_mm
+        self._timings = {"lc2_search": found.search_ms,
+                         "lc2_age": (now_ns() - found.handed_ns) / 1e6}
         return out, move, found.significance
+
+    def timings(self) -> dict[str, float]:
+        """The last call's: ``lc2_search``, the own time of the search whose move it applied
+        (on the worker, off the frame's path, unless the frame was refined in order), and
+        ``lc2_age``, how long before the call that search's frame was handed over (about a frame
+        period when the worker keeps up)."""
+        return dict(self._timings)
 
     def _take(self) -> FoundMove | None:
         """The latest refinement; raises what the last one raised (once)."""
@@ -99,19 +129,21 @@ class Lc2Lagged:
             raise error
         return found
 
-    def _run(self, pixels: np.ndarray, plane: np.ndarray) -> None:
+    def _run(self, pixels: np.ndarray, plane: np.ndarray, handed_ns: int) -> None:
         try:
+            start = now_ns()
             found = self.stage.search(pixels, plane)
             kept = FoundMove(pixels.shape, found.shift_mm, found.rotation_deg,
                              found.move_mm if found.applied else math.nan,
-                             found.significance, found.applied)
+                             found.significance, found.applied, handed_ns,
+                             (now_ns() - start) / 1e6)
             with self._cond:
                 self._found = kept
         except Exception as exc:  # noqa: BLE001 - handed to the next frame, which raises it
             with self._cond:
                 self._found, self._error = None, exc
 
-    def _submit(self, job: tuple[np.ndarray, np.ndarray]) -> None:
+    def _submit(self, job: tuple[np.ndarray, np.ndarray, int]) -> None:
         import torch
 
         with self._cond:

@@ -10,8 +10,9 @@ stage and the quality check see the refined plane. A move larger than
 :attr:`regseg.lc2.Lc2Config.max_move_mm` is not applied (an LC2 optimum that far from the
 network's plane is more likely a wrong one than a correction).
 
-The default (``LC2_DEFAULT``) is set by the rule written before its measurement
-(``bench/results/lc2_predeclared.md``; ``bench/lc2.py``).
+The default (``LC2_DEFAULT``) is set by the rules written before their measurements
+(``bench/results/lc2_predeclared.md``; ``bench/lc2.py``): ``on`` since session 16, and since
+session 26 ``async``, this search one frame late on a worker thread (:mod:`regseg.stream.lc2_lag`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ BENCH_MODES = {"on-volume": {}, "on-slice": {"plane_slice": True},
                "six": {"out_of_plane": True, "max_rounds": SIX_MAX_ROUNDS}}
 #: ``fast``: ``warm`` on a coarser working grid (bench/results/lc2_predeclared.md, addendum 2)
 FAST_GRID_MM = 0.8
-LC2_DEFAULT = "on"  # by the rule in bench/results/lc2_predeclared.md: it passed (README)
+#: ``on`` by addendum 1 of bench/results/lc2_predeclared.md (session 16); ``async`` since its
+#: addendum 26 (session 26): the same search one frame late, off the frame's path (lc2_lag)
+LC2_DEFAULT = "async"
 
 
 class Lc2Stage:
@@ -92,6 +95,10 @@ class Lc2Stage:
 
     def close(self) -> None:
         """Nothing to end (the in-order stage has no thread; Lc2Lagged's has)."""
+
+    def timings(self) -> dict[str, float]:
+        """Extra per-frame timings (Lc2Lagged's: the age and time of the move applied)."""
+        return {}
 
     def __call__(self, pixels: np.ndarray,
                  image_to_mri: np.ndarray) -> tuple[np.ndarray, float, float]:

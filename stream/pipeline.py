@@ -294,7 +294,7 @@ class Pipeline:
         if self.lc2 is not None:
             t_lc2 = now_ns()
             image_to_mri, *lc2 = self.lc2(frame.pixels, image_to_mri)
-            timings = {**timings, "lc2": (now_ns() - t_lc2) / 1e6}
+            timings = {**timings, "lc2": (now_ns() - t_lc2) / 1e6, **self.lc2.timings()}
         if self.capture.temporal is not None:
             t_cap = now_ns()
             whole, shift = self._whole(frame)

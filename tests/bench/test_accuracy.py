@@ -311,6 +311,29 @@ def test_frames_carry_simulated_receipt_times_not_the_wall_clock():
     assert bench.FRAME_NS == bench.STRIDE * 1_000_000_000 // 30
 
 
+def test_stride_one_runs_consecutive_session_frames_33_ms_apart():
+    """--stride 1 (for --lc2 async, whose lag costs with the motion between frames): consecutive
+    session frames, received as a live 30 fps stream's; the default stride is unchanged."""
+    from regseg.sim.family_b.anatomy import make_case
+    from regseg.sim.family_b.session import Session, SessionConfig
+
+    case = make_case(5000)
+    _, _, one = bench.family_b_frames(5000, 3.0, 3, case, stride=1)
+    one = list(one)
+    assert [f.acquired_ns for f in one] == [k * (1_000_000_000 // 30) for k in range(3)]
+    session = Session(case, SessionConfig(tracking_shift_mm=3.0, tracking_rot_deg=3.0),
+                      seed=5000 * 7 + 1)
+    start = int(np.random.default_rng([5000, 30, 0xB]).integers(0, 300))
+    for k, frame in enumerate(one):  # the session's frames start, start + 1, start + 2
+        assert np.array_equal(frame.pixels, session.frame(start + k).pixels)
+    _, _, a = bench.family_a_frames(1000, 3.0, 2, stride=1)
+    assert [f.acquired_ns for f in a] == [0, bench.frame_ns(1)]
+    assert bench.frame_ns(None) == bench.FRAME_NS and bench.frame_ns(1) == bench.FRAME_NS // 4
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--stride", "0", "--json", "/nonexistent/x.json"])
+    assert exc.value.code == 2
+
+
 @pytest.fixture(scope="module")
 def family_b_results():
     """The default live chain (eager backend: the same numbers as auto's pick) on family-B case

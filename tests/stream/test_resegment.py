@@ -42,6 +42,13 @@ class ShiftStage:
     def unsupported(significance):
         return False
 
+    @staticmethod
+    def timings():  # the stage protocol's (Lc2Stage, Lc2Lagged): no extra timings
+        return {}
+
+    def close(self):  # the stage protocol's: nothing to end
+        pass
+
 
 @pytest.fixture(scope="module")
 def case():

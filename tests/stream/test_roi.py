@@ -154,8 +154,10 @@ def test_live_chain_with_the_window_registers_a_wide_view_at_least_as_well(case)
     frames = [scanner.frame(i) for i in range(0, 24, 4)]
     tre = {}
     for mode in ("off", "auto"):
+        # LC2 in order (on): the window is compared with the whole view on the same refinement,
+        # not on one found a frame (here four session frames) earlier
         pipeline = build_pipeline(context, engine, capture=build_default_capture(
-            backend="eager"), roi=mode)
+            backend="eager"), roi=mode, lc2="on")
         tre[mode], cut = [], []
         for frame in frames:
             (result,) = pipeline.submit(frame)
