@@ -58,6 +58,7 @@ from accuracy_scoring import (  # noqa: E402,F401  (re-exported: other benches a
     score_noise,
     summarise,
     true_plane_dice,
+    window_rows,
 )
 from common import device_name, print_table, write_json  # noqa: E402
 
@@ -439,12 +440,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stride", type=int, default=None, metavar="N",
                    help=f"session frames between a run's frames (default {STRIDE}; 1: "
                    "consecutive frames, as a live stream's, e.g. for --lc2 async)")
+    p.add_argument("--windows", type=int, default=None, metavar="N",
+                   help="also rows per N consecutive scored frames of every run (JSON 'windows'): "
+                   "how the chain converges after a start, e.g. with --stride 1 --frames 120")
     p.add_argument("--label", default=None,
                    help="free text stored in the JSON to name the chain, e.g. 'baseline a1b0414'")
     args = p.parse_args(argv)
     families = [f.strip().upper() for f in args.families.split(",") if f.strip()]
     if not families or any(f not in ("A", "B") for f in families):
         p.error(f"--families {args.families!r}: A, B or A,B expected")
+    if args.windows is not None and args.windows < 1:
+        p.error(f"--windows {args.windows}: a whole number of frames >= 1 expected")
     if args.stride is not None and args.stride < 1:
         p.error(f"--stride {args.stride}: a whole number of session frames >= 1 expected")
     levels = ([float(v) for v in args.levels.split(",")] if args.levels else
@@ -482,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nacross cases: the row's value, a 95 % interval from resampling whole cases "
           f"({BOOTSTRAP_DRAWS} draws), and the lowest and highest single case")
     print_table(intervals, INTERVAL_COLUMNS)
+    windows = window_rows(records, args.windows) if args.windows else None
+    if windows:
+        print(f"\nper {args.windows} consecutive scored frames of every run")
+        print_table(windows, COLUMNS)
     for fam, by in flag_reasons(records).items():
         print(f"flag reasons, family {fam}: " + "; ".join(
             f"{k} frames {v['frames']}: " + ", ".join(f"{r} {n}" for r, n in v.items()
@@ -511,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                    deformable_weights=args.deformable_weights, roi=args.roi, lc2=args.lc2,
                    flag_reasons=flag_reasons(records), case_intervals=intervals,
                    warmup=args.warmup, stride=args.stride or STRIDE,
+                   **({"windows": windows} if windows else {}),
                    frames_detail=records, noise_detail=noise)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if plot_path:

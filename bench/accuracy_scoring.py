@@ -182,6 +182,22 @@ def pooled_row(family: str, frames: list[dict], auc: float) -> dict[str, Any]:
     return row
 
 
+def window_rows(frames: list[dict], width: int) -> list[dict[str, Any]]:
+    """Per family and level, one row per ``width`` consecutive scored frames of every run (frames
+    ``seq`` 0 .. width-1, width .. 2 width-1, ...): how the chain converges after a start
+    (``--windows``; with ``--stride 1`` the frames are a live stream's)."""
+    rows = []
+    for family, level in dict.fromkeys((f["family"], f["error_level"]) for f in frames):
+        run = [f for f in frames if f["family"] == family and f["error_level"] == level]
+        for start in range(0, max(f["seq"] for f in run) + 1, width):
+            part = [f for f in run if start <= f["seq"] < start + width]
+            row = summarise(family, level, part)
+            row.update(name=f"{row['name']} frames {start}-{start + width - 1}",
+                       first_frame=start, last_frame=start + width - 1)
+            rows.append(row)
+    return rows
+
+
 def score_noise(result: Any) -> dict[str, Any]:
     """A noise frame: predicted gland area (mm^2), labelled (> 1 cm^2), flagged."""
     sy, sx = result.frame.spacing_mm

@@ -36,6 +36,23 @@ def _record(tre: float, flagged: bool, estimate: float) -> dict:
     return {"tre_registered_mm": tre, "flagged": flagged, "estimate": estimate}
 
 
+def test_windows_split_each_run_by_its_frame_number():
+    """--windows N: rows of N consecutive scored frames, pooled over the runs of a family and
+    level, so the first window is every run's start (how the chain converges)."""
+    keys = ("dice_prostate", "dice_lesion", "dice_registered", "dice_lesion_registered",
+            "dice_true_plane", "tre_tracked_mm", "tre_tracked_tissue_mm", "total_ms")
+    frames = [{**{k: 0.9 for k in keys}, "family": "B", "error_level": 10.0, "phantom": case,
+               "seq": seq, "tre_registered_mm": 9.0 if seq < 2 else 1.0,
+               "tre_registered_tissue_mm": 9.0 if seq < 2 else 1.0, "flagged": seq < 3,
+               "estimate": 1.0} for case in (1, 2) for seq in range(5)]
+    rows = bench.window_rows(frames, 2)
+    assert [r["name"] for r in rows] == [f"B 10mm/10deg frames {a}-{a + 1}" for a in (0, 2, 4)]
+    assert [r["frames"] for r in rows] == [4, 4, 2]
+    assert [r["tre_tissue_median_mm"] for r in rows] == [9.0, 1.0, 1.0]
+    assert rows[0]["detection"] == 1.0 and rows[1]["false_alarm"] == 0.5
+    assert rows[2]["false_alarm"] == 0.0 and rows[0]["first_frame"] == 0
+
+
 def test_flag_rates_and_roc_count_what_they_say():
     frames = [_record(8.0, True, 0.9), _record(6.0, False, 0.8), _record(1.0, False, 0.1),
               _record(1.5, True, 0.2), _record(3.0, True, 0.5), _record(0.5, False, math.nan)]

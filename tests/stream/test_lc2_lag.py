@@ -61,6 +61,10 @@ def test_each_frame_takes_the_previous_frames_move(family_b):
         assert np.array_equal(done[k].mri_to_image, lag[k].mri_to_image)
         assert np.array_equal(done[k].labels, lag[k].labels) and done[k].flags == lag[k].flags
     assert moved >= 3  # the case's refinements apply: the test compares real moves
+    # the stats say how old the applied move is and what its search cost (off the frame's path)
+    assert all("lc2_age" in r.timings_ms and r.timings_ms["lc2_search"] > 0 for r in done)
+    assert all(r.timings_ms["lc2_age"] >= r.timings_ms["lc2_search"] for r in done[1:])
+    assert not any("lc2_age" in r.timings_ms for r in on)
     # one frame late is not the same plane as on time (the networks' plane moves per frame)
     assert any(not np.allclose(lag[k].mri_to_image, on[k].mri_to_image)
                for k in range(1, len(frames)))
