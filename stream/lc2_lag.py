@@ -13,6 +13,9 @@ applied from the frame after (usually the next one: one LC2 takes well under a f
 previous frame's move, then LC2 runs on it before the call returns. Its results do not depend on
 timing, so ``bench/accuracy.py`` measures ``async`` as ``lag`` (README "Image-based refinement").
 
+The worker runs at nice 10 (``REGSEG_LC2_NICE``; Linux, only ever raised): where the cores are busy
+the frame's own stages go first, and LC2 takes what is left (its moves then come later: ``lc2_age``).
+
 What a frame reports is what was applied to it: ``lc2_move_mm`` the previous frame's move (NaN when
 none was applied) and ``lc2_significance`` that refinement's significance, which flags
 ``lc2_unsupported`` as before, one frame late. The first frame, and the first after the frame
@@ -24,6 +27,7 @@ worker fails the next frame with the same error, as it would have failed its own
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -34,6 +38,8 @@ from regseg.lc2 import in_plane_move
 
 #: ``--lc2`` modes of this module: ``async`` (a worker thread) and ``lag`` (bench: in order)
 LAG_MODES = ("async", "lag")
+#: The worker's nice value (Linux): when the cores are busy the frame's own stages go first
+WORKER_NICE = int(os.environ.get("REGSEG_LC2_NICE", "10"))
 
 
 def in_order(mode: str) -> str:
@@ -160,6 +166,13 @@ class Lc2Lagged:
 
         if self._threads:
             torch.set_num_threads(self._threads)  # the stream's, not torch's per-thread default
+        if WORKER_NICE and hasattr(os, "setpriority"):
+            try:  # Linux: a thread's own nice value (only ever raised); the frame's path first
+                tid = threading.get_native_id()
+                if os.getpriority(os.PRIO_PROCESS, tid) < WORKER_NICE:
+                    os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICE)
+            except OSError:
+                pass
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._todo is not None or self._closing)

@@ -5,6 +5,8 @@ same Results as ``async`` when each frame waits for the worker."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -13,7 +15,7 @@ import pytest
 
 from regseg.lc2 import in_plane_move
 from regseg.stream.build import build_default_capture, build_engine, build_pipeline
-from regseg.stream.lc2_lag import LAG_MODES, Lc2Lagged
+from regseg.stream.lc2_lag import LAG_MODES, WORKER_NICE, Lc2Lagged
 from regseg.stream.lc2_stage import BENCH_MODES, LC2_MODES, Lc2Stage, build_lc2
 
 
@@ -76,7 +78,7 @@ class _Stage:
     warm, config = False, SimpleNamespace(min_significance=1.5)
 
     def __init__(self) -> None:
-        self.calls, self.threads, self.fail = 0, [], False
+        self.calls, self.threads, self.fail, self.nice = 0, [], False, []
 
     def unsupported(self, significance):
         return significance < 1.5
@@ -87,6 +89,8 @@ class _Stage:
     def search(self, pixels, plane):
         self.calls += 1
         self.threads.append(threading.current_thread().name)
+        if hasattr(os, "getpriority"):
+            self.nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         if self.fail:
             raise ValueError(f"lc2: search {self.calls} failed")
         return SimpleNamespace(shift_mm=(1.0, 0.0), rotation_deg=0.0, move_mm=1.0,
@@ -114,6 +118,8 @@ def test_the_move_is_applied_to_this_frames_plane_and_the_worker_runs_it():
     assert sig == 3.0  # the first frame's refinement, applied to the second
     lagged.wait()
     assert stage.threads[1:] == ["regseg-lc2"] and lagged(pixels, other)[2] == 4.0
+    if sys.platform.startswith("linux"):  # the worker yields to the frame's path when busy
+        assert stage.nice[1] == max(stage.nice[0], WORKER_NICE) and WORKER_NICE > 0
     lagged.close()
     assert lagged._thread is None
 
