@@ -13,8 +13,8 @@ applied from the frame after (usually the next one: one LC2 takes well under a f
 previous frame's move, then LC2 runs on it before the call returns. Its results do not depend on
 timing, so ``bench/accuracy.py`` measures ``async`` as ``lag`` (README "Image-based refinement").
 
-The worker runs at nice 10 (``REGSEG_LC2_NICE``; Linux, only ever raised): where the cores are busy
-the frame's own stages go first, and LC2 takes what is left (its moves then come later: ``lc2_age``).
+The worker runs at nice 10 (``REGSEG_LC2_NICE``; Linux, only ever raised): where the cores are
+busy the frame's own stages go first, and LC2 takes what is left (its moves come later: lc2_age).
 
 What a frame reports is what was applied to it: ``lc2_move_mm`` the previous frame's move (NaN when
 none was applied) and ``lc2_significance`` that refinement's significance, which flags
