@@ -187,7 +187,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         seg_window: str = "default", jump_at: str = "default", seg_tta: str = "default",
         seg_prior: str = "default", seeds: dict[str, list[int]] | None = None,
         warmup: int = 0, scanner_adapt: str = "default", estimate_check: str = "default",
-        seg_fallback: str = "default",
+        seg_fallback: str = "default", temporal_filter: str = "default",
         stride: int | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
@@ -199,7 +199,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     :func:`sweep_frames` run (not scored) before each level's frames. ``scanner_adapt``:
     ``--scanner-adapt``'s mode, built without the background thread (the swap then happens at the
     same frame in every run). ``estimate_check``: ``--estimate-check``'s mode; ``seg_fallback``:
-    ``--seg-fallback``'s; ``stride``: session frames between a run's frames (None: STRIDE)."""
+    ``--seg-fallback``'s; ``temporal_filter``: ``--temporal-filter``'s; ``stride``: session frames
+    between a run's frames (None: STRIDE)."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
     from regseg.stream.lc2_lag import in_order
@@ -234,7 +235,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         return pipeline
 
     engine = build_engine(backend=backend, device=device, threads=threads)
-    capture = _capture_factory(backend=backend, device=device, threads=threads)
+    capture = _capture_factory(backend=backend, device=device, threads=threads,
+                               temporal_filter=temporal_filter)
     records: list[dict] = []
     noise_records: list[dict] = []
     for family in families:
@@ -301,15 +303,21 @@ def _tree_has(stage: str) -> bool:
     return importlib.util.find_spec(f"regseg.stream.{stage}") is not None
 
 
-def _capture_factory(**engine_options):
+def _capture_factory(temporal_filter: str = "default", **engine_options):
     """A maker of the CLI's default capture stage (one per run: it keeps temporal state), or of
-    None on a tree that predates ``regseg.stream.capture`` (the baseline)."""
+    None on a tree that predates ``regseg.stream.capture`` (the baseline); ``temporal_filter``:
+    ``--temporal-filter``'s mode instead of the CLI's default."""
     try:
         import regseg.stream.capture  # noqa: F401
         from regseg.stream.build import build_default_capture
     except ImportError:
         return lambda: None
-    return lambda: build_default_capture(**engine_options)
+    if temporal_filter == "default":
+        return lambda: build_default_capture(**engine_options)
+    from regseg.stream.capture import MULTI_START_DEFAULT, REFINE_ITERATIONS, build_capture
+
+    return lambda: build_capture(REFINE_ITERATIONS, MULTI_START_DEFAULT == "on", temporal_filter,
+                                 **engine_options)
 
 
 def chain_description() -> dict[str, Any]:
@@ -437,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="frames run (not scored) before each level's, spread over the session at "
                    "the same tracking error: the sweep after a registration, which the 3-D "
                    "consensus (--consensus) needs (default 0)")
+    p.add_argument("--temporal-filter", choices=["default", "on", "off", "warm"],
+                   default="default", help="the capture's temporal filter, as regseg-stream "
+                   "--temporal-filter (default: its default)")
     p.add_argument("--stride", type=int, default=None, metavar="N",
                    help=f"session frames between a run's frames (default {STRIDE}; 1: "
                    "consecutive frames, as a live stream's, e.g. for --lc2 async)")
@@ -473,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                                seeds=seeds, warmup=args.warmup,
                                scanner_adapt=args.scanner_adapt,
                                estimate_check=args.estimate_check,
-                               seg_fallback=args.seg_fallback, stride=args.stride)
+                               seg_fallback=args.seg_fallback,
+                               temporal_filter=args.temporal_filter, stride=args.stride)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
              for fam in families]
@@ -521,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                    deformable_weights=args.deformable_weights, roi=args.roi, lc2=args.lc2,
                    flag_reasons=flag_reasons(records), case_intervals=intervals,
                    warmup=args.warmup, stride=args.stride or STRIDE,
+                   temporal_filter=args.temporal_filter,
                    **({"windows": windows} if windows else {}),
                    frames_detail=records, noise_detail=noise)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)

@@ -33,6 +33,7 @@ from common import device_name, print_table, write_json  # noqa: E402
 from regseg.sim.phantom import PhantomOptions, make_phantom  # noqa: E402
 from regseg.sim.randomise import randomise_scanner  # noqa: E402
 from regseg.sim.scanner import ScannerConfig  # noqa: E402
+from regseg.stream.lc2_lag import in_order  # noqa: E402
 
 SEEDS = range(3100, 3108)  # family-A calibration phantoms
 SETS = ("small-wide", "wide", "randomised")
@@ -87,7 +88,7 @@ def chain_results(sets, seeds, levels: list[float], modes, n: int, threads: int,
                     pipeline = build_pipeline(context, engine, deformable=stage,
                                               capture=build_default_capture(
                                                   backend="auto", threads=threads),
-                                              **{option: mode})
+                                              **{"lc2": in_order("default"), option: mode})
                     for frame in tracked_frames(phantom, cfg, seed, level, n,
                                                 out_of_plane=out_of_plane):
                         for result in pipeline.submit(frame):

@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import family_a_frames, family_b_frames  # noqa: E402
 from common import device_name, print_table, write_json  # noqa: E402
 
+from regseg.stream.lc2_lag import in_order  # noqa: E402
+
 SEEDS = {"A": range(3400, 3412), "B": range(5092, 5100)}  # fresh plain phantoms / diagnosis cases
 CONTEXTS = ("published", "true_plane", "tracked", "registered")
 
@@ -81,7 +83,8 @@ def run(families: list[str], cases: int, n: int, level: float, threads: int,
             stage = build_deformable(context, backend="auto", threads=threads)
             pipeline = build_pipeline(context, engine, deformable=stage,
                                       capture=build_default_capture(backend="auto",
-                                                                    threads=threads))
+                                                                    threads=threads),
+                                      lc2=in_order("default"))
             for frame in frames:
                 for result in pipeline.submit(frame) + pipeline.flush():
                     if not (result.frame.truth.labels > 0).any():

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from regseg import metrics, spatial
+from regseg.stream.lc2_lag import in_order
 
 BAD_MM, GOOD_MM = 5.0, 2.0
 
@@ -75,7 +76,8 @@ def trust_rows(seeds: list[int], frames: int, levels: list[float], *, threads: i
         pipelines = {
             name: build_pipeline(context, engine, deformable=build_deformable(context,
                                                                               backend="eager"),
-                                 capture=build_default_capture(backend="eager"), segmenter=seg)
+                                 capture=build_default_capture(backend="eager"), segmenter=seg,
+                                 lc2=in_order("default"))
             for name, seg in (("unet", None), ("ascseg_trus", segmenter))}
         rng = np.random.default_rng([seed, 99])
         for level in levels:

@@ -32,8 +32,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import family_a_frames, family_b_frames  # noqa: E402
+from accuracy import _capture_factory, family_a_frames, family_b_frames  # noqa: E402
 from common import device_name, print_table, write_json  # noqa: E402
+
+from regseg.stream.lc2_lag import in_order  # noqa: E402
 
 SEEDS = {"A": range(3180, 3200), "B": range(5064, 5080)}  # calibration / diagnosis, never eval
 STEP_AT = 6  # the frame the step happens at
@@ -65,12 +67,12 @@ def stepped(frames, step_mm: float, angle_rad: float, at: int = STEP_AT):
 
 def run(families: list[str], phantoms: int, steps: list[float], n: int, threads: int, *,
         seeds: dict[str, list[int]] | None = None, jump_at: str = "default",
-        lc2: str = "default"):
+        lc2: str = "default", temporal_filter: str = "default"):
     """Every frame's record: family, phantom, step, seq, published TRE, flagged, flags.
     ``seeds``: per family, other phantoms than :data:`SEEDS` (fresh ones for a rule);
-    ``jump_at``, ``lc2``: ``--jump-at``'s and ``--lc2``'s modes ("default": regseg-stream's)."""
+    ``jump_at``, ``lc2``, ``temporal_filter``: ``--jump-at``'s, ``--lc2``'s (run in order:
+    async as lag) and ``--temporal-filter``'s modes ("default": regseg-stream's)."""
     from regseg.stream.build import (
-        build_default_capture,
         build_deformable,
         build_engine,
         build_pipeline,
@@ -93,9 +95,9 @@ def run(families: list[str], phantoms: int, steps: list[float], n: int, threads:
                 if context is None:
                     context = build_context(mri, labels)
                     stage = build_deformable(context, backend="auto", threads=threads)
-                capture = build_default_capture(backend="auto", threads=threads)
+                capture = _capture_factory(temporal_filter, backend="auto", threads=threads)()
                 pipeline = build_pipeline(context, engine, deformable=stage, capture=capture,
-                                          jump_at=jump_at, lc2=lc2)
+                                          jump_at=jump_at, lc2=in_order(lc2))
                 for frame in stepped(frames, step_mm, angle):
                     for result in pipeline.submit(frame) + pipeline.flush():
                         _, tre = frame_accuracy(pipeline, result)
@@ -154,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jump-at", choices=["default", "frame", "gland"], default="default",
                    help="where the jump flag measures, as regseg-stream --jump-at (default: its "
                    "default)")
-    p.add_argument("--lc2", choices=["default", "on", "warm", "fast", "off"], default="default",
+    p.add_argument("--temporal-filter", choices=["default", "on", "off", "warm"],
+                   default="default", help="as regseg-stream --temporal-filter (default: its "
+                   "default)")
+    p.add_argument("--lc2", choices=["default", "on", "async", "warm", "fast", "off"],
+                   default="default",
                    help="the image-based refinement, as regseg-stream --lc2 (default: its default)")
     p.add_argument("--a-seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help=f"family-A phantoms instead of {SEEDS['A'][0]}.. (fresh ones for a rule)")
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     chosen = {"A": args.a_seeds or list(SEEDS["A"]), "B": args.b_seeds or list(SEEDS["B"])}
     records = run(families, phantoms, steps, n, args.threads, seeds=chosen, jump_at=args.jump_at,
-                  lc2=args.lc2)
+                  lc2=args.lc2, temporal_filter=args.temporal_filter)
     rows = [summarise(f, s, records, n) for f in families for s in steps]
     wall = time.perf_counter() - t0
     print(f"\nsteps: the reference moved by S mm at frame {STEP_AT} of {n}, {LEVEL:g} mm / "
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, "steps", rows, argv, device=device_name(), quick=args.quick,
                    phantoms_per_family=phantoms, frames_per_run=n, steps_mm=steps,
                    step_at=STEP_AT, level=LEVEL, jump_at=args.jump_at, lc2=args.lc2,
+                   temporal_filter=args.temporal_filter,
                    seeds={f: chosen[f][:phantoms] for f in families},
                    wall_s=wall, frames_detail=records)
     return 0
