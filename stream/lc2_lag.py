@@ -19,9 +19,12 @@ busy the frame's own stages go first, and LC2 takes what is left (its moves come
 What a frame reports is what was applied to it: ``lc2_move_mm`` the previous frame's move (NaN when
 none was applied) and ``lc2_significance`` that refinement's significance, which flags
 ``lc2_unsupported`` as before, one frame late. The first frame, and the first after the frame
-size changes or a refinement failed, has nothing to take over: LC2 runs on it in order, as
-``on`` does, so no frame is published without a refinement's say. A refinement that raised on the
-worker fails the next frame with the same error, as it would have failed its own frame in order.
+size changes or a refinement failed, and any frame whose network plane is more than 5 mm (at a
+frame corner) from the plane the last move was found on (the probe jumped, frames were dropped, a
+new registration: :data:`VIEW_CHANGE_MM`), has nothing to take over: LC2 runs on it in order, as
+``on`` does, so no frame is published with a move found on another view. A refinement that raised
+on the worker fails the next frame with the same error, as it would have failed its own frame in
+order.
 """
 
 from __future__ import annotations
@@ -40,6 +43,20 @@ from regseg.lc2 import in_plane_move
 LAG_MODES = ("async", "lag")
 #: The worker's nice value (Linux): when the cores are busy the frame's own stages go first
 WORKER_NICE = int(os.environ.get("REGSEG_LC2_NICE", "10"))
+#: A move is carried to a frame only if the frame's network plane is within this of the plane it
+#: was found on (the largest displacement of a frame corner, mm; the temporal filter resets on a
+#: tracked plane that moves > 5 mm between frames too): after a jump of the probe, a gap or a new
+#: registration the frame is refined in order instead
+VIEW_CHANGE_MM = 5.0
+
+
+def view_change_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> float:
+    """How far plane ``b`` is from plane ``a`` over a frame of ``shape``: the largest distance
+    (mm) between where the two put a corner of the frame."""
+    h, w = shape
+    corners = np.array([[0, 0, 0, 1], [w - 1, 0, 0, 1], [0, h - 1, 0, 1], [w - 1, h - 1, 0, 1]],
+                       np.float64).T
+    return float(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0).max())
 
 
 def in_order(mode: str) -> str:
@@ -62,6 +79,7 @@ class FoundMove:
     applied: bool
     handed_ns: int  # when its frame was handed to the search (regseg.clock.now_ns)
     search_ms: float  # the search's own time
+    plane: np.ndarray  # the network's plane it was found on
 
 
 class Lc2Lagged:
@@ -102,7 +120,8 @@ class Lc2Lagged:
         found = self._take()
         job = (np.array(pixels, copy=True), np.array(image_to_mri, np.float64, copy=True),
                now_ns())
-        if found is None or found.shape != pixels.shape:  # nothing to apply yet: in order, once
+        if (found is None or found.shape != pixels.shape  # nothing to carry over: in order, once
+                or view_change_mm(found.plane, image_to_mri, pixels.shape) > VIEW_CHANGE_MM):
             self._run(*job)
             found = self._take()
         elif self.asynchronous:
@@ -142,7 +161,7 @@ class Lc2Lagged:
             kept = FoundMove(pixels.shape, found.shift_mm, found.rotation_deg,
                              found.move_mm if found.applied else math.nan,
                              found.significance, found.applied, handed_ns,
-                             (now_ns() - start) / 1e6)
+                             (now_ns() - start) / 1e6, plane)
             with self._cond:
                 self._found = kept
         except Exception as exc:  # noqa: BLE001 - handed to the next frame, which raises it

@@ -328,6 +328,19 @@ def test_frames_carry_simulated_receipt_times_not_the_wall_clock():
     assert bench.FRAME_NS == bench.STRIDE * 1_000_000_000 // 30
 
 
+def test_temporal_filter_option_builds_the_capture_it_names():
+    """--temporal-filter warm (addendum 27): each frame's networks start from the filtered
+    correction; the default is the CLI's capture."""
+    from regseg.stream.capture import TEMPORAL_FILTER_DEFAULT
+
+    warm = bench._capture_factory("warm", backend="eager", threads=1)()
+    default = bench._capture_factory(backend="eager", threads=1)()
+    off = bench._capture_factory("off", backend="eager", threads=1)()
+    assert warm.warm_start and warm.temporal is not None and off.temporal is None
+    assert default.warm_start == (TEMPORAL_FILTER_DEFAULT == "warm")
+    assert default.temporal is not None
+
+
 def test_stride_one_runs_consecutive_session_frames_33_ms_apart():
     """--stride 1 (for --lc2 async, whose lag costs with the motion between frames): consecutive
     session frames, received as a live 30 fps stream's; the default stride is unchanged."""

@@ -110,7 +110,7 @@ def test_the_move_is_applied_to_this_frames_plane_and_the_worker_runs_it():
     out, move, sig = lagged(pixels, _plane())
     assert stage.threads == ["MainThread"] and sig == 3.0 and move == 1.0  # in order, once
     other = _plane()
-    other[:3, 3] = [5.0, -2.0, 1.0]  # the next frame's network plane
+    other[:3, 3] = [2.0, -1.0, 0.5]  # the next frame's network plane: the same view, moved
     out, move, sig = lagged(pixels, other)
     expected = other @ in_plane_move(np.array([1.0, 0.0]), 0.0, np.array([10.0, 12.0]),
                                      (0.5, 0.5))
@@ -122,6 +122,34 @@ def test_the_move_is_applied_to_this_frames_plane_and_the_worker_runs_it():
         assert stage.nice[1] == max(stage.nice[0], WORKER_NICE) and WORKER_NICE > 0
     lagged.close()
     assert lagged._thread is None
+
+
+def test_a_move_is_not_carried_to_another_view():
+    """After a jump of the probe, dropped frames or a new registration (the network's plane more
+    than VIEW_CHANGE_MM from the one the move was found on) the frame is refined in order."""
+    from regseg.stream.lc2_lag import VIEW_CHANGE_MM, view_change_mm
+
+    stage = _Stage()
+    lagged = Lc2Lagged(stage, asynchronous=True)
+    pixels = np.zeros((20, 30), np.uint8)
+    lagged(pixels, _plane())
+    near, far, turned = _plane(), _plane(), _plane()
+    near[:3, 3] = [3.0, 3.0, 0.0]
+    far[:3, 3] = [0.0, 0.0, 6.0]  # out of plane: the corners move 6 mm
+    turned[:3, :2] = [[0.5 * np.cos(0.5), 0.0], [0.0, 0.5], [0.5 * np.sin(0.5), 0.0]]  # tilted
+    assert view_change_mm(_plane(), near, (20, 30)) < VIEW_CHANGE_MM
+    assert view_change_mm(_plane(), far, (20, 30)) == pytest.approx(6.0)
+    assert view_change_mm(_plane(), turned, (20, 30)) > VIEW_CHANGE_MM  # 14.5 mm x 0.5 rad
+    lagged(pixels, near)
+    lagged.wait()
+    assert stage.threads == ["MainThread", "regseg-lc2"]  # carried over, next one on the worker
+    for plane in (far, turned):
+        calls = stage.calls
+        _, _, sig = lagged(pixels, plane)
+        # refined in order: this frame's own search, whose significance it reports
+        assert stage.threads[-1] == "MainThread" and sig == 2.0 + calls + 1
+        lagged.wait()
+    lagged.close()
 
 
 def test_a_failed_refinement_fails_the_next_frame_then_the_one_after_starts_over():
