@@ -41,6 +41,15 @@ from regseg.lc2 import in_plane_move
 
 #: ``--lc2`` modes of this module: ``async`` (a worker thread) and ``lag`` (bench: in order)
 LAG_MODES = ("async", "lag")
+#: ``REGSEG_LC2_IN_ORDER=1``: ``--lc2 async`` built by :func:`regseg.stream.lc2_stage.build_lc2`
+#: runs as ``lag`` (the same arithmetic in order), for results that do not depend on timing (the
+#: test suite sets it; tests/stream/test_lc2_lag.py runs the thread)
+IN_ORDER_ENV = "REGSEG_LC2_IN_ORDER"
+
+
+def asynchronous_allowed() -> bool:
+    """Whether ``async`` runs its worker thread (not with ``REGSEG_LC2_IN_ORDER=1``)."""
+    return os.environ.get(IN_ORDER_ENV, "0") != "1"
 #: The worker's nice value (Linux): when the cores are busy the frame's own stages go first
 WORKER_NICE = int(os.environ.get("REGSEG_LC2_NICE", "10"))
 #: A move is carried to a frame only if the frame's network plane is within this of the plane it

@@ -117,14 +117,15 @@ class Lc2Stage:
 
 def build_lc2(context: MriContext, mode: str = LC2_DEFAULT) -> Any:
     """``--lc2``'s stage over ``context`` (None for off; an Lc2Lagged for async and lag)."""
-    from regseg.stream.lc2_lag import LAG_MODES, Lc2Lagged
+    from regseg.stream.lc2_lag import LAG_MODES, Lc2Lagged, asynchronous_allowed
 
     if mode not in (*LC2_MODES, *BENCH_MODES, *LAG_MODES):
         raise ValueError(f"lc2 {mode!r}: expected one of {LC2_MODES}")
     if mode == "off":
         return None
     if mode in LAG_MODES:
-        return Lc2Lagged(Lc2Stage(context), asynchronous=mode == "async")
+        return Lc2Lagged(Lc2Stage(context),
+                         asynchronous=mode == "async" and asynchronous_allowed())
     config = (Lc2Config(grid_mm=FAST_GRID_MM) if mode == "fast" else
               Lc2Config(**BENCH_MODES[mode]) if mode in BENCH_MODES else None)
     return Lc2Stage(context, config, warm=mode in ("warm", "fast"))

@@ -1,13 +1,21 @@
-"""Fixtures for the OpenIGTLink tests of several packages: free TCP ports, pyigtl's server."""
+"""Fixtures for the OpenIGTLink tests of several packages: free TCP ports, pyigtl's server.
+
+The suite runs ``--lc2 async`` (the default) in order, as ``lag``: the same arithmetic, but results
+that do not depend on how fast the worker thread finishes, so that two runs of a chain can be
+compared to the bit (``REGSEG_LC2_IN_ORDER``; subprocesses inherit it).
+tests/stream/test_lc2_lag.py lifts it to run the thread itself."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 from collections.abc import Callable, Iterator
 
 import pyigtl
 import pytest
+
+os.environ["REGSEG_LC2_IN_ORDER"] = "1"
 
 
 def _free_port() -> int:

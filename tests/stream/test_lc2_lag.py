@@ -30,6 +30,12 @@ def family_b():
     return build_context(case.mri, case.labels), [session.frame(k) for k in range(6)]
 
 
+@pytest.fixture(autouse=True)
+def _threads_on(monkeypatch):
+    """This module runs the worker thread (the rest of the suite runs async in order)."""
+    monkeypatch.setenv("REGSEG_LC2_IN_ORDER", "0")
+
+
 def _run(context, frames, mode):
     pipeline = build_pipeline(context, build_engine(backend="eager", threads=1), deformable=None,
                               lc2=mode, capture=build_default_capture(backend="eager", threads=1))
@@ -180,11 +186,13 @@ def test_a_new_frame_size_is_refined_in_order():
     assert stage.calls == calls + 1 and sig == 2.0 + stage.calls
 
 
-def test_modes(family_b):
+def test_modes(family_b, monkeypatch):
     context, _ = family_b
     assert "async" in LC2_MODES and "lag" not in LC2_MODES  # lag: a bench mode
     assert set(LAG_MODES) == {"async", "lag"} and not set(BENCH_MODES) & set(LAG_MODES)
     assert build_lc2(context, "async").asynchronous and not build_lc2(context, "lag").asynchronous
+    monkeypatch.setenv("REGSEG_LC2_IN_ORDER", "1")  # what the rest of the suite runs
+    assert not build_lc2(context, "async").asynchronous
     with pytest.raises(ValueError, match="warm stage"):
         Lc2Lagged(Lc2Stage(context, warm=True), asynchronous=True)
 
