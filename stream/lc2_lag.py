@@ -45,11 +45,6 @@ LAG_MODES = ("async", "lag")
 #: runs as ``lag`` (the same arithmetic in order), for results that do not depend on timing (the
 #: test suite sets it; tests/stream/test_lc2_lag.py runs the thread)
 IN_ORDER_ENV = "REGSEG_LC2_IN_ORDER"
-
-
-def asynchronous_allowed() -> bool:
-    """Whether ``async`` runs its worker thread (not with ``REGSEG_LC2_IN_ORDER=1``)."""
-    return os.environ.get(IN_ORDER_ENV, "0") != "1"
 #: The worker's nice value (Linux): when the cores are busy the frame's own stages go first
 WORKER_NICE = int(os.environ.get("REGSEG_LC2_NICE", "10"))
 #: A move is carried to a frame only if the frame's network plane is within this of the plane it
@@ -57,6 +52,11 @@ WORKER_NICE = int(os.environ.get("REGSEG_LC2_NICE", "10"))
 #: tracked plane that moves > 5 mm between frames too): after a jump of the probe, a gap or a new
 #: registration the frame is refined in order instead
 VIEW_CHANGE_MM = 5.0
+
+
+def asynchronous_allowed() -> bool:
+    """Whether ``async`` runs its worker thread (not with ``REGSEG_LC2_IN_ORDER=1``)."""
+    return os.environ.get(IN_ORDER_ENV, "0") != "1"
 
 
 def view_change_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> float:
@@ -106,7 +106,7 @@ class Lc2Lagged:
         self.config, self.warm = stage.config, False
         self._found: FoundMove | None = None
         self._error: BaseException | None = None
-        self._todo: tuple[np.ndarray, np.ndarray] | None = None
+        self._todo: tuple[np.ndarray, np.ndarray, int] | None = None  # the worker's next job
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing, self._running = False, False
