@@ -103,7 +103,6 @@ class Lc2Lagged:
             raise ValueError("lc2 lag: the lagged refinement searches each frame from its network "
                              "plane; a warm stage is not supported")
         self.stage, self.asynchronous = stage, asynchronous
-        self.config, self.warm = stage.config, False
         self._found: FoundMove | None = None
         self._error: BaseException | None = None
         self._todo: tuple[np.ndarray, np.ndarray, int] | None = None  # the worker's next job
