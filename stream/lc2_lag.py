@@ -29,6 +29,7 @@ order.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -39,6 +40,8 @@ import numpy as np
 from regseg.clock import now_ns
 from regseg.lc2 import in_plane_move
 
+log = logging.getLogger(__name__)
+
 #: ``--lc2`` modes of this module: ``async`` (a worker thread) and ``lag`` (bench: in order)
 LAG_MODES = ("async", "lag")
 #: ``REGSEG_LC2_IN_ORDER=1``: ``--lc2 async`` built by :func:`regseg.stream.lc2_stage.build_lc2`
@@ -46,7 +49,27 @@ LAG_MODES = ("async", "lag")
 #: test suite sets it; tests/stream/test_lc2_lag.py runs the thread)
 IN_ORDER_ENV = "REGSEG_LC2_IN_ORDER"
 #: The worker's nice value (Linux): when the cores are busy the frame's own stages go first
-WORKER_NICE = int(os.environ.get("REGSEG_LC2_NICE", "10"))
+NICE_ENV, NICE_DEFAULT = "REGSEG_LC2_NICE", 10
+
+
+def worker_nice() -> int:
+    """``REGSEG_LC2_NICE`` (0-19), else :data:`NICE_DEFAULT`; a value that is not one is named in
+    a warning and the default used (the stream does not stop for a tuning variable)."""
+    raw = os.environ.get(NICE_ENV)
+    if raw is None:
+        return NICE_DEFAULT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if 0 <= value <= 19:
+        return value
+    log.warning("%s=%r: expected a whole number 0-19 (a nice value); using %d", NICE_ENV, raw,
+                NICE_DEFAULT)
+    return NICE_DEFAULT
+
+
+WORKER_NICE = worker_nice()
 #: A move is carried to a frame only if the frame's network plane is within this of the plane it
 #: was found on (the largest displacement of a frame corner, mm; the temporal filter resets on a
 #: tracked plane that moves > 5 mm between frames too): after a jump of the probe, a gap or a new

@@ -197,6 +197,19 @@ def test_modes(family_b, monkeypatch):
         Lc2Lagged(Lc2Stage(context, warm=True), asynchronous=True)
 
 
+def test_a_bad_nice_value_is_named_and_the_default_used(monkeypatch, caplog):
+    from regseg.stream.lc2_lag import NICE_DEFAULT, worker_nice
+
+    for raw in ("ten", "-3", "40"):
+        monkeypatch.setenv("REGSEG_LC2_NICE", raw)
+        assert worker_nice() == NICE_DEFAULT
+        assert f"REGSEG_LC2_NICE='{raw}'" in caplog.text and "0-19" in caplog.text
+    monkeypatch.setenv("REGSEG_LC2_NICE", "5")
+    assert worker_nice() == 5
+    monkeypatch.delenv("REGSEG_LC2_NICE")
+    assert worker_nice() == NICE_DEFAULT
+
+
 def test_the_cli_takes_it():
     from regseg.stream.cli_parser import build_parser
 
