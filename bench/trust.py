@@ -51,7 +51,13 @@ from regseg.stream.estimate_check import (
 )
 from regseg.stream.intensity import INTENSITY_DEFAULT, INTENSITY_MODES, build_intensity
 from regseg.stream.lc2_lag import in_order
-from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_MODES, build_lc2
+from regseg.stream.lc2_stage import (
+    LC2_DEFAULT,
+    LC2_HOLD,
+    LC2_HOLD_DEFAULT,
+    LC2_MODES,
+    build_lc2,
+)
 from regseg.stream.pipeline import Pipeline
 from regseg.stream.quality import QualityCheck, QualityConfig
 from regseg.stream.scanner_adapt import (
@@ -232,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lc2", choices=list(LC2_MODES), default=LC2_DEFAULT,
                         help=f"the image-based refinement, as regseg-stream --lc2 (default "
                         f"{LC2_DEFAULT})")
+    parser.add_argument("--lc2-hold", choices=list(LC2_HOLD), default=LC2_HOLD_DEFAULT,
+                        help=f"as regseg-stream --lc2-hold (default {LC2_HOLD_DEFAULT})")
     parser.add_argument("--no-lc2-flag", action="store_true",
                         help="no lc2_unsupported flag (the run its rule compares against: "
                         "bench/results/lc2_predeclared.md, addendum 5)")
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             **({"weights": args.quality_weights} if args.quality_weights else {})))
         pipeline = Pipeline(context, engine, deformable=deformable, quality=quality,
                             capture=build_default_capture(backend="eager", threads=args.threads),
-                            lc2=build_lc2(context, in_order(args.lc2)),
+                            lc2=build_lc2(context, in_order(args.lc2), args.lc2_hold),
                             resegment=RESEGMENT_DEFAULT == "on",
                             consensus=build_consensus(args.consensus),
                             intensity=build_intensity(args.intensity),
@@ -317,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "bench/trust.py", *(argv or sys.argv[1:])]),
         "machine": machine_name(), "date": utc_now(), "load_average": load_average(),
         "family": args.family, "seeds": args.seeds, "warmup": args.warmup,
-        "deformable": args.deformable, "lc2": args.lc2, "consensus": args.consensus,
+        "deformable": args.deformable, "lc2": args.lc2, "lc2_hold": args.lc2_hold,
+        "consensus": args.consensus,
         "scanner_adapt": args.scanner_adapt, "estimate_check": args.estimate_check,
         "estimate_check_verdicts": {seed: info["status"] for seed, info in check_info.items()},
         "estimate_check_info": check_info,

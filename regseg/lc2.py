@@ -100,6 +100,9 @@ class Lc2Refinement:
     # significance is below ``min_significance``
     significance: float = math.nan  # score / the highest score of the MRI displaced (NULL_SHIFTS)
     out_of_plane: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: applied over ``max_move_mm`` because it keeps the previous frame's registration (the live
+    #: stage's ``hold_mm``, regseg.stream.lc2_stage.Lc2Stage.hold); ``score`` stays the start's
+    held_over_cap: bool = False
 
 
 class FrameScorer:

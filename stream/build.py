@@ -70,7 +70,7 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    jump_at="default", seg_tta="default",
                    seg_prior="default", scanner_adapt="default",
                    estimate_check="default", stage_threads="default",
-                   seg_fallback="default") -> Pipeline:
+                   seg_fallback="default", lc2_hold="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -93,12 +93,13 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     ``estimate_check``: ``--estimate-check``'s (on, inform, off; "default") or an
     EstimateCheck, set on the Pipeline's QualityCheck; ``stage_threads``: ``--stage-threads``'
     (1, 2; "default") or a :class:`regseg.stream.stage_threads.StageThreads`; ``seg_fallback``:
-    ``--seg-fallback``'s (mri, off; "default"): needs the estimate check, whose verdict decides."""
+    ``--seg-fallback``'s (mri, off; "default"): needs the estimate check, whose verdict decides;
+    ``lc2_hold``: ``--lc2-hold``'s (on, off; "default"), for an ``lc2`` given as a mode."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
     from regseg.stream.intensity import INTENSITY_DEFAULT, build_intensity
-    from regseg.stream.lc2_stage import LC2_DEFAULT, build_lc2
+    from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_HOLD_DEFAULT, build_lc2
     from regseg.stream.resegment import (
         SEG_TTA_DEFAULT,
         SEG_WINDOW_DEFAULT,
@@ -115,7 +116,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
         roi = GlandRoi(context) if mode == "auto" else None
 
     if isinstance(lc2, str):
-        lc2 = build_lc2(context, LC2_DEFAULT if lc2 == "default" else lc2)
+        lc2 = build_lc2(context, LC2_DEFAULT if lc2 == "default" else lc2,
+                        LC2_HOLD_DEFAULT if lc2_hold == "default" else lc2_hold)
     if resegment not in ("on", "off", "default"):
         raise ValueError(f"resegment {resegment!r}: expected 'on', 'off' or 'default'")
     resegment = (RESEGMENT_DEFAULT if resegment == "default" else resegment) == "on"

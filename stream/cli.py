@@ -197,7 +197,7 @@ def run(args, stop: threading.Event | None = None,
                                   seg_prior=args.seg_prior, scanner_adapt=args.scanner_adapt,
                                   estimate_check=args.estimate_check,
                                   stage_threads=args.stage_threads,
-                                  seg_fallback=args.seg_fallback)
+                                  seg_fallback=args.seg_fallback, lc2_hold=args.lc2_hold)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -230,6 +230,7 @@ def run(args, stop: threading.Event | None = None,
                             else "off"),
              "roi": args.roi,
              "lc2": args.lc2,
+             "lc2_hold": args.lc2_hold,
              "resegment": args.resegment,
              "consensus": args.consensus,
              "intensity": args.intensity,

@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a frame much wider than the MRI gland is cropped to a window "
                    "1.8 x the gland's diameter around it before the networks, and the results "
                    f"mapped back (default {ROI_DEFAULT}; README 'Gland-centred window')")
-    from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_MODES
+    from regseg.stream.lc2_stage import HOLD_MM, LC2_DEFAULT, LC2_HOLD, LC2_HOLD_DEFAULT, LC2_MODES
 
     p.add_argument("--lc2", action=Once, choices=list(LC2_MODES), default=LC2_DEFAULT,
                    help="on: move each frame's registered plane in-plane (shifts and a rotation, "
@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "time, slightly less accurate. A move is applied only when its LC2 is "
                    "1.5x that of the MRI displaced 12 mm; below that the frame is flagged "
                    f"lc2_unsupported (default {LC2_DEFAULT}; README 'Image-based refinement')")
+    p.add_argument("--lc2-hold", action=Once, choices=list(LC2_HOLD), default=LC2_HOLD_DEFAULT,
+                   help="on: a significant LC2 move over the 8 mm cap is still applied when the "
+                   "plane it gives is within "
+                   f"{HOLD_MM:g} mm (at a frame corner) of where the previous refinement's "
+                   "correction of the tracked pose puts the frame: a registration LC2 found is "
+                   "kept while the network's own plane drifts from it; a first lock still needs "
+                   f"the cap (default {LC2_HOLD_DEFAULT}; README 'Image-based refinement')")
     from regseg.stream.chain import RESEGMENT_DEFAULT
 
     p.add_argument("--resegment", action=Once, choices=["on", "off"], default=RESEGMENT_DEFAULT,

@@ -112,6 +112,9 @@ class FoundMove:
     handed_ns: int  # when its frame was handed to the search (regseg.clock.now_ns)
     search_ms: float  # the search's own time
     plane: np.ndarray  # the network's plane it was found on
+    #: what it applied, for ``--lc2-hold`` (regseg.stream.lc2_stage.Held; None when not applied
+    #: or no tracked plane was given)
+    held: object = None
 
 
 class Lc2Lagged:
@@ -128,7 +131,7 @@ class Lc2Lagged:
         self.stage, self.asynchronous = stage, asynchronous
         self._found: FoundMove | None = None
         self._error: BaseException | None = None
-        self._todo: tuple[np.ndarray, np.ndarray, int] | None = None  # the worker's next job
+        self._todo: tuple | None = None  # the worker's next job: _run's arguments
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing, self._running = False, False
@@ -146,11 +149,11 @@ class Lc2Lagged:
     def flag_unsupported(self, on: bool) -> None:
         self.stage.flag_unsupported = on
 
-    def __call__(self, pixels: np.ndarray,
-                 image_to_mri: np.ndarray) -> tuple[np.ndarray, float, float]:
+    def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray, *,
+                 tracked: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
         found = self._take()
         job = (np.array(pixels, copy=True), np.array(image_to_mri, np.float64, copy=True),
-               now_ns())
+               now_ns(), None if tracked is None else np.array(tracked, np.float64, copy=True))
         if (found is None or found.shape != pixels.shape  # nothing to carry over: in order, once
                 or view_change_mm(found.plane, image_to_mri, pixels.shape) > VIEW_CHANGE_MM):
             self._run(*job)
@@ -185,21 +188,28 @@ class Lc2Lagged:
             raise error
         return found
 
-    def _run(self, pixels: np.ndarray, plane: np.ndarray, handed_ns: int) -> None:
+    def _run(self, pixels: np.ndarray, plane: np.ndarray, handed_ns: int,
+             tracked: np.ndarray | None = None) -> None:
+        from regseg.stream.lc2_stage import held_by
+
+        with self._cond:
+            last = self._found
         try:
             start = now_ns()
-            found = self.stage.search(pixels, plane)
+            found = self.stage.search(pixels, plane, tracked=tracked,
+                                      held=None if last is None else last.held)
             kept = FoundMove(pixels.shape, found.shift_mm, found.rotation_deg,
                              found.move_mm if found.applied else math.nan,
                              found.significance, found.applied, handed_ns,
-                             (now_ns() - start) / 1e6, plane)
+                             (now_ns() - start) / 1e6, plane,
+                             held_by(found, pixels.shape, tracked))
             with self._cond:
                 self._found = kept
         except Exception as exc:  # noqa: BLE001 - handed to the next frame, which raises it
             with self._cond:
                 self._found, self._error = None, exc
 
-    def _submit(self, job: tuple[np.ndarray, np.ndarray, int]) -> None:
+    def _submit(self, job: tuple) -> None:
         import torch
 
         with self._cond:

@@ -17,14 +17,16 @@ session 26 ``async``, this search one frame late on a worker thread (:mod:`regse
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from regseg import spatial
 from regseg.kernels import lc2_maps, plane_sample
-from regseg.lc2 import Lc2Config, Lc2Refinement, refine_in_plane
+from regseg.lc2 import Lc2Config, Lc2Refinement, in_plane_move, refine_in_plane
 from regseg.stream.context import MriContext
 from regseg.types import PROSTATE
 
@@ -47,6 +49,14 @@ FAST_GRID_MM = 0.8
 #: ``on`` by addendum 1 of bench/results/lc2_predeclared.md (session 16); ``async`` since its
 #: addendum 26 (session 26): the same search one frame late, off the frame's path (lc2_lag)
 LC2_DEFAULT = "async"
+#: ``--lc2-hold on``: a move over the cap (``Lc2Config.max_move_mm``) is still applied when the
+#: plane it gives is within this of where the previous refinement's correction of the tracked pose
+#: puts the frame (the largest distance at a frame corner, mm; the ``jump`` flag's 3 mm): the
+#: registration LC2 holds is kept while the network's own plane drifts away from it. Not across a
+#: view change: the tracked plane must have moved <= VIEW_CHANGE_MM (regseg.stream.lc2_lag) since
+HOLD_MM = 3.0
+LC2_HOLD = ("on", "off")
+LC2_HOLD_DEFAULT = "off"
 
 
 class Lc2Stage:
@@ -56,16 +66,23 @@ class Lc2Stage:
     that scores higher) with a 0.5 mm / 0.5 deg first step (:func:`regseg.lc2.refine_in_plane`);
     the previous move is forgotten when a frame applies none or the frame size changes.
     ``flag_unsupported``: the pipeline flags a frame whose refinement is not significant
-    (:meth:`unsupported`).
+    (:meth:`unsupported`). ``hold_mm`` (``--lc2-hold on``: :data:`HOLD_MM`; 0: off): a
+    significant move over the cap is applied when it keeps the correction of the tracked pose that
+    the previous refinement applied (:meth:`hold`).
     """
 
     def __init__(self, context: MriContext, config: Lc2Config | None = None, *,
-                 warm: bool = False, flag_unsupported: bool = True) -> None:
+                 warm: bool = False, flag_unsupported: bool = True,
+                 hold_mm: float = 0.0) -> None:
         self.context = context
         self.config = Lc2Config() if config is None else config
         self.warm = warm
         self.flag_unsupported = flag_unsupported
+        if not (math.isfinite(hold_mm) and hold_mm >= 0):
+            raise ValueError(f"lc2 hold_mm {hold_mm!r}: expected a number >= 0")
+        self.hold_mm = float(hold_mm)
         self._prior: tuple[tuple[int, int], np.ndarray] | None = None
+        self._held: Held | None = None
         labels = context.labels[0, 0].cpu().numpy()
         gland = np.argwhere(labels >= PROSTATE)  # (k, j, i) voxel indices of gland and lesion
         if len(gland) == 0:
@@ -86,12 +103,41 @@ class Lc2Stage:
         return spatial.apply(spatial.invert(image_to_mri), self.centre_mri[None])[0, :2]
 
     def search(self, pixels: np.ndarray, image_to_mri: np.ndarray,
-               warm: np.ndarray | None = None) -> Lc2Refinement:
+               warm: np.ndarray | None = None, *, tracked: np.ndarray | None = None,
+               held: Held | None = None) -> Lc2Refinement:
         """The refinement of one frame's plane (:func:`regseg.lc2.refine_in_plane`): the search
-        that :meth:`__call__` and :class:`regseg.stream.lc2_lag.Lc2Lagged` run."""
-        return refine_in_plane(pixels, image_to_mri, self.context.mri,
-                               self.context.world_to_voxel, self.centre_ij(image_to_mri),
-                               self.config, warm=warm)
+        that :meth:`__call__` and :class:`regseg.stream.lc2_lag.Lc2Lagged` run; with ``tracked``
+        (the frame's tracked plane) and ``held`` (what the previous refinement applied,
+        :func:`held_by`), :meth:`hold` may apply a move over the cap."""
+        found = refine_in_plane(pixels, image_to_mri, self.context.mri,
+                                self.context.world_to_voxel, self.centre_ij(image_to_mri),
+                                self.config, warm=warm)
+        if held is None or tracked is None or self.hold_mm <= 0:
+            return found
+        return self.hold(found, pixels.shape, image_to_mri, tracked, held)
+
+    def hold(self, found: Lc2Refinement, shape: tuple[int, int], image_to_mri: np.ndarray,
+             tracked: np.ndarray, held: Held) -> Lc2Refinement:
+        """``found`` applied after all (``held_over_cap``) if the cap alone refused it (it
+        improved LC2 and is significant), the tracked plane moved at most VIEW_CHANGE_MM since
+        ``held``'s frame, and the plane it gives is within ``hold_mm`` (at a frame corner) of
+        ``tracked @ held.correction``: where the previous refinement's correction of the tracked
+        pose puts this frame. A registration LC2 found under the cap is so kept while the
+        network's plane drifts away from it; a first lock still needs the cap."""
+        from regseg.stream.lc2_lag import VIEW_CHANGE_MM, view_change_mm
+
+        cfg = self.config
+        if (found.applied or not found.move_mm > cfg.max_move_mm
+                or found.significance < cfg.min_significance or held.shape != shape
+                or view_change_mm(held.tracked, tracked, shape) > VIEW_CHANGE_MM):
+            return found
+        spacing = (float(np.linalg.norm(image_to_mri[:3, 0])),
+                   float(np.linalg.norm(image_to_mri[:3, 1])))
+        plane = image_to_mri @ in_plane_move(np.asarray(found.shift_mm), found.rotation_deg,
+                                             self.centre_ij(image_to_mri), spacing)
+        if view_change_mm(tracked @ held.correction, plane, shape) > self.hold_mm:
+            return found
+        return dataclasses.replace(found, image_to_mri=plane, applied=True, held_over_cap=True)
 
     def close(self) -> None:
         """Nothing to end (the in-order stage has no thread; Lc2Lagged's has)."""
@@ -100,32 +146,59 @@ class Lc2Stage:
         """Extra per-frame timings (Lc2Lagged's: the age and time of the move applied)."""
         return {}
 
-    def __call__(self, pixels: np.ndarray,
-                 image_to_mri: np.ndarray) -> tuple[np.ndarray, float, float]:
+    def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray, *,
+                 tracked: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
         """The refined plane, how far it moved the gland (NaN when nothing was applied), and the
-        refinement's significance (its LC2 over the chance level; NaN when not computed)."""
+        refinement's significance (its LC2 over the chance level; NaN when not computed).
+        ``tracked``: the frame's tracked plane (for ``hold_mm``)."""
         prior = None
         if self.warm and self._prior is not None and self._prior[0] == pixels.shape:
             prior = self._prior[1]
-        found = self.search(pixels, image_to_mri, prior)
+        found = self.search(pixels, image_to_mri, prior, tracked=tracked, held=self._held)
         if self.warm:
             self._prior = ((pixels.shape, np.array([*found.shift_mm, found.rotation_deg]))
                            if found.applied else None)
+        self._held = held_by(found, pixels.shape, tracked)
         return (found.image_to_mri, (found.move_mm if found.applied else math.nan),
                 found.significance)
 
 
-def build_lc2(context: MriContext, mode: str = LC2_DEFAULT) -> Any:
-    """``--lc2``'s stage over ``context`` (None for off; an Lc2Lagged for async and lag)."""
+@dataclass(frozen=True)
+class Held:
+    """What a refinement applied, for ``--lc2-hold``: its frame's shape and tracked plane, and
+    ``correction`` (4, 4) with ``refined plane = tracked @ correction`` (the registration's
+    correction of the tracked pose, in the frame's own coordinates: it carries to the next
+    frame's tracked pose)."""
+
+    shape: tuple[int, int]
+    tracked: np.ndarray
+    correction: np.ndarray
+
+
+def held_by(found: Lc2Refinement, shape: tuple[int, int],
+            tracked: np.ndarray | None) -> Held | None:
+    """What ``found`` leaves for the next frame's hold (None when it applied nothing or the frame
+    had no tracked plane given)."""
+    if not found.applied or tracked is None:
+        return None
+    return Held(tuple(shape), tracked, spatial.invert(tracked) @ found.image_to_mri)
+
+
+def build_lc2(context: MriContext, mode: str = LC2_DEFAULT, hold: str = LC2_HOLD_DEFAULT) -> Any:
+    """``--lc2``'s stage over ``context`` (None for off; an Lc2Lagged for async and lag);
+    ``hold``: ``--lc2-hold`` (on: :data:`HOLD_MM`)."""
     from regseg.stream.lc2_lag import LAG_MODES, Lc2Lagged, asynchronous_allowed
 
     if mode not in (*LC2_MODES, *BENCH_MODES, *LAG_MODES):
         raise ValueError(f"lc2 {mode!r}: expected one of {LC2_MODES}")
+    if hold not in LC2_HOLD:
+        raise ValueError(f"lc2 hold {hold!r}: expected one of {LC2_HOLD}")
     if mode == "off":
         return None
+    hold_mm = HOLD_MM if hold == "on" else 0.0
     if mode in LAG_MODES:
-        return Lc2Lagged(Lc2Stage(context),
+        return Lc2Lagged(Lc2Stage(context, hold_mm=hold_mm),
                          asynchronous=mode == "async" and asynchronous_allowed())
     config = (Lc2Config(grid_mm=FAST_GRID_MM) if mode == "fast" else
               Lc2Config(**BENCH_MODES[mode]) if mode in BENCH_MODES else None)
-    return Lc2Stage(context, config, warm=mode in ("warm", "fast"))
+    return Lc2Stage(context, config, warm=mode in ("warm", "fast"), hold_mm=hold_mm)

@@ -215,8 +215,7 @@ class Pipeline:
                 part.close()
 
     def _host_worker(self):
-        if self._worker is None:
-            self._worker = HostWorker()
+        self._worker = HostWorker() if self._worker is None else self._worker
         return self._worker
 
     def _crop(self, frame: Frame) -> Frame:  # the window (GlandRoi.cut), the grey levels
@@ -291,13 +290,14 @@ class Pipeline:
         theta_px = spatial.theta_to_pixel(np.asarray(theta, np.float64).reshape(2, 3), hw)
         image_to_mri = tracked @ spatial.lift_2d(theta_px)
         lc2, seg_logits = (math.nan, math.nan), None  # lc2: (move mm, significance)
+        whole, shift = self._whole(frame)  # the tracked plane: self.plane(whole) @ shift
         if self.lc2 is not None:
             t_lc2 = now_ns()
-            image_to_mri, *lc2 = self.lc2(frame.pixels, image_to_mri)
+            image_to_mri, *lc2 = self.lc2(frame.pixels, image_to_mri,
+                                          tracked=self.plane(whole) @ shift)
             timings = {**timings, "lc2": (now_ns() - t_lc2) / 1e6, **self.lc2.timings()}
         if self.capture.temporal is not None:
             t_cap = now_ns()
-            whole, shift = self._whole(frame)
             image_to_mri, jump_mm = self.capture.finish(
                 whole, self.plane(whole), image_to_mri @ spatial.invert(shift))
             image_to_mri = image_to_mri @ shift

@@ -109,7 +109,7 @@ class Spy:
     def __init__(self):
         self.seen = []
 
-    def __call__(self, pixels, image_to_mri):
+    def __call__(self, pixels, image_to_mri, *, tracked=None):
         self.seen.append(pixels.copy())
         return image_to_mri, 0.0, 3.0
 

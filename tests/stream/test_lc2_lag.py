@@ -92,7 +92,7 @@ class _Stage:
     def centre_ij(self, plane):
         return np.array([10.0, 12.0])
 
-    def search(self, pixels, plane):
+    def search(self, pixels, plane, *, tracked=None, held=None):
         self.calls += 1
         self.threads.append(threading.current_thread().name)
         if hasattr(os, "getpriority"):

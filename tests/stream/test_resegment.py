@@ -33,7 +33,7 @@ class ShiftStage:
     def __init__(self, shift_mm=(4.0, -3.0)):
         self.shift_mm = np.asarray(shift_mm)
 
-    def __call__(self, pixels, image_to_mri):
+    def __call__(self, pixels, image_to_mri, *, tracked=None):
         h, w = pixels.shape
         move = in_plane_move(self.shift_mm, 0.0, np.array([w / 2, h / 2]), (0.2, 0.2))
         return image_to_mri @ move, float(np.hypot(*self.shift_mm)), 3.0
