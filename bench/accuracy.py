@@ -188,7 +188,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         seg_prior: str = "default", seeds: dict[str, list[int]] | None = None,
         warmup: int = 0, scanner_adapt: str = "default", estimate_check: str = "default",
         seg_fallback: str = "default", temporal_filter: str = "default",
-        stride: int | None = None, lc2_hold: str = "default",
+        stride: int | None = None, lc2_hold: str = "default", lc2_rescue: str = "default",
         ) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
@@ -201,7 +201,8 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     ``--scanner-adapt``'s mode, built without the background thread (the swap then happens at the
     same frame in every run). ``estimate_check``: ``--estimate-check``'s mode; ``seg_fallback``:
     ``--seg-fallback``'s; ``temporal_filter``: ``--temporal-filter``'s; ``stride``: session frames
-    between a run's frames (None: STRIDE); ``lc2_hold``: ``--lc2-hold``'s."""
+    between a run's frames (None: STRIDE); ``lc2_hold``, ``lc2_rescue``: ``--lc2-hold``'s and
+    ``--lc2-rescue``'s."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
     from regseg.stream.lc2_lag import in_order
@@ -218,8 +219,9 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         if seg_fallback != "default":
             extra["seg_fallback"] = seg_fallback
         extra["lc2"] = in_order(lc2)  # async as lag (regseg.stream.lc2_lag)
-        if lc2_hold != "default":
-            extra["lc2_hold"] = lc2_hold
+        for name, value in (("lc2_hold", lc2_hold), ("lc2_rescue", lc2_rescue)):
+            if value != "default":
+                extra[name] = value
         pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(), roi=roi,
                                   **extra, **{k: v for k, v in (("resegment", resegment),
                                                                  ("consensus", consensus),
@@ -402,11 +404,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="the image-based refinement, as regseg-stream --lc2 (default: its "
                    "default; async is run as lag, the same one frame late in order), or a bench "
                    "mode (regseg.stream.lc2_stage.BENCH_MODES)")
-    from regseg.stream.lc2_stage import LC2_HOLD
+    from regseg.stream.lc2_stage import LC2_HOLD, LC2_RESCUE
 
     p.add_argument("--lc2-hold", choices=["default", *LC2_HOLD], default="default",
                    help="keep a registration LC2 found over its cap, as regseg-stream --lc2-hold "
                    "(default: its default)")
+    p.add_argument("--lc2-rescue", choices=["default", *LC2_RESCUE], default="default",
+                   help="search LC2 again from other starts when the first applies nothing, as "
+                   "regseg-stream --lc2-rescue (default: its default)")
     p.add_argument("--resegment", choices=["default", "on", "off"], default="default",
                    help="segment again at the published plane, as regseg-stream --resegment "
                    "(default: its default)")
@@ -494,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                                estimate_check=args.estimate_check,
                                seg_fallback=args.seg_fallback,
                                temporal_filter=args.temporal_filter, stride=args.stride,
-                               lc2_hold=args.lc2_hold)
+                               lc2_hold=args.lc2_hold, lc2_rescue=args.lc2_rescue)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
              for fam in families]
@@ -540,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
                    quality_weights=args.quality_weights,
                    deformable_weights=args.deformable_weights, roi=args.roi, lc2=args.lc2,
-                   lc2_hold=args.lc2_hold,
+                   lc2_hold=args.lc2_hold, lc2_rescue=args.lc2_rescue,
                    flag_reasons=flag_reasons(records), case_intervals=intervals,
                    warmup=args.warmup, stride=args.stride or STRIDE,
                    temporal_filter=args.temporal_filter,

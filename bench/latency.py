@@ -105,6 +105,8 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
             "--deformable", "on" if "+deformable" in kind else "off",
             "--overlap", "on" if kind.endswith("+overlap") else "off",
             *(["--lc2", args.lc2] if getattr(args, "lc2", None) else []),
+            *(["--lc2-hold", args.lc2_hold] if getattr(args, "lc2_hold", None) else []),
+            *(["--lc2-rescue", args.lc2_rescue] if getattr(args, "lc2_rescue", None) else []),
             *(["--resegment", args.resegment] if getattr(args, "resegment", None) else []),
             *(["--intensity", args.intensity] if getattr(args, "intensity", None) else []),
             *(["--seg-tta", args.seg_tta] if getattr(args, "seg_tta", None) else []),
@@ -193,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                     "each frame on a second thread) at the paced rate")
     ap.add_argument("--lc2", choices=["on", "async", "warm", "fast", "off"], default=None,
                     help="regseg-stream --lc2 for every regseg variant (default: its default)")
+    ap.add_argument("--lc2-hold", choices=["on", "off"], default=None,
+                    help="regseg-stream --lc2-hold for every regseg variant (default: its default)")
+    ap.add_argument("--lc2-rescue", choices=["on", "off"], default=None,
+                    help="regseg-stream --lc2-rescue for every regseg variant (default: its "
+                    "default)")
     ap.add_argument("--resegment", choices=["on", "off"], default=None,
                     help="regseg-stream --resegment for every regseg variant (default: its "
                     "default)")
@@ -248,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("frames_received", "recv", "d"), ("dropped", "drop", "d"),
                        ("ratio_p50_vs_naive", "x naive", ".1f")])
     write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP, argv=argv,
-               lc2=args.lc2 or "default", resegment=args.resegment or "default",
+               lc2=args.lc2 or "default", lc2_hold=args.lc2_hold or "default",
+               lc2_rescue=args.lc2_rescue or "default", resegment=args.resegment or "default",
                intensity=args.intensity or "default", seg_tta=args.seg_tta or "default",
                seg_prior=args.seg_prior or "default",
                scanner_adapt=args.scanner_adapt or "default",

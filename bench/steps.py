@@ -67,12 +67,13 @@ def stepped(frames, step_mm: float, angle_rad: float, at: int = STEP_AT):
 
 def run(families: list[str], phantoms: int, steps: list[float], n: int, threads: int, *,
         seeds: dict[str, list[int]] | None = None, jump_at: str = "default",
-        lc2: str = "default", temporal_filter: str = "default", lc2_hold: str = "default"):
+        lc2: str = "default", temporal_filter: str = "default", lc2_hold: str = "default",
+        lc2_rescue: str = "default"):
     """Every frame's record: family, phantom, step, seq, published TRE, flagged, flags.
     ``seeds``: per family, other phantoms than :data:`SEEDS` (fresh ones for a rule);
     ``jump_at``, ``lc2``, ``temporal_filter``: ``--jump-at``'s, ``--lc2``'s (run in order:
-    async as lag), ``--temporal-filter``'s and ``--lc2-hold``'s modes ("default":
-    regseg-stream's)."""
+    async as lag), ``--temporal-filter``'s, ``--lc2-hold``'s and ``--lc2-rescue``'s modes
+    ("default": regseg-stream's)."""
     from regseg.stream.build import (
         build_deformable,
         build_engine,
@@ -98,7 +99,8 @@ def run(families: list[str], phantoms: int, steps: list[float], n: int, threads:
                     stage = build_deformable(context, backend="auto", threads=threads)
                 capture = _capture_factory(temporal_filter, backend="auto", threads=threads)()
                 pipeline = build_pipeline(context, engine, deformable=stage, capture=capture,
-                                          jump_at=jump_at, lc2=in_order(lc2), lc2_hold=lc2_hold)
+                                          jump_at=jump_at, lc2=in_order(lc2), lc2_hold=lc2_hold,
+                                          lc2_rescue=lc2_rescue)
                 for frame in stepped(frames, step_mm, angle):
                     for result in pipeline.submit(frame) + pipeline.flush():
                         _, tre = frame_accuracy(pipeline, result)
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the image-based refinement, as regseg-stream --lc2 (default: its default)")
     p.add_argument("--lc2-hold", choices=["default", "on", "off"], default="default",
                    help="as regseg-stream --lc2-hold (default: its default)")
+    p.add_argument("--lc2-rescue", choices=["default", "on", "off"], default="default",
+                   help="as regseg-stream --lc2-rescue (default: its default)")
     p.add_argument("--a-seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help=f"family-A phantoms instead of {SEEDS['A'][0]}.. (fresh ones for a rule)")
     p.add_argument("--b-seeds", type=int, nargs="+", default=None, metavar="SEED",
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     chosen = {"A": args.a_seeds or list(SEEDS["A"]), "B": args.b_seeds or list(SEEDS["B"])}
     records = run(families, phantoms, steps, n, args.threads, seeds=chosen, jump_at=args.jump_at,
-                  lc2=args.lc2, temporal_filter=args.temporal_filter, lc2_hold=args.lc2_hold)
+                  lc2=args.lc2, temporal_filter=args.temporal_filter, lc2_hold=args.lc2_hold,
+                  lc2_rescue=args.lc2_rescue)
     rows = [summarise(f, s, records, n) for f in families for s in steps]
     wall = time.perf_counter() - t0
     print(f"\nsteps: the reference moved by S mm at frame {STEP_AT} of {n}, {LEVEL:g} mm / "
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                    phantoms_per_family=phantoms, frames_per_run=n, steps_mm=steps,
                    step_at=STEP_AT, level=LEVEL, jump_at=args.jump_at, lc2=args.lc2,
                    temporal_filter=args.temporal_filter, lc2_hold=args.lc2_hold,
-                   seeds={f: chosen[f][:phantoms] for f in families},
+                   lc2_rescue=args.lc2_rescue, seeds={f: chosen[f][:phantoms] for f in families},
                    wall_s=wall, frames_detail=records)
     return 0
 

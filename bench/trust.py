@@ -56,6 +56,8 @@ from regseg.stream.lc2_stage import (
     LC2_HOLD,
     LC2_HOLD_DEFAULT,
     LC2_MODES,
+    LC2_RESCUE,
+    LC2_RESCUE_DEFAULT,
     build_lc2,
 )
 from regseg.stream.pipeline import Pipeline
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{LC2_DEFAULT})")
     parser.add_argument("--lc2-hold", choices=list(LC2_HOLD), default=LC2_HOLD_DEFAULT,
                         help=f"as regseg-stream --lc2-hold (default {LC2_HOLD_DEFAULT})")
+    parser.add_argument("--lc2-rescue", choices=list(LC2_RESCUE), default=LC2_RESCUE_DEFAULT,
+                        help=f"as regseg-stream --lc2-rescue (default {LC2_RESCUE_DEFAULT})")
     parser.add_argument("--no-lc2-flag", action="store_true",
                         help="no lc2_unsupported flag (the run its rule compares against: "
                         "bench/results/lc2_predeclared.md, addendum 5)")
@@ -284,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             **({"weights": args.quality_weights} if args.quality_weights else {})))
         pipeline = Pipeline(context, engine, deformable=deformable, quality=quality,
                             capture=build_default_capture(backend="eager", threads=args.threads),
-                            lc2=build_lc2(context, in_order(args.lc2), args.lc2_hold),
+                            lc2=build_lc2(context, in_order(args.lc2), args.lc2_hold,
+                                          args.lc2_rescue),
                             resegment=RESEGMENT_DEFAULT == "on",
                             consensus=build_consensus(args.consensus),
                             intensity=build_intensity(args.intensity),
@@ -326,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_name(), "date": utc_now(), "load_average": load_average(),
         "family": args.family, "seeds": args.seeds, "warmup": args.warmup,
         "deformable": args.deformable, "lc2": args.lc2, "lc2_hold": args.lc2_hold,
+        "lc2_rescue": args.lc2_rescue,
         "consensus": args.consensus,
         "scanner_adapt": args.scanner_adapt, "estimate_check": args.estimate_check,
         "estimate_check_verdicts": {seed: info["status"] for seed, info in check_info.items()},

@@ -103,6 +103,9 @@ class Lc2Refinement:
     #: applied over ``max_move_mm`` because it keeps the previous frame's registration (the live
     #: stage's ``hold_mm``, regseg.stream.lc2_stage.Lc2Stage.hold); ``score`` stays the start's
     held_over_cap: bool = False
+    #: found by the live stage's second search from other starts (``rescue_mm``,
+    #: regseg.stream.lc2_stage.Lc2Stage.rescue) after the first applied nothing
+    rescued: bool = False
 
 
 class FrameScorer:
@@ -262,7 +265,8 @@ NULL_SHIFTS = ((1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0), (0.75, 0.75), (
 def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
                     world_to_voxel: np.ndarray, centre_ij: np.ndarray,
                     config: Lc2Config | None = None, *, arm_mm: float = 10.0,
-                    warm: np.ndarray | None = None, warm_step: float = 0.5) -> Lc2Refinement:
+                    warm: np.ndarray | None = None, warm_step: float = 0.5,
+                    starts: list[np.ndarray] | None = None) -> Lc2Refinement:
     """Maximise LC2 over in-plane rigid moves of ``plane`` about frame pixel ``centre_ij`` (with
     ``config.out_of_plane``: over all six rigid parameters, :func:`rigid_move`).
 
@@ -274,11 +278,21 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
     ``warm``: a move to start from, e.g. the previous frame's; it is scored beside no move and
     the better starts the search, whose first step is then ``warm_step`` (on the fine grid when
     that is <= ``coarse_above``).
+
+    ``starts``: in-plane moves (shift along columns, along rows mm, rotation deg) to search from
+    instead of no move (a multi-start: a full search from each; the one kept is the most
+    significant, each against the MRI displaced from its own optimum, since the highest raw LC2
+    can sit where any pose scores high; ``move_mm`` and the cap are still measured from
+    ``plane``). Not with ``warm``.
     """
     config = Lc2Config() if config is None else config
     n = 6 if config.out_of_plane else 3
-    if warm is not None and n != 3:
-        raise ValueError("lc2: a warm start is for the in-plane search only")
+    if (warm is not None or starts is not None) and n != 3:
+        raise ValueError("lc2: a warm start or other starts are for the in-plane search only")
+    if warm is not None and starts is not None:
+        raise ValueError("lc2: a warm start and other starts are exclusive")
+    if starts is not None and len(starts) == 0:
+        raise ValueError("lc2: starts is empty; give at least one move to search from")
     normal = float(np.linalg.norm(plane[:3, 2]))
     if n == 6 and not normal > 1e-9:
         raise ValueError("lc2: the plane's third axis is zero; an out-of-plane search needs it")
@@ -300,15 +314,10 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
         return lambda params: scorer.scores([moved(q) for q in params]).tolist()
 
     zero = np.zeros(n)
-    with torch.inference_mode():
-        first = on(coarse or fine)
-        if warm is None:
-            p, (best,) = zero, first([zero])
-            start = best
-        else:
-            w = np.asarray(warm, np.float64).reshape(3)
-            start, warm_score = first([zero, w])
-            p, best = (w.copy(), warm_score) if warm_score > start else (zero, start)
+
+    def climb(p: np.ndarray, best: float, start: float) -> tuple[np.ndarray, float, float, int]:
+        """(p, best, the start's score, rounds): the search from ``p``, scores on the working
+        grid"""
         step, rounds = first_step, 0
         if coarse is not None:
             p, best, step, rounds = pattern_search(on(coarse), p, best, step,
@@ -318,13 +327,37 @@ def refine_in_plane(pixels: np.ndarray, plane: np.ndarray, mri: Tensor,
             start, best = on(fine)([zero, p])  # both again on the working grid
         p, best, step, more = pattern_search(on(fine), p, best, step, min_step=config.min_step,
                                              max_rounds=config.max_rounds - rounds)
-        rounds += more
+        return p, best, start, rounds + more
+
+    def significance_at(p: np.ndarray, best: float) -> float:
+        """LC2 at ``p`` over the highest LC2 of the MRI displaced from it (NULL_SHIFTS)."""
+        nulls = [p + np.r_[dx * config.null_shift_mm, dy * config.null_shift_mm,
+                           np.zeros(n - 2)] for dx, dy in NULL_SHIFTS]
+        chance = max(on(fine)(nulls))
+        return best / chance if chance > 0 else math.inf
+
+    with torch.inference_mode():
+        first = on(coarse or fine)
+        if starts is not None:
+            seeds = [np.asarray(s, np.float64).reshape(3).copy() for s in starts]
+            start, *values = first([zero, *seeds])
+            climbs = [climb(s, v, start) for s, v in zip(seeds, values, strict=True)]
+            rank = ([significance_at(c[0], c[1]) for c in climbs] if config.min_significance > 0
+                    else [c[1] for c in climbs])
+            p, best, start, _ = climbs[int(np.argmax(rank))]
+            rounds = sum(c[3] for c in climbs)
+        else:
+            if warm is None:
+                p, (best,) = zero, first([zero])
+                start = best
+            else:
+                w = np.asarray(warm, np.float64).reshape(3)
+                start, warm_score = first([zero, w])
+                p, best = (w.copy(), warm_score) if warm_score > start else (zero, start)
+            p, best, start, rounds = climb(p, best, start)
         significance = math.nan
         if config.min_significance > 0:
-            nulls = [p + np.r_[dx * config.null_shift_mm, dy * config.null_shift_mm,
-                               np.zeros(n - 2)] for dx, dy in NULL_SHIFTS]
-            chance = max(on(fine)(nulls))
-            significance = best / chance if chance > 0 else math.inf
+            significance = (max(rank) if starts is not None else significance_at(p, best))
     q = np.r_[p, np.zeros(6 - n)]  # (shifts, rotation, normal shift, tilts)
     move = float(np.linalg.norm(q[[0, 1, 3]])
                  + math.radians(abs(q[2]) + abs(q[4]) + abs(q[5])) * arm_mm)

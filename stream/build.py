@@ -70,7 +70,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
                    jump_at="default", seg_tta="default",
                    seg_prior="default", scanner_adapt="default",
                    estimate_check="default", stage_threads="default",
-                   seg_fallback="default", lc2_hold="default") -> Pipeline:
+                   seg_fallback="default", lc2_hold="default",
+                   lc2_rescue="default") -> Pipeline:
     """The per-stream Pipeline over ``context`` (``deformable``: a stage or None for off;
     ``capture``: a :class:`regseg.stream.capture.Capture` or None for the Pipeline's own;
     ``segmenter``: :func:`build_segmenter`'s stage or None for the U-Net head;
@@ -94,12 +95,18 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
     EstimateCheck, set on the Pipeline's QualityCheck; ``stage_threads``: ``--stage-threads``'
     (1, 2; "default") or a :class:`regseg.stream.stage_threads.StageThreads`; ``seg_fallback``:
     ``--seg-fallback``'s (mri, off; "default"): needs the estimate check, whose verdict decides;
-    ``lc2_hold``: ``--lc2-hold``'s (on, off; "default"), for an ``lc2`` given as a mode."""
+    ``lc2_hold``, ``lc2_rescue``: ``--lc2-hold``'s and ``--lc2-rescue``'s (on, off; "default"),
+    for an ``lc2`` given as a mode."""
     from regseg.stream.chain import RESEGMENT_DEFAULT
     from regseg.stream.consensus import CONSENSUS_DEFAULT, build_consensus
     from regseg.stream.do_no_harm import DO_NO_HARM_DEFAULT, MARGIN_MM, build_gate
     from regseg.stream.intensity import INTENSITY_DEFAULT, build_intensity
-    from regseg.stream.lc2_stage import LC2_DEFAULT, LC2_HOLD_DEFAULT, build_lc2
+    from regseg.stream.lc2_stage import (
+        LC2_DEFAULT,
+        LC2_HOLD_DEFAULT,
+        LC2_RESCUE_DEFAULT,
+        build_lc2,
+    )
     from regseg.stream.resegment import (
         SEG_TTA_DEFAULT,
         SEG_WINDOW_DEFAULT,
@@ -117,7 +124,8 @@ def build_pipeline(context: MriContext, engine: FusionEngine, *, deformable=None
 
     if isinstance(lc2, str):
         lc2 = build_lc2(context, LC2_DEFAULT if lc2 == "default" else lc2,
-                        LC2_HOLD_DEFAULT if lc2_hold == "default" else lc2_hold)
+                        LC2_HOLD_DEFAULT if lc2_hold == "default" else lc2_hold,
+                        LC2_RESCUE_DEFAULT if lc2_rescue == "default" else lc2_rescue)
     if resegment not in ("on", "off", "default"):
         raise ValueError(f"resegment {resegment!r}: expected 'on', 'off' or 'default'")
     resegment = (RESEGMENT_DEFAULT if resegment == "default" else resegment) == "on"

@@ -197,7 +197,8 @@ def run(args, stop: threading.Event | None = None,
                                   seg_prior=args.seg_prior, scanner_adapt=args.scanner_adapt,
                                   estimate_check=args.estimate_check,
                                   stage_threads=args.stage_threads,
-                                  seg_fallback=args.seg_fallback, lc2_hold=args.lc2_hold)
+                                  seg_fallback=args.seg_fallback, lc2_hold=args.lc2_hold,
+                                  lc2_rescue=args.lc2_rescue)
         registration.bind(pipeline.set_reference_to_mri)
         gate = FrameGate(plan.limits)
     except BaseException:
@@ -231,6 +232,7 @@ def run(args, stop: threading.Event | None = None,
              "roi": args.roi,
              "lc2": args.lc2,
              "lc2_hold": args.lc2_hold,
+             "lc2_rescue": args.lc2_rescue,
              "resegment": args.resegment,
              "consensus": args.consensus,
              "intensity": args.intensity,

@@ -157,6 +157,11 @@ def check_args(args) -> argparse.Namespace:
         raise InputError(f"--seg-fallback {args.seg_fallback} with --estimate-check off: the "
                          "check's verdict decides when the MRI labels are published; use "
                          "--estimate-check inform (or on) or --seg-fallback off")
+    if getattr(args, "lc2_rescue", "off") == "on" and getattr(args, "lc2", "off") in ("warm",
+                                                                                    "fast"):
+        raise InputError(f"--lc2-rescue on with --lc2 {args.lc2}: a warm search starts from the "
+                         "previous frame's move and has no rescue; use --lc2 on or async, or "
+                         "--lc2-rescue off")
     if getattr(args, "overlap", "off") == "on" and getattr(args, "roi", "off") == "auto":
         raise InputError("--overlap on with --roi auto: not supported (a frame's window depends "
                          "on the previous frame's flags, which overlap has not computed yet); "

@@ -149,7 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a frame much wider than the MRI gland is cropped to a window "
                    "1.8 x the gland's diameter around it before the networks, and the results "
                    f"mapped back (default {ROI_DEFAULT}; README 'Gland-centred window')")
-    from regseg.stream.lc2_stage import HOLD_MM, LC2_DEFAULT, LC2_HOLD, LC2_HOLD_DEFAULT, LC2_MODES
+    from regseg.stream.lc2_stage import (
+        HOLD_MM,
+        LC2_DEFAULT,
+        LC2_HOLD,
+        LC2_HOLD_DEFAULT,
+        LC2_MODES,
+        LC2_RESCUE,
+        LC2_RESCUE_DEFAULT,
+        RESCUE_MM,
+    )
 
     p.add_argument("--lc2", action=Once, choices=list(LC2_MODES), default=LC2_DEFAULT,
                    help="on: move each frame's registered plane in-plane (shifts and a rotation, "
@@ -168,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "correction of the tracked pose puts the frame: a registration LC2 found is "
                    "kept while the network's own plane drifts from it; a first lock still needs "
                    f"the cap (default {LC2_HOLD_DEFAULT}; README 'Image-based refinement')")
+    p.add_argument("--lc2-rescue", action=Once, choices=list(LC2_RESCUE),
+                   default=LC2_RESCUE_DEFAULT,
+                   help="on: when LC2's search from the network's plane applies nothing, search "
+                   f"again from the plane moved {RESCUE_MM:g} mm each way along the frame's axes "
+                   "and from the previous refinement's correction; the best is applied under "
+                   "the same guard and cap (not with --lc2 warm or fast; default "
+                   f"{LC2_RESCUE_DEFAULT}; README 'Image-based refinement')")
     from regseg.stream.chain import RESEGMENT_DEFAULT
 
     p.add_argument("--resegment", action=Once, choices=["on", "off"], default=RESEGMENT_DEFAULT,

@@ -57,6 +57,14 @@ LC2_DEFAULT = "async"
 HOLD_MM = 3.0
 LC2_HOLD = ("on", "off")
 LC2_HOLD_DEFAULT = "off"
+#: ``--lc2-rescue on``: when the search from the network's plane applies nothing, LC2 searches
+#: again from the plane moved this far (mm) each way along the frame's two axes, and from where
+#: the previous refinement's correction of the tracked pose puts the frame (no view change
+#: since); the best LC2 of those searches is applied under the same significance guard and cap
+#: (a move over the cap only when it is held, ``--lc2-hold``)
+RESCUE_MM = 6.0
+LC2_RESCUE = ("on", "off")
+LC2_RESCUE_DEFAULT = "off"
 
 
 class Lc2Stage:
@@ -68,12 +76,14 @@ class Lc2Stage:
     ``flag_unsupported``: the pipeline flags a frame whose refinement is not significant
     (:meth:`unsupported`). ``hold_mm`` (``--lc2-hold on``: :data:`HOLD_MM`; 0: off): a
     significant move over the cap is applied when it keeps the correction of the tracked pose that
-    the previous refinement applied (:meth:`hold`).
+    the previous refinement applied (:meth:`hold`). ``rescue_mm`` (``--lc2-rescue on``:
+    :data:`RESCUE_MM`; 0: off): a search that applies nothing is run again from other starts
+    (:meth:`rescue`).
     """
 
     def __init__(self, context: MriContext, config: Lc2Config | None = None, *,
                  warm: bool = False, flag_unsupported: bool = True,
-                 hold_mm: float = 0.0) -> None:
+                 hold_mm: float = 0.0, rescue_mm: float = 0.0) -> None:
         self.context = context
         self.config = Lc2Config() if config is None else config
         self.warm = warm
@@ -81,6 +91,12 @@ class Lc2Stage:
         if not (math.isfinite(hold_mm) and hold_mm >= 0):
             raise ValueError(f"lc2 hold_mm {hold_mm!r}: expected a number >= 0")
         self.hold_mm = float(hold_mm)
+        if not (math.isfinite(rescue_mm) and rescue_mm >= 0):
+            raise ValueError(f"lc2 rescue_mm {rescue_mm!r}: expected a number >= 0")
+        if rescue_mm and warm:
+            raise ValueError("lc2: a warm stage has no rescue (its search starts from the "
+                             "previous move)")
+        self.rescue_mm = float(rescue_mm)
         self._prior: tuple[tuple[int, int], np.ndarray] | None = None
         self._held: Held | None = None
         labels = context.labels[0, 0].cpu().numpy()
@@ -112,9 +128,35 @@ class Lc2Stage:
         found = refine_in_plane(pixels, image_to_mri, self.context.mri,
                                 self.context.world_to_voxel, self.centre_ij(image_to_mri),
                                 self.config, warm=warm)
-        if held is None or tracked is None or self.hold_mm <= 0:
-            return found
-        return self.hold(found, pixels.shape, image_to_mri, tracked, held)
+        if held is not None and tracked is not None and self.hold_mm > 0:
+            found = self.hold(found, pixels.shape, image_to_mri, tracked, held)
+        if self.rescue_mm > 0 and not found.applied:
+            found = self.rescue(found, pixels, image_to_mri, tracked, held)
+        return found
+
+    def rescue(self, found: Lc2Refinement, pixels: np.ndarray, image_to_mri: np.ndarray,
+               tracked: np.ndarray | None, held: Held | None) -> Lc2Refinement:
+        """When ``found`` (the search from the network's plane) applied nothing: the search again
+        from ``rescue_mm`` each way along the frame's two axes, and from where ``held``'s
+        correction puts the frame when the tracked plane has not jumped since (a multi-start:
+        a pose 5-7 mm off is often outside LC2's basin, where these starts are not). Its most
+        significant is applied under the same guard and cap, or over the cap when held
+        (``rescued``); else ``found``."""
+        from regseg.stream.lc2_lag import VIEW_CHANGE_MM, view_change_mm
+
+        s, shape = self.rescue_mm, pixels.shape
+        starts = [np.array([dx, dy, 0.0]) for dx, dy in ((s, 0), (-s, 0), (0, s), (0, -s))]
+        usable = (held is not None and tracked is not None and held.shape == shape
+                  and view_change_mm(held.tracked, tracked, shape) <= VIEW_CHANGE_MM)
+        if usable:
+            starts.append(move_params(spatial.invert(image_to_mri) @ tracked @ held.correction,
+                                      self.centre_ij(image_to_mri), _spacing(image_to_mri)))
+        again = refine_in_plane(pixels, image_to_mri, self.context.mri,
+                                self.context.world_to_voxel, self.centre_ij(image_to_mri),
+                                self.config, starts=starts)
+        if usable and self.hold_mm > 0:
+            again = self.hold(again, shape, image_to_mri, tracked, held)
+        return dataclasses.replace(again, rescued=True) if again.applied else found
 
     def hold(self, found: Lc2Refinement, shape: tuple[int, int], image_to_mri: np.ndarray,
              tracked: np.ndarray, held: Held) -> Lc2Refinement:
@@ -131,10 +173,8 @@ class Lc2Stage:
                 or found.significance < cfg.min_significance or held.shape != shape
                 or view_change_mm(held.tracked, tracked, shape) > VIEW_CHANGE_MM):
             return found
-        spacing = (float(np.linalg.norm(image_to_mri[:3, 0])),
-                   float(np.linalg.norm(image_to_mri[:3, 1])))
         plane = image_to_mri @ in_plane_move(np.asarray(found.shift_mm), found.rotation_deg,
-                                             self.centre_ij(image_to_mri), spacing)
+                                             self.centre_ij(image_to_mri), _spacing(image_to_mri))
         if view_change_mm(tracked @ held.correction, plane, shape) > self.hold_mm:
             return found
         return dataclasses.replace(found, image_to_mri=plane, applied=True, held_over_cap=True)
@@ -163,6 +203,23 @@ class Lc2Stage:
                 found.significance)
 
 
+def _spacing(plane: np.ndarray) -> tuple[float, float]:
+    return float(np.linalg.norm(plane[:3, 0])), float(np.linalg.norm(plane[:3, 1]))
+
+
+def move_params(move: np.ndarray, centre_ij: np.ndarray,
+                spacing: tuple[float, float]) -> np.ndarray:
+    """(shift along columns, along rows mm, rotation deg) of the in-plane part of a (4, 4)
+    frame-pixel map, as :func:`regseg.lc2.in_plane_move` takes them (its inverse for a rigid move;
+    for one with scale or shear, the rigid move nearest at ``centre_ij``)."""
+    sp = np.array(spacing, np.float64)
+    r = move[:2, :2] * sp[:, None] / sp[None, :]  # S M S^-1
+    a = math.atan2(r[1, 0] - r[0, 1], r[0, 0] + r[1, 1])
+    c_mm = sp * np.asarray(centre_ij, np.float64)
+    moved_mm = sp * (move[:2, :2] @ np.asarray(centre_ij, np.float64) + move[:2, 3])
+    return np.array([*(moved_mm - c_mm), math.degrees(a)])  # where the centre goes, and the turn
+
+
 @dataclass(frozen=True)
 class Held:
     """What a refinement applied, for ``--lc2-hold``: its frame's shape and tracked plane, and
@@ -184,21 +241,30 @@ def held_by(found: Lc2Refinement, shape: tuple[int, int],
     return Held(tuple(shape), tracked, spatial.invert(tracked) @ found.image_to_mri)
 
 
-def build_lc2(context: MriContext, mode: str = LC2_DEFAULT, hold: str = LC2_HOLD_DEFAULT) -> Any:
+def build_lc2(context: MriContext, mode: str = LC2_DEFAULT, hold: str = LC2_HOLD_DEFAULT,
+              rescue: str = LC2_RESCUE_DEFAULT) -> Any:
     """``--lc2``'s stage over ``context`` (None for off; an Lc2Lagged for async and lag);
-    ``hold``: ``--lc2-hold`` (on: :data:`HOLD_MM`)."""
+    ``hold``: ``--lc2-hold`` (on: :data:`HOLD_MM`); ``rescue``: ``--lc2-rescue`` (on:
+    :data:`RESCUE_MM`; not with warm or fast)."""
     from regseg.stream.lc2_lag import LAG_MODES, Lc2Lagged, asynchronous_allowed
 
     if mode not in (*LC2_MODES, *BENCH_MODES, *LAG_MODES):
         raise ValueError(f"lc2 {mode!r}: expected one of {LC2_MODES}")
     if hold not in LC2_HOLD:
         raise ValueError(f"lc2 hold {hold!r}: expected one of {LC2_HOLD}")
+    if rescue not in LC2_RESCUE:
+        raise ValueError(f"lc2 rescue {rescue!r}: expected one of {LC2_RESCUE}")
     if mode == "off":
         return None
     hold_mm = HOLD_MM if hold == "on" else 0.0
+    rescue_mm = RESCUE_MM if rescue == "on" else 0.0
     if mode in LAG_MODES:
-        return Lc2Lagged(Lc2Stage(context, hold_mm=hold_mm),
+        return Lc2Lagged(Lc2Stage(context, hold_mm=hold_mm, rescue_mm=rescue_mm),
                          asynchronous=mode == "async" and asynchronous_allowed())
     config = (Lc2Config(grid_mm=FAST_GRID_MM) if mode == "fast" else
               Lc2Config(**BENCH_MODES[mode]) if mode in BENCH_MODES else None)
-    return Lc2Stage(context, config, warm=mode in ("warm", "fast"), hold_mm=hold_mm)
+    if rescue_mm and mode in ("warm", "fast"):
+        raise ValueError(f"lc2 {mode} with rescue on: a warm search starts from the previous "
+                         "move and has no rescue; use --lc2 on or async")
+    return Lc2Stage(context, config, warm=mode in ("warm", "fast"), hold_mm=hold_mm,
+                    rescue_mm=rescue_mm)

@@ -445,3 +445,40 @@ def test_the_switch_off_leaves_the_twin(monkeypatch):
     called = []
     monkeypatch.setattr(lc2_maps, "window_maps", lambda *a: called.append(a))
     assert np.isfinite(scorer.scores([true]).numpy()).all() and not called
+
+
+def test_a_multi_start_from_no_move_is_the_single_search_and_keeps_the_most_significant():
+    """``starts``: a full search from each move; [no move] is the cold search to the bit, and a
+    start far outside the basin does not displace the one that found the alignment."""
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    wrong = true @ in_plane_move(np.array([1.5, -1.2]), 2.0, centre, (0.5, 0.5))
+    cold = refine_in_plane(pixels, wrong, mri, w2v, centre)
+    one = refine_in_plane(pixels, wrong, mri, w2v, centre, starts=[np.zeros(3)])
+    assert np.array_equal(one.image_to_mri, cold.image_to_mri)
+    assert one.significance == cold.significance and one.move_mm == cold.move_mm
+    two = refine_in_plane(pixels, wrong, mri, w2v, centre,
+                          starts=[np.array([14.0, 14.0, 0.0]), np.zeros(3)],
+                          config=Lc2Config(max_move_mm=30.0))
+    pts = np.argwhere(pixels > 0)[::37, ::-1]
+    assert two.applied and metrics.tre_mm(two.image_to_mri, true, pts) < 0.4
+    assert two.rounds > cold.rounds  # both were searched
+    with pytest.raises(ValueError, match="starts is empty"):
+        refine_in_plane(pixels, wrong, mri, w2v, centre, starts=[])
+    with pytest.raises(ValueError, match="exclusive"):
+        refine_in_plane(pixels, wrong, mri, w2v, centre, starts=[np.zeros(3)],
+                        warm=np.zeros(3))
+
+
+def test_a_multi_start_finds_what_a_start_outside_the_basin_misses():
+    mri, _, w2v, true, pixels = synthetic_case()
+    centre = np.array([64.0, 64.0])
+    wrong = true @ in_plane_move(np.array([9.0, 0.0]), 0.0, centre, (0.5, 0.5))
+    pts = np.argwhere(pixels > 0)[::37, ::-1]
+    config = Lc2Config(max_move_mm=12.0)
+    cold = refine_in_plane(pixels, wrong, mri, w2v, centre, config)
+    starts = [np.array([dx, dy, 0.0]) for dx, dy in ((6, 0), (-6, 0), (0, 6), (0, -6))]
+    assert not cold.applied and cold.significance < 1.5  # 9 mm is outside its basin here
+    multi = refine_in_plane(pixels, wrong, mri, w2v, centre, config, starts=starts)
+    assert multi.applied and metrics.tre_mm(multi.image_to_mri, true, pts) < 0.5
+    assert multi.significance >= cold.significance

@@ -46,7 +46,7 @@ SESSION_KEYS = (
     "registration-max-jump-mm", "registration-max-jump-deg", "allow-registration-jump",
     "do-no-harm", "do-no-harm-margin-mm", "roi", "lc2", "resegment",
     "consensus", "intensity", "seg-window", "jump-at", "seg-tta", "seg-prior", "estimate-check",
-    "stage-threads", "seg-fallback",
+    "stage-threads", "seg-fallback", "lc2-hold", "lc2-rescue",
 )
 #: [serve] keys that are regseg-stream flags, applied to every session's engines.
 ENGINE_KEYS = ("device", "backend", "precision", "threads", "engine-threads", "weights",

@@ -213,6 +213,7 @@ class Session:
                                            estimate_check=args.estimate_check,
                                            stage_threads=args.stage_threads,
                                            seg_fallback=args.seg_fallback,
+                                           lc2_hold=args.lc2_hold, lc2_rescue=args.lc2_rescue,
                                            # the sessions share batched engines: no per-session
                                            # network (README "Adapting to the case's scanner")
                                            scanner_adapt="off")

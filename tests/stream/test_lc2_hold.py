@@ -2,7 +2,8 @@
 applied only when it keeps the correction of the tracked pose the previous refinement applied, and
 the tracked plane did not jump; a first lock still needs the cap. On a family-B case whose network
 plane drifts away from the anatomy, the chain keeps the registration it had instead of falling
-8-11 mm off."""
+8-11 mm off. --lc2-rescue (Lc2Stage.rescue): a search that applied nothing runs again from other
+starts, and on a family-B case whose network plane sits outside LC2's basin it finds the anatomy."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from regseg import spatial
 from regseg.lc2 import Lc2Refinement, in_plane_move
 from regseg.stream.build import build_default_capture, build_engine, build_pipeline
 from regseg.stream.context import build_context
-from regseg.stream.lc2_stage import HOLD_MM, Held, Lc2Stage, build_lc2, held_by
+from regseg.stream.lc2_stage import (
+    HOLD_MM,
+    RESCUE_MM,
+    Held,
+    Lc2Stage,
+    build_lc2,
+    held_by,
+    move_params,
+)
 from regseg.stream.runner import frame_accuracy
 
 SHAPE = (120, 160)
@@ -103,9 +112,28 @@ def test_modes_and_bad_values(stage):
         Lc2Stage(context, hold_mm=math.nan)
 
 
-def _family_b_run(hold: str, frames, context):
+def test_move_params_inverts_the_in_plane_move():
+    centre, spacing = np.array([50.0, 40.0]), (0.3, 0.45)
+    for shift, angle in (((2.0, -3.5), 7.0), ((-9.0, 0.5), -12.0), ((0.0, 0.0), 0.0)):
+        move = in_plane_move(np.array(shift), angle, centre, spacing)
+        assert np.allclose(move_params(move, centre, spacing), [*shift, angle], atol=1e-9)
+
+
+def test_rescue_modes_and_bad_values(stage):
+    context = stage.context
+    assert build_lc2(context, "on").rescue_mm == 0.0  # off by default
+    assert build_lc2(context, "lag", "on", "on").stage.rescue_mm == RESCUE_MM
+    with pytest.raises(ValueError, match="rescue"):
+        build_lc2(context, "warm", "off", "on")
+    with pytest.raises(ValueError, match="lc2 rescue 'yes'"):
+        build_lc2(context, "on", "off", "yes")
+    with pytest.raises(ValueError, match="rescue_mm"):
+        Lc2Stage(context, rescue_mm=-1.0)
+
+
+def _family_b_run(hold: str, frames, context, rescue: str = "off"):
     pipeline = build_pipeline(context, build_engine(backend="eager", threads=1), deformable=None,
-                              lc2="lag", lc2_hold=hold,
+                              lc2="lag", lc2_hold=hold, lc2_rescue=rescue,
                               capture=build_default_capture(backend="eager", threads=1))
     out = []
     for frame in frames:
@@ -115,20 +143,26 @@ def _family_b_run(hold: str, frames, context):
     return out
 
 
-def test_a_family_b_case_keeps_its_registration_when_the_network_drifts():
-    """Diagnosis case 5293 at 10 mm / 10 deg, consecutive frames (as bench/accuracy.py --stride 1
-    makes them): LC2 locks under the cap, then the network's plane drifts and LC2's move passes
-    8 mm; without the hold the published plane falls back to the network's, 7-11 mm off."""
+def _b_frames(seed: int, n: int):
+    """Consecutive frames of a family-B diagnosis case at 10 mm / 10 deg, as bench/accuracy.py
+    --stride 1 makes them."""
     from regseg.sim.family_b.anatomy import make_case
     from regseg.sim.family_b.session import Session, SessionConfig
 
-    case = make_case(5293)  # a diagnosis case (never an evaluation one)
+    case = make_case(seed)
     session = Session(case, SessionConfig(tracking_shift_mm=10.0, tracking_rot_deg=10.0),
-                      seed=5293 * 7 + 1)
-    start = int(np.random.default_rng([5293, 100, 0xB]).integers(0, 300))
+                      seed=seed * 7 + 1)
+    start = int(np.random.default_rng([seed, 100, 0xB]).integers(0, 300))
     frames = [dataclasses.replace(session.frame(start + k), seq=k,
-                                  acquired_ns=k * 1_000_000_000 // 30) for k in range(17)]
-    context = build_context(case.mri, case.labels)
+                                  acquired_ns=k * 1_000_000_000 // 30) for k in range(n)]
+    return build_context(case.mri, case.labels), frames
+
+
+def test_a_family_b_case_keeps_its_registration_when_the_network_drifts():
+    """Diagnosis case 5293: LC2 locks under the cap, then the network's plane drifts and LC2's
+    move passes 8 mm; without the hold the published plane falls back to the network's, 7-11 mm
+    off."""
+    context, frames = _b_frames(5293, 17)  # a diagnosis case (never an evaluation one)
     off, on = _family_b_run("off", frames, context), _family_b_run("on", frames, context)
     assert all(t < 2.5 for t, _ in off[:11]) and off[:11] == on[:11]  # locked, the same chain
     lost = [k for k in range(11, 17) if off[k][0] > 5.0]
@@ -136,3 +170,22 @@ def test_a_family_b_case_keeps_its_registration_when_the_network_drifts():
     held = [k for k in range(11, 17) if on[k][1] > 8.0]  # moves over the cap, applied
     assert len(held) >= 4
     assert all(on[k][0] < 2.5 for k in range(11, 17))
+
+
+def test_a_family_b_case_whose_network_plane_is_outside_lc2s_basin_is_found_by_the_rescue():
+    """Diagnosis case 5298: the network leaves the plane 8 mm off and LC2's search from it finds
+    nothing it may apply on any frame; searched again from four starts 6 mm away, it locks."""
+    context, frames = _b_frames(5298, 16)  # a diagnosis case (never an evaluation one)
+    off = _family_b_run("off", frames, context)
+    rescued = _family_b_run("on", frames, context, rescue="on")
+    assert all(t > 5.0 for t, _ in off)
+    assert sum(not math.isnan(m) for _, m in rescued) >= 8  # moves applied
+    assert all(t < 2.5 for t, _ in rescued[-6:]), rescued
+
+
+def test_the_cli_refuses_a_rescue_for_a_warm_search(capsys):
+    from regseg.stream.cli import main
+
+    assert main(["--demo", "--lc2", "warm", "--lc2-rescue", "on"]) == 2
+    err = capsys.readouterr().err
+    assert "--lc2-rescue on with --lc2 warm" in err and "Traceback" not in err
