@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=LC2_RESCUE_DEFAULT,
                    help="on: when LC2's search from the network's plane applies nothing, search "
                    f"again from the plane moved {RESCUE_MM:g} mm each way along the frame's axes "
-                   "and from the previous refinement's correction; the best is applied under "
-                   "the same guard and cap (not with --lc2 warm or fast; default "
+                   "and from the previous refinement's correction; the most significant is "
+                   "applied under the same guard and cap (not with --lc2 warm or fast; default "
                    f"{LC2_RESCUE_DEFAULT}; README 'Image-based refinement')")
     from regseg.stream.chain import RESEGMENT_DEFAULT
 

@@ -13,6 +13,11 @@ network's plane is more likely a wrong one than a correction).
 The default (``LC2_DEFAULT``) is set by the rules written before their measurements
 (``bench/results/lc2_predeclared.md``; ``bench/lc2.py``): ``on`` since session 16, and since
 session 26 ``async``, this search one frame late on a worker thread (:mod:`regseg.stream.lc2_lag`).
+
+Two options, off by default, for consecutive frames (session 27): ``--lc2-hold on``
+(:meth:`Lc2Stage.hold`) applies a move over the cap that keeps the previous refinement's correction
+of the tracked pose, and ``--lc2-rescue on`` (:meth:`Lc2Stage.rescue`) searches again from other
+starts when the first search applies nothing.
 """
 
 from __future__ import annotations
@@ -54,14 +59,17 @@ LC2_DEFAULT = "async"
 #: puts the frame (the largest distance at a frame corner, mm; the ``jump`` flag's 3 mm): the
 #: registration LC2 holds is kept while the network's own plane drifts away from it. Not across a
 #: view change: the tracked plane must have moved <= VIEW_CHANGE_MM (regseg.stream.lc2_lag) since
+#: the previous refinement's frame. An option, off: it failed its rule (lc2_predeclared.md,
+#: addendum 28), and with the rescue it kept a wrong lock the flags missed (addendum 29)
 HOLD_MM = 3.0
 LC2_HOLD = ("on", "off")
 LC2_HOLD_DEFAULT = "off"
 #: ``--lc2-rescue on``: when the search from the network's plane applies nothing, LC2 searches
 #: again from the plane moved this far (mm) each way along the frame's two axes, and from where
 #: the previous refinement's correction of the tracked pose puts the frame (no view change
-#: since); the best LC2 of those searches is applied under the same significance guard and cap
-#: (a move over the cap only when it is held, ``--lc2-hold``)
+#: since); the most significant of those searches is applied under the same significance guard
+#: and cap (a move over the cap only when it is held, ``--lc2-hold``). An option, off: it failed
+#: its rule (lc2_predeclared.md, addendum 29)
 RESCUE_MM = 6.0
 LC2_RESCUE = ("on", "off")
 LC2_RESCUE_DEFAULT = "off"
