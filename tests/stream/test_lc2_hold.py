@@ -189,3 +189,28 @@ def test_the_cli_refuses_a_rescue_for_a_warm_search(capsys):
     assert main(["--demo", "--lc2", "warm", "--lc2-rescue", "on"]) == 2
     err = capsys.readouterr().err
     assert "--lc2-rescue on with --lc2 warm" in err and "Traceback" not in err
+
+
+def test_async_carries_the_hold_as_lag_does(monkeypatch):
+    """The worker thread keeps what each refinement applied (FoundMove.held): ``async`` with
+    every frame waiting for the worker gives lag's Results with the hold and rescue on."""
+    monkeypatch.setenv("REGSEG_LC2_IN_ORDER", "0")  # the rest of the suite runs async in order
+    context, frames = _b_frames(5293, 14)
+
+    def run(mode):
+        pipeline = build_pipeline(context, build_engine(backend="eager", threads=1),
+                                  deformable=None, lc2=mode, lc2_hold="on", lc2_rescue="on",
+                                  capture=build_default_capture(backend="eager", threads=1))
+        out = []
+        for frame in frames:
+            out.append(pipeline(frame))
+            if mode == "async":
+                pipeline.lc2.wait()
+        assert pipeline.lc2.asynchronous == (mode == "async")
+        pipeline.close()
+        return out
+
+    lag, done = run("lag"), run("async")
+    assert any(r.lc2_move_mm > 8.0 for r in lag)  # the hold applied moves over the cap
+    for a, b in zip(lag, done, strict=True):
+        assert np.array_equal(a.mri_to_image, b.mri_to_image) and a.flags == b.flags
