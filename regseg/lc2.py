@@ -100,12 +100,6 @@ class Lc2Refinement:
     # significance is below ``min_significance``
     significance: float = math.nan  # score / the highest score of the MRI displaced (NULL_SHIFTS)
     out_of_plane: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    #: applied over ``max_move_mm`` because it keeps the previous frame's registration (the live
-    #: stage's ``hold_mm``, regseg.stream.lc2_stage.Lc2Stage.hold); ``score`` stays the start's
-    held_over_cap: bool = False
-    #: found by the live stage's second search from other starts (``rescue_mm``,
-    #: regseg.stream.lc2_stage.Lc2Stage.rescue) after the first applied nothing
-    rescued: bool = False
 
 
 class FrameScorer:
@@ -118,7 +112,7 @@ class FrameScorer:
                  world_to_voxel: np.ndarray, config: Lc2Config, *, coarse: int = 1,
                  plane_slice: PlaneSlice | None = None) -> None:
         h, w = pixels.shape
-        self.spacing = (float(np.linalg.norm(plane[:3, 0])), float(np.linalg.norm(plane[:3, 1])))
+        self.spacing = spatial.plane_spacing(plane)
         f = max(1, int(round(coarse * config.grid_mm / min(self.spacing))))
         self.hw = (h // f, w // f)
         if min(self.hw) < 8:

@@ -97,7 +97,7 @@ def slice_for_frame(frame_hw: tuple[int, int], plane: np.ndarray, mri: Tensor,
                     world_to_voxel: np.ndarray, grid_mm: float, margin_mm: float) -> PlaneSlice:
     """The :class:`PlaneSlice` of ``plane`` for a frame of ``frame_hw``: lattice step half the
     working pixel of a ``grid_mm`` grid, ``margin_mm`` around the frame."""
-    spacing = (float(np.linalg.norm(plane[:3, 0])), float(np.linalg.norm(plane[:3, 1])))
+    spacing = spatial.plane_spacing(plane)
     f = max(1, int(round(grid_mm / min(spacing))))
     size = (mri.shape[4], mri.shape[3], mri.shape[2])
     to_normalised = spatial.index_to_normalised(size) @ world_to_voxel

@@ -45,6 +45,12 @@ def apply(a_to_b: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ a_to_b[:n, :n].T + a_to_b[:n, n]
 
 
+def plane_spacing(plane: np.ndarray) -> tuple[float, float]:
+    """The pixel size (mm along columns, along rows) of a plane mapping frame pixel (i, j, 0) to
+    mm: the lengths of its first two axes."""
+    return float(np.linalg.norm(plane[:3, 0])), float(np.linalg.norm(plane[:3, 1]))
+
+
 def lift_2d(a3: np.ndarray) -> np.ndarray:
     """Embed a 3x3 pixel affine of (i, j) into a 4x4 acting on (i, j, k), leaving k alone."""
     out = np.eye(4)

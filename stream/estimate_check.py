@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from regseg import spatial
 from regseg.lc2 import in_plane_move
 from regseg.stream.capture import warp_labels
 
@@ -108,8 +109,7 @@ class EstimateCheck:
         own = warp_labels(estimator.context, image_to_mri, hw)
         if np.count_nonzero(own) * spacing_mm[0] * spacing_mm[1] < MIN_GLAND_MM2:
             return  # no gland in view: the estimator has nothing to judge
-        sp = (float(np.linalg.norm(image_to_mri[:3, 0])),
-              float(np.linalg.norm(image_to_mri[:3, 1])))
+        sp = spatial.plane_spacing(image_to_mri)
         # pure shifts (no rotation: the point it would turn about does not matter)
         planes = [image_to_mri] + [image_to_mri @ in_plane_move(
             self.shift_mm * np.asarray(d), 0.0, np.zeros(2), sp) for d in DIRECTIONS]

@@ -34,11 +34,14 @@ import math
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from regseg.clock import now_ns
-from regseg.lc2 import in_plane_move
+
+if TYPE_CHECKING:
+    from regseg.stream.lc2_stage import Held
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +115,8 @@ class FoundMove:
     handed_ns: int  # when its frame was handed to the search (regseg.clock.now_ns)
     search_ms: float  # the search's own time
     plane: np.ndarray  # the network's plane it was found on
-    #: what it applied, for ``--lc2-hold`` (regseg.stream.lc2_stage.Held; None when not applied
-    #: or no tracked plane was given)
-    held: object = None
+    #: what it applied, for ``--lc2-hold`` (None when not applied or no tracked plane was given)
+    held: Held | None = None
 
 
 class Lc2Lagged:
@@ -164,10 +166,7 @@ class Lc2Lagged:
             self._run(*job)
         out, move = image_to_mri, math.nan
         if found.applied:
-            spacing = (float(np.linalg.norm(image_to_mri[:3, 0])),
-                       float(np.linalg.norm(image_to_mri[:3, 1])))
-            out = image_to_mri @ in_plane_move(np.asarray(found.shift_mm), found.rotation_deg,
-                                               self.stage.centre_ij(image_to_mri), spacing)
+            out = self.stage.moved(image_to_mri, found.shift_mm, found.rotation_deg)
             move = found.move_mm
         self._timings = {"lc2_search": found.search_ms,
                          "lc2_age": (now_ns() - found.handed_ns) / 1e6}

@@ -139,53 +139,57 @@ class Lc2Stage:
         if held is not None and tracked is not None and self.hold_mm > 0:
             found = self.hold(found, pixels.shape, image_to_mri, tracked, held)
         if self.rescue_mm > 0 and not found.applied:
-            found = self.rescue(found, pixels, image_to_mri, tracked, held)
+            found = self.rescue(found, pixels, image_to_mri, tracked,
+                                held if holds(held, tracked, pixels.shape) else None)
         return found
+
+    def moved(self, image_to_mri: np.ndarray, shift_mm: tuple[float, float],
+              rotation_deg: float) -> np.ndarray:
+        """``image_to_mri`` moved in-plane by a refinement's move (about :meth:`centre_ij`)."""
+        return image_to_mri @ in_plane_move(np.asarray(shift_mm), rotation_deg,
+                                            self.centre_ij(image_to_mri),
+                                            spatial.plane_spacing(image_to_mri))
 
     def rescue(self, found: Lc2Refinement, pixels: np.ndarray, image_to_mri: np.ndarray,
                tracked: np.ndarray | None, held: Held | None) -> Lc2Refinement:
         """When ``found`` (the search from the network's plane) applied nothing: the search again
         from ``rescue_mm`` each way along the frame's two axes, and from where ``held``'s
-        correction puts the frame when the tracked plane has not jumped since (a multi-start:
-        a pose 5-7 mm off is often outside LC2's basin, where these starts are not). Its most
-        significant is applied under the same guard and cap, or over the cap when held
-        (``rescued``); else ``found``."""
-        from regseg.stream.lc2_lag import VIEW_CHANGE_MM, view_change_mm
-
-        s, shape = self.rescue_mm, pixels.shape
+        correction puts the frame (``held``: one that :func:`holds`; a multi-start: a pose
+        5-7 mm off is often outside LC2's basin, where these starts are not). Its most
+        significant is applied under the same guard and cap, or over the cap when held; else
+        ``found``."""
+        s = self.rescue_mm
         starts = [np.array([dx, dy, 0.0]) for dx, dy in ((s, 0), (-s, 0), (0, s), (0, -s))]
-        usable = (held is not None and tracked is not None and held.shape == shape
-                  and view_change_mm(held.tracked, tracked, shape) <= VIEW_CHANGE_MM)
-        if usable:
+        if held is not None:
             starts.append(move_params(spatial.invert(image_to_mri) @ tracked @ held.correction,
-                                      self.centre_ij(image_to_mri), _spacing(image_to_mri)))
+                                      self.centre_ij(image_to_mri),
+                                      spatial.plane_spacing(image_to_mri)))
         again = refine_in_plane(pixels, image_to_mri, self.context.mri,
                                 self.context.world_to_voxel, self.centre_ij(image_to_mri),
                                 self.config, starts=starts)
-        if usable and self.hold_mm > 0:
-            again = self.hold(again, shape, image_to_mri, tracked, held)
-        return dataclasses.replace(again, rescued=True) if again.applied else found
+        if held is not None and self.hold_mm > 0:
+            again = self.hold(again, pixels.shape, image_to_mri, tracked, held)
+        return again if again.applied else found
 
     def hold(self, found: Lc2Refinement, shape: tuple[int, int], image_to_mri: np.ndarray,
              tracked: np.ndarray, held: Held) -> Lc2Refinement:
-        """``found`` applied after all (``held_over_cap``) if the cap alone refused it (it
-        improved LC2 and is significant), the tracked plane moved at most VIEW_CHANGE_MM since
-        ``held``'s frame, and the plane it gives is within ``hold_mm`` (at a frame corner) of
-        ``tracked @ held.correction``: where the previous refinement's correction of the tracked
-        pose puts this frame. A registration LC2 found under the cap is so kept while the
-        network's plane drifts away from it; a first lock still needs the cap."""
-        from regseg.stream.lc2_lag import VIEW_CHANGE_MM, view_change_mm
+        """``found`` applied after all if the cap alone refused it (it improved LC2 and is
+        significant), ``held`` still :func:`holds` for this frame, and the plane it gives is
+        within ``hold_mm`` (at a frame corner) of ``tracked @ held.correction``: where the
+        previous refinement's correction of the tracked pose puts this frame. A registration LC2
+        found under the cap is so kept while the network's plane drifts away from it; a first
+        lock still needs the cap. (``score`` stays the start's, as for a refused move.)"""
+        from regseg.stream.lc2_lag import view_change_mm
 
         cfg = self.config
         if (found.applied or not found.move_mm > cfg.max_move_mm
-                or found.significance < cfg.min_significance or held.shape != shape
-                or view_change_mm(held.tracked, tracked, shape) > VIEW_CHANGE_MM):
+                or found.significance < cfg.min_significance
+                or not holds(held, tracked, shape)):
             return found
-        plane = image_to_mri @ in_plane_move(np.asarray(found.shift_mm), found.rotation_deg,
-                                             self.centre_ij(image_to_mri), _spacing(image_to_mri))
+        plane = self.moved(image_to_mri, found.shift_mm, found.rotation_deg)
         if view_change_mm(tracked @ held.correction, plane, shape) > self.hold_mm:
             return found
-        return dataclasses.replace(found, image_to_mri=plane, applied=True, held_over_cap=True)
+        return dataclasses.replace(found, image_to_mri=plane, applied=True)
 
     def close(self) -> None:
         """Nothing to end (the in-order stage has no thread; Lc2Lagged's has)."""
@@ -211,10 +215,6 @@ class Lc2Stage:
                 found.significance)
 
 
-def _spacing(plane: np.ndarray) -> tuple[float, float]:
-    return float(np.linalg.norm(plane[:3, 0])), float(np.linalg.norm(plane[:3, 1]))
-
-
 def move_params(move: np.ndarray, centre_ij: np.ndarray,
                 spacing: tuple[float, float]) -> np.ndarray:
     """(shift along columns, along rows mm, rotation deg) of the in-plane part of a (4, 4)
@@ -238,6 +238,17 @@ class Held:
     shape: tuple[int, int]
     tracked: np.ndarray
     correction: np.ndarray
+
+
+def holds(held: Held | None, tracked: np.ndarray | None, shape: tuple[int, int]) -> bool:
+    """Whether ``held`` still describes a frame of ``shape`` whose tracked plane is ``tracked``:
+    the same frame size, and the tracked plane moved at most VIEW_CHANGE_MM (at a frame corner;
+    regseg.stream.lc2_lag) since ``held``'s frame (not after a jump of the probe, a gap or a new
+    registration)."""
+    from regseg.stream.lc2_lag import VIEW_CHANGE_MM, view_change_mm
+
+    return (held is not None and tracked is not None and held.shape == tuple(shape)
+            and view_change_mm(held.tracked, tracked, shape) <= VIEW_CHANGE_MM)
 
 
 def held_by(found: Lc2Refinement, shape: tuple[int, int],

@@ -92,6 +92,8 @@ class _Stage:
     def centre_ij(self, plane):
         return np.array([10.0, 12.0])
 
+    moved = Lc2Stage.moved  # the real arithmetic of applying a move, about centre_ij above
+
     def search(self, pixels, plane, *, tracked=None, held=None):
         self.calls += 1
         self.threads.append(threading.current_thread().name)
