@@ -180,7 +180,7 @@ def noise_twin(frame: Frame, rng: np.random.Generator) -> Frame:
 
 
 def run(families: list[str], phantoms: int, levels: list[float], frames_per_run: int, *,
-        deformable: bool, backend: str, device: str, threads: int | None,
+        deformable: bool | str, backend: str, device: str, threads: int | None,
         progress: bool = True, deformable_weights: str | None = None,
         quality_weights: str | None = None, roi: str = "default", lc2: str = "default",
         resegment: str = "default", consensus: str = "default", intensity: str = "default",
@@ -202,12 +202,19 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     same frame in every run). ``estimate_check``: ``--estimate-check``'s mode; ``seg_fallback``:
     ``--seg-fallback``'s; ``temporal_filter``: ``--temporal-filter``'s; ``stride``: session frames
     between a run's frames (None: STRIDE); ``lc2_hold``, ``lc2_rescue``: ``--lc2-hold``'s and
-    ``--lc2-rescue``'s."""
+    ``--lc2-rescue``'s; ``deformable``: on (True), off (False), or a ``--deformable`` mode
+    (``lag``: each chain gets its own DeformableLagged, in order)."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
+    from regseg.stream.deformable_lag import LAG_MODES, DeformableLagged
     from regseg.stream.lc2_lag import in_order
 
+    lagged = deformable in LAG_MODES
+    deformable = deformable not in (False, "off")
+
     def make_pipeline(context, stage):
+        if stage is not None and lagged:  # state per chain; the network is shared
+            stage = DeformableLagged(stage, asynchronous=False)
         extra = {}
         if scanner_adapt != "default" or _tree_has("scanner_adapt"):
             from regseg.stream.scanner_adapt import SCANNER_ADAPT_DEFAULT, build_scanner_adapt
@@ -381,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default=None,
                    help="tracking-error levels, mm = deg (quick 0,3,10; full 0,3,6,10,15)")
     p.add_argument("--frames", type=int, default=None, help="frames per run (quick 10, full 20)")
-    p.add_argument("--deformable", choices=["on", "off"], default="on",
-                   help="live deformable stage, as regseg-stream --deformable (default on)")
+    p.add_argument("--deformable", choices=["default", "on", "off", "async", "lag"],
+                   default="default",
+                   help="live deformable stage, as regseg-stream --deformable (default: the "
+                   "CLI's); async runs as lag, the same arithmetic in order")
     p.add_argument("--backend", default="auto", help="engine backend (default auto, as the CLI)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (CLI default on CPU: 1)")
@@ -484,9 +493,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                seeds.values()))
     frames = args.frames or (10 if args.quick else 20)
     torch.set_num_threads(args.threads)
+    from regseg.stream.deformable_lag import in_order as deformable_in_order
+
     t0 = time.perf_counter()
+    args.deformable = deformable_in_order(args.deformable)  # async as lag
     rows, records, noise = run(families, phantoms, levels, frames,
-                               deformable=args.deformable == "on",
+                               deformable=args.deformable,
                                backend=args.backend, device=args.device,
                                threads=args.threads, deformable_weights=args.deformable_weights,
                                quality_weights=args.quality_weights, roi=args.roi,

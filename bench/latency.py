@@ -102,7 +102,8 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
             "--device", args.device, "--threads", str(args.threads), "--engine-threads",
             str(args.engine_threads or args.threads), "--backend", args.backend,
             "--precision", args.precision, "--stats-json", str(stats_path),
-            "--deformable", "on" if "+deformable" in kind else "off",
+            "--deformable", ((getattr(args, "deformable_mode", None) or "on")
+                             if "+deformable" in kind else "off"),
             "--overlap", "on" if kind.endswith("+overlap") else "off",
             *(["--lc2", args.lc2] if getattr(args, "lc2", None) else []),
             *(["--lc2-hold", args.lc2_hold] if getattr(args, "lc2_hold", None) else []),
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-naive", action="store_true", help="regseg only (no ratio)")
     ap.add_argument("--deformable", action="store_true",
                     help="also run regseg with the live deformable stage (--deformable on)")
+    ap.add_argument("--deformable-mode", choices=["on", "async"], default=None,
+                    help="the regseg+deformable rows' --deformable (default on: in order; async: "
+                    "the network one frame late on a worker thread)")
     ap.add_argument("--overlap", action="store_true",
                     help="with --deformable, also run it with --overlap on (the host half of "
                     "each frame on a second thread) at the paced rate")
@@ -255,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("frames_received", "recv", "d"), ("dropped", "drop", "d"),
                        ("ratio_p50_vs_naive", "x naive", ".1f")])
     write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP, argv=argv,
+               deformable_mode=args.deformable_mode or "on",
                lc2=args.lc2 or "default", lc2_hold=args.lc2_hold or "default",
                lc2_rescue=args.lc2_rescue or "default", resegment=args.resegment or "default",
                intensity=args.intensity or "default", seg_tta=args.seg_tta or "default",

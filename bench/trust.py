@@ -38,12 +38,13 @@ from regseg.engines.fusion import FusionEngine
 from regseg.machine import machine_name, utc_now
 from regseg.sim.phantom import make_phantom
 from regseg.sim.scanner import SimulatedScanner
-from regseg.stream.build import build_default_capture
+from regseg.stream.build import build_default_capture, build_deformable
 from regseg.stream.chain import RESEGMENT_DEFAULT
+from regseg.stream.cli_parser import DEFORMABLE_DEFAULT
 from regseg.stream.consensus import BENCH_MODES as CONSENSUS_BENCH_MODES
 from regseg.stream.consensus import CONSENSUS_DEFAULT, CONSENSUS_MODES, build_consensus
 from regseg.stream.context import build_context
-from regseg.stream.deformable import DeformableStage
+from regseg.stream.deformable_lag import in_order as deformable_in_order
 from regseg.stream.estimate_check import (
     ESTIMATE_CHECK_DEFAULT,
     ESTIMATE_CHECK_MODES,
@@ -235,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="frames run (not scored) after each registration change, spread over "
                         "the session between the scored ones: the sweep an operator makes after "
                         "registering, which the 3-D consensus (out_of_plane) needs (default 0)")
-    parser.add_argument("--deformable", choices=["on", "off"], default="on")
+    parser.add_argument("--deformable", choices=["on", "off", "async", "lag"],
+                        default=DEFORMABLE_DEFAULT,
+                        help=f"as regseg-stream --deformable (default {DEFORMABLE_DEFAULT}); "
+                        "async runs as lag, the same arithmetic in order")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lc2", choices=list(LC2_MODES), default=LC2_DEFAULT,
                         help=f"the image-based refinement, as regseg-stream --lc2 (default "
@@ -282,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         mri, labels, frames = open_case(args.family, seed, args.frames)
         sweep = open_case(args.family, seed, args.warmup, halfway=True)[2] if args.warmup else []
         context = build_context(mri, labels)
-        deformable = (DeformableStage(context, args.deformable_weights, backend="eager")
-                      if args.deformable == "on" else None)
+        deformable = build_deformable(context, args.deformable_weights, backend="eager",
+                                      mode=deformable_in_order(args.deformable))  # async: lag
         quality = QualityCheck(context, QualityConfig(
             **({"weights": args.quality_weights} if args.quality_weights else {})))
         pipeline = Pipeline(context, engine, deformable=deformable, quality=quality,

@@ -27,12 +27,24 @@ def build_engine(weights: str | Path | None = None, *, backend: str = "auto",
 
 
 def build_deformable(context: MriContext, weights: str | Path = "plcreg2d", *,
-                     backend: str = "auto", precision: str = "fp32", threads: int | None = None):
-    """The live deformable stage for a case (:class:`regseg.stream.deformable.DeformableStage`)."""
+                     backend: str = "auto", precision: str = "fp32", threads: int | None = None,
+                     mode: str = "on"):
+    """The live deformable stage for a case (:class:`regseg.stream.deformable.DeformableStage`);
+    ``mode``: ``--deformable``'s (off: None; async and lag: the stage one frame late,
+    :class:`regseg.stream.deformable_lag.DeformableLagged`)."""
     from regseg.stream.deformable import DeformableStage
+    from regseg.stream.deformable_lag import DEFORMABLE_MODES, LAG_MODES, DeformableLagged
+    from regseg.stream.lag_worker import asynchronous_allowed
 
-    return DeformableStage(context, weights, backend=backend, precision=precision,
-                           threads=threads)
+    if mode not in (*DEFORMABLE_MODES, *LAG_MODES):
+        raise ValueError(f"deformable {mode!r}: expected one of {DEFORMABLE_MODES}")
+    if mode == "off":
+        return None
+    stage = DeformableStage(context, weights, backend=backend, precision=precision,
+                            threads=threads)
+    if mode in LAG_MODES:
+        return DeformableLagged(stage, asynchronous=mode == "async" and asynchronous_allowed())
+    return stage
 
 
 def build_default_capture(**engine_options):

@@ -174,11 +174,10 @@ def run(args, stop: threading.Event | None = None,
         if recorder is not None:
             sinks.append(recorder)
             sink_urls.append(f"record:{args.record}")
-        deformable = None
-        if args.deformable == "on":
-            deformable = build_deformable(context, args.deformable_weights, backend=args.backend,
-                                          precision=args.precision,
-                                          threads=args.engine_threads or threads)
+        deformable = build_deformable(context, args.deformable_weights, backend=args.backend,
+                                      precision=args.precision,
+                                      threads=args.engine_threads or threads,
+                                      mode=args.deformable)
         capture = build_capture(args.refine_iterations, args.multi_start == "on",
                                 args.temporal_filter, weights=args.weights,
                                 backend=args.backend, device=plan.device,
@@ -218,6 +217,7 @@ def run(args, stop: threading.Event | None = None,
             running.clear()
     extra = {"engine": f"alignsegnet/{engine.backend}", "device": str(plan.device),
              "deformable": (f"{deformable.weights}/{deformable.engine.backend}"
+                            + ("" if args.deformable == "on" else f" ({args.deformable})")
                             if deformable is not None else "off"),
              "engine_info": engine.info,
              "segmenter": (f"{args.segmenter}/{segmenter.backend}" if segmenter is not None

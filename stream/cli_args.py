@@ -222,7 +222,7 @@ def check_args(args) -> argparse.Namespace:
     if args.weights is not None:
         check_checkpoint(args.weights, "--weights", "alignsegnet",
                          shipped={"alignsegnet": WEIGHTS_DIR / "alignsegnet.pt"})
-    if args.deformable == "on":
+    if args.deformable != "off":
         check_checkpoint(args.deformable_weights, "--deformable-weights", "plcreg", ndim=2,
                          shipped={name: WEIGHTS_DIR / f"{name}.pt" for name in SHIPPED})
     if getattr(args, "segmenter", "unet") != "unet":

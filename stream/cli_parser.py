@@ -102,9 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: capture the whole per-frame chain as one CUDA graph")
     p.add_argument("--weights", action=Once, default=None,
                    help="AlignSegNet checkpoint (default: shipped)")
-    p.add_argument("--deformable", action=Once, choices=["on", "off"], default=DEFORMABLE_DEFAULT,
+    p.add_argument("--deformable", action=Once, choices=["on", "off", "async"],
+                   default=DEFORMABLE_DEFAULT,
                    help="refine the affine registration with the 2-D PLCReg (default "
-                   f"{DEFORMABLE_DEFAULT}; see README 'Registration')")
+                   f"{DEFORMABLE_DEFAULT}; see README 'Registration'). async: each frame is "
+                   "warped through the previous frame's displacement and the network runs on a "
+                   "worker thread, off the frame's path (the first frame runs in order)")
     p.add_argument("--deformable-weights", action=Once, default="plcreg2d",
                    help="2-D PLCReg checkpoint for --deformable on (default: shipped)")
     p.add_argument("--segmenter", action=Once, choices=["unet", "ascseg", "ascseg-trus"],

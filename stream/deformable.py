@@ -56,6 +56,12 @@ class DeformableStage:
 
     def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
+        ddf = self.field(pixels, image_to_mri)
+        return self.warp(image_to_mri, ddf), ddf[0].float().cpu().numpy()
+
+    def field(self, pixels: np.ndarray, image_to_mri: np.ndarray) -> torch.Tensor:
+        """The network's displacement for the frame on ``image_to_mri``: (1, 2, H, W) float32
+        frame pixels (dy, dx) on the stage's device."""
         ctx, dev = self.context, self.engine.device
         hw = (int(pixels.shape[0]), int(pixels.shape[1]))
         with torch.inference_mode():
@@ -64,7 +70,14 @@ class DeformableStage:
             mri, label_maps = planes.mri_inputs(ctx.mri, ctx.labels, ctx.world_to_voxel,
                                                 image_to_mri, hw, self.size)
             ddf = self.engine.predict(torch.cat([mri, label_maps], dim=1), trus)["ddf"]
-            ddf = resize_ddf(ddf, hw)  # model pixels -> frame pixels, (1, 2, H, W) as (dy, dx)
+            return resize_ddf(ddf, hw)  # model pixels -> frame pixels, (1, 2, H, W) as (dy, dx)
+
+    def warp(self, image_to_mri: np.ndarray, ddf: torch.Tensor) -> np.ndarray:
+        """The MRI labels through ``image_to_mri`` and the displacement ``ddf`` (:meth:`field`'s,
+        of a frame of the same size): (H, W) uint8."""
+        ctx, dev = self.context, self.engine.device
+        hw = (int(ddf.shape[-2]), int(ddf.shape[-1]))
+        with torch.inference_mode():
             # One nearest lookup in the volume at plane(p + ddf(p)): the plane's grid with the
             # pixel axes shifted by the field.
             if hw not in self._axes:
@@ -75,5 +88,4 @@ class DeformableStage:
             grid = spatial.axes_grid(m, i + ddf[0, 1, :, :, None], j + ddf[0, 0, :, :, None])
             labels = F.grid_sample(ctx.labels_float, grid[None, None], mode="nearest",
                                    padding_mode="zeros", align_corners=False)[0, 0, 0]
-            return (labels.to(torch.uint8).cpu().numpy(),
-                    ddf[0].float().cpu().numpy())
+            return labels.to(torch.uint8).cpu().numpy()

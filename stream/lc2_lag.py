@@ -29,9 +29,7 @@ order.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,50 +37,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from regseg.clock import now_ns
+from regseg.stream.lag_worker import LatestWorker
 
 if TYPE_CHECKING:
     from regseg.stream.lc2_stage import Held
 
-log = logging.getLogger(__name__)
-
 #: ``--lc2`` modes of this module: ``async`` (a worker thread) and ``lag`` (bench: in order)
 LAG_MODES = ("async", "lag")
-#: ``REGSEG_LC2_IN_ORDER=1``: ``--lc2 async`` built by :func:`regseg.stream.lc2_stage.build_lc2`
-#: runs as ``lag`` (the same arithmetic in order), for results that do not depend on timing (the
-#: test suite sets it; tests/stream/test_lc2_lag.py runs the thread)
-IN_ORDER_ENV = "REGSEG_LC2_IN_ORDER"
-#: The worker's nice value (Linux): when the cores are busy the frame's own stages go first
-NICE_ENV, NICE_DEFAULT = "REGSEG_LC2_NICE", 10
-
-
-def worker_nice() -> int:
-    """``REGSEG_LC2_NICE`` (0-19), else :data:`NICE_DEFAULT`; a value that is not one is named in
-    a warning and the default used (the stream does not stop for a tuning variable)."""
-    raw = os.environ.get(NICE_ENV)
-    if raw is None:
-        return NICE_DEFAULT
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if 0 <= value <= 19:
-        return value
-    log.warning("%s=%r: expected a whole number 0-19 (a nice value); using %d", NICE_ENV, raw,
-                NICE_DEFAULT)
-    return NICE_DEFAULT
-
-
-WORKER_NICE = worker_nice()
 #: A move is carried to a frame only if the frame's network plane is within this of the plane it
 #: was found on (the largest displacement of a frame corner, mm; the temporal filter resets on a
 #: tracked plane that moves > 5 mm between frames too): after a jump of the probe, a gap or a new
 #: registration the frame is refined in order instead
 VIEW_CHANGE_MM = 5.0
-
-
-def asynchronous_allowed() -> bool:
-    """Whether ``async`` runs its worker thread (not with ``REGSEG_LC2_IN_ORDER=1``)."""
-    return os.environ.get(IN_ORDER_ENV, "0") != "1"
 
 
 def view_change_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> float:
@@ -133,11 +99,8 @@ class Lc2Lagged:
         self.stage, self.asynchronous = stage, asynchronous
         self._found: FoundMove | None = None
         self._error: BaseException | None = None
-        self._todo: tuple | None = None  # the worker's next job: _run's arguments
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closing, self._running = False, False
-        self._threads: int | None = None
+        self._lock = threading.Lock()
+        self._worker = LatestWorker(self._run, "regseg-lc2")  # its thread starts on first use
         self._timings: dict[str, float] = {}
 
     def unsupported(self, significance: float) -> bool:
@@ -161,7 +124,7 @@ class Lc2Lagged:
             self._run(*job)
             found = self._take()
         elif self.asynchronous:
-            self._submit(job)
+            self._worker.submit(job)
         else:
             self._run(*job)
         out, move = image_to_mri, math.nan
@@ -181,7 +144,7 @@ class Lc2Lagged:
 
     def _take(self) -> FoundMove | None:
         """The latest refinement; raises what the last one raised (once)."""
-        with self._cond:
+        with self._lock:
             found, error, self._error = self._found, self._error, None
         if error is not None:
             raise error
@@ -191,7 +154,7 @@ class Lc2Lagged:
              tracked: np.ndarray | None = None) -> None:
         from regseg.stream.lc2_stage import held_by
 
-        with self._cond:
+        with self._lock:
             last = self._found
         try:
             start = now_ns()
@@ -202,60 +165,16 @@ class Lc2Lagged:
                              found.significance, found.applied, handed_ns,
                              (now_ns() - start) / 1e6, plane,
                              held_by(found, pixels.shape, tracked))
-            with self._cond:
+            with self._lock:
                 self._found = kept
         except Exception as exc:  # noqa: BLE001 - handed to the next frame, which raises it
-            with self._cond:
+            with self._lock:
                 self._found, self._error = None, exc
-
-    def _submit(self, job: tuple) -> None:
-        import torch
-
-        with self._cond:
-            self._todo = job  # the latest frame wins: a frame not yet started is dropped
-            if self._thread is None:
-                self._closing = False
-                self._threads = torch.get_num_threads()
-                self._thread = threading.Thread(target=self._loop, name="regseg-lc2", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def _loop(self) -> None:
-        import torch
-
-        if self._threads:
-            torch.set_num_threads(self._threads)  # the stream's, not torch's per-thread default
-        if WORKER_NICE and hasattr(os, "setpriority"):
-            try:  # Linux: a thread's own nice value (only ever raised); the frame's path first
-                tid = threading.get_native_id()
-                if os.getpriority(os.PRIO_PROCESS, tid) < WORKER_NICE:
-                    os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICE)
-            except OSError:
-                pass
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._todo is not None or self._closing)
-                if self._closing:
-                    return
-                job, self._todo, self._running = self._todo, None, True
-            try:
-                self._run(*job)
-            finally:
-                with self._cond:
-                    self._running = False
-                    self._cond.notify_all()
 
     def wait(self, timeout: float = 10.0) -> None:
         """Until the worker has finished every frame handed to it (tests; ``lag``: at once)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._todo is None and not self._running, timeout):
-                raise TimeoutError(f"lc2 async: the worker did not finish within {timeout} s")
+        self._worker.wait(timeout)
 
     def close(self) -> None:
         """End the worker (a later call starts a new one); the last move is kept."""
-        with self._cond:
-            thread, self._thread = self._thread, None
-            self._closing, self._todo = True, None
-            self._cond.notify_all()
-        if thread is not None:
-            thread.join(timeout=5.0)
+        self._worker.close()

@@ -265,7 +265,8 @@ def build_lc2(context: MriContext, mode: str = LC2_DEFAULT, hold: str = LC2_HOLD
     """``--lc2``'s stage over ``context`` (None for off; an Lc2Lagged for async and lag);
     ``hold``: ``--lc2-hold`` (on: :data:`HOLD_MM`); ``rescue``: ``--lc2-rescue`` (on:
     :data:`RESCUE_MM`; not with warm or fast)."""
-    from regseg.stream.lc2_lag import LAG_MODES, Lc2Lagged, asynchronous_allowed
+    from regseg.stream.lag_worker import asynchronous_allowed
+    from regseg.stream.lc2_lag import LAG_MODES, Lc2Lagged
 
     if mode not in (*LC2_MODES, *BENCH_MODES, *LAG_MODES):
         raise ValueError(f"lc2 {mode!r}: expected one of {LC2_MODES}")

@@ -32,7 +32,7 @@ from regseg.stream.quality import (
 )
 from regseg.stream.resegment import segment_published
 from regseg.stream.seg_prior import published_labels
-from regseg.stream.stage_threads import deform_ahead, deformed
+from regseg.stream.stage_threads import deform_ahead, deform_now, deformed
 from regseg.types import Frame, Result
 
 STAGES = ("prepare", "model", "warp_labels", "segment", "overlay")  # Result.timings_ms + total
@@ -210,8 +210,8 @@ class Pipeline:
         if self._worker is not None:
             self._worker.close()
             self._worker = None
-        for part in (self.stage_threads, self.lc2):  # --stage-threads 2, --lc2 async
-            if part is not None:
+        for part in (self.stage_threads, self.lc2, self.deformable):  # their threads (async)
+            if hasattr(part, "close"):
                 part.close()
 
     def _host_worker(self):
@@ -344,10 +344,8 @@ class Pipeline:
         ddf = None
         if deform and ahead is not None:
             (warped_labels, ddf), timings = deformed(ahead, timings)
-        elif deform:
-            t_def = now_ns()
-            warped_labels, ddf = self.deformable(frame.pixels, image_to_mri)
-            timings = {**timings, "deformable": (now_ns() - t_def) / 1e6}
+        elif deform:  # in order (--deformable async: the network's part on its worker)
+            (warped_labels, ddf), timings = deform_now(self, frame.pixels, image_to_mri, timings)
         t_q = now_ns()
         check = self.quality.assess(frame.pixels, frame.spacing_mm,
                                     frame.image_to_reference is not None, labels, warped_labels,

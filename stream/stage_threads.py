@@ -80,6 +80,17 @@ def deformed(ahead: Future, timings: dict[str, float]) -> tuple[Any, dict[str, f
                  "deformable_wait": (now_ns() - start) / 1e6}
 
 
+def deform_now(pipeline: Any, pixels: Any, image_to_mri: Any, timings: dict[str, float]
+               ) -> tuple[Any, dict[str, float]]:
+    """The pipeline's deformable stage run in order, with ``deformable`` (its ms on the frame's
+    path) and the stage's own :meth:`timings` (``--deformable async``'s) added to ``timings``."""
+    start = now_ns()
+    out = pipeline.deformable(pixels, image_to_mri)
+    own = getattr(pipeline.deformable, "timings", None)
+    return out, {**timings, "deformable": (now_ns() - start) / 1e6,
+                 **(own() if callable(own) else {})}
+
+
 def build_stage_threads(threads: int = STAGE_THREADS_DEFAULT) -> StageThreads | None:
     """``--stage-threads``' worker: None for 1 (in order)."""
     if threads not in STAGE_THREADS_CHOICES:

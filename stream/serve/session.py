@@ -195,9 +195,14 @@ class Session:
                               TemporalFilter() if temporal else None, theta,
                               warm_start=args.temporal_filter == "warm")
             deformable = None
-            if args.deformable == "on":
+            if args.deformable != "off":
                 deformable = engines.deformable(self.context)
                 self._engines.append(deformable.engine)
+            if args.deformable == "async":  # the network on the session's own worker thread
+                from regseg.stream.deformable_lag import DeformableLagged
+                from regseg.stream.lag_worker import asynchronous_allowed
+
+                deformable = DeformableLagged(deformable, asynchronous=asynchronous_allowed())
             self.pipeline = build_pipeline(self.context, full, deformable=deformable,
                                            capture=capture, reference_to_mri=plan.reference_to_mri,
                                            do_no_harm=args.do_no_harm,

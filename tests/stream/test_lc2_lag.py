@@ -15,7 +15,8 @@ import pytest
 
 from regseg.lc2 import in_plane_move
 from regseg.stream.build import build_default_capture, build_engine, build_pipeline
-from regseg.stream.lc2_lag import LAG_MODES, WORKER_NICE, Lc2Lagged
+from regseg.stream.lag_worker import WORKER_NICE
+from regseg.stream.lc2_lag import LAG_MODES, Lc2Lagged
 from regseg.stream.lc2_stage import BENCH_MODES, LC2_MODES, Lc2Stage, build_lc2
 
 
@@ -44,7 +45,7 @@ def _run(context, frames, mode):
         results.append(pipeline(frame))
         if mode == "async":
             pipeline.lc2.wait()
-    worker = getattr(pipeline.lc2, "_thread", None)
+    worker = pipeline.lc2._worker.thread if mode == "async" else None
     pipeline.close()
     return results, worker
 
@@ -129,7 +130,7 @@ def test_the_move_is_applied_to_this_frames_plane_and_the_worker_runs_it():
     if sys.platform.startswith("linux"):  # the worker yields to the frame's path when busy
         assert stage.nice[1] == max(stage.nice[0], WORKER_NICE) and WORKER_NICE > 0
     lagged.close()
-    assert lagged._thread is None
+    assert lagged._worker.thread is None
 
 
 def test_a_move_is_not_carried_to_another_view():
@@ -200,7 +201,7 @@ def test_modes(family_b, monkeypatch):
 
 
 def test_a_bad_nice_value_is_named_and_the_default_used(monkeypatch, caplog):
-    from regseg.stream.lc2_lag import NICE_DEFAULT, worker_nice
+    from regseg.stream.lag_worker import NICE_DEFAULT, worker_nice
 
     for raw in ("ten", "-3", "40"):
         monkeypatch.setenv("REGSEG_LC2_NICE", raw)

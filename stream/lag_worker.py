@@ -1,0 +1,116 @@
+"""One niced worker thread that runs the latest job handed to it: the engine of the stages that
+run one frame late, off the frame's path (``--lc2 async``, :mod:`regseg.stream.lc2_lag`;
+``--deformable async``, :mod:`regseg.stream.deformable_lag`).
+
+A job handed over while the worker is busy waits; a newer one replaces it (the latest frame wins:
+a frame not yet started is dropped, so the worker never falls behind the stream). The thread runs
+with the stream's torch threads and at nice :data:`WORKER_NICE` (Linux; only ever raised): where
+the cores are busy the frame's own stages go first, and the worker takes what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+#: ``REGSEG_LC2_IN_ORDER=1``: the ``async`` stages run as ``lag`` (the same arithmetic in order),
+#: for results that do not depend on timing (the test suite sets it; the tests of the threads lift
+#: it)
+IN_ORDER_ENV = "REGSEG_LC2_IN_ORDER"
+#: The workers' nice value (Linux): when the cores are busy the frame's own stages go first
+NICE_ENV, NICE_DEFAULT = "REGSEG_LC2_NICE", 10
+
+
+def worker_nice() -> int:
+    """``REGSEG_LC2_NICE`` (0-19), else :data:`NICE_DEFAULT`; a value that is not one is named in
+    a warning and the default used (the stream does not stop for a tuning variable)."""
+    raw = os.environ.get(NICE_ENV)
+    if raw is None:
+        return NICE_DEFAULT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if 0 <= value <= 19:
+        return value
+    log.warning("%s=%r: expected a whole number 0-19 (a nice value); using %d", NICE_ENV, raw,
+                NICE_DEFAULT)
+    return NICE_DEFAULT
+
+
+WORKER_NICE = worker_nice()
+
+
+def asynchronous_allowed() -> bool:
+    """Whether ``async`` runs its worker thread (not with ``REGSEG_LC2_IN_ORDER=1``)."""
+    return os.environ.get(IN_ORDER_ENV, "0") != "1"
+
+
+class LatestWorker:
+    """Runs ``run(*job)`` for the latest job :meth:`submit`-ted, on a thread named ``name`` (made
+    on first use; :meth:`close` ends it and a later submit starts a new one). ``run`` must not
+    raise: it keeps its own outcome, error included, for the frame that reads it."""
+
+    def __init__(self, run: Callable[..., None], name: str) -> None:
+        self._run, self.name = run, name
+        self._cond = threading.Condition()
+        self._todo: tuple | None = None
+        self.thread: threading.Thread | None = None
+        self._closing, self._running = False, False
+        self._threads: int | None = None
+
+    def submit(self, job: tuple) -> None:
+        import torch
+
+        with self._cond:
+            self._todo = job  # the latest frame wins: a frame not yet started is dropped
+            if self.thread is None:
+                self._closing = False
+                self._threads = torch.get_num_threads()
+                self.thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self.thread.start()
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        import torch
+
+        if self._threads:
+            torch.set_num_threads(self._threads)  # the stream's, not torch's per-thread default
+        if WORKER_NICE and hasattr(os, "setpriority"):
+            try:  # Linux: a thread's own nice value (only ever raised); the frame's path first
+                tid = threading.get_native_id()
+                if os.getpriority(os.PRIO_PROCESS, tid) < WORKER_NICE:
+                    os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICE)
+            except OSError:
+                pass
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._todo is not None or self._closing)
+                if self._closing:
+                    return
+                job, self._todo, self._running = self._todo, None, True
+            try:
+                self._run(*job)
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()
+
+    def wait(self, timeout: float = 10.0) -> None:
+        """Until every job handed over is finished (tests; in order: at once)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._todo is None and not self._running, timeout):
+                raise TimeoutError(f"{self.name}: the worker did not finish within {timeout} s")
+
+    def close(self) -> None:
+        """End the thread (a job not yet started is dropped; the one running finishes)."""
+        with self._cond:
+            thread, self.thread = self.thread, None
+            self._closing, self._todo = True, None
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join(timeout=5.0)
