@@ -203,18 +203,16 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
     ``--seg-fallback``'s; ``temporal_filter``: ``--temporal-filter``'s; ``stride``: session frames
     between a run's frames (None: STRIDE); ``lc2_hold``, ``lc2_rescue``: ``--lc2-hold``'s and
     ``--lc2-rescue``'s; ``deformable``: on (True), off (False), or a ``--deformable`` mode
-    (``lag``: each chain gets its own DeformableLagged, in order)."""
+    (``async`` and ``lag``: each chain gets its own DeformableLagged, in order)."""
     from regseg.stream.build import build_deformable, build_engine, build_pipeline
     from regseg.stream.context import build_context
-    from regseg.stream.deformable_lag import LAG_MODES, DeformableLagged
+    from regseg.stream.deformable_lag import bench_stage
     from regseg.stream.lc2_lag import in_order
 
-    lagged = deformable in LAG_MODES
-    deformable = deformable not in (False, "off")
+    deformable_mode = {True: "on", False: "off"}.get(deformable, deformable)
 
     def make_pipeline(context, stage):
-        if stage is not None and lagged:  # state per chain; the network is shared
-            stage = DeformableLagged(stage, asynchronous=False)
+        stage = bench_stage(stage, deformable_mode)  # lag: a DeformableLagged per chain
         extra = {}
         if scanner_adapt != "default" or _tree_has("scanner_adapt"):
             from regseg.stream.scanner_adapt import SCANNER_ADAPT_DEFAULT, build_scanner_adapt
@@ -271,7 +269,7 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
                     context = build_context(mri, labels, device)
                     stage = (build_deformable(context, deformable_weights or "plcreg2d",
                                               backend=backend, threads=threads)
-                             if deformable else None)
+                             if deformable_mode != "off" else None)
                 pipeline = make_pipeline(context, stage)
                 for frame in (sweep_frames(family, seed, level, warmup, case) if warmup else []):
                     pipeline.submit(frame)

@@ -35,6 +35,7 @@ from common import load_average  # noqa: E402
 
 from regseg import metrics, spatial  # noqa: E402
 from regseg.machine import machine_name, utc_now  # noqa: E402
+from regseg.stream.deformable_lag import bench_stage  # noqa: E402
 from regseg.stream.lc2_lag import in_order  # noqa: E402
 from regseg.types import LESION, PROSTATE  # noqa: E402
 
@@ -97,7 +98,8 @@ def record_frames(family: str, seeds, levels, n: int, threads: int) -> list[dict
             if context is None:
                 context = build_context(mri, labels)
                 stage = build_deformable(context, threads=threads)
-            pipeline = build_pipeline(context, engine, deformable=stage, do_no_harm="off",
+            pipeline = build_pipeline(context, engine, deformable=bench_stage(stage),
+                                      do_no_harm="off",
                                       capture=build_default_capture(threads=threads),
                                       lc2=in_order("default"))
             estimator = pipeline.quality.estimator

@@ -29,6 +29,7 @@ import accuracy  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 
 from regseg import metrics  # noqa: E402
+from regseg.stream.deformable_lag import bench_stage  # noqa: E402
 from regseg.stream.lc2_lag import in_order  # noqa: E402
 from regseg.types import PROSTATE  # noqa: E402
 
@@ -64,7 +65,7 @@ def measure(seeds: list[int], frames: int, level: float) -> list[dict]:
         mri, labels, stream = accuracy.family_b_frames(seed, level, frames, case)
         context = build_context(mri, labels, "cpu")
         stage = build_deformable(context, "plcreg2d", backend="auto", threads=1)
-        pipeline = build_pipeline(context, engine, deformable=stage, capture=capture(),
+        pipeline = build_pipeline(context, engine, deformable=bench_stage(stage), capture=capture(),
                                   lc2=in_order("default"))
         for frame in stream:
             for result in pipeline.submit(frame) + pipeline.flush():

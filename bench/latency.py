@@ -31,6 +31,7 @@ from common import add_ratios, device_name, print_table, summarise, write_histog
 from regseg.errors import StreamError
 from regseg.sim.phantom import make_phantom, write_phantom
 from regseg.sim.scanner import SimulatedScanner
+from regseg.stream.cli_parser import DEFORMABLE_DEFAULT
 from regseg.stream.igtl.sim_server import SimIgtlServer
 from regseg.stream.igtl.wire import MessageReader
 
@@ -102,7 +103,7 @@ def pipeline_command(kind: str, args, case: tuple[Path, Path], source_port: int,
             "--device", args.device, "--threads", str(args.threads), "--engine-threads",
             str(args.engine_threads or args.threads), "--backend", args.backend,
             "--precision", args.precision, "--stats-json", str(stats_path),
-            "--deformable", ((getattr(args, "deformable_mode", None) or "on")
+            "--deformable", ((getattr(args, "deformable_mode", None) or DEFORMABLE_DEFAULT)
                              if "+deformable" in kind else "off"),
             "--overlap", "on" if kind.endswith("+overlap") else "off",
             *(["--lc2", args.lc2] if getattr(args, "lc2", None) else []),
@@ -192,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deformable", action="store_true",
                     help="also run regseg with the live deformable stage (--deformable on)")
     ap.add_argument("--deformable-mode", choices=["on", "async"], default=None,
-                    help="the regseg+deformable rows' --deformable (default on: in order; async: "
-                    "the network one frame late on a worker thread)")
+                    help="the regseg+deformable rows' --deformable (default: the CLI's, "
+                    f"{DEFORMABLE_DEFAULT}; on: in order; async: the network one frame late on a "
+                    "worker thread)")
     ap.add_argument("--overlap", action="store_true",
                     help="with --deformable, also run it with --overlap on (the host half of "
                     "each frame on a second thread) at the paced rate")
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("frames_received", "recv", "d"), ("dropped", "drop", "d"),
                        ("ratio_p50_vs_naive", "x naive", ".1f")])
     write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP, argv=argv,
-               deformable_mode=args.deformable_mode or "on",
+               deformable_mode=args.deformable_mode or DEFORMABLE_DEFAULT,
                lc2=args.lc2 or "default", lc2_hold=args.lc2_hold or "default",
                lc2_rescue=args.lc2_rescue or "default", resegment=args.resegment or "default",
                intensity=args.intensity or "default", seg_tta=args.seg_tta or "default",

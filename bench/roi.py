@@ -33,6 +33,7 @@ from common import device_name, print_table, write_json  # noqa: E402
 from regseg.sim.phantom import PhantomOptions, make_phantom  # noqa: E402
 from regseg.sim.randomise import randomise_scanner  # noqa: E402
 from regseg.sim.scanner import ScannerConfig  # noqa: E402
+from regseg.stream.deformable_lag import bench_stage  # noqa: E402
 from regseg.stream.lc2_lag import in_order  # noqa: E402
 
 SEEDS = range(3100, 3108)  # family-A calibration phantoms
@@ -85,7 +86,7 @@ def chain_results(sets, seeds, levels: list[float], modes, n: int, threads: int,
             stage = build_deformable(context, backend="auto", threads=threads)
             for level in levels:
                 for mode in modes:
-                    pipeline = build_pipeline(context, engine, deformable=stage,
+                    pipeline = build_pipeline(context, engine, deformable=bench_stage(stage),
                                               capture=build_default_capture(
                                                   backend="auto", threads=threads),
                                               **{"lc2": in_order("default"), option: mode})

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import family_a_frames, family_b_frames  # noqa: E402
 from common import device_name, print_table, write_json  # noqa: E402
 
+from regseg.stream.deformable_lag import bench_stage  # noqa: E402
 from regseg.stream.lc2_lag import in_order  # noqa: E402
 
 SEEDS = {"A": range(3400, 3412), "B": range(5092, 5100)}  # fresh plain phantoms / diagnosis cases
@@ -81,7 +82,7 @@ def run(families: list[str], cases: int, n: int, level: float, threads: int,
                                    family_b_frames(seed, level, n, case))
             context = build_context(mri, labels)
             stage = build_deformable(context, backend="auto", threads=threads)
-            pipeline = build_pipeline(context, engine, deformable=stage,
+            pipeline = build_pipeline(context, engine, deformable=bench_stage(stage),
                                       capture=build_default_capture(backend="auto",
                                                                     threads=threads),
                                       lc2=in_order("default"))

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from regseg import metrics, spatial
+from regseg.stream.deformable_lag import bench_stage
 from regseg.stream.lc2_lag import in_order
 
 BAD_MM, GOOD_MM = 5.0, 2.0
@@ -74,8 +75,9 @@ def trust_rows(seeds: list[int], frames: int, levels: list[float], *, threads: i
         case_frames = [scanner.frame(k * step) for k in range(frames)]
         context = build_context(phantom.mri, phantom.labels)
         pipelines = {
-            name: build_pipeline(context, engine, deformable=build_deformable(context,
-                                                                              backend="eager"),
+            name: build_pipeline(context, engine,
+                                 deformable=bench_stage(build_deformable(context,
+                                                                         backend="eager")),
                                  capture=build_default_capture(backend="eager"), segmenter=seg,
                                  lc2=in_order("default"))
             for name, seg in (("unet", None), ("ascseg_trus", segmenter))}

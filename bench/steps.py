@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import _capture_factory, family_a_frames, family_b_frames  # noqa: E402
 from common import device_name, print_table, write_json  # noqa: E402
 
+from regseg.stream.deformable_lag import bench_stage  # noqa: E402
 from regseg.stream.lc2_lag import in_order  # noqa: E402
 
 SEEDS = {"A": range(3180, 3200), "B": range(5064, 5080)}  # calibration / diagnosis, never eval
@@ -98,7 +99,8 @@ def run(families: list[str], phantoms: int, steps: list[float], n: int, threads:
                     context = build_context(mri, labels)
                     stage = build_deformable(context, backend="auto", threads=threads)
                 capture = _capture_factory(temporal_filter, backend="auto", threads=threads)()
-                pipeline = build_pipeline(context, engine, deformable=stage, capture=capture,
+                pipeline = build_pipeline(context, engine, deformable=bench_stage(stage),
+                                          capture=capture,
                                           jump_at=jump_at, lc2=in_order(lc2), lc2_hold=lc2_hold,
                                           lc2_rescue=lc2_rescue)
                 for frame in stepped(frames, step_mm, angle):

@@ -30,8 +30,10 @@ EPILOG = """examples:
 #: Live deformable refinement by default: on, because on 80 held-out phantom frames it raised the
 #: registered prostate Dice 0.957 -> 0.981 and lowered TRE 0.85 -> 0.58 mm, for ~11 ms per frame
 #: on the 2-core CPU with ONNX Runtime (bench/registration.py; README "Registration (offline and
-#: deformable live)"); the whole chain then keeps a 30 fps source (bench/latency.py).
-DEFORMABLE_DEFAULT = "on"
+#: deformable live)"); the whole chain then keeps a 30 fps source (bench/latency.py). Since
+#: session 28 (bench/results/lc2_predeclared.md, addenda 30-31) ``async``: the network runs one
+#: frame late on a worker thread (regseg.stream.deformable_lag), off the frame's path.
+DEFORMABLE_DEFAULT = "async"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,16 @@ def in_order(mode: str) -> str:
     return "lag" if (DEFORMABLE_DEFAULT if mode == "default" else mode) == "async" else mode
 
 
+def bench_stage(stage, mode: str = "default"):
+    """What a bench's chain gets for ``--deformable`` ``mode`` ("default": the CLI's) from an
+    in-order ``stage`` (None: off): the stage itself for ``on``; for ``async`` and ``lag`` a new
+    :class:`DeformableLagged` over it, in order (one per chain: its last displacement is that
+    chain's, while the network is shared)."""
+    if stage is None or in_order(mode) != "lag":
+        return stage
+    return DeformableLagged(stage, asynchronous=False)
+
+
 @dataclass(frozen=True)
 class Field:
     """A prediction, kept for the next frame."""

@@ -316,7 +316,7 @@ RUN = {
         "igtl://127.0.0.1:{sim_port} --serve igtl://127.0.0.1:{serve_port} --max-frames 3 --quiet",
     "regseg-stream --demo --segmenter ascseg-trus --max-frames 30":
         "regseg-stream --demo --segmenter ascseg-trus --max-frames 3 --serve none --zmq none --quiet",
-    "regseg-stream --demo --deformable on|off":
+    "regseg-stream --demo --deformable async|on|off":
         "regseg-stream --demo --deformable {on_off} --max-frames 3 --serve none --zmq none --quiet",
     "regseg-stream --demo --do-no-harm on --max-frames 60":
         "regseg-stream --demo --do-no-harm on --max-frames 3 --serve none --zmq none --quiet",
@@ -445,8 +445,8 @@ def test_readme_commands_work_as_written(tmp_path, free_port):
         sim.communicate(timeout=60)
     assert sim.returncode == 0
 
-    for on_off in ("on", "off"):
-        readme("regseg-stream --demo --deformable on|off", on_off=on_off)
+    for on_off in ("async", "on", "off"):
+        readme("regseg-stream --demo --deformable async|on|off", on_off=on_off)
     readme("regseg-stream --demo --segmenter ascseg-trus --max-frames 30")
     readme("regseg-stream --demo --do-no-harm on --max-frames 60")
     readme("python bench/do_no_harm.py --family b --records bench/results/do_no_harm_b.json "

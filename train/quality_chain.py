@@ -27,7 +27,7 @@ from regseg.stream.lc2_stage import LC2_DEFAULT
 
 #: The chain ``regseg-stream`` runs without flags (its --refine-iterations, --deformable,
 #: --multi-start and --lc2 defaults).
-DEFAULT_CHAIN = chain_key(REFINE_ITERATIONS, DEFORMABLE_DEFAULT == "on",
+DEFAULT_CHAIN = chain_key(REFINE_ITERATIONS, DEFORMABLE_DEFAULT != "off",
                           MULTI_START_DEFAULT == "on", LC2_DEFAULT != "off")
 #: The chains ``python -m regseg.train.quality_calibrate`` calibrates by default: K 1-3 with and
 #: without the deformable stage (multi-start off, its default), and the default chain (with the

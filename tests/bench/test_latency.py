@@ -18,13 +18,25 @@ ARGS = SimpleNamespace(device="cpu", threads=1, engine_threads=None, backend="au
 
 
 @pytest.mark.parametrize("kind, deformable, overlap", [
-    ("regseg", "off", "off"), ("regseg+deformable", "on", "off"),
-    ("regseg+deformable+overlap", "on", "on")])
+    ("regseg", "off", "off"), ("regseg+deformable", "async", "off"),
+    ("regseg+deformable+overlap", "async", "on")])
 def test_each_variant_runs_the_cli_with_its_flags(bench, kind, deformable, overlap):
+    from regseg.stream.cli_parser import DEFORMABLE_DEFAULT
+
+    assert DEFORMABLE_DEFAULT == "async"  # the deformable rows run the CLI's default
     cmd = bench.pipeline_command(kind, ARGS, (Path("m.nii"), Path("l.nii")), 1, 2, 10,
                                  Path("s.json"))
     assert cmd[cmd.index("--deformable") + 1] == deformable
     assert cmd[cmd.index("--overlap") + 1] == overlap
+
+
+@pytest.mark.parametrize("mode", ["on", "async"])
+def test_deformable_mode_sets_the_deformable_rows_only(bench, mode):
+    args = SimpleNamespace(**vars(ARGS), deformable_mode=mode)
+    case = (Path("m.nii"), Path("l.nii"))
+    for kind, expected in (("regseg", "off"), ("regseg+deformable", mode)):
+        cmd = bench.pipeline_command(kind, args, case, 1, 2, 10, Path("s.json"))
+        assert cmd[cmd.index("--deformable") + 1] == expected
 
 
 def test_overlap_without_deformable_exits_2(bench, capsys):
