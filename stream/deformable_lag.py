@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from regseg.clock import now_ns
-from regseg.stream.lag_worker import LatestWorker
+from regseg.stream.lag_worker import Lagged
 from regseg.stream.lc2_lag import VIEW_CHANGE_MM, view_change_mm
 
 #: ``--deformable`` modes: ``on`` (in order), ``off``, ``async`` (the network on a worker thread,
@@ -72,22 +72,21 @@ class Field:
         return int(self.ddf.shape[-2]), int(self.ddf.shape[-1])
 
 
-class DeformableLagged:
+class DeformableLagged(Lagged):
     """(frame pixels, published image_to_mri) -> (MRI labels through the plane and the previous
     frame's displacement, that displacement), as the stage is called.
 
     ``stage``: the in-order :class:`~regseg.stream.deformable.DeformableStage` (its ``field`` runs
     on the worker, its ``warp`` on the frame's thread); ``asynchronous``: a worker thread
-    (``async``), else in the call (``lag``)."""
+    (``async``), else in the call (``lag``). :meth:`timings` gives the last call's
+    ``deformable_net``, the own time of the prediction it applied (on the worker, off the frame's
+    path, unless the frame ran in order), and ``deformable_age``, how long before the call that
+    prediction's frame was handed over."""
 
     def __init__(self, stage, *, asynchronous: bool) -> None:
+        super().__init__("regseg-deformable")
         self.stage, self.asynchronous = stage, asynchronous
-        self._field: Field | None = None
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()  # guards _field and _error
         self._net = threading.Lock()  # one prediction at a time (worker or an in-order frame)
-        self._worker = LatestWorker(self._run, "regseg-deformable")
-        self._timings: dict[str, float] = {}
 
     # what the command line and the stats read of the stage
     @property
@@ -109,53 +108,20 @@ class DeformableLagged:
     def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
         hw = (int(pixels.shape[0]), int(pixels.shape[1]))
-        field = self._take()
         job = (np.array(pixels, copy=True), np.array(image_to_mri, np.float64, copy=True),
                now_ns())
-        if (field is None or field.shape != hw  # nothing to carry over: in order, once
-                or view_change_mm(field.plane, image_to_mri, hw) > VIEW_CHANGE_MM):
-            self._run(*job)
-            field = self._take()
-        elif self.asynchronous:
-            self._worker.submit(job)
-        else:
-            self._run(*job)
+        field = self._next(job, lambda last: last.shape == hw and view_change_mm(
+            last.plane, image_to_mri, hw) <= VIEW_CHANGE_MM)
         labels = self.stage.warp(image_to_mri, field.ddf)
         self._timings = {"deformable_net": field.own_ms,
                          "deformable_age": (now_ns() - field.handed_ns) / 1e6}
         return labels, field.ddf[0].float().cpu().numpy()
-
-    def timings(self) -> dict[str, float]:
-        """The last call's: ``deformable_net``, the own time of the prediction it applied (on
-        the worker, off the frame's path, unless the frame ran in order), and
-        ``deformable_age``, how long before the call that prediction's frame was handed over."""
-        return dict(self._timings)
-
-    def _take(self) -> Field | None:
-        """The latest prediction; raises what the last one raised (once)."""
-        with self._lock:
-            field, error, self._error = self._field, self._error, None
-        if error is not None:
-            raise error
-        return field
 
     def _run(self, pixels: np.ndarray, plane: np.ndarray, handed_ns: int) -> None:
         try:
             with self._net:
                 start = now_ns()
                 ddf = self.stage.field(pixels, plane)
-                kept = Field(plane, ddf, handed_ns, (now_ns() - start) / 1e6)
-            with self._lock:  # an older frame's prediction never replaces a newer one
-                if self._field is None or self._field.handed_ns <= handed_ns:
-                    self._field = kept
+            self._keep(Field(plane, ddf, handed_ns, (now_ns() - start) / 1e6))
         except Exception as exc:  # noqa: BLE001 - handed to the next frame, which raises it
-            with self._lock:
-                self._field, self._error = None, exc
-
-    def wait(self, timeout: float = 10.0) -> None:
-        """Until the worker has finished every frame handed to it (tests; ``lag``: at once)."""
-        self._worker.wait(timeout)
-
-    def close(self) -> None:
-        """End the worker (a later call starts a new one); the last displacement is kept."""
-        self._worker.close()
+            self._fail(exc)

@@ -114,3 +114,75 @@ class LatestWorker:
             self._cond.notify_all()
         if thread is not None:
             thread.join(timeout=5.0)
+
+
+class Lagged:
+    """What a stage run one frame late keeps between frames (``--lc2 async``'s
+    :class:`~regseg.stream.lc2_lag.Lc2Lagged`, ``--deformable async``'s
+    :class:`~regseg.stream.deformable_lag.DeformableLagged`): the latest outcome, or the error that
+    replaced it, handed from the worker to the next frame under a lock; the worker thread, which
+    runs the subclass's ``_run`` (made on first use).
+
+    An outcome carries ``handed_ns`` (when its frame was handed over): an older frame's never
+    replaces a newer one's (a worker finishing late after a frame that ran in order)."""
+
+    asynchronous = False  # the subclass sets it: a worker thread, else in the call
+
+    def __init__(self, name: str) -> None:
+        self._kept = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._worker = LatestWorker(self._run, name)
+        self._timings: dict[str, float] = {}
+
+    def _run(self, *job) -> None:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
+
+    def _next(self, job: tuple, carried: Callable[[object], bool]):
+        """The outcome a frame applies. The latest, where ``carried(latest)`` holds (the same
+        view), once ``job`` (the frame's own run) is handed to the worker (``asynchronous``) or
+        run (``lag``); else, with nothing to carry over, ``job`` run in order and its own."""
+        kept = self._take()
+        if kept is None or not carried(kept):
+            self._run(*job)
+            return self._take()
+        if self.asynchronous:
+            self._worker.submit(job)
+        else:
+            self._run(*job)
+        return kept
+
+    def _take(self):
+        """The latest outcome; raises what the last run raised (once)."""
+        with self._lock:
+            kept, error, self._error = self._kept, self._error, None
+        if error is not None:
+            raise error
+        return kept
+
+    def _last(self):
+        """The latest outcome, without taking an error."""
+        with self._lock:
+            return self._kept
+
+    def _keep(self, kept) -> None:
+        with self._lock:
+            if self._kept is None or self._kept.handed_ns <= kept.handed_ns:
+                self._kept = kept
+
+    def _fail(self, exc: BaseException) -> None:
+        """A run raised: the next frame raises it; the one after runs in order."""
+        with self._lock:
+            self._kept, self._error = None, exc
+
+    def timings(self) -> dict[str, float]:
+        """The last call's extra per-frame timings (the subclass names them)."""
+        return dict(self._timings)
+
+    def wait(self, timeout: float = 10.0) -> None:
+        """Until the worker has finished every frame handed to it (tests; ``lag``: at once)."""
+        self._worker.wait(timeout)
+
+    def close(self) -> None:
+        """End the worker (a later call starts a new one); the last outcome is kept."""
+        self._worker.close()

@@ -30,14 +30,13 @@ order.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from regseg.clock import now_ns
-from regseg.stream.lag_worker import LatestWorker
+from regseg.stream.lag_worker import Lagged
 
 if TYPE_CHECKING:
     from regseg.stream.lc2_stage import Held
@@ -85,23 +84,23 @@ class FoundMove:
     held: Held | None = None
 
 
-class Lc2Lagged:
+class Lc2Lagged(Lagged):
     """(frame pixels, network image_to_mri) -> (the plane moved by the previous refinement, its
     move in mm, its significance), as :class:`regseg.stream.lc2_stage.Lc2Stage` is called.
 
     ``stage``: the in-order Lc2Stage whose search runs (cold: each from the frame's network
-    plane); ``asynchronous``: on a worker thread (``async``), else in the call (``lag``)."""
+    plane); ``asynchronous``: on a worker thread (``async``), else in the call (``lag``).
+    :meth:`timings` gives the last call's ``lc2_search``, the own time of the search whose move it
+    applied (on the worker, off the frame's path, unless the frame was refined in order), and
+    ``lc2_age``, how long before the call that search's frame was handed over (about a frame period
+    when the worker keeps up)."""
 
     def __init__(self, stage, *, asynchronous: bool) -> None:
         if stage.warm:
             raise ValueError("lc2 lag: the lagged refinement searches each frame from its network "
                              "plane; a warm stage is not supported")
+        super().__init__("regseg-lc2")
         self.stage, self.asynchronous = stage, asynchronous
-        self._found: FoundMove | None = None
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._worker = LatestWorker(self._run, "regseg-lc2")  # its thread starts on first use
-        self._timings: dict[str, float] = {}
 
     def unsupported(self, significance: float) -> bool:
         return self.stage.unsupported(significance)
@@ -116,17 +115,10 @@ class Lc2Lagged:
 
     def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray, *,
                  tracked: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
-        found = self._take()
         job = (np.array(pixels, copy=True), np.array(image_to_mri, np.float64, copy=True),
                now_ns(), None if tracked is None else np.array(tracked, np.float64, copy=True))
-        if (found is None or found.shape != pixels.shape  # nothing to carry over: in order, once
-                or view_change_mm(found.plane, image_to_mri, pixels.shape) > VIEW_CHANGE_MM):
-            self._run(*job)
-            found = self._take()
-        elif self.asynchronous:
-            self._worker.submit(job)
-        else:
-            self._run(*job)
+        found = self._next(job, lambda last: last.shape == pixels.shape and view_change_mm(
+            last.plane, image_to_mri, pixels.shape) <= VIEW_CHANGE_MM)
         out, move = image_to_mri, math.nan
         if found.applied:
             out = self.stage.moved(image_to_mri, found.shift_mm, found.rotation_deg)
@@ -135,27 +127,11 @@ class Lc2Lagged:
                          "lc2_age": (now_ns() - found.handed_ns) / 1e6}
         return out, move, found.significance
 
-    def timings(self) -> dict[str, float]:
-        """The last call's: ``lc2_search``, the own time of the search whose move it applied
-        (on the worker, off the frame's path, unless the frame was refined in order), and
-        ``lc2_age``, how long before the call that search's frame was handed over (about a frame
-        period when the worker keeps up)."""
-        return dict(self._timings)
-
-    def _take(self) -> FoundMove | None:
-        """The latest refinement; raises what the last one raised (once)."""
-        with self._lock:
-            found, error, self._error = self._found, self._error, None
-        if error is not None:
-            raise error
-        return found
-
     def _run(self, pixels: np.ndarray, plane: np.ndarray, handed_ns: int,
              tracked: np.ndarray | None = None) -> None:
         from regseg.stream.lc2_stage import held_by
 
-        with self._lock:
-            last = self._found
+        last = self._last()
         try:
             start = now_ns()
             found = self.stage.search(pixels, plane, tracked=tracked,
@@ -165,16 +141,6 @@ class Lc2Lagged:
                              found.significance, found.applied, handed_ns,
                              (now_ns() - start) / 1e6, plane,
                              held_by(found, pixels.shape, tracked))
-            with self._lock:
-                self._found = kept
+            self._keep(kept)
         except Exception as exc:  # noqa: BLE001 - handed to the next frame, which raises it
-            with self._lock:
-                self._found, self._error = None, exc
-
-    def wait(self, timeout: float = 10.0) -> None:
-        """Until the worker has finished every frame handed to it (tests; ``lag``: at once)."""
-        self._worker.wait(timeout)
-
-    def close(self) -> None:
-        """End the worker (a later call starts a new one); the last move is kept."""
-        self._worker.close()
+            self._fail(exc)
