@@ -87,10 +87,12 @@ def case():
     return context, engine, frames
 
 
-def _pipeline(case, overlap):
+def _pipeline(case, overlap, deformable="on"):
     context, engine, _ = case
     # the CLI's default chain: refinement, temporal filter (state across frames), deformable
-    return build_pipeline(context, engine, deformable=build_deformable(context, backend="eager"),
+    # (lag: --deformable async's arithmetic in order, the stage's state carried across frames)
+    return build_pipeline(context, engine,
+                          deformable=build_deformable(context, backend="eager", mode=deformable),
                           capture=build_default_capture(backend="eager"), overlap=overlap)
 
 
@@ -104,11 +106,12 @@ def _same(a, b):
     assert a.flags == b.flags and a.jump_mm == pytest.approx(b.jump_mm, nan_ok=True)
 
 
-def test_overlapped_pipeline_equals_sequential(case):
+@pytest.mark.parametrize("deformable", ["on", "lag"])
+def test_overlapped_pipeline_equals_sequential(case, deformable):
     _, _, frames = case
-    sequential = _pipeline(case, overlap=False)
+    sequential = _pipeline(case, overlap=False, deformable=deformable)
     expected = [sequential.submit(f)[0] for f in frames]
-    overlapped = _pipeline(case, overlap=True)
+    overlapped = _pipeline(case, overlap=True, deformable=deformable)
     got = []
     try:
         for f in frames:
