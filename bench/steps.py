@@ -69,11 +69,12 @@ def stepped(frames, step_mm: float, angle_rad: float, at: int = STEP_AT):
 def run(families: list[str], phantoms: int, steps: list[float], n: int, threads: int, *,
         seeds: dict[str, list[int]] | None = None, jump_at: str = "default",
         lc2: str = "default", temporal_filter: str = "default", lc2_hold: str = "default",
-        lc2_rescue: str = "default"):
+        lc2_rescue: str = "default", deformable: str = "default"):
     """Every frame's record: family, phantom, step, seq, published TRE, flagged, flags.
     ``seeds``: per family, other phantoms than :data:`SEEDS` (fresh ones for a rule);
     ``jump_at``, ``lc2``, ``temporal_filter``: ``--jump-at``'s, ``--lc2``'s (run in order:
-    async as lag), ``--temporal-filter``'s, ``--lc2-hold``'s and ``--lc2-rescue``'s modes
+    async as lag), ``--temporal-filter``'s, ``--lc2-hold``'s and ``--lc2-rescue``'s modes;
+    ``deformable``: ``--deformable``'s (async as lag)
     ("default": regseg-stream's)."""
     from regseg.stream.build import (
         build_deformable,
@@ -97,9 +98,11 @@ def run(families: list[str], phantoms: int, steps: list[float], n: int, threads:
                                        family_b_frames(seed, LEVEL, n, case))
                 if context is None:
                     context = build_context(mri, labels)
-                    stage = build_deformable(context, backend="auto", threads=threads)
+                    stage = (build_deformable(context, backend="auto", threads=threads)
+                             if deformable != "off" else None)
                 capture = _capture_factory(temporal_filter, backend="auto", threads=threads)()
-                pipeline = build_pipeline(context, engine, deformable=bench_stage(stage),
+                pipeline = build_pipeline(context, engine,
+                                          deformable=bench_stage(stage, deformable),
                                           capture=capture,
                                           jump_at=jump_at, lc2=in_order(lc2), lc2_hold=lc2_hold,
                                           lc2_rescue=lc2_rescue)
@@ -171,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="as regseg-stream --lc2-hold (default: its default)")
     p.add_argument("--lc2-rescue", choices=["default", "on", "off"], default="default",
                    help="as regseg-stream --lc2-rescue (default: its default)")
+    p.add_argument("--deformable", choices=["default", "on", "off", "async", "lag"],
+                   default="default", help="as regseg-stream --deformable (default: its "
+                   "default; async runs as lag)")
     p.add_argument("--a-seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help=f"family-A phantoms instead of {SEEDS['A'][0]}.. (fresh ones for a rule)")
     p.add_argument("--b-seeds", type=int, nargs="+", default=None, metavar="SEED",
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {"A": args.a_seeds or list(SEEDS["A"]), "B": args.b_seeds or list(SEEDS["B"])}
     records = run(families, phantoms, steps, n, args.threads, seeds=chosen, jump_at=args.jump_at,
                   lc2=args.lc2, temporal_filter=args.temporal_filter, lc2_hold=args.lc2_hold,
-                  lc2_rescue=args.lc2_rescue)
+                  lc2_rescue=args.lc2_rescue, deformable=args.deformable)
     rows = [summarise(f, s, records, n) for f in families for s in steps]
     wall = time.perf_counter() - t0
     print(f"\nsteps: the reference moved by S mm at frame {STEP_AT} of {n}, {LEVEL:g} mm / "
@@ -197,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                    phantoms_per_family=phantoms, frames_per_run=n, steps_mm=steps,
                    step_at=STEP_AT, level=LEVEL, jump_at=args.jump_at, lc2=args.lc2,
                    temporal_filter=args.temporal_filter, lc2_hold=args.lc2_hold,
-                   lc2_rescue=args.lc2_rescue, seeds={f: chosen[f][:phantoms] for f in families},
+                   lc2_rescue=args.lc2_rescue, deformable=args.deformable,
+                   seeds={f: chosen[f][:phantoms] for f in families},
                    wall_s=wall, frames_detail=records)
     return 0
 
