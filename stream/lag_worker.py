@@ -15,6 +15,8 @@ import os
 import threading
 from collections.abc import Callable
 
+from regseg.clock import now_ns
+
 log = logging.getLogger(__name__)
 
 #: ``REGSEG_LC2_IN_ORDER=1``: the ``async`` stages run as ``lag`` (the same arithmetic in order),
@@ -43,6 +45,10 @@ def worker_nice() -> int:
 
 
 WORKER_NICE = worker_nice()
+#: ``async``: an outcome whose frame was handed over longer ago than this is not carried to a frame,
+#: which runs in order instead: a stalled worker never leaves the display on a stale correction
+#: (at 30 fps the worker's outcomes are 1-3 frame periods old; ``lag`` runs in order, no age)
+MAX_AGE_MS = 500.0
 
 
 def asynchronous_allowed() -> bool:
@@ -140,10 +146,12 @@ class Lagged:
 
     def _next(self, job: tuple, carried: Callable[[object], bool]):
         """The outcome a frame applies. The latest, where ``carried(latest)`` holds (the same
-        view), once ``job`` (the frame's own run) is handed to the worker (``asynchronous``) or
-        run (``lag``); else, with nothing to carry over, ``job`` run in order and its own."""
+        view) and (``asynchronous``) it is at most :data:`MAX_AGE_MS` old, once ``job`` (the
+        frame's own run) is handed to the worker or run (``lag``); else ``job`` run in order and
+        its own."""
         kept = self._take()
-        if kept is None or not carried(kept):
+        if (kept is None or not carried(kept)  # nothing to carry over, or stale (MAX_AGE_MS)
+                or (self.asynchronous and now_ns() - kept.handed_ns > MAX_AGE_MS * 1e6)):
             self._run(*job)
             return self._take()
         if self.asynchronous:

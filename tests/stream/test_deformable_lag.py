@@ -210,3 +210,27 @@ def test_a_serve_session_runs_its_stage_one_frame_late():
         assert session.pipeline.deformable.asynchronous
     finally:
         sessions.close()
+
+
+def test_a_stale_displacement_is_not_carried(monkeypatch):
+    """A worker that stalled for longer than MAX_AGE_MS: the frame runs in order (async only)."""
+    from regseg.stream import lag_worker
+
+    stage = _Stage()
+    lagged = DeformableLagged(stage, asynchronous=True)
+    pixels = np.zeros((10, 12), np.uint8)
+    try:
+        lagged(pixels, _plane())  # in order: call 1
+        lagged.wait()
+        clock = lag_worker.now_ns()
+        monkeypatch.setattr(lag_worker, "now_ns", lambda: clock)  # fresh: carried over
+        labels, _ = lagged(pixels, _plane())
+        assert labels[0, 0] == 1  # call 1's, carried; frame 2 went to the worker (call 2)
+        lagged.wait()
+        assert stage.calls == 2
+        later = clock + int((lag_worker.MAX_AGE_MS + 1) * 1e6)
+        monkeypatch.setattr(lag_worker, "now_ns", lambda: later)  # the worker stalled
+        labels, _ = lagged(pixels, _plane())
+        assert labels[0, 0] == 3 and stage.calls == 3  # not call 2's: its own, made in order
+    finally:
+        lagged.close()
