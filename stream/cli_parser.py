@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU: 2 runs each frame's deformable stage on a second thread beside its "
                    "segmentation at the published plane, the two stages that read that plane "
                    "and not each other; the same results, one frame sooner done (not with "
-                   "--overlap or --do-no-harm; needs --resegment and --deformable on) "
+                   "--overlap or --do-no-harm; needs --resegment and --deformable on, not async) "
                    f"(default {STAGE_THREADS_DEFAULT}; README 'The live chain')")
     p.add_argument("--threads", action=Once, type=int_at_least(1), default=None,
                    help="CPU threads for torch (default on CPU: 1; the per-frame glue ops are too "

@@ -12,10 +12,11 @@ The outputs are the same, bit for bit, as in order (the same calls on the same i
 ``tests/stream/test_stage_threads.py``). The stage's own time stays in ``deformable``; what the
 frame waited for it after the segmentation is ``deformable_wait``.
 
-Not ahead (the stage runs in order, as before): without ``--resegment`` or the deformable stage,
-with ``--do-no-harm`` (its gate may publish the tracked plane instead, and the stage runs on what
-is published), with ``--overlap`` (its worker already holds the second core) and on CUDA (the
-device ring overlaps already).
+Not ahead (the stage runs in order, as before): with ``--deformable async`` (its network has its
+own worker; what is left on the frame's path is one label lookup), without ``--resegment`` or the
+deformable stage, with ``--do-no-harm`` (its gate may publish the tracked plane instead, and the
+stage runs on what is published), with ``--overlap`` (its worker already holds the second core)
+and on CUDA (the device ring overlaps already).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def deform_ahead(pipeline: Any, pixels: Any, image_to_mri: Any) -> Future | None
     where it runs in order (see the module docstring)."""
     if (pipeline.stage_threads is None or pipeline.deformable is None or not pipeline.resegment
             or pipeline.do_no_harm is not None or pipeline.overlap
-            or pipeline.device.type == "cuda"):
+            or pipeline.device.type == "cuda"
+            or hasattr(pipeline.deformable, "asynchronous")):  # --deformable async: on its own
         return None
     return pipeline.stage_threads.ahead(pipeline.deformable, pixels, image_to_mri)
 

@@ -109,8 +109,12 @@ def test_the_stage_runs_in_order_where_it_cannot_run_ahead(engines):
         finally:
             pipeline.close()
     pipeline = _pipeline(context, engines, 2)
+    assert deform_ahead(pipeline, frames[0].pixels, np.eye(4)) is not None  # it can run ahead
+    pipeline.deformable = build_deformable(context, backend="eager", threads=1, mode="lag")
+    assert deform_ahead(pipeline, frames[0].pixels, np.eye(4)) is None  # --deformable async
     pipeline.deformable = None
     assert deform_ahead(pipeline, frames[0].pixels, np.eye(4)) is None
+    pipeline.close()
 
 
 def test_a_failing_stage_fails_its_own_frame_only(engines):
