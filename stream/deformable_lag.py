@@ -16,7 +16,7 @@ timing, so the benches measure ``async`` as ``lag`` (:func:`in_order`).
 
 A frame reports the displacement it was warped through (``Result.ddf``). The first frame, the first
 after the frame size changes or a prediction failed, and any frame whose published plane is more
-than :data:`regseg.stream.lc2_lag.VIEW_CHANGE_MM` (at a frame corner) from the plane the last
+than :data:`regseg.stream.lag_worker.VIEW_CHANGE_MM` (at a frame corner) from the plane the last
 displacement was predicted on (the probe jumped, frames were dropped, a new registration) has
 nothing to take over: the network runs on it in order, as ``on`` does. A prediction that raised on
 the worker fails the next frame with the same error, as it would have failed its own frame.
@@ -32,7 +32,6 @@ import torch
 
 from regseg.clock import now_ns
 from regseg.stream.lag_worker import Lagged
-from regseg.stream.lc2_lag import VIEW_CHANGE_MM, view_change_mm
 
 #: ``--deformable`` modes: ``on`` (in order), ``off``, ``async`` (the network on a worker thread,
 #: one frame late); ``lag`` is ``async``'s arithmetic in order (benches)
@@ -88,7 +87,7 @@ class DeformableLagged(Lagged):
         self.stage, self.asynchronous = stage, asynchronous
         self._net = threading.Lock()  # one prediction at a time (worker or an in-order frame)
 
-    # what the command line and the stats read of the stage
+    # what the command line and regseg-serve read of the stage
     @property
     def weights(self):
         return self.stage.weights
@@ -97,21 +96,11 @@ class DeformableLagged(Lagged):
     def engine(self):
         return self.stage.engine
 
-    @property
-    def context(self):
-        return self.stage.context
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.stage.size
-
     def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
-        hw = (int(pixels.shape[0]), int(pixels.shape[1]))
         job = (np.array(pixels, copy=True), np.array(image_to_mri, np.float64, copy=True),
                now_ns())
-        field = self._next(job, lambda last: last.shape == hw and view_change_mm(
-            last.plane, image_to_mri, hw) <= VIEW_CHANGE_MM)
+        field = self._next(job, pixels.shape[:2], image_to_mri)
         labels = self.stage.warp(image_to_mri, field.ddf)
         self._timings = {"deformable_net": field.own_ms,
                          "deformable_age": (now_ns() - field.handed_ns) / 1e6}

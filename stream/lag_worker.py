@@ -15,6 +15,8 @@ import os
 import threading
 from collections.abc import Callable
 
+import numpy as np
+
 from regseg.clock import now_ns
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,22 @@ WORKER_NICE = worker_nice()
 #: which runs in order instead: a stalled worker never leaves the display on a stale correction
 #: (at 30 fps the worker's outcomes are 1-3 frame periods old; ``lag`` runs in order, no age)
 MAX_AGE_MS = 500.0
+
+
+#: An outcome is carried to a frame only if the frame's plane is within this of the plane it was
+#: found on (the largest displacement of a frame corner, mm; the temporal filter resets on a
+#: tracked plane that moves > 5 mm between frames too): after a jump of the probe, a gap or a new
+#: registration the frame is refined in order instead
+VIEW_CHANGE_MM = 5.0
+
+
+def view_change_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> float:
+    """How far plane ``b`` is from plane ``a`` over a frame of ``shape``: the largest distance
+    (mm) between where the two put a corner of the frame."""
+    h, w = shape
+    corners = np.array([[0, 0, 0, 1], [w - 1, 0, 0, 1], [0, h - 1, 0, 1], [w - 1, h - 1, 0, 1]],
+                       np.float64).T
+    return float(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0).max())
 
 
 def asynchronous_allowed() -> bool:
@@ -129,8 +147,9 @@ class Lagged:
     replaced it, handed from the worker to the next frame under a lock; the worker thread, which
     runs the subclass's ``_run`` (made on first use).
 
-    An outcome carries ``handed_ns`` (when its frame was handed over): an older frame's never
-    replaces a newer one's (a worker finishing late after a frame that ran in order)."""
+    An outcome carries ``shape`` and ``plane`` (the frame's size and the plane it was found on)
+    and ``handed_ns`` (when its frame was handed over): an older frame's never replaces a newer
+    one's (a worker finishing late after a frame that ran in order)."""
 
     asynchronous = False  # the subclass sets it: a worker thread, else in the call
 
@@ -144,13 +163,14 @@ class Lagged:
     def _run(self, *job) -> None:  # pragma: no cover - every subclass has its own
         raise NotImplementedError
 
-    def _next(self, job: tuple, carried: Callable[[object], bool]):
-        """The outcome a frame applies. The latest, where ``carried(latest)`` holds (the same
-        view) and (``asynchronous``) it is at most :data:`MAX_AGE_MS` old, once ``job`` (the
-        frame's own run) is handed to the worker or run (``lag``); else ``job`` run in order and
-        its own."""
+    def _next(self, job: tuple, shape: tuple[int, int], plane: np.ndarray):
+        """The outcome a frame of ``shape`` on ``plane`` applies. The latest, if found on a frame
+        of that shape whose plane is within :data:`VIEW_CHANGE_MM` of ``plane`` and
+        (``asynchronous``) at most :data:`MAX_AGE_MS` old, once ``job`` (the frame's own run) is
+        handed to the worker or run (``lag``); else ``job`` run in order and its own."""
         kept = self._take()
-        if (kept is None or not carried(kept)  # nothing to carry over, or stale (MAX_AGE_MS)
+        if (kept is None or tuple(kept.shape) != tuple(shape)
+                or view_change_mm(kept.plane, plane, shape) > VIEW_CHANGE_MM
                 or (self.asynchronous and now_ns() - kept.handed_ns > MAX_AGE_MS * 1e6)):
             self._run(*job)
             return self._take()

@@ -21,7 +21,8 @@ none was applied) and ``lc2_significance`` that refinement's significance, which
 ``lc2_unsupported`` as before, one frame late. The first frame, and the first after the frame
 size changes or a refinement failed, and any frame whose network plane is more than 5 mm (at a
 frame corner) from the plane the last move was found on (the probe jumped, frames were dropped, a
-new registration: :data:`VIEW_CHANGE_MM`), has nothing to take over: LC2 runs on it in order, as
+new registration: :data:`regseg.stream.lag_worker.VIEW_CHANGE_MM`), and (``async``) any frame whose
+latest move is more than ``MAX_AGE_MS`` old, has nothing to take over: LC2 runs on it in order, as
 ``on`` does, so no frame is published with a move found on another view. A refinement that raised
 on the worker fails the next frame with the same error, as it would have failed its own frame in
 order.
@@ -43,22 +44,6 @@ if TYPE_CHECKING:
 
 #: ``--lc2`` modes of this module: ``async`` (a worker thread) and ``lag`` (bench: in order)
 LAG_MODES = ("async", "lag")
-#: A move is carried to a frame only if the frame's network plane is within this of the plane it
-#: was found on (the largest displacement of a frame corner, mm; the temporal filter resets on a
-#: tracked plane that moves > 5 mm between frames too): after a jump of the probe, a gap or a new
-#: registration the frame is refined in order instead
-VIEW_CHANGE_MM = 5.0
-
-
-def view_change_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> float:
-    """How far plane ``b`` is from plane ``a`` over a frame of ``shape``: the largest distance
-    (mm) between where the two put a corner of the frame."""
-    h, w = shape
-    corners = np.array([[0, 0, 0, 1], [w - 1, 0, 0, 1], [0, h - 1, 0, 1], [w - 1, h - 1, 0, 1]],
-                       np.float64).T
-    return float(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0).max())
-
-
 def in_order(mode: str) -> str:
     """The ``--lc2`` mode a bench runs for ``mode`` ("default": the CLI's): ``async`` as ``lag``,
     the same arithmetic in order, whose results do not depend on the machine's speed."""
@@ -117,8 +102,7 @@ class Lc2Lagged(Lagged):
                  tracked: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
         job = (np.array(pixels, copy=True), np.array(image_to_mri, np.float64, copy=True),
                now_ns(), None if tracked is None else np.array(tracked, np.float64, copy=True))
-        found = self._next(job, lambda last: last.shape == pixels.shape and view_change_mm(
-            last.plane, image_to_mri, pixels.shape) <= VIEW_CHANGE_MM)
+        found = self._next(job, pixels.shape, image_to_mri)
         out, move = image_to_mri, math.nan
         if found.applied:
             out = self.stage.moved(image_to_mri, found.shift_mm, found.rotation_deg)

@@ -58,7 +58,7 @@ LC2_DEFAULT = "async"
 #: plane it gives is within this of where the previous refinement's correction of the tracked pose
 #: puts the frame (the largest distance at a frame corner, mm; the ``jump`` flag's 3 mm): the
 #: registration LC2 holds is kept while the network's own plane drifts away from it. Not across a
-#: view change: the tracked plane must have moved <= VIEW_CHANGE_MM (regseg.stream.lc2_lag) since
+#: view change: the tracked plane must have moved <= VIEW_CHANGE_MM (regseg.stream.lag_worker) since
 #: the previous refinement's frame. An option, off: it failed its rule (lc2_predeclared.md,
 #: addendum 28), and with the rescue it kept a wrong lock the flags missed (addendum 29)
 HOLD_MM = 3.0
@@ -179,7 +179,7 @@ class Lc2Stage:
         previous refinement's correction of the tracked pose puts this frame. A registration LC2
         found under the cap is so kept while the network's plane drifts away from it; a first
         lock still needs the cap. (``score`` stays the start's, as for a refused move.)"""
-        from regseg.stream.lc2_lag import view_change_mm
+        from regseg.stream.lag_worker import view_change_mm
 
         cfg = self.config
         if (found.applied or not found.move_mm > cfg.max_move_mm
@@ -245,7 +245,7 @@ def holds(held: Held | None, tracked: np.ndarray | None, shape: tuple[int, int])
     the same frame size, and the tracked plane moved at most VIEW_CHANGE_MM (at a frame corner;
     regseg.stream.lc2_lag) since ``held``'s frame (not after a jump of the probe, a gap or a new
     registration)."""
-    from regseg.stream.lc2_lag import VIEW_CHANGE_MM, view_change_mm
+    from regseg.stream.lag_worker import VIEW_CHANGE_MM, view_change_mm
 
     return (held is not None and tracked is not None and held.shape == tuple(shape)
             and view_change_mm(held.tracked, tracked, shape) <= VIEW_CHANGE_MM)

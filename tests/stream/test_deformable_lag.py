@@ -170,7 +170,7 @@ def test_modes_and_bad_values(family_a, monkeypatch):
     assert build_deformable(context, backend="eager", mode="off") is None
     lagged = build_deformable(context, backend="eager", mode="async")
     assert isinstance(lagged, DeformableLagged) and lagged.asynchronous
-    assert lagged.size == lagged.stage.size and lagged.weights == lagged.stage.weights
+    assert lagged.engine is lagged.stage.engine and lagged.weights == lagged.stage.weights
     monkeypatch.setenv("REGSEG_LC2_IN_ORDER", "1")  # what the rest of the suite runs
     assert not build_deformable(context, backend="eager", mode="async").asynchronous
     with pytest.raises(ValueError, match="'sometimes'"):

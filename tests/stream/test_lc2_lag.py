@@ -136,7 +136,7 @@ def test_the_move_is_applied_to_this_frames_plane_and_the_worker_runs_it():
 def test_a_move_is_not_carried_to_another_view():
     """After a jump of the probe, dropped frames or a new registration (the network's plane more
     than VIEW_CHANGE_MM from the one the move was found on) the frame is refined in order."""
-    from regseg.stream.lc2_lag import VIEW_CHANGE_MM, view_change_mm
+    from regseg.stream.lag_worker import VIEW_CHANGE_MM, view_change_mm
 
     stage = _Stage()
     lagged = Lc2Lagged(stage, asynchronous=True)
