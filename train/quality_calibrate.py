@@ -2,11 +2,14 @@
 
 ``python -m regseg.train.quality_calibrate --out models/weights`` runs each chain of
 :data:`regseg.train.quality_chain.GRID` (K = 1, 2, 3 registrations per frame, deformable stage on
-and off; or ``--chains``) on live frames of the family-A CALIBRATION phantoms 3100.. (and, with
+and off; or ``--chains``) on live frames of the family-A CALIBRATION phantoms (``--calib-seeds``,
+default 3100-3107 and 3700-3731, :mod:`regseg.train.quality_sets`) (and, with
 ``--randomised-calib-phantoms``, the randomised family-A phantoms 3300..), each frame with a known
 random ``reference_to_mri`` error (:func:`regseg.train.quality_live.live_samples`). Per chain:
 the threshold is the largest that still flags >= 95 % of the frames with true TRE > 5 mm, the
-margin factor the 90th percentile of TRE / estimate (:func:`regseg.train.quality.calibrate`).
+margin factor the 90th percentile of TRE / estimate (:func:`regseg.train.quality.calibrate`),
+and how far the threshold moves with other phantoms: a bootstrap over phantoms
+(:func:`regseg.train.quality_sets.threshold_interval`, ``interval`` in the JSON).
 They are stored in the checkpoint (``calibration.by_chain``, weights unchanged); the chain
 ``regseg-stream`` runs by default also as the top-level ``threshold_mm``. The live path picks the
 calibration of the chain it runs (:meth:`regseg.stream.quality.QualityCheck.bind_chain`) and
@@ -39,6 +42,7 @@ from regseg.train.quality_live import (
     calibration_sets,
     predict_x,
 )
+from regseg.train.quality_sets import CALIB_SEEDS_DEFAULT, parse_seeds, threshold_interval
 
 
 def _weights_id(path: Path) -> str:
@@ -63,10 +67,14 @@ def calibrate_chains(args: argparse.Namespace, weights: Path, chains: list[str],
         estimate, tre = predict_x(model, data["x"]), data["tre_mm"].numpy()
         calibration = calibrate(estimate, tre)
         by_chain[chain] = {**calibration, "chain": chain}
+        interval = threshold_interval(estimate, tre, data["phantom"].numpy())
         report[chain] = {**calibration, "metrics": calibration_report(
-            estimate, tre, data["group"].numpy(), calibration["threshold_mm"])}
-        print(f"  threshold {calibration['threshold_mm']:.4f} mm, margin factor "
-              f"{calibration['margin_factor']:.3f}", flush=True)
+            estimate, tre, data["group"].numpy(), calibration["threshold_mm"]),
+            "interval": interval}
+        print(f"  threshold {calibration['threshold_mm']:.4f} mm (90 % of phantom draws "
+              f"{interval['threshold_mm_p5']:.2f}-{interval['threshold_mm_p95']:.2f}), margin "
+              f"factor {calibration['margin_factor']:.3f}; detection on other phantoms like "
+              f"these: 5th percentile {interval['detection_p5']:.1%}", flush=True)
     if DEFAULT_CHAIN not in by_chain:
         raise InputError(f"--chains {' '.join(chains)}: the default chain {DEFAULT_CHAIN} has no "
                          "calibration in the checkpoint; include it")
@@ -101,8 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chains to calibrate, "
                         "K<n>/deformable-<on|off>/multi-start-<on|off>[/lc2-on] "
                         f"(default the grid {' '.join(GRID)})")
-    parser.add_argument("--calib-phantoms", type=int, default=8,
-                        help=f"family-A calibration phantoms (seeds {CALIB_SEED0}..)")
+    parser.add_argument("--calib-seeds", default=CALIB_SEEDS_DEFAULT,
+                        help="plain family-A calibration phantoms, seeds and FIRST-LAST ranges "
+                        f"(default {CALIB_SEEDS_DEFAULT}; seeds >= {CALIB_SEED0} outside the "
+                        "randomised ranges 3200-3399)")
     parser.add_argument("--frames", type=int, default=50, help="frames per calibration phantom")
     parser.add_argument("--randomised-calib-phantoms", type=int, default=0,
                         help="also calibrate on this many randomised family-A phantoms "
@@ -120,7 +130,8 @@ def run(args: argparse.Namespace, *, command: str | None = None) -> int:
     before any work)."""
     for chain in args.chains:
         parse_chain(chain)
-    for flag, value in (("--calib-phantoms", args.calib_phantoms), ("--frames", args.frames),
+    parse_seeds(args.calib_seeds)
+    for flag, value in (("--frames", args.frames),
                         ("--threads", args.threads)):
         if value < 1:
             raise InputError(f"{flag} {value}: expected >= 1")

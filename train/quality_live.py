@@ -35,7 +35,6 @@ from regseg.models.qualitynet import WEIGHTS, load_qualitynet, save_qualitynet
 from regseg.train.appearance import add_augment_argument
 from regseg.train.data import CACHEABLE_SCANNERS
 from regseg.train.quality import (
-    CALIB_SEED0,
     DEFAULT_CACHE,
     RAND_SEED0,
     TRAIN_SEED0,
@@ -49,6 +48,7 @@ from regseg.train.quality import (
     regression_step,
 )
 from regseg.train.quality_chain import DEFAULT_CHAIN, chain_features, chain_lc2, parse_chain
+from regseg.train.quality_sets import CALIB_SEEDS_DEFAULT, blocks, calib_seeds
 
 RAND_CALIB_SEED0 = 3300  # randomised family A: calibration (training: RAND_SEED0..)
 LIVE_VERSION = 3  # 2: the chain refines as the CLI's default (K iterations); 3: + features
@@ -195,26 +195,30 @@ def predict_x(model, x: torch.Tensor) -> np.ndarray:
 
 def calibration_pairs(args: argparse.Namespace, weights: Path,
                       chain: str = DEFAULT_CHAIN) -> dict:
-    """Live calibration pairs of ``chain``: plain phantoms 3100.., plus randomised phantoms
-    3300.. when ``--randomised-calib-phantoms`` (a ``group`` tensor says which: 0 plain,
-    1 randomised)."""
-    seeds = list(range(CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms))
-    data = cached_live(args.cache, seeds, args.calib_frames or args.frames, seed=args.seed,
-                       weights=weights, chain=chain)
-    data = {**data, "group": torch.zeros(len(data["tre_mm"]), dtype=torch.long)}
+    """Live calibration pairs of ``chain``: the plain phantoms of ``--calib-seeds`` (or
+    ``--calib-phantoms`` from 3100; :func:`regseg.train.quality_sets.calib_seeds`), plus randomised
+    phantoms 3300.. when ``--randomised-calib-phantoms`` (a ``group`` tensor says which: 0 plain,
+    1 randomised; ``phantom``, each pair's phantom seed, for the bootstrap over phantoms)."""
+    frames = args.calib_frames or args.frames
+    parts = []
+    for block in blocks(calib_seeds(args)):  # one cache file per run of consecutive seeds
+        part = cached_live(args.cache, block, frames, seed=args.seed, weights=weights,
+                           chain=chain)
+        parts.append({**part, "group": torch.zeros(len(part["tre_mm"]), dtype=torch.long),
+                      "phantom": torch.tensor(np.repeat(block, frames))})
     if args.randomised_calib_phantoms:
-        rand = cached_live(args.cache, list(range(RAND_CALIB_SEED0, RAND_CALIB_SEED0
-                                                  + args.randomised_calib_phantoms)),
-                           args.randomised_calib_frames or args.randomised_frames,
-                           seed=args.seed, weights=weights, scanner="randomised", chain=chain)
-        rand = {**rand, "group": torch.ones(len(rand["tre_mm"]), dtype=torch.long)}
-        data = {k: torch.cat([data[k], rand[k]]) for k in data}
-    return data
+        seeds = list(range(RAND_CALIB_SEED0, RAND_CALIB_SEED0 + args.randomised_calib_phantoms))
+        n = args.randomised_calib_frames or args.randomised_frames
+        rand = cached_live(args.cache, seeds, n, seed=args.seed, weights=weights,
+                           scanner="randomised", chain=chain)
+        parts.append({**rand, "group": torch.ones(len(rand["tre_mm"]), dtype=torch.long),
+                      "phantom": torch.tensor(np.repeat(seeds, n))})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def calibration_sets(args: argparse.Namespace) -> dict:
-    """The calibration phantoms, for the JSON."""
-    return {"plain_seeds": [CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms - 1],
+    """The calibration phantoms, for the JSON: the plain ones as [first, last] runs."""
+    return {"plain_seeds": [[b[0], b[-1]] for b in blocks(calib_seeds(args))],
             "plain_frames_per_phantom": args.calib_frames or args.frames,
             "randomised_seeds": ([RAND_CALIB_SEED0,
                                   RAND_CALIB_SEED0 + args.randomised_calib_phantoms - 1]
@@ -260,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=6.0, help="fine-tuning time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-phantoms", type=int, default=30)
-    parser.add_argument("--calib-phantoms", type=int, default=8)
+    parser.add_argument("--calib-seeds", default=CALIB_SEEDS_DEFAULT,
+                        help=f"plain calibration phantoms (default {CALIB_SEEDS_DEFAULT})")
     parser.add_argument("--frames", type=int, default=40, help="live frames per phantom")
     parser.add_argument("--calib-frames", type=int, default=None,
                         help="live frames per calibration phantom (default --frames)")
