@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from regseg.errors import InputError
+from regseg.machine import machine_name, utc_now
 from regseg.models.qualitynet import WEIGHTS, load_qualitynet, save_qualitynet
 from regseg.train.quality import CALIB_SEED0, DEFAULT_CACHE, calibrate
 from regseg.train.quality_chain import DEFAULT_CHAIN, GRID, parse_chain
@@ -85,7 +86,8 @@ def calibrate_chains(args: argparse.Namespace, weights: Path, chains: list[str],
     summary_path = args.out / "qualitynet.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     part = {
-        "command": command, "alignsegnet": _alignsegnet_id(),
+        "command": command, "machine": machine_name(), "date": utc_now(),
+        "alignsegnet": _alignsegnet_id(),
         "plcreg2d": _weights_id(WEIGHTS.parent / "plcreg2d.pt"),
         "previous": {k: previous.get(k) for k in ("threshold_mm", "margin_factor", "chain")},
         "default_chain": DEFAULT_CHAIN, "calibration": default,

@@ -92,12 +92,12 @@ def threshold_interval(estimate: np.ndarray, tre: np.ndarray, phantom: np.ndarra
     NaN where no draw has bad pairs.
     """
     estimate, tre, phantom = (np.asarray(a) for a in (estimate, tre, phantom))
-    threshold = calibrate(estimate, tre)["threshold_mm"]
-    rng = np.random.default_rng(seed)
     ids = np.unique(phantom)
-    rows = {p: np.flatnonzero(phantom == p) for p in ids}
     thresholds, detections = [], []
-    for _ in range(draws):
+    rows = {p: np.flatnonzero(phantom == p) for p in ids}
+    rng = np.random.default_rng(seed)
+    threshold = calibrate(estimate, tre)["threshold_mm"] if (tre > BAD_MM).any() else math.nan
+    for _ in range(draws if math.isfinite(threshold) else 0):
         idx = np.concatenate([rows[p] for p in rng.choice(ids, len(ids))])
         bad = tre[idx] > BAD_MM
         if not bad.any():

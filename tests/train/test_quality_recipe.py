@@ -1,5 +1,7 @@
 """QualityNet recipe pieces: the regression step learns, calibration meets its detection rule."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -90,14 +92,15 @@ def test_chain_calibration_stores_one_threshold_per_chain(tmp_path, monkeypatch)
     def fake_pairs(args, weights, chain):
         chosen["bias"] = bias[chain]
         return {"x": torch.zeros(len(tre), 4, 16, 16), "tre_mm": tre,
-                "group": torch.zeros(len(tre), dtype=torch.long)}
+                "group": torch.zeros(len(tre), dtype=torch.long),
+                "phantom": torch.arange(len(tre)) // 50 + 3100}
 
     def fake_predict(model, x):
         return tre.numpy() * chosen["bias"]
 
     monkeypatch.setattr(qc, "calibration_pairs", fake_pairs)
     monkeypatch.setattr(qc, "predict_x", fake_predict)
-    args = argparse.Namespace(out=tmp_path, threads=1, calib_phantoms=8, frames=50,
+    args = argparse.Namespace(out=tmp_path, threads=1, calib_seeds="3100-3107", frames=50,
                               calib_frames=None, randomised_calib_phantoms=0,
                               randomised_calib_frames=None, randomised_frames=25)
     qc.calibrate_chains(args, tmp_path / "qualitynet.pt", list(bias), "test")
@@ -109,6 +112,12 @@ def test_chain_calibration_stores_one_threshold_per_chain(tmp_path, monkeypatch)
         assert 4.5 * b < t < 6.0 * b
     assert cal["threshold_mm"] == cal["by_chain"][DEFAULT_CHAIN]["threshold_mm"]
     assert cal["by_chain"]["K3/deformable-off/multi-start-off"]["threshold_mm"] == 7.0
+    summary = json.loads((tmp_path / "qualitynet.json").read_text())["chain_calibration"]
+    assert summary["calibration_sets"]["plain_seeds"] == [[3100, 3107]]
+    for chain in bias:  # each calibration says how far its threshold moves with the phantoms
+        interval = summary["by_chain"][chain]["interval"]
+        assert interval["phantoms"] == 8 and interval["draws"] > 0
+        assert interval["threshold_mm_p5"] <= cal["by_chain"][chain]["threshold_mm"] + 1e-3
 
 
 def test_chain_calibration_refuses_bad_input_before_any_work(tmp_path, capsys):
