@@ -80,9 +80,10 @@ def test_good_frames_are_not_flagged(case, pipeline):
     pipeline.set_reference_to_mri(np.eye(4))
     results = [pipeline(f) for f in frames]
     flagged = [r.flags for r in results if r.flagged]
-    # bench/trust.py --frames 15 (the CLI chain, K = 2): 5.0 % of held-out frames at normal
-    # tracking flagged (3 of 60); this Pipeline registers once per frame
-    assert len(flagged) <= 2, flagged
+    # This Pipeline registers once per frame (K1/deformable-off). Its threshold, calibrated on 40
+    # phantoms since session 29 (addendum 32), is 2.22 mm (2.82 on 8 before): 3 of these 12
+    # frames, true TRE 0.8-1.5 mm, have estimates of 2.22-3.44 mm and are flagged (2 before).
+    assert len(flagged) <= 3, flagged
     assert all(np.isfinite(r.error_mm) and 0 <= r.seg_confidence <= 1 for r in results)
     good = next(r for r in results if not r.flagged)
     assert "MRIToImage" in devices(pack_result(good))
