@@ -43,11 +43,45 @@ from regseg.train.quality_live import (
     calibration_sets,
     predict_x,
 )
-from regseg.train.quality_sets import CALIB_SEEDS_DEFAULT, parse_seeds, threshold_interval
+from regseg.train.quality_sets import (
+    CALIB_SEEDS_DEFAULT,
+    calib_seeds,
+    parse_seeds,
+    threshold_interval,
+)
+from regseg.train.quality_stream import (
+    LENGTH,
+    SEQUENCES,
+    STRIDES,
+    cached_streams,
+    flag_rates,
+    flag_threshold,
+)
 
 
 def _weights_id(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+#: ``--default-chain-on``: how the default chain's threshold is calibrated, until addendum 33's rule
+DEFAULT_CHAIN_ON = "frames"
+
+
+def stream_calibration(args: argparse.Namespace, weights: Path, model) -> dict:
+    """The default chain's threshold from streams of it, for the whole flag (addendum 33;
+    :mod:`regseg.train.quality_stream`): the threshold, the flag's rates there, the frames'
+    estimate-alone threshold for comparison, and the bootstrap interval over phantoms."""
+    data = cached_streams(args.cache, calib_seeds(args), seed=args.seed, weights=weights)
+    ok = torch.isfinite(data["tre_mm"])
+    torch.set_num_threads(args.threads)
+    estimate, tre = predict_x(model, data["x"][ok]), data["tre_mm"][ok].numpy()
+    other, phantom = data["other"][ok].numpy(), data["phantom"][ok].numpy()
+    threshold = flag_threshold(estimate, tre, other)
+    return {"threshold_mm": threshold, **flag_rates(estimate, tre, other, threshold),
+            "estimate_alone_threshold_mm": calibrate(estimate, tre)["threshold_mm"],
+            "frames": int(ok.sum()), "sequences_per_phantom": SEQUENCES,
+            "frames_per_sequence": LENGTH, "strides": list(STRIDES),
+            "interval": threshold_interval(estimate, tre, phantom, other=other)}
 
 
 def calibrate_chains(args: argparse.Namespace, weights: Path, chains: list[str],
@@ -67,12 +101,17 @@ def calibrate_chains(args: argparse.Namespace, weights: Path, chains: list[str],
         torch.set_num_threads(args.threads)
         estimate, tre = predict_x(model, data["x"]), data["tre_mm"].numpy()
         calibration = calibrate(estimate, tre)
-        by_chain[chain] = {**calibration, "chain": chain}
         interval = threshold_interval(estimate, tre, data["phantom"].numpy())
-        report[chain] = {**calibration, "metrics": calibration_report(
+        method, streams = "frames", None
+        if chain == DEFAULT_CHAIN and getattr(args, "default_chain_on", "frames") == "streams":
+            streams = stream_calibration(args, weights, model)  # addendum 33
+            calibration = {**calibration, "threshold_mm": streams["threshold_mm"]}
+            interval, method = streams.pop("interval"), "streams"
+        by_chain[chain] = {**calibration, "chain": chain, "method": method}
+        report[chain] = {**calibration, "method": method, "metrics": calibration_report(
             estimate, tre, data["group"].numpy(), calibration["threshold_mm"]),
-            "interval": interval}
-        print(f"  threshold {calibration['threshold_mm']:.4f} mm (90 % of phantom draws "
+            "interval": interval, **({"streams": streams} if streams else {})}
+        print(f"  threshold {calibration['threshold_mm']:.4f} mm ({method}; 90 % of phantom draws "
               f"{interval['threshold_mm_p5']:.2f}-{interval['threshold_mm_p95']:.2f}), margin "
               f"factor {calibration['margin_factor']:.3f}; detection on other phantoms like "
               f"these: 5th percentile {interval['detection_p5']:.1%}", flush=True)
@@ -121,6 +160,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(seeds 3300..)")
     parser.add_argument("--randomised-frames", type=int, default=25,
                         help="frames per randomised calibration phantom")
+    parser.add_argument("--default-chain-on", choices=["frames", "streams"],
+                        default=DEFAULT_CHAIN_ON,
+                        help="the default chain's threshold from unrelated frames (the estimate "
+                        "alone flags >= 95 %% of TRE > 5 mm) or from streams of the chain (the "
+                        f"whole flag does; addendum 33) (default {DEFAULT_CHAIN_ON})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the frames and errors")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,

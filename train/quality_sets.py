@@ -82,28 +82,38 @@ def calib_seeds(args) -> list[int]:
 
 
 def threshold_interval(estimate: np.ndarray, tre: np.ndarray, phantom: np.ndarray, *,
-                       draws: int = DRAWS, seed: int = 0) -> dict:
+                       other: np.ndarray | None = None, draws: int = DRAWS,
+                       seed: int = 0) -> dict:
     """How far the calibrated threshold moves with the phantoms: a bootstrap over phantoms (each
     draw takes as many phantoms as there are, with replacement, all pairs of each).
 
     Returns the threshold's 5th / 50th / 95th percentiles over the draws, and the detection
     (share of TRE > 5 mm pairs flagged) that the threshold calibrated on all pairs keeps over the
     draws (5th percentile and median): what to expect on phantoms like these but not these.
-    NaN where no draw has bad pairs.
+    NaN where no draw has bad pairs. ``other``: whether another flag fired on each pair; then the
+    threshold is the whole flag's (:func:`regseg.train.quality_stream.flag_threshold`) and the
+    detection the whole flag's.
     """
-    estimate, tre, phantom = (np.asarray(a) for a in (estimate, tre, phantom))
+    from regseg.train.quality_stream import flag_threshold
+
+    if other is None:
+        other = np.zeros(len(tre), bool)
+        fit = lambda e, t, o: calibrate(e, t)["threshold_mm"]  # noqa: E731
+    else:
+        fit = flag_threshold
+    estimate, tre, phantom, other = (np.asarray(a) for a in (estimate, tre, phantom, other))
     ids = np.unique(phantom)
     thresholds, detections = [], []
     rows = {p: np.flatnonzero(phantom == p) for p in ids}
     rng = np.random.default_rng(seed)
-    threshold = calibrate(estimate, tre)["threshold_mm"] if (tre > BAD_MM).any() else math.nan
+    threshold = fit(estimate, tre, other) if (tre > BAD_MM).any() else math.nan
     for _ in range(draws if math.isfinite(threshold) else 0):
         idx = np.concatenate([rows[p] for p in rng.choice(ids, len(ids))])
         bad = tre[idx] > BAD_MM
         if not bad.any():
             continue
-        thresholds.append(calibrate(estimate[idx], tre[idx])["threshold_mm"])
-        detections.append(float((estimate[idx][bad] > threshold).mean()))
+        thresholds.append(fit(estimate[idx], tre[idx], other[idx]))
+        detections.append(float(((estimate[idx] > threshold) | other[idx])[bad].mean()))
     if not thresholds:
         return {"phantoms": int(len(ids)), "draws": 0, "threshold_mm_p5": math.nan,
                 "threshold_mm_p50": math.nan, "threshold_mm_p95": math.nan,
