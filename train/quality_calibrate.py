@@ -64,24 +64,30 @@ def _weights_id(path: Path) -> str:
 
 
 #: ``--default-chain-on``: how the default chain's threshold is calibrated, until addendum 33's rule
+DEFAULT_CHAIN_METHODS = ("frames", "streams", "streams-bound")
 DEFAULT_CHAIN_ON = "frames"
 
 
-def stream_calibration(args: argparse.Namespace, weights: Path, model) -> dict:
+def stream_calibration(args: argparse.Namespace, weights: Path, model, *,
+                       bound: bool = False) -> dict:
     """The default chain's threshold from streams of it, for the whole flag (addendum 33;
     :mod:`regseg.train.quality_stream`): the threshold, the flag's rates there, the frames'
-    estimate-alone threshold for comparison, and the bootstrap interval over phantoms."""
+    estimate-alone threshold for comparison, and the bootstrap interval over phantoms.
+    ``bound`` (``streams-bound``, addendum 34): the threshold is the interval's 5th percentile,
+    at which the flag catches >= 95 % of the bad frames in >= 95 % of the phantom draws."""
     data = cached_streams(args.cache, calib_seeds(args), seed=args.seed, weights=weights)
     ok = torch.isfinite(data["tre_mm"])
     torch.set_num_threads(args.threads)
     estimate, tre = predict_x(model, data["x"][ok]), data["tre_mm"][ok].numpy()
     other, phantom = data["other"][ok].numpy(), data["phantom"][ok].numpy()
-    threshold = flag_threshold(estimate, tre, other)
+    point = flag_threshold(estimate, tre, other)
+    interval = threshold_interval(estimate, tre, phantom, other=other)
+    threshold = interval["threshold_mm_p5"] if bound else point
     return {"threshold_mm": threshold, **flag_rates(estimate, tre, other, threshold),
+            "point_threshold_mm": point, "bound": bound,
             "estimate_alone_threshold_mm": calibrate(estimate, tre)["threshold_mm"],
             "frames": int(ok.sum()), "sequences_per_phantom": SEQUENCES,
-            "frames_per_sequence": LENGTH, "strides": list(STRIDES),
-            "interval": threshold_interval(estimate, tre, phantom, other=other)}
+            "frames_per_sequence": LENGTH, "strides": list(STRIDES), "interval": interval}
 
 
 def calibrate_chains(args: argparse.Namespace, weights: Path, chains: list[str],
@@ -102,11 +108,12 @@ def calibrate_chains(args: argparse.Namespace, weights: Path, chains: list[str],
         estimate, tre = predict_x(model, data["x"]), data["tre_mm"].numpy()
         calibration = calibrate(estimate, tre)
         interval = threshold_interval(estimate, tre, data["phantom"].numpy())
-        method, streams = "frames", None
-        if chain == DEFAULT_CHAIN and getattr(args, "default_chain_on", "frames") == "streams":
-            streams = stream_calibration(args, weights, model)  # addendum 33
+        streams = None
+        method = getattr(args, "default_chain_on", "frames") if chain == DEFAULT_CHAIN else "frames"
+        if method != "frames":  # addenda 33-34
+            streams = stream_calibration(args, weights, model, bound=method == "streams-bound")
             calibration = {**calibration, "threshold_mm": streams["threshold_mm"]}
-            interval, method = streams.pop("interval"), "streams"
+            interval = streams.pop("interval")
         by_chain[chain] = {**calibration, "chain": chain, "method": method}
         report[chain] = {**calibration, "method": method, "metrics": calibration_report(
             estimate, tre, data["group"].numpy(), calibration["threshold_mm"]),
@@ -160,11 +167,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(seeds 3300..)")
     parser.add_argument("--randomised-frames", type=int, default=25,
                         help="frames per randomised calibration phantom")
-    parser.add_argument("--default-chain-on", choices=["frames", "streams"],
+    parser.add_argument("--default-chain-on", choices=list(DEFAULT_CHAIN_METHODS),
                         default=DEFAULT_CHAIN_ON,
                         help="the default chain's threshold from unrelated frames (the estimate "
-                        "alone flags >= 95 %% of TRE > 5 mm) or from streams of the chain (the "
-                        f"whole flag does; addendum 33) (default {DEFAULT_CHAIN_ON})")
+                        "alone flags >= 95 %% of TRE > 5 mm), from streams of the chain (the "
+                        "whole flag does; addendum 33), or streams-bound: that at a 95 %% "
+                        "confidence bound over phantoms (addendum 34) "
+                        f"(default {DEFAULT_CHAIN_ON})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the frames and errors")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,

@@ -53,7 +53,9 @@ def test_stream_frames_of_a_calibration_phantom_are_what_the_chain_made():
     assert torch.equal(d["tre_mm"], again["tre_mm"])  # reproducible
 
 
-def test_calibration_takes_the_default_chains_threshold_from_streams(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["streams", "streams-bound"])
+def test_calibration_takes_the_default_chains_threshold_from_streams(tmp_path, monkeypatch,
+                                                                     method):
     import regseg.train.quality_calibrate as qc
     from regseg.models.qualitynet import QualityNet, load_qualitynet, save_qualitynet
     from regseg.train.quality_chain import DEFAULT_CHAIN
@@ -77,13 +79,17 @@ def test_calibration_takes_the_default_chains_threshold_from_streams(tmp_path, m
     args = argparse.Namespace(out=tmp_path, threads=1, calib_seeds="3100-3107", frames=50,
                               calib_frames=None, randomised_calib_phantoms=0,
                               randomised_calib_frames=None, randomised_frames=25, cache=None,
-                              seed=0, default_chain_on="streams")
+                              seed=0, default_chain_on=method)
     qc.calibrate_chains(args, tmp_path / "qualitynet.pt", [DEFAULT_CHAIN], "test")
     _, cal = load_qualitynet(tmp_path / "qualitynet.pt")
-    expected = flag_threshold(estimate, s_tre, other)
-    assert cal["threshold_mm"] == expected == cal["by_chain"][DEFAULT_CHAIN]["threshold_mm"]
-    assert cal["by_chain"][DEFAULT_CHAIN]["method"] == "streams"
+    point = flag_threshold(estimate, s_tre, other)
     report = json.loads((tmp_path / "qualitynet.json").read_text())["chain_calibration"]
+    interval = report["by_chain"][DEFAULT_CHAIN]["interval"]
+    expected = point if method == "streams" else interval["threshold_mm_p5"]
+    assert cal["threshold_mm"] == expected == cal["by_chain"][DEFAULT_CHAIN]["threshold_mm"]
+    assert cal["by_chain"][DEFAULT_CHAIN]["method"] == method
     streams = report["by_chain"][DEFAULT_CHAIN]["streams"]
-    assert streams["detection_tre_gt_5mm"] >= 0.95 and streams["frames"] == 600
-    assert report["by_chain"][DEFAULT_CHAIN]["interval"]["phantoms"] == 30
+    assert streams["point_threshold_mm"] == point and streams["frames"] == 600
+    assert streams["detection_tre_gt_5mm"] >= 0.95 and interval["phantoms"] == 30
+    if method == "streams-bound":  # a lower threshold: flags more, never fewer
+        assert expected <= point
