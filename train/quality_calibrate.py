@@ -63,9 +63,9 @@ def _weights_id(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
-#: ``--default-chain-on``: how the default chain's threshold is calibrated, until addendum 33's rule
+#: ``--default-chain-on``: how the default chain's threshold is calibrated (addendum 34)
 DEFAULT_CHAIN_METHODS = ("frames", "streams", "streams-bound")
-DEFAULT_CHAIN_ON = "frames"
+DEFAULT_CHAIN_ON = "streams-bound"
 
 
 def stream_calibration(args: argparse.Namespace, weights: Path, model, *,
@@ -81,7 +81,7 @@ def stream_calibration(args: argparse.Namespace, weights: Path, model, *,
     estimate, tre = predict_x(model, data["x"][ok]), data["tre_mm"][ok].numpy()
     other, phantom = data["other"][ok].numpy(), data["phantom"][ok].numpy()
     point = flag_threshold(estimate, tre, other)
-    interval = threshold_interval(estimate, tre, phantom, other=other)
+    interval = threshold_interval(estimate, tre, phantom, other=other, at_p5=bound)
     threshold = interval["threshold_mm_p5"] if bound else point
     return {"threshold_mm": threshold, **flag_rates(estimate, tre, other, threshold),
             "point_threshold_mm": point, "bound": bound,

@@ -76,6 +76,11 @@ def test_interval_covers_the_threshold_and_widens_with_clustered_phantoms():
     assert out["threshold_mm_p5"] <= t <= out["threshold_mm_p95"]
     assert out["threshold_mm_p95"] - out["threshold_mm_p5"] > 0.5  # it moves with the phantoms
     assert out["detection_p5"] < 0.95 <= out["detection_p50"] + 0.02
+    assert out["detection_at_mm"] == t
+    # at the draws' 5th percentile (a 95 % bound), >= 95 % is kept in >= 95 % of the draws
+    bound = threshold_interval(est, tre, ph, draws=300, at_p5=True)
+    assert bound["detection_at_mm"] == bound["threshold_mm_p5"] == out["threshold_mm_p5"] <= t
+    assert bound["detection_p5"] >= 0.949
     # the same pairs without the clusters (every phantom reads alike): a narrow interval
     same = threshold_interval(tre + rng.normal(0, 0.2, len(tre)), tre, ph, draws=300)
     assert same["threshold_mm_p95"] - same["threshold_mm_p5"] < 0.5
