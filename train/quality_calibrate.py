@@ -109,7 +109,9 @@ def calibrate_chains(args: argparse.Namespace, weights: Path, chains: list[str],
         calibration = calibrate(estimate, tre)
         interval = threshold_interval(estimate, tre, data["phantom"].numpy())
         streams = None
-        method = getattr(args, "default_chain_on", "frames") if chain == DEFAULT_CHAIN else "frames"
+        method = "frames"  # the default chain's: --default-chain-on (quality_live: its default)
+        if chain == DEFAULT_CHAIN:
+            method = getattr(args, "default_chain_on", DEFAULT_CHAIN_ON)
         if method != "frames":  # addenda 33-34
             streams = stream_calibration(args, weights, model, bound=method == "streams-bound")
             calibration = {**calibration, "threshold_mm": streams["threshold_mm"]}

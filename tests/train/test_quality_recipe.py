@@ -101,6 +101,7 @@ def test_chain_calibration_stores_one_threshold_per_chain(tmp_path, monkeypatch)
     monkeypatch.setattr(qc, "calibration_pairs", fake_pairs)
     monkeypatch.setattr(qc, "predict_x", fake_predict)
     args = argparse.Namespace(out=tmp_path, threads=1, calib_seeds="3100-3107", frames=50,
+                              default_chain_on="frames",
                               calib_frames=None, randomised_calib_phantoms=0,
                               randomised_calib_frames=None, randomised_frames=25)
     qc.calibrate_chains(args, tmp_path / "qualitynet.pt", list(bias), "test")
