@@ -15,9 +15,13 @@ They are stored in the checkpoint (``calibration.by_chain``, weights unchanged);
 calibration of the chain it runs (:meth:`regseg.stream.quality.QualityCheck.bind_chain`) and
 warns when there is none. Never family B, never the evaluation phantoms 1000-1003.
 
-Not reproduced: the temporal filter (the calibration frames are unrelated poses; at a steady
-error the filter publishes the frame's own correction) and other AlignSegNet or PLCReg weights
-than the shipped ones (their hashes are recorded: recalibrate after retraining either).
+The default chain's threshold is calibrated otherwise (``--default-chain-on``, since addendum 34
+``streams-bound``): on streams of the chain as ``regseg-stream`` runs it, temporal filter and
+lagged stages included, for the whole flag (the estimate or any other check), at a 95 % confidence
+bound over phantoms (:mod:`regseg.train.quality_stream`). For the other chains, not reproduced: the
+temporal filter (their calibration frames are unrelated poses). Nor, for any, other AlignSegNet or
+PLCReg weights than the shipped ones (their hashes are recorded: recalibrate after retraining
+either).
 """
 
 from __future__ import annotations
