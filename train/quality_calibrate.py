@@ -44,12 +44,12 @@ from regseg.train.quality_live import (
     _alignsegnet_id,
     calibration_pairs,
     calibration_report,
-    calibration_sets,
     predict_x,
 )
 from regseg.train.quality_sets import (
     CALIB_SEEDS_DEFAULT,
     calib_seeds,
+    calibration_sets,
     parse_seeds,
     threshold_interval,
 )

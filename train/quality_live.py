@@ -48,9 +48,14 @@ from regseg.train.quality import (
     regression_step,
 )
 from regseg.train.quality_chain import DEFAULT_CHAIN, chain_features, chain_lc2, parse_chain
-from regseg.train.quality_sets import CALIB_SEEDS_DEFAULT, blocks, calib_seeds
+from regseg.train.quality_sets import (
+    CALIB_SEEDS_DEFAULT,
+    RAND_CALIB_SEED0,
+    blocks,
+    calib_seeds,
+    calibration_sets,
+)
 
-RAND_CALIB_SEED0 = 3300  # randomised family A: calibration (training: RAND_SEED0..)
 LIVE_VERSION = 3  # 2: the chain refines as the CLI's default (K iterations); 3: + features
 
 
@@ -214,17 +219,6 @@ def calibration_pairs(args: argparse.Namespace, weights: Path,
         parts.append({**rand, "group": torch.ones(len(rand["tre_mm"]), dtype=torch.long),
                       "phantom": torch.tensor(np.repeat(seeds, n))})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def calibration_sets(args: argparse.Namespace) -> dict:
-    """The calibration phantoms, for the JSON: the plain ones as [first, last] runs."""
-    return {"plain_seeds": [[b[0], b[-1]] for b in blocks(calib_seeds(args))],
-            "plain_frames_per_phantom": args.calib_frames or args.frames,
-            "randomised_seeds": ([RAND_CALIB_SEED0,
-                                  RAND_CALIB_SEED0 + args.randomised_calib_phantoms - 1]
-                                 if args.randomised_calib_phantoms else None),
-            "randomised_frames_per_phantom": (args.randomised_calib_frames
-                                              or args.randomised_frames)}
 
 
 def calibration_report(estimate: np.ndarray, tre: np.ndarray, group: np.ndarray,

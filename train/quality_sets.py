@@ -30,6 +30,7 @@ CALIB_SEEDS_DEFAULT = "3100-3107,3700-3731"
 _RESERVED = (RAND_SEED0, RAND_SEED0 + 200)  # randomised training 3200.., calibration 3300..
 #: Bootstrap draws of :func:`threshold_interval`
 DRAWS = 1000
+RAND_CALIB_SEED0 = 3300  # randomised family A: calibration (training: RAND_SEED0..)
 
 
 def parse_seeds(spec: str, flag: str = "--calib-seeds") -> list[int]:
@@ -79,6 +80,17 @@ def calib_seeds(args) -> list[int]:
     if spec:
         return parse_seeds(spec)
     return list(range(CALIB_SEED0, CALIB_SEED0 + args.calib_phantoms))
+
+
+def calibration_sets(args) -> dict:
+    """The calibration phantoms, for the JSON: the plain ones as [first, last] runs."""
+    return {"plain_seeds": [[b[0], b[-1]] for b in blocks(calib_seeds(args))],
+            "plain_frames_per_phantom": args.calib_frames or args.frames,
+            "randomised_seeds": ([RAND_CALIB_SEED0,
+                                  RAND_CALIB_SEED0 + args.randomised_calib_phantoms - 1]
+                                 if args.randomised_calib_phantoms else None),
+            "randomised_frames_per_phantom": (args.randomised_calib_frames
+                                              or args.randomised_frames)}
 
 
 def threshold_interval(estimate: np.ndarray, tre: np.ndarray, phantom: np.ndarray, *,
