@@ -111,12 +111,13 @@ def calibrate_chains(args: argparse.Namespace, weights: Path, chains: list[str],
         torch.set_num_threads(args.threads)
         estimate, tre = predict_x(model, data["x"]), data["tre_mm"].numpy()
         calibration = calibrate(estimate, tre)
-        interval = threshold_interval(estimate, tre, data["phantom"].numpy())
         streams = None
         method = "frames"  # the default chain's: --default-chain-on (quality_live: its default)
         if chain == DEFAULT_CHAIN:
             method = getattr(args, "default_chain_on", DEFAULT_CHAIN_ON)
-        if method != "frames":  # addenda 33-34
+        if method == "frames":
+            interval = threshold_interval(estimate, tre, data["phantom"].numpy())
+        else:  # addenda 33-34
             streams = stream_calibration(args, weights, model, bound=method == "streams-bound")
             calibration = {**calibration, "threshold_mm": streams["threshold_mm"]}
             interval = streams.pop("interval")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from regseg import metrics, spatial
+from regseg.errors import InputError
 from regseg.lc2 import LC2_REVISION
 from regseg.models.qualitynet import WEIGHTS, load_qualitynet, save_qualitynet
 from regseg.train.appearance import add_augment_argument
@@ -54,6 +55,7 @@ from regseg.train.quality_sets import (
     blocks,
     calib_seeds,
     calibration_sets,
+    parse_seeds,
 )
 
 LIVE_VERSION = 3  # 2: the chain refines as the CLI's default (K iterations); 3: + features
@@ -200,10 +202,9 @@ def predict_x(model, x: torch.Tensor) -> np.ndarray:
 
 def calibration_pairs(args: argparse.Namespace, weights: Path,
                       chain: str = DEFAULT_CHAIN) -> dict:
-    """Live calibration pairs of ``chain``: the plain phantoms of ``--calib-seeds`` (or
-    ``--calib-phantoms`` from 3100; :func:`regseg.train.quality_sets.calib_seeds`), plus randomised
-    phantoms 3300.. when ``--randomised-calib-phantoms`` (a ``group`` tensor says which: 0 plain,
-    1 randomised; ``phantom``, each pair's phantom seed, for the bootstrap over phantoms)."""
+    """Live calibration pairs of ``chain``: the plain phantoms of ``--calib-seeds``, plus randomised
+    phantoms 3300.. with ``--randomised-calib-phantoms`` (``group``: 0 plain, 1 randomised;
+    ``phantom``: each pair's phantom seed, for the bootstrap over phantoms)."""
     frames = args.calib_frames or args.frames
     parts = []
     for block in blocks(calib_seeds(args)):  # one cache file per run of consecutive seeds
@@ -300,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.balance_tre and not args.randomised_live_phantoms:  # before any pair is rendered
         parser.error("--balance-tre balances plain against randomised live pairs, and there are "
                      "none: add --randomised-live-phantoms N (N >= 1)")
+    try:  # before any pair is rendered
+        parse_seeds(args.calib_seeds)
+    except InputError as exc:
+        parser.error(str(exc))
     command = shlex.join(["python", "-m", "regseg.train.quality_live", *(argv or sys.argv[1:])])
     t0 = time.monotonic()
     weights = (args.weights or args.out / WEIGHTS.name).resolve()

@@ -27,7 +27,7 @@ import torch
 
 from regseg import metrics, spatial
 from regseg.lc2 import LC2_REVISION
-from regseg.train.quality import BAD_MM, MAX_ERROR_MM, draw_error, random_rigid
+from regseg.train.quality import BAD_MM, GOOD_MM, MAX_ERROR_MM, draw_error, random_rigid
 
 SEQUENCES, LENGTH, STRIDES = 4, 30, (1, 2, 4)
 STREAM_VERSION = 1
@@ -51,7 +51,7 @@ def flag_rates(estimate: np.ndarray, tre: np.ndarray, other: np.ndarray,
                threshold: float) -> dict:
     """Detection (TRE > 5 mm) and false alarms (TRE <= 2 mm) of the whole flag at ``threshold``."""
     flagged = other | (estimate > threshold)
-    bad, good = tre > BAD_MM, tre <= 2.0
+    bad, good = tre > BAD_MM, tre <= GOOD_MM
     return {"detection_tre_gt_5mm": round(float(flagged[bad].mean()), 4) if bad.any() else None,
             "false_alarm_tre_le_2mm": round(float(flagged[good].mean()), 4) if good.any()
             else None,
@@ -90,12 +90,13 @@ def stream_samples(phantom_seed: int, *, seed: int, weights: Path,
     while made < sequences:
         stride, start = int(rng.choice(STRIDES)), int(rng.integers(0, _START_RANGE))
         shift, angle = draw_error(rng)
-        frames = [scanner.frame(start + k * stride) for k in range(length)]
-        ji = np.argwhere(frames[0].truth.labels > 0)
+        first = scanner.frame(start)
+        ji = np.argwhere(first.truth.labels > 0)
         if len(ji) < 200:  # a sequence starts with the gland in view
             continue
         made += 1
-        centre = spatial.apply(frames[0].truth.image_to_mri,
+        frames = [first] + [scanner.frame(start + k * stride) for k in range(1, length)]
+        centre = spatial.apply(first.truth.image_to_mri,
                                np.column_stack([ji[:, ::-1], np.zeros(len(ji))])).mean(0)
         pipeline = build_pipeline(context, engine, deformable=bench_stage(stage, "default"),
                                   capture=build_default_capture(backend="eager", threads=1),

@@ -94,3 +94,12 @@ def test_interval_is_nan_without_bad_pairs_and_reproducible():
     est, tre, ph = _clustered(rng, phantoms=8)
     assert threshold_interval(est, tre, ph, draws=50) == threshold_interval(est, tre, ph,
                                                                             draws=50)
+
+
+def test_quality_live_refuses_a_bad_seed_set_before_any_work(tmp_path, capsys):
+    from regseg.train.quality_live import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path), "--calib-seeds", "1000-1003"])
+    assert exit_.value.code == 2
+    assert "seed 1000 is not a plain family-A calibration phantom" in capsys.readouterr().err
