@@ -73,10 +73,19 @@ def open_randomised_stack_scanner(phantom_seed: int, scanner_seed: int) -> tuple
     return (phantom if stack is None else acquire_stack(phantom, stack)), scanner
 
 
+def open_restyled_scanner(phantom_seed: int, scanner_seed: int) -> tuple[Any, Any]:
+    """:func:`open_randomised_scanner`'s case and poses, its frames re-rendered in a style drawn
+    per case (:mod:`regseg.sim.restyle`: another appearance than family A's B-mode model)."""
+    from regseg.sim.restyle import RestyledScanner
+
+    phantom, scanner = open_randomised_scanner(phantom_seed, scanner_seed)
+    return phantom, RestyledScanner(scanner, scanner_seed)
+
+
 #: Frame sources whose sample sets may be cached on disk, by the name in the cache key.
 CACHEABLE_SCANNERS: dict[str, OpenScanner] = {
     "plain": open_simulated_scanner, "randomised": open_randomised_scanner,
-    "randomised-stack": open_randomised_stack_scanner}
+    "randomised-stack": open_randomised_stack_scanner, "restyled": open_restyled_scanner}
 
 
 @dataclass

@@ -38,6 +38,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "regseg" / "train"
 DATA_VERSION = 1
 MAX_ERROR_MM = 20.0  # the target given to frames without ultrasound content
 TRE_POINTS = 400
+BATCH = 64  # training pairs per step
 BAD_MM, GOOD_MM = 5.0, 2.0  # a frame with TRE > BAD_MM must be flagged; <= GOOD_MM must not
 
 
@@ -64,12 +65,15 @@ def draw_error(rng: np.random.Generator) -> tuple[float, float]:
 
 
 def generate(phantom_seeds: list[int], frames: int, errors: int, *, size: int, seed: int,
-             progress: bool = True, scanner: str = "plain") -> dict[str, torch.Tensor]:
+             progress: bool = True, scanner: str = "plain", open_scanner=None
+             ) -> dict[str, torch.Tensor]:
     """Samples: trus, mri (N, 1, s, s) float16; mri_labels (N, 1, s, s) uint8; tre_mm (N,).
 
     ``scanner``: "plain" (the demo scanner) or "randomised" (regseg.sim.randomise: probe, frame
-    size, spacing, speckle, gain, anatomy, MRI contrast drawn per case)."""
-    open_scanner = CACHEABLE_SCANNERS[scanner]
+    size, spacing, speckle, gain, anatomy, MRI contrast drawn per case). ``open_scanner``:
+    instead, ``(seed, scanner seed) -> (case with .mri and .labels, source with
+    .random_frame(rng))`` (e.g. bench/quality_domain_gap.py's family-B cases)."""
+    open_scanner = open_scanner or CACHEABLE_SCANNERS[scanner]
     torch.set_num_threads(1)
     rows: dict[str, list] = {"trus": [], "mri": [], "mri_labels": [], "tre_mm": [], "seed": []}
     for n, ps in enumerate(phantom_seeds):
@@ -209,41 +213,20 @@ def calibrate(estimate: np.ndarray, tre: np.ndarray) -> dict[str, float]:
             "margin_factor": round(float(np.quantile(ratio, 0.9)), 4)}
 
 
-def train(out_dir: Path, *, minutes: float, seed: int, train_phantoms: int, calib_phantoms: int,
-          frames: int, errors: int, threads: int, cache_dir: Path | None,
-          command: str, normalise: bool = False, randomised_phantoms: int = 0,
-          steps: int | None = None, appearance: bool = False) -> dict:
-    """``normalise``: QualityNetConfig.normalise; ``randomised_phantoms``: also train on pairs
-    of that many randomised family-A phantoms (seeds RAND_SEED0..); ``steps``: train exactly
-    that many steps (reproducible) instead of filling ``minutes``; ``appearance``: the
-    appearance augmentation on the TRUS channel (:func:`augment`)."""
-    t0 = time.monotonic()
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    cfg = QualityNetConfig(normalise=normalise)
-    train_seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + train_phantoms))
-    calib_seeds = list(range(CALIB_SEED0, CALIB_SEED0 + calib_phantoms))
-    train_set = cached(cache_dir, train_seeds, frames, errors, size=cfg.size, seed=seed)
-    if randomised_phantoms:
-        extra = cached(cache_dir, list(range(RAND_SEED0, RAND_SEED0 + randomised_phantoms)),
-                       frames, errors, size=cfg.size, seed=seed, scanner="randomised")
-        train_set = {k: torch.cat([train_set[k], extra[k]]) for k in train_set}
-    calib_set = cached(cache_dir, calib_seeds, frames, errors, size=cfg.size, seed=seed)
-    torch.set_num_threads(threads)
-    data_s = time.monotonic() - t0
-    print(f"data: {len(train_set['tre_mm'])} train / {len(calib_set['tre_mm'])} calibration "
-          f"samples in {data_s:.0f} s", flush=True)
-    model = QualityNet(cfg)
+def fit(model: QualityNet, train_set: dict[str, torch.Tensor], *, seed: int, budget_s: float,
+        steps: int | None = None, appearance: bool = False) -> tuple[int, list[float]]:
+    """Train ``model`` on ``train_set``'s pairs (:data:`BATCH` a step, AdamW, cosine learning
+    rate from 3e-3, :func:`augment`) for ``budget_s`` seconds, or exactly ``steps`` steps;
+    returns (steps, losses)."""
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
-    n, batch = len(train_set["tre_mm"]), 64
-    budget = 60.0 * minutes - data_s - 30.0
+    n, batch = len(train_set["tre_mm"]), BATCH
     t_train, step, losses = time.monotonic(), 0, []
     while True:
         elapsed = time.monotonic() - t_train
-        if (elapsed >= budget) if steps is None else (step >= steps):
+        if (elapsed >= budget_s) if steps is None else (step >= steps):
             break
-        progress = elapsed / budget if steps is None else step / steps
+        progress = elapsed / budget_s if steps is None else step / steps
         lr = 3e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         for group in optimiser.param_groups:
             group["lr"] = lr
@@ -258,17 +241,57 @@ def train(out_dir: Path, *, minutes: float, seed: int, train_phantoms: int, cali
         if step % 200 == 0:
             print(f"step {step} loss {np.mean(losses[-200:]):.4f} lr {lr:.2e} "
                   f"{elapsed:.0f} s", flush=True)
+    return step, losses
+
+
+def train(out_dir: Path, *, minutes: float, seed: int, train_phantoms: int, calib_phantoms: int,
+          frames: int, errors: int, threads: int, cache_dir: Path | None,
+          command: str, normalise: bool = False, randomised_phantoms: int = 0,
+          restyled_phantoms: int = 0,
+          steps: int | None = None, appearance: bool = False) -> dict:
+    """``normalise``: QualityNetConfig.normalise; ``restyled_phantoms``: also train on pairs of
+    that many randomised family-A scenes in another appearance (seeds RAND_SEED0..,
+    regseg.sim.restyle); ``randomised_phantoms``: also train on pairs
+    of that many randomised family-A phantoms (seeds RAND_SEED0..); ``steps``: train exactly
+    that many steps (reproducible) instead of filling ``minutes``; ``appearance``: the
+    appearance augmentation on the TRUS channel (:func:`augment`)."""
+    t0 = time.monotonic()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cfg = QualityNetConfig(normalise=normalise)
+    train_seeds = list(range(TRAIN_SEED0, TRAIN_SEED0 + train_phantoms))
+    calib_seeds = list(range(CALIB_SEED0, CALIB_SEED0 + calib_phantoms))
+    train_set = cached(cache_dir, train_seeds, frames, errors, size=cfg.size, seed=seed)
+    if randomised_phantoms:
+        extra = cached(cache_dir, list(range(RAND_SEED0, RAND_SEED0 + randomised_phantoms)),
+                       frames, errors, size=cfg.size, seed=seed, scanner="randomised")
+        train_set = {k: torch.cat([train_set[k], extra[k]]) for k in train_set}
+    if restyled_phantoms:
+        extra = cached(cache_dir, list(range(RAND_SEED0, RAND_SEED0 + restyled_phantoms)),
+                       frames, errors, size=cfg.size, seed=seed, scanner="restyled")
+        train_set = {k: torch.cat([train_set[k], extra[k]]) for k in train_set}
+    calib_set = cached(cache_dir, calib_seeds, frames, errors, size=cfg.size, seed=seed)
+    torch.set_num_threads(threads)
+    data_s = time.monotonic() - t0
+    print(f"data: {len(train_set['tre_mm'])} train / {len(calib_set['tre_mm'])} calibration "
+          f"samples in {data_s:.0f} s", flush=True)
+    model = QualityNet(cfg)
+    budget = 60.0 * minutes - data_s - 30.0
+    t_train = time.monotonic()
+    step, losses = fit(model, train_set, seed=seed, budget_s=budget, steps=steps,
+                       appearance=appearance)
     estimate = predict(model, calib_set)
     tre = calib_set["tre_mm"].numpy()
     calibration = calibrate(estimate, tre)
     log_err = np.abs(np.log1p(estimate) - np.log1p(tre))
     summary = {
         "command": command,
-        "seed": seed, "steps": step, "threads": threads, "batch": batch,
+        "seed": seed, "steps": step, "threads": threads, "batch": BATCH,
         "normalise": normalise, "randomised_phantoms": randomised_phantoms,
+        "restyled_phantoms": restyled_phantoms,
         "augment": "appearance" if appearance else "gain",
         "train_s": round(time.monotonic() - t_train, 1), "data_s": round(data_s, 1),
-        "train_samples": n, "train_phantom_seeds": train_seeds,
+        "train_samples": len(train_set["tre_mm"]), "train_phantom_seeds": train_seeds,
         "calibration_samples": len(tre), "calibration_phantom_seeds": calib_seeds,
         "frames_per_phantom": frames, "errors_per_frame": errors,
         "calibration": calibration,
@@ -304,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--randomised-phantoms", type=int, default=0,
                         help="also train on pairs of this many randomised family-A phantoms "
                         f"(regseg.sim.randomise, seeds {RAND_SEED0}..)")
+    parser.add_argument("--restyled-phantoms", type=int, default=0,
+                        help="also train on pairs of this many randomised family-A scenes in "
+                        f"another appearance (regseg.sim.restyle, seeds {RAND_SEED0}..)")
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps (reproducible) instead of --minutes")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
@@ -316,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
           calib_phantoms=args.calib_phantoms, frames=args.frames, errors=args.errors,
           threads=args.threads, cache_dir=cache, command=command, normalise=args.normalise,
           randomised_phantoms=args.randomised_phantoms, steps=args.steps,
+          restyled_phantoms=args.restyled_phantoms,
           appearance=args.augment == "appearance")
     return 0
 

@@ -264,25 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=40, help="live frames per phantom")
     parser.add_argument("--calib-frames", type=int, default=None,
                         help="live frames per calibration phantom (default --frames)")
-    parser.add_argument("--synthetic-phantoms", type=int, default=None,
-                        help="phantoms of the synthetic stage's cached pairs mixed in "
-                        "(default --train-phantoms)")
+    parser.add_argument("--synthetic-phantoms", type=int, default=None, help="phantoms of the "
+                        "synthetic stage's cached pairs mixed in (default --train-phantoms)")
     parser.add_argument("--synthetic-frames", type=int, default=50,
                         help="--frames of the synthetic stage (its cached samples are mixed in)")
     parser.add_argument("--randomised-phantoms", type=int, default=0,
                         help="also mix in synthetic pairs from this many phantoms of the "
                         "randomised family-A scanner (regseg.sim.randomise), seeds 3200..")
-    parser.add_argument("--randomised-live-phantoms", type=int, default=0,
-                        help="also fine-tune on live pairs of this many randomised family-A "
-                        "phantoms (seeds 3200..)")
+    parser.add_argument("--restyled-phantoms", type=int, default=0, help="and from this many "
+                        "in another appearance (regseg.sim.restyle), seeds 3200..")
+    parser.add_argument("--randomised-live-phantoms", type=int, default=0, help="also fine-tune"
+                        " on live pairs of this many randomised family-A phantoms (seeds 3200..)")
     parser.add_argument("--randomised-calib-phantoms", type=int, default=0,
                         help="calibrate also on live pairs of this many randomised family-A "
                         "phantoms (seeds 3300..: the B-like validation inside family A)")
-    parser.add_argument("--randomised-frames", type=int, default=25,
-                        help="live frames per randomised phantom")
-    parser.add_argument("--randomised-calib-frames", type=int, default=None,
-                        help="live frames per randomised calibration phantom "
-                        "(default --randomised-frames)")
+    parser.add_argument("--randomised-frames", type=int, default=25, help="frames per phantom")
+    parser.add_argument("--randomised-calib-frames", type=int, default=None, help="live frames "
+                        "per randomised calibration phantom (default --randomised-frames)")
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps (reproducible) instead of --minutes")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -328,10 +326,12 @@ def main(argv: list[str] | None = None) -> int:
                                                              or args.train_phantoms)))
     synthetic = cached(args.cache, synthetic_seeds, args.synthetic_frames, 4, size=64,
                        seed=args.seed)
-    if args.randomised_phantoms:
-        extra = cached(args.cache, list(range(RAND_SEED0, RAND_SEED0 + args.randomised_phantoms)),
-                       args.synthetic_frames, 4, size=64, seed=args.seed, scanner="randomised")
-        synthetic = {k: torch.cat([synthetic[k], extra[k]]) for k in synthetic}
+    for scanner, count in (("randomised", args.randomised_phantoms),
+                           ("restyled", args.restyled_phantoms)):
+        if count:
+            extra = cached(args.cache, list(range(RAND_SEED0, RAND_SEED0 + count)),
+                           args.synthetic_frames, 4, size=64, seed=args.seed, scanner=scanner)
+            synthetic = {k: torch.cat([synthetic[k], extra[k]]) for k in synthetic}
     data_s = time.monotonic() - t0
     print(f"live: {len(live['tre_mm'])} train / {len(live_cal['tre_mm'])} calibration samples "
           f"({data_s:.0f} s)", flush=True)
