@@ -110,7 +110,7 @@ def render(classes: np.ndarray, mask: np.ndarray, depth_mm: np.ndarray, pixel_mm
     level = np.asarray(style.level_db, np.float32)[classes]
     smooth = cv2.GaussianBlur(level, (0, 0), 0.6 / pixel_mm)
     gy, gx = np.gradient(smooth)
-    step = np.hypot(gy, gx) * (0.6 / pixel_mm) / 20.0  # ~1 at a 20 dB step
+    step = np.hypot(gy, gx) * (0.6 / pixel_mm) / 20.0  # 0.4 at a sharp 20 dB step, 1 at 50 dB
     db = level + style.edge_db * np.clip(step, 0.0, 1.0)
     db = cv2.GaussianBlur(db, (0, 0), sigmaX=max(style.grain_mm[1] / pixel_mm, 0.3),
                           sigmaY=max(style.grain_mm[0] / pixel_mm, 0.3))  # the grain blurs edges
