@@ -210,3 +210,14 @@ def test_cached_live_pairs_are_named_by_chain_and_lc2_revision(tmp_path, monkeyp
     assert any(n.endswith("-lc2-on-3100-1-2-0-a-p.pt") for n in names), names
     assert any(n.endswith("-lc2-on-r2-3100-1-2-0-a-p.pt") for n in names), names
     assert any("deformable-on" not in n for n in names), names  # the unnamed one
+
+
+def test_stage_one_trains_on_restyled_pairs_beside_the_plain_ones(tmp_path):
+    from regseg.train import quality
+
+    summary = quality.train(tmp_path, minutes=1.0, seed=0, train_phantoms=1, calib_phantoms=2,
+                            frames=2, errors=4, threads=1, cache_dir=None, command="test",
+                            restyled_phantoms=1, steps=3)
+    assert summary["steps"] == 3 and summary["restyled_phantoms"] == 1
+    assert summary["train_samples"] == 2 * (2 * 4)  # one plain and one restyled phantom
+    assert (tmp_path / "qualitynet.pt").is_file()
