@@ -189,12 +189,13 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
         warmup: int = 0, scanner_adapt: str = "default", estimate_check: str = "default",
         seg_fallback: str = "default", temporal_filter: str = "default",
         stride: int | None = None, lc2_hold: str = "default", lc2_rescue: str = "default",
-        ) -> tuple[list[dict], list[dict], list[dict]]:
+        weights: str | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """Every (family, phantom, level) run, and a noise twin of every frame of the first level
     (same pose, pure speckle) through a fresh chain; returns (rows, records, noise records).
 
-    ``deformable_weights`` / ``quality_weights``: other PLCReg 2-D / QualityNet weights than the
-    shipped ones (to compare a retrained model with the same chain); None: the shipped.
+    ``weights`` / ``deformable_weights`` / ``quality_weights``: other AlignSegNet / PLCReg 2-D /
+    QualityNet weights than the shipped ones (to compare a retrained model with the same chain);
+    None: the shipped.
     ``seeds``: per family, other phantoms than the evaluation ones (calibration phantoms or
     diagnosis cases, for a rule that must not choose on the evaluation cases). ``warmup``:
     :func:`sweep_frames` run (not scored) before each level's frames. ``scanner_adapt``:
@@ -244,9 +245,10 @@ def run(families: list[str], phantoms: int, levels: list[float], frames_per_run:
             pipeline._quality.self_check = check
         return pipeline
 
-    engine = build_engine(backend=backend, device=device, threads=threads)
+    engine = build_engine(weights, backend=backend, device=device, threads=threads)
     capture = _capture_factory(backend=backend, device=device, threads=threads,
-                               temporal_filter=temporal_filter)
+                               temporal_filter=temporal_filter,
+                               **({"weights": weights} if weights else {}))
     records: list[dict] = []
     noise_records: list[dict] = []
     for family in families:
@@ -395,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (CLI default on CPU: 1)")
     p.add_argument("--json", default=None, help="write rows, ROC and per-frame records here")
     p.add_argument("--plot", default=None, help="PNG (default: next to --json)")
+    p.add_argument("--weights", default=None,
+                   help="AlignSegNet weights (default: the shipped models/weights/alignsegnet.pt)")
     p.add_argument("--quality-weights", default=None,
                    help="QualityNet weights (default: the shipped models/weights/qualitynet.pt)")
     p.add_argument("--deformable-weights", default=None,
@@ -509,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                                estimate_check=args.estimate_check,
                                seg_fallback=args.seg_fallback,
                                temporal_filter=args.temporal_filter, stride=args.stride,
-                               lc2_hold=args.lc2_hold, lc2_rescue=args.lc2_rescue)
+                               lc2_hold=args.lc2_hold, lc2_rescue=args.lc2_rescue,
+                               weights=args.weights)
     rocs = {fam: roc([r for r in records if r["family"] == fam]) for fam in families}
     rows += [pooled_row(fam, [r for r in records if r["family"] == fam], rocs[fam]["auc"])
              for fam in families]
@@ -553,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                    bad_mm=BAD_MM,
                    good_mm=GOOD_MM, roc=rocs, wall_s=wall, label=args.label,
                    chain=chain_description(), noise_gland_mm2=NOISE_GLAND_MM2,
-                   quality_weights=args.quality_weights,
+                   quality_weights=args.quality_weights, weights=args.weights,
                    deformable_weights=args.deformable_weights, roi=args.roi, lc2=args.lc2,
                    lc2_hold=args.lc2_hold, lc2_rescue=args.lc2_rescue,
                    flag_reasons=flag_reasons(records), case_intervals=intervals,

@@ -104,6 +104,7 @@ def train_alignsegnet(
     randomise: bool = False,
     plain_fraction: float = 0.2,
     mri_stacks: bool = False,
+    restyled_fraction: float = 0.0,
     init: str | Path | None = None,
     augment: str = "gain",
     progress: bool = True,
@@ -134,6 +135,8 @@ def train_alignsegnet(
         mri_stacks: with ``randomise``, the randomised cases' MRI is half the time a thick,
             oblique T2 stack with labels drawn on its slices (``regseg.sim.mri_stack``),
             training and randomised validation alike.
+        restyled_fraction: with ``randomise``, this share of the training frames comes from
+            randomised cases re-rendered in a per-case style (``regseg.sim.restyle``).
         init: start from this checkpoint's weights (fine-tuning) instead of a random init.
         augment: ``"gain"`` (random gamma and gain, :func:`augment_trus`) or ``"appearance"``
             (first :func:`regseg.train.appearance.augment_appearance`: random texture filters,
@@ -151,6 +154,10 @@ def train_alignsegnet(
     if mri_stacks and not randomise:
         raise InputError("--mri-stacks: the MRI stacks are part of the domain randomisation; "
                          "add --randomise")
+    if not 0.0 <= restyled_fraction <= 1.0 - (plain_fraction if randomise else 0.0) or (
+            restyled_fraction and not randomise):
+        raise InputError(f"--restyled-fraction {restyled_fraction}: expected 0 to "
+                         f"1 - --plain-fraction, with --randomise")
     t_start = time.monotonic()
     deadline = t_start + 60.0 * minutes
     out_dir = Path(out_dir)
@@ -170,7 +177,7 @@ def train_alignsegnet(
     with main_first(dist):  # local rank 0 fills the cache, the others read it
         train_set, val_set, plain_val_set, demo_set = frame_sets(
             cache_dir, train_seeds, val_seeds, samples, val_frames, open_scanner, randomise,
-            plain_fraction, data_args, mri_stacks)
+            plain_fraction, data_args, mri_stacks, restyled_fraction)
     data_s = time.monotonic() - t_start
     if dist.main:
         print(f"data: {len(train_set)} train / {len(val_set)} val / {len(demo_set)} demo frames "
@@ -292,6 +299,8 @@ def train_alignsegnet(
                        validation_randomised=held_out_randomised)
         if mri_stacks:
             summary["mri_stacks"] = True
+        if restyled_fraction:
+            summary["restyled_fraction"] = restyled_fraction
     if init_meta is not None:
         summary["init"] = init_meta
     save_checkpoint(out_dir / f"{NAME}.pt", NAME, model, cfg,
@@ -351,7 +360,8 @@ def _train_from_args(args: argparse.Namespace, command: str | None) -> dict[str,
         val_frames=args.val_frames, batch_size=args.batch_size, lr=args.lr, steps=args.steps,
         validate_every_s=args.validate_every, threads=args.threads, cache_dir=args.cache_dir,
         randomise=args.randomise, plain_fraction=args.plain_fraction,
-        mri_stacks=args.mri_stacks, init=args.init, augment=args.augment,
+        mri_stacks=args.mri_stacks, restyled_fraction=args.restyled_fraction, init=args.init,
+        augment=args.augment,
         progress=not args.no_progress, command=command, resume=args.resume,
         checkpoint_every=args.checkpoint_every)
 

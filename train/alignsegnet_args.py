@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mri-stacks", action="store_true",
                         help="with --randomise: half the randomised cases' MRI is a thick, "
                         "oblique T2 stack with labels drawn on its slices (regseg.sim.mri_stack)")
+    parser.add_argument("--restyled-fraction", type=float, default=0.0,
+                        help="with --randomise: share of frames re-rendered in another "
+                        "appearance per case (regseg.sim.restyle; default 0)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this checkpoint (fine-tune) instead of random weights")
     add_augment_argument(parser)

@@ -14,6 +14,7 @@ from regseg.train.data import (
     cached_samples,
     open_randomised_scanner,
     open_randomised_stack_scanner,
+    open_restyled_scanner,
 )
 
 DEMO_SEED = 0  # the phantom `regseg-stream --demo` shows: never trained on, reported apart
@@ -21,17 +22,24 @@ DEMO_SEED = 0  # the phantom `regseg-stream --demo` shows: never trained on, rep
 
 def frame_sets(cache_dir: str | Path | None, train_seeds: list[int], val_seeds: list[int],
               samples: int, val_frames: int, open_scanner: OpenScanner, randomise: bool,
-              plain_fraction: float, data_args: dict[str, Any], mri_stacks: bool = False
+              plain_fraction: float, data_args: dict[str, Any], mri_stacks: bool = False,
+              restyled_fraction: float = 0.0
               ) -> tuple[SampleSet, SampleSet, SampleSet | None, SampleSet]:
-    """The training, validation, plain validation (``--randomise`` only) and demo frames."""
+    """The training, validation, plain validation (``--randomise`` only) and demo frames.
+
+    With ``restyled_fraction`` > 0 (``--randomise`` only) that share of the training frames is
+    randomised cases re-rendered in a style drawn per case (:mod:`regseg.sim.restyle`), drawn
+    with the data seed + 1 so their cases and poses are not the randomised frames' own.
+    """
     train_phantoms = len(train_seeds)
     plain_val_set = None
     open_randomised = open_randomised_stack_scanner if mri_stacks else open_randomised_scanner
     if randomise:
         n_plain = int(round(samples * plain_fraction))
+        n_restyled = int(round(samples * restyled_fraction))
         plain_seeds = train_seeds[:max(1, min(len(train_seeds), 16))] if n_plain else []
         parts = [cached_samples(cache_dir, train_seeds,
-                                math.ceil((samples - n_plain) / train_phantoms),
+                                math.ceil((samples - n_plain - n_restyled) / train_phantoms),
                                 desc="randomised train frames",
                                 open_scanner=open_randomised, **data_args)]
         if plain_seeds:
@@ -39,6 +47,12 @@ def frame_sets(cache_dir: str | Path | None, train_seeds: list[int], val_seeds: 
                                         math.ceil(n_plain / len(plain_seeds)),
                                         desc="plain train frames", open_scanner=open_scanner,
                                         **data_args))
+        if n_restyled:
+            parts.append(cached_samples(cache_dir, train_seeds,
+                                        math.ceil(n_restyled / train_phantoms),
+                                        desc="restyled train frames",
+                                        open_scanner=open_restyled_scanner,
+                                        **{**data_args, "seed": data_args["seed"] + 1}))
         train_set = SampleSet.concat(parts)
         val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="randomised val frames",
                                  open_scanner=open_randomised, **data_args)

@@ -96,13 +96,19 @@ def speckle_reduced(pixels: np.ndarray) -> np.ndarray:
 
 
 def family_samples(family: str, level: float, phantoms: int, frames: int,
-                   size: tuple[int, int], a_seed0: int = FAMILY_A_SEED0) -> SampleSet:
-    """Held-out frames of one family at tracking error ``level``, on the model grid."""
+                   size: tuple[int, int], a_seed0: int = FAMILY_A_SEED0,
+                   b_seed0: int | None = None) -> SampleSet:
+    """Held-out frames of one family at tracking error ``level``, on the model grid.
+
+    Family B's cases are its evaluation seeds unless ``b_seed0`` names the first of a
+    diagnosis set (seeds outside them, for choosing between models).
+    """
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}: expected one of {', '.join(FAMILIES)}")
     if family == "B":
         from regseg.sim.family_b import EVAL_SEEDS
-        seeds = list(EVAL_SEEDS)[:phantoms]
+        seeds = (list(EVAL_SEEDS)[:phantoms] if b_seed0 is None
+                 else list(range(b_seed0, b_seed0 + phantoms)))
     else:
         seeds = list(range(a_seed0, a_seed0 + phantoms))
     rows = []
@@ -137,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--a-seed0", type=int, default=FAMILY_A_SEED0,
                    help="first family-A phantom seed (default 1000, the held-out evaluation "
                    "phantoms; 3100 for the calibration phantoms used to choose)")
+    p.add_argument("--b-seed0", type=int, default=None,
+                   help="first family-B case seed (default: the evaluation seeds 5000..; "
+                   "a diagnosis set outside them, e.g. 5428, to choose on)")
     p.add_argument("--frames", type=int, default=10, help="per phantom and level")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
@@ -155,14 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     for family in args.families.split(","):
         for level in (float(v) for v in args.levels.split(",")):
             t0 = time.monotonic()
-            seed0 = "" if family == "B" else f"-a{args.a_seed0}"
+            seed0 = ((f"-b{args.b_seed0}" if args.b_seed0 is not None else "") if family == "B"
+                     else f"-a{args.a_seed0}")
             cached = (args.cache_dir / f"{family}{seed0}-L{level:g}-p{args.phantoms}"
                       f"-f{args.frames}-s{size[0]}.pt") if args.cache_dir else None
             if cached is not None and cached.is_file():
                 samples = SampleSet.load(cached)
             else:
                 samples = family_samples(family, level, args.phantoms, args.frames, size,
-                                         args.a_seed0)
+                                         args.a_seed0, args.b_seed0)
                 if cached is not None:
                     samples.save(cached)
             for name, model in models.items():
