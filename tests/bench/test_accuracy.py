@@ -305,6 +305,33 @@ def test_other_seeds_and_the_chain_options(tmp_path):
     assert {f["phantom"] for f in data["frames_detail"]} == {5090}
 
 
+def test_weights_option_runs_every_engine_of_the_chain_on_the_given_alignsegnet(tmp_path,
+                                                                                 monkeypatch):
+    """--weights (a rule's candidate AlignSegNet): the chain's engine and the capture's extra
+    engines load it, and the JSON names it."""
+    import shutil
+
+    from regseg.engines import fusion
+
+    weights = tmp_path / "candidate.pt"
+    shutil.copy(Path(__file__).resolve().parents[2] / "models" / "weights" / "alignsegnet.pt",
+                weights)
+    loaded = []
+    real = fusion.FusionEngine.__init__
+
+    def spy(self, weights=None, *args, **kwargs):
+        loaded.append(str(weights))
+        real(self, weights, *args, **kwargs)
+
+    monkeypatch.setattr(fusion.FusionEngine, "__init__", spy)
+    out = tmp_path / "acc.json"
+    bench.main(["--families", "B", "--b-seeds", "5090", "--levels", "0", "--frames", "1",
+                "--deformable", "off", "--backend", "eager", "--weights", str(weights),
+                "--json", str(out)])
+    assert len(loaded) >= 2 and set(loaded) == {str(weights)}
+    assert json.loads(out.read_text())["weights"] == str(weights)
+
+
 @pytest.mark.slow
 def test_family_a_frames_carry_the_set_tracking_error():
     """Family A goes through the same error model: in-plane 6 mm shift and 6 deg rotation about

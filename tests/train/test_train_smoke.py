@@ -261,3 +261,63 @@ def test_compare_refuses_an_unknown_family_before_any_work(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--families A,C: C unknown" in err and "Traceback" not in err
+
+
+def test_restyled_share_comes_from_the_restyled_scanner_with_its_own_draws(tmp_path, monkeypatch):
+    """--restyled-fraction: that share of the training frames is rendered by the restyled
+    scanner, on the training cases drawn with the data seed + 1 (other poses and cases than the
+    randomised frames'), and is recorded."""
+    opened = {"randomised": [], "restyled": []}
+
+    def spy(kind):
+        def open_(phantom_seed, scanner_seed):
+            opened[kind].append((phantom_seed, scanner_seed))
+            return open_stand_in(phantom_seed, scanner_seed)
+        return open_
+
+    monkeypatch.setattr("regseg.train.alignsegnet_data.open_randomised_scanner", spy("randomised"))
+    monkeypatch.setattr("regseg.train.alignsegnet_data.open_restyled_scanner", spy("restyled"))
+    summary = train_alignsegnet(tmp_path, minutes=2, steps=1, samples=8, train_phantoms=2,
+                                val_phantoms=1, val_frames=2, batch_size=2, config=TINY,
+                                cache_dir=None, open_scanner=open_stand_in, randomise=True,
+                                plain_fraction=0.25, restyled_fraction=0.25, progress=False,
+                                command="test")
+    assert summary["train_frames"] == 8 and summary["restyled_fraction"] == 0.25
+    assert [s for s, _ in opened["restyled"]] == [1, 2]
+    randomised_train = opened["randomised"][:2]
+    assert {s for s, _ in randomised_train} == {1, 2}
+    # data seed 0 -> scanner seeds phantom + 0; the restyled draw uses seed 1 -> 100_003 + phantom
+    assert [k for _, k in opened["restyled"]] == [100_004, 100_005]
+    assert [k for _, k in randomised_train] == [1, 2]
+
+
+@pytest.mark.parametrize("randomise, restyled", [(False, 0.2), (True, 0.9), (True, -0.1)])
+def test_restyled_fraction_out_of_range_is_refused_before_any_work(tmp_path, randomise, restyled):
+    with pytest.raises(InputError, match="--restyled-fraction"):
+        train_alignsegnet(tmp_path / "run", minutes=1, steps=1, samples=8, train_phantoms=2,
+                          config=TINY, cache_dir=None, open_scanner=open_stand_in,
+                          randomise=randomise, plain_fraction=0.2, restyled_fraction=restyled,
+                          progress=False, command="test")
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_family_b_uses_the_diagnosis_seeds_when_given(monkeypatch):
+    """--b-seed0 chooses family-B cases outside the evaluation seeds; by default they are the
+    evaluation seeds."""
+    from regseg.sim.family_b import EVAL_SEEDS
+    from regseg.train import compare
+
+    seen = []
+
+    def stand_in_b(seed):
+        seen.append(seed)
+        phantom = StandInPhantom(seed)
+        return phantom, StandInScanner(phantom, seed).random_frame
+
+    monkeypatch.setattr(compare, "_family_b", stand_in_b)
+    samples = compare.family_samples("B", 3.0, 2, 1, (32, 32), b_seed0=5428)
+    assert seen == [5428, 5429]
+    assert samples.phantom_seed.flatten().tolist() == [5428, 5429]
+    seen.clear()
+    compare.family_samples("B", 3.0, 1, 1, (32, 32))
+    assert seen == [EVAL_SEEDS[0]]
