@@ -64,13 +64,25 @@ def augment_trus(trus: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 def joint_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                weights: LossWeights) -> dict[str, torch.Tensor]:
-    """The AlignSegNet training loss and its parts (each a scalar tensor; ``total`` is the sum)."""
+    """The AlignSegNet training loss and its parts (each a scalar tensor; ``total`` is the sum).
+
+    ``batch["reg_mask"]`` (optional, (B,) bool): the frames the registration losses (label Dice,
+    transform, KL) are taken over; the segmentation loss always takes every frame.
+    """
+    keep = batch.get("reg_mask")
+    if keep is not None and not bool(keep.any()):
+        zero = out["theta"].sum() * 0.0
+        reg = transform = kl = zero
+    else:
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t if keep is None else t[keep]
+        reg = losses.registration_dice_loss(rows(out["warped_labels"]), rows(batch["label_maps"]))
+        transform = losses.transform_loss(rows(out["theta"]), rows(batch["theta"]))
+        kl = losses.kl_alignment_loss(rows(out["trus_latent"]), rows(out["mri_latent"]))
     parts = {
         "seg": losses.segmentation_loss(out["logits"], batch["labels"],
                                         lesion_weight=weights.lesion),
-        "reg": losses.registration_dice_loss(out["warped_labels"], batch["label_maps"]),
-        "transform": losses.transform_loss(out["theta"], batch["theta"]),
-        "kl": losses.kl_alignment_loss(out["trus_latent"], out["mri_latent"]),
+        "reg": reg, "transform": transform, "kl": kl,
     }
     parts["total"] = (parts["seg"] + weights.reg * parts["reg"]
                       + weights.transform * parts["transform"] + weights.kl * parts["kl"])
@@ -105,6 +117,7 @@ def train_alignsegnet(
     plain_fraction: float = 0.2,
     mri_stacks: bool = False,
     restyled_fraction: float = 0.0,
+    restyled_losses: str = "all",
     init: str | Path | None = None,
     augment: str = "gain",
     progress: bool = True,
@@ -136,7 +149,8 @@ def train_alignsegnet(
             oblique T2 stack with labels drawn on its slices (``regseg.sim.mri_stack``),
             training and randomised validation alike.
         restyled_fraction: with ``randomise``, this share of the training frames comes from
-            randomised cases re-rendered in a per-case style (``regseg.sim.restyle``).
+            randomised cases re-rendered in a per-case style (``regseg.sim.restyle``);
+            ``restyled_losses="segmentation"``: they train the segmentation loss only.
         init: start from this checkpoint's weights (fine-tuning) instead of a random init.
         augment: ``"gain"`` (random gamma and gain, :func:`augment_trus`) or ``"appearance"``
             (first :func:`regseg.train.appearance.augment_appearance`: random texture filters,
@@ -158,6 +172,8 @@ def train_alignsegnet(
             restyled_fraction and not randomise):
         raise InputError(f"--restyled-fraction {restyled_fraction}: expected 0 to "
                          f"1 - --plain-fraction, with --randomise")
+    if restyled_losses not in ("all", "segmentation"):
+        raise InputError(f"--restyled-losses {restyled_losses!r}: expected all or segmentation")
     t_start = time.monotonic()
     deadline = t_start + 60.0 * minutes
     out_dir = Path(out_dir)
@@ -175,7 +191,7 @@ def train_alignsegnet(
     val_seeds = list(range(VAL_SEED0, VAL_SEED0 + val_phantoms))
     data_args = dict(size=size, seed=seed, progress=progress)
     with main_first(dist):  # local rank 0 fills the cache, the others read it
-        train_set, val_set, plain_val_set, demo_set = frame_sets(
+        train_set, val_set, plain_val_set, demo_set, n_restyled = frame_sets(
             cache_dir, train_seeds, val_seeds, samples, val_frames, open_scanner, randomise,
             plain_fraction, data_args, mri_stacks, restyled_fraction)
     data_s = time.monotonic() - t_start
@@ -240,7 +256,10 @@ def train_alignsegnet(
             break
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(train_set), generator=generator), 0
-        batch = train_set.batch(order[cursor : cursor + batch_size])
+        index = order[cursor : cursor + batch_size]
+        batch = train_set.batch(index)
+        if restyled_losses == "segmentation" and n_restyled:
+            batch["reg_mask"] = index < len(train_set) - n_restyled
         cursor += batch_size
         if augment == "appearance":  # drawn for the global batch, like the gain below
             batch["trus"] = augment_appearance(batch["trus"], generator)
@@ -300,7 +319,7 @@ def train_alignsegnet(
         if mri_stacks:
             summary["mri_stacks"] = True
         if restyled_fraction:
-            summary["restyled_fraction"] = restyled_fraction
+            summary.update(restyled_fraction=restyled_fraction, restyled_losses=restyled_losses)
     if init_meta is not None:
         summary["init"] = init_meta
     save_checkpoint(out_dir / f"{NAME}.pt", NAME, model, cfg,
@@ -360,7 +379,8 @@ def _train_from_args(args: argparse.Namespace, command: str | None) -> dict[str,
         val_frames=args.val_frames, batch_size=args.batch_size, lr=args.lr, steps=args.steps,
         validate_every_s=args.validate_every, threads=args.threads, cache_dir=args.cache_dir,
         randomise=args.randomise, plain_fraction=args.plain_fraction,
-        mri_stacks=args.mri_stacks, restyled_fraction=args.restyled_fraction, init=args.init,
+        mri_stacks=args.mri_stacks, restyled_fraction=args.restyled_fraction,
+        restyled_losses=args.restyled_losses, init=args.init,
         augment=args.augment,
         progress=not args.no_progress, command=command, resume=args.resume,
         checkpoint_every=args.checkpoint_every)

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restyled-fraction", type=float, default=0.0,
                         help="with --randomise: share of frames re-rendered in another "
                         "appearance per case (regseg.sim.restyle; default 0)")
+    parser.add_argument("--restyled-losses", choices=("all", "segmentation"), default="all",
+                        help="what the restyled frames train: every loss (default) or only the "
+                        "segmentation (the registration losses skip them)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this checkpoint (fine-tune) instead of random weights")
     add_augment_argument(parser)

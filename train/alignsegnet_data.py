@@ -24,8 +24,9 @@ def frame_sets(cache_dir: str | Path | None, train_seeds: list[int], val_seeds: 
               samples: int, val_frames: int, open_scanner: OpenScanner, randomise: bool,
               plain_fraction: float, data_args: dict[str, Any], mri_stacks: bool = False,
               restyled_fraction: float = 0.0
-              ) -> tuple[SampleSet, SampleSet, SampleSet | None, SampleSet]:
-    """The training, validation, plain validation (``--randomise`` only) and demo frames.
+              ) -> tuple[SampleSet, SampleSet, SampleSet | None, SampleSet, int]:
+    """The training, validation, plain validation (``--randomise`` only) and demo frames, and
+    how many of the training frames (the last ones) are restyled.
 
     With ``restyled_fraction`` > 0 (``--randomise`` only) that share of the training frames is
     randomised cases re-rendered in a style drawn per case (:mod:`regseg.sim.restyle`), drawn
@@ -33,6 +34,7 @@ def frame_sets(cache_dir: str | Path | None, train_seeds: list[int], val_seeds: 
     """
     train_phantoms = len(train_seeds)
     plain_val_set = None
+    restyled_frames = 0
     open_randomised = open_randomised_stack_scanner if mri_stacks else open_randomised_scanner
     if randomise:
         n_plain = int(round(samples * plain_fraction))
@@ -47,12 +49,13 @@ def frame_sets(cache_dir: str | Path | None, train_seeds: list[int], val_seeds: 
                                         math.ceil(n_plain / len(plain_seeds)),
                                         desc="plain train frames", open_scanner=open_scanner,
                                         **data_args))
-        if n_restyled:
+        if n_restyled:  # last, so the training loop knows them by index
             parts.append(cached_samples(cache_dir, train_seeds,
                                         math.ceil(n_restyled / train_phantoms),
                                         desc="restyled train frames",
                                         open_scanner=open_restyled_scanner,
                                         **{**data_args, "seed": data_args["seed"] + 1}))
+            restyled_frames = len(parts[-1])
         train_set = SampleSet.concat(parts)
         val_set = cached_samples(cache_dir, val_seeds, val_frames, desc="randomised val frames",
                                  open_scanner=open_randomised, **data_args)
@@ -65,4 +68,4 @@ def frame_sets(cache_dir: str | Path | None, train_seeds: list[int], val_seeds: 
                                  open_scanner=open_scanner, **data_args)
     demo_set = cached_samples(cache_dir, [DEMO_SEED], val_frames, desc="demo frames",
                               open_scanner=open_scanner, **data_args)
-    return train_set, val_set, plain_val_set, demo_set
+    return train_set, val_set, plain_val_set, demo_set, restyled_frames

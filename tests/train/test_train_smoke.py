@@ -263,7 +263,9 @@ def test_compare_refuses_an_unknown_family_before_any_work(capsys):
     assert "--families A,C: C unknown" in err and "Traceback" not in err
 
 
-def test_restyled_share_comes_from_the_restyled_scanner_with_its_own_draws(tmp_path, monkeypatch):
+@pytest.mark.parametrize("restyled_losses", ["all", "segmentation"])
+def test_restyled_share_comes_from_the_restyled_scanner_with_its_own_draws(tmp_path, monkeypatch,
+                                                                           restyled_losses):
     """--restyled-fraction: that share of the training frames is rendered by the restyled
     scanner, on the training cases drawn with the data seed + 1 (other poses and cases than the
     randomised frames'), and is recorded."""
@@ -281,8 +283,9 @@ def test_restyled_share_comes_from_the_restyled_scanner_with_its_own_draws(tmp_p
                                 val_phantoms=1, val_frames=2, batch_size=2, config=TINY,
                                 cache_dir=None, open_scanner=open_stand_in, randomise=True,
                                 plain_fraction=0.25, restyled_fraction=0.25, progress=False,
-                                command="test")
+                                restyled_losses=restyled_losses, command="test")
     assert summary["train_frames"] == 8 and summary["restyled_fraction"] == 0.25
+    assert summary["restyled_losses"] == restyled_losses
     assert [s for s, _ in opened["restyled"]] == [1, 2]
     randomised_train = opened["randomised"][:2]
     assert {s for s, _ in randomised_train} == {1, 2}
@@ -321,3 +324,34 @@ def test_compare_family_b_uses_the_diagnosis_seeds_when_given(monkeypatch):
     seen.clear()
     compare.family_samples("B", 3.0, 1, 1, (32, 32))
     assert seen == [EVAL_SEEDS[0]]
+
+
+def test_registration_losses_skip_the_frames_outside_the_mask():
+    """--restyled-losses segmentation: the registration losses are taken over the masked frames
+    only (zero, with a gradient path, when none is), the segmentation loss over all."""
+    from regseg.train.alignsegnet import LossWeights, joint_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, h = 4, 8
+    out = {"logits": torch.randn(b, 3, h, h, generator=g, requires_grad=True),
+           "warped_labels": torch.rand(b, 2, h, h, generator=g),
+           "theta": torch.randn(b, 2, 3, generator=g, requires_grad=True),
+           "trus_latent": torch.log_softmax(torch.randn(b, 4, generator=g), 1),
+           "mri_latent": torch.log_softmax(torch.randn(b, 4, generator=g), 1)}
+    batch = {"labels": torch.randint(0, 3, (b, h, h), generator=g),
+             "label_maps": (torch.rand(b, 2, h, h, generator=g) > 0.5).float(),
+             "theta": torch.randn(b, 2, 3, generator=g)}
+    w = LossWeights()
+    full = joint_loss(out, batch, w)
+    first = {k: v[:2] for k, v in out.items()}
+    first_batch = {k: v[:2] for k, v in batch.items()}
+    masked = joint_loss(out, {**batch, "reg_mask": torch.tensor([True, True, False, False])}, w)
+    assert torch.isclose(masked["seg"], full["seg"])
+    for name in ("reg", "transform", "kl"):
+        assert torch.isclose(masked[name], joint_loss(first, first_batch, w)[name])
+        assert not torch.isclose(masked[name], full[name])
+    none = joint_loss(out, {**batch, "reg_mask": torch.zeros(b, dtype=torch.bool)}, w)
+    assert none["reg"] == 0 and none["transform"] == 0 and none["kl"] == 0
+    assert torch.isclose(none["total"], full["seg"])
+    none["total"].backward()  # still a graph: the step runs
+    assert out["logits"].grad is not None
