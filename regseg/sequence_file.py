@@ -13,9 +13,9 @@ Writing is :mod:`regseg.sequence_writer` (streaming, crash-safe, recoverable).
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,11 @@ _NRRD_FORMAT = {"type", "dimension", "sizes", "kinds", "endian", "encoding", "da
                 "datafile", "space dimension", "space directions", "space origin", "spacings",
                 "space"}
 _CHUNK = 4 << 20
+#: A header line longer than this is not a PLUS header (a frame's fields are < 1 KB).
+_MAX_HEADER_LINE = 1 << 20
+#: Deflate packs at most 1032 bytes into 1 (258-byte matches at ~2 bits each); a header claiming
+#: more pixels than its compressed data could hold is refused before anything is decompressed.
+_MAX_DEFLATE_RATIO = 1032
 
 
 @dataclass(slots=True)
@@ -112,9 +117,12 @@ def _read_header(path: Path, kind: str) -> tuple[dict[str, str], dict[int, dict[
     """(file fields, per-frame fields by index, byte offset of the pixel data)."""
     fields: dict[str, str] = {}
     frames: dict[int, dict[str, str]] = {}
-    with open(path, "rb") as f:
+    with _open_regular(path, path, "sequence file") as f:
         first = True
-        while line := f.readline():
+        while line := f.readline(_MAX_HEADER_LINE):
+            if len(line) == _MAX_HEADER_LINE and not line.endswith(b"\n"):
+                raise InputError(f"{path}: a header line of more than {_MAX_HEADER_LINE} bytes; "
+                                 "'key = value' lines expected (is this a PLUS sequence file?)")
             text = line.decode("latin-1").rstrip("\r\n")
             if kind == "nrrd":
                 if first and not text.startswith("NRRD"):
@@ -209,26 +217,94 @@ def read_sequence(path: str | os.PathLike) -> Sequence:
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc})") from exc
     (count, height, width, channels), dtype, compressed, data_file = _layout(path, kind, fields)
-    source = path if data_file.upper() == "LOCAL" else path.parent / data_file
+    source = path if data_file.upper() == "LOCAL" else _data_path(path, kind, data_file)
     start = offset if data_file.upper() == "LOCAL" else 0
-    with open(source, "rb") as f:
-        f.seek(start)
-        data = f.read()
-    if compressed:
-        try:
-            data = gzip.decompress(data) if kind == "nrrd" else zlib.decompress(data)
-        except (OSError, zlib.error, EOFError) as exc:
-            raise InputError(f"{path}: compressed pixel data does not decompress: {exc}") from exc
     expected = count * height * width * channels * dtype.itemsize
+    what = f"the header's {count} frames of {width}x{height}x{channels} {dtype} need {expected}"
+    try:
+        with _open_regular(source, path, "pixel data") as f:
+            f.seek(start)
+            size = os.fstat(f.fileno()).st_size - start
+            if not compressed:
+                if size != expected:  # checked before reading: nothing is read past the pixels
+                    raise InputError(f"{path}: {max(size, 0)} bytes of pixels; {what}")
+                data = f.read(expected)
+            else:
+                data = _inflate(f, path, kind, size, expected, what)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the pixel data in {source} ({exc})") from exc
     if len(data) != expected:
-        raise InputError(f"{path}: {len(data)} bytes of pixels; the header's {count} frames of "
-                         f"{width}x{height}x{channels} {dtype} need {expected}")
+        raise InputError(f"{path}: {len(data)} bytes of pixels; {what}")
     shape = (count, height, width, channels) if channels > 1 else (count, height, width)
     pixels = np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
     frames = [SequenceFrame(pixels[i], frame_fields.get(i, {})) for i in range(count)]
     fmt = _META_FORMAT if kind == "mha" else _NRRD_FORMAT
     return Sequence(frames, {k: v for k, v in fields.items() if k not in fmt},
                     _element_spacing(fields.get("ElementSpacing", fields.get("spacings", ""))))
+
+
+def _open_regular(source: Path, path: Path, what: str):
+    """``source`` opened for binary reading, refused unless it is a regular file (a device such
+    as /dev/zero or a FIFO would feed the reader for ever; O_NONBLOCK: opening a FIFO must not
+    wait for a writer)."""
+    try:
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open the {what} {source} ({exc})") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise InputError(f"{path}: the {what} {source} is not a regular file (mode "
+                         f"{stat.filemode(mode)}); a file on disk expected")
+    return os.fdopen(fd, "rb")
+
+
+def _data_path(path: Path, kind: str, data_file: str) -> Path:
+    """The detached pixel file a header names: a file in the header's folder or below it.
+
+    Our writer only writes LOCAL (pixels after the header); a name that is absolute or climbs
+    out with ``..`` would let a file picked up from elsewhere read any file on the machine.
+    """
+    field = "ElementDataFile" if kind == "mha" else "data file"
+    name = Path(data_file)
+    if not data_file or name.is_absolute() or ".." in name.parts:
+        raise InputError(f"{path}: {field} {data_file!r}; LOCAL or a file name relative to the "
+                         "header's folder, without '..', expected")
+    return path.parent / name
+
+
+def _inflate(f, path: Path, kind: str, size: int, expected: int, what: str) -> bytearray:
+    """Decompress at most ``expected`` + 1 bytes from ``f`` (a zlib stream, or gzip members for
+    NRRD), reading it in chunks: a zip bomb costs at most what the header says the pixels
+    take, and a header claiming more than ``size`` compressed bytes can hold is refused at once.
+    """
+    if expected > _MAX_DEFLATE_RATIO * max(size, 0) + 1024:
+        raise InputError(f"{path}: {max(size, 0)} bytes of compressed pixels cannot hold what "
+                         f"{what} bytes (deflate packs at most {_MAX_DEFLATE_RATIO}:1)")
+    wbits = 16 + zlib.MAX_WBITS if kind == "nrrd" else zlib.MAX_WBITS
+    inflate = zlib.decompressobj(wbits)
+    out = bytearray()
+    try:
+        while chunk := f.read(_CHUNK):
+            while chunk:
+                if inflate.eof:  # after a zlib stream MetaIO ignores the rest (as zlib does);
+                    if kind != "nrrd":  # a NRRD gzip file may hold several members
+                        return out
+                    if not chunk.strip(b"\0"):  # zero padding after the last member
+                        break
+                    inflate = zlib.decompressobj(wbits)
+                # max_length is >= 1 here (0 would mean "no limit")
+                out += inflate.decompress(chunk, expected + 1 - len(out))
+                if len(out) > expected:
+                    raise InputError(f"{path}: compressed pixels decompress to more than "
+                                     f"{expected} bytes; {what} (a corrupt or hostile file)")
+                chunk = inflate.unused_data if inflate.eof else inflate.unconsumed_tail
+    except zlib.error as exc:
+        raise InputError(f"{path}: compressed pixel data does not decompress: {exc}") from exc
+    if not inflate.eof:
+        raise InputError(f"{path}: compressed pixel data does not decompress: the stream ends "
+                         f"early after {len(out)} bytes (a truncated file?); {what}")
+    return out
 
 
 def _element_spacing(text: str) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -28,6 +29,44 @@ log = logging.getLogger(__name__)
 
 JOURNAL_FORMAT = "regseg-sequence-journal/1"
 _CHUNK = 4 << 20
+# What a header value may hold: printable Latin-1 (the header's encoding) and tab. A CR or LF ends
+# the line (a NRRD header at the first blank line); anything above U+00FF does not encode.
+_BAD_VALUE = re.compile(r"[^\t\x20-\x7e\xa0-\xff]")
+
+
+def header_text(text: str) -> str:
+    """``text`` as printable ASCII that a header line can hold, for values a peer chose.
+
+    Control characters (CR, LF, ESC ...) and non-ASCII characters are written as Python escapes
+    (``\\n``, ``\\x1b``, ``\\u03a9``), so a scanner's device name can neither end the header
+    early nor fail to encode at close. Printable ASCII is returned unchanged.
+    """
+    return "".join(ch if " " <= ch <= "~" else ch.encode("unicode_escape").decode("ascii")
+                   for ch in str(text))
+
+
+def check_fields(fields: dict, where: str) -> dict[str, str]:
+    """``fields`` as str -> str, refused unless every name and value fits on one header line.
+
+    Names: printable ASCII without ``=`` or ``:`` (the MetaIO / NRRD separators), no space at
+    either end. Values: printable Latin-1 or tab (pass peer text through :func:`header_text`).
+
+    Raises:
+        InputError: naming ``where``, the field and the offending character.
+    """
+    checked = {}
+    for key, value in fields.items():
+        key, value = str(key), str(value)
+        if (not key or key != key.strip() or not key.isascii() or not key.isprintable()
+                or "=" in key or ":" in key):
+            raise InputError(f"{where}: field name {key!r}; printable ASCII without '=' or ':' "
+                             "expected")
+        if bad := _BAD_VALUE.search(value):
+            raise InputError(f"{where}: field {key} = {value[:80]!r} holds {bad.group()!r}, "
+                             "which a header line cannot hold; printable Latin-1 text without "
+                             "CR/LF expected (escape peer text with header_text())")
+        checked[key] = value
+    return checked
 
 
 def partial_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -55,8 +94,9 @@ class SequenceWriter:
         spacing_mm: ElementSpacing / NRRD spacings (x = column, y = row) in mm; PLUS leaves these
             at 1 and takes the pixel size from the per-frame ImageToReference transform.
     Raises:
-        InputError: a name that is not a sequence file, or an unfinished recording to the same
-            path (recover it first: ``regseg recover PATH``).
+        InputError: a name that is not a sequence file, a field a header line cannot hold (see
+            :func:`check_fields`), or an unfinished recording to the same path (recover it
+            first: ``regseg-igt recover PATH``).
     """
 
     def __init__(self, path: str | os.PathLike, *, fields: dict[str, str] | None = None,
@@ -64,7 +104,7 @@ class SequenceWriter:
                  level: int = 6) -> None:
         self.path = Path(path)
         self.kind = sequence_kind(self.path)
-        self.fields = dict(fields or {})
+        self.fields = check_fields(fields or {}, f"{self.path}: file header")
         self.compress = compress
         self.spacing_mm = (float(spacing_mm[0]), float(spacing_mm[1]))
         self.count = 0
@@ -74,7 +114,7 @@ class SequenceWriter:
         self._pixels_path, self._journal_path = partial_paths(self.path)
         if self._journal_path.exists():
             raise InputError(f"{self.path}: an unfinished recording to this file is on disk "
-                             f"({self._journal_path.name}); recover it with `regseg recover "
+                             f"({self._journal_path.name}); recover it with `regseg-igt recover "
                              f"{self.path}` or choose another name")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._pixels = open(self._pixels_path, "wb")  # noqa: SIM115 (closed in close())
@@ -85,7 +125,13 @@ class SequenceWriter:
                             "spacing_mm": self.spacing_mm, "fields": self.fields})
 
     def add(self, pixels: np.ndarray, fields: dict[str, str]) -> None:
-        """Append one frame: (H, W) or (H, W, C), the same shape and dtype as the first."""
+        """Append one frame: (H, W) or (H, W, C), the same shape and dtype as the first.
+
+        Raises:
+            InputError: pixels of another shape or dtype, or a field a header line cannot hold
+                (checked here, so one bad frame is refused, not the whole file at close).
+        """
+        fields = check_fields(fields, f"{self.path}: frame {self.count}")
         pixels = np.ascontiguousarray(pixels)
         if self._shape is None:
             if pixels.ndim not in (2, 3) or pixels.dtype.str[1:] not in MET_TYPES.values():
@@ -101,7 +147,7 @@ class SequenceWriter:
             data = self._zip.compress(data) + self._zip.flush(zlib.Z_SYNC_FLUSH)
         self._pixels.write(data)
         self._pixels.flush()
-        self._frame_fields.append(dict(fields))
+        self._frame_fields.append(fields)
         self.count += 1
         self._journal_line({"fields": self._frame_fields[-1], "end": self._pixels.tell()})
 
@@ -202,8 +248,8 @@ def recover_recording(path: str | os.PathLike, out: str | os.PathLike | None = N
         if src.exists():
             os.replace(src, dst)
     target = Path(out) if out is not None else path
-    writer = SequenceWriter(target, fields=header["fields"], compress=header["compress"],
-                            spacing_mm=tuple(header["spacing_mm"]))
+    writer = SequenceWriter(target, fields=_escaped(header["fields"]),
+                            compress=header["compress"], spacing_mm=tuple(header["spacing_mm"]))
     count = 0
     if layout is not None and frames and aside[0].exists():
         shape, dtype = tuple(layout["shape"]), np.dtype(layout["dtype"])
@@ -211,7 +257,7 @@ def recover_recording(path: str | os.PathLike, out: str | os.PathLike | None = N
                                       _wbits(sequence_kind(path)) if header["compress"] else None):
             if count == len(frames):
                 break
-            writer.add(pixels, frames[count]["fields"])
+            writer.add(pixels, _escaped(frames[count]["fields"]))
             count += 1
     writer.close()
     for p in aside:
@@ -238,6 +284,12 @@ def _frames_on_disk(pixels_path: Path, end: int, shape: tuple[int, ...], dtype: 
             while len(buffer) >= frame_bytes:
                 yield np.frombuffer(bytes(buffer[:frame_bytes]), dtype).reshape(shape)
                 del buffer[:frame_bytes]
+
+
+def _escaped(fields: dict) -> dict[str, str]:
+    """Journal fields with values a header cannot hold escaped (journals of regseg versions that
+    recorded a peer's device name raw)."""
+    return {k: header_text(v) if _BAD_VALUE.search(str(v)) else v for k, v in fields.items()}
 
 
 def _wbits(kind: str) -> int:

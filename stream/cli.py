@@ -81,6 +81,14 @@ def _context_and_source(args, plan, slot):
         raise
 
 
+def _loopback_endpoint(endpoint: str) -> bool:
+    """tcp://127.x or tcp://[::1] or tcp://localhost (and ipc://, inproc://): this computer only."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def _sinks(args, plan, on_message=None) -> tuple[list, list[str]]:
     """The sinks the plan asks for, opened (servers bound); returns them and their URLs.
 
@@ -101,7 +109,12 @@ def _sinks(args, plan, on_message=None) -> tuple[list, list[str]]:
         if plan.zmq:
             from regseg.stream.zmq_sink import ZmqSink
 
-            sinks.append(ZmqSink(plan.zmq))
+            sinks.append(ZmqSink(plan.zmq, allow=plan.zmq_allow))
+            if plan.zmq_allow is None and not _loopback_endpoint(plan.zmq):
+                print(f"regseg-stream: warning: --zmq {plan.zmq} is reachable beyond this "
+                      "computer and any peer may subscribe (a subscriber can grow this "
+                      "process's memory); name the subscribers with --zmq-allow HOST[,HOST]",
+                      file=sys.stderr, flush=True)
             urls.append(plan.zmq)
         if plan.web:
             from regseg.stream.web.sink import open_web_sink

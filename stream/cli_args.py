@@ -246,6 +246,9 @@ def check_args(args) -> argparse.Namespace:
         if plan.zmq.startswith("tcp://"):
             _claim(bound, *host_port(plan.zmq, "tcp", "--zmq"), f"--zmq {plan.zmq}")
         check_zmq_endpoint(plan.zmq)
+    plan.zmq_allow = parse_hosts(args.zmq_allow, "--zmq-allow") if args.zmq_allow else None
+    if plan.zmq_allow and not plan.zmq:
+        raise InputError(f"--zmq-allow {args.zmq_allow}: there is no --zmq endpoint to guard")
     plan.web = None
     if getattr(args, "web", None) and args.web != "none":
         from regseg.stream.serve.config import address

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zmq", action=Once, default=None,
                    help="ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556 ('none' for none; default "
                    "tcp://127.0.0.1:5556 with --demo)")
+    p.add_argument("--zmq-allow", action=Once, default=None, metavar="HOST[,HOST]",
+                   help="only these hosts may subscribe to --zmq (default: any that reaches it; "
+                   "name them when --zmq is bound beyond loopback)")
     p.add_argument("--reference-to-mri", action=Once, default=None,
                    help="ReferenceToMRI (initial registration): ITK .tfm/.h5 as Slicer saves it, "
                    "PLUS .xml (Reference -> MRI) or a text file of 4 rows of 4 numbers; default "

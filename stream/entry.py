@@ -18,6 +18,30 @@ class Terminated(Exception):
     """SIGTERM before the live loop runs: leave quietly."""
 
 
+#: The most open files the live process asks for (some containers allow ~10^9: no need).
+MAX_OPEN_FILES = 65536
+
+
+def raise_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; returns the new soft
+    limit. A live process holds a handle per peer on every port, and the usual soft default
+    (1,024) let 1,100 idle connections to one port starve the others (a red-team run); the
+    hard limit is what the administrator allows."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def run_live(prog: str, start: Callable[[threading.Event, threading.Event], dict],
              report: Callable[[dict], None]) -> int:
     """Run ``start(stop, running)`` (it parses, checks, builds and runs until ``stop``; it sets
@@ -29,6 +53,7 @@ def run_live(prog: str, start: Callable[[threading.Event, threading.Event], dict
     loading, building engines) they end the process at once, quietly; a second Ctrl-C during
     the clean end does too.
     """
+    raise_file_limit()
     stop, running = threading.Event(), threading.Event()
     stopped_by: list[int] = []
 
@@ -57,4 +82,11 @@ def run_live(prog: str, start: Callable[[threading.Event, threading.Event], dict
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     report(summary)
-    return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else 0
+    if signal.SIGINT in stopped_by:
+        return EXIT_INTERRUPTED
+    failed = (summary.get("recorder") or {}).get("failed") if isinstance(summary, dict) else None
+    if failed:  # the stream ran, but what it was asked to keep is not all there
+        print(f"{prog}: error: the recording is incomplete: {'; '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return 0

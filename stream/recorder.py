@@ -18,7 +18,12 @@ import numpy as np
 
 from regseg.errors import InputError
 from regseg.sequence_file import DEFAULT_DEVICE, SEQUENCE_EXTENSIONS, SPACING_FIELD, format_matrix
-from regseg.sequence_writer import SequenceWriter, has_partial, recover_recording
+from regseg.sequence_writer import (
+    SequenceWriter,
+    has_partial,
+    header_text,
+    recover_recording,
+)
 from regseg.stream.igtl.wire import RateLimitedLog
 from regseg.stream.slot import LatestSlot
 from regseg.types import Frame, Result
@@ -37,7 +42,8 @@ def frame_fields(frame: Frame, *, transform_name: str = "ImageToReference",
     it does not have. ``SpacingMm`` (row col) is added when the frame's pixel size is not what a
     reader would derive (the transform's column norms, or ElementSpacing ``element_spacing_mm``
     (x, y) when untracked), so the replayed Frame is the recorded one, bit for bit.
-    ``FriendlyDeviceName`` is written only for a device other than Image_Reference.
+    ``FriendlyDeviceName`` is written only for a device other than Image_Reference, escaped to
+    printable ASCII (:func:`~regseg.sequence_writer.header_text`): the scanner chose it.
     """
     fields = {"FrameNumber": str(frame.seq), "Timestamp": repr(float(frame.source_ts)),
               "UnfilteredTimestamp": repr(float(frame.source_ts))}
@@ -55,7 +61,7 @@ def frame_fields(frame: Frame, *, transform_name: str = "ImageToReference",
     if (row, col) != derived:
         fields[SPACING_FIELD] = f"{row!r} {col!r}"
     if frame.device_name != DEFAULT_DEVICE:
-        fields["FriendlyDeviceName"] = frame.device_name
+        fields["FriendlyDeviceName"] = header_text(frame.device_name)
     fields[status_field] = "OK"
     return fields
 
@@ -87,9 +93,11 @@ class Recorder:
 
     The session goes to ``path``; outputs to ``*_Labels`` (uint8 labels, with per-frame
     ``MRIToImageTransform``, ``Quality`` and ``Flagged``) and ``*_Overlay`` (RGB) beside it.
-    Every file is complete after ``close()``, which drains the queue first. Each frame reaches
+    Every file is complete after ``close()``, which drains the queue first and closes every file
+    even when one fails; a file that could not be completed is logged as an error and listed in
+    ``stats()["failed"]`` (its frames stay on disk for ``regseg-igt recover``). Each frame reaches
     the OS as it is written, so a process killed mid-session leaves a recording that
-    ``regseg recover PATH`` completes; a Recorder started on a name with such leftovers first
+    ``regseg-igt recover PATH`` completes; a Recorder started on a name with such leftovers first
     completes them into ``NAME_recoveredN.EXT`` (logged).
 
     Args:
@@ -122,6 +130,7 @@ class Recorder:
         self.results = 0
         self.dropped = 0
         self.errors = 0  # items the writer refused (e.g. a frame of another size)
+        self.failed: list[str] = []  # "PATH: why" for each file that could not be completed
         self._log = RateLimitedLog(log)
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._thread.start()
@@ -144,7 +153,8 @@ class Recorder:
 
     def stats(self) -> dict:
         return {"kind": "recorder", "path": str(self.path), "frames": self.frames,
-                "results": self.results, "dropped": self.dropped, "errors": self.errors}
+                "results": self.results, "dropped": self.dropped, "errors": self.errors,
+                "failed": list(self.failed)}
 
     def _enqueue(self, item: Frame | Result) -> None:
         with self._cond:
@@ -167,12 +177,38 @@ class Recorder:
                 except InputError as exc:
                     self.errors += 1
                     self._log.warning("write", f"recorder: {exc}")
+                except Exception as exc:  # noqa: BLE001 - a disk error: stop, say so, close
+                    self._fail(self.path, "writing", exc)
+                    with self._cond:
+                        self._closed = True
+                        self.dropped += len(self._queue)
+                        self._queue.clear()
+                    return
         finally:
-            for writer in (self._frames, self._labels, self._overlay):
-                if writer is not None:
-                    writer.close()
-            if self._frames is None:  # nothing arrived: still leave a valid, empty file
-                SequenceWriter(self.path, compress=self._compress).close()
+            self._close_files()
+
+    def _close_files(self) -> None:
+        """Complete every file; one that fails does not keep the others from closing."""
+        closes = [(w.path, w.close) for w in (self._frames, self._labels, self._overlay)
+                  if w is not None]
+        if self._frames is None:  # nothing arrived: still leave a valid, empty file
+            closes.insert(0, (self.path,
+                              lambda: SequenceWriter(self.path, compress=self._compress).close()))
+        for path, close in closes:
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - the other files must still be closed
+                self._fail(path, "closing", exc)
+
+    def _fail(self, path: Path, doing: str, exc: Exception) -> None:
+        """Count a file the recorder could not write or complete, and say so (an error)."""
+        why = f"{path}: {doing} failed: {type(exc).__name__}: {exc}"
+        self.failed.append(why)
+        if doing == "writing":
+            log.error("recorder: %s; recording stopped, the frames before it are kept", why)
+        else:
+            log.error("recorder: %s; the file is not complete (the frames written so far stay "
+                      "on disk: `regseg-igt recover %s` completes them)", why, path)
 
     def _writer(self, path: Path, spacing: tuple[float, float]) -> SequenceWriter:
         return SequenceWriter(path, compress=self._compress, level=1, spacing_mm=spacing,

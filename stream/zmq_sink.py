@@ -28,6 +28,8 @@ from regseg.types import Result
 log = logging.getLogger(__name__)
 
 TOPIC = b"regseg"
+#: The longest message a subscriber may send us (a subscription: one byte and a topic prefix).
+MAX_SUBSCRIPTION_BYTES = 4096
 FORMAT_VERSION = 2
 BUFFERS = ("overlay", "labels", "mri_labels")
 _ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "uint32", "float32", "float64"}
@@ -183,6 +185,10 @@ class ZmqSink:
         topic: first frame of every message (subscribers filter on its prefix).
         context: a zmq.Context; the process-wide instance by default.
         stale_after_s: seconds without a Result before the stale status (None: never).
+        allow: IP addresses that may subscribe (ZeroMQ's ZAP handshake, on a context of the
+            sink's own); None: any peer that reaches the endpoint. A subscriber can grow the
+            publisher's memory (libzmq keeps every distinct subscription, ~50 bytes of memory
+            per byte sent), so a sink bound beyond loopback should name its subscribers.
     Raises:
         StreamError: the endpoint cannot be bound (in use, bad address).
     """
@@ -195,16 +201,35 @@ class ZmqSink:
         topic: bytes = TOPIC,
         context: zmq.Context | None = None,
         stale_after_s: float | None = 1.0,
+        allow: frozenset[str] | None = None,
     ) -> None:
         self.topic = topic
         self.last_seq = -1  # of the last Result published (-1: none yet)
+        self._auth = None
+        if allow is not None:  # one ZAP handler per context: this sink's own
+            from zmq.auth.thread import ThreadAuthenticator
+
+            context = self._own_context = zmq.Context()
+            self._auth = ThreadAuthenticator(context, log=logging.getLogger(__name__ + ".zap"))
+            self._auth.start()
+            self._auth.allow(*sorted(allow))
         self._socket = (context or zmq.Context.instance()).socket(zmq.PUB)
+        if self._auth is not None:
+            self._socket.setsockopt(zmq.ZAP_DOMAIN, b"regseg")  # NULL mechanism: ask ZAP
+        # What a subscriber sends us is its subscriptions: a byte and a topic prefix. libzmq
+        # builds any message whole before it looks at it, so without this cap one 16 MB message
+        # grew the process by 1.9 GB (a red-team run); now the peer is disconnected.
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
+        # A peer that connects and never completes ZMTP's handshake holds a file handle: 5 s,
+        # not libzmq's 30 s (a subscriber on the network completes it in milliseconds).
+        self._socket.setsockopt(zmq.HANDSHAKE_IVL, 5000)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         self._socket.setsockopt(zmq.LINGER, 0)
         try:
             self._socket.bind(endpoint)
         except zmq.ZMQError as exc:
             self._socket.close()
+            self._close_auth()
             raise StreamError(f"ZMQ sink cannot bind {endpoint}: {exc}") from exc
         self.endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.published = 0
@@ -226,6 +251,13 @@ class ZmqSink:
         """Publish what is pending, end the thread (within ``timeout`` s), close the socket."""
         if self._thread.close(timeout):
             self._socket.close(linger=0)
+            self._close_auth()
+
+    def _close_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._own_context.term()
+            self._auth = None
 
     def stats(self) -> dict:
         return {

@@ -1,5 +1,9 @@
 """PLUS sequence files: files as PLUS writes them, byte-exact round trips, and bad files refused."""
 
+import gzip
+import os
+import time
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -175,3 +179,101 @@ def test_writer_refuses_a_frame_of_another_size(tmp_path):
 def test_parse_matrix_refuses_what_is_not_16_finite_numbers(text):
     with pytest.raises(InputError, match="16"):
         parse_matrix(text)
+
+
+def test_nrrd_pixels_in_several_gzip_members_are_read(tmp_path):
+    pixels = np.arange(2 * 3 * 4, dtype=np.uint8)
+    header = b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 3 2\nencoding: gzip\n\n"
+    data = gzip.compress(pixels[:10].tobytes()) + gzip.compress(pixels[10:].tobytes())
+    (tmp_path / "s.seq.nrrd").write_bytes(header + data)
+    back = read_sequence(tmp_path / "s.seq.nrrd")
+    np.testing.assert_array_equal(np.stack([f.pixels for f in back.frames]).ravel(), pixels)
+
+
+def mha_header(data_file: str = "LOCAL", dims: str = "4 3 2", compressed: bool = False) -> str:
+    return (f"ObjectType = Image\nNDims = 3\nDimSize = {dims}\nElementType = MET_UCHAR\n"
+            f"CompressedData = {compressed}\nElementDataFile = {data_file}\n")
+
+
+@pytest.mark.parametrize(("data_file", "match"), [
+    ("/dev/zero", "ElementDataFile '/dev/zero'; LOCAL or a file name relative to the header's"),
+    ("../p.raw", "ElementDataFile '../p.raw'; LOCAL or a file name relative"),
+    ("sub/../../p.raw", "without '..'"),
+    ("zero.raw", "pixel data .*zero.raw is not a regular file"),
+    ("fifo.raw", "pixel data .*fifo.raw is not a regular file"),
+    ("missing.raw", "cannot open the pixel data .*missing.raw"),
+])
+def test_a_data_file_that_is_not_a_file_beside_the_header_is_refused(tmp_path, data_file, match):
+    """Red team: ``ElementDataFile = /dev/zero`` read until memory ran out."""
+    (tmp_path / "p.raw").write_bytes(bytes(24))
+    (tmp_path / "zero.raw").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.raw")  # opening it must not wait for a writer
+    path = tmp_path / "d" / "s.seq.mhd"
+    path.parent.mkdir()
+    path.write_text(mha_header(data_file))
+    (tmp_path / "d" / "zero.raw").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "d" / "fifo.raw")
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=match):
+        read_sequence(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_sequence_file_that_is_a_device_is_refused(tmp_path):
+    (tmp_path / "s.igs.mha").symlink_to("/dev/zero")
+    with pytest.raises(InputError, match="sequence file .*s.igs.mha is not a regular file"):
+        read_sequence(tmp_path / "s.igs.mha")
+
+
+def test_a_header_line_without_end_is_refused(tmp_path):
+    (tmp_path / "s.igs.mha").write_bytes(b"ObjectType = " + b"x" * (2 << 20))
+    with pytest.raises(InputError, match="a header line of more than 1048576 bytes"):
+        read_sequence(tmp_path / "s.igs.mha")
+
+
+def zip_bomb(size: int, wbits: int) -> bytes:
+    """``size`` zero bytes, deflated (about 1000:1), made in 1 MB steps."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    zeros = bytes(1 << 20)
+    return b"".join(deflate.compress(zeros) for _ in range(size >> 20)) + deflate.flush()
+
+
+@pytest.mark.parametrize("kind", ["mha", "nrrd"])
+def test_a_zip_bomb_is_refused_without_inflating_it(tmp_path, kind):
+    """64 MB of zeros behind a header that claims 24 bytes of pixels: refused after decompressing
+    at most 25 bytes (it used to inflate all of it, and a larger one exhausted memory)."""
+    if kind == "mha":
+        path = tmp_path / "s.igs.mha"
+        path.write_bytes(mha_header(compressed=True).encode() + zip_bomb(64 << 20, 15))
+    else:
+        path = tmp_path / "s.igs.nrrd"
+        path.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 3 2\n"
+                         b"encoding: gzip\n\n" + zip_bomb(64 << 20, 31))
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(InputError, match="decompress to more than 24 bytes; the header's 2 "
+                           "frames of 4x3x1 uint8 need 24"):
+            read_sequence(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 2.0
+    assert peak < 16 << 20  # one 4 MB read chunk, not the 64 MB inside
+
+
+def test_a_header_claiming_more_than_its_compressed_bytes_can_hold_is_refused(tmp_path):
+    path = tmp_path / "s.igs.mha"
+    dims = "100000 100000 100"  # 1 TB of pixels from a few bytes
+    path.write_bytes(mha_header(dims=dims, compressed=True).encode() + zlib.compress(bytes(100)))
+    with pytest.raises(InputError, match="compressed pixels cannot hold what the header's 100 "
+                       "frames of 100000x100000x1 uint8 need 1000000000000 bytes"):
+        read_sequence(path)
+
+
+def test_a_truncated_compressed_stream_is_refused(tmp_path):
+    path = tmp_path / "s.igs.mha"
+    data = zlib.compress(np.arange(24, dtype=np.uint8).tobytes())
+    path.write_bytes(mha_header(compressed=True).encode() + data[:-4])  # no Adler-32 trailer
+    with pytest.raises(InputError, match="does not decompress: the stream ends early"):
+        read_sequence(path)

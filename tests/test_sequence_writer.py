@@ -14,6 +14,7 @@ from regseg.sequence_file import read_sequence
 from regseg.sequence_writer import (
     SequenceWriter,
     has_partial,
+    header_text,
     partial_paths,
     recover_recording,
 )
@@ -86,7 +87,7 @@ def test_closing_replaces_the_file_and_leaves_no_partial_files(tmp_path):
 def test_a_second_writer_on_an_unfinished_recording_is_refused(tmp_path):
     path = tmp_path / "s.igs.mha"
     SequenceWriter(path).add(frames(1)[0], fields(0))
-    with pytest.raises(InputError, match="unfinished recording.*regseg recover"):
+    with pytest.raises(InputError, match="unfinished recording.*regseg-igt recover"):
         SequenceWriter(path)
     with pytest.raises(InputError, match="no unfinished recording"):
         recover_recording(tmp_path / "other.igs.mha")
@@ -141,3 +142,54 @@ def test_regseg_recover_completes_the_file_and_refuses_what_is_not_there(tmp_pat
     assert len(read_sequence(path).frames) == 2
     assert main(["recover", str(path)]) == 2
     assert "no unfinished recording" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Image_Reference", "Image_Reference"),
+    ("Img\n\nZZZZ", "Img\\n\\nZZZZ"),
+    ("ImageΩ", "Image\\u03a9"),
+    ("\x1b[1;31mX\r", "\\x1b[1;31mX\\r"),
+    ("µm", "\\xb5m"),
+])
+def test_header_text_is_printable_ascii(text, expected):
+    assert header_text(text) == expected
+    assert expected.isascii() and expected.isprintable()
+
+
+@pytest.mark.parametrize("ext", EXTENSIONS)
+@pytest.mark.parametrize(("bad", "match"), [
+    ({"FriendlyDeviceName": "Img\n\nZZZZ"}, r"frame 1: field FriendlyDeviceName = .* holds '\\n'"),
+    ({"FriendlyDeviceName": "ImageΩ"}, "holds 'Ω', which a header line cannot hold"),
+    ({"Note": "a\rb"}, r"holds '\\r'"),
+    ({"Bad=Name": "1"}, "field name 'Bad=Name'; printable ASCII without '=' or ':'"),
+    ({"Bad\nName": "1"}, r"field name 'Bad\\nName'"),
+])
+def test_a_field_the_header_cannot_hold_is_refused_when_added(tmp_path, ext, bad, match):
+    """Checked at add: the bad frame is refused, the frames before it still make a valid file
+    (the red team's Omega used to fail at close, leaving an empty file)."""
+    path = tmp_path / f"s{ext}"
+    writer = SequenceWriter(path)
+    written = frames(2)
+    writer.add(written[0], fields(0))
+    with pytest.raises(InputError, match=match):
+        writer.add(written[1], bad)
+    writer.add(written[1], {**fields(1), "FriendlyDeviceName": "Latin-1 µ is fine"})
+    writer.close()
+    back = read_sequence(path)
+    assert len(back.frames) == 2
+    assert back.frames[1].fields["FriendlyDeviceName"] == "Latin-1 µ is fine"
+    with pytest.raises(InputError, match="file header: field UltrasoundImageOrientation"):
+        SequenceWriter(tmp_path / f"t{ext}", fields={"UltrasoundImageOrientation": "MF\n"})
+
+
+def test_a_journal_holding_raw_peer_text_is_recovered_escaped(tmp_path):
+    """Journals of earlier versions hold the scanner's device name raw: recovery escapes it."""
+    path = tmp_path / "s.igs.nrrd"
+    writer = SequenceWriter(path)
+    for i, pixels in enumerate(frames(3)):
+        writer.add(pixels, {**fields(i), "FriendlyDeviceName": "PLACEHOLDER"})
+    journal = partial_paths(path)[1]
+    journal.write_text(journal.read_text().replace("PLACEHOLDER", "Img\\n\\nZZ\\u03a9"))
+    assert recover_recording(path)[1] == 3
+    back = read_sequence(path)
+    assert [f.fields["FriendlyDeviceName"] for f in back.frames] == ["Img\\n\\nZZ\\u03a9"] * 3

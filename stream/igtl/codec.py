@@ -124,22 +124,22 @@ def frame_from_image(
     if image.ndim == 3:
         image = image[..., np.newaxis]
     if image.ndim != 4:
-        raise InputError(f"IMAGE '{name}': array of shape {image.shape}; (k, j, i[, c]) expected")
+        raise InputError(f"IMAGE {name!r}: array of shape {image.shape}; (k, j, i[, c]) expected")
     slices, rows, cols, components = image.shape
     if slices != 1:
-        raise InputError(f"IMAGE '{name}': SIZE k={slices} slices (a 3-D volume); a single 2-D "
+        raise InputError(f"IMAGE {name!r}: SIZE k={slices} slices (a 3-D volume); a single 2-D "
                          f"frame (k=1) is expected")
     if rows == 0 or cols == 0:
-        raise InputError(f"IMAGE '{name}': SIZE (i, j)=({cols}, {rows}) is empty")
+        raise InputError(f"IMAGE {name!r}: SIZE (i, j)=({cols}, {rows}) is empty")
     if image.dtype != np.uint8:
-        raise InputError(f"IMAGE '{name}': SCALAR_TYPE {image.dtype}; uint8 B-mode is expected. "
+        raise InputError(f"IMAGE {name!r}: SCALAR_TYPE {image.dtype}; uint8 B-mode is expected. "
                          "Send 8-bit images (PLUS: an unsigned char B-mode channel).")
     if components == 1:
         pixels = image[0, :, :, 0]
     elif components in (3, 4):
         pixels = np.rint(image[0, :, :, :3].astype(np.float32) @ _LUMA).astype(np.uint8)
     else:
-        raise InputError(f"IMAGE '{name}': NUM_COMPONENTS {components}; 1 (grey), 3 (RGB) or "
+        raise InputError(f"IMAGE {name!r}: NUM_COMPONENTS {components}; 1 (grey), 3 (RGB) or "
                          f"4 (RGBA) expected")
     if image_to_reference is None:
         matrix = image_matrix_ras(msg)
@@ -147,7 +147,7 @@ def frame_from_image(
         matrix = np.array(image_to_reference, dtype=np.float64)
     col_mm, row_mm = np.linalg.norm(matrix[:3, 0]), np.linalg.norm(matrix[:3, 1])
     if not (col_mm > 0 and row_mm > 0 and np.isfinite(matrix).all()):
-        raise InputError(f"IMAGE '{name}': image_to_reference has pixel axes of length "
+        raise InputError(f"IMAGE {name!r}: image_to_reference has pixel axes of length "
                          f"(i, j)=({col_mm}, {row_mm}) mm; positive, finite spacing expected")
     return Frame(
         seq=seq,

@@ -44,6 +44,8 @@ OnMessage = Callable[[MessageBase, str], None]
 DEFAULT_MAX_CLIENTS = 8
 #: Bytes read from one client per turn of the I/O loop before the others get theirs.
 _READ_TURN_BYTES = 256 << 10
+#: After a failed accept (EMFILE: out of file handles), the listener rests this long.
+ACCEPT_BACKOFF_NS = 1_000_000_000
 _SEND_TURN_BYTES = 4 << 20
 
 
@@ -100,6 +102,8 @@ class IgtlServer:
         self.clients_refused = 0  # connections closed at once: max_clients reached
         self.throttled = 0  # times a client was paused for sending faster than recv_bytes_per_s
         self.callback_errors = 0
+        self.accept_failures = 0  # accept() failed (out of file handles and the like)
+        self._accept_paused_until_ns = 0  # listener unwatched until then after a failed accept
         self._lock = threading.Condition()
         self._clients: dict[socket.socket, ClientConnection] = {}
         self._closing = False
@@ -188,6 +192,7 @@ class IgtlServer:
                 "send_timeouts": self.send_timeouts,
                 "throttled": self.throttled,
                 "callback_errors": self.callback_errors,
+                "accept_failures": self.accept_failures,
                 "received": wire.as_dict(),
             }
 
@@ -244,7 +249,7 @@ class IgtlServer:
     def _next_timeout_s(self) -> float | None:
         """Until the next send-timeout deadline or the end of a throttle pause."""
         now = now_ns()
-        deadlines = []
+        deadlines = [self._accept_paused_until_ns] if self._accept_paused_until_ns else []
         for client in self._clients.values():
             if client.pending and self.send_timeout_ns is not None:
                 deadlines.append(client.progress_ns + self.send_timeout_ns)
@@ -267,6 +272,9 @@ class IgtlServer:
         """After each select: start sends for new data, enforce send timeouts, end pauses, and
         watch for what each client needs next."""
         now = now_ns()
+        if self._accept_paused_until_ns and now >= self._accept_paused_until_ns:
+            self._accept_paused_until_ns = 0
+            self._selector.register(self._listener, selectors.EVENT_READ, "accept")
         for client in list(self._clients.values()):
             if client.paused_until_ns and now >= client.paused_until_ns:
                 client.paused_until_ns = 0
@@ -304,8 +312,13 @@ class IgtlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and the like: say so, keep serving who we have
+                # The connection stays queued, so the listener would wake select() at once
+                # again: stop watching it for a while instead of spinning a core.
+                self.accept_failures += 1
+                self._selector.unregister(self._listener)
+                self._accept_paused_until_ns = now_ns() + ACCEPT_BACKOFF_NS
                 self._log.warning("accept", f"OpenIGTLink server {self.port}: accept failed: "
-                                  f"{exc}")
+                                  f"{exc}; not accepting for {ACCEPT_BACKOFF_NS / 1e9:.1f} s")
                 return
             peer = f"{address[0]}:{address[1]}"
             sock.setblocking(False)

@@ -271,7 +271,7 @@ class IgtlSource:
                 counted_spell_ns = spell_ns
                 self.keepalive_only += 1
                 self._log.warning("keepalive", f"OpenIGTLink {self.host}:{self.port}: messages "
-                                  f"({reader.last_type or 'keep-alives'}) but no IMAGE for "
+                                  f"({(reader.last_type or 'keep-alives')!r}) but no IMAGE for "
                                   f"{(now - spell_ns) / 1e9:.1f} s: the sender is alive but not "
                                   "imaging")
 
@@ -292,7 +292,7 @@ class IgtlSource:
         self.last_image_ns = received_ns
         if self._device is None:
             self._device = message.device_name
-            log.info("OpenIGTLink %s:%d: using IMAGE device '%s'", self.host, self.port,
+            log.info("OpenIGTLink %s:%d: using IMAGE device %r", self.host, self.port,
                      self._device)
         if message.device_name != self._device:
             self.other_devices += 1

@@ -94,6 +94,16 @@ def image_body_limit(max_pixels: int) -> int:
     return IMAGE_HEADER_SIZE + max_pixels * MAX_BYTES_PER_PIXEL + IMAGE_METADATA_ALLOWANCE
 
 
+def _control_characters(text: str) -> str:
+    """The control characters in ``text`` (C0, DEL, C1), each once, in order of appearance.
+
+    TYPE and DEVICE_NAME are ASCII in practice (PLUS and Slicer send ``Image_Reference``,
+    ``ImageToReference``); a CR, LF or ESC in one is a malformed or hostile message. Printable
+    non-ASCII (UTF-8) names are left alone. pyigtl has already cut the NUL/space padding.
+    """
+    return "".join(dict.fromkeys(ch for ch in text if ch < " " or "\x7f" <= ch <= "\x9f"))
+
+
 _HEADER_PHASE, _BODY_PHASE, _DISCARD_PHASE = 0, 1, 2
 
 
@@ -253,10 +263,16 @@ class MessageReader:
         except UnicodeDecodeError as exc:
             self._skip("malformed", f"undecodable TYPE/DEVICE_NAME {raw_type!r}: {exc}")
             return
-        kind = self._fields["message_type"]
+        kind, name = self._fields["message_type"], self._fields["device_name"]
+        # Peer text is logged with repr from here on: a name must not write to our log or terminal.
+        if control := _control_characters(kind + name):
+            self._fields = {}  # nor reach last_type
+            self._skip("malformed", f"{kind!r} {name!r} dropped: control characters "
+                       f"{control!r} in TYPE/DEVICE_NAME (printable text expected)")
+            return
         limit = self.body_limits.get(kind, self.max_body_bytes)
         if body_size > limit:
-            self._skip("oversize", f"{kind} '{self._fields['device_name']}' body of {body_size} "
+            self._skip("oversize", f"{kind} {name!r} body of {body_size} "
                        f"bytes is above the {limit}-byte limit for {kind}")
         elif kind in self.ignore:
             self.stats.ignored += 1
@@ -287,7 +303,7 @@ class MessageReader:
 
     def _decode(self, body: memoryview) -> MessageBase | None:
         fields = self._fields
-        what = f"{fields['message_type']} '{fields['device_name']}'"
+        what = f"{fields['message_type']} {fields['device_name']!r}"
         if self.verify_crc and crc64(body) != self._crc:
             self.stats.bad_crc += 1
             self.stats.last_error = f"{what}: CRC64 mismatch"

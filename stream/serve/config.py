@@ -39,7 +39,7 @@ from regseg.errors import InputError
 #: regseg-stream flags a session may set. The others (device, backend, precision, weights,
 #: threads ...) choose the engines, which all sessions share: they belong in [serve].
 SESSION_KEYS = (
-    "source", "mri", "mri-labels", "serve", "zmq", "image-device", "fps", "seed",
+    "source", "mri", "mri-labels", "serve", "zmq", "zmq-allow", "image-device", "fps", "seed",
     "reference-to-mri", "deformable", "refine-iterations", "temporal-filter", "replay-rate",
     "grabber-crop", "grabber-spacing-mm", "pose-source", "max-frame-pixels", "no-contours",
     "igtl-header-version", "max-clients", "accept-registration-from",

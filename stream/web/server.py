@@ -21,10 +21,13 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
+from regseg.stream.igtl.wire import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_CLIENTS = 32  # browsers at once, all sessions together
+MAX_CONNECTIONS = 128  # HTTP connections at once, per app (browsers open several each)
 START_TIMEOUT_S = 10.0
 
 
@@ -91,6 +94,24 @@ class WebChannel:
                 "skipped": self.skipped}
 
 
+class _Refuse(asyncio.Protocol):
+    """A connection past the cap: closed at once, nothing read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+
+
+def _quiet_handler(limited: RateLimitedLog):
+    """The loop's exception handler: one line per kind, rate-limited. asyncio's default logs
+    a traceback per failed accept; out of file handles that was 180 MB of stderr in 3 min."""
+    def handle(_loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        what = f"{type(exc).__name__}: {exc}" if exc is not None else ""
+        limited.warning(context.get("message", "error"),
+                        f"web server: {context.get('message', 'error')} {what}".strip())
+    return handle
+
+
 class AppLoop:
     """An asyncio event loop on a daemon thread that runs aiohttp applications.
 
@@ -103,7 +124,10 @@ class AppLoop:
         self._thread = threading.Thread(target=self.loop.run_forever, name="web-loop",
                                         daemon=True)
         self._thread.start()
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[tuple[asyncio.AbstractServer, web.AppRunner]] = []
+        self.max_connections = MAX_CONNECTIONS
+        self.connections_refused = 0  # HTTP connections closed at once: MAX_CONNECTIONS open
+        self.loop.set_exception_handler(_quiet_handler(RateLimitedLog(log)))
 
     def add_app(self, app: web.Application, host: str, port: int) -> tuple[str, int]:
         """Run ``app`` at (host, port); returns the bound address.
@@ -117,20 +141,29 @@ class AppLoop:
     async def _start(self, app: web.Application, host: str, port: int) -> tuple[str, int]:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=False)
+        handlers = runner.server  # aiohttp's protocol factory; it tracks open connections
+
+        def protocol() -> asyncio.BaseProtocol:
+            # Capped: idle or half-sent requests must not use up the process's file handles
+            # (a red-team run held 1,100 and starved every other port).
+            if len(handlers.connections) >= self.max_connections:
+                self.connections_refused += 1
+                return _Refuse()
+            return handlers()
+
         try:
-            await site.start()
+            server = await self.loop.create_server(protocol, host, port, reuse_address=False)
         except BaseException:
             await runner.cleanup()
             raise
-        self._runners.append(runner)
-        sock = site._server.sockets[0]  # noqa: SLF001 - the bound port (port 0: the OS's pick)
-        return sock.getsockname()[0], sock.getsockname()[1]
+        self._runners.append((server, runner))
+        return server.sockets[0].getsockname()[0], server.sockets[0].getsockname()[1]
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every app and the loop."""
         async def cleanup() -> None:
-            for runner in self._runners:
+            for server, runner in self._runners:
+                server.close()
                 await runner.cleanup()
 
         if self._thread.is_alive():
@@ -201,6 +234,7 @@ class WebServer:
             channels = dict(self._channels)
         return {"url": self.url, "clients": self._clients,
                 "clients_refused": self.clients_refused,
+                "connections_refused": self.app_loop.connections_refused,
                 "sessions": {name: c.stats() for name, c in channels.items()}}
 
     def close(self, timeout: float = 5.0) -> None:

@@ -1,5 +1,6 @@
 """OpenIGTLink framing and conversion: byte round trips, bad input on the wire, IMAGE -> Frame."""
 
+import logging
 import socket
 import struct
 import threading
@@ -295,3 +296,48 @@ def test_an_image_above_its_type_limit_is_refused_from_its_header(pair):
     a.close()  # the rest of the 64 MB never comes
     with pytest.raises(StreamError, match="in the middle of a message"):
         reader.read()
+
+
+def renamed(data: bytes, name: bytes) -> bytes:
+    """``data`` with DEVICE_NAME (header bytes 14..34) replaced; the CRC covers the body only."""
+    return data[:14] + struct.pack("20s", name) + data[34:]
+
+
+@pytest.mark.parametrize("name", [b"Img\n\nZZZZ", b"\x1b[1;31m\nX\x1b[2K\rFAKE", b"Im\x00g",
+                                  b"Img\x7f", "Img\u009b".encode()])
+def test_a_device_name_with_control_characters_is_dropped_as_malformed(pair, caplog, name):
+    a, b = pair
+    a.sendall(renamed(pack_transform(np.eye(4), "X", TS), name)
+              + pack_transform(np.eye(4), "Next", TS))
+    reader = MessageReader(b)
+    with caplog.at_level(logging.WARNING, logger="regseg.stream.igtl.wire"):
+        assert reader.read().device_name == "Next"
+    assert reader.stats.malformed == 1 and reader.stats.messages == 1
+    assert "control characters" in reader.stats.last_error
+    [record] = caplog.records
+    assert repr(name.decode()) in record.getMessage()  # named, escaped
+    assert not any(ch in record.getMessage() for ch in "\n\r\x1b\x00\x7f\x9b")
+
+
+def test_a_printable_utf8_device_name_is_accepted(pair):
+    a, b = pair
+    a.sendall(renamed(pack_transform(np.eye(4), "X", TS), "ImageΩ_Référence".encode()))
+    msg = MessageReader(b).read()
+    assert msg.device_name == "ImageΩ_Référence"
+
+
+def test_peer_names_are_logged_with_repr(pair, caplog):
+    """Red team: a TRANSFORM with a bad CRC put its raw name in our log; names are now quoted
+    with repr (a quote or backslash shows as such, not as the end of the name)."""
+    a, b = pair
+    name = "It's\\'ok"
+    a.sendall(corrupt_crc(pack_transform(np.eye(4), name, TS)) + pack_transform(np.eye(4), "N", TS))
+    with caplog.at_level(logging.WARNING, logger="regseg.stream.igtl.wire"):
+        assert MessageReader(b).read().device_name == "N"
+    assert f"TRANSFORM {name!r} dropped, CRC64 does not match" in caplog.records[0].getMessage()
+
+
+def test_frame_from_image_names_the_device_with_repr():
+    msg = image_message(np.zeros((2, 4, 4), np.uint8), np.eye(4), name="Im'g")
+    with pytest.raises(InputError, match=r"IMAGE \"Im'g\": SIZE k=2 slices"):
+        frame_from_image(msg, 0, 0)

@@ -1,6 +1,8 @@
 """ZmqSink: JSON header + raw buffers to a SUB socket, decode(), and its error paths."""
 
 import json
+import socket
+import struct
 import time
 from dataclasses import replace
 
@@ -156,3 +158,69 @@ def test_header_says_how_far_the_image_based_refinement_moved_the_plane():
     moved.lc2_move_mm, moved.lc2_significance = 2.75, 1.875
     header = json.loads(encode(moved)[1])
     assert header["lc2_move_mm"] == 2.75 and header["lc2_significance"] == 1.875
+
+
+def _raw_sub_peer(endpoint: str) -> socket.socket:
+    """A subscriber speaking ZMTP 3.0 by hand (greeting and READY as a SUB), as an attacker
+    would: pyzmq's SUB never sends a message that large."""
+
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    peer = socket.create_connection((host, int(port)), timeout=WAIT_S)
+    peer.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0")
+                 + b"\x00" + b"\0" * 31)
+    body = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 3) + b"SUB"
+    peer.sendall(b"\x04" + bytes([len(body)]) + body)
+    return peer
+
+
+def test_a_subscriber_sending_a_huge_message_is_disconnected_and_others_are_served(
+        sink, subscriber):
+    """Red-team finding (session 32): libzmq builds a peer's message whole before it looks at
+    it, so one 16 MB 'subscription' grew the publisher by 1.9 GB. The cap drops the peer at
+    its header; a well-behaved subscriber is still served."""
+    peer = _raw_sub_peer(sink.endpoint)
+    size = 64 << 20  # declared; the peer is gone long before this much is sent
+    peer.sendall(b"\x02" + struct.pack(">Q", size) + b"\x01")
+    sent, closed = 1, False
+    chunk = b"A" * (1 << 20)
+    try:
+        while sent < size:
+            peer.sendall(chunk)
+            sent += len(chunk)
+    except OSError:  # reset or broken pipe: the publisher hung up
+        closed = True
+    finally:
+        peer.close()
+    assert closed, "the publisher took a 64 MB subscription"
+    assert sent < 32 << 20  # it hung up early, not at the end
+    header, _, _ = decode(receive(sink, subscriber, make_result(seq=11)))
+    assert header["seq"] == 11
+
+
+@pytest.mark.parametrize("allowed, served", [("127.0.0.1", True), ("10.255.255.1", False)])
+def test_allow_lets_only_the_named_hosts_subscribe(allowed, served):
+    sink = ZmqSink("tcp://127.0.0.1:*", allow=frozenset({allowed}))
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"regseg")
+    sub.connect(sink.endpoint)
+    try:
+        if served:
+            header, _, _ = decode(receive(sink, sub, make_result(seq=12)))
+            assert header["seq"] == 12
+        else:
+            with pytest.raises(AssertionError, match="nothing received"):
+                receive(sink, sub, make_result(seq=12))
+    finally:
+        sub.close()
+        sink.close()
+
+
+@pytest.mark.parametrize("endpoint, local", [
+    ("tcp://127.0.0.1:5556", True), ("tcp://localhost:5556", True), ("tcp://[::1]:5556", True),
+    ("ipc:///tmp/regseg", True), ("tcp://0.0.0.0:5556", False), ("tcp://10.0.0.5:5556", False),
+    ("tcp://*:5556", False)])
+def test_the_cli_warns_of_an_endpoint_beyond_loopback(endpoint, local):
+    from regseg.stream.cli import _loopback_endpoint
+
+    assert _loopback_endpoint(endpoint) is local

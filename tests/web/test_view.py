@@ -157,3 +157,39 @@ def test_server_errors_and_message_round_trip():
     finally:
         sink.close()
         server.close()
+
+
+def test_idle_connections_past_the_cap_are_closed_and_the_page_still_serves():
+    """Red-team finding (session 32): 1,100 half-sent requests held 1,100 file handles, which
+    starved every other port of the process. Past the cap a connection is closed at once; once
+    the idle ones go, the page serves again."""
+    import socket
+    import urllib.request
+
+    server = WebServer("127.0.0.1", 0)
+    server.app_loop.max_connections = 8
+    idle = []
+    try:
+        for _ in range(8):  # the cap's worth of half-sent requests
+            sock = socket.create_connection((server.host, server.port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # no blank line: never ends
+            idle.append(sock)
+        wait_for(lambda: len(server.app_loop._runners[0][1].server.connections) == 8, 5,
+                 "the server to hold 8 connections")
+        extra = socket.create_connection((server.host, server.port), timeout=5)
+        try:  # closed by the server at once (a reset or an end of file), nothing sent
+            assert extra.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        extra.close()
+        assert server.stats()["connections_refused"] >= 1
+        for sock in idle:
+            sock.close()
+        wait_for(lambda: not server.app_loop._runners[0][1].server.connections, 5,
+                 "the idle connections to go")
+        with urllib.request.urlopen(server.url, timeout=5) as reply:
+            assert reply.status == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        server.close()
