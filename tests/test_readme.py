@@ -94,7 +94,8 @@ MARKED = {
     "serve.toml names; tests/serve runs configs of simulated and OpenIGTLink sessions",
     "curl http://127.0.0.1:8765/sessions": "needs a running regseg-serve; tests/serve/"
     "test_control.py makes the same requests",
-    "curl -X POST -d '{\"name\": \"room3\", \"source\": \"sim://3\"}' "
+    "curl -X POST -H 'Content-Type: application/json' -d '{\"name\": \"room3\", \"source\": "
+    "\"sim://3\"}' "
     "http://127.0.0.1:8765/sessions": "needs a running regseg-serve; tests/serve/test_control.py",
     "curl -X DELETE http://127.0.0.1:8765/sessions/room3": "needs a running regseg-serve; "
     "tests/serve/test_control.py",

@@ -5,7 +5,9 @@
 - ``GET /sessions/{name}``: one session: live stats and its full summary.
 - ``POST /sessions``: add a session; the body is one session table as JSON (the config file's
   ``[[session]]`` keys). 201 with its live stats; 400 with the error (which key, what value,
-  what was expected); 409 when the name or a port is taken.
+  what was expected); 409 when the name or a port is taken; 415 unless the body is sent as
+  ``Content-Type: application/json`` (a web page cannot send that cross-site without a CORS
+  preflight, which this endpoint never grants).
 - ``DELETE /sessions/{name}``: stop and remove it; 200 with its summary; 404 if unknown.
 
 Bodies are limited to 64 kB. Building a session (loading its case) runs off the event loop, so
@@ -63,6 +65,12 @@ def control_app(sessions: ServeSessions) -> web.Application:
         return _json({**session.live(), "summary": await in_thread(session.summary)})
 
     async def add_session(request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            # A web page can POST text/plain to any address without asking (no CORS preflight);
+            # application/json needs the preflight this endpoint never grants. So a page open
+            # in a browser on this computer cannot add sessions.
+            return _error(415, f"POST /sessions: Content-Type {request.content_type!r}; "
+                          "application/json expected")
         try:
             table = await request.json()
         except (ValueError, UnicodeDecodeError) as exc:

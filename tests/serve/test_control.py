@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 import torch
 
+from regseg.errors import InputError
 from regseg.sim.phantom import make_phantom, write_phantom
 from regseg.sim.scanner import SimulatedScanner
 from regseg.stream.igtl.sim_server import SimIgtlServer
@@ -108,4 +109,36 @@ def test_control_add_list_remove_and_a_dead_source(tmp_path):
     finally:
         sender.stop()
         sessions.close()
+        app_loop.close()
+
+
+def test_a_post_that_is_not_json_by_content_type_is_refused_before_anything_runs():
+    """A web page can send text/plain (or a form) to any address without a CORS preflight, so a
+    page open in a browser on this computer could add sessions (red-team finding, session 32).
+    Refused with 415 before the table is even read; the same body as JSON reaches the sessions."""
+    class Sessions:
+        checked: list = []
+
+        def check(self, table, where):
+            self.checked.append(table)
+            raise InputError(f"{where}: checked")
+
+    sessions = Sessions()
+    app_loop = AppLoop()
+    try:
+        host, port = app_loop.add_app(control_app(sessions), "127.0.0.1", 0)
+        url = f"http://{host}:{port}/sessions"
+        body = json.dumps({"name": "x", "source": "sim://1"}).encode()
+        for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+            req = urllib.request.Request(url, data=body, method="POST",
+                                         headers={"Content-Type": content_type})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=10)
+            assert refused.value.code == 415
+            assert "application/json expected" in json.load(refused.value)["error"]
+        assert sessions.checked == []
+        status, err = request("POST", url, {"name": "x", "source": "sim://1"})
+        assert status == 400 and err["error"] == "POST /sessions: checked"
+        assert sessions.checked == [{"name": "x", "source": "sim://1"}]
+    finally:
         app_loop.close()
