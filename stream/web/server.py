@@ -94,6 +94,16 @@ class WebChannel:
                 "skipped": self.skipped}
 
 
+def same_origin(request: web.Request) -> bool:
+    """True without an Origin header (not a browser) or when it names this server's own
+    host and port (the page we served), as the Host header gives them."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    scheme, _, rest = origin.partition("://")
+    return scheme in ("http", "https") and rest.rstrip("/").lower() == request.host.lower()
+
+
 class _Refuse(asyncio.Protocol):
     """A connection past the cap: closed at once, nothing read."""
 
@@ -198,6 +208,7 @@ class WebServer:
         self._sessions = sessions
         self.max_clients = max_clients
         self.clients_refused = 0
+        self.origins_refused = 0  # WebSockets refused: a page of another site asked
         self._clients = 0
         self._channels: dict[str, WebChannel] = {}
         self._lock = threading.Lock()
@@ -235,6 +246,7 @@ class WebServer:
         return {"url": self.url, "clients": self._clients,
                 "clients_refused": self.clients_refused,
                 "connections_refused": self.app_loop.connections_refused,
+                "origins_refused": self.origins_refused,
                 "sessions": {name: c.stats() for name, c in channels.items()}}
 
     def close(self, timeout: float = 5.0) -> None:
@@ -275,6 +287,12 @@ class WebServer:
             channel = self._channels.get(name)
         if channel is None:
             raise web.HTTPNotFound(text=f"no session {name!r}; see /api/sessions")
+        if not same_origin(request):
+            # A browser sends Origin with every WebSocket: another site's page (open in a browser
+            # that reaches this port) must not watch the patient's images. Tools send none.
+            self.origins_refused += 1
+            raise web.HTTPForbidden(text=f"Origin {request.headers['Origin']!r} is not this "
+                                    "server's page")
         if self._clients >= self.max_clients:
             self.clients_refused += 1
             raise web.HTTPServiceUnavailable(text=f"{self.max_clients} browsers already")

@@ -193,3 +193,35 @@ def test_idle_connections_past_the_cap_are_closed_and_the_page_still_serves():
         for sock in idle:
             sock.close()
         server.close()
+
+
+def test_a_page_of_another_site_cannot_watch_the_overlay():
+    """A browser sends Origin with every WebSocket; another site's page open in a browser that
+    reaches --web was let in (red-team note, session 32). Now 403; our own page and tools
+    without an Origin still connect."""
+    import asyncio
+
+    import aiohttp
+
+    server = WebServer("127.0.0.1", 0)
+    server.channel("a")
+
+    async def status(origin: str | None) -> int:
+        headers = {"Origin": origin} if origin else {}
+        async with aiohttp.ClientSession() as http:
+            try:
+                async with http.ws_connect(f"{server.url}ws/a", headers=headers) as ws:
+                    await ws.close()
+                    return 101
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status
+
+    try:
+        own = f"http://{server.host}:{server.port}"
+        assert asyncio.run(status("http://evil.example")) == 403
+        assert asyncio.run(status(f"http://{server.host}:{server.port + 1}")) == 403
+        assert asyncio.run(status(own)) == 101
+        assert asyncio.run(status(None)) == 101
+        assert server.stats()["origins_refused"] == 2
+    finally:
+        server.close()
