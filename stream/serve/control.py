@@ -24,6 +24,7 @@ from aiohttp import web
 
 from regseg.errors import InputError, RegsegError
 from regseg.stream.serve.server import ServeSessions, SessionExists
+from regseg.stream.web.server import host_guard
 
 
 def _clean(value):
@@ -95,7 +96,7 @@ def control_app(sessions: ServeSessions) -> web.Application:
             return _error(404, f"no session {name!r}")
         return _json(summary)
 
-    app = web.Application(client_max_size=64 << 10)
+    app = web.Application(client_max_size=64 << 10, middlewares=[host_guard()])
     app.router.add_get("/sessions", list_sessions)
     app.router.add_get("/sessions/{name}", get_session)
     app.router.add_post("/sessions", add_session)

@@ -14,7 +14,9 @@ another browser or another session. The page does the same at its end (``static/
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +94,40 @@ class WebChannel:
     def stats(self) -> dict:
         return {"clients": self.clients, "published": self.published, "sent": self.sent,
                 "skipped": self.skipped}
+
+
+def local_names() -> frozenset[str]:
+    """This computer's names a browser on the network may use for it."""
+    names = {"localhost", socket.gethostname(), socket.getfqdn()}
+    names |= {f"{name.split('.')[0]}.local" for name in list(names) if name}
+    return frozenset(name.lower() for name in names if name)
+
+
+def known_host(host: str, names: frozenset[str]) -> bool:
+    """``host`` (a Host header: NAME[:PORT] or [V6][:PORT]) is an IP address or one of
+    ``names``. Refusing other names stops DNS rebinding: a page of evil.example whose name is
+    made to resolve to this computer sends ``Host: evil.example``."""
+    name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name.lower().rstrip(".") in names or name.lower().endswith(".localhost")
+
+
+def host_guard(names: frozenset[str] | None = None):
+    """aiohttp middleware: 421 for a request whose Host is not this computer (see
+    :func:`known_host`); for the web view and ``regseg-serve``'s control endpoint."""
+    names = local_names() if names is None else names
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        if not known_host(request.host, names):
+            raise web.HTTPMisdirectedRequest(
+                text=f"Host {request.host!r} is not a name of this computer; open it by its "
+                "address (e.g. http://127.0.0.1:PORT/)")
+        return await handler(request)
+    return guard
 
 
 def same_origin(request: web.Request) -> bool:
@@ -260,7 +296,7 @@ class WebServer:
 
     # ------------------------------------------------------------------ handlers (on the loop)
     def _app(self) -> web.Application:
-        app = web.Application(client_max_size=64 << 10)
+        app = web.Application(client_max_size=64 << 10, middlewares=[host_guard()])
         app.router.add_get("/", self._index)
         app.router.add_get("/api/sessions", self._list)
         app.router.add_get("/ws/{name}", self._ws)

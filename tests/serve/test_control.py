@@ -140,5 +140,10 @@ def test_a_post_that_is_not_json_by_content_type_is_refused_before_anything_runs
         status, err = request("POST", url, {"name": "x", "source": "sim://1"})
         assert status == 400 and err["error"] == "POST /sessions: checked"
         assert sessions.checked == [{"name": "x", "source": "sim://1"}]
+        rebound = urllib.request.Request(url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Host": f"evil.example:{port}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:  # DNS rebinding: see tests/web
+            urllib.request.urlopen(rebound, timeout=10)
+        assert refused.value.code == 421 and len(sessions.checked) == 1
     finally:
         app_loop.close()

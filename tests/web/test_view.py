@@ -225,3 +225,37 @@ def test_a_page_of_another_site_cannot_watch_the_overlay():
         assert server.stats()["origins_refused"] == 2
     finally:
         server.close()
+
+
+def test_a_request_for_another_host_name_is_refused_against_dns_rebinding():
+    """A page of evil.example whose name is made to resolve to this computer is same-origin with
+    itself, so the Origin check passes; its Host header still says evil.example. 421 for such
+    names, while addresses, localhost and this computer's own names are served."""
+    import urllib.error
+    import urllib.request
+
+    from regseg.stream.web.server import known_host, local_names
+
+    server = WebServer("127.0.0.1", 0)
+
+    def get(host: str) -> int:
+        req = urllib.request.Request(f"{server.url}api/sessions", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as reply:
+                return reply.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        assert get(f"evil.example:{server.port}") == 421
+        assert get(f"127.0.0.1.nip.io:{server.port}") == 421
+        assert get(f"127.0.0.1:{server.port}") == 200
+        assert get(f"localhost:{server.port}") == 200
+    finally:
+        server.close()
+    names = local_names()
+    assert "localhost" in names
+    for host in ("10.0.0.5:8080", "[::1]:8080", "[fe80::1]", "LOCALHOST:1", "x.localhost"):
+        assert known_host(host, names), host
+    for host in ("evil.example", "evil.example:8080", "", ":8080", "10.0.0.5.evil.example"):
+        assert not known_host(host, names), host
