@@ -18,6 +18,27 @@ import numpy as np
 from regseg.errors import InputError
 
 MATRIX_COLUMNS = tuple(f"m{r}{c}" for r in range(4) for c in range(4))
+#: A tracker's pose is rigid: its 3x3 part a rotation to this tolerance (largest entry of
+#: R^T R - I; trackers write 6 or more significant digits) with determinant +1.
+RIGID_TOLERANCE = 1e-2
+
+
+def check_rigid(poses: np.ndarray, where: list[str], path: Path) -> None:
+    """Raise InputError naming ``path`` and the first sample (``where[n]``, e.g. "line 7") whose
+    pose is not a rotation and a translation (a scaled, sheared, zero or mirrored 3x3 part)."""
+    if not len(poses):
+        return
+    r = poses[:, :3, :3]
+    with np.errstate(over="ignore", invalid="ignore"):  # 1e308 entries: inf, refused below
+        error = np.abs(np.swapaxes(r, 1, 2) @ r - np.eye(3)).max(axis=(1, 2))
+        bad = np.flatnonzero(~(error <= RIGID_TOLERANCE) | ~(np.linalg.det(r) > 0))
+    if bad.size:
+        n = int(bad[0])
+        with np.printoptions(precision=4, suppress=True):
+            rotation = " ".join(str(r[n]).split())
+        raise InputError(f"{path}: {where[n]}: pose rotation part {rotation} (and {bad.size - 1} "
+                         "more) is not a rotation (orthonormal, determinant +1); a tracker's "
+                         "rigid pose in mm is expected (is it a calibration, or scaled?)")
 
 
 @dataclass(frozen=True)
@@ -46,7 +67,7 @@ def read_csv_poses(path: Path) -> Tracked:
                          "m33 (the 4x4 pose, row-major) and optionally timestamp_s expected")
     cols = [header.index(c) for c in MATRIX_COLUMNS]
     tcol = header.index("timestamp_s") if "timestamp_s" in header else None
-    times, poses = [], []
+    times, poses, where = [], [], []
     for n, row in enumerate(rows[1:], start=2):
         if not any(v.strip() for v in row):
             continue
@@ -56,26 +77,36 @@ def read_csv_poses(path: Path) -> Tracked:
         except (ValueError, IndexError):
             raise InputError(f"{path}: line {n}: {row[:4]}...; numbers in every column "
                              "expected") from None
+        if not np.isfinite(t):
+            raise InputError(f"{path}: line {n}: timestamp_s {row[tcol]!r}; a finite time in "
+                             "seconds expected")
         if np.isfinite(m).all():
             times.append(t)
             poses.append(m)
-    return Tracked(np.array(times), np.array(poses).reshape(-1, 4, 4), None)
+            where.append(f"line {n}")
+    poses = np.array(poses).reshape(-1, 4, 4)
+    check_rigid(poses, where, path)
+    return Tracked(np.array(times), poses, None)
 
 
 def read_sequence_poses(path: Path, name: str, *, images: bool) -> Tracked:
     from regseg.sequence_file import read_sequence
 
     seq = read_sequence(path)
-    times, poses, pixels = [], [], []
+    times, poses, pixels, where = [], [], [], []
     seen = False
     for n, frame in enumerate(seq.frames):
         seen = seen or f"{name}Transform" in frame.fields
-        m = frame.transform(name)
+        try:
+            m = frame.transform(name)
+        except InputError as exc:
+            raise InputError(f"{path}: frame {n}: {exc}") from None
         if m is None:
             continue
         t = frame.timestamp_s
         times.append(float(n) if t is None else t)
         poses.append(m)
+        where.append(f"frame {n} {name}Transform")
         if images:
             pixels.append(frame.pixels if frame.pixels.ndim == 2 else frame.pixels[..., 0])
     if not seen:
@@ -83,6 +114,7 @@ def read_sequence_poses(path: Path, name: str, *, images: bool) -> Tracked:
                         if k.endswith("Transform")})
         raise InputError(f"{path}: no {name}Transform in its frames (it has: "
                          f"{', '.join(names) or 'none'}); name the tool's transform")
+    check_rigid(np.array(poses).reshape(-1, 4, 4), where, path)
     return Tracked(np.array(times), np.array(poses).reshape(-1, 4, 4),
                    np.array(pixels) if images and pixels else None, seq.element_spacing_mm)
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from regseg.calibration import markups, points, transforms_io
 from regseg.errors import InputError
-from regseg.geometry import SPACING_RANGE_MM, check_affine
+from regseg.geometry import SPACING_RANGE_MM, check_affine, check_registration
 
 
 def read_image_to_probe(path: str, flag: str = "--probe-calibration") -> np.ndarray:
@@ -32,9 +32,10 @@ def read_image_to_probe(path: str, flag: str = "--probe-calibration") -> np.ndar
 
 def read_reference_to_mri(path: str, flag: str = "--reference-to-mri") -> np.ndarray:
     """ReferenceToMRI from ``.tfm``/``.h5`` (Slicer), ``.xml`` (PLUS: Reference -> MRI) or our
-    4x4 text."""
+    4x4 text; near-rigid and not mirrored (:func:`regseg.geometry.check_registration`)."""
     try:
-        return transforms_io.read_transform(path, from_name="Reference", to_name="MRI")
+        m = transforms_io.read_transform(path, from_name="Reference", to_name="MRI")
+        return check_registration(m, what=f"{path}: ReferenceToMRI")
     except InputError as exc:
         raise InputError(f"{flag} {exc}") from None
 

@@ -41,21 +41,36 @@ def _system(value: str, path: Path) -> np.ndarray:
 
 
 def _read_json(path: Path) -> Landmarks:
+    expected = "markups[0].controlPoints[].position (3 numbers each) expected"
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         markup = doc["markups"][0]
+        points = markup["controlPoints"]
+        if not isinstance(markup, dict) or not isinstance(points, list) or not all(
+                isinstance(p, dict) for p in points):
+            raise TypeError("markups[0] or its controlPoints are not JSON objects")
         sign = _system(markup.get("coordinateSystem", "LPS"), path)
         units = markup.get("coordinateUnits", "mm")
         if units != "mm":
             raise InputError(f"{path}: coordinateUnits {units!r}; mm expected")
-        points = markup["controlPoints"]
         labels = [str(p.get("label", f"F-{n + 1}")) for n, p in enumerate(points)]
+        for label, p in zip(labels, points, strict=True):
+            status = p.get("positionStatus", "defined")
+            if status != "defined":
+                raise InputError(f"{path}: control point {label!r} has positionStatus "
+                                 f"{status!r}; every point placed ('defined') expected. Place "
+                                 "or delete it in Slicer.")
+            if not isinstance(p["position"], list) or len(p["position"]) != 3:
+                raise InputError(f"{path}: control point {label!r} position "
+                                 f"{str(p['position'])[:80]}; {expected}")
         xyz = np.array([[float(v) for v in p["position"]] for p in points], dtype=np.float64)
     except InputError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply; {expected}") from None
+    except (OSError, ValueError, KeyError, IndexError, TypeError, OverflowError) as exc:
         raise InputError(f"{path}: not a Slicer markups JSON with control points ({exc!r}); "
-                         "markups[0].controlPoints[].position expected") from None
+                         f"{expected}") from None
     return Landmarks(labels, xyz.reshape(-1, 3) * sign)
 
 
@@ -64,8 +79,8 @@ def _read_fcsv(path: Path) -> Landmarks:
     rows = []
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({exc}); a UTF-8 .fcsv is expected") from None
     for line in text.splitlines():
         if line.startswith("#"):
             key, _, value = line[1:].partition("=")

@@ -19,9 +19,11 @@ written. Reads refuse what they cannot interpret with the file, the field and wh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -35,6 +37,12 @@ _ITK_LINEAR = ("AffineTransform_double_3_3", "AffineTransform_float_3_3",
                "MatrixOffsetTransformBase_double_3_3", "MatrixOffsetTransformBase_float_3_3")
 _ITK_RIGID = ("Euler3DTransform_double_3_3", "Euler3DTransform_float_3_3")
 _HDF5 = (".h5", ".hdf5")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+#: Largest transform file read. One linear transform is under 1 KB as text and about 8 KB as ITK
+#: HDF5; a PLUS device-set config is tens of KB. The cap bounds what is read, parsed and (HDF5)
+#: decompressed; a bigger file (e.g. a displacement field) is refused before it is opened.
+MAX_TEXT_BYTES = 4 * 2**20
+MAX_HDF5_BYTES = 2**20
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -140,14 +148,37 @@ def _sitk():
     return sitk
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send file descriptor 2 to /dev/null for the duration (native libraries' diagnostics)."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def read_itk_h5(path: str | os.PathLike) -> np.ndarray:
     """a_to_b (RAS) from an ITK ``.h5`` transform (one linear transform), via SimpleITK."""
     sitk = _sitk()
     try:
-        t = sitk.ReadTransform(str(path))
+        with open(path, "rb") as f:
+            head = f.read(len(_HDF5_SIGNATURE))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from None
+    if head != _HDF5_SIGNATURE:
+        raise InputError(f"{path}: not an HDF5 file (it starts with {head!r}); an ITK .h5 "
+                         "transform as Slicer saves it, or a .tfm/.txt, is expected")
+    try:
+        with _stderr_silenced():  # HDF5 prints its whole error stack on fd 2
+            t = sitk.ReadTransform(str(path))
     except RuntimeError as exc:
-        raise InputError(f"{path}: not a readable ITK transform ({str(exc).splitlines()[-1]})"
-                         ) from None
+        raise InputError(f"{path}: an HDF5 file but not a readable ITK transform "
+                         f"({str(exc).strip().splitlines()[-1].strip()}); save the transform "
+                         "from Slicer again, or as .tfm") from None
     while t.GetName() == "CompositeTransform":
         composite = sitk.CompositeTransform(t)
         if composite.GetNumberOfTransforms() != 1:
@@ -182,7 +213,9 @@ def write_itk(path: str | os.PathLike, a_to_b: np.ndarray) -> Path:
 def read_matrix_text(path: str | os.PathLike) -> np.ndarray:
     """a_to_b from our text: 4 rows of 4 numbers."""
     try:
-        m = np.loadtxt(path, dtype=np.float64, ndmin=2)
+        with warnings.catch_warnings():  # an empty file: a warning, then shape (0, 1) below
+            warnings.simplefilter("ignore", UserWarning)
+            m = np.loadtxt(path, dtype=np.float64, ndmin=2)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read a matrix ({exc}); a text file with 4 rows of 4 "
                          "numbers, or an ITK transform (.tfm/.txt/.h5), is expected") from None
@@ -200,8 +233,10 @@ def read_plus_transforms(path: str | os.PathLike) -> dict[tuple[str, str], dict]
     "date"}} (matrices unchecked here; :func:`read_transform` checks the one it returns)."""
     try:
         root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
-        raise InputError(f"{path}: not a readable XML file ({exc})") from None
+    except (OSError, ET.ParseError, LookupError, ValueError, RecursionError) as exc:
+        # LookupError: an unknown encoding= in the XML declaration
+        raise InputError(f"{path}: not a readable XML file ({type(exc).__name__}: {exc}); a "
+                         "PLUS device-set configuration (UTF-8 XML) is expected") from None
     out = {}
     for node in root.iter("Transform"):
         a, b, text = node.get("From"), node.get("To"), node.get("Matrix")
@@ -214,6 +249,9 @@ def read_plus_transforms(path: str | os.PathLike) -> dict[tuple[str, str], dict]
         if values.size != 16:
             raise InputError(f"{path}: Transform From={a!r} To={b!r}: Matrix {text!r}; 16 "
                              "numbers (row-major 4x4) expected")
+        if (a, b) in out:
+            raise InputError(f"{path}: Transform From={a!r} To={b!r} is defined twice; one "
+                             "definition per pair of frames expected (which one is meant?)")
         out[(a, b)] = {"matrix": values.reshape(4, 4), "error": node.get("Error"),
                        "date": node.get("Date")}
     return out
@@ -231,7 +269,7 @@ def write_plus_transform(path: str | os.PathLike, a_to_b: np.ndarray, from_name:
     if path.exists():
         try:
             tree = ET.parse(path)
-        except ET.ParseError as exc:
+        except (ET.ParseError, LookupError, ValueError) as exc:
             raise InputError(f"{path}: exists but is not XML ({exc}); refusing to overwrite "
                              "it") from None
         root = tree.getroot()
@@ -256,7 +294,7 @@ def write_plus_transform(path: str | os.PathLike, a_to_b: np.ndarray, from_name:
 def _is_itk_text(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return f.readline().startswith("#Insight Transform File")
+            return f.readline(64).startswith("#Insight Transform File")
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc})") from None
 
@@ -273,10 +311,18 @@ def read_transform(path: str | os.PathLike, *, from_name: str | None = None,
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     name = path.name.lower()
+    limit = MAX_HDF5_BYTES if name.endswith(_HDF5) else MAX_TEXT_BYTES
+    size = path.stat().st_size
+    if size > limit:
+        raise InputError(f"{path}: {size:,} bytes; a transform file of at most {limit:,} bytes "
+                         "(one linear transform) is expected")
     if name.endswith(_HDF5):
         return read_itk_h5(path)
     if name.endswith(".xml"):
         defs = read_plus_transforms(path)
+        if (from_name, to_name) in defs and (to_name, from_name) in defs:
+            raise InputError(f"{path}: both {from_name}To{to_name} and {to_name}To{from_name} "
+                             "are defined; one of them expected (which one is meant?)")
         if (from_name, to_name) in defs:
             m = defs[(from_name, to_name)]["matrix"]
         elif (to_name, from_name) in defs:

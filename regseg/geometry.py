@@ -41,6 +41,9 @@ SPACING_RANGE_MM = (0.01, 5.0)
 MAX_SHEAR_DEG = 5.0
 MAX_FRAME_PIXELS = 2048 * 2048
 NORMAL_LENGTH_RANGE_MM = (1e-3, 1e3)
+#: A registration between two frames in mm (ReferenceToMRI) is near-rigid: scales 0.8-1.25 (an
+#: affine from landmarks may scale by a few per cent) and no reflection, as for one sent by Slicer.
+REGISTRATION_SCALE_RANGE = (0.8, 1.25)
 _LAST_ROW = np.array([0.0, 0.0, 0.0, 1.0])
 
 
@@ -109,6 +112,26 @@ def _check_linear(m: np.ndarray, what: str, max_condition: float,
         raise InputError(f"{what}: translation {shift:.3g} mm exceeds {max_translation_mm:.3g} mm; "
                          "a transform in mm within the tracker's working volume is expected")
     return m
+
+
+def check_registration(matrix, *, what: str) -> np.ndarray:
+    """Return a registration between two frames in mm (ReferenceToMRI) as a (4, 4) float64
+    affine, or raise :class:`InputError` naming ``what``: :func:`check_affine` with scales within
+    :data:`REGISTRATION_SCALE_RANGE`, and a positive determinant (a mirror image is not a pose)."""
+    m = _as_matrix(matrix, what)
+    singular = np.linalg.svd(m[:3, :3], compute_uv=False)
+    lo, hi = REGISTRATION_SCALE_RANGE
+    if not lo <= singular[-1] <= singular[0] <= hi:
+        raise InputError(f"{what}: scales {singular[-1]:.3g} to {singular[0]:.3g} (singular "
+                         f"values of {_brief(m[:3, :3])}); a near-rigid registration between "
+                         f"two frames in mm (scales {lo} to {hi}) is expected (is it in metres, "
+                         "or an image's pixel pose?)")
+    det = float(np.linalg.det(m[:3, :3]))
+    if det <= 0.0:
+        raise InputError(f"{what}: a reflection (determinant {det:.3g} of {_brief(m[:3, :3])}); "
+                         "a registration is a rotation and a translation. Check the RAS/LPS "
+                         "convention of the file (an axis flipped by hand?).")
+    return check_affine(m, what=what)
 
 
 def _angle_deg(a: np.ndarray, b: np.ndarray, a_len: float, b_len: float) -> float:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from regseg import spatial
+from regseg.batch.manifest import SAFE_NAME
 from regseg.cli_checks import check_checkpoint, check_writable, int_at_least
 from regseg.errors import InputError
 from regseg.imageio import Volume, load_mri, read_header, save_volume
@@ -174,8 +175,12 @@ def read_pairs(source: str | Path) -> list[dict[str, str]]:
         return pairs
     if not source.is_file():
         raise InputError(f"{source}: pairs file or folder not found")
-    with source.open() as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with source.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{source}: cannot read the pairs CSV ({exc}); UTF-8 text with a header "
+                         f"{list(PAIR_COLUMNS)} is expected") from None
     if not rows or any(c not in rows[0] for c in PAIR_COLUMNS):
         raise InputError(f"{source}: a pairs CSV needs a header with columns {list(PAIR_COLUMNS)} "
                          f"(optional {list(OPTIONAL_COLUMNS)}) and at least one row")
@@ -189,7 +194,11 @@ def read_pairs(source: str | Path) -> list[dict[str, str]]:
         if missing:
             raise InputError(f"{source} line {line}: no value for {missing} (row {row}); every "
                              f"row needs {list(PAIR_COLUMNS)}. Nothing was registered.")
-        pair = {"name": row.get("name") or f"pair{n:03d}"}
+        pair = {"name": (row.get("name") or "").strip() or f"pair{n:03d}"}
+        if not SAFE_NAME.match(pair["name"]) or pair["name"] == "summary.json":
+            raise InputError(f"{source} line {line}: name {pair['name']!r} cannot name an output "
+                             "folder inside --out; use letters, digits, '.', '_' and '-' (not "
+                             "first). Nothing was registered.")
         for key in (*PAIR_COLUMNS, *LABEL_COLUMNS, "landmarks"):
             if row.get(key):
                 path = Path(row[key])

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from regseg.errors import InputError
-from regseg.imageio import Volume, load_mri
+from regseg.imageio import MAX_VOXELS, Volume, load_mri, read_header
 
 
 def load_label_map(path: str | Path, like: Volume | None = None, what: str = "label") -> Volume:
@@ -41,17 +41,38 @@ def load_label_map(path: str | Path, like: Volume | None = None, what: str = "la
 
 
 def load_landmarks(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Landmark CSV with columns fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z (world mm)."""
+    """Landmark CSV with columns fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z (world mm).
+
+    Raises:
+        InputError: missing or unreadable (not UTF-8 text), no header or rows, or a row whose
+            six coordinates are not all finite numbers (the line and the value are named).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: landmark file not found")
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
     cols = [f"{s}_{a}" for s in ("fixed", "moving") for a in "xyz"]
-    if not rows or any(c not in rows[0] for c in cols):
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot read the landmark CSV ({exc}); UTF-8 text with a header "
+                         f"{cols} is expected") from None
+    if not rows or any(c not in rows[0][1] for c in cols):
         raise InputError(f"{path}: a landmark CSV needs a header with {cols} (world mm, RAS) "
                          "and at least one row")
-    pts = np.array([[float(r[c]) for c in cols] for r in rows])
+    points = []
+    for line, row in rows:
+        values = [row.get(c) for c in cols]
+        try:
+            xyz = [float(v) for v in values]
+        except (TypeError, ValueError):
+            xyz = [np.nan]
+        if not np.isfinite(xyz).all():
+            raise InputError(f"{path} line {line}: {values}; six finite numbers "
+                             f"({', '.join(cols)}, mm) expected")
+        points.append(xyz)
+    pts = np.array(points, dtype=np.float64)
     return pts[:, :3], pts[:, 3:]
 
 
@@ -69,8 +90,15 @@ def load_ddf_mm(path: str | Path, like: Volume) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: displacement file not found")
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
+    img = read_header(path, "displacement", max_voxels=3 * MAX_VOXELS)  # size checked first
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for bad files
+        raise InputError(f"{path}: cannot read the displacement as NIfTI ({type(exc).__name__}: "
+                         f"{exc})") from None
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: displacement has non-finite values (NaN or inf); finite mm "
+                         "expected")
     if data.ndim == 5 and data.shape[3] == 1:
         data = data[:, :, :, 0]
     if data.ndim != 4 or data.shape[3] != 3 or data.shape[:3] != like.data.shape:

@@ -240,7 +240,8 @@ def read_sequence(path: str | os.PathLike) -> Sequence:
     frames = [SequenceFrame(pixels[i], frame_fields.get(i, {})) for i in range(count)]
     fmt = _META_FORMAT if kind == "mha" else _NRRD_FORMAT
     return Sequence(frames, {k: v for k, v in fields.items() if k not in fmt},
-                    _element_spacing(fields.get("ElementSpacing", fields.get("spacings", ""))))
+                    _element_spacing(fields.get("ElementSpacing", fields.get("spacings", "")),
+                                     path))
 
 
 def _open_regular(source: Path, path: Path, what: str):
@@ -307,14 +308,21 @@ def _inflate(f, path: Path, kind: str, size: int, expected: int, what: str) -> b
     return out
 
 
-def _element_spacing(text: str) -> tuple[float, float]:
-    """(x, y) mm from ElementSpacing or NRRD spacings (a leading nan is a vector axis)."""
+def _element_spacing(text: str, path: Path) -> tuple[float, float]:
+    """(x, y) mm from ElementSpacing or NRRD spacings (a leading nan is a vector axis); 1 mm
+    when the header has none (MetaIO's default). A value that is there but unusable is refused:
+    it used to become 1 mm silently (``0.2 -0.2`` or ``inf inf``: untracked frames 5x too big)."""
+    if not text.strip():
+        return (1.0, 1.0)
     values = [v for v in text.split() if v.lower() != "nan"]
     try:
         x, y = float(values[0]), float(values[1])
     except (IndexError, ValueError):
-        return (1.0, 1.0)
-    return (x, y) if x > 0 and y > 0 else (1.0, 1.0)
+        x = y = float("nan")
+    if not (0 < x < float("inf") and 0 < y < float("inf")):
+        raise InputError(f"{path}: ElementSpacing (spacings) {text.strip()[:80]!r}; positive, "
+                         "finite pixel sizes in mm (x y ...) expected")
+    return (x, y)
 
 
 #: ITU-R BT.601 luma weights, for RGB sequences (the same as for RGB IMAGE messages).

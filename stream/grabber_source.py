@@ -27,6 +27,10 @@ from regseg.types import Frame
 
 log = logging.getLogger(__name__)
 
+#: Slowest frame rate a video file's header may declare: the source waits 1/fps between frames, so
+#: a header saying 1e-5 fps held the stream after its first frame for 28 hours. Ultrasound cine
+#: loops are 10-60 fps. Zero ("unknown" to OpenCV) replays flat out, as before.
+MIN_FILE_FPS = 1.0
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm")
 
 
@@ -115,6 +119,11 @@ class GrabberSource:
         self.pose_source = pose_source
         self.max_pose_age_ns = int(max_pose_age_s * 1e9)
         file_fps = self._capture.get(cv2.CAP_PROP_FPS) if self.is_file else 0.0
+        if fps is None and not (file_fps <= 0.0 or MIN_FILE_FPS <= file_fps < float("inf")):
+            self._capture.release()
+            raise InputError(f"video file {device!r} declares {file_fps:g} frames per second; "
+                             f"at least {MIN_FILE_FPS:g} (or 0, unknown) expected: the header is "
+                             "damaged. Replay it flat out with --replay-rate max.")
         self.fps = float(file_fps if fps is None else fps) if self.is_file else 0.0
         self.slot: LatestSlot[Frame] = slot if slot is not None else LatestSlot()
         self.frames = 0

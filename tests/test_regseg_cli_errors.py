@@ -36,6 +36,20 @@ def inputs(tmp_path_factory):
     (d / "huge.nii.gz").write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
     (d / "huge.csv").write_text("fixed,moving\nfixed.nii.gz,huge.nii.gz\n")
     (d / "a_file").write_text("x")
+    lm_header = "fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z\n"
+    for name, body in (("nan", "1,2,3,nan,5,6\n"), ("word", "1,2,3,4,five,6\n"),
+                       ("short", "1,2,3,4,5,6\n1,2\n")):  # all used to be a traceback or NaN TRE
+        (d / f"lm_{name}.csv").write_text(lm_header + body)
+        (d / f"pairs_lm_{name}.csv").write_text(f"fixed,moving,landmarks\nfixed.nii.gz,"
+                                               f"moving.nii.gz,lm_{name}.csv\n")
+    (d / "lm_bytes.csv").write_bytes(b"\xff\xfe\x00binary")
+    (d / "pairs_bytes.csv").write_bytes(b"\xff\xfe\x00binary")
+    (d / "escape.csv").write_text("fixed,moving,name\nfixed.nii.gz,moving.nii.gz,../escaped\n")
+    (d / "absolute.csv").write_text("fixed,moving,name\nfixed.nii.gz,moving.nii.gz,/tmp/x\n")
+    ddf = nib.Nifti1Header()
+    ddf.set_data_shape((1024, 1024, 512, 1, 3))
+    ddf.set_data_dtype(np.float32)
+    (d / "huge_ddf.nii.gz").write_bytes(gzip.compress(ddf.binaryblock + b"\0" * 4))
     (d / "garbage.pt").write_bytes(b"nope")
     build_parser()  # imports torch and the training modules once, outside the timed cases
     return d
@@ -72,6 +86,24 @@ CASES = [
     ("phantom out under a file", ["phantom", "--out", "D/a_file/case"], ["is a file"]),
     ("phantom seed negative", ["phantom", "--out", "OUT", "--seed", "-1"], ["--seed"]),
     ("unknown task", ["fly"], ["invalid choice: 'fly'"]),
+    ("landmark NaN", ["register", "--pairs", "D/pairs_lm_nan.csv", "--out", "OUT"],
+     ["lm_nan.csv line 2", "'nan'", "six finite numbers"]),
+    ("landmark not a number", ["register", "--pairs", "D/pairs_lm_word.csv", "--out", "OUT"],
+     ["lm_word.csv line 2", "'five'", "six finite numbers"]),
+    ("landmark short row", ["register", "--pairs", "D/pairs_lm_short.csv", "--out", "OUT"],
+     ["lm_short.csv line 3", "None", "six finite numbers"]),
+    ("landmark binary", ["eval", "--fixed-labels", "D/labels.nii.gz", "--moved-labels",
+                         "D/labels.nii.gz", "--landmarks", "D/lm_bytes.csv"],
+     ["lm_bytes.csv", "cannot read the landmark CSV", "UTF-8"]),
+    ("pairs binary", ["register", "--pairs", "D/pairs_bytes.csv", "--out", "OUT"],
+     ["pairs_bytes.csv", "cannot read the pairs CSV"]),
+    ("pair name escapes --out", ["register", "--pairs", "D/escape.csv", "--out", "OUT"],
+     ["escape.csv line 2", "'../escaped'", "inside --out"]),
+    ("pair name absolute", ["register", "--pairs", "D/absolute.csv", "--out", "OUT"],
+     ["absolute.csv line 2", "'/tmp/x'", "inside --out"]),
+    ("ddf absurd header size", ["eval", "--fixed-labels", "D/labels.nii.gz", "--moved-labels",
+                                "D/labels.nii.gz", "--ddf", "D/huge_ddf.nii.gz"],
+     ["huge_ddf.nii.gz", "1024x1024x512x1x3", "Nothing was decompressed"]),
 ]
 
 

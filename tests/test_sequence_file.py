@@ -158,6 +158,13 @@ def test_empty_sequence_is_a_valid_file(tmp_path):
      "ElementType 'MET_RGB'; one of MET_UCHAR"),
     ("s.igs.mha", "garbage without separator\n", "is not 'key = value'"),
     ("s.seq.nrrd", "P5\n", "NRRD magic"),
+    # an ElementSpacing that is there but unusable used to become 1 mm silently
+    ("s.igs.mha", "DimSize = 2 2 1\nElementType = MET_UCHAR\nElementSpacing = 0.2 -0.2 1\n"
+     "ElementDataFile = LOCAL\n1234", r"ElementSpacing \(spacings\) '0.2 -0.2 1'; positive"),
+    ("s.igs.mha", "DimSize = 2 2 1\nElementType = MET_UCHAR\nElementSpacing = inf inf 1\n"
+     "ElementDataFile = LOCAL\n1234", "'inf inf 1'; positive, finite"),
+    ("s.igs.mha", "DimSize = 2 2 1\nElementType = MET_UCHAR\nElementSpacing = a b\n"
+     "ElementDataFile = LOCAL\n1234", "'a b'; positive, finite"),
 ])
 def test_bad_files_are_refused_naming_what_is_wrong(tmp_path, name, text, match):
     path = tmp_path / name

@@ -26,7 +26,7 @@ RESERVED = ("logs", "results.jsonl", "results.jsonl.tmp", "summary.json")
 
 
 def _rows_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise InputError(f"{path}: empty CSV; a header line with the column names is "
@@ -43,7 +43,7 @@ def _rows_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 def _rows_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    for line, text in enumerate(path.read_text().splitlines(), start=1):
+    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not text.strip():
             continue
         try:
@@ -51,6 +51,9 @@ def _rows_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as exc:
             raise InputError(f"{path} line {line}: not JSON ({exc.msg} at column {exc.colno}); "
                              "one JSON object per line is expected") from None
+        except RecursionError:
+            raise InputError(f"{path} line {line}: JSON nested too deeply; one flat object per "
+                             "line is expected") from None
         if not isinstance(row, dict):
             raise InputError(f"{path} line {line}: a JSON {type(row).__name__}; one object per "
                              'line is expected, e.g. {"fixed": "a.nii.gz", "moving": "b.nii.gz"}')
@@ -75,13 +78,14 @@ def read_manifest(path: str | Path, required: tuple[str, ...], file_columns: tup
     if not path.is_file():
         raise InputError(f"{path}: manifest not found (a .csv with a header, or .jsonl)")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        rows = _rows_csv(path)
-    elif suffix in (".jsonl", ".ndjson"):
-        rows = _rows_jsonl(path)
-    else:
+    if suffix not in (".csv", ".jsonl", ".ndjson"):
         raise InputError(f"{path}: manifest suffix {suffix or '(none)'!r}; .csv or .jsonl "
                          "is expected")
+    try:
+        rows = _rows_csv(path) if suffix == ".csv" else _rows_jsonl(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot read the manifest ({exc}); UTF-8 text is expected"
+                         ) from None
     if not rows:
         raise InputError(f"{path}: no cases; one case per row (columns {list(required)})")
     cases: list[Case] = []

@@ -25,7 +25,7 @@ import numpy as np
 from pyigtl.messages import MessageBase, TransformMessage
 
 from regseg.errors import InputError
-from regseg.geometry import check_affine
+from regseg.geometry import REGISTRATION_SCALE_RANGE, check_registration
 from regseg.stream.igtl.wire import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,9 @@ MIN_INTERVAL_S = 1.0
 #: 10 degrees turns a point 20 mm from the centre by 3.5 mm.
 MAX_JUMP_MM = 10.0
 MAX_JUMP_DEG = 10.0
-#: Near-rigid: the 3x3 part's singular values (scales) within these bounds. MRI and tracker are in
-#: mm, so a registration is rigid; an affine from landmarks may scale by a few per cent.
-SCALE_RANGE = (0.8, 1.25)
+#: Near-rigid: the 3x3 part's singular values (scales) within these bounds (the same rule as a
+#: --reference-to-mri file's: :func:`regseg.geometry.check_registration`).
+SCALE_RANGE = REGISTRATION_SCALE_RANGE
 REFUSAL_REASONS = ("not_allowed", "rate_limited", "bad_matrix", "jump")
 MAX_PEERS_NAMED = 32
 
@@ -85,15 +85,13 @@ def peer_host(peer: str) -> str:
 
 
 def registration_problem(matrix: np.ndarray) -> str | None:
-    """Why ``matrix`` is not a usable ReferenceToMRI (None if it is): a finite, invertible affine
-    (:func:`regseg.geometry.check_affine`) with scales within :data:`SCALE_RANGE` (MRI and tracker
-    are both in mm: a registration is near-rigid) and no reflection."""
+    """Why ``matrix`` is not a usable ReferenceToMRI (None if it is): a finite, invertible,
+    near-rigid affine with no reflection (:func:`regseg.geometry.check_registration`; MRI and
+    tracker are both in mm)."""
     try:
-        check_affine(matrix, what="matrix", scale_range=SCALE_RANGE)
+        check_registration(matrix, what="matrix")
     except InputError as exc:
         return str(exc)
-    if np.linalg.det(matrix[:3, :3]) <= 0:
-        return "a reflection (determinant < 0); a rotation expected"
     return None
 
 

@@ -248,6 +248,9 @@ def load_config(path: str | Path) -> ServeConfig:
                          "[serve] and [[session]] tables is expected") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise InputError(f"{path}: arrays or tables nested too deeply; a TOML file with "
+                         "[serve] and [[session]] tables is expected") from None
     unknown = sorted(set(data) - {"serve", "session"})
     if unknown:
         raise InputError(f"{path}: unknown table {unknown[0]!r}; expected [serve] and "

@@ -178,6 +178,7 @@ def test_segment_carries_the_atlas_labels(data, tmp_path):
     ('{"fixed": "a", "moving": \n', ".jsonl", "line 1: not JSON"),
     ("fixed,moving\n", ".csv", "no cases"),
     ("fixed,moving\na,b\n", ".txt", r"suffix '\.txt'"),
+    ("[" * 100_000 + "\n", ".jsonl", "line 1: JSON nested too deeply"),  # was a RecursionError
 ])
 def test_bad_manifests_are_refused_before_any_work(tmp_path, capsys, text, suffix, message):
     manifest = tmp_path / f"m{suffix}"
@@ -187,6 +188,16 @@ def test_bad_manifests_are_refused_before_any_work(tmp_path, capsys, text, suffi
     assert main(["batch", "register", str(manifest), "--out", str(tmp_path / "o")]) == 2
     assert "regseg batch: error:" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_binary_manifest_is_refused_not_a_traceback(tmp_path, capsys, suffix):
+    manifest = tmp_path / f"m{suffix}"
+    manifest.write_bytes(b"\xff\xfe\x00fixed")  # was a UnicodeDecodeError traceback
+    assert main(["batch", "register", str(manifest), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"m{suffix}: cannot read the manifest" in err and "UTF-8" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_manifest_paths_names_and_digests(tmp_path):

@@ -91,6 +91,7 @@ def test_batching_off_is_one_size(tmp_path):
     ("[[session]]\nname = 'a'\nsource = 'sim://1'\n[[session]]\nname = 'a'\nsource = 'sim://2'\n",
      r"\[\[session\]\] 2: name 'a' is used twice"),
     ("x = = 1\n", r"not valid TOML"),
+    ("a = " + "[" * 100_000 + "\n", r"nested too deeply"),  # was a RecursionError traceback
 ])
 def test_errors_name_file_table_key_and_value(tmp_path, text, expected):
     path = write(tmp_path, text)

@@ -43,6 +43,13 @@ def files(tmp_path_factory):
     (root / "garbage.pt").write_bytes(b"not a checkpoint at all")
     (root / "a_file").write_text("x")
     (root / "clip.avi").write_bytes(b"\0")  # exists; refused flags are checked before it opens
+    np.savetxt(root / "mirror.txt", np.diag([-1.0, 1.0, 1.0, 1.0]))  # all used to be accepted
+    np.savetxt(root / "metres.txt", np.diag([1000.0, 1000.0, 1000.0, 1.0]))
+    plus = '<P><CoordinateDefinitions>{}</CoordinateDefinitions></P>'
+    one = '<Transform From="Reference" To="MRI" Matrix="1 0 0 {} 0 1 0 0 0 0 1 0 0 0 0 1"/>'
+    (root / "twice.xml").write_text(plus.format(one.format(0) + one.format(50)))
+    (root / "encoding.xml").write_text('<?xml version="1.0" encoding="ebcdic-xx"?><P/>')
+    (root / "empty.h5").write_bytes(b"")
     return root
 
 
@@ -154,6 +161,16 @@ CASES = [
     ("reference 3x3", [*IGTL, "--reference-to-mri", "F/three.txt"], ["three.txt", "(3, 3)"]),
     ("reference words", [*IGTL, "--reference-to-mri", "F/words.txt"], ["words.txt",
                                                                        "4 rows of 4 numbers"]),
+    ("reference mirrored", [*IGTL, "--reference-to-mri", "F/mirror.txt"],
+     ["--reference-to-mri", "mirror.txt", "a reflection (determinant -1", "rotation"]),
+    ("reference scaled x1000", [*IGTL, "--reference-to-mri", "F/metres.txt"],
+     ["metres.txt", "scales 1e+03 to 1e+03", "near-rigid", "0.8 to 1.25"]),
+    ("reference defined twice", [*IGTL, "--reference-to-mri", "F/twice.xml"],
+     ["twice.xml", "From='Reference' To='MRI' is defined twice"]),
+    ("reference unknown encoding", [*IGTL, "--reference-to-mri", "F/encoding.xml"],
+     ["encoding.xml", "unknown encoding: ebcdic-xx"]),
+    ("reference empty h5", [*IGTL, "--reference-to-mri", "F/empty.h5"],
+     ["empty.h5", "not an HDF5 file"]),
     ("weights of the other model", [*DEMO, "--weights", "PLCREG2D"],
      ["plcreg2d.pt", "model plcreg 2-D", "--weights takes a checkpoint of model alignsegnet"]),
     ("weights missing", [*DEMO, "--weights", "F/none.pt"], ["--weights", "none.pt"]),

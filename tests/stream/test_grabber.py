@@ -1,5 +1,6 @@
 """GrabberSource on a video written by cv2.VideoWriter: cropped, grey, paced, tracked when told."""
 
+import struct
 import time
 
 import cv2
@@ -151,3 +152,24 @@ def test_cli_refuses_bad_grabber_arguments(video, capsys, argv, fragments):
     assert err.startswith("regseg-stream: error: ")
     for fragment in fragments:
         assert fragment in err, err
+
+
+def test_a_video_declaring_an_absurd_frame_rate_is_refused_at_start(video, tmp_path, capsys):
+    """A header saying 1e-5 fps used to hold the stream after its first frame (1/fps = 28 h)."""
+    data = bytearray(video.read_bytes())
+    strh = data.find(b"strh")
+    data[strh + 28:strh + 32] = struct.pack("<I", 2_500_000)  # dwScale: 25 / 2.5e6 = 1e-5 fps
+    slow = tmp_path / "slow.avi"
+    slow.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"slow.avi' declares 1e-05 frames per second"):
+        GrabberSource(str(slow))
+    source = GrabberSource(str(slow), crop=CROP, fps=0)  # --replay-rate max still plays it
+    source.start()
+    assert len(drain(source)) == N_FRAMES
+    from regseg.stream.cli import main
+
+    assert main(["--mri", str(video), "--mri-labels", str(video), "--device", "cpu",
+                 "--source", str(slow)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("regseg-stream: error: ") and "--replay-rate max" in err
+    assert "Traceback" not in err
