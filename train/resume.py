@@ -52,9 +52,16 @@ def load_state(path: Path, *, model: nn.Module, optimiser: torch.optim.Optimizer
         raise InputError(f"--resume: {path} not found; nothing to resume (the run wrote no "
                          "state yet, or --out names another folder). Drop --resume to start.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a state file is data (tensors, numbers, lists, dicts); one that asks to
+        # unpickle anything else (code) is refused, not run
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise InputError(f"--resume: {path} is not a readable training state ({exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"--resume: {path} is not a readable training state ({first[:300]}); "
+                         "expected a DIR/NAME.state.pt this recipe wrote") from None
+    if not isinstance(state, dict):
+        raise InputError(f"--resume: {path} holds a {type(state).__name__}, not a training state "
+                         "(a dict this recipe wrote)")
     if state.get("version") != STATE_VERSION or state.get("run_key") != run_key:
         raise InputError(f"--resume: {path} was written by a run with other settings "
                          f"{state.get('run_key')}; this run is {run_key}. Resume with the same "

@@ -225,6 +225,33 @@ def test_resume_refuses_a_missing_or_foreign_state(tmp_path):
                       run_key={"seed": 0})[0] == 3
 
 
+class _Payload:
+    """Unpickling this would call ``os.system``: a state file that carries code."""
+
+    def __reduce__(self):
+        return os.system, ("touch " + str(_Payload.marker),)
+
+
+def test_resume_refuses_a_state_that_carries_code(tmp_path):
+    """A --resume file whose pickle would run code is refused (weights_only) and never runs it;
+    a file that is a tensor, not a state, is refused too."""
+    from regseg.train.resume import load_state
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    _Payload.marker = tmp_path / "ran"
+    torch.save({"version": 1, "step": 1, "run_key": {"seed": 0}, "extra": _Payload()},
+               tmp_path / "x.state.pt")
+    with pytest.raises(InputError, match=r"x\.state\.pt is not a readable training state"):
+        load_state(tmp_path / "x.state.pt", model=model, optimiser=opt,
+                   generator=torch.Generator(), run_key={"seed": 0})
+    assert not _Payload.marker.exists()
+    torch.save(torch.zeros(2), tmp_path / "t.state.pt")
+    with pytest.raises(InputError, match="holds a Tensor, not a training state"):
+        load_state(tmp_path / "t.state.pt", model=model, optimiser=opt,
+                   generator=torch.Generator(), run_key={"seed": 0})
+
+
 def test_rank_helpers_without_torchrun(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
