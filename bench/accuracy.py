@@ -13,13 +13,15 @@ and deformable field -- puts the MRI under each true prostate pixel vs where the
 moved tissue truly lies: ``regseg.metrics.tissue_tre_mm``), the flag, and the per-frame error
 estimate (``Result.error_mm`` where the Result has it, else ``1 - quality``).
 
-Reported per family and level: Dice means (and the prostate Dice of the MRI labels on the TRUE
-plane: the ceiling of a perfect rigid registration), TRE median and p90, the capture curve (final
-TRE vs initial error), the flag's detection rate (frames with true registered TRE > 5 mm that are
-flagged) and false-alarm rate (frames with TRE <= 2 mm that are flagged), per family the ROC of
-the per-frame error estimate for the same two classes, and on a pure-speckle twin of every frame
-of the first level (same pose) how often a gland over 1 cm^2 is labelled and how often it is
-published (labelled and not flagged). One JSON, one table, one PNG.
+Reported per family and level: Dice means (and the prostate and lesion Dice of the MRI labels on the
+TRUE plane: the ceiling of a perfect rigid registration), the biopsy target's error (the published
+MRI lesion centroid vs the true lesion's, mm: median and p90; how often the truth lies within the
+published margin on frames that show a target; the same error at the true plane), TRE median and
+p90, the capture curve (final TRE vs initial error), the flag's detection rate (frames with true
+registered TRE > 5 mm that are flagged) and false-alarm rate (frames with TRE <= 2 mm that are
+flagged), per family the ROC of the per-frame error estimate for the same two classes, and on a
+pure-speckle twin of every frame of the first level (same pose) how often a gland over 1 cm^2 is
+labelled and how often it is published (labelled and not flagged). One JSON, one table, one PNG.
 
 ``python bench/accuracy.py [--quick] [--json F] [--plot F.png]``; ``--quick`` (2 phantoms per
 family, levels 0/3/10, 10 frames each) stays under ~5 minutes on a 2-core CPU.
@@ -363,6 +365,9 @@ def _family_b_seeds():
 COLUMNS = (("name", "run", ""), ("frames", "frames", "d"), ("dice_prostate", "dice", ".3f"),
            ("dice_lesion", "lesion", ".3f"), ("dice_registered", "reg_dice", ".3f"),
            ("dice_lesion_registered", "reg_les", ".3f"), ("dice_true_plane", "true_pl", ".3f"),
+           ("dice_lesion_true_plane", "true_les", ".3f"),
+           ("target_error_median_mm", "tgt_mm", ".2f"), ("target_in_margin", "tgt_in_m", ".2f"),
+           ("target_error_true_plane_median_mm", "tgt_true", ".2f"),
            ("tre_tracked_median_mm", "TRE_in", ".2f"), ("tre_median_mm", "TRE_med", ".2f"),
            ("tre_p90_mm", "TRE_p90", ".2f"), ("tre_tissue_median_mm", "TREt_med", ".2f"),
            ("tre_tissue_p90_mm", "TREt_p90", ".2f"), ("detection", "detect", ".2f"),

@@ -10,6 +10,7 @@ import numpy as np
 from common import case_bootstrap
 
 from regseg import metrics, spatial
+from regseg.stream.quality import lesion_target
 from regseg.stream.runner import frame_accuracy
 from regseg.types import LESION, PROSTATE, Frame
 
@@ -26,22 +27,57 @@ def estimate_of(result: Any) -> float:
     return 1.0 - q if math.isfinite(q) else math.nan
 
 
-def true_plane_dice(context: Any, frame: Frame) -> float:
-    """Prostate Dice of the MRI labels resliced at the TRUE plane vs the frame's truth: what a
-    perfect rigid registration would give (below 1 by tissue motion and MRI partial volume)."""
-    labels = spatial.reslice(context.labels, context.world_to_voxel, frame.truth.image_to_mri,
-                             frame.pixels.shape, mode="nearest")[0, 0].cpu().numpy()
-    return metrics.dice(labels, frame.truth.labels, PROSTATE)
+def true_plane_labels(context: Any, frame: Frame) -> np.ndarray:
+    """The MRI labels resliced at the TRUE plane, (H, W): what a perfect rigid registration
+    would publish as ``MRILabels`` (off the truth by tissue motion and MRI partial volume)."""
+    return spatial.reslice(context.labels, context.world_to_voxel, frame.truth.image_to_mri,
+                           frame.pixels.shape, mode="nearest")[0, 0].cpu().numpy()
+
+
+def true_plane_dice(context: Any, frame: Frame, label: int = PROSTATE) -> float:
+    """Dice of ``label`` (prostate by default) of :func:`true_plane_labels` vs the frame's truth:
+    the ceiling of the registered MRI labels' Dice (NaN for a lesion in neither)."""
+    return metrics.dice(true_plane_labels(context, frame), frame.truth.labels, label)
+
+
+def target_error_mm(target_ij: Any, frame: Frame) -> float:
+    """Distance (mm, in plane) from a target centroid (frame pixels (i, j)) to the centroid of
+    the frame's TRUE lesion; NaN when either is missing."""
+    truth = lesion_target(frame.truth.labels)
+    if target_ij is None or truth is None:
+        return math.nan
+    di = (target_ij[0] - truth[0]) * float(frame.spacing_mm[1])  # columns
+    dj = (target_ij[1] - truth[1]) * float(frame.spacing_mm[0])  # rows
+    return float(math.hypot(di, dj))
+
+
+def target_scores(result: Any, frame: Frame, true_plane: np.ndarray) -> dict[str, Any]:
+    """The biopsy target as the user gets it: the published MRI lesion centroid's distance to
+    the true lesion's (``target_error_mm``), whether that lies within the published margin
+    (``target_in_margin``, only on frames that publish a target: not flagged), the same
+    distance for the MRI lesion at the TRUE plane (``target_error_true_plane_mm``: what a
+    perfect rigid registration leaves), and whether a lesion in the truth had no target."""
+    error = target_error_mm(getattr(result, "target_ij", None), frame)
+    margin = float(getattr(result, "target_margin_mm", math.nan))
+    shown = math.isfinite(error) and math.isfinite(margin) and not result.flagged
+    return {"target_error_mm": error,
+            "target_in_margin": (float(error <= margin) if shown else math.nan),
+            "target_error_true_plane_mm": target_error_mm(lesion_target(true_plane), frame),
+            "target_missing": bool((frame.truth.labels == LESION).any()
+                                   and getattr(result, "target_ij", None) is None)}
 
 
 def score_frame(pipeline: Any, result: Any) -> dict[str, float]:
     dice, tre = frame_accuracy(pipeline, result)
     frame: Frame = result.frame
+    true_plane = true_plane_labels(pipeline.context, frame)
     return {"dice_prostate": dice["prostate"], "dice_lesion": dice["lesion"],
             "dice_registered": dice["registered_prostate"],
             "dice_lesion_registered": metrics.dice(result.warped_labels, frame.truth.labels,
                                                    LESION),
-            "dice_true_plane": true_plane_dice(pipeline.context, frame),
+            "dice_true_plane": metrics.dice(true_plane, frame.truth.labels, PROSTATE),
+            "dice_lesion_true_plane": metrics.dice(true_plane, frame.truth.labels, LESION),
+            **target_scores(result, frame, true_plane),
             "tre_tracked_mm": tre.get("tracked", math.nan),
             "tre_registered_mm": tre.get("registered", math.nan),
             # against the tissue (the simulator's motion) and through the published field
@@ -146,8 +182,8 @@ def roc(frames: list[dict]) -> dict[str, Any]:
 
 def summarise(family: str, level: float, frames: list[dict]) -> dict[str, Any]:
     """One table row: means of Dice, medians/p90 of TRE, flag rates."""
-    def col(key):
-        return _nan(f[key] for f in frames)
+    def col(key):  # a record from before a column existed counts as not measured
+        return _nan(f.get(key, math.nan) for f in frames)
 
     def stat(fn, key):
         v = col(key)
@@ -163,6 +199,14 @@ def summarise(family: str, level: float, frames: list[dict]) -> dict[str, Any]:
             "dice_registered": stat(np.mean, "dice_registered"),
             "dice_lesion_registered": stat(np.mean, "dice_lesion_registered"),
             "dice_true_plane": stat(np.mean, "dice_true_plane"),
+            "dice_lesion_true_plane": stat(np.mean, "dice_lesion_true_plane"),
+            "target_error_median_mm": stat(np.median, "target_error_mm"),
+            "target_error_p90_mm": stat(lambda v: np.percentile(v, 90), "target_error_mm"),
+            "target_frames": int(np.isfinite(col("target_error_mm")).sum()),
+            "target_in_margin": stat(np.mean, "target_in_margin"),
+            "target_shown": int(np.isfinite(col("target_in_margin")).sum()),
+            "target_error_true_plane_median_mm": stat(np.median, "target_error_true_plane_mm"),
+            "target_missing": int(sum(bool(f.get("target_missing")) for f in frames)),
             "tre_tracked_median_mm": stat(np.median, "tre_tracked_mm"),
             "tre_median_mm": stat(np.median, "tre_registered_mm"),
             "tre_p90_mm": stat(lambda v: np.percentile(v, 90), "tre_registered_mm"),

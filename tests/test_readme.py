@@ -82,6 +82,8 @@ MARKED = {
     ".venv/bin/python bench/lc2.py --json out/bench_lc2.json": BENCH,
     ".venv/bin/python bench/steps.py --json out/bench_steps.json": BENCH,
     ".venv/bin/python bench/seg_context.py --json out/bench_seg_context.json": BENCH,
+    ".venv/bin/python bench/ceiling.py --json out/bench_ceiling.json": BENCH + "; a small real run in "
+    "tests/bench/test_ceiling.py",
     ".venv/bin/python bench/ablation.py --json out/bench_ablation.json": BENCH,
     "regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --source igtl://plus-host:18944 "
     "--probe-calibration calib/PlusDeviceSet_calibrated.xml --time-offset-ms 86.7 --reference-to-mri "
