@@ -54,7 +54,12 @@ class TableError(ValueError):
 def parse_attrs(text: str) -> dict[str, str]:
     """``key="value"`` pairs of a marker (shell-style quoting)."""
     attrs = {}
-    for token in shlex.split(text):
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise TableError(f"table marker {text[:80]!r}: {exc} (key=\"value\" pairs "
+                         "expected)") from None
+    for token in tokens:
         key, sep, value = token.partition("=")
         if not sep:
             raise TableError(f"table marker attribute {token!r}: key=\"value\" expected")
@@ -182,26 +187,30 @@ def regenerate(text: str, root: Path = ROOT) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("markdown", type=Path, help="the Markdown file (README.md)")
+    p.add_argument("markdown", type=Path, nargs="+",
+                   help="the Markdown files (README.md docs/*.md)")
     p.add_argument("--check", action="store_true", help="exit 1 if a table is out of date")
     args = p.parse_args(argv)
-    try:
-        text = args.markdown.read_text()
-        new = regenerate(text)
-    except (OSError, TableError) as exc:
-        print(f"readme_tables: error: {exc}", file=sys.stderr)
-        return 2
-    count = len(BLOCK.findall(text))
-    if args.check:
-        if new != text:
-            print(f"readme_tables: {args.markdown}: generated tables are out of date; run "
-                  f"python bench/readme_tables.py {args.markdown}", file=sys.stderr)
-            return 1
-        print(f"{args.markdown}: {count} generated table(s) up to date")
-        return 0
-    args.markdown.write_text(new)
-    print(f"{args.markdown}: {count} generated table(s) rewritten")
-    return 0
+    stale = 0
+    for path in args.markdown:
+        try:
+            text = path.read_text()
+            new = regenerate(text)
+        except (OSError, TableError) as exc:
+            print(f"readme_tables: error: {path}: {exc}", file=sys.stderr)
+            return 2
+        count = len(BLOCK.findall(text))
+        if args.check:
+            if new != text:
+                print(f"readme_tables: {path}: generated tables are out of date; run "
+                      f"python bench/readme_tables.py {path}", file=sys.stderr)
+                stale += 1
+            else:
+                print(f"{path}: {count} generated table(s) up to date")
+            continue
+        path.write_text(new)
+        print(f"{path}: {count} generated table(s) rewritten")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

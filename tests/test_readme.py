@@ -374,8 +374,9 @@ RUN = {
 
 
 def readme_commands() -> list[str]:
-    """Commands of the README's ```bash blocks: continuations joined, comments and blanks dropped."""
-    text = (ROOT / "README.md").read_text()
+    """Commands of the ```bash blocks of the README and docs/*.md (the README's measurements and
+    history moved there): continuations joined, comments and blanks dropped."""
+    text = "\n".join(p.read_text() for p in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))))
     commands = []
     for block in re.finditer(r"^[ \t]*```bash\n(.*?)^[ \t]*```", text, re.S | re.M):
         body = re.sub(r"\\\n\s*", " ", block.group(1))

@@ -43,6 +43,8 @@ def test_check_fails_on_a_typed_number(tree):
 
 
 def test_bad_marker_names_what_is_wrong(tree):
+    with pytest.raises(readme_tables.TableError, match="No closing quotation"):
+        readme_tables.regenerate('<!-- table src="r/a.json -->\n<!-- /table -->', tree)
     with pytest.raises(readme_tables.TableError, match="no cols= attribute"):
         readme_tables.regenerate('<!-- table src="r/a.json" -->\n<!-- /table -->', tree)
     with pytest.raises(readme_tables.TableError, match="r/missing.json"):
@@ -51,10 +53,14 @@ def test_bad_marker_names_what_is_wrong(tree):
 
 
 def test_the_readme_tables_are_what_their_json_gives():
-    """Every generated table in README.md matches its committed JSON (bench/results/)."""
+    """Every generated table in README.md and docs/*.md matches its committed JSON."""
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    assert docs, "docs/*.md not found"
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "readme_tables.py"),
-                          str(ROOT / "README.md"), "--check"], capture_output=True, text=True)
+                          str(ROOT / "README.md"), *map(str, docs), "--check"],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    assert out.stdout.count("up to date") == 1 + len(docs)
 
 
 def test_an_object_of_objects_gives_a_row_per_key(tree):
