@@ -12,11 +12,13 @@ Frames are rendered before the run so the sender costs almost nothing while a pi
 measured (this machine has two cores). Prints a table, writes JSON and a histogram PNG.
 
     python bench/latency.py [--quick] [--json out/bench_latency.json] [--device cuda --fps 500]
+        [--frame-size 480x640]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -30,7 +32,7 @@ from common import add_ratios, device_name, print_table, summarise, write_histog
 
 from regseg.errors import StreamError
 from regseg.sim.phantom import make_phantom, write_phantom
-from regseg.sim.scanner import SimulatedScanner
+from regseg.sim.scanner import ScannerConfig, SimulatedScanner
 from regseg.stream.cli_parser import DEFORMABLE_DEFAULT
 from regseg.stream.igtl.sim_server import SimIgtlServer
 from regseg.stream.igtl.wire import MessageReader
@@ -176,6 +178,22 @@ def run_variant(kind: str, fps: float, frames: int, case: tuple[Path, Path], sca
     return row, measured
 
 
+def scanner_config(ap: argparse.ArgumentParser, text: str | None) -> ScannerConfig:
+    """``--frame-size HxW``: the default scanner with that frame, its 51.2 mm field of view kept
+    (the larger side at 0.2 mm x 256 / its pixels); None: the default 256 x 256."""
+    if text is None:
+        return ScannerConfig()
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        h = w = 0
+    if not (64 <= h <= 2048 and 64 <= w <= 2048):
+        ap.error(f"--frame-size {text!r}: expected HxW, each 64 to 2048 pixels, e.g. 480x640")
+    base = ScannerConfig()
+    return dataclasses.replace(base, frame_hw=(h, w),
+                               pixel_mm=base.pixel_mm * max(base.frame_hw) / max(h, w))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer frames (under 3 minutes)")
@@ -227,17 +245,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage-threads", type=int, choices=[1, 2], default=None,
                     help="regseg-stream --stage-threads for every regseg variant (default: its "
                     "default); 2: the deformable stage beside the segmentation")
+    ap.add_argument("--frame-size", default=None, metavar="HxW",
+                    help="the simulated scanner's frame size, e.g. 480x640 (a PLUS server's usual "
+                         "640 x 480 video); the same 51 x 51 mm field of view scaled, so pixels "
+                         "are smaller (default 256x256 at 0.2 mm)")
     ap.add_argument("--json", default="out/bench_latency.json")
     ap.add_argument("--png", default=None, help="histogram (default: JSON path with .png)")
     args = ap.parse_args(argv)
     if args.overlap and not args.deformable:
         ap.error("--overlap compares the deformable chain with and without it: add --deformable")
     frames = args.frames or (60 if args.quick else 300)
+    config = scanner_config(ap, args.frame_size)
 
     workdir = Path(tempfile.mkdtemp(prefix="regseg-bench-"))
     phantom = make_phantom(0)
     case = write_phantom(phantom, workdir)
-    scanner = PrerenderedScanner(SimulatedScanner(phantom, seed=0), min(frames + 20, 200))
+    scanner = PrerenderedScanner(SimulatedScanner(phantom, config, seed=0),
+                                 min(frames + 20, 200))
     rows, series = [], {}
     for fps in (args.fps, 0.0):
         # regseg's live chain as issue 3 specifies it (affine AlignSegNet); with issue 4's
@@ -262,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("ratio_p50_vs_naive", "x naive", ".1f")])
     write_json(args.json, "latency", rows, frames_per_variant=frames, warmup=WARMUP, argv=argv,
                deformable_mode=args.deformable_mode or DEFORMABLE_DEFAULT,
+               frame_hw=list(config.frame_hw), pixel_mm=config.pixel_mm,
                lc2=args.lc2 or "default", lc2_hold=args.lc2_hold or "default",
                lc2_rescue=args.lc2_rescue or "default", resegment=args.resegment or "default",
                intensity=args.intensity or "default", seg_tta=args.seg_tta or "default",

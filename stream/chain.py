@@ -17,6 +17,10 @@ from torch import Tensor
 from regseg import planes, spatial
 from regseg.engines.fusion import FusionEngine
 from regseg.engines.segmentation import argmax_labels
+from regseg.kernels.labels_up import available as labels_up_on
+from regseg.kernels.labels_up import labels_up
+from regseg.kernels.labels_up import warm_up as labels_up_warm
+from regseg.kernels.plane_labels import warm_up as plane_labels_warm
 from regseg.stream.capture import MultiStart, Refinement
 from regseg.stream.context import MriContext
 
@@ -72,6 +76,9 @@ class FrameChain:
         # Iterative refinement (regseg.stream.capture): K engine calls per frame, each on the MRI
         # resliced at the estimate so far; theta stays normalised, the same on either grid.
         self.refine = Refinement(self, refine_iterations, multi_start, theta_engine)
+        if device.type == "cpu":  # compiled (or loaded from numba's cache) now, not on a frame
+            labels_up_warm()
+            plane_labels_warm()
 
     def _sample(self, volume: Tensor, m: Tensor, axes: tuple[Tensor, Tensor],
                 mode: str) -> Tensor:
@@ -132,7 +139,12 @@ class FrameChain:
         return self.segmenter(*inputs, identity)
 
     def segment(self, logits: Tensor) -> Tensor:
-        """Labels at frame size, (H, W) uint8: bilinear logits, then argmax."""
+        """Labels at frame size, (H, W) uint8: bilinear logits, then argmax. On the CPU (float32,
+        numba importable) :func:`regseg.kernels.labels_up.labels_up`: the same labels without
+        up-sampling the cells one class owns (~9x faster at 640 x 480); a CUDA graph keeps the
+        torch path (no host sync)."""
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and labels_up_on():
+            return torch.from_numpy(labels_up(logits[0].detach().numpy(), self.frame_hw))
         up = F.interpolate(logits, size=self.frame_hw, mode="bilinear", align_corners=False)
         return argmax_labels(up)[0]
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from regseg import planes, spatial
+from regseg import planes
 from regseg.engines.registration import RegistrationEngine
 from regseg.errors import EngineError
 from regseg.models.integrate import resize_ddf
@@ -52,7 +51,6 @@ class DeformableStage:
                 f"moving_channels={cfg.moving_channels}, fixed_channels={cfg.fixed_channels}.")
         self.size = (int(cfg.size[0]), int(cfg.size[1]))
         self.weights = self.engine.weights
-        self._axes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, pixels: np.ndarray, image_to_mri: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -74,18 +72,10 @@ class DeformableStage:
 
     def warp(self, image_to_mri: np.ndarray, ddf: torch.Tensor) -> np.ndarray:
         """The MRI labels through ``image_to_mri`` and the displacement ``ddf`` (:meth:`field`'s,
-        of a frame of the same size): (H, W) uint8."""
-        ctx, dev = self.context, self.engine.device
-        hw = (int(ddf.shape[-2]), int(ddf.shape[-1]))
+        of a frame of the same size): (H, W) uint8, one nearest lookup in the volume at
+        plane(p + ddf(p)) (:func:`regseg.stream.capture.warp_labels`)."""
+        from regseg.stream.capture import warp_labels
+
         with torch.inference_mode():
-            # One nearest lookup in the volume at plane(p + ddf(p)): the plane's grid with the
-            # pixel axes shifted by the field.
-            if hw not in self._axes:
-                self._axes[hw] = spatial.pixel_axes(*hw, device=dev)
-            i, j = self._axes[hw]
-            m = torch.as_tensor((ctx.world_to_normalised @ image_to_mri)[:3, [0, 1, 3]],
-                                dtype=torch.float32, device=dev)
-            grid = spatial.axes_grid(m, i + ddf[0, 1, :, :, None], j + ddf[0, 0, :, :, None])
-            labels = F.grid_sample(ctx.labels_float, grid[None, None], mode="nearest",
-                                   padding_mode="zeros", align_corners=False)[0, 0, 0]
-            return labels.to(torch.uint8).cpu().numpy()
+            return warp_labels(self.context, image_to_mri, (int(ddf.shape[-2]),
+                                                            int(ddf.shape[-1])), ddf)

@@ -10,9 +10,13 @@ import os
 from collections.abc import Callable
 
 
-def switched_on() -> bool:
-    """Whether the environment allows compiled kernels (``REGSEG_NUMBA=0`` turns them off)."""
-    return os.environ.get("REGSEG_NUMBA", "1") != "0"
+def switched_on(family: str | None = None) -> bool:
+    """Whether the environment allows compiled kernels (``REGSEG_NUMBA=0`` turns them all off;
+    ``REGSEG_NUMBA_<FAMILY>=0`` one family, e.g. ``REGSEG_NUMBA_LABELS=0`` the label kernels, so
+    a bench can time their torch twins with everything else the same)."""
+    if os.environ.get("REGSEG_NUMBA", "1") == "0":
+        return False
+    return family is None or os.environ.get(f"REGSEG_NUMBA_{family.upper()}", "1") != "0"
 
 
 def compiled(cache: dict[str, object], functions: dict[str, Callable],
