@@ -8,9 +8,9 @@ onto it, the overlay) cost little. This bench runs ``bench/latency.py --quick --
 (``regseg.kernels.labels_up``, ``regseg.kernels.plane_labels``) and once with
 ``REGSEG_NUMBA_LABELS=0`` (their torch twins, the chain before session 33; every other stage the
 same), alternating, and reports the default chain's rows (``regseg+deformable @30fps``) and the
-per-stage medians: one JSON, one table.
+per-stage medians; before, each kernel against its twin alone (one thread): one JSON, two tables.
 
-``python bench/frame_size.py [--sizes 480x640,256x256] [--rounds 2] [--json F]``
+``python bench/frame_size.py [--sizes 480x640,256x256] [--rounds 2] [--kernels-only] [--json F]``
 """
 
 from __future__ import annotations
@@ -57,17 +57,103 @@ def summary(size: str, variant: str, runs: list[dict]) -> dict:
     return row
 
 
+def _cases(size: str, logits, context, rng) -> dict:
+    """name -> (kernel, torch twin) at frame size ``size``: labels from ``logits``, and the
+    MRI labels on a plane through the gland's centre, with and without a displacement."""
+    import torch
+    import torch.nn.functional as F
+
+    from regseg.engines.segmentation import argmax_labels
+    from regseg.kernels.labels_up import labels_up
+    from regseg.kernels.plane_labels import labels_on_plane
+
+    hw = tuple(int(v) for v in size.lower().split("x"))
+    plane = np.eye(4)
+    plane[:3, :3] *= 0.2 * 256 / max(hw)
+    plane[:3, 3] = context.centre_mm - plane[:3, :3] @ np.array([hw[1] / 2, hw[0] / 2, 0.0])
+    m = (context.world_to_normalised @ plane)[:3, [0, 1, 3]].astype(np.float32)
+    mt = torch.from_numpy(m)
+    ddf = torch.from_numpy(rng.normal(0, 2.0, (2, *hw)).astype(np.float32))
+    labels = context.labels[0, 0].numpy()
+    i0 = torch.arange(hw[1], dtype=torch.float32).reshape(1, -1, 1)
+    j0 = torch.arange(hw[0], dtype=torch.float32).reshape(-1, 1, 1)
+
+    def twin_plane(field):
+        i, j = (i0, j0) if field is None else (i0 + field[1, :, :, None],
+                                                j0 + field[0, :, :, None])
+        grid = i * mt[:, 0] + (j * mt[:, 1] + mt[:, 2])
+        return F.grid_sample(context.labels_float, grid[None, None], mode="nearest",
+                             padding_mode="zeros", align_corners=False)[0, 0, 0].to(torch.uint8)
+
+    return {"labels from logits": (
+                lambda: labels_up(logits[0].numpy(), hw),
+                lambda: argmax_labels(F.interpolate(logits, size=hw, mode="bilinear",
+                                                    align_corners=False))[0]),
+            "MRI labels on the plane": (lambda: labels_on_plane(labels, m, hw),
+                                        lambda: twin_plane(None)),
+            "... through a displacement": (lambda: labels_on_plane(labels, m, hw, ddf.numpy()),
+                                           lambda: twin_plane(ddf))}
+
+
+def kernel_rows(sizes: list[str], calls: int = 20) -> list[dict]:
+    """Each label kernel against its torch twin at each size, one thread, median of ``calls``:
+    the labels of network-like logits (smooth classes, noisy boundaries) and the phantom's MRI
+    labels on a plane through its gland, with and without a displacement."""
+    import torch
+    import torch.nn.functional as F
+
+    from regseg.sim.phantom import make_phantom
+    from regseg.stream.context import build_context
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    low = torch.from_numpy(rng.normal(size=(1, 3, 8, 8)).astype(np.float32)) * 6
+    logits = F.interpolate(low, size=(128, 128), mode="bilinear", align_corners=False)
+    logits += torch.from_numpy(rng.normal(size=(1, 3, 128, 128)).astype(np.float32)) * 0.3
+    phantom = make_phantom(0)
+    context = build_context(phantom.mri, phantom.labels)
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return float(np.median(times))
+
+    rows = []
+    for size in sizes:
+        for name, (kernel, twin) in _cases(size, logits, context, rng).items():
+            same = bool((np.asarray(kernel()) == twin().numpy()).all())
+            k_ms, t_ms = timed(kernel), timed(twin)
+            rows.append({"name": f"{size} {name}", "size": size, "kernel_ms": k_ms,
+                         "twin_ms": t_ms, "speedup": t_ms / k_ms, "same_labels": same})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="480x640,256x256", help="HxW frame sizes, comma-separated")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
+    p.add_argument("--kernels-only", action="store_true",
+                   help="only time the kernels against their twins (seconds, no chain runs)")
     p.add_argument("--json", default="out/bench_frame_size.json")
     args = p.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if not sizes or args.rounds < 1:
         p.error(f"--sizes {args.sizes!r} / --rounds {args.rounds}: a size and a round needed")
-    runs: dict[tuple[str, str], list[dict]] = {}
     t0 = time.perf_counter()
+    kernels = kernel_rows(sizes)
+    print(f"label kernels against their torch twins (one thread, median of 20 calls), "
+          f"{device_name()}")
+    print_table(kernels, [("name", "size, work", ""), ("kernel_ms", "kernel ms", ".2f"),
+                          ("twin_ms", "torch ms", ".2f"), ("speedup", "x", ".1f"),
+                          ("same_labels", "same labels", "")])
+    if args.kernels_only:
+        write_json(args.json, "frame_size", [], argv, kernels=kernels)
+        return 0
+    runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="regseg-frame-size-") as tmp:
         for r in range(args.rounds):
             for size in sizes:
@@ -87,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("fps", "fps", ".1f"), *((f"{s}_ms", s, ".1f") for s in STAGES),
                        ("speedup_p50", "x p50", ".2f")])
     print(f"wall {time.perf_counter() - t0:.0f} s")
-    write_json(args.json, "frame_size", rows, argv, rounds=args.rounds, row=ROW)
+    write_json(args.json, "frame_size", rows, argv, rounds=args.rounds, row=ROW,
+               kernels=kernels)
     return 0
 
 

@@ -261,7 +261,7 @@ def warp_labels(context: Any, image_to_mri: np.ndarray, hw: tuple[int, int],
                 ddf: torch.Tensor | None = None) -> np.ndarray:
     """(H, W) uint8 MRI labels on the frame through ``image_to_mri`` (nearest), at each pixel
     moved by ``ddf`` (None, or (1, 2, H, W) frame-pixel (dy, dx) on the context's device): on
-    the CPU :func:`regseg.kernels.plane_labels.labels_on_plane` (the same labels, 2.5-4x faster
+    the CPU :func:`regseg.kernels.plane_labels.labels_on_plane` (the same labels, 2-4x faster
     at frame size), else one ``grid_sample`` on a grid of the plane's points."""
     m = (context.world_to_normalised @ image_to_mri)[:3, [0, 1, 3]].astype(np.float32)
     if context.labels.device.type == "cpu" and plane_labels_on():

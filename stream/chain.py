@@ -141,8 +141,8 @@ class FrameChain:
     def segment(self, logits: Tensor) -> Tensor:
         """Labels at frame size, (H, W) uint8: bilinear logits, then argmax. On the CPU (float32,
         numba importable) :func:`regseg.kernels.labels_up.labels_up`: the same labels without
-        up-sampling the cells one class owns (~9x faster at 640 x 480); a CUDA graph keeps the
-        torch path (no host sync)."""
+        up-sampling the cells one class owns (6-13x faster at 640 x 480, bench/frame_size.py);
+        a CUDA graph keeps the torch path (no host sync)."""
         if logits.device.type == "cpu" and logits.dtype == torch.float32 and labels_up_on():
             return torch.from_numpy(labels_up(logits[0].detach().numpy(), self.frame_hw))
         up = F.interpolate(logits, size=self.frame_hw, mode="bilinear", align_corners=False)

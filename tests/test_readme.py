@@ -84,6 +84,8 @@ MARKED = {
     ".venv/bin/python bench/seg_context.py --json out/bench_seg_context.json": BENCH,
     ".venv/bin/python bench/ceiling.py --json out/bench_ceiling.json": BENCH + "; a small real run in "
     "tests/bench/test_ceiling.py",
+    ".venv/bin/python bench/frame_size.py --json out/bench_frame_size.json": BENCH + "; its parts in "
+    "tests/bench/test_frame_size.py",
     ".venv/bin/python bench/ablation.py --json out/bench_ablation.json": BENCH,
     "regseg-stream --mri case.nii.gz --mri-labels case_labels.nii.gz --source igtl://plus-host:18944 "
     "--probe-calibration calib/PlusDeviceSet_calibrated.xml --time-offset-ms 86.7 --reference-to-mri "

@@ -24,6 +24,7 @@ def test_rounds_alternate_and_the_speedup_is_old_over_new(bench, monkeypatch, tm
                 "stages_p50_ms": {"resegment": 18.0 if twin else 10.0, "total": p50 - 10}}
 
     monkeypatch.setattr(bench, "one_run", fake)
+    monkeypatch.setattr(bench, "kernel_rows", lambda sizes: [{"name": "k", "kernel_ms": 1.0}])
     out = tmp_path / "f.json"
     assert bench.main(["--sizes", "480x640,256x256", "--rounds", "2", "--json", str(out)]) == 0
     assert [c[0] for c in calls] == ["480x640"] * 2 + ["256x256"] * 2 + ["480x640"] * 2 + \
@@ -47,3 +48,12 @@ def test_latency_frame_size_keeps_the_field_of_view(load_bench):
     for bad in ("480", "10x640", "480xabc"):
         with pytest.raises(SystemExit):
             latency.scanner_config(ap, bad)
+
+
+def test_kernel_rows_time_each_kernel_against_its_twin_on_the_same_labels(bench):
+    rows = bench.kernel_rows(["40x56"], calls=2)
+    assert [r["name"] for r in rows] == ["40x56 labels from logits",
+                                         "40x56 MRI labels on the plane",
+                                         "40x56 ... through a displacement"]
+    assert all(r["same_labels"] is True and r["kernel_ms"] > 0 and r["twin_ms"] > 0
+               for r in rows)
