@@ -17,6 +17,7 @@ from regseg import planes
 from regseg.engines.registration import RegistrationEngine
 from regseg.errors import EngineError
 from regseg.models.integrate import resize_ddf
+from regseg.stream.capture import warp_labels
 from regseg.stream.context import MriContext
 
 
@@ -74,8 +75,5 @@ class DeformableStage:
         """The MRI labels through ``image_to_mri`` and the displacement ``ddf`` (:meth:`field`'s,
         of a frame of the same size): (H, W) uint8, one nearest lookup in the volume at
         plane(p + ddf(p)) (:func:`regseg.stream.capture.warp_labels`)."""
-        from regseg.stream.capture import warp_labels
-
         with torch.inference_mode():
-            return warp_labels(self.context, image_to_mri, (int(ddf.shape[-2]),
-                                                            int(ddf.shape[-1])), ddf)
+            return warp_labels(self.context, image_to_mri, tuple(ddf.shape[-2:]), ddf)
