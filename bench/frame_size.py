@@ -140,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="only time the kernels against their twins (seconds, no chain runs)")
     p.add_argument("--json", default="out/bench_frame_size.json")
     args = p.parse_args(argv)
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
     if not sizes or args.rounds < 1:
         p.error(f"--sizes {args.sizes!r} / --rounds {args.rounds}: a size and a round needed")
+    for size in sizes:  # the same check as bench/latency.py --frame-size
+        parts = size.split("x")
+        if not (len(parts) == 2 and all(v.isdigit() and 64 <= int(v) <= 2048 for v in parts)):
+            p.error(f"--sizes: {size!r} is not HxW with each side 64 to 2048 pixels, e.g. 480x640")
     t0 = time.perf_counter()
     kernels = kernel_rows(sizes)
     print(f"label kernels against their torch twins (one thread, median of 20 calls), "

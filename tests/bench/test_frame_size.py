@@ -57,3 +57,10 @@ def test_kernel_rows_time_each_kernel_against_its_twin_on_the_same_labels(bench)
                                          "40x56 ... through a displacement"]
     assert all(r["same_labels"] is True and r["kernel_ms"] > 0 and r["twin_ms"] > 0
                for r in rows)
+
+
+def test_a_bad_size_exits_before_any_run(bench, monkeypatch):
+    monkeypatch.setattr(bench, "kernel_rows", lambda sizes: pytest.fail("ran"))
+    for bad in ("480", "480x20", "axb", "480x640x3"):
+        with pytest.raises(SystemExit):
+            bench.main(["--sizes", bad])
