@@ -21,7 +21,8 @@ import numpy as np
 
 from regseg.kernels import compiled, switched_on
 
-#: a class that leads every other by more than this at a cell's four corners owns the cell
+#: a class that leads every other by more than this (times 1 + |its logit|) at a cell's four
+#: corners owns the cell
 MARGIN = 1e-3
 UNSURE = 255  # a cell no class owns
 
@@ -51,8 +52,9 @@ def source_index(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 def _owners(logits, margin, out):
-    """out[y, x]: the class that leads every other by > margin at grid point (y, x), else UNSURE;
-    then each cell (y, x) keeps it only if its right, lower and diagonal neighbours agree."""
+    """out[y, x]: the class that leads every other by > margin (1 + |logit|) at grid point (y, x),
+    else UNSURE (255); then each cell (y, x) keeps it only if its right, lower and diagonal
+    neighbours agree."""
     k, h, w = logits.shape
     point = np.empty((h, w), np.uint8)
     for y in range(h):
@@ -64,7 +66,8 @@ def _owners(logits, margin, out):
                     second, best, c = best, v, j
                 elif v > second:
                     second = v
-            point[y, x] = c if best - second > margin else 255
+            # relative to the logit's size, so float rounding (a few ulp) can never close it
+            point[y, x] = c if best - second > margin * (np.float32(1.0) + abs(best)) else 255
     for y in range(h):
         y1 = min(y + 1, h - 1)
         for x in range(w):
