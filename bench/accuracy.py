@@ -59,7 +59,7 @@ from accuracy_scoring import (  # noqa: E402,F401  (re-exported: other benches a
     score_frame,
     score_noise,
     summarise,
-    true_plane_dice,
+    true_plane_labels,
     window_rows,
 )
 from common import device_name, print_table, write_json  # noqa: E402

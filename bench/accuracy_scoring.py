@@ -34,12 +34,6 @@ def true_plane_labels(context: Any, frame: Frame) -> np.ndarray:
                            frame.pixels.shape, mode="nearest")[0, 0].cpu().numpy()
 
 
-def true_plane_dice(context: Any, frame: Frame, label: int = PROSTATE) -> float:
-    """Dice of ``label`` (prostate by default) of :func:`true_plane_labels` vs the frame's truth:
-    the ceiling of the registered MRI labels' Dice (NaN for a lesion in neither)."""
-    return metrics.dice(true_plane_labels(context, frame), frame.truth.labels, label)
-
-
 def target_error_mm(target_ij: Any, frame: Frame) -> float:
     """Distance (mm, in plane) from a target centroid (frame pixels (i, j)) to the centroid of
     the frame's TRUE lesion; NaN when either is missing."""

@@ -262,11 +262,19 @@ def warp_labels(context: Any, image_to_mri: np.ndarray, hw: tuple[int, int],
     """(H, W) uint8 MRI labels on the frame through ``image_to_mri`` (nearest), at each pixel
     moved by ``ddf`` (None, or (1, 2, H, W) frame-pixel (dy, dx) on the context's device): on
     the CPU :func:`regseg.kernels.plane_labels.labels_on_plane` (the same labels, 2-4x faster
-    at frame size), else one ``grid_sample`` on a grid of the plane's points."""
+    at frame size), else :func:`warp_labels_torch`."""
     m = (context.world_to_normalised @ image_to_mri)[:3, [0, 1, 3]].astype(np.float32)
     if context.labels.device.type == "cpu" and plane_labels_on():
         field = None if ddf is None else ddf[0].detach().numpy()
         return labels_on_plane(context.labels[0, 0].numpy(), m, hw, field)
+    return warp_labels_torch(context, m, hw, ddf)
+
+
+def warp_labels_torch(context: Any, m: np.ndarray, hw: tuple[int, int],
+                      ddf: torch.Tensor | None = None) -> np.ndarray:
+    """:func:`warp_labels` in torch (any device; the compiled kernel's twin): one nearest
+    ``grid_sample`` on the plane's points, ``m`` (3, 3) float32 the plane-pixel -> normalised
+    map's columns 0, 1 and 3."""
     with torch.inference_mode():
         m = torch.as_tensor(m, device=context.mri.device)
         i, j = spatial.pixel_axes(*hw, device=context.mri.device)

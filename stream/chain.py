@@ -43,6 +43,13 @@ def plane_matrices(context: MriContext, image_to_mri: np.ndarray, frame_hw: tupl
     return np.stack([frame_to_norm[:3, cols], model_to_norm[:3, cols]]).astype(np.float32)
 
 
+def segment_torch(logits: Tensor, hw: tuple[int, int]) -> Tensor:
+    """(H, W) uint8 labels of (1, K, h, w) logits at ``hw``: bilinear up-sampling, then argmax
+    (any device, no host sync; the compiled :func:`regseg.kernels.labels_up.labels_up`'s twin)."""
+    up = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
+    return argmax_labels(up)[0]
+
+
 class FrameChain:
     """The tensor stages of one frame for one frame size; buffers and grids made once.
 
@@ -145,8 +152,7 @@ class FrameChain:
         a CUDA graph keeps the torch path (no host sync)."""
         if logits.device.type == "cpu" and logits.dtype == torch.float32 and labels_up_on():
             return torch.from_numpy(labels_up(logits[0].detach().numpy(), self.frame_hw))
-        up = F.interpolate(logits, size=self.frame_hw, mode="bilinear", align_corners=False)
-        return argmax_labels(up)[0]
+        return segment_torch(logits, self.frame_hw)
 
     def run(self, pixels: Tensor, mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """All tensor stages: (theta (1, 2, 3), labels (H, W) uint8, warped labels (H, W) uint8)."""

@@ -75,5 +75,4 @@ class DeformableStage:
         """The MRI labels through ``image_to_mri`` and the displacement ``ddf`` (:meth:`field`'s,
         of a frame of the same size): (H, W) uint8, one nearest lookup in the volume at
         plane(p + ddf(p)) (:func:`regseg.stream.capture.warp_labels`)."""
-        with torch.inference_mode():
-            return warp_labels(self.context, image_to_mri, tuple(ddf.shape[-2:]), ddf)
+        return warp_labels(self.context, image_to_mri, tuple(ddf.shape[-2:]), ddf)

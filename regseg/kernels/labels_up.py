@@ -67,16 +67,16 @@ def _owners(logits, margin, out):
                 elif v > second:
                     second = v
             # relative to the logit's size, so float rounding (a few ulp) can never close it
-            point[y, x] = c if best - second > margin * (np.float32(1.0) + abs(best)) else 255
+            point[y, x] = c if best - second > margin * (np.float32(1.0) + abs(best)) else UNSURE
     for y in range(h):
         y1 = min(y + 1, h - 1)
         for x in range(w):
             x1 = min(x + 1, w - 1)
             c = point[y, x]
-            if c != 255 and point[y, x1] == c and point[y1, x] == c and point[y1, x1] == c:
+            if c != UNSURE and point[y, x1] == c and point[y1, x] == c and point[y1, x1] == c:
                 out[y, x] = c
             else:
-                out[y, x] = 255
+                out[y, x] = UNSURE
 
 
 def _labels(logits, owners, ylo, yhi, yw, xlo, xhi, xw, out):
@@ -89,7 +89,7 @@ def _labels(logits, owners, ylo, yhi, yw, xlo, xhi, xw, out):
         for ox in range(width):
             x0 = xlo[ox]
             c = owners[y0, x0]
-            if c != 255:
+            if c != UNSURE:
                 out[oy, ox] = c
                 continue
             x1 = xhi[ox]
