@@ -115,15 +115,14 @@ COLUMNS = (("name", "family, error", ""), ("frames", "frames", "d"),
            ("lesion_diameter_median_mm", "lesion diam mm", ".1f"))
 
 
-def _floats(text: str) -> list[float]:
+def _floats(text: str) -> list[float] | None:
+    """``--errors``' values, or None when any is not a number of mm from 0 to 20."""
     try:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        values = []
-    if not values or any(not math.isfinite(v) or v < 0 or v > 20 for v in values):
-        raise SystemExit(f"--errors {text!r}: expected comma-separated mm from 0 to 20, e.g. "
-                         "0,0.5,1,1.5,2")
-    return values
+        return None
+    ok = values and all(math.isfinite(v) and 0 <= v <= 20 for v in values)
+    return values if ok else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,10 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write rows and per-frame records here")
     args = p.parse_args(argv)
     errors = _floats(args.errors)
+    if errors is None:
+        p.error(f"--errors {args.errors!r}: expected comma-separated mm from 0 to 20, e.g. "
+                "0,0.5,1,1.5,2")
     if args.frames < 1:
-        raise SystemExit(f"--frames {args.frames}: expected at least 1")
+        p.error(f"--frames {args.frames}: expected at least 1")
     if not 0 <= args.level <= 20:
-        raise SystemExit(f"--level {args.level}: expected mm from 0 to 20")
+        p.error(f"--level {args.level}: expected mm from 0 to 20")
     seeds = {k: v for k, v in (("A", args.a_seeds), ("B", args.b_seeds)) if v}
     t0 = time.perf_counter()
     rows, records = run(seeds, args.frames, errors, args.level)

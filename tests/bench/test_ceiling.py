@@ -61,10 +61,13 @@ def test_the_ceiling_is_one_at_no_error_and_falls_with_it(ceiling):
     assert rows[1]["dice_prostate"] == pytest.approx(out["prostate@1"])
 
 
-def test_bad_errors_exit_with_the_value_named(ceiling):
-    for text in ("1,x", "-1", "nan", ""):
-        with pytest.raises(SystemExit, match="--errors"):
-            ceiling.main(["--a-seeds", "--b-seeds", "--errors", text])
+def test_bad_options_exit_2_with_the_value_named(ceiling, capsys):
+    for argv, named in ((["--errors", "1,x"], "'1,x'"), (["--errors", "-1"], "'-1'"),
+                        (["--errors", "nan"], "'nan'"), (["--errors", ""], "''"),
+                        (["--frames", "0"], "--frames 0"), (["--level", "30"], "--level 30.0")):
+        with pytest.raises(SystemExit) as stop:
+            ceiling.main(["--a-seeds", "--b-seeds", *argv])
+        assert stop.value.code == 2 and named in capsys.readouterr().err
 
 
 def test_the_target_error_is_in_mm_and_the_margin_counts_only_shown_targets(scoring):
